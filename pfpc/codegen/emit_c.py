@@ -1,0 +1,397 @@
+"""Emit the standalone C library: kernels, weights, the executor with its static memory plan.
+
+Files (``<name>`` defaults to ``pfp_model``):
+
+- ``<name>.h``          the API: sizes, shapes, ``<name>_run``;
+- ``<name>.c``          the kernels (static, TVM's loop nests) and the executor that calls them
+                        in order on one arena;
+- ``<name>_weights.h``  the weights as ``static const float`` arrays (included by ``<name>.c``);
+- ``<name>_main.c``     a host runner used by ``pfpc run`` (file I/O lives only here);
+- ``Makefile``, ``CMakeLists.txt``.
+"""
+
+from __future__ import annotations
+
+import keyword
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..errors import PfpcError
+from ..ir import call_op_name, main_bindings
+from . import memory_plan
+from .kernels import generate_c_kernels
+
+C_KEYWORDS = set(
+    "auto break case char const continue default do double else enum extern float for goto if inline int long "
+    "register restrict return short signed sizeof static struct switch typedef union unsigned void volatile while "
+    "_Bool _Complex _Imaginary bool true false NULL main".split()
+)
+
+
+class Namer:
+    """C identifiers from arbitrary ONNX names: only [A-Za-z0-9_], never a keyword, unique."""
+
+    def __init__(self, reserved=()):
+        self.taken = set(reserved)
+
+    def __call__(self, text: str, prefix: str = "") -> str:
+        ident = "".join(ch if (ch.isascii() and (ch.isalnum() or ch == "_")) else "_" for ch in prefix + text)
+        ident = "_".join(part for part in ident.split("_") if part) or "t"
+        if ident[0].isdigit() or ident in C_KEYWORDS or keyword.iskeyword(ident):
+            ident = "t_" + ident
+        base, index = ident, 2
+        while ident in self.taken:
+            ident = f"{base}_{index}"
+            index += 1
+        self.taken.add(ident)
+        return ident
+
+
+def c_comment(text: str) -> str:
+    """Text safe inside /* */ on one line."""
+    return "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in str(text)).replace("*/", "*_/")
+
+
+@dataclass
+class Tensor:
+    c_name: str
+    shape: list
+    kind: str  # input | weight | arena | output
+    produced: int = -1
+    last_use: int = -1
+    offset: int = 0
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+@dataclass
+class Step:
+    kernel: str
+    args: list  # Tensor
+    spec: str
+    comment: str = ""
+
+
+@dataclass
+class Program:
+    name: str
+    inputs: list  # (c_name, onnx_name, shape)
+    outputs: list  # (c_name, onnx_name, shape)
+    steps: list = field(default_factory=list)
+    tensors: list = field(default_factory=list)
+    weights: dict = field(default_factory=dict)  # c_name -> (array, comment)
+    copies: list = field(default_factory=list)  # (dst expr, Tensor) at the end of a run
+    zero_fills: list = field(default_factory=list)  # output var pointers to clear
+    kernels: dict = field(default_factory=dict)
+    arena_size: int = 0
+    arena_lower_bound: int = 0
+
+
+def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model") -> Program:
+    """Walk ``main`` of the compiled module and produce the step list and the memory plan."""
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"])
+    namer = Namer({name, f"{name}_run", "arena", "base"})
+    program = Program(name, [], [])
+    env: dict = {}
+    for param, (onnx_name, shape) in zip(func.params[:num_input], io["inputs"]):
+        tensor = Tensor(namer(onnx_name), shape, "input")
+        program.inputs.append((tensor.c_name, onnx_name, shape))
+        env[param] = tensor
+    onnx_names = {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()} if "pfp.onnx_names" in func.attrs else {}
+    for param in func.params[num_input:]:
+        tensor = Tensor(namer(param.name), [int(d) for d in param.ty.shape], "weight")
+        env[param] = tensor
+        program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), onnx_names.get(param.name.rsplit(".", 1)[0], param.name))
+    prim_funcs = {}
+    for binding in main_bindings(func):
+        value, op = binding.value, call_op_name(binding.value)
+        if op == "relax.call_tir":
+            gvar = value.args[0]
+            prim = mod[gvar]
+            prim_funcs[gvar.name_hint] = prim
+            step_index = len(program.steps)
+            args = []
+            for arg in value.args[1].fields:
+                tensor = env[arg]
+                tensor.last_use = step_index
+                args.append(tensor)
+            outs = []
+            for index, out_ty in enumerate(value.ty_args if not hasattr(value, "sinfo_args") else value.sinfo_args):
+                del out_ty
+            out_types = binding.var.ty.fields if isinstance(binding.var.ty, relax.TupleType) else [binding.var.ty]
+            for index, out_ty in enumerate(out_types):
+                tensor = Tensor(namer(f"{binding.var.name}_{index}"), [int(d) for d in out_ty.shape], "arena", step_index, step_index)
+                program.tensors.append(tensor)
+                outs.append(tensor)
+                args.append(tensor)
+            env[binding.var] = outs
+            spec = str(prim.attrs["pfp.kernel"]) if prim.attrs is not None and "pfp.kernel" in prim.attrs else ""
+            program.steps.append(Step(gvar.name_hint, args, spec))
+        elif isinstance(value, relax.TupleGetItem):
+            env[binding.var] = env[value.tuple_value][value.index]
+        elif isinstance(value, relax.Tuple):
+            env[binding.var] = [env[field] for field in value.fields]
+        elif op == "relax.reshape" or isinstance(value, relax.Var):
+            source = env[value.args[0]] if op else env[value]
+            env[binding.var] = source  # a view: same buffer
+        else:
+            raise PfpcError(f"internal: code generation cannot lower binding {binding.var.name} ({op or type(value).__name__})")
+    program.kernels = generate_c_kernels(prim_funcs)
+    result = func.body.body
+    out_fields = [env[f] for f in result.fields] if isinstance(result, relax.Tuple) else list(env[result])
+    reprs = [str(r) for r in func.attrs["pfp.outputs"]]
+    assigned = set()
+    for (onnx_name, shape), repr_ in zip(io["outputs"], reprs):
+        base = namer(onnx_name)
+        program.outputs.append((base, onnx_name, shape))
+        mean = out_fields.pop(0)
+        moment = out_fields.pop(0) if repr_ != "none" else None
+        if repr_ == "second_moment":
+            raise PfpcError("internal: an output is left as a second moment")
+        for tensor, pointer in ((mean, f"{base}_mean"), (moment, f"{base}_var")):
+            if tensor is None:
+                program.zero_fills.append((pointer, int(np.prod(shape))))
+            elif tensor.kind == "arena" and id(tensor) not in assigned:
+                tensor.kind, tensor.c_name = "output", pointer
+                assigned.add(id(tensor))
+            else:
+                program.copies.append((pointer, tensor))
+                tensor.last_use = len(program.steps)
+    intervals = [memory_plan.Interval(t.c_name, 4 * t.size, t.produced, t.last_use) for t in program.tensors if t.kind == "arena"]
+    program.arena_size = memory_plan.plan(intervals)
+    program.arena_lower_bound = memory_plan.lower_bound(intervals)
+    offsets = {i.name: i.offset for i in intervals}
+    for tensor in program.tensors:
+        if tensor.kind == "arena":
+            tensor.offset = offsets[tensor.c_name]
+    return program
+
+
+def _format_floats(values: np.ndarray) -> str:
+    items = [f"{float(v):.9g}f" if np.isfinite(v) else "0.0f" for v in values.reshape(-1).astype(np.float32)]
+    items = [i if ("." in i or "e" in i) else i[:-1] + ".0f" for i in items]
+    lines = [", ".join(items[i : i + 8]) for i in range(0, len(items), 8)]
+    return "    " + ",\n    ".join(lines)
+
+
+def _pointer(tensor: Tensor) -> str:
+    return tensor.c_name
+
+
+def render(program: Program) -> dict[str, str]:
+    """The generated files as ``{file name: text}``."""
+    name, upper = program.name, program.name.upper()
+    files = {}
+    shape_defs = []
+    for c_name, onnx_name, shape in program.inputs:
+        shape_defs.append(f"/* input '{c_comment(onnx_name)}': shape {list(shape)} */")
+        shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
+    for c_name, onnx_name, shape in program.outputs:
+        shape_defs.append(f"/* output '{c_comment(onnx_name)}': shape {list(shape)}, predictive mean and variance */")
+        shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
+    args = [f"const float* {c}" for c, _, _ in program.inputs]
+    for c, _, _ in program.outputs:
+        args += [f"float* {c}_mean", f"float* {c}_var"]
+    args.append("void* arena")
+    signature = f"int {name}_run({', '.join(args)})"
+    files[f"{name}.h"] = f"""/* {name}.h: generated by pfpc. Probabilistic forward pass: one call computes the
+ * predictive mean and variance of every output. No malloc, no file I/O, no TVM runtime. */
+#ifndef {upper}_H
+#define {upper}_H
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
+#define {upper}_NUM_INPUTS {len(program.inputs)}
+#define {upper}_NUM_OUTPUTS {len(program.outputs)}
+{chr(10).join(shape_defs)}
+
+/* Bytes of scratch memory one run needs (16-byte aligned). Pass an arena of this size to
+ * {name}_run, or NULL to use the library's static arena (define {upper}_NO_STATIC_ARENA to
+ * leave it out). Lower bound for this schedule: {program.arena_lower_bound} bytes. */
+#define {upper}_ARENA_SIZE {max(program.arena_size, 16)}
+
+/* Returns 0. Inputs are read-only; outputs must not overlap the arena or each other. */
+{signature};
+
+#ifdef __cplusplus
+}}
+#endif
+
+#endif /* {upper}_H */
+"""
+    weight_lines = [f"/* {name}_weights.h: generated by pfpc, included by {name}.c only. */", "#ifndef " + upper + "_WEIGHTS_H", "#define " + upper + "_WEIGHTS_H", ""]
+    for c_name, (values, onnx_name) in program.weights.items():
+        weight_lines.append(f"/* {c_comment(c_name)}: from initializer '{c_comment(onnx_name)}', shape {list(values.shape)} */")
+        weight_lines.append(f"static const float {c_name}[{max(values.size, 1)}] = {{\n{_format_floats(values) if values.size else '    0.0f'}\n}};\n")
+    weight_lines.append(f"#endif /* {upper}_WEIGHTS_H */\n")
+    files[f"{name}_weights.h"] = "\n".join(weight_lines)
+    kernel_text = []
+    for kernel in program.kernels.values():
+        spec = next((s.spec for s in program.steps if s.kernel == kernel.name), "")
+        kernel_text.append(f"/* kernel {kernel.name}: {c_comment(spec)} */\nstatic {kernel.signature('k_')} {{\n{kernel.body}\n}}\n")
+    body = []
+    for index, step in enumerate(program.steps):
+        body.append(f"  /* step {index + 1}: {step.kernel} */")
+        body.append(f"  k_{step.kernel}({', '.join(_pointer(t) for t in step.args)});")
+    decls = []
+    for tensor in program.tensors:
+        if tensor.kind == "arena":
+            decls.append(f"  float* {tensor.c_name} = (float*)(base + {tensor.offset}); /* {tensor.shape} */")
+    tail = []
+    for pointer, tensor in program.copies:
+        tail.append(f"  memcpy({pointer}, {tensor.c_name}, {4 * tensor.size});")
+    for pointer, count in program.zero_fills:
+        tail.append(f"  memset({pointer}, 0, {4 * count}); /* deterministic output: zero variance */")
+    unused = [f"  (void){t.c_name};" for t in program.tensors if t.kind == "arena" and not any(t in s.args for s in program.steps)]
+    files[f"{name}.c"] = f"""/* {name}.c: generated by pfpc. Kernels generated by TVM's C backend; the executor below
+ * calls them in order on one arena whose layout was planned at compile time. */
+#include "{name}.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "{name}_weights.h"
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+#endif
+
+{chr(10).join(kernel_text)}
+#ifndef {upper}_NO_STATIC_ARENA
+/* float elements keep the arena aligned for every tensor (offsets are multiples of 16 bytes) */
+static float {name}_static_arena[({upper}_ARENA_SIZE + 3) / 4];
+#endif
+
+{signature} {{
+#ifndef {upper}_NO_STATIC_ARENA
+  uint8_t* base = arena ? (uint8_t*)arena : (uint8_t*){name}_static_arena;
+#else
+  uint8_t* base = (uint8_t*)arena;
+#endif
+{chr(10).join(decls)}
+{chr(10).join(unused)}
+  (void)base;
+{chr(10).join(body)}
+{chr(10).join(tail)}
+  return 0;
+}}
+"""
+    files[f"{name}_main.c"] = _runner(program)
+    files["Makefile"] = _makefile(name)
+    files["CMakeLists.txt"] = _cmake(name)
+    return files
+
+
+def _runner(program: Program) -> str:
+    name, upper = program.name, program.name.upper()
+    reads = "\n".join(
+        f"    if (fread(in_{c}, sizeof(float), {upper}_{c.upper()}_SIZE, in) != {upper}_{c.upper()}_SIZE) break;" for c, _, _ in program.inputs
+    )
+    decl = "\n".join(f"  static float in_{c}[{upper}_{c.upper()}_SIZE];" for c, _, _ in program.inputs)
+    decl += "\n" + "\n".join(
+        f"  static float {c}_mean[{upper}_{c.upper()}_SIZE], {c}_var[{upper}_{c.upper()}_SIZE];" for c, _, _ in program.outputs
+    )
+    call_args = [f"in_{c}" for c, _, _ in program.inputs] + [a for c, _, _ in program.outputs for a in (f"{c}_mean", f"{c}_var")] + ["NULL"]
+    writes = "\n".join(
+        f"    fwrite({c}_mean, sizeof(float), {upper}_{c.upper()}_SIZE, out);\n    fwrite({c}_var, sizeof(float), {upper}_{c.upper()}_SIZE, out);"
+        for c, _, _ in program.outputs
+    )
+    return f"""/* {name}_main.c: host runner used by `pfpc run`, not part of the library.
+ * Reads batches of raw float32 inputs from argv[1] and writes raw means and variances to argv[2]. */
+#include <stdio.h>
+
+#include "{name}.h"
+
+int main(int argc, char** argv) {{
+{decl}
+  FILE* in;
+  FILE* out;
+  long batches = 0;
+  if (argc != 3) {{
+    fprintf(stderr, "usage: %s input.f32 output.f32\\n", argv[0]);
+    return 2;
+  }}
+  in = fopen(argv[1], "rb");
+  out = fopen(argv[2], "wb");
+  if (!in || !out) {{
+    fprintf(stderr, "cannot open files\\n");
+    return 2;
+  }}
+  for (;;) {{
+{reads}
+    {name}_run({", ".join(call_args)});
+{writes}
+    batches++;
+  }}
+  fclose(in);
+  fclose(out);
+  return batches > 0 ? 0 : 1;
+}}
+"""
+
+
+def _makefile(name: str) -> str:
+    return f"""# Generated by pfpc. `make` builds lib{name}.a and the host runner {name}_main.
+CC ?= cc
+AR ?= ar
+CFLAGS ?= -std=c99 -O2 -Wall -Wextra -Werror -fno-math-errno
+LDLIBS ?= -lm
+
+all: lib{name}.a {name}_main
+
+{name}.o: {name}.c {name}.h {name}_weights.h
+\t$(CC) $(CFLAGS) -c {name}.c -o $@
+
+lib{name}.a: {name}.o
+\t$(AR) rcs $@ $^
+
+{name}_main: {name}_main.c lib{name}.a
+\t$(CC) $(CFLAGS) {name}_main.c lib{name}.a $(LDLIBS) -o $@
+
+clean:
+\trm -f {name}.o lib{name}.a {name}_main
+
+.PHONY: all clean
+"""
+
+
+def _cmake(name: str) -> str:
+    return f"""# Generated by pfpc. add_subdirectory() this folder and link {name}.
+cmake_minimum_required(VERSION 3.13)
+project({name} C)
+add_library({name} STATIC {name}.c)
+target_include_directories({name} PUBLIC ${{CMAKE_CURRENT_SOURCE_DIR}})
+set_target_properties({name} PROPERTIES C_STANDARD 99 C_STANDARD_REQUIRED ON)
+find_library(MATH_LIBRARY m)
+if(MATH_LIBRARY)
+  target_link_libraries({name} PUBLIC ${{MATH_LIBRARY}})
+endif()
+"""
+
+
+def write(program: Program, out_dir: str) -> None:
+    import json
+
+    meta = {
+        "name": program.name,
+        "inputs": [[onnx_name, list(shape)] for _, onnx_name, shape in program.inputs],
+        "outputs": [[onnx_name, list(shape)] for _, onnx_name, shape in program.outputs],
+        "arena_bytes": program.arena_size,
+        "arena_lower_bound_bytes": program.arena_lower_bound,
+    }
+    with open(os.path.join(out_dir, "pfpc.json"), "w") as handle:
+        json.dump(meta, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    for file_name, text in render(program).items():
+        with open(os.path.join(out_dir, file_name), "w") as handle:
+            handle.write(text)

@@ -1,0 +1,69 @@
+"""Kernels from TVM's C backend, turned into plain C functions.
+
+TVM emits every PrimFunc as a packed function that unpacks DLTensor arguments before its loop
+nest. pfpc keeps the loop nest that TVM generated and gives it a plain signature with one float
+pointer per buffer (``const`` for the buffers it only reads), so the generated library needs no
+TVM header, no DLTensor and no argument unpacking at run time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import tvm
+
+from ..errors import PfpcError
+
+_DATA_LINE = re.compile(r"^\s*float\* (\w+) = \(\(float\*\)\(\(float\*\)\(\(\(DLTensor\*\)\w+_handle\)\[0\]\.data\)\)\);\s*$")
+_FORBIDDEN = ("_handle", "TVMFFI", "DLTensor", "TVMBackend", "args", "__tvm")
+
+
+@dataclass
+class CKernel:
+    name: str
+    params: list  # (name, written)
+    body: str
+
+    def signature(self, prefix: str) -> str:
+        args = ", ".join(f"float* {p}" if written else f"const float* {p}" for p, written in self.params)
+        return f"void {prefix}{self.name}({args})"
+
+
+def generate_c_kernels(prim_funcs: dict) -> dict[str, CKernel]:
+    """Compile ``{name: PrimFunc}`` with TVM's C backend and extract each loop nest."""
+    mod = tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in prim_funcs.items()})
+    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
+        executable = tvm.compile(mod, target="c")
+    source = executable.mod.inspect_source()
+    return {name: _extract(source, name) for name in prim_funcs}
+
+
+def _extract(source: str, name: str) -> CKernel:
+    head = f"int32_t __tvm_ffi_{name}(void* self_handle, void* args, int32_t num_args, void* result) {{"
+    start = source.find(head)
+    if start < 0:
+        raise PfpcError(f"internal: TVM emitted no C function for kernel {name}")
+    lines = source[start + len(head):].split("\n")
+    params, body, depth, in_body = [], [], 1, False
+    for line in lines:
+        match = _DATA_LINE.match(line)
+        if match and not in_body:
+            params.append(match.group(1))
+            continue
+        if not params:
+            continue
+        if not in_body and (line.strip().startswith("int64_t*") or line.strip().startswith("if (!(") or line.strip() in ("}", "")):
+            continue
+        in_body = True
+        depth += line.count("{") - line.count("}")
+        if depth == 0:
+            break
+        body.append(line)
+    while body and body[-1].strip() in ("return 0;", ""):
+        body.pop()
+    text = "\n".join(body)
+    if any(token in text for token in _FORBIDDEN):
+        raise PfpcError(f"internal: kernel {name} uses the TVM runtime; cannot emit standalone C")
+    written = [(p, re.search(rf"\b{re.escape(p)}\[[^\]]*\]\s*=[^=]", text) is not None) for p in params]
+    return CKernel(name, written, text)

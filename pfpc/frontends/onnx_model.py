@@ -1,0 +1,140 @@
+"""Load an ONNX model and bring it into the form the compiler expects.
+
+Checks it (onnx checker, shape inference), turns weights that exporters produce with Constant or
+ConstantOfShape nodes into initializers, and fixes a symbolic batch dimension to ``--batch``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import PfpcError
+
+SUPPORTED_OPSETS = range(7, 23)
+
+
+def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelProto:
+    """Read, check and normalise the ONNX file at ``path``; one-line `PfpcError` on bad input."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        raise PfpcError(f"{path}: cannot read the model: {err.strerror}") from None
+    if not data:
+        raise PfpcError(f"{path}: the file is empty, not an ONNX model")
+    try:
+        model = onnx.load_from_string(data)
+    except Exception:
+        raise PfpcError(f"{path}: not a valid ONNX file (truncated or another format)") from None
+    if not model.graph.node and not model.graph.output:
+        raise PfpcError(f"{path}: not a valid ONNX file (no graph)")
+    opset = _default_opset(model)
+    if opset is None or opset not in SUPPORTED_OPSETS:
+        raise PfpcError(f"{path}: ONNX opset {opset} is not supported (supported: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PfpcError(f"{path}: the ONNX checker rejects the model: {first}") from None
+    model = fold_constants(model)
+    _check_float32(model, name)
+    model = fix_batch(model, batch, name)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0]
+        raise PfpcError(f"{path}: ONNX shape inference fails: {first}") from None
+    return model
+
+
+def _default_opset(model):
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return None
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant and ConstantOfShape nodes with constant inputs become initializers."""
+    graph = model.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    kept = []
+    for node in graph.node:
+        value = None
+        if node.op_type == "Constant" and len(node.output) == 1:
+            attr = {a.name: a for a in node.attribute}
+            if "value" in attr:
+                value = numpy_helper.to_array(attr["value"].t)
+            elif "value_float" in attr:
+                value = np.array(attr["value_float"].f, np.float32)
+            elif "value_floats" in attr:
+                value = np.array(list(attr["value_floats"].floats), np.float32)
+            elif "value_int" in attr:
+                value = np.array(attr["value_int"].i, np.int64)
+            elif "value_ints" in attr:
+                value = np.array(list(attr["value_ints"].ints), np.int64)
+        elif node.op_type == "ConstantOfShape" and node.input and node.input[0] in constants:
+            attr = {a.name: a for a in node.attribute}
+            fill = numpy_helper.to_array(attr["value"].t) if "value" in attr else np.zeros(1, np.float32)
+            value = np.full(constants[node.input[0]].astype(np.int64), fill.reshape(-1)[0], dtype=fill.dtype)
+        if value is None:
+            kept.append(node)
+            continue
+        constants[node.output[0]] = value
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
+
+
+def _check_float32(model, name):
+    for init in model.graph.initializer:
+        if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            continue  # shapes, axes, indices
+        if init.data_type != onnx.TensorProto.FLOAT:
+            dtype = onnx.TensorProto.DataType.Name(init.data_type).lower()
+            raise PfpcError(f"{name}: initializer '{init.name}' is {dtype}; pfpc compiles float32 models only")
+    for value in model.graph.input:
+        elem = value.type.tensor_type.elem_type
+        if elem != onnx.TensorProto.FLOAT and value.name not in {i.name for i in model.graph.initializer}:
+            dtype = onnx.TensorProto.DataType.Name(elem).lower()
+            raise PfpcError(f"{name}: input '{value.name}' is {dtype}; pfpc compiles float32 models only")
+
+
+def graph_inputs(model: onnx.ModelProto):
+    """The graph inputs that are not initializers (old exporters list weights as inputs)."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in initializers]
+
+
+def fix_batch(model: onnx.ModelProto, batch: int | None, name: str) -> onnx.ModelProto:
+    """Replace symbolic dimensions of the inputs and outputs by ``batch``."""
+    for value in list(graph_inputs(model)) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                continue
+            if batch is None:
+                label = dim.dim_param or "?"
+                raise PfpcError(
+                    f"{name}: dimension {axis} ('{label}') of '{value.name}' is symbolic; give a fixed size with --batch N"
+                )
+            dim.Clear()
+            dim.dim_value = batch
+    # intermediate value_info would keep the old symbols; shape inference recomputes it
+    del model.graph.value_info[:]
+    return model
+
+
+def input_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph_inputs(model)}
+
+
+def output_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.output}

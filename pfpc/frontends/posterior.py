@@ -1,0 +1,104 @@
+"""Load a Gaussian posterior .npz (DESIGN.md section 3) and bind it to the model's initializers.
+
+Keys are ``<initializer>.std``, ``.var``, ``.logvar`` or ``.rho`` (std = softplus(rho)), exactly
+one per stochastic tensor, and optionally ``<initializer>.mean`` to override the ONNX value. A
+tensor without a key is deterministic. The result is canonical: float32 mean and variance.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import PfpcError
+
+PARAMETERISATIONS = ("std", "var", "logvar", "rho")
+
+
+@dataclass
+class Posterior:
+    """Per initializer: its mean and, for stochastic tensors, its variance (float32)."""
+
+    means: dict
+    variances: dict
+
+    def variance(self, name):
+        return self.variances.get(name)
+
+
+def _to_variance(kind, values):
+    values = values.astype(np.float64)
+    if kind == "std":
+        return values * values
+    if kind == "var":
+        return values
+    if kind == "logvar":
+        return np.exp(values)
+    std = np.logaddexp(0.0, values)  # softplus, stable for large rho
+    return std * std
+
+
+def read_npz(path) -> dict:
+    path = os.fspath(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise PfpcError(f"{path}: no such posterior file") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
+        raise PfpcError(f"{path}: not a readable .npz posterior ({err})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise PfpcError(f"{path}: not an .npz archive (a single array was found)")
+    arrays = {}
+    with archive:
+        for key in archive.files:
+            try:
+                arrays[key] = archive[key]
+            except ValueError:
+                raise PfpcError(f"{path}: array '{key}' holds Python objects (pickled); refusing to load it") from None
+            except Exception as err:
+                raise PfpcError(f"{path}: array '{key}' cannot be read ({err})") from None
+    return arrays
+
+
+def bind_posterior(model: onnx.ModelProto, arrays: dict, source: str = "posterior") -> Posterior:
+    """Check ``arrays`` against the model's initializers and return the canonical posterior."""
+    initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    means = {name: value for name, value in initializers.items() if value.dtype == np.float32}
+    variances, seen = {}, {}
+    for key, values in arrays.items():
+        tensor, _, kind = key.rpartition(".")
+        if not tensor or kind not in PARAMETERISATIONS + ("mean",):
+            raise PfpcError(
+                f"{source}: key '{key}' is not <initializer>.{{std,var,logvar,rho,mean}}"
+            )
+        if tensor not in initializers:
+            raise PfpcError(f"{source}: key '{key}' names no initializer of the model")
+        expected = initializers[tensor].shape
+        if values.shape != expected:
+            raise PfpcError(f"{source}: '{key}' has shape {list(values.shape)}, initializer '{tensor}' has {list(expected)}")
+        if not np.issubdtype(values.dtype, np.floating):
+            raise PfpcError(f"{source}: '{key}' has dtype {values.dtype}, expected floating point")
+        if not np.all(np.isfinite(values)):
+            raise PfpcError(f"{source}: '{key}' holds NaN or infinite values")
+        if kind == "mean":
+            means[tensor] = values.astype(np.float32)
+            continue
+        if tensor in seen:
+            raise PfpcError(f"{source}: tensor '{tensor}' has two parameterisations ('{seen[tensor]}' and '{key}')")
+        seen[tensor] = key
+        if kind in ("std", "var") and np.any(values < 0):
+            raise PfpcError(f"{source}: '{key}' holds negative values")
+        variance = _to_variance(kind, values)
+        if not np.all(np.isfinite(variance)) or np.any(variance > np.finfo(np.float32).max):
+            raise PfpcError(f"{source}: '{key}' gives variances that overflow float32")
+        variances[tensor] = variance.astype(np.float32)
+    return Posterior(means, variances)
+
+
+def load_posterior(model: onnx.ModelProto, path) -> Posterior:
+    return bind_posterior(model, read_npz(path), os.fspath(path))

@@ -1,0 +1,173 @@
+"""Small helpers shared by the passes: reading the main function, its weights, its kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .ops.kernel import KernelSpec, build_kernel
+
+
+def main_bindings(func: relax.Function):
+    """The bindings of the function body, in order (all passes keep one dataflow block)."""
+    return [binding for block in func.body.blocks for binding in block.bindings]
+
+
+def shape_of(expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape]
+
+
+def weight_values(func: relax.Function) -> dict[str, np.ndarray]:
+    return {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
+
+
+def to_tensor_map(values: dict[str, np.ndarray]):
+    return {name: tvm.runtime.tensor(np.ascontiguousarray(value, np.float32)) for name, value in values.items()}
+
+
+def call_op_name(expr) -> str | None:
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return None
+
+
+def kernel_of(mod: tvm.IRModule, expr) -> tuple[KernelSpec, tvm.ir.GlobalVar] | None:
+    """The spec of a Gaussian kernel call ``R.call_tir(kernel, ...)``, else None."""
+    if call_op_name(expr) != "relax.call_tir":
+        return None
+    gvar = expr.args[0]
+    func = mod[gvar]
+    if func.attrs is None or "pfp.kernel" not in func.attrs:
+        return None
+    spec = KernelSpec.from_json(str(func.attrs["pfp.kernel"]))
+    return spec, gvar
+
+
+class GaussianValue:
+    """A Gaussian tensor during rewriting: mean expression, moment expression, representation."""
+
+    __slots__ = ("mean", "moment", "repr")
+
+    def __init__(self, mean, moment=None, repr="none"):
+        self.mean, self.moment, self.repr = mean, moment, repr
+
+    def args(self):
+        return [self.mean] + ([self.moment] if self.repr != "none" else [])
+
+
+class KernelEmitter:
+    """Emits Gaussian kernel calls into a BlockBuilder, naming kernels uniquely and readably."""
+
+    def __init__(self, bb: relax.BlockBuilder):
+        self.bb = bb
+        self.used = set()
+
+    def unique(self, base: str) -> str:
+        base = "".join(ch if ch.isalnum() else "_" for ch in base).strip("_") or "kernel"
+        name, index = base, 1
+        while name in self.used:
+            index += 1
+            name = f"{base}_{index}"
+        self.used.add(name)
+        return name
+
+    def emit(self, spec: KernelSpec, operands: list[GaussianValue], label: str, names=()) -> GaussianValue:
+        shapes = [shape_of(op.mean) for op in operands]
+        name = self.unique(label)
+        spec = spec.with_(names=tuple(names) or tuple(f"in{i}" for i in range(len(operands))))
+        prim, out_shape = build_kernel(spec, shapes, name)
+        gvar = self.bb.add_func(prim, name)
+        out_repr = spec.output
+        count = 1 if out_repr == "none" else 2
+        out_ty = [relax.TensorType(out_shape, "float32")] * count
+        args = [arg for op in operands for arg in op.args()]
+        call = relax.call_tir(gvar, relax.Tuple(args), out_ty)
+        result = self.bb.emit(call, name)
+        mean = self.bb.emit(relax.TupleGetItem(result, 0), f"{name}_mean")
+        if count == 1:
+            return GaussianValue(mean)
+        moment = self.bb.emit(relax.TupleGetItem(result, 1), f"{name}_{out_repr}")
+        return GaussianValue(mean, moment, out_repr)
+
+
+class MainRewriter:
+    """Rebuilds ``main`` binding by binding; subclasses override `visit_binding`.
+
+    The default copies a binding with its arguments remapped, so a pass only handles the
+    bindings it rewrites. Kernels (PrimFuncs) still called are carried over under their names.
+    """
+
+    def __init__(self, mod: tvm.IRModule):
+        self.mod = mod
+        self.func = mod["main"]
+        self.bb = relax.BlockBuilder()
+        self.kernels = KernelEmitter(self.bb)
+        self.env = {}
+
+    def remap(self, expr):
+        if isinstance(expr, relax.Var):
+            return self.env.get(expr, expr)
+        if isinstance(expr, relax.Tuple):
+            return relax.Tuple([self.remap(field) for field in expr.fields])
+        return expr
+
+    def copy_binding(self, binding):
+        value = binding.value
+        if isinstance(value, relax.Call):
+            args = [self.remap(arg) for arg in value.args]
+            if call_op_name(value) == "relax.call_tir":
+                gvar = value.args[0]
+                name = self.kernels.unique(gvar.name_hint)
+                args[0] = self.bb.add_func(self.mod[gvar], name)
+            value = relax.Call(value.op, args, value.attrs, value.ty_args)
+        elif isinstance(value, relax.TupleGetItem):
+            value = relax.TupleGetItem(self.remap(value.tuple_value), value.index)
+        else:
+            value = self.remap(value)
+        self.env[binding.var] = self.bb.emit(value, binding.var.name)
+
+    def visit_binding(self, binding):
+        self.copy_binding(binding)
+
+    def output(self, body):
+        return self.remap(body)
+
+    def run(self, params, attrs) -> tvm.IRModule:
+        with self.bb.function("main", params, attrs):
+            with self.bb.dataflow():
+                for binding in main_bindings(self.func):
+                    self.visit_binding(binding)
+                out = self.bb.emit_output(self.output(self.func.body.body))
+            self.bb.emit_func_output(out)
+        return self.bb.get()
+
+
+def func_attrs(func, **updates) -> dict:
+    attrs = {str(k): func.attrs[k] for k in func.attrs.keys()} if func.attrs is not None else {}
+    attrs.pop("global_symbol", None)
+    for key, value in updates.items():
+        key = key.replace("__", ".")
+        if value is None:
+            attrs.pop(key, None)
+        else:
+            attrs[key] = value
+    return attrs
+
+
+def with_attrs(func, attrs: dict):
+    func = func.with_attr("global_symbol", "main")
+    for key, value in attrs.items():
+        func = func.with_attr(key, value)
+    return func
+
+
+def used_vars(expr) -> set:
+    used = set()
+
+    def visit(node):
+        if isinstance(node, relax.Var):
+            used.add(node)
+
+    relax.analysis.post_order_visit(expr, visit)
+    return used

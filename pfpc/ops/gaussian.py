@@ -1,0 +1,271 @@
+"""The Gaussian operator library: every PFP operator, defined once, as a TE compute.
+
+A Gaussian tensor is a mean tensor plus one moment tensor in a stated representation:
+``"var"`` (the variance v), ``"second_moment"`` (q = m^2 + v) or ``"none"`` (deterministic,
+no moment tensor at all). Each operator consumes its operands in whatever representation
+they arrive in and produces its *native* representation (the one it computes for free);
+`convert` turns one into the other. Zero-padded positions are deterministic zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import te, tirx
+
+from .moments import clark_max_moments, f32, product_moments, relu_moments
+
+REPRESENTATIONS = ("none", "var", "second_moment")
+
+
+@dataclass
+class Gaussian:
+    """A Gaussian TE tensor: ``mean`` and, unless ``repr == "none"``, ``moment``."""
+
+    mean: te.Tensor
+    moment: te.Tensor | None
+    repr: str
+
+    @property
+    def shape(self):
+        return [int(d) for d in self.mean.shape]
+
+    def var_at(self, idx):
+        """Variance at ``idx`` as an expression (0 for a deterministic tensor)."""
+        if self.repr == "none":
+            return f32(0.0)
+        if self.repr == "var":
+            return self.moment[idx]
+        mean = self.mean[idx]
+        return tirx.max(self.moment[idx] - mean * mean, f32(0.0))
+
+    def moment_at(self, idx):
+        return None if self.repr == "none" else self.moment[idx]
+
+
+def _pair_sum():
+    return te.comm_reducer(
+        lambda acc, new: (acc[0] + new[0], acc[1] + new[1]),
+        lambda t0, t1: (tirx.const(0, t0), tirx.const(0, t1)),
+        name="pair_sum",
+    )
+
+
+def _reduce_products(out_shape, terms, axes, name):
+    """Sum over ``axes`` of the product moments returned by ``terms(*out_idx)``.
+
+    One loop nest, two accumulators sharing the product m_a m_b (``product_moments``).
+    """
+
+    def body(*idx):
+        mean, var = terms(*idx)
+        if var is None:
+            return te.sum(mean, axis=axes)
+        return _pair_sum()((mean, var), axis=axes)
+
+    probe_mean, probe_var = terms(*[tirx.const(0, "int32")] * len(out_shape))
+    del probe_mean
+    if probe_var is None:
+        mean = te.compute(out_shape, body, name=f"{name}_mean")
+        return Gaussian(mean, None, "none")
+    mean, var = te.compute(out_shape, body, name=name)
+    return Gaussian(mean, var, "var")
+
+
+def matmul(a: Gaussian, b: Gaussian) -> Gaussian:
+    """Y = A @ B for independent Gaussian A [..., M, K] and B [K, N] or [..., K, N].
+
+    mean: M_ij = sum_k m_a[i,k] m_b[k,j]
+    var:  V_ij = sum_k Var(a_ik b_kj)       (see ``product_moments``)
+    """
+    a_shape, b_shape = a.shape, b.shape
+    depth = a_shape[-1]
+    if b_shape[-2] != depth:
+        raise ValueError(f"matmul: inner dimensions differ: {a_shape} @ {b_shape}")
+    batch = a_shape[:-2] if len(a_shape) >= len(b_shape) else b_shape[:-2]
+    out_shape = list(batch) + [a_shape[-2], b_shape[-1]]
+    k = te.reduce_axis((0, depth), name="k")
+
+    def operand_index(shape, idx, row, col):
+        lead = idx[len(idx) - 2 - (len(shape) - 2) : len(idx) - 2] if len(shape) > 2 else ()
+        return tuple(lead) + (row, col)
+
+    def terms(*idx):
+        ia = operand_index(a_shape, idx, idx[-2], k)
+        ib = operand_index(b_shape, idx, k, idx[-1])
+        return product_moments(a.mean[ia], a.moment_at(ia), a.repr, b.mean[ib], b.moment_at(ib), b.repr)
+
+    return _reduce_products(out_shape, terms, [k], "matmul")
+
+
+def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups) -> Gaussian:
+    """Y = conv2d(X, W), NCHW x OIHW, zero padding (deterministic zeros), grouped.
+
+    mean: M[n,o,y,x] = sum_{c,i,j} m_x[n, g*C+c, y*sh + i*dh - pt, x*sw + j*dw - pl] m_w[o,c,i,j]
+    var:  V[n,o,y,x] = the same sum over Var(x w)   (see ``product_moments``)
+    """
+    batch, in_ch, height, width = x.shape
+    out_ch, group_ch, kernel_h, kernel_w = w.shape
+    pad_top, pad_left, pad_bottom, pad_right = pads
+    out_h = (height + pad_top + pad_bottom - dilations[0] * (kernel_h - 1) - 1) // strides[0] + 1
+    out_w = (width + pad_left + pad_right - dilations[1] * (kernel_w - 1) - 1) // strides[1] + 1
+    if in_ch != group_ch * groups or out_ch % groups:
+        raise ValueError(f"conv2d: {in_ch} input channels do not split into {groups} groups of {group_ch}")
+    out_per_group = out_ch // groups
+    c = te.reduce_axis((0, group_ch), name="c")
+    i = te.reduce_axis((0, kernel_h), name="i")
+    j = te.reduce_axis((0, kernel_w), name="j")
+
+    def terms(n, o, y, xx):
+        row = y * strides[0] + i * dilations[0] - pad_top
+        col = xx * strides[1] + j * dilations[1] - pad_left
+        inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
+        ix = (n, (o // out_per_group) * group_ch + c, row, col)
+        iw = (o, c, i, j)
+        x_mean = tirx.if_then_else(inside, x.mean[ix], f32(0.0))
+        x_moment = None if x.repr == "none" else tirx.if_then_else(inside, x.moment[ix], f32(0.0))
+        return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr)
+
+    return _reduce_products([batch, out_ch, out_h, out_w], terms, [c, i, j], "conv2d")
+
+
+def _broadcast_index(shape, out_shape, idx):
+    offset = len(out_shape) - len(shape)
+    return tuple(0 if dim == 1 and out_shape[offset + axis] != 1 else idx[offset + axis] for axis, dim in enumerate(shape))
+
+
+def add(a: Gaussian, b: Gaussian) -> Gaussian:
+    """Y = A + B (NumPy broadcasting) for independent A, B: means add, variances add."""
+    out_shape = _broadcast_shape(a.shape, b.shape)
+
+    def ia(idx):
+        return _broadcast_index(a.shape, out_shape, idx)
+
+    def ib(idx):
+        return _broadcast_index(b.shape, out_shape, idx)
+
+    mean = te.compute(out_shape, lambda *idx: a.mean[ia(idx)] + b.mean[ib(idx)], name="add_mean")
+    if a.repr == "none" and b.repr == "none":
+        return Gaussian(mean, None, "none")
+    var = te.compute(out_shape, lambda *idx: a.var_at(ia(idx)) + b.var_at(ib(idx)), name="add_var")
+    return Gaussian(mean, var, "var")
+
+
+def scale(a: Gaussian, factor: float) -> Gaussian:
+    """Y = c X for a constant c: mean c m, variance c^2 v (second moment c^2 q)."""
+    mean = te.compute(a.shape, lambda *idx: a.mean[idx] * f32(factor), name="scale_mean")
+    if a.repr == "none":
+        return Gaussian(mean, None, "none")
+    moment = te.compute(a.shape, lambda *idx: a.moment[idx] * f32(factor * factor), name="scale_moment")
+    return Gaussian(mean, moment, a.repr)
+
+
+def relu(a: Gaussian) -> Gaussian:
+    """Y = max(X, 0); moments from ``relu_moments``; native output: second moment E[y^2]."""
+    if a.repr == "none":
+        mean = te.compute(a.shape, lambda *idx: tirx.max(a.mean[idx], f32(0.0)), name="relu_mean")
+        return Gaussian(mean, None, "none")
+    mean, second = te.compute(a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx)), name="relu")
+    return Gaussian(mean, second, "second_moment")
+
+
+def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) -> Gaussian:
+    """Y = max over each window of X (NCHW), Clark's max applied pairwise in row-major window
+    order; padded positions are skipped (ONNX pads MaxPool with -inf). Native output: second
+    moment E[max^2]. A deterministic input gives the plain max."""
+    batch, chans, height, width = x.shape
+    pad_top, pad_left, pad_bottom, pad_right = pads
+
+    def out_size(size, pad, k, s, d):
+        span = size + pad - d * (k - 1) - 1
+        return (-(-span // s) if ceil_mode else span // s) + 1
+
+    out_h = out_size(height, pad_top + pad_bottom, kernel[0], strides[0], dilations[0])
+    out_w = out_size(width, pad_left + pad_right, kernel[1], strides[1], dilations[1])
+    i = te.reduce_axis((0, kernel[0]), name="i")
+    j = te.reduce_axis((0, kernel[1]), name="j")
+
+    def window(y, xx):
+        row = y * strides[0] + i * dilations[0] - pad_top
+        col = xx * strides[1] + j * dilations[1] - pad_left
+        return row, col, tirx.all(row >= 0, row < height, col >= 0, col < width)
+
+    if x.repr == "none":
+        def body(n, c, y, xx):
+            row, col, inside = window(y, xx)
+            lowest = tirx.min_value("float32")
+            return te.max(tirx.if_then_else(inside, x.mean[n, c, row, col], lowest), axis=[i, j])
+
+        return Gaussian(te.compute([batch, chans, out_h, out_w], body, name="maxpool_mean"), None, "none")
+
+    def combine(acc, new):
+        acc_mean, acc_second, acc_seen = acc
+        new_mean, new_second, new_valid = new
+        acc_var = tirx.max(acc_second - acc_mean * acc_mean, f32(0.0))
+        new_var = tirx.max(new_second - new_mean * new_mean, f32(0.0))
+        max_mean, max_second = clark_max_moments(acc_mean, acc_var, new_mean, new_var)
+        take_new = acc_seen == f32(0.0)
+        skip_new = new_valid == f32(0.0)
+
+        def pick(acc_value, new_value, max_value):
+            return tirx.Select(skip_new, acc_value, tirx.Select(take_new, new_value, max_value))
+
+        return (
+            pick(acc_mean, new_mean, max_mean),
+            pick(acc_second, new_second, max_second),
+            tirx.max(acc_seen, new_valid),
+        )
+
+    clark = te.comm_reducer(
+        combine, lambda t0, t1, t2: (tirx.const(0, t0), tirx.const(0, t1), tirx.const(0, t2)), name="clark_max"
+    )
+
+    def body(n, c, y, xx):
+        row, col, inside = window(y, xx)
+        mean = tirx.if_then_else(inside, x.mean[n, c, row, col], f32(0.0))
+        var = tirx.if_then_else(inside, x.var_at((n, c, row, col)), f32(0.0))
+        valid = tirx.Select(inside, f32(1.0), f32(0.0))
+        return clark((mean, mean * mean + var, valid), axis=[i, j])
+
+    mean, second, _seen = te.compute([batch, chans, out_h, out_w], body, name="maxpool")
+    return Gaussian(mean, second, "second_moment")
+
+
+def convert(a: Gaussian, target: str) -> Gaussian:
+    """Change representation: q = m^2 + v, or v = max(q - m^2, 0)."""
+    if target == a.repr:
+        return a
+    if a.repr == "none":
+        raise ValueError("a deterministic tensor has no moment to convert")
+    if target == "var":
+        moment = te.compute(a.shape, lambda *idx: a.var_at(idx), name="to_var")
+    elif target == "second_moment":
+        moment = te.compute(
+            a.shape, lambda *idx: a.mean[idx] * a.mean[idx] + a.moment[idx], name="to_second_moment"
+        )
+    else:
+        raise ValueError(f"cannot convert a {a.repr} tensor to {target}")
+    return Gaussian(a.mean, moment, target)
+
+
+def _broadcast_shape(shape_a, shape_b):
+    rank = max(len(shape_a), len(shape_b))
+    padded_a = [1] * (rank - len(shape_a)) + list(shape_a)
+    padded_b = [1] * (rank - len(shape_b)) + list(shape_b)
+    out = []
+    for dim_a, dim_b in zip(padded_a, padded_b):
+        if dim_a != dim_b and 1 not in (dim_a, dim_b):
+            raise ValueError(f"shapes {shape_a} and {shape_b} do not broadcast")
+        out.append(max(dim_a, dim_b))
+    return out
+
+
+#: What each operator produces for free, used to choose edge representations.
+NATIVE_OUTPUT = {
+    "matmul": "var",
+    "conv2d": "var",
+    "add": "var",
+    "scale": None,  # keeps its input's representation
+    "relu": "second_moment",
+    "maxpool2d": "second_moment",
+}

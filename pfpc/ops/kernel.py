@@ -1,0 +1,162 @@
+"""Kernel specifications: a chain of Gaussian operators compiled into one TIR PrimFunc.
+
+A Gaussian call in the Relax IR is ``R.call_tir(kernel, args, out_sinfo)`` where ``kernel`` is a
+PrimFunc carrying the attribute ``pfp.kernel``: the JSON of a `KernelSpec`. Passes rewrite the
+spec (representations, fused stages) and rebuild the PrimFunc with `build_kernel`, so every
+kernel that reaches code generation was produced from the operator library in one place.
+
+Arguments of a kernel, in order: for every Gaussian operand its mean and, unless the operand is
+deterministic, its moment tensor (variance or second moment); then the output mean and, unless
+the output is deterministic, the output moment.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+from tvm import s_tir, te, tirx
+
+from . import gaussian as G
+
+#: Gaussian operands each operator takes (the first one of a fused stage is the previous result).
+ARITY = {"matmul": 2, "conv2d": 2, "add": 2, "scale": 1, "relu": 1, "maxpool2d": 1}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """``stages``: ((op, attrs), ...) applied in order; ``operands``: the representation of each
+    Gaussian operand; ``output``: the representation the kernel writes."""
+
+    stages: tuple
+    operands: tuple
+    output: str
+    names: tuple = field(default=(), compare=False)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"stages": [[op, attrs] for op, attrs in self.stages], "operands": list(self.operands), "output": self.output}
+        , sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "KernelSpec":
+        data = json.loads(text)
+        return KernelSpec(tuple((op, attrs) for op, attrs in data["stages"]), tuple(data["operands"]), data["output"])
+
+    @property
+    def ops(self):
+        return [op for op, _ in self.stages]
+
+    def operand_count(self) -> int:
+        return ARITY[self.stages[0][0]] + sum(ARITY[op] - 1 for op, _ in self.stages[1:])
+
+    def with_(self, **changes) -> "KernelSpec":
+        return replace(self, **changes)
+
+    def native_output(self) -> str:
+        """The representation the last stage computes for free (``"none"`` if deterministic)."""
+        return infer_output_repr(self)
+
+
+def _stage_result(op, attrs, inputs):
+    if op == "matmul":
+        return G.matmul(*inputs)
+    if op == "conv2d":
+        return G.conv2d(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"])
+    if op == "add":
+        return G.add(*inputs)
+    if op == "scale":
+        return G.scale(inputs[0], attrs["factor"])
+    if op == "relu":
+        return G.relu(inputs[0])
+    if op == "maxpool2d":
+        return G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"], attrs.get("ceil_mode", False))
+    raise ValueError(f"unknown Gaussian operator {op}")
+
+
+def _native_repr(op, input_reprs):
+    if all(r == "none" for r in input_reprs):
+        return "none"
+    native = G.NATIVE_OUTPUT[op]
+    return input_reprs[0] if native is None else native
+
+
+def infer_output_repr(spec: KernelSpec) -> str:
+    operands = list(spec.operands)
+    current = None
+    for index, (op, _) in enumerate(spec.stages):
+        take = ARITY[op] - (0 if index == 0 else 1)
+        reprs = ([] if index == 0 else [current]) + operands[:take]
+        operands = operands[take:]
+        current = _native_repr(op, reprs)
+    return current
+
+
+def build_kernel(spec: KernelSpec, operand_shapes, name: str):
+    """Build the PrimFunc of ``spec`` for operands of the given shapes; returns it and the output shape."""
+    if len(operand_shapes) != spec.operand_count() or len(spec.operands) != len(operand_shapes):
+        raise ValueError(f"{name}: {len(operand_shapes)} operands for a kernel that takes {spec.operand_count()}")
+    names = spec.names or tuple(f"in{i}" for i in range(len(operand_shapes)))
+    params, operands = [], []
+    for shape, rep, base in zip(operand_shapes, spec.operands, names):
+        mean = te.placeholder([int(d) for d in shape], "float32", name=f"{base}_mean")
+        moment = None if rep == "none" else te.placeholder([int(d) for d in shape], "float32", name=f"{base}_{rep}")
+        params += [mean] + ([moment] if moment is not None else [])
+        operands.append(G.Gaussian(mean, moment, rep))
+    result = None
+    for index, (op, attrs) in enumerate(spec.stages):
+        take = ARITY[op] - (0 if index == 0 else 1)
+        inputs = ([] if index == 0 else [result]) + operands[:take]
+        operands = operands[take:]
+        result = _stage_result(op, attrs, inputs)
+    if spec.output != result.repr:
+        if spec.output == "none":
+            raise ValueError(f"{name}: output asked deterministic but the kernel computes a variance")
+        result = G.convert(result, spec.output)
+    outputs = [result.mean] + ([result.moment] if result.repr != "none" else [])
+    taken = set(params)
+    outputs = [  # an output that is an input as such (a pass-through) still needs its own buffer
+        te.compute(t.shape, lambda *i, t=t: t[i], name=f"copy_{t.name}") if t in taken else t for t in outputs
+    ]
+    func = te.create_prim_func(params + outputs)
+    func = schedule_kernel(func)
+    func = func.with_attr("global_symbol", name).with_attr("pfp.kernel", spec.to_json())
+    return func, [int(d) for d in outputs[0].shape]
+
+
+def _is_reduction(sch, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def schedule_kernel(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """One loop nest per reduction with its epilogue fused in, no materialised intermediates.
+
+    Element-wise stages are inlined into their consumers; whatever follows a reduction is
+    computed at the reduction's innermost spatial loop, so the reduction result lives in a
+    scalar, and the accumulator initialisation is hoisted out of the reduction loop.
+    """
+    sch = s_tir.Schedule(func)
+    root = sch.get_sblock("root")
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
+    for block in sch.get_child_blocks(root):
+        if sch.get(block).name_hint in outputs or _is_reduction(sch, block):
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # multi-output element-wise blocks stay as they are
+            pass
+    for block in sch.get_child_blocks(root):
+        if sch.get(block).name_hint in outputs:
+            try:
+                sch.reverse_compute_inline(block)
+            except Exception:
+                pass
+    for block in sch.get_child_blocks(root):
+        if not _is_reduction(sch, block):
+            continue
+        loops = sch.get_loops(block)
+        spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
+        for consumer in sch.get_consumers(block):
+            sch.reverse_compute_at(consumer, loops[spatial - 1])
+        sch.decompose_reduction(block, sch.get_loops(block)[spatial])
+    return sch.mod["main"]

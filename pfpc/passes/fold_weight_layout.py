@@ -1,0 +1,96 @@
+"""Fold layout operations on weights into the weights themselves (compile time).
+
+    lv = R.permute_dims(fc_weight, axes=[1, 0])    ->   new parameter fc_weight_T (values permuted,
+    y  = R.matmul(x, lv)                                variance permuted alike); y = R.matmul(x, fc_weight_T)
+
+Handles permute_dims, reshape, expand_dims, squeeze and multiplication by a scalar constant
+(mean scaled by c, variance by c^2) whose operands are weights. Runs on the deterministic module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..ir import MainRewriter, call_op_name, func_attrs, main_bindings, shape_of, to_tensor_map, used_vars, with_attrs
+
+
+def _scalar(expr):
+    if isinstance(expr, tvm.ir.Constant) and expr.data.numpy().size == 1:
+        return float(expr.data.numpy().reshape(-1)[0])
+    return None
+
+
+def _fold(op, call, value, variance):
+    """Apply ``call`` to a weight (mean, variance); None when it is not a foldable layout op."""
+    if op == "relax.permute_dims":
+        axes = [int(a) for a in call.attrs.axes] if call.attrs.axes is not None else None
+        return np.transpose(value, axes), None if variance is None else np.transpose(variance, axes)
+    if op in ("relax.reshape", "relax.expand_dims", "relax.squeeze"):
+        shape = shape_of(call)
+        return value.reshape(shape), None if variance is None else variance.reshape(shape)
+    return None
+
+
+@tvm.transform.module_pass(opt_level=0, name="pfpc.FoldWeightLayout")
+class FoldWeightLayout:
+    def transform_module(self, mod, ctx):
+        func = mod["main"]
+        num_input = int(func.attrs["num_input"])
+        means = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
+        variances = {str(k): v.numpy() for k, v in func.attrs["pfp.weight_var"].items()}
+        names = {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()}
+        weights = {param: param.name for param in func.params[num_input:]}
+        replace, new_params = {}, []
+        for binding in main_bindings(func):
+            call, op = binding.value, call_op_name(binding.value)
+            if op is None or not call.args or call.args[0] not in weights:
+                continue
+            source = weights[call.args[0]]
+            folded = _fold(op, call, means[source], variances.get(source))
+            if folded is None and op in ("relax.multiply", "relax.divide"):
+                factor = _scalar(call.args[1])
+                if factor is not None:
+                    factor = factor if op == "relax.multiply" else 1.0 / factor
+                    var = variances.get(source)
+                    folded = means[source] * factor, None if var is None else var * factor * factor
+            if folded is None:
+                continue
+            name = f"{source}.{op.split('.')[-1]}"
+            param = relax.Var(name, relax.TensorType(shape_of(call), "float32"))
+            means[name] = folded[0]
+            if folded[1] is not None:
+                variances[name] = folded[1]
+            names[name] = names.get(source, source)
+            weights[binding.var] = name
+            replace[binding.var] = param
+            new_params.append(param)
+        if not replace:
+            return mod
+        mod = _Substitute(mod, replace).run(list(func.params) + new_params, func_attrs(func))
+        func = mod["main"]
+        used = used_vars(func.body)
+        params = list(func.params[:num_input]) + [p for p in func.params[num_input:] if p in used]
+        kept = {p.name for p in params[num_input:]}
+        attrs = func_attrs(
+            func,
+            pfp__params=to_tensor_map({k: v for k, v in means.items() if k in kept}),
+            pfp__weight_var=to_tensor_map({k: v for k, v in variances.items() if k in kept}),
+            pfp__onnx_names={k: v for k, v in names.items() if k in kept},
+        )
+        mod["main"] = with_attrs(relax.Function(params, func.body, func.ret_ty, func.is_pure), attrs)
+        return mod
+
+
+class _Substitute(MainRewriter):
+    """Drops the folded bindings; their uses now read the new weight parameters."""
+
+    def __init__(self, mod, replace):
+        super().__init__(mod)
+        self.env.update(replace)
+        self.folded = set(replace)
+
+    def visit_binding(self, binding):
+        if binding.var not in self.folded:
+            self.copy_binding(binding)

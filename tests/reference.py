@@ -1,0 +1,617 @@
+"""Independent NumPy reference of the probabilistic forward pass (PFP).
+
+Ground truth for pfpc's tests. It deliberately does NOT import pfpc. All math is float64.
+
+Model (DESIGN.md section 2): every weight and every activation is an independent Gaussian,
+described by a (mean, var) pair of arrays of the same shape. A variance of all zeros means a
+deterministic tensor; no function here produces NaN for zero variance.
+
+Contents
+  Gaussian ops:   linear, matmul, gemm, conv2d, add, relu, clark_max, maxpool2d,
+                  flatten, reshape
+  Interpreter:    pfp_onnx(model, variances, inputs, input_vars=None)
+  Ground truth:   monte_carlo(model, stds, inputs, samples, seed, ...)
+
+Where the independence assumption fails, the PFP variance is an approximation even for a
+purely linear network (the mean stays exact): e.g. the outputs of one dense layer are
+correlated through the shared input, so a THIRD dense layer already sees correlated inputs;
+every output pixel of a conv shares the same kernel, so any op after a conv that mixes
+positions (a spatial conv, Flatten+Gemm) sees correlated inputs. The PFP variance is exact
+(equals Monte Carlo) when each op's inputs really are independent, e.g. Gemm->Gemm with a
+deterministic network input, Conv kxk -> Conv 1x1, or Add of two branches with disjoint
+weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from scipy.special import ndtr
+
+__all__ = [
+    "linear",
+    "matmul",
+    "gemm",
+    "conv2d",
+    "add",
+    "relu",
+    "clark_max",
+    "maxpool2d",
+    "flatten",
+    "reshape",
+    "pfp_onnx",
+    "monte_carlo",
+]
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _f64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _var_or_zeros(var, mean: np.ndarray) -> np.ndarray:
+    """Variance array for `mean`; None means deterministic (all zeros)."""
+    if var is None:
+        return np.zeros_like(mean)
+    var = _f64(var)
+    if var.shape != mean.shape:
+        var = np.broadcast_to(var, mean.shape).copy()
+    return var
+
+
+def _pdf(x: np.ndarray) -> np.ndarray:
+    """Standard normal density phi(x)."""
+    return _INV_SQRT_2PI * np.exp(-0.5 * x * x)
+
+
+def _gaussian_matmul(a_mean, a_var, b_mean, b_var):
+    """Product A @ B of two independent Gaussian matrices (numpy.matmul broadcasting).
+
+    Each output element is y = sum_k a_k b_k with independent a_k, b_k, so
+        mean = sum m_a m_b                                   = A_m @ B_m
+        var  = sum (m_a^2 v_b + v_a m_b^2 + v_a v_b)         = A_m^2 @ B_v + A_v @ B_m^2
+                                                               + A_v @ B_v
+    (Var(ab) = E[a^2]E[b^2] - m_a^2 m_b^2 = m_a^2 v_b + v_a m_b^2 + v_a v_b.)
+    This is the single linear-layer primitive: linear, matmul, gemm and conv2d use it.
+    """
+    am, bm = _f64(a_mean), _f64(b_mean)
+    av, bv = _var_or_zeros(a_var, am), _var_or_zeros(b_var, bm)
+    mean = am @ bm
+    var = (am * am) @ bv + av @ (bm * bm) + av @ bv
+    return mean, var
+
+
+# --------------------------------------------------------------------------------------
+# Gaussian ops
+# --------------------------------------------------------------------------------------
+
+
+def add(a_mean, a_var, b_mean, b_var):
+    """Sum of independent Gaussians (numpy broadcasting): mean = m_a + m_b, var = v_a + v_b."""
+    am, bm = _f64(a_mean), _f64(b_mean)
+    av, bv = _var_or_zeros(a_var, am), _var_or_zeros(b_var, bm)
+    return am + bm, av + bv
+
+
+def matmul(mean, var, w_mean, w_var):
+    """ONNX MatMul x @ W with W of shape [in, out]; x may have leading batch dims.
+
+    mean = m @ mu,   var = m^2 @ s2 + v @ mu^2 + v @ s2   (see _gaussian_matmul).
+    """
+    return _gaussian_matmul(mean, var, w_mean, w_var)
+
+
+def linear(mean, var, w_mean, w_var, b_mean=None, b_var=None):
+    """Dense layer x @ W^T + b with W of shape [out, in] (like Gemm with transB=1).
+
+    mean = m @ mu^T + mu_b
+    var  = m^2 @ s2^T + v @ (mu^2)^T + v @ s2^T + s2_b
+         = sum over fan-in of (s2*q + mu^2*v) + s2_b, with q = m^2 + v.
+    """
+    w_mean = _f64(w_mean)
+    w_var = _var_or_zeros(w_var, w_mean)
+    out_mean, out_var = _gaussian_matmul(mean, var, w_mean.T, w_var.T)
+    if b_mean is not None:
+        b_mean = _f64(b_mean)
+        out_mean, out_var = add(out_mean, out_var, b_mean, _var_or_zeros(b_var, b_mean))
+    return out_mean, out_var
+
+
+def gemm(a_mean, a_var, b_mean, b_var, c_mean=None, c_var=None,
+         alpha=1.0, beta=1.0, transA=0, transB=0):
+    """ONNX Gemm: Y = alpha * A' @ B' + beta * C, A' = A^T if transA, B' = B^T if transB.
+
+    Any of A, B, C may be Gaussian (independent). Scaling a Gaussian by a constant g maps
+    (mean, var) -> (g*mean, g^2*var); C is broadcast unidirectionally to [M, N].
+    """
+    am, bm = _f64(a_mean), _f64(b_mean)
+    av, bv = _var_or_zeros(a_var, am), _var_or_zeros(b_var, bm)
+    if transA:
+        am, av = am.T, av.T
+    if transB:
+        bm, bv = bm.T, bv.T
+    mean, var = _gaussian_matmul(am, av, bm, bv)
+    mean, var = alpha * mean, (alpha * alpha) * var
+    if c_mean is not None:
+        cm = _f64(c_mean)
+        cv = _var_or_zeros(c_var, cm)
+        mean, var = add(mean, var, beta * cm, (beta * beta) * cv)
+    return mean, var
+
+
+def _pairs(x, name) -> tuple[int, int]:
+    x = tuple(int(v) for v in x)
+    if len(x) != 2:
+        raise ValueError(f"{name} must have 2 entries for 2-D ops, got {x}")
+    return x
+
+
+def _windows(x: np.ndarray, kernel, strides, dilations, out_hw) -> np.ndarray:
+    """Sliding windows of an (already padded) NCHW array.
+
+    Returns shape [N, C, Hout, Wout, kh, kw] with
+        out[n, c, i, j, a, b] = x[n, c, i*sh + a*dh, j*sw + b*dw].
+    This is the im2col gather; no flipping (ONNX Conv is a cross-correlation).
+    """
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    ho, wo = out_hw
+    rows = (np.arange(ho) * sh)[:, None, None, None] + (np.arange(kh) * dh)[None, None, :, None]
+    cols = (np.arange(wo) * sw)[None, :, None, None] + (np.arange(kw) * dw)[None, None, None, :]
+    return x[:, :, rows, cols]
+
+
+def _pad_hw(x: np.ndarray, top, left, bottom, right, value=0.0) -> np.ndarray:
+    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=value)
+
+
+def conv2d(mean, var, w_mean, w_var, b_mean=None, b_var=None,
+           strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1):
+    """ONNX Conv, 2-D: x [N, C, H, W], weight [O, C/groups, kh, kw], bias [O].
+
+    pads in ONNX order [top, left, bottom, right]; padding is a deterministic zero
+    (m = v = 0). Per output element, over its receptive field (fan-in):
+        mean = conv(m, mu) + mu_b
+        var  = conv(m^2, s2) + conv(v, mu^2) + conv(v, s2) + s2_b
+    implemented as im2col + _gaussian_matmul per group.
+    """
+    xm = _f64(mean)
+    xv = _var_or_zeros(var, xm)
+    wm = _f64(w_mean)
+    wv = _var_or_zeros(w_var, wm)
+    if xm.ndim != 4 or wm.ndim != 4:
+        raise ValueError("conv2d expects NCHW input and OIHW weight")
+    n, c, h, w = xm.shape
+    o, cg, kh, kw = wm.shape
+    g = int(groups)
+    if c != cg * g or o % g:
+        raise ValueError(f"channel mismatch: C={c}, weight {wm.shape}, groups={g}")
+    sh, sw = _pairs(strides, "strides")
+    dh, dw = _pairs(dilations, "dilations")
+    pt, pl, pb, pr = (int(p) for p in pads)
+    ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError("conv2d output would be empty")
+
+    def cols(x):
+        win = _windows(_pad_hw(x, pt, pl, pb, pr), (kh, kw), (sh, sw), (dh, dw), (ho, wo))
+        # [N, C, Ho, Wo, kh, kw] -> [N, G, C/G * kh * kw, Ho * Wo]
+        win = win.reshape(n, g, cg, ho, wo, kh, kw).transpose(0, 1, 2, 5, 6, 3, 4)
+        return win.reshape(n, g, cg * kh * kw, ho * wo)
+
+    w_rows_m = wm.reshape(g, o // g, cg * kh * kw)
+    w_rows_v = wv.reshape(g, o // g, cg * kh * kw)
+    out_m, out_v = _gaussian_matmul(w_rows_m, w_rows_v, cols(xm), cols(xv))  # [N, G, O/G, L]
+    out_m = out_m.reshape(n, o, ho, wo)
+    out_v = out_v.reshape(n, o, ho, wo)
+    if b_mean is not None:
+        bm = _f64(b_mean).reshape(1, o, 1, 1)
+        bv = _var_or_zeros(b_var, _f64(b_mean)).reshape(1, o, 1, 1)
+        out_m, out_v = add(out_m, out_v, bm, bv)
+    return out_m, out_v
+
+
+def clark_max(m1, v1, m2, v2):
+    """max(x1, x2) of independent x1 ~ N(m1, v1), x2 ~ N(m2, v2), moment matched (Clark 1961).
+
+    a = sqrt(v1 + v2), al = (m1 - m2) / a:
+        E[max]   = m1 Phi(al) + m2 Phi(-al) + a phi(al)
+        E[max^2] = (v1 + m1^2) Phi(al) + (v2 + m2^2) Phi(-al) + (m1 + m2) a phi(al)
+        var      = E[max^2] - E[max]^2, clipped at 0.
+    Two exact moments of the (non-Gaussian) max; the result is re-read as a Gaussian.
+    Numerics: the same formulas are evaluated for max - mw, where mw is the larger mean
+    (so that mean ~ 0 and E[max^2] - E[max]^2 does not cancel catastrophically). With
+    d = |m1 - m2|, vw/vl the variance of the larger/smaller-mean input, al = d / a >= 0:
+        E[max - mw]     = -d Phi(-al) + a phi(al)
+        E[(max - mw)^2] = vw Phi(al) + (vl + d^2) Phi(-al) - d a phi(al)
+    a = 0 (both deterministic) gives exactly (max(m1, m2), 0): no NaN.
+    """
+    m1, v1, m2, v2 = np.broadcast_arrays(_f64(m1), _f64(v1), _f64(m2), _f64(v2))
+    first_wins = m1 >= m2
+    mw = np.where(first_wins, m1, m2)
+    vw = np.where(first_wins, v1, v2)
+    vl = np.where(first_wins, v2, v1)
+    d = np.abs(m1 - m2)
+    a = np.sqrt(v1 + v2)
+    stochastic = a > 0.0
+    a_safe = np.where(stochastic, a, 1.0)
+    al = np.where(stochastic, d / a_safe, 0.0)
+    cdf, cdf_neg, pdf = ndtr(al), ndtr(-al), _pdf(al)
+    e1 = -d * cdf_neg + a * pdf
+    e2 = vw * cdf + (vl + d * d) * cdf_neg - d * a * pdf
+    mean = np.where(stochastic, mw + e1, mw)
+    var = np.where(stochastic, np.maximum(e2 - e1 * e1, 0.0), 0.0)
+    return mean, var
+
+
+def relu(mean, var):
+    """ReLU of a ~ N(M, V), s = sqrt(V), z = M / s:
+        E[y]   = M Phi(z) + s phi(z)
+        E[y^2] = (M^2 + V) Phi(z) + M s phi(z)
+        var    = E[y^2] - E[y]^2, clipped at 0.
+    This is clark_max(M, V, 0, 0) (max with a deterministic zero), which is how it is
+    computed; V = 0 gives exactly (relu(M), 0).
+    """
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    zeros = np.zeros_like(m)
+    return clark_max(m, v, zeros, zeros)
+
+
+def _pool_out_size(size, k, s, d, p_begin, p_end, ceil_mode) -> int:
+    """ONNX pooling output length; with ceil_mode, a window that would start in the end
+    padding is dropped (ONNX spec / onnxruntime / PyTorch)."""
+    span = size + p_begin + p_end - d * (k - 1) - 1
+    if ceil_mode:
+        out = -(-span // s) + 1
+        if (out - 1) * s >= size + p_begin:
+            out -= 1
+    else:
+        out = span // s + 1
+    return out
+
+
+def maxpool2d(mean, var, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+              ceil_mode=0):
+    """ONNX MaxPool, 2-D, on NCHW Gaussians.
+
+    Each window is reduced with clark_max pairwise in row-major window order:
+    acc = x[0]; acc = clark_max(acc, x[1]); acc = clark_max(acc, x[2]); ... and after every
+    step acc is the Gaussian (E[max], E[max^2] - E[max]^2). Exact for 2 inputs, an
+    approximation (Clark's) for more. Padded positions (and, with ceil_mode, positions
+    past the end) are skipped, NOT treated as -inf values. pads = [top, left, bottom, right].
+    """
+    xm = _f64(mean)
+    xv = _var_or_zeros(var, xm)
+    if xm.ndim != 4:
+        raise ValueError("maxpool2d expects NCHW input")
+    _, _, h, w = xm.shape
+    kh, kw = _pairs(kernel, "kernel")
+    sh, sw = _pairs(strides, "strides")
+    dh, dw = _pairs(dilations, "dilations")
+    pt, pl, pb, pr = (int(p) for p in pads)
+    ho = _pool_out_size(h, kh, sh, dh, pt, pb, ceil_mode)
+    wo = _pool_out_size(w, kw, sw, dw, pl, pr, ceil_mode)
+    # extra end padding so that every (possibly ceil-mode) window fits in the array
+    pb_x = max(pb, (ho - 1) * sh + dh * (kh - 1) + 1 - h - pt)
+    pr_x = max(pr, (wo - 1) * sw + dw * (kw - 1) + 1 - w - pl)
+
+    def win(x, fill):
+        p = _pad_hw(x, pt, pl, pb_x, pr_x, fill)
+        wnd = _windows(p, (kh, kw), (sh, sw), (dh, dw), (ho, wo))
+        return wnd.reshape(wnd.shape[:4] + (kh * kw,))  # row-major window order
+
+    wm, wv = win(xm, 0.0), win(xv, 0.0)
+    valid = win(np.ones_like(xm), 0.0) > 0.5
+    if not valid.any(axis=-1).all():
+        raise ValueError("maxpool2d: a window lies entirely in the padding")
+
+    acc_m = wm[..., 0].copy()
+    acc_v = wv[..., 0].copy()
+    have = valid[..., 0].copy()
+    for k in range(1, kh * kw):
+        ok = valid[..., k]
+        cm, cv = clark_max(acc_m, acc_v, wm[..., k], wv[..., k])
+        both = have & ok
+        first = ~have & ok
+        acc_m = np.where(both, cm, np.where(first, wm[..., k], acc_m))
+        acc_v = np.where(both, cv, np.where(first, wv[..., k], acc_v))
+        have = have | ok
+    return acc_m, acc_v
+
+
+def flatten(mean, var, axis=1):
+    """ONNX Flatten: reshape to [prod(shape[:axis]), prod(shape[axis:])]; mean and var alike."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    axis = axis + m.ndim if axis < 0 else axis
+    shape = (int(np.prod(m.shape[:axis], dtype=np.int64)), -1)
+    if m.size == 0:
+        shape = (shape[0], int(np.prod(m.shape[axis:], dtype=np.int64)))
+    return m.reshape(shape), v.reshape(shape)
+
+
+def reshape(mean, var, shape):
+    """Reshape mean and var alike (numpy semantics, -1 allowed)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    shape = tuple(int(s) for s in shape)
+    return m.reshape(shape), v.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------
+# ONNX interpreter
+# --------------------------------------------------------------------------------------
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _onnx_reshape_shape(in_shape, shape, allowzero) -> tuple[int, ...]:
+    """ONNX Reshape target: 0 copies the input dim (unless allowzero), -1 is inferred."""
+    out = []
+    for i, s in enumerate(int(x) for x in shape):
+        out.append(in_shape[i] if (s == 0 and not allowzero) else s)
+    return tuple(out)
+
+
+def _resolve_pads(auto_pad, pads, in_hw, kernel, strides, dilations):
+    """Explicit [top, left, bottom, right] pads from ONNX auto_pad / pads."""
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("", "NOTSET"):
+        return tuple(int(p) for p in pads) if pads is not None else (0, 0, 0, 0)
+    if auto_pad == "VALID":
+        return (0, 0, 0, 0)
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise NotImplementedError(f"auto_pad={auto_pad}")
+    begin, end = [], []
+    for size, k, s, d in zip(in_hw, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + d * (k - 1) + 1 - size)
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else big)
+        end.append(big if auto_pad == "SAME_UPPER" else small)
+    return (begin[0], begin[1], end[0], end[1])
+
+
+def _constant_value(attrs: dict) -> np.ndarray:
+    if "value" in attrs:
+        return numpy_helper.to_array(attrs["value"])
+    if "value_float" in attrs:
+        return np.array(attrs["value_float"], dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.array(attrs["value_floats"], dtype=np.float32)
+    if "value_int" in attrs:
+        return np.array(attrs["value_int"], dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.array(attrs["value_ints"], dtype=np.int64)
+    raise NotImplementedError(f"Constant with attributes {sorted(attrs)}")
+
+
+def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    order, pending, have = [], list(nodes), set(available) | {""}
+    while pending:
+        ready = [n for n in pending if all(i in have for i in n.input)]
+        if not ready:
+            missing = sorted({i for n in pending for i in n.input if i not in have})
+            raise ValueError(f"graph has a cycle or undefined inputs: {missing}")
+        for n in ready:
+            order.append(n)
+            have.update(n.output)
+        pending = [n for n in pending if n not in ready]
+    return order
+
+
+def pfp_onnx(model: onnx.ModelProto, variances: Mapping[str, np.ndarray],
+             inputs: Mapping[str, np.ndarray],
+             input_vars: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple]:
+    """Run the PFP over an ONNX graph: returns {output name: (mean, var)} in float64.
+
+    Initializers are weights: mean = initializer value, var = variances.get(name, 0).
+    Graph inputs are deterministic unless `input_vars` gives their variance.
+    Supported: MatMul, Gemm, Add, Conv (2-D), Relu, MaxPool (2-D), Flatten, Reshape,
+    Identity, Dropout (inference: identity), Constant. Anything else: NotImplementedError.
+    """
+    graph = model.graph
+    input_vars = input_vars or {}
+    env: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for init in graph.initializer:
+        m = _f64(numpy_helper.to_array(init))
+        v = variances.get(init.name)
+        if v is not None and np.shape(v) != m.shape:
+            raise ValueError(f"variance of {init.name}: shape {np.shape(v)} != {m.shape}")
+        env[init.name] = (m, _var_or_zeros(v, m))
+    for name in variances:
+        if name not in env:
+            raise KeyError(f"variance given for {name!r}, which is not an initializer")
+    for inp in graph.input:
+        if inp.name in env:
+            continue  # old IR: initializers also listed as inputs
+        if inp.name not in inputs:
+            raise KeyError(f"missing graph input {inp.name!r}")
+        m = _f64(inputs[inp.name])
+        env[inp.name] = (m, _var_or_zeros(input_vars.get(inp.name), m))
+
+    for node in _topological(graph.node, set(env)):
+        op, a = node.op_type, _attrs(node)
+        if node.domain not in ("", "ai.onnx"):
+            raise NotImplementedError(f"{node.domain}::{op}")
+        x = [env[i] if i else None for i in node.input]
+        outs: list[tuple[np.ndarray, np.ndarray]]
+        if op == "MatMul":
+            outs = [matmul(*x[0], *x[1])]
+        elif op == "Gemm":
+            c = x[2] if len(x) > 2 and x[2] is not None else (None, None)
+            outs = [gemm(*x[0], *x[1], *c, alpha=a.get("alpha", 1.0), beta=a.get("beta", 1.0),
+                         transA=a.get("transA", 0), transB=a.get("transB", 0))]
+        elif op == "Add":
+            outs = [add(*x[0], *x[1])]
+        elif op == "Conv":
+            wm = x[1][0]
+            if wm.ndim != 4:
+                raise NotImplementedError(f"Conv with {wm.ndim - 2} spatial dims")
+            kernel = tuple(a.get("kernel_shape", wm.shape[2:]))
+            strides = tuple(a.get("strides", (1, 1)))
+            dil = tuple(a.get("dilations", (1, 1)))
+            pads = _resolve_pads(a.get("auto_pad", "NOTSET"), a.get("pads"),
+                                 x[0][0].shape[2:], kernel, strides, dil)
+            b = x[2] if len(x) > 2 and x[2] is not None else (None, None)
+            outs = [conv2d(*x[0], *x[1], *b, strides=strides, pads=pads, dilations=dil,
+                           groups=a.get("group", 1))]
+        elif op == "Relu":
+            outs = [relu(*x[0])]
+        elif op == "MaxPool":
+            if len(node.output) > 1 and node.output[1]:
+                raise NotImplementedError("MaxPool with Indices output")
+            if x[0][0].ndim != 4:
+                raise NotImplementedError(f"MaxPool with {x[0][0].ndim - 2} spatial dims")
+            kernel = tuple(a["kernel_shape"])
+            strides = tuple(a.get("strides", (1, 1)))
+            dil = tuple(a.get("dilations", (1, 1)))
+            pads = _resolve_pads(a.get("auto_pad", "NOTSET"), a.get("pads"),
+                                 x[0][0].shape[2:], kernel, strides, dil)
+            outs = [maxpool2d(*x[0], kernel, strides, pads, dil, a.get("ceil_mode", 0))]
+        elif op == "Flatten":
+            outs = [flatten(*x[0], axis=a.get("axis", 1))]
+        elif op == "Reshape":
+            target = _onnx_reshape_shape(x[0][0].shape, x[1][0].astype(np.int64),
+                                         a.get("allowzero", 0))
+            outs = [reshape(*x[0], target)]
+        elif op in ("Identity", "Dropout"):
+            outs = [x[0]]
+            if op == "Dropout" and len(node.output) > 1 and node.output[1]:
+                mask = np.ones(x[0][0].shape, dtype=bool)
+                outs.append((mask, np.zeros(mask.shape)))
+        elif op == "Constant":
+            val = _constant_value(a)
+            outs = [(val.astype(np.float64) if val.dtype.kind == "f" else val,
+                     np.zeros(val.shape))]
+        else:
+            raise NotImplementedError(f"pfp_onnx: unsupported op {op}")
+        for name, val in zip(node.output, outs):
+            if name:
+                env[name] = val
+
+    return {o.name: env[o.name] for o in graph.output}
+
+
+# --------------------------------------------------------------------------------------
+# Monte Carlo ground truth (onnxruntime)
+# --------------------------------------------------------------------------------------
+
+
+def _weights_as_inputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """Copy of `model` in which the initializers `names` are graph inputs instead."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {i.name: i for i in m.graph.initializer}
+    listed = {i.name for i in m.graph.input}
+    for name in names:
+        if name not in inits:
+            raise KeyError(f"std given for {name!r}, which is not an initializer")
+        init = inits[name]
+        if name not in listed:
+            m.graph.input.append(
+                onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+    keep = [i for i in m.graph.initializer if i.name not in set(names)]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    return m
+
+
+def monte_carlo(model: onnx.ModelProto, stds: Mapping[str, np.ndarray],
+                inputs: Mapping[str, np.ndarray], samples: int, seed: int,
+                input_stds: Mapping[str, np.ndarray] | None = None,
+                with_var_stderr: bool = False) -> dict[str, tuple]:
+    """Ground truth by sampling, with onnxruntime (float32) on the CPU.
+
+    Per sample, every initializer named in `stds` is drawn independently as
+    value + std * N(0, 1) (and every graph input named in `input_stds` likewise); the
+    deterministic model is run once per sample (one session: the stochastic initializers
+    are made graph inputs). Moments are accumulated in float64.
+
+    Returns {output name: (mean, var, stderr_mean)}: sample mean, unbiased sample variance,
+    stderr_mean = sqrt(var / samples). With with_var_stderr=True the tuple has a 4th entry,
+    the standard error of the sample variance, sqrt((m4 - m2^2) / samples), from the sample
+    central moments m2, m4 (valid for any distribution, e.g. non-Gaussian ReLU outputs).
+    """
+    import onnxruntime as ort
+
+    if samples < 2:
+        raise ValueError("samples must be >= 2")
+    input_stds = input_stds or {}
+    rng = np.random.default_rng(seed)
+    mod = _weights_as_inputs(model, list(stds))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(mod.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    in_types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+                for i in mod.graph.input}
+
+    base = {k: np.asarray(v, dtype=np.float64) for k, v in inputs.items()}
+    stochastic = {}  # name -> (mean float64, std float64, ort dtype)
+    for name, std in stds.items():
+        stochastic[name] = (inits[name].astype(np.float64), np.asarray(std, np.float64),
+                            inits[name].dtype)
+    for name, std in input_stds.items():
+        stochastic[name] = (base[name], np.asarray(std, np.float64), in_types[name])
+    fixed = {k: v.astype(in_types.get(k, np.float32)) for k, v in base.items()
+             if k not in stochastic}
+    out_names = [o.name for o in mod.graph.output]
+
+    shift = None  # power sums are accumulated for (y - first sample): numerically stable
+    sums = None
+    chunk = 256
+    for start in range(0, samples, chunk):
+        b = min(chunk, samples - start)
+        noise = {name: rng.standard_normal((b,) + mu.shape)
+                 for name, (mu, _, _) in stochastic.items()}
+        block = None
+        for i in range(b):
+            feed = dict(fixed)
+            for name, (mu, sd, dt) in stochastic.items():
+                feed[name] = (mu + sd * noise[name][i]).astype(dt)
+            outs = sess.run(out_names, feed)
+            if block is None:
+                block = [np.empty((b,) + np.shape(o), dtype=np.float64) for o in outs]
+            for blk, o in zip(block, outs):
+                blk[i] = o
+        if shift is None:
+            shift = [blk[0].copy() for blk in block]
+            sums = [[np.zeros_like(k) for _ in range(4)] for k in shift]
+        for blk, k, s in zip(block, shift, sums):
+            d = blk - k
+            d2 = d * d
+            s[0] += d.sum(axis=0)
+            s[1] += d2.sum(axis=0)
+            s[2] += (d2 * d).sum(axis=0)
+            s[3] += (d2 * d2).sum(axis=0)
+
+    n = float(samples)
+    result = {}
+    for name, k, (s1, s2, s3, s4) in zip(out_names, shift, sums):
+        mu = s1 / n  # mean of (y - k)
+        m2 = s2 / n - mu * mu
+        m4 = s4 / n - 4 * mu * s3 / n + 6 * mu * mu * s2 / n - 3 * mu ** 4
+        m2 = np.maximum(m2, 0.0)
+        var = m2 * n / (n - 1)
+        entry = (k + mu, var, np.sqrt(var / n))
+        if with_var_stderr:
+            entry = entry + (np.sqrt(np.maximum(m4 - m2 * m2, 0.0) / n),)
+        result[name] = entry
+    return result
