@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .codegen import emit_c
-from .errors import PfpcError
+from .errors import PfpcError, reraise_from_tvm
 from .frontends.onnx_model import input_shapes, load_model, output_shapes
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
@@ -68,7 +68,13 @@ def compile(  # noqa: A001 - the public name users expect
         os.makedirs(dump_ir, exist_ok=True)
         _dump(dump_ir, 0, "import", mod)
     for index, (pass_name, transform) in enumerate(passes if passes is not None else default_passes(), start=1):
-        mod = transform(mod)
+        try:
+            mod = transform(mod)
+        except PfpcError:
+            raise
+        except Exception as err:
+            reraise_from_tvm(err)
+            raise
         if dump_ir:
             _dump(dump_ir, index, pass_name, mod)
     func = mod["main"]

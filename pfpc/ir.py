@@ -82,11 +82,11 @@ class KernelEmitter:
         count = 1 if out_repr == "none" else 2
         out_ty = [relax.TensorType(out_shape, "float32")] * count
         args = [arg for op in operands for arg in op.args()]
-        call = relax.call_tir(gvar, relax.Tuple(args), out_ty)
-        result = self.bb.emit(call, name)
-        mean = self.bb.emit(relax.TupleGetItem(result, 0), f"{name}_mean")
         if count == 1:
+            mean = self.bb.emit(relax.call_tir(gvar, relax.Tuple(args), out_ty[0]), f"{name}_mean")
             return GaussianValue(mean)
+        result = self.bb.emit(relax.call_tir(gvar, relax.Tuple(args), out_ty), name)
+        mean = self.bb.emit(relax.TupleGetItem(result, 0), f"{name}_mean")
         moment = self.bb.emit(relax.TupleGetItem(result, 1), f"{name}_{out_repr}")
         return GaussianValue(mean, moment, out_repr)
 
@@ -171,3 +171,20 @@ def used_vars(expr) -> set:
 
     relax.analysis.post_order_visit(expr, visit)
     return used
+
+
+def constant_value(expr):
+    """The NumPy value of a Relax constant, else None."""
+    for cls_name in ("Constant", "GenericConst"):
+        cls = getattr(tvm.ir, cls_name, None)
+        if cls is not None and isinstance(expr, cls):
+            value = getattr(expr, "value", None)
+            if value is None:
+                value = getattr(expr, "data", None)
+            return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+    return None
+
+
+def scalar_value(expr):
+    value = constant_value(expr)
+    return None if value is None or value.size != 1 else float(value.reshape(-1)[0])

@@ -247,7 +247,7 @@ def clark_max(m1, v1, m2, v2):
     a = np.sqrt(v1 + v2)
     stochastic = a > 0.0
     a_safe = np.where(stochastic, a, 1.0)
-    al = np.where(stochastic, d / a_safe, 0.0)
+    al = np.where(stochastic, np.minimum(d / a_safe, 1e10), 0.0)  # clip: no overflow in al^2
     cdf, cdf_neg, pdf = ndtr(al), ndtr(-al), _pdf(al)
     e1 = -d * cdf_neg + a * pdf
     e2 = vw * cdf + (vl + d * d) * cdf_neg - d * a * pdf

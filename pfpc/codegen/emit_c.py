@@ -106,7 +106,7 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
         env[param] = tensor
     onnx_names = {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()} if "pfp.onnx_names" in func.attrs else {}
     for param in func.params[num_input:]:
-        tensor = Tensor(namer(param.name), [int(d) for d in param.ty.shape], "weight")
+        tensor = Tensor(namer(param.name, prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight")
         env[param] = tensor
         program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), onnx_names.get(param.name.rsplit(".", 1)[0], param.name))
     prim_funcs = {}
@@ -123,15 +123,13 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
                 tensor.last_use = step_index
                 args.append(tensor)
             outs = []
-            for index, out_ty in enumerate(value.ty_args if not hasattr(value, "sinfo_args") else value.sinfo_args):
-                del out_ty
             out_types = binding.var.ty.fields if isinstance(binding.var.ty, relax.TupleType) else [binding.var.ty]
             for index, out_ty in enumerate(out_types):
                 tensor = Tensor(namer(f"{binding.var.name}_{index}"), [int(d) for d in out_ty.shape], "arena", step_index, step_index)
                 program.tensors.append(tensor)
                 outs.append(tensor)
                 args.append(tensor)
-            env[binding.var] = outs
+            env[binding.var] = outs if isinstance(binding.var.ty, relax.TupleType) else outs[0]
             spec = str(prim.attrs["pfp.kernel"]) if prim.attrs is not None and "pfp.kernel" in prim.attrs else ""
             program.steps.append(Step(gvar.name_hint, args, spec))
         elif isinstance(value, relax.TupleGetItem):

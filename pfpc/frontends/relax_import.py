@@ -38,6 +38,7 @@ def check_supported(model: onnx.ModelProto, name: str) -> None:
 
 def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "model") -> tvm.IRModule:
     check_supported(model, name)
+    model = _integer_initializers_as_constants(model)
     try:
         mod = from_onnx(model, shape_dict=input_shapes(model), keep_params_in_input=True)
     except PfpcError:
@@ -68,7 +69,7 @@ def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "mode
 
 def _match_initializers(model, weight_params, name):
     """Map Relax parameter names back to ONNX initializer names (same order, sanitised names)."""
-    initializers = [init for init in model.graph.initializer]
+    initializers = [init for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT]
     by_name = {init.name: init for init in initializers}
     mapping = {}
     used = [init for init in initializers]
@@ -91,3 +92,21 @@ def _match_initializers(model, weight_params, name):
 def _sanitize(text):
     out = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in text)
     return out if out and not out[0].isdigit() else "_" + out
+
+
+def _integer_initializers_as_constants(model):
+    """Shapes and axes are compile-time constants, not weights: make them Constant nodes so the
+    importer folds them instead of turning them into parameters."""
+    integer = [init for init in model.graph.initializer if init.data_type != onnx.TensorProto.FLOAT]
+    if not integer:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    keep = [init for init in copy.graph.initializer if init.data_type == onnx.TensorProto.FLOAT]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(keep)
+    constants = [onnx.helper.make_node("Constant", [], [init.name], value=init) for init in integer]
+    nodes = constants + list(copy.graph.node)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy

@@ -13,13 +13,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..ir import MainRewriter, call_op_name, func_attrs, main_bindings, shape_of, to_tensor_map, used_vars, with_attrs
-
-
-def _scalar(expr):
-    if isinstance(expr, tvm.ir.Constant) and expr.data.numpy().size == 1:
-        return float(expr.data.numpy().reshape(-1)[0])
-    return None
+from ..ir import MainRewriter, scalar_value, call_op_name, func_attrs, main_bindings, shape_of, to_tensor_map, used_vars, with_attrs
 
 
 def _fold(op, call, value, variance):
@@ -50,7 +44,7 @@ class FoldWeightLayout:
             source = weights[call.args[0]]
             folded = _fold(op, call, means[source], variances.get(source))
             if folded is None and op in ("relax.multiply", "relax.divide"):
-                factor = _scalar(call.args[1])
+                factor = scalar_value(call.args[1])
                 if factor is not None:
                     factor = factor if op == "relax.multiply" else 1.0 / factor
                     var = variances.get(source)

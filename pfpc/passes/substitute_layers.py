@@ -17,7 +17,7 @@ import tvm
 from tvm import relax
 
 from ..errors import PfpcError
-from ..ir import GaussianValue, MainRewriter, call_op_name, func_attrs, main_bindings, to_tensor_map, with_attrs
+from ..ir import GaussianValue, constant_value, scalar_value, MainRewriter, call_op_name, func_attrs, main_bindings, to_tensor_map, with_attrs
 from ..ops.kernel import KernelSpec
 
 VIEW_OPS = {"relax.reshape", "relax.flatten", "relax.expand_dims", "relax.squeeze"}
@@ -64,7 +64,7 @@ class _Substitute(MainRewriter):
     def value(self, expr):
         if isinstance(expr, relax.Var) and expr in self.gauss:
             return self.gauss[expr]
-        if isinstance(expr, tvm.ir.Constant):
+        if constant_value(expr) is not None:
             return GaussianValue(expr)
         return GaussianValue(self.remap(expr))
 
@@ -73,6 +73,12 @@ class _Substitute(MainRewriter):
         op = call_op_name(value)
         if isinstance(value, relax.Var):
             self.gauss[binding.var] = self.value(value)
+            return
+        if op == "relax.nn.dropout":  # inference: identity (the mask output is never used)
+            self.gauss[binding.var] = (self.value(value.args[0]), None)
+            return
+        if isinstance(value, relax.TupleGetItem) and isinstance(self.gauss.get(value.tuple_value), tuple):
+            self.gauss[binding.var] = self.gauss[value.tuple_value][value.index]
             return
         if op in VIEW_OPS:
             source = self.value(value.args[0])
@@ -83,8 +89,10 @@ class _Substitute(MainRewriter):
                 moment = self.bb.emit(relax.op.reshape(source.moment, shape), f"{binding.var.name}_{source.repr}")
             self.gauss[binding.var] = GaussianValue(mean, moment, source.repr)
             return
-        if op == "relax.multiply" and isinstance(value.args[1], tvm.ir.Constant) and value.args[1].data.numpy().size == 1:
-            operands, stage = [self.value(value.args[0])], ("scale", {"factor": float(value.args[1].data.numpy().reshape(-1)[0])})
+        if op in ("relax.multiply", "relax.divide") and scalar_value(value.args[1]) is not None:
+            factor = scalar_value(value.args[1])
+            factor = factor if op == "relax.multiply" else 1.0 / factor
+            operands, stage = [self.value(value.args[0])], ("scale", {"factor": factor})
         else:
             stage = _spec_of(value, op) if op else None
             if stage is None:
@@ -92,8 +100,8 @@ class _Substitute(MainRewriter):
                 return
             operands = [self.value(arg) for arg in value.args[: 2 if stage[0] in ("matmul", "conv2d", "add") else 1]]
         for operand in operands:
-            if isinstance(operand.mean, tvm.ir.Constant):
-                raise PfpcError(f"constant operand of {op} is not supported yet")
+            if constant_value(operand.mean) is not None:
+                raise PfpcError(f"a constant tensor operand of {op} is not supported yet")
         reprs = tuple(o.repr for o in operands)
         output = "none" if all(r == "none" for r in reprs) else "var"
         spec = KernelSpec((stage,), reprs, output)

@@ -1,0 +1,204 @@
+"""The compiled C against the independent NumPy reference (tests/reference.py), onnxruntime
+and Monte Carlo sampling."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+import reference
+from helpers import compile_and_run, make_model, random_std
+
+RTOL = 1e-5
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def _assert_close(actual, expected, rtol=RTOL, what=""):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    # float32 accumulation: allow rtol relative to the element and a small part of the tensor's scale
+    atol = rtol * max(np.max(np.abs(expected)), 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+def _check_against_reference(model, initializers, inputs, tmp_path, rng, zero_var=False):
+    stds = {} if zero_var else random_std(initializers, rng)
+    variances = {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    expected = reference.pfp_onnx(model, variances, inputs)
+    got = compile_and_run(model, stds, list(inputs.values()), tmp_path)
+    for (mean, var), (name, (ref_mean, ref_var)) in zip(got, expected.items()):
+        mean, var = mean.reshape(ref_mean.shape), var.reshape(ref_var.shape)
+        assert np.all(np.isfinite(mean)) and np.all(np.isfinite(var))
+        _assert_close(mean, ref_mean, what=f"{name} mean")
+        _assert_close(var, ref_var, rtol=3e-5 if not zero_var else RTOL, what=f"{name} var")
+        if zero_var:
+            assert np.all(var == 0)
+    return got
+
+
+def _gemm_case(rng, trans_b, alpha, beta, with_c):
+    w = rng.standard_normal((5, 7) if trans_b else (7, 5)).astype(np.float32)
+    inits = {"w": w}
+    node_inputs = ["x", "w"]
+    if with_c:
+        inits["c"] = rng.standard_normal((5,)).astype(np.float32)
+        node_inputs.append("c")
+    node = helper.make_node("Gemm", node_inputs, ["y"], transB=trans_b, alpha=alpha, beta=beta)
+    return make_model([node], [("x", [3, 7])], ["y"], inits), inits
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0)])
+@pytest.mark.parametrize("with_c", [True, False])
+def test_gemm_matches_reference(tmp_path, trans_b, alpha, beta, with_c):
+    rng = np.random.default_rng(1)
+    model, inits = _gemm_case(rng, trans_b, alpha, beta, with_c)
+    x = rng.standard_normal((3, 7)).astype(np.float32)
+    _check_against_reference(model, inits, {"x": x}, tmp_path, rng)
+
+
+def _hidden_mlp(rng):
+    """Two layers, so the second one sees a Gaussian input (both moment paths are exercised)."""
+    inits = {
+        "w1": rng.standard_normal((8, 6)).astype(np.float32) * 0.5,
+        "b1": rng.standard_normal((6,)).astype(np.float32) * 0.1,
+        "w2": rng.standard_normal((6, 4)).astype(np.float32) * 0.5,
+        "b2": rng.standard_normal((4,)).astype(np.float32) * 0.1,
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("Dropout", ["h2"], ["h3"]),
+        helper.make_node("MatMul", ["h3", "w2"], ["h4"]),
+        helper.make_node("Add", ["h4", "b2"], ["y"]),
+    ]
+    return make_model(nodes, [("x", [2, 8])], ["y"], inits), inits
+
+
+def test_mlp_matches_reference(tmp_path):
+    rng = np.random.default_rng(2)
+    model, inits = _hidden_mlp(rng)
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    _check_against_reference(model, inits, {"x": x}, tmp_path, rng)
+
+
+@pytest.mark.parametrize(
+    "strides,pads,dilations,group,in_ch,out_ch",
+    [
+        ((1, 1), (0, 0, 0, 0), (1, 1), 1, 2, 3),
+        ((2, 1), (1, 2, 0, 1), (1, 1), 1, 2, 4),
+        ((1, 1), (1, 1, 1, 1), (2, 2), 1, 3, 2),
+        ((1, 1), (1, 1, 1, 1), (1, 1), 2, 4, 6),
+        ((1, 1), (1, 1, 1, 1), (1, 1), 4, 4, 4),  # depthwise
+    ],
+)
+def test_conv_relu_maxpool_matches_reference(tmp_path, strides, pads, dilations, group, in_ch, out_ch):
+    rng = np.random.default_rng(3)
+    inits = {
+        "w": rng.standard_normal((out_ch, in_ch // group, 3, 3)).astype(np.float32) * 0.5,
+        "b": rng.standard_normal((out_ch,)).astype(np.float32) * 0.1,
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=list(strides), pads=list(pads), dilations=list(dilations), group=group),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[1, 2], pads=[0, 1, 1, 0]),
+        helper.make_node("Flatten", ["p"], ["y"]),
+    ]
+    model = make_model(nodes, [("x", [2, in_ch, 7, 8])], ["y"], inits)
+    x = rng.standard_normal((2, in_ch, 7, 8)).astype(np.float32)
+    _check_against_reference(model, inits, {"x": x}, tmp_path, rng)
+
+
+def test_residual_add_of_two_gaussians(tmp_path):
+    rng = np.random.default_rng(4)
+    inits = {"w1": rng.standard_normal((5, 5)).astype(np.float32), "w2": rng.standard_normal((5, 5)).astype(np.float32)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["ra"]),
+        helper.make_node("MatMul", ["ra", "w2"], ["b"]),
+        helper.make_node("Add", ["ra", "b"], ["s"]),
+        helper.make_node("Reshape", ["s", "shape"], ["y"]),
+    ]
+    model = make_model(nodes, [("x", [2, 5])], ["y"], {**inits, "shape": np.array([10], np.int64)})
+    x = rng.standard_normal((2, 5)).astype(np.float32)
+    _check_against_reference(model, inits, {"x": x}, tmp_path, rng)
+
+
+@pytest.mark.parametrize("example", ["mlp", "lenet"])
+def test_zero_variance_equals_onnxruntime(tmp_path, example):
+    """With every variance zero the PFP mean is the deterministic network's output."""
+    model_path = os.path.join(EXAMPLES, example, "model.onnx")
+    x = np.load(os.path.join(EXAMPLES, example, "sample.npy"))
+    expected = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    import pfpc.compiler as compiler
+
+    out = str(tmp_path / "out")
+    compiler.compile(model_path, None, out_dir=out, batch=x.shape[0])
+    (mean, var), = compiler.run_host(out, [x])
+    np.testing.assert_allclose(mean, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert np.all(var == 0)
+
+
+@pytest.mark.parametrize("example", ["mlp", "lenet"])
+def test_examples_match_reference(tmp_path, example):
+    import onnx
+
+    import pfpc.compiler as compiler
+
+    model_path = os.path.join(EXAMPLES, example, "model.onnx")
+    post = dict(np.load(os.path.join(EXAMPLES, example, "post.npz")))
+    x = np.load(os.path.join(EXAMPLES, example, "sample.npy"))
+    model = onnx.load(model_path)
+    variances = {k[:-4]: v.astype(np.float64) ** 2 for k, v in post.items()}
+    expected = reference.pfp_onnx(model, variances, {"input": x})["logits"]
+    out = str(tmp_path / "out")
+    compiler.compile(model_path, os.path.join(EXAMPLES, example, "post.npz"), out_dir=out, batch=x.shape[0])
+    (mean, var), = compiler.run_host(out, [x])
+    # whole networks in float32 (erf, exp, sums of 64..576 terms): relative 1e-4 of the logit scale
+    _assert_close(mean, expected[0], rtol=1e-4, what="mean")
+    _assert_close(var, expected[1], rtol=1e-4, what="var")
+
+
+def test_linear_network_matches_monte_carlo(tmp_path):
+    """Linear ops only: the PFP is exact, so it must agree with sampling within MC error."""
+    rng = np.random.default_rng(5)
+    inits = {
+        "w1": rng.standard_normal((6, 5)).astype(np.float32),
+        "b1": rng.standard_normal((5,)).astype(np.float32),
+        "w2": rng.standard_normal((4, 5)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
+        helper.make_node("Gemm", ["h", "w2"], ["y"], transB=1),
+    ]
+    model = make_model(nodes, [("x", [2, 6])], ["y"], inits)
+    stds = random_std(inits, rng, scale=0.5)
+    x = rng.standard_normal((2, 6)).astype(np.float32)
+    (mean, var), = compile_and_run(model, stds, [x], tmp_path)
+    samples = 20000
+    mc_mean, mc_var, stderr, var_stderr = reference.monte_carlo(
+        model, {k[:-4]: v for k, v in stds.items()}, {"x": x}, samples, seed=0, with_var_stderr=True
+    )["y"]
+    assert np.all(np.abs(mean - mc_mean) <= 5 * stderr + 1e-6)
+    assert np.all(np.abs(var - mc_var) <= 5 * var_stderr + 1e-6)
+
+
+def test_generated_c_builds_warning_free_with_gcc_and_clang(tmp_path):
+    import pfpc.compiler as compiler
+
+    out = str(tmp_path / "out")
+    compiler.compile(os.path.join(EXAMPLES, "lenet", "model.onnx"), os.path.join(EXAMPLES, "lenet", "post.npz"), out_dir=out, batch=2)
+    for cc in ("gcc", "clang"):
+        if subprocess.run(["which", cc], capture_output=True).returncode:
+            pytest.skip(f"{cc} not installed")
+        for flags in ("-std=c99 -O2 -Wall -Wextra -Werror -pedantic", "-std=c99 -O0 -Wall -Wextra -Werror -Wshadow -Wconversion -Wno-sign-conversion -Wno-float-conversion"):
+            result = subprocess.run([cc, *flags.split(), "-c", "pfp_model.c", "-o", f"/dev/null"], cwd=out, capture_output=True, text=True)
+            assert result.returncode == 0, f"{cc} {flags}: {result.stderr[:2000]}"
+    source = open(os.path.join(out, "pfp_model.c")).read()
+    for forbidden in ("malloc", "fopen", "DLTensor", "tvm/"):
+        assert forbidden not in source
