@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .fold_weight_layout import FoldWeightLayout
+from .eliminate_zero_variance import EliminateZeroVariance
 from .substitute_layers import SubstituteLayers
 
 
@@ -11,4 +12,5 @@ def default_passes():
     return [
         ("fold_weight_layout", FoldWeightLayout()),
         ("substitute_layers", SubstituteLayers()),
+        ("eliminate_zero_variance", EliminateZeroVariance()),
     ]

@@ -1,0 +1,174 @@
+"""Shared driver of the passes that re-specialise Gaussian kernels after layer substitution.
+
+It rebuilds ``main`` with every Gaussian tensor tracked as one `GaussianValue` (mean and moment
+together), so a pass only decides, per kernel call, the new `KernelSpec` and operands
+(`specialize`) and, per weight, its representation (`weight_operand`). Views (reshape) follow
+their source; unused parameters are dropped; the result's weights are in ``pfp.params``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from ..ir import GaussianValue, KernelEmitter, call_op_name, func_attrs, kernel_of, main_bindings, to_tensor_map, with_attrs
+from ..ops.kernel import KernelSpec
+
+
+class KernelRewriter:
+    def __init__(self, mod):
+        self.mod = mod
+        self.func = mod["main"]
+        self.num_input = int(self.func.attrs["num_input"])
+        self.weights = {str(k): v.numpy() for k, v in self.func.attrs["pfp.params"].items()}
+        self.params = {p.name: p for p in self.func.params}
+        self.bb = relax.BlockBuilder()
+        self.kernels = KernelEmitter(self.bb)
+        self.values = {}  # old var -> (new GaussianValue, "mean" | "moment")
+        self.views = {}
+        self.new_params = {}
+        self.used = set()
+        self.results = {}
+        self.consumers = self._consumers()
+
+    # --- hooks -------------------------------------------------------------------------------
+    def weight_operand(self, mean_param, var_param) -> GaussianValue:
+        """The Gaussian a weight enters the graph as (default: variance, as substituted)."""
+        return GaussianValue(mean_param, var_param, "var")
+
+    def specialize(self, spec: KernelSpec, operands: list, binding) -> tuple[KernelSpec, list]:
+        return spec, operands
+
+    # --- helpers for passes ----------------------------------------------------------------
+    def add_weight(self, name: str, value: np.ndarray) -> relax.Var:
+        if name not in self.new_params:
+            self.weights[name] = np.ascontiguousarray(value, np.float32)
+            self.new_params[name] = relax.Var(name, relax.TensorType(list(value.shape), "float32"))
+        return self.new_params[name]
+
+    def is_weight(self, expr) -> bool:
+        return isinstance(expr, relax.Var) and expr.name in self.weights and expr not in self.func.params[: self.num_input]
+
+    def _consumers(self):
+        """old kernel-call var -> list of (consumer binding, spec) through views, or 'output'."""
+        users = {}
+        source = {}
+        for binding in main_bindings(self.func):
+            value = binding.value
+            if isinstance(value, relax.TupleGetItem):
+                source[binding.var] = source.get(value.tuple_value, value.tuple_value)
+            elif call_op_name(value) == "relax.reshape":
+                source[binding.var] = source.get(value.args[0], value.args[0])
+            elif kernel_of(self.mod, value) is not None:
+                source.setdefault(binding.var, binding.var)
+                for arg in value.args[1].fields:
+                    if arg in source:
+                        users.setdefault(source[arg], []).append(binding)
+        body = self.func.body.body
+        outputs = body.fields if isinstance(body, relax.Tuple) else []
+        for binding in main_bindings(self.func):
+            if isinstance(binding.value, relax.Tuple):
+                outputs = binding.value.fields
+        for out in outputs:
+            if out in source:
+                users.setdefault(source[out], []).append("output")
+        self.source = source
+        return users
+
+    # --- the walk ------------------------------------------------------------------------------
+    def _operands(self, spec, args):
+        operands, index = [], 0
+        for rep in spec.operands:
+            mean = args[index]
+            index += 1
+            moment = None
+            if rep != "none":
+                moment = args[index]
+                index += 1
+            if mean in self.values:
+                operands.append(self.values[mean][0])
+            elif self.is_weight(mean):
+                operands.append(self.weight_operand(mean, moment) if moment is not None else GaussianValue(mean))
+            else:
+                operands.append(GaussianValue(mean))
+        return operands
+
+    def _visit(self, binding):
+        value = binding.value
+        found = kernel_of(self.mod, value)
+        if found is not None:
+            spec, gvar = found
+            operands = self._operands(spec, list(value.args[1].fields))
+            spec, operands = self.specialize(spec, operands, binding)
+            if spec is None:
+                return
+            self.used.update(arg for operand in operands for arg in operand.args())
+            result = self.kernels.emit(spec.with_(operands=tuple(o.repr for o in operands)), operands, gvar.name_hint, self._names(operands))
+            self.values[binding.var] = (result, "mean")
+            self.results[binding.var] = result
+            return
+        if isinstance(value, relax.TupleGetItem) and value.tuple_value in self.results:
+            result = self.results[value.tuple_value]
+            self.values[binding.var] = (result, "mean" if value.index == 0 else "moment")
+            return
+        if call_op_name(value) == "relax.reshape" and value.args[0] in self.values:
+            gauss, component = self.values[value.args[0]]
+            shape = value.args[1]
+            key = (id(gauss), str(shape))
+            if key not in self.views:
+                mean = self.bb.emit(relax.op.reshape(gauss.mean, shape), f"{binding.var.name}")
+                moment = self.bb.emit(relax.op.reshape(gauss.moment, shape)) if gauss.repr != "none" else None
+                self.views[key] = GaussianValue(mean, moment, gauss.repr)
+            self.values[binding.var] = (self.views[key], component)
+            return
+        if isinstance(value, relax.Tuple):
+            return  # the output tuple is rebuilt in `_output`
+        raise NotImplementedError(f"kernel rewriter: unexpected binding {binding.var.name}")
+
+    def _names(self, operands):
+        names = []
+        for operand in operands:
+            name = operand.mean.name if isinstance(operand.mean, relax.Var) else "in"
+            names.append("".join(ch if ch.isalnum() else "_" for ch in name))
+        return names
+
+    def _output(self):
+        fields, reprs = [], []
+        body = self.func.body.body
+        outputs = None
+        for binding in main_bindings(self.func):
+            if isinstance(binding.value, relax.Tuple) and binding.var.same_as(body):
+                outputs = list(binding.value.fields)
+        outputs = outputs if outputs is not None else list(body.fields)
+        for repr_ in [str(r) for r in self.func.attrs["pfp.outputs"]]:
+            mean = outputs.pop(0)
+            if repr_ != "none":
+                outputs.pop(0)
+            gauss = self.values[mean][0] if mean in self.values else GaussianValue(mean)
+            fields += gauss.args()
+            reprs.append(gauss.repr)
+        return relax.Tuple(fields), reprs
+
+    def run(self):
+        inputs = list(self.func.params[: self.num_input])
+        weights_before = list(self.func.params[self.num_input :])
+        bb = self.bb
+        with bb.function("main", attrs={}):
+            with bb.dataflow():
+                for binding in main_bindings(self.func):
+                    self._visit(binding)
+                out, reprs = self._output()
+                self.used.update(out.fields)
+                out = bb.emit_output(out)
+            params = inputs + [p for p in weights_before + list(self.new_params.values()) if p in self.used]
+            bb.emit_func_output(out, params=params)
+        mod = bb.get()
+        func = mod["main"]
+        kept = {p.name for p in func.params[self.num_input :]}
+        attrs = func_attrs(
+            self.func,
+            pfp__params=to_tensor_map({k: v for k, v in self.weights.items() if k in kept}),
+            pfp__outputs=reprs,
+        )
+        mod["main"] = with_attrs(relax.Function(list(func.params), func.body, func.ret_ty, func.is_pure), attrs)
+        return mod
