@@ -63,15 +63,17 @@ class KernelRewriter:
                 source.setdefault(binding.var, binding.var)
                 for arg in value.args[1].fields:
                     if arg in source:
-                        users.setdefault(source[arg], []).append(binding)
+                        seen = users.setdefault(source[arg], [])
+                        if not any(u.var.same_as(binding.var) for u in seen if not isinstance(u, str)):
+                            seen.append(binding)
         body = self.func.body.body
         outputs = body.fields if isinstance(body, relax.Tuple) else []
         for binding in main_bindings(self.func):
             if isinstance(binding.value, relax.Tuple):
                 outputs = binding.value.fields
         for out in outputs:
-            if out in source:
-                users.setdefault(source[out], []).append("output")
+            if out in source and "output" not in users.setdefault(source[out], []):
+                users[source[out]].append("output")
         self.source = source
         return users
 
@@ -123,6 +125,8 @@ class KernelRewriter:
             return
         if isinstance(value, relax.Tuple):
             return  # the output tuple is rebuilt in `_output`
+        if isinstance(value, relax.TupleGetItem):
+            return  # a component of a kernel the pass absorbed into its consumer
         raise NotImplementedError(f"kernel rewriter: unexpected binding {binding.var.name}")
 
     def _names(self, operands):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from .fold_weight_layout import FoldWeightLayout
+from .choose_moment_representation import ChooseMomentRepresentation
 from .eliminate_zero_variance import EliminateZeroVariance
+from .fold_weight_moments import FoldWeightMoments
+from .fuse_operators import FuseOperators
 from .substitute_layers import SubstituteLayers
 
 
@@ -13,4 +16,7 @@ def default_passes():
         ("fold_weight_layout", FoldWeightLayout()),
         ("substitute_layers", SubstituteLayers()),
         ("eliminate_zero_variance", EliminateZeroVariance()),
+        ("fuse_operators", FuseOperators()),
+        ("choose_moment_representation", ChooseMomentRepresentation()),
+        ("fold_weight_moments", FoldWeightMoments()),
     ]

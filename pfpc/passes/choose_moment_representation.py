@@ -1,0 +1,40 @@
+"""Per edge, carry the cheaper moment: the variance or the second raw moment.
+
+    relu -> (mean, second_moment) -> matmul     (ReLU computes E[y^2] for free; the linear
+                                                 layer's fast path consumes q = E[y^2] directly)
+    relu -> (mean, var)           -> maxpool    (Clark's max needs variances)
+
+An edge carries the second moment exactly when its producer computes it natively and every
+consumer is a linear operator (matmul, conv2d) as its first stage; otherwise the variance. Model
+outputs are always variances. No edge is converted twice.
+"""
+
+from __future__ import annotations
+
+import tvm
+
+from ..ir import kernel_of
+from ..ops.kernel import infer_output_repr
+from .kernel_rewriter import KernelRewriter
+
+LINEAR = ("matmul", "conv2d")
+
+
+class _Rewriter(KernelRewriter):
+    def specialize(self, spec, operands, binding):
+        spec = spec.with_(operands=tuple(o.repr for o in operands))
+        native = infer_output_repr(spec)
+        if native == "none":
+            return spec.with_(output="none"), operands
+        users = self.consumers.get(binding.var, [])
+        linear_users = users and all(
+            user != "output" and kernel_of(self.mod, user.value)[0].ops[0] in LINEAR for user in users
+        )
+        wanted = "second_moment" if native == "second_moment" and linear_users else "var"
+        return spec.with_(output=wanted), operands
+
+
+@tvm.transform.module_pass(opt_level=0, name="pfpc.ChooseMomentRepresentation")
+class ChooseMomentRepresentation:
+    def transform_module(self, mod, ctx):
+        return _Rewriter(mod).run()

@@ -1,0 +1,70 @@
+"""Fuse a linear operator with the element-wise operators that follow it into one kernel.
+
+    conv2d -> add(bias) -> relu      ->   one kernel: the reduction accumulates mean and variance
+                                          in two scalars; bias and ReLU moments are applied before
+                                          the store, with no intermediate tensors.
+
+A kernel is absorbed into its consumer when that consumer is its only user, starts with an
+element-wise stage (add, scale, relu) taking it as first operand, and the chain so far starts
+with a linear stage and has no ReLU yet (ReLU ends a chain).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ..ir import kernel_of
+from ..ops.kernel import KernelSpec
+from .kernel_rewriter import KernelRewriter
+
+ELEMENTWISE = ("add", "scale", "relu")
+LINEAR = ("matmul", "conv2d")
+
+
+class _Rewriter(KernelRewriter):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.pending = {}
+
+    def _absorbable(self, binding, spec):
+        users = self.consumers.get(binding.var, [])
+        if len(users) != 1 or users[0] == "output" or spec.ops[0] not in LINEAR or "relu" in spec.ops:
+            return False
+        user_spec, _ = kernel_of(self.mod, users[0].value)
+        if user_spec.ops[0] not in ELEMENTWISE:
+            return False
+        first_arg = users[0].value.args[1].fields[0]
+        return self._direct_source(first_arg).same_as(binding.var)
+
+    def _direct_source(self, var):
+        for binding in self._bindings_by_var.get(var, []):
+            value = binding.value
+            if isinstance(value, relax.TupleGetItem):
+                return value.tuple_value
+        return var
+
+    def specialize(self, spec, operands, binding):
+        args = list(binding.value.args[1].fields)
+        source = self._direct_source(args[0])
+        if source in self.pending:
+            first_spec, first_operands = self.pending.pop(source)
+            operands = first_operands + list(operands[1:])
+            spec = KernelSpec(first_spec.stages + spec.stages, tuple(o.repr for o in operands), spec.output)
+        if self._absorbable(binding, spec):
+            self.pending[binding.var] = (spec, list(operands))
+            return None, operands
+        return spec, operands
+
+    def run(self):
+        self._bindings_by_var = {}
+        for block in self.func.body.blocks:
+            for binding in block.bindings:
+                self._bindings_by_var.setdefault(binding.var, []).append(binding)
+        return super().run()
+
+
+@tvm.transform.module_pass(opt_level=0, name="pfpc.FuseOperators")
+class FuseOperators:
+    def transform_module(self, mod, ctx):
+        return _Rewriter(mod).run()
