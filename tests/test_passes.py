@@ -1,0 +1,94 @@
+"""Each pass alone: what it rewrites, and that every prefix of the pipeline computes the same PFP."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import pfpc.compiler as compiler
+import reference
+from pfpc.ir import kernel_of, main_bindings
+from pfpc.passes.pipeline import default_passes
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+LENET = os.path.join(EXAMPLES, "lenet", "model.onnx")
+LENET_POST = os.path.join(EXAMPLES, "lenet", "post.npz")
+
+
+def _specs(mod):
+    return [kernel_of(mod, b.value)[0] for b in main_bindings(mod["main"]) if kernel_of(mod, b.value)]
+
+
+def _compile(passes, tmp_path=None, posterior=LENET_POST):
+    out = str(tmp_path / "out") if tmp_path is not None else None
+    return compiler.compile(LENET, posterior, out_dir=out, batch=2, passes=passes)
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 5, 6])
+def test_every_pipeline_prefix_matches_reference(tmp_path, count):
+    x = np.load(os.path.join(EXAMPLES, "lenet", "sample.npy"))[:2]
+    post = dict(np.load(LENET_POST))
+    expected = reference.pfp_onnx(onnx.load(LENET), {k[:-4]: v.astype(np.float64) ** 2 for k, v in post.items()}, {"input": x})["logits"]
+    _compile(default_passes()[:count], tmp_path)
+    (mean, var), = compiler.run_host(str(tmp_path / "out"), [x])
+    scale_mean, scale_var = np.abs(expected[0]).max(), np.abs(expected[1]).max()
+    np.testing.assert_allclose(mean, expected[0], rtol=1e-4, atol=1e-4 * scale_mean)
+    np.testing.assert_allclose(var, expected[1], rtol=1e-4, atol=1e-4 * scale_var)
+
+
+def test_substitution_makes_one_canonical_kernel_per_operator():
+    specs = _specs(_compile(default_passes()[:2]).mod)
+    assert [s.ops for s in specs] == [["conv2d"], ["add"], ["relu"], ["maxpool2d"]] * 2 + [["matmul"], ["add"], ["relu"], ["matmul"], ["add"]]
+    assert all(s.output == "var" for s in specs)
+
+
+def test_eliminate_zero_variance_without_posterior_is_deterministic():
+    mod = _compile(default_passes()[:3], posterior=None).mod
+    assert all(s.output == "none" and set(s.operands) == {"none"} for s in _specs(mod))
+    assert not any(str(k).endswith(".var") for k in mod["main"].attrs["pfp.params"].keys())
+
+
+def test_fusion_merges_linear_bias_relu():
+    specs = _specs(_compile(default_passes()[:4]).mod)
+    assert [s.ops for s in specs] == [["conv2d", "add", "relu"], ["maxpool2d"]] * 2 + [["matmul", "add", "relu"], ["matmul", "add"]]
+
+
+def test_moment_representation_per_edge():
+    specs = _specs(_compile(default_passes()[:5]).mod)
+    # ReLU feeding max-pool: variance; ReLU feeding a linear layer: second moment; outputs: variance
+    assert specs[0].output == "var" and specs[4].output == "second_moment" and specs[-1].output == "var"
+    assert specs[1].output == "second_moment"  # max-pool feeding conv2
+    assert specs[2].operands[0] == "second_moment"
+
+
+def test_weight_second_moments_precomputed():
+    mod = _compile(default_passes()).mod
+    params = {str(k): v.numpy() for k, v in mod["main"].attrs["pfp.params"].items()}
+    post = dict(np.load(LENET_POST))
+    conv2 = onnx.numpy_helper.to_array(next(i for i in onnx.load(LENET).graph.initializer if i.name == "conv2.weight"))
+    expected = conv2.astype(np.float64) ** 2 + post["conv2.weight.std"].astype(np.float64) ** 2
+    np.testing.assert_allclose(params["conv2.weight.second_moment"], expected, rtol=1e-6)
+    # the first layer sees a deterministic input: it keeps the weight variance (V = sum s2 m^2)
+    specs = _specs(mod)
+    assert specs[0].operands[:2] == ("none", "var") and specs[2].operands[:2] == ("second_moment", "second_moment")
+    assert "conv1.weight.second_moment" not in params
+
+
+def test_dump_ir_writes_every_pass(tmp_path):
+    compiler.compile(LENET, LENET_POST, batch=1, dump_ir=str(tmp_path / "ir"))
+    names = sorted(os.listdir(tmp_path / "ir"))
+    assert names[0] == "00_import.py" and len(names) == 1 + len(default_passes())
+    assert "pfp.kernel" in (tmp_path / "ir" / names[-1]).read_text() or "call_tir" in (tmp_path / "ir" / names[-1]).read_text()
+
+
+def test_compile_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        compiler.compile(LENET, LENET_POST, out_dir=str(tmp_path / name), batch=1)
+    for file_name in os.listdir(tmp_path / "a"):
+        assert (tmp_path / "a" / file_name).read_bytes() == (tmp_path / "b" / file_name).read_bytes(), file_name
+    meta = json.loads((tmp_path / "a" / "pfpc.json").read_text())
+    assert meta["arena_bytes"] >= meta["arena_lower_bound_bytes"] > 0
