@@ -21,7 +21,7 @@ from .onnx_model import graph_inputs, input_shapes
 from .posterior import Posterior
 
 #: ONNX operators with a Gaussian counterpart, and operators that only compute shapes.
-GAUSSIAN_OPS = {"MatMul", "Gemm", "Add", "Conv", "Relu", "MaxPool", "Flatten", "Reshape", "Identity", "Dropout"}
+GAUSSIAN_OPS = {"MatMul", "Gemm", "Add", "Conv", "Relu", "MaxPool", "Flatten", "Reshape", "Identity", "Dropout", "Transpose"}
 SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Concat", "Cast", "Squeeze", "Slice", "Constant"}
 
 

@@ -160,6 +160,21 @@ def scale(a: Gaussian, factor: float) -> Gaussian:
     return Gaussian(mean, moment, a.repr)
 
 
+def transpose(a: Gaussian, axes) -> Gaussian:
+    """Y = transpose(X, axes): a layout change, applied to the mean and the moment alike."""
+    out_shape = [a.shape[axis] for axis in axes]
+    inverse = [axes.index(axis) for axis in range(len(axes))]
+
+    def source(idx):
+        return tuple(idx[inverse[axis]] for axis in range(len(axes)))
+
+    mean = te.compute(out_shape, lambda *idx: a.mean[source(idx)], name="transpose_mean")
+    if a.repr == "none":
+        return Gaussian(mean, None, "none")
+    moment = te.compute(out_shape, lambda *idx: a.moment[source(idx)], name="transpose_moment")
+    return Gaussian(mean, moment, a.repr)
+
+
 def relu(a: Gaussian) -> Gaussian:
     """Y = max(X, 0); moments from ``relu_moments``; native output: second moment E[y^2]."""
     if a.repr == "none":
@@ -266,6 +281,7 @@ NATIVE_OUTPUT = {
     "conv2d": "var",
     "add": "var",
     "scale": None,  # keeps its input's representation
+    "transpose": None,
     "relu": "second_moment",
     "maxpool2d": "second_moment",
 }

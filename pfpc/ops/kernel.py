@@ -20,7 +20,7 @@ from tvm import s_tir, te, tirx
 from . import gaussian as G
 
 #: Gaussian operands each operator takes (the first one of a fused stage is the previous result).
-ARITY = {"matmul": 2, "conv2d": 2, "add": 2, "scale": 1, "relu": 1, "maxpool2d": 1}
+ARITY = {"matmul": 2, "conv2d": 2, "add": 2, "scale": 1, "relu": 1, "maxpool2d": 1, "transpose": 1}
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ def _stage_result(op, attrs, inputs):
         return G.scale(inputs[0], attrs["factor"])
     if op == "relu":
         return G.relu(inputs[0])
+    if op == "transpose":
+        return G.transpose(inputs[0], list(attrs["axes"]))
     if op == "maxpool2d":
         return G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"], attrs.get("ceil_mode", False))
     raise ValueError(f"unknown Gaussian operator {op}")

@@ -36,6 +36,10 @@ def _spec_of(call, op):
         return "add", {}
     if op == "relax.nn.relu":
         return "relu", {}
+    if op == "relax.permute_dims":
+        rank = len(call.args[0].ty.shape)
+        axes = _ints(attrs.axes) if attrs.axes is not None else list(reversed(range(rank)))
+        return "transpose", {"axes": axes}
     if op == "relax.nn.conv2d":
         if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
             return None
