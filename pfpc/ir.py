@@ -56,6 +56,33 @@ class GaussianValue:
         return [self.mean] + ([self.moment] if self.repr != "none" else [])
 
 
+def _weight_stem(name: str) -> str:
+    """'conv1.weight.permute_dims' -> 'conv1'; 'fc.bias' -> 'fc'."""
+    parts = name.split(".")
+    for index, part in enumerate(parts):
+        if part in ("weight", "bias", "kernel", "var", "second_moment") and index > 0:
+            return "_".join(parts[:index])
+    return name
+
+
+def kernel_label(ops, operands, weight_names) -> str:
+    """A readable kernel name: the layer (from its first weight) and the operators it runs."""
+    layer = next((_weight_stem(o.mean.name) for o in operands if isinstance(o.mean, relax.Var) and o.mean.name in weight_names), None)
+    return "_".join(([layer] if layer else []) + list(ops))
+
+
+def operand_names(operands, weight_names) -> list[str]:
+    """Kernel parameter names: weights by name, activations x, x1, ..."""
+    names, activations = [], 0
+    for operand in operands:
+        if isinstance(operand.mean, relax.Var) and operand.mean.name in weight_names:
+            names.append("".join(ch if ch.isalnum() else "_" for ch in operand.mean.name))
+        else:
+            names.append("x" if activations == 0 else f"x{activations}")
+            activations += 1
+    return names
+
+
 class KernelEmitter:
     """Emits Gaussian kernel calls into a BlockBuilder, naming kernels uniquely and readably."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from ..ir import GaussianValue, KernelEmitter, call_op_name, func_attrs, kernel_of, main_bindings, to_tensor_map, with_attrs
+from ..ir import GaussianValue, KernelEmitter, kernel_label, operand_names, call_op_name, func_attrs, kernel_of, main_bindings, to_tensor_map, with_attrs
 from ..ops.kernel import KernelSpec
 
 
@@ -105,7 +105,9 @@ class KernelRewriter:
             if spec is None:
                 return
             self.used.update(arg for operand in operands for arg in operand.args())
-            result = self.kernels.emit(spec.with_(operands=tuple(o.repr for o in operands)), operands, gvar.name_hint, self._names(operands))
+            names = set(self.weights)
+            label = kernel_label(spec.ops, operands, names)
+            result = self.kernels.emit(spec.with_(operands=tuple(o.repr for o in operands)), operands, label, operand_names(operands, names))
             self.values[binding.var] = (result, "mean")
             self.results[binding.var] = result
             return
@@ -128,13 +130,6 @@ class KernelRewriter:
         if isinstance(value, relax.TupleGetItem):
             return  # a component of a kernel the pass absorbed into its consumer
         raise NotImplementedError(f"kernel rewriter: unexpected binding {binding.var.name}")
-
-    def _names(self, operands):
-        names = []
-        for operand in operands:
-            name = operand.mean.name if isinstance(operand.mean, relax.Var) else "in"
-            names.append("".join(ch if ch.isalnum() else "_" for ch in name))
-        return names
 
     def _output(self):
         fields, reprs = [], []

@@ -17,7 +17,7 @@ import tvm
 from tvm import relax
 
 from ..errors import PfpcError
-from ..ir import GaussianValue, constant_value, scalar_value, MainRewriter, call_op_name, func_attrs, main_bindings, to_tensor_map, with_attrs
+from ..ir import GaussianValue, constant_value, kernel_label, operand_names, scalar_value, MainRewriter, call_op_name, func_attrs, main_bindings, to_tensor_map, with_attrs
 from ..ops.kernel import KernelSpec
 
 VIEW_OPS = {"relax.reshape", "relax.flatten", "relax.expand_dims", "relax.squeeze"}
@@ -62,6 +62,7 @@ class _Substitute(MainRewriter):
         super().__init__(mod)
         self.gauss = {}
         self.unsupported = []
+        self.weight_params = list(weight_vars)
         for param, var_param in weight_vars.items():
             self.gauss[param] = GaussianValue(param, var_param, "var")
 
@@ -109,9 +110,9 @@ class _Substitute(MainRewriter):
         reprs = tuple(o.repr for o in operands)
         output = "none" if all(r == "none" for r in reprs) else "var"
         spec = KernelSpec((stage,), reprs, output)
-        names = [_operand_name(o.mean) for o in operands]
-        label = stage[0] + "_" + next((n for n in names if n not in ("in", "x")), names[0])
-        result = self.kernels.emit(spec, operands, label, names)
+        weight_names = {p.name for p in self.weight_params}
+        label = kernel_label([stage[0]], operands, weight_names)
+        result = self.kernels.emit(spec, operands, label, operand_names(operands, weight_names))
         self.gauss[binding.var] = result
 
     def output(self, body):
@@ -125,14 +126,6 @@ class _Substitute(MainRewriter):
             reprs.append(value.repr)
         self.output_reprs = reprs
         return relax.Tuple(fields)
-
-
-def _operand_name(expr):
-    name = expr.name if isinstance(expr, relax.Var) else "in"
-    for suffix in ("_mean", "_var", "_second_moment"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_") or "in"
 
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.SubstituteLayers")
