@@ -25,7 +25,13 @@ def _assert_close(actual, expected, rtol=RTOL, what=""):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
 
 
+@pytest.fixture(params=[False, True], ids=["posterior", "zero_variance"])
+def zero_var(request):
+    return request.param
+
+
 def _check_against_reference(model, initializers, inputs, tmp_path, rng, zero_var=False):
+    """The compiled PFP against the NumPy reference; with zero variance also against onnxruntime."""
     stds = {} if zero_var else random_std(initializers, rng)
     variances = {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in stds.items()}
     expected = reference.pfp_onnx(model, variances, inputs)
@@ -37,6 +43,10 @@ def _check_against_reference(model, initializers, inputs, tmp_path, rng, zero_va
         _assert_close(var, ref_var, rtol=3e-5 if not zero_var else RTOL, what=f"{name} var")
         if zero_var:
             assert np.all(var == 0)
+    if zero_var:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        for (mean, _), expected_mean in zip(got, session.run(None, inputs)):
+            np.testing.assert_allclose(mean.reshape(expected_mean.shape), expected_mean, rtol=1e-4, atol=1e-4 * np.abs(expected_mean).max())
     return got
 
 
@@ -55,11 +65,11 @@ def _gemm_case(rng, trans_a, trans_b, alpha, beta, with_c):
 @pytest.mark.parametrize("trans_b", [0, 1])
 @pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0)])
 @pytest.mark.parametrize("with_c", [True, False])
-def test_gemm_matches_reference(tmp_path, trans_a, trans_b, alpha, beta, with_c):
+def test_gemm_matches_reference(tmp_path, zero_var, trans_a, trans_b, alpha, beta, with_c):
     rng = np.random.default_rng(1)
     model, inits = _gemm_case(rng, trans_a, trans_b, alpha, beta, with_c)
     x = rng.standard_normal((7, 3) if trans_a else (3, 7)).astype(np.float32)
-    _check_against_reference(model, inits, {"x": x}, tmp_path, rng)
+    _check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
 
 
 def _hidden_mlp(rng):
@@ -81,11 +91,11 @@ def _hidden_mlp(rng):
     return make_model(nodes, [("x", [2, 8])], ["y"], inits), inits
 
 
-def test_mlp_matches_reference(tmp_path):
+def test_mlp_matches_reference(tmp_path, zero_var):
     rng = np.random.default_rng(2)
     model, inits = _hidden_mlp(rng)
     x = rng.standard_normal((2, 8)).astype(np.float32)
-    _check_against_reference(model, inits, {"x": x}, tmp_path, rng)
+    _check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
 
 
 @pytest.mark.parametrize(
@@ -98,7 +108,7 @@ def test_mlp_matches_reference(tmp_path):
         ((1, 1), (1, 1, 1, 1), (1, 1), 4, 4, 4),  # depthwise
     ],
 )
-def test_conv_relu_maxpool_matches_reference(tmp_path, strides, pads, dilations, group, in_ch, out_ch):
+def test_conv_relu_maxpool_matches_reference(tmp_path, zero_var, strides, pads, dilations, group, in_ch, out_ch):
     rng = np.random.default_rng(3)
     inits = {
         "w": rng.standard_normal((out_ch, in_ch // group, 3, 3)).astype(np.float32) * 0.5,
@@ -112,10 +122,10 @@ def test_conv_relu_maxpool_matches_reference(tmp_path, strides, pads, dilations,
     ]
     model = make_model(nodes, [("x", [2, in_ch, 7, 8])], ["y"], inits)
     x = rng.standard_normal((2, in_ch, 7, 8)).astype(np.float32)
-    _check_against_reference(model, inits, {"x": x}, tmp_path, rng)
+    _check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
 
 
-def test_residual_add_of_two_gaussians(tmp_path):
+def test_residual_add_of_two_gaussians(tmp_path, zero_var):
     rng = np.random.default_rng(4)
     inits = {"w1": rng.standard_normal((5, 5)).astype(np.float32), "w2": rng.standard_normal((5, 5)).astype(np.float32)}
     nodes = [
@@ -127,7 +137,7 @@ def test_residual_add_of_two_gaussians(tmp_path):
     ]
     model = make_model(nodes, [("x", [2, 5])], ["y"], {**inits, "shape": np.array([10], np.int64)})
     x = rng.standard_normal((2, 5)).astype(np.float32)
-    _check_against_reference(model, inits, {"x": x}, tmp_path, rng)
+    _check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
 
 
 @pytest.mark.parametrize("example", ["mlp", "lenet"])

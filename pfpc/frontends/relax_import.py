@@ -25,6 +25,31 @@ GAUSSIAN_OPS = {"MatMul", "Gemm", "Add", "Conv", "Relu", "MaxPool", "Flatten", "
 SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Concat", "Cast", "Squeeze", "Slice", "Constant"}
 
 
+def check_graph(model: onnx.ModelProto, name: str) -> None:
+    """Every node input is defined, and the node graph has no cycle (networkx)."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    producers = {value: f"input {value}" for value in [v.name for v in model.graph.input] + [i.name for i in model.graph.initializer]}
+    for index, node in enumerate(model.graph.node):
+        label = node.name or f"#{index} {node.op_type}"
+        graph.add_node(label)
+        for output in node.output:
+            producers[output] = label
+    for index, node in enumerate(model.graph.node):
+        label = node.name or f"#{index} {node.op_type}"
+        for value in node.input:
+            if not value:
+                continue
+            if value not in producers:
+                raise PfpcError(f"{name}: node '{label}' reads '{value}', which no node, input or initializer defines")
+            if not producers[value].startswith("input "):
+                graph.add_edge(producers[value], label)
+    if not nx.is_directed_acyclic_graph(graph):
+        cycle = " -> ".join(edge[0] for edge in nx.find_cycle(graph))
+        raise PfpcError(f"{name}: the graph has a cycle: {cycle}")
+
+
 def check_supported(model: onnx.ModelProto, name: str) -> None:
     """Raise one error that lists every unsupported node (name and op type)."""
     unsupported = [
@@ -38,6 +63,7 @@ def check_supported(model: onnx.ModelProto, name: str) -> None:
 
 def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "model") -> tvm.IRModule:
     check_supported(model, name)
+    check_graph(model, name)
     model = _integer_initializers_as_constants(model)
     try:
         mod = from_onnx(model, shape_dict=input_shapes(model), keep_params_in_input=True)
