@@ -191,12 +191,14 @@ def render(program: Program) -> dict[str, str]:
     name, upper = program.name, program.name.upper()
     files = {}
     shape_defs = []
-    for c_name, onnx_name, shape in program.inputs:
-        shape_defs.append(f"/* input '{c_comment(onnx_name)}': shape {list(shape)} */")
+    for index, (c_name, onnx_name, shape) in enumerate(program.inputs):
+        shape_defs.append(f"/* input {index} '{c_comment(onnx_name)}': shape {list(shape)} */")
         shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
-    for c_name, onnx_name, shape in program.outputs:
-        shape_defs.append(f"/* output '{c_comment(onnx_name)}': shape {list(shape)}, predictive mean and variance */")
+        shape_defs.append(f"#define {upper}_INPUT{index}_SIZE {upper}_{c_name.upper()}_SIZE")
+    for index, (c_name, onnx_name, shape) in enumerate(program.outputs):
+        shape_defs.append(f"/* output {index} '{c_comment(onnx_name)}': shape {list(shape)}, predictive mean and variance */")
         shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
+        shape_defs.append(f"#define {upper}_OUTPUT{index}_SIZE {upper}_{c_name.upper()}_SIZE")
     args = [f"const float* {c}" for c, _, _ in program.inputs]
     for c, _, _ in program.outputs:
         args += [f"float* {c}_mean", f"float* {c}_var"]
