@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from .codegen import emit_c
+from .codegen.targets import get_target
 from .errors import PfpcError, reraise_from_tvm
 from .frontends.onnx_model import input_shapes, load_model, output_shapes
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
@@ -45,8 +46,7 @@ def compile(  # noqa: A001 - the public name users expect
     ``dump_ir``: directory that receives the IR before and after every pass.
     ``out_dir``: where the C library is written (atomically: a temporary directory is renamed).
     """
-    if target not in ("host",) and not target.startswith(("arm", "cortex", "aarch64")):
-        raise PfpcError(f"unknown target '{target}'")
+    target_info = get_target(target)
     if out_dir is not None and os.path.exists(out_dir) and not force:
         raise PfpcError(f"{out_dir}: output directory exists (use --force to replace it)")
     label = os.path.basename(model) if isinstance(model, (str, os.PathLike)) else "model"
@@ -80,6 +80,7 @@ def compile(  # noqa: A001 - the public name users expect
     func = mod["main"]
     weights = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
     program = emit_c.lower_to_program(mod, weights, io, name)
+    program.target = target_info
     if out_dir is not None:
         _write_atomically(program, out_dir, force)
     return CompiledModel(mod, program, out_dir, io)
@@ -123,11 +124,18 @@ def build_host(out_dir: str, cc: str = "cc") -> str:
     """Build the generated library and runner for the host; returns the runner path."""
     import subprocess
 
-    result = subprocess.run(["make", "-s", "-C", out_dir, f"CC={cc}"], capture_output=True, text=True)
+    command = ["make", "-B", "-s", "-C", out_dir, f"CC={cc}", "AR=ar", "TARGET_FLAGS=", f"{_runner_name(out_dir)}"]
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise PfpcError(f"{out_dir}: building the generated C failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
-    runner = [f for f in os.listdir(out_dir) if f.endswith("_main") and not f.endswith(".c")]
-    return os.path.join(out_dir, runner[0])
+    return os.path.join(out_dir, _runner_name(out_dir))
+
+
+def _runner_name(out_dir):
+    import json
+
+    with open(os.path.join(out_dir, "pfpc.json")) as handle:
+        return json.load(handle)["name"] + "_main"
 
 
 def run_host(out_dir: str, inputs: list[np.ndarray], program_io: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:

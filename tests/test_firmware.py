@@ -48,3 +48,27 @@ def test_cortex_m4_matches_host(tmp_path, example):
     device_var = np.array([float(r[4]) for r in rows])
     np.testing.assert_allclose(device_mean, host_mean.reshape(-1), rtol=1e-5, atol=1e-5 * np.abs(host_mean).max())
     np.testing.assert_allclose(device_var, host_var.reshape(-1), rtol=1e-5, atol=1e-5 * np.abs(host_var).max())
+
+
+@pytest.mark.parametrize("target", ["host", "arm", "cortex-m4", "cortex-m7", "cortex-m55", "cortex-a53", "cortex-a72", "aarch64"])
+def test_generated_makefile_builds_for_target(tmp_path, target):
+    from pfpc.codegen.targets import get_target
+
+    out = str(tmp_path / "out")
+    pfpc.compile(os.path.join(ROOT, "examples", "lenet", "model.onnx"), os.path.join(ROOT, "examples", "lenet", "post.npz"), out_dir=out, batch=1, target=target)
+    cc = get_target(target).cc
+    if not shutil.which(cc):
+        pytest.skip(f"{cc} not installed")
+    result = subprocess.run(["make", "-C", out], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.exists(os.path.join(out, "libpfp_model.a"))
+    if get_target(target).flags:
+        assert get_target(target).flags[0] in open(os.path.join(out, "Makefile")).read()
+
+
+def test_unknown_target_is_a_one_line_error(tmp_path, capsys):
+    from pfpc.cli import main
+
+    code = main([os.path.join(ROOT, "examples", "mlp", "model.onnx"), "--batch", "1", "--target", "z80", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown target 'z80'" in err and "cortex-m4" in err and not (tmp_path / "o").exists()
