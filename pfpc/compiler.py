@@ -124,26 +124,27 @@ def build_host(out_dir: str, cc: str = "cc") -> str:
     """Build the generated library and runner for the host; returns the runner path."""
     import subprocess
 
-    command = ["make", "-B", "-s", "-C", out_dir, f"CC={cc}", "AR=ar", "TARGET_FLAGS=", f"{_runner_name(out_dir)}"]
+    runner = read_metadata(out_dir)["name"] + "_main"
+    command = ["make", "-B", "-s", "-C", out_dir, f"CC={cc}", "AR=ar", "TARGET_FLAGS=", runner]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise PfpcError(f"{out_dir}: building the generated C failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
-    return os.path.join(out_dir, _runner_name(out_dir))
+    return os.path.join(out_dir, runner)
 
 
-def _runner_name(out_dir):
+def read_metadata(out_dir: str) -> dict:
+    """The ``pfpc.json`` that `compile` writes beside the C: name, input and output shapes."""
     import json
 
     with open(os.path.join(out_dir, "pfpc.json")) as handle:
-        return json.load(handle)["name"] + "_main"
+        return json.load(handle)
 
 
-def run_host(out_dir: str, inputs: list[np.ndarray], program_io: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def run_host(out_dir: str, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Run the generated C on ``inputs`` (each [k*batch, ...]) and return (mean, var) per output."""
-    import json
     import subprocess
 
-    meta = json.load(open(os.path.join(out_dir, "pfpc.json")))
+    meta = read_metadata(out_dir)
     runner = build_host(out_dir)
     batch_in = [int(np.prod(shape)) for _, shape in meta["inputs"]]
     arrays = [np.ascontiguousarray(x, np.float32).reshape(-1) for x in inputs]

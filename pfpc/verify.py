@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .frontends.posterior import Posterior
 

@@ -126,15 +126,14 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
                 args.append(tensor)
             outs = []
             out_types = binding.var.ty.fields if isinstance(binding.var.ty, relax.TupleType) else [binding.var.ty]
-            spec_json = str(prim.attrs["pfp.kernel"]) if prim.attrs is not None and "pfp.kernel" in prim.attrs else ""
-            out_repr = json.loads(spec_json)["output"] if spec_json else "var"
+            spec = str(prim.attrs["pfp.kernel"]) if prim.attrs is not None and "pfp.kernel" in prim.attrs else ""
+            out_repr = json.loads(spec)["output"] if spec else "var"
             for index, out_ty in enumerate(out_types):
                 tensor = Tensor(namer(f"{gvar.name_hint}_{'mean' if index == 0 else out_repr}"), [int(d) for d in out_ty.shape], "arena", step_index, step_index)
                 program.tensors.append(tensor)
                 outs.append(tensor)
                 args.append(tensor)
             env[binding.var] = outs if isinstance(binding.var.ty, relax.TupleType) else outs[0]
-            spec = str(prim.attrs["pfp.kernel"]) if prim.attrs is not None and "pfp.kernel" in prim.attrs else ""
             program.steps.append(Step(gvar.name_hint, args, spec))
         elif isinstance(value, relax.TupleGetItem):
             env[binding.var] = env[value.tuple_value][value.index]

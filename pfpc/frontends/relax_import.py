@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import tvm
-from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
 from ..errors import PfpcError
@@ -23,31 +22,6 @@ from .posterior import Posterior
 #: ONNX operators with a Gaussian counterpart, and operators that only compute shapes.
 GAUSSIAN_OPS = {"MatMul", "Gemm", "Add", "Conv", "Relu", "MaxPool", "Flatten", "Reshape", "Identity", "Dropout", "Transpose"}
 SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Concat", "Cast", "Squeeze", "Slice", "Constant"}
-
-
-def check_graph(model: onnx.ModelProto, name: str) -> None:
-    """Every node input is defined, and the node graph has no cycle (networkx)."""
-    import networkx as nx
-
-    graph = nx.DiGraph()
-    producers = {value: f"input {value}" for value in [v.name for v in model.graph.input] + [i.name for i in model.graph.initializer]}
-    for index, node in enumerate(model.graph.node):
-        label = node.name or f"#{index} {node.op_type}"
-        graph.add_node(label)
-        for output in node.output:
-            producers[output] = label
-    for index, node in enumerate(model.graph.node):
-        label = node.name or f"#{index} {node.op_type}"
-        for value in node.input:
-            if not value:
-                continue
-            if value not in producers:
-                raise PfpcError(f"{name}: node '{label}' reads '{value}', which no node, input or initializer defines")
-            if not producers[value].startswith("input "):
-                graph.add_edge(producers[value], label)
-    if not nx.is_directed_acyclic_graph(graph):
-        cycle = " -> ".join(edge[0] for edge in nx.find_cycle(graph))
-        raise PfpcError(f"{name}: the graph has a cycle: {cycle}")
 
 
 def check_supported(model: onnx.ModelProto, name: str) -> None:
@@ -63,7 +37,6 @@ def check_supported(model: onnx.ModelProto, name: str) -> None:
 
 def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "model") -> tvm.IRModule:
     check_supported(model, name)
-    check_graph(model, name)
     model = _integer_initializers_as_constants(model)
     try:
         mod = from_onnx(model, shape_dict=input_shapes(model), keep_params_in_input=True)
@@ -95,10 +68,8 @@ def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "mode
 
 def _match_initializers(model, weight_params, name):
     """Map Relax parameter names back to ONNX initializer names (same order, sanitised names)."""
-    initializers = [init for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT]
-    by_name = {init.name: init for init in initializers}
+    used = [init for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT]
     mapping = {}
-    used = [init for init in initializers]
     if len(used) < len(weight_params):
         raise PfpcError(f"{name}: the importer made more weight parameters than there are initializers")
     for param in weight_params:
@@ -111,7 +82,6 @@ def _match_initializers(model, weight_params, name):
             raise PfpcError(f"{name}: parameter '{param.name}' has shape {shape}, initializer '{init.name}' {list(init.dims)}")
         used.remove(init)
         mapping[param.name] = init.name
-    del by_name
     return mapping
 
 

@@ -20,6 +20,9 @@ from tvm import s_tir, te, tirx
 from . import gaussian as G
 
 #: Gaussian operands each operator takes (the first one of a fused stage is the previous result).
+#: Stages that reduce over a fan-in (the ones that consume second moments cheaply and head fused kernels).
+LINEAR_OPS = ("matmul", "conv2d")
+
 ARITY = {"matmul": 2, "conv2d": 2, "add": 2, "scale": 1, "relu": 1, "maxpool2d": 1, "transpose": 1}
 
 

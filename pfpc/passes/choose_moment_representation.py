@@ -14,10 +14,8 @@ from __future__ import annotations
 import tvm
 
 from ..ir import kernel_of
-from ..ops.kernel import infer_output_repr
+from ..ops.kernel import LINEAR_OPS, infer_output_repr
 from .kernel_rewriter import KernelRewriter
-
-LINEAR = ("matmul", "conv2d")
 
 
 class _Rewriter(KernelRewriter):
@@ -28,7 +26,7 @@ class _Rewriter(KernelRewriter):
             return spec.with_(output="none"), operands
         users = self.consumers.get(binding.var, [])
         linear_users = users and all(
-            user != "output" and kernel_of(self.mod, user.value)[0].ops[0] in LINEAR for user in users
+            user != "output" and kernel_of(self.mod, user.value)[0].ops[0] in LINEAR_OPS for user in users
         )
         wanted = "second_moment" if native == "second_moment" and linear_users else "var"
         return spec.with_(output=wanted), operands

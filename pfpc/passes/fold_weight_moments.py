@@ -13,14 +13,13 @@ from __future__ import annotations
 import tvm
 
 from ..ir import GaussianValue
+from ..ops.kernel import LINEAR_OPS
 from .kernel_rewriter import KernelRewriter
-
-LINEAR = ("matmul", "conv2d")
 
 
 class _Rewriter(KernelRewriter):
     def specialize(self, spec, operands, binding):
-        if spec.ops[0] not in LINEAR or len(operands) < 2:
+        if spec.ops[0] not in LINEAR_OPS or len(operands) < 2:
             return spec, operands
         first, second = operands[0], operands[1]
         operands = list(operands)

@@ -12,15 +12,12 @@ with a linear stage and has no ReLU yet (ReLU ends a chain).
 from __future__ import annotations
 
 import tvm
-from tvm import relax
 
 from ..ir import kernel_of
-from ..ops.kernel import KernelSpec
+from ..ops.kernel import LINEAR_OPS, KernelSpec
 from .kernel_rewriter import KernelRewriter
 
 ELEMENTWISE = ("add", "scale", "relu")
-LINEAR = ("matmul", "conv2d")
-
 
 class _Rewriter(KernelRewriter):
     def __init__(self, mod):
@@ -29,7 +26,7 @@ class _Rewriter(KernelRewriter):
 
     def _absorbable(self, binding, spec):
         users = self.consumers.get(binding.var, [])
-        if len(users) != 1 or users[0] == "output" or spec.ops[0] not in LINEAR or "relu" in spec.ops:
+        if len(users) != 1 or users[0] == "output" or spec.ops[0] not in LINEAR_OPS or "relu" in spec.ops:
             return False
         user_spec, _ = kernel_of(self.mod, users[0].value)
         if user_spec.ops[0] not in ELEMENTWISE:
@@ -38,11 +35,8 @@ class _Rewriter(KernelRewriter):
         return self._direct_source(first_arg).same_as(binding.var)
 
     def _direct_source(self, var):
-        for binding in self._bindings_by_var.get(var, []):
-            value = binding.value
-            if isinstance(value, relax.TupleGetItem):
-                return value.tuple_value
-        return var
+        """The kernel call whose output ``var`` is, with no view in between (else ``var``)."""
+        return self.item_of.get(var, var)
 
     def specialize(self, spec, operands, binding):
         args = list(binding.value.args[1].fields)
@@ -55,13 +49,6 @@ class _Rewriter(KernelRewriter):
             self.pending[binding.var] = (spec, list(operands))
             return None, operands
         return spec, operands
-
-    def run(self):
-        self._bindings_by_var = {}
-        for block in self.func.body.blocks:
-            for binding in block.bindings:
-                self._bindings_by_var.setdefault(binding.var, []).append(binding)
-        return super().run()
 
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.FuseOperators")

@@ -21,7 +21,6 @@ class KernelRewriter:
         self.func = mod["main"]
         self.num_input = int(self.func.attrs["num_input"])
         self.weights = {str(k): v.numpy() for k, v in self.func.attrs["pfp.params"].items()}
-        self.params = {p.name: p for p in self.func.params}
         self.bb = relax.BlockBuilder()
         self.kernels = KernelEmitter(self.bb)
         self.values = {}  # old var -> (new GaussianValue, "mean" | "moment")
@@ -50,12 +49,17 @@ class KernelRewriter:
         return isinstance(expr, relax.Var) and expr.name in self.weights and expr not in self.func.params[: self.num_input]
 
     def _consumers(self):
-        """old kernel-call var -> list of (consumer binding, spec) through views, or 'output'."""
+        """old kernel-call var -> its consumer bindings (through views), and "output" if it is one.
+
+        Also fills ``item_of``: a TupleGetItem var -> the kernel-call var it takes apart.
+        """
         users = {}
         source = {}
+        self.item_of = {}
         for binding in main_bindings(self.func):
             value = binding.value
             if isinstance(value, relax.TupleGetItem):
+                self.item_of[binding.var] = value.tuple_value
                 source[binding.var] = source.get(value.tuple_value, value.tuple_value)
             elif call_op_name(value) == "relax.reshape":
                 source[binding.var] = source.get(value.args[0], value.args[0])
@@ -66,16 +70,18 @@ class KernelRewriter:
                         seen = users.setdefault(source[arg], [])
                         if not any(u.var.same_as(binding.var) for u in seen if not isinstance(u, str)):
                             seen.append(binding)
-        body = self.func.body.body
-        outputs = body.fields if isinstance(body, relax.Tuple) else []
-        for binding in main_bindings(self.func):
-            if isinstance(binding.value, relax.Tuple):
-                outputs = binding.value.fields
-        for out in outputs:
+        for out in self._output_fields():
             if out in source and "output" not in users.setdefault(source[out], []):
                 users[source[out]].append("output")
-        self.source = source
         return users
+
+    def _output_fields(self):
+        """The fields of the tuple ``main`` returns: (mean, moment) per output, as substituted."""
+        body = self.func.body.body
+        for binding in main_bindings(self.func):
+            if isinstance(binding.value, relax.Tuple) and binding.var.same_as(body):
+                return list(binding.value.fields)
+        return list(body.fields)
 
     # --- the walk ------------------------------------------------------------------------------
     def _operands(self, spec, args):
@@ -133,12 +139,7 @@ class KernelRewriter:
 
     def _output(self):
         fields, reprs = [], []
-        body = self.func.body.body
-        outputs = None
-        for binding in main_bindings(self.func):
-            if isinstance(binding.value, relax.Tuple) and binding.var.same_as(body):
-                outputs = list(binding.value.fields)
-        outputs = outputs if outputs is not None else list(body.fields)
+        outputs = self._output_fields()
         for repr_ in [str(r) for r in self.func.attrs["pfp.outputs"]]:
             mean = outputs.pop(0)
             if repr_ != "none":

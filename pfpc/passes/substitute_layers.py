@@ -17,7 +17,7 @@ import tvm
 from tvm import relax
 
 from ..errors import PfpcError
-from ..ir import GaussianValue, constant_value, kernel_label, operand_names, scalar_value, MainRewriter, call_op_name, func_attrs, main_bindings, to_tensor_map, with_attrs
+from ..ir import GaussianValue, constant_value, kernel_label, operand_names, scalar_value, MainRewriter, call_op_name, func_attrs, to_tensor_map
 from ..ops.kernel import KernelSpec
 
 VIEW_OPS = {"relax.reshape", "relax.flatten", "relax.expand_dims", "relax.squeeze"}
@@ -62,7 +62,7 @@ class _Substitute(MainRewriter):
         super().__init__(mod)
         self.gauss = {}
         self.unsupported = []
-        self.weight_params = list(weight_vars)
+        self.weight_names = {param.name for param in weight_vars}
         for param, var_param in weight_vars.items():
             self.gauss[param] = GaussianValue(param, var_param, "var")
 
@@ -110,9 +110,8 @@ class _Substitute(MainRewriter):
         reprs = tuple(o.repr for o in operands)
         output = "none" if all(r == "none" for r in reprs) else "var"
         spec = KernelSpec((stage,), reprs, output)
-        weight_names = {p.name for p in self.weight_params}
-        label = kernel_label([stage[0]], operands, weight_names)
-        result = self.kernels.emit(spec, operands, label, operand_names(operands, weight_names))
+        label = kernel_label([stage[0]], operands, self.weight_names)
+        result = self.kernels.emit(spec, operands, label, operand_names(operands, self.weight_names))
         self.gauss[binding.var] = result
 
     def output(self, body):
