@@ -1,4 +1,4 @@
-"""Command line: ``pfpc MODEL --posterior POST -o OUT``, ``pfpc run``, ``pfpc verify``."""
+"""Command line: ``pfpc MODEL --posterior POST -o OUT``, ``pfpc run``, ``pfpc report``, ``pfpc verify``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import PfpcError
 
-COMMANDS = ("run", "verify")
+COMMANDS = ("run", "verify", "report")
 
 
 def _compile_parser():
@@ -23,15 +23,29 @@ def _compile_parser():
     parser.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
     parser.add_argument("--name", default="pfp_model", help="C prefix of the generated library (default pfp_model)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--ram-limit", metavar="BYTES", help="fail if arena + stack exceed this (e.g. 192K)")
+    parser.add_argument("--flash-limit", metavar="BYTES", help="fail if weights + code exceed this (e.g. 1M)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
+def _report_parser():
+    parser = argparse.ArgumentParser(prog="pfpc report", description="Flash, RAM and arithmetic of a compiled model, "
+                                     "measured with its target's compiler and size tool.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
 def _run_parser():
-    parser = argparse.ArgumentParser(prog="pfpc run", description="Build the generated C for the host and run it.")
+    parser = argparse.ArgumentParser(prog="pfpc run", description="Build the generated C and run it, on the host or "
+                                     "(--emulate) for its target under QEMU.")
     parser.add_argument("out_dir")
     parser.add_argument("--input", required=True, action="append", help=".npy input (repeat for several inputs)")
     parser.add_argument("--output", required=True, help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs)")
+    parser.add_argument("--emulate", action="store_true", help="build for the compiled target and run under QEMU")
+    parser.add_argument("--cycles", action="store_true", help="with --emulate on Cortex-M: print SysTick cycles per call")
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -51,11 +65,11 @@ def _verify_parser():
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "compile"
-    args = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser}[command]().parse_args(
+    args = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser, "report": _report_parser}[command]().parse_args(
         argv[1:] if command != "compile" else argv
     )
     try:
-        return {"compile": _compile, "run": _run, "verify": _verify}[command](args)
+        return {"compile": _compile, "run": _run, "verify": _verify, "report": _report}[command](args)
     except PfpcError as err:
         if args.debug:
             raise
@@ -66,15 +80,35 @@ def main(argv=None) -> int:
 
 
 def _compile(args) -> int:
+    from .codegen.footprint import format_report, parse_bytes
     from .compiler import compile as compile_model
 
+    ram_limit = parse_bytes(args.ram_limit, "--ram-limit") if args.ram_limit else None
+    flash_limit = parse_bytes(args.flash_limit, "--flash-limit") if args.flash_limit else None
     result = compile_model(
         args.model, args.posterior, target=args.target, out_dir=args.output, batch=args.batch,
-        dump_ir=args.dump_ir, name=args.name, force=args.force,
+        dump_ir=args.dump_ir, name=args.name, force=args.force, measure=True, ram_limit=ram_limit, flash_limit=flash_limit,
     )
-    program = result.program
-    print(f"pfpc: wrote {args.output}: {len(program.steps)} kernels, arena {program.arena_size} bytes "
-          f"(lower bound {program.arena_lower_bound}), weights {sum(v.size for v, _ in program.weights.values()) * 4} bytes")
+    print(f"pfpc: wrote {args.output}: {len(result.program.steps)} kernels")
+    print(format_report(result.footprint, args.name))
+    return 0
+
+
+def _check_out_dir(out_dir):
+    if not os.path.exists(os.path.join(out_dir, "pfpc.json")):
+        raise PfpcError(f"{out_dir}: not a directory written by pfpc (no pfpc.json)")
+
+
+def _report(args) -> int:
+    import json
+
+    from .codegen.footprint import format_report, measure
+    from .compiler import read_metadata
+
+    _check_out_dir(args.out_dir)
+    meta = read_metadata(args.out_dir)
+    result = measure(args.out_dir, meta)
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else format_report(result, meta["name"]))
     return 0
 
 
@@ -88,12 +122,16 @@ def _load_npy(path):
 
 
 def _run(args) -> int:
-    from .compiler import run_host
+    from .compiler import read_metadata, run
 
-    if not os.path.exists(os.path.join(args.out_dir, "pfpc.json")):
-        raise PfpcError(f"{args.out_dir}: not a directory written by pfpc (no pfpc.json)")
+    _check_out_dir(args.out_dir)
+    if args.cycles and not args.emulate:
+        raise PfpcError("--cycles needs --emulate (cycles are counted on the emulated Cortex-M)")
+    if args.cycles and read_metadata(args.out_dir).get("target", "host") not in ("cortex-m4", "cortex-m7", "cortex-m55"):
+        raise PfpcError(f"{args.out_dir}: --cycles needs a Cortex-M target (compiled for {read_metadata(args.out_dir).get('target')})")
     inputs = [_load_npy(p) for p in args.input]
-    results = run_host(args.out_dir, inputs)
+    outcome = run(args.out_dir, inputs, emulate=args.emulate)
+    results = outcome.outputs
     arrays = {}
     for index, (mean, var) in enumerate(results):
         suffix = "" if len(results) == 1 else f"_{index}"
@@ -102,6 +140,9 @@ def _run(args) -> int:
     for index, (mean, var) in enumerate(results):
         print(f"output {index}: mean {np.array2string(mean, precision=4, threshold=40)}")
         print(f"output {index}: var  {np.array2string(var, precision=4, threshold=40)}")
+    if args.cycles:
+        print(f"cycles per call (SysTick, QEMU -icount shift=0): {' '.join(map(str, outcome.cycles))}; "
+              f"median {int(np.median(outcome.cycles))}")
     return 0
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .codegen import emit_c
+from .codegen import emit_c, footprint
 from .codegen.targets import get_target
 from .errors import PfpcError, reraise_from_tvm
 from .frontends.onnx_model import input_shapes, load_model, output_shapes
@@ -27,6 +27,7 @@ class CompiledModel:
     program: emit_c.Program
     out_dir: str | None
     io: dict
+    footprint: dict | None = None
 
 
 def compile(  # noqa: A001 - the public name users expect
@@ -39,12 +40,18 @@ def compile(  # noqa: A001 - the public name users expect
     dump_ir: str | None = None,
     name: str = "pfp_model",
     force: bool = False,
+    measure: bool = False,
+    ram_limit: int | None = None,
+    flash_limit: int | None = None,
 ) -> CompiledModel:
     """Compile ``model`` (path or ModelProto) with ``posterior`` (path, dict of arrays or None).
 
     ``passes``: a list of (name, pass) to run instead of `default_passes()`.
     ``dump_ir``: directory that receives the IR before and after every pass.
     ``out_dir``: where the C library is written (atomically: a temporary directory is renamed).
+    ``measure``: build the library with the target's compiler and return its footprint (flash,
+    RAM, per-layer arithmetic); implied by ``ram_limit``/``flash_limit`` (bytes), which make the
+    compile fail, leaving nothing behind, when the model does not fit.
     """
     target_info = get_target(target)
     if out_dir is not None and os.path.exists(out_dir) and not force:
@@ -81,9 +88,21 @@ def compile(  # noqa: A001 - the public name users expect
     weights = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
     program = emit_c.lower_to_program(mod, weights, io, name)
     program.target = target_info
-    if out_dir is not None:
+    result = CompiledModel(mod, program, out_dir, io)
+    if measure or ram_limit is not None or flash_limit is not None:
+        def measure_and_check(directory):
+            result.footprint = footprint.measure(directory, read_metadata(directory))
+            footprint.check_limits(result.footprint, ram_limit, flash_limit, label)
+
+        if out_dir is None:
+            with tempfile.TemporaryDirectory() as scratch:
+                emit_c.write(program, scratch)
+                measure_and_check(scratch)
+        else:
+            _write_atomically(program, out_dir, force, measure_and_check)
+    elif out_dir is not None:
         _write_atomically(program, out_dir, force)
-    return CompiledModel(mod, program, out_dir, io)
+    return result
 
 
 def _load_proto(model, batch):
@@ -100,7 +119,7 @@ def _dump(directory, index, name, mod):
         handle.write(mod.script(show_meta=False))
 
 
-def _write_atomically(program, out_dir, force):
+def _write_atomically(program, out_dir, force, check=None):
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     try:
@@ -110,6 +129,8 @@ def _write_atomically(program, out_dir, force):
         raise PfpcError(f"{out_dir}: cannot write the output directory: {err.strerror}") from None
     try:
         emit_c.write(program, staging)
+        if check is not None:
+            check(staging)
         if os.path.exists(out_dir):
             if not force:
                 raise PfpcError(f"{out_dir}: output directory exists (use --force to replace it)")
@@ -122,30 +143,62 @@ def _write_atomically(program, out_dir, force):
 
 def build_host(out_dir: str, cc: str = "cc") -> str:
     """Build the generated library and runner for the host; returns the runner path."""
-    import subprocess
-
     runner = read_metadata(out_dir)["name"] + "_main"
-    command = ["make", "-B", "-s", "-C", out_dir, f"CC={cc}", "AR=ar", "TARGET_FLAGS=", runner]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise PfpcError(f"{out_dir}: building the generated C failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+    _make(out_dir, runner, f"CC={cc}", "AR=ar", "TARGET_FLAGS=")
     return os.path.join(out_dir, runner)
 
 
+def build_for_target(out_dir: str) -> tuple:
+    """Build the runner with the Makefile's own toolchain; returns (target, program path)."""
+    import shutil
+
+    meta = read_metadata(out_dir)
+    target = get_target(meta.get("target", "host"))
+    program = meta["name"] + ("_qemu.elf" if target.bare_metal else "_main")
+    for tool in [target.cc, target.emulator_command("x", [])[0]]:
+        if tool != "x" and not shutil.which(tool):
+            raise PfpcError(f"{out_dir}: running target {target.name} needs {tool}, which is not installed")
+    _make(out_dir, program)
+    return target, os.path.join(out_dir, program)
+
+
+def _make(out_dir, goal, *overrides):
+    import subprocess
+
+    result = subprocess.run(["make", "-B", "-s", "-C", out_dir, *overrides, goal], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PfpcError(f"{out_dir}: building the generated C failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+
+
 def read_metadata(out_dir: str) -> dict:
-    """The ``pfpc.json`` that `compile` writes beside the C: name, input and output shapes."""
+    """The ``pfpc.json`` that `compile` writes beside the C: name, target, input and output shapes."""
     import json
 
     with open(os.path.join(out_dir, "pfpc.json")) as handle:
         return json.load(handle)
 
 
-def run_host(out_dir: str, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Run the generated C on ``inputs`` (each [k*batch, ...]) and return (mean, var) per output."""
+@dataclass
+class RunResult:
+    """(mean, var) per output, and for Cortex-M under QEMU the SysTick cycles of every call."""
+
+    outputs: list
+    cycles: list
+
+
+def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False) -> RunResult:
+    """Run the generated C on ``inputs`` (each [k*batch, ...]), in k calls of ``<name>_run``.
+
+    ``emulate=False`` builds it for the host; ``emulate=True`` builds it for the target it was
+    compiled for and runs it there under QEMU (system emulation for Cortex-M, user mode for aarch64).
+    """
     import subprocess
 
     meta = read_metadata(out_dir)
-    runner = build_host(out_dir)
+    if emulate:
+        target, program = build_for_target(out_dir)
+    else:
+        target, program = get_target("host"), build_host(out_dir)
     batch_in = [int(np.prod(shape)) for _, shape in meta["inputs"]]
     arrays = [np.ascontiguousarray(x, np.float32).reshape(-1) for x in inputs]
     chunks = arrays[0].size // batch_in[0]
@@ -154,18 +207,25 @@ def run_host(out_dir: str, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, n
             raise PfpcError(f"input '{name}' has {array.size} values, not a multiple of the compiled shape {shape}")
     interleaved = np.concatenate([a.reshape(chunks, -1) for a in arrays], axis=1).reshape(-1)
     with tempfile.TemporaryDirectory() as tmp:
-        in_path, out_path = os.path.join(tmp, "in.f32"), os.path.join(tmp, "out.f32")
-        interleaved.tofile(in_path)
-        result = subprocess.run([runner, in_path, out_path], capture_output=True, text=True)
+        # semihosting opens files relative to QEMU's working directory: run there, with relative names
+        interleaved.tofile(os.path.join(tmp, "in.f32"))
+        command = target.emulator_command(os.path.abspath(program), ["in.f32", "out.f32"])
+        result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=3600)
         if result.returncode != 0:
-            raise PfpcError(f"{out_dir}: the generated program failed: {result.stderr.strip()}")
-        raw = np.fromfile(out_path, np.float32)
+            raise PfpcError(f"{out_dir}: the generated program failed: {(result.stderr or result.stdout).strip()[-500:]}")
+        raw = np.fromfile(os.path.join(tmp, "out.f32"), np.float32)
+    cycles = [int(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("pfpc cycles ")]
     sizes = [int(np.prod(shape)) for _, shape in meta["outputs"]]
     raw = raw.reshape(chunks, 2 * sum(sizes))
-    results, offset = [], 0
+    outputs, offset = [], 0
     for size, (_, shape) in zip(sizes, meta["outputs"]):
         mean = raw[:, offset : offset + size].reshape([chunks * shape[0]] + list(shape[1:]))
         var = raw[:, offset + size : offset + 2 * size].reshape([chunks * shape[0]] + list(shape[1:]))
-        results.append((mean, var))
+        outputs.append((mean, var))
         offset += 2 * size
-    return results
+    return RunResult(outputs, cycles)
+
+
+def run_host(out_dir: str, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Run the generated C, built for the host, on ``inputs``; (mean, var) per output."""
+    return run(out_dir, inputs).outputs

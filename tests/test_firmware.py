@@ -1,74 +1,215 @@
-"""The generated C on a bare-metal Cortex-M4 (QEMU mps2-an386, semihosting) agrees with the host."""
+"""The generated C on its targets: Cortex-M under qemu-system-arm, aarch64 under qemu-aarch64, the
+firmware example, CMake cross builds, C++, and the footprint report against the size tool."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 
 import numpy as np
+import onnx
 import pytest
 
 import pfpc
+import pfpc.compiler as compiler
+import reference
+from pfpc.cli import main
+from pfpc.codegen.targets import get_target
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-FIRMWARE = os.path.join(ROOT, "examples", "firmware")
-M4_FLAGS = "-mcpu=cortex-m4 -mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16".split()
+EXAMPLES = os.path.join(ROOT, "examples")
 
-needs_arm = pytest.mark.skipif(
-    not (shutil.which("arm-none-eabi-gcc") and shutil.which("qemu-system-arm")),
-    reason="arm-none-eabi-gcc or qemu-system-arm missing (.ci/run installs them)",
-)
+
+def _example(name):
+    return os.path.join(EXAMPLES, name, "model.onnx"), os.path.join(EXAMPLES, name, "post.npz")
+
+
+def _needs(*tools):
+    missing = [tool for tool in tools if not shutil.which(tool)]
+    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} missing (.ci/run installs them)")
+
+
+needs_arm = _needs("arm-none-eabi-gcc", "qemu-system-arm")
+EMULATED = {
+    "cortex-m4": needs_arm,
+    "cortex-m7": needs_arm,
+    "cortex-m55": needs_arm,
+    "aarch64": _needs("aarch64-linux-gnu-gcc", "qemu-aarch64"),
+}
+
+
+@pytest.mark.parametrize("target,example", [
+    pytest.param(t, e, marks=EMULATED[t]) for t, e in
+    [("cortex-m4", "mlp"), ("cortex-m4", "lenet"), ("cortex-m7", "mlp"), ("cortex-m7", "lenet"), ("cortex-m55", "lenet"),
+     ("aarch64", "mlp"), ("aarch64", "lenet")]
+])
+def test_emulated_target_matches_host_and_reference(tmp_path, target, example):
+    model_path, post_path = _example(example)
+    x = np.load(os.path.join(EXAMPLES, example, "sample.npy"))
+    out = str(tmp_path / "out")
+    pfpc.compile(model_path, post_path, out_dir=out, batch=1, target=target)
+    device = compiler.run(out, [x], emulate=True)
+    host = compiler.run(out, [x])
+    (device_mean, device_var), = device.outputs
+    (host_mean, host_var), = host.outputs
+    np.testing.assert_allclose(device_mean, host_mean, rtol=1e-5, atol=1e-5 * np.abs(host_mean).max())
+    np.testing.assert_allclose(device_var, host_var, rtol=1e-5, atol=1e-5 * np.abs(host_var).max())
+    post = dict(np.load(post_path))
+    variances = {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in post.items()}
+    ref_mean, ref_var = reference.pfp_onnx(onnx.load(model_path), variances, {"input": x})["logits"]
+    np.testing.assert_allclose(device_mean, ref_mean, rtol=1e-4, atol=1e-4 * np.abs(ref_mean).max())
+    np.testing.assert_allclose(device_var, ref_var, rtol=1e-4, atol=1e-4 * np.abs(ref_var).max())
+    if get_target(target).bare_metal:
+        assert len(device.cycles) == x.shape[0] and min(device.cycles) > 0
+    else:
+        assert device.cycles == []
 
 
 @needs_arm
-@pytest.mark.parametrize("example", ["mlp", "lenet"])
-def test_cortex_m4_matches_host(tmp_path, example):
-    x = np.load(os.path.join(ROOT, "examples", example, "sample.npy"))[:1]
+def test_cycle_counts_are_deterministic_and_track_work(tmp_path, capsys):
+    x_path = os.path.join(EXAMPLES, "mlp", "sample.npy")
+    counts = {}
+    for example in ("mlp", "lenet"):
+        out = str(tmp_path / example)
+        pfpc.compile(*_example(example), out_dir=out, batch=1, target="cortex-m4")
+        first = compiler.run(out, [np.load(os.path.join(EXAMPLES, example, "sample.npy"))], emulate=True).cycles
+        second = compiler.run(out, [np.load(os.path.join(EXAMPLES, example, "sample.npy"))], emulate=True).cycles
+        assert first == second
+        counts[example] = np.median(first)
+    # LeNet does about 3x the MACs of the MLP (55k vs 15k PFP multiply-adds) plus the Clark maxima
+    assert counts["lenet"] > 2 * counts["mlp"]
+    assert main(["run", str(tmp_path / "mlp"), "--input", x_path, "--output", str(tmp_path / "y.npz"), "--emulate", "--cycles"]) == 0
+    assert f"median {int(counts['mlp'])}" in capsys.readouterr().out
+
+
+def test_cycles_need_an_emulated_cortex_m(tmp_path, capsys):
     out = str(tmp_path / "out")
-    pfpc.compile(os.path.join(ROOT, "examples", example, "model.onnx"), os.path.join(ROOT, "examples", example, "post.npz"), out_dir=out, batch=1)
-    (host_mean, host_var), = pfpc.run_host(out, [x])
-    values = ",".join(f"{v:.9e}f" for v in x.reshape(-1))
-    (tmp_path / "out" / "input_data.h").write_text(f"static const float pfp_example_input[{x.size}] = {{{values}}};\n")
-    elf = str(tmp_path / "fw.elf")
-    build = subprocess.run(
-        ["arm-none-eabi-gcc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", *M4_FLAGS, "-fno-math-errno",
-         "--specs=rdimon.specs", "-nostartfiles", "-T", os.path.join(FIRMWARE, "cortex_m.ld"), "-I", out,
-         os.path.join(FIRMWARE, "startup_cortex_m.c"), os.path.join(FIRMWARE, "main.c"), os.path.join(out, "pfp_model.c"), "-lm", "-o", elf],
-        capture_output=True, text=True,
-    )
-    assert build.returncode == 0, build.stderr[-2000:]
-    run = subprocess.run(
-        ["qemu-system-arm", "-M", "mps2-an386", "-nographic", "-semihosting-config", "enable=on,target=native", "-kernel", elf],
-        capture_output=True, text=True, timeout=120,
-    )
+    pfpc.compile(*_example("mlp"), out_dir=out, batch=1)
+    x_path = os.path.join(EXAMPLES, "mlp", "sample.npy")
+    assert main(["run", out, "--input", x_path, "--output", str(tmp_path / "y.npz"), "--cycles"]) == 2
+    assert main(["run", out, "--input", x_path, "--output", str(tmp_path / "y.npz"), "--emulate", "--cycles"]) == 2
+    err = capsys.readouterr().err
+    assert "--cycles needs --emulate" in err and "needs a Cortex-M target (compiled for host)" in err
+
+
+@needs_arm
+def test_firmware_example_runs_under_qemu(tmp_path):
+    out = str(tmp_path / "lenet_m4")
+    pfpc.compile(*_example("lenet"), out_dir=out, batch=1, target="cortex-m4")
+    samples = os.path.join(EXAMPLES, "lenet", "sample.npy")
+    subprocess.run(["python3", os.path.join(EXAMPLES, "firmware", "make_input.py"), samples, os.path.join(out, "input_data.h")], check=True)
+    run = subprocess.run(["make", "-s", "-C", os.path.join(EXAMPLES, "firmware"), f"OUT={out}", "run"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.splitlines() if " mean " in line]
-    assert len(rows) == host_mean.size, run.stdout[-2000:] + run.stderr[-2000:]
-    device_mean = np.array([float(r[2]) for r in rows])
-    device_var = np.array([float(r[4]) for r in rows])
-    np.testing.assert_allclose(device_mean, host_mean.reshape(-1), rtol=1e-5, atol=1e-5 * np.abs(host_mean).max())
-    np.testing.assert_allclose(device_var, host_var.reshape(-1), rtol=1e-5, atol=1e-5 * np.abs(host_var).max())
+    (host_mean, host_var), = pfpc.run_host(out, [np.load(samples)[:1]])
+    assert len(rows) == host_mean.size, run.stdout[-2000:]
+    np.testing.assert_allclose([float(r[2]) for r in rows], host_mean.reshape(-1), rtol=1e-5, atol=1e-5 * np.abs(host_mean).max())
+    np.testing.assert_allclose([float(r[4]) for r in rows], host_var.reshape(-1), rtol=1e-5, atol=1e-5 * np.abs(host_var).max())
 
 
 @pytest.mark.parametrize("target", ["host", "arm", "cortex-m4", "cortex-m7", "cortex-m55", "cortex-a53", "cortex-a72", "aarch64"])
 def test_generated_makefile_builds_for_target(tmp_path, target):
-    from pfpc.codegen.targets import get_target
-
     out = str(tmp_path / "out")
-    pfpc.compile(os.path.join(ROOT, "examples", "lenet", "model.onnx"), os.path.join(ROOT, "examples", "lenet", "post.npz"), out_dir=out, batch=1, target=target)
+    pfpc.compile(*_example("lenet"), out_dir=out, batch=1, target=target)
     cc = get_target(target).cc
     if not shutil.which(cc):
         pytest.skip(f"{cc} not installed")
     result = subprocess.run(["make", "-C", out], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.path.exists(os.path.join(out, "libpfp_model.a"))
-    if get_target(target).flags:
-        assert get_target(target).flags[0] in open(os.path.join(out, "Makefile")).read()
+    for flag in get_target(target).flags:
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize("target", [pytest.param("cortex-m4", marks=needs_arm), pytest.param("aarch64", marks=_needs("aarch64-linux-gnu-gcc"))])
+def test_cmake_toolchain_file_cross_builds(tmp_path, target):
+    if not shutil.which("cmake"):
+        pytest.skip("cmake missing")
+    out = str(tmp_path / "out")
+    pfpc.compile(*_example("mlp"), out_dir=out, batch=1, target=target)
+    build = str(tmp_path / "build")
+    configure = subprocess.run(["cmake", "-S", out, "-B", build, f"-DCMAKE_TOOLCHAIN_FILE={out}/toolchain.cmake"], capture_output=True, text=True)
+    assert configure.returncode == 0, configure.stderr[-2000:]
+    made = subprocess.run(["cmake", "--build", build, "--verbose"], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert get_target(target).cc in made.stdout
+    for flag in get_target(target).flags:
+        assert flag in made.stdout
+    assert os.path.exists(os.path.join(build, "libpfp_model.a"))
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="g++ missing")
+def test_header_is_usable_from_cpp(tmp_path):
+    out = str(tmp_path / "out")
+    pfpc.compile(*_example("mlp"), out_dir=out, batch=1)
+    (tmp_path / "use.cpp").write_text(
+        '#include "pfp_model.h"\nstatic float x[PFP_MODEL_INPUT0_SIZE], m[PFP_MODEL_OUTPUT0_SIZE], v[PFP_MODEL_OUTPUT0_SIZE];\n'
+        "int main() { return pfp_model_run(x, m, v, nullptr); }\n"
+    )
+    subprocess.run(["cc", "-std=c99", "-O1", "-c", os.path.join(out, "pfp_model.c"), "-o", str(tmp_path / "lib.o")], check=True)
+    result = subprocess.run(["g++", "-Wall", "-Werror", "-I", out, str(tmp_path / "use.cpp"), str(tmp_path / "lib.o"), "-lm", "-o", str(tmp_path / "use")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert subprocess.run([str(tmp_path / "use")]).returncode == 0
+
+
+def _size_sections(tool, path):
+    """Independent parse of ``size -A``: {section: bytes}."""
+    lines = subprocess.run([tool, "-A", path], capture_output=True, text=True, check=True).stdout.splitlines()
+    return {parts[0]: int(parts[1]) for parts in (line.split() for line in lines) if len(parts) == 3 and parts[0].startswith(".")}
+
+
+@needs_arm
+def test_report_matches_the_size_tool(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    result = pfpc.compile(*_example("lenet"), out_dir=out, batch=1, target="cortex-m4")
+    assert main(["report", out, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    subprocess.run(["make", "-s", "-C", out, "pfp_model.o"], check=True)
+    sections = _size_sections("arm-none-eabi-size", os.path.join(out, "pfp_model.o"))
+    assert report["code_bytes"] == sections[".text"]
+    assert report["weights_bytes"] == sum(v for k, v in sections.items() if k.startswith(".rodata"))
+    assert report["arena_bytes"] == sections[".bss"] == result.program.arena_size
+    # the weights section holds the posterior arrays (mean and moment per weight), little else
+    arrays = 4 * sum(values.size for values, _ in result.program.weights.values())
+    assert arrays <= report["weights_bytes"] < arrays + 1024
+    su = open(os.path.join(out, "pfp_model.su")).read()
+    run_frame = int(next(line for line in su.splitlines() if ":pfp_model_run\t" in line).split("\t")[1])
+    assert report["stack_bytes"] >= run_frame > 0
+    assert report["flash_bytes"] == report["weights_bytes"] + report["code_bytes"] + report["data_bytes"]
+    # per-layer arithmetic against the ONNX graph: Conv MACs = out elements * Cin*kh*kw, Gemm = out * K
+    model = onnx.shape_inference.infer_shapes(onnx.load(_example("lenet")[0]))
+    weights = {init.name: init.dims for init in model.graph.initializer}
+    shapes = {info.name: [d.dim_value for d in info.type.tensor_type.shape.dim][1:] for info in model.graph.value_info}
+    expected = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            cout, cin, kh, kw = weights[node.input[1]]
+            expected.append(int(np.prod(shapes[node.output[0]])) * cin * kh * kw)
+        elif node.op_type in ("Gemm", "MatMul"):
+            expected.append(int(np.prod(weights[node.input[1]])))
+    assert [layer["macs"] for layer in report["layers"] if layer["macs"]] == expected
+
+
+def test_limits_fail_the_compile_and_leave_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [_example("mlp")[0], "--posterior", _example("mlp")[1], "--batch", "1", "-o", str(out)]
+    assert main(args + ["--flash-limit", "16K"]) == 2
+    err = capsys.readouterr().err
+    assert "bytes of flash" in err and "more than the limit of 16384 bytes" in err and err.count("\n") == 1
+    assert main(args + ["--ram-limit", "256"]) == 2
+    assert "bytes of RAM" in capsys.readouterr().err
+    assert main(args + ["--ram-limit", "lots"]) == 2
+    assert "--ram-limit: 'lots' is not a size" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".pfpc")]
+    assert main(args + ["--ram-limit", "64K", "--flash-limit", "1M"]) == 0
+    printed = capsys.readouterr().out
+    assert "flash" in printed and "fc1_matmul_add_relu" in printed and out.exists()
 
 
 def test_unknown_target_is_a_one_line_error(tmp_path, capsys):
-    from pfpc.cli import main
-
-    code = main([os.path.join(ROOT, "examples", "mlp", "model.onnx"), "--batch", "1", "--target", "z80", "-o", str(tmp_path / "o")])
+    code = main([_example("mlp")[0], "--batch", "1", "--target", "z80", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "unknown target 'z80'" in err and "cortex-m4" in err and not (tmp_path / "o").exists()

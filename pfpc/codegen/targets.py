@@ -1,10 +1,14 @@
-"""Targets: the compiler and flags written into the generated Makefile and CMake files."""
+"""Targets: the compiler and flags written into the generated Makefile and CMake files, and how
+`pfpc run --emulate` runs the result (a QEMU board for Cortex-M, QEMU user mode for aarch64)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..errors import PfpcError
+
+FIRMWARE_DIR = os.path.join(os.path.dirname(__file__), "firmware")
 
 
 @dataclass(frozen=True)
@@ -14,16 +18,42 @@ class Target:
     flags: tuple
     bare_metal: bool
     description: str
+    cpu: str = ""
+    qemu_machine: str = ""  # bare metal: the qemu-system-arm board
+    linker_script: str = ""  # bare metal: file in FIRMWARE_DIR for that board
+
+    @property
+    def tool_prefix(self) -> str:
+        """'arm-none-eabi-' for arm-none-eabi-gcc: the prefix of ar, size, ... of the same toolchain."""
+        return self.cc[: -len("gcc")] if self.cc.endswith("gcc") else ""
+
+    @property
+    def cmake_processor(self) -> str:
+        return "arm" if self.bare_metal else ("aarch64" if "aarch64" in self.cc else "")
+
+    def emulator_command(self, program: str, args: list[str]) -> list[str]:
+        """How to run ``program args...`` for this target on this machine; [] for the host."""
+        if self.bare_metal:
+            semihosting = ",".join(["enable=on,target=native", *(f"arg={a}" for a in [os.path.basename(program), *args])])
+            return ["qemu-system-arm", "-M", self.qemu_machine, "-nographic", "-icount", "shift=0",
+                    "-semihosting-config", semihosting, "-kernel", program]
+        if self.cmake_processor == "aarch64":
+            cpu = ["-cpu", self.cpu] if self.cpu else []
+            return ["qemu-aarch64", *cpu, "-L", "/usr/aarch64-linux-gnu", program, *args]
+        return [program, *args]
 
 
 _M_FLAGS = ("-mthumb", "-mfloat-abi=hard")
 TARGETS = {
     "host": Target("host", "cc", (), False, "the machine pfpc runs on"),
-    "cortex-m4": Target("cortex-m4", "arm-none-eabi-gcc", ("-mcpu=cortex-m4", *_M_FLAGS, "-mfpu=fpv4-sp-d16"), True, "Cortex-M4F, bare metal"),
-    "cortex-m7": Target("cortex-m7", "arm-none-eabi-gcc", ("-mcpu=cortex-m7", *_M_FLAGS, "-mfpu=fpv5-d16"), True, "Cortex-M7, bare metal"),
-    "cortex-m55": Target("cortex-m55", "arm-none-eabi-gcc", ("-mcpu=cortex-m55", *_M_FLAGS), True, "Cortex-M55 (Helium), bare metal"),
-    "cortex-a53": Target("cortex-a53", "aarch64-linux-gnu-gcc", ("-mcpu=cortex-a53",), False, "Cortex-A53, aarch64 Linux"),
-    "cortex-a72": Target("cortex-a72", "aarch64-linux-gnu-gcc", ("-mcpu=cortex-a72",), False, "Cortex-A72, aarch64 Linux"),
+    "cortex-m4": Target("cortex-m4", "arm-none-eabi-gcc", ("-mcpu=cortex-m4", *_M_FLAGS, "-mfpu=fpv4-sp-d16"), True,
+                        "Cortex-M4F, bare metal", "cortex-m4", "mps2-an386", "mps2.ld"),
+    "cortex-m7": Target("cortex-m7", "arm-none-eabi-gcc", ("-mcpu=cortex-m7", *_M_FLAGS, "-mfpu=fpv5-d16"), True,
+                        "Cortex-M7, bare metal", "cortex-m7", "mps2-an500", "mps2.ld"),
+    "cortex-m55": Target("cortex-m55", "arm-none-eabi-gcc", ("-mcpu=cortex-m55", *_M_FLAGS), True,
+                         "Cortex-M55 (Helium), bare metal", "cortex-m55", "mps3-an547", "mps3_an547.ld"),
+    "cortex-a53": Target("cortex-a53", "aarch64-linux-gnu-gcc", ("-mcpu=cortex-a53",), False, "Cortex-A53, aarch64 Linux", "cortex-a53"),
+    "cortex-a72": Target("cortex-a72", "aarch64-linux-gnu-gcc", ("-mcpu=cortex-a72",), False, "Cortex-A72, aarch64 Linux", "cortex-a72"),
     "aarch64": Target("aarch64", "aarch64-linux-gnu-gcc", (), False, "generic aarch64 Linux"),
 }
 TARGETS["arm"] = TARGETS["cortex-m4"]  # the default ARM target

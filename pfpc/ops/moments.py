@@ -76,6 +76,12 @@ def clark_max_moments(mean1, var1, mean2, var2):
     return first, second
 
 
+#: Multiply-adds per deterministic MAC in the inner loop of each `product_moments` case, keyed by the
+#: operands' representations (the cost model of the footprint report).
+FMA_PER_MAC = {("none", "none"): 1, ("none", "var"): 2, ("none", "second_moment"): 2, ("second_moment", "second_moment"): 3}
+FMA_PER_MAC_GENERAL = 5
+
+
 def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b):
     """Mean and variance of the product of independent Gaussians a and b.
 

@@ -1,0 +1,162 @@
+"""What the generated library costs on its target: flash (weights, code), RAM (arena, stack), and
+the arithmetic per layer.
+
+Sizes come from building ``<name>.o`` with the target's own compiler (``-fstack-usage``) and
+reading it with the same toolchain's ``size -A``: ``.rodata`` is the weights (and a few float
+constants), ``.text`` the code, ``.bss`` the static arena. The stack bound is the executor's frame
+plus the deepest kernel frame that was not inlined (the call depth is two; libm calls are not
+counted). Per layer, the MACs are those of the deterministic network; the PFP multiply-adds follow
+the cost model of `pfpc.ops.moments.FMA_PER_MAC`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+from ..errors import PfpcError
+from ..ops.moments import FMA_PER_MAC, FMA_PER_MAC_GENERAL
+
+UNITS = {"": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2, "mib": 1024 ** 2}
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """'256K', '1M', '65536' -> bytes; a clear error names the option otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]i?[bB]?)?\s*", str(text))
+    if not match:
+        raise PfpcError(f"{option}: '{text}' is not a size (examples: 65536, 256K, 1M)")
+    return int(match.group(1)) * UNITS[(match.group(2) or "").lower()]
+
+
+def layer_costs(program) -> list[dict]:
+    """Per kernel step: its operators, output shape, deterministic MACs, PFP multiply-adds and
+    Gaussian nonlinearity evaluations (ReLU moments, Clark maxima)."""
+    layers = []
+    for step in program.steps:
+        spec = json.loads(step.spec) if step.spec else {"stages": [], "operands": []}
+        ops = [op for op, _ in spec["stages"]]
+        out_mean = step.args[-2] if spec.get("output", "none") != "none" else step.args[-1]
+        macs = fma = 0
+        gaussian = {}
+        if ops and ops[0] in ("matmul", "conv2d"):
+            reprs = spec["operands"][:2]
+            weight = step.args[1 if reprs[0] == "none" else 2]
+            fan_in = weight.shape[-2] if ops[0] == "matmul" else int(np.prod(weight.shape)) // weight.shape[0]
+            macs = out_mean.size * fan_in
+            fma = macs * FMA_PER_MAC.get(tuple(reprs), FMA_PER_MAC.get(tuple(reversed(reprs)), FMA_PER_MAC_GENERAL))
+        for op, attrs in spec["stages"]:
+            if op == "relu":
+                gaussian["relu"] = gaussian.get("relu", 0) + out_mean.size
+            elif op == "maxpool2d":
+                gaussian["max"] = gaussian.get("max", 0) + out_mean.size * (int(np.prod(attrs["kernel"])) - 1)
+        layers.append({"kernel": step.kernel, "ops": ops, "output_shape": list(out_mean.shape), "macs": int(macs),
+                       "pfp_fma": int(fma), "gaussian_ops": gaussian})
+    return layers
+
+
+def measure(out_dir: str, meta: dict) -> dict:
+    """Build ``<name>.o`` with the target compiler (in a scratch copy) and read its sizes.
+
+    Returns the footprint dict; without the target's compiler, code and stack are None and the
+    weights and arena come from the compiler's own plan."""
+    from .targets import get_target
+
+    target = get_target(meta["target"])
+    name = meta["name"]
+    footprint = {
+        "target": target.name,
+        "weights_bytes": meta["weights_bytes"],
+        "code_bytes": None,
+        "arena_bytes": meta["arena_bytes"],
+        "arena_lower_bound_bytes": meta["arena_lower_bound_bytes"],
+        "stack_bytes": None,
+        "io_bytes": 4 * (sum(int(np.prod(s)) for _, s in meta["inputs"]) + 2 * sum(int(np.prod(s)) for _, s in meta["outputs"])),
+        "measured_with": None,
+        "layers": meta["layers"],
+    }
+    size_tool = f"{target.tool_prefix}size" if target.tool_prefix else "size"
+    if not (shutil.which(target.cc) and shutil.which(size_tool)):
+        footprint["note"] = f"code and stack not measured: {target.cc} or {size_tool} is not installed"
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            for file_name in ("Makefile", "pfpc_target.mk", f"{name}.c", f"{name}.h", f"{name}_weights.h"):
+                shutil.copy(os.path.join(out_dir, file_name), scratch)
+            build = subprocess.run(["make", "-s", "-C", scratch, f"{name}.o"], capture_output=True, text=True)
+            if build.returncode != 0:
+                raise PfpcError(f"{out_dir}: building {name}.o for {target.name} failed: {(build.stderr or build.stdout).strip()[-300:]}")
+            sections = section_sizes(size_tool, os.path.join(scratch, f"{name}.o"))
+            with open(os.path.join(scratch, f"{name}.su")) as handle:
+                frames = stack_frames(handle.read())
+        footprint["weights_bytes"] = sum(v for k, v in sections.items() if k.startswith(".rodata"))
+        footprint["code_bytes"] = sum(v for k, v in sections.items() if k.startswith(".text"))
+        footprint["data_bytes"] = sum(v for k, v in sections.items() if k.startswith(".data"))
+        footprint["bss_bytes"] = sum(v for k, v in sections.items() if k.startswith(".bss"))
+        run_frame = frames.pop(f"{name}_run", 0)
+        footprint["stack_bytes"] = run_frame + max(frames.values(), default=0)
+        footprint["measured_with"] = f"{size_tool} -A, {target.cc} -fstack-usage"
+    footprint["flash_bytes"] = footprint["weights_bytes"] + (footprint["code_bytes"] or 0) + footprint.get("data_bytes", 0)
+    footprint["ram_bytes"] = footprint["arena_bytes"] + (footprint["stack_bytes"] or 0) + footprint.get("data_bytes", 0)
+    return footprint
+
+
+def section_sizes(size_tool: str, path: str) -> dict:
+    """{section: bytes} from ``size -A`` (SysV format)."""
+    result = subprocess.run([size_tool, "-A", path], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PfpcError(f"{path}: {size_tool} failed: {result.stderr.strip()}")
+    sections = {}
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].startswith(".") and parts[1].isdigit():
+            sections[parts[0]] = sections.get(parts[0], 0) + int(parts[1])
+    return sections
+
+
+def stack_frames(su_text: str) -> dict:
+    """{function: bytes} from a GCC ``.su`` file (``file:line:col:function<TAB>bytes<TAB>kind``)."""
+    frames = {}
+    for line in su_text.splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 2 and fields[1].strip().isdigit():
+            frames[fields[0].rsplit(":", 1)[-1]] = int(fields[1])
+    return frames
+
+
+def check_limits(footprint: dict, ram_limit: int | None, flash_limit: int | None, where: str) -> None:
+    for kind, limit in (("flash", flash_limit), ("RAM", ram_limit)):
+        used = footprint[f"{kind.lower()}_bytes"]
+        if limit is not None and used > limit:
+            detail = (f"weights {footprint['weights_bytes']} + code {footprint['code_bytes']}" if kind == "flash"
+                      else f"arena {footprint['arena_bytes']} + stack {footprint['stack_bytes']}")
+            raise PfpcError(f"{where}: the model needs {used} bytes of {kind} ({detail}), more than the limit of {limit} bytes")
+
+
+def format_report(footprint: dict, name: str) -> str:
+    """The footprint as the text table `pfpc report` and the compile command print."""
+
+    def number(value):
+        return "?" if value is None else f"{value:,}"
+
+    lines = [f"{name} for {footprint['target']}"]
+    lines.append(f"flash {number(footprint['flash_bytes']):>10} bytes = weights {number(footprint['weights_bytes'])} "
+                 f"+ code {number(footprint['code_bytes'])}" + (f" + data {footprint['data_bytes']:,}" if footprint.get("data_bytes") else ""))
+    lines.append(f"RAM   {number(footprint['ram_bytes']):>10} bytes = arena {number(footprint['arena_bytes'])} "
+                 f"(lower bound {number(footprint['arena_lower_bound_bytes'])}) + stack {number(footprint['stack_bytes'])}"
+                 f"; the caller's input and output buffers: {footprint['io_bytes']:,} bytes")
+    lines.append(f"      measured with {footprint['measured_with']}" if footprint["measured_with"] else f"      {footprint.get('note', '')}")
+    width = max([len(layer["kernel"]) for layer in footprint["layers"]] + [5])
+    lines.append(f"{'layer':<{width}}  {'output':<14}{'MACs':>10}{'PFP FMA':>10}  Gaussian ops")
+    for layer in footprint["layers"]:
+        gaussian = ", ".join(f"{count} {op}" for op, count in layer["gaussian_ops"].items()) or "-"
+        shape = "x".join(str(d) for d in layer["output_shape"])
+        lines.append(f"{layer['kernel']:<{width}}  {shape:<14}{layer['macs']:>10,}{layer['pfp_fma']:>10,}  {gaussian}")
+    macs = sum(layer["macs"] for layer in footprint["layers"])
+    fma = sum(layer["pfp_fma"] for layer in footprint["layers"])
+    lines.append(f"{'total':<{width}}  {'':<14}{macs:>10,}{fma:>10,}  ({fma / max(macs, 1):.2f} PFP multiply-adds per MAC)")
+    return "\n".join(lines)
