@@ -125,6 +125,24 @@ def test_conv_relu_maxpool_matches_reference(tmp_path, zero_var, strides, pads, 
     _check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
 
 
+@pytest.mark.parametrize("pool", [
+    dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+    dict(kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 1, 1], ceil_mode=1),
+    dict(kernel_shape=[2, 2], strides=[1, 1], dilations=[2, 2]),
+])
+def test_maxpool_windows_match_reference(tmp_path, zero_var, pool):
+    """Clark's max chained over every window position, padding skipped, after a Gaussian conv."""
+    rng = np.random.default_rng(8)
+    inits = {"w": rng.standard_normal((3, 2, 3, 3)).astype(np.float32) * 0.5}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["c"], ["y"], **pool),
+    ]
+    model = make_model(nodes, [("x", [2, 2, 7, 6])], ["y"], inits)
+    x = rng.standard_normal((2, 2, 7, 6)).astype(np.float32)
+    _check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
+
+
 def test_residual_add_of_two_gaussians(tmp_path, zero_var):
     rng = np.random.default_rng(4)
     inits = {"w1": rng.standard_normal((5, 5)).astype(np.float32), "w2": rng.standard_normal((5, 5)).astype(np.float32)}

@@ -13,9 +13,14 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-from .moments import clark_max_moments, f32, product_moments, relu_moments
+from .moments import clark_max_moments, clark_max_terms, f32, product_moments, relu_moments, relu_terms
 
 REPRESENTATIONS = ("none", "var", "second_moment")
+
+#: te.compute attribute of a stage computed once per element and read by several expressions
+#: (erf/exp terms that both moments use): `kernel.schedule_kernel` keeps it in a scalar, never inlines it.
+SHARED_ATTR = "pfp.shared"
+SHARED = {SHARED_ATTR: 1}
 
 
 @dataclass
@@ -180,7 +185,11 @@ def relu(a: Gaussian) -> Gaussian:
     if a.repr == "none":
         mean = te.compute(a.shape, lambda *idx: tirx.max(a.mean[idx], f32(0.0)), name="relu_mean")
         return Gaussian(mean, None, "none")
-    mean, second = te.compute(a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx)), name="relu")
+    # erf and exp once per element: a stage of their own that both moments read
+    cdf, std_pdf = te.compute(a.shape, lambda *idx: relu_terms(a.mean[idx], a.var_at(idx)), name="relu_terms", attrs=SHARED)
+    mean, second = te.compute(
+        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], std_pdf[idx])), name="relu"
+    )
     return Gaussian(mean, second, "second_moment")
 
 
@@ -197,15 +206,15 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
 
     out_h = out_size(height, pad_top + pad_bottom, kernel[0], strides[0], dilations[0])
     out_w = out_size(width, pad_left + pad_right, kernel[1], strides[1], dilations[1])
-    i = te.reduce_axis((0, kernel[0]), name="i")
-    j = te.reduce_axis((0, kernel[1]), name="j")
-
-    def window(y, xx):
-        row = y * strides[0] + i * dilations[0] - pad_top
-        col = xx * strides[1] + j * dilations[1] - pad_left
-        return row, col, tirx.all(row >= 0, row < height, col >= 0, col < width)
-
     if x.repr == "none":
+        i = te.reduce_axis((0, kernel[0]), name="i")
+        j = te.reduce_axis((0, kernel[1]), name="j")
+
+        def window(y, xx):
+            row = y * strides[0] + i * dilations[0] - pad_top
+            col = xx * strides[1] + j * dilations[1] - pad_left
+            return row, col, tirx.all(row >= 0, row < height, col >= 0, col < width)
+
         def body(n, c, y, xx):
             row, col, inside = window(y, xx)
             lowest = tirx.min_value("float32")
@@ -213,37 +222,56 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
 
         return Gaussian(te.compute([batch, chans, out_h, out_w], body, name="maxpool_mean"), None, "none")
 
-    def combine(acc, new):
-        acc_mean, acc_second, acc_seen = acc
-        new_mean, new_second, new_valid = new
-        acc_var = tirx.max(acc_second - acc_mean * acc_mean, f32(0.0))
-        new_var = tirx.max(new_second - new_mean * new_mean, f32(0.0))
-        max_mean, max_second = clark_max_moments(acc_mean, acc_var, new_mean, new_var)
-        take_new = acc_seen == f32(0.0)
-        skip_new = new_valid == f32(0.0)
+    # Clark's max as a chain of element-wise stages over the window positions (row-major), each
+    # with its erf/exp terms in a stage of their own, so that both moments share them.
+    out_shape = [batch, chans, out_h, out_w]
+    positions = [(pi, pj) for pi in range(kernel[0]) for pj in range(kernel[1])]
 
-        def pick(acc_value, new_value, max_value):
-            return tirx.Select(skip_new, acc_value, tirx.Select(take_new, new_value, max_value))
+    def at(position, n, c, y, xx):
+        """(inside, mean, var) of window element ``position`` of output (n, c, y, xx)."""
+        row = y * strides[0] + position[0] * dilations[0] - pad_top
+        col = xx * strides[1] + position[1] * dilations[1] - pad_left
+        inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
+        return (inside, tirx.if_then_else(inside, x.mean[n, c, row, col], f32(0.0)),
+                tirx.if_then_else(inside, x.var_at((n, c, row, col)), f32(0.0)))
 
-        return (
-            pick(acc_mean, new_mean, max_mean),
-            pick(acc_second, new_second, max_second),
-            tirx.max(acc_seen, new_valid),
-        )
+    def seen_before(k, n, c, y, xx):
+        return tirx.any(*[at(p, n, c, y, xx)[0] for p in positions[:k]]) if k > 1 else at(positions[0], n, c, y, xx)[0]
 
-    clark = te.comm_reducer(
-        combine, lambda t0, t1, t2: (tirx.const(0, t0), tirx.const(0, t1), tirx.const(0, t2)), name="clark_max"
-    )
+    def first(n, c, y, xx):
+        _inside, mean, var = at(positions[0], n, c, y, xx)
+        return mean, mean * mean + var
 
-    def body(n, c, y, xx):
-        row, col, inside = window(y, xx)
-        mean = tirx.if_then_else(inside, x.mean[n, c, row, col], f32(0.0))
-        var = tirx.if_then_else(inside, x.var_at((n, c, row, col)), f32(0.0))
-        valid = tirx.Select(inside, f32(1.0), f32(0.0))
-        return clark((mean, mean * mean + var, valid), axis=[i, j])
+    def clark_step(k, acc_mean, acc_second):
+        """max(accumulated, window element k): the erf/exp terms, then both moments from them."""
 
-    mean, second, _seen = te.compute([batch, chans, out_h, out_w], body, name="maxpool")
-    return Gaussian(mean, second, "second_moment")
+        def acc_var(n, c, y, xx):
+            return tirx.max(acc_second[n, c, y, xx] - acc_mean[n, c, y, xx] * acc_mean[n, c, y, xx], f32(0.0))
+
+        def terms(n, c, y, xx):
+            _inside, mean, var = at(positions[k], n, c, y, xx)
+            return clark_max_terms(acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var)
+
+        cdf, spread_pdf = te.compute(out_shape, terms, name=f"maxpool_terms_{k}", attrs=SHARED)
+
+        def step(n, c, y, xx):
+            inside, mean, var = at(positions[k], n, c, y, xx)
+            max_mean, max_second = clark_max_moments(
+                acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var, (cdf[n, c, y, xx], spread_pdf[n, c, y, xx])
+            )
+            seen = seen_before(k, n, c, y, xx)
+
+            def pick(acc_value, new_value, max_value):  # padding is skipped; the first valid element is taken as is
+                return tirx.Select(tirx.Not(inside), acc_value, tirx.Select(tirx.Not(seen), new_value, max_value))
+
+            return pick(acc_mean[n, c, y, xx], mean, max_mean), pick(acc_second[n, c, y, xx], mean * mean + var, max_second)
+
+        return te.compute(out_shape, step, name=f"maxpool_{k}", attrs=SHARED)
+
+    acc_mean, acc_second = te.compute(out_shape, first, name="maxpool_0", attrs=SHARED)
+    for k in range(1, len(positions)):
+        acc_mean, acc_second = clark_step(k, acc_mean, acc_second)
+    return Gaussian(acc_mean, acc_second, "second_moment")
 
 
 def convert(a: Gaussian, target: str) -> Gaussian:

@@ -129,39 +129,62 @@ def build_kernel(spec: KernelSpec, operand_shapes, name: str):
     return func, [int(d) for d in outputs[0].shape]
 
 
+def _is_shared(sch, block) -> bool:
+    return G.SHARED_ATTR in sch.get(block).annotations
+
+
 def _is_reduction(sch, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
 def schedule_kernel(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """One loop nest per reduction with its epilogue fused in, no materialised intermediates.
+    """One loop nest per output with everything before it fused in, no materialised intermediates.
 
-    Element-wise stages are inlined into their consumers; whatever follows a reduction is
-    computed at the reduction's innermost spatial loop, so the reduction result lives in a
-    scalar, and the accumulator initialisation is hoisted out of the reduction loop.
+    Single-output element-wise stages are inlined into their consumers. Whatever follows a
+    reduction is computed at the reduction's innermost spatial loop, so the reduction result lives
+    in a scalar, and the accumulator initialisation is hoisted out of the reduction loop. The
+    element-wise stages marked `gaussian.SHARED` (terms that both moments read, Clark's steps) are not
+    inlined, which would repeat their erf/exp per reader; they share one loop nest with the
+    stages that read them, so they live in scalars too.
     """
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for block in sch.get_child_blocks(root):
-        if sch.get(block).name_hint in outputs or _is_reduction(sch, block):
+        if sch.get(block).name_hint in outputs or _is_reduction(sch, block) or _is_shared(sch, block):
             continue
-        try:
-            sch.compute_inline(block)
-        except Exception:  # multi-output element-wise blocks stay as they are
-            pass
+        sch.compute_inline(block)
     for block in sch.get_child_blocks(root):
         if sch.get(block).name_hint in outputs:
             try:
                 sch.reverse_compute_inline(block)
             except Exception:
                 pass
+    placed = set()
     for block in sch.get_child_blocks(root):
         if not _is_reduction(sch, block):
             continue
         loops = sch.get_loops(block)
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
-        for consumer in sch.get_consumers(block):
+        for consumer in _downstream(sch, root, block):
             sch.reverse_compute_at(consumer, loops[spatial - 1])
+            placed.add(sch.get(consumer).name_hint)
         sch.decompose_reduction(block, sch.get_loops(block)[spatial])
+    rest = [b for b in sch.get_child_blocks(root)
+            if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
+    for block in rest[1:]:  # element-wise stages over one shape: one loop nest, shared terms in scalars
+        host = sch.get_loops(rest[0])
+        if not sch.get(sch.get_loops(block)[0]).same_as(sch.get(host[0])):
+            sch.reverse_compute_at(block, host[-1])
     return sch.mod["main"]
+
+
+def _downstream(sch, root, block):
+    """The blocks that read ``block``'s results, directly or not, in program order."""
+    names, frontier = set(), [block]
+    while frontier:
+        for consumer in sch.get_consumers(frontier.pop()):
+            if sch.get(consumer).name_hint not in names:
+                names.add(sch.get(consumer).name_hint)
+                frontier.append(consumer)
+    return [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint in names]

@@ -38,39 +38,51 @@ def safe_ratio(num, den):
     return num / tirx.max(den, f32(_FLT_MIN))
 
 
-def relu_moments(mean, var):
+def relu_terms(mean, var):
+    """(Phi(z), s phi(z)) with s = sqrt(V), z = M / s: the transcendental part of `relu_moments`,
+    computed once per element and shared by both moments."""
+    std = safe_sqrt(var)
+    z = safe_ratio(mean, std)
+    return std_normal_cdf(z), std * std_normal_pdf(z)
+
+
+def relu_moments(mean, var, terms=None):
     """Moments of y = max(x, 0) for x ~ N(M, V), with s = sqrt(V) and z = M / s:
 
     E[y]   = M Phi(z) + s phi(z)
     E[y^2] = (M^2 + V) Phi(z) + M s phi(z)
 
     V = 0 gives z = +-inf (or 0 when M = 0), hence exactly (relu(M), relu(M)^2).
+    ``terms``: `relu_terms` of the same element, when the caller computed them once already.
     Returns (E[y], E[y^2]).
     """
-    std = safe_sqrt(var)
-    z = safe_ratio(mean, std)
-    cdf = std_normal_cdf(z)
-    std_pdf = std * std_normal_pdf(z)
+    cdf, std_pdf = terms if terms is not None else relu_terms(mean, var)
     first = mean * cdf + std_pdf
     second = (mean * mean + var) * cdf + mean * std_pdf
     return first, second
 
 
-def clark_max_moments(mean1, var1, mean2, var2):
+def clark_max_terms(mean1, var1, mean2, var2):
+    """(Phi(al), a phi(al)) with a = sqrt(V1 + V2), al = (M1 - M2) / a: the transcendental part of
+    `clark_max_moments`, computed once per pair and shared by both moments."""
+    spread = safe_sqrt(var1 + var2)
+    alpha = safe_ratio(mean1 - mean2, spread)
+    return std_normal_cdf(alpha), spread * std_normal_pdf(alpha)
+
+
+def clark_max_moments(mean1, var1, mean2, var2, terms=None):
     """Moments of max(x1, x2) for independent x_i ~ N(M_i, V_i) (Clark 1961), with
     a = sqrt(V1 + V2) and al = (M1 - M2) / a:
 
     E[max]   = M1 Phi(al) + M2 Phi(-al) + a phi(al)
     E[max^2] = (V1 + M1^2) Phi(al) + (V2 + M2^2) Phi(-al) + (M1 + M2) a phi(al)
 
-    a = 0 gives al = +-inf (or 0 when M1 = M2), hence the larger mean exactly.
-    Returns (E[max], E[max^2]).
+    with Phi(-al) = 1 - Phi(al) (one erf per pair). a = 0 gives al = +-inf (or 0 when M1 = M2),
+    hence the larger mean exactly. ``terms``: `clark_max_terms` of the same pair, when the caller
+    computed them once already. Returns (E[max], E[max^2]).
     """
-    spread = safe_sqrt(var1 + var2)
-    alpha = safe_ratio(mean1 - mean2, spread)
-    cdf = std_normal_cdf(alpha)
-    cdf_neg = std_normal_cdf(f32(0.0) - alpha)
-    spread_pdf = spread * std_normal_pdf(alpha)
+    cdf, spread_pdf = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
+    cdf_neg = f32(1.0) - cdf
     first = mean1 * cdf + mean2 * cdf_neg + spread_pdf
     second = (var1 + mean1 * mean1) * cdf + (var2 + mean2 * mean2) * cdf_neg + (mean1 + mean2) * spread_pdf
     return first, second
