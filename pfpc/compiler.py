@@ -86,8 +86,7 @@ def compile(  # noqa: A001 - the public name users expect
             _dump(dump_ir, index, pass_name, mod)
     func = mod["main"]
     weights = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
-    program = emit_c.lower_to_program(mod, weights, io, name)
-    program.target = target_info
+    program = emit_c.lower_to_program(mod, weights, io, name, target_info)
     result = CompiledModel(mod, program, out_dir, io)
     if measure or ram_limit is not None or flash_limit is not None:
         def measure_and_check(directory):

@@ -9,8 +9,9 @@ import onnx
 from .frontends.posterior import Posterior
 
 
-def monte_carlo(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0):
-    """Per output: (sample mean, sample variance, standard error of the mean)."""
+def sampling_session(model: onnx.ModelProto, posterior: Posterior):
+    """An onnxruntime session of the mean network whose stochastic initializers are graph
+    inputs, so each run can be fed one draw of the weights; returns (session, stochastic names)."""
     import onnxruntime as ort
 
     stochastic = sorted(posterior.variances)
@@ -24,7 +25,13 @@ def monte_carlo(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samp
         graph.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shapes[name]))
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"]), stochastic
+
+
+def monte_carlo(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0):
+    """Per output: (sample mean, sample variance, standard error of the mean)."""
+    session, stochastic = sampling_session(model, posterior)
     rng = np.random.default_rng(seed)
     names = [o.name for o in session.get_outputs()]
     total = [0.0] * len(names)

@@ -25,6 +25,7 @@ from ..errors import PfpcError
 from ..ir import call_op_name, main_bindings
 from . import footprint, memory_plan
 from .kernels import generate_c_kernels
+from .targets import get_target
 
 C_KEYWORDS = set(
     "auto break case char const continue default do double else enum extern float for goto if inline int long "
@@ -95,8 +96,9 @@ class Program:
     arena_lower_bound: int = 0
 
 
-def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model") -> Program:
-    """Walk ``main`` of the compiled module and produce the step list and the memory plan."""
+def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model", target=None) -> Program:
+    """Walk ``main`` of the compiled module and produce the step list and the memory plan;
+    the kernels are scheduled for ``target`` (a `targets.Target`, default the host)."""
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
     namer = Namer({name, f"{name}_run", "arena", "base"})
@@ -144,7 +146,8 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
             env[binding.var] = source  # a view: same buffer
         else:
             raise PfpcError(f"internal: code generation cannot lower binding {binding.var.name} ({op or type(value).__name__})")
-    program.kernels = generate_c_kernels(prim_funcs)
+    program.target = target or get_target("host")
+    program.kernels = generate_c_kernels(prim_funcs, program.target.accumulate)
     result = func.body.body
     out_fields = [env[f] for f in result.fields] if isinstance(result, relax.Tuple) else list(env[result])
     reprs = [str(r) for r in func.attrs["pfp.outputs"]]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import tvm
 
 from ..errors import PfpcError
+from ..ops.kernel import schedule_kernel
 
 _DATA_LINE = re.compile(r"^\s*float\* (\w+) = \(\(float\*\)\(\(float\*\)\(\(\(DLTensor\*\)\w+_handle\)\[0\]\.data\)\)\);\s*$")
 _FORBIDDEN = ("_handle", "TVMFFI", "DLTensor", "TVMBackend", "args", "__tvm")
@@ -30,9 +31,10 @@ class CKernel:
         return f"void {prefix}{self.name}({args})"
 
 
-def generate_c_kernels(prim_funcs: dict) -> dict[str, CKernel]:
-    """Compile ``{name: PrimFunc}`` with TVM's C backend and extract each loop nest."""
-    mod = tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in prim_funcs.items()})
+def generate_c_kernels(prim_funcs: dict, accumulate: str = "scalar") -> dict[str, CKernel]:
+    """Schedule ``{name: PrimFunc}`` for the target (`schedule_kernel`), compile them with TVM's C
+    backend and extract each loop nest."""
+    mod = tvm.IRModule({name: schedule_kernel(func, accumulate).with_attr("global_symbol", name) for name, func in prim_funcs.items()})
     with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
         executable = tvm.compile(mod, target="c")
     source = executable.mod.inspect_source()

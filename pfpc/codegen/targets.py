@@ -21,6 +21,7 @@ class Target:
     cpu: str = ""
     qemu_machine: str = ""  # bare metal: the qemu-system-arm board
     linker_script: str = ""  # bare metal: file in FIRMWARE_DIR for that board
+    accumulate: str = "row"  # kernel schedule: "row" for SIMD cores, "scalar" without (ops.kernel.schedule_kernel)
 
     @property
     def tool_prefix(self) -> str:
@@ -47,9 +48,9 @@ _M_FLAGS = ("-mthumb", "-mfloat-abi=hard")
 TARGETS = {
     "host": Target("host", "cc", (), False, "the machine pfpc runs on"),
     "cortex-m4": Target("cortex-m4", "arm-none-eabi-gcc", ("-mcpu=cortex-m4", *_M_FLAGS, "-mfpu=fpv4-sp-d16"), True,
-                        "Cortex-M4F, bare metal", "cortex-m4", "mps2-an386", "mps2.ld"),
+                        "Cortex-M4F, bare metal", "cortex-m4", "mps2-an386", "mps2.ld", "scalar"),
     "cortex-m7": Target("cortex-m7", "arm-none-eabi-gcc", ("-mcpu=cortex-m7", *_M_FLAGS, "-mfpu=fpv5-d16"), True,
-                        "Cortex-M7, bare metal", "cortex-m7", "mps2-an500", "mps2.ld"),
+                        "Cortex-M7, bare metal", "cortex-m7", "mps2-an500", "mps2.ld", "scalar"),
     "cortex-m55": Target("cortex-m55", "arm-none-eabi-gcc", ("-mcpu=cortex-m55", *_M_FLAGS), True,
                          "Cortex-M55 (Helium), bare metal", "cortex-m55", "mps3-an547", "mps3_an547.ld"),
     "cortex-a53": Target("cortex-a53", "aarch64-linux-gnu-gcc", ("-mcpu=cortex-a53",), False, "Cortex-A53, aarch64 Linux", "cortex-a53"),

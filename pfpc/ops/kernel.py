@@ -123,8 +123,7 @@ def build_kernel(spec: KernelSpec, operand_shapes, name: str):
     outputs = [  # an output that is an input as such (a pass-through) still needs its own buffer
         te.compute(t.shape, lambda *i, t=t: t[i], name=f"copy_{t.name}") if t in taken else t for t in outputs
     ]
-    func = te.create_prim_func(params + outputs)
-    func = schedule_kernel(func)
+    func = te.create_prim_func(params + outputs)  # the algorithm; codegen schedules it for the target
     func = func.with_attr("global_symbol", name).with_attr("pfp.kernel", spec.to_json())
     return func, [int(d) for d in outputs[0].shape]
 
@@ -137,12 +136,15 @@ def _is_reduction(sch, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
-def schedule_kernel(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.PrimFunc:
     """One loop nest per output with everything before it fused in, no materialised intermediates.
 
-    Single-output element-wise stages are inlined into their consumers. Whatever follows a
-    reduction is computed at the reduction's innermost spatial loop, so the reduction result lives
-    in a scalar, and the accumulator initialisation is hoisted out of the reduction loop. The
+    Single-output element-wise stages are inlined into their consumers. A reduction accumulates
+    either (``accumulate="scalar"``, for cores without SIMD) one output at a time with the
+    reduction loops innermost, the result in registers and the epilogue computed right after it,
+    or (``"row"``, for SIMD cores) a whole output row at a time: the reduction loops move outside
+    the row's loop, so the innermost loop runs along contiguous outputs and weights, which the C
+    compiler vectorises, and the epilogue follows the row. The
     element-wise stages marked `gaussian.SHARED` (terms that both moments read, Clark's steps) are not
     inlined, which would repeat their erf/exp per reader; they share one loop nest with the
     stages that read them, so they live in scalars too.
@@ -166,17 +168,34 @@ def schedule_kernel(func: tirx.PrimFunc) -> tirx.PrimFunc:
             continue
         loops = sch.get_loops(block)
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
-        for consumer in _downstream(sch, root, block):
-            sch.reverse_compute_at(consumer, loops[spatial - 1])
-            placed.add(sch.get(consumer).name_hint)
-        sch.decompose_reduction(block, sch.get_loops(block)[spatial])
+        downstream = _downstream(sch, root, block)
+        if accumulate == "row" and spatial >= 2:
+            for consumer in downstream:
+                sch.reverse_compute_at(consumer, loops[spatial - 2])
+            _one_nest(sch, downstream)
+            sch.decompose_reduction(block, loops[spatial - 1])
+            update = sch.get_loops(block)
+            sch.reorder(*update[spatial:], update[spatial - 1])
+        else:
+            for consumer in downstream:
+                sch.reverse_compute_at(consumer, loops[spatial - 1])
+            sch.decompose_reduction(block, sch.get_loops(block)[spatial])
+        placed.update(sch.get(b).name_hint for b in downstream)
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
-    for block in rest[1:]:  # element-wise stages over one shape: one loop nest, shared terms in scalars
-        host = sch.get_loops(rest[0])
-        if not sch.get(sch.get_loops(block)[0]).same_as(sch.get(host[0])):
-            sch.reverse_compute_at(block, host[-1])
+    _one_nest(sch, rest)
     return sch.mod["main"]
+
+
+def _one_nest(sch, blocks):
+    """Sibling loop nests of element-wise blocks over one shape merged into one."""
+    innermost = []
+    for block in blocks:
+        loop = sch.get_loops(block)[-1]
+        if not any(sch.get(loop).same_as(sch.get(seen)) for seen in innermost):
+            innermost.append(loop)
+    if len(innermost) > 1:
+        sch.merge(*innermost)
 
 
 def _downstream(sch, root, block):
