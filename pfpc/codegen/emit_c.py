@@ -123,14 +123,14 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     return program
 
 
-def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str) -> tuple[Program, list, dict]:
+def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()) -> tuple[Program, list, dict]:
     """The steps (one kernel call each) and tensors of ``main``, in order, without a memory plan.
 
     Returns the program, the tensors of main's result tuple (the outputs are not placed yet) and
-    the weight tensors by parameter name."""
+    the weight tensors by parameter name. ``reserved``: more C names the executor uses."""
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
-    namer = Namer({name, f"{name}_run", "arena", "base"})
+    namer = Namer({name, f"{name}_run", "arena", "base", *reserved})
     program = Program(name, [], [], namer=namer)
     env: dict = {}
     for param, (onnx_name, shape) in zip(func.params[:num_input], io["inputs"]):
@@ -530,6 +530,9 @@ def write(program: Program, out_dir: str) -> None:
         "weights_bytes": sum(4 * values.size for values, _ in program.weights.values()),
         "layers": footprint.layer_costs(program),
     }
+    if program.sampling is not None:
+        meta.update(program.sampling.metadata())
+        meta["weights_bytes"] += sum(8 * w.tensor.size for w in program.sampling.weights)  # mean and std arrays
     with open(os.path.join(out_dir, "pfpc.json"), "w") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
         handle.write("\n")
