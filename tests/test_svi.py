@@ -21,6 +21,10 @@ import pfpc.compiler as compiler
 import reference
 from helpers import make_model, random_std
 from pfpc.cli import main
+from pfpc.frontends.posterior import bind_posterior
+from pfpc.frontends.relax_import import import_model
+from pfpc.ir import kernel_of, main_bindings
+from pfpc.passes.pipeline import default_passes, svi_passes
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 needs_arm = pytest.mark.skipif(not (shutil.which("arm-none-eabi-gcc") and shutil.which("qemu-system-arm")),
@@ -47,6 +51,27 @@ def _small_model(rng):
         helper.make_node("Add", ["m", "b2"], ["y"]),
     ]
     return make_model(nodes, [("x", [3, 6])], ["y"], inits), inits
+
+
+def test_detach_weight_std_follows_the_weight_layout():
+    """After fold_weight_layout and detach_weight_std: no variance left in the network; the stds are
+    those of the posterior, transposed like w1 (Gemm transB) and scaled by |beta| like b1."""
+    rng = np.random.default_rng(2)
+    model, inits = _small_model(rng)
+    stds = random_std(inits, rng)
+    mod = import_model(model, bind_posterior(model, stds))
+    for _, transform in svi_passes()[:2]:
+        mod = transform(mod)
+    attrs = mod["main"].attrs
+    assert len(attrs["pfp.weight_var"]) == 0
+    got = {str(k): v.numpy() for k, v in attrs["pfp.sampled_std"].items()}
+    expected = {"w1.permute_dims": stds["w1.std"].T, "b1.multiply": 2 * stds["b1.std"], "w2": stds["w2.std"], "b2": stds["b2.std"]}
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-6, err_msg=name)
+    final = pfpc.compile(model, stds, mode="svi").mod
+    specs = [kernel_of(final, b.value)[0] for b in main_bindings(final["main"]) if kernel_of(final, b.value)]
+    assert specs and all(s.output == "none" and set(s.operands) == {"none"} for s in specs)
 
 
 def _svi(model, posterior, inputs, out, samples, seed=0, **options):
@@ -206,7 +231,7 @@ def test_samples_and_seed_macros_and_calls_are_deterministic(tmp_path):
     assert build.returncode != 0 and "at least 2" in build.stderr
 
 
-def test_sampled_weights_are_counted_in_the_arena(tmp_path):
+def test_sampled_weights_are_counted_in_the_arena(tmp_path, capsys):
     model_path, post_path = (os.path.join(EXAMPLES, "mlp", f) for f in ("model.onnx", "post.npz"))
     out = tmp_path / "out"
     result = pfpc.compile(model_path, post_path, out_dir=str(out), batch=1, mode="svi", samples=10)
@@ -220,6 +245,12 @@ def test_sampled_weights_are_counted_in_the_arena(tmp_path):
     source = (out / "pfp_model.c").read_text()
     assert "malloc" not in source and "static float pfp_model_fc1_weight" not in source
     assert "static const float pfp_model_fc1_weight_permute_dims_std[4096]" in (out / "pfp_model_weights.h").read_text()
+    # no state outside the arena: the static RAM (.bss) is the arena alone
+    assert main(["report", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["svi"] == {"samples": 10, "draws_per_sample": sampled_bytes // 4}
+    if report["measured_with"]:
+        assert report["bss_bytes"] == report["arena_bytes"] == result.program.arena_size
 
 
 def test_generated_c_builds_strictly_with_gcc_clang_and_arm(tmp_path):
@@ -273,7 +304,8 @@ def test_sampling_option_errors(tmp_path, capsys, options, expected):
 def test_sampling_api_errors():
     model = os.path.join(EXAMPLES, "mlp", "model.onnx")
     for options, expected in [({"samples": 10}, "need mode svi"), ({"mode": "svi", "samples": 1}, "at least 2"),
-                              ({"mode": "mcmc"}, "unknown mode 'mcmc'")]:
+                              ({"mode": "mcmc"}, "unknown mode 'mcmc'"),
+                              ({"mode": "svi", "passes": default_passes()}, "no DetachWeightStd")]:
         with pytest.raises(pfpc.PfpcError, match=expected):
             pfpc.compile(model, None, batch=1, **options)
 

@@ -8,6 +8,8 @@ Files (``<name>`` defaults to ``pfp_model``):
 - ``<name>_weights.h``  the weights as ``static const float`` arrays (included by ``<name>.c``);
 - ``<name>_main.c``     a host runner used by ``pfpc run`` (file I/O lives only here);
 - ``Makefile``, ``CMakeLists.txt``.
+
+The sampling build (mode svi) reuses these parts; its executor is rendered by `emit_svi`.
 """
 
 from __future__ import annotations

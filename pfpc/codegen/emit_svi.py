@@ -116,8 +116,8 @@ def render_svi(program: Program) -> dict[str, str]:
 #define {upper}_SAMPLED_WEIGHTS_SIZE {sampling.sampled_bytes}
 """
     files[f"{name}.h"] = render_header(
-        program, f"Sampling (SVI): one call runs the network\n * {upper}_SAMPLES times on drawn weights and returns "
-                 "the sample mean and variance of every output.", definitions,
+        program, f"Sampling (SVI): one call runs the network on\n * {upper}_SAMPLES draws of the weights and returns "
+                 "the sample mean and variance of every output.\n *", definitions,
         f"\n * It includes the drawn weights ({upper}_SAMPLED_WEIGHTS_SIZE bytes).")
     extra = []
     for weight in sampling.weights:

@@ -153,20 +153,20 @@ def format_report(footprint: dict, name: str) -> str:
                  f"; the caller's input and output buffers: {footprint['io_bytes']:,} bytes")
     lines.append(f"      measured with {footprint['measured_with']}" if footprint["measured_with"] else f"      {footprint.get('note', '')}")
     width = max([len(layer["kernel"]) for layer in footprint["layers"]] + [5])
-    svi = footprint.get("svi")
+    svi = footprint.get("svi")  # the deterministic network, run once per sample: no Gaussian arithmetic
+    lines.append(f"{'layer':<{width}}  {'output':<14}{'MACs':>10}" + ("" if svi else f"{'PFP FMA':>10}  Gaussian ops"))
+    for layer in footprint["layers"]:
+        shape = "x".join(str(d) for d in layer["output_shape"])
+        row = f"{layer['kernel']:<{width}}  {shape:<14}{layer['macs']:>10,}"
+        if not svi:
+            gaussian = ", ".join(f"{count} {op}" for op, count in layer["gaussian_ops"].items()) or "-"
+            row += f"{layer['pfp_fma']:>10,}  {gaussian}"
+        lines.append(row)
     macs = sum(layer["macs"] for layer in footprint["layers"])
     fma = sum(layer["pfp_fma"] for layer in footprint["layers"])
-    if svi:  # the deterministic network, run once per sample: no Gaussian arithmetic
-        lines.append(f"{'layer':<{width}}  {'output':<14}{'MACs':>10}")
-        for layer in footprint["layers"]:
-            lines.append(f"{layer['kernel']:<{width}}  {'x'.join(str(d) for d in layer['output_shape']):<14}{layer['macs']:>10,}")
+    if svi:
         lines.append(f"{'total':<{width}}  {'':<14}{macs:>10,}  per sample; SVI: {svi['samples']:,} samples per call = "
                      f"{svi['samples'] * macs:,} MACs and {svi['samples'] * svi['draws_per_sample']:,} Gaussian weight draws")
-        return "\n".join(lines)
-    lines.append(f"{'layer':<{width}}  {'output':<14}{'MACs':>10}{'PFP FMA':>10}  Gaussian ops")
-    for layer in footprint["layers"]:
-        gaussian = ", ".join(f"{count} {op}" for op, count in layer["gaussian_ops"].items()) or "-"
-        shape = "x".join(str(d) for d in layer["output_shape"])
-        lines.append(f"{layer['kernel']:<{width}}  {shape:<14}{layer['macs']:>10,}{layer['pfp_fma']:>10,}  {gaussian}")
-    lines.append(f"{'total':<{width}}  {'':<14}{macs:>10,}{fma:>10,}  ({fma / max(macs, 1):.2f} PFP multiply-adds per MAC)")
+    else:
+        lines.append(f"{'total':<{width}}  {'':<14}{macs:>10,}{fma:>10,}  ({fma / max(macs, 1):.2f} PFP multiply-adds per MAC)")
     return "\n".join(lines)
