@@ -79,7 +79,7 @@ def _svi(model, posterior, inputs, out, samples, seed=0, **options):
     return compiler.run_host(str(out), inputs)
 
 
-def _check_against_monte_carlo(mean, var, mc):
+def _check_against_monte_carlo(mean, var, mc, samples):
     mc_mean, mc_var, mean_stderr, var_stderr = mc
     mean, var = mean.reshape(mc_mean.shape), var.reshape(mc_var.shape)
     mean_z = np.abs(mean - mc_mean) / (np.sqrt(2) * mean_stderr)
@@ -87,9 +87,10 @@ def _check_against_monte_carlo(mean, var, mc):
     var_rel = np.abs(var - mc_var) / mc_var
     assert mean_z.max() < Z, mean_z.max()
     assert var_z.max() < Z, var_z.max()
-    # the relative error of one variance estimate from S samples is about sqrt(2/S) for Gaussian
-    # outputs (2.2% at S = 4000, 3.2% for the difference of two): 15% is more than 4.5 of those
-    assert var_rel.max() < 0.15, var_rel.max()
+    # stated relative tolerance: one variance estimate from S samples of a Gaussian output has a
+    # relative standard error of sqrt(2/S), the difference of two sqrt(4/S); allow Z of those
+    # (14% at S = 4000, 20% at S = 2000)
+    assert var_rel.max() < Z * np.sqrt(4 / samples), var_rel.max()
     return mean_z.max(), var_rel.max()
 
 
@@ -101,7 +102,7 @@ def test_small_model_matches_monte_carlo(tmp_path):
     samples = 4000
     (mean, var), = _svi(model, stds, [x], tmp_path / "out", samples, seed=5)
     mc = reference.monte_carlo(model, {k[:-4]: v for k, v in stds.items()}, {"x": x}, samples, seed=6, with_var_stderr=True)["y"]
-    _check_against_monte_carlo(mean, var, mc)
+    _check_against_monte_carlo(mean, var, mc, samples)
 
 
 @pytest.mark.parametrize("example,samples", [("mlp", 4000), ("lenet", 2000)])
@@ -111,7 +112,7 @@ def test_examples_match_monte_carlo(tmp_path, example, samples):
     (mean, var), = _svi(model_path, post_path, [x], tmp_path / "out", samples, seed=1, batch=1)
     stds = {k[:-4]: v for k, v in np.load(post_path).items()}
     mc = reference.monte_carlo(onnx.load(model_path), stds, {"input": x}, samples, seed=2, with_var_stderr=True)["logits"]
-    _check_against_monte_carlo(mean, var, mc)
+    _check_against_monte_carlo(mean, var, mc, samples)
 
 
 @pytest.mark.parametrize("posterior", ["zero_std", "none"])
