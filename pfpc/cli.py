@@ -23,6 +23,10 @@ def _compile_parser():
     parser.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
     parser.add_argument("--name", default="pfp_model", help="C prefix of the generated library (default pfp_model)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--mode", choices=("pfp", "svi"), default="pfp",
+                        help="pfp (default): one probabilistic forward pass; svi: the same API computed by sampling the weights")
+    parser.add_argument("--samples", type=int, help="with --mode svi: weight samples per call (default 100; -D<NAME>_SAMPLES overrides)")
+    parser.add_argument("--seed", type=int, help="with --mode svi: seed of the on-device generator (default 0)")
     parser.add_argument("--ram-limit", metavar="BYTES", help="fail if arena + stack exceed this (e.g. 192K)")
     parser.add_argument("--flash-limit", metavar="BYTES", help="fail if weights + code exceed this (e.g. 1M)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -88,8 +92,11 @@ def _compile(args) -> int:
     result = compile_model(
         args.model, args.posterior, target=args.target, out_dir=args.output, batch=args.batch,
         dump_ir=args.dump_ir, name=args.name, force=args.force, measure=True, ram_limit=ram_limit, flash_limit=flash_limit,
+        mode=args.mode, samples=args.samples, seed=args.seed,
     )
-    print(f"pfpc: wrote {args.output}: {len(result.program.steps)} kernels")
+    sampling = result.program.sampling
+    detail = f" run once per sample, {sampling.samples} samples (SVI)" if sampling else ""
+    print(f"pfpc: wrote {args.output}: {len(result.program.steps)} kernels{detail}")
     print(format_report(result.footprint, args.name))
     return 0
 

@@ -10,13 +10,16 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .codegen import emit_c, footprint
+from .codegen import emit_c, emit_svi, footprint
 from .codegen.targets import get_target
 from .errors import PfpcError, reraise_from_tvm
 from .frontends.onnx_model import input_shapes, load_model, output_shapes
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
-from .passes.pipeline import default_passes
+from .passes.pipeline import default_passes, svi_passes
+
+MODES = ("pfp", "svi")
+SVI_DEFAULT_SAMPLES = 100
 
 
 @dataclass
@@ -43,10 +46,17 @@ def compile(  # noqa: A001 - the public name users expect
     measure: bool = False,
     ram_limit: int | None = None,
     flash_limit: int | None = None,
+    mode: str = "pfp",
+    samples: int | None = None,
+    seed: int | None = None,
 ) -> CompiledModel:
     """Compile ``model`` (path or ModelProto) with ``posterior`` (path, dict of arrays or None).
 
-    ``passes``: a list of (name, pass) to run instead of `default_passes()`.
+    ``mode="pfp"``: one probabilistic forward pass. ``mode="svi"``: the same ``<name>_run`` computes
+    the predictive mean and variance by sampling: ``samples`` (default 100) draws of every weight
+    the posterior names, from a generator seeded with ``seed`` (default 0) on every call (see
+    `pfpc.codegen.emit_svi`).
+    ``passes``: a list of (name, pass) to run instead of `default_passes()` (`svi_passes()` in mode svi).
     ``dump_ir``: directory that receives the IR before and after every pass.
     ``out_dir``: where the C library is written (atomically: a temporary directory is renamed).
     ``measure``: build the library with the target's compiler and return its footprint (flash,
@@ -54,6 +64,7 @@ def compile(  # noqa: A001 - the public name users expect
     compile fail, leaving nothing behind, when the model does not fit.
     """
     target_info = get_target(target)
+    samples, seed = check_sampling_options(mode, samples, seed)
     if out_dir is not None and os.path.exists(out_dir) and not force:
         raise PfpcError(f"{out_dir}: output directory exists (use --force to replace it)")
     label = os.path.basename(model) if isinstance(model, (str, os.PathLike)) else "model"
@@ -74,7 +85,9 @@ def compile(  # noqa: A001 - the public name users expect
     if dump_ir:
         os.makedirs(dump_ir, exist_ok=True)
         _dump(dump_ir, 0, "import", mod)
-    for index, (pass_name, transform) in enumerate(passes if passes is not None else default_passes(), start=1):
+    if passes is None:
+        passes = svi_passes() if mode == "svi" else default_passes()
+    for index, (pass_name, transform) in enumerate(passes, start=1):
         try:
             mod = transform(mod)
         except PfpcError:
@@ -86,7 +99,10 @@ def compile(  # noqa: A001 - the public name users expect
             _dump(dump_ir, index, pass_name, mod)
     func = mod["main"]
     weights = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
-    program = emit_c.lower_to_program(mod, weights, io, name, target_info)
+    if mode == "svi":
+        program = emit_svi.lower_to_program(mod, weights, io, name, samples, seed, target_info)
+    else:
+        program = emit_c.lower_to_program(mod, weights, io, name, target_info)
     result = CompiledModel(mod, program, out_dir, io)
     if measure or ram_limit is not None or flash_limit is not None:
         def measure_and_check(directory):
@@ -102,6 +118,23 @@ def compile(  # noqa: A001 - the public name users expect
     elif out_dir is not None:
         _write_atomically(program, out_dir, force)
     return result
+
+
+def check_sampling_options(mode, samples, seed) -> tuple:
+    """(samples, seed) for ``mode``, defaults filled in; one-line errors name the CLI options too."""
+    if mode not in MODES:
+        raise PfpcError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
+    if mode != "svi":
+        if samples is not None or seed is not None:
+            raise PfpcError("samples (--samples) and seed (--seed) need mode svi (--mode svi)")
+        return None, None
+    samples = SVI_DEFAULT_SAMPLES if samples is None else samples
+    seed = 0 if seed is None else seed
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
+        raise PfpcError(f"samples (--samples) must be an integer of at least 2 (the variance divides by samples - 1), not {samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+        raise PfpcError(f"seed (--seed) must be an integer in [0, 2**32), not {seed!r}")
+    return int(samples), int(seed)
 
 
 def _load_proto(model, batch):

@@ -8,6 +8,8 @@ Files (``<name>`` defaults to ``pfp_model``):
 - ``<name>_weights.h``  the weights as ``static const float`` arrays (included by ``<name>.c``);
 - ``<name>_main.c``     a host runner used by ``pfpc run`` (file I/O lives only here);
 - ``Makefile``, ``CMakeLists.txt``.
+
+The sampling build (mode svi) reuses these parts; its executor is rendered by `emit_svi`.
 """
 
 from __future__ import annotations
@@ -94,24 +96,57 @@ class Program:
     target: object = None
     arena_size: int = 0
     arena_lower_bound: int = 0
+    namer: object = None  # the C identifiers taken so far
+    sampling: object = None  # emit_svi.Sampling: the program runs once per weight sample (mode svi)
 
 
 def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model", target=None) -> Program:
     """Walk ``main`` of the compiled module and produce the step list and the memory plan;
     the kernels are scheduled for ``target`` (a `targets.Target`, default the host)."""
+    program, out_fields, _ = walk_main(mod, weights, io, name, target=target)
+    namer = program.namer
+    reprs = [str(r) for r in mod["main"].attrs["pfp.outputs"]]
+    assigned = set()
+    for (onnx_name, shape), repr_ in zip(io["outputs"], reprs):
+        base = namer(onnx_name)
+        program.outputs.append((base, onnx_name, shape))
+        mean = out_fields.pop(0)
+        moment = out_fields.pop(0) if repr_ != "none" else None
+        if repr_ == "second_moment":
+            raise PfpcError("internal: an output is left as a second moment")
+        for tensor, pointer in ((mean, f"{base}_mean"), (moment, f"{base}_var")):
+            if tensor is None:
+                program.zero_fills.append((pointer, int(np.prod(shape))))
+            elif tensor.kind == "arena" and id(tensor) not in assigned:
+                tensor.kind, tensor.c_name = "output", pointer
+                assigned.add(id(tensor))
+            else:
+                program.copies.append((pointer, tensor))
+                tensor.last_use = len(program.steps)
+    plan_arena(program)
+    return program
+
+
+def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=(), target=None) -> tuple[Program, list, dict]:
+    """The steps (one kernel call each) and tensors of ``main``, in order, without a memory plan.
+
+    Returns the program, the tensors of main's result tuple (the outputs are not placed yet) and
+    the weight tensors by parameter name. ``reserved``: more C names the executor uses."""
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
-    namer = Namer({name, f"{name}_run", "arena", "base"})
-    program = Program(name, [], [])
+    namer = Namer({name, f"{name}_run", "arena", "base", *reserved})
+    program = Program(name, [], [], namer=namer)
     env: dict = {}
     for param, (onnx_name, shape) in zip(func.params[:num_input], io["inputs"]):
         tensor = Tensor(namer(onnx_name), shape, "input")
         program.inputs.append((tensor.c_name, onnx_name, shape))
         env[param] = tensor
     onnx_names = {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()} if "pfp.onnx_names" in func.attrs else {}
+    weight_tensors = {}
     for param in func.params[num_input:]:
         tensor = Tensor(namer(param.name, prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight")
         env[param] = tensor
+        weight_tensors[param.name] = tensor
         program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), onnx_names.get(param.name.rsplit(".", 1)[0], param.name))
     prim_funcs = {}
     for binding in main_bindings(func):
@@ -150,24 +185,11 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     program.kernels = generate_c_kernels(prim_funcs, program.target.accumulate)
     result = func.body.body
     out_fields = [env[f] for f in result.fields] if isinstance(result, relax.Tuple) else list(env[result])
-    reprs = [str(r) for r in func.attrs["pfp.outputs"]]
-    assigned = set()
-    for (onnx_name, shape), repr_ in zip(io["outputs"], reprs):
-        base = namer(onnx_name)
-        program.outputs.append((base, onnx_name, shape))
-        mean = out_fields.pop(0)
-        moment = out_fields.pop(0) if repr_ != "none" else None
-        if repr_ == "second_moment":
-            raise PfpcError("internal: an output is left as a second moment")
-        for tensor, pointer in ((mean, f"{base}_mean"), (moment, f"{base}_var")):
-            if tensor is None:
-                program.zero_fills.append((pointer, int(np.prod(shape))))
-            elif tensor.kind == "arena" and id(tensor) not in assigned:
-                tensor.kind, tensor.c_name = "output", pointer
-                assigned.add(id(tensor))
-            else:
-                program.copies.append((pointer, tensor))
-                tensor.last_use = len(program.steps)
+    return program, out_fields, weight_tensors
+
+
+def plan_arena(program: Program) -> None:
+    """Place every arena tensor (lifetime: the steps from ``produced`` to ``last_use``)."""
     intervals = [memory_plan.Interval(t.c_name, 4 * t.size, t.produced, t.last_use) for t in program.tensors if t.kind == "arena"]
     program.arena_size = memory_plan.plan(intervals)
     program.arena_lower_bound = memory_plan.lower_bound(intervals)
@@ -175,7 +197,6 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     for tensor in program.tensors:
         if tensor.kind == "arena":
             tensor.offset = offsets[tensor.c_name]
-    return program
 
 
 def _format_floats(values: np.ndarray) -> str:
@@ -191,8 +212,36 @@ def _pointer(tensor: Tensor) -> str:
 
 def render(program: Program) -> dict[str, str]:
     """The generated files as ``{file name: text}``."""
+    if program.sampling is not None:
+        from .emit_svi import render_svi
+
+        return render_svi(program)
     name, upper = program.name, program.name.upper()
     files = {}
+    files[f"{name}.h"] = render_header(
+        program, "Probabilistic forward pass: one call computes the\n * predictive mean and variance of every output.")
+    files[f"{name}_weights.h"] = render_weights(program)
+    tail = [f"  memcpy({pointer}, {tensor.c_name}, {4 * tensor.size});" for pointer, tensor in program.copies]
+    tail += [f"  memset({pointer}, 0, {4 * count}); /* deterministic output: zero variance */" for pointer, count in program.zero_fills]
+    body = render_arena_pointers(program) + render_steps(program, "  ") + ["\n".join(tail)]
+    files[f"{name}.c"] = render_source(
+        program, "the executor below\n * calls them in order on one arena whose layout was planned at compile time.",
+        f"{run_signature(program)} {{\n{chr(10).join(body)}\n  return 0;\n}}\n")
+    files.update(render_build_files(program))
+    return files
+
+
+def run_signature(program: Program) -> str:
+    args = [f"const float* {c}" for c, _, _ in program.inputs]
+    for c, _, _ in program.outputs:
+        args += [f"float* {c}_mean", f"float* {c}_var"]
+    args.append("void* arena")
+    return f"int {program.name}_run({', '.join(args)})"
+
+
+def render_header(program: Program, summary: str, definitions: str = "", arena_note: str = "") -> str:
+    """``<name>.h``; ``definitions`` go after the shapes, ``arena_note`` ends the arena comment."""
+    name, upper = program.name, program.name.upper()
     shape_defs = []
     for index, (c_name, onnx_name, shape) in enumerate(program.inputs):
         shape_defs.append(f"/* input {index} '{c_comment(onnx_name)}': shape {list(shape)} */")
@@ -202,13 +251,7 @@ def render(program: Program) -> dict[str, str]:
         shape_defs.append(f"/* output {index} '{c_comment(onnx_name)}': shape {list(shape)}, predictive mean and variance */")
         shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
         shape_defs.append(f"#define {upper}_OUTPUT{index}_SIZE {upper}_{c_name.upper()}_SIZE")
-    args = [f"const float* {c}" for c, _, _ in program.inputs]
-    for c, _, _ in program.outputs:
-        args += [f"float* {c}_mean", f"float* {c}_var"]
-    args.append("void* arena")
-    signature = f"int {name}_run({', '.join(args)})"
-    files[f"{name}.h"] = f"""/* {name}.h: generated by pfpc. Probabilistic forward pass: one call computes the
- * predictive mean and variance of every output. No malloc, no file I/O, no TVM runtime. */
+    return f"""/* {name}.h: generated by pfpc. {summary} No malloc, no file I/O, no TVM runtime. */
 #ifndef {upper}_H
 #define {upper}_H
 
@@ -219,14 +262,14 @@ extern "C" {{
 #define {upper}_NUM_INPUTS {len(program.inputs)}
 #define {upper}_NUM_OUTPUTS {len(program.outputs)}
 {chr(10).join(shape_defs)}
-
+{definitions}
 /* Bytes of scratch memory one run needs (16-byte aligned). Pass an arena of this size to
  * {name}_run, or NULL to use the library's static arena (define {upper}_NO_STATIC_ARENA to
- * leave it out). Lower bound for this schedule: {program.arena_lower_bound} bytes. */
+ * leave it out). Lower bound for this schedule: {program.arena_lower_bound} bytes.{arena_note} */
 #define {upper}_ARENA_SIZE {max(program.arena_size, 16)}
 
 /* Returns 0. Inputs are read-only; outputs must not overlap the arena or each other. */
-{signature};
+{run_signature(program)};
 
 #ifdef __cplusplus
 }}
@@ -234,32 +277,62 @@ extern "C" {{
 
 #endif /* {upper}_H */
 """
+
+
+def render_const_array(c_name: str, values: np.ndarray, comment: str) -> str:
+    return (f"/* {c_comment(c_name)}: {comment}, shape {list(values.shape)} */\n"
+            f"static const float {c_name}[{max(values.size, 1)}] = {{\n{_format_floats(values) if values.size else '    0.0f'}\n}};\n")
+
+
+def render_weights(program: Program, extra_arrays=()) -> str:
+    """``<name>_weights.h``: the weights, then ``extra_arrays`` ((c_name, values, comment), ...)."""
+    name, upper = program.name, program.name.upper()
     weight_lines = [f"/* {name}_weights.h: generated by pfpc, included by {name}.c only. */", "#ifndef " + upper + "_WEIGHTS_H", "#define " + upper + "_WEIGHTS_H", ""]
     for c_name, (values, onnx_name) in program.weights.items():
-        weight_lines.append(f"/* {c_comment(c_name)}: from initializer '{c_comment(onnx_name)}', shape {list(values.shape)} */")
-        weight_lines.append(f"static const float {c_name}[{max(values.size, 1)}] = {{\n{_format_floats(values) if values.size else '    0.0f'}\n}};\n")
+        weight_lines.append(render_const_array(c_name, values, f"from initializer '{c_comment(onnx_name)}'"))
+    for c_name, values, comment in extra_arrays:
+        weight_lines.append(render_const_array(c_name, values, comment))
     weight_lines.append(f"#endif /* {upper}_WEIGHTS_H */\n")
-    files[f"{name}_weights.h"] = "\n".join(weight_lines)
-    kernel_text = []
-    for kernel in program.kernels.values():
-        spec = next((s.spec for s in program.steps if s.kernel == kernel.name), "")
-        kernel_text.append(f"/* kernel {kernel.name}: {c_comment(spec)} */\nstatic {kernel.signature('k_')} {{\n{kernel.body}\n}}\n")
+    return "\n".join(weight_lines)
+
+
+def render_steps(program: Program, indent: str) -> list:
+    """One kernel call per step, in order."""
     body = []
     for index, step in enumerate(program.steps):
-        body.append(f"  /* step {index + 1}: {step.kernel} */")
-        body.append(f"  k_{step.kernel}({', '.join(_pointer(t) for t in step.args)});")
+        body.append(f"{indent}/* step {index + 1}: {step.kernel} */")
+        body.append(f"{indent}k_{step.kernel}({', '.join(_pointer(t) for t in step.args)});")
+    return body
+
+
+def render_arena_pointers(program: Program) -> list:
+    """The executor's first lines: the arena base, then a pointer per arena tensor (a line may be empty)."""
+    name, upper = program.name, program.name.upper()
     decls = []
     for tensor in program.tensors:
         if tensor.kind == "arena":
             decls.append(f"  float* {tensor.c_name} = (float*)(base + {tensor.offset}); /* {tensor.shape} */")
-    tail = []
-    for pointer, tensor in program.copies:
-        tail.append(f"  memcpy({pointer}, {tensor.c_name}, {4 * tensor.size});")
-    for pointer, count in program.zero_fills:
-        tail.append(f"  memset({pointer}, 0, {4 * count}); /* deterministic output: zero variance */")
     unused = [f"  (void){t.c_name};" for t in program.tensors if t.kind == "arena" and not any(t in s.args for s in program.steps)]
-    files[f"{name}.c"] = f"""/* {name}.c: generated by pfpc. Kernels generated by TVM's C backend; the executor below
- * calls them in order on one arena whose layout was planned at compile time. */
+    return [
+        f"#ifndef {upper}_NO_STATIC_ARENA",
+        f"  uint8_t* base = arena ? (uint8_t*)arena : (uint8_t*){name}_static_arena;",
+        "#else",
+        "  uint8_t* base = (uint8_t*)arena;",
+        "#endif",
+        "\n".join(decls),
+        "\n".join(unused),
+        "  (void)base;",
+    ]
+
+
+def render_source(program: Program, summary: str, executor: str) -> str:
+    """``<name>.c``: the kernels, the static arena, then ``executor`` (its functions and ``_run``)."""
+    name, upper = program.name, program.name.upper()
+    kernel_text = []
+    for kernel in program.kernels.values():
+        spec = next((s.spec for s in program.steps if s.kernel == kernel.name), "")
+        kernel_text.append(f"/* kernel {kernel.name}: {c_comment(spec)} */\nstatic {kernel.signature('k_')} {{\n{kernel.body}\n}}\n")
+    return f"""/* {name}.c: generated by pfpc. Kernels generated by TVM's C backend; {summary} */
 #include "{name}.h"
 
 #include <math.h>
@@ -278,24 +351,14 @@ extern "C" {{
 static float {name}_static_arena[({upper}_ARENA_SIZE + 3) / 4];
 #endif
 
-{signature} {{
-#ifndef {upper}_NO_STATIC_ARENA
-  uint8_t* base = arena ? (uint8_t*)arena : (uint8_t*){name}_static_arena;
-#else
-  uint8_t* base = (uint8_t*)arena;
-#endif
-{chr(10).join(decls)}
-{chr(10).join(unused)}
-  (void)base;
-{chr(10).join(body)}
-{chr(10).join(tail)}
-  return 0;
-}}
-"""
-    files[f"{name}_main.c"] = _runner(program)
-    files["Makefile"] = _makefile(name, program.target)
-    files["pfpc_target.mk"] = _target_mk(name, program.target)
-    files["CMakeLists.txt"] = _cmake(name)
+{executor}"""
+
+
+def render_build_files(program: Program) -> dict:
+    """The runner, Makefile, target flags, CMake files and (bare metal) the firmware files."""
+    name = program.name
+    files = {f"{name}_main.c": _runner(program), "Makefile": _makefile(name, program.target),
+             "pfpc_target.mk": _target_mk(name, program.target), "CMakeLists.txt": _cmake(name)}
     if program.target.name != "host":
         files["toolchain.cmake"] = _cmake_toolchain(program.target)
     if program.target.bare_metal:
@@ -472,6 +535,9 @@ def write(program: Program, out_dir: str) -> None:
         "weights_bytes": sum(4 * values.size for values, _ in program.weights.values()),
         "layers": footprint.layer_costs(program),
     }
+    if program.sampling is not None:
+        meta.update(program.sampling.metadata())
+        meta["weights_bytes"] += sum(8 * w.tensor.size for w in program.sampling.weights)  # mean and std arrays
     with open(os.path.join(out_dir, "pfpc.json"), "w") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
         handle.write("\n")

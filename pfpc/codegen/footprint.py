@@ -80,6 +80,8 @@ def measure(out_dir: str, meta: dict) -> dict:
         "measured_with": None,
         "layers": meta["layers"],
     }
+    if meta.get("mode") == "svi":
+        footprint["svi"] = {"samples": meta["samples"], "draws_per_sample": meta["draws_per_sample"]}
     size_tool = f"{target.tool_prefix}size" if target.tool_prefix else "size"
     if not (shutil.which(target.cc) and shutil.which(size_tool)):
         footprint["note"] = f"code and stack not measured: {target.cc} or {size_tool} is not installed"
@@ -151,12 +153,20 @@ def format_report(footprint: dict, name: str) -> str:
                  f"; the caller's input and output buffers: {footprint['io_bytes']:,} bytes")
     lines.append(f"      measured with {footprint['measured_with']}" if footprint["measured_with"] else f"      {footprint.get('note', '')}")
     width = max([len(layer["kernel"]) for layer in footprint["layers"]] + [5])
-    lines.append(f"{'layer':<{width}}  {'output':<14}{'MACs':>10}{'PFP FMA':>10}  Gaussian ops")
+    svi = footprint.get("svi")  # the deterministic network, run once per sample: no Gaussian arithmetic
+    lines.append(f"{'layer':<{width}}  {'output':<14}{'MACs':>10}" + ("" if svi else f"{'PFP FMA':>10}  Gaussian ops"))
     for layer in footprint["layers"]:
-        gaussian = ", ".join(f"{count} {op}" for op, count in layer["gaussian_ops"].items()) or "-"
         shape = "x".join(str(d) for d in layer["output_shape"])
-        lines.append(f"{layer['kernel']:<{width}}  {shape:<14}{layer['macs']:>10,}{layer['pfp_fma']:>10,}  {gaussian}")
+        row = f"{layer['kernel']:<{width}}  {shape:<14}{layer['macs']:>10,}"
+        if not svi:
+            gaussian = ", ".join(f"{count} {op}" for op, count in layer["gaussian_ops"].items()) or "-"
+            row += f"{layer['pfp_fma']:>10,}  {gaussian}"
+        lines.append(row)
     macs = sum(layer["macs"] for layer in footprint["layers"])
     fma = sum(layer["pfp_fma"] for layer in footprint["layers"])
-    lines.append(f"{'total':<{width}}  {'':<14}{macs:>10,}{fma:>10,}  ({fma / max(macs, 1):.2f} PFP multiply-adds per MAC)")
+    if svi:
+        lines.append(f"{'total':<{width}}  {'':<14}{macs:>10,}  per sample; SVI: {svi['samples']:,} samples per call = "
+                     f"{svi['samples'] * macs:,} MACs and {svi['samples'] * svi['draws_per_sample']:,} Gaussian weight draws")
+    else:
+        lines.append(f"{'total':<{width}}  {'':<14}{macs:>10,}{fma:>10,}  ({fma / max(macs, 1):.2f} PFP multiply-adds per MAC)")
     return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""Sampling (SVI) code generation: the baseline the probabilistic forward pass replaces.
+
+The compiled module is the deterministic network (`pfpc.passes.pipeline.svi_passes`); its
+stochastic weights carry their std in ``pfp.sampled_std``, in the layout the kernels read. The
+generated ``<name>_run`` has the PFP signature and computes, for s = 1..S:
+
+    w = mean + std * eps,  eps ~ N(0, 1)    for every stochastic weight (into the arena)
+    y = network(x; w)                       the deterministic kernels, once
+    Welford: mean_y += (y - mean_y) / s;  m2 += (y - old mean_y) * (y - new mean_y)
+
+and returns mean_y and the unbiased sample variance m2 / (S - 1), the estimator
+`tests/reference.py` and `pfpc.verify` use. eps comes from xoshiro128+ (32-bit integer arithmetic:
+the same uniforms on every target) through Box-Muller (both values of a pair are used). The
+generator restarts from the seed on every call, so a call is a deterministic function of its input
+and the library keeps no state between calls. No malloc: the drawn weights live in the arena, the
+means and stds stay ``static const``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import PfpcError
+from .emit_c import (Program, Tensor, c_comment, plan_arena, render_arena_pointers, render_build_files, render_header,
+                     render_source, render_steps, render_weights, run_signature, walk_main)
+
+
+@dataclass
+class SampledWeight:
+    tensor: Tensor  # the arena buffer the kernels read, drawn again for every sample
+    mean_name: str
+    std_name: str
+    mean: np.ndarray
+    std: np.ndarray
+    onnx_name: str
+
+
+@dataclass
+class Sampling:
+    samples: int
+    seed: int
+    weights: list  # SampledWeight
+    accumulate: list  # (output C name, Tensor holding one sample of it)
+
+    @property
+    def sampled_bytes(self) -> int:
+        return sum(4 * w.tensor.size for w in self.weights)
+
+    def metadata(self) -> dict:
+        """The keys ``pfpc.json`` gets in mode svi."""
+        return {"mode": "svi", "samples": self.samples, "seed": self.seed, "sampled_weights_bytes": self.sampled_bytes,
+                "draws_per_sample": sum(w.tensor.size for w in self.weights)}
+
+
+def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed: int, target=None) -> Program:
+    """The steps of the deterministic network, the weights to draw and the outputs to accumulate."""
+    func = mod["main"]
+    if "pfp.sampled_std" not in func.attrs:
+        raise PfpcError("--mode svi: the pass list has no DetachWeightStd after fold_weight_layout "
+                        "(see pfpc.passes.pipeline.svi_passes)")
+    stds = {str(k): v.numpy() for k, v in func.attrs["pfp.sampled_std"].items()}
+    functions = [f"{name}_{f}" for f in ("rng", "mix32", "rng_seed", "rng_next", "normal", "draw", "accumulate")]
+    program, out_fields, weight_tensors = walk_main(mod, weights, io, name, reserved=["rng", "sample", "i", *functions], target=target)
+    rewritten = sorted(set(stds) - set(weight_tensors))
+    if rewritten:
+        raise PfpcError(f"internal: a pass after detach_weight_std rewrote the stochastic weight(s) {', '.join(rewritten)}")
+    after_last_step = len(program.steps)  # the accumulation reads the outputs there
+    sampled = []
+    for param_name, tensor in weight_tensors.items():
+        if param_name not in stds:
+            continue
+        mean, onnx_name = program.weights.pop(tensor.c_name)
+        tensor.kind, tensor.produced, tensor.last_use = "arena", -1, after_last_step
+        program.tensors.append(tensor)
+        sampled.append(SampledWeight(tensor, program.namer(f"{tensor.c_name}_mean"), program.namer(f"{tensor.c_name}_std"),
+                                     mean, stds[param_name], onnx_name))
+    accumulate = []
+    for (onnx_name, shape), repr_ in zip(io["outputs"], [str(r) for r in func.attrs["pfp.outputs"]]):
+        if repr_ != "none":
+            raise PfpcError(f"internal: output '{onnx_name}' of the sampled network is not deterministic")
+        c_name = program.namer(onnx_name)
+        program.outputs.append((c_name, onnx_name, shape))
+        tensor = out_fields.pop(0)
+        if tensor.kind == "arena":
+            tensor.last_use = after_last_step
+        accumulate.append((c_name, tensor))
+    plan_arena(program)
+    program.sampling = Sampling(samples, seed, sampled, accumulate)
+    return program
+
+
+def render_svi(program: Program) -> dict[str, str]:
+    """The generated files of mode svi; the build files are those of the PFP."""
+    name, upper, sampling = program.name, program.name.upper(), program.sampling
+    files = {}
+    definitions = f"""
+/* Sampling (SVI) build: {name}_run draws every stochastic weight as mean + std * N(0, 1) and runs
+ * the network {upper}_SAMPLES times; it returns the sample mean and the unbiased sample variance
+ * (sum of squared deviations / ({upper}_SAMPLES - 1)). The generator (xoshiro128+, Box-Muller)
+ * restarts from {upper}_SEED on every call: the same input gives the same output, every call uses
+ * the same {upper}_SAMPLES weight draws, and no state is kept between calls (reentrant). Override
+ * either with -D{upper}_SAMPLES=... or -D{upper}_SEED=... (an unsigned 32-bit value). */
+#ifndef {upper}_SAMPLES
+#define {upper}_SAMPLES {sampling.samples}
+#endif
+#if {upper}_SAMPLES < 2
+#error "{upper}_SAMPLES must be at least 2 (the variance divides by {upper}_SAMPLES - 1)"
+#endif
+#ifndef {upper}_SEED
+#define {upper}_SEED {sampling.seed}u
+#endif
+/* Bytes of the arena that hold the drawn weights: {len(sampling.weights)} stochastic tensors,
+ * {sum(w.tensor.size for w in sampling.weights)} floats drawn per sample. */
+#define {upper}_SAMPLED_WEIGHTS_SIZE {sampling.sampled_bytes}
+"""
+    files[f"{name}.h"] = render_header(
+        program, f"Sampling (SVI): one call runs the network on\n * {upper}_SAMPLES draws of the weights and returns "
+                 "the sample mean and variance of every output.\n *", definitions,
+        f"\n * It includes the drawn weights ({upper}_SAMPLED_WEIGHTS_SIZE bytes).")
+    extra = []
+    for weight in sampling.weights:
+        extra.append((weight.mean_name, weight.mean, f"posterior mean of initializer '{c_comment(weight.onnx_name)}', drawn per sample"))
+        extra.append((weight.std_name, weight.std, f"posterior std of initializer '{c_comment(weight.onnx_name)}'"))
+    files[f"{name}_weights.h"] = render_weights(program, extra)
+    files[f"{name}.c"] = render_source(
+        program, "the executor below\n * draws the stochastic weights and runs them once per sample, accumulating "
+                 "the outputs' mean and variance.", (_generator(name) if sampling.weights else "") + _executor(program))
+    files.update(render_build_files(program))
+    return files
+
+
+def _executor(program: Program) -> str:
+    name, upper, sampling = program.name, program.name.upper(), program.sampling
+    lines = render_arena_pointers(program)
+    if sampling.weights:
+        lines += [f"  {name}_rng rng;", "  long sample;", "  int32_t i;", f"  {name}_rng_seed(&rng, (uint32_t){upper}_SEED);"]
+    else:
+        lines += ["  long sample;", "  int32_t i;"]
+    for c_name, tensor in sampling.accumulate:
+        lines.append(f"  memset({c_name}_mean, 0, {4 * tensor.size});")
+        lines.append(f"  memset({c_name}_var, 0, {4 * tensor.size});")
+    lines.append(f"  for (sample = 0; sample < {upper}_SAMPLES; sample++) {{")
+    if sampling.weights:
+        lines.append("    /* w = mean + std * N(0, 1) for every stochastic weight */")
+    for weight in sampling.weights:
+        lines.append(f"    {name}_draw({weight.tensor.c_name}, {weight.mean_name}, {weight.std_name}, {weight.tensor.size}, &rng);")
+    lines += render_steps(program, "    ")
+    for c_name, tensor in sampling.accumulate:
+        lines.append(f"    {name}_accumulate({c_name}_mean, {c_name}_var, {tensor.c_name}, {tensor.size}, 1.0f / (float)(sample + 1));")
+    lines.append("  }")
+    lines.append("  /* unbiased sample variance */")
+    for c_name, tensor in sampling.accumulate:
+        lines.append(f"  for (i = 0; i < {tensor.size}; i++) {c_name}_var[i] /= (float)({upper}_SAMPLES - 1);")
+    lines.append("  return 0;")
+    return f"""/* Welford's update with sample number count (inv_count = 1 / count): mean += (y - mean) / count,
+ * and m2, the sum of squared deviations kept in the variance output, += (y - old mean) * (y - new mean). */
+static void {name}_accumulate(float* mean, float* m2, const float* y, int32_t n, float inv_count) {{
+  int32_t i;
+  for (i = 0; i < n; i++) {{
+    const float delta = y[i] - mean[i];
+    mean[i] += delta * inv_count;
+    m2[i] += delta * (y[i] - mean[i]);
+  }}
+}}
+
+{run_signature(program)} {{
+{chr(10).join(lines)}
+}}
+"""
+
+
+def _generator(name: str) -> str:
+    """The Gaussian generator and the weight draw, as static C functions."""
+    return f"""/* Gaussian draws: xoshiro128+ 1.0 (Blackman and Vigna) gives uniform 32-bit integers (their
+ * top 24 bits make uniform floats); Box-Muller turns two uniforms into two independent N(0, 1)
+ * values, both of which are used. */
+typedef struct {{
+  uint32_t s[4];
+  float spare; /* the second value of the last Box-Muller pair */
+  int has_spare;
+}} {name}_rng;
+
+/* MurmurHash3's finalizer: a bijection, so the four distinct inputs below give four distinct words
+ * and never the all-zero state that xoshiro cannot leave */
+static uint32_t {name}_mix32(uint32_t h) {{
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}}
+
+static void {name}_rng_seed({name}_rng* rng, uint32_t seed) {{
+  int i;
+  for (i = 0; i < 4; i++) rng->s[i] = {name}_mix32(seed + 0x9e3779b9u * (uint32_t)(i + 1));
+  rng->spare = 0.0f;
+  rng->has_spare = 0;
+}}
+
+static uint32_t {name}_rng_next({name}_rng* rng) {{
+  uint32_t* s = rng->s;
+  const uint32_t result = s[0] + s[3];
+  const uint32_t t = s[1] << 9;
+  s[2] ^= s[0];
+  s[3] ^= s[1];
+  s[1] ^= s[2];
+  s[0] ^= s[3];
+  s[2] ^= t;
+  s[3] = (s[3] << 11) | (s[3] >> 21);
+  return result;
+}}
+
+static float {name}_normal({name}_rng* rng) {{
+  float radius, angle;
+  if (rng->has_spare) {{
+    rng->has_spare = 0;
+    return rng->spare;
+  }}
+  /* u1 in (0, 1] keeps log(u1) finite; u2 in [0, 1) */
+  radius = sqrtf(-2.0f * logf((float)(({name}_rng_next(rng) >> 8) + 1u) * 0x1p-24f));
+  angle = 6.28318531f * ((float)({name}_rng_next(rng) >> 8) * 0x1p-24f);
+  rng->spare = radius * sinf(angle);
+  rng->has_spare = 1;
+  return radius * cosf(angle);
+}}
+
+static void {name}_draw(float* w, const float* mean, const float* std, int32_t n, {name}_rng* rng) {{
+  int32_t i;
+  for (i = 0; i < n; i++) w[i] = mean[i] + std[i] * {name}_normal(rng);
+}}
+
+"""
