@@ -18,7 +18,7 @@ from .moments import clark_max_moments, clark_max_terms, f32, product_moments, r
 REPRESENTATIONS = ("none", "var", "second_moment")
 
 #: te.compute attribute of a stage computed once per element and read by several expressions
-#: (erf/exp terms that both moments use): `kernel.schedule_kernel` keeps it in a scalar, never inlines it.
+#: (the exp terms that both moments use): `kernel.schedule_kernel` keeps it in a scalar, never inlines it.
 SHARED_ATTR = "pfp.shared"
 SHARED = {SHARED_ATTR: 1}
 
@@ -185,10 +185,10 @@ def relu(a: Gaussian) -> Gaussian:
     if a.repr == "none":
         mean = te.compute(a.shape, lambda *idx: tirx.max(a.mean[idx], f32(0.0)), name="relu_mean")
         return Gaussian(mean, None, "none")
-    # erf and exp once per element: a stage of their own that both moments read
-    cdf, std_pdf = te.compute(a.shape, lambda *idx: relu_terms(a.mean[idx], a.var_at(idx)), name="relu_terms", attrs=SHARED)
+    # exp once per element: a stage of its own that both moments read
+    z, pdf = te.compute(a.shape, lambda *idx: relu_terms(a.mean[idx], a.var_at(idx)), name="relu_terms", attrs=SHARED)
     mean, second = te.compute(
-        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], std_pdf[idx])), name="relu"
+        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (z[idx], pdf[idx])), name="relu"
     )
     return Gaussian(mean, second, "second_moment")
 
@@ -223,7 +223,7 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         return Gaussian(te.compute([batch, chans, out_h, out_w], body, name="maxpool_mean"), None, "none")
 
     # Clark's max as a chain of element-wise stages over the window positions (row-major), each
-    # with its erf/exp terms in a stage of their own, so that both moments share them.
+    # with its exp terms in a stage of their own, so that both moments share them.
     out_shape = [batch, chans, out_h, out_w]
     positions = [(pi, pj) for pi in range(kernel[0]) for pj in range(kernel[1])]
 
@@ -243,7 +243,7 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         return mean, mean * mean + var
 
     def clark_step(k, acc_mean, acc_second):
-        """max(accumulated, window element k): the erf/exp terms, then both moments from them."""
+        """max(accumulated, window element k): the exp terms, then both moments from them."""
 
         def acc_var(n, c, y, xx):
             return tirx.max(acc_second[n, c, y, xx] - acc_mean[n, c, y, xx] * acc_mean[n, c, y, xx], f32(0.0))
@@ -252,12 +252,12 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
             _inside, mean, var = at(positions[k], n, c, y, xx)
             return clark_max_terms(acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var)
 
-        cdf, spread_pdf = te.compute(out_shape, terms, name=f"maxpool_terms_{k}", attrs=SHARED)
+        alpha, pdf = te.compute(out_shape, terms, name=f"maxpool_terms_{k}", attrs=SHARED)
 
         def step(n, c, y, xx):
             inside, mean, var = at(positions[k], n, c, y, xx)
             max_mean, max_second = clark_max_moments(
-                acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var, (cdf[n, c, y, xx], spread_pdf[n, c, y, xx])
+                acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var, (alpha[n, c, y, xx], pdf[n, c, y, xx])
             )
             seen = seen_before(k, n, c, y, xx)
 
