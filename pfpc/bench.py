@@ -165,3 +165,116 @@ def time_tvm_vm(mod, inputs: list[np.ndarray], rounds: int = 15) -> float:
     number = max(1, int(0.02 / max(per_call, 1e-9)))
     timer = vm.time_evaluator("invoke_stateful", device, number=number, repeat=rounds)
     return float(timer("main").median * 1e9)
+
+
+def _tvm_scheduled(mod, accumulate: str):
+    """The compiled module with every kernel scheduled as the C backend gets it."""
+    import tvm
+
+    from .ops.kernel import schedule_kernel
+
+    functions = {}
+    for gvar, func in mod.functions.items():
+        is_prim = isinstance(func, tvm.tirx.PrimFunc)
+        functions[gvar] = schedule_kernel(func, accumulate) if is_prim else func
+    return tvm.IRModule(functions, attrs=mod.attrs)
+
+
+def benchmark_model(model_path: str, posterior_path: str, batches=(1, 8, 32, 128), samples=(10, 30, 100),
+                    inputs: np.ndarray | None = None, tvm_vm: bool = True, ort: bool = True, cycles_target: str | None = "cortex-m4",
+                    progress=None) -> dict:
+    """Every predictor of one model at every batch size, timed side by side (see the module doc).
+
+    Returns {"host": [row per batch], "cycles": {predictor: SysTick cycles} or None, "compile_s": float}."""
+    import time
+
+    from . import compiler
+    from .codegen.targets import get_target
+    from .frontends.onnx_model import input_shapes, load_model
+    from .frontends.posterior import load_posterior
+
+    def step(text):
+        if progress is not None:
+            progress(text)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        compiler.compile(model_path, posterior_path, out_dir=os.path.join(tmp, "compile_time"), batch=1)
+        compile_s = time.perf_counter() - start
+        for batch in batches:
+            model = load_model(model_path, batch)
+            posterior = load_posterior(model, posterior_path)
+            (input_name, shape), = input_shapes(model).items()
+            if inputs is None:
+                x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            else:
+                x = np.resize(inputs.astype(np.float32), shape)
+            where = os.path.join(tmp, f"b{batch}")
+            step(f"batch {batch}: compiling PFP, deterministic and SVI")
+            pfp = compiler.compile(model, posterior, out_dir=os.path.join(where, "pfp"), batch=batch)
+            compiler.compile(model, None, out_dir=os.path.join(where, "det"), batch=batch)
+            compiler.compile(model, posterior, out_dir=os.path.join(where, "svi"), batch=batch, mode="svi", samples=max(samples))
+            binaries = {
+                "pfp": build_timer(os.path.join(where, "pfp"), os.path.join(where, "t_pfp")),
+                "det": build_timer(os.path.join(where, "det"), os.path.join(where, "t_det")),
+            }
+            for count in samples:
+                binaries[f"svi_c_{count}"] = build_timer(os.path.join(where, "svi"), os.path.join(where, f"t_svi{count}"),
+                                                         (f"-D{read_metadata(os.path.join(where, 'svi'))['name'].upper()}_SAMPLES={count}",))
+            step(f"batch {batch}: timing the generated C")
+            row = {"batch": batch, **{k: v / 1e3 for k, v in time_binaries(binaries, [x]).items()}}
+            if ort:
+                for count in samples:
+                    step(f"batch {batch}: onnxruntime SVI, {count} samples")
+                    row[f"svi_ort_{count}"] = time_ort_svi(model, posterior, {input_name: x}, count) / 1e3
+            if tvm_vm:
+                step(f"batch {batch}: TVM LLVM build in the Relax VM")
+                row["tvm_vm"] = time_tvm_vm(_tvm_scheduled(pfp.mod, get_target("host").accumulate), [x]) / 1e3
+            rows.append(row)
+        cycles = None
+        if cycles_target and shutil.which("qemu-system-arm") and shutil.which(get_target(cycles_target).cc):
+            step(f"{cycles_target}: SysTick cycles under QEMU")
+            model = load_model(model_path, 1)
+            posterior = load_posterior(model, posterior_path)
+            (input_name, shape), = input_shapes(model).items()
+            x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) if inputs is None else np.resize(inputs.astype(np.float32), shape)
+            cycles = {}
+            variants = [("pfp", posterior, {}), ("det", None, {})] + [(f"svi_c_{n}", posterior, {"mode": "svi", "samples": n}) for n in samples]
+            for key, post, options in variants:
+                out = os.path.join(tmp, f"m_{key}")
+                compiler.compile(model, post, out_dir=out, batch=1, target=cycles_target, **options)
+                cycles[key] = int(np.median(compiler.run(out, [x], emulate=True).cycles))
+    return {"host": rows, "cycles": cycles, "cycles_target": cycles_target, "compile_s": compile_s}
+
+
+def markdown(results: dict, samples=(10, 30, 100)) -> str:
+    """BENCHMARKS.md tables from {model name: benchmark_model(...)}."""
+    lines = []
+    for name, result in results.items():
+        lines += [f"### {name}", "", f"Compile time, ONNX to C (batch 1): {result['compile_s']:.1f} s", ""]
+        head = ["batch", "PFP C", "det. C", "PFP/det"] + [f"SVI-C S={n}" for n in samples] + [f"ORT SVI S={n}" for n in samples]
+        head += ["TVM LLVM VM", f"SVI-C {max(samples)} / PFP", f"ORT {max(samples)} / PFP", "TVM VM / PFP"]
+        lines += ["Host, µs per call of the whole batch (median):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in result["host"]:
+            top = max(samples)
+
+            def cell(key, row=row):
+                return f"{row[key]:,.1f}" if key in row else "n/a"
+
+            def ratio(key, row=row):
+                return f"{row[key] / row['pfp']:,.0f}x" if key in row else "n/a"
+
+            cells = [str(row["batch"]), cell("pfp"), cell("det"), f"{row['pfp'] / row['det']:.2f}"]
+            cells += [cell(f"svi_c_{n}") for n in samples] + [cell(f"svi_ort_{n}") for n in samples]
+            cells += [cell("tvm_vm"), ratio(f"svi_c_{top}"), ratio(f"svi_ort_{top}"), f"{row['tvm_vm'] / row['pfp']:.2f}" if "tvm_vm" in row else "n/a"]
+            lines.append("| " + " | ".join(cells) + " |")
+        if result.get("cycles"):
+            cycles = result["cycles"]
+            lines += ["", f"{result['cycles_target']} under QEMU (`-icount shift=0`), SysTick cycles per inference at batch 1:", "",
+                      "| PFP | det. | PFP/det | " + " | ".join(f"SVI-C S={n}" for n in samples) + f" | SVI-C {max(samples)} / PFP |",
+                      "|" + "---|" * (4 + len(samples))]
+            lines.append(f"| {cycles['pfp']:,} | {cycles['det']:,} | {cycles['pfp'] / cycles['det']:.2f} | "
+                         + " | ".join(f"{cycles[f'svi_c_{n}']:,}" for n in samples) + f" | {cycles[f'svi_c_{max(samples)}'] / cycles['pfp']:,.0f}x |")
+        lines.append("")
+    return "\n".join(lines)

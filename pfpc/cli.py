@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import PfpcError
 
-COMMANDS = ("run", "verify", "report")
+COMMANDS = ("run", "verify", "report", "bench")
 
 
 def _compile_parser():
@@ -31,6 +31,48 @@ def _compile_parser():
     parser.add_argument("--flash-limit", metavar="BYTES", help="fail if weights + code exceed this (e.g. 1M)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _bench_parser():
+    parser = argparse.ArgumentParser(prog="pfpc bench", description="Time the PFP against the deterministic network, "
+                                     "SVI generated as C, SVI in onnxruntime and TVM's LLVM build, side by side.")
+    parser.add_argument("model")
+    parser.add_argument("--posterior", required=True)
+    parser.add_argument("--batches", default="1,8,32,128", help="comma-separated batch sizes (default 1,8,32,128)")
+    parser.add_argument("--samples", default="10,30,100", help="SVI sample counts (default 10,30,100)")
+    parser.add_argument("--input", help=".npy inputs, repeated to fill a batch; default: standard normal")
+    parser.add_argument("--cycles-target", default="cortex-m4", help="Cortex-M target for cycle counts under QEMU ('' for none)")
+    parser.add_argument("--no-tvm", action="store_true", help="skip TVM's LLVM build in the Relax VM")
+    parser.add_argument("--markdown", help="also write the tables to this Markdown file")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _int_list(text, option):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PfpcError(f"{option}: '{text}' is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise PfpcError(f"{option}: '{text}' must list positive integers")
+    return values
+
+
+def _bench(args) -> int:
+    from .bench import benchmark_model, markdown
+
+    batches, samples = _int_list(args.batches, "--batches"), _int_list(args.samples, "--samples")
+    if min(samples) < 2:
+        raise PfpcError("--samples: SVI needs at least 2 samples")
+    inputs = _load_npy(args.input) if args.input else None
+    result = benchmark_model(args.model, args.posterior, batches, samples, inputs, tvm_vm=not args.no_tvm,
+                             cycles_target=args.cycles_target or None, progress=lambda text: print(f"pfpc bench: {text}", file=sys.stderr))
+    text = markdown({os.path.basename(args.model): result}, samples)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(text)
+    return 0
 
 
 def _report_parser():
@@ -69,11 +111,12 @@ def _verify_parser():
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "compile"
-    args = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser, "report": _report_parser}[command]().parse_args(
+    parsers = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser, "report": _report_parser, "bench": _bench_parser}
+    args = parsers[command]().parse_args(
         argv[1:] if command != "compile" else argv
     )
     try:
-        return {"compile": _compile, "run": _run, "verify": _verify, "report": _report}[command](args)
+        return {"compile": _compile, "run": _run, "verify": _verify, "report": _report, "bench": _bench}[command](args)
     except PfpcError as err:
         if args.debug:
             raise
