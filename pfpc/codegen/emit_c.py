@@ -93,6 +93,7 @@ class Program:
     target: object = None
     arena_size: int = 0
     arena_lower_bound: int = 0
+    output_softmax: list = field(default_factory=list)  # a softmax dropped at an output (see substitute_layers)
 
 
 def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model") -> Program:
@@ -101,6 +102,8 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     num_input = int(func.attrs["num_input"])
     namer = Namer({name, f"{name}_run", "arena", "base"})
     program = Program(name, [], [])
+    if "pfp.output_softmax" in func.attrs:
+        program.output_softmax = json.loads(str(func.attrs["pfp.output_softmax"]))
     env: dict = {}
     for param, (onnx_name, shape) in zip(func.params[:num_input], io["inputs"]):
         tensor = Tensor(namer(onnx_name), shape, "input")
@@ -387,7 +390,6 @@ endif()
 
 
 def write(program: Program, out_dir: str) -> None:
-    import json
 
     meta = {
         "name": program.name,
@@ -395,6 +397,8 @@ def write(program: Program, out_dir: str) -> None:
         "outputs": [[onnx_name, list(shape)] for _, onnx_name, shape in program.outputs],
         "arena_bytes": program.arena_size,
         "arena_lower_bound_bytes": program.arena_lower_bound,
+        # outputs whose softmax/log-softmax was dropped: they hold the moments of the logits
+        "output_softmax": program.output_softmax,
     }
     with open(os.path.join(out_dir, "pfpc.json"), "w") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)

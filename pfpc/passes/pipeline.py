@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from .fold_batch_norm import FoldBatchNorm
 from .fold_weight_layout import FoldWeightLayout
+from .lower_1d_to_2d import Lower1dTo2d
 from .choose_moment_representation import ChooseMomentRepresentation
 from .eliminate_zero_variance import EliminateZeroVariance
 from .fold_weight_moments import FoldWeightMoments
@@ -13,7 +15,9 @@ from .substitute_layers import SubstituteLayers
 def default_passes():
     """Passes run by `pfpc.compile` unless ``passes=`` says otherwise, in order."""
     return [
+        ("lower_1d_to_2d", Lower1dTo2d()),
         ("fold_weight_layout", FoldWeightLayout()),
+        ("fold_batch_norm", FoldBatchNorm()),
         ("substitute_layers", SubstituteLayers()),
         ("eliminate_zero_variance", EliminateZeroVariance()),
         ("fuse_operators", FuseOperators()),
