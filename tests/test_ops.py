@@ -4,6 +4,7 @@ Monte Carlo sampling with onnxruntime."""
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import numpy as np
@@ -188,3 +189,28 @@ def test_sigmoid_tanh_approximation_error_against_monte_carlo(tmp_path, op):
     mean_bound, median_bound, max_bound = APPROX_MC_BOUNDS[op]
     assert spread.sum() >= spread.size // 2
     assert mean_err < mean_bound and np.median(var_rel) < median_bound and np.max(var_rel) < max_bound
+
+
+@pytest.mark.parametrize("function", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("opset", [11, 13])
+def test_softmax_at_the_output_returns_logit_moments(tmp_path, function, opset):
+    """The output holds the moments of the logits (the reference), and pfpc.json says so."""
+    rng = np.random.default_rng(7)
+    inits = {"w": _w(rng, 5, 3)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node(function, ["logits"], ["y"], axis=1)]
+    model = make_model(nodes, [("x", [2, 5])], ["y"], inits, opset=opset)
+    x = rng.standard_normal((2, 5)).astype(np.float32)
+    stds = random_std(inits, rng)
+    (mean, var), = compile_and_run(model, stds, [x], tmp_path)
+    ref_mean, ref_var = reference.pfp_onnx(model, {"w": stds["w.std"].astype(np.float64) ** 2}, {"x": x})["y"]
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, ref_var, rtol=3e-5, atol=1e-6)
+    meta = json.loads((tmp_path / "out" / "pfpc.json").read_text())
+    assert meta["output_softmax"] == [{"output": 0, "function": function.lower().replace("logsoftmax", "log_softmax"), "axis": 1}]
+
+
+def test_no_softmax_no_metadata(tmp_path):
+    rng = np.random.default_rng(8)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [2, 5])], ["y"], {"w": _w(rng, 5, 3)})
+    compile_and_run(model, None, [np.zeros((2, 5), np.float32)], tmp_path)
+    assert json.loads((tmp_path / "out" / "pfpc.json").read_text())["output_softmax"] == []
