@@ -150,8 +150,13 @@ class _Substitute(MainRewriter):
     def visit_binding(self, binding):
         value = binding.value
         op = call_op_name(value)
+        if isinstance(value, relax.Tuple):  # the outputs of a multi-output model
+            self.gauss[binding.var] = value
+            return
         if isinstance(value, relax.Var):
             self.gauss[binding.var] = self.value(value)
+            if value in self.softmax:
+                self.softmax[binding.var] = self.softmax[value]
             return
         if op == "relax.nn.dropout":  # inference: identity (the mask output is never used)
             self.gauss[binding.var] = (self.value(value.args[0]), None)
@@ -199,6 +204,8 @@ class _Substitute(MainRewriter):
         self.gauss[binding.var] = result
 
     def output(self, body):
+        if isinstance(self.gauss.get(body), relax.Tuple):
+            body = self.gauss[body]
         outputs = body.fields if isinstance(body, relax.Tuple) else [body]
         fields, reprs = [], []
         self.output_softmax = [
