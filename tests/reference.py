@@ -297,6 +297,27 @@ def _pool_out_size(size, k, s, d, p_begin, p_end, ceil_mode) -> int:
     return out
 
 
+def _pool_windows(shape, kernel, strides, pads, dilations, ceil_mode):
+    """(kernel, output size, windows): windows(x) are the [N, C, Ho, Wo, kh, kw] pooling windows
+    of x zero-padded by `pads` and, so that every (possibly ceil-mode) window fits, past the
+    end; windows(x, pads_counted=True) takes x as already padded by `pads`."""
+    _, _, h, w = shape
+    kh, kw = _pairs(kernel, "kernel")
+    sh, sw = _pairs(strides, "strides")
+    dh, dw = _pairs(dilations, "dilations")
+    pt, pl, pb, pr = (int(p) for p in pads)
+    ho = _pool_out_size(h, kh, sh, dh, pt, pb, ceil_mode)
+    wo = _pool_out_size(w, kw, sw, dw, pl, pr, ceil_mode)
+    pb_x = max(pb, (ho - 1) * sh + dh * (kh - 1) + 1 - h - pt)
+    pr_x = max(pr, (wo - 1) * sw + dw * (kw - 1) + 1 - w - pl)
+
+    def windows(x, pads_counted=False):
+        padded = _pad_hw(x, 0, 0, pb_x - pb, pr_x - pr) if pads_counted else _pad_hw(x, pt, pl, pb_x, pr_x)
+        return _windows(padded, (kh, kw), (sh, sw), (dh, dw), (ho, wo))
+
+    return (kh, kw), (ho, wo), windows
+
+
 def maxpool2d(mean, var, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
               ceil_mode=0):
     """ONNX MaxPool, 2-D, on NCHW Gaussians.
@@ -311,24 +332,14 @@ def maxpool2d(mean, var, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1
     xv = _var_or_zeros(var, xm)
     if xm.ndim != 4:
         raise ValueError("maxpool2d expects NCHW input")
-    _, _, h, w = xm.shape
-    kh, kw = _pairs(kernel, "kernel")
-    sh, sw = _pairs(strides, "strides")
-    dh, dw = _pairs(dilations, "dilations")
-    pt, pl, pb, pr = (int(p) for p in pads)
-    ho = _pool_out_size(h, kh, sh, dh, pt, pb, ceil_mode)
-    wo = _pool_out_size(w, kw, sw, dw, pl, pr, ceil_mode)
-    # extra end padding so that every (possibly ceil-mode) window fits in the array
-    pb_x = max(pb, (ho - 1) * sh + dh * (kh - 1) + 1 - h - pt)
-    pr_x = max(pr, (wo - 1) * sw + dw * (kw - 1) + 1 - w - pl)
+    (kh, kw), _, windows = _pool_windows(xm.shape, kernel, strides, pads, dilations, ceil_mode)
 
-    def win(x, fill):
-        p = _pad_hw(x, pt, pl, pb_x, pr_x, fill)
-        wnd = _windows(p, (kh, kw), (sh, sw), (dh, dw), (ho, wo))
+    def win(x):
+        wnd = windows(x)
         return wnd.reshape(wnd.shape[:4] + (kh * kw,))  # row-major window order
 
-    wm, wv = win(xm, 0.0), win(xv, 0.0)
-    valid = win(np.ones_like(xm), 0.0) > 0.5
+    wm, wv = win(xm), win(xv)
+    valid = win(np.ones_like(xm)) > 0.5
     if not valid.any(axis=-1).all():
         raise ValueError("maxpool2d: a window lies entirely in the padding")
 
@@ -407,25 +418,12 @@ def avgpool2d(mean, var, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1
     xm = _f64(mean)
     xv = _var_or_zeros(var, xm)
     _, _, h, w = xm.shape
-    kh, kw = _pairs(kernel, "kernel")
-    sh, sw = _pairs(strides, "strides")
-    dh, dw = _pairs(dilations, "dilations")
     pt, pl, pb, pr = (int(p) for p in pads)
-    ho = _pool_out_size(h, kh, sh, dh, pt, pb, ceil_mode)
-    wo = _pool_out_size(w, kw, sw, dw, pl, pr, ceil_mode)
-    pb_x = max(pb, (ho - 1) * sh + dh * (kh - 1) + 1 - h - pt)
-    pr_x = max(pr, (wo - 1) * sw + dw * (kw - 1) + 1 - w - pl)
-
-    def win(x):
-        return _windows(_pad_hw(x, pt, pl, pb_x, pr_x), (kh, kw), (sh, sw), (dh, dw), (ho, wo))
-
-    counted = np.zeros((1, 1, h + pt + pb_x, w + pl + pr_x))
-    if count_include_pad:
-        counted[..., : pt + h + pb, : pl + w + pr] = 1.0
-    else:
-        counted[..., pt : pt + h, pl : pl + w] = 1.0
-    n = _windows(counted, (kh, kw), (sh, sw), (dh, dw), (ho, wo)).sum(axis=(-2, -1))
-    return win(xm).sum(axis=(-2, -1)) / n, win(xv).sum(axis=(-2, -1)) / (n * n)
+    _, _, windows = _pool_windows(xm.shape, kernel, strides, pads, dilations, ceil_mode)
+    # which positions count: the input, or the input with its declared padding
+    counted = np.ones((1, 1, h + pt + pb, w + pl + pr) if count_include_pad else (1, 1, h, w))
+    n = windows(counted, pads_counted=bool(count_include_pad)).sum(axis=(-2, -1))
+    return windows(xm).sum(axis=(-2, -1)) / n, windows(xv).sum(axis=(-2, -1)) / (n * n)
 
 
 def reduce_mean(mean, var, axes, keepdims=True):

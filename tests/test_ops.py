@@ -50,6 +50,10 @@ def _cases():
         "avgpool_2x2": lambda r: _conv_case(r, [_conv(), node("AveragePool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]),
         "avgpool_pads_exclude": lambda r: _conv_case(r, [_conv(), node("AveragePool", ["c"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])]),
         "avgpool_pads_include_ceil": lambda r: _conv_case(r, [_conv(), node("AveragePool", ["c"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 1], count_include_pad=1, ceil_mode=1)]),
+        "maxpool_ceil_drops_window": lambda r: _conv_case(r, [_conv(), node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1], ceil_mode=1)],
+                                                           in_shape=[1, 4, 4, 4]),
+        "avgpool_ceil_drops_window": lambda r: _conv_case(r, [_conv(), node("AveragePool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1], ceil_mode=1)],
+                                                           in_shape=[1, 4, 4, 4]),
         "global_avgpool": lambda r: _conv_case(r, [_conv(), node("GlobalAveragePool", ["c"], ["y"])]),
         "batchnorm_folded": lambda r: _conv_case(r, [_conv(), node("BatchNormalization", ["c", *BN], ["y"])], _bn_params(r), ("w", "beta")),
         "batchnorm_folded_bias": lambda r: _conv_case(

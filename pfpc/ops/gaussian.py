@@ -276,6 +276,31 @@ def tanh(a: Gaussian) -> Gaussian:
     return _unary_moments(a, tanh_moments, tirx.tanh, "tanh", "var")
 
 
+def _pool_windows(shape, kernel, strides, pads, dilations, ceil_mode):
+    """Output size, reduction axes (i, j) and ``window(y, x) -> (row, col, inside)`` of a 2-D
+    pooling over NCHW ``shape``. With ceil_mode a window that would start in the end padding
+    is dropped (ONNX, onnxruntime, PyTorch)."""
+    _, _, height, width = shape
+    pad_top, pad_left, pad_bottom, pad_right = pads
+
+    def out_size(size, pad_begin, pad_end, k, s, d):
+        span = size + pad_begin + pad_end - d * (k - 1) - 1
+        out = (-(-span // s) if ceil_mode else span // s) + 1
+        return out - 1 if ceil_mode and (out - 1) * s >= size + pad_begin else out
+
+    out_h = out_size(height, pad_top, pad_bottom, kernel[0], strides[0], dilations[0])
+    out_w = out_size(width, pad_left, pad_right, kernel[1], strides[1], dilations[1])
+    i = te.reduce_axis((0, kernel[0]), name="i")
+    j = te.reduce_axis((0, kernel[1]), name="j")
+
+    def window(y, xx):
+        row = y * strides[0] + i * dilations[0] - pad_top
+        col = xx * strides[1] + j * dilations[1] - pad_left
+        return row, col, tirx.all(row >= 0, row < height, col >= 0, col < width)
+
+    return out_h, out_w, (i, j), window
+
+
 def _window_count(start, kernel, dilation, low, high):
     """How many of start + i*dilation (0 <= i < kernel) lie in [low, high) (integer TIR)."""
 
@@ -297,21 +322,7 @@ def avgpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, co
     positions are deterministic zeros. Native output: variance."""
     batch, chans, height, width = x.shape
     pad_top, pad_left, pad_bottom, pad_right = pads
-
-    def out_size(size, pad_begin, pad_end, k, s, d):
-        span = size + pad_begin + pad_end - d * (k - 1) - 1
-        out = (-(-span // s) if ceil_mode else span // s) + 1
-        return out - 1 if ceil_mode and (out - 1) * s >= size + pad_begin else out
-
-    out_h = out_size(height, pad_top, pad_bottom, kernel[0], strides[0], dilations[0])
-    out_w = out_size(width, pad_left, pad_right, kernel[1], strides[1], dilations[1])
-    i = te.reduce_axis((0, kernel[0]), name="i")
-    j = te.reduce_axis((0, kernel[1]), name="j")
-
-    def window(y, xx):
-        row = y * strides[0] + i * dilations[0] - pad_top
-        col = xx * strides[1] + j * dilations[1] - pad_left
-        return row, col, tirx.all(row >= 0, row < height, col >= 0, col < width)
+    out_h, out_w, (i, j), window = _pool_windows(x.shape, kernel, strides, pads, dilations, ceil_mode)
 
     def count(n, c, y, xx):
         low_h, high_h = (-pad_top, height + pad_bottom) if count_include_pad else (0, height)
@@ -415,22 +426,8 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
     """Y = max over each window of X (NCHW), Clark's max applied pairwise in row-major window
     order; padded positions are skipped (ONNX pads MaxPool with -inf). Native output: second
     moment E[max^2]. A deterministic input gives the plain max."""
-    batch, chans, height, width = x.shape
-    pad_top, pad_left, pad_bottom, pad_right = pads
-
-    def out_size(size, pad, k, s, d):
-        span = size + pad - d * (k - 1) - 1
-        return (-(-span // s) if ceil_mode else span // s) + 1
-
-    out_h = out_size(height, pad_top + pad_bottom, kernel[0], strides[0], dilations[0])
-    out_w = out_size(width, pad_left + pad_right, kernel[1], strides[1], dilations[1])
-    i = te.reduce_axis((0, kernel[0]), name="i")
-    j = te.reduce_axis((0, kernel[1]), name="j")
-
-    def window(y, xx):
-        row = y * strides[0] + i * dilations[0] - pad_top
-        col = xx * strides[1] + j * dilations[1] - pad_left
-        return row, col, tirx.all(row >= 0, row < height, col >= 0, col < width)
+    batch, chans, _, _ = x.shape
+    out_h, out_w, (i, j), window = _pool_windows(x.shape, kernel, strides, pads, dilations, ceil_mode)
 
     if x.repr == "none":
         def body(n, c, y, xx):

@@ -39,6 +39,16 @@ def _ints(values):
     return [int(v) for v in values]
 
 
+def _pool_attrs(attrs):
+    return {
+        "kernel": _ints(attrs.pool_size),
+        "strides": _ints(attrs.strides),
+        "pads": _ints(attrs.padding),
+        "dilations": _ints(attrs.dilation),
+        "ceil_mode": bool(attrs.ceil_mode),
+    }
+
+
 def _spec_of(call, op):
     """(stage, attrs) for a Relax operator, or None when it has no Gaussian counterpart."""
     attrs = call.attrs
@@ -67,14 +77,7 @@ def _spec_of(call, op):
     if op == "relax.nn.avg_pool2d":
         if attrs.layout != "NCHW":
             return None
-        return "avgpool2d", {
-            "kernel": _ints(attrs.pool_size),
-            "strides": _ints(attrs.strides),
-            "pads": _ints(attrs.padding),
-            "dilations": _ints(attrs.dilation),
-            "ceil_mode": bool(attrs.ceil_mode),
-            "count_include_pad": bool(attrs.count_include_pad),
-        }
+        return "avgpool2d", {**_pool_attrs(attrs), "count_include_pad": bool(attrs.count_include_pad)}
     if op == "relax.permute_dims":
         rank = len(call.args[0].ty.shape)
         axes = _ints(attrs.axes) if attrs.axes is not None else list(reversed(range(rank)))
@@ -86,13 +89,7 @@ def _spec_of(call, op):
     if op == "relax.nn.max_pool2d":
         if attrs.layout != "NCHW":
             return None
-        return "maxpool2d", {
-            "kernel": _ints(attrs.pool_size),
-            "strides": _ints(attrs.strides),
-            "pads": _ints(attrs.padding),
-            "dilations": _ints(attrs.dilation),
-            "ceil_mode": bool(attrs.ceil_mode),
-        }
+        return "maxpool2d", _pool_attrs(attrs)
     return None
 
 
