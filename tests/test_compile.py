@@ -12,7 +12,7 @@ import pytest
 from onnx import helper
 
 import reference
-from helpers import RTOL, assert_close, check_against_reference, compile_and_run, make_model, random_std
+from helpers import assert_close, check_against_reference, compile_and_run, make_model, random_std
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 

@@ -72,6 +72,8 @@ def _cases():
         "div_scalar": lambda r: _conv_case(r, [_conv(), node("Div", ["c", "k"], ["y"])], {"k": np.array(4.0, np.float32)}),
         "sum_of_three": lambda r: _conv_case(r, [_conv(), _conv("d", w="w2"), node("Sum", ["c", "d", "x"], ["y"])], {"w2": _w(r, 4, 4, 3, 3)}, ("w", "w2")),
         "add_of_two_gaussians": lambda r: _conv_case(r, [_conv(), _conv("d", w="w2"), node("Add", ["c", "d"], ["y"])], {"w2": _w(r, 4, 4, 3, 3)}, ("w", "w2")),
+        "add_same_tensor": lambda r: _conv_case(r, [_conv(), node("Add", ["c", "c"], ["y"])]),
+        "mul_same_tensor": lambda r: _conv_case(r, [_conv(), node("Mul", ["c", "c"], ["y"])]),
         "concat": lambda r: _conv_case(r, [_conv(), node("Relu", ["c"], ["h"]), node("Concat", ["h", "x", "c"], ["y"], axis=1)]),
         "transpose": lambda r: _conv_case(r, [_conv(), node("Transpose", ["c"], ["y"], perm=[0, 2, 3, 1])]),
         "squeeze_unsqueeze_flatten": lambda r: _conv_case(r, [

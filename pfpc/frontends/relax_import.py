@@ -15,7 +15,6 @@ import contextlib
 import numpy as np
 import onnx
 import tvm
-from onnx import numpy_helper
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 

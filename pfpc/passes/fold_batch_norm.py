@@ -32,7 +32,6 @@ class _Fold(MainRewriter):
     def __init__(self, mod, means, variances, names):
         super().__init__(mod)
         self.means, self.variances, self.names = means, variances, names
-        self.func = mod["main"]
         self.num_input = int(self.func.attrs["num_input"])
         self.bindings = {b.var: b for b in main_bindings(self.func)}
         self.uses = self._count_uses()
@@ -63,7 +62,7 @@ class _Fold(MainRewriter):
 
     def _statistics(self, call):
         """(g, beta mean, beta variance, running mean) as float64 arrays of shape [C]."""
-        data, gamma, beta, running_mean, running_var = call.args[:5]
+        gamma, beta, running_mean, running_var = call.args[1:5]
         attrs = call.attrs
         names = [self._weight(arg) for arg in (gamma, beta, running_mean, running_var)]
         if None in names:

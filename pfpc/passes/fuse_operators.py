@@ -5,8 +5,8 @@
                                           the store, with no intermediate tensors.
 
 A kernel is absorbed into its consumer when that consumer is its only user, starts with an
-element-wise stage taking it as first operand with an output of the same shape (no broadcast
-of the reduction result), and the chain so far starts with a linear stage and has no
+element-wise stage taking it as first operand only with an output of the same shape (no
+broadcast of the reduction result), and the chain so far starts with a linear stage and has no
 nonlinearity yet (a nonlinearity computes two moments at once and ends a chain).
 """
 
@@ -40,8 +40,11 @@ class _Rewriter(KernelRewriter):
         user_spec, _ = kernel_of(self.mod, users[0].value)
         if user_spec.ops[0] not in ELEMENTWISE or _out_shape(users[0].var) != _out_shape(binding.var):
             return False
-        first_arg = users[0].value.args[1].fields[0]
-        return self._direct_source(first_arg).same_as(binding.var)
+        fields = list(users[0].value.args[1].fields)
+        first_width = 1 if user_spec.operands[0] == "none" else 2  # mean (+ moment) of operand 0
+        if any(self._direct_source(arg).same_as(binding.var) for arg in fields[first_width:]):
+            return False  # e.g. y + y: the other operand needs the result as a tensor
+        return self._direct_source(fields[0]).same_as(binding.var)
 
     def _direct_source(self, var):
         """The kernel call whose output ``var`` is, with no view in between (else ``var``)."""
