@@ -134,8 +134,9 @@ def _constants_as_constant_nodes(model, posterior, name):
         for index in CONSTANT_INPUTS.get(node.op_type, ())
         if index < len(node.input) and node.input[index]
     }
-    for tensor in sorted(constant_names & set(posterior.variances)):
-        raise PfpcError(f"{name}: '{tensor}' is a clip bound or pad value; it cannot have a posterior variance")
+    stochastic = sorted(constant_names & set(posterior.variances))
+    if stochastic:
+        raise PfpcError(f"{name}: '{stochastic[0]}' is a clip bound or pad value; it cannot have a posterior variance")
     constant = [
         init for init in model.graph.initializer if init.data_type != onnx.TensorProto.FLOAT or init.name in constant_names
     ]
