@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from tvm import relax
 
 from .codegen import emit_c, emit_svi, footprint
 from .codegen.targets import get_target
@@ -80,8 +81,8 @@ def compile(  # noqa: A001 - the public name users expect
         post = bind_posterior(model, posterior)
     else:
         post = load_posterior(model, posterior)
-    io = {"inputs": list(input_shapes(model).items()), "outputs": list(output_shapes(model).items())}
     mod = import_model(model, post, label)
+    io = {"inputs": list(input_shapes(model).items()), "outputs": _output_shapes(model, mod)}
     if dump_ir:
         os.makedirs(dump_ir, exist_ok=True)
         _dump(dump_ir, 0, "import", mod)
@@ -135,6 +136,16 @@ def check_sampling_options(mode, samples, seed) -> tuple:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
         raise PfpcError(f"seed (--seed) must be an integer in [0, 2**32), not {seed!r}")
     return int(samples), int(seed)
+
+
+def _output_shapes(model, mod):
+    """(name, shape) per model output, shapes as TVM's importer computed them: ONNX shape
+    inference disagrees with onnxruntime for a ceil-mode pooling window that would start in
+    the end padding (onnxruntime and the importer drop it)."""
+    ret = mod["main"].ret_ty
+    types = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    names = list(output_shapes(model))
+    return [(name, [int(d) for d in ty.shape]) for name, ty in zip(names, types)]
 
 
 def _load_proto(model, batch):

@@ -131,6 +131,7 @@ class MainRewriter:
         self.bb = relax.BlockBuilder()
         self.kernels = KernelEmitter(self.bb)
         self.env = {}
+        self.new_params = []  # parameters a subclass adds during the walk, appended to ``params``
 
     def remap(self, expr):
         if isinstance(expr, relax.Var):
@@ -161,12 +162,12 @@ class MainRewriter:
         return self.remap(body)
 
     def run(self, params, attrs) -> tvm.IRModule:
-        with self.bb.function("main", params, attrs):
+        with self.bb.function("main", attrs=attrs):
             with self.bb.dataflow():
                 for binding in main_bindings(self.func):
                     self.visit_binding(binding)
                 out = self.bb.emit_output(self.output(self.func.body.body))
-            self.bb.emit_func_output(out)
+            self.bb.emit_func_output(out, params=list(params) + self.new_params)
         return self.bb.get()
 
 
@@ -187,6 +188,24 @@ def with_attrs(func, attrs: dict):
     for key, value in attrs.items():
         func = func.with_attr(key, value)
     return func
+
+
+def with_used_weights(mod: tvm.IRModule, means: dict, variances: dict, names: dict) -> tvm.IRModule:
+    """``main`` without the weight parameters it no longer uses, its weight attributes
+    (``pfp.params``, ``pfp.weight_var``, ``pfp.onnx_names``) set from the given dicts."""
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"])
+    used = used_vars(func.body)
+    params = list(func.params[:num_input]) + [p for p in func.params[num_input:] if p in used]
+    kept = {p.name for p in params[num_input:]}
+    attrs = func_attrs(
+        func,
+        pfp__params=to_tensor_map({k: v for k, v in means.items() if k in kept}),
+        pfp__weight_var=to_tensor_map({k: v for k, v in variances.items() if k in kept}),
+        pfp__onnx_names={k: v for k, v in names.items() if k in kept},
+    )
+    mod["main"] = with_attrs(relax.Function(params, func.body, func.ret_ty, func.is_pure), attrs)
+    return mod
 
 
 def used_vars(expr) -> set:

@@ -23,6 +23,7 @@ def sampling_session(model: onnx.ModelProto, posterior: Posterior):
     graph.graph.initializer.extend(kept)
     for name in stochastic:
         graph.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shapes[name]))
+    _logits_as_outputs(graph.graph)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
@@ -52,6 +53,17 @@ def monte_carlo(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samp
         var = np.maximum(total_sq[index] / samples - mean * mean, 0.0) * samples / max(samples - 1, 1)
         results.append((mean, var, np.sqrt(var / samples)))
     return names, results
+
+
+def _logits_as_outputs(graph):
+    """An output computed by a final Softmax/LogSoftmax becomes that node's input: the compiled
+    PFP returns the logits' moments there (see substitute_layers), so MC samples the logits."""
+    producer = {node.output[0]: node for node in graph.node}
+    for output in graph.output:
+        node = producer.get(output.name)
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+            graph.node.remove(node)
+            output.name = node.input[0]
 
 
 def compare(pfp, mc):

@@ -7,6 +7,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import pfpc.compiler as compiler
+import reference
+
+RTOL = 1e-5
 
 
 def make_model(nodes, inputs, outputs, initializers, opset=17):
@@ -32,3 +35,36 @@ def compile_and_run(model, posterior, inputs, tmp_path, name="out"):
     out_dir = str(tmp_path / name)
     compiler.compile(model, posterior, out_dir=out_dir)
     return compiler.run_host(out_dir, inputs)
+
+
+def assert_close(actual, expected, rtol=RTOL, what=""):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    # float32 accumulation: allow rtol relative to the element and a small part of the tensor's scale
+    atol = rtol * max(np.max(np.abs(expected)), 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+def check_against_reference(model, initializers, inputs, tmp_path, rng, zero_var=False, stochastic=None):
+    """The compiled PFP against the NumPy reference; with zero variance also against onnxruntime.
+
+    ``stochastic``: the initializers that get a random posterior std (default: every float one).
+    """
+    import onnxruntime as ort
+
+    chosen = initializers if stochastic is None else {k: initializers[k] for k in stochastic}
+    stds = {} if zero_var else random_std(chosen, rng)
+    variances = {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    expected = reference.pfp_onnx(model, variances, inputs)
+    got = compile_and_run(model, stds, list(inputs.values()), tmp_path)
+    for (mean, var), (name, (ref_mean, ref_var)) in zip(got, expected.items()):
+        mean, var = mean.reshape(ref_mean.shape), var.reshape(ref_var.shape)
+        assert np.all(np.isfinite(mean)) and np.all(np.isfinite(var))
+        assert_close(mean, ref_mean, what=f"{name} mean")
+        assert_close(var, ref_var, rtol=3e-5 if not zero_var else RTOL, what=f"{name} var")
+        if zero_var:
+            assert np.all(var == 0)
+    if zero_var:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        for (mean, _), expected_mean in zip(got, session.run(None, inputs)):
+            np.testing.assert_allclose(mean.reshape(expected_mean.shape), expected_mean, rtol=1e-4, atol=1e-4 * np.abs(expected_mean).max())
+    return got

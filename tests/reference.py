@@ -8,7 +8,8 @@ deterministic tensor; no function here produces NaN for zero variance.
 
 Contents
   Gaussian ops:   linear, matmul, gemm, conv2d, add, relu, clark_max, maxpool2d,
-                  flatten, reshape
+                  flatten, reshape, subtract, multiply, divide, batch_norm, avgpool2d,
+                  reduce_mean, concat, pad, clip, leaky_relu, sigmoid, tanh
   Interpreter:    pfp_onnx(model, variances, inputs, input_vars=None)
   Ground truth:   monte_carlo(model, stds, inputs, samples, seed, ...)
 
@@ -30,7 +31,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from scipy.special import ndtr
+from scipy.special import expit, ndtr
+from scipy.stats import truncnorm
 
 __all__ = [
     "linear",
@@ -43,6 +45,18 @@ __all__ = [
     "maxpool2d",
     "flatten",
     "reshape",
+    "subtract",
+    "multiply",
+    "divide",
+    "batch_norm",
+    "avgpool2d",
+    "reduce_mean",
+    "concat",
+    "pad",
+    "clip",
+    "leaky_relu",
+    "sigmoid",
+    "tanh",
     "pfp_onnx",
     "monte_carlo",
 ]
@@ -283,6 +297,27 @@ def _pool_out_size(size, k, s, d, p_begin, p_end, ceil_mode) -> int:
     return out
 
 
+def _pool_windows(shape, kernel, strides, pads, dilations, ceil_mode):
+    """(kernel, output size, windows): windows(x) are the [N, C, Ho, Wo, kh, kw] pooling windows
+    of x zero-padded by `pads` and, so that every (possibly ceil-mode) window fits, past the
+    end; windows(x, pads_counted=True) takes x as already padded by `pads`."""
+    _, _, h, w = shape
+    kh, kw = _pairs(kernel, "kernel")
+    sh, sw = _pairs(strides, "strides")
+    dh, dw = _pairs(dilations, "dilations")
+    pt, pl, pb, pr = (int(p) for p in pads)
+    ho = _pool_out_size(h, kh, sh, dh, pt, pb, ceil_mode)
+    wo = _pool_out_size(w, kw, sw, dw, pl, pr, ceil_mode)
+    pb_x = max(pb, (ho - 1) * sh + dh * (kh - 1) + 1 - h - pt)
+    pr_x = max(pr, (wo - 1) * sw + dw * (kw - 1) + 1 - w - pl)
+
+    def windows(x, pads_counted=False):
+        padded = _pad_hw(x, 0, 0, pb_x - pb, pr_x - pr) if pads_counted else _pad_hw(x, pt, pl, pb_x, pr_x)
+        return _windows(padded, (kh, kw), (sh, sw), (dh, dw), (ho, wo))
+
+    return (kh, kw), (ho, wo), windows
+
+
 def maxpool2d(mean, var, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
               ceil_mode=0):
     """ONNX MaxPool, 2-D, on NCHW Gaussians.
@@ -297,24 +332,14 @@ def maxpool2d(mean, var, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1
     xv = _var_or_zeros(var, xm)
     if xm.ndim != 4:
         raise ValueError("maxpool2d expects NCHW input")
-    _, _, h, w = xm.shape
-    kh, kw = _pairs(kernel, "kernel")
-    sh, sw = _pairs(strides, "strides")
-    dh, dw = _pairs(dilations, "dilations")
-    pt, pl, pb, pr = (int(p) for p in pads)
-    ho = _pool_out_size(h, kh, sh, dh, pt, pb, ceil_mode)
-    wo = _pool_out_size(w, kw, sw, dw, pl, pr, ceil_mode)
-    # extra end padding so that every (possibly ceil-mode) window fits in the array
-    pb_x = max(pb, (ho - 1) * sh + dh * (kh - 1) + 1 - h - pt)
-    pr_x = max(pr, (wo - 1) * sw + dw * (kw - 1) + 1 - w - pl)
+    (kh, kw), _, windows = _pool_windows(xm.shape, kernel, strides, pads, dilations, ceil_mode)
 
-    def win(x, fill):
-        p = _pad_hw(x, pt, pl, pb_x, pr_x, fill)
-        wnd = _windows(p, (kh, kw), (sh, sw), (dh, dw), (ho, wo))
+    def win(x):
+        wnd = windows(x)
         return wnd.reshape(wnd.shape[:4] + (kh * kw,))  # row-major window order
 
-    wm, wv = win(xm, 0.0), win(xv, 0.0)
-    valid = win(np.ones_like(xm), 0.0) > 0.5
+    wm, wv = win(xm), win(xv)
+    valid = win(np.ones_like(xm)) > 0.5
     if not valid.any(axis=-1).all():
         raise ValueError("maxpool2d: a window lies entirely in the padding")
 
@@ -349,6 +374,148 @@ def reshape(mean, var, shape):
     v = _var_or_zeros(var, m)
     shape = tuple(int(s) for s in shape)
     return m.reshape(shape), v.reshape(shape)
+
+
+def subtract(a_mean, a_var, b_mean, b_var):
+    """Difference of independent Gaussians: mean = m_a - m_b, var = v_a + v_b."""
+    am, bm = _f64(a_mean), _f64(b_mean)
+    return am - bm, _var_or_zeros(a_var, am) + _var_or_zeros(b_var, bm)
+
+
+def multiply(a_mean, a_var, b_mean, b_var):
+    """Element-wise product of independent Gaussians (numpy broadcasting):
+    E[ab] = m_a m_b,  Var(ab) = E[a^2] E[b^2] - m_a^2 m_b^2 = m_a^2 v_b + v_a m_b^2 + v_a v_b."""
+    am, bm = _f64(a_mean), _f64(b_mean)
+    av, bv = _var_or_zeros(a_var, am), _var_or_zeros(b_var, bm)
+    return am * bm, am * am * bv + av * bm * bm + av * bv
+
+
+def divide(a_mean, a_var, c):
+    """a / c for a deterministic c: mean = m / c, var = v / c^2."""
+    am, c = _f64(a_mean), _f64(c)
+    return am / c, _var_or_zeros(a_var, am) / (c * c)
+
+
+def batch_norm(mean, var, gamma, beta, running_mean, running_var, eps=1e-5, beta_var=None, axis=1):
+    """Inference BatchNormalization, an affine map per channel c (along `axis`):
+    y = g (x - mu_c) + beta_c with g = gamma / sqrt(running_var + eps):
+    mean = g (m - mu_c) + beta_c,  var = g^2 v + var(beta_c)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    shape = [1] * m.ndim
+    shape[axis] = -1
+    g = (_f64(gamma) / np.sqrt(_f64(running_var) + eps)).reshape(shape)
+    bv = np.zeros(shape) if beta_var is None else _f64(beta_var).reshape(shape)
+    return g * (m - _f64(running_mean).reshape(shape)) + _f64(beta).reshape(shape), g * g * v + bv
+
+
+def avgpool2d(mean, var, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+              ceil_mode=0, count_include_pad=0):
+    """ONNX AveragePool, 2-D: each window's n counted elements are independent, so
+    mean = sum(m) / n,  var = sum(v) / n^2.
+    n = window positions inside the input (count_include_pad=0) or inside the padded input
+    (count_include_pad=1; positions past the padding, from ceil_mode, never count)."""
+    xm = _f64(mean)
+    xv = _var_or_zeros(var, xm)
+    _, _, h, w = xm.shape
+    pt, pl, pb, pr = (int(p) for p in pads)
+    _, _, windows = _pool_windows(xm.shape, kernel, strides, pads, dilations, ceil_mode)
+    # which positions count: the input, or the input with its declared padding
+    counted = np.ones((1, 1, h + pt + pb, w + pl + pr) if count_include_pad else (1, 1, h, w))
+    n = windows(counted, pads_counted=bool(count_include_pad)).sum(axis=(-2, -1))
+    return windows(xm).sum(axis=(-2, -1)) / n, windows(xv).sum(axis=(-2, -1)) / (n * n)
+
+
+def reduce_mean(mean, var, axes, keepdims=True):
+    """Mean over `axes` of n independent elements: mean = avg(m), var = sum(v) / n^2."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    n = np.prod([m.shape[a] for a in axes])
+    return m.mean(axis=tuple(axes), keepdims=keepdims), v.sum(axis=tuple(axes), keepdims=keepdims) / (n * n)
+
+
+def concat(pairs, axis):
+    """Concatenation of (mean, var) pairs: means and variances alike."""
+    means = [_f64(m) for m, _ in pairs]
+    return (np.concatenate(means, axis=axis),
+            np.concatenate([_var_or_zeros(v, m) for (_, v), m in zip(pairs, means)], axis=axis))
+
+
+def pad(mean, var, before, after, value=0.0):
+    """Constant padding: padded positions are deterministic (mean `value`, var 0)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    widths = list(zip(before, after))
+    return np.pad(m, widths, constant_values=value), np.pad(v, widths, constant_values=0.0)
+
+
+def clip(mean, var, lower=None, upper=None):
+    """y = min(max(x, lower), upper) for x ~ N(M, V), as a mixture of three pieces: the mass
+    below `lower` (y = lower), above `upper` (y = upper), and the truncated normal between
+    (its mean and variance from scipy.stats.truncnorm):
+        E[y]   = lo P_lo + hi P_hi + P_mid E_mid
+        E[y^2] = lo^2 P_lo + hi^2 P_hi + P_mid (Var_mid + E_mid^2)
+    V = 0 gives exactly (clip(M), 0)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    lo = -np.inf if lower is None else float(lower)
+    hi = np.inf if upper is None else float(upper)
+    s = np.sqrt(v)
+    stochastic = s > 0
+    s_safe = np.where(stochastic, s, 1.0)
+    a, b = (lo - m) / s_safe, (hi - m) / s_safe
+    p_lo, p_hi = ndtr(a), ndtr(-b)
+    p_mid = np.maximum(1.0 - p_lo - p_hi, 0.0)
+    a_t, b_t = np.minimum(a, 30.0), np.maximum(b, -30.0)  # truncnorm needs a < b; such P_mid is 0
+    ok = (p_mid > 0) & (a_t < b_t)
+    mid_mean_z, mid_var_z = truncnorm.stats(np.where(ok, a_t, -1.0), np.where(ok, b_t, 1.0), moments="mv")
+    mid_mean = m + s * np.where(ok, mid_mean_z, 0.0)
+    mid_var = v * np.where(ok, mid_var_z, 0.0)
+    lo_term = np.where(p_lo > 0, lo, 0.0)
+    hi_term = np.where(p_hi > 0, hi, 0.0)
+    e1 = lo_term * p_lo + hi_term * p_hi + p_mid * mid_mean
+    e2 = lo_term ** 2 * p_lo + hi_term ** 2 * p_hi + p_mid * (mid_var + mid_mean ** 2)
+    exact = np.clip(m, lo, hi)
+    return np.where(stochastic, e1, exact), np.where(stochastic, np.maximum(e2 - e1 * e1, 0.0), 0.0)
+
+
+def leaky_relu(mean, var, slope):
+    """y = x for x > 0, slope x otherwise (LeakyRelu, PRelu with a deterministic slope), written
+    as y = relu(x) - slope relu(-x); the two parts are never both non-zero, so
+        E[y]   = E[relu(x)] - slope E[relu(-x)]
+        E[y^2] = E[relu(x)^2] + slope^2 E[relu(-x)^2]."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    slope = _f64(slope)
+    pos_mean, pos_var = relu(m, v)
+    neg_mean, neg_var = relu(-m, v)
+    e1 = pos_mean - slope * neg_mean
+    e2 = pos_var + pos_mean ** 2 + slope * slope * (neg_var + neg_mean ** 2)
+    return e1, np.where(v > 0, np.maximum(e2 - e1 * e1, 0.0), 0.0)
+
+
+def _saturating_var(derivative, v):
+    """d (1 - 1/sqrt(1 + 2 d v)): the delta method d^2 v for small v, d for large v."""
+    return derivative * (1.0 - 1.0 / np.sqrt(1.0 + 2.0 * derivative * v))
+
+
+def sigmoid(mean, var):
+    """Probit approximation (DESIGN.md): E ~= sigmoid(M / sqrt(1 + pi V / 8)), and
+    Var ~= E (1 - E) (1 - 1 / sqrt(1 + 2 E (1 - E) V)). An approximation: the tests measure
+    its error against Monte Carlo."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    e = expit(m / np.sqrt(1.0 + np.pi * v / 8.0))
+    return e, _saturating_var(e * (1.0 - e), v)
+
+
+def tanh(mean, var):
+    """tanh(x) = 2 sigmoid(2x) - 1 with the sigmoid approximation for 2x ~ N(2M, 4V):
+    E ~= tanh(M / sqrt(1 + pi V / 2)), Var ~= (1 - E^2) (1 - 1 / sqrt(1 + 2 (1 - E^2) V))."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    e_sig, var_sig = sigmoid(2.0 * m, 4.0 * v)
+    return 2.0 * e_sig - 1.0, 4.0 * var_sig
 
 
 # --------------------------------------------------------------------------------------
@@ -415,6 +582,141 @@ def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[o
     return order
 
 
+def _integer_node(node, x):
+    """A node on deterministic integer tensors, evaluated by onnx's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {name: val[0] for name, val in zip(node.input, x) if name}
+    values = ReferenceEvaluator(node).run(None, feeds)
+    return [(np.asarray(v), np.zeros(np.shape(v))) for v in values]
+
+
+def _lift_1d(pair):
+    """[N, C, L] -> [N, C, 1, L]: 1-D ops are the 2-D ones with a unit height."""
+    return None if pair is None else (pair[0][:, :, None, :], pair[1][:, :, None, :])
+
+
+def _lift_attrs_1d(a):
+    lifted = dict(a)
+    for key in ("kernel_shape", "strides", "dilations"):
+        if key in a:
+            lifted[key] = [1] + list(a[key])
+    if "pads" in a:
+        lifted["pads"] = [0, a["pads"][0], 0, a["pads"][1]]
+    return lifted
+
+
+def _pool_geometry(a, in_hw, default_kernel=None):
+    kernel = tuple(a.get("kernel_shape", default_kernel))
+    strides = tuple(a.get("strides", (1, 1)))
+    dil = tuple(a.get("dilations", (1, 1)))
+    pads = _resolve_pads(a.get("auto_pad", "NOTSET"), a.get("pads"), in_hw, kernel, strides, dil)
+    return kernel, strides, pads, dil
+
+
+def _node_outputs(node, a, x):
+    """The (mean, var) outputs of one ONNX node on Gaussian inputs ``x``."""
+    op = node.op_type
+    if op in ("Conv", "MaxPool", "AveragePool") and x[0][0].ndim == 3:
+        lifted = [_lift_1d(x[0])] + ([_lift_1d(x[1])] if op == "Conv" else []) + x[1 + (op == "Conv"):]
+        outs = _node_outputs(node, _lift_attrs_1d(a), lifted)
+        return [(m[:, :, 0, :], v[:, :, 0, :]) for m, v in outs]
+    if op == "MatMul":
+        return [matmul(*x[0], *x[1])]
+    if op == "Gemm":
+        c = x[2] if len(x) > 2 and x[2] is not None else (None, None)
+        return [gemm(*x[0], *x[1], *c, alpha=a.get("alpha", 1.0), beta=a.get("beta", 1.0),
+                     transA=a.get("transA", 0), transB=a.get("transB", 0))]
+    if op in ("Add", "Sum"):
+        total = x[0]
+        for operand in x[1:]:
+            total = add(*total, *operand)
+        return [total]
+    if op == "Sub":
+        return [subtract(*x[0], *x[1])]
+    if op == "Mul":
+        return [multiply(*x[0], *x[1])]
+    if op == "Div":
+        if np.any(x[1][1]):
+            raise NotImplementedError("Div by a Gaussian")
+        return [divide(*x[0], x[1][0])]
+    if op == "Conv":
+        wm = x[1][0]
+        if wm.ndim != 4:
+            raise NotImplementedError(f"Conv with {wm.ndim - 2} spatial dims")
+        _, strides, pads, dil = _pool_geometry(a, x[0][0].shape[2:], wm.shape[2:])
+        b = x[2] if len(x) > 2 and x[2] is not None else (None, None)
+        return [conv2d(*x[0], *x[1], *b, strides=strides, pads=pads, dilations=dil, groups=a.get("group", 1))]
+    if op == "Relu":
+        return [relu(*x[0])]
+    if op == "Clip":
+        lower = a.get("min", x[1][0] if len(x) > 1 and x[1] is not None else None)
+        upper = a.get("max", x[2][0] if len(x) > 2 and x[2] is not None else None)
+        return [clip(*x[0], lower, upper)]
+    if op == "LeakyRelu":
+        return [leaky_relu(*x[0], a.get("alpha", 0.01))]
+    if op == "PRelu":
+        if np.any(x[1][1]):
+            raise NotImplementedError("PRelu with a Gaussian slope")
+        return [leaky_relu(*x[0], x[1][0])]
+    if op == "Sigmoid":
+        return [sigmoid(*x[0])]
+    if op == "Tanh":
+        return [tanh(*x[0])]
+    if op == "BatchNormalization":
+        if any(np.any(x[i][1]) for i in (1, 3, 4)):
+            raise NotImplementedError("BatchNormalization with a Gaussian scale or statistics")
+        return [batch_norm(*x[0], x[1][0], x[2][0], x[3][0], x[4][0], a.get("epsilon", 1e-5), beta_var=x[2][1])]
+    if op == "MaxPool":
+        if len(node.output) > 1 and node.output[1]:
+            raise NotImplementedError("MaxPool with Indices output")
+        if x[0][0].ndim != 4:
+            raise NotImplementedError(f"MaxPool with {x[0][0].ndim - 2} spatial dims")
+        kernel, strides, pads, dil = _pool_geometry(a, x[0][0].shape[2:])
+        return [maxpool2d(*x[0], kernel, strides, pads, dil, a.get("ceil_mode", 0))]
+    if op == "AveragePool":
+        kernel, strides, pads, dil = _pool_geometry(a, x[0][0].shape[2:])
+        return [avgpool2d(*x[0], kernel, strides, pads, dil, a.get("ceil_mode", 0), a.get("count_include_pad", 0))]
+    if op == "GlobalAveragePool":
+        return [reduce_mean(*x[0], list(range(2, x[0][0].ndim)))]
+    if op == "Concat":
+        return [concat(x, a["axis"] % x[0][0].ndim)]
+    if op == "Transpose":
+        perm = a.get("perm", list(reversed(range(x[0][0].ndim))))
+        return [(np.transpose(x[0][0], perm), np.transpose(x[0][1], perm))]
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = a.get("axes", x[1][0] if len(x) > 1 and x[1] is not None else None)
+        if op == "Squeeze":
+            shape = np.squeeze(x[0][0], axis=None if axes is None else tuple(int(i) for i in axes)).shape
+        else:
+            shape = np.expand_dims(x[0][0], tuple(int(i) for i in axes)).shape
+        return [reshape(*x[0], shape)]
+    if op == "Pad":
+        pads = a.get("pads", x[1][0] if len(x) > 1 else None)
+        value = a.get("value", float(x[2][0]) if len(x) > 2 and x[2] is not None else 0.0)
+        rank = x[0][0].ndim
+        axes = list(range(rank)) if len(x) < 4 or x[3] is None else [int(i) % rank for i in x[3][0]]
+        before, after = [0] * rank, [0] * rank
+        for index, axis in enumerate(axes):
+            before[axis], after[axis] = int(pads[index]), int(pads[index + len(axes)])
+        return [pad(*x[0], before, after, value)]
+    if op == "Flatten":
+        return [flatten(*x[0], axis=a.get("axis", 1))]
+    if op == "Reshape":
+        target = _onnx_reshape_shape(x[0][0].shape, x[1][0].astype(np.int64), a.get("allowzero", 0))
+        return [reshape(*x[0], target)]
+    if op in ("Identity", "Dropout"):
+        outs = [x[0]]
+        if op == "Dropout" and len(node.output) > 1 and node.output[1]:
+            mask = np.ones(x[0][0].shape, dtype=bool)
+            outs.append((mask, np.zeros(mask.shape)))
+        return outs
+    if op == "Constant":
+        val = _constant_value(a)
+        return [(val.astype(np.float64) if val.dtype.kind == "f" else val, np.zeros(val.shape))]
+    raise NotImplementedError(f"pfp_onnx: unsupported op {op}")
+
+
 def pfp_onnx(model: onnx.ModelProto, variances: Mapping[str, np.ndarray],
              inputs: Mapping[str, np.ndarray],
              input_vars: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple]:
@@ -422,8 +724,9 @@ def pfp_onnx(model: onnx.ModelProto, variances: Mapping[str, np.ndarray],
 
     Initializers are weights: mean = initializer value, var = variances.get(name, 0).
     Graph inputs are deterministic unless `input_vars` gives their variance.
-    Supported: MatMul, Gemm, Add, Conv (2-D), Relu, MaxPool (2-D), Flatten, Reshape,
-    Identity, Dropout (inference: identity), Constant. Anything else: NotImplementedError.
+    Supported: see `_node_outputs`; Softmax/LogSoftmax whose output is a graph output pass
+    their input's moments through; nodes on integer tensors (shape arithmetic) are evaluated
+    by onnx's reference evaluator. Anything else: NotImplementedError.
     """
     graph = model.graph
     input_vars = input_vars or {}
@@ -445,62 +748,19 @@ def pfp_onnx(model: onnx.ModelProto, variances: Mapping[str, np.ndarray],
         m = _f64(inputs[inp.name])
         env[inp.name] = (m, _var_or_zeros(input_vars.get(inp.name), m))
 
+    outputs = {o.name for o in graph.output}
     for node in _topological(graph.node, set(env)):
-        op, a = node.op_type, _attrs(node)
         if node.domain not in ("", "ai.onnx"):
-            raise NotImplementedError(f"{node.domain}::{op}")
+            raise NotImplementedError(f"{node.domain}::{node.op_type}")
         x = [env[i] if i else None for i in node.input]
-        outs: list[tuple[np.ndarray, np.ndarray]]
-        if op == "MatMul":
-            outs = [matmul(*x[0], *x[1])]
-        elif op == "Gemm":
-            c = x[2] if len(x) > 2 and x[2] is not None else (None, None)
-            outs = [gemm(*x[0], *x[1], *c, alpha=a.get("alpha", 1.0), beta=a.get("beta", 1.0),
-                         transA=a.get("transA", 0), transB=a.get("transB", 0))]
-        elif op == "Add":
-            outs = [add(*x[0], *x[1])]
-        elif op == "Conv":
-            wm = x[1][0]
-            if wm.ndim != 4:
-                raise NotImplementedError(f"Conv with {wm.ndim - 2} spatial dims")
-            kernel = tuple(a.get("kernel_shape", wm.shape[2:]))
-            strides = tuple(a.get("strides", (1, 1)))
-            dil = tuple(a.get("dilations", (1, 1)))
-            pads = _resolve_pads(a.get("auto_pad", "NOTSET"), a.get("pads"),
-                                 x[0][0].shape[2:], kernel, strides, dil)
-            b = x[2] if len(x) > 2 and x[2] is not None else (None, None)
-            outs = [conv2d(*x[0], *x[1], *b, strides=strides, pads=pads, dilations=dil,
-                           groups=a.get("group", 1))]
-        elif op == "Relu":
-            outs = [relu(*x[0])]
-        elif op == "MaxPool":
-            if len(node.output) > 1 and node.output[1]:
-                raise NotImplementedError("MaxPool with Indices output")
-            if x[0][0].ndim != 4:
-                raise NotImplementedError(f"MaxPool with {x[0][0].ndim - 2} spatial dims")
-            kernel = tuple(a["kernel_shape"])
-            strides = tuple(a.get("strides", (1, 1)))
-            dil = tuple(a.get("dilations", (1, 1)))
-            pads = _resolve_pads(a.get("auto_pad", "NOTSET"), a.get("pads"),
-                                 x[0][0].shape[2:], kernel, strides, dil)
-            outs = [maxpool2d(*x[0], kernel, strides, pads, dil, a.get("ceil_mode", 0))]
-        elif op == "Flatten":
-            outs = [flatten(*x[0], axis=a.get("axis", 1))]
-        elif op == "Reshape":
-            target = _onnx_reshape_shape(x[0][0].shape, x[1][0].astype(np.int64),
-                                         a.get("allowzero", 0))
-            outs = [reshape(*x[0], target)]
-        elif op in ("Identity", "Dropout"):
-            outs = [x[0]]
-            if op == "Dropout" and len(node.output) > 1 and node.output[1]:
-                mask = np.ones(x[0][0].shape, dtype=bool)
-                outs.append((mask, np.zeros(mask.shape)))
-        elif op == "Constant":
-            val = _constant_value(a)
-            outs = [(val.astype(np.float64) if val.dtype.kind == "f" else val,
-                     np.zeros(val.shape))]
+        if node.op_type == "Shape":
+            outs = [(np.array(x[0][0].shape, np.int64), np.zeros(1))]
+        elif node.op_type != "Constant" and all(i is None or i[0].dtype.kind in "iub" for i in x):
+            outs = _integer_node(node, x)  # shape arithmetic
+        elif node.op_type in ("Softmax", "LogSoftmax") and all(o in outputs for o in node.output):
+            outs = [x[0]]  # at an output pfpc returns the logits' moments (see pfpc.json)
         else:
-            raise NotImplementedError(f"pfp_onnx: unsupported op {op}")
+            outs = _node_outputs(node, _attrs(node), x)
         for name, val in zip(node.output, outs):
             if name:
                 env[name] = val

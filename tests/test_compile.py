@@ -12,42 +12,9 @@ import pytest
 from onnx import helper
 
 import reference
-from helpers import compile_and_run, make_model, random_std
+from helpers import assert_close, check_against_reference, compile_and_run, make_model, random_std
 
-RTOL = 1e-5
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
-
-
-def _assert_close(actual, expected, rtol=RTOL, what=""):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    # float32 accumulation: allow rtol relative to the element and a small part of the tensor's scale
-    atol = rtol * max(np.max(np.abs(expected)), 1e-30)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
-
-
-@pytest.fixture(params=[False, True], ids=["posterior", "zero_variance"])
-def zero_var(request):
-    return request.param
-
-
-def _check_against_reference(model, initializers, inputs, tmp_path, rng, zero_var=False):
-    """The compiled PFP against the NumPy reference; with zero variance also against onnxruntime."""
-    stds = {} if zero_var else random_std(initializers, rng)
-    variances = {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in stds.items()}
-    expected = reference.pfp_onnx(model, variances, inputs)
-    got = compile_and_run(model, stds, list(inputs.values()), tmp_path)
-    for (mean, var), (name, (ref_mean, ref_var)) in zip(got, expected.items()):
-        mean, var = mean.reshape(ref_mean.shape), var.reshape(ref_var.shape)
-        assert np.all(np.isfinite(mean)) and np.all(np.isfinite(var))
-        _assert_close(mean, ref_mean, what=f"{name} mean")
-        _assert_close(var, ref_var, rtol=3e-5 if not zero_var else RTOL, what=f"{name} var")
-        if zero_var:
-            assert np.all(var == 0)
-    if zero_var:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        for (mean, _), expected_mean in zip(got, session.run(None, inputs)):
-            np.testing.assert_allclose(mean.reshape(expected_mean.shape), expected_mean, rtol=1e-4, atol=1e-4 * np.abs(expected_mean).max())
-    return got
 
 
 def _gemm_case(rng, trans_a, trans_b, alpha, beta, with_c):
@@ -69,7 +36,7 @@ def test_gemm_matches_reference(tmp_path, zero_var, trans_a, trans_b, alpha, bet
     rng = np.random.default_rng(1)
     model, inits = _gemm_case(rng, trans_a, trans_b, alpha, beta, with_c)
     x = rng.standard_normal((7, 3) if trans_a else (3, 7)).astype(np.float32)
-    _check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
+    check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
 
 
 def _hidden_mlp(rng):
@@ -95,7 +62,7 @@ def test_mlp_matches_reference(tmp_path, zero_var):
     rng = np.random.default_rng(2)
     model, inits = _hidden_mlp(rng)
     x = rng.standard_normal((2, 8)).astype(np.float32)
-    _check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
+    check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
 
 
 @pytest.mark.parametrize(
@@ -122,7 +89,7 @@ def test_conv_relu_maxpool_matches_reference(tmp_path, zero_var, strides, pads, 
     ]
     model = make_model(nodes, [("x", [2, in_ch, 7, 8])], ["y"], inits)
     x = rng.standard_normal((2, in_ch, 7, 8)).astype(np.float32)
-    _check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
+    check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
 
 
 @pytest.mark.parametrize("pool", [
@@ -140,7 +107,7 @@ def test_maxpool_windows_match_reference(tmp_path, zero_var, pool):
     ]
     model = make_model(nodes, [("x", [2, 2, 7, 6])], ["y"], inits)
     x = rng.standard_normal((2, 2, 7, 6)).astype(np.float32)
-    _check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
+    check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
 
 
 def test_residual_add_of_two_gaussians(tmp_path, zero_var):
@@ -155,7 +122,7 @@ def test_residual_add_of_two_gaussians(tmp_path, zero_var):
     ]
     model = make_model(nodes, [("x", [2, 5])], ["y"], {**inits, "shape": np.array([10], np.int64)})
     x = rng.standard_normal((2, 5)).astype(np.float32)
-    _check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
+    check_against_reference(model, inits, {"x": x}, tmp_path, rng, zero_var)
 
 
 @pytest.mark.parametrize("example", ["mlp", "lenet"])
@@ -189,8 +156,8 @@ def test_examples_match_reference(tmp_path, example):
     compiler.compile(model_path, os.path.join(EXAMPLES, example, "post.npz"), out_dir=out, batch=x.shape[0])
     (mean, var), = compiler.run_host(out, [x])
     # whole networks in float32 (erf, exp, sums of 64..576 terms): relative 1e-4 of the logit scale
-    _assert_close(mean, expected[0], rtol=1e-4, what="mean")
-    _assert_close(var, expected[1], rtol=1e-4, what="var")
+    assert_close(mean, expected[0], rtol=1e-4, what="mean")
+    assert_close(var, expected[1], rtol=1e-4, what="var")
 
 
 def test_linear_network_matches_monte_carlo(tmp_path):

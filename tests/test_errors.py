@@ -90,3 +90,46 @@ def test_existing_output_refused_without_force(tmp_path, capsys):
     assert code == 2 and "--force" in err and (out / "keep.txt").exists()
     code, _ = _run([MLP, "--posterior", MLP_POST, "--batch", "1", "-o", str(out), "--force"], capsys)
     assert code == 0 and not (out / "keep.txt").exists() and (out / "pfp_model.h").exists()
+
+
+def _model_file(tmp_path, nodes, inputs, inits, outputs=("y",)):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(make_model(nodes, inputs, list(outputs), inits).SerializeToString())
+    return str(path)
+
+
+def test_softmax_inside_the_graph_is_named(tmp_path, capsys):
+    nodes = [
+        helper.make_node("Softmax", ["x"], ["s"], name="inner_softmax", axis=1),
+        helper.make_node("MatMul", ["s", "w"], ["y"]),
+    ]
+    path = _model_file(tmp_path, nodes, [("x", [1, 3])], {"w": np.ones((3, 2), np.float32)})
+    code, err = _run([path, "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "inner_softmax (Softmax: supported only as a last node" in err and len(err.splitlines()) == 1
+
+
+def test_reflect_pad_and_3d_conv_listed_together(tmp_path, capsys):
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], name="mirror", mode="reflect"),
+        helper.make_node("Conv", ["p", "w"], ["y"], name="volume"),
+    ]
+    inits = {"pads": np.array([0, 0, 1, 1, 1, 0, 0, 1, 1, 1], np.int64), "w": np.ones((1, 1, 1, 1, 1), np.float32)}
+    path = _model_file(tmp_path, nodes, [("x", [1, 1, 3, 3, 3])], inits)
+    code, err = _run([path, "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "mirror (Pad: mode reflect" in err and "volume (Conv: 3-D" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "node,inits,stochastic,expected",
+    [
+        (helper.make_node("Div", ["x", "k"], ["y"]), {"k": np.ones((1, 3), np.float32)}, "k", "operand 1 is a Gaussian tensor"),
+        (helper.make_node("PRelu", ["x", "k"], ["y"]), {"k": np.ones((3,), np.float32)}, "k", "operand 1 is a Gaussian tensor"),
+        (helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"]),
+         {k: np.ones((3,), np.float32) for k in "gbmv"}, "g", "BatchNormalization parameter 'g' has a posterior variance"),
+    ],
+)
+def test_stochastic_operand_without_rule(tmp_path, capsys, node, inits, stochastic, expected):
+    path = _model_file(tmp_path, [node], [("x", [2, 3])], inits)
+    post = _write_post(tmp_path / "post.npz", **{f"{stochastic}.std": np.ones_like(inits[stochastic])})
+    code, err = _run([path, "--posterior", post, "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and expected in err and len(err.splitlines()) == 1, err

@@ -23,12 +23,18 @@ def _specs(mod):
     return [kernel_of(mod, b.value)[0] for b in main_bindings(mod["main"]) if kernel_of(mod, b.value)]
 
 
+def _through(name):
+    """The default pipeline up to and including the pass ``name``."""
+    passes = default_passes()
+    return passes[: [n for n, _ in passes].index(name) + 1]
+
+
 def _compile(passes, tmp_path=None, posterior=LENET_POST):
     out = str(tmp_path / "out") if tmp_path is not None else None
     return compiler.compile(LENET, posterior, out_dir=out, batch=2, passes=passes)
 
 
-@pytest.mark.parametrize("count", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("count", range(4, len(default_passes()) + 1))
 def test_every_pipeline_prefix_matches_reference(tmp_path, count):
     x = np.load(os.path.join(EXAMPLES, "lenet", "sample.npy"))[:2]
     post = dict(np.load(LENET_POST))
@@ -41,24 +47,24 @@ def test_every_pipeline_prefix_matches_reference(tmp_path, count):
 
 
 def test_substitution_makes_one_canonical_kernel_per_operator():
-    specs = _specs(_compile(default_passes()[:2]).mod)
+    specs = _specs(_compile(_through("substitute_layers")).mod)
     assert [s.ops for s in specs] == [["conv2d"], ["add"], ["relu"], ["maxpool2d"]] * 2 + [["matmul"], ["add"], ["relu"], ["matmul"], ["add"]]
     assert all(s.output == "var" for s in specs)
 
 
 def test_eliminate_zero_variance_without_posterior_is_deterministic():
-    mod = _compile(default_passes()[:3], posterior=None).mod
+    mod = _compile(_through("eliminate_zero_variance"), posterior=None).mod
     assert all(s.output == "none" and set(s.operands) == {"none"} for s in _specs(mod))
     assert not any(str(k).endswith(".var") for k in mod["main"].attrs["pfp.params"].keys())
 
 
 def test_fusion_merges_linear_bias_relu():
-    specs = _specs(_compile(default_passes()[:4]).mod)
+    specs = _specs(_compile(_through("fuse_operators")).mod)
     assert [s.ops for s in specs] == [["conv2d", "add", "relu"], ["maxpool2d"]] * 2 + [["matmul", "add", "relu"], ["matmul", "add"]]
 
 
 def test_moment_representation_per_edge():
-    specs = _specs(_compile(default_passes()[:5]).mod)
+    specs = _specs(_compile(_through("choose_moment_representation")).mod)
     # ReLU feeding max-pool: variance; ReLU feeding a linear layer: second moment; outputs: variance
     assert specs[0].output == "var" and specs[4].output == "second_moment" and specs[-1].output == "var"
     assert specs[1].output == "second_moment"  # max-pool feeding conv2
@@ -92,3 +98,58 @@ def test_compile_is_deterministic(tmp_path):
         assert (tmp_path / "a" / file_name).read_bytes() == (tmp_path / "b" / file_name).read_bytes(), file_name
     meta = json.loads((tmp_path / "a" / "pfpc.json").read_text())
     assert meta["arena_bytes"] >= meta["arena_lower_bound_bytes"] > 0
+
+
+def _bn_model(relu_between):
+    from onnx import helper
+
+    from helpers import make_model
+
+    rng = np.random.default_rng(9)
+    inits = {
+        "w": rng.standard_normal((3, 2, 3, 3)).astype(np.float32),
+        "gamma": np.array([2.0, -0.5, 1.0], np.float32),
+        "beta": np.array([0.1, 0.2, 0.3], np.float32),
+        "mean": np.array([0.5, -1.0, 0.0], np.float32),
+        "var": np.array([3.0, 0.25, 1.0], np.float32),
+    }
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"])]
+    if relu_between:
+        nodes.append(helper.make_node("Relu", ["c"], ["r"]))
+    nodes.append(helper.make_node("BatchNormalization", ["r" if relu_between else "c", "gamma", "beta", "mean", "var"], ["y"], epsilon=1e-5))
+    return make_model(nodes, [("x", [1, 2, 5, 5])], ["y"], inits), inits
+
+
+def _through_fold_batch_norm(model, posterior):
+    """The module after the passes up to fold_batch_norm (before any code generation)."""
+    from pfpc.frontends.posterior import bind_posterior
+    from pfpc.frontends.relax_import import import_model
+
+    model = compiler._load_proto(model, None)
+    mod = import_model(model, bind_posterior(model, posterior))
+    for _, transform in _through("fold_batch_norm"):
+        mod = transform(mod)
+    return mod
+
+
+def test_batch_norm_folds_into_the_conv_weights_and_posterior():
+    model, inits = _bn_model(relu_between=False)
+    std = np.full(inits["w"].shape, 0.1, np.float32)
+    mod = _through_fold_batch_norm(model, {"w.std": std, "beta.std": np.full(3, 0.2, np.float32)})
+    ops = [str(b.value.op.name) for b in main_bindings(mod["main"]) if hasattr(b.value, "op") and hasattr(b.value.op, "name")]
+    assert "relax.nn.batch_norm" not in ops and "relax.multiply" not in ops and ops.count("relax.nn.conv2d") == 1
+    params = {str(k): v.numpy() for k, v in mod["main"].attrs["pfp.params"].items()}
+    variances = {str(k): v.numpy() for k, v in mod["main"].attrs["pfp.weight_var"].items()}
+    g = inits["gamma"].astype(np.float64) / np.sqrt(inits["var"].astype(np.float64) + 1e-5)
+    np.testing.assert_allclose(params["w"], inits["w"] * g[:, None, None, None], rtol=1e-6)
+    np.testing.assert_allclose(variances["w"], 0.01 * (g * g)[:, None, None, None] * np.ones_like(std), rtol=1e-5)
+    bias = next(name for name in params if name.endswith("batch_norm_bias"))
+    np.testing.assert_allclose(params[bias].reshape(-1), inits["beta"] - inits["mean"] * g, rtol=1e-6)
+    np.testing.assert_allclose(variances[bias].reshape(-1), np.full(3, 0.04), rtol=1e-5)
+
+
+def test_batch_norm_after_a_nonlinearity_is_an_affine_map():
+    model, _ = _bn_model(relu_between=True)
+    mod = _through_fold_batch_norm(model, {})
+    ops = [str(b.value.op.name) for b in main_bindings(mod["main"]) if hasattr(b.value, "op") and hasattr(b.value.op, "name")]
+    assert "relax.nn.batch_norm" not in ops and ops.count("relax.multiply") == 1 and ops.count("relax.add") == 1

@@ -98,6 +98,7 @@ class Program:
     arena_lower_bound: int = 0
     namer: object = None  # the C identifiers taken so far
     sampling: object = None  # emit_svi.Sampling: the program runs once per weight sample (mode svi)
+    output_softmax: list = field(default_factory=list)  # a softmax dropped at an output (see substitute_layers)
 
 
 def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model", target=None) -> Program:
@@ -136,6 +137,8 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
     num_input = int(func.attrs["num_input"])
     namer = Namer({name, f"{name}_run", "arena", "base", *reserved})
     program = Program(name, [], [], namer=namer)
+    if "pfp.output_softmax" in func.attrs:
+        program.output_softmax = json.loads(str(func.attrs["pfp.output_softmax"]))
     env: dict = {}
     for param, (onnx_name, shape) in zip(func.params[:num_input], io["inputs"]):
         tensor = Tensor(namer(onnx_name), shape, "input")
@@ -523,7 +526,6 @@ def _firmware_files(target) -> dict:
 
 
 def write(program: Program, out_dir: str) -> None:
-    import json
 
     meta = {
         "name": program.name,
@@ -534,6 +536,8 @@ def write(program: Program, out_dir: str) -> None:
         "arena_lower_bound_bytes": program.arena_lower_bound,
         "weights_bytes": sum(4 * values.size for values, _ in program.weights.values()),
         "layers": footprint.layer_costs(program),
+        # outputs whose softmax/log-softmax was dropped: they hold the moments of the logits
+        "output_softmax": program.output_softmax,
     }
     if program.sampling is not None:
         meta.update(program.sampling.metadata())

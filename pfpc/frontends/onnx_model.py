@@ -61,7 +61,9 @@ def _default_opset(model):
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant and ConstantOfShape nodes with constant inputs become initializers."""
+    """Constant and ConstantOfShape nodes with constant inputs become initializers, and so does
+    every node computed from integer constants alone (shape arithmetic: exporters compute pads
+    and shapes with Concat/Slice/Reshape/Cast chains that TVM's importer cannot fold)."""
     graph = model.graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     kept = []
@@ -83,6 +85,8 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
             attr = {a.name: a for a in node.attribute}
             fill = numpy_helper.to_array(attr["value"].t) if "value" in attr else np.zeros(1, np.float32)
             value = np.full(constants[node.input[0]].astype(np.int64), fill.reshape(-1)[0], dtype=fill.dtype)
+        elif _integer_only(node, constants):
+            value = _evaluate(node, constants)
         if value is None:
             kept.append(node)
             continue
@@ -91,6 +95,27 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(kept)
     return model
+
+
+def _integer_only(node, constants) -> bool:
+    inputs = [name for name in node.input if name]
+    return (
+        node.domain in ("", "ai.onnx")
+        and len(node.output) == 1
+        and bool(inputs)
+        and all(name in constants and constants[name].dtype.kind in "iub" for name in inputs)
+    )
+
+
+def _evaluate(node, constants):
+    """The value of ``node`` on constant inputs (onnx's reference evaluator), None if it fails."""
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        (value,) = ReferenceEvaluator(node).run(None, {name: constants[name] for name in node.input if name})
+    except Exception:
+        return None
+    return np.asarray(value)
 
 
 def _check_float32(model, name):

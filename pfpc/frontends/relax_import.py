@@ -10,36 +10,71 @@ two function attributes the passes read:
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx
 import tvm
-from tvm.relax.frontend.onnx import from_onnx
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 
 from ..errors import PfpcError
+from ..ir import constant_value
 from .onnx_model import graph_inputs, input_shapes
 from .posterior import Posterior
 
 #: ONNX operators with a Gaussian counterpart, and operators that only compute shapes.
-GAUSSIAN_OPS = {"MatMul", "Gemm", "Add", "Conv", "Relu", "MaxPool", "Flatten", "Reshape", "Identity", "Dropout", "Transpose"}
-SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Concat", "Cast", "Squeeze", "Slice", "Constant"}
+GAUSSIAN_OPS = {
+    "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Sum", "Conv", "Relu", "Clip", "LeakyRelu", "PRelu",
+    "Sigmoid", "Tanh", "MaxPool", "AveragePool", "GlobalAveragePool", "BatchNormalization", "Pad",
+    "Flatten", "Reshape", "Identity", "Dropout", "Transpose", "Squeeze", "Unsqueeze", "Concat",
+}
+#: Operators accepted only as the last node(s): the model's outputs become their inputs' moments.
+OUTPUT_OPS = {"Softmax", "LogSoftmax"}
+SHAPE_OPS = {"Shape", "Gather", "Cast", "Slice", "Constant", "ConstantOfShape"}
+#: Operators whose inputs beyond the first are compile-time constants, never weights.
+CONSTANT_INPUTS = {"Clip": (1, 2), "Pad": (1, 2, 3)}
+
+
+def _unsupported_reason(node, outputs, ranks) -> str | None:
+    """Why ``node`` cannot be compiled, or None. ``ranks``: tensor name -> rank, where known."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in GAUSSIAN_OPS | OUTPUT_OPS | SHAPE_OPS:
+        return ""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type in OUTPUT_OPS and not all(out in outputs for out in node.output):
+        return "supported only as a last node whose output is a model output"
+    if node.op_type == "Pad" and attrs.get("mode", b"constant") != b"constant":
+        return f"mode {attrs['mode'].decode()}: only constant padding is supported"
+    if node.op_type in ("Conv", "MaxPool", "AveragePool") and ranks.get(node.input[0]) not in (None, 3, 4):
+        return f"{ranks[node.input[0]] - 2}-D: only 1-D and 2-D are supported"
+    if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
+        return "the Indices output is not supported"
+    return None
 
 
 def check_supported(model: onnx.ModelProto, name: str) -> None:
-    """Raise one error that lists every unsupported node (name and op type)."""
-    unsupported = [
-        f"{node.name or node.output[0]} ({node.op_type})"
-        for node in model.graph.node
-        if node.op_type not in GAUSSIAN_OPS | SHAPE_OPS or node.domain not in ("", "ai.onnx")
-    ]
+    """Raise one error that lists every unsupported node (name, op type and why)."""
+    outputs = {value.name for value in model.graph.output}
+    ranks = {
+        value.name: len(value.type.tensor_type.shape.dim)
+        for value in list(model.graph.input) + list(model.graph.value_info)
+        if value.type.tensor_type.HasField("shape")
+    }
+    unsupported = []
+    for node in model.graph.node:
+        reason = _unsupported_reason(node, outputs, ranks)
+        if reason is not None:
+            unsupported.append(f"{node.name or node.output[0]} ({node.op_type}{': ' + reason if reason else ''})")
     if unsupported:
         raise PfpcError(f"{name}: {len(unsupported)} unsupported node(s): " + ", ".join(unsupported))
 
 
 def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "model") -> tvm.IRModule:
     check_supported(model, name)
-    model = _integer_initializers_as_constants(model)
+    model = _constants_as_constant_nodes(model, posterior, name)
     try:
-        mod = from_onnx(model, shape_dict=input_shapes(model), keep_params_in_input=True)
+        with _pfpc_converters():
+            mod = from_onnx(model, shape_dict=input_shapes(model), keep_params_in_input=True)
     except PfpcError:
         raise
     except Exception as err:
@@ -90,19 +125,106 @@ def _sanitize(text):
     return out if out and not out[0].isdigit() else "_" + out
 
 
-def _integer_initializers_as_constants(model):
-    """Shapes and axes are compile-time constants, not weights: make them Constant nodes so the
-    importer folds them instead of turning them into parameters."""
-    integer = [init for init in model.graph.initializer if init.data_type != onnx.TensorProto.FLOAT]
-    if not integer:
+def _constants_as_constant_nodes(model, posterior, name):
+    """Shapes, axes, clip bounds and pad values are compile-time constants, not weights: make them
+    Constant nodes so the importer folds them instead of turning them into parameters."""
+    constant_names = {
+        node.input[index]
+        for node in model.graph.node
+        for index in CONSTANT_INPUTS.get(node.op_type, ())
+        if index < len(node.input) and node.input[index]
+    }
+    stochastic = sorted(constant_names & set(posterior.variances))
+    if stochastic:
+        raise PfpcError(f"{name}: '{stochastic[0]}' is a clip bound or pad value; it cannot have a posterior variance")
+    constant = [
+        init for init in model.graph.initializer if init.data_type != onnx.TensorProto.FLOAT or init.name in constant_names
+    ]
+    if not constant:
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    keep = [init for init in copy.graph.initializer if init.data_type == onnx.TensorProto.FLOAT]
+    keep = [init for init in copy.graph.initializer if init.data_type == onnx.TensorProto.FLOAT and init.name not in constant_names]
     del copy.graph.initializer[:]
     copy.graph.initializer.extend(keep)
-    constants = [onnx.helper.make_node("Constant", [], [init.name], value=init) for init in integer]
+    constants = [onnx.helper.make_node("Constant", [], [init.name], value=init) for init in constant]
     nodes = constants + list(copy.graph.node)
     del copy.graph.node[:]
     copy.graph.node.extend(nodes)
     return copy
+
+
+def _constant_scalar(expr, default):
+    """The value of an optional scalar constant input of a converter (None: ``default``)."""
+    if expr is None:
+        return default
+    value = constant_value(expr)
+    if value is None or value.size != 1:
+        raise PfpcError("a clip bound or pad value is not a scalar constant")
+    return float(value.reshape(-1)[0])
+
+
+class _Clip(onnx_frontend.OnnxOpConverter):
+    """Clip as one ``relax.clip`` (TVM's converter emits opaque maximum/minimum kernels)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return relax.op.clip(inputs[0], float(attr.get("min", -np.inf)), float(attr.get("max", np.inf)))
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        lower = _constant_scalar(inputs[1] if len(inputs) > 1 else None, -np.inf)
+        upper = _constant_scalar(inputs[2] if len(inputs) > 2 else None, np.inf)
+        return relax.op.clip(inputs[0], lower, upper)
+
+
+class _Pad(onnx_frontend.OnnxOpConverter):
+    """Constant Pad as ``relax.nn.pad`` (TVM's converter emits an opaque kernel)."""
+
+    @classmethod
+    def _impl_v2(cls, bb, inputs, attr, params):
+        return cls._pad(inputs[0], list(attr["pads"]), None, float(attr.get("value", 0.0)))
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        pads = constant_value(inputs[1])
+        axes = constant_value(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+        if pads is None or (len(inputs) > 3 and inputs[3] is not None and axes is None):
+            raise PfpcError("Pad: the pads and axes must be constants")
+        value = _constant_scalar(inputs[2] if len(inputs) > 2 else None, 0.0)
+        return cls._pad(inputs[0], [int(p) for p in pads], axes, value)
+
+    @staticmethod
+    def _pad(data, pads, axes, value):
+        rank = len(data.ty.shape)
+        axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
+        width = [0] * (2 * rank)
+        for index, axis in enumerate(axes):
+            width[2 * axis], width[2 * axis + 1] = pads[index], pads[index + len(axes)]
+        return relax.op.nn.pad(data, width, "constant", value)
+
+
+class _Sum(onnx_frontend.OnnxOpConverter):
+    """Sum of several tensors as a chain of ``relax.add`` (TVM's converter stacks them)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        total = inputs[0]
+        for operand in inputs[1:]:
+            total = bb.normalize(relax.op.add(total, operand))
+        return total
+
+
+@contextlib.contextmanager
+def _pfpc_converters():
+    """Use pfpc's converters for the ONNX operators above while the importer runs."""
+    original = onnx_frontend._get_convert_map
+
+    def convert_map():
+        return {**original(), "Clip": _Clip, "Pad": _Pad, "Sum": _Sum}
+
+    onnx_frontend._get_convert_map = convert_map
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original

@@ -13,7 +13,18 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-from .moments import clark_max_moments, clark_max_terms, f32, product_moments, relu_moments, relu_terms
+from .moments import (
+    clark_max_moments,
+    clark_max_terms,
+    clip_moments,
+    f32,
+    leaky_relu_moments,
+    product_moments,
+    relu_moments,
+    relu_terms,
+    sigmoid_moments,
+    tanh_moments,
+)
 
 REPRESENTATIONS = ("none", "var", "second_moment")
 
@@ -78,7 +89,8 @@ def _reduce_products(out_shape, terms, axes, name):
 
 
 def matmul(a: Gaussian, b: Gaussian) -> Gaussian:
-    """Y = A @ B for independent Gaussian A [..., M, K] and B [K, N] or [..., K, N].
+    """Y = A @ B for independent Gaussian A [..., M, K] and B [..., K, N], batch dimensions
+    broadcast as in NumPy.
 
     mean: M_ij = sum_k m_a[i,k] m_b[k,j]
     var:  V_ij = sum_k Var(a_ik b_kj)       (see ``product_moments``)
@@ -87,13 +99,12 @@ def matmul(a: Gaussian, b: Gaussian) -> Gaussian:
     depth = a_shape[-1]
     if b_shape[-2] != depth:
         raise ValueError(f"matmul: inner dimensions differ: {a_shape} @ {b_shape}")
-    batch = a_shape[:-2] if len(a_shape) >= len(b_shape) else b_shape[:-2]
+    batch = _broadcast_shape(a_shape[:-2], b_shape[:-2])
     out_shape = list(batch) + [a_shape[-2], b_shape[-1]]
     k = te.reduce_axis((0, depth), name="k")
 
     def operand_index(shape, idx, row, col):
-        lead = idx[len(idx) - 2 - (len(shape) - 2) : len(idx) - 2] if len(shape) > 2 else ()
-        return tuple(lead) + (row, col)
+        return _broadcast_index(shape[:-2], batch, idx[:-2]) + (row, col)
 
     def terms(*idx):
         ia = operand_index(a_shape, idx, idx[-2], k)
@@ -139,21 +150,50 @@ def _broadcast_index(shape, out_shape, idx):
     return tuple(0 if dim == 1 and out_shape[offset + axis] != 1 else idx[offset + axis] for axis, dim in enumerate(shape))
 
 
-def add(a: Gaussian, b: Gaussian) -> Gaussian:
-    """Y = A + B (NumPy broadcasting) for independent A, B: means add, variances add."""
+def _elementwise(a: Gaussian, b: Gaussian, mean_of, var_of, name) -> Gaussian:
+    """Y[i] from A and B (NumPy broadcasting): ``mean_of(a_idx, b_idx)``, ``var_of(a_idx, b_idx)``."""
     out_shape = _broadcast_shape(a.shape, b.shape)
 
-    def ia(idx):
-        return _broadcast_index(a.shape, out_shape, idx)
+    def split(idx):
+        return _broadcast_index(a.shape, out_shape, idx), _broadcast_index(b.shape, out_shape, idx)
 
-    def ib(idx):
-        return _broadcast_index(b.shape, out_shape, idx)
-
-    mean = te.compute(out_shape, lambda *idx: a.mean[ia(idx)] + b.mean[ib(idx)], name="add_mean")
+    mean = te.compute(out_shape, lambda *idx: mean_of(*split(idx)), name=f"{name}_mean")
     if a.repr == "none" and b.repr == "none":
         return Gaussian(mean, None, "none")
-    var = te.compute(out_shape, lambda *idx: a.var_at(ia(idx)) + b.var_at(ib(idx)), name="add_var")
+    var = te.compute(out_shape, lambda *idx: var_of(*split(idx)), name=f"{name}_var")
     return Gaussian(mean, var, "var")
+
+
+def add(a: Gaussian, b: Gaussian) -> Gaussian:
+    """Y = A + B (NumPy broadcasting) for independent A, B: means add, variances add."""
+    return _elementwise(a, b, lambda i, j: a.mean[i] + b.mean[j], lambda i, j: a.var_at(i) + b.var_at(j), "add")
+
+
+def subtract(a: Gaussian, b: Gaussian) -> Gaussian:
+    """Y = A - B (NumPy broadcasting) for independent A, B: means subtract, variances add."""
+    return _elementwise(a, b, lambda i, j: a.mean[i] - b.mean[j], lambda i, j: a.var_at(i) + b.var_at(j), "subtract")
+
+
+def multiply(a: Gaussian, b: Gaussian) -> Gaussian:
+    """Y = A * B element-wise (NumPy broadcasting) for independent A, B: E = m_a m_b,
+    Var = m_a^2 v_b + v_a m_b^2 + v_a v_b (``product_moments``); a constant c gives c^2 v."""
+
+    def moments(i, j):
+        return product_moments(a.mean[i], a.moment_at(i), a.repr, b.mean[j], b.moment_at(j), b.repr)
+
+    return _elementwise(a, b, lambda i, j: moments(i, j)[0], lambda i, j: moments(i, j)[1], "multiply")
+
+
+def divide(a: Gaussian, b: Gaussian) -> Gaussian:
+    """Y = A / c element-wise (NumPy broadcasting) for a DETERMINISTIC divisor c (its moment is
+    not read; the substitution refuses a stochastic one): E = m / c, Var = v / c^2."""
+    return _elementwise(
+        a,
+        Gaussian(b.mean, None, "none"),
+        lambda i, j: a.mean[i] / b.mean[j],
+        lambda i, j: a.var_at(i) / (b.mean[j] * b.mean[j]),
+        "divide",
+    )
 
 
 def scale(a: Gaussian, factor: float) -> Gaussian:
@@ -193,28 +233,215 @@ def relu(a: Gaussian) -> Gaussian:
     return Gaussian(mean, second, "second_moment")
 
 
+def _unary_moments(a: Gaussian, moments, deterministic, name, native) -> Gaussian:
+    """An element-wise nonlinearity: ``moments(mean, var)`` -> (E[y], native moment of y)."""
+    if a.repr == "none":
+        return Gaussian(te.compute(a.shape, lambda *idx: deterministic(a.mean[idx]), name=f"{name}_mean"), None, "none")
+    mean, moment = te.compute(a.shape, lambda *idx: moments(a.mean[idx], a.var_at(idx)), name=name)
+    return Gaussian(mean, moment, native)
+
+
+def clip(a: Gaussian, lower, upper) -> Gaussian:
+    """Y = min(max(X, lower), upper) (Clip, Relu6; None = unbounded); moments from
+    ``clip_moments``; native output: second moment E[y^2]."""
+
+    def plain(mean):
+        mean = mean if lower is None else tirx.max(mean, f32(lower))
+        return mean if upper is None else tirx.min(mean, f32(upper))
+
+    return _unary_moments(a, lambda m, v: clip_moments(m, v, lower, upper), plain, "clip", "second_moment")
+
+
+def leaky_relu(a: Gaussian, alpha: float) -> Gaussian:
+    """Y = X if X > 0 else alpha X; moments from ``leaky_relu_moments``; native: E[y^2]."""
+
+    def plain(mean):
+        return tirx.Select(mean > f32(0.0), mean, mean * f32(alpha))
+
+    return _unary_moments(a, lambda m, v: leaky_relu_moments(m, v, f32(alpha)), plain, "leaky_relu", "second_moment")
+
+
+def prelu(a: Gaussian, slope: Gaussian, axis: int) -> Gaussian:
+    """Y = X if X > 0 else slope[c] X, c the index along ``axis``, for a DETERMINISTIC slope
+    tensor (its moment is not read; the substitution refuses a stochastic one); moments from
+    ``leaky_relu_moments``; native output: E[y^2]."""
+    if a.repr == "none":
+        def plain(*idx):
+            mean = a.mean[idx]
+            return tirx.Select(mean > f32(0.0), mean, mean * slope.mean[idx[axis]])
+
+        return Gaussian(te.compute(a.shape, plain, name="prelu_mean"), None, "none")
+    mean, second = te.compute(
+        a.shape, lambda *idx: leaky_relu_moments(a.mean[idx], a.var_at(idx), slope.mean[idx[axis]]), name="prelu"
+    )
+    return Gaussian(mean, second, "second_moment")
+
+
+def sigmoid(a: Gaussian) -> Gaussian:
+    """Y = sigmoid(X); probit approximation ``sigmoid_moments``; native output: variance."""
+    return _unary_moments(a, sigmoid_moments, lambda m: f32(1.0) / (f32(1.0) + tirx.exp(f32(0.0) - m)), "sigmoid", "var")
+
+
+def tanh(a: Gaussian) -> Gaussian:
+    """Y = tanh(X); approximation ``tanh_moments``; native output: variance."""
+    return _unary_moments(a, tanh_moments, tirx.tanh, "tanh", "var")
+
+
+def _pool_windows(shape, kernel, strides, pads, dilations, ceil_mode):
+    """Output size, reduction axes (i, j) and ``window(y, x) -> (row, col, inside)`` of a 2-D
+    pooling over NCHW ``shape``. With ceil_mode a window that would start in the end padding
+    is dropped (ONNX, onnxruntime, PyTorch)."""
+    _, _, height, width = shape
+    pad_top, pad_left, pad_bottom, pad_right = pads
+
+    def out_size(size, pad_begin, pad_end, k, s, d):
+        span = size + pad_begin + pad_end - d * (k - 1) - 1
+        out = (-(-span // s) if ceil_mode else span // s) + 1
+        return out - 1 if ceil_mode and (out - 1) * s >= size + pad_begin else out
+
+    out_h = out_size(height, pad_top, pad_bottom, kernel[0], strides[0], dilations[0])
+    out_w = out_size(width, pad_left, pad_right, kernel[1], strides[1], dilations[1])
+    i = te.reduce_axis((0, kernel[0]), name="i")
+    j = te.reduce_axis((0, kernel[1]), name="j")
+
+    def window(y, xx):
+        row = y * strides[0] + i * dilations[0] - pad_top
+        col = xx * strides[1] + j * dilations[1] - pad_left
+        return row, col, tirx.all(row >= 0, row < height, col >= 0, col < width)
+
+    return out_h, out_w, (i, j), window
+
+
+def _window_count(start, kernel, dilation, low, high):
+    """How many of start + i*dilation (0 <= i < kernel) lie in [low, high) (integer TIR)."""
+
+    def ceil_div(num):
+        return tirx.floordiv(num + dilation - 1, dilation)
+
+    first = tirx.max(ceil_div(low - start), 0)
+    last = tirx.min(ceil_div(high - start), kernel)
+    return tirx.max(last - first, 0)
+
+
+def avgpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, count_include_pad=False) -> Gaussian:
+    """Y = average of X (NCHW) over each window of n counted elements:
+
+    mean = sum(m) / n,   var = sum(v) / n^2     (the n inputs are independent; NOT avg(v)/n)
+
+    n counts the window positions inside the input, or with ``count_include_pad`` inside the
+    padded input (positions that ceil_mode adds past the padding never count). Padded
+    positions are deterministic zeros. Native output: variance."""
+    batch, chans, height, width = x.shape
+    pad_top, pad_left, pad_bottom, pad_right = pads
+    out_h, out_w, (i, j), window = _pool_windows(x.shape, kernel, strides, pads, dilations, ceil_mode)
+
+    def count(n, c, y, xx):
+        low_h, high_h = (-pad_top, height + pad_bottom) if count_include_pad else (0, height)
+        low_w, high_w = (-pad_left, width + pad_right) if count_include_pad else (0, width)
+        rows = _window_count(y * strides[0] - pad_top, kernel[0], dilations[0], low_h, high_h)
+        cols = _window_count(xx * strides[1] - pad_left, kernel[1], dilations[1], low_w, high_w)
+        return (rows * cols).astype("float32")
+
+    def terms(n, c, y, xx):
+        row, col, inside = window(y, xx)
+        mean = tirx.if_then_else(inside, x.mean[n, c, row, col], f32(0.0))
+        var = None if x.repr == "none" else tirx.if_then_else(inside, x.var_at((n, c, row, col)), f32(0.0))
+        return mean, var
+
+    total = _reduce_products([batch, chans, out_h, out_w], terms, [i, j], "avgpool_sum")
+    return _divide_by_count(total, count, "avgpool")
+
+
+def _divide_by_count(total: Gaussian, count, name) -> Gaussian:
+    """(sum m, sum v) -> (sum m / n, sum v / n^2) for the count expression ``count(*idx)``."""
+    mean = te.compute(total.shape, lambda *idx: total.mean[idx] / count(*idx), name=f"{name}_mean")
+    if total.repr == "none":
+        return Gaussian(mean, None, "none")
+    var = te.compute(total.shape, lambda *idx: total.moment[idx] / (count(*idx) * count(*idx)), name=f"{name}_var")
+    return Gaussian(mean, var, "var")
+
+
+def reduce_mean(x: Gaussian, axes, keepdims=True) -> Gaussian:
+    """Y = mean of X over ``axes`` (GlobalAveragePool, ReduceMean) of n elements:
+    mean = sum(m) / n, var = sum(v) / n^2. Native output: variance."""
+    shape = x.shape
+    axes = sorted(axis % len(shape) for axis in axes)
+    reduce = {axis: te.reduce_axis((0, shape[axis]), name=f"r{axis}") for axis in axes}
+    kept = [axis for axis in range(len(shape)) if axis not in reduce]
+    out_shape = [1 if axis in reduce else shape[axis] for axis in range(len(shape))] if keepdims else [shape[a] for a in kept]
+    elements = 1
+    for axis in axes:
+        elements *= shape[axis]
+
+    def terms(*idx):
+        full = {axis: idx[axis] for axis in kept} if keepdims else dict(zip(kept, idx))
+        source = tuple(reduce[axis] if axis in reduce else full[axis] for axis in range(len(shape)))
+        return x.mean[source], None if x.repr == "none" else x.var_at(source)
+
+    total = _reduce_products(out_shape, terms, [reduce[axis] for axis in axes], "mean_sum")
+    return _divide_by_count(total, lambda *idx: f32(float(elements)), "mean")
+
+
+def concat(operands, axis: int) -> Gaussian:
+    """Y = concatenation of independent X_1..X_n along ``axis``: means and variances alike
+    (a deterministic operand contributes variance 0). Native output: variance."""
+    shapes = [g.shape for g in operands]
+    axis = axis % len(shapes[0])
+    offsets = [0]
+    for shape in shapes:
+        offsets.append(offsets[-1] + shape[axis])
+    out_shape = list(shapes[0])
+    out_shape[axis] = offsets[-1]
+
+    def pick(value_of):
+        def body(*idx):
+            result = None  # the last operand, then each earlier one where idx[axis] < its end
+            for g, start, end in reversed(list(zip(operands, offsets, offsets[1:]))):
+                local = tuple(idx[:axis]) + (idx[axis] - start,) + tuple(idx[axis + 1 :])
+                value = value_of(g, local)
+                result = value if result is None else tirx.if_then_else(idx[axis] < end, value, result)
+            return result
+
+        return body
+
+    mean = te.compute(out_shape, pick(lambda g, idx: g.mean[idx]), name="concat_mean")
+    if all(g.repr == "none" for g in operands):
+        return Gaussian(mean, None, "none")
+    var = te.compute(out_shape, pick(lambda g, idx: g.var_at(idx)), name="concat_var")
+    return Gaussian(mean, var, "var")
+
+
+def pad(x: Gaussian, width, value: float = 0.0) -> Gaussian:
+    """Y = X padded by ``width`` = [before_0, after_0, before_1, ...] with the constant c:
+    padded positions are deterministic (mean c, variance 0, second moment c^2)."""
+    shape = x.shape
+    out_shape = [size + width[2 * axis] + width[2 * axis + 1] for axis, size in enumerate(shape)]
+
+    def fill(source, padding):
+        def body(*idx):
+            local = tuple(i - width[2 * axis] for axis, i in enumerate(idx))
+            inside = tirx.all(*[tirx.all(i >= 0, i < size) for i, size in zip(local, shape)])
+            return tirx.if_then_else(inside, source[local], f32(padding))
+
+        return body
+
+    mean = te.compute(out_shape, fill(x.mean, value), name="pad_mean")
+    if x.repr == "none":
+        return Gaussian(mean, None, "none")
+    padding = 0.0 if x.repr == "var" else value * value
+    moment = te.compute(out_shape, fill(x.moment, padding), name="pad_moment")
+    return Gaussian(mean, moment, x.repr)
+
+
 def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) -> Gaussian:
     """Y = max over each window of X (NCHW), Clark's max applied pairwise in row-major window
     order; padded positions are skipped (ONNX pads MaxPool with -inf). Native output: second
     moment E[max^2]. A deterministic input gives the plain max."""
     batch, chans, height, width = x.shape
-    pad_top, pad_left, pad_bottom, pad_right = pads
+    pad_top, pad_left = pads[0], pads[1]
+    out_h, out_w, (i, j), window = _pool_windows(x.shape, kernel, strides, pads, dilations, ceil_mode)
 
-    def out_size(size, pad, k, s, d):
-        span = size + pad - d * (k - 1) - 1
-        return (-(-span // s) if ceil_mode else span // s) + 1
-
-    out_h = out_size(height, pad_top + pad_bottom, kernel[0], strides[0], dilations[0])
-    out_w = out_size(width, pad_left + pad_right, kernel[1], strides[1], dilations[1])
     if x.repr == "none":
-        i = te.reduce_axis((0, kernel[0]), name="i")
-        j = te.reduce_axis((0, kernel[1]), name="j")
-
-        def window(y, xx):
-            row = y * strides[0] + i * dilations[0] - pad_top
-            col = xx * strides[1] + j * dilations[1] - pad_left
-            return row, col, tirx.all(row >= 0, row < height, col >= 0, col < width)
-
         def body(n, c, y, xx):
             row, col, inside = window(y, xx)
             lowest = tirx.min_value("float32")
@@ -308,8 +535,20 @@ NATIVE_OUTPUT = {
     "matmul": "var",
     "conv2d": "var",
     "add": "var",
+    "subtract": "var",
+    "multiply": "var",
+    "divide": "var",
     "scale": None,  # keeps its input's representation
     "transpose": None,
+    "pad": None,
     "relu": "second_moment",
+    "clip": "second_moment",
+    "leaky_relu": "second_moment",
+    "prelu": "second_moment",
+    "sigmoid": "var",
+    "tanh": "var",
     "maxpool2d": "second_moment",
+    "avgpool2d": "var",
+    "reduce_mean": "var",
+    "concat": "var",
 }

@@ -19,11 +19,43 @@ from tvm import s_tir, te, tirx
 
 from . import gaussian as G
 
-#: Gaussian operands each operator takes (the first one of a fused stage is the previous result).
 #: Stages that reduce over a fan-in (the ones that consume second moments cheaply and head fused kernels).
 LINEAR_OPS = ("matmul", "conv2d")
 
-ARITY = {"matmul": 2, "conv2d": 2, "add": 2, "scale": 1, "relu": 1, "maxpool2d": 1, "transpose": 1}
+#: How each stage is built from its Gaussian inputs and attributes.
+STAGES = {
+    "matmul": lambda inputs, attrs: G.matmul(*inputs),
+    "conv2d": lambda inputs, attrs: G.conv2d(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"]),
+    "add": lambda inputs, attrs: G.add(*inputs),
+    "subtract": lambda inputs, attrs: G.subtract(*inputs),
+    "multiply": lambda inputs, attrs: G.multiply(*inputs),
+    "divide": lambda inputs, attrs: G.divide(*inputs),
+    "scale": lambda inputs, attrs: G.scale(inputs[0], attrs["factor"]),
+    "relu": lambda inputs, attrs: G.relu(inputs[0]),
+    "clip": lambda inputs, attrs: G.clip(inputs[0], attrs["lower"], attrs["upper"]),
+    "leaky_relu": lambda inputs, attrs: G.leaky_relu(inputs[0], attrs["alpha"]),
+    "prelu": lambda inputs, attrs: G.prelu(*inputs, attrs["axis"]),
+    "sigmoid": lambda inputs, attrs: G.sigmoid(inputs[0]),
+    "tanh": lambda inputs, attrs: G.tanh(inputs[0]),
+    "transpose": lambda inputs, attrs: G.transpose(inputs[0], list(attrs["axes"])),
+    "pad": lambda inputs, attrs: G.pad(inputs[0], attrs["width"], attrs["value"]),
+    "concat": lambda inputs, attrs: G.concat(inputs, attrs["axis"]),
+    "maxpool2d": lambda inputs, attrs: G.maxpool2d(
+        inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"], attrs.get("ceil_mode", False)
+    ),
+    "avgpool2d": lambda inputs, attrs: G.avgpool2d(
+        inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["ceil_mode"], attrs["count_include_pad"]
+    ),
+    "reduce_mean": lambda inputs, attrs: G.reduce_mean(inputs[0], attrs["axes"], attrs["keepdims"]),
+}
+
+#: Gaussian operands each operator takes (the first one of a fused stage is the previous result).
+ARITY = {"matmul": 2, "conv2d": 2, "add": 2, "subtract": 2, "multiply": 2, "divide": 2, "prelu": 2}
+
+
+def arity(op: str, attrs: dict) -> int:
+    """Gaussian operands of a stage: ``attrs["count"]`` for concat, else `ARITY` (default 1)."""
+    return int(attrs["count"]) if op == "concat" else ARITY.get(op, 1)
 
 
 @dataclass(frozen=True)
@@ -51,7 +83,7 @@ class KernelSpec:
         return [op for op, _ in self.stages]
 
     def operand_count(self) -> int:
-        return ARITY[self.stages[0][0]] + sum(ARITY[op] - 1 for op, _ in self.stages[1:])
+        return arity(*self.stages[0]) + sum(arity(op, attrs) - 1 for op, attrs in self.stages[1:])
 
     def with_(self, **changes) -> "KernelSpec":
         return replace(self, **changes)
@@ -59,24 +91,6 @@ class KernelSpec:
     def native_output(self) -> str:
         """The representation the last stage computes for free (``"none"`` if deterministic)."""
         return infer_output_repr(self)
-
-
-def _stage_result(op, attrs, inputs):
-    if op == "matmul":
-        return G.matmul(*inputs)
-    if op == "conv2d":
-        return G.conv2d(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"])
-    if op == "add":
-        return G.add(*inputs)
-    if op == "scale":
-        return G.scale(inputs[0], attrs["factor"])
-    if op == "relu":
-        return G.relu(inputs[0])
-    if op == "transpose":
-        return G.transpose(inputs[0], list(attrs["axes"]))
-    if op == "maxpool2d":
-        return G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"], attrs.get("ceil_mode", False))
-    raise ValueError(f"unknown Gaussian operator {op}")
 
 
 def _native_repr(op, input_reprs):
@@ -89,8 +103,8 @@ def _native_repr(op, input_reprs):
 def infer_output_repr(spec: KernelSpec) -> str:
     operands = list(spec.operands)
     current = None
-    for index, (op, _) in enumerate(spec.stages):
-        take = ARITY[op] - (0 if index == 0 else 1)
+    for index, (op, attrs) in enumerate(spec.stages):
+        take = arity(op, attrs) - (0 if index == 0 else 1)
         reprs = ([] if index == 0 else [current]) + operands[:take]
         operands = operands[take:]
         current = _native_repr(op, reprs)
@@ -110,10 +124,12 @@ def build_kernel(spec: KernelSpec, operand_shapes, name: str):
         operands.append(G.Gaussian(mean, moment, rep))
     result = None
     for index, (op, attrs) in enumerate(spec.stages):
-        take = ARITY[op] - (0 if index == 0 else 1)
+        take = arity(op, attrs) - (0 if index == 0 else 1)
         inputs = ([] if index == 0 else [result]) + operands[:take]
         operands = operands[take:]
-        result = _stage_result(op, attrs, inputs)
+        if op not in STAGES:
+            raise ValueError(f"unknown Gaussian operator {op}")
+        result = STAGES[op](inputs, attrs)
     if spec.output != result.repr:
         if spec.output == "none":
             raise ValueError(f"{name}: output asked deterministic but the kernel computes a variance")

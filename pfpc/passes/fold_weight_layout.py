@@ -13,7 +13,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..ir import MainRewriter, scalar_value, call_op_name, func_attrs, main_bindings, shape_of, to_tensor_map, used_vars, with_attrs
+from ..ir import MainRewriter, scalar_value, call_op_name, func_attrs, main_bindings, shape_of, with_used_weights
 
 
 def _fold(op, call, value, variance):
@@ -63,18 +63,7 @@ class FoldWeightLayout:
         if not replace:
             return mod
         mod = _Substitute(mod, replace).run(list(func.params) + new_params, func_attrs(func))
-        func = mod["main"]
-        used = used_vars(func.body)
-        params = list(func.params[:num_input]) + [p for p in func.params[num_input:] if p in used]
-        kept = {p.name for p in params[num_input:]}
-        attrs = func_attrs(
-            func,
-            pfp__params=to_tensor_map({k: v for k, v in means.items() if k in kept}),
-            pfp__weight_var=to_tensor_map({k: v for k, v in variances.items() if k in kept}),
-            pfp__onnx_names={k: v for k, v in names.items() if k in kept},
-        )
-        mod["main"] = with_attrs(relax.Function(params, func.body, func.ret_ty, func.is_pure), attrs)
-        return mod
+        return with_used_weights(mod, means, variances, names)
 
 
 class _Substitute(MainRewriter):

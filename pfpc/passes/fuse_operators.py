@@ -5,8 +5,9 @@
                                           the store, with no intermediate tensors.
 
 A kernel is absorbed into its consumer when that consumer is its only user, starts with an
-element-wise stage (add, scale, relu) taking it as first operand, and the chain so far starts
-with a linear stage and has no ReLU yet (ReLU ends a chain).
+element-wise stage taking it as first operand only with an output of the same shape (no
+broadcast of the reduction result), and the chain so far starts with a linear stage and has no
+nonlinearity yet (a nonlinearity computes two moments at once and ends a chain).
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from ..ir import kernel_of
 from ..ops.kernel import LINEAR_OPS, KernelSpec
 from .kernel_rewriter import KernelRewriter
 
-ELEMENTWISE = ("add", "scale", "relu")
+#: Element-wise stages that can follow a linear stage in one kernel; the nonlinear ones end a chain.
+NONLINEAR = ("relu", "clip", "leaky_relu", "prelu", "sigmoid", "tanh")
+ELEMENTWISE = ("add", "subtract", "multiply", "divide", "scale") + NONLINEAR
+
+def _out_shape(var):
+    """The shape of a kernel call's (first) output."""
+    ty = var.ty.fields[0] if hasattr(var.ty, "fields") else var.ty
+    return [int(d) for d in ty.shape]
+
 
 class _Rewriter(KernelRewriter):
     def __init__(self, mod):
@@ -26,13 +35,16 @@ class _Rewriter(KernelRewriter):
 
     def _absorbable(self, binding, spec):
         users = self.consumers.get(binding.var, [])
-        if len(users) != 1 or users[0] == "output" or spec.ops[0] not in LINEAR_OPS or "relu" in spec.ops:
+        if len(users) != 1 or users[0] == "output" or spec.ops[0] not in LINEAR_OPS or set(spec.ops) & set(NONLINEAR):
             return False
         user_spec, _ = kernel_of(self.mod, users[0].value)
-        if user_spec.ops[0] not in ELEMENTWISE:
+        if user_spec.ops[0] not in ELEMENTWISE or _out_shape(users[0].var) != _out_shape(binding.var):
             return False
-        first_arg = users[0].value.args[1].fields[0]
-        return self._direct_source(first_arg).same_as(binding.var)
+        fields = list(users[0].value.args[1].fields)
+        first_width = 1 if user_spec.operands[0] == "none" else 2  # mean (+ moment) of operand 0
+        if any(self._direct_source(arg).same_as(binding.var) for arg in fields[first_width:]):
+            return False  # e.g. y + y: the other operand needs the result as a tensor
+        return self._direct_source(fields[0]).same_as(binding.var)
 
     def _direct_source(self, var):
         """The kernel call whose output ``var`` is, with no view in between (else ``var``)."""

@@ -131,6 +131,10 @@ class KernelRewriter:
                 self.views[key] = GaussianValue(mean, moment, gauss.repr)
             self.values[binding.var] = (self.views[key], component)
             return
+        if call_op_name(value) == "relax.reshape" and value.args[0] in self.func.params[: self.num_input]:
+            view = self.bb.emit(relax.op.reshape(value.args[0], value.args[1]), binding.var.name)
+            self.values[binding.var] = (GaussianValue(view), "mean")  # a view of a model input
+            return
         if isinstance(value, relax.Tuple):
             return  # the output tuple is rebuilt in `_output`
         if isinstance(value, relax.TupleGetItem):
