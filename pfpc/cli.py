@@ -1,4 +1,4 @@
-"""Command line: ``pfpc MODEL --posterior POST -o OUT``, ``pfpc run``, ``pfpc verify``."""
+"""Command line: ``pfpc MODEL --posterior POST -o OUT``, ``pfpc run``, ``pfpc verify``, ``pfpc evaluate``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import PfpcError
 
-COMMANDS = ("run", "verify")
+COMMANDS = ("run", "verify", "evaluate")
 
 
 def _compile_parser():
@@ -44,6 +44,30 @@ def _verify_parser():
     parser.add_argument("--input", help=".npy input; default: the first batch of standard-normal inputs")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-layer", action="store_true", help="compare every layer output (each truncated graph compiled) with Monte Carlo")
+    parser.add_argument("--digits", type=int, metavar="N", help="inputs: the first N images of every dirty-digits set (instead of --input)")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _evaluate_parser():
+    parser = argparse.ArgumentParser(
+        prog="pfpc evaluate",
+        description="Uncertainty quality of the deterministic mean network, SVI (Monte Carlo) and the compiled PFP "
+        "on the dirty-digits suite: accuracy, NLL, ECE, Brier, entropies, mutual information, OOD AUROC.",
+    )
+    parser.add_argument("model", help="ONNX classifier taking 8x8 digits ([N, 64] or [N, 1, 8, 8])")
+    parser.add_argument("--posterior", required=True)
+    parser.add_argument("--samples", type=int, default=100, help="SVI weight samples (default 100)")
+    parser.add_argument("--report", metavar="DIR", help="write <model>.md and plots (needs matplotlib) into DIR")
+    parser.add_argument("--mnist-images", metavar="IDX", help="MNIST IDX images (optionally .gz) instead of scikit-learn's digits")
+    parser.add_argument("--mnist-labels", metavar="IDX", help="the matching IDX labels")
+    parser.add_argument("--limit", type=int, help="use only the first N clean images (the other sets follow)")
+    parser.add_argument("--ood-classes", help="comma-separated classes moved from the clean set to a held-out-classes OOD set "
+                        "(only meaningful for a model trained without them)")
+    parser.add_argument("--per-layer", action="store_true", help="also report PFP vs Monte Carlo per layer on a subset of the data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -51,11 +75,13 @@ def _verify_parser():
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "compile"
-    args = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser}[command]().parse_args(
+    parsers = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser, "evaluate": _evaluate_parser}
+    args = parsers[command]().parse_args(
         argv[1:] if command != "compile" else argv
     )
+    args.argv = argv
     try:
-        return {"compile": _compile, "run": _run, "verify": _verify}[command](args)
+        return {"compile": _compile, "run": _run, "verify": _verify, "evaluate": _evaluate}[command](args)
     except PfpcError as err:
         if args.debug:
             raise
@@ -112,18 +138,34 @@ def _verify(args) -> int:
     from .compiler import run_host
     from .frontends.onnx_model import input_shapes, load_model
     from .frontends.posterior import load_posterior
-    from .verify import compare, monte_carlo
+    from .verify import compare, monte_carlo, per_layer
 
+    if args.input and args.digits:
+        raise PfpcError("give --input or --digits, not both")
     given = _load_npy(args.input).astype(np.float32) if args.input else None
+    if args.digits:
+        from .evaluate.datasets import default_suite
+
+        given = np.concatenate([s.x[: args.digits] for s in default_suite()])
     model = load_model(args.model, given.shape[0] if given is not None else (args.batch or 1))
     posterior = load_posterior(model, args.posterior)
     shapes = input_shapes(model)
     if given is not None:
+        if args.digits:
+            from .evaluate.predictors import shape_inputs
+
+            given = shape_inputs(model, given, args.model)
         inputs = {next(iter(shapes)): given}
     else:
         rng = np.random.default_rng(args.seed)
         inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
     batch = next(iter(inputs.values())).shape[0]
+    if args.per_layer:
+        from .evaluate.report import per_layer_table
+
+        print(f"PFP vs Monte Carlo per layer ({args.samples} samples, batch {batch})\n")
+        print(per_layer_table(per_layer(model, posterior, inputs, args.samples, args.seed)))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")
         compile_model(args.model, posterior, out_dir=out, batch=batch)
@@ -135,6 +177,30 @@ def _verify(args) -> int:
         row = compare(pair, reference)
         print(f"{name:<16}{row['mean_abs_err']:>14.4g}{row['mean_err_in_std']:>12.4g}{row['mean_z_max']:>10.3g}"
               f"{row['var_rel_err_median']:>14.4g}{row['var_rel_err_max']:>14.4g}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    import shlex
+
+    from .evaluate import evaluate, require_extras
+    from .evaluate.datasets import default_suite
+
+    require_extras(plots=bool(args.report))
+    if args.samples < 2:
+        raise PfpcError(f"--samples {args.samples}: SVI needs at least 2 weight samples")
+    try:
+        ood_classes = [int(c) for c in args.ood_classes.split(",")] if args.ood_classes else []
+    except ValueError:
+        raise PfpcError(f"--ood-classes {args.ood_classes}: expected comma-separated class numbers") from None
+    sets = default_suite(args.mnist_images, args.mnist_labels, args.limit, ood_classes)
+    evaluation = evaluate(args.model, args.posterior, args.samples, sets, args.seed, progress=not args.quiet, per_layer=args.per_layer)
+    from .evaluate.report import metric_tables, targets_table, write_report
+
+    print(f"{evaluation.model}: {args.samples} SVI samples, {sum(len(s.x) for s in sets)} images in {len(sets)} sets\n")
+    print(targets_table(evaluation) + "\n\n" + metric_tables(evaluation))
+    if args.report:
+        print(f"\npfpc: wrote {write_report(evaluation, args.report, 'pfpc ' + shlex.join(args.argv))}")
     return 0
 
 
