@@ -22,6 +22,9 @@ def _compile_parser():
     parser.add_argument("--batch", type=int, help="fixed batch size for a symbolic batch dimension")
     parser.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
     parser.add_argument("--name", default="pfp_model", help="C prefix of the generated library (default pfp_model)")
+    parser.add_argument("--outputs", metavar="LIST", default="",
+                        help="predictive outputs after the logits' mean and variance, comma-separated: probs (probit "
+                        "probabilities), entropy (predictive entropy), ood (mean logit variance)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -31,7 +34,8 @@ def _run_parser():
     parser = argparse.ArgumentParser(prog="pfpc run", description="Build the generated C for the host and run it.")
     parser.add_argument("out_dir")
     parser.add_argument("--input", required=True, action="append", help=".npy input (repeat for several inputs)")
-    parser.add_argument("--output", required=True, help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs)")
+    parser.add_argument("--output", required=True, help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs), "
+                        "and probs/entropy/ood if compiled with --outputs")
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -96,7 +100,7 @@ def _compile(args) -> int:
 
     result = compile_model(
         args.model, args.posterior, target=args.target, out_dir=args.output, batch=args.batch,
-        dump_ir=args.dump_ir, name=args.name, force=args.force,
+        dump_ir=args.dump_ir, name=args.name, force=args.force, outputs=[o for o in args.outputs.split(",") if o],
     )
     program = result.program
     print(f"pfpc: wrote {args.output}: {len(program.steps)} kernels, arena {program.arena_size} bytes "
@@ -119,15 +123,18 @@ def _run(args) -> int:
     if not os.path.exists(os.path.join(args.out_dir, "pfpc.json")):
         raise PfpcError(f"{args.out_dir}: not a directory written by pfpc (no pfpc.json)")
     inputs = [_load_npy(p) for p in args.input]
-    results = run_host(args.out_dir, inputs)
+    results, extras = run_host(args.out_dir, inputs, extras=True)
     arrays = {}
     for index, (mean, var) in enumerate(results):
         suffix = "" if len(results) == 1 else f"_{index}"
         arrays[f"mean{suffix}"], arrays[f"var{suffix}"] = mean, var
+    arrays.update(extras)
     np.savez(args.output, **arrays)
     for index, (mean, var) in enumerate(results):
         print(f"output {index}: mean {np.array2string(mean, precision=4, threshold=40)}")
         print(f"output {index}: var  {np.array2string(var, precision=4, threshold=40)}")
+    for kind, value in extras.items():
+        print(f"{kind}: {np.array2string(value, precision=4, threshold=40)}")
     return 0
 
 

@@ -16,6 +16,7 @@ from .errors import PfpcError, reraise_from_tvm
 from .frontends.onnx_model import input_shapes, load_model, output_shapes
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
+from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.pipeline import default_passes
 
 
@@ -39,13 +40,19 @@ def compile(  # noqa: A001 - the public name users expect
     dump_ir: str | None = None,
     name: str = "pfp_model",
     force: bool = False,
+    outputs=(),
 ) -> CompiledModel:
     """Compile ``model`` (path or ModelProto) with ``posterior`` (path, dict of arrays or None).
 
     ``passes``: a list of (name, pass) to run instead of `default_passes()`.
     ``dump_ir``: directory that receives the IR before and after every pass.
     ``out_dir``: where the C library is written (atomically: a temporary directory is renamed).
+    ``outputs``: predictive outputs to add after the logits' mean and variance, a subset of
+    ``("probs", "entropy", "ood")`` (`pfpc.passes.append_predictive_outputs`).
     """
+    passes = list(passes if passes is not None else default_passes())
+    if outputs:
+        passes.append(("append_predictive_outputs", AppendPredictiveOutputs(outputs)))
     target_info = get_target(target)
     if out_dir is not None and os.path.exists(out_dir) and not force:
         raise PfpcError(f"{out_dir}: output directory exists (use --force to replace it)")
@@ -67,7 +74,7 @@ def compile(  # noqa: A001 - the public name users expect
     if dump_ir:
         os.makedirs(dump_ir, exist_ok=True)
         _dump(dump_ir, 0, "import", mod)
-    for index, (pass_name, transform) in enumerate(passes if passes is not None else default_passes(), start=1):
+    for index, (pass_name, transform) in enumerate(passes, start=1):
         try:
             mod = transform(mod)
         except PfpcError:
@@ -140,8 +147,9 @@ def read_metadata(out_dir: str) -> dict:
         return json.load(handle)
 
 
-def run_host(out_dir: str, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Run the generated C on ``inputs`` (each [k*batch, ...]) and return (mean, var) per output."""
+def run_host(out_dir: str, inputs: list[np.ndarray], extras: bool = False):
+    """Run the generated C on ``inputs`` (each [k*batch, ...]) and return (mean, var) per output;
+    with ``extras``, also the predictive outputs as a dict (``probs``, ``entropy``, ``ood``)."""
     import subprocess
 
     meta = read_metadata(out_dir)
@@ -160,12 +168,16 @@ def run_host(out_dir: str, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, n
         if result.returncode != 0:
             raise PfpcError(f"{out_dir}: the generated program failed: {result.stderr.strip()}")
         raw = np.fromfile(out_path, np.float32)
-    sizes = [int(np.prod(shape)) for _, shape in meta["outputs"]]
-    raw = raw.reshape(chunks, 2 * sum(sizes))
-    results, offset = [], 0
-    for size, (_, shape) in zip(sizes, meta["outputs"]):
-        mean = raw[:, offset : offset + size].reshape([chunks * shape[0]] + list(shape[1:]))
-        var = raw[:, offset + size : offset + 2 * size].reshape([chunks * shape[0]] + list(shape[1:]))
-        results.append((mean, var))
-        offset += 2 * size
-    return results
+    # per chunk: mean and var of every output, then every extra output
+    layout = [shape for _, shape in meta["outputs"] for _ in range(2)] + [shape for _, shape in meta.get("extra_outputs", [])]
+    raw = raw.reshape(chunks, sum(int(np.prod(shape)) for shape in layout))
+    arrays, offset = [], 0
+    for shape in layout:
+        size = int(np.prod(shape))
+        arrays.append(raw[:, offset : offset + size].reshape([chunks * shape[0]] + list(shape[1:])))
+        offset += size
+    count = len(meta["outputs"])
+    results = [(arrays[2 * i], arrays[2 * i + 1]) for i in range(count)]
+    if not extras:
+        return results
+    return results, {kind: value for (kind, _), value in zip(meta.get("extra_outputs", []), arrays[2 * count :])}

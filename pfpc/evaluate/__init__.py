@@ -95,7 +95,7 @@ def evaluate(
     (`pfpc.verify.per_layer`) on the first `PER_LAYER_IMAGES` images of every set."""
     from ..frontends.onnx_model import load_model
     from ..frontends.posterior import load_posterior
-    from .predictors import check_classifier, deterministic_logits, pfp_moments, shape_inputs, svi_logits
+    from .predictors import check_classifier, deterministic_logits, pfp_outputs, shape_inputs, svi_logits
 
     sets = sets if sets is not None else default_suite()
     x = np.concatenate([s.x for s in sets])
@@ -111,8 +111,8 @@ def evaluate(
 
     predictions = {"deterministic": split(metrics.from_logits(deterministic_logits(model, posterior, x)))}
     predictions["svi"] = split(metrics.from_logit_samples(svi_logits(model, posterior, x, samples, seed, progress)))
-    mean, var = pfp_moments(model_path, posterior, x, work_dir)
-    predictions["pfp"] = split(metrics.from_logit_moments(mean, var, logit_samples, seed))
+    mean, var, probs = pfp_outputs(model_path, posterior, x, work_dir)
+    predictions["pfp"] = split(metrics.from_logit_moments(mean, var, logit_samples, seed, probs=probs))
     name = os.path.basename(os.path.dirname(os.path.abspath(model_path))) or model_path
     evaluation = summarize(Evaluation(name, samples, sets, predictions))
     if per_layer:

@@ -129,14 +129,14 @@ def from_logit_samples(samples) -> Prediction:
     return Prediction(probs, predictive, expected, np.maximum(predictive - expected, 0.0), logit_var)
 
 
-def from_logit_moments(mean, var, samples: int = 1000, seed: int = 0, chunk: int = 256) -> Prediction:
+def from_logit_moments(mean, var, samples: int = 1000, seed: int = 0, chunk: int = 256, probs=None) -> Prediction:
     """The PFP's Gaussian logits N(mean, diag(var)): p by the probit approximation (`probit_probs`,
-    what the generated C computes), predictive entropy H[p]; expected entropy and MI from
+    or ``probs`` as the generated C computed them), predictive entropy H[p]; expected entropy and MI from
     ``samples`` draws of the logits' Gaussian (cheap, on the host):
     MI = H[mean_s softmax(l_s)] - mean_s H[softmax(l_s)] (both terms from the same draws, so
     MI >= 0); logit variance = mean over classes of var."""
     mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
-    probs = probit_probs(mean, var)
+    probs = probit_probs(mean, var) if probs is None else _rows(probs)
     rng = np.random.default_rng(seed)
     expected = np.empty(len(mean))
     sampled_entropy = np.empty(len(mean))

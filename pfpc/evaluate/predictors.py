@@ -57,13 +57,14 @@ def svi_logits(model, posterior, x, samples: int, seed: int = 0, progress: bool 
     return np.stack([values[0] for values in tqdm(stream, total=samples, desc="SVI samples", disable=not progress, leave=False)])
 
 
-def pfp_moments(model_path, posterior, x, work_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Compile the PFP (batch 1), build it for the host and run it on every row of ``x``."""
+def pfp_outputs(model_path, posterior, x, work_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compile the PFP (batch 1) with the probit probabilities as an extra output, build it for
+    the host and run it on every row of ``x``: (logits mean, logits var, probabilities)."""
     from ..compiler import compile as compile_model
     from ..compiler import run_host
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(work_dir or tmp, "pfp")
-        compile_model(model_path, posterior, out_dir=out, batch=1, force=True)
-        (mean, var), = run_host(out, [x])
-    return mean, var
+        compile_model(model_path, posterior, out_dir=out, batch=1, force=True, outputs=("probs",))
+        ((mean, var),), extras = run_host(out, [x], extras=True)
+    return mean, var, extras["probs"]
