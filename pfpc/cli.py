@@ -70,6 +70,8 @@ def _evaluate_parser():
     parser.add_argument("--ood-classes", help="comma-separated classes moved from the clean set to a held-out-classes OOD set "
                         "(only meaningful for a model trained without them)")
     parser.add_argument("--per-layer", action="store_true", help="also report PFP vs Monte Carlo per layer on a subset of the data")
+    parser.add_argument("--svi-repeats", type=int, default=0, metavar="R",
+                        help="rerun SVI with R other seeds and report how much its metrics move")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true")
@@ -201,11 +203,15 @@ def _evaluate(args) -> int:
     except ValueError:
         raise PfpcError(f"--ood-classes {args.ood_classes}: expected comma-separated class numbers") from None
     sets = default_suite(args.mnist_images, args.mnist_labels, args.limit, ood_classes)
-    evaluation = evaluate(args.model, args.posterior, args.samples, sets, args.seed, progress=not args.quiet, per_layer=args.per_layer)
-    from .evaluate.report import metric_tables, targets_table, write_report
+    evaluation = evaluate(args.model, args.posterior, args.samples, sets, args.seed, progress=not args.quiet, per_layer=args.per_layer,
+                          svi_repeats=args.svi_repeats)
+    from .evaluate.report import approximation_table, metric_tables, svi_spread_table, targets_table, write_report
 
     print(f"{evaluation.model}: {args.samples} SVI samples, {sum(len(s.x) for s in sets)} images in {len(sets)} sets\n")
-    print(targets_table(evaluation) + "\n\n" + metric_tables(evaluation))
+    print(targets_table(evaluation) + "\n\n" + approximation_table(evaluation) + "\n")
+    if args.svi_repeats:
+        print(svi_spread_table(evaluation) + "\n")
+    print(metric_tables(evaluation))
     if args.report:
         print(f"\npfpc: wrote {write_report(evaluation, args.report, 'pfpc ' + shlex.join(args.argv))}")
     return 0

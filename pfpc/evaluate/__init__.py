@@ -49,6 +49,8 @@ class Evaluation:
     table: dict = field(default_factory=dict)  # (predictor, set) -> {metric: value}
     auroc: dict = field(default_factory=dict)  # (predictor, score, ood set) -> value; "all_ood" pools them
     per_layer: list | None = None
+    #: SVI rerun with other seeds: one {"accuracy", "ece", score: pooled AUROC} per run (the first is the main run)
+    svi_runs: list = field(default_factory=list)
 
 
 def summarize(evaluation: Evaluation) -> Evaluation:
@@ -78,6 +80,14 @@ def summarize(evaluation: Evaluation) -> Evaluation:
     return evaluation
 
 
+def _headline(evaluation: Evaluation, predictor: str) -> dict:
+    """The numbers the targets compare: clean accuracy and ECE, pooled OOD AUROC per score."""
+    clean = evaluation.table[(predictor, "clean")]
+    row = {"accuracy": clean["accuracy"], "ece": clean["ece"]}
+    row.update({score: evaluation.auroc[(predictor, score, "all_ood")] for score in SCORES if (predictor, score, "all_ood") in evaluation.auroc})
+    return row
+
+
 def evaluate(
     model_path: str,
     posterior_path: str,
@@ -88,11 +98,14 @@ def evaluate(
     progress: bool = True,
     work_dir: str | None = None,
     per_layer: bool = False,
+    svi_repeats: int = 0,
 ) -> Evaluation:
     """Run the three predictors on every set (``sets`` defaults to the dirty-digits suite).
 
     ``per_layer``: also compare the PFP with Monte Carlo at every layer output
-    (`pfpc.verify.per_layer`) on the first `PER_LAYER_IMAGES` images of every set."""
+    (`pfpc.verify.per_layer`) on the first `PER_LAYER_IMAGES` images of every set.
+    ``svi_repeats``: rerun SVI with that many other seeds, to show how much SVI's own metrics
+    move with the weight samples (``Evaluation.svi_runs``)."""
     from ..frontends.onnx_model import load_model
     from ..frontends.posterior import load_posterior
     from .predictors import check_classifier, deterministic_logits, pfp_outputs, shape_inputs, svi_logits
@@ -115,6 +128,10 @@ def evaluate(
     predictions["pfp"] = split(metrics.from_logit_moments(mean, var, logit_samples, seed, probs=probs))
     name = os.path.basename(os.path.dirname(os.path.abspath(model_path))) or model_path
     evaluation = summarize(Evaluation(name, samples, sets, predictions))
+    evaluation.svi_runs.append(_headline(evaluation, "svi"))
+    for repeat in range(1, svi_repeats + 1):
+        rerun = {"svi": split(metrics.from_logit_samples(svi_logits(model, posterior, x, samples, seed + repeat, progress)))}
+        evaluation.svi_runs.append(_headline(summarize(Evaluation(name, samples, sets, rerun)), "svi"))
     if per_layer:
         from ..frontends.onnx_model import graph_inputs
         from ..verify import per_layer as per_layer_errors

@@ -94,20 +94,25 @@ def probit_probs(mean, var) -> np.ndarray:
 class Prediction:
     """What a predictor says about N inputs. ``expected_entropy`` E_w H[p(y|x,w)],
     ``mutual_information`` H[p] - E_w H[p(y|x,w)] and ``logit_var`` (mean over classes of the
-    logits' variance) are None for a predictor without weight uncertainty."""
+    logits' variance) are None for a predictor without weight uncertainty. ``gaussian_probs``:
+    mean softmax over draws of independent Gaussian logits with the predictor's logit means and
+    variances (a diagnostic: it separates the Gaussian-logit assumption and the probit
+    approximation from errors in the moments)."""
 
     probs: np.ndarray
     entropy: np.ndarray
     expected_entropy: np.ndarray | None = None
     mutual_information: np.ndarray | None = None
     logit_var: np.ndarray | None = None
+    gaussian_probs: np.ndarray | None = None
 
     def score(self, name):
         return {"entropy": self.entropy, "mutual_information": self.mutual_information, "logit_var": self.logit_var}[name]
 
     def subset(self, rows):
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
-        return Prediction(self.probs[rows], self.entropy[rows], pick(self.expected_entropy), pick(self.mutual_information), pick(self.logit_var))
+        return Prediction(self.probs[rows], self.entropy[rows], pick(self.expected_entropy), pick(self.mutual_information),
+                          pick(self.logit_var), pick(self.gaussian_probs))
 
 
 def from_logits(logits) -> Prediction:
@@ -116,35 +121,43 @@ def from_logits(logits) -> Prediction:
     return Prediction(probs, entropy(probs))
 
 
-def from_logit_samples(samples) -> Prediction:
+def gaussian_logits(mean, var, samples: int = 1000, seed: int = 0, chunk: int = 256):
+    """Draws l_s ~ N(mean, diag(var)) per row: (mean_s softmax(l_s), mean_s H[softmax(l_s)])."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    rng = np.random.default_rng(seed)
+    probs, expected = np.empty(mean.shape), np.empty(len(mean))
+    std = np.sqrt(np.maximum(var, 0.0))
+    for start in range(0, len(mean), chunk):
+        rows = slice(start, start + chunk)
+        per_sample = softmax(mean[rows] + std[rows] * rng.standard_normal((samples,) + mean[rows].shape))
+        probs[rows] = per_sample.mean(axis=0)
+        expected[rows] = entropy(per_sample).mean(axis=0)
+    return probs, expected
+
+
+def from_logit_samples(samples, gaussian_samples: int = 1000, seed: int = 0) -> Prediction:
     """Monte Carlo over S weight samples, ``samples`` [S, N, K]: p = mean_s softmax(l_s),
     expected entropy mean_s H[softmax(l_s)], MI = H[p] - expected entropy, logit variance the
-    unbiased sample variance averaged over classes."""
+    unbiased sample variance averaged over classes; ``gaussian_probs`` from the logits' sample
+    means and variances (`gaussian_logits`)."""
     samples = np.asarray(samples, np.float64)
     per_sample = softmax(samples)
     probs = per_sample.mean(axis=0)
     predictive = entropy(probs)
     expected = entropy(per_sample).mean(axis=0)
-    logit_var = samples.var(axis=0, ddof=1).mean(axis=-1)
-    return Prediction(probs, predictive, expected, np.maximum(predictive - expected, 0.0), logit_var)
+    var = samples.var(axis=0, ddof=1)
+    gaussian, _ = gaussian_logits(samples.mean(axis=0), var, gaussian_samples, seed)
+    return Prediction(probs, predictive, expected, np.maximum(predictive - expected, 0.0), var.mean(axis=-1), gaussian)
 
 
-def from_logit_moments(mean, var, samples: int = 1000, seed: int = 0, chunk: int = 256, probs=None) -> Prediction:
+def from_logit_moments(mean, var, samples: int = 1000, seed: int = 0, probs=None) -> Prediction:
     """The PFP's Gaussian logits N(mean, diag(var)): p by the probit approximation (`probit_probs`,
-    or ``probs`` as the generated C computed them), predictive entropy H[p]; expected entropy and MI from
-    ``samples`` draws of the logits' Gaussian (cheap, on the host):
+    or ``probs`` as the generated C computed them), predictive entropy H[p]; expected entropy and
+    MI from ``samples`` draws of the logits' Gaussian (`gaussian_logits`, cheap, on the host):
     MI = H[mean_s softmax(l_s)] - mean_s H[softmax(l_s)] (both terms from the same draws, so
     MI >= 0); logit variance = mean over classes of var."""
     mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
     probs = probit_probs(mean, var) if probs is None else _rows(probs)
-    rng = np.random.default_rng(seed)
-    expected = np.empty(len(mean))
-    sampled_entropy = np.empty(len(mean))
-    std = np.sqrt(np.maximum(var, 0.0))
-    for start in range(0, len(mean), chunk):
-        rows = slice(start, start + chunk)
-        draws = mean[rows] + std[rows] * rng.standard_normal((samples,) + mean[rows].shape)
-        per_sample = softmax(draws)
-        expected[rows] = entropy(per_sample).mean(axis=0)
-        sampled_entropy[rows] = entropy(per_sample.mean(axis=0))
-    return Prediction(probs, entropy(probs), expected, np.maximum(sampled_entropy - expected, 0.0), var.mean(axis=-1))
+    gaussian, expected = gaussian_logits(mean, var, samples, seed)
+    mutual_information = np.maximum(entropy(gaussian) - expected, 0.0)
+    return Prediction(probs, entropy(probs), expected, mutual_information, var.mean(axis=-1), gaussian)

@@ -77,6 +77,35 @@ def targets_table(evaluation: Evaluation) -> str:
     return _table(["target (clean set; AUROC on all OOD sets pooled)", "measured", "target", "met"], rows)
 
 
+def approximation_table(evaluation: Evaluation) -> str:
+    """Clean-set metrics of the chain SVI -> its logits as independent Gaussians -> the PFP's
+    Gaussian logits -> the PFP's probit probabilities: each step isolates one approximation."""
+    clean = next(s for s in evaluation.sets if s.name == "clean")
+    svi, pfp = evaluation.predictions["svi"]["clean"], evaluation.predictions["pfp"]["clean"]
+    steps = [
+        (f"SVI-{evaluation.samples}: mean of sampled softmaxes", svi.probs),
+        ("SVI's logit means and variances as independent Gaussians (sampled softmax)", svi.gaussian_probs),
+        ("PFP's logit means and variances as independent Gaussians (sampled softmax)", pfp.gaussian_probs),
+        ("PFP: probit approximation (the generated C's probs)", pfp.probs),
+    ]
+    rows = [[label, _fmt(metrics.accuracy(p, clean.labels)), _fmt(metrics.nll(p, clean.labels)), _fmt(metrics.ece(p, clean.labels)),
+             _fmt(metrics.brier(p, clean.labels))] for label, p in steps]
+    return _table(["clean set", "accuracy", "NLL", "ECE", "Brier"], rows)
+
+
+def svi_spread_table(evaluation: Evaluation) -> str:
+    """SVI's own variation between seeds next to the PFP's value, per target quantity."""
+    runs = evaluation.svi_runs
+    pfp = {"accuracy": evaluation.table[("pfp", "clean")]["accuracy"], "ece": evaluation.table[("pfp", "clean")]["ece"]}
+    pfp.update({score: evaluation.auroc[("pfp", score, "all_ood")] for score in SCORES})
+    rows = []
+    for key in ("accuracy", "ece") + SCORES:
+        values = [run[key] for run in runs]
+        label = NAMES[key] if key in ("accuracy", "ece") else f"AUROC, {NAMES[key]}"
+        rows.append([label, f"{min(values):.4f} … {max(values):.4f}", f"{max(values) - min(values):.4f}", f"{pfp[key]:.4f}"])
+    return _table([f"quantity (clean; AUROC all OOD pooled)", f"SVI-{evaluation.samples}, {len(runs)} seeds: min … max", "range", "PFP"], rows)
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -167,7 +196,14 @@ def write_report(evaluation: Evaluation, report_dir: str, command: str = "") -> 
     if command:
         parts += ["Reproduce:", "", f"    {command}", ""]
     parts += [METHOD.format(samples=evaluation.samples), "## Data (dirty digits, see `pfpc/evaluate/datasets.py`)", "", sets, "",
-              "## Targets", "", targets_table(evaluation), "", "## Metrics", "", metric_tables(evaluation), "",
+              "## Targets", "", targets_table(evaluation), ""]
+    if len(evaluation.svi_runs) > 1:
+        parts += [f"How much SVI-{evaluation.samples} itself moves with the weight samples (seeds {0}…{len(evaluation.svi_runs) - 1} "
+                  "offset from the main run's):", "", svi_spread_table(evaluation), ""]
+    parts += ["Where the PFP's probabilities differ from SVI's, step by step (1 → 2: dropping the "
+              "correlations between logits; 2 → 3: the PFP's moment errors, see the per-layer table; 3 → 4: the probit "
+              "approximation):", "", approximation_table(evaluation), ""]
+    parts += ["## Metrics", "", metric_tables(evaluation), "",
               f"![reliability]({reliability_png})", "", f"![scores]({scores_png})", ""]
     if evaluation.per_layer:
         parts += ["## PFP vs Monte Carlo per layer", "", per_layer_table(evaluation.per_layer), ""]
