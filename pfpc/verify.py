@@ -90,9 +90,13 @@ def compare(pfp, mc, floor: float = 0.0):
         "mean_abs_err": float(np.max(np.abs(pfp_mean - mc_mean))),
         "mean_err_in_std": float(np.max(mean_err)),
         "mean_err_in_std_median": float(np.median(mean_err)),
+        # aggregates over the output: units weighted by their spread, robust to near-constant units
+        "mean_err_total": float(np.sum(np.abs(pfp_mean - mc_mean)) / max(np.sum(np.sqrt(mc_var)), 1e-30)),
         "mean_z_max": float(np.max(z)),
         "var_rel_err_median": float(np.median(var_err)),
         "var_rel_err_max": float(np.max(var_err)),
+        "var_err_total": float(np.sum(np.abs(pfp_var - mc_var)) / max(np.sum(mc_var), 1e-30)),
+        "mc_var_stderr_total": float(np.sum(var_stderr) / max(np.sum(mc_var), 1e-30)),
         # the MC's own relative error of the variance: PFP errors at this level are MC noise
         "mc_var_rel_stderr_median": float(np.median(var_stderr / var_scale)),
     }

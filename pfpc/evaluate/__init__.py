@@ -14,16 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import PfpcError
 from . import metrics
 from .datasets import EvalSet, default_suite
-
-from ..errors import PfpcError
 
 PREDICTORS = ("deterministic", "svi", "pfp")
 SCORES = ("logit_var", "entropy", "mutual_information")
 LABELLED_METRICS = ("accuracy", "nll", "ece", "brier")
 SUMMARY_METRICS = ("entropy", "expected_entropy", "mutual_information", "logit_var")
-
 
 #: ``per_layer``: images taken from the start of every set, and Monte Carlo samples.
 PER_LAYER_IMAGES, PER_LAYER_SAMPLES = 16, 2000

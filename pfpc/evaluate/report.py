@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from ..errors import PfpcError
-from . import LABELLED_METRICS, PREDICTORS, SCORES, SUMMARY_METRICS, Evaluation, metrics
+from . import LABELLED_METRICS, PER_LAYER_IMAGES, PER_LAYER_SAMPLES, PREDICTORS, SCORES, SUMMARY_METRICS, Evaluation, metrics
 
 NAMES = {"deterministic": "deterministic", "svi": "SVI", "pfp": "PFP", "logit_var": "mean logit variance",
          "entropy": "predictive entropy", "mutual_information": "mutual information", "expected_entropy": "expected entropy",
@@ -206,7 +206,11 @@ def write_report(evaluation: Evaluation, report_dir: str, command: str = "") -> 
     parts += ["## Metrics", "", metric_tables(evaluation), "",
               f"![reliability]({reliability_png})", "", f"![scores]({scores_png})", ""]
     if evaluation.per_layer:
-        parts += ["## PFP vs Monte Carlo per layer", "", per_layer_table(evaluation.per_layer), ""]
+        parts += ["## PFP vs Monte Carlo per layer", "",
+                  f"The first {PER_LAYER_IMAGES} images of every set, {PER_LAYER_SAMPLES} Monte Carlo samples; the PFP of a layer is "
+                  "the compiled C of the graph truncated at its output. Aggregate errors weight values by their spread "
+                  "(sum of |error| / sum of MC std or variance); errors near the MC noise column are sampling noise.", "",
+                  per_layer_table(evaluation.per_layer), ""]
     path = os.path.join(report_dir, f"{stem}.md")
     with open(path, "w") as handle:
         handle.write("\n".join(parts))
@@ -214,9 +218,12 @@ def write_report(evaluation: Evaluation, report_dir: str, command: str = "") -> 
 
 
 def per_layer_table(rows) -> str:
-    """Per layer: mean error in MC standard deviations, relative variance error, and the MC's own
-    relative standard error of the variance (errors at that level are sampling noise)."""
-    return _table(["layer output", "op", "max |Δmean| / MC std", "median |Δmean| / MC std", "median rel. var error", "max rel. var error",
-                   "MC noise: median rel. stderr of var"],
-                  [[f"`{r['output']}`", r["op"], _fmt(r["mean_err_in_std"], 3), _fmt(r["mean_err_in_std_median"], 3), _fmt(r["var_rel_err_median"], 3),
-                    _fmt(r["var_rel_err_max"], 3), _fmt(r["mc_var_rel_stderr_median"], 3)] for r in rows])
+    """Per layer, PFP against Monte Carlo: the mean's error in MC standard deviations and the
+    variance's relative error, per value (median over the layer) and in aggregate
+    (sum |error| / sum of the MC std or variance: values weighted by their spread, so units that
+    almost never fire, whose MC variance is mostly noise, do not dominate), and the MC's own
+    aggregate relative standard error of the variance: errors at that level are sampling noise."""
+    return _table(["layer output", "op", "Δmean / MC std: median", "aggregate", "rel. var error: median", "aggregate",
+                   "MC noise of var (aggregate)"],
+                  [[f"`{r['output']}`", r["op"], _fmt(r["mean_err_in_std_median"], 3), _fmt(r["mean_err_total"], 3),
+                    _fmt(r["var_rel_err_median"], 3), _fmt(r["var_err_total"], 3), _fmt(r["mc_var_stderr_total"], 3)] for r in rows])

@@ -38,12 +38,8 @@ class _Append(MainRewriter):
 
     def output(self, body):
         fields = [self.remap(field) for field in output_fields(self.func)]
-        reprs = [str(r) for r in self.func.attrs["pfp.outputs"]]
-        mean = fields[0]
-        shape = shape_of(mean)
-        if len(reprs) != 1 or len(shape) != 2:
-            raise PfpcError(f"--outputs {','.join(self.outputs)} needs a model with one [N, classes] output; it has {len(reprs)} output(s), the first of shape {shape}")
-        args = [mean] + ([fields[1]] if reprs[0] != "none" else [])
+        mean, shape = fields[0], shape_of(fields[0])
+        args = [mean] + ([fields[1]] if str(self.func.attrs["pfp.outputs"][0]) != "none" else [])
         extras = []
         for name in self.outputs:
             kernel = self.kernels.unique(f"logits_{name}")
@@ -63,4 +59,7 @@ class AppendPredictiveOutputs:
         func = mod["main"]
         if not self.outputs:
             return mod
+        count, shape = len(func.attrs["pfp.outputs"]), shape_of(output_fields(func)[0])
+        if count != 1 or len(shape) != 2:
+            raise PfpcError(f"--outputs {','.join(self.outputs)} needs a model with one [N, classes] output; it has {count} output(s), the first of shape {shape}")
         return _Append(mod, self.outputs).run(list(func.params), func_attrs(func, pfp__extra_outputs=list(self.outputs)))
