@@ -107,6 +107,8 @@ def test_suite_is_deterministic_and_made_as_documented():
     assert all(s.x.dtype == np.float32 and s.x.min() >= 0 and s.x.max() <= 1 for s in first)
     held = {s.name: s for s in datasets.default_suite(ood_classes=[8, 9])}
     assert not np.isin(held["clean"].labels, [8, 9]).any() and len(held["held_out_classes"].x) == np.isin(y_test, [8, 9]).sum()
+    with pytest.raises(PfpcError, match="two clean images of two classes"):
+        datasets.build_suite(x_test[:5], np.zeros(5, np.int64))
 
 
 def _write_idx(path, array):

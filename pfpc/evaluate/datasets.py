@@ -136,6 +136,8 @@ def build_suite(x: np.ndarray, labels: np.ndarray, ood_classes=(), seed: int = S
     rng = np.random.default_rng(seed)
     held_out = np.isin(labels, list(ood_classes))
     x_id, y_id = x[~held_out], labels[~held_out]
+    if len(x_id) < 2 or len(set(y_id.tolist())) < 2:
+        raise PfpcError(f"the evaluation needs at least two clean images of two classes, got {len(x_id)} of classes {sorted(set(y_id.tolist()))}")
     sets = [EvalSet("clean", x_id, y_id, "id", "held-out test images")]
     first = rng.permutation(len(x_id))[: len(x_id) // 2]
     second = np.array([rng.choice(np.flatnonzero(y_id != y_id[i])) for i in first], np.int64)
