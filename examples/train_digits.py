@@ -180,11 +180,14 @@ def sampled_network(layers, model: nn.Sequential, gen: torch.Generator) -> nn.Se
     return det.eval()
 
 
-def train(name: str, spec: dict, out_dir: str) -> dict:
+def train(name: str, spec: dict, out_dir: str, exclude_classes=()) -> dict:
     torch.manual_seed(SEED)
     np.random.seed(SEED)
     layers = spec["layers"]
     x_tr, y_tr, x_te, y_te = load_digits_split(flatten=spec["flatten"])
+    if exclude_classes:  # held out of training and of the test split: OOD for `pfpc evaluate --ood-classes`
+        keep_tr, keep_te = ~np.isin(y_tr, exclude_classes), ~np.isin(y_te, exclude_classes)
+        x_tr, y_tr, x_te, y_te = x_tr[keep_tr], y_tr[keep_tr], x_te[keep_te], y_te[keep_te]
     x_tr_t, y_tr_t = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     x_te_t = torch.from_numpy(x_te)
     n_train = len(x_tr)
@@ -294,6 +297,7 @@ def train(name: str, spec: dict, out_dir: str) -> dict:
         "mc_samples": MC_SAMPLES,
         "n_test": int(len(y_te)),
         "n_train": int(n_train),
+        "excluded_classes": sorted(int(c) for c in exclude_classes),
         "n_params": int(sum(v.size for v in inits.values())),
         "n_stochastic_tensors": len(post),
         "posterior_std_min": float(all_std.min()),
@@ -323,6 +327,8 @@ def train(name: str, spec: dict, out_dir: str) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--exclude-classes", nargs="+", type=int, default=[], metavar="C",
+                    help="leave these digits out of training and testing (the outputs stay 10 classes)")
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
                     help="directory that receives <model>/ (default: examples/)")
     args = ap.parse_args(argv)
@@ -330,7 +336,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     for name in args.models:
-        train(name, MODELS[name], os.path.join(args.out, name))
+        train(name, MODELS[name], os.path.join(args.out, name), args.exclude_classes)
 
 
 if __name__ == "__main__":

@@ -171,12 +171,10 @@ def _tvm_scheduled(mod, accumulate: str):
     """The compiled module with every kernel scheduled as the C backend gets it."""
     import tvm
 
-    from .ops.kernel import schedule_kernel
+    from .codegen.kernels import scheduled
 
-    functions = {}
-    for gvar, func in mod.functions.items():
-        is_prim = isinstance(func, tvm.tirx.PrimFunc)
-        functions[gvar] = schedule_kernel(func, accumulate) if is_prim else func
+    functions = {gvar: scheduled(func, accumulate) if isinstance(func, tvm.tirx.PrimFunc) else func
+                 for gvar, func in mod.functions.items()}
     return tvm.IRModule(functions, attrs=mod.attrs)
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``pfpc MODEL --posterior POST -o OUT``, ``pfpc run``, ``pfpc report``, ``pfpc verify``."""
+"""Command line: ``pfpc MODEL --posterior POST -o OUT``, ``pfpc run``, ``pfpc report``, ``pfpc verify``,
+``pfpc evaluate``, ``pfpc bench``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from .errors import PfpcError
 
-COMMANDS = ("run", "verify", "report", "bench")
+COMMANDS = ("run", "verify", "report", "bench", "evaluate")
 
 
 def _compile_parser():
@@ -22,6 +23,9 @@ def _compile_parser():
     parser.add_argument("--batch", type=int, help="fixed batch size for a symbolic batch dimension")
     parser.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
     parser.add_argument("--name", default="pfp_model", help="C prefix of the generated library (default pfp_model)")
+    parser.add_argument("--outputs", metavar="LIST", default="",
+                        help="predictive outputs after the logits' mean and variance, comma-separated: probs (probit "
+                        "probabilities), entropy (predictive entropy), ood (mean logit variance)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--mode", choices=("pfp", "svi"), default="pfp",
                         help="pfp (default): one probabilistic forward pass; svi: the same API computed by sampling the weights")
@@ -89,7 +93,8 @@ def _run_parser():
                                      "(--emulate) for its target under QEMU.")
     parser.add_argument("out_dir")
     parser.add_argument("--input", required=True, action="append", help=".npy input (repeat for several inputs)")
-    parser.add_argument("--output", required=True, help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs)")
+    parser.add_argument("--output", required=True, help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs), "
+                        "and probs/entropy/ood if compiled with --outputs")
     parser.add_argument("--emulate", action="store_true", help="build for the compiled target and run under QEMU")
     parser.add_argument("--cycles", action="store_true", help="with --emulate on Cortex-M: print SysTick cycles per call")
     parser.add_argument("--debug", action="store_true")
@@ -104,6 +109,32 @@ def _verify_parser():
     parser.add_argument("--input", help=".npy input; default: the first batch of standard-normal inputs")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-layer", action="store_true", help="compare every layer output (each truncated graph compiled) with Monte Carlo")
+    parser.add_argument("--digits", type=int, metavar="N", help="inputs: the first N images of every dirty-digits set (instead of --input)")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _evaluate_parser():
+    parser = argparse.ArgumentParser(
+        prog="pfpc evaluate",
+        description="Uncertainty quality of the deterministic mean network, SVI (Monte Carlo) and the compiled PFP "
+        "on the dirty-digits suite: accuracy, NLL, ECE, Brier, entropies, mutual information, OOD AUROC.",
+    )
+    parser.add_argument("model", help="ONNX classifier taking 8x8 digits ([N, 64] or [N, 1, 8, 8])")
+    parser.add_argument("--posterior", required=True)
+    parser.add_argument("--samples", type=int, default=100, help="SVI weight samples (default 100)")
+    parser.add_argument("--report", metavar="DIR", help="write <model>.md and plots (needs matplotlib) into DIR")
+    parser.add_argument("--mnist-images", metavar="IDX", help="MNIST IDX images (optionally .gz) instead of scikit-learn's digits")
+    parser.add_argument("--mnist-labels", metavar="IDX", help="the matching IDX labels")
+    parser.add_argument("--limit", type=int, help="use only the first N clean images (the other sets follow)")
+    parser.add_argument("--ood-classes", help="comma-separated classes moved from the clean set to a held-out-classes OOD set "
+                        "(only meaningful for a model trained without them)")
+    parser.add_argument("--per-layer", action="store_true", help="also report PFP vs Monte Carlo per layer on a subset of the data")
+    parser.add_argument("--svi-repeats", type=int, default=0, metavar="R",
+                        help="rerun SVI with R other seeds and report how much its metrics move")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -111,12 +142,15 @@ def _verify_parser():
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "compile"
-    parsers = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser, "report": _report_parser, "bench": _bench_parser}
+    parsers = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser, "report": _report_parser,
+               "bench": _bench_parser, "evaluate": _evaluate_parser}
     args = parsers[command]().parse_args(
         argv[1:] if command != "compile" else argv
     )
+    args.argv = argv
     try:
-        return {"compile": _compile, "run": _run, "verify": _verify, "report": _report, "bench": _bench}[command](args)
+        return {"compile": _compile, "run": _run, "verify": _verify, "report": _report, "bench": _bench,
+                "evaluate": _evaluate}[command](args)
     except PfpcError as err:
         if args.debug:
             raise
@@ -135,7 +169,7 @@ def _compile(args) -> int:
     result = compile_model(
         args.model, args.posterior, target=args.target, out_dir=args.output, batch=args.batch,
         dump_ir=args.dump_ir, name=args.name, force=args.force, measure=True, ram_limit=ram_limit, flash_limit=flash_limit,
-        mode=args.mode, samples=args.samples, seed=args.seed,
+        mode=args.mode, samples=args.samples, seed=args.seed, outputs=[o for o in args.outputs.split(",") if o],
     )
     sampling = result.program.sampling
     detail = f" run once per sample, {sampling.samples} samples (SVI)" if sampling else ""
@@ -181,15 +215,18 @@ def _run(args) -> int:
         raise PfpcError(f"{args.out_dir}: --cycles needs a Cortex-M target (compiled for {read_metadata(args.out_dir).get('target')})")
     inputs = [_load_npy(p) for p in args.input]
     outcome = run(args.out_dir, inputs, emulate=args.emulate)
-    results = outcome.outputs
+    results, extras = outcome.outputs, outcome.extras
     arrays = {}
     for index, (mean, var) in enumerate(results):
         suffix = "" if len(results) == 1 else f"_{index}"
         arrays[f"mean{suffix}"], arrays[f"var{suffix}"] = mean, var
+    arrays.update(extras)
     np.savez(args.output, **arrays)
     for index, (mean, var) in enumerate(results):
         print(f"output {index}: mean {np.array2string(mean, precision=4, threshold=40)}")
         print(f"output {index}: var  {np.array2string(var, precision=4, threshold=40)}")
+    for kind, value in extras.items():
+        print(f"{kind}: {np.array2string(value, precision=4, threshold=40)}")
     if args.cycles:
         print(f"cycles per call (SysTick, QEMU -icount shift=0): {' '.join(map(str, outcome.cycles))}; "
               f"median {int(np.median(outcome.cycles))}")
@@ -203,18 +240,34 @@ def _verify(args) -> int:
     from .compiler import run_host
     from .frontends.onnx_model import input_shapes, load_model
     from .frontends.posterior import load_posterior
-    from .verify import compare, monte_carlo
+    from .verify import compare, monte_carlo, per_layer
 
+    if args.input and args.digits:
+        raise PfpcError("give --input or --digits, not both")
     given = _load_npy(args.input).astype(np.float32) if args.input else None
+    if args.digits:
+        from .evaluate.datasets import default_suite
+
+        given = np.concatenate([s.x[: args.digits] for s in default_suite()])
     model = load_model(args.model, given.shape[0] if given is not None else (args.batch or 1))
     posterior = load_posterior(model, args.posterior)
     shapes = input_shapes(model)
     if given is not None:
+        if args.digits:
+            from .evaluate.predictors import shape_inputs
+
+            given = shape_inputs(model, given, args.model)
         inputs = {next(iter(shapes)): given}
     else:
         rng = np.random.default_rng(args.seed)
         inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
     batch = next(iter(inputs.values())).shape[0]
+    if args.per_layer:
+        from .evaluate.report import per_layer_table
+
+        print(f"PFP vs Monte Carlo per layer ({args.samples} samples, batch {batch})\n")
+        print(per_layer_table(per_layer(model, posterior, inputs, args.samples, args.seed)))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")
         compile_model(args.model, posterior, out_dir=out, batch=batch)
@@ -226,6 +279,34 @@ def _verify(args) -> int:
         row = compare(pair, reference)
         print(f"{name:<16}{row['mean_abs_err']:>14.4g}{row['mean_err_in_std']:>12.4g}{row['mean_z_max']:>10.3g}"
               f"{row['var_rel_err_median']:>14.4g}{row['var_rel_err_max']:>14.4g}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    import shlex
+
+    from .evaluate import evaluate, require_extras
+    from .evaluate.datasets import default_suite
+
+    require_extras(plots=bool(args.report))
+    if args.samples < 2:
+        raise PfpcError(f"--samples {args.samples}: SVI needs at least 2 weight samples")
+    try:
+        ood_classes = [int(c) for c in args.ood_classes.split(",")] if args.ood_classes else []
+    except ValueError:
+        raise PfpcError(f"--ood-classes {args.ood_classes}: expected comma-separated class numbers") from None
+    sets = default_suite(args.mnist_images, args.mnist_labels, args.limit, ood_classes)
+    evaluation = evaluate(args.model, args.posterior, args.samples, sets, args.seed, progress=not args.quiet, per_layer=args.per_layer,
+                          svi_repeats=args.svi_repeats)
+    from .evaluate.report import approximation_table, metric_tables, svi_spread_table, targets_table, write_report
+
+    print(f"{evaluation.model}: {args.samples} SVI samples, {sum(len(s.x) for s in sets)} images in {len(sets)} sets\n")
+    print(targets_table(evaluation) + "\n\n" + approximation_table(evaluation) + "\n")
+    if args.svi_repeats:
+        print(svi_spread_table(evaluation) + "\n")
+    print(metric_tables(evaluation))
+    if args.report:
+        print(f"\npfpc: wrote {write_report(evaluation, args.report, 'pfpc ' + shlex.join(args.argv))}")
     return 0
 
 

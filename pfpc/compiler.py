@@ -17,6 +17,7 @@ from .errors import PfpcError, reraise_from_tvm
 from .frontends.onnx_model import input_shapes, load_model, output_shapes
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
+from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.pipeline import default_passes, svi_passes
 
 MODES = ("pfp", "svi")
@@ -50,6 +51,7 @@ def compile(  # noqa: A001 - the public name users expect
     mode: str = "pfp",
     samples: int | None = None,
     seed: int | None = None,
+    outputs=(),
 ) -> CompiledModel:
     """Compile ``model`` (path or ModelProto) with ``posterior`` (path, dict of arrays or None).
 
@@ -63,9 +65,16 @@ def compile(  # noqa: A001 - the public name users expect
     ``measure``: build the library with the target's compiler and return its footprint (flash,
     RAM, per-layer arithmetic); implied by ``ram_limit``/``flash_limit`` (bytes), which make the
     compile fail, leaving nothing behind, when the model does not fit.
+    ``outputs``: predictive outputs to add after the logits' mean and variance, a subset of
+    ``("probs", "entropy", "ood")`` (`pfpc.passes.append_predictive_outputs`).
     """
     target_info = get_target(target)
     samples, seed = check_sampling_options(mode, samples, seed)
+    if outputs and mode == "svi":
+        raise PfpcError("--outputs: predictive outputs are computed from the PFP's logit moments; not available with --mode svi")
+    passes = list(passes if passes is not None else (svi_passes() if mode == "svi" else default_passes()))
+    if outputs:
+        passes.append(("append_predictive_outputs", AppendPredictiveOutputs(outputs)))
     if out_dir is not None and os.path.exists(out_dir) and not force:
         raise PfpcError(f"{out_dir}: output directory exists (use --force to replace it)")
     label = os.path.basename(model) if isinstance(model, (str, os.PathLike)) else "model"
@@ -86,8 +95,6 @@ def compile(  # noqa: A001 - the public name users expect
     if dump_ir:
         os.makedirs(dump_ir, exist_ok=True)
         _dump(dump_ir, 0, "import", mod)
-    if passes is None:
-        passes = svi_passes() if mode == "svi" else default_passes()
     for index, (pass_name, transform) in enumerate(passes, start=1):
         try:
             mod = transform(mod)
@@ -223,10 +230,12 @@ def read_metadata(out_dir: str) -> dict:
 
 @dataclass
 class RunResult:
-    """(mean, var) per output, and for Cortex-M under QEMU the SysTick cycles of every call."""
+    """(mean, var) per output; the predictive outputs compiled in (``probs``, ``entropy``, ``ood``);
+    for Cortex-M under QEMU, the SysTick cycles of every call."""
 
     outputs: list
     cycles: list
+    extras: dict
 
 
 def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False) -> RunResult:
@@ -258,17 +267,22 @@ def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False) -> RunRes
             raise PfpcError(f"{out_dir}: the generated program failed: {(result.stderr or result.stdout).strip()[-500:]}")
         raw = np.fromfile(os.path.join(tmp, "out.f32"), np.float32)
     cycles = [int(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("pfpc cycles ")]
-    sizes = [int(np.prod(shape)) for _, shape in meta["outputs"]]
-    raw = raw.reshape(chunks, 2 * sum(sizes))
-    outputs, offset = [], 0
-    for size, (_, shape) in zip(sizes, meta["outputs"]):
-        mean = raw[:, offset : offset + size].reshape([chunks * shape[0]] + list(shape[1:]))
-        var = raw[:, offset + size : offset + 2 * size].reshape([chunks * shape[0]] + list(shape[1:]))
-        outputs.append((mean, var))
-        offset += 2 * size
-    return RunResult(outputs, cycles)
+    # per chunk: mean and var of every output, then every extra output
+    layout = [shape for _, shape in meta["outputs"] for _ in range(2)] + [shape for _, shape in meta.get("extra_outputs", [])]
+    raw = raw.reshape(chunks, sum(int(np.prod(shape)) for shape in layout))
+    arrays, offset = [], 0
+    for shape in layout:
+        size = int(np.prod(shape))
+        arrays.append(raw[:, offset : offset + size].reshape([chunks * shape[0]] + list(shape[1:])))
+        offset += size
+    count = len(meta["outputs"])
+    outputs = [(arrays[2 * i], arrays[2 * i + 1]) for i in range(count)]
+    extras = {kind: value for (kind, _), value in zip(meta.get("extra_outputs", []), arrays[2 * count :])}
+    return RunResult(outputs, cycles, extras)
 
 
-def run_host(out_dir: str, inputs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Run the generated C, built for the host, on ``inputs``; (mean, var) per output."""
-    return run(out_dir, inputs).outputs
+def run_host(out_dir: str, inputs: list[np.ndarray], extras: bool = False):
+    """Run the generated C, built for the host, on ``inputs``: (mean, var) per output; with
+    ``extras``, also the predictive outputs as a dict (``probs``, ``entropy``, ``ood``)."""
+    result = run(out_dir, inputs)
+    return (result.outputs, result.extras) if extras else result.outputs

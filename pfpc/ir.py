@@ -14,6 +14,15 @@ def main_bindings(func: relax.Function):
     return [binding for block in func.body.blocks for binding in block.bindings]
 
 
+def output_fields(func: relax.Function) -> list:
+    """The fields of the tuple ``main`` returns: (mean, moment) per output, then any extra outputs."""
+    body = func.body.body
+    for binding in main_bindings(func):
+        if isinstance(binding.value, relax.Tuple) and binding.var.same_as(body):
+            return list(binding.value.fields)
+    return list(body.fields)
+
+
 def shape_of(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
 

@@ -3,6 +3,8 @@ onnxruntime once per sample, and compare the sample moments with the compiled PF
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 
@@ -27,31 +29,49 @@ def sampling_session(model: onnx.ModelProto, posterior: Posterior):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
-    return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"]), stochastic
+    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session, stochastic
 
 
-def monte_carlo(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0):
-    """Per output: (sample mean, sample variance, standard error of the mean)."""
+def sampled_outputs(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0):
+    """Yield, per weight sample w ~ q(w) = N(mean, var) (NumPy, float64 then float32), the list of
+    the model's outputs for ``inputs`` (one onnxruntime run each). Also the output names first."""
     session, stochastic = sampling_session(model, posterior)
     rng = np.random.default_rng(seed)
-    names = [o.name for o in session.get_outputs()]
-    total = [0.0] * len(names)
-    total_sq = [0.0] * len(names)
     stds = {name: np.sqrt(posterior.variances[name].astype(np.float64)) for name in stochastic}
+    means = {name: posterior.means[name].astype(np.float64) for name in stochastic}
+    names = [o.name for o in session.get_outputs()]
+    yield names
     for _ in range(samples):
         feed = dict(inputs)
         for name in stochastic:
-            mean = posterior.means[name].astype(np.float64)
-            feed[name] = (mean + stds[name] * rng.standard_normal(mean.shape)).astype(np.float32)
-        for index, value in enumerate(session.run(names, feed)):
-            value = value.astype(np.float64)
-            total[index] = total[index] + value
-            total_sq[index] = total_sq[index] + value * value
+            feed[name] = (means[name] + stds[name] * rng.standard_normal(means[name].shape)).astype(np.float32)
+        yield session.run(names, feed)
+
+
+def monte_carlo(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0):
+    """Per output: (sample mean, sample variance, standard error of the mean, standard error of
+    the variance), the last from the sample's fourth central moment: sqrt((m4 - var^2) / S)."""
+    stream = sampled_outputs(model, posterior, inputs, samples, seed)
+    names = next(stream)
+    shift = None  # raw moments about the first sample keep the fourth moment well conditioned
+    sums = [[0.0] * 4 for _ in names]
+    for values in stream:
+        if shift is None:
+            shift = [v.astype(np.float64) for v in values]
+        for index, value in enumerate(values):
+            centred = value.astype(np.float64) - shift[index]
+            power = centred
+            for order in range(4):
+                sums[index][order] = sums[index][order] + power
+                power = power * centred
     results = []
     for index in range(len(names)):
-        mean = total[index] / samples
-        var = np.maximum(total_sq[index] / samples - mean * mean, 0.0) * samples / max(samples - 1, 1)
-        results.append((mean, var, np.sqrt(var / samples)))
+        m1, m2, m3, m4 = (total / samples for total in sums[index])
+        central2 = np.maximum(m2 - m1 * m1, 0.0)
+        central4 = np.maximum(m4 - 4 * m3 * m1 + 6 * m2 * m1 * m1 - 3 * m1**4, 0.0)
+        var = central2 * samples / max(samples - 1, 1)
+        results.append((m1 + shift[index], var, np.sqrt(var / samples), np.sqrt(np.maximum(central4 - central2**2, 0.0) / samples)))
     return names, results
 
 
@@ -66,16 +86,78 @@ def _logits_as_outputs(graph):
             output.name = node.input[0]
 
 
-def compare(pfp, mc):
-    """Distance between the PFP and MC moments of one output, as a dict of scalars."""
+def compare(pfp, mc, floor: float = 0.0):
+    """Distance between the PFP and MC moments of one output, as a dict of scalars.
+
+    Relative errors divide by the MC variance (or std), floored at ``floor`` times the output's
+    mean MC variance: a ReLU unit that almost never fires has an MC variance near 0, and its
+    relative error says nothing about the approximation."""
     pfp_mean, pfp_var = (np.asarray(a, np.float64) for a in pfp)
-    mc_mean, mc_var, stderr = mc
+    mc_mean, mc_var, stderr, var_stderr = mc
     z = np.abs(pfp_mean - mc_mean) / np.maximum(stderr, 1e-12)
-    scale = np.sqrt(np.maximum(mc_var, 1e-30))
+    var_scale = np.maximum(mc_var, max(floor * float(np.mean(mc_var)), 1e-30))
+    mean_err = np.abs(pfp_mean - mc_mean) / np.sqrt(var_scale)
+    var_err = np.abs(pfp_var - mc_var) / var_scale
     return {
         "mean_abs_err": float(np.max(np.abs(pfp_mean - mc_mean))),
-        "mean_err_in_std": float(np.max(np.abs(pfp_mean - mc_mean) / scale)),
+        "mean_err_in_std": float(np.max(mean_err)),
+        "mean_err_in_std_median": float(np.median(mean_err)),
+        # aggregates over the output: units weighted by their spread, robust to near-constant units
+        "mean_err_total": float(np.sum(np.abs(pfp_mean - mc_mean)) / max(np.sum(np.sqrt(mc_var)), 1e-30)),
         "mean_z_max": float(np.max(z)),
-        "var_rel_err_median": float(np.median(np.abs(pfp_var - mc_var) / np.maximum(mc_var, 1e-30))),
-        "var_rel_err_max": float(np.max(np.abs(pfp_var - mc_var) / np.maximum(mc_var, 1e-30))),
+        "var_rel_err_median": float(np.median(var_err)),
+        "var_rel_err_max": float(np.max(var_err)),
+        "var_err_total": float(np.sum(np.abs(pfp_var - mc_var)) / max(np.sum(mc_var), 1e-30)),
+        "mc_var_stderr_total": float(np.sum(var_stderr) / max(np.sum(mc_var), 1e-30)),
+        # the MC's own relative error of the variance: PFP errors at this level are MC noise
+        "mc_var_rel_stderr_median": float(np.median(var_stderr / var_scale)),
     }
+
+
+#: Nodes that only move values around: their output equals an earlier layer's, so per layer skips them.
+VIEW_OPS = {"Flatten", "Reshape", "Identity", "Dropout"}
+
+
+#: Per layer, relative errors divide by at least this fraction of the layer's mean MC variance.
+PER_LAYER_FLOOR = 1e-3
+
+
+def per_layer(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0, progress: bool = False):
+    """PFP vs Monte Carlo at every layer output of ``model`` (batch fixed), in graph order.
+
+    The PFP of a layer output is the compiled C of the graph truncated there
+    (``onnx.utils.Extractor``); the Monte Carlo moments of all layer outputs come from one
+    sampling run of the graph with every layer output made a graph output. Returns one dict
+    per layer: output, op and the `compare` distances (floored at `PER_LAYER_FLOOR`).
+    """
+    import tempfile
+
+    from .compiler import compile as compile_model
+    from .compiler import run_host
+
+    layers = [(node.output[0], node.op_type) for node in model.graph.node if node.op_type not in VIEW_OPS and node.domain in ("", "ai.onnx")]
+    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
+    layers = [(name, op) for name, op in layers if name in known]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(known[name] for name, _ in layers if name not in outputs)
+    names, mc = monte_carlo(probe, posterior, inputs, samples, seed)
+    mc_by_name = dict(zip(names, mc))
+    extractor = onnx.utils.Extractor(model)
+    rows = []
+    iterator = layers
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(layers, desc="per-layer PFP", leave=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, (name, op) in enumerate(iterator):
+            sub = extractor.extract_model(list(inputs), [name])
+            kept = {init.name for init in sub.graph.initializer}
+            sub_post = Posterior({k: v for k, v in posterior.means.items() if k in kept}, {k: v for k, v in posterior.variances.items() if k in kept})
+            out = os.path.join(tmp, f"layer{index}")
+            compile_model(sub, sub_post, out_dir=out)
+            (pair,) = run_host(out, list(inputs.values()))
+            rows.append({"output": name, "op": op, **compare(pair, mc_by_name[name], PER_LAYER_FLOOR)})
+    return rows

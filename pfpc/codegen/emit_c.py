@@ -24,7 +24,8 @@ import tvm
 from tvm import relax
 
 from ..errors import PfpcError
-from ..ir import call_op_name, main_bindings
+from ..ir import call_op_name, main_bindings, output_fields
+from ..ops.predictive import DOCS as PREDICTIVE_DOCS
 from . import footprint, memory_plan
 from .kernels import generate_c_kernels
 from .targets import get_target
@@ -87,6 +88,7 @@ class Program:
     name: str
     inputs: list  # (c_name, onnx_name, shape)
     outputs: list  # (c_name, onnx_name, shape)
+    extra_outputs: list = field(default_factory=list)  # (c_name, kind, shape): probs, entropy, ood
     steps: list = field(default_factory=list)
     tensors: list = field(default_factory=list)
     weights: dict = field(default_factory=dict)  # c_name -> (array, comment)
@@ -106,8 +108,22 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     the kernels are scheduled for ``target`` (a `targets.Target`, default the host)."""
     program, out_fields, _ = walk_main(mod, weights, io, name, target=target)
     namer = program.namer
-    reprs = [str(r) for r in mod["main"].attrs["pfp.outputs"]]
+    func = mod["main"]
+    reprs = [str(r) for r in func.attrs["pfp.outputs"]]
+    extras = [str(e) for e in func.attrs["pfp.extra_outputs"]] if "pfp.extra_outputs" in func.attrs else []
     assigned = set()
+
+    def bind_output(tensor, pointer, size):
+        """The kernel that makes ``tensor`` writes straight into the caller's buffer if it can."""
+        if tensor is None:
+            program.zero_fills.append((pointer, size))
+        elif tensor.kind == "arena" and id(tensor) not in assigned:
+            tensor.kind, tensor.c_name = "output", pointer
+            assigned.add(id(tensor))
+        else:
+            program.copies.append((pointer, tensor))
+            tensor.last_use = len(program.steps)
+
     for (onnx_name, shape), repr_ in zip(io["outputs"], reprs):
         base = namer(onnx_name)
         program.outputs.append((base, onnx_name, shape))
@@ -115,15 +131,14 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
         moment = out_fields.pop(0) if repr_ != "none" else None
         if repr_ == "second_moment":
             raise PfpcError("internal: an output is left as a second moment")
-        for tensor, pointer in ((mean, f"{base}_mean"), (moment, f"{base}_var")):
-            if tensor is None:
-                program.zero_fills.append((pointer, int(np.prod(shape))))
-            elif tensor.kind == "arena" and id(tensor) not in assigned:
-                tensor.kind, tensor.c_name = "output", pointer
-                assigned.add(id(tensor))
-            else:
-                program.copies.append((pointer, tensor))
-                tensor.last_use = len(program.steps)
+        bind_output(mean, f"{base}_mean", int(np.prod(shape)))
+        bind_output(moment, f"{base}_var", int(np.prod(shape)))
+    if len(out_fields) != len(extras):
+        raise PfpcError(f"internal: {len(out_fields)} extra results for the outputs {extras}")
+    for kind, tensor in zip(extras, out_fields):
+        pointer = namer(f"{program.outputs[0][0]}_{kind}")
+        program.extra_outputs.append((pointer, kind, tensor.shape))
+        bind_output(tensor, pointer, tensor.size)
     plan_arena(program)
     return program
 
@@ -186,8 +201,7 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
             raise PfpcError(f"internal: code generation cannot lower binding {binding.var.name} ({op or type(value).__name__})")
     program.target = target or get_target("host")
     program.kernels = generate_c_kernels(prim_funcs, program.target.accumulate)
-    result = func.body.body
-    out_fields = [env[f] for f in result.fields] if isinstance(result, relax.Tuple) else list(env[result])
+    out_fields = [env[f] for f in output_fields(func)]
     return program, out_fields, weight_tensors
 
 
@@ -238,6 +252,7 @@ def run_signature(program: Program) -> str:
     args = [f"const float* {c}" for c, _, _ in program.inputs]
     for c, _, _ in program.outputs:
         args += [f"float* {c}_mean", f"float* {c}_var"]
+    args += [f"float* {c}" for c, _, _ in program.extra_outputs]
     args.append("void* arena")
     return f"int {program.name}_run({', '.join(args)})"
 
@@ -254,6 +269,9 @@ def render_header(program: Program, summary: str, definitions: str = "", arena_n
         shape_defs.append(f"/* output {index} '{c_comment(onnx_name)}': shape {list(shape)}, predictive mean and variance */")
         shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
         shape_defs.append(f"#define {upper}_OUTPUT{index}_SIZE {upper}_{c_name.upper()}_SIZE")
+    for c_name, kind, shape in program.extra_outputs:
+        shape_defs.append(f"/* {c_name}: shape {list(shape)}, {PREDICTIVE_DOCS[kind]} */")
+        shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
     return f"""/* {name}.h: generated by pfpc. {summary} No malloc, no file I/O, no TVM runtime. */
 #ifndef {upper}_H
 #define {upper}_H
@@ -264,6 +282,7 @@ extern "C" {{
 
 #define {upper}_NUM_INPUTS {len(program.inputs)}
 #define {upper}_NUM_OUTPUTS {len(program.outputs)}
+#define {upper}_NUM_EXTRA_OUTPUTS {len(program.extra_outputs)}
 {chr(10).join(shape_defs)}
 {definitions}
 /* Bytes of scratch memory one run needs (16-byte aligned). Pass an arena of this size to
@@ -271,7 +290,8 @@ extern "C" {{
  * leave it out). Lower bound for this schedule: {program.arena_lower_bound} bytes.{arena_note} */
 #define {upper}_ARENA_SIZE {max(program.arena_size, 16)}
 
-/* Returns 0. Inputs are read-only; outputs must not overlap the arena or each other. */
+/* Returns 0. Inputs are read-only; outputs must not overlap the arena or each other.
+ * Per output: its predictive mean and variance{", then the predictive outputs chosen at compile time (above)" if program.extra_outputs else ""}. */
 {run_signature(program)};
 
 #ifdef __cplusplus
@@ -378,13 +398,14 @@ def _runner(program: Program) -> str:
     decl += "\n" + "\n".join(
         f"  static float {c}_mean[{upper}_{c.upper()}_SIZE], {c}_var[{upper}_{c.upper()}_SIZE];" for c, _, _ in program.outputs
     )
-    call_args = [f"in_{c}" for c, _, _ in program.inputs] + [a for c, _, _ in program.outputs for a in (f"{c}_mean", f"{c}_var")] + ["NULL"]
-    writes = "\n".join(
-        f"    fwrite({c}_mean, sizeof(float), {upper}_{c.upper()}_SIZE, out);\n    fwrite({c}_var, sizeof(float), {upper}_{c.upper()}_SIZE, out);"
-        for c, _, _ in program.outputs
-    )
+    extras = [c for c, _, _ in program.extra_outputs]
+    decl += "".join(f"\n  static float {c}[{upper}_{c.upper()}_SIZE];" for c in extras)
+    call_args = [f"in_{c}" for c, _, _ in program.inputs] + [a for c, _, _ in program.outputs for a in (f"{c}_mean", f"{c}_var")] + extras + ["NULL"]
+    written = [a for c, _, _ in program.outputs for a in ((f"{c}_mean", c), (f"{c}_var", c))] + [(c, c) for c in extras]
+    writes = "\n".join(f"    fwrite({buffer}, sizeof(float), {upper}_{size.upper()}_SIZE, out);" for buffer, size in written)
     return f"""/* {name}_main.c: the runner used by `pfpc run`, not part of the library.
- * Reads batches of raw float32 inputs from argv[1] and writes raw means and variances to argv[2].
+ * Reads batches of raw float32 inputs from argv[1] and writes raw means and variances (then the
+ * predictive outputs, if any) to argv[2].
  * Built with -DPFPC_CYCLES (the QEMU program for Cortex-M), it prints the cycles of every run. */
 #include <stdio.h>
 
@@ -532,6 +553,7 @@ def write(program: Program, out_dir: str) -> None:
         "target": program.target.name,
         "inputs": [[onnx_name, list(shape)] for _, onnx_name, shape in program.inputs],
         "outputs": [[onnx_name, list(shape)] for _, onnx_name, shape in program.outputs],
+        "extra_outputs": [[kind, list(shape)] for _, kind, shape in program.extra_outputs],
         "arena_bytes": program.arena_size,
         "arena_lower_bound_bytes": program.arena_lower_bound,
         "weights_bytes": sum(4 * values.size for values, _ in program.weights.values()),

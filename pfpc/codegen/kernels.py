@@ -34,11 +34,17 @@ class CKernel:
 def generate_c_kernels(prim_funcs: dict, accumulate: str = "scalar") -> dict[str, CKernel]:
     """Schedule ``{name: PrimFunc}`` for the target (`schedule_kernel`), compile them with TVM's C
     backend and extract each loop nest."""
-    mod = tvm.IRModule({name: schedule_kernel(func, accumulate).with_attr("global_symbol", name) for name, func in prim_funcs.items()})
+    mod = tvm.IRModule({name: scheduled(func, accumulate).with_attr("global_symbol", name) for name, func in prim_funcs.items()})
     with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
         executable = tvm.compile(mod, target="c")
     source = executable.mod.inspect_source()
     return {name: _extract(source, name) for name in prim_funcs}
+
+
+def scheduled(func, accumulate):
+    """Gaussian kernels (`ops.kernel.build_kernel`) arrive as algorithms and are scheduled here;
+    others (the predictive outputs) come scheduled."""
+    return schedule_kernel(func, accumulate) if func.attrs is not None and "pfp.kernel" in func.attrs else func
 
 
 def _extract(source: str, name: str) -> CKernel:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from ..ir import GaussianValue, KernelEmitter, kernel_label, operand_names, call_op_name, func_attrs, kernel_of, main_bindings, to_tensor_map, with_attrs
+from ..ir import GaussianValue, KernelEmitter, kernel_label, operand_names, call_op_name, func_attrs, kernel_of, main_bindings, output_fields, to_tensor_map, with_attrs
 from ..ops.kernel import KernelSpec
 
 
@@ -70,18 +70,10 @@ class KernelRewriter:
                         seen = users.setdefault(source[arg], [])
                         if not any(u.var.same_as(binding.var) for u in seen if not isinstance(u, str)):
                             seen.append(binding)
-        for out in self._output_fields():
+        for out in output_fields(self.func):
             if out in source and "output" not in users.setdefault(source[out], []):
                 users[source[out]].append("output")
         return users
-
-    def _output_fields(self):
-        """The fields of the tuple ``main`` returns: (mean, moment) per output, as substituted."""
-        body = self.func.body.body
-        for binding in main_bindings(self.func):
-            if isinstance(binding.value, relax.Tuple) and binding.var.same_as(body):
-                return list(binding.value.fields)
-        return list(body.fields)
 
     # --- the walk ------------------------------------------------------------------------------
     def _operands(self, spec, args):
@@ -143,7 +135,7 @@ class KernelRewriter:
 
     def _output(self):
         fields, reprs = [], []
-        outputs = self._output_fields()
+        outputs = output_fields(self.func)
         for repr_ in [str(r) for r in self.func.attrs["pfp.outputs"]]:
             mean = outputs.pop(0)
             if repr_ != "none":

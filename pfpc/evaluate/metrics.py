@@ -1,0 +1,163 @@
+"""Metrics of predictive distributions over K classes, and the predictive summaries they need.
+
+Probabilities are [N, K] rows that sum to one; entropies are in nats. scikit-learn computes
+NLL (``log_loss``), the multi-class Brier score (``brier_score_loss``: mean over examples of
+sum_k (p_k - y_k)^2) and AUROC (``roc_auc_score``); ECE has no scikit-learn function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ECE_BINS = 15
+
+
+def _rows(probs) -> np.ndarray:
+    probs = np.asarray(probs, np.float64)
+    return probs / probs.sum(axis=1, keepdims=True)  # float32 rows sum to 1 only within ~1e-7
+
+
+def accuracy(probs, labels) -> float:
+    return float(np.mean(np.argmax(probs, axis=1) == np.asarray(labels)))
+
+
+def nll(probs, labels) -> float:
+    """Mean negative log-likelihood of the labels (natural log)."""
+    from sklearn.metrics import log_loss
+
+    probs = _rows(probs)
+    return float(log_loss(labels, probs, labels=np.arange(probs.shape[1])))
+
+
+def brier(probs, labels) -> float:
+    """Multi-class Brier score: mean over examples of sum_k (p_k - [y = k])^2, in [0, 2]."""
+    from sklearn.metrics import brier_score_loss
+
+    probs = _rows(probs)
+    return float(brier_score_loss(labels, probs, labels=np.arange(probs.shape[1])))
+
+
+def ece(probs, labels, bins: int = ECE_BINS) -> float:
+    """Expected calibration error with ``bins`` equal-width confidence bins (Guo et al. 2017):
+    sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|, confidence = max_k p_k, bin b
+    holding confidences in ((b - 1) / bins, b / bins] (the first bin also holds 0)."""
+    _, acc, conf, count = reliability(probs, labels, bins)
+    filled = count > 0
+    return float(np.sum(count[filled] * np.abs(acc[filled] - conf[filled])) / np.sum(count))
+
+
+def reliability(probs, labels, bins: int = ECE_BINS):
+    """Per bin (as in `ece`): (bin centres, accuracy, mean confidence, count); NaN for empty bins."""
+    probs = np.asarray(probs, np.float64)
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.bincount(index, weights=correct, minlength=bins) / count
+        conf = np.bincount(index, weights=confidence, minlength=bins) / count
+    return (np.arange(bins) + 0.5) / bins, acc, conf, count
+
+
+def entropy(probs) -> np.ndarray:
+    """H[p] = -sum_k p_k log p_k per row (0 log 0 = 0)."""
+    probs = np.asarray(probs, np.float64)
+    return -np.sum(np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
+
+
+def auroc(scores_in, scores_out) -> float:
+    """Area under the ROC curve separating out-of-distribution (positive) from in-distribution
+    inputs by ``score`` (higher = more likely OOD); 0.5 is chance."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = np.concatenate([np.asarray(scores_in, np.float64), np.asarray(scores_out, np.float64)])
+    truth = np.concatenate([np.zeros(len(scores_in)), np.ones(len(scores_out))])
+    return float(roc_auc_score(truth, scores))
+
+
+def softmax(logits, axis=-1) -> np.ndarray:
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=axis, keepdims=True)
+
+
+def probit_probs(mean, var) -> np.ndarray:
+    """Probit approximation of E[softmax(l)] for l ~ N(mean, diag(var)):
+    softmax(mean / sqrt(1 + pi var / 8))."""
+    return softmax(np.asarray(mean, np.float64) / np.sqrt(1.0 + np.pi / 8.0 * np.asarray(var, np.float64)))
+
+
+@dataclass
+class Prediction:
+    """What a predictor says about N inputs. ``expected_entropy`` E_w H[p(y|x,w)],
+    ``mutual_information`` H[p] - E_w H[p(y|x,w)] and ``logit_var`` (mean over classes of the
+    logits' variance) are None for a predictor without weight uncertainty. ``gaussian_probs``:
+    mean softmax over draws of independent Gaussian logits with the predictor's logit means and
+    variances (a diagnostic: it separates the Gaussian-logit assumption and the probit
+    approximation from errors in the moments)."""
+
+    probs: np.ndarray
+    entropy: np.ndarray
+    expected_entropy: np.ndarray | None = None
+    mutual_information: np.ndarray | None = None
+    logit_var: np.ndarray | None = None
+    gaussian_probs: np.ndarray | None = None
+
+    def score(self, name):
+        return {"entropy": self.entropy, "mutual_information": self.mutual_information, "logit_var": self.logit_var}[name]
+
+    def subset(self, rows):
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return Prediction(self.probs[rows], self.entropy[rows], pick(self.expected_entropy), pick(self.mutual_information),
+                          pick(self.logit_var), pick(self.gaussian_probs))
+
+
+def from_logits(logits) -> Prediction:
+    """A deterministic network: p = softmax(logits)."""
+    probs = softmax(logits)
+    return Prediction(probs, entropy(probs))
+
+
+def gaussian_logits(mean, var, samples: int = 1000, seed: int = 0, chunk: int = 256):
+    """Draws l_s ~ N(mean, diag(var)) per row: (mean_s softmax(l_s), mean_s H[softmax(l_s)])."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    rng = np.random.default_rng(seed)
+    probs, expected = np.empty(mean.shape), np.empty(len(mean))
+    std = np.sqrt(np.maximum(var, 0.0))
+    for start in range(0, len(mean), chunk):
+        rows = slice(start, start + chunk)
+        per_sample = softmax(mean[rows] + std[rows] * rng.standard_normal((samples,) + mean[rows].shape))
+        probs[rows] = per_sample.mean(axis=0)
+        expected[rows] = entropy(per_sample).mean(axis=0)
+    return probs, expected
+
+
+def from_logit_samples(samples, gaussian_samples: int = 1000, seed: int = 0) -> Prediction:
+    """Monte Carlo over S weight samples, ``samples`` [S, N, K]: p = mean_s softmax(l_s),
+    expected entropy mean_s H[softmax(l_s)], MI = H[p] - expected entropy, logit variance the
+    unbiased sample variance averaged over classes; ``gaussian_probs`` from the logits' sample
+    means and variances (`gaussian_logits`)."""
+    samples = np.asarray(samples, np.float64)
+    per_sample = softmax(samples)
+    probs = per_sample.mean(axis=0)
+    predictive = entropy(probs)
+    expected = entropy(per_sample).mean(axis=0)
+    var = samples.var(axis=0, ddof=1)
+    gaussian, _ = gaussian_logits(samples.mean(axis=0), var, gaussian_samples, seed)
+    return Prediction(probs, predictive, expected, np.maximum(predictive - expected, 0.0), var.mean(axis=-1), gaussian)
+
+
+def from_logit_moments(mean, var, samples: int = 1000, seed: int = 0, probs=None) -> Prediction:
+    """The PFP's Gaussian logits N(mean, diag(var)): p by the probit approximation (`probit_probs`,
+    or ``probs`` as the generated C computed them), predictive entropy H[p]; expected entropy and
+    MI from ``samples`` draws of the logits' Gaussian (`gaussian_logits`, cheap, on the host):
+    MI = H[mean_s softmax(l_s)] - mean_s H[softmax(l_s)] (both terms from the same draws, so
+    MI >= 0); logit variance = mean over classes of var."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    probs = probit_probs(mean, var) if probs is None else _rows(probs)
+    gaussian, expected = gaussian_logits(mean, var, samples, seed)
+    mutual_information = np.maximum(entropy(gaussian) - expected, 0.0)
+    return Prediction(probs, entropy(probs), expected, mutual_information, var.mean(axis=-1), gaussian)

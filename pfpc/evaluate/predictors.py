@@ -1,0 +1,70 @@
+"""The three predictors compared by ``pfpc evaluate``, each giving logits for inputs x [N, ...]:
+
+- deterministic: the posterior-mean network in onnxruntime;
+- SVI: S weight samples w ~ q(w) drawn in NumPy (`pfpc.verify.sampled_outputs`), one
+  onnxruntime run each;
+- PFP: the C that `pfpc.compile` generates, built and run on the host (`pfpc.compiler.run_host`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from ..errors import PfpcError
+from ..verify import sampled_outputs, sampling_session
+
+
+def check_classifier(model, path) -> int:
+    """The number of classes K of a model with one input and one [N, K] output."""
+    from ..frontends.onnx_model import graph_inputs, output_shapes
+
+    outputs = list(output_shapes(model).items())
+    if len(graph_inputs(model)) != 1 or len(outputs) != 1 or len(outputs[0][1]) != 2:
+        raise PfpcError(f"{path}: evaluation needs a classifier with one input and one [N, classes] output, got outputs {outputs}")
+    return int(outputs[0][1][1])
+
+
+def shape_inputs(model, x, path) -> np.ndarray:
+    """``x`` [N, 64] reshaped to the model's input shape [N, ...] (e.g. [N, 1, 8, 8])."""
+    from ..frontends.onnx_model import input_shapes
+
+    (name, shape), = input_shapes(model).items()
+    per_example = int(np.prod(shape[1:]))
+    if per_example != x.shape[1]:
+        raise PfpcError(f"{path}: input '{name}' takes {per_example} values per example, the images have {x.shape[1]}")
+    return np.ascontiguousarray(x.reshape([len(x)] + list(shape[1:])), np.float32)
+
+
+def deterministic_logits(model, posterior, x) -> np.ndarray:
+    """The mean network: every stochastic weight at its posterior mean."""
+    session, stochastic = sampling_session(model, posterior)
+    feed = {session.get_inputs()[0].name: x}
+    feed.update({name: posterior.means[name] for name in stochastic})
+    return session.run(None, feed)[0]
+
+
+def svi_logits(model, posterior, x, samples: int, seed: int = 0, progress: bool = True) -> np.ndarray:
+    """[S, N, K] logits, one weight sample per row of S."""
+    from tqdm import tqdm
+
+    from ..frontends.onnx_model import graph_inputs
+
+    stream = sampled_outputs(model, posterior, {graph_inputs(model)[0].name: x}, samples, seed)
+    next(stream)
+    return np.stack([values[0] for values in tqdm(stream, total=samples, desc="SVI samples", disable=not progress, leave=False)])
+
+
+def pfp_outputs(model_path, posterior, x, work_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compile the PFP (batch 1) with the probit probabilities as an extra output, build it for
+    the host and run it on every row of ``x``: (logits mean, logits var, probabilities)."""
+    from ..compiler import compile as compile_model
+    from ..compiler import run_host
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(work_dir or tmp, "pfp")
+        compile_model(model_path, posterior, out_dir=out, batch=1, force=True, outputs=("probs",))
+        ((mean, var),), extras = run_host(out, [x], extras=True)
+    return mean, var, extras["probs"]

@@ -1,0 +1,65 @@
+"""Append the predictive outputs firmware acts on after the logits (chosen at compile time).
+
+    return (logits_mean, logits_var)
+        ->  probs   = R.call_tir(logits_probs, (logits_mean, logits_var), [N, K])
+            entropy = R.call_tir(logits_entropy, (logits_mean, logits_var), [N])
+            ood     = R.call_tir(logits_ood, (logits_mean, logits_var), [N])
+            return (logits_mean, logits_var, probs, entropy, ood)
+
+for the requested subset of ``probs``, ``entropy``, ``ood`` (formulas: `pfpc.ops.predictive`),
+always in that order. The model must have one [N, K] output; deterministic logits (no
+variance) give softmax probabilities and a zero OOD score. The chosen outputs are recorded in
+the function attribute ``pfp.extra_outputs``; code generation gives each its own output buffer.
+Runs last: the kernel-rewriting passes know only the Gaussian outputs.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ..errors import PfpcError
+from ..ir import MainRewriter, func_attrs, output_fields, shape_of
+from ..ops.predictive import PREDICTIVE_OUTPUTS, build_predictive_kernel
+
+
+def check_outputs(outputs) -> tuple:
+    """The requested outputs in canonical order; one-line error for an unknown name."""
+    unknown = [name for name in outputs if name not in PREDICTIVE_OUTPUTS]
+    if unknown:
+        raise PfpcError(f"--outputs: unknown output(s) {', '.join(unknown)} (choose from {', '.join(PREDICTIVE_OUTPUTS)})")
+    return tuple(name for name in PREDICTIVE_OUTPUTS if name in outputs)
+
+
+class _Append(MainRewriter):
+    def __init__(self, mod, outputs):
+        super().__init__(mod)
+        self.outputs = outputs
+
+    def output(self, body):
+        fields = [self.remap(field) for field in output_fields(self.func)]
+        mean, shape = fields[0], shape_of(fields[0])
+        args = [mean] + ([fields[1]] if str(self.func.attrs["pfp.outputs"][0]) != "none" else [])
+        extras = []
+        for name in self.outputs:
+            kernel = self.kernels.unique(f"logits_{name}")
+            prim = build_predictive_kernel(name, shape, len(args) == 2, kernel)
+            gvar = self.bb.add_func(prim, kernel)
+            out_shape = shape if name == "probs" else shape[:1]
+            extras.append(self.bb.emit(relax.call_tir(gvar, relax.Tuple(args), relax.TensorType(out_shape, "float32")), name))
+        return relax.Tuple(fields + extras)
+
+
+@tvm.transform.module_pass(opt_level=0, name="pfpc.AppendPredictiveOutputs")
+class AppendPredictiveOutputs:
+    def __init__(self, outputs=PREDICTIVE_OUTPUTS):
+        self.outputs = check_outputs(outputs)
+
+    def transform_module(self, mod, ctx):
+        func = mod["main"]
+        if not self.outputs:
+            return mod
+        count, shape = len(func.attrs["pfp.outputs"]), shape_of(output_fields(func)[0])
+        if count != 1 or len(shape) != 2:
+            raise PfpcError(f"--outputs {','.join(self.outputs)} needs a model with one [N, classes] output; it has {count} output(s), the first of shape {shape}")
+        return _Append(mod, self.outputs).run(list(func.params), func_attrs(func, pfp__extra_outputs=list(self.outputs)))
