@@ -213,3 +213,17 @@ def test_unknown_target_is_a_one_line_error(tmp_path, capsys):
     code = main([_example("mlp")[0], "--batch", "1", "--target", "z80", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "unknown target 'z80'" in err and "cortex-m4" in err and not (tmp_path / "o").exists()
+
+
+def test_report_counts_gaussian_ops_only_with_a_posterior():
+    """ReLU moments and Clark maxima are counted where the kernel propagates a variance: the
+    deterministic network has the same MACs and none of them."""
+    from pfpc.codegen.footprint import layer_costs
+
+    pfp = layer_costs(pfpc.compile(*_example("lenet"), batch=1).program)
+    det = layer_costs(pfpc.compile(_example("lenet")[0], None, batch=1).program)
+    assert [layer["macs"] for layer in pfp] == [layer["macs"] for layer in det]
+    assert all(not layer["gaussian_ops"] for layer in det)
+    # LeNet: ReLU after conv1 (6x8x8), conv2 (16x4x4), fc1 (32); 3 Clark steps per 2x2 window of both pools
+    assert sum(layer["gaussian_ops"].get("relu", 0) for layer in pfp) == 6 * 64 + 16 * 16 + 32
+    assert sum(layer["gaussian_ops"].get("max", 0) for layer in pfp) == 3 * (6 * 16 + 16 * 4)
