@@ -258,7 +258,7 @@ def markdown(results: dict, samples=(10, 30, 100)) -> str:
             top = max(samples)
 
             def cell(key, row=row):
-                return f"{row[key]:,.1f}" if key in row else "n/a"
+                return "n/a" if key not in row else f"{row[key]:,.2f}" if row[key] < 100 else f"{row[key]:,.0f}"
 
             def ratio(key, row=row):
                 return f"{row[key] / row['pfp']:,.0f}x" if key in row else "n/a"
