@@ -125,6 +125,20 @@ def fit(points: np.ndarray, options: Options) -> tuple[np.ndarray, np.ndarray]:
     return merge(centres, labels, options.merge_w2)
 
 
+def compress_posterior(model, posterior, options: Options) -> tuple[SharedPosterior, list]:
+    """Compress a bound `Posterior` of ``model`` (ONNX); mean overrides of the tensors left as
+    they are are kept (``<name>.mean``)."""
+    from onnx import numpy_helper
+
+    stds = {name: np.sqrt(var.astype(np.float64)).astype(np.float32) for name, var in posterior.variances.items()}
+    shared, rows = compress(posterior.means, stds, options)
+    for init in model.graph.initializer:
+        name = init.name
+        if name in posterior.means and name not in shared.tensors and not np.array_equal(posterior.means[name], numpy_helper.to_array(init)):
+            shared.rest[f"{name}.mean"] = posterior.means[name]
+    return shared, rows
+
+
 def compress(means: dict, stds: dict, options: Options) -> tuple[SharedPosterior, list]:
     """Compress ``stds`` (initializer -> posterior std; ``means``: initializer -> mean).
 
