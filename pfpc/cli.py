@@ -326,6 +326,8 @@ def _compress_parser():
                         help="fraction of weights (largest W2 to their component) kept individually (default 0)")
     parser.add_argument("--gmm", action="store_true", help="cluster with a Gaussian mixture instead of k-means")
     parser.add_argument("--merge-w2", type=float, default=0.0, metavar="T", help="merge components closer than T (W2) by moment matching")
+    parser.add_argument("--precision-weighted", action="store_true",
+                        help="k-means weights every point by its precision 1/sigma^2: well-determined weights are kept more exactly")
     parser.add_argument("--min-size", type=int, default=64, help="leave initializers with fewer weights as they are (default 64)")
     parser.add_argument("--target", default="host", help="target whose compiled weight flash is reported (default host)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip the end-to-end comparison on the dirty-digits suite")
@@ -343,12 +345,13 @@ def _compress(args) -> int:
     from .frontends.onnx_model import load_model
     from .frontends.posterior import bind_posterior, load_posterior
     from .frontends.shared_posterior import to_arrays
+    import importlib.util
 
-    from .evaluate import require_extras
-
-    require_extras(plots=False)
+    if importlib.util.find_spec("sklearn") is None:
+        raise PfpcError("pfpc compress needs scikit-learn: pip install 'pfpc[eval]'")
     options = Options(args.components if args.components is not None or args.max_w2 is not None else 16, args.max_w2,
-                      args.per_layer, args.outliers, args.gmm, args.merge_w2, args.min_size)
+                      args.per_layer, args.outliers, args.gmm, args.merge_w2, args.min_size,
+                      args.precision_weighted)
     model = load_model(args.model, 1)
     full = load_posterior(model, args.posterior)
     shared, layers = compress_posterior(model, full, options)

@@ -14,6 +14,11 @@ component. Steps, per initializer (``per_layer``) or over all of them at once (`
 3. outliers: the ``outliers`` fraction of weights with the largest W2 distance to their component
    keeps its own (mu, sigma) as an exception.
 
+``precision_weighted`` gives k-means a weight 1/sigma^2 per point: the distortion of a weight
+counts relative to its posterior uncertainty, so the few well-determined weights (small sigma),
+which decide the predictions, are placed more exactly than the many near the prior. On the LeNet
+example this is what keeps accuracy and calibration with 15 components (README).
+
 Initializers smaller than ``min_size`` weights, and deterministic ones, are left as they are.
 """
 
@@ -39,6 +44,7 @@ class Options:
     gmm: bool = False
     merge_w2: float = 0.0
     min_size: int = 64
+    precision_weighted: bool = False
 
 
 def w2(mu_a, sigma_a, mu_b, sigma_b):
@@ -57,10 +63,13 @@ def check_options(options: Options) -> None:
         raise PfpcError(f"--outliers must be a fraction in [0, 1), not {options.outliers}")
     if options.merge_w2 < 0:
         raise PfpcError(f"--merge-w2 must be >= 0, not {options.merge_w2}")
+    if options.gmm and options.precision_weighted:
+        raise PfpcError("--precision-weighted applies to k-means; scikit-learn's Gaussian mixture takes no sample weights")
 
 
-def cluster(points: np.ndarray, count: int, gmm: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(centres [K, 2], label per point); K <= count (never more than the distinct points)."""
+def cluster(points: np.ndarray, count: int, gmm: bool = False, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """(centres [K, 2], label per point); K <= count (never more than the distinct points).
+    ``weights``: per point, for k-means (the centres become weighted means)."""
     distinct = np.unique(points, axis=0).shape[0]
     count = max(1, min(count, distinct))
     if gmm:
@@ -72,7 +81,7 @@ def cluster(points: np.ndarray, count: int, gmm: bool = False) -> tuple[np.ndarr
     else:
         from sklearn.cluster import KMeans
 
-        model = KMeans(n_clusters=count, n_init=4, random_state=SEED).fit(points)
+        model = KMeans(n_clusters=count, n_init=4, random_state=SEED).fit(points, sample_weight=weights)
         labels, centres = model.labels_, model.cluster_centers_
     used, labels = np.unique(labels, return_inverse=True)  # drop empty components
     return np.asarray(centres, np.float64)[used], labels.reshape(-1)
@@ -106,18 +115,19 @@ def rms_w2(points, centres, labels) -> float:
 
 def fit(points: np.ndarray, options: Options) -> tuple[np.ndarray, np.ndarray]:
     """Components and labels for ``points`` [N, 2]: a fixed count, or the smallest meeting ``max_w2``."""
+    weights = 1.0 / np.maximum(points[:, 1], 1e-3) ** 2 if options.precision_weighted else None
     if options.components is not None:
-        centres, labels = cluster(points, options.components, options.gmm)
+        centres, labels = cluster(points, options.components, options.gmm, weights)
     else:
         low, high = 1, 1
         while True:  # doubling, then bisection on the component count
-            centres, labels = cluster(points, high, options.gmm)
+            centres, labels = cluster(points, high, options.gmm, weights)
             if rms_w2(points, centres, labels) <= options.max_w2 or len(centres) < high or high >= MAX_COMPONENTS:
                 break
             low, high = high + 1, min(2 * high, MAX_COMPONENTS)
         while low < high:
             middle = (low + high) // 2
-            trial = cluster(points, middle, options.gmm)
+            trial = cluster(points, middle, options.gmm, weights)
             if rms_w2(points, *trial) <= options.max_w2:
                 high, (centres, labels) = middle, trial
             else:

@@ -314,3 +314,31 @@ def test_shared_model_on_cortex_m4_matches_host(tmp_path):
     (host_mean, host_var), = compiler.run(out, [x]).outputs
     assert_close(device_mean, host_mean, 1e-5, "mean")
     assert_close(device_var, host_var, 1e-5, "var")
+
+
+def test_precision_weighted_centre():
+    """One component: k-means with weights 1/sigma^2 puts it at the precision-weighted mean point."""
+    from pfpc.compress import Options, compress
+
+    rng = np.random.default_rng(8)
+    means = {"w": rng.normal(0, 1, 100).astype(np.float32)}
+    stds = {"w": rng.uniform(0.1, 1, 100).astype(np.float32)}
+    shared, _ = compress(means, stds, Options(components=1, precision_weighted=True))
+    weights = 1.0 / stds["w"].astype(np.float64) ** 2
+    tensor = shared.tensors["w"]
+    assert tensor.component_mean[0] == pytest.approx(np.sum(weights * means["w"]) / weights.sum(), rel=1e-5)
+    assert tensor.component_std[0] == pytest.approx(np.sum(weights * stds["w"]) / weights.sum(), rel=1e-5)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--components", "0"], "--components must be in [1, 65536]"),
+    (["--outliers", "1.5"], "--outliers must be a fraction"),
+    (["--gmm", "--precision-weighted"], "--precision-weighted applies to k-means"),
+    (["--min-size", "100000"], "no stochastic initializer has at least 100000 weights"),
+])
+def test_compress_option_errors(tmp_path, capsys, args, expected):
+    out = tmp_path / "shared.npz"
+    code = main(["compress", LENET, "--posterior", LENET_POST, "-o", str(out), "--no-evaluate", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not out.exists()
