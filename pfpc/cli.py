@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import PfpcError
 
-COMMANDS = ("run", "verify", "report", "bench", "evaluate")
+COMMANDS = ("run", "verify", "report", "bench", "evaluate", "compress")
 
 
 def _compile_parser():
@@ -143,14 +143,14 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "compile"
     parsers = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser, "report": _report_parser,
-               "bench": _bench_parser, "evaluate": _evaluate_parser}
+               "bench": _bench_parser, "evaluate": _evaluate_parser, "compress": _compress_parser}
     args = parsers[command]().parse_args(
         argv[1:] if command != "compile" else argv
     )
     args.argv = argv
     try:
         return {"compile": _compile, "run": _run, "verify": _verify, "report": _report, "bench": _bench,
-                "evaluate": _evaluate}[command](args)
+                "evaluate": _evaluate, "compress": _compress}[command](args)
     except PfpcError as err:
         if args.debug:
             raise
@@ -307,6 +307,68 @@ def _evaluate(args) -> int:
     print(metric_tables(evaluation))
     if args.report:
         print(f"\npfpc: wrote {write_report(evaluation, args.report, 'pfpc ' + shlex.join(args.argv))}")
+    return 0
+
+
+def _compress_parser():
+    parser = argparse.ArgumentParser(prog="pfpc compress", description="Compress a Gaussian posterior into a shared posterior "
+                                     "(codebooks of 2-D Gaussian components, stochastic weight sharing) and report what it costs.")
+    parser.add_argument("model")
+    parser.add_argument("--posterior", required=True, help="the full posterior .npz")
+    parser.add_argument("-o", "--output", required=True, help="shared posterior .npz to write")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--components", type=int, help="components per codebook (default 16)")
+    size.add_argument("--max-w2", type=float, metavar="EPS", help="instead: the fewest components whose RMS W2 distortion is at most EPS")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--per-layer", dest="per_layer", action="store_true", default=True, help="one codebook per initializer (default)")
+    scope.add_argument("--global", dest="per_layer", action="store_false", help="one codebook for all initializers")
+    parser.add_argument("--outliers", type=float, default=0.0, metavar="FRACTION",
+                        help="fraction of weights (largest W2 to their component) kept individually (default 0)")
+    parser.add_argument("--gmm", action="store_true", help="cluster with a Gaussian mixture instead of k-means")
+    parser.add_argument("--merge-w2", type=float, default=0.0, metavar="T", help="merge components closer than T (W2) by moment matching")
+    parser.add_argument("--precision-weighted", action="store_true",
+                        help="k-means weights every point by its precision 1/sigma^2: well-determined weights are kept more exactly")
+    parser.add_argument("--min-size", type=int, default=64, help="leave initializers with fewer weights as they are (default 64)")
+    parser.add_argument("--target", default="host", help="target whose compiled weight flash is reported (default host)")
+    parser.add_argument("--no-evaluate", action="store_true", help="skip the end-to-end comparison on the dirty-digits suite")
+    parser.add_argument("--report", metavar="FILE", help="also write the report (Markdown) to FILE")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _compress(args) -> int:
+    import tempfile
+
+    from .compiler import compile as compile_model
+    from .compress import Options, compress_posterior
+    from .evaluate.compression import compare, format_report
+    from .frontends.onnx_model import load_model
+    from .frontends.posterior import bind_posterior, load_posterior
+    from .frontends.shared_posterior import to_arrays
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None:
+        raise PfpcError("pfpc compress needs scikit-learn: pip install 'pfpc[eval]'")
+    options = Options(args.components if args.components is not None or args.max_w2 is not None else 16, args.max_w2,
+                      args.per_layer, args.outliers, args.gmm, args.merge_w2, args.min_size,
+                      args.precision_weighted)
+    model = load_model(args.model, 1)
+    full = load_posterior(model, args.posterior)
+    shared, layers = compress_posterior(model, full, options)
+    arrays = to_arrays(shared)
+    shared_post = bind_posterior(model, arrays, args.output)
+    flash = {name: compile_model(args.model, post, target=args.target, batch=1, measure=True).footprint["weights_bytes"]
+             for name, post in (("full", full), ("shared", shared_post))}
+    effect = None if args.no_evaluate else compare(args.model, full, shared_post)
+    text = format_report(layers, effect, flash)
+    directory = os.path.dirname(os.path.abspath(args.output))
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".npz", delete=False) as handle:
+        np.savez(handle, **arrays)
+    os.replace(handle.name, args.output)
+    if args.report:
+        with open(args.report, "w") as out:
+            out.write(f"# pfpc compress {os.path.basename(args.model)}\n\n`pfpc {' '.join(args.argv)}`\n\n{text}")
+    print(f"pfpc: wrote {args.output}\n\n{text}")
     return 0
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from tvm import relax
 
-from .codegen import emit_c, emit_svi, footprint
+from .codegen import emit_c, emit_svi, footprint, shared_weights
 from .codegen.targets import get_target
 from .errors import PfpcError, reraise_from_tvm
 from .frontends.onnx_model import input_shapes, load_model, output_shapes
@@ -111,6 +111,8 @@ def compile(  # noqa: A001 - the public name users expect
         program = emit_svi.lower_to_program(mod, weights, io, name, samples, seed, target_info)
     else:
         program = emit_c.lower_to_program(mod, weights, io, name, target_info)
+        if post.shared is not None:
+            program.shared = shared_weights.encode(program, set(post.shared.tensors))
     result = CompiledModel(mod, program, out_dir, io)
     if measure or ram_limit is not None or flash_limit is not None:
         def measure_and_check(directory):

@@ -101,6 +101,7 @@ class Program:
     namer: object = None  # the C identifiers taken so far
     sampling: object = None  # emit_svi.Sampling: the program runs once per weight sample (mode svi)
     output_softmax: list = field(default_factory=list)  # a softmax dropped at an output (see substitute_layers)
+    shared: object = None  # shared_weights.SharedWeights: weights stored as codebooks (a shared posterior)
 
 
 def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model", target=None) -> Program:
@@ -165,7 +166,7 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
         tensor = Tensor(namer(param.name, prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight")
         env[param] = tensor
         weight_tensors[param.name] = tensor
-        program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), onnx_names.get(param.name.rsplit(".", 1)[0], param.name))
+        program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), onnx_names.get(param.name, onnx_names.get(param.name.rsplit(".", 1)[0], param.name)))
     prim_funcs = {}
     for binding in main_bindings(func):
         value, op = binding.value, call_op_name(binding.value)
@@ -315,6 +316,8 @@ def render_weights(program: Program, extra_arrays=()) -> str:
         weight_lines.append(render_const_array(c_name, values, f"from initializer '{c_comment(onnx_name)}'"))
     for c_name, values, comment in extra_arrays:
         weight_lines.append(render_const_array(c_name, values, comment))
+    if program.shared is not None:
+        weight_lines.append(program.shared.c_text())
     weight_lines.append(f"#endif /* {upper}_WEIGHTS_H */\n")
     return "\n".join(weight_lines)
 
@@ -561,6 +564,9 @@ def write(program: Program, out_dir: str) -> None:
         # outputs whose softmax/log-softmax was dropped: they hold the moments of the logits
         "output_softmax": program.output_softmax,
     }
+    if program.shared is not None:
+        meta["shared_posterior"] = program.shared.metadata()
+        meta["weights_bytes"] += meta["shared_posterior"]["shared_bytes"]
     if program.sampling is not None:
         meta.update(program.sampling.metadata())
         meta["weights_bytes"] += sum(8 * w.tensor.size for w in program.sampling.weights)  # mean and std arrays

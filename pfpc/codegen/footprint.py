@@ -81,6 +81,8 @@ def measure(out_dir: str, meta: dict) -> dict:
         "measured_with": None,
         "layers": meta["layers"],
     }
+    if "shared_posterior" in meta:
+        footprint["shared_posterior"] = meta["shared_posterior"]
     if meta.get("mode") == "svi":
         footprint["svi"] = {"samples": meta["samples"], "draws_per_sample": meta["draws_per_sample"]}
     size_tool = f"{target.tool_prefix}size" if target.tool_prefix else "size"
@@ -153,6 +155,12 @@ def format_report(footprint: dict, name: str) -> str:
                  f"(lower bound {number(footprint['arena_lower_bound_bytes'])}) + stack {number(footprint['stack_bytes'])}"
                  f"; the caller's input and output buffers: {footprint['io_bytes']:,} bytes")
     lines.append(f"      measured with {footprint['measured_with']}" if footprint["measured_with"] else f"      {footprint.get('note', '')}")
+    shared = footprint.get("shared_posterior")
+    if shared:
+        full, stored = shared["full_bytes"], shared["shared_bytes"]
+        lines.append(f"      shared posterior: {len(shared['operands'])} weight operands as codebooks, {stored:,} bytes instead of "
+                     f"{full:,} as float arrays ({full - stored:,} bytes of flash saved)"
+                     + "".join(f"; {k['initializer']} kept as floats: {k['reason']}" for k in shared["kept_full"]))
     width = max([len(layer["kernel"]) for layer in footprint["layers"]] + [5])
     svi = footprint.get("svi")  # the deterministic network, run once per sample: no Gaussian arithmetic
     lines.append(f"{'layer':<{width}}  {'output':<14}{'MACs':>10}" + ("" if svi else f"{'PFP FMA':>10}  Gaussian ops"))

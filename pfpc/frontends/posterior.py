@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import PfpcError
+from . import shared_posterior
 
 PARAMETERISATIONS = ("std", "var", "logvar", "rho")
 
@@ -26,6 +27,7 @@ class Posterior:
 
     means: dict
     variances: dict
+    shared: object = None  # the shared_posterior.SharedPosterior this was expanded from, if any
 
     def variance(self, name):
         return self.variances.get(name)
@@ -68,6 +70,9 @@ def read_npz(path) -> dict:
 def bind_posterior(model: onnx.ModelProto, arrays: dict, source: str = "posterior") -> Posterior:
     """Check ``arrays`` against the model's initializers and return the canonical posterior."""
     initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    shared = None
+    if shared_posterior.is_shared(arrays):
+        shared, arrays = shared_posterior.load(arrays, {k: v.shape for k, v in initializers.items()}, source)
     means = {name: value for name, value in initializers.items() if value.dtype == np.float32}
     variances, seen = {}, {}
     for key, values in arrays.items():
@@ -97,7 +102,7 @@ def bind_posterior(model: onnx.ModelProto, arrays: dict, source: str = "posterio
         if not np.all(np.isfinite(variance)) or np.any(variance > np.finfo(np.float32).max):
             raise PfpcError(f"{source}: '{key}' gives variances that overflow float32")
         variances[tensor] = variance.astype(np.float32)
-    return Posterior(means, variances)
+    return Posterior(means, variances, shared)
 
 
 def load_posterior(model: onnx.ModelProto, path) -> Posterior:
