@@ -68,7 +68,7 @@ class ImportResult:
         lines = [f"matched {len(self.matches)} stochastic tensors:"]
         for match in self.matches:
             notes = "".join(f"; {note}" for note in match.notes)
-            lines.append(f"  {match.initializer} {list(match.gaussian.mean.shape)} <- {match.gaussian.source} [{match.how}{notes}]")
+            lines.append(f"  {match.initializer} {list(match.std.shape)} <- {match.gaussian.source} [{match.how}{notes}]")
         if self.unmatched:
             lines.append(f"NOT matched ({len(self.unmatched)}, left out of the posterior):")
             lines += [f"  {g.name} {list(g.mean.shape)} from {g.source}" for g in self.unmatched]
