@@ -33,8 +33,8 @@ from pfpc.frontends.importers import checkpoint  # noqa: E402
 
 SAMPLES = 4000
 #: PFP vs MC on the small CNNs (conv -> ReLU -> flatten -> linear): max |mean error| in MC stds,
-#: median relative variance error.
-CNN_BOUNDS = (0.25, 0.25)
+#: median relative variance error (measured: at most 0.043 and 0.031).
+CNN_BOUNDS = (0.15, 0.15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,6 +56,8 @@ def check_exact(pfp, samples):
     """The PFP is exact here: means and variances within 5 MC standard errors."""
     mean, var = (np.asarray(a, np.float64).reshape(samples.shape[1:]) for a in pfp)
     mc_mean, mc_var, stderr, var_stderr = _moments(samples)
+    print(f"exact: max |mean error| {np.max(np.abs(mean - mc_mean) / stderr):.2f} MC stderr, "
+          f"max |var error| {np.max(np.abs(var - mc_var) / var_stderr):.2f} MC stderr ({len(samples)} samples)")
     assert np.all(np.abs(mean - mc_mean) <= 5 * stderr + 1e-6), np.max(np.abs(mean - mc_mean) / stderr)
     assert np.all(np.abs(var - mc_var) <= 5 * var_stderr + 1e-6), np.max(np.abs(var - mc_var) / var_stderr)
 
@@ -65,6 +67,7 @@ def check_approximate(pfp, samples, bounds=CNN_BOUNDS):
     mc_mean, mc_var, _, _ = _moments(samples)
     mean_err = np.max(np.abs(mean - mc_mean) / np.sqrt(mc_var))
     var_err = np.median(np.abs(var - mc_var) / mc_var)
+    print(f"approximate: max |mean error| {mean_err:.3f} MC std, median relative variance error {var_err:.3f}")
     assert mean_err < bounds[0] and var_err < bounds[1], (mean_err, var_err)
 
 
@@ -102,8 +105,23 @@ def compile_pfp(onnx_model, arrays, x, tmp_path, name="out"):
     return mean, var
 
 
+def spread(parameters, amount=0.5):
+    """Add N(0, amount^2) to the unconstrained spreads (rho, log sigma, Pyro's unconstrained scales):
+    libraries initialise them nearly uniform, and a posterior whose std varies from weight to weight
+    makes a permuted or transposed std visible to the Monte Carlo check."""
+    with torch.no_grad():
+        for _, parameter in parameters:
+            parameter.add_(amount * torch.randn(parameter.shape))
+
+
+def spreads(model):
+    leaves = ("rho", "sigma", "log_sigma")
+    return [(n, p) for n, p in model.named_parameters() if n.rpartition(".")[2].endswith(leaves) and "_sampler." not in n]
+
+
 def train(model, loss_fn, x, y, steps=20, lr=1e-3):
     """A few Adam steps of the library's own objective: the checkpoints are trained, not initial."""
+    spread(spreads(model))
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
         optimiser.zero_grad()
@@ -283,15 +301,8 @@ def _blitz_layers():
 
 def _torchbnn_layers():
     bnn = pytest.importorskip("torchbnn")
-
-    def spread(layer):  # log sigma = log(prior_sigma) everywhere at init: vary it
-        with torch.no_grad():
-            layer.weight_log_sigma.add_(0.2 * torch.randn_like(layer.weight_log_sigma))
-            layer.bias_log_sigma.add_(0.2 * torch.randn_like(layer.bias_log_sigma))
-        return layer
-
-    return (lambda i, o: spread(bnn.BayesLinear(prior_mu=0.0, prior_sigma=0.35, in_features=i, out_features=o)),
-            lambda: spread(bnn.BayesConv2d(prior_mu=0.0, prior_sigma=0.35, in_channels=1, out_channels=3, kernel_size=3, padding=1)),
+    return (lambda i, o: bnn.BayesLinear(prior_mu=0.0, prior_sigma=0.35, in_features=i, out_features=o),
+            lambda: bnn.BayesConv2d(prior_mu=0.0, prior_sigma=0.35, in_channels=1, out_channels=3, kernel_size=3, padding=1),
             ("weight_mu", "bias_mu"))
 
 
@@ -357,7 +368,7 @@ def _means(model, mean_keys):
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_library_posterior_matches_its_own_sampling(tmp_path, library, kind):
     linear, conv, mean_keys = LIBRARIES[library]()
-    torch.manual_seed(3)
+    torch.manual_seed(3 + sorted(LIBRARIES).index(library))
     if kind == "mlp":
         model, plain, (x, y) = LibraryMLP(linear), PlainMLP(), (MLP_X, MLP_Y)
     else:
@@ -432,9 +443,18 @@ def _fit_pyro(guide_class, steps=30):
     model = _pyro_model()
     guide = guide_class(model, init_scale=0.3)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    svi.step(torch.from_numpy(MLP_X), torch.from_numpy(MLP_Y))  # sets the guide up
+    _spread_pyro_scales()
     for _ in range(steps):
         svi.step(torch.from_numpy(MLP_X), torch.from_numpy(MLP_Y))
     return model, guide
+
+
+def _spread_pyro_scales():
+    import pyro
+
+    spread([(n, p) for n, p in pyro.get_param_store().named_parameters() if n.rpartition(".")[2].startswith("scale")
+            or ".scales." in n])
 
 
 def _pyro_samples(model, guide, x, count=2000):
@@ -501,6 +521,8 @@ def test_tyxe_variational_bnn(tmp_path):
                               tyxe.likelihoods.HomoskedasticGaussian(len(MLP_X), scale=0.5),
                               partial(tyxe.guides.AutoNormal, init_scale=0.3))
     data = [(torch.from_numpy(MLP_X), torch.from_numpy(MLP_Y))]
+    bnn.fit(data, pyro.optim.Adam({"lr": 1e-3}), 1)  # sets the guide up
+    _spread_pyro_scales()
     bnn.fit(data, pyro.optim.Adam({"lr": 1e-3}), 30)
     store = str(tmp_path / "params.pt")
     pyro.get_param_store().save(store)
