@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import PfpcError
 
-COMMANDS = ("run", "verify", "report", "bench", "evaluate", "compress")
+COMMANDS = ("run", "verify", "report", "bench", "evaluate", "compress", "import-posterior")
 
 
 def _compile_parser():
@@ -139,18 +139,44 @@ def _evaluate_parser():
     return parser
 
 
+def _import_parser():
+    from .frontends.importers import FORMATS
+
+    parser = argparse.ArgumentParser(prog="pfpc import-posterior", description="Turn the posterior of a BNN trained with "
+                                     "another library into a pfpc posterior .npz for the ONNX mean network.")
+    parser.add_argument("checkpoint", help="the library's checkpoint (torch.save'd state dict or Pyro param store)")
+    parser.add_argument("--from", dest="format", required=True, choices=sorted(FORMATS), help="the library that trained it")
+    parser.add_argument("--onnx", required=True, help="ONNX model of the posterior-mean network")
+    parser.add_argument("-o", "--output", required=True, help="posterior .npz to write (<initializer>.std)")
+    parser.add_argument("--allow-unmatched", action="store_true",
+                        help="leave checkpoint tensors that match no initializer out (deterministic) instead of failing")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _import_posterior(args) -> int:
+    from .frontends.importers import match_posterior, write_npz
+
+    result = match_posterior(args.format, args.checkpoint, args.onnx, args.allow_unmatched)
+    write_npz(result.arrays, args.output)
+    print(result.report())
+    print(f"pfpc: wrote {args.output}: {len(result.arrays)} stochastic tensors")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "compile"
     parsers = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser, "report": _report_parser,
-               "bench": _bench_parser, "evaluate": _evaluate_parser, "compress": _compress_parser}
+               "bench": _bench_parser, "evaluate": _evaluate_parser, "compress": _compress_parser,
+               "import-posterior": _import_parser}
     args = parsers[command]().parse_args(
         argv[1:] if command != "compile" else argv
     )
     args.argv = argv
     try:
         return {"compile": _compile, "run": _run, "verify": _verify, "report": _report, "bench": _bench,
-                "evaluate": _evaluate, "compress": _compress}[command](args)
+                "evaluate": _evaluate, "compress": _compress, "import-posterior": _import_posterior}[command](args)
     except PfpcError as err:
         if args.debug:
             raise

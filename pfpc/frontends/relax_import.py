@@ -109,7 +109,8 @@ def _match_initializers(model, weight_params, name):
         raise PfpcError(f"{name}: the importer made more weight parameters than there are initializers")
     for param in weight_params:
         shape = [int(d) for d in param.ty.shape]
-        candidates = [init for init in used if _sanitize(init.name) == param.name or init.name == param.name]
+        # TVM names a parameter after its initializer with PyTorch's "onnx::" prefix removed
+        candidates = [init for init in used if param.name in (_sanitize(init.name), init.name, init.name.removeprefix("onnx::"))]
         if not candidates:
             raise PfpcError(f"{name}: cannot match imported parameter '{param.name}' to an initializer")
         init = candidates[0]
