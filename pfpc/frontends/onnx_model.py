@@ -21,6 +21,8 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
     """Read, check and normalise the ONNX file at ``path``; one-line `PfpcError` on bad input."""
     path = os.fspath(path)
     name = os.path.basename(path)
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1):
+        raise PfpcError(f"--batch {batch}: the batch size must be a positive integer")
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -35,7 +37,9 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
     if not model.graph.node and not model.graph.output:
         raise PfpcError(f"{path}: not a valid ONNX file (no graph)")
     opset = _default_opset(model)
-    if opset is None or opset not in SUPPORTED_OPSETS:
+    if opset is None:
+        raise PfpcError(f"{path}: the model imports no default-domain ONNX opset (ai.onnx); cannot tell which operator versions it uses")
+    if opset not in SUPPORTED_OPSETS:
         raise PfpcError(f"{path}: ONNX opset {opset} is not supported (supported: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
     try:
         onnx.checker.check_model(model)

@@ -38,7 +38,8 @@ def _to_variance(kind, values):
     if kind == "var":
         return values
     if kind == "logvar":
-        return np.exp(values)
+        with np.errstate(over="ignore"):  # an overflow is reported by the caller, naming the key
+            return np.exp(values)
     std = np.logaddexp(0.0, values)  # softplus, stable for large rho
     return std * std
 
@@ -78,6 +79,8 @@ def bind_posterior(model: onnx.ModelProto, arrays: dict, source: str = "posterio
             )
         if tensor not in initializers:
             raise PfpcError(f"{source}: key '{key}' names no initializer of the model")
+        if initializers[tensor].dtype != np.float32:
+            raise PfpcError(f"{source}: key '{key}' names initializer '{tensor}' of dtype {initializers[tensor].dtype}, not a float32 weight")
         expected = initializers[tensor].shape
         if values.shape != expected:
             raise PfpcError(f"{source}: '{key}' has shape {list(values.shape)}, initializer '{tensor}' has {list(expected)}")
