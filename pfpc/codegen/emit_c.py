@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import keyword
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,28 +38,39 @@ C_KEYWORDS = set(
 )
 
 
+#: Header macros are <NAME>_<IDENT upper-cased>_SIZE; these identifiers would repeat fixed ones.
+MACRO_STEMS = re.compile(r"(input|output)[0-9]+|arena|sampled_weights")
+MAX_IDENT = 40  # + prefix and _SIZE: within C99's 63 significant characters of a macro name
+
+
 class Namer:
-    """C identifiers from arbitrary ONNX names: only [A-Za-z0-9_], never a keyword, unique."""
+    """C identifiers from arbitrary ONNX names: only [A-Za-z0-9_], at most `MAX_IDENT` characters,
+    never a keyword, unique even upper-cased (header macros upper-case them)."""
 
     def __init__(self, reserved=()):
-        self.taken = set(reserved)
+        self.taken = {r.lower() for r in reserved}
 
     def __call__(self, text: str, prefix: str = "") -> str:
         ident = "".join(ch if (ch.isascii() and (ch.isalnum() or ch == "_")) else "_" for ch in prefix + text)
-        ident = "_".join(part for part in ident.split("_") if part) or "t"
+        ident = ("_".join(part for part in ident.split("_") if part) or "t")[:MAX_IDENT].rstrip("_")
         if ident[0].isdigit() or ident in C_KEYWORDS or keyword.iskeyword(ident):
             ident = "t_" + ident
         base, index = ident, 2
-        while ident in self.taken:
+        while ident.lower() in self.taken or MACRO_STEMS.fullmatch(ident.lower()):
             ident = f"{base}_{index}"
             index += 1
-        self.taken.add(ident)
+        self.taken.add(ident.lower())
         return ident
 
 
 def c_comment(text: str) -> str:
-    """Text safe inside /* */ on one line."""
-    return "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in str(text)).replace("*/", "*_/")
+    """Text safe inside /* */ on one line: printable ASCII, no comment delimiter, no trigraph."""
+    text = "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in str(text))
+    previous = None
+    while previous != text:
+        previous = text
+        text = text.replace("*/", "*_/").replace("/*", "/_*").replace("??", "?_?")
+    return text
 
 
 @dataclass
