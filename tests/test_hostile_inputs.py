@@ -83,6 +83,18 @@ def _no_default_opset(case):
     return [case.model(model), "-o", case.out]
 
 
+def _initializer_bytes_cut(case):
+    model = tiny_model()
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:20]
+    return [case.model(model), "-o", case.out]
+
+
+def _initializer_type_changed(case):
+    model = tiny_model()
+    model.graph.initializer[0].data_type = TensorProto.BFLOAT16
+    return [case.model(model), "-o", case.out]
+
+
 def _dynamic(case):
     return [case.model(tiny_model(batch_dim="N")), "-o", case.out]
 
@@ -222,6 +234,8 @@ CASES = [
     ("opset_unknown", lambda c: [c.model(tiny_model(opset=999)), "-o", c.out], "ONNX opset 999 is not supported"),
     ("no_default_opset", _no_default_opset, "no default-domain ONNX opset"),
     ("unsupported_op_custom_domain", _custom_op, "relu (Gelu)"),
+    ("initializer_bytes_cut", _initializer_bytes_cut, "raw_data size (20 bytes) is too small"),
+    ("initializer_type_changed", _initializer_type_changed, "m.onnx: initializer 'w' cannot be read"),
     ("dynamic_dims_without_batch", _dynamic, "dimension 0 ('N') of 'x' is symbolic"),
     ("float16_weight", lambda c: [c.model(tiny_model(weight=W.astype(np.float16))), "-o", c.out], "initializer 'w' is float16"),
     ("float64_weight", lambda c: [c.model(tiny_model(weight=W.astype(np.float64))), "-o", c.out], "initializer 'w' is double"),

@@ -46,6 +46,7 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PfpcError(f"{path}: the ONNX checker rejects the model: {first}") from None
+    _read_initializers(model, path)
     model = fold_constants(model)
     _check_float32(model, name)
     model = fix_batch(model, batch, name)
@@ -55,6 +56,26 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
         first = str(err).strip().splitlines()[0]
         raise PfpcError(f"{path}: ONNX shape inference fails: {first}") from None
     return model
+
+
+def _read_initializers(model, path):
+    """Load external tensor data (beside the model) and check that every initializer's data
+    matches its type and dims; the checker does not look at the bytes."""
+    from onnx import external_data_helper
+
+    tensors = list(model.graph.initializer)
+    try:
+        if any(external_data_helper.uses_external_data(t) for t in tensors):
+            external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    except Exception as err:
+        raise PfpcError(f"{path}: cannot read the model's external tensor data: {err}") from None
+    for tensor in tensors:
+        try:
+            value = numpy_helper.to_array(tensor)
+        except Exception as err:
+            raise PfpcError(f"{path}: initializer '{tensor.name}' cannot be read: {err}") from None
+        if list(value.shape) != list(tensor.dims):
+            raise PfpcError(f"{path}: initializer '{tensor.name}' holds {value.size} values for dims {list(tensor.dims)}")
 
 
 def _default_opset(model):
@@ -127,13 +148,21 @@ def _check_float32(model, name):
         if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
             continue  # shapes, axes, indices
         if init.data_type != onnx.TensorProto.FLOAT:
-            dtype = onnx.TensorProto.DataType.Name(init.data_type).lower()
+            dtype = _type_name(init.data_type)
             raise PfpcError(f"{name}: initializer '{init.name}' is {dtype}; pfpc compiles float32 models only")
     for value in model.graph.input:
         elem = value.type.tensor_type.elem_type
         if elem != onnx.TensorProto.FLOAT and value.name not in {i.name for i in model.graph.initializer}:
-            dtype = onnx.TensorProto.DataType.Name(elem).lower()
+            dtype = _type_name(elem)
             raise PfpcError(f"{name}: input '{value.name}' is {dtype}; pfpc compiles float32 models only")
+
+
+def _type_name(data_type: int) -> str:
+    """'float16' for TensorProto.FLOAT16; a number ONNX does not define stays a number."""
+    try:
+        return onnx.TensorProto.DataType.Name(data_type).lower()
+    except ValueError:
+        return f"unknown type {data_type}"
 
 
 def graph_inputs(model: onnx.ModelProto):
