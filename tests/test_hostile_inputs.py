@@ -95,6 +95,19 @@ def _initializer_type_changed(case):
     return [case.model(model), "-o", case.out]
 
 
+def _external_data(case, location):
+    """The model with its tensors in a separate file at ``location`` (relative to the model)."""
+    from onnx import external_data_helper
+
+    model = tiny_model()
+    external_data_helper.convert_model_to_external_data(model, location="m.data", size_threshold=0)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    return [case.model(model), "-o", case.out]
+
+
 def _dynamic(case):
     return [case.model(tiny_model(batch_dim="N")), "-o", case.out]
 
@@ -236,6 +249,8 @@ CASES = [
     ("unsupported_op_custom_domain", _custom_op, "relu (Gelu)"),
     ("initializer_bytes_cut", _initializer_bytes_cut, "raw_data size (20 bytes) is too small"),
     ("initializer_type_changed", _initializer_type_changed, "m.onnx: initializer 'w' cannot be read"),
+    ("external_data_missing", lambda c: _external_data(c, "m.data"), "m.onnx: cannot read the model's external tensor data"),
+    ("external_data_outside", lambda c: _external_data(c, "../../../etc/passwd"), "m.onnx: cannot read the model's external tensor data"),
     ("dynamic_dims_without_batch", _dynamic, "dimension 0 ('N') of 'x' is symbolic"),
     ("float16_weight", lambda c: [c.model(tiny_model(weight=W.astype(np.float16))), "-o", c.out], "initializer 'w' is float16"),
     ("float64_weight", lambda c: [c.model(tiny_model(weight=W.astype(np.float64))), "-o", c.out], "initializer 'w' is double"),
@@ -356,3 +371,12 @@ def test_force_replaces_only_after_success(tmp_path, capsys):
     assert main([MLP, "--batch", "1", "-o", str(out), "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "pfp_model.h").exists()
     shutil.rmtree(out)
+
+
+def test_external_tensor_data_is_read_beside_the_model(tmp_path, capsys, monkeypatch):
+    """onnx.save(..., save_as_external_data=True): the data file is found from any working directory."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    onnx.save(tiny_model(), str(model_dir / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(model_dir / "m.onnx"), "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err

@@ -41,6 +41,7 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
         raise PfpcError(f"{path}: the model imports no default-domain ONNX opset (ai.onnx); cannot tell which operator versions it uses")
     if opset not in SUPPORTED_OPSETS:
         raise PfpcError(f"{path}: ONNX opset {opset} is not supported (supported: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
+    _load_external_data(model, path)
     try:
         onnx.checker.check_model(model)
     except Exception as err:
@@ -58,18 +59,20 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
     return model
 
 
-def _read_initializers(model, path):
-    """Load external tensor data (beside the model) and check that every initializer's data
-    matches its type and dims; the checker does not look at the bytes."""
+def _load_external_data(model, path):
+    """Tensors saved in separate files are read from the model's directory (as onnx.load does)."""
     from onnx import external_data_helper
 
-    tensors = list(model.graph.initializer)
     try:
-        if any(external_data_helper.uses_external_data(t) for t in tensors):
+        if any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
             external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     except Exception as err:
         raise PfpcError(f"{path}: cannot read the model's external tensor data: {err}") from None
-    for tensor in tensors:
+
+
+def _read_initializers(model, path):
+    """Check that every initializer's data matches its type and dims (the checker does not)."""
+    for tensor in model.graph.initializer:
         try:
             value = numpy_helper.to_array(tensor)
         except Exception as err:
