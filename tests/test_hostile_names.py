@@ -149,3 +149,18 @@ def test_hostile_names_in_sampling_mode(tmp_path):
     for cc in ("gcc", "clang"):
         if shutil.which(cc):
             _strict_build(out, cc)
+
+
+def test_pytorch_style_onnx_prefix_initializer(tmp_path):
+    """PyTorch names folded weights 'onnx::MatMul_5'; TVM's importer strips the prefix."""
+    from helpers import make_model
+
+    weight = np.arange(6, dtype=np.float32).reshape(3, 2) / 4
+    model = make_model([helper.make_node("MatMul", ["x", "onnx::MatMul_5"], ["y"])], [("x", [1, 3])], ["y"], {"onnx::MatMul_5": weight})
+    std = np.full((3, 2), 0.1, np.float32)
+    compiler.compile(model, {"onnx::MatMul_5.std": std}, out_dir=str(tmp_path / "out"))
+    x = np.array([[1.0, -2.0, 0.5]], np.float32)
+    ((mean, var),) = compiler.run_host(str(tmp_path / "out"), [x])
+    ((ref_mean, ref_var),) = reference.pfp_onnx(model, {"onnx::MatMul_5": std.astype(np.float64) ** 2}, {"x": x}).values()
+    assert_close(mean, ref_mean)
+    assert_close(var, ref_var)
