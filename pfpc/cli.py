@@ -15,10 +15,11 @@ COMMANDS = ("run", "verify", "report", "bench", "evaluate")
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line like every other error (argparse prints the usage block too)."""
+    """Usage errors as one line and exit code 2 like every other error (argparse prints the usage block too)."""
 
     def error(self, message):
-        raise PfpcError(f"{message} (see {self.prog} --help)")
+        print(f"pfpc: error: {PfpcError(f'{message} (see {self.prog} --help)')}", file=sys.stderr)
+        sys.exit(PfpcError.exit_code)
 
 
 def _compile_parser():
@@ -151,13 +152,9 @@ def main(argv=None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else "compile"
     parsers = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser, "report": _report_parser,
                "bench": _bench_parser, "evaluate": _evaluate_parser}
-    try:
-        args = parsers[command]().parse_args(argv[1:] if command != "compile" else argv)
-    except PfpcError as err:
-        if "--debug" in argv:
-            raise
-        print(f"pfpc: error: {err}", file=sys.stderr)
-        return err.exit_code
+    args = parsers[command]().parse_args(
+        argv[1:] if command != "compile" else argv
+    )
     args.argv = argv
     try:
         return {"compile": _compile, "run": _run, "verify": _verify, "report": _report, "bench": _bench,

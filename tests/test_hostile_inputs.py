@@ -327,7 +327,10 @@ def test_bad_input_gives_one_line_and_no_output(tmp_path, capsys, build, expecte
     existed = out is not None and os.path.lexists(out)
     before = sorted(os.listdir(tmp_path))
     capsys.readouterr()
-    code = main(args)
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # usage errors exit from argparse
+        code = exit_.code
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2, captured.err
