@@ -14,8 +14,16 @@ from .errors import PfpcError
 COMMANDS = ("run", "verify", "report", "bench", "evaluate", "compress", "import-posterior")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit code 2 like every other error (argparse prints the usage block too)."""
+
+    def error(self, message):
+        print(f"pfpc: error: {PfpcError(f'{message} (see {self.prog} --help)')}", file=sys.stderr)
+        sys.exit(PfpcError.exit_code)
+
+
 def _compile_parser():
-    parser = argparse.ArgumentParser(prog="pfpc", description="Compile a Bayesian neural network to standalone C (one-pass PFP).")
+    parser = _Parser(prog="pfpc", description="Compile a Bayesian neural network to standalone C (one-pass PFP).")
     parser.add_argument("model", help="ONNX model of the posterior-mean network")
     parser.add_argument("--posterior", help="posterior .npz (<initializer>.std|.var|.logvar|.rho[, .mean])")
     parser.add_argument("--target", default="host", help="host (default), arm, ...")
@@ -38,7 +46,7 @@ def _compile_parser():
 
 
 def _bench_parser():
-    parser = argparse.ArgumentParser(prog="pfpc bench", description="Time the PFP against the deterministic network, "
+    parser = _Parser(prog="pfpc bench", description="Time the PFP against the deterministic network, "
                                      "SVI generated as C, SVI in onnxruntime and TVM's LLVM build, side by side.")
     parser.add_argument("model")
     parser.add_argument("--posterior", required=True)
@@ -80,7 +88,7 @@ def _bench(args) -> int:
 
 
 def _report_parser():
-    parser = argparse.ArgumentParser(prog="pfpc report", description="Flash, RAM and arithmetic of a compiled model, "
+    parser = _Parser(prog="pfpc report", description="Flash, RAM and arithmetic of a compiled model, "
                                      "measured with its target's compiler and size tool.")
     parser.add_argument("out_dir")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -89,7 +97,7 @@ def _report_parser():
 
 
 def _run_parser():
-    parser = argparse.ArgumentParser(prog="pfpc run", description="Build the generated C and run it, on the host or "
+    parser = _Parser(prog="pfpc run", description="Build the generated C and run it, on the host or "
                                      "(--emulate) for its target under QEMU.")
     parser.add_argument("out_dir")
     parser.add_argument("--input", required=True, action="append", help=".npy input (repeat for several inputs)")
@@ -102,7 +110,7 @@ def _run_parser():
 
 
 def _verify_parser():
-    parser = argparse.ArgumentParser(prog="pfpc verify", description="Compare the compiled PFP with Monte Carlo sampling.")
+    parser = _Parser(prog="pfpc verify", description="Compare the compiled PFP with Monte Carlo sampling.")
     parser.add_argument("model")
     parser.add_argument("--posterior", required=True)
     parser.add_argument("--samples", type=int, default=1000)
@@ -116,7 +124,7 @@ def _verify_parser():
 
 
 def _evaluate_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pfpc evaluate",
         description="Uncertainty quality of the deterministic mean network, SVI (Monte Carlo) and the compiled PFP "
         "on the dirty-digits suite: accuracy, NLL, ECE, Brier, entropies, mutual information, OOD AUROC.",
@@ -224,11 +232,15 @@ def _report(args) -> int:
 
 def _load_npy(path):
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise PfpcError(f"{path}: no such input file") from None
     except Exception as err:
         raise PfpcError(f"{path}: not a readable .npy array ({err})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiub":
+        found = f"dtype {array.dtype}" if isinstance(array, np.ndarray) else "an .npz archive"
+        raise PfpcError(f"{path}: {found}, expected an .npy array of real numbers")
+    return array
 
 
 def _run(args) -> int:
@@ -247,7 +259,10 @@ def _run(args) -> int:
         suffix = "" if len(results) == 1 else f"_{index}"
         arrays[f"mean{suffix}"], arrays[f"var{suffix}"] = mean, var
     arrays.update(extras)
-    np.savez(args.output, **arrays)
+    try:
+        np.savez(args.output, **arrays)
+    except OSError as err:
+        raise PfpcError(f"{args.output}: cannot write the predictions: {err.strerror}") from None
     for index, (mean, var) in enumerate(results):
         print(f"output {index}: mean {np.array2string(mean, precision=4, threshold=40)}")
         print(f"output {index}: var  {np.array2string(var, precision=4, threshold=40)}")

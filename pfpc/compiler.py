@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -69,14 +70,15 @@ def compile(  # noqa: A001 - the public name users expect
     ``("probs", "entropy", "ood")`` (`pfpc.passes.append_predictive_outputs`).
     """
     target_info = get_target(target)
+    check_c_name(name)
     samples, seed = check_sampling_options(mode, samples, seed)
     if outputs and mode == "svi":
         raise PfpcError("--outputs: predictive outputs are computed from the PFP's logit moments; not available with --mode svi")
     passes = list(passes if passes is not None else (svi_passes() if mode == "svi" else default_passes()))
     if outputs:
         passes.append(("append_predictive_outputs", AppendPredictiveOutputs(outputs)))
-    if out_dir is not None and os.path.exists(out_dir) and not force:
-        raise PfpcError(f"{out_dir}: output directory exists (use --force to replace it)")
+    if out_dir is not None:
+        _check_replaceable(out_dir, force)
     label = os.path.basename(model) if isinstance(model, (str, os.PathLike)) else "model"
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, batch)
@@ -130,6 +132,14 @@ def compile(  # noqa: A001 - the public name users expect
     return result
 
 
+def check_c_name(name) -> None:
+    """The library prefix (``--name``) becomes file names, C identifiers and macros: an ASCII C
+    identifier that is not a keyword."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", name) or name in emit_c.C_KEYWORDS:
+        raise PfpcError(f"--name {name!r}: the library prefix must be a C identifier (letters, digits, _; "
+                        "not starting with a digit; at most 63 characters) and not a C keyword")
+
+
 def check_sampling_options(mode, samples, seed) -> tuple:
     """(samples, seed) for ``mode``, defaults filled in; one-line errors name the CLI options too."""
     if mode not in MODES:
@@ -171,26 +181,52 @@ def _dump(directory, index, name, mod):
         handle.write(mod.script(show_meta=False))
 
 
+def _check_replaceable(out_dir, force):
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise PfpcError(f"{out_dir}: the output path is a file, not a directory; refusing to replace it")
+    if os.path.exists(out_dir) and not force:
+        raise PfpcError(f"{out_dir}: output directory exists (use --force to replace it)")
+
+
 def _write_atomically(program, out_dir, force, check=None):
+    """Write into a staging directory beside ``out_dir`` and rename it: on any failure nothing is
+    left, neither the staging directory nor parent directories created for it."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
+    created = []
     try:
+        missing = parent
+        while not os.path.isdir(missing) and not os.path.lexists(missing):
+            created.append(missing)
+            missing = os.path.dirname(missing)
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".pfpc-", dir=parent)
     except OSError as err:
+        _remove_empty(created)
         raise PfpcError(f"{out_dir}: cannot write the output directory: {err.strerror}") from None
     try:
-        emit_c.write(program, staging)
+        try:
+            emit_c.write(program, staging)
+        except OSError as err:
+            raise PfpcError(f"{out_dir}: cannot write the output directory: {err.strerror}") from None
         if check is not None:
             check(staging)
+        _check_replaceable(out_dir, force)
         if os.path.exists(out_dir):
-            if not force:
-                raise PfpcError(f"{out_dir}: output directory exists (use --force to replace it)")
             shutil.rmtree(out_dir)
         os.rename(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(directories):
+    for directory in directories:  # deepest first
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
 
 
 def build_host(out_dir: str, cc: str = "cc") -> str:
@@ -226,8 +262,26 @@ def read_metadata(out_dir: str) -> dict:
     """The ``pfpc.json`` that `compile` writes beside the C: name, target, input and output shapes."""
     import json
 
-    with open(os.path.join(out_dir, "pfpc.json")) as handle:
-        return json.load(handle)
+    path = os.path.join(out_dir, "pfpc.json")
+    try:
+        with open(path) as handle:
+            meta = json.load(handle)
+    except OSError as err:
+        raise PfpcError(f"{out_dir}: not a directory written by pfpc (pfpc.json: {err.strerror})") from None
+    except ValueError as err:
+        raise PfpcError(f"{out_dir}: pfpc.json is not valid JSON ({err}); recompile the model") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("name"), str) and re.fullmatch(r"[A-Za-z_]\w*", meta["name"])
+            and all(_shape_list(meta.get(key)) for key in ("inputs", "outputs")) and meta["inputs"] and meta["outputs"]
+            and _shape_list(meta.get("extra_outputs", []))):
+        raise PfpcError(f"{out_dir}: pfpc.json is not the metadata pfpc writes (name, inputs, outputs); recompile the model")
+    return meta
+
+
+def _shape_list(value) -> bool:
+    """[[name, [positive ints]], ...], as `emit_c.write` stores inputs and outputs."""
+    return isinstance(value, list) and all(
+        isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in entry[1]) for entry in value)
 
 
 @dataclass
@@ -253,12 +307,18 @@ def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False) -> RunRes
         target, program = build_for_target(out_dir)
     else:
         target, program = get_target("host"), build_host(out_dir)
+    if len(inputs) != len(meta["inputs"]):
+        raise PfpcError(f"{out_dir}: {len(inputs)} inputs given, the model takes {len(meta['inputs'])} "
+                        f"({', '.join(repr(name) for name, _ in meta['inputs'])})")
     batch_in = [int(np.prod(shape)) for _, shape in meta["inputs"]]
+    for x, (name, _) in zip(inputs, meta["inputs"]):
+        if np.asarray(x).dtype.kind not in "fiub":
+            raise PfpcError(f"input '{name}' has dtype {np.asarray(x).dtype}, not real numbers")
     arrays = [np.ascontiguousarray(x, np.float32).reshape(-1) for x in inputs]
     chunks = arrays[0].size // batch_in[0]
     for array, size, (name, shape) in zip(arrays, batch_in, meta["inputs"]):
-        if array.size % size or array.size // size != chunks:
-            raise PfpcError(f"input '{name}' has {array.size} values, not a multiple of the compiled shape {shape}")
+        if array.size == 0 or array.size % size or array.size // size != chunks:
+            raise PfpcError(f"input '{name}' has {array.size} values, not a positive multiple of the compiled shape {shape}")
     interleaved = np.concatenate([a.reshape(chunks, -1) for a in arrays], axis=1).reshape(-1)
     with tempfile.TemporaryDirectory() as tmp:
         # semihosting opens files relative to QEMU's working directory: run there, with relative names

@@ -10,8 +10,15 @@ class PfpcError(Exception):
     last = None
 
     def __init__(self, message):
-        super().__init__(message)
+        super().__init__(one_line(message))
         PfpcError.last = self
+
+
+def one_line(text) -> str:
+    """``text`` on one line: line breaks become " | ", other control characters are escaped (names
+    from a model or a compiler's output may hold any character)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in " | ".join(lines))
 
 
 def reraise_from_tvm(err: Exception):

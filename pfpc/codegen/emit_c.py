@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import keyword
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,28 +38,40 @@ C_KEYWORDS = set(
 )
 
 
+#: Header macros are <NAME>_<IDENT upper-cased>_SIZE; these identifiers would repeat fixed ones.
+MACRO_STEMS = re.compile(r"(input|output)[0-9]+|arena|sampled_weights")
+MAX_IDENT = 63  # C99's significant characters of an internal identifier or a macro name
+MAX_MACRO_IDENT = 40  # inputs and outputs: <NAME>_<IDENT>_SIZE stays within MAX_IDENT
+
+
 class Namer:
-    """C identifiers from arbitrary ONNX names: only [A-Za-z0-9_], never a keyword, unique."""
+    """C identifiers from arbitrary ONNX names: only [A-Za-z0-9_], at most ``limit`` characters,
+    never a keyword, unique even upper-cased (header macros upper-case them)."""
 
     def __init__(self, reserved=()):
-        self.taken = set(reserved)
+        self.taken = {r.lower() for r in reserved}
 
-    def __call__(self, text: str, prefix: str = "") -> str:
+    def __call__(self, text: str, prefix: str = "", limit: int = MAX_IDENT) -> str:
         ident = "".join(ch if (ch.isascii() and (ch.isalnum() or ch == "_")) else "_" for ch in prefix + text)
-        ident = "_".join(part for part in ident.split("_") if part) or "t"
+        ident = ("_".join(part for part in ident.split("_") if part) or "t")[:limit].rstrip("_")
         if ident[0].isdigit() or ident in C_KEYWORDS or keyword.iskeyword(ident):
             ident = "t_" + ident
         base, index = ident, 2
-        while ident in self.taken:
+        while ident.lower() in self.taken or MACRO_STEMS.fullmatch(ident.lower()):
             ident = f"{base}_{index}"
             index += 1
-        self.taken.add(ident)
+        self.taken.add(ident.lower())
         return ident
 
 
 def c_comment(text: str) -> str:
-    """Text safe inside /* */ on one line."""
-    return "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in str(text)).replace("*/", "*_/")
+    """Text safe inside /* */ on one line: printable ASCII, no comment delimiter, no trigraph."""
+    text = "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in str(text))
+    previous = None
+    while previous != text:
+        previous = text
+        text = text.replace("*/", "*_/").replace("/*", "/_*").replace("??", "?_?")
+    return text
 
 
 @dataclass
@@ -126,7 +139,7 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
             tensor.last_use = len(program.steps)
 
     for (onnx_name, shape), repr_ in zip(io["outputs"], reprs):
-        base = namer(onnx_name)
+        base = namer(onnx_name, limit=MAX_MACRO_IDENT)
         program.outputs.append((base, onnx_name, shape))
         mean = out_fields.pop(0)
         moment = out_fields.pop(0) if repr_ != "none" else None
@@ -137,7 +150,7 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     if len(out_fields) != len(extras):
         raise PfpcError(f"internal: {len(out_fields)} extra results for the outputs {extras}")
     for kind, tensor in zip(extras, out_fields):
-        pointer = namer(f"{program.outputs[0][0]}_{kind}")
+        pointer = namer(f"{program.outputs[0][0]}_{kind}", limit=MAX_MACRO_IDENT)
         program.extra_outputs.append((pointer, kind, tensor.shape))
         bind_output(tensor, pointer, tensor.size)
     plan_arena(program)
@@ -157,7 +170,7 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
         program.output_softmax = json.loads(str(func.attrs["pfp.output_softmax"]))
     env: dict = {}
     for param, (onnx_name, shape) in zip(func.params[:num_input], io["inputs"]):
-        tensor = Tensor(namer(onnx_name), shape, "input")
+        tensor = Tensor(namer(onnx_name, limit=MAX_MACRO_IDENT), shape, "input")
         program.inputs.append((tensor.c_name, onnx_name, shape))
         env[param] = tensor
     onnx_names = {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()} if "pfp.onnx_names" in func.attrs else {}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PfpcError
-from .emit_c import (Program, Tensor, c_comment, plan_arena, render_arena_pointers, render_build_files, render_header,
+from .emit_c import (MAX_MACRO_IDENT, Program, Tensor, c_comment, plan_arena, render_arena_pointers, render_build_files, render_header,
                      render_source, render_steps, render_weights, run_signature, walk_main)
 
 
@@ -80,7 +80,7 @@ def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed
     for (onnx_name, shape), repr_ in zip(io["outputs"], [str(r) for r in func.attrs["pfp.outputs"]]):
         if repr_ != "none":
             raise PfpcError(f"internal: output '{onnx_name}' of the sampled network is not deterministic")
-        c_name = program.namer(onnx_name)
+        c_name = program.namer(onnx_name, limit=MAX_MACRO_IDENT)
         program.outputs.append((c_name, onnx_name, shape))
         tensor = out_fields.pop(0)
         if tensor.kind == "arena":

@@ -21,6 +21,8 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
     """Read, check and normalise the ONNX file at ``path``; one-line `PfpcError` on bad input."""
     path = os.fspath(path)
     name = os.path.basename(path)
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1):
+        raise PfpcError(f"--batch {batch}: the batch size must be a positive integer")
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -35,13 +37,17 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
     if not model.graph.node and not model.graph.output:
         raise PfpcError(f"{path}: not a valid ONNX file (no graph)")
     opset = _default_opset(model)
-    if opset is None or opset not in SUPPORTED_OPSETS:
+    if opset is None:
+        raise PfpcError(f"{path}: the model imports no default-domain ONNX opset (ai.onnx); cannot tell which operator versions it uses")
+    if opset not in SUPPORTED_OPSETS:
         raise PfpcError(f"{path}: ONNX opset {opset} is not supported (supported: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
+    _load_external_data(model, path)
     try:
         onnx.checker.check_model(model)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PfpcError(f"{path}: the ONNX checker rejects the model: {first}") from None
+    _read_initializers(model, path)
     model = fold_constants(model)
     _check_float32(model, name)
     model = fix_batch(model, batch, name)
@@ -51,6 +57,28 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
         first = str(err).strip().splitlines()[0]
         raise PfpcError(f"{path}: ONNX shape inference fails: {first}") from None
     return model
+
+
+def _load_external_data(model, path):
+    """Tensors saved in separate files are read from the model's directory (as onnx.load does)."""
+    from onnx import external_data_helper
+
+    try:
+        if any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
+            external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    except Exception as err:
+        raise PfpcError(f"{path}: cannot read the model's external tensor data: {err}") from None
+
+
+def _read_initializers(model, path):
+    """Check that every initializer's data matches its type and dims (the checker does not)."""
+    for tensor in model.graph.initializer:
+        try:
+            value = numpy_helper.to_array(tensor)
+        except Exception as err:
+            raise PfpcError(f"{path}: initializer '{tensor.name}' cannot be read: {err}") from None
+        if list(value.shape) != list(tensor.dims):
+            raise PfpcError(f"{path}: initializer '{tensor.name}' holds {value.size} values for dims {list(tensor.dims)}")
 
 
 def _default_opset(model):
@@ -123,13 +151,21 @@ def _check_float32(model, name):
         if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
             continue  # shapes, axes, indices
         if init.data_type != onnx.TensorProto.FLOAT:
-            dtype = onnx.TensorProto.DataType.Name(init.data_type).lower()
+            dtype = _type_name(init.data_type)
             raise PfpcError(f"{name}: initializer '{init.name}' is {dtype}; pfpc compiles float32 models only")
     for value in model.graph.input:
         elem = value.type.tensor_type.elem_type
         if elem != onnx.TensorProto.FLOAT and value.name not in {i.name for i in model.graph.initializer}:
-            dtype = onnx.TensorProto.DataType.Name(elem).lower()
+            dtype = _type_name(elem)
             raise PfpcError(f"{name}: input '{value.name}' is {dtype}; pfpc compiles float32 models only")
+
+
+def _type_name(data_type: int) -> str:
+    """'float16' for TensorProto.FLOAT16; a number ONNX does not define stays a number."""
+    try:
+        return onnx.TensorProto.DataType.Name(data_type).lower()
+    except ValueError:
+        return f"unknown type {data_type}"
 
 
 def graph_inputs(model: onnx.ModelProto):

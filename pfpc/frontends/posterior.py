@@ -8,7 +8,6 @@ tensor without a key is deterministic. The result is canonical: float32 mean and
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,14 +34,15 @@ class Posterior:
 
 def _to_variance(kind, values):
     values = values.astype(np.float64)
-    if kind == "std":
-        return values * values
-    if kind == "var":
-        return values
-    if kind == "logvar":
-        return np.exp(values)
-    std = np.logaddexp(0.0, values)  # softplus, stable for large rho
-    return std * std
+    with np.errstate(over="ignore"):  # an overflow is reported by the caller, naming the key
+        if kind == "std":
+            return values * values
+        if kind == "var":
+            return values
+        if kind == "logvar":
+            return np.exp(values)
+        std = np.logaddexp(0.0, values)  # softplus, stable for large rho
+        return std * std
 
 
 def read_npz(path) -> dict:
@@ -51,8 +51,8 @@ def read_npz(path) -> dict:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise PfpcError(f"{path}: no such posterior file") from None
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-        raise PfpcError(f"{path}: not a readable .npz posterior ({err})") from None
+    except Exception as err:  # a damaged file fails anywhere in numpy's and zipfile's readers
+        raise PfpcError(f"{path}: not a readable .npz posterior ({type(err).__name__}: {err})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise PfpcError(f"{path}: not an .npz archive (a single array was found)")
     arrays = {}
@@ -60,10 +60,12 @@ def read_npz(path) -> dict:
         for key in archive.files:
             try:
                 arrays[key] = archive[key]
-            except ValueError:
+            except ValueError as err:
+                if "allow_pickle" not in str(err):
+                    raise PfpcError(f"{path}: array '{key}' cannot be read ({err})") from None
                 raise PfpcError(f"{path}: array '{key}' holds Python objects (pickled); refusing to load it") from None
             except Exception as err:
-                raise PfpcError(f"{path}: array '{key}' cannot be read ({err})") from None
+                raise PfpcError(f"{path}: array '{key}' cannot be read ({type(err).__name__}: {err})") from None
     return arrays
 
 
@@ -83,6 +85,8 @@ def bind_posterior(model: onnx.ModelProto, arrays: dict, source: str = "posterio
             )
         if tensor not in initializers:
             raise PfpcError(f"{source}: key '{key}' names no initializer of the model")
+        if initializers[tensor].dtype != np.float32:
+            raise PfpcError(f"{source}: key '{key}' names initializer '{tensor}' of dtype {initializers[tensor].dtype}, not a float32 weight")
         expected = initializers[tensor].shape
         if values.shape != expected:
             raise PfpcError(f"{source}: '{key}' has shape {list(values.shape)}, initializer '{tensor}' has {list(expected)}")

@@ -11,6 +11,7 @@ two function attributes the passes read:
 from __future__ import annotations
 
 import contextlib
+import re
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 
+from ..codegen.emit_c import C_KEYWORDS
 from ..errors import PfpcError
 from ..ir import constant_value
 from .onnx_model import graph_inputs, input_shapes
@@ -72,6 +74,7 @@ def check_supported(model: onnx.ModelProto, name: str) -> None:
 def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "model") -> tvm.IRModule:
     check_supported(model, name)
     model = _constants_as_constant_nodes(model, posterior, name)
+    model, original_names = tame_names(model)
     try:
         with _pfpc_converters():
             mod = from_onnx(model, shape_dict=input_shapes(model), keep_params_in_input=True)
@@ -85,7 +88,7 @@ def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "mode
     if num_input != len(graph_inputs(model)):
         raise PfpcError(f"{name}: expected {len(graph_inputs(model))} inputs, the importer made {num_input}")
     weight_params = list(func.params[num_input:])
-    onnx_by_relax = _match_initializers(model, weight_params, name)
+    onnx_by_relax = {param: original_names.get(init, init) for param, init in _match_initializers(model, weight_params, name).items()}
     params, variances = {}, {}
     for param in weight_params:
         onnx_name = onnx_by_relax[param.name]
@@ -119,6 +122,57 @@ def _match_initializers(model, weight_params, name):
         used.remove(init)
         mapping[param.name] = init.name
     return mapping
+
+
+_TAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,47}")
+#: kernel parameter names of activations (`pfpc.ir.operand_names`)
+_ACTIVATION_NAMES = re.compile(r"(x|in)[0-9]*")
+
+
+def _is_tame(text: str) -> bool:
+    return bool(_TAME.fullmatch(text)) and text not in C_KEYWORDS and not _ACTIVATION_NAMES.fullmatch(text)
+
+
+def tame_names(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """A copy of ``model`` whose tensor and node names are short ASCII identifiers (dots allowed),
+    no C keyword, unique: names become Relax variables, kernel and parameter names in the C, and
+    an ONNX file may hold any text there (quotes, comment delimiters, newlines, non-ASCII, names
+    that collide once sanitised). Tame names are kept, so readable models keep readable C.
+
+    Returns the copy and {new tensor name: original name} for the renamed tensors."""
+    graph = model.graph
+    values = [v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)]
+    tensors = list(dict.fromkeys(values + [i.name for i in graph.initializer]
+                                 + [t for node in graph.node for t in list(node.input) + list(node.output)]))
+    untamed_nodes = [node.name for node in graph.node if node.name and not _is_tame(node.name)]
+    taken = {t for t in tensors if _is_tame(t)} | {n.name for n in graph.node if _is_tame(n.name)}
+    renamed = {}
+
+    def fresh(text):
+        base = re.sub(r"[^A-Za-z0-9_.]", "_", text)[:40]
+        base = base if _is_tame(base) else f"t_{base}"[:40]
+        candidate, index = base, 2
+        while candidate in taken:
+            candidate, index = f"{base}_{index}", index + 1
+        taken.add(candidate)
+        return candidate
+
+    for tensor in tensors:
+        if tensor and not _is_tame(tensor):
+            renamed[tensor] = fresh(tensor)
+    if not renamed and not untamed_nodes:
+        return model, {}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info) + list(graph.initializer):
+        value.name = renamed.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [renamed.get(t, t) for t in node.input]
+        node.output[:] = [renamed.get(t, t) for t in node.output]
+        if node.name and not _is_tame(node.name):
+            node.name = fresh(node.name)
+    return copy, {new: old for old, new in renamed.items()}
 
 
 def _sanitize(text):
