@@ -150,7 +150,7 @@ def _evaluate_parser():
 def _import_parser():
     from .frontends.importers import FORMATS
 
-    parser = argparse.ArgumentParser(prog="pfpc import-posterior", description="Turn the posterior of a BNN trained with "
+    parser = _Parser(prog="pfpc import-posterior", description="Turn the posterior of a BNN trained with "
                                      "another library into a pfpc posterior .npz for the ONNX mean network.")
     parser.add_argument("checkpoint", help="the library's checkpoint (torch.save'd state dict or Pyro param store)")
     parser.add_argument("--from", dest="format", required=True, choices=sorted(FORMATS), help="the library that trained it")
@@ -352,7 +352,7 @@ def _evaluate(args) -> int:
 
 
 def _compress_parser():
-    parser = argparse.ArgumentParser(prog="pfpc compress", description="Compress a Gaussian posterior into a shared posterior "
+    parser = _Parser(prog="pfpc compress", description="Compress a Gaussian posterior into a shared posterior "
                                      "(codebooks of 2-D Gaussian components, stochastic weight sharing) and report what it costs.")
     parser.add_argument("model")
     parser.add_argument("--posterior", required=True, help="the full posterior .npz")
