@@ -47,6 +47,34 @@ instructions, not a real core's timing.
 """
 
 
+NOTES = """
+## Where the time goes (measured on 2026-11-23, same machine; rerun the commands to check)
+
+- **The PFP's own cost.** A hidden PFP layer runs 3 multiply-adds per deterministic MAC
+  (V = Σ q·t − (m·μ)², sharing m·μ with the mean) and reads two weight arrays; the first layer 2.
+  `pfpc report` prints the per-layer count (LeNet: 2.82 PFP multiply-adds per MAC, MLP 2.37).
+  On top come the Gaussian nonlinearities: per ReLU output or Clark step one `expf`, one `sqrtf`
+  and two divisions (Φ from φ by Abramowitz & Stegun 26.2.17, no `erf`). On the MLP those are about
+  a quarter of the PFP's time, which is why PFP/det. sits near 3 on the host: the deterministic
+  network's epilogue is a single `max`.
+- **Compiler flags move the deterministic baseline more than the PFP.** With `-O3` instead of the
+  Makefile's `-O2`, gcc fully unrolls LeNet's small convolutions and drops their padding branches:
+  the deterministic LeNet went from 25 µs to 4.6 µs, the PFP from 62 µs to 35 µs (PFP/det. 7.7),
+  because the PFP is then bound by its transcendental epilogue, which does not vectorise. The same
+  padding branches are why TVM's LLVM build of the same kernels (LLVM unrolls and if-converts
+  them) beats the generated C on LeNet while losing on the MLP.
+- **What did not work.** A polynomial `exp` written in TIR (Cody-Waite reduction, degree-7
+  Taylor, exact 2^n from bit selects; relative error 7e-8) was slower than glibc's `expf`: TVM's
+  C backend emits the select as an `if`, so the loop still does not vectorise, and the C became
+  unreadable. Loop partitioning of the padded convolutions through TVM's `LoopPartition` pass did
+  not remove the branches in the C backend's output.
+- **Next steps.** Remove the padding branches in the schedule (split the spatial loops into border
+  and interior with `loop_partition`, or pad into a small scratch row), which speeds up PFP and
+  deterministic alike; vectorisable `exp`/`sqrt`/division for the epilogue (a branch-free
+  formulation the C backend prints as arithmetic, or target intrinsics for NEON/Helium).
+"""
+
+
 def targets(results) -> str:
     mlp, lenet = (results[title] for _, title in EXAMPLES)
     checks = []
@@ -86,7 +114,7 @@ def main():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     text = (INTRO + f"\nMeasured at commit {commit} on {cpu} ({os.cpu_count()} cores), Python {platform.python_version()}.\n\n"
             + "## Targets\n\n" + targets(results) + "\n## Results\n\n" + markdown(results, SAMPLES)
-            + "\n## Kernel optimisations\n\nEach row is pfpc at that commit compiling both examples for the host (batch 1), all timed "
+            + NOTES + "\n## Kernel optimisations\n\nEach row is pfpc at that commit compiling both examples for the host (batch 1), all timed "
             "together in one run with today's harness (`benchmarks/optimisation_log.py`):\n\n" + log)
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as handle:
         handle.write(text)
