@@ -21,7 +21,10 @@ from .moments import (
     leaky_relu_moments,
     product_moments,
     relu_moments,
-    relu_terms,
+    safe_ratio,
+    safe_sqrt,
+    std_normal_cdf,
+    std_normal_pdf,
     sigmoid_moments,
     tanh_moments,
 )
@@ -225,10 +228,13 @@ def relu(a: Gaussian) -> Gaussian:
     if a.repr == "none":
         mean = te.compute(a.shape, lambda *idx: tirx.max(a.mean[idx], f32(0.0)), name="relu_mean")
         return Gaussian(mean, None, "none")
-    # exp once per element: a stage of its own that both moments read
-    z, pdf = te.compute(a.shape, lambda *idx: relu_terms(a.mean[idx], a.var_at(idx)), name="relu_terms", attrs=SHARED)
+    # z, phi(z) and Phi(z) once per element, each a stage of its own that the moments read (see
+    # `relu_terms`): on SIMD targets only the stage that calls exp stays scalar
+    z = te.compute(a.shape, lambda *idx: safe_ratio(a.mean[idx], safe_sqrt(a.var_at(idx))), name="relu_z", attrs=SHARED)
+    pdf = te.compute(a.shape, lambda *idx: std_normal_pdf(z[idx]), name="relu_pdf", attrs=SHARED)
+    cdf = te.compute(a.shape, lambda *idx: std_normal_cdf(z[idx], pdf[idx]), name="relu_cdf", attrs=SHARED)
     mean, second = te.compute(
-        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (z[idx], pdf[idx])), name="relu"
+        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], pdf[idx])), name="relu"
     )
     return Gaussian(mean, second, "second_moment")
 

@@ -186,9 +186,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
         downstream = _downstream(sch, root, block)
         if accumulate == "row" and spatial >= 2:
-            for consumer in downstream:
+            for consumer in downstream:  # one row loop each: those without libm calls vectorise
                 sch.reverse_compute_at(consumer, loops[spatial - 2])
-            _one_nest(sch, downstream)
             sch.decompose_reduction(block, loops[spatial - 1])
             update = sch.get_loops(block)
             sch.reorder(*update[spatial:], update[spatial - 1])

@@ -38,7 +38,8 @@ def std_normal_cdf(z, pdf=None):
     for coefficient in reversed(_AS_B[:4]):
         poly = poly * t + f32(coefficient)
     lower = pdf * poly * t
-    return tirx.Select(z >= f32(0.0), f32(1.0) - lower, lower)
+    upper_half = tirx.Cast("float32", z >= f32(0.0))  # arithmetic, not a branch: the loop stays vectorisable
+    return lower + upper_half * (f32(1.0) - f32(2.0) * lower)
 
 
 def std_normal_pdf(z):
@@ -57,10 +58,11 @@ def safe_ratio(num, den):
 
 
 def relu_terms(mean, var):
-    """(z, phi(z)) with z = M / sqrt(V): the part of `relu_moments` that needs exp, computed
+    """(Phi(z), phi(z)) with z = M / sqrt(V): the part of `relu_moments` that needs exp, computed
     once per element and shared by both moments."""
     z = safe_ratio(mean, safe_sqrt(var))
-    return z, std_normal_pdf(z)
+    pdf = std_normal_pdf(z)
+    return std_normal_cdf(z, pdf), pdf
 
 
 def relu_moments(mean, var, terms=None):
@@ -70,11 +72,10 @@ def relu_moments(mean, var, terms=None):
     E[y^2] = (M^2 + V) Phi(z) + M s phi(z)
 
     V = 0 gives z = +-inf (or 0 when M = 0), hence exactly (relu(M), relu(M)^2).
-    ``terms``: `relu_terms` of the same element, when the caller computed them once already.
-    Returns (E[y], E[y^2]).
+    ``terms``: `relu_terms` (Phi(z), phi(z)) of the same element, when the caller computed them
+    once already. Returns (E[y], E[y^2]).
     """
-    z, pdf = terms if terms is not None else relu_terms(mean, var)
-    cdf = std_normal_cdf(z, pdf)
+    cdf, pdf = terms if terms is not None else relu_terms(mean, var)
     std_pdf = safe_sqrt(var) * pdf
     first = mean * cdf + std_pdf
     second = (mean * mean + var) * cdf + mean * std_pdf
