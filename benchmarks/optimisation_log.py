@@ -21,7 +21,8 @@ STEPS = [
     ("5d50551", "ReLU/Clark terms computed once per element (shared stages), max-pool as a chain of Clark steps"),
     ("5ea86e4", "'row' schedule on the host: reduction loops outside the output row, vectorisable inner loop"),
     ("f7ca4e3", "Phi from phi by A&S 26.2.17: no erf, one exp per element"),
-    ("HEAD", "this commit (operator coverage, hostile-name taming, codebooks merged since)"),
+    ("2f67588", "operator coverage, hostile-name taming, codebooks merged (no kernel change intended)"),
+    ("HEAD", "ReLU epilogue split into vectorisable stages; only exp stays scalar"),
 ]
 
 COMPILE = """

@@ -54,9 +54,12 @@ NOTES = """
   (V = Σ q·t − (m·μ)², sharing m·μ with the mean) and reads two weight arrays; the first layer 2.
   `pfpc report` prints the per-layer count (LeNet: 2.82 PFP multiply-adds per MAC, MLP 2.37).
   On top come the Gaussian nonlinearities: per ReLU output or Clark step one `expf`, one `sqrtf`
-  and two divisions (Φ from φ by Abramowitz & Stegun 26.2.17, no `erf`). On the MLP those are about
-  a quarter of the PFP's time, which is why PFP/det. sits near 3 on the host: the deterministic
-  network's epilogue is a single `max`.
+  and two divisions (Φ from φ by Abramowitz & Stegun 26.2.17, no `erf`). On SIMD targets the ReLU
+  epilogue runs as separate row loops (z, φ(z), Φ(z), moments) that the C compiler vectorises,
+  except the one calling `expf`. On the MLP this epilogue is still about a fifth of the PFP's
+  time, and the deterministic network's epilogue is a single `max`: PFP/det. on the host varies
+  between about 2.6 and 3.2 from run to run on this shared machine (compare the optimisation
+  log's last row with the table above, measured minutes apart).
 - **Compiler flags move the deterministic baseline more than the PFP.** With `-O3` instead of the
   Makefile's `-O2`, gcc fully unrolls LeNet's small convolutions and drops their padding branches:
   the deterministic LeNet went from 25 µs to 4.6 µs, the PFP from 62 µs to 35 µs (PFP/det. 7.7),
