@@ -106,12 +106,6 @@ def time_binaries(binaries: dict, inputs: list[np.ndarray], repeats: int = 5, ro
     return {key: float(np.median(values)) for key, values in times.items()}
 
 
-def time_c(out_dir: str, inputs: list[np.ndarray], cflags: tuple = ()) -> float:
-    """Median ns per call of ``<name>_run`` of one generated library."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return time_binaries({"c": build_timer(out_dir, tmp, cflags)}, inputs)["c"]
-
-
 def time_ort_svi(model, posterior, inputs: dict, samples: int, rounds: int = 7, seed: int = 0) -> float:
     """Median ns per prediction of SVI as users run it today: per sample, weights drawn in NumPy
     and the mean network run by onnxruntime (one thread), S samples per prediction."""
@@ -195,6 +189,12 @@ def benchmark_model(model_path: str, posterior_path: str, batches=(1, 8, 32, 128
         if progress is not None:
             progress(text)
 
+    def batch_input(shape):
+        """``inputs`` repeated to fill the batch, or standard-normal values."""
+        if inputs is None:
+            return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        return np.resize(inputs.astype(np.float32), shape)
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -204,10 +204,7 @@ def benchmark_model(model_path: str, posterior_path: str, batches=(1, 8, 32, 128
             model = load_model(model_path, batch)
             posterior = load_posterior(model, posterior_path)
             (input_name, shape), = input_shapes(model).items()
-            if inputs is None:
-                x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-            else:
-                x = np.resize(inputs.astype(np.float32), shape)
+            x = batch_input(shape)
             where = os.path.join(tmp, f"b{batch}")
             step(f"batch {batch}: compiling PFP, deterministic and SVI")
             pfp = compiler.compile(model, posterior, out_dir=os.path.join(where, "pfp"), batch=batch)
@@ -231,12 +228,13 @@ def benchmark_model(model_path: str, posterior_path: str, batches=(1, 8, 32, 128
                 row["tvm_vm"] = time_tvm_vm(_tvm_scheduled(pfp.mod, get_target("host").accumulate), [x]) / 1e3
             rows.append(row)
         cycles = None
-        if cycles_target and shutil.which("qemu-system-arm") and shutil.which(get_target(cycles_target).cc):
+        emulated = get_target(cycles_target) if cycles_target else None
+        if emulated and emulated.bare_metal and shutil.which(emulated.emulator) and shutil.which(emulated.cc):
             step(f"{cycles_target}: SysTick cycles under QEMU")
             model = load_model(model_path, 1)
             posterior = load_posterior(model, posterior_path)
-            (input_name, shape), = input_shapes(model).items()
-            x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) if inputs is None else np.resize(inputs.astype(np.float32), shape)
+            (_, shape), = input_shapes(model).items()
+            x = batch_input(shape)
             cycles = {}
             variants = [("pfp", posterior, {}), ("det", None, {})] + [(f"svi_c_{n}", posterior, {"mode": "svi", "samples": n}) for n in samples]
             for key, post, options in variants:

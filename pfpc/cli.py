@@ -244,13 +244,16 @@ def _load_npy(path):
 
 
 def _run(args) -> int:
+    from .codegen.targets import get_target
     from .compiler import read_metadata, run
 
     _check_out_dir(args.out_dir)
     if args.cycles and not args.emulate:
         raise PfpcError("--cycles needs --emulate (cycles are counted on the emulated Cortex-M)")
-    if args.cycles and read_metadata(args.out_dir).get("target", "host") not in ("cortex-m4", "cortex-m7", "cortex-m55"):
-        raise PfpcError(f"{args.out_dir}: --cycles needs a Cortex-M target (compiled for {read_metadata(args.out_dir).get('target')})")
+    if args.cycles:
+        compiled_for = read_metadata(args.out_dir).get("target", "host")
+        if not get_target(compiled_for).bare_metal:
+            raise PfpcError(f"{args.out_dir}: --cycles needs a Cortex-M target (compiled for {compiled_for})")
     inputs = [_load_npy(p) for p in args.input]
     outcome = run(args.out_dir, inputs, emulate=args.emulate)
     results, extras = outcome.outputs, outcome.extras

@@ -236,15 +236,16 @@ def build_host(out_dir: str, cc: str = "cc") -> str:
     return os.path.join(out_dir, runner)
 
 
-def build_for_target(out_dir: str) -> tuple:
-    """Build the runner with the Makefile's own toolchain; returns (target, program path)."""
+def build_for_target(out_dir: str, meta: dict | None = None) -> tuple:
+    """Build the runner with the Makefile's own toolchain; returns (target, program path).
+    ``meta``: the directory's `read_metadata`, when the caller has it already."""
     import shutil
 
-    meta = read_metadata(out_dir)
+    meta = meta or read_metadata(out_dir)
     target = get_target(meta.get("target", "host"))
     program = meta["name"] + ("_qemu.elf" if target.bare_metal else "_main")
-    for tool in [target.cc, target.emulator_command("x", [])[0]]:
-        if tool != "x" and not shutil.which(tool):
+    for tool in [target.cc, target.emulator]:
+        if tool is not None and not shutil.which(tool):
             raise PfpcError(f"{out_dir}: running target {target.name} needs {tool}, which is not installed")
     _make(out_dir, program)
     return target, os.path.join(out_dir, program)
@@ -304,7 +305,7 @@ def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False) -> RunRes
 
     meta = read_metadata(out_dir)
     if emulate:
-        target, program = build_for_target(out_dir)
+        target, program = build_for_target(out_dir, meta)
     else:
         target, program = get_target("host"), build_host(out_dir)
     if len(inputs) != len(meta["inputs"]):

@@ -32,15 +32,22 @@ class Target:
     def cmake_processor(self) -> str:
         return "arm" if self.bare_metal else ("aarch64" if "aarch64" in self.cc else "")
 
+    @property
+    def emulator(self) -> str | None:
+        """The QEMU binary that runs this target's programs here; None for the host."""
+        if self.bare_metal:
+            return "qemu-system-arm"
+        return "qemu-aarch64" if self.cmake_processor == "aarch64" else None
+
     def emulator_command(self, program: str, args: list[str]) -> list[str]:
-        """How to run ``program args...`` for this target on this machine; [] for the host."""
+        """How to run ``program args...`` for this target on this machine (directly on the host)."""
         if self.bare_metal:
             semihosting = ",".join(["enable=on,target=native", *(f"arg={a}" for a in [os.path.basename(program), *args])])
-            return ["qemu-system-arm", "-M", self.qemu_machine, "-nographic", "-icount", "shift=0",
+            return [self.emulator, "-M", self.qemu_machine, "-nographic", "-icount", "shift=0",
                     "-semihosting-config", semihosting, "-kernel", program]
-        if self.cmake_processor == "aarch64":
+        if self.emulator:
             cpu = ["-cpu", self.cpu] if self.cpu else []
-            return ["qemu-aarch64", *cpu, "-L", "/usr/aarch64-linux-gnu", program, *args]
+            return [self.emulator, *cpu, "-L", "/usr/aarch64-linux-gnu", program, *args]
         return [program, *args]
 
 
