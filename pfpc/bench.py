@@ -111,21 +111,16 @@ def time_ort_svi(model, posterior, inputs: dict, samples: int, rounds: int = 7, 
     and the mean network run by onnxruntime (one thread), S samples per prediction."""
     import time
 
-    from .verify import sampling_session
+    from .verify import sampling_session, weight_sampler
 
     session, stochastic = sampling_session(model, posterior)
-    rng = np.random.default_rng(seed)
-    means = {name: posterior.means[name].astype(np.float32) for name in stochastic}
-    stds = {name: np.sqrt(posterior.variances[name]).astype(np.float32) for name in stochastic}
+    draw = weight_sampler(posterior, stochastic, seed, dtype=np.float32)
     names = [o.name for o in session.get_outputs()]
 
     def predict():
         total = total_sq = 0.0
         for _ in range(samples):
-            feed = dict(inputs)
-            for name in stochastic:
-                feed[name] = means[name] + stds[name] * rng.standard_normal(means[name].shape, dtype=np.float32)
-            out = session.run(names, feed)[0]
+            out = session.run(names, {**inputs, **draw()})[0]
             total = total + out
             total_sq = total_sq + out * out
         return total / samples, total_sq / samples - (total / samples) ** 2

@@ -33,20 +33,32 @@ def sampling_session(model: onnx.ModelProto, posterior: Posterior):
     return session, stochastic
 
 
+def weight_sampler(posterior: Posterior, stochastic, seed: int = 0, dtype=np.float64):
+    """A function returning one draw w ~ N(mean, var) of every tensor in ``stochastic`` as float32
+    arrays. ``dtype`` is the arithmetic of the draw: float64 for reference Monte Carlo, float32
+    for timing what users run."""
+    rng = np.random.default_rng(seed)
+    means = {name: posterior.means[name].astype(dtype) for name in stochastic}
+    stds = {name: np.sqrt(posterior.variances[name].astype(dtype)) for name in stochastic}
+
+    def draw() -> dict:
+        return {
+            name: (means[name] + stds[name] * rng.standard_normal(means[name].shape, dtype=dtype)).astype(np.float32, copy=False)
+            for name in stochastic
+        }
+
+    return draw
+
+
 def sampled_outputs(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0):
     """Yield, per weight sample w ~ q(w) = N(mean, var) (NumPy, float64 then float32), the list of
     the model's outputs for ``inputs`` (one onnxruntime run each). Also the output names first."""
     session, stochastic = sampling_session(model, posterior)
-    rng = np.random.default_rng(seed)
-    stds = {name: np.sqrt(posterior.variances[name].astype(np.float64)) for name in stochastic}
-    means = {name: posterior.means[name].astype(np.float64) for name in stochastic}
+    draw = weight_sampler(posterior, stochastic, seed)
     names = [o.name for o in session.get_outputs()]
     yield names
     for _ in range(samples):
-        feed = dict(inputs)
-        for name in stochastic:
-            feed[name] = (means[name] + stds[name] * rng.standard_normal(means[name].shape)).astype(np.float32)
-        yield session.run(names, feed)
+        yield session.run(names, {**inputs, **draw()})
 
 
 def monte_carlo(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0):
