@@ -10,16 +10,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import tvm_ffi
 from tvm import relax
 
 from .codegen import emit_c, emit_svi, footprint, shared_weights
 from .codegen.targets import get_target
-from .errors import PfpcError, reraise_from_tvm
+from .errors import PfpcError
 from .frontends.onnx_model import input_shapes, load_model, output_shapes
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
 from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.pipeline import default_passes, svi_passes
+
+# A PfpcError raised inside a pass crosses TVM's FFI; registered, it comes back as itself.
+tvm_ffi.register_error(PfpcError)
 
 MODES = ("pfp", "svi")
 SVI_DEFAULT_SAMPLES = 100
@@ -98,13 +102,7 @@ def compile(  # noqa: A001 - the public name users expect
         os.makedirs(dump_ir, exist_ok=True)
         _dump(dump_ir, 0, "import", mod)
     for index, (pass_name, transform) in enumerate(passes, start=1):
-        try:
-            mod = transform(mod)
-        except PfpcError:
-            raise
-        except Exception as err:
-            reraise_from_tvm(err)
-            raise
+        mod = transform(mod)
         if dump_ir:
             _dump(dump_ir, index, pass_name, mod)
     func = mod["main"]
