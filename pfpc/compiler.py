@@ -286,11 +286,13 @@ def _shape_list(value) -> bool:
 @dataclass
 class RunResult:
     """(mean, var) per output; the predictive outputs compiled in (``probs``, ``entropy``, ``ood``);
-    for Cortex-M under QEMU, the SysTick cycles of every call."""
+    for Cortex-M under QEMU, the SysTick cycles and the peak stack bytes (painted stack, libm
+    included) of every call."""
 
     outputs: list
     cycles: list
     extras: dict
+    stack_bytes: list
 
 
 def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False) -> RunResult:
@@ -328,6 +330,7 @@ def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False) -> RunRes
             raise PfpcError(f"{out_dir}: the generated program failed: {(result.stderr or result.stdout).strip()[-500:]}")
         raw = np.fromfile(os.path.join(tmp, "out.f32"), np.float32)
     cycles = [int(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("pfpc cycles ")]
+    stack = [int(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("pfpc stack ")]
     # per chunk: mean and var of every output, then every extra output
     layout = [shape for _, shape in meta["outputs"] for _ in range(2)] + [shape for _, shape in meta.get("extra_outputs", [])]
     raw = raw.reshape(chunks, sum(int(np.prod(shape)) for shape in layout))
@@ -339,7 +342,7 @@ def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False) -> RunRes
     count = len(meta["outputs"])
     outputs = [(arrays[2 * i], arrays[2 * i + 1]) for i in range(count)]
     extras = {kind: value for (kind, _), value in zip(meta.get("extra_outputs", []), arrays[2 * count :])}
-    return RunResult(outputs, cycles, extras)
+    return RunResult(outputs, cycles, extras, stack)
 
 
 def run_host(out_dir: str, inputs: list[np.ndarray], extras: bool = False):

@@ -422,7 +422,8 @@ def _runner(program: Program) -> str:
     return f"""/* {name}_main.c: the runner used by `pfpc run`, not part of the library.
  * Reads batches of raw float32 inputs from argv[1] and writes raw means and variances (then the
  * predictive outputs, if any) to argv[2].
- * Built with -DPFPC_CYCLES (the QEMU program for Cortex-M), it prints the cycles of every run. */
+ * Built with -DPFPC_CYCLES (the QEMU program for Cortex-M), it prints the cycles and the peak
+ * stack (painted and checked, libm included) of every run. */
 #include <stdio.h>
 
 #include "{name}.h"
@@ -430,6 +431,8 @@ def _runner(program: Program) -> str:
 #ifdef PFPC_CYCLES
 #include <stdint.h>
 uint64_t pfpc_cycles(void); /* firmware/startup_cortex_m.c */
+void pfpc_stack_paint(void);
+uint32_t pfpc_stack_used(void);
 #endif
 
 int main(int argc, char** argv) {{
@@ -451,9 +454,15 @@ int main(int argc, char** argv) {{
 {reads}
 #ifdef PFPC_CYCLES
     {{
-      uint64_t start = pfpc_cycles();
+      uint64_t start, cycles;
+      unsigned long stack;
+      pfpc_stack_paint();
+      start = pfpc_cycles();
       {name}_run({", ".join(call_args)});
-      printf("pfpc cycles %lu\\n", (unsigned long)(pfpc_cycles() - start));
+      cycles = pfpc_cycles() - start;
+      stack = (unsigned long)pfpc_stack_used(); /* before printf's own frames */
+      printf("pfpc cycles %lu\\n", (unsigned long)cycles);
+      printf("pfpc stack %lu\\n", stack);
     }}
 #else
     {name}_run({", ".join(call_args)});

@@ -4,7 +4,9 @@
  *
  * It also provides a cycle counter for `pfpc run --emulate --cycles`: SysTick runs on the
  * processor clock from reset and an interrupt counts its 24-bit wraps. Under
- * `qemu-system-arm -icount shift=0` every run of the same code gives the same count. */
+ * `qemu-system-arm -icount shift=0` every run of the same code gives the same count. And a stack
+ * high-water mark for the same runs: the stack below the caller is painted with a pattern before
+ * the call, and the painted words overwritten after it are counted (libm frames included). */
 #include <stdint.h>
 
 extern uint32_t __etext, __data_start__, __data_end__, __bss_start__, __bss_end__, __StackTop;
@@ -46,6 +48,28 @@ uint64_t pfpc_cycles(void) {
     value = SYSTICK_CVR;
   } while (wraps != systick_wraps);
   return (uint64_t)wraps * SYSTICK_PERIOD + (SYSTICK_PERIOD - 1u - value);
+}
+
+#define STACK_PATTERN 0x5AFEC0DEu
+#define STACK_WINDOW_WORDS (64u * 1024u / 4u) /* far more than any pfpc model needs */
+static uint32_t* stack_painted_top;
+
+/* Paint the STACK_WINDOW_WORDS words below the caller's stack pointer. A leaf without locals:
+ * its stack pointer is the caller's. */
+__attribute__((noinline)) void pfpc_stack_paint(void) {
+  uint32_t* sp;
+  uint32_t index;
+  __asm__ volatile("mov %0, sp" : "=r"(sp));
+  stack_painted_top = sp;
+  for (index = 1; index <= STACK_WINDOW_WORDS; ++index) sp[-(int32_t)index] = STACK_PATTERN;
+}
+
+/* Bytes of stack below the painted top written since pfpc_stack_paint(): the peak stack of the
+ * calls made in between (with the exception frame of a SysTick interrupt, if one hit the peak). */
+uint32_t pfpc_stack_used(void) {
+  uint32_t index = STACK_WINDOW_WORDS;
+  while (index > 0 && stack_painted_top[-(int32_t)index] == STACK_PATTERN) index--;
+  return index * 4u;
 }
 
 static int semihost(int operation, void* argument) {
