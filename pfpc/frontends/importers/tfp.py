@@ -39,6 +39,11 @@ def extract(obj, label):
     return from_arrays(state_dict_arrays(obj, label), label)
 
 
+def std_from_untransformed(untransformed_scale: np.ndarray) -> np.ndarray:
+    """TFP's ``default_loc_scale_fn`` scale: float32 eps + softplus (stable for large values)."""
+    return FLOAT32_EPS + np.logaddexp(0.0, untransformed_scale)
+
+
 def torch_layout(kernel: np.ndarray) -> np.ndarray:
     """Keras ``[..., in, out]`` (Dense [in, out], Conv HWIO) -> PyTorch ``[out, in, ...]``."""
     if kernel.ndim < 2:
@@ -52,6 +57,11 @@ def _role(parameter):
 
 def from_arrays(arrays: dict, label: str) -> list:
     """Gaussians of the ``<layer>/<kernel|bias>_posterior_loc`` / ``_untransformed_scale`` pairs."""
+    variational = [key for key in arrays if {"posterior", "_posterior"} & set(key.split("/")[:-1])]
+    if variational:
+        raise PfpcError(f"{label}: '{variational[0]}' holds the parameters of a DenseVariational posterior, a user-defined "
+                        "function whose transform is in Python code, not in the weights file (pfpc never guesses it); "
+                        "import from Python with the model: pfpc.frontends.importers.import_posterior('tfp', model, onnx_model)")
     found = []
     for key, loc in arrays.items():
         if not key.endswith("_posterior_loc"):
@@ -65,15 +75,9 @@ def from_arrays(arrays: dict, label: str) -> list:
             raise PfpcError(f"{label}: '{key}' has shape {list(loc.shape)} but '{scale_key}' has {list(scale.shape)}")
         layer, _, parameter = prefix.rpartition("/")
         role = _role(parameter) or parameter
-        std = FLOAT32_EPS + np.logaddexp(0.0, scale)
+        std = std_from_untransformed(scale)
         name = f"{layer.replace('/', '.')}.{role}" if layer else role
         found.append(Gaussian(name, torch_layout(loc), torch_layout(std), f"{key}, {scale_key} (std = {STD_FORMULA})"))
-    if not found:
-        variational = [key for key in arrays if "variable_layer" in key]
-        if variational:
-            raise PfpcError(f"{label}: '{variational[0]}' is the parameter vector of a DenseVariational posterior, a user-defined "
-                            "function whose transform is in Python code, not in the weights file (pfpc never guesses it); "
-                            "import from Python with the model: pfpc.frontends.importers.import_posterior('tfp', model, onnx_model)")
     return found
 
 
@@ -105,8 +109,11 @@ def posterior_moments(distribution, where: str):
 
     tfd = tfp.distributions
     inner = distribution
-    while isinstance(inner, tfd.Independent):
-        inner = inner.distribution
+    while True:  # through Independent and DistributionLambda's tensor-coercible wrapper
+        wrapped = inner.distribution if isinstance(inner, tfd.Independent) else getattr(inner, "tensor_distribution", None)
+        if wrapped is None:
+            break
+        inner = wrapped
     if isinstance(inner, (tfd.Deterministic, tfd.VectorDeterministic)):
         return np.asarray(distribution.mean(), np.float64), None
     diagonal = isinstance(inner, tfd.MultivariateNormalLinearOperator) and isinstance(inner.scale, tf.linalg.LinearOperatorDiag)
