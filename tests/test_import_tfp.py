@@ -159,12 +159,14 @@ def test_dense_flipout_from_h5_via_cli(trained, tmp_path, capsys):
     check_exact(compile_pfp(model.onnx, arrays, model.x, tmp_path), model.samples())
 
 
-def test_file_transform_is_tfps(trained):
+def test_file_transform_is_tfps(trained, tmp_path):
     """The std read from the file (softplus + eps applied by pfpc) equals TFP's own ``stddev()`` of the
-    layer's posterior, and a TF checkpoint gives the same as the HDF5 file."""
+    layer's posterior; a TF checkpoint and a whole-model .h5 give the same as the weights .h5."""
     model = trained("dense_flipout")
+    whole = str(tmp_path / "model.h5")
+    model.model.save(whole)
     from_object = import_posterior("tfp", model.model, model.onnx)
-    for source in (model.h5, model.checkpoint):
+    for source in (model.h5, model.checkpoint, whole):
         from_file = import_posterior("tfp", source, model.onnx)
         assert sorted(from_file) == sorted(from_object)
         for key in from_file:
