@@ -281,3 +281,20 @@ def test_full_covariance_refused(tmp_path):
     model(np.zeros((1, 3), np.float32))
     with pytest.raises(PfpcError, match="layer 'full' \\(DenseVariational\\): the posterior is MultivariateNormalTriL; pfpc needs a mean-field"):
         tfp_importer.from_keras(model, "model")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("weights.h5", b"not hdf5", "not a readable HDF5 weights file"),
+    ("missing.h5", None, "no such weights file"),
+    ("ckpt.index", b"", "not a readable TF checkpoint"),
+])
+def test_unreadable_files(trained, tmp_path, capsys, name, content, message):
+    """Broken or missing Keras files: one line naming the file, exit 2, nothing written."""
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    npz = tmp_path / "post.npz"
+    assert pfpc.cli.main(["import-posterior", "--from", "tfp", str(path), "--onnx", trained("dense_flipout").onnx, "-o", str(npz)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error and name.split(".")[0] in error, error
+    assert not npz.exists()

@@ -119,10 +119,30 @@ def load_keras_h5(path: str) -> dict:
     return arrays
 
 
+def import_tensorflow():
+    """``tensorflow``, imported without its C++ start-up log lines on stderr (absl prints them before
+    any log level applies; they would bury pfpc's one-line messages). Raises ImportError."""
+    import sys
+
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return tensorflow
+
+
 def load_tf_checkpoint(prefix: str) -> dict:
     """{object path: array} of the model variables in a TF checkpoint (optimizer state skipped)."""
     try:
-        import tensorflow as tf
+        tf = import_tensorflow()
     except ImportError:
         raise PfpcError(f"{prefix}: reading a TF checkpoint needs tensorflow (pip install -r requirements-tfp.txt)") from None
     try:
