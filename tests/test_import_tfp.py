@@ -248,6 +248,34 @@ def test_export_matches_keras_forward(tmp_path):
     keras_out = model(x).numpy()
     print(f"ONNX vs Keras (std = eps): max |difference| {np.max(np.abs(onnx_out - keras_out)):.2g}, max |output| {np.max(np.abs(keras_out)):.3g}")
     np.testing.assert_allclose(onnx_out, keras_out, rtol=1e-5, atol=1e-5)
+    # pfpc compiles tf2onnx's graph (input Transpose, max pool, Transpose before the flatten)
+    pfp_mean, _ = compile_pfp(str(tmp_path / "model.onnx"), dict(np.load(tmp_path / "post.npz")), x, tmp_path)
+    np.testing.assert_allclose(np.reshape(pfp_mean, keras_out.shape), keras_out, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_variational_multivariate_normal_diag():
+    """A DenseVariational posterior written as MultivariateNormalDiag: kernel and bias split as the
+    layer does, std = the user's formula evaluated on the layer's variable."""
+    c = np.log(np.expm1(1.0))
+
+    def posterior_diag(kernel_size, bias_size=0, dtype=None):
+        n = kernel_size + bias_size
+        return keras.Sequential([
+            tfl.VariableLayer(2 * n, dtype=dtype, initializer=keras.initializers.RandomNormal(0.0, 0.5, seed=3)),
+            tfl.DistributionLambda(lambda t: tfd.MultivariateNormalDiag(loc=t[..., :n], scale_diag=1e-5 + tf.nn.softplus(c + t[..., n:]))),
+        ])
+
+    model = keras.Sequential([keras.Input((3,)), tfl.DenseVariational(2, posterior_diag, prior_trainable, name="diag")])
+    model(np.zeros((1, 3), np.float32))
+    vector = model.layers[0]._posterior.layers[0].weights[0].numpy().astype(np.float64)
+    loc, untransformed = vector[:8], vector[8:]
+    std = 1e-5 + np.logaddexp(0.0, c + untransformed)
+    weight, bias = tfp_importer.from_keras(model, "model")
+    assert (weight.name, bias.name) == ("diag.weight", "diag.bias")
+    np.testing.assert_allclose(weight.mean, loc[:6].reshape(3, 2).T, rtol=1e-6)
+    np.testing.assert_allclose(weight.std, std[:6].reshape(3, 2).T, rtol=1e-6)
+    np.testing.assert_allclose(bias.mean, loc[6:], rtol=1e-6)
+    np.testing.assert_allclose(bias.std, std[6:], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
