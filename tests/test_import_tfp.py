@@ -326,3 +326,9 @@ def test_unreadable_files(trained, tmp_path, capsys, name, content, message):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and message in error and name.split(".")[0] in error, error
     assert not npz.exists()
+
+
+def test_unbuilt_model_refused():
+    model = keras.Sequential([tfl.DenseFlipout(2, name="fc")])
+    with pytest.raises(PfpcError, match="Sequential: the Keras model is not built yet"):
+        import_posterior("tfp", model, "unused.onnx")

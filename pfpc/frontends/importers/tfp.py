@@ -126,8 +126,6 @@ def posterior_moments(distribution, where: str):
 def layer_posterior(layer, label: str) -> dict:
     """``{"weight": (mean, std|None), "bias": ...}`` of a TFP layer, in the Keras layout."""
     where = f"{label}: layer '{layer.name}' ({type(layer).__name__})"
-    if not getattr(layer, "built", True):
-        raise PfpcError(f"{where} is not built yet (call the model on an input first)")
     if not _is_dense_variational(layer):
         found = {"weight": posterior_moments(layer.kernel_posterior, where)}
         if getattr(layer, "bias_posterior", None) is not None:
@@ -138,12 +136,17 @@ def layer_posterior(layer, label: str) -> dict:
     size = inputs * layer.units
     if mean.shape != (size + (layer.units if layer.use_bias else 0),):
         raise PfpcError(f"{where}: the posterior has shape {list(mean.shape)}, expected one vector of kernel and bias")
-    split = lambda a: {"weight": (a[:size].reshape(inputs, layer.units)), "bias": a[size:]}  # noqa: E731 (TFP's tf.split + reshape)
-    means, stds = split(mean), split(std) if std is not None else {"weight": None, "bias": None}
-    return {role: (means[role], stds[role]) for role in (("weight", "bias") if layer.use_bias else ("weight",))}
+
+    def split(vector):  # as the layer's call does: tf.split([in * units, units]), kernel reshaped [in, units]
+        return {"weight": vector[:size].reshape(inputs, layer.units), "bias": vector[size:]} if vector is not None else {}
+
+    means, stds = split(mean), split(std)
+    return {role: (means[role], stds.get(role)) for role in (("weight", "bias") if layer.use_bias else ("weight",))}
 
 
 def from_keras(model, label: str) -> list:
+    if not getattr(model, "built", True):  # TFP layers create their posteriors when built
+        raise PfpcError(f"{label}: the Keras model is not built yet (call it on an input, or train it, first)")
     found = []
     for layer in keras_layers(model):
         if not is_variational(layer):
