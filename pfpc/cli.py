@@ -152,7 +152,7 @@ def _import_parser():
 
     parser = _Parser(prog="pfpc import-posterior", description="Turn the posterior of a BNN trained with "
                                      "another library into a pfpc posterior .npz for the ONNX mean network.")
-    parser.add_argument("checkpoint", help="the library's checkpoint (torch.save'd state dict or Pyro param store)")
+    parser.add_argument("checkpoint", help="the library's checkpoint (torch.save'd state dict, Pyro param store, Keras .h5 weights or TF checkpoint)")
     parser.add_argument("--from", dest="format", required=True, choices=sorted(FORMATS), help="the library that trained it")
     parser.add_argument("--onnx", required=True, help="ONNX model of the posterior-mean network")
     parser.add_argument("-o", "--output", required=True, help="posterior .npz to write (<initializer>.std)")

@@ -1,4 +1,4 @@
-"""From a PyTorch BNN, write the posterior-mean ONNX and the posterior .npz in one call.
+"""From a PyTorch or TensorFlow Probability BNN, write the posterior-mean ONNX and the posterior .npz in one call.
 
 ``export_bnn(model, example_inputs, "model.onnx", "post.npz")`` takes
 
@@ -12,6 +12,9 @@ exports the mean network with ``torch.onnx.export(dynamo=False)`` (the TorchScri
 no onnxscript) and places the posterior on its initializers with the importers' matching (which also
 follows the exporter's batch-norm folding). Both files are written only when everything succeeded.
 The returned `ImportResult` has the report.
+
+``export_tfp(model, "model.onnx", "post.npz")`` does the same for a tf_keras ``Sequential`` model with
+``tfp.layers`` (see `export_tfp`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ def export_bnn(model, example_inputs, onnx_path, npz_path, posterior: dict | Non
         if isinstance(mean_model(*example_inputs), (tuple, list)):
             mean_model = _first_output(mean_model)
     onnx_model = _export(mean_model, example_inputs, opset, input_names, output_names)
+    return _match_and_write(onnx_model, gaussians, label, onnx_path, npz_path)
+
+
+def _match_and_write(onnx_model, gaussians, label, onnx_path, npz_path) -> ImportResult:
+    """Place ``gaussians`` on ``onnx_model`` and write both files (both or neither)."""
     result = match_gaussians(gaussians, fold_constants(_copy(onnx_model)), label)
     bind_posterior(fold_constants(_copy(onnx_model)), result.arrays, label)
     _write_model(onnx_model, onnx_path)
@@ -190,3 +198,98 @@ def _export(model, example_inputs, opset, input_names, output_names):
 
 def _write_model(model, path):
     atomic_write(path, lambda stream: stream.write(model.SerializeToString()), "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorFlow Probability (tf_keras)
+
+#: tf2onnx names a layer's variables ``<model>/<layer>/<op>/ReadVariableOp:0``.
+TF2ONNX_VARIABLE = re.compile(r"^(?:.*/)?(?P<layer>[^/]+)/(?P<op>[^/]+)/ReadVariableOp:0$")
+
+
+def export_tfp(model, onnx_path, npz_path, opset: int = 17, input_name: str = "x") -> ImportResult:
+    """Write the posterior-mean network of the tf_keras ``Sequential`` ``model`` (TFP Dense/Conv
+    Reparameterization, Flipout, LocalReparameterization and DenseVariational layers, plus any plain
+    Keras layers tf2onnx converts: Flatten, MaxPool2D, ReLU, activations, ...) to ``onnx_path`` and its
+    posterior to ``npz_path``.
+
+    The TFP layers become Dense/ConvND layers holding their posterior means (same names, same
+    activation); tf2onnx converts the result, the Keras input layout included (an NHWC input gets a
+    Transpose in front, and Flatten keeps Keras' order); its weight initializers are renamed
+    ``<layer>.weight``/``<layer>.bias``. Posteriors are read from the model object (`tfp.from_keras`).
+    """
+    try:
+        import tensorflow as tf
+        import tf2onnx
+    except ImportError:
+        raise PfpcError("pfpc.export.export_tfp needs tensorflow, tf_keras, tensorflow-probability and tf2onnx "
+                        "(pip install -r requirements-tfp.txt)") from None
+    from .frontends.importers import tfp
+
+    label, gaussians = extract("tfp", model, "model")
+    mean_model = tfp_mean_network(model)
+    spec = (tf.TensorSpec((None, *mean_model.input_shape[1:]), tf.float32, name=input_name),)
+    try:
+        onnx_model, _ = tf2onnx.convert.from_keras(mean_model, input_signature=spec, opset=opset)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PfpcError(f"model: tf2onnx could not convert the mean network: {first}") from None
+    _name_weights_by_layer(onnx_model, {layer.name for layer in tfp.keras_layers(mean_model)})
+    return _match_and_write(onnx_model, gaussians, label, onnx_path, npz_path)
+
+
+def tfp_mean_network(model):
+    """A tf_keras ``Sequential`` copy of ``model`` whose TFP layers hold their posterior means."""
+    import tf_keras as keras
+
+    from .frontends.importers import tfp
+
+    if not isinstance(model, keras.Sequential):
+        raise PfpcError(f"model: export_tfp handles tf_keras Sequential models, not {type(model).__name__}; export the "
+                        "mean network yourself and import with import_posterior('tfp', model, onnx_model)")
+    layers, weights = [], []
+    for layer in model.layers:
+        if tfp.is_variational(layer):
+            plain, values = _tfp_mean_layer(layer, tfp.layer_posterior(layer, "model"))
+        else:
+            plain, values = type(layer).from_config(layer.get_config()), layer.get_weights()
+        layers.append(plain)
+        weights.append(values)
+    mean_model = keras.Sequential([keras.Input(model.input_shape[1:])] + layers, name=model.name)
+    for plain, values in zip(layers, weights):
+        plain.set_weights(values)
+    return mean_model
+
+
+def _tfp_mean_layer(layer, posterior):
+    import tf_keras as keras
+
+    use_bias = "bias" in posterior
+    if hasattr(layer, "filters"):
+        if layer.rank not in (1, 2, 3):
+            raise PfpcError(f"model: layer '{layer.name}' is a {layer.rank}-D convolution")
+        conv = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[layer.rank]
+        plain = conv(layer.filters, layer.kernel_size, strides=layer.strides, padding=layer.padding, data_format=layer.data_format,
+                     dilation_rate=layer.dilation_rate, activation=layer.activation, use_bias=use_bias, name=layer.name)
+    elif hasattr(layer, "units"):
+        plain = keras.layers.Dense(layer.units, activation=layer.activation, use_bias=use_bias, name=layer.name)
+    else:
+        raise PfpcError(f"model: layer '{layer.name}' is a {type(layer).__name__}; export_tfp handles TFP Dense and Conv layers")
+    return plain, [posterior[role][0].astype(np.float32) for role in ("weight", "bias") if role in posterior]
+
+
+def _name_weights_by_layer(onnx_model, layer_names):
+    """Rename tf2onnx's ``<model>/<layer>/<op>/ReadVariableOp:0`` weights to ``<layer>.weight|bias``."""
+    renames = {}
+    for init in onnx_model.graph.initializer:
+        match = TF2ONNX_VARIABLE.match(init.name)
+        if match and match["layer"] in layer_names:
+            renames[init.name] = f"{match['layer']}.{'bias' if match['op'] == 'BiasAdd' else 'weight'}"
+    if len(set(renames.values())) != len(renames):
+        return  # ambiguous: keep tf2onnx's names (matching falls back to shapes and values)
+    for init in onnx_model.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in onnx_model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in renames:
+                node.input[index] = renames[name]

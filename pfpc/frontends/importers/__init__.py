@@ -16,7 +16,7 @@ import onnx
 from ...errors import PfpcError
 from ..onnx_model import fold_constants, load_model
 from ..posterior import bind_posterior
-from . import bayesian_torch, blitz, pyro_ppl, torch_uncertainty, torchbnn, tyxe
+from . import bayesian_torch, blitz, pyro_ppl, tfp, torch_uncertainty, torchbnn, tyxe
 from .checkpoint import key_list, load, state_dict_arrays
 from .matching import ImportResult, match_gaussians
 
@@ -27,9 +27,10 @@ FORMATS = {
     "torch-uncertainty": torch_uncertainty,
     "pyro": pyro_ppl,
     "tyxe": tyxe,
+    "tfp": tfp,
 }
 #: Formats read from a plain state dict, tried for the "did you mean" hint of an unknown layout.
-STATE_DICT_FORMATS = ("bayesian-torch", "blitz", "torchbnn", "torch-uncertainty")
+STATE_DICT_FORMATS = ("bayesian-torch", "blitz", "torchbnn", "torch-uncertainty", "tfp")
 
 
 def extract(format: str, checkpoint, label: str | None = None) -> tuple:

@@ -4,7 +4,12 @@ A checkpoint is a path or an object. Paths: PyTorch files (``.pt``, ``.pth``, ``
 anything that is not ``.npz``) are read with ``torch.load(weights_only=True)``, which executes no
 pickled code; the only classes it may rebuild besides tensors are the constraint classes that a
 Pyro param store records (``torch.distributions.constraints``, ``pyro.distributions.constraints``).
-``.npz`` files are read with ``allow_pickle=False``. Objects: an ``nn.Module`` (its state dict) or a
+``.npz`` files are read with ``allow_pickle=False``. Keras weights: HDF5 files (``.h5``, ``.hdf5``:
+tf_keras ``save_weights``/``save``) are read with h5py, datasets only, keyed by their Keras weight
+names without ``:0`` (``fc1/kernel_posterior_loc``); a TF checkpoint (the prefix given to
+``save_weights``, or its ``.index`` file) with ``tf.train.load_checkpoint``, keyed by the object path
+without ``/.ATTRIBUTES/VARIABLE_VALUE`` (``layer_with_weights-0/kernel_posterior_loc``; optimizer
+slots skipped). Objects: an ``nn.Module`` (its state dict) or a
 dict of tensors/arrays. State dicts wrapped by training loops (``{"state_dict": ...}``,
 ``{"model_state_dict": ...}``, ``{"model": ...}``) are unwrapped.
 
@@ -58,6 +63,10 @@ def load(checkpoint, source: str | None = None):
         path = os.fspath(checkpoint)
         if path.endswith(".npz"):
             return path, read_npz(path)
+        if path.endswith((".h5", ".hdf5")):
+            return path, load_keras_h5(path)
+        if path.endswith(".index") or os.path.exists(path + ".index"):
+            return path, load_tf_checkpoint(path[: -len(".index")] if path.endswith(".index") else path)
         return path, load_torch_file(path)
     return source or type(checkpoint).__name__, checkpoint
 
@@ -83,6 +92,70 @@ def load_torch_file(path: str):
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PfpcError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def load_keras_h5(path: str) -> dict:
+    """{Keras weight name: array} of a tf_keras HDF5 weights (or whole-model) file."""
+    if not os.path.exists(path):
+        raise PfpcError(f"{path}: no such weights file")
+    try:
+        import h5py
+    except ImportError:
+        raise PfpcError(f"{path}: reading a Keras HDF5 file needs h5py (pip install -r requirements-tfp.txt)") from None
+    arrays = {}
+    try:
+        with h5py.File(path, "r") as file:
+            root = file["model_weights"] if "model_weights" in file else file
+
+            def visit(name, item):
+                if isinstance(item, h5py.Dataset) and item.dtype.kind == "f":
+                    # <layer group>/<weight name>; the weight name already starts with the layer's name
+                    key = name.split("/", 1)[1] if "/" in name else name
+                    arrays[key.removesuffix(":0")] = np.asarray(item[()], np.float64)
+
+            root.visititems(visit)
+    except (OSError, ValueError, KeyError) as err:
+        raise PfpcError(f"{path}: not a readable HDF5 weights file ({str(err).strip() or type(err).__name__})") from None
+    return arrays
+
+
+def import_tensorflow():
+    """``tensorflow``, imported without its C++ start-up log lines on stderr (absl prints them before
+    any log level applies; they would bury pfpc's one-line messages). Raises ImportError."""
+    import sys
+
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return tensorflow
+
+
+def load_tf_checkpoint(prefix: str) -> dict:
+    """{object path: array} of the model variables in a TF checkpoint (optimizer state skipped)."""
+    try:
+        tf = import_tensorflow()
+    except ImportError:
+        raise PfpcError(f"{prefix}: reading a TF checkpoint needs tensorflow (pip install -r requirements-tfp.txt)") from None
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        names = sorted(reader.get_variable_to_shape_map())
+        values = {name: reader.get_tensor(name) for name in names}
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PfpcError(f"{prefix}: not a readable TF checkpoint ({first})") from None
+    suffix = "/.ATTRIBUTES/VARIABLE_VALUE"
+    return {name[: -len(suffix)]: np.asarray(value, np.float64) for name, value in values.items()
+            if name.endswith(suffix) and "/.OPTIMIZER_SLOT/" not in name and not name.startswith("optimizer/")
+            and isinstance(value, np.ndarray) and value.dtype.kind == "f"}
 
 
 def _constraint_classes():
