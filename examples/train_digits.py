@@ -47,7 +47,7 @@ from digits_split import load_digits_split  # noqa: E402
 from pfpc.evaluate import metrics  # noqa: E402
 
 PRIOR_STDS = (0.3, 1.0)  # candidate priors N(0, prior_std^2) on every weight and bias
-KL_WEIGHTS = (1.0, 0.1, 0.03, 0.01)  # candidate KL weights (1 = Bayes' rule, < 1 = tempered posterior)
+KL_WEIGHTS = (1.0, 0.1, 0.03, 0.01, 0.003)  # candidate KL weights (1 = Bayes' rule, < 1 = tempered posterior)
 VAL_FRACTION = 0.2  # of the training split, held out to choose prior_std and kl_weight
 MC_SELECT = 30  # weight samples of the validation predictive
 INIT_STD = 5e-3  # initial posterior std (rho = softplus^-1(INIT_STD))
