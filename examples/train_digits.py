@@ -5,14 +5,22 @@
 
 Mean-field Gaussian posterior q(w) = N(mu, std^2) for every weight and bias, with
 std = softplus(rho), trained by Bayes by backprop with the local reparameterisation trick.
-Prior N(0, PRIOR_STD^2). Loss per mini-batch = mean cross-entropy + KL(q || prior) / N_train,
-i.e. the negative ELBO divided by N_train (KL weight 1/N_train per example).
+Prior N(0, prior_std^2). Loss per mini-batch = mean cross-entropy + kl_weight * KL(q || prior) / N_train:
+kl_weight = 1 is the negative ELBO per training example; kl_weight < 1 is a tempered ("cold")
+posterior, the likelihood counted 1/kl_weight times.
+
+prior_std and kl_weight are chosen per model on a validation split of the TRAINING data
+(VAL_FRACTION of it, stratified, fixed seed; the test split is never looked at): every pair of
+PRIOR_STDS x KL_WEIGHTS is trained on the rest, the pair with the lowest validation NLL of the
+MC_SELECT-sample predictive wins, and the model is retrained on the whole training split with it.
+--prior-std and --kl-weight skip the selection.
 
 For each model, examples/<name>/ gets:
   model.onnx          the posterior-MEAN network (plain Linear/Conv2d with the mu weights)
   post.npz            "<initializer name>.std" for every weight and bias (float32)
   sample.npy          the first 4 test inputs (float32), sample_labels.npy their labels
-  metrics.json        accuracies (mean network, 100-sample MC), sizes, epochs, seed, time
+  metrics.json        accuracies (mean network, 100-sample MC), sizes, epochs, seed, time,
+                      the selection table
 """
 
 from __future__ import annotations
@@ -30,12 +38,18 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits_split import load_digits_split  # noqa: E402
 
-PRIOR_STD = 1.0  # prior N(0, PRIOR_STD^2) on every weight and bias
+from pfpc.evaluate import metrics  # noqa: E402
+
+PRIOR_STDS = (0.3, 1.0)  # candidate priors N(0, prior_std^2) on every weight and bias
+KL_WEIGHTS = (1.0, 0.1, 0.03, 0.01, 0.003)  # candidate KL weights (1 = Bayes' rule, < 1 = tempered posterior)
+VAL_FRACTION = 0.2  # of the training split, held out to choose prior_std and kl_weight
+MC_SELECT = 30  # weight samples of the validation predictive
 INIT_STD = 5e-3  # initial posterior std (rho = softplus^-1(INIT_STD))
 SEED = 0
 BATCH_SIZE = 64
@@ -107,11 +121,11 @@ class _Bayes(nn.Module):
         var = self.op(x * x, self.std_weight() ** 2, self.std_bias() ** 2)
         return mean + torch.sqrt(var + 1e-12) * torch.randn_like(mean)
 
-    def kl(self) -> torch.Tensor:
+    def kl(self, prior_std: float) -> torch.Tensor:
         total = torch.zeros(())
         for mu, std in ((self.mu_weight, self.std_weight()), (self.mu_bias, self.std_bias())):
             total = total + (
-                math.log(PRIOR_STD) - torch.log(std) + (std**2 + mu**2) / (2 * PRIOR_STD**2) - 0.5
+                math.log(prior_std) - torch.log(std) + (std**2 + mu**2) / (2 * prior_std**2) - 0.5
             ).sum()
         return total
 
@@ -180,16 +194,12 @@ def sampled_network(layers, model: nn.Sequential, gen: torch.Generator) -> nn.Se
     return det.eval()
 
 
-def train(name: str, spec: dict, out_dir: str, exclude_classes=()) -> dict:
+def fit(name: str, spec: dict, x_tr: np.ndarray, y_tr: np.ndarray, prior_std: float, kl_weight: float,
+        log: bool = True) -> nn.Sequential:
+    """Bayes by backprop on (x_tr, y_tr) with prior N(0, prior_std^2) and the KL scaled by kl_weight."""
     torch.manual_seed(SEED)
-    np.random.seed(SEED)
     layers = spec["layers"]
-    x_tr, y_tr, x_te, y_te = load_digits_split(flatten=spec["flatten"])
-    if exclude_classes:  # held out of training and of the test split: OOD for `pfpc evaluate --ood-classes`
-        keep_tr, keep_te = ~np.isin(y_tr, exclude_classes), ~np.isin(y_te, exclude_classes)
-        x_tr, y_tr, x_te, y_te = x_tr[keep_tr], y_tr[keep_tr], x_te[keep_te], y_te[keep_te]
     x_tr_t, y_tr_t = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-    x_te_t = torch.from_numpy(x_te)
     n_train = len(x_tr)
 
     model = build(layers, bayes=True)
@@ -197,7 +207,6 @@ def train(name: str, spec: dict, out_dir: str, exclude_classes=()) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec["epochs"])
     shuffle_gen = torch.Generator().manual_seed(SEED)
 
-    t0 = time.perf_counter()
     model.train()
     for epoch in range(spec["epochs"]):
         perm = torch.randperm(n_train, generator=shuffle_gen)
@@ -206,31 +215,85 @@ def train(name: str, spec: dict, out_dir: str, exclude_classes=()) -> dict:
             idx = perm[i : i + BATCH_SIZE]
             logits = model(x_tr_t[idx])
             nll = F.cross_entropy(logits, y_tr_t[idx])
-            kl = sum(m.kl() for _, m in bayes_layers(model))
-            loss = nll + kl / n_train
+            kl = sum(m.kl(prior_std) for _, m in bayes_layers(model))
+            loss = nll + kl_weight * kl / n_train
             opt.zero_grad()
             loss.backward()
             opt.step()
             tot_nll += nll.item() * len(idx)
             tot_kl = kl.item()
         sched.step()
-        if (epoch + 1) % 20 == 0 or epoch == 0:
+        if log and ((epoch + 1) % 50 == 0 or epoch == 0):
             print(f"[{name}] epoch {epoch + 1:4d}  nll {tot_nll / n_train:.4f}  kl/N {tot_kl / n_train:.4f}")
+    return model.eval()
+
+
+def mc_probs(layers, model: nn.Sequential, x: torch.Tensor, samples: int) -> torch.Tensor:
+    """Mean softmax over `samples` whole-weight samples (what SVI evaluation does; no LRT)."""
+    gen = torch.Generator().manual_seed(SEED + 1)
+    probs = torch.zeros(len(x), 10)
+    with torch.no_grad():
+        for _ in range(samples):
+            probs += F.softmax(sampled_network(layers, model, gen)(x), dim=1)
+    return probs / samples
+
+
+def select(name: str, spec: dict, x_tr: np.ndarray, y_tr: np.ndarray) -> list[dict]:
+    """Validation NLL/ECE/accuracy of every (prior_std, kl_weight) candidate, trained on the rest
+    of the training split; the validation split is stratified and fixed (seed SEED)."""
+    x_fit, x_val, y_fit, y_val = train_test_split(
+        x_tr, y_tr, test_size=VAL_FRACTION, random_state=SEED, stratify=y_tr)
+    x_val_t = torch.from_numpy(x_val)
+    rows = []
+    for prior_std in PRIOR_STDS:
+        for kl_weight in KL_WEIGHTS:
+            model = fit(name, spec, x_fit, y_fit, prior_std, kl_weight, log=False)
+            probs = mc_probs(spec["layers"], model, x_val_t, MC_SELECT).numpy()
+            with torch.no_grad():
+                det_probs = F.softmax(mean_network(spec["layers"], model)(x_val_t), dim=1).numpy()
+            rows.append({
+                "prior_std": prior_std, "kl_weight": kl_weight,
+                "val_nll": round(metrics.nll(probs, y_val), 4),
+                "val_ece": round(metrics.ece(probs, y_val), 4),
+                "val_accuracy": round(metrics.accuracy(probs, y_val), 4),
+                "val_ece_mean_network": round(metrics.ece(det_probs, y_val), 4),
+            })
+            print(f"[{name}] select prior_std {prior_std:<4} kl_weight {kl_weight:<4} " +
+                  "  ".join(f"{k} {v}" for k, v in rows[-1].items() if k.startswith("val")))
+    return rows
+
+
+def train(name: str, spec: dict, out_dir: str, exclude_classes=(), prior_std=None, kl_weight=None) -> dict:
+    np.random.seed(SEED)
+    layers = spec["layers"]
+    x_tr, y_tr, x_te, y_te = load_digits_split(flatten=spec["flatten"])
+    if exclude_classes:  # held out of training and of the test split: OOD for `pfpc evaluate --ood-classes`
+        keep_tr, keep_te = ~np.isin(y_tr, exclude_classes), ~np.isin(y_te, exclude_classes)
+        x_tr, y_tr, x_te, y_te = x_tr[keep_tr], y_tr[keep_tr], x_te[keep_te], y_te[keep_te]
+    x_te_t = torch.from_numpy(x_te)
+    n_train = len(x_tr)
+
+    t0 = time.perf_counter()
+    selection = []
+    if prior_std is None or kl_weight is None:
+        selection = select(name, spec, x_tr, y_tr)
+        best = min(selection, key=lambda r: r["val_nll"])
+        prior_std, kl_weight = best["prior_std"], best["kl_weight"]
+        print(f"[{name}] chosen prior_std {prior_std} kl_weight {kl_weight} (lowest validation NLL)")
+    select_time = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model = fit(name, spec, x_tr, y_tr, prior_std, kl_weight)
     train_time = time.perf_counter() - t0
-    model.eval()
 
     # --- evaluation in torch -----------------------------------------------------------
     det = mean_network(layers, model)
     with torch.no_grad():
         mean_logits = det(x_te_t)
-        acc_mean = float((mean_logits.argmax(1).numpy() == y_te).mean())
-        gen = torch.Generator().manual_seed(SEED + 1)
-        probs = torch.zeros(len(x_te), 10)
-        for _ in range(MC_SAMPLES):
-            probs += F.softmax(sampled_network(layers, model, gen)(x_te_t), dim=1)
-        probs /= MC_SAMPLES
-        acc_mc = float((probs.argmax(1).numpy() == y_te).mean())
-        nll_mc = float(-torch.log(probs[torch.arange(len(y_te)), torch.from_numpy(y_te)] + 1e-12).mean())
+    acc_mean = float((mean_logits.argmax(1).numpy() == y_te).mean())
+    probs = mc_probs(layers, model, x_te_t, MC_SAMPLES)
+    acc_mc = float((probs.argmax(1).numpy() == y_te).mean())
+    nll_mc = float(-torch.log(probs[torch.arange(len(y_te)), torch.from_numpy(y_te)] + 1e-12).mean())
 
     # --- export -------------------------------------------------------------------------
     os.makedirs(out_dir, exist_ok=True)
@@ -307,11 +370,15 @@ def train(name: str, spec: dict, out_dir: str, exclude_classes=()) -> dict:
         "epochs": spec["epochs"],
         "batch_size": BATCH_SIZE,
         "lr": LR,
-        "prior_std": PRIOR_STD,
+        "prior_std": prior_std,
+        "kl_weight": kl_weight,
         "init_std": INIT_STD,
-        "kl_weight_per_example": f"1/{n_train}",
+        "kl_weight_per_example": f"{kl_weight}/{n_train}",
         "seed": SEED,
         "train_time_s": round(train_time, 2),
+        "selection_time_s": round(select_time, 2),
+        "selection": {"criterion": f"lowest validation NLL, {MC_SELECT}-sample MC predictive",
+                      "val_fraction": VAL_FRACTION, "candidates": selection},
         "torch_version": torch.__version__,
     }
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -331,12 +398,16 @@ def main(argv=None) -> None:
                     help="leave these digits out of training and testing (the outputs stay 10 classes)")
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
                     help="directory that receives <model>/ (default: examples/)")
+    ap.add_argument("--prior-std", type=float, help="skip the selection: this prior std (with --kl-weight)")
+    ap.add_argument("--kl-weight", type=float, help="skip the selection: this KL weight (with --prior-std)")
     args = ap.parse_args(argv)
+    if (args.prior_std is None) != (args.kl_weight is None):
+        ap.error("--prior-std and --kl-weight go together")
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     for name in args.models:
-        train(name, MODELS[name], os.path.join(args.out, name), args.exclude_classes)
+        train(name, MODELS[name], os.path.join(args.out, name), args.exclude_classes, args.prior_std, args.kl_weight)
 
 
 if __name__ == "__main__":
