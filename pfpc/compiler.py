@@ -112,9 +112,11 @@ def compile(  # noqa: A001 - the public name users expect
     if mode == "svi":
         program = emit_svi.lower_to_program(mod, weights, io, name, samples, seed, target_info)
     else:
-        program = emit_c.lower_to_program(mod, weights, io, name, target_info)
-        if post.shared is not None:
-            program.shared = shared_weights.encode(program, set(post.shared.tensors))
+        def read_through_codebooks(program, prim_funcs):
+            program.shared = shared_weights.encode(program, set(post.shared.tensors), prim_funcs)
+
+        program = emit_c.lower_to_program(mod, weights, io, name, target_info,
+                                          before_codegen=read_through_codebooks if post.shared is not None else None)
     result = CompiledModel(mod, program, out_dir, io)
     if measure or ram_limit is not None or flash_limit is not None:
         def measure_and_check(directory):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from tvm import s_tir, te, tirx
 
+from . import codebook as CB
 from . import gaussian as G
 
 #: Stages that reduce over a fan-in (the ones that consume second moments cheaply and head fused kernels).
@@ -111,13 +112,24 @@ def infer_output_repr(spec: KernelSpec) -> str:
     return current
 
 
-def build_kernel(spec: KernelSpec, operand_shapes, name: str):
-    """Build the PrimFunc of ``spec`` for operands of the given shapes; returns it and the output shape."""
+def build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
+    """Build the PrimFunc of ``spec`` for operands of the given shapes; returns it and the output shape.
+
+    ``codebooks``: operand position -> `codebook.CodebookLayout` for weight operands passed as
+    codebooks (their parameters are `codebook.placeholders`, gathered inside the kernel)."""
     if len(operand_shapes) != spec.operand_count() or len(spec.operands) != len(operand_shapes):
         raise ValueError(f"{name}: {len(operand_shapes)} operands for a kernel that takes {spec.operand_count()}")
     names = spec.names or tuple(f"in{i}" for i in range(len(operand_shapes)))
+    codebooks = codebooks or {}
     params, operands = [], []
-    for shape, rep, base in zip(operand_shapes, spec.operands, names):
+    for position, (shape, rep, base) in enumerate(zip(operand_shapes, spec.operands, names)):
+        roles = ["mean"] + ([] if rep == "none" else [rep])
+        if position in codebooks:
+            stored = CB.placeholders(base, shape, codebooks[position], roles)
+            params += stored
+            gathered = CB.operand(shape, codebooks[position], stored, roles) + [None]
+            operands.append(G.Gaussian(gathered[0], gathered[1], rep))
+            continue
         mean = te.placeholder([int(d) for d in shape], "float32", name=f"{base}_mean")
         moment = None if rep == "none" else te.placeholder([int(d) for d in shape], "float32", name=f"{base}_{rep}")
         params += [mean] + ([moment] if moment is not None else [])
