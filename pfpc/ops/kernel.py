@@ -160,6 +160,10 @@ def _is_shared(sch, block) -> bool:
     return G.SHARED_ATTR in sch.get(block).annotations
 
 
+def _is_codebook(sch, block) -> bool:
+    return CB.CODEBOOK_ATTR in sch.get(block).annotations
+
+
 def _is_reduction(sch, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
@@ -183,6 +187,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     for block in sch.get_child_blocks(root):
         if sch.get(block).name_hint in outputs or _is_reduction(sch, block) or _is_shared(sch, block):
             continue
+        if _is_codebook(sch, block) and any(_is_reduction(sch, c) for c in sch.get_consumers(block)):
+            continue  # placed by `_decode_once` below
         sch.compute_inline(block)
     for block in sch.get_child_blocks(root):
         if sch.get(block).name_hint in outputs:
@@ -208,10 +214,36 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
                 sch.reverse_compute_at(consumer, loops[spatial - 1])
             sch.decompose_reduction(block, sch.get_loops(block)[spatial])
         placed.update(sch.get(b).name_hint for b in downstream)
+    for block in sch.get_child_blocks(root):
+        if _is_codebook(sch, block):
+            _decode_once(sch, block)
+            placed.add(sch.get(block).name_hint)
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
     _one_nest(sch, rest)
     return sch.mod["main"]
+
+
+#: Largest scratch array of decoded weights (floats): TVM's C backend keeps buffers under 1 KB on the stack.
+DECODE_SCRATCH = 255
+
+
+def _decode_once(sch, block):
+    """Place a codebook gather (`codebook.operand`) under the outermost loop of the reduction
+    that reads it where its decoded weights fit in `DECODE_SCRATCH` floats: a convolution decodes
+    an output channel's weights once for all output positions, a matmul a column (each weight
+    once per row), instead of decoding every weight at every read."""
+    consumer = sch.get_consumers(block)[0]
+    for depth, loop in enumerate(sch.get_loops(consumer)):
+        trial = sch.copy()
+        trial.compute_at(block, loop, preserve_unit_loops=True)
+        size = 1
+        for inner in trial.get_loops(block)[depth + 1 :]:
+            size *= int(trial.get(inner).extent)
+        if size <= DECODE_SCRATCH:
+            sch.compute_at(block, loop, preserve_unit_loops=True)
+            return
+    sch.compute_at(block, sch.get_loops(consumer)[-1], preserve_unit_loops=True)
 
 
 def _one_nest(sch, blocks):
