@@ -250,6 +250,43 @@ def test_generated_c_reads_through_codebooks(tmp_path, components, blends, excep
     assert meta["shared_bytes"] < meta["full_bytes"] / 3
 
 
+def test_clustered_exceptions_match_reference(tmp_path):
+    """A run of 40 neighbouring exceptions in the kernel's layout: blocks of 16 weights hold 16 of
+    them each, the longest chain the escape branch compares; the first and last weights too."""
+    rng = np.random.default_rng(9)
+    model, shared = _small_network(rng, 15)
+    fc = shared.tensors["fc.w"]  # [8, 64], read transposed: kernel position f is (f % 8, f // 8)
+    final = np.concatenate([[0], np.arange(100, 140), [fc.size - 1]])
+    fc.exception_position = np.sort((final % 8) * 64 + final // 8).astype(np.int64)
+    fc.exception_mean = rng.normal(0, 1, fc.exception_position.size).astype(np.float32)
+    fc.exception_std = rng.uniform(0.01, 0.5, fc.exception_position.size).astype(np.float32)
+    model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == "fc.w"))
+    model.graph.initializer.append(numpy_helper.from_array(sp.expand_tensor(fc)[0].astype(np.float32), "fc.w"))
+    x = rng.uniform(0, 1, (2, 2, 8, 8)).astype(np.float32)
+    result, _ = _check_shared_model(model, shared, x, tmp_path)
+    book = next(b for b in result.program.shared.codebooks if b.source == "fc.w")
+    assert book.width == 4 and list(book.exception_position) == list(final)
+    assert book.layout.block == 16 and book.layout.chain == 16
+
+
+@pytest.mark.parametrize("target", ["host", "cortex-m4"])
+def test_wide_codebook_operand_decodes_without_workspace(tmp_path, target):
+    """600 x 3 weights: neither the whole weight nor a column fits the decode scratch
+    (`kernel.DECODE_SCRATCH`); the gather goes inside the reduction (M4) or per row of 3 (host)."""
+    rng = np.random.default_rng(10)
+    tensor = _random_shared(rng, (600, 3), 9, exceptions=20)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    model = make_model(nodes, [("x", [2, 600])], ["y"], {"w": sp.expand_tensor(tensor)[0].astype(np.float32)})
+    shared = sp.SharedPosterior("independent", {"w": tensor}, {})
+    compiler.compile(model, sp.to_arrays(shared), out_dir=str(tmp_path / "out"), target=target)
+    x = rng.uniform(0, 1, (2, 600)).astype(np.float32)
+    (mean, var), = compiler.run_host(str(tmp_path / "out"), [x])
+    mu, sigma = sp.expand_tensor(tensor)
+    (ref_mean, ref_var), = reference.pfp_onnx(model, {"w": sigma ** 2}, {"x": x}).values()
+    assert_close(mean, ref_mean, 1e-5, "mean")
+    assert_close(var, ref_var, 1e-5, "var")
+
+
 def test_channel_scaled_tensor_matches_reference(tmp_path):
     """A per-channel scale multiplies the codebook per channel: still exact, stored as a larger codebook."""
     rng = np.random.default_rng(5)

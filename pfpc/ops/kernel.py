@@ -236,7 +236,10 @@ def _decode_once(sch, block):
     consumer = sch.get_consumers(block)[0]
     for depth, loop in enumerate(sch.get_loops(consumer)):
         trial = sch.copy()
-        trial.compute_at(block, loop, preserve_unit_loops=True)
+        try:
+            trial.compute_at(block, loop, preserve_unit_loops=True)
+        except Exception:  # not a legal place (TVM's ScheduleError): try an inner loop
+            continue
         size = 1
         for inner in trial.get_loops(block)[depth + 1 :]:
             size *= int(trial.get(inner).extent)
