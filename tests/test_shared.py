@@ -95,7 +95,6 @@ def _lenet_arrays(**overrides):
     ({"format": np.array(3)}, "'format' must be a string"),
     ({"version": np.array(2)}, "version 2 is not supported"),
     ({"semantics": np.array("sometimes")}, "'semantics' is 'sometimes'"),
-    ({"semantics": np.array("shared_draw")}, "semantics 'shared_draw'"),
     ({"fc1.weight.component_std": None}, "tensor 'fc1.weight' has no 'fc1.weight.component_std'"),
     ({"fc1.weight.component_index": np.full((32, 64), 9, np.uint8)}, "'fc1.weight.component_index' holds 9, not a component in [0, 5)"),
     ({"fc1.weight.component_index": np.zeros((32, 64), np.float32)}, "'fc1.weight.component_index' has dtype float32"),

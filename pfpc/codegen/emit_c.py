@@ -82,6 +82,7 @@ class Tensor:
     produced: int = -1
     last_use: int = -1
     offset: int = 0
+    param: str = ""  # a weight's Relax parameter
 
     @property
     def size(self):
@@ -179,7 +180,7 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
     onnx_names = {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()} if "pfp.onnx_names" in func.attrs else {}
     weight_tensors = {}
     for param in func.params[num_input:]:
-        tensor = Tensor(namer(param.name, prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight")
+        tensor = Tensor(namer(param.name, prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight", param=param.name)
         env[param] = tensor
         weight_tensors[param.name] = tensor
         program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), onnx_names.get(param.name, onnx_names.get(param.name.rsplit(".", 1)[0], param.name)))

@@ -184,27 +184,52 @@ def _rebuild_kernels(program, prim_funcs, stored) -> None:
         if not step.spec or not any(id(t) in stored for t in step.args):
             continue
         spec = KernelSpec.from_json(step.spec)
-        prim = prim_funcs[step.kernel]
-        buffers = [param.name for param in prim.params]
-        args, shapes, names, codebooks, index = [], [], [], {}, 0
-        for position, rep in enumerate(spec.operands):
-            width = 1 if rep == "none" else 2
-            names.append(buffers[index].removesuffix("_mean"))
-            shapes.append([int(d) for d in prim.params[index].shape])  # an argument may be a view of another shape
-            if id(step.args[index]) in stored:
-                book, new = stored[id(step.args[index])]
+        names, shapes = operand_info(spec, prim_funcs[step.kernel])
+        args, codebooks = [], {}
+        for position, part in enumerate(operand_slices(spec)):
+            if id(step.args[part][0]) in stored:
+                book, new = stored[id(step.args[part][0])]
                 codebooks[position] = book.layout
                 args += new
             else:
-                args += step.args[index : index + width]
-            index += width
-        key = (step.kernel, tuple(sorted((p, layout) for p, layout in codebooks.items())))
-        if key not in built:
-            built[key] = program.namer(f"{step.kernel}_codebook")
-            func, _ = build_kernel(spec.with_(names=tuple(names)), shapes, built[key], codebooks)
-            prim_funcs[built[key]] = func
-        step.kernel = built[key]
-        step.args = args + step.args[index:]
+                args += step.args[part]
+        step.args = args + step.args[operand_slices(spec)[-1].stop :]
+        rebuild(step, prim_funcs, program.namer, spec, names, shapes, built, "codebook", codebooks)
+    drop_unused(program, prim_funcs)
+
+
+def operand_slices(spec: KernelSpec) -> list:
+    """The arguments of every Gaussian operand of a kernel: mean (and moment, if stochastic)."""
+    slices, index = [], 0
+    for rep in spec.operands:
+        width = 1 if rep == "none" else 2
+        slices.append(slice(index, index + width))
+        index += width
+    return slices
+
+
+def operand_info(spec: KernelSpec, prim) -> tuple[list, list]:
+    """(name, shape) of every operand of the kernel ``prim`` was built from (`build_kernel`): the
+    shapes it was built for (an argument may be a view of another shape)."""
+    names, shapes = [], []
+    for part in operand_slices(spec):
+        param = prim.params[part.start]
+        names.append(param.name.removesuffix("_mean"))
+        shapes.append([int(d) for d in param.shape])
+    return names, shapes
+
+
+def rebuild(step, prim_funcs, namer, spec, names, shapes, built, suffix, codebooks=None) -> None:
+    """Point ``step`` at the kernel of ``spec`` (built once per distinct kernel, in ``built``)."""
+    key = (step.kernel, spec.to_json(), tuple(sorted((codebooks or {}).items(), key=lambda item: item[0])))
+    if key not in built:
+        built[key] = namer(f"{step.kernel}_{suffix}")
+        prim_funcs[built[key]], _ = build_kernel(spec.with_(names=tuple(names)), shapes, built[key], codebooks)
+    step.kernel = built[key]
+    step.spec = spec.to_json()
+
+
+def drop_unused(program, prim_funcs) -> None:
     used = {step.kernel for step in program.steps}
     for name in [n for n in prim_funcs if n not in used]:
         del prim_funcs[name]

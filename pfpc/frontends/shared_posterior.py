@@ -257,13 +257,14 @@ def _tensor(name, given, shape, fail) -> SharedTensor:
     return result
 
 
-def load(arrays: dict, shapes: dict, source: str) -> tuple[SharedPosterior, dict]:
-    """A shared posterior for propagation or sampling: (parsed, expanded arrays). Refuses
-    ``shared_draw``, whose correlated weights neither the PFP nor independent sampling represent."""
+def load(arrays: dict, shapes: dict, source: str, shared_draw: bool = False) -> tuple[SharedPosterior, dict]:
+    """A shared posterior for propagation or sampling: (parsed, expanded arrays). ``shared_draw``
+    is refused unless the caller propagates it (the compiled PFP: ``shared_draw=True``); the
+    expansion's independent draws (sampling, verification, evaluation) would misrepresent it."""
     shared = parse(arrays, shapes, source)
-    if shared.semantics == "shared_draw":
-        raise PfpcError(f"{source}: semantics 'shared_draw' (one draw per component) is not supported: its weights are "
-                        "correlated within a component and the variance needs grouped sums; use semantics 'independent'")
+    if shared.semantics == "shared_draw" and not shared_draw:
+        raise PfpcError(f"{source}: semantics 'shared_draw' (one draw per component) is only supported by the compiled PFP "
+                        "(pfpc MODEL --posterior, mode pfp); sampling and evaluation draw every weight on its own")
     return shared, expand(shared)
 
 

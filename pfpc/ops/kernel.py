@@ -25,8 +25,9 @@ LINEAR_OPS = ("matmul", "conv2d")
 
 #: How each stage is built from its Gaussian inputs and attributes.
 STAGES = {
-    "matmul": lambda inputs, attrs: G.matmul(*inputs),
-    "conv2d": lambda inputs, attrs: G.conv2d(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"]),
+    "matmul": lambda inputs, attrs: G.matmul(*inputs, count=attrs.get("draw_groups", 0)),
+    "conv2d": lambda inputs, attrs: G.conv2d(*inputs[:2], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"],
+                                             *inputs[2:], count=attrs.get("draw_groups", 0)),
     "add": lambda inputs, attrs: G.add(*inputs),
     "subtract": lambda inputs, attrs: G.subtract(*inputs),
     "multiply": lambda inputs, attrs: G.multiply(*inputs),
@@ -55,8 +56,11 @@ ARITY = {"matmul": 2, "conv2d": 2, "add": 2, "subtract": 2, "multiply": 2, "divi
 
 
 def arity(op: str, attrs: dict) -> int:
-    """Gaussian operands of a stage: ``attrs["count"]`` for concat, else `ARITY` (default 1)."""
-    return int(attrs["count"]) if op == "concat" else ARITY.get(op, 1)
+    """Gaussian operands of a stage: ``attrs["count"]`` for concat, two more (the weight's draw
+    groups and noise coefficients) for a linear stage with ``draw_groups``, else `ARITY` (default 1)."""
+    if op == "concat":
+        return int(attrs["count"])
+    return ARITY.get(op, 1) + (2 if "draw_groups" in attrs else 0)
 
 
 @dataclass(frozen=True)
