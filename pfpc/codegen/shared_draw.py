@@ -103,7 +103,7 @@ def rewrite(program, prim_funcs: dict, traced: dict, shared) -> None:
             for suffix, values in (("draw_group", groups), ("draw_std", coeff)):
                 array = values[positions].astype(np.float32)
                 new = Tensor(program.namer(f"{weight.c_name}_{suffix}"), list(array.shape), "weight")
-                program.weights[new.c_name] = (array, f"{source} ({suffix.replace('_', ' ')})")
+                program.weights[new.c_name] = (array, source)  # stored as a codebook too (few distinct values)
                 extra[id(weight)].append(new)
         names, shapes = operand_info(spec, prim_funcs[step.kernel])
         names[2:2] = [f"{names[1]}_draw_group", f"{names[1]}_draw_std"]
