@@ -10,9 +10,10 @@ Header keys (no initializer prefix):
 - ``semantics`` ``"independent"`` (the default when absent): every weight is drawn independently
   from its own Gaussian, which is looked up through its component; the PFP math is unchanged.
   ``"shared_draw"``: one draw per component, shared by all weights that use it (the behaviour of
-  the paper's code); the weights of a component are then fully correlated and the variance of a
-  linear layer needs grouped sums (sum of the inputs per component, squared). Detected and refused
-  by everything that propagates or samples a posterior (`load`); `expand` still gives its marginals.
+  the paper's code; blends and exceptions are drawn on their own); the weights of a component are
+  then fully correlated and the variance of a linear layer needs grouped sums
+  (`codegen.shared_draw`, docs/shared_posterior.md). Propagated by the compiled PFP only; `load`
+  refuses it elsewhere (sampling would draw every weight on its own); `expand` gives its marginals.
 
 Per covered ONNX initializer ``<name>`` (flat positions are row-major in the initializer's shape):
 
