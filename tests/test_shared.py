@@ -315,10 +315,14 @@ def test_codebook_widths_and_escape():
     np.testing.assert_array_equal(book.exception_value[0], values[600:])
 
 
-def test_lenet_shared_matches_reference_and_saves_flash(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--blend", "0.5"], ["--channel-scale"]])
+def test_lenet_shared_matches_reference_and_saves_flash(tmp_path, capsys, extra):
     shared_path = str(tmp_path / "shared.npz")
     assert main(["compress", LENET, "--posterior", LENET_POST, "-o", shared_path, "--components", "15", "--outliers", "0.02",
-                 "--no-evaluate"]) == 0
+                 "--no-evaluate", *extra]) == 0
+    shared = sp.read(shared_path)
+    assert all(t.blends > 0 for t in shared.tensors.values()) == ("--blend" in extra)
+    assert all(t.channel_scale is not None for t in shared.tensors.values()) == ("--channel-scale" in extra)
     out = str(tmp_path / "lenet")
     assert main([LENET, "--posterior", shared_path, "-o", out, "--batch", "1"]) == 0
     report = capsys.readouterr().out
@@ -374,6 +378,8 @@ def test_precision_weighted_centre():
     (["--outliers", "1.5"], "--outliers must be a fraction"),
     (["--gmm", "--precision-weighted"], "--precision-weighted applies to k-means"),
     (["--min-size", "100000"], "no stochastic initializer has at least 100000 weights"),
+    (["--blend", "1.5"], "--blend must be a fraction in (0, 1)"),
+    (["--global", "--channel-scale"], "--channel-scale refits every tensor's components"),
 ])
 def test_compress_option_errors(tmp_path, capsys, args, expected):
     out = tmp_path / "shared.npz"
@@ -381,3 +387,50 @@ def test_compress_option_errors(tmp_path, capsys, args, expected):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert not out.exists()
+
+
+def test_blends_reduce_w2():
+    """Points on the W2 geodesics between three components: blends recover them; without blends
+    they cost their distance to the nearest component. Alpha and the second component are
+    checked against a brute-force search over both."""
+    from pfpc.compress import Options, compress
+
+    rng = np.random.default_rng(11)
+    corners = np.array([[-1.0, 0.2], [0.5, 0.1], [1.5, 0.8]])
+    first, second = rng.integers(0, 3, 600), rng.integers(0, 3, 600)
+    alpha = rng.choice([0.0, 1.0, 0.3, 0.5, 0.8], 600)
+    points = alpha[:, None] * corners[first] + (1 - alpha[:, None]) * corners[second] + rng.normal(0, 0.003, (600, 2))
+    means, stds = {"w": points[:, 0].astype(np.float32)}, {"w": np.abs(points[:, 1]).astype(np.float32)}
+    plain, plain_rows = compress(means, stds, Options(components=3))
+    blended, rows = compress(means, stds, Options(components=3, blend_gain=0.5))
+    assert rows[0]["blends"] > 100 and rows[0]["rms_w2"] < 0.7 * plain_rows[0]["rms_w2"], (rows[0], plain_rows[0])
+    tensor = blended.tensors["w"]
+    comps = np.stack([tensor.component_mean, tensor.component_std], axis=1).astype(np.float64)
+    grid = np.linspace(0, 1, 2001)
+    target = np.stack([means["w"], stds["w"]], axis=1).astype(np.float64)
+    for j, position in enumerate(tensor.blend_position[:40]):
+        a, b = tensor.blend_component[j]
+        candidates = [np.min(np.hypot(*(grid[:, None] * comps[a] + (1 - grid[:, None]) * comps[c] - target[position]).T))
+                      for c in range(3) if c != a]
+        mu, sigma = sp.expand_tensor(tensor)
+        assert np.hypot(mu[position] - target[position, 0], sigma[position] - target[position, 1]) <= min(candidates) + 1e-6
+
+
+def test_channel_scale_reduces_w2():
+    """A layer whose channels are one codebook scaled per channel (what batch-norm folding does):
+    with --channel-scale four components fit it almost exactly; without, they cannot."""
+    from pfpc.compress import Options, compress
+
+    rng = np.random.default_rng(12)
+    base = np.array([[-0.5, 0.1], [0.2, 0.05], [0.6, 0.3], [1.2, 0.2]])
+    labels = rng.integers(0, 4, (8, 36))
+    scale = rng.uniform(0.2, 5, 8)
+    points = base[labels] * scale[:, None, None]
+    means, stds = {"w": points[..., 0].reshape(8, 4, 3, 3).astype(np.float32)}, {"w": points[..., 1].reshape(8, 4, 3, 3).astype(np.float32)}
+    _, plain = compress(means, stds, Options(components=4))
+    shared, fitted = compress(means, stds, Options(components=4, channel_scale=True))
+    assert fitted[0]["rms_w2"] < 1e-3 < 0.1 < plain[0]["rms_w2"], (fitted[0], plain[0])
+    assert fitted[0]["channel_scales"] == 8
+    mu, sigma = sp.expand_tensor(shared.tensors["w"])
+    np.testing.assert_allclose(mu, means["w"], atol=1e-3)
+    np.testing.assert_allclose(sigma, stds["w"], atol=1e-3)
