@@ -18,7 +18,8 @@ component. Steps, per initializer (``per_layer``) or over all of them at once (`
    gets the blend (c1, c2, alpha) of the format, mu = alpha mu_1 + (1 - alpha) mu_2 and
    sigma = alpha sigma_1 + (1 - alpha) sigma_2 (the W2 geodesic between the two Gaussians, a
    segment in (mu, sigma)): alpha projects the point onto the segment (least W2), over every c2;
-   the weight is blended when that reduces its W2 error by more than the fraction G.
+   the weight is blended when that reduces its W2 error by more than the fraction G;
+   ``blend_levels`` L rounds alpha to a multiple of 1/L, so that blended weights share entries.
 
 ``channel_scale`` fits a per-output-channel scale s_c (axis 0; mean s mu, std s sigma, as batch-
 norm folding scales a layer) before clustering: each channel's points are divided by their RMS,
@@ -58,6 +59,7 @@ class Options:
     min_size: int = 64
     precision_weighted: bool = False
     blend_gain: float | None = None
+    blend_levels: int = 0
     channel_scale: bool = False
 
 
@@ -77,6 +79,8 @@ def check_options(options: Options) -> None:
         raise PfpcError(f"--outliers must be a fraction in [0, 1), not {options.outliers}")
     if options.merge_w2 < 0:
         raise PfpcError(f"--merge-w2 must be >= 0, not {options.merge_w2}")
+    if options.blend_levels < 0 or (options.blend_levels and options.blend_gain is None):
+        raise PfpcError("--blend-levels L needs --blend and L >= 1")
     if options.blend_gain is not None and not 0 < options.blend_gain < 1:
         raise PfpcError(f"--blend must be a fraction in (0, 1) of the W2 error a blend removes, not {options.blend_gain}")
     if options.channel_scale and not options.per_layer:
@@ -131,9 +135,14 @@ def rms_w2(points, centres, labels) -> float:
     return float(np.sqrt(np.mean(np.sum((points - centres[labels]) ** 2, axis=1))))
 
 
+def point_weights(points: np.ndarray, options: Options):
+    """k-means' sample weights: 1/sigma^2 with ``precision_weighted``, else None (all equal)."""
+    return 1.0 / np.maximum(points[:, 1], 1e-3) ** 2 if options.precision_weighted else None
+
+
 def fit(points: np.ndarray, options: Options) -> tuple[np.ndarray, np.ndarray]:
     """Components and labels for ``points`` [N, 2]: a fixed count, or the smallest meeting ``max_w2``."""
-    weights = 1.0 / np.maximum(points[:, 1], 1e-3) ** 2 if options.precision_weighted else None
+    weights = point_weights(points, options)
     if options.components is not None:
         centres, labels = cluster(points, options.components, options.gmm, weights)
     else:
@@ -193,7 +202,7 @@ def compress(means: dict, stds: dict, options: Options) -> tuple[SharedPosterior
     for name in covered:
         centres, labels = fitted[name]
         if name in scales:
-            scales[name], centres, labels = refit_scales(points[name], means[name].shape, centres, labels)
+            scales[name], centres, labels = refit_scales(points[name], means[name].shape, centres, labels, point_weights(scaled[name], options))
             scaled[name] = points[name] / _per_point(scales[name], means[name].shape)
         shared = SharedTensor(
             tuple(means[name].shape), centres[:, 0].astype(np.float32), centres[:, 1].astype(np.float32),
@@ -205,7 +214,7 @@ def compress(means: dict, stds: dict, options: Options) -> tuple[SharedPosterior
         components = np.stack([shared.component_mean, shared.component_std], axis=1).astype(np.float64)
         distortion = w2(scaled[name][:, 0], scaled[name][:, 1], components[labels, 0], components[labels, 1])
         if options.blend_gain is not None:
-            distortion = add_blends(shared, scaled[name], components, labels, distortion, options.blend_gain)
+            distortion = add_blends(shared, scaled[name], components, labels, distortion, options.blend_gain, options.blend_levels)
         outliers = int(np.floor(options.outliers * labels.size))
         if outliers:
             position = np.sort(np.argsort(-distortion, kind="stable")[:outliers])
@@ -233,34 +242,40 @@ def channel_rms(points: np.ndarray, shape) -> np.ndarray:
     return np.where(rms > 0, rms, 1.0)
 
 
-def refit_scales(points, shape, centres, labels, rounds=10):
-    """Alternating least squares, ``rounds`` times: per-channel scales given the components
-    (s_c = sum_i p_i . z_i / sum_i |z_i|^2 over the channel's points p_i and their components z_i),
-    then the points reassigned and the components moved to the mean of their scaled points."""
-    per_channel = points.reshape(shape[0], -1, 2)
+def refit_scales(points, shape, centres, labels, weights=None, rounds=10):
+    """Alternating (weighted) least squares, ``rounds`` times: per-channel scales given the
+    components (s_c = sum_i w_i p_i . z_i / sum_i w_i |z_i|^2 over the channel's points p_i and
+    their components z_i), then the points reassigned and the components moved to the weighted
+    mean of their scaled points. ``weights``: per point (k-means' sample weights), default 1."""
+    weights = np.ones(len(points)) if weights is None else weights
+    per_channel, per_weight = points.reshape(shape[0], -1, 2), weights.reshape(shape[0], -1, 1)
     centres = centres.copy()
     for _ in range(rounds):
         assigned = centres[labels].reshape(shape[0], -1, 2)
-        num = np.sum(per_channel * assigned, axis=(1, 2))
-        den = np.sum(assigned ** 2, axis=(1, 2))
+        num = np.sum(per_weight * per_channel * assigned, axis=(1, 2))
+        den = np.sum(per_weight * assigned ** 2, axis=(1, 2))
         scales = np.where((den > 0) & (num > 0), num / np.where(den > 0, den, 1.0), 1.0)
         scaled = points / _per_point(scales, shape)
         labels = np.argmin(np.sum((scaled[:, None, :] - centres[None, :, :]) ** 2, axis=2), axis=1)
         for k in np.unique(labels):
-            centres[k] = scaled[labels == k].mean(axis=0)
+            members = labels == k
+            centres[k] = np.average(scaled[members], axis=0, weights=weights[members])
     used, labels = np.unique(labels, return_inverse=True)
     return scales, centres[used], labels.reshape(-1)
 
 
-def add_blends(shared: SharedTensor, points, components, labels, distortion, gain) -> np.ndarray:
+def add_blends(shared: SharedTensor, points, components, labels, distortion, gain, levels=0) -> np.ndarray:
     """Blend every weight whose best blend (its component and any other, alpha by projection onto
-    their W2 geodesic) cuts its W2 error by more than the fraction ``gain``; returns the new errors."""
+    their W2 geodesic, rounded to a multiple of 1/``levels`` if given) cuts its W2 error by more
+    than the fraction ``gain``; returns the new errors."""
     if len(components) < 2:
         return distortion
     first = components[labels]  # [N, 2]
     direction = first[:, None, :] - components[None, :, :]  # c1 - c2, [N, K, 2]
     length = np.sum(direction ** 2, axis=2)
     alpha = np.clip(np.sum((points[:, None, :] - components[None, :, :]) * direction, axis=2) / np.where(length > 0, length, 1.0), 0, 1)
+    if levels:  # few distinct alphas: blended weights share entries of the generated tables
+        alpha = np.round(alpha * levels) / levels
     alpha = alpha.astype(np.float32).astype(np.float64)  # as stored
     blended = components[None, :, :] + alpha[:, :, None] * direction
     error = np.sqrt(np.sum((points[:, None, :] - blended) ** 2, axis=2))

@@ -414,6 +414,13 @@ def test_blends_reduce_w2():
                       for c in range(3) if c != a]
         mu, sigma = sp.expand_tensor(tensor)
         assert np.hypot(mu[position] - target[position, 0], sigma[position] - target[position, 1]) <= min(candidates) + 1e-6
+    # alphas rounded to quarters: fewer distinct weights (table entries in the C), still less distortion
+    quarters, quarter_rows = compress(means, stds, Options(components=3, blend_gain=0.5, blend_levels=4))
+    alphas = quarters.tensors["w"].blend_alpha
+    np.testing.assert_array_equal(alphas * 4, np.round(alphas * 4))
+    assert quarter_rows[0]["rms_w2"] < 0.8 * plain_rows[0]["rms_w2"], (quarter_rows[0], plain_rows[0])
+    distinct = [np.unique(np.stack(sp.expand_tensor(t.tensors["w"]), axis=-1).reshape(-1, 2), axis=0).shape[0] for t in (blended, quarters)]
+    assert distinct[1] < distinct[0] / 4, distinct
 
 
 def test_channel_scale_reduces_w2():

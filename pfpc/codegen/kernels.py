@@ -1,9 +1,10 @@
 """Kernels from TVM's C backend, turned into plain C functions.
 
 TVM emits every PrimFunc as a packed function that unpacks DLTensor arguments before its loop
-nest. pfpc keeps the loop nest that TVM generated and gives it a plain signature with one pointer per
-buffer (``const`` for the buffers it only reads; float, or the integer type of a codebook's codes), so the generated library needs no
-TVM header, no DLTensor and no argument unpacking at run time.
+nest. pfpc keeps the loop nest that TVM generated and gives it a plain signature with one pointer
+per buffer (``const`` for the buffers it only reads; float, or the integer type of a codebook's
+codes), so the generated library needs no TVM header, no DLTensor and no argument unpacking at
+run time.
 """
 
 from __future__ import annotations

@@ -43,16 +43,16 @@ def tracer_means(shared) -> dict:
 
 def trace(final_means: dict, onnx_names: dict, shared) -> dict:
     """Parameter -> source flat positions (int64, the parameter's shape) for every final mean
-    array of the tracer compile that is a pure rearrangement of a covered initializer; None for
-    one whose values the passes changed."""
+    array of the tracer compile that is a permutation of a covered initializer's positions; None
+    for one whose values the passes changed."""
     traced = {}
     for param, values in final_means.items():
         source = onnx_names.get(param, onnx_names.get(param.rsplit(".", 1)[0], param))
         if source not in shared.tensors:
             continue
         positions = np.asarray(values, np.float64) - 1
-        exact = np.array_equal(positions, np.round(positions)) and positions.min() >= 0 and positions.max() < shared.tensors[source].size
-        traced[param] = positions.astype(np.int64) if exact else None
+        moved = np.array_equal(np.sort(positions.reshape(-1)), np.arange(shared.tensors[source].size))  # a permutation
+        traced[param] = positions.astype(np.int64) if moved else None
     return traced
 
 
