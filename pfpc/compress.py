@@ -23,9 +23,8 @@ component. Steps, per initializer (``per_layer``) or over all of them at once (`
 
 ``channel_scale`` fits a per-output-channel scale s_c (axis 0; mean s mu, std s sigma, as batch-
 norm folding scales a layer) before clustering: each channel's points are divided by their RMS,
-clustered, then s_c is refitted by least squares in (mu, sigma) against the assigned components
-and the points reassigned (three rounds); components, blends and exceptions live in the scaled
-space.
+clustered, then scales and components are refitted by alternating least squares in (mu, sigma)
+(`refit_scales`); components, blends and exceptions live in the scaled space.
 
 ``precision_weighted`` gives k-means a weight 1/sigma^2 per point: the distortion of a weight
 counts relative to its posterior uncertainty, so the few well-determined weights (small sigma),
@@ -270,23 +269,26 @@ def add_blends(shared: SharedTensor, points, components, labels, distortion, gai
     than the fraction ``gain``; returns the new errors."""
     if len(components) < 2:
         return distortion
-    first = components[labels]  # [N, 2]
-    direction = first[:, None, :] - components[None, :, :]  # c1 - c2, [N, K, 2]
-    length = np.sum(direction ** 2, axis=2)
-    alpha = np.clip(np.sum((points[:, None, :] - components[None, :, :]) * direction, axis=2) / np.where(length > 0, length, 1.0), 0, 1)
-    if levels:  # few distinct alphas: blended weights share entries of the generated tables
-        alpha = np.round(alpha * levels) / levels
-    alpha = alpha.astype(np.float32).astype(np.float64)  # as stored
-    blended = components[None, :, :] + alpha[:, :, None] * direction
-    error = np.sqrt(np.sum((points[:, None, :] - blended) ** 2, axis=2))
-    error[length == 0] = np.inf  # c2 = c1 or the same point: no blend
-    second = np.argmin(error, axis=1)
-    best = error[np.arange(len(points)), second]
+    second, alpha, best = (np.empty(len(points), dtype) for dtype in (np.int64, np.float64, np.float64))
+    for start in range(0, len(points), 4096):  # [chunk, K, 2] intermediates
+        part = slice(start, start + 4096)
+        direction = components[labels[part]][:, None, :] - components[None, :, :]  # c1 - c2
+        length = np.sum(direction ** 2, axis=2)
+        along = np.sum((points[part, None, :] - components[None, :, :]) * direction, axis=2) / np.where(length > 0, length, 1.0)
+        along = np.clip(along, 0, 1)
+        if levels:  # few distinct alphas: blended weights share entries of the generated tables
+            along = np.round(along * levels) / levels
+        along = along.astype(np.float32).astype(np.float64)  # as stored
+        error = np.sqrt(np.sum((points[part, None, :] - components[None, :, :] - along[:, :, None] * direction) ** 2, axis=2))
+        error[length == 0] = np.inf  # c2 = c1 or the same point: no blend
+        second[part] = np.argmin(error, axis=1)
+        rows = np.arange(len(second[part]))
+        alpha[part], best[part] = along[rows, second[part]], error[rows, second[part]]
     chosen = np.flatnonzero(best < (1 - gain) * distortion)
     if chosen.size:
         shared.blend_position = chosen.astype(np.int64)
         shared.blend_component = np.stack([labels[chosen], second[chosen]], axis=1).astype(shared.component_index.dtype)
-        shared.blend_alpha = alpha[chosen, second[chosen]].astype(np.float32)
+        shared.blend_alpha = alpha[chosen].astype(np.float32)
         distortion = distortion.copy()
         distortion[chosen] = best[chosen]
     return distortion
