@@ -373,6 +373,12 @@ def _compress_parser():
     parser.add_argument("--merge-w2", type=float, default=0.0, metavar="T", help="merge components closer than T (W2) by moment matching")
     parser.add_argument("--precision-weighted", action="store_true",
                         help="k-means weights every point by its precision 1/sigma^2: well-determined weights are kept more exactly")
+    parser.add_argument("--blend", type=float, metavar="GAIN",
+                        help="alpha-blend a weight between two components when that cuts its W2 error by more than the fraction GAIN")
+    parser.add_argument("--blend-levels", type=int, default=0, metavar="L",
+                        help="round blend alphas to multiples of 1/L (blended weights then share table entries in the C)")
+    parser.add_argument("--channel-scale", action="store_true",
+                        help="fit a scale per output channel (least squares) before clustering, e.g. after batch-norm folding")
     parser.add_argument("--min-size", type=int, default=64, help="leave initializers with fewer weights as they are (default 64)")
     parser.add_argument("--target", default="host", help="target whose compiled weight flash is reported (default host)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip the end-to-end comparison on the dirty-digits suite")
@@ -396,7 +402,7 @@ def _compress(args) -> int:
         raise PfpcError("pfpc compress needs scikit-learn: pip install 'pfpc[eval]'")
     options = Options(args.components if args.components is not None or args.max_w2 is not None else 16, args.max_w2,
                       args.per_layer, args.outliers, args.gmm, args.merge_w2, args.min_size,
-                      args.precision_weighted)
+                      args.precision_weighted, args.blend, args.blend_levels, args.channel_scale)
     model = load_model(args.model, 1)
     full = load_posterior(model, args.posterior)
     shared, layers = compress_posterior(model, full, options)

@@ -14,6 +14,7 @@ import tvm_ffi
 from tvm import relax
 
 from .codegen import emit_c, emit_svi, footprint, shared_weights
+from .codegen import shared_draw as shared_draw_kernels
 from .codegen.targets import get_target
 from .errors import PfpcError
 from .frontends.onnx_model import input_shapes, load_model, output_shapes
@@ -88,31 +89,37 @@ def compile(  # noqa: A001 - the public name users expect
         model = load_model(model, batch)
     elif isinstance(model, onnx.ModelProto):
         model = _load_proto(model, batch)
+    shared_draw = mode == "pfp"  # the sampling build draws every weight on its own
     if posterior is None:
         post = bind_posterior(model, {})
     elif isinstance(posterior, Posterior):
         post = posterior
     elif isinstance(posterior, dict):
-        post = bind_posterior(model, posterior)
+        post = bind_posterior(model, posterior, shared_draw=shared_draw)
     else:
-        post = load_posterior(model, posterior)
+        post = load_posterior(model, posterior, shared_draw=shared_draw)
     mod = import_model(model, post, label)
     io = {"inputs": list(input_shapes(model).items()), "outputs": _output_shapes(model, mod)}
     if dump_ir:
         os.makedirs(dump_ir, exist_ok=True)
         _dump(dump_ir, 0, "import", mod)
-    for index, (pass_name, transform) in enumerate(passes, start=1):
-        mod = transform(mod)
-        if dump_ir:
-            _dump(dump_ir, index, pass_name, mod)
+    mod = _run_passes(mod, passes, dump_ir)
     func = mod["main"]
     weights = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
     if mode == "svi":
         program = emit_svi.lower_to_program(mod, weights, io, name, samples, seed, target_info)
     else:
-        program = emit_c.lower_to_program(mod, weights, io, name, target_info)
-        if post.shared is not None:
-            program.shared = shared_weights.encode(program, set(post.shared.tensors))
+        traced = None
+        if post.shared is not None and post.shared.semantics == "shared_draw":
+            traced = _trace_shared_draws(model, post, passes, label)
+
+        def read_through_codebooks(program, prim_funcs):
+            if traced is not None:
+                shared_draw_kernels.rewrite(program, prim_funcs, traced, post.shared)
+            program.shared = shared_weights.encode(program, set(post.shared.tensors), prim_funcs)
+
+        program = emit_c.lower_to_program(mod, weights, io, name, target_info,
+                                          before_codegen=read_through_codebooks if post.shared is not None else None)
     result = CompiledModel(mod, program, out_dir, io)
     if measure or ram_limit is not None or flash_limit is not None:
         def measure_and_check(directory):
@@ -128,6 +135,23 @@ def compile(  # noqa: A001 - the public name users expect
     elif out_dir is not None:
         _write_atomically(program, out_dir, force)
     return result
+
+
+def _run_passes(mod, passes, dump_ir=None):
+    for index, (pass_name, transform) in enumerate(passes, start=1):
+        mod = transform(mod)
+        if dump_ir:
+            _dump(dump_ir, index, pass_name, mod)
+    return mod
+
+
+def _trace_shared_draws(model, post, passes, label) -> dict:
+    """Where the passes put every weight of a shared-draw posterior (`codegen.shared_draw.trace`):
+    the model compiled once more with the covered weights replaced by their positions."""
+    tracer = Posterior({**post.means, **shared_draw_kernels.tracer_means(post.shared)}, post.variances)
+    func = _run_passes(import_model(model, tracer, label), passes)["main"]
+    final = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
+    return shared_draw_kernels.trace(final, {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()}, post.shared)
 
 
 def check_c_name(name) -> None:

@@ -795,11 +795,15 @@ def _weights_as_inputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
 def monte_carlo(model: onnx.ModelProto, stds: Mapping[str, np.ndarray],
                 inputs: Mapping[str, np.ndarray], samples: int, seed: int,
                 input_stds: Mapping[str, np.ndarray] | None = None,
-                with_var_stderr: bool = False) -> dict[str, tuple]:
+                with_var_stderr: bool = False,
+                shared_noise: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple]:
     """Ground truth by sampling, with onnxruntime (float32) on the CPU.
 
     Per sample, every initializer named in `stds` is drawn independently as
     value + std * N(0, 1) (and every graph input named in `input_stds` likewise); the
+    initializers named in `shared_noise` (an int array of their shape: a group per element,
+    -1 = on its own) draw ONE N(0, 1) per group and sample, which every element of the group
+    multiplies by its std (a signed std gives a negative correlation); the
     deterministic model is run once per sample (one session: the stochastic initializers
     are made graph inputs). Moments are accumulated in float64.
 
@@ -841,6 +845,10 @@ def monte_carlo(model: onnx.ModelProto, stds: Mapping[str, np.ndarray],
         b = min(chunk, samples - start)
         noise = {name: rng.standard_normal((b,) + mu.shape)
                  for name, (mu, _, _) in stochastic.items()}
+        for name, groups in (shared_noise or {}).items():
+            groups = np.asarray(groups, np.int64)
+            per_group = rng.standard_normal((b, int(groups.max()) + 1))
+            noise[name] = np.where(groups >= 0, per_group[:, np.maximum(groups, 0)], noise[name])
         block = None
         for i in range(b):
             feed = dict(fixed)

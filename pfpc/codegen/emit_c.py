@@ -82,6 +82,7 @@ class Tensor:
     produced: int = -1
     last_use: int = -1
     offset: int = 0
+    param: str = ""  # a weight's Relax parameter
 
     @property
     def size(self):
@@ -117,10 +118,12 @@ class Program:
     shared: object = None  # shared_weights.SharedWeights: weights stored as codebooks (a shared posterior)
 
 
-def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model", target=None) -> Program:
+def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model", target=None,
+                     before_codegen=None) -> Program:
     """Walk ``main`` of the compiled module and produce the step list and the memory plan;
-    the kernels are scheduled for ``target`` (a `targets.Target`, default the host)."""
-    program, out_fields, _ = walk_main(mod, weights, io, name, target=target)
+    the kernels are scheduled for ``target`` (a `targets.Target`, default the host).
+    ``before_codegen(program, prim_funcs)`` may change the steps and kernels before TVM generates C."""
+    program, out_fields, _ = walk_main(mod, weights, io, name, target=target, before_codegen=before_codegen)
     namer = program.namer
     func = mod["main"]
     reprs = [str(r) for r in func.attrs["pfp.outputs"]]
@@ -157,7 +160,8 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     return program
 
 
-def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=(), target=None) -> tuple[Program, list, dict]:
+def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=(), target=None,
+              before_codegen=None) -> tuple[Program, list, dict]:
     """The steps (one kernel call each) and tensors of ``main``, in order, without a memory plan.
 
     Returns the program, the tensors of main's result tuple (the outputs are not placed yet) and
@@ -176,7 +180,7 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
     onnx_names = {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()} if "pfp.onnx_names" in func.attrs else {}
     weight_tensors = {}
     for param in func.params[num_input:]:
-        tensor = Tensor(namer(param.name, prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight")
+        tensor = Tensor(namer(param.name, prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight", param=param.name)
         env[param] = tensor
         weight_tensors[param.name] = tensor
         program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), onnx_names.get(param.name, onnx_names.get(param.name.rsplit(".", 1)[0], param.name)))
@@ -214,6 +218,8 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
         else:
             raise PfpcError(f"internal: code generation cannot lower binding {binding.var.name} ({op or type(value).__name__})")
     program.target = target or get_target("host")
+    if before_codegen is not None:
+        before_codegen(program, prim_funcs)
     program.kernels = generate_c_kernels(prim_funcs, program.target.accumulate)
     out_fields = [env[f] for f in output_fields(func)]
     return program, out_fields, weight_tensors
@@ -316,9 +322,17 @@ extern "C" {{
 """
 
 
+#: C element types of the weight arrays that are not float (a codebook's codes and positions)
+C_INTEGER_TYPES = {np.dtype(np.uint8): "uint8_t", np.dtype(np.uint16): "uint16_t", np.dtype(np.uint32): "uint32_t"}
+
+
 def render_const_array(c_name: str, values: np.ndarray, comment: str) -> str:
-    return (f"/* {c_comment(c_name)}: {comment}, shape {list(values.shape)} */\n"
-            f"static const float {c_name}[{max(values.size, 1)}] = {{\n{_format_floats(values) if values.size else '    0.0f'}\n}};\n")
+    header = f"/* {c_comment(c_name)}: {comment}, shape {list(values.shape)} */\n"
+    if values.dtype in C_INTEGER_TYPES:
+        items = [str(int(v)) for v in values.reshape(-1)] or ["0"]
+        text = "    " + ",\n    ".join(", ".join(items[i : i + 16]) for i in range(0, len(items), 16))
+        return header + f"static const {C_INTEGER_TYPES[values.dtype]} {c_name}[{max(values.size, 1)}] = {{\n{text}\n}};\n"
+    return header + f"static const float {c_name}[{max(values.size, 1)}] = {{\n{_format_floats(values) if values.size else '    0.0f'}\n}};\n"
 
 
 def render_weights(program: Program, extra_arrays=()) -> str:
@@ -329,8 +343,6 @@ def render_weights(program: Program, extra_arrays=()) -> str:
         weight_lines.append(render_const_array(c_name, values, f"from initializer '{c_comment(onnx_name)}'"))
     for c_name, values, comment in extra_arrays:
         weight_lines.append(render_const_array(c_name, values, comment))
-    if program.shared is not None:
-        weight_lines.append(program.shared.c_text())
     weight_lines.append(f"#endif /* {upper}_WEIGHTS_H */\n")
     return "\n".join(weight_lines)
 
@@ -581,14 +593,13 @@ def write(program: Program, out_dir: str) -> None:
         "extra_outputs": [[kind, list(shape)] for _, kind, shape in program.extra_outputs],
         "arena_bytes": program.arena_size,
         "arena_lower_bound_bytes": program.arena_lower_bound,
-        "weights_bytes": sum(4 * values.size for values, _ in program.weights.values()),
+        "weights_bytes": sum(values.nbytes for values, _ in program.weights.values()),
         "layers": footprint.layer_costs(program),
         # outputs whose softmax/log-softmax was dropped: they hold the moments of the logits
         "output_softmax": program.output_softmax,
     }
     if program.shared is not None:
         meta["shared_posterior"] = program.shared.metadata()
-        meta["weights_bytes"] += meta["shared_posterior"]["shared_bytes"]
     if program.sampling is not None:
         meta.update(program.sampling.metadata())
         meta["weights_bytes"] += sum(8 * w.tensor.size for w in program.sampling.weights)  # mean and std arrays

@@ -1,22 +1,23 @@
 """Kernels from TVM's C backend, turned into plain C functions.
 
 TVM emits every PrimFunc as a packed function that unpacks DLTensor arguments before its loop
-nest. pfpc keeps the loop nest that TVM generated and gives it a plain signature with one float
-pointer per buffer (``const`` for the buffers it only reads), so the generated library needs no
-TVM header, no DLTensor and no argument unpacking at run time.
+nest. pfpc keeps the loop nest that TVM generated and gives it a plain signature with one pointer
+per buffer (``const`` for the buffers it only reads; float, or the integer type of a codebook's
+codes), so the generated library needs no TVM header, no DLTensor and no argument unpacking at
+run time.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tvm
 
 from ..errors import PfpcError
 from ..ops.kernel import schedule_kernel
 
-_DATA_LINE = re.compile(r"^\s*float\* (\w+) = \(\(float\*\)\(\(float\*\)\(\(\(DLTensor\*\)\w+_handle\)\[0\]\.data\)\)\);\s*$")
+_DATA_LINE = re.compile(r"^\s*(float|uint8_t|uint16_t|uint32_t)\* (\w+) = \(\(\1\*\)\(\(\1\*\)\(\(\(DLTensor\*\)\w+_handle\)\[0\]\.data\)\)\);\s*$")
 _FORBIDDEN = ("_handle", "TVMFFI", "DLTensor", "TVMBackend", "args", "__tvm")
 
 
@@ -25,9 +26,10 @@ class CKernel:
     name: str
     params: list  # (name, written)
     body: str
+    ctypes: dict = field(default_factory=dict)  # parameter -> element type, if not float
 
     def signature(self, prefix: str) -> str:
-        args = ", ".join(f"float* {p}" if written else f"const float* {p}" for p, written in self.params)
+        args = ", ".join(f"{'' if written else 'const '}{self.ctypes.get(p, 'float')}* {p}" for p, written in self.params)
         return f"void {prefix}{self.name}({args})"
 
 
@@ -53,11 +55,13 @@ def _extract(source: str, name: str) -> CKernel:
     if start < 0:
         raise PfpcError(f"internal: TVM emitted no C function for kernel {name}")
     lines = source[start + len(head):].split("\n")
-    params, body, depth, in_body = [], [], 1, False
+    params, ctypes, body, depth, in_body = [], {}, [], 1, False
     for line in lines:
         match = _DATA_LINE.match(line)
         if match and not in_body:
-            params.append(match.group(1))
+            params.append(match.group(2))
+            if match.group(1) != "float":
+                ctypes[match.group(2)] = match.group(1)
             continue
         if not params:
             continue
@@ -74,4 +78,4 @@ def _extract(source: str, name: str) -> CKernel:
     if any(token in text for token in _FORBIDDEN):
         raise PfpcError(f"internal: kernel {name} uses the TVM runtime; cannot emit standalone C")
     written = [(p, re.search(rf"\b{re.escape(p)}\[[^\]]*\]\s*=[^=]", text) is not None) for p in params]
-    return CKernel(name, written, text)
+    return CKernel(name, written, text, ctypes)

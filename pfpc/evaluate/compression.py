@@ -56,10 +56,12 @@ def _metrics(sets, mean, var, probs) -> dict:
 
 def format_report(layers: list, effect: dict | None, footprint: dict | None = None) -> str:
     """The compress report as Markdown: per layer, totals, the end-to-end effect."""
-    lines = ["| initializer | weights | components | exceptions | index bits | mean W2 | RMS W2 | max W2 | parameters before → after | bytes before → after |",
+    lines = ["| initializer | weights | components | exceptions / blends | index bits | mean W2 | RMS W2 | max W2 | parameters before → after | bytes before → after |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in layers:
-        lines.append(f"| {row['initializer']} | {row['weights']:,} | {row['components']} | {row['exceptions']} | {row['index_bits']} | "
+        scales = f" (+ {row['channel_scales']} channel scales)" if row.get("channel_scales") else ""
+        lines.append(f"| {row['initializer']} | {row['weights']:,} | {row['components']}{scales} | {row['exceptions']} / {row.get('blends', 0)} | "
+                     f"{row['index_bits']} | "
                      f"{row['mean_w2']:.4f} | {row['rms_w2']:.4f} | {row['max_w2']:.4f} | {row['parameters_before']:,} → {row['parameters_after']:,} | "
                      f"{row['bytes_before']:,} → {row['bytes_after']:,} |")
     before, after = sum(r["bytes_before"] for r in layers), sum(r["bytes_after"] for r in layers)
@@ -68,7 +70,8 @@ def format_report(layers: list, effect: dict | None, footprint: dict | None = No
                  f"({params_before / max(params_after, 1):.0f}x) | {before:,} → {after:,} ({before / max(after, 1):.1f}x) |")
     lines.append("")
     lines.append("Bytes: mean and std as float32 before; after, the component indices (4-bit packed up to 16 components), "
-                 "two float32 per component and per exception plus its position. Parameters: floats (indices not counted).")
+                 "two float32 per component and per exception plus its position, per blend its position, two indices and "
+                 "a float32 alpha, a float32 per channel scale. Parameters: floats (indices not counted).")
     if footprint is not None:
         lines += ["", f"Compiled weights (all tensors, as the kernels read them: mean and variance or second moment): "
                   f"{footprint['full']:,} bytes with the full posterior, {footprint['shared']:,} with the shared one "

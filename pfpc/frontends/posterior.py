@@ -69,12 +69,14 @@ def read_npz(path) -> dict:
     return arrays
 
 
-def bind_posterior(model: onnx.ModelProto, arrays: dict, source: str = "posterior") -> Posterior:
-    """Check ``arrays`` against the model's initializers and return the canonical posterior."""
+def bind_posterior(model: onnx.ModelProto, arrays: dict, source: str = "posterior", shared_draw: bool = False) -> Posterior:
+    """Check ``arrays`` against the model's initializers and return the canonical posterior.
+    ``shared_draw``: the caller propagates a shared posterior's one-draw-per-component semantics
+    (the compiled PFP); everything else refuses it."""
     initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     shared = None
     if shared_posterior.is_shared(arrays):
-        shared, arrays = shared_posterior.load(arrays, {k: v.shape for k, v in initializers.items()}, source)
+        shared, arrays = shared_posterior.load(arrays, {k: v.shape for k, v in initializers.items()}, source, shared_draw)
     means = {name: value for name, value in initializers.items() if value.dtype == np.float32}
     variances, seen = {}, {}
     for key, values in arrays.items():
@@ -109,5 +111,5 @@ def bind_posterior(model: onnx.ModelProto, arrays: dict, source: str = "posterio
     return Posterior(means, variances, shared)
 
 
-def load_posterior(model: onnx.ModelProto, path) -> Posterior:
-    return bind_posterior(model, read_npz(path), os.fspath(path))
+def load_posterior(model: onnx.ModelProto, path, shared_draw: bool = False) -> Posterior:
+    return bind_posterior(model, read_npz(path), os.fspath(path), shared_draw)

@@ -10,9 +10,10 @@ Header keys (no initializer prefix):
 - ``semantics`` ``"independent"`` (the default when absent): every weight is drawn independently
   from its own Gaussian, which is looked up through its component; the PFP math is unchanged.
   ``"shared_draw"``: one draw per component, shared by all weights that use it (the behaviour of
-  the paper's code); the weights of a component are then fully correlated and the variance of a
-  linear layer needs grouped sums (sum of the inputs per component, squared). Detected and refused
-  by everything that propagates or samples a posterior (`load`); `expand` still gives its marginals.
+  the paper's code; blends and exceptions are drawn on their own); the weights of a component are
+  then fully correlated and the variance of a linear layer needs grouped sums
+  (`codegen.shared_draw`, docs/shared_posterior.md). Propagated by the compiled PFP only; `load`
+  refuses it elsewhere (sampling would draw every weight on its own); `expand` gives its marginals.
 
 Per covered ONNX initializer ``<name>`` (flat positions are row-major in the initializer's shape):
 
@@ -257,13 +258,14 @@ def _tensor(name, given, shape, fail) -> SharedTensor:
     return result
 
 
-def load(arrays: dict, shapes: dict, source: str) -> tuple[SharedPosterior, dict]:
-    """A shared posterior for propagation or sampling: (parsed, expanded arrays). Refuses
-    ``shared_draw``, whose correlated weights neither the PFP nor independent sampling represent."""
+def load(arrays: dict, shapes: dict, source: str, shared_draw: bool = False) -> tuple[SharedPosterior, dict]:
+    """A shared posterior for propagation or sampling: (parsed, expanded arrays). ``shared_draw``
+    is refused unless the caller propagates it (the compiled PFP: ``shared_draw=True``); the
+    expansion's independent draws (sampling, verification, evaluation) would misrepresent it."""
     shared = parse(arrays, shapes, source)
-    if shared.semantics == "shared_draw":
-        raise PfpcError(f"{source}: semantics 'shared_draw' (one draw per component) is not supported: its weights are "
-                        "correlated within a component and the variance needs grouped sums; use semantics 'independent'")
+    if shared.semantics == "shared_draw" and not shared_draw:
+        raise PfpcError(f"{source}: semantics 'shared_draw' (one draw per component) is only supported by the compiled PFP "
+                        "(pfpc MODEL --posterior, mode pfp); sampling and evaluation draw every weight on its own")
     return shared, expand(shared)
 
 

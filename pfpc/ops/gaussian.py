@@ -91,7 +91,58 @@ def _reduce_products(out_shape, terms, axes, name):
     return Gaussian(mean, var, "var")
 
 
-def matmul(a: Gaussian, b: Gaussian) -> Gaussian:
+def _second_at(g: Gaussian, idx):
+    """E[x^2] at ``idx`` as an expression, whatever the representation."""
+    mean = g.mean[idx]
+    if g.repr == "second_moment":
+        return g.moment[idx]
+    return mean * mean + (g.moment[idx] if g.repr == "var" else f32(0.0))
+
+
+def _reduce_shared_draw(out_shape, terms, axes, count, name):
+    """A linear output sum_i w_i x_i whose weights share one draw per component (shared-draw
+    semantics of a shared posterior): w_i = mu_i + a_i eps_g(i), eps ~ N(0, 1) per component g,
+    a_i the signed std, and a weight of group -1 drawn on its own. For inputs independent of
+    the weights (mean m_i, variance v_i):
+
+        E[y]   = sum_i mu_i m_i
+        Var[y] = sum_i E[w_i^2] v_i + sum_{i: own draw} a_i^2 m_i^2 + sum_g (sum_{i in g} a_i m_i)^2
+
+    (the eps of different components are independent and independent of x, so the cross terms
+    between components and with the mean part vanish; within a component the noise is one
+    variable whose coefficient is sum_{i in g} a_i x_i, of second moment (sum a_i m_i)^2 +
+    sum a_i^2 v_i). ``terms(*idx)`` -> (m_i, v_i, mu_i, E[w_i^2], group_i, a_i); one reduction
+    with ``count`` + 2 accumulators: the mean, the ungrouped sum and one grouped sum per component.
+    """
+    size = count + 2
+    reducer = te.comm_reducer(
+        lambda acc, new: tuple(acc[k] + new[k] for k in range(size)),
+        lambda *dtypes: tuple(tirx.const(0, d) for d in dtypes),
+        name="shared_draw_sum",
+    )
+
+    def body(*idx):
+        x_mean, x_var, w_mean, w_second, group, coeff = terms(*idx)
+        group = group.astype("int32")
+        noise = coeff * x_mean
+        own = tirx.Select(group < 0, noise * noise, f32(0.0))
+        values = [x_mean * w_mean, w_second * x_var + own]
+        values += [tirx.Select(group == g, noise, f32(0.0)) for g in range(count)]
+        return reducer(tuple(values), axis=axes)
+
+    sums = te.compute(out_shape, body, name=name)
+    mean, ungrouped, grouped = sums[0], sums[1], sums[2:]
+
+    def var(*idx):
+        total = ungrouped[idx]
+        for tensor in grouped:
+            total = total + tensor[idx] * tensor[idx]
+        return total
+
+    return Gaussian(mean, te.compute(out_shape, var, name=f"{name}_var"), "var")
+
+
+def matmul(a: Gaussian, b: Gaussian, groups=None, coeff=None, count=0) -> Gaussian:
     """Y = A @ B for independent Gaussian A [..., M, K] and B [..., K, N], batch dimensions
     broadcast as in NumPy.
 
@@ -112,12 +163,16 @@ def matmul(a: Gaussian, b: Gaussian) -> Gaussian:
     def terms(*idx):
         ia = operand_index(a_shape, idx, idx[-2], k)
         ib = operand_index(b_shape, idx, k, idx[-1])
+        if groups is not None:
+            return a.mean[ia], a.var_at(ia), b.mean[ib], _second_at(b, ib), groups.mean[ib], coeff.mean[ib]
         return product_moments(a.mean[ia], a.moment_at(ia), a.repr, b.mean[ib], b.moment_at(ib), b.repr)
 
+    if groups is not None:
+        return _reduce_shared_draw(out_shape, terms, [k], count, "matmul")
     return _reduce_products(out_shape, terms, [k], "matmul")
 
 
-def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups) -> Gaussian:
+def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_groups=None, coeff=None, count=0) -> Gaussian:
     """Y = conv2d(X, W), NCHW x OIHW, zero padding (deterministic zeros), grouped.
 
     mean: M[n,o,y,x] = sum_{c,i,j} m_x[n, g*C+c, y*sh + i*dh - pt, x*sw + j*dw - pl] m_w[o,c,i,j]
@@ -142,9 +197,14 @@ def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups) -> Gaussi
         ix = (n, (o // out_per_group) * group_ch + c, row, col)
         iw = (o, c, i, j)
         x_mean = tirx.if_then_else(inside, x.mean[ix], f32(0.0))
+        if draw_groups is not None:
+            x_var = tirx.if_then_else(inside, x.var_at(ix), f32(0.0))
+            return x_mean, x_var, w.mean[iw], _second_at(w, iw), draw_groups.mean[iw], coeff.mean[iw]
         x_moment = None if x.repr == "none" else tirx.if_then_else(inside, x.moment[ix], f32(0.0))
         return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr)
 
+    if draw_groups is not None:
+        return _reduce_shared_draw([batch, out_ch, out_h, out_w], terms, [c, i, j], count, "conv2d")
     return _reduce_products([batch, out_ch, out_h, out_w], terms, [c, i, j], "conv2d")
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from tvm import s_tir, te, tirx
 
+from . import codebook as CB
 from . import gaussian as G
 
 #: Stages that reduce over a fan-in (the ones that consume second moments cheaply and head fused kernels).
@@ -24,8 +25,9 @@ LINEAR_OPS = ("matmul", "conv2d")
 
 #: How each stage is built from its Gaussian inputs and attributes.
 STAGES = {
-    "matmul": lambda inputs, attrs: G.matmul(*inputs),
-    "conv2d": lambda inputs, attrs: G.conv2d(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"]),
+    "matmul": lambda inputs, attrs: G.matmul(*inputs, count=attrs.get("draw_groups", 0)),
+    "conv2d": lambda inputs, attrs: G.conv2d(*inputs[:2], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"],
+                                             *inputs[2:], count=attrs.get("draw_groups", 0)),
     "add": lambda inputs, attrs: G.add(*inputs),
     "subtract": lambda inputs, attrs: G.subtract(*inputs),
     "multiply": lambda inputs, attrs: G.multiply(*inputs),
@@ -54,8 +56,11 @@ ARITY = {"matmul": 2, "conv2d": 2, "add": 2, "subtract": 2, "multiply": 2, "divi
 
 
 def arity(op: str, attrs: dict) -> int:
-    """Gaussian operands of a stage: ``attrs["count"]`` for concat, else `ARITY` (default 1)."""
-    return int(attrs["count"]) if op == "concat" else ARITY.get(op, 1)
+    """Gaussian operands of a stage: ``attrs["count"]`` for concat, two more (the weight's draw
+    groups and noise coefficients) for a linear stage with ``draw_groups``, else `ARITY` (default 1)."""
+    if op == "concat":
+        return int(attrs["count"])
+    return ARITY.get(op, 1) + (2 if "draw_groups" in attrs else 0)
 
 
 @dataclass(frozen=True)
@@ -111,13 +116,24 @@ def infer_output_repr(spec: KernelSpec) -> str:
     return current
 
 
-def build_kernel(spec: KernelSpec, operand_shapes, name: str):
-    """Build the PrimFunc of ``spec`` for operands of the given shapes; returns it and the output shape."""
+def build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
+    """Build the PrimFunc of ``spec`` for operands of the given shapes; returns it and the output shape.
+
+    ``codebooks``: operand position -> `codebook.CodebookLayout` for weight operands passed as
+    codebooks (their parameters are `codebook.placeholders`, gathered inside the kernel)."""
     if len(operand_shapes) != spec.operand_count() or len(spec.operands) != len(operand_shapes):
         raise ValueError(f"{name}: {len(operand_shapes)} operands for a kernel that takes {spec.operand_count()}")
     names = spec.names or tuple(f"in{i}" for i in range(len(operand_shapes)))
+    codebooks = codebooks or {}
     params, operands = [], []
-    for shape, rep, base in zip(operand_shapes, spec.operands, names):
+    for position, (shape, rep, base) in enumerate(zip(operand_shapes, spec.operands, names)):
+        roles = ["mean"] + ([] if rep == "none" else [rep])
+        if position in codebooks:
+            stored = CB.placeholders(base, shape, codebooks[position], roles)
+            params += stored
+            gathered = CB.operand(shape, codebooks[position], stored, roles) + [None]
+            operands.append(G.Gaussian(gathered[0], gathered[1], rep))
+            continue
         mean = te.placeholder([int(d) for d in shape], "float32", name=f"{base}_mean")
         moment = None if rep == "none" else te.placeholder([int(d) for d in shape], "float32", name=f"{base}_{rep}")
         params += [mean] + ([moment] if moment is not None else [])
@@ -148,6 +164,10 @@ def _is_shared(sch, block) -> bool:
     return G.SHARED_ATTR in sch.get(block).annotations
 
 
+def _is_codebook(sch, block) -> bool:
+    return CB.CODEBOOK_ATTR in sch.get(block).annotations
+
+
 def _is_reduction(sch, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
@@ -171,6 +191,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     for block in sch.get_child_blocks(root):
         if sch.get(block).name_hint in outputs or _is_reduction(sch, block) or _is_shared(sch, block):
             continue
+        if _is_codebook(sch, block) and any(_is_reduction(sch, c) for c in sch.get_consumers(block)):
+            continue  # placed by `_decode_once` below
         sch.compute_inline(block)
     for block in sch.get_child_blocks(root):
         if sch.get(block).name_hint in outputs:
@@ -196,10 +218,39 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
                 sch.reverse_compute_at(consumer, loops[spatial - 1])
             sch.decompose_reduction(block, sch.get_loops(block)[spatial])
         placed.update(sch.get(b).name_hint for b in downstream)
+    for block in sch.get_child_blocks(root):
+        if _is_codebook(sch, block):
+            _decode_once(sch, block)
+            placed.add(sch.get(block).name_hint)
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
     _one_nest(sch, rest)
     return sch.mod["main"]
+
+
+#: Largest scratch array of decoded weights (floats): TVM's C backend keeps buffers under 1 KB on the stack.
+DECODE_SCRATCH = 255
+
+
+def _decode_once(sch, block):
+    """Place a codebook gather (`codebook.operand`) under the outermost loop of the reduction
+    that reads it where its decoded weights fit in `DECODE_SCRATCH` floats: a convolution decodes
+    an output channel's weights once for all output positions, a matmul a column (each weight
+    once per row), instead of decoding every weight at every read."""
+    consumer = sch.get_consumers(block)[0]
+    for depth, loop in enumerate(sch.get_loops(consumer)):
+        trial = sch.copy()
+        try:
+            trial.compute_at(block, loop, preserve_unit_loops=True)
+        except Exception:  # not a legal place (TVM's ScheduleError): try an inner loop
+            continue
+        size = 1
+        for inner in trial.get_loops(block)[depth + 1 :]:
+            size *= int(trial.get(inner).extent)
+        if size <= DECODE_SCRATCH:
+            sch.compute_at(block, loop, preserve_unit_loops=True)
+            return
+    sch.compute_at(block, sch.get_loops(consumer)[-1], preserve_unit_loops=True)
 
 
 def _one_nest(sch, blocks):
