@@ -15,7 +15,6 @@ from tvm import te, tirx
 
 from .moments import (
     clark_max_moments,
-    clark_max_terms,
     clip_moments,
     f32,
     leaky_relu_moments,
@@ -476,21 +475,25 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         return mean, mean * mean + var
 
     def clark_step(k, acc_mean, acc_second):
-        """max(accumulated, window element k): the exp terms, then both moments from them."""
+        """max(accumulated, window element k): a, al, phi(al), Phi(al) each a stage of its own (see
+        `relu`: on SIMD targets only the one calling exp stays scalar), then both moments."""
 
         def acc_var(n, c, y, xx):
             return tirx.max(acc_second[n, c, y, xx] - acc_mean[n, c, y, xx] * acc_mean[n, c, y, xx], f32(0.0))
 
-        def terms(n, c, y, xx):
-            _inside, mean, var = at(positions[k], n, c, y, xx)
-            return clark_max_terms(acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var)
+        def stage(name, body):
+            return te.compute(out_shape, body, name=f"maxpool_{name}_{k}", attrs=SHARED)
 
-        alpha, pdf = te.compute(out_shape, terms, name=f"maxpool_terms_{k}", attrs=SHARED)
+        spread = stage("spread", lambda n, c, y, xx: safe_sqrt(acc_var(n, c, y, xx) + at(positions[k], n, c, y, xx)[2]))
+        alpha = stage("alpha", lambda n, c, y, xx: safe_ratio(acc_mean[n, c, y, xx] - at(positions[k], n, c, y, xx)[1],
+                                                               spread[n, c, y, xx]))
+        pdf = stage("pdf", lambda n, c, y, xx: std_normal_pdf(alpha[n, c, y, xx]))
+        cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
 
         def step(n, c, y, xx):
             inside, mean, var = at(positions[k], n, c, y, xx)
             max_mean, max_second = clark_max_moments(
-                acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var, (alpha[n, c, y, xx], pdf[n, c, y, xx])
+                acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var, (spread[n, c, y, xx], cdf[n, c, y, xx], pdf[n, c, y, xx])
             )
             seen = seen_before(k, n, c, y, xx)
 

@@ -178,10 +178,13 @@ def tanh_moments(mean, var):
 
 
 def clark_max_terms(mean1, var1, mean2, var2):
-    """(al, phi(al)) with al = (M1 - M2) / sqrt(V1 + V2): the part of `clark_max_moments` that
-    needs exp, computed once per pair and shared by both moments."""
-    alpha = safe_ratio(mean1 - mean2, safe_sqrt(var1 + var2))
-    return alpha, std_normal_pdf(alpha)
+    """(a, Phi(al), phi(al)) with a = sqrt(V1 + V2), al = (M1 - M2) / a: the part of
+    `clark_max_moments` with the square root, the divisions and exp, computed once per pair and
+    shared by both moments."""
+    spread = safe_sqrt(var1 + var2)
+    alpha = safe_ratio(mean1 - mean2, spread)
+    pdf = std_normal_pdf(alpha)
+    return spread, std_normal_cdf(alpha, pdf), pdf
 
 
 def clark_max_moments(mean1, var1, mean2, var2, terms=None):
@@ -192,13 +195,12 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None):
     E[max^2] = (V1 + M1^2) Phi(al) + (V2 + M2^2) Phi(-al) + (M1 + M2) a phi(al)
 
     with Phi(-al) = 1 - Phi(al). a = 0 gives al = +-inf (or 0 when M1 = M2),
-    hence the larger mean exactly. ``terms``: `clark_max_terms` of the same pair, when the caller
-    computed them once already. Returns (E[max], E[max^2]).
+    hence the larger mean exactly. ``terms``: `clark_max_terms` (a, Phi(al), phi(al)) of the same
+    pair, when the caller computed them once already. Returns (E[max], E[max^2]).
     """
-    alpha, pdf = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
-    cdf = std_normal_cdf(alpha, pdf)
+    spread, cdf, pdf = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
     cdf_neg = f32(1.0) - cdf
-    spread_pdf = safe_sqrt(var1 + var2) * pdf
+    spread_pdf = spread * pdf
     first = mean1 * cdf + mean2 * cdf_neg + spread_pdf
     second = (var1 + mean1 * mean1) * cdf + (var2 + mean2 * mean2) * cdf_neg + (mean1 + mean2) * spread_pdf
     return first, second
