@@ -27,7 +27,10 @@ class CKernel:
     body: str
 
     def signature(self, prefix: str) -> str:
-        args = ", ".join(f"float* {p}" if written else f"const float* {p}" for p, written in self.params)
+        """``restrict``: the memory plan never lets a kernel's output share bytes with another of its
+        buffers, and saying so lets the C compiler vectorise loops that store to an output
+        without runtime overlap checks (which gcc -O2 does not add)."""
+        args = ", ".join(f"float* restrict {p}" if written else f"const float* restrict {p}" for p, written in self.params)
         return f"void {prefix}{self.name}({args})"
 
 

@@ -18,6 +18,7 @@ from .moments import (
     clip_moments,
     f32,
     leaky_relu_moments,
+    pdf_exponent,
     product_moments,
     relu_moments,
     safe_ratio,
@@ -230,7 +231,8 @@ def relu(a: Gaussian) -> Gaussian:
     # z, phi(z) and Phi(z) once per element, each a stage of its own that the moments read (see
     # `relu_terms`): on SIMD targets only the stage that calls exp stays scalar
     z = te.compute(a.shape, lambda *idx: safe_ratio(a.mean[idx], safe_sqrt(a.var_at(idx))), name="relu_z", attrs=SHARED)
-    pdf = te.compute(a.shape, lambda *idx: std_normal_pdf(z[idx]), name="relu_pdf", attrs=SHARED)
+    exponent = te.compute(a.shape, lambda *idx: pdf_exponent(z[idx]), name="relu_exponent", attrs=SHARED)
+    pdf = te.compute(a.shape, lambda *idx: std_normal_pdf(z[idx], exponent[idx]), name="relu_pdf", attrs=SHARED)
     cdf = te.compute(a.shape, lambda *idx: std_normal_cdf(z[idx], pdf[idx]), name="relu_cdf", attrs=SHARED)
     mean, second = te.compute(
         a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], pdf[idx])), name="relu"
@@ -487,7 +489,8 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         spread = stage("spread", lambda n, c, y, xx: safe_sqrt(acc_var(n, c, y, xx) + at(positions[k], n, c, y, xx)[2]))
         alpha = stage("alpha", lambda n, c, y, xx: safe_ratio(acc_mean[n, c, y, xx] - at(positions[k], n, c, y, xx)[1],
                                                                spread[n, c, y, xx]))
-        pdf = stage("pdf", lambda n, c, y, xx: std_normal_pdf(alpha[n, c, y, xx]))
+        exponent = stage("exponent", lambda n, c, y, xx: pdf_exponent(alpha[n, c, y, xx]))
+        pdf = stage("pdf", lambda n, c, y, xx: std_normal_pdf(alpha[n, c, y, xx], exponent[n, c, y, xx]))
         cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
 
         def step(n, c, y, xx):
