@@ -228,14 +228,15 @@ def relu(a: Gaussian) -> Gaussian:
     if a.repr == "none":
         mean = te.compute(a.shape, lambda *idx: tirx.max(a.mean[idx], f32(0.0)), name="relu_mean")
         return Gaussian(mean, None, "none")
-    # z, phi(z) and Phi(z) once per element, each a stage of its own that the moments read (see
-    # `relu_terms`): on SIMD targets only the stage that calls exp stays scalar
-    z = te.compute(a.shape, lambda *idx: safe_ratio(a.mean[idx], safe_sqrt(a.var_at(idx))), name="relu_z", attrs=SHARED)
+    # s, z, phi(z) and Phi(z) once per element, each a stage of its own that the moments read (see
+    # `relu_terms`): on SIMD targets each stage is a row loop that vectorises
+    std = te.compute(a.shape, lambda *idx: safe_sqrt(a.var_at(idx)), name="relu_std", attrs=SHARED)
+    z = te.compute(a.shape, lambda *idx: safe_ratio(a.mean[idx], std[idx]), name="relu_z", attrs=SHARED)
     exponent = te.compute(a.shape, lambda *idx: pdf_exponent(z[idx]), name="relu_exponent", attrs=SHARED)
     pdf = te.compute(a.shape, lambda *idx: std_normal_pdf(z[idx], exponent[idx]), name="relu_pdf", attrs=SHARED)
     cdf = te.compute(a.shape, lambda *idx: std_normal_cdf(z[idx], pdf[idx]), name="relu_cdf", attrs=SHARED)
     mean, second = te.compute(
-        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], pdf[idx])), name="relu"
+        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], pdf[idx], std[idx])), name="relu"
     )
     return Gaussian(mean, second, "second_moment")
 
@@ -457,7 +458,7 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         return Gaussian(te.compute([batch, chans, out_h, out_w], body, name="maxpool_mean"), None, "none")
 
     # Clark's max as a chain of element-wise stages over the window positions (row-major), each
-    # with its exp terms in a stage of their own, so that both moments share them.
+    # step's terms in stages of their own, so that both moments share them.
     out_shape = [batch, chans, out_h, out_w]
     positions = [(pi, pj) for pi in range(kernel[0]) for pj in range(kernel[1])]
 

@@ -194,10 +194,12 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             sch.decompose_reduction(block, loops[spatial - 1])
             update = sch.get_loops(block)
             sch.reorder(*update[spatial:], update[spatial - 1])
+            _unroll_window(sch, sch.get_loops(block)[spatial:-1])
         else:
             for consumer in downstream:
                 sch.reverse_compute_at(consumer, loops[spatial - 1])
             sch.decompose_reduction(block, sch.get_loops(block)[spatial])
+            _unroll_window(sch, sch.get_loops(block)[spatial:])
         placed.update(sch.get(b).name_hint for b in downstream)
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
@@ -244,6 +246,21 @@ def _row_nests(sch, blocks):
             outer.append(sch.get_loops(block)[row - 1])
     if outer:
         sch.merge(*outer)
+
+
+#: Most iterations of the innermost reduction loops that are unrolled (a 3x3 kernel window).
+UNROLL_MAX = 9
+
+
+def _unroll_window(sch, loops):
+    """Unroll the innermost reduction loops while they run at most UNROLL_MAX iterations together
+    (a convolution's kernel window): a 3-iteration loop costs about as much in overhead as in work."""
+    total = 1
+    for loop in reversed(loops):
+        total *= int(sch.get(loop).extent)
+        if total > UNROLL_MAX:
+            break
+        sch.unroll(loop)
 
 
 def _row_split(extent: int) -> int:

@@ -93,11 +93,12 @@ def safe_ratio(num, den):
 
 
 def relu_terms(mean, var):
-    """(Phi(z), phi(z)) with z = M / sqrt(V): the part of `relu_moments` that needs exp, computed
-    once per element and shared by both moments."""
-    z = safe_ratio(mean, safe_sqrt(var))
+    """(Phi(z), phi(z), s) with s = sqrt(V), z = M / s: the part of `relu_moments` with the square
+    root, the divisions and exp, computed once per element and shared by both moments."""
+    std = safe_sqrt(var)
+    z = safe_ratio(mean, std)
     pdf = std_normal_pdf(z)
-    return std_normal_cdf(z, pdf), pdf
+    return std_normal_cdf(z, pdf), pdf, std
 
 
 def relu_moments(mean, var, terms=None):
@@ -107,11 +108,11 @@ def relu_moments(mean, var, terms=None):
     E[y^2] = (M^2 + V) Phi(z) + M s phi(z)
 
     V = 0 gives z = +-inf (or 0 when M = 0), hence exactly (relu(M), relu(M)^2).
-    ``terms``: `relu_terms` (Phi(z), phi(z)) of the same element, when the caller computed them
+    ``terms``: `relu_terms` (Phi(z), phi(z), s) of the same element, when the caller computed them
     once already. Returns (E[y], E[y^2]).
     """
-    cdf, pdf = terms if terms is not None else relu_terms(mean, var)
-    std_pdf = safe_sqrt(var) * pdf
+    cdf, pdf, std = terms if terms is not None else relu_terms(mean, var)
+    std_pdf = std * pdf
     first = mean * cdf + std_pdf
     second = (mean * mean + var) * cdf + mean * std_pdf
     return first, second
