@@ -160,10 +160,11 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     reduction loops innermost, the result in registers and the epilogue computed right after it,
     or (``"row"``, for SIMD cores) a whole output row at a time: the reduction loops move outside
     the row's loop, so the innermost loop runs along contiguous outputs and weights, which the C
-    compiler vectorises, and the epilogue follows the row. The
-    element-wise stages marked `gaussian.SHARED` (terms that both moments read, Clark's steps) are not
-    inlined, which would repeat their erf/exp per reader; they share one loop nest with the
-    stages that read them, so they live in scalars too.
+    compiler vectorises, and the epilogue follows the row. Either way the innermost reduction
+    loops are unrolled when short (a convolution's kernel window). The element-wise stages marked
+    `gaussian.SHARED` (terms that both moments read, Clark's steps) are not inlined, which would
+    repeat their exp per reader; they share one loop nest with the stages that read them: as
+    scalars ("scalar"), or with a row loop each ("row", see `_row_nests`).
     """
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
