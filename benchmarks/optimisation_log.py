@@ -22,7 +22,11 @@ STEPS = [
     ("5ea86e4", "'row' schedule on the host: reduction loops outside the output row, vectorisable inner loop"),
     ("f7ca4e3", "Phi from phi by A&S 26.2.17: no erf, one exp per element"),
     ("2f67588", "operator coverage, hostile-name taming, codebooks merged (no kernel change intended)"),
-    ("HEAD", "ReLU epilogue split into vectorisable stages; only exp stays scalar"),
+    ("5f0a03b", "ReLU epilogue split into vectorisable stages; only exp stays scalar"),
+    ("61c66f6", "padded convolutions read a padded copy (pad kernel): no border branches in the MAC loops"),
+    ("8f8d06c", "Clark steps in stages; element-wise kernels in rows, one loop per stage"),
+    ("2889baa", "restrict kernel parameters; phi's exp without libm (vectorisable)"),
+    ("HEAD", "kernel window unrolled; ReLU's standard deviation computed once"),
 ]
 
 COMPILE = """

@@ -226,3 +226,45 @@ def test_relu_maxpool_networks_against_monte_carlo(tmp_path, example):
     mean_bound, var_bound = PFP_VS_MC_BOUNDS[example]
     assert mean_err_in_std < mean_bound, mean_err_in_std
     assert var_rel_median < var_bound, var_rel_median
+
+
+def _kernel_bodies(c_source):
+    """{kernel spec JSON: C body} of a generated <name>.c."""
+    bodies, spec = {}, None
+    for line in c_source.split("\n"):
+        if line.startswith("/* kernel "):
+            spec = line.split(": ", 1)[1].rsplit(" */", 1)[0]
+            bodies[spec] = []
+        elif spec is not None:
+            if line == "}":
+                spec = None
+            else:
+                bodies[spec].append(line)
+    return {spec: "\n".join(lines) for spec, lines in bodies.items()}
+
+
+@pytest.mark.parametrize("target", ["host", "cortex-m4"])
+def test_padded_convolution_loops_have_no_branches(tmp_path, target):
+    import pfpc.compiler as compiler
+
+    out = str(tmp_path / "out")
+    compiler.compile(os.path.join(EXAMPLES, "lenet", "model.onnx"), os.path.join(EXAMPLES, "lenet", "post.npz"), out_dir=out, batch=1, target=target)
+    bodies = _kernel_bodies(open(os.path.join(out, "pfp_model.c")).read())
+    convolutions = [body for spec, body in bodies.items() if '"conv2d"' in spec]
+    assert len(convolutions) == 2 and not any("if (" in body for body in convolutions)
+    assert sum('"pad"' in spec for spec in bodies) == 2  # the border is written once, by a pad kernel
+
+
+def test_dense_layer_wider_than_a_row(tmp_path):
+    """Row schedules split rows over 64 elements (TVM moves a larger stack buffer into a runtime
+    workspace, which standalone C cannot have)."""
+    rng = np.random.default_rng(11)
+    inits = {"w1": _w(rng, 8, 600, scale=0.3), "b1": _w(rng, 600, scale=0.1), "w2": _w(rng, 600, 3, scale=0.05)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    model = make_model(nodes, [("x", [2, 8])], ["y"], inits)
+    check_against_reference(model, inits, {"x": rng.standard_normal((2, 8)).astype(np.float32)}, tmp_path, rng)
+
+
+def _w(rng, *shape, scale=0.5):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)

@@ -220,3 +220,28 @@ def test_no_softmax_no_metadata(tmp_path):
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [2, 5])], ["y"], {"w": _w(rng, 5, 3)})
     compile_and_run(model, None, [np.zeros((2, 5), np.float32)], tmp_path)
     assert json.loads((tmp_path / "out" / "pfpc.json").read_text())["output_softmax"] == []
+
+
+def test_exp_without_libm_matches_numpy():
+    """`moments.exp_nonpositive` (phi's exp, no libm call) over its whole range, and phi at the clamp."""
+    import tvm
+    from tvm import te
+
+    from pfpc.ops.moments import exp_nonpositive, std_normal_pdf
+
+    a = np.concatenate([-np.linspace(0.0, 85.0, 100001), -np.geomspace(1e-30, 1.0, 1000)]).astype(np.float32)
+    z = np.array([0.0, 1.0, -2.5, 13.0, 20.0, np.inf, -np.inf], np.float32)
+    arg = te.placeholder(a.shape, "float32", name="a")
+    zs = te.placeholder(z.shape, "float32", name="z")
+    exp = te.compute(a.shape, lambda i: exp_nonpositive(arg[i]), name="exp")
+    pdf = te.compute(z.shape, lambda i: std_normal_pdf(zs[i]), name="pdf")
+    func = tvm.compile(te.create_prim_func([arg, zs, exp, pdf]), target="llvm")
+    out = [tvm.runtime.tensor(np.zeros(x.shape, np.float32)) for x in (a, z)]
+    func(tvm.runtime.tensor(a), tvm.runtime.tensor(z), *out)
+    expected = np.exp(a.astype(np.float64))
+    assert np.max(np.abs(out[0].numpy() - expected) / expected) < 2e-7
+    assert out[0].numpy()[0] == 1.0
+    phi = np.exp(-0.5 * z.astype(np.float64) ** 2) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(out[1].numpy()[:4], phi[:4], rtol=2e-7)
+    assert np.all((out[1].numpy()[4:] > 0) & (out[1].numpy()[4:] < 5e-38))  # clamped: tiny, never a subnormal or NaN
+    assert np.all(out[1].numpy()[4:] >= np.finfo(np.float32).tiny)

@@ -34,7 +34,7 @@ def _compile(passes, tmp_path=None, posterior=LENET_POST):
     return compiler.compile(LENET, posterior, out_dir=out, batch=2, passes=passes)
 
 
-@pytest.mark.parametrize("count", range(4, len(default_passes()) + 1))
+@pytest.mark.parametrize("count", range(len(_through("substitute_layers")), len(default_passes()) + 1))
 def test_every_pipeline_prefix_matches_reference(tmp_path, count):
     x = np.load(os.path.join(EXAMPLES, "lenet", "sample.npy"))[:2]
     post = dict(np.load(LENET_POST))
@@ -48,8 +48,8 @@ def test_every_pipeline_prefix_matches_reference(tmp_path, count):
 
 def test_substitution_makes_one_canonical_kernel_per_operator():
     specs = _specs(_compile(_through("substitute_layers")).mod)
-    assert [s.ops for s in specs] == [["conv2d"], ["add"], ["relu"], ["maxpool2d"]] * 2 + [["matmul"], ["add"], ["relu"], ["matmul"], ["add"]]
-    assert all(s.output == "var" for s in specs)
+    assert [s.ops for s in specs] == [["pad"], ["conv2d"], ["add"], ["relu"], ["maxpool2d"]] * 2 + [["matmul"], ["add"], ["relu"], ["matmul"], ["add"]]
+    assert specs[0].output == "none" and all(s.output == "var" for s in specs[1:])  # the padded model input is deterministic
 
 
 def test_eliminate_zero_variance_without_posterior_is_deterministic():
@@ -60,15 +60,24 @@ def test_eliminate_zero_variance_without_posterior_is_deterministic():
 
 def test_fusion_merges_linear_bias_relu():
     specs = _specs(_compile(_through("fuse_operators")).mod)
-    assert [s.ops for s in specs] == [["conv2d", "add", "relu"], ["maxpool2d"]] * 2 + [["matmul", "add", "relu"], ["matmul", "add"]]
+    assert [s.ops for s in specs] == [["pad"], ["conv2d", "add", "relu"], ["maxpool2d"]] * 2 + [["matmul", "add", "relu"], ["matmul", "add"]]
+
+
+def test_padded_convolutions_read_a_padded_copy():
+    specs = _specs(_compile(_through("substitute_layers")).mod)
+    pads = [s for s in specs if s.ops == ["pad"]]
+    assert [s.stages[0][1]["width"] for s in pads] == [[0, 0, 0, 0, 1, 1, 1, 1]] * 2
+    assert all(s.stages[0][1]["pads"] == [0, 0, 0, 0] for s in specs if s.ops == ["conv2d"])
 
 
 def test_moment_representation_per_edge():
     specs = _specs(_compile(_through("choose_moment_representation")).mod)
+    conv1, maxpool, pad, conv2, fc1 = (specs[i] for i in (1, 2, 3, 4, 6))
+    assert [s.ops[0] for s in (conv1, maxpool, pad, conv2, fc1)] == ["conv2d", "maxpool2d", "pad", "conv2d", "matmul"]
     # ReLU feeding max-pool: variance; ReLU feeding a linear layer: second moment; outputs: variance
-    assert specs[0].output == "var" and specs[4].output == "second_moment" and specs[-1].output == "var"
-    assert specs[1].output == "second_moment"  # max-pool feeding conv2
-    assert specs[2].operands[0] == "second_moment"
+    assert conv1.output == "var" and fc1.output == "second_moment" and specs[-1].output == "var"
+    assert maxpool.output == "second_moment"  # max-pool feeding conv2, through the pad kernel
+    assert pad.operands[0] == pad.output == "second_moment" and conv2.operands[0] == "second_moment"
 
 
 def test_weight_second_moments_precomputed():
@@ -79,8 +88,8 @@ def test_weight_second_moments_precomputed():
     expected = conv2.astype(np.float64) ** 2 + post["conv2.weight.std"].astype(np.float64) ** 2
     np.testing.assert_allclose(params["conv2.weight.second_moment"], expected, rtol=1e-6)
     # the first layer sees a deterministic input: it keeps the weight variance (V = sum s2 m^2)
-    specs = _specs(mod)
-    assert specs[0].operands[:2] == ("none", "var") and specs[2].operands[:2] == ("second_moment", "second_moment")
+    conv1, conv2 = [s for s in _specs(mod) if s.ops[0] == "conv2d"]
+    assert conv1.operands[:2] == ("none", "var") and conv2.operands[:2] == ("second_moment", "second_moment")
     assert "conv1.weight.second_moment" not in params
 
 

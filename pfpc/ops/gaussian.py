@@ -15,10 +15,10 @@ from tvm import te, tirx
 
 from .moments import (
     clark_max_moments,
-    clark_max_terms,
     clip_moments,
     f32,
     leaky_relu_moments,
+    pdf_exponent,
     product_moments,
     relu_moments,
     safe_ratio,
@@ -288,13 +288,15 @@ def relu(a: Gaussian) -> Gaussian:
     if a.repr == "none":
         mean = te.compute(a.shape, lambda *idx: tirx.max(a.mean[idx], f32(0.0)), name="relu_mean")
         return Gaussian(mean, None, "none")
-    # z, phi(z) and Phi(z) once per element, each a stage of its own that the moments read (see
-    # `relu_terms`): on SIMD targets only the stage that calls exp stays scalar
-    z = te.compute(a.shape, lambda *idx: safe_ratio(a.mean[idx], safe_sqrt(a.var_at(idx))), name="relu_z", attrs=SHARED)
-    pdf = te.compute(a.shape, lambda *idx: std_normal_pdf(z[idx]), name="relu_pdf", attrs=SHARED)
+    # s, z, phi(z) and Phi(z) once per element, each a stage of its own that the moments read (see
+    # `relu_terms`): on SIMD targets each stage is a row loop that vectorises
+    std = te.compute(a.shape, lambda *idx: safe_sqrt(a.var_at(idx)), name="relu_std", attrs=SHARED)
+    z = te.compute(a.shape, lambda *idx: safe_ratio(a.mean[idx], std[idx]), name="relu_z", attrs=SHARED)
+    exponent = te.compute(a.shape, lambda *idx: pdf_exponent(z[idx]), name="relu_exponent", attrs=SHARED)
+    pdf = te.compute(a.shape, lambda *idx: std_normal_pdf(z[idx], exponent[idx]), name="relu_pdf", attrs=SHARED)
     cdf = te.compute(a.shape, lambda *idx: std_normal_cdf(z[idx], pdf[idx]), name="relu_cdf", attrs=SHARED)
     mean, second = te.compute(
-        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], pdf[idx])), name="relu"
+        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], pdf[idx], std[idx])), name="relu"
     )
     return Gaussian(mean, second, "second_moment")
 
@@ -516,7 +518,7 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         return Gaussian(te.compute([batch, chans, out_h, out_w], body, name="maxpool_mean"), None, "none")
 
     # Clark's max as a chain of element-wise stages over the window positions (row-major), each
-    # with its exp terms in a stage of their own, so that both moments share them.
+    # step's terms in stages of their own, so that both moments share them.
     out_shape = [batch, chans, out_h, out_w]
     positions = [(pi, pj) for pi in range(kernel[0]) for pj in range(kernel[1])]
 
@@ -536,21 +538,26 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         return mean, mean * mean + var
 
     def clark_step(k, acc_mean, acc_second):
-        """max(accumulated, window element k): the exp terms, then both moments from them."""
+        """max(accumulated, window element k): a, al, phi(al), Phi(al) each a stage of its own (see
+        `relu`: on SIMD targets only the one calling exp stays scalar), then both moments."""
 
         def acc_var(n, c, y, xx):
             return tirx.max(acc_second[n, c, y, xx] - acc_mean[n, c, y, xx] * acc_mean[n, c, y, xx], f32(0.0))
 
-        def terms(n, c, y, xx):
-            _inside, mean, var = at(positions[k], n, c, y, xx)
-            return clark_max_terms(acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var)
+        def stage(name, body):
+            return te.compute(out_shape, body, name=f"maxpool_{name}_{k}", attrs=SHARED)
 
-        alpha, pdf = te.compute(out_shape, terms, name=f"maxpool_terms_{k}", attrs=SHARED)
+        spread = stage("spread", lambda n, c, y, xx: safe_sqrt(acc_var(n, c, y, xx) + at(positions[k], n, c, y, xx)[2]))
+        alpha = stage("alpha", lambda n, c, y, xx: safe_ratio(acc_mean[n, c, y, xx] - at(positions[k], n, c, y, xx)[1],
+                                                               spread[n, c, y, xx]))
+        exponent = stage("exponent", lambda n, c, y, xx: pdf_exponent(alpha[n, c, y, xx]))
+        pdf = stage("pdf", lambda n, c, y, xx: std_normal_pdf(alpha[n, c, y, xx], exponent[n, c, y, xx]))
+        cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
 
         def step(n, c, y, xx):
             inside, mean, var = at(positions[k], n, c, y, xx)
             max_mean, max_second = clark_max_moments(
-                acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var, (alpha[n, c, y, xx], pdf[n, c, y, xx])
+                acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var, (spread[n, c, y, xx], cdf[n, c, y, xx], pdf[n, c, y, xx])
             )
             seen = seen_before(k, n, c, y, xx)
 

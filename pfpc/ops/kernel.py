@@ -180,10 +180,11 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     reduction loops innermost, the result in registers and the epilogue computed right after it,
     or (``"row"``, for SIMD cores) a whole output row at a time: the reduction loops move outside
     the row's loop, so the innermost loop runs along contiguous outputs and weights, which the C
-    compiler vectorises, and the epilogue follows the row. The
-    element-wise stages marked `gaussian.SHARED` (terms that both moments read, Clark's steps) are not
-    inlined, which would repeat their erf/exp per reader; they share one loop nest with the
-    stages that read them, so they live in scalars too.
+    compiler vectorises, and the epilogue follows the row. Either way the innermost reduction
+    loops are unrolled when short (a convolution's kernel window). The element-wise stages marked
+    `gaussian.SHARED` (terms that both moments read, Clark's steps) are not inlined, which would
+    repeat their exp per reader; they share one loop nest with the stages that read them: as
+    scalars ("scalar"), or with a row loop each ("row", see `_row_nests`).
     """
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
@@ -208,15 +209,20 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
         downstream = _downstream(sch, root, block)
         if accumulate == "row" and spatial >= 2:
+            if int(sch.get(loops[spatial - 1]).extent) > ROW_MAX:  # rows live on the stack: bound them
+                sch.split(loops[spatial - 1], [None, _row_split(int(sch.get(loops[spatial - 1]).extent))])
+                loops, spatial = sch.get_loops(block), spatial + 1
             for consumer in downstream:  # one row loop each: those without libm calls vectorise
                 sch.reverse_compute_at(consumer, loops[spatial - 2])
             sch.decompose_reduction(block, loops[spatial - 1])
             update = sch.get_loops(block)
             sch.reorder(*update[spatial:], update[spatial - 1])
+            _unroll_window(sch, sch.get_loops(block)[spatial:-1])
         else:
             for consumer in downstream:
                 sch.reverse_compute_at(consumer, loops[spatial - 1])
             sch.decompose_reduction(block, sch.get_loops(block)[spatial])
+            _unroll_window(sch, sch.get_loops(block)[spatial:])
         placed.update(sch.get(b).name_hint for b in downstream)
     for block in sch.get_child_blocks(root):
         if _is_codebook(sch, block):
@@ -224,7 +230,10 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             placed.add(sch.get(block).name_hint)
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
-    _one_nest(sch, rest)
+    if accumulate == "row":
+        _row_nests(sch, rest)
+    else:
+        _one_nest(sch, rest)
     return sch.mod["main"]
 
 
@@ -251,6 +260,76 @@ def _decode_once(sch, block):
             sch.compute_at(block, loop, preserve_unit_loops=True)
             return
     sch.compute_at(block, sch.get_loops(consumer)[-1], preserve_unit_loops=True)
+
+
+#: Fewest elements a row loop of `_row_nests` spans (trailing loops are fused up to it).
+ROW_ELEMENTS = 16
+#: Most elements of a row ("row" schedules): every stage of a row has a buffer of that many floats
+#: on the stack, and TVM's C backend puts an allocation over 1 KiB in a runtime workspace.
+ROW_MAX = 64
+
+
+def _row_nests(sch, blocks):
+    """Element-wise blocks over one shape in one nest of outer loops, each with a row loop of its
+    own inside: rows without libm calls vectorise, and the row's independent elements interleave
+    in each stage (a chain of Clark steps is otherwise one long dependency chain per element)."""
+    shapes = {tuple(int(sch.get(loop).extent) for loop in sch.get_loops(b)) for b in blocks}
+    if len(blocks) < 2 or len(shapes) != 1:
+        _one_nest(sch, blocks)
+        return
+    shape = list(shapes.pop())
+    row = len(shape) - 1
+    if shape[row] > ROW_MAX:
+        factor = _row_split(shape[row])
+        for block in _distinct_nests(sch, blocks):
+            sch.split(sch.get_loops(block)[row], [None, factor])
+        shape[row:] = [-(-shape[row] // factor), factor]
+        row += 1
+    span = shape[row]
+    while row > 0 and span * shape[row - 1] <= ROW_MAX and span < ROW_ELEMENTS:
+        row -= 1
+        span *= shape[row]
+    outer = []
+    for block in _distinct_nests(sch, blocks):
+        loops = sch.get_loops(block)
+        if row < len(shape) - 1:
+            sch.fuse(*loops[row:])
+        if row > 0:
+            outer.append(sch.get_loops(block)[row - 1])
+    if outer:
+        sch.merge(*outer)
+
+
+#: Most iterations of the innermost reduction loops that are unrolled (a 3x3 kernel window).
+UNROLL_MAX = 9
+
+
+def _unroll_window(sch, loops):
+    """Unroll the innermost reduction loops while they run at most UNROLL_MAX iterations together
+    (a convolution's kernel window): a 3-iteration loop costs about as much in overhead as in work."""
+    total = 1
+    for loop in reversed(loops):
+        total *= int(sch.get(loop).extent)
+        if total > UNROLL_MAX:
+            break
+        sch.unroll(loop)
+
+
+def _row_split(extent: int) -> int:
+    """Row length for a loop longer than ROW_MAX: a divisor of it if one is at least
+    ROW_ELEMENTS (no tail, so no bounds test in the row loop), else ROW_MAX."""
+    return next((f for f in range(ROW_MAX, ROW_ELEMENTS - 1, -1) if extent % f == 0), ROW_MAX)
+
+
+def _distinct_nests(sch, blocks):
+    """One block per loop nest (the outputs of a multi-output stage share theirs)."""
+    first, seen = [], []
+    for block in blocks:
+        outermost = sch.get_loops(block)[0]
+        if not any(sch.get(outermost).same_as(sch.get(done)) for done in seen):
+            seen.append(outermost)
+            first.append(block)
+    return first
 
 
 def _one_nest(sch, blocks):

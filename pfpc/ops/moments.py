@@ -42,9 +42,44 @@ def std_normal_cdf(z, pdf=None):
     return lower + upper_half * (f32(1.0) - f32(2.0) * lower)
 
 
-def std_normal_pdf(z):
-    """phi(z) = exp(-z^2 / 2) / sqrt(2 pi); exp(-inf) = 0 for z = +-inf."""
-    return tirx.exp(f32(-0.5) * z * z) * f32(_INV_SQRT2PI)
+def std_normal_pdf(z, exponent=None):
+    """phi(z) = exp(-z^2 / 2) / sqrt(2 pi) with no libm call: exp(max(-z^2 / 2, -85)) by
+    `exp_nonpositive`. For |z| > 13 (z = +-inf included) that is 4.6e-38 instead of less, which
+    every formula here multiplies by a factor that is 0 when z is infinite (the standard
+    deviation, or t in `std_normal_cdf`). ``exponent``: `pdf_exponent` of z, when a stage of its
+    own computed it (a row of `exp_nonpositive` then has no comparison and vectorises)."""
+    return exp_nonpositive(pdf_exponent(z) if exponent is None else exponent) * f32(_INV_SQRT2PI)
+
+
+def pdf_exponent(z):
+    """max(-z^2 / 2, -85): the argument of exp in phi(z), clamped to where exp stays a normal float."""
+    return tirx.max(f32(-0.5) * z * z, f32(_EXP_MIN))
+
+
+# exp by Cody-Waite reduction and the Cephes expf polynomial (relative error below 1e-7)
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+_EXP_MIN = -85.0  # exp(-85) / sqrt(2 pi) = 4.6e-38: no subnormal float (slow on some cores) anywhere
+
+
+def exp_nonpositive(a):
+    """exp(a) for -85 <= a <= 0 in arithmetic only, with no libm call, branch or comparison, so
+    that a row of them vectorises: a = n ln2 + r with |r| <= ln2 / 2, exp(r) by a polynomial, 2^n
+    as the product of the powers 2^(-2^b) selected by the bits of -n (multiplied by 0 or 1: TVM's
+    C backend prints a select as an if)."""
+    n = tirx.Cast("int32", a * f32(_LOG2E) - f32(0.5))  # round to nearest: truncation of a value <= 0
+    n_float = tirx.Cast("float32", n)
+    r = a - n_float * f32(_LN2_HI) - n_float * f32(_LN2_LO)
+    poly = f32(_EXP_POLY[0])
+    for coefficient in _EXP_POLY[1:]:
+        poly = poly * r + f32(coefficient)
+    result = poly * r * r + r + f32(1.0)
+    negated = tirx.const(0, "int32") - n  # 0 <= -n <= 123
+    for bit in range(7):
+        chosen = tirx.Cast("float32", tirx.bitwise_and(tirx.shift_right(negated, tirx.const(bit, "int32")), tirx.const(1, "int32")))
+        result = result * (chosen * f32(2.0 ** -(2 ** bit)) + (f32(1.0) - chosen))
+    return result
 
 
 def safe_sqrt(var):
@@ -58,11 +93,12 @@ def safe_ratio(num, den):
 
 
 def relu_terms(mean, var):
-    """(Phi(z), phi(z)) with z = M / sqrt(V): the part of `relu_moments` that needs exp, computed
-    once per element and shared by both moments."""
-    z = safe_ratio(mean, safe_sqrt(var))
+    """(Phi(z), phi(z), s) with s = sqrt(V), z = M / s: the part of `relu_moments` with the square
+    root, the divisions and exp, computed once per element and shared by both moments."""
+    std = safe_sqrt(var)
+    z = safe_ratio(mean, std)
     pdf = std_normal_pdf(z)
-    return std_normal_cdf(z, pdf), pdf
+    return std_normal_cdf(z, pdf), pdf, std
 
 
 def relu_moments(mean, var, terms=None):
@@ -72,11 +108,11 @@ def relu_moments(mean, var, terms=None):
     E[y^2] = (M^2 + V) Phi(z) + M s phi(z)
 
     V = 0 gives z = +-inf (or 0 when M = 0), hence exactly (relu(M), relu(M)^2).
-    ``terms``: `relu_terms` (Phi(z), phi(z)) of the same element, when the caller computed them
+    ``terms``: `relu_terms` (Phi(z), phi(z), s) of the same element, when the caller computed them
     once already. Returns (E[y], E[y^2]).
     """
-    cdf, pdf = terms if terms is not None else relu_terms(mean, var)
-    std_pdf = safe_sqrt(var) * pdf
+    cdf, pdf, std = terms if terms is not None else relu_terms(mean, var)
+    std_pdf = std * pdf
     first = mean * cdf + std_pdf
     second = (mean * mean + var) * cdf + mean * std_pdf
     return first, second
@@ -178,10 +214,13 @@ def tanh_moments(mean, var):
 
 
 def clark_max_terms(mean1, var1, mean2, var2):
-    """(al, phi(al)) with al = (M1 - M2) / sqrt(V1 + V2): the part of `clark_max_moments` that
-    needs exp, computed once per pair and shared by both moments."""
-    alpha = safe_ratio(mean1 - mean2, safe_sqrt(var1 + var2))
-    return alpha, std_normal_pdf(alpha)
+    """(a, Phi(al), phi(al)) with a = sqrt(V1 + V2), al = (M1 - M2) / a: the part of
+    `clark_max_moments` with the square root, the divisions and exp, computed once per pair and
+    shared by both moments."""
+    spread = safe_sqrt(var1 + var2)
+    alpha = safe_ratio(mean1 - mean2, spread)
+    pdf = std_normal_pdf(alpha)
+    return spread, std_normal_cdf(alpha, pdf), pdf
 
 
 def clark_max_moments(mean1, var1, mean2, var2, terms=None):
@@ -192,13 +231,12 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None):
     E[max^2] = (V1 + M1^2) Phi(al) + (V2 + M2^2) Phi(-al) + (M1 + M2) a phi(al)
 
     with Phi(-al) = 1 - Phi(al). a = 0 gives al = +-inf (or 0 when M1 = M2),
-    hence the larger mean exactly. ``terms``: `clark_max_terms` of the same pair, when the caller
-    computed them once already. Returns (E[max], E[max^2]).
+    hence the larger mean exactly. ``terms``: `clark_max_terms` (a, Phi(al), phi(al)) of the same
+    pair, when the caller computed them once already. Returns (E[max], E[max^2]).
     """
-    alpha, pdf = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
-    cdf = std_normal_cdf(alpha, pdf)
+    spread, cdf, pdf = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
     cdf_neg = f32(1.0) - cdf
-    spread_pdf = safe_sqrt(var1 + var2) * pdf
+    spread_pdf = spread * pdf
     first = mean1 * cdf + mean2 * cdf_neg + spread_pdf
     second = (var1 + mean1 * mean1) * cdf + (var2 + mean2 * mean2) * cdf_neg + (mean1 + mean2) * spread_pdf
     return first, second

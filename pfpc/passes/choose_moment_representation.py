@@ -5,7 +5,8 @@
     relu -> (mean, var)           -> maxpool    (Clark's max needs variances)
 
 An edge carries the second moment exactly when its producer computes it natively and every
-consumer is a linear operator (matmul, conv2d) as its first stage; otherwise the variance. Model
+consumer is a linear operator (matmul, conv2d) as its first stage, or a pad kernel (which passes
+either representation through) whose consumers all are; otherwise the variance. Model
 outputs are always variances. No edge is converted twice.
 """
 
@@ -24,12 +25,19 @@ class _Rewriter(KernelRewriter):
         native = infer_output_repr(spec)
         if native == "none":
             return spec.with_(output="none"), operands
-        users = self.consumers.get(binding.var, [])
-        linear_users = users and all(
-            user != "output" and kernel_of(self.mod, user.value)[0].ops[0] in LINEAR_OPS for user in users
-        )
-        wanted = "second_moment" if native == "second_moment" and linear_users else "var"
+        wanted = "second_moment" if native == "second_moment" and self._linear_users(binding) else "var"
         return spec.with_(output=wanted), operands
+
+    def _linear_users(self, binding) -> bool:
+        """Whether every consumer of ``binding`` reads second moments cheaply (see the module doc)."""
+        users = self.consumers.get(binding.var, [])
+        if not users or "output" in users:
+            return False
+        for user in users:
+            ops = kernel_of(self.mod, user.value)[0].ops
+            if ops[0] not in LINEAR_OPS and not (ops == ["pad"] and self._linear_users(user)):
+                return False
+        return True
 
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.ChooseMomentRepresentation")

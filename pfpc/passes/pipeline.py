@@ -5,6 +5,7 @@ from __future__ import annotations
 from .fold_batch_norm import FoldBatchNorm
 from .fold_weight_layout import FoldWeightLayout
 from .lower_1d_to_2d import Lower1dTo2d
+from .pad_conv_inputs import PadConvInputs
 from .choose_moment_representation import ChooseMomentRepresentation
 from .detach_weight_std import DetachWeightStd
 from .eliminate_zero_variance import EliminateZeroVariance
@@ -19,6 +20,7 @@ def default_passes():
         ("lower_1d_to_2d", Lower1dTo2d()),
         ("fold_weight_layout", FoldWeightLayout()),
         ("fold_batch_norm", FoldBatchNorm()),
+        ("pad_conv_inputs", PadConvInputs()),
         ("substitute_layers", SubstituteLayers()),
         ("eliminate_zero_variance", EliminateZeroVariance()),
         ("fuse_operators", FuseOperators()),
