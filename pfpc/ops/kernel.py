@@ -224,10 +224,14 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             sch.decompose_reduction(block, sch.get_loops(block)[spatial])
             _unroll_window(sch, sch.get_loops(block)[spatial:])
         placed.update(sch.get(b).name_hint for b in downstream)
+    decoded = {}
     for block in sch.get_child_blocks(root):
         if _is_codebook(sch, block):
             _decode_once(sch, block)
             placed.add(sch.get(block).name_hint)
+            decoded.setdefault(sch.get(sch.get_consumers(block)[0]).name_hint, []).append(block)
+    for gathers in decoded.values():
+        _merge_gathers(sch, gathers)
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
     if accumulate == "row":
@@ -260,6 +264,17 @@ def _decode_once(sch, block):
             sch.compute_at(block, loop, preserve_unit_loops=True)
             return
     sch.compute_at(block, sch.get_loops(consumer)[-1], preserve_unit_loops=True)
+
+
+def _merge_gathers(sch, blocks):
+    """The gathers of one operand's mean and second moment in one loop nest: a weight's code is
+    read, unpacked and tested for the escape once, not once per table."""
+    loops = [sch.get_loops(block) for block in blocks]
+    if len(blocks) < 2 or len({len(nest) for nest in loops}) != 1:
+        return
+    shapes = {tuple(int(sch.get(loop).extent) for loop in nest) for nest in loops}
+    if len(shapes) == 1:
+        _one_nest(sch, blocks)
 
 
 #: Fewest elements a row loop of `_row_nests` spans (trailing loops are fused up to it).
