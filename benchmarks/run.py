@@ -5,6 +5,7 @@ kernel optimisation (benchmarks/optimisation_log.py).
     python3 benchmarks/run.py            # about ten minutes; rewrites BENCHMARKS.md
 """
 
+import argparse
 import os
 import platform
 import subprocess
@@ -102,7 +103,8 @@ def targets(results) -> str:
     return "| target | measured | |\n|---|---|---|\n" + "\n".join(checks) + "\n"
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)  # --help must not start a run
     results = {}
     for example, title in EXAMPLES:
         base = os.path.join(ROOT, "examples", example)
