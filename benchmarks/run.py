@@ -54,28 +54,27 @@ NOTES = """
 - **The PFP's own cost.** A hidden PFP layer runs 3 multiply-adds per deterministic MAC
   (V = Σ q·t − (m·μ)², sharing m·μ with the mean) and reads two weight arrays; the first layer 2.
   `pfpc report` prints the per-layer count (LeNet: 2.82 PFP multiply-adds per MAC, MLP 2.37).
-  On top come the Gaussian nonlinearities: per ReLU output or Clark step one `expf`, one `sqrtf`
-  and two divisions (Φ from φ by Abramowitz & Stegun 26.2.17, no `erf`). On SIMD targets the ReLU
-  epilogue runs as separate row loops (z, φ(z), Φ(z), moments) that the C compiler vectorises,
-  except the one calling `expf`. On the MLP this epilogue is still about a fifth of the PFP's
-  time, and the deterministic network's epilogue is a single `max`: PFP/det. on the host varies
-  between about 2.6 and 3.2 from run to run on this shared machine (compare the optimisation
-  log's last row with the table above, measured minutes apart).
-- **Compiler flags move the deterministic baseline more than the PFP.** With `-O3` instead of the
-  Makefile's `-O2`, gcc fully unrolls LeNet's small convolutions and drops their padding branches:
-  the deterministic LeNet went from 25 µs to 4.6 µs, the PFP from 62 µs to 35 µs (PFP/det. 7.7),
-  because the PFP is then bound by its transcendental epilogue, which does not vectorise. The same
-  padding branches are why TVM's LLVM build of the same kernels (LLVM unrolls and if-converts
-  them) beats the generated C on LeNet while losing on the MLP.
-- **What did not work.** A polynomial `exp` written in TIR (Cody-Waite reduction, degree-7
-  Taylor, exact 2^n from bit selects; relative error 7e-8) was slower than glibc's `expf`: TVM's
-  C backend emits the select as an `if`, so the loop still does not vectorise, and the C became
-  unreadable. Loop partitioning of the padded convolutions through TVM's `LoopPartition` pass did
-  not remove the branches in the C backend's output.
-- **Next steps.** Remove the padding branches in the schedule (split the spatial loops into border
-  and interior with `loop_partition`, or pad into a small scratch row), which speeds up PFP and
-  deterministic alike; vectorisable `exp`/`sqrt`/division for the epilogue (a branch-free
-  formulation the C backend prints as arithmetic, or target intrinsics for NEON/Helium).
+  On top come the Gaussian nonlinearities, about 1,150 per LeNet call (672 ReLU outputs, 480
+  Clark steps of the max-pools): per element one `sqrtf`, one division, φ(z) by a branch-free
+  polynomial `exp` written in TIR (Cody-Waite reduction, 2^n from the bits of n as 0/1 products;
+  relative error 8e-8) and Φ from φ (Abramowitz & Stegun 26.2.17), each a stage of its own so
+  that the row loops vectorise on SIMD targets.
+- **Why LeNet's PFP/deterministic ratio is above 3.** Padded convolutions now read a copy of their
+  input padded once (`pfpc/passes/pad_conv_inputs.py`), windows of up to 9 taps are unrolled and
+  kernel parameters are `restrict`: that made the deterministic LeNet about 5x faster and the PFP
+  about 3.5x, so the ratio rose while both got faster (Cortex-M4: PFP 18,704 -> ~10,400 cycles,
+  deterministic 12,269 -> ~2,660). The deterministic network was paying mostly for border branches
+  and loop overhead; the PFP is now bound by its 2.82 multiply-adds per MAC plus the nonlinearities.
+  Keeping the padding branches in the deterministic build would only game the ratio.
+- **Trade-offs measured and not taken.** Without the window unrolling on Cortex-M4 the ratio is 2.08,
+  but both builds are slower (PFP 15,432, deterministic 7,404 cycles). newlib's `expf` is about 9 %
+  cheaper than the TIR polynomial on Cortex-M4, but kernels are built target-independent. Building
+  2^n by a float reinterpret cast is undefined behaviour in the C the backend prints (type punning).
+- **Next steps.** MaxPool(ReLU(x)) computed as ReLU(MaxPool(x)) on the pre-activations (exact for
+  deterministic values; for the PFP, Clark's formula then sees Gaussian inputs, and LeNet's
+  nonlinearities drop from 1,152 to 672 per call) once it is shown at least as accurate against
+  Monte Carlo; target-aware `exp` (libm on Cortex-M); conv weights packed with output channels
+  innermost for longer SIMD rows.
 """
 
 
