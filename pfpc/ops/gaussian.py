@@ -111,7 +111,7 @@ def _reduce_shared_draw(out_shape, terms, axes, count, name):
     (the eps of different components are independent and independent of x, so the cross terms
     between components and with the mean part vanish; within a component the noise is one
     variable whose coefficient is sum_{i in g} a_i x_i, of second moment (sum a_i m_i)^2 +
-    sum a_i^2 v_i). ``terms(*idx)`` -> (m_i, v_i, mu_i, E[w_i^2], group_i, a_i); one reduction
+    sum a_i^2 v_i). ``terms(*idx)`` -> (m_i, v_i or None for a deterministic input, mu_i, E[w_i^2], group_i, a_i); one reduction
     with ``count`` + 2 accumulators: the mean, the ungrouped sum and one grouped sum per component.
     """
     size = count + 2
@@ -126,7 +126,8 @@ def _reduce_shared_draw(out_shape, terms, axes, count, name):
         group = group.astype("int32")
         noise = coeff * x_mean
         own = tirx.Select(group < 0, noise * noise, f32(0.0))
-        values = [x_mean * w_mean, w_second * x_var + own]
+        # x_var None: a deterministic input, whose sum must not read E[w^2] (its gather would be dead code)
+        values = [x_mean * w_mean, own if x_var is None else w_second * x_var + own]
         values += [tirx.Select(group == g, noise, f32(0.0)) for g in range(count)]
         return reducer(tuple(values), axis=axes)
 
@@ -164,7 +165,7 @@ def matmul(a: Gaussian, b: Gaussian, groups=None, coeff=None, count=0) -> Gaussi
         ia = operand_index(a_shape, idx, idx[-2], k)
         ib = operand_index(b_shape, idx, k, idx[-1])
         if groups is not None:
-            return a.mean[ia], a.var_at(ia), b.mean[ib], _second_at(b, ib), groups.mean[ib], coeff.mean[ib]
+            return a.mean[ia], None if a.repr == "none" else a.var_at(ia), b.mean[ib], _second_at(b, ib), groups.mean[ib], coeff.mean[ib]
         return product_moments(a.mean[ia], a.moment_at(ia), a.repr, b.mean[ib], b.moment_at(ib), b.repr)
 
     if groups is not None:
@@ -198,7 +199,7 @@ def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_grou
         iw = (o, c, i, j)
         x_mean = tirx.if_then_else(inside, x.mean[ix], f32(0.0))
         if draw_groups is not None:
-            x_var = tirx.if_then_else(inside, x.var_at(ix), f32(0.0))
+            x_var = None if x.repr == "none" else tirx.if_then_else(inside, x.var_at(ix), f32(0.0))
             return x_mean, x_var, w.mean[iw], _second_at(w, iw), draw_groups.mean[iw], coeff.mean[iw]
         x_moment = None if x.repr == "none" else tirx.if_then_else(inside, x.moment[ix], f32(0.0))
         return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr)
