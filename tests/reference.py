@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from scipy.special import expit, ndtr
 from scipy.stats import truncnorm
 
@@ -717,10 +717,40 @@ def _node_outputs(node, a, x):
     raise NotImplementedError(f"pfp_onnx: unsupported op {op}")
 
 
+def _pools_before_relus(nodes, graph_outputs) -> list:
+    """The PFP's order of ReLU -> MaxPool: the max-pool first, on the Gaussian pre-activations,
+    then one ReLU per pooled output (exact for deterministic values, since ReLU is monotone).
+    Only for a ReLU whose one consumer is the pool, and pools without padding or ceil mode."""
+    nodes = list(nodes)
+    readers = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    result, moved = [], set()
+    for node in nodes:
+        if id(node) in moved:
+            continue
+        users = readers.get(node.output[0], []) if node.op_type == "Relu" else []
+        pool = users[0] if len(users) == 1 else None
+        attrs = {a.name: helper.get_attribute_value(a) for a in pool.attribute} if pool is not None else {}
+        whole_windows = (pool is not None and pool.op_type == "MaxPool" and len(pool.output) == 1
+                         and not any(attrs.get("pads", [])) and not attrs.get("ceil_mode", 0)
+                         and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID", "NOTSET", "VALID"))
+        if not whole_windows or node.output[0] in graph_outputs:
+            result.append(node)
+            continue
+        pooled = node.output[0] + "__pooled"
+        result.append(helper.make_node("MaxPool", [node.input[0]], [pooled], **attrs))
+        result.append(helper.make_node("Relu", [pooled], [pool.output[0]]))
+        moved.add(id(pool))
+    return result
+
+
 def pfp_onnx(model: onnx.ModelProto, variances: Mapping[str, np.ndarray],
              inputs: Mapping[str, np.ndarray],
-             input_vars: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple]:
+             input_vars: Mapping[str, np.ndarray] | None = None, pools_before_relus: bool = True) -> dict[str, tuple]:
     """Run the PFP over an ONNX graph: returns {output name: (mean, var)} in float64.
+    ``pools_before_relus``: ReLU -> MaxPool computed as MaxPool -> ReLU (`_pools_before_relus`).
 
     Initializers are weights: mean = initializer value, var = variances.get(name, 0).
     Graph inputs are deterministic unless `input_vars` gives their variance.
@@ -749,7 +779,8 @@ def pfp_onnx(model: onnx.ModelProto, variances: Mapping[str, np.ndarray],
         env[inp.name] = (m, _var_or_zeros(input_vars.get(inp.name), m))
 
     outputs = {o.name for o in graph.output}
-    for node in _topological(graph.node, set(env)):
+    nodes = _pools_before_relus(graph.node, outputs) if pools_before_relus else graph.node
+    for node in _topological(nodes, set(env)):
         if node.domain not in ("", "ai.onnx"):
             raise NotImplementedError(f"{node.domain}::{node.op_type}")
         x = [env[i] if i else None for i in node.input]

@@ -48,7 +48,8 @@ def test_every_pipeline_prefix_matches_reference(tmp_path, count):
 
 def test_substitution_makes_one_canonical_kernel_per_operator():
     specs = _specs(_compile(_through("substitute_layers")).mod)
-    assert [s.ops for s in specs] == [["pad"], ["conv2d"], ["add"], ["relu"], ["maxpool2d"]] * 2 + [["matmul"], ["add"], ["relu"], ["matmul"], ["add"]]
+    # ReLU -> MaxPool arrives as MaxPool -> ReLU (`pool_before_relu`)
+    assert [s.ops for s in specs] == [["pad"], ["conv2d"], ["add"], ["maxpool2d"], ["relu"]] * 2 + [["matmul"], ["add"], ["relu"], ["matmul"], ["add"]]
     assert specs[0].output == "none" and all(s.output == "var" for s in specs[1:])  # the padded model input is deterministic
 
 
@@ -60,7 +61,7 @@ def test_eliminate_zero_variance_without_posterior_is_deterministic():
 
 def test_fusion_merges_linear_bias_relu():
     specs = _specs(_compile(_through("fuse_operators")).mod)
-    assert [s.ops for s in specs] == [["pad"], ["conv2d", "add", "relu"], ["maxpool2d"]] * 2 + [["matmul", "add", "relu"], ["matmul", "add"]]
+    assert [s.ops for s in specs] == [["pad"], ["conv2d", "add"], ["maxpool2d", "relu"]] * 2 + [["matmul", "add", "relu"], ["matmul", "add"]]
 
 
 def test_padded_convolutions_read_a_padded_copy():
@@ -74,7 +75,7 @@ def test_moment_representation_per_edge():
     specs = _specs(_compile(_through("choose_moment_representation")).mod)
     conv1, maxpool, pad, conv2, fc1 = (specs[i] for i in (1, 2, 3, 4, 6))
     assert [s.ops[0] for s in (conv1, maxpool, pad, conv2, fc1)] == ["conv2d", "maxpool2d", "pad", "conv2d", "matmul"]
-    # ReLU feeding max-pool: variance; ReLU feeding a linear layer: second moment; outputs: variance
+    # conv feeding max-pool: variance; ReLU feeding a linear layer: second moment; outputs: variance
     assert conv1.output == "var" and fc1.output == "second_moment" and specs[-1].output == "var"
     assert maxpool.output == "second_moment"  # max-pool feeding conv2, through the pad kernel
     assert pad.operands[0] == pad.output == "second_moment" and conv2.operands[0] == "second_moment"
@@ -162,3 +163,59 @@ def test_batch_norm_after_a_nonlinearity_is_an_affine_map():
     mod = _through_fold_batch_norm(model, {})
     ops = [str(b.value.op.name) for b in main_bindings(mod["main"]) if hasattr(b.value, "op") and hasattr(b.value.op, "name")]
     assert "relax.nn.batch_norm" not in ops and ops.count("relax.multiply") == 1 and ops.count("relax.add") == 1
+
+
+def _relu_pool_model(pool_attrs, relu_also_output=False):
+    from onnx import helper
+
+    from helpers import make_model
+
+    weight = np.random.default_rng(3).normal(0, 0.4, (4, 2, 3, 3))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["y"], **pool_attrs)]
+    return make_model(nodes, [("x", [1, 2, 6, 6])], ["y", "r"] if relu_also_output else ["y"], {"w": weight})
+
+
+@pytest.mark.parametrize("pool_attrs,relu_also_output,moved", [
+    ({"kernel_shape": [2, 2], "strides": [2, 2]}, False, True),
+    ({"kernel_shape": [3, 3], "strides": [1, 1]}, False, True),  # overlapping windows
+    ({"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1]}, False, False),  # padded windows stay
+    ({"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, False, False),  # partial windows stay
+    ({"kernel_shape": [2, 2], "strides": [2, 2]}, True, False),  # the ReLU has another user
+])
+def test_pool_before_relu_rewrites_only_whole_windows_of_a_sole_user(tmp_path, pool_attrs, relu_also_output, moved):
+    """The rewrite happens exactly where the conditions hold, and the result equals the reference
+    (which applies the same order) and, with zero variance, onnxruntime."""
+    import onnxruntime as ort
+
+    model = _relu_pool_model(pool_attrs, relu_also_output)
+    result = compiler.compile(model, {"w.std": np.full((4, 2, 3, 3), 0.2, np.float32)}, out_dir=str(tmp_path / "pfp"),
+                              passes=_through("fuse_operators"))
+    ops = [s.ops for s in _specs(result.mod)]
+    assert (["maxpool2d", "relu"] in ops) == moved, ops
+    x = np.random.default_rng(4).normal(0, 1, (1, 2, 6, 6)).astype(np.float32)
+    outs = compiler.run_host(str(tmp_path / "pfp"), [x])
+    expected = reference.pfp_onnx(model, {"w": np.full((4, 2, 3, 3), 0.04)}, {"x": x})
+    for (mean, var), (ref_mean, ref_var) in zip(outs, expected.values()):
+        np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-5 * np.abs(ref_mean).max())
+        np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-5 * np.abs(ref_var).max())
+    compiler.compile(model, None, out_dir=str(tmp_path / "det"))
+    (mean, var), *_ = compiler.run_host(str(tmp_path / "det"), [x])
+    (onnx_out,) = ort.InferenceSession(model.SerializeToString()).run(["y"], {"x": x})
+    np.testing.assert_allclose(mean, onnx_out, rtol=1e-6, atol=1e-6)
+    assert not var.any()
+
+
+def test_pool_before_relu_is_closer_to_monte_carlo():
+    """On the LeNet example the order the compiler uses (Clark's max on the Gaussian
+    pre-activations, then ReLU) is closer to Monte Carlo than ReLU-then-pool, in mean and variance."""
+    x = np.load(os.path.join(EXAMPLES, "lenet", "sample.npy"))
+    post = dict(np.load(LENET_POST))
+    stds = {k[:-4]: v.astype(np.float64) for k, v in post.items()}
+    model = onnx.load(LENET)
+    mc_mean, mc_var = reference.monte_carlo(model, stds, {"input": x}, samples=4000, seed=5)["logits"][:2]
+    errors = {}
+    for label, pools_first in (("pool_first", True), ("relu_first", False)):
+        mean, var = reference.pfp_onnx(model, {k: v**2 for k, v in stds.items()}, {"input": x}, pools_before_relus=pools_first)["logits"]
+        errors[label] = (np.median(np.abs(mean - mc_mean) / np.sqrt(mc_var)), np.median(np.abs(var - mc_var) / mc_var))
+    assert errors["pool_first"][0] < errors["relu_first"][0] and errors["pool_first"][1] < errors["relu_first"][1], errors

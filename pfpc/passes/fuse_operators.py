@@ -21,6 +21,9 @@ from .kernel_rewriter import KernelRewriter
 #: Element-wise stages that can follow a linear stage in one kernel; the nonlinear ones end a chain.
 NONLINEAR = ("relu", "clip", "leaky_relu", "prelu", "sigmoid", "tanh")
 ELEMENTWISE = ("add", "subtract", "multiply", "divide", "scale") + NONLINEAR
+#: Stages a chain starts with: a linear operator, or a max-pool (followed by the ReLU that
+#: `PoolBeforeRelu` moved after it).
+CHAIN_HEADS = tuple(LINEAR_OPS) + ("maxpool2d",)
 
 def _out_shape(var):
     """The shape of a kernel call's (first) output."""
@@ -35,7 +38,7 @@ class _Rewriter(KernelRewriter):
 
     def _absorbable(self, binding, spec):
         users = self.consumers.get(binding.var, [])
-        if len(users) != 1 or users[0] == "output" or spec.ops[0] not in LINEAR_OPS or set(spec.ops) & set(NONLINEAR):
+        if len(users) != 1 or users[0] == "output" or spec.ops[0] not in CHAIN_HEADS or set(spec.ops) & set(NONLINEAR):
             return False
         user_spec, _ = kernel_of(self.mod, users[0].value)
         if user_spec.ops[0] not in ELEMENTWISE or _out_shape(users[0].var) != _out_shape(binding.var):

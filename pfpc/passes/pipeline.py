@@ -6,6 +6,7 @@ from .fold_batch_norm import FoldBatchNorm
 from .fold_weight_layout import FoldWeightLayout
 from .lower_1d_to_2d import Lower1dTo2d
 from .pad_conv_inputs import PadConvInputs
+from .pool_before_relu import PoolBeforeRelu
 from .choose_moment_representation import ChooseMomentRepresentation
 from .detach_weight_std import DetachWeightStd
 from .eliminate_zero_variance import EliminateZeroVariance
@@ -21,6 +22,7 @@ def default_passes():
         ("fold_weight_layout", FoldWeightLayout()),
         ("fold_batch_norm", FoldBatchNorm()),
         ("pad_conv_inputs", PadConvInputs()),
+        ("pool_before_relu", PoolBeforeRelu()),
         ("substitute_layers", SubstituteLayers()),
         ("eliminate_zero_variance", EliminateZeroVariance()),
         ("fuse_operators", FuseOperators()),
