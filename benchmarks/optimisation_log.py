@@ -26,7 +26,8 @@ STEPS = [
     ("61c66f6", "padded convolutions read a padded copy (pad kernel): no border branches in the MAC loops"),
     ("8f8d06c", "Clark steps in stages; element-wise kernels in rows, one loop per stage"),
     ("2889baa", "restrict kernel parameters; phi's exp without libm (vectorisable)"),
-    ("HEAD", "kernel window unrolled; ReLU's standard deviation computed once"),
+    ("222cf67", "kernel window unrolled; ReLU's standard deviation computed once"),
+    ("HEAD", "max-pool before its ReLU (PoolBeforeRelu: 1,152 -> 672 nonlinearities on LeNet), pool + ReLU one kernel"),
 ]
 
 COMPILE = """
