@@ -67,6 +67,22 @@ def test_emulated_target_matches_host_and_reference(tmp_path, target, example):
         assert device.cycles == []
 
 
+@pytest.mark.parametrize("target", [pytest.param(t, marks=EMULATED[t]) for t in ("cortex-m4", "cortex-m55", "aarch64")])
+def test_deterministic_network_on_target_equals_onnxruntime(tmp_path, target):
+    """The deterministic LeNet (no posterior: the network SVI-C runs per sample and the benchmarks'
+    baseline) on each schedule: scalar (Cortex-M4, unrolled windows) and row (M55, aarch64)."""
+    import onnxruntime as ort
+
+    model_path, _ = _example("lenet")
+    x = np.load(os.path.join(EXAMPLES, "lenet", "sample.npy"))
+    out = str(tmp_path / "det")
+    pfpc.compile(model_path, None, out_dir=out, batch=1, target=target)
+    (mean, var), = compiler.run(out, [x], emulate=True).outputs
+    expected = ort.InferenceSession(model_path).run(None, {"input": x})[0]
+    np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert not var.any()
+
+
 @needs_arm
 def test_cycle_counts_are_deterministic_and_track_work(tmp_path, capsys):
     x_path = os.path.join(EXAMPLES, "mlp", "sample.npy")
@@ -239,6 +255,7 @@ def test_report_counts_gaussian_ops_only_with_a_posterior():
     det = layer_costs(pfpc.compile(_example("lenet")[0], None, batch=1).program)
     assert [layer["macs"] for layer in pfp] == [layer["macs"] for layer in det]
     assert all(not layer["gaussian_ops"] for layer in det)
-    # LeNet: ReLU after conv1 (6x8x8), conv2 (16x4x4), fc1 (32); 3 Clark steps per 2x2 window of both pools
-    assert sum(layer["gaussian_ops"].get("relu", 0) for layer in pfp) == 6 * 64 + 16 * 16 + 32
+    # LeNet: ReLU after pool1 (6x4x4; computed after the pool, `pool_before_relu`), pool2 (16x2x2) and
+    # fc1 (32); 3 Clark steps per 2x2 window of both pools
+    assert sum(layer["gaussian_ops"].get("relu", 0) for layer in pfp) == 6 * 16 + 16 * 4 + 32
     assert sum(layer["gaussian_ops"].get("max", 0) for layer in pfp) == 3 * (6 * 16 + 16 * 4)

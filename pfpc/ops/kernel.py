@@ -217,12 +217,14 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             sch.decompose_reduction(block, loops[spatial - 1])
             update = sch.get_loops(block)
             sch.reorder(*update[spatial:], update[spatial - 1])
-            _unroll_window(sch, sch.get_loops(block)[spatial:-1])
+            if _unrollable(sch, block):
+                _unroll_window(sch, sch.get_loops(block)[spatial:-1])
         else:
             for consumer in downstream:
                 sch.reverse_compute_at(consumer, loops[spatial - 1])
             sch.decompose_reduction(block, sch.get_loops(block)[spatial])
-            _unroll_window(sch, sch.get_loops(block)[spatial:])
+            if _unrollable(sch, block):
+                _unroll_window(sch, sch.get_loops(block)[spatial:])
         placed.update(sch.get(b).name_hint for b in downstream)
     decoded = {}
     for block in sch.get_child_blocks(root):
@@ -317,6 +319,28 @@ def _row_nests(sch, blocks):
 
 #: Most iterations of the innermost reduction loops that are unrolled (a 3x3 kernel window).
 UNROLL_MAX = 9
+
+
+def _unrollable(sch, block) -> bool:
+    """Whether a reduction's window may be unrolled: not a max or min reduction. TVM's C printer
+    names an operand of max/min with a local variable (``float v_ = acc[0];``) and reuses that
+    name for the same text later in one scope, so a max-pool window unrolled into one scope would
+    compare every element with the accumulator's first value. Sums print inline."""
+    values = []
+    _collect_values(sch.get(block).body, values)
+    return not any(isinstance(value, (tirx.Max, tirx.Min)) for value in values)
+
+
+def _collect_values(stmt, values):
+    """The values stored or let-bound in a block body (sequences and nested bodies walked through)."""
+    if isinstance(stmt, tirx.SeqStmt):
+        for child in stmt.seq:
+            _collect_values(child, values)
+        return
+    if hasattr(stmt, "value"):
+        values.append(stmt.value)
+    if hasattr(stmt, "body"):
+        _collect_values(stmt.body, values)
 
 
 def _unroll_window(sch, loops):
