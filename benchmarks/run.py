@@ -59,22 +59,24 @@ NOTES = """
   polynomial `exp` written in TIR (Cody-Waite reduction, 2^n from the bits of n as 0/1 products;
   relative error 8e-8) and Φ from φ (Abramowitz & Stegun 26.2.17), each a stage of its own so
   that the row loops vectorise on SIMD targets.
-- **Why LeNet's PFP/deterministic ratio is above 3.** Padded convolutions now read a copy of their
-  input padded once (`pfpc/passes/pad_conv_inputs.py`), windows of up to 9 taps are unrolled and
-  kernel parameters are `restrict`: that made the deterministic LeNet about 5x faster and the PFP
-  about 3.5x, so the ratio rose while both got faster (Cortex-M4: PFP 18,704 -> ~10,400 cycles,
-  deterministic 12,269 -> ~2,660). The deterministic network was paying mostly for border branches
-  and loop overhead; the PFP is now bound by its 2.82 multiply-adds per MAC plus the nonlinearities.
+- **Why LeNet's PFP/deterministic ratio is above 3 on the host (and below it on Cortex-M4).**
+  Padded convolutions read a copy of their input padded once (`pfpc/passes/pad_conv_inputs.py`),
+  windows of up to 9 taps are unrolled and kernel parameters are `restrict`: that made the
+  deterministic LeNet about 7x faster on the host and the PFP about 4x, so the ratio rose while both
+  got faster. `PoolBeforeRelu` then cut LeNet's Gaussian nonlinearities from 1,152 to 672 per call
+  (Cortex-M4: PFP 9,858 -> 7,808 cycles, ratio 2.86). On the host the deterministic convolutions
+  vectorise 4-8 wide while the PFP's nonlinearities (sqrt, division, polynomial exp and Phi per
+  element, in rows of 4-16 on LeNet's small maps) vectorise poorly, so the ratio stays near 4.
   Keeping the padding branches in the deterministic build would only game the ratio.
-- **Trade-offs measured and not taken.** Without the window unrolling on Cortex-M4 the ratio is 2.08,
-  but both builds are slower (PFP 15,432, deterministic 7,404 cycles). newlib's `expf` is about 9 %
-  cheaper than the TIR polynomial on Cortex-M4, but kernels are built target-independent. Building
+- **Trade-offs measured and not taken.** Without the window unrolling on Cortex-M4 the ratio was 2.08,
+  but both builds were slower (PFP 15,432, deterministic 7,404 cycles). newlib's `expf` instead of
+  the TIR polynomial saves 2 % of LeNet's Cortex-M4 cycles since `PoolBeforeRelu`: not worth a
+  target-dependent kernel. Max-pool windows are not unrolled: TVM's C printer names the
+  accumulator's first value once per scope and reused it (a wrong max, now tested). Building
   2^n by a float reinterpret cast is undefined behaviour in the C the backend prints (type punning).
-- **Next steps.** MaxPool(ReLU(x)) computed as ReLU(MaxPool(x)) on the pre-activations (exact for
-  deterministic values; for the PFP, Clark's formula then sees Gaussian inputs, and LeNet's
-  nonlinearities drop from 1,152 to 672 per call) once it is shown at least as accurate against
-  Monte Carlo; target-aware `exp` (libm on Cortex-M); conv weights packed with output channels
-  innermost for longer SIMD rows.
+- **Next steps.** Longer SIMD rows for the max-pool/ReLU kernels on the host (LeNet's pooled maps
+  are 4x4 and 2x2: pack channels into the row), conv weights packed with output channels innermost,
+  and a cheaper 2^n in the polynomial exp (its seven bit-selects dominate it).
 """
 
 
