@@ -271,11 +271,8 @@ def _decode_once(sch, block):
 def _merge_gathers(sch, blocks):
     """The gathers of one operand's mean and second moment in one loop nest: a weight's code is
     read, unpacked and tested for the escape once, not once per table."""
-    loops = [sch.get_loops(block) for block in blocks]
-    if len(blocks) < 2 or len({len(nest) for nest in loops}) != 1:
-        return
-    shapes = {tuple(int(sch.get(loop).extent) for loop in nest) for nest in loops}
-    if len(shapes) == 1:
+    shapes = {tuple(int(sch.get(loop).extent) for loop in sch.get_loops(block)) for block in blocks}
+    if len(blocks) > 1 and len(shapes) == 1:
         _one_nest(sch, blocks)
 
 

@@ -6,8 +6,9 @@
 
 A kernel is absorbed into its consumer when that consumer is its only user, starts with an
 element-wise stage taking it as first operand only with an output of the same shape (no
-broadcast of the reduction result), and the chain so far starts with a linear stage and has no
-nonlinearity yet (a nonlinearity computes two moments at once and ends a chain).
+broadcast of the reduction result), and the chain so far starts with a linear stage or a max-pool
+(``maxpool2d -> relu``, the order `PoolBeforeRelu` leaves) and has no nonlinearity yet (a
+nonlinearity computes two moments at once and ends a chain).
 """
 
 from __future__ import annotations
