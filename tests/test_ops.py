@@ -222,26 +222,59 @@ def test_no_softmax_no_metadata(tmp_path):
     assert json.loads((tmp_path / "out" / "pfpc.json").read_text())["output_softmax"] == []
 
 
-def test_exp_without_libm_matches_numpy():
-    """`moments.exp_nonpositive` (phi's exp, no libm call) over its whole range, and phi at the clamp."""
-    import tvm
+def _exp_and_pdf_func(a, z):
     from tvm import te
 
     from pfpc.ops.moments import exp_nonpositive, std_normal_pdf
 
-    a = np.concatenate([-np.linspace(0.0, 85.0, 100001), -np.geomspace(1e-30, 1.0, 1000)]).astype(np.float32)
-    z = np.array([0.0, 1.0, -2.5, 13.0, 20.0, np.inf, -np.inf], np.float32)
     arg = te.placeholder(a.shape, "float32", name="a")
     zs = te.placeholder(z.shape, "float32", name="z")
     exp = te.compute(a.shape, lambda i: exp_nonpositive(arg[i]), name="exp")
     pdf = te.compute(z.shape, lambda i: std_normal_pdf(zs[i]), name="pdf")
-    func = tvm.compile(te.create_prim_func([arg, zs, exp, pdf]), target="llvm")
-    out = [tvm.runtime.tensor(np.zeros(x.shape, np.float32)) for x in (a, z)]
-    func(tvm.runtime.tensor(a), tvm.runtime.tensor(z), *out)
-    expected = np.exp(a.astype(np.float64))
-    assert np.max(np.abs(out[0].numpy() - expected) / expected) < 2e-7
-    assert out[0].numpy()[0] == 1.0
-    phi = np.exp(-0.5 * z.astype(np.float64) ** 2) / np.sqrt(2 * np.pi)
-    np.testing.assert_allclose(out[1].numpy()[:4], phi[:4], rtol=2e-7)
-    assert np.all((out[1].numpy()[4:] > 0) & (out[1].numpy()[4:] < 5e-38))  # clamped: tiny, never a subnormal or NaN
-    assert np.all(out[1].numpy()[4:] >= np.finfo(np.float32).tiny)
+    return te.create_prim_func([arg, zs, exp, pdf])
+
+
+#: exp's whole range, and phi inside, at and beyond the cut-off at |z| = sqrt(60) = 7.746
+_EXP_ARGS = np.concatenate([-np.linspace(0.0, 87.0, 100001), -np.geomspace(1e-30, 1.0, 1000)]).astype(np.float32)
+_PDF_ARGS = np.array([0.0, 1.0, -2.5, 7.7, -7.74, 7.75, 13.0, 20.0, np.inf, -np.inf, 1e30], np.float32)
+
+
+def _check_exp_and_pdf(exp, pdf):
+    expected = np.exp(_EXP_ARGS.astype(np.float64))
+    assert np.max(np.abs(exp - expected) / expected) < 2e-7
+    assert exp[0] == 1.0
+    phi = np.exp(-0.5 * _PDF_ARGS.astype(np.float64) ** 2) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(pdf[:5], phi[:5], rtol=2e-7)
+    assert np.all(pdf[5:] == 0.0)  # cut off: phi < 3.8e-14 there, and no tiny value to turn subnormal downstream
+
+
+def test_exp_without_libm_matches_numpy():
+    """`moments.exp_nonpositive` (phi's exp, no libm call) over its whole range, and phi at its cut-off (TVM's LLVM build)."""
+    import tvm
+
+    func = tvm.compile(_exp_and_pdf_func(_EXP_ARGS, _PDF_ARGS), target="llvm")
+    out = [tvm.runtime.tensor(np.zeros(x.shape, np.float32)) for x in (_EXP_ARGS, _PDF_ARGS)]
+    func(tvm.runtime.tensor(_EXP_ARGS), tvm.runtime.tensor(_PDF_ARGS), *out)
+    _check_exp_and_pdf(out[0].numpy(), out[1].numpy())
+
+
+def test_exp_in_generated_c_is_defined_c_and_matches_numpy(tmp_path):
+    """The same in the C pfpc emits: 2^n is a bit copy through `kernels.FLOAT_FROM_BITS`, not TVM's
+    type-punned pointer (which gcc -O2 -Wall -Werror rejects), and the C is vectorisable."""
+    import ctypes
+    import subprocess
+
+    from pfpc.codegen.kernels import FLOAT_FROM_BITS, HELPERS, generate_c_kernels
+
+    kernel = generate_c_kernels({"exp_pdf": _exp_and_pdf_func(_EXP_ARGS, _PDF_ARGS)}, "row")["exp_pdf"]
+    assert kernel.helpers == [FLOAT_FROM_BITS] and "*)(&" not in kernel.body
+    source = tmp_path / "exp_pdf.c"
+    source.write_text("#include <stdint.h>\n#include <string.h>\n" + HELPERS[FLOAT_FROM_BITS]
+                      + f"{kernel.signature('')} {{\n{kernel.body}\n}}\n")
+    library = tmp_path / "exp_pdf.so"
+    subprocess.run(["cc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-fPIC", "-shared",
+                    str(source), "-o", str(library)], check=True)
+    exp, pdf = np.zeros_like(_EXP_ARGS), np.zeros_like(_PDF_ARGS)
+    pointer = ctypes.POINTER(ctypes.c_float)
+    getattr(ctypes.CDLL(str(library)), "exp_pdf")(*(x.ctypes.data_as(pointer) for x in (_EXP_ARGS, _PDF_ARGS, exp, pdf)))
+    _check_exp_and_pdf(exp, pdf)

@@ -28,7 +28,7 @@ from ..errors import PfpcError
 from ..ir import call_op_name, main_bindings, output_fields
 from ..ops.predictive import DOCS as PREDICTIVE_DOCS
 from . import footprint, memory_plan
-from .kernels import generate_c_kernels
+from .kernels import HELPERS, generate_c_kernels
 from .targets import get_target
 
 C_KEYWORDS = set(
@@ -379,7 +379,8 @@ def render_arena_pointers(program: Program) -> list:
 def render_source(program: Program, summary: str, executor: str) -> str:
     """``<name>.c``: the kernels, the static arena, then ``executor`` (its functions and ``_run``)."""
     name, upper = program.name, program.name.upper()
-    kernel_text = []
+    helpers = {h for kernel in program.kernels.values() for h in kernel.helpers}
+    kernel_text = [HELPERS[h] for h in HELPERS if h in helpers]
     for kernel in program.kernels.values():
         spec = next((s.spec for s in program.steps if s.kernel == kernel.name), "")
         kernel_text.append(f"/* kernel {kernel.name}: {c_comment(spec)} */\nstatic {kernel.signature('k_')} {{\n{kernel.body}\n}}\n")

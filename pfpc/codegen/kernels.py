@@ -13,12 +13,33 @@ import re
 from dataclasses import dataclass, field
 
 import tvm
+from tvm import tirx
 
 from ..errors import PfpcError
 from ..ops.kernel import schedule_kernel
 
 _DATA_LINE = re.compile(r"^\s*(float|uint8_t|uint16_t|uint32_t)\* (\w+) = \(\(\1\*\)\(\(\1\*\)\(\(\(DLTensor\*\)\w+_handle\)\[0\]\.data\)\)\);\s*$")
 _FORBIDDEN = ("_handle", "TVMFFI", "DLTensor", "TVMBackend", "args", "__tvm")
+
+#: A float32 from its bits, in C that is defined (a copy, not a type-punned pointer); the C
+#: compiler turns it into a register move and vectorises loops through it.
+FLOAT_FROM_BITS = "pfpc_float_from_bits"
+HELPERS = {
+    FLOAT_FROM_BITS: f"static inline float {FLOAT_FROM_BITS}(int32_t bits) {{\n"
+    "  float value;\n  memcpy(&value, &bits, sizeof value);\n  return value;\n}\n",
+}
+
+
+def _float_from_bits(call):
+    """TVM's C backend prints ``reinterpret`` as ``*(float *)(&v)``: undefined behaviour under C's
+    aliasing rules, which gcc -Wall -Werror rejects at -O2. int32 -> float32 (the 2^n of
+    `moments.exp_nonpositive`) becomes a call of the `FLOAT_FROM_BITS` helper instead."""
+    if str(call.ty) == "float32" and str(call.args[0].ty) == "int32":
+        return tirx.call_pure_extern("float32", FLOAT_FROM_BITS, call.args[0])
+    return call
+
+
+tirx.register_intrin_lowering("tirx.reinterpret", target="c", f=_float_from_bits, level=99)
 
 
 @dataclass
@@ -27,6 +48,11 @@ class CKernel:
     params: list  # (name, written)
     body: str
     ctypes: dict = field(default_factory=dict)  # parameter -> element type, if not float
+
+    @property
+    def helpers(self) -> list[str]:
+        """The `HELPERS` the body calls."""
+        return [helper for helper in HELPERS if re.search(rf"\b{helper}\(", self.body)]
 
     def signature(self, prefix: str) -> str:
         """``restrict``: the memory plan never lets a kernel's output share bytes with another of its
