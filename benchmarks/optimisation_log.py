@@ -27,7 +27,8 @@ STEPS = [
     ("8f8d06c", "Clark steps in stages; element-wise kernels in rows, one loop per stage"),
     ("2889baa", "restrict kernel parameters; phi's exp without libm (vectorisable)"),
     ("222cf67", "kernel window unrolled; ReLU's standard deviation computed once"),
-    ("HEAD", "max-pool before its ReLU (PoolBeforeRelu: 1,152 -> 672 nonlinearities on LeNet), pool + ReLU one kernel"),
+    ("8069673", "max-pool before its ReLU (PoolBeforeRelu: 1,152 -> 672 nonlinearities on LeNet), pool + ReLU one kernel"),
+    ("HEAD", "phi's 2^n by a bit copy (no bit-selects); phi = 0 beyond |z| = 7.75, so no subnormal floats downstream"),
 ]
 
 COMPILE = """

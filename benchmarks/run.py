@@ -54,29 +54,35 @@ NOTES = """
 - **The PFP's own cost.** A hidden PFP layer runs 3 multiply-adds per deterministic MAC
   (V = Σ q·t − (m·μ)², sharing m·μ with the mean) and reads two weight arrays; the first layer 2.
   `pfpc report` prints the per-layer count (LeNet: 2.82 PFP multiply-adds per MAC, MLP 2.37).
-  On top come the Gaussian nonlinearities, about 1,150 per LeNet call (672 ReLU outputs, 480
-  Clark steps of the max-pools): per element one `sqrtf`, one division, φ(z) by a branch-free
-  polynomial `exp` written in TIR (Cody-Waite reduction, 2^n from the bits of n as 0/1 products;
-  relative error 8e-8) and Φ from φ (Abramowitz & Stegun 26.2.17), each a stage of its own so
-  that the row loops vectorise on SIMD targets.
-- **Why LeNet's PFP/deterministic ratio is above 3 on the host (and below it on Cortex-M4).**
-  Padded convolutions read a copy of their input padded once (`pfpc/passes/pad_conv_inputs.py`),
-  windows of up to 9 taps are unrolled and kernel parameters are `restrict`: that made the
-  deterministic LeNet about 7x faster on the host and the PFP about 4x, so the ratio rose while both
-  got faster. `PoolBeforeRelu` then cut LeNet's Gaussian nonlinearities from 1,152 to 672 per call
-  (Cortex-M4: PFP 9,858 -> 7,808 cycles, ratio 2.86). On the host the deterministic convolutions
-  vectorise 4-8 wide while the PFP's nonlinearities (sqrt, division, polynomial exp and Phi per
-  element, in rows of 4-16 on LeNet's small maps) vectorise poorly, so the ratio stays near 4.
-  Keeping the padding branches in the deterministic build would only game the ratio.
-- **Trade-offs measured and not taken.** Without the window unrolling on Cortex-M4 the ratio was 2.08,
-  but both builds were slower (PFP 15,432, deterministic 7,404 cycles). newlib's `expf` instead of
-  the TIR polynomial saves 2 % of LeNet's Cortex-M4 cycles since `PoolBeforeRelu`: not worth a
-  target-dependent kernel. Max-pool windows are not unrolled: TVM's C printer names the
-  accumulator's first value once per scope and reused it (a wrong max, now tested). Building
-  2^n by a float reinterpret cast is undefined behaviour in the C the backend prints (type punning).
-- **Next steps.** Longer SIMD rows for the max-pool/ReLU kernels on the host (LeNet's pooled maps
-  are 4x4 and 2x2: pack channels into the row), conv weights packed with output channels innermost,
-  and a cheaper 2^n in the polynomial exp (its seven bit-selects dominate it).
+  On top come the Gaussian nonlinearities, 672 per LeNet call (192 ReLU outputs, 480 Clark steps
+  of the max-pools, which `PoolBeforeRelu` computes before the ReLU): per element one `sqrtf`, two
+  divisions, φ(z) by a branch-free exp written in TIR (Cody-Waite reduction, the Cephes polynomial,
+  2^n by a bit copy into the exponent field) and Φ from φ (Abramowitz & Stegun 26.2.17), each a
+  stage of its own so that the row loops vectorise on SIMD targets. On the host the two max-pool
+  kernels are still about half of LeNet's PFP time (perf, kernels not inlined), the convolutions
+  most of the rest; the deterministic LeNet is 60 % its second convolution.
+- **Subnormal floats.** Until 00ece86 φ(z) bottomed out at 4.6e-38 instead of reaching 0, and ReLU
+  means of strongly negative pre-activations were near 1e-25: their squares and products in the
+  next layer were subnormal floats, about a hundred cycles each on this x86 core. On a digit that
+  was 40 % of LeNet's PFP time (the same code with the FPU's flush-to-zero and
+  denormals-are-zero bits set by hand ran 11.4 -> 8.1 µs); the MLP's PFP lost about a fifth. φ(z) is
+  now exactly 0 beyond |z| = 7.75 (φ < 3.8e-14; the moments change by less than 1e-15 of the
+  standard deviation), which brought LeNet's host ratio from 4.1 to 2.6-2.8. QEMU's instruction
+  count does not see subnormal penalties; the Cortex-M4 cycles fell 7,808 -> 7,110 from the
+  cheaper 2^n (seven bit-selects before).
+- **Trade-offs measured and not taken.** Without the window unrolling on Cortex-M4 the ratio was
+  lower but both builds were slower (PFP 15,432, deterministic 7,404 cycles at the time). newlib's
+  `expf` instead of the TIR polynomial saved 2 % of LeNet's Cortex-M4 cycles: not worth a
+  target-dependent kernel. Channels packed into the rows of the max-pool kernels (rows of 96
+  instead of 16) gained 2 % on the host: not worth the stack. A matmul with its accumulators
+  blocked in eights, written by hand in the C, was slower (gcc -O2 kept them in memory). Max-pool
+  windows are not unrolled: TVM's C printer names the accumulator's first value once per scope
+  and reused it (a wrong max, now tested). The 2^n bit copy goes through a `memcpy` helper
+  because TVM's C backend prints `reinterpret` as a type-punned pointer (undefined behaviour,
+  rejected by gcc -Wall -Werror at -O2).
+- **Next steps.** The padding copies before each padded convolution (4 % of LeNet's PFP) could be
+  written by the kernel that produces their input; register-blocked matmul accumulators would
+  speed the deterministic network and the PFP alike; MetaSchedule tuning on the host is not tried.
 """
 
 
