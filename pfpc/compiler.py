@@ -15,6 +15,7 @@ from tvm import relax
 
 from .codegen import emit_c, emit_svi, footprint, shared_weights
 from .codegen import shared_draw as shared_draw_kernels
+from .codegen.program import C_KEYWORDS, Program, lower_to_program
 from .codegen.targets import get_target
 from .errors import PfpcError
 from .frontends.onnx_model import input_shapes, load_model, output_shapes
@@ -35,7 +36,7 @@ class CompiledModel:
     """What `compile` produced: the final IR, the C program, the output directory."""
 
     mod: object
-    program: emit_c.Program
+    program: Program
     out_dir: str | None
     io: dict
     footprint: dict | None = None
@@ -118,8 +119,8 @@ def compile(  # noqa: A001 - the public name users expect
                 shared_draw_kernels.rewrite(program, prim_funcs, traced, post.shared)
             program.shared = shared_weights.encode(program, set(post.shared.tensors), prim_funcs)
 
-        program = emit_c.lower_to_program(mod, weights, io, name, target_info,
-                                          before_codegen=read_through_codebooks if post.shared is not None else None)
+        program = lower_to_program(mod, weights, io, name, target_info,
+                                   before_codegen=read_through_codebooks if post.shared is not None else None)
     result = CompiledModel(mod, program, out_dir, io)
     if measure or ram_limit is not None or flash_limit is not None:
         def measure_and_check(directory):
@@ -157,7 +158,7 @@ def _trace_shared_draws(model, post, passes, label) -> dict:
 def check_c_name(name) -> None:
     """The library prefix (``--name``) becomes file names, C identifiers and macros: an ASCII C
     identifier that is not a keyword."""
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", name) or name in emit_c.C_KEYWORDS:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", name) or name in C_KEYWORDS:
         raise PfpcError(f"--name {name!r}: the library prefix must be a C identifier (letters, digits, _; "
                         "not starting with a digit; at most 63 characters) and not a C keyword")
 

@@ -459,3 +459,37 @@ def test_channel_scale_reduces_w2():
     mu, sigma = sp.expand_tensor(shared.tensors["w"])
     np.testing.assert_allclose(mu, means["w"], atol=1e-3)
     np.testing.assert_allclose(sigma, stds["w"], atol=1e-3)
+
+
+def test_compression_effect_matches_numpy_and_reuses_the_full_outputs():
+    """`evaluate.compression.compare` (the end-to-end part of `pfpc compress`): its deltas are the
+    shared PFP's metrics minus the full one's, accuracy as a plain argmax count, the output W2 as
+    NumPy computes it from both PFPs' outputs; outputs of the full posterior computed once
+    (`suite_outputs`, as benchmarks/compress_sweep.py does) give the same result; a posterior
+    compared with itself changes nothing."""
+    from pfpc.evaluate.compression import compare, suite_outputs
+    from pfpc.evaluate.datasets import default_suite
+    from pfpc.frontends.onnx_model import load_model
+    from pfpc.frontends.posterior import load_posterior
+
+    sets = default_suite(limit=40)
+    model = load_model(LENET, 1)
+    full = load_posterior(model, LENET_POST)
+    shared = load_posterior(model, os.path.join(EXAMPLES, "lenet_shared", "shared.npz"))
+    outputs = {"full": suite_outputs(LENET, full, sets), "shared": suite_outputs(LENET, shared, sets)}
+    effect = compare(LENET, full, shared, sets)
+    assert effect == compare(LENET, full, shared, sets, full_outputs=outputs["full"])
+    clean = sets[[s.name for s in sets].index("clean")]
+    for name, (mean, var, probs) in outputs.items():
+        clean_probs = probs[: len(clean.x)].astype(np.float64)
+        assert effect["accuracy"][name] == pytest.approx(np.mean(np.argmax(clean_probs, axis=1) == clean.labels))
+        clean_probs /= clean_probs.sum(axis=1, keepdims=True)
+        assert effect["nll"][name] == pytest.approx(-np.mean(np.log(clean_probs[np.arange(len(clean.x)), clean.labels])), rel=1e-5)
+    assert effect["nll"]["full"] != effect["nll"]["shared"]
+    assert effect["accuracy"]["delta"] == pytest.approx(effect["accuracy"]["shared"] - effect["accuracy"]["full"])
+    (m1, v1, _), (m2, v2, _) = outputs["full"], outputs["shared"]
+    w2 = np.mean(np.sqrt((m1.astype(np.float64) - m2) ** 2 + (np.sqrt(v1.astype(np.float64)) - np.sqrt(v2)) ** 2))
+    assert effect["output_w2"] == pytest.approx(w2, rel=1e-6) and w2 > 0
+    assert effect["images"] == sum(len(s.x) for s in sets)
+    itself = compare(LENET, full, full, sets, full_outputs=outputs["full"])
+    assert itself["output_w2"] == 0 and all(itself[m]["delta"] == 0 for m in ("accuracy", "nll", "ece"))

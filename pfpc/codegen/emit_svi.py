@@ -23,8 +23,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PfpcError
-from .emit_c import (MAX_MACRO_IDENT, Program, Tensor, c_comment, plan_arena, render_arena_pointers, render_build_files, render_header,
-                     render_source, render_steps, render_weights, run_signature, walk_main)
+from .build_files import render_build_files
+from .emit_c import (
+    c_comment,
+    render_arena_pointers,
+    render_header,
+    render_source,
+    render_steps,
+    render_weights,
+    run_signature,
+)
+from .program import MAX_MACRO_IDENT, Program, Tensor, plan_arena, walk_main
 
 
 @dataclass

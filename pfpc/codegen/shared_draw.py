@@ -28,8 +28,8 @@ import numpy as np
 
 from ..errors import PfpcError
 from ..frontends.shared_posterior import expand_tensor
-from ..ops.kernel import LINEAR_OPS, KernelSpec, build_kernel
-from .emit_c import Tensor
+from ..ops.kernel import LINEAR_OPS, KernelSpec
+from .program import Tensor
 
 #: Components per covered initializer a shared-draw kernel accumulates separately (one register each).
 MAX_DRAW_GROUPS = 64

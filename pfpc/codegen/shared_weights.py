@@ -14,7 +14,7 @@ kernel (its mean array and its moment array together), the arrays `ops.codebook`
   kept individually, or rare entries) hold the escape code (the largest code) and are listed in
   ``<w>_exception_position`` (ascending) with their values, found through per-block starts.
 
-Before TVM generates C (`emit_c.walk_main`'s ``before_codegen``), every kernel that reads such an
+Before TVM generates C (`program.walk_main`'s ``before_codegen``), every kernel that reads such an
 operand is rebuilt from its `KernelSpec` with the operand as a codebook (`ops.kernel.build_kernel`):
 the gather is a TE stage of the kernel, so the C is TVM's. The values gathered are bit-identical
 to the full arrays', so the library computes exactly what the expanded posterior compiles to. An
@@ -31,7 +31,7 @@ import numpy as np
 
 from ..ops.codebook import CodebookLayout
 from ..ops.kernel import KernelSpec, build_kernel
-from .emit_c import Tensor
+from .program import Tensor
 
 WIDTHS = (4, 8, 16)
 #: Most exceptions the escape branch compares in one block (`exception_blocks` picks the block size).
@@ -151,7 +151,7 @@ def choose_codebook(values: list, name: str, source: str, arrays: list) -> Codeb
 
 def encode(program, covered: set, prim_funcs: dict) -> SharedWeights:
     """Replace the float arrays of the weights of ``covered`` initializers in ``program`` (an
-    `emit_c.Program` before code generation) by codebooks, and the kernels (``prim_funcs``) that
+    `program.Program` before code generation) by codebooks, and the kernels (``prim_funcs``) that
     read them by kernels that gather them (`ops.codebook`)."""
     result = SharedWeights()
     stored = {}  # id(old Tensor) -> (Codebook, [new Tensors])

@@ -17,17 +17,14 @@ from .datasets import default_suite
 ROWS = ("accuracy", "nll", "ece", "auroc_entropy", "auroc_logit_var")
 
 
-def compare(model_path: str, full, shared, sets=None) -> dict:
+def compare(model_path: str, full, shared, sets=None, full_outputs=None) -> dict:
     """``full``, ``shared``: `Posterior` objects (``shared.shared`` set). Returns per metric
-    {"full", "shared", "delta"}, plus ``output_w2`` and the number of images."""
-    from ..frontends.onnx_model import load_model
-    from .predictors import check_classifier, pfp_outputs, shape_inputs
-
+    {"full", "shared", "delta"}, plus ``output_w2`` and the number of images. ``full_outputs``:
+    `suite_outputs` of ``full`` on the same ``sets``, when a caller comparing several shared
+    posteriors computed them once (``full`` is then not compiled again)."""
     sets = sets if sets is not None else default_suite()
-    model = load_model(model_path, 1)
-    check_classifier(model, model_path)
-    x = shape_inputs(model, np.concatenate([s.x for s in sets]), model_path)
-    runs = {name: pfp_outputs(model_path, post, x) for name, post in (("full", full), ("shared", shared))}
+    runs = {"full": full_outputs if full_outputs is not None else suite_outputs(model_path, full, sets),
+            "shared": suite_outputs(model_path, shared, sets)}
     result = {}
     values = {name: _metrics(sets, *outputs) for name, outputs in runs.items()}
     for metric in ROWS:
@@ -36,8 +33,20 @@ def compare(model_path: str, full, shared, sets=None) -> dict:
     (m1, v1, _), (m2, v2, _) = runs["full"], runs["shared"]
     w2 = np.sqrt((m1.astype(np.float64) - m2) ** 2 + (np.sqrt(np.maximum(v1, 0.0)) - np.sqrt(np.maximum(v2, 0.0))) ** 2)
     result["output_w2"] = float(w2.mean())
-    result["images"] = int(len(x))
+    result["images"] = int(len(m1))
     return result
+
+
+def suite_outputs(model_path: str, posterior, sets=None) -> tuple:
+    """The compiled PFP's (mean, var, probs) on every image of ``sets`` (default: the dirty-digits
+    suite), in order."""
+    from ..frontends.onnx_model import load_model
+    from .predictors import check_classifier, pfp_outputs, shape_inputs
+
+    sets = sets if sets is not None else default_suite()
+    model = load_model(model_path, 1)
+    check_classifier(model, model_path)
+    return pfp_outputs(model_path, posterior, shape_inputs(model, np.concatenate([s.x for s in sets]), model_path))
 
 
 def _metrics(sets, mean, var, probs) -> dict:

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 
-from ..codegen.emit_c import C_KEYWORDS
+from ..codegen.program import C_KEYWORDS
 from ..errors import PfpcError
 from ..ir import constant_value
 from .onnx_model import graph_inputs, input_shapes
