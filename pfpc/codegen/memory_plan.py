@@ -1,10 +1,14 @@
 """Static memory plan: every intermediate tensor gets an offset in one arena.
 
-Tensors whose lifetimes (first write .. last read, in kernel steps) overlap never share bytes;
-placement is greedy first-fit, tried in a few orders (largest tensor first, first written first,
-longest-lived first) of which the smallest arena is kept, first in that list on a tie: cheap and
-deterministic. The lower bound reported beside the arena size is the largest total of
-simultaneously live tensors.
+Tensors whose lifetimes (first write .. last read, in kernel steps) overlap never share bytes.
+Placement is first-fit (each tensor at the lowest offset free while it lives) in some order: a
+few heuristic orders first (largest first, first written first, longest-lived first), then a
+depth-first search over orders that keeps the best arena, prunes every partial placement already
+as large, skips tensors interchangeable with one tried at the same point, and stops at the lower
+bound or after `SEARCH_BUDGET` placements. Some order makes first-fit optimal (place the tensors
+of an optimal plan by increasing offset), so on small networks the search is exact; it is
+deterministic either way. The lower bound reported beside the arena size is the largest total of
+simultaneously live tensors; it is not always reachable.
 """
 
 from __future__ import annotations
@@ -27,13 +31,17 @@ def _align(value: int) -> int:
     return (value + ALIGN - 1) // ALIGN * ALIGN
 
 
-#: Placement orders tried by `plan`: no single one is best (LeNet's arena: 4,544 bytes largest
-#: first, 4,160 first written first, lower bound 3,840).
+#: Placement orders tried by `plan` before its search, which starts from the best of them (LeNet's
+#: arena: 4,544 bytes largest first, 4,160 first written first; the search finds 3,840, the bound).
 ORDERS = (
     lambda i: (-i.size, i.start, i.name),
     lambda i: (i.start, -i.size, i.name),
     lambda i: (-(i.end - i.start), -i.size, i.start, i.name),
 )
+
+
+#: Most first-fit placements the order search makes (about 0.1 s for a network of 30 tensors).
+SEARCH_BUDGET = 20000
 
 
 def plan(intervals: list[Interval]) -> int:
@@ -44,9 +52,51 @@ def plan(intervals: list[Interval]) -> int:
         arena = max((_align(offsets[id(i)] + i.size) for i in intervals), default=0)
         if best is None or arena < best[0]:
             best = (arena, offsets)
+    best = _search(sorted(intervals, key=_busiest_first(intervals)), best, lower_bound(intervals))
     for item in intervals:
         item.offset = best[1][id(item)]
     return best[0]
+
+
+def _busiest_first(intervals: list[Interval]):
+    """Sort key: the tensors live at the step with the most live bytes first (they decide the
+    arena), then by the busiest step of their lifetime, first written, largest."""
+    live = {}
+    for item in intervals:
+        for step in range(item.start, item.end + 1):
+            live[step] = live.get(step, 0) + _align(item.size)
+    return lambda i: (-max(live[step] for step in range(i.start, i.end + 1)), i.start, -i.size, i.name)
+
+
+def _search(items: list[Interval], best: tuple, bound: int) -> tuple:
+    """(arena, offsets) of the best first-fit order found depth first from ``best``, trying the
+    remaining tensors in the order of ``items`` at every point."""
+    budget = [SEARCH_BUDGET]
+
+    def visit(placed, offsets, remaining, top):
+        nonlocal best
+        if not remaining:
+            best = (top, dict(offsets))
+            return
+        tried = set()
+        for index, item in enumerate(remaining):
+            if best[0] <= bound or budget[0] <= 0:
+                return
+            kind = (item.size, item.start, item.end)
+            if kind in tried:  # the same placement as a tensor tried here already
+                continue
+            tried.add(kind)
+            budget[0] -= 1
+            offset = _lowest_offset(item, placed, offsets)
+            end = max(top, _align(offset + item.size))
+            if end >= best[0]:
+                continue
+            offsets[id(item)] = offset
+            visit(placed + [item], offsets, remaining[:index] + remaining[index + 1 :], end)
+            del offsets[id(item)]
+
+    visit([], {}, list(items), 0)
+    return best
 
 
 def _first_fit(ordered: list[Interval]) -> dict:
@@ -54,15 +104,20 @@ def _first_fit(ordered: list[Interval]) -> dict:
     where it overlaps no placed interval that is live at the same time."""
     offsets, placed = {}, []
     for item in ordered:
-        live = sorted((p for p in placed if not (p.end < item.start or item.end < p.start)), key=lambda p: offsets[id(p)])
-        offset = 0
-        for other in live:
-            if offset + item.size <= offsets[id(other)]:
-                break
-            offset = max(offset, _align(offsets[id(other)] + other.size))
-        offsets[id(item)] = offset
+        offsets[id(item)] = _lowest_offset(item, placed, offsets)
         placed.append(item)
     return offsets
+
+
+def _lowest_offset(item: Interval, placed: list, offsets: dict) -> int:
+    """The lowest aligned offset where ``item`` overlaps no placed interval live at the same time."""
+    live = sorted((p for p in placed if not (p.end < item.start or item.end < p.start)), key=lambda p: offsets[id(p)])
+    offset = 0
+    for other in live:
+        if offset + item.size <= offsets[id(other)]:
+            break
+        offset = max(offset, _align(offsets[id(other)] + other.size))
+    return offset
 
 
 def lower_bound(intervals: list[Interval]) -> int:
