@@ -79,7 +79,7 @@ def exp_nonpositive(a):
     poly = f32(_EXP_POLY[0])
     for coefficient in _EXP_POLY[1:]:
         poly = poly * r + f32(coefficient)
-    power = tirx.reinterpret("float32", tirx.shift_left(n + tirx.const(127, "int32"), tirx.const(23, "int32")))  # -123 <= n <= 0
+    power = tirx.reinterpret("float32", tirx.shift_left(n + tirx.const(127, "int32"), tirx.const(23, "int32")))  # -126 <= n <= 0: a normal float
     return (poly * r * r + r + f32(1.0)) * power
 
 
