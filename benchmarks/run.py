@@ -42,9 +42,11 @@ Predictors, all computing the predictive mean and variance of the logits:
 - **TVM LLVM VM**: the compiled PFP module (same passes, same kernel schedules) built by TVM's LLVM
   backend and run in the Relax VM, the deployment path of the published PFP work.
 
-Cortex-M cycle counts are SysTick ticks of the generated code under `qemu-system-arm -M mps2-an386
--icount shift=0` (`pfpc run --emulate --cycles`): deterministic, proportional to executed
-instructions, not a real core's timing.
+Cortex-M cycle counts are the instructions the generated code executes under `qemu-system-arm -M
+mps2-an386 -icount shift=0` (`pfpc run --emulate --cycles`): QEMU's cycle model, one cycle per
+instruction, deterministic. A real Cortex-M4 spends more (two cycles per load, 14 per division
+or square root, refills after taken branches), in different proportions for the two networks.
+(Before 2026-11-23 these tables showed the raw SysTick ticks, one per 40 instructions.)
 """
 
 
@@ -68,10 +70,10 @@ NOTES = """
   denormals-are-zero bits set by hand ran 11.4 -> 8.1 µs); the MLP's PFP lost about a fifth. φ(z) is
   now exactly 0 beyond |z| = 7.75 (φ < 3.8e-14; the moments change by less than 1e-15 of the
   standard deviation), which brought LeNet's host ratio from 4.1 to 2.6-2.8. QEMU's instruction
-  count does not see subnormal penalties; the Cortex-M4 cycles fell 7,808 -> 7,110 from the
+  count does not see subnormal penalties; the Cortex-M4 cycles fell 312,320 -> 284,400 from the
   cheaper 2^n (seven bit-selects before).
 - **Trade-offs measured and not taken.** Without the window unrolling on Cortex-M4 the ratio was
-  lower but both builds were slower (PFP 15,432, deterministic 7,404 cycles at the time). newlib's
+  lower but both builds were slower (PFP 617,280, deterministic 296,160 cycles at the time). newlib's
   `expf` instead of the TIR polynomial saved 2 % of LeNet's Cortex-M4 cycles: not worth a
   target-dependent kernel. Channels packed into the rows of the max-pool kernels (rows of 96
   instead of 16) gained 2 % on the host: not worth the stack. A matmul with its accumulators

@@ -172,7 +172,7 @@ def benchmark_model(model_path: str, posterior_path: str, batches=(1, 8, 32, 128
                     progress=None) -> dict:
     """Every predictor of one model at every batch size, timed side by side (see the module doc).
 
-    Returns {"host": [row per batch], "cycles": {predictor: SysTick cycles} or None, "compile_s": float}."""
+    Returns {"host": [row per batch], "cycles": {predictor: cycles under QEMU} or None, "compile_s": float}."""
     import time
 
     from . import compiler
@@ -225,7 +225,7 @@ def benchmark_model(model_path: str, posterior_path: str, batches=(1, 8, 32, 128
         cycles = None
         emulated = get_target(cycles_target) if cycles_target else None
         if emulated and emulated.bare_metal and shutil.which(emulated.emulator) and shutil.which(emulated.cc):
-            step(f"{cycles_target}: SysTick cycles under QEMU")
+            step(f"{cycles_target}: cycles under QEMU")
             model = load_model(model_path, 1)
             posterior = load_posterior(model, posterior_path)
             (_, shape), = input_shapes(model).items()
@@ -262,7 +262,7 @@ def markdown(results: dict, samples=(10, 30, 100)) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         if result.get("cycles"):
             cycles = result["cycles"]
-            lines += ["", f"{result['cycles_target']} under QEMU (`-icount shift=0`), SysTick cycles per inference at batch 1:", "",
+            lines += ["", f"{result['cycles_target']} under QEMU (`-icount shift=0`), cycles per inference at batch 1 (one per instruction executed):", "",
                       "| PFP | det. | PFP/det | " + " | ".join(f"SVI-C S={n}" for n in samples) + f" | SVI-C {max(samples)} / PFP |",
                       "|" + "---|" * (4 + len(samples))]
             lines.append(f"| {cycles['pfp']:,} | {cycles['det']:,} | {cycles['pfp'] / cycles['det']:.2f} | "

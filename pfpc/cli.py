@@ -104,7 +104,7 @@ def _run_parser():
     parser.add_argument("--output", required=True, help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs), "
                         "and probs/entropy/ood if compiled with --outputs")
     parser.add_argument("--emulate", action="store_true", help="build for the compiled target and run under QEMU")
-    parser.add_argument("--cycles", action="store_true", help="with --emulate on Cortex-M: print SysTick cycles and peak stack per call")
+    parser.add_argument("--cycles", action="store_true", help="with --emulate on Cortex-M: print cycles (instructions executed under QEMU) and peak stack per call")
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -272,7 +272,7 @@ def _run(args) -> int:
     for kind, value in extras.items():
         print(f"{kind}: {np.array2string(value, precision=4, threshold=40)}")
     if args.cycles:
-        print(f"cycles per call (SysTick, QEMU -icount shift=0): {' '.join(map(str, outcome.cycles))}; "
+        print(f"cycles per call (QEMU -icount shift=0: one per instruction executed): {' '.join(map(str, outcome.cycles))}; "
               f"median {int(np.median(outcome.cycles))}")
         print(f"peak stack per call (painted, libm included): {max(outcome.stack_bytes)} bytes")
     return 0

@@ -311,8 +311,9 @@ def _shape_list(value) -> bool:
 @dataclass
 class RunResult:
     """(mean, var) per output; the predictive outputs compiled in (``probs``, ``entropy``, ``ood``);
-    for Cortex-M under QEMU, the SysTick cycles and the peak stack bytes (painted stack, libm
-    included) of every call."""
+    for Cortex-M under QEMU, the cycles of every call in QEMU's model, one per instruction
+    executed (`targets.Target.instructions`; a real core spends more on loads, divisions and
+    branches), and its peak stack bytes (painted stack, libm included)."""
 
     outputs: list
     cycles: list
@@ -354,7 +355,7 @@ def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False) -> RunRes
         if result.returncode != 0:
             raise PfpcError(f"{out_dir}: the generated program failed: {(result.stderr or result.stdout).strip()[-500:]}")
         raw = np.fromfile(os.path.join(tmp, "out.f32"), np.float32)
-    cycles = [int(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("pfpc cycles ")]
+    cycles = [target.instructions(int(line.split()[2])) for line in result.stdout.splitlines() if line.startswith("pfpc cycles ")]
     stack = [int(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("pfpc stack ")]
     # per chunk: mean and var of every output, then every extra output
     layout = [shape for _, shape in meta["outputs"] for _ in range(2)] + [shape for _, shape in meta.get("extra_outputs", [])]

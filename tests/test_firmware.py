@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 
 import numpy as np
 import onnx
@@ -94,6 +95,9 @@ def test_cycle_counts_are_deterministic_and_track_work(tmp_path, capsys):
         second = compiler.run(out, [np.load(os.path.join(EXAMPLES, example, "sample.npy"))], emulate=True).cycles
         assert first == second
         counts[example] = np.median(first)
+        # every PFP multiply-add is at least one instruction (raw SysTick ticks, 1 per 40, are not)
+        layers = json.loads(open(os.path.join(out, "pfpc.json")).read())["layers"]
+        assert counts[example] > sum(layer["pfp_fma"] for layer in layers)
     # LeNet does about 3x the MACs of the MLP (55k vs 15k PFP multiply-adds) plus the Clark maxima
     assert counts["lenet"] > 2 * counts["mlp"]
     assert main(["run", str(tmp_path / "mlp"), "--input", x_path, "--output", str(tmp_path / "y.npz"), "--emulate", "--cycles"]) == 0
@@ -259,3 +263,33 @@ def test_report_counts_gaussian_ops_only_with_a_posterior():
     # fc1 (32); 3 Clark steps per 2x2 window of both pools
     assert sum(layer["gaussian_ops"].get("relu", 0) for layer in pfp) == 6 * 16 + 16 * 4 + 32
     assert sum(layer["gaussian_ops"].get("max", 0) for layer in pfp) == 3 * (6 * 16 + 16 * 4)
+
+
+def _traced_instructions(out_dir):
+    """Instructions executed between the two SysTick reads around one call, counted by QEMU
+    itself: one translation block per instruction (-singlestep), each logged when it runs."""
+    target = compiler.get_target(compiler.read_metadata(out_dir)["target"])
+    elf = os.path.join(out_dir, "pfp_model_qemu.elf")
+    x = np.load(os.path.join(EXAMPLES, "mlp", "sample.npy"))[:1].astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        x.tofile(os.path.join(tmp, "in.f32"))
+        command = target.emulator_command(elf, ["in.f32", "out.f32"])
+        command[1:1] = ["-singlestep", "-d", "exec,nochain", "-D", "trace.log"]
+        subprocess.run(command, cwd=tmp, check=True, capture_output=True, timeout=600)
+        names = [line.split()[-1] for line in open(os.path.join(tmp, "trace.log")) if line.startswith("Trace")]
+    reads = [i for i, name in enumerate(names) if name == "pfpc_cycles" and names[i - 1] != "pfpc_cycles"]
+    ends = [i for i, name in enumerate(names) if name == "pfpc_cycles" and names[i + 1] != "pfpc_cycles"]
+    return reads[1] - ends[0] - 1
+
+
+@needs_arm
+@pytest.mark.parametrize("target", ["cortex-m4", "cortex-m55"])
+def test_cycles_are_the_instructions_qemu_executes(tmp_path, target):
+    """The cycle count of a call equals the instructions QEMU executes between the two counter
+    reads around it, counted independently from QEMU's execution trace, to one SysTick period
+    (40 instructions on the MPS2 board, 31.25 on the MPS3)."""
+    out = str(tmp_path / "mlp")
+    pfpc.compile(*_example("mlp"), out_dir=out, batch=1, target=target)
+    cycles = compiler.run(out, [np.load(os.path.join(EXAMPLES, "mlp", "sample.npy"))[:1]], emulate=True).cycles[0]
+    traced = _traced_instructions(out)
+    assert abs(cycles - traced) <= 1e9 / compiler.get_target(target).qemu_clock_hz, (cycles, traced)

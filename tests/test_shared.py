@@ -364,7 +364,7 @@ def test_codebook_reads_cost_little_on_cortex_m4(tmp_path, capsys):
     """The gathers decode each conv output channel's and matmul column's weights once, the mean
     and second moment of a weight from one code read: LeNet with the example shared posterior
     stays within 25 % of the float weights' cycles on Cortex-M4 (QEMU instruction count; measured
-    +21 % after the float kernels got 2.6x faster, the dense layers decoding each weight once per
+    +20 % after the float kernels got 2.6x faster, the dense layers decoding each weight once per
     call at batch 1; reading through the tables at every use cost +86 %)."""
     x = np.load(os.path.join(EXAMPLES, "lenet", "sample.npy"))[:1]
     cycles = {}

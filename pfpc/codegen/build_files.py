@@ -41,8 +41,9 @@ def _runner(program: Program) -> str:
     return f"""/* {name}_main.c: the runner used by `pfpc run`, not part of the library.
  * Reads batches of raw float32 inputs from argv[1] and writes raw means and variances (then the
  * predictive outputs, if any) to argv[2].
- * Built with -DPFPC_CYCLES (the QEMU program for Cortex-M), it prints the cycles and the peak
- * stack (painted and checked, libm included) of every run. */
+ * Built with -DPFPC_CYCLES (the QEMU program for Cortex-M), it prints the SysTick count (processor
+ * cycles on a board; `pfpc run` converts QEMU's to instructions) and the peak stack (painted and
+ * checked, libm included) of every run. */
 #include <stdio.h>
 
 #include "{name}.h"

@@ -22,6 +22,13 @@ class Target:
     qemu_machine: str = ""  # bare metal: the qemu-system-arm board
     linker_script: str = ""  # bare metal: file in FIRMWARE_DIR for that board
     accumulate: str = "row"  # kernel schedule: "row" for SIMD cores, "scalar" without (ops.kernel.schedule_kernel)
+    qemu_clock_hz: int = 0  # bare metal: the board's processor clock in QEMU, which SysTick counts
+
+    def instructions(self, systick_ticks: int) -> int:
+        """Instructions executed in ``systick_ticks`` under ``-icount shift=0``: QEMU advances its
+        virtual clock 1 ns per instruction and SysTick counts the board's clock (25 MHz on the MPS2
+        boards: one tick per 40 instructions), so the count is exact to one tick."""
+        return round(systick_ticks * 1e9 / self.qemu_clock_hz)
 
     @property
     def tool_prefix(self) -> str:
@@ -55,11 +62,11 @@ _M_FLAGS = ("-mthumb", "-mfloat-abi=hard")
 TARGETS = {
     "host": Target("host", "cc", (), False, "the machine pfpc runs on"),
     "cortex-m4": Target("cortex-m4", "arm-none-eabi-gcc", ("-mcpu=cortex-m4", *_M_FLAGS, "-mfpu=fpv4-sp-d16"), True,
-                        "Cortex-M4F, bare metal", "cortex-m4", "mps2-an386", "mps2.ld", "scalar"),
+                        "Cortex-M4F, bare metal", "cortex-m4", "mps2-an386", "mps2.ld", "scalar", 25_000_000),
     "cortex-m7": Target("cortex-m7", "arm-none-eabi-gcc", ("-mcpu=cortex-m7", *_M_FLAGS, "-mfpu=fpv5-d16"), True,
-                        "Cortex-M7, bare metal", "cortex-m7", "mps2-an500", "mps2.ld", "scalar"),
+                        "Cortex-M7, bare metal", "cortex-m7", "mps2-an500", "mps2.ld", "scalar", 25_000_000),
     "cortex-m55": Target("cortex-m55", "arm-none-eabi-gcc", ("-mcpu=cortex-m55", *_M_FLAGS), True,
-                         "Cortex-M55 (Helium), bare metal", "cortex-m55", "mps3-an547", "mps3_an547.ld"),
+                         "Cortex-M55 (Helium), bare metal", "cortex-m55", "mps3-an547", "mps3_an547.ld", "row", 32_000_000),
     "cortex-a53": Target("cortex-a53", "aarch64-linux-gnu-gcc", ("-mcpu=cortex-a53",), False, "Cortex-A53, aarch64 Linux", "cortex-a53"),
     "cortex-a72": Target("cortex-a72", "aarch64-linux-gnu-gcc", ("-mcpu=cortex-a72",), False, "Cortex-A72, aarch64 Linux", "cortex-a72"),
     "aarch64": Target("aarch64", "aarch64-linux-gnu-gcc", (), False, "generic aarch64 Linux"),
