@@ -56,19 +56,25 @@ def plan(intervals: list[Interval]) -> int:
         if best is None or arena < best[0]:
             best = (arena, offsets)
     if len(intervals) <= SEARCH_MAX_TENSORS:
-        best = _search(sorted(intervals, key=_busiest_first(intervals)), best, lower_bound(intervals))
+        live = _live_bytes(intervals)
+        best = _search(sorted(intervals, key=_busiest_first(live)), best, max(live.values(), default=0))
     for item in intervals:
         item.offset = best[1][id(item)]
     return best[0]
 
 
-def _busiest_first(intervals: list[Interval]):
-    """Sort key: the tensors live at the step with the most live bytes first (they decide the
-    arena), then by the busiest step of their lifetime, first written, largest."""
+def _live_bytes(intervals: list[Interval]) -> dict:
+    """{step: aligned bytes of the tensors live at that step}."""
     live = {}
     for item in intervals:
         for step in range(item.start, item.end + 1):
             live[step] = live.get(step, 0) + _align(item.size)
+    return live
+
+
+def _busiest_first(live: dict):
+    """Sort key (``live``: `_live_bytes`): the tensors live at the step with the most live bytes
+    first (they decide the arena), then by the busiest step of their lifetime, first written, largest."""
     return lambda i: (-max(live[step] for step in range(i.start, i.end + 1)), i.start, -i.size, i.name)
 
 
@@ -125,5 +131,5 @@ def _lowest_offset(item: Interval, placed: list, offsets: dict) -> int:
 
 
 def lower_bound(intervals: list[Interval]) -> int:
-    steps = {i.start for i in intervals} | {i.end for i in intervals}
-    return max((sum(_align(i.size) for i in intervals if i.start <= s <= i.end) for s in steps), default=0)
+    """The most bytes live at one step: no plan's arena is smaller."""
+    return max(_live_bytes(intervals).values(), default=0)

@@ -540,7 +540,7 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
 
     def clark_step(k, acc_mean, acc_second):
         """max(accumulated, window element k): a, al, phi(al), Phi(al) each a stage of its own (see
-        `relu`: on SIMD targets only the one calling exp stays scalar), then both moments."""
+        `relu`: on SIMD targets each is a row loop that vectorises), then both moments."""
 
         def acc_var(n, c, y, xx):
             return tirx.max(acc_second[n, c, y, xx] - acc_mean[n, c, y, xx] * acc_mean[n, c, y, xx], f32(0.0))

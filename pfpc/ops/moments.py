@@ -49,8 +49,8 @@ def std_normal_pdf(z, exponent=None):
     for z <= -7.75; Phi(z) rounds to 1 in float32 beyond z = 5.4 anyway). The tiny values
     themselves would turn into subnormal floats downstream (the squares of ReLU means near 1e-20),
     which cost about a hundred cycles each on x86 cores: 40 % of LeNet's PFP time on a digit.
-    ``exponent``: `pdf_exponent` of z, when a stage of its own computed it (a row of
-    `exp_nonpositive` then has no comparison and vectorises)."""
+    ``exponent``: `pdf_exponent` of z, when a stage of its own computed it (the exp then reads one
+    value where TVM's C printer would repeat the clamp expression at each of its uses)."""
     exponent = pdf_exponent(z) if exponent is None else exponent
     inside = tirx.Cast("float32", exponent > f32(_EXP_MIN))  # 0 or 1: arithmetic, not a branch
     return exp_nonpositive(exponent) * (inside * f32(_INV_SQRT2PI))
