@@ -13,6 +13,7 @@ import tempfile
 
 import numpy as np
 
+from . import ir_state
 from .compiler import read_metadata
 from .errors import PfpcError
 
@@ -140,7 +141,7 @@ def time_tvm_vm(mod, inputs: list[np.ndarray], rounds: int = 15) -> float:
     from tvm import relax
 
     func = mod["main"]
-    params = func.attrs["pfp.params"]
+    params = func.attrs[ir_state.PARAMS]
     num_input = int(func.attrs["num_input"])
     executable = tvm.compile(mod, target="llvm")
     device = tvm.cpu()

@@ -13,6 +13,7 @@ import onnx
 import tvm_ffi
 from tvm import relax
 
+from . import ir_state
 from .codegen import emit_c, emit_svi, footprint, shared_weights
 from .codegen import shared_draw as shared_draw_kernels
 from .codegen.program import C_KEYWORDS, Program, lower_to_program
@@ -22,7 +23,7 @@ from .frontends.onnx_model import input_shapes, load_model, output_shapes
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
 from .passes.append_predictive_outputs import AppendPredictiveOutputs
-from .passes.pipeline import default_passes, svi_passes
+from .passes.pipeline import check_order, default_passes, svi_passes
 
 # A PfpcError raised inside a pass crosses TVM's FFI; registered, it comes back as itself.
 tvm_ffi.register_error(PfpcError)
@@ -106,7 +107,7 @@ def compile(  # noqa: A001 - the public name users expect
         _dump(dump_ir, 0, "import", mod)
     mod = _run_passes(mod, passes, dump_ir)
     func = mod["main"]
-    weights = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
+    weights = ir_state.means(func)
     if mode == "svi":
         program = emit_svi.lower_to_program(mod, weights, io, name, samples, seed, target_info)
     else:
@@ -139,6 +140,7 @@ def compile(  # noqa: A001 - the public name users expect
 
 
 def _run_passes(mod, passes, dump_ir=None):
+    check_order(passes)
     for index, (pass_name, transform) in enumerate(passes, start=1):
         mod = transform(mod)
         if dump_ir:
@@ -151,8 +153,7 @@ def _trace_shared_draws(model, post, passes, label) -> dict:
     the model compiled once more with the covered weights replaced by their positions."""
     tracer = Posterior({**post.means, **shared_draw_kernels.tracer_means(post.shared)}, post.variances)
     func = _run_passes(import_model(model, tracer, label), passes)["main"]
-    final = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
-    return shared_draw_kernels.trace(final, {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()}, post.shared)
+    return shared_draw_kernels.trace(ir_state.means(func), ir_state.onnx_names(func), post.shared)
 
 
 def check_c_name(name) -> None:

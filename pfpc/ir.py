@@ -6,6 +6,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from . import ir_state
+from .ops.gaussian import Moment
 from .ops.kernel import KernelSpec, build_kernel
 
 
@@ -28,7 +30,7 @@ def shape_of(expr) -> list[int]:
 
 
 def weight_values(func: relax.Function) -> dict[str, np.ndarray]:
-    return {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
+    return ir_state.means(func)
 
 
 def to_tensor_map(values: dict[str, np.ndarray]):
@@ -46,11 +48,8 @@ def kernel_of(mod: tvm.IRModule, expr) -> tuple[KernelSpec, tvm.ir.GlobalVar] | 
     if call_op_name(expr) != "relax.call_tir":
         return None
     gvar = expr.args[0]
-    func = mod[gvar]
-    if func.attrs is None or "pfp.kernel" not in func.attrs:
-        return None
-    spec = KernelSpec.from_json(str(func.attrs["pfp.kernel"]))
-    return spec, gvar
+    spec = ir_state.kernel_spec(mod[gvar])
+    return None if spec is None else (spec, gvar)
 
 
 class GaussianValue:
@@ -58,11 +57,11 @@ class GaussianValue:
 
     __slots__ = ("mean", "moment", "repr")
 
-    def __init__(self, mean, moment=None, repr="none"):
-        self.mean, self.moment, self.repr = mean, moment, repr
+    def __init__(self, mean, moment=None, repr=Moment.NONE):
+        self.mean, self.moment, self.repr = mean, moment, Moment(repr)
 
     def args(self):
-        return [self.mean] + ([self.moment] if self.repr != "none" else [])
+        return [self.mean] + ([self.moment] if self.repr != Moment.NONE else [])
 
 
 def _weight_stem(name: str) -> str:
@@ -115,7 +114,7 @@ class KernelEmitter:
         prim, out_shape = build_kernel(spec, shapes, name)
         gvar = self.bb.add_func(prim, name)
         out_repr = spec.output
-        count = 1 if out_repr == "none" else 2
+        count = 1 if out_repr == Moment.NONE else 2
         out_ty = [relax.TensorType(out_shape, "float32")] * count
         args = [arg for op in operands for arg in op.args()]
         if count == 1:
@@ -180,11 +179,12 @@ class MainRewriter:
         return self.bb.get()
 
 
-def func_attrs(func, **updates) -> dict:
+def func_attrs(func, changes=None, **updates) -> dict:
+    """The attributes of ``func`` but its symbol, with ``changes`` ({attribute: value}, typically
+    `ir_state.encode`'s) and ``updates`` (``pfp__x=`` for ``pfp.x``) applied; None removes one."""
     attrs = {str(k): func.attrs[k] for k in func.attrs.keys()} if func.attrs is not None else {}
     attrs.pop("global_symbol", None)
-    for key, value in updates.items():
-        key = key.replace("__", ".")
+    for key, value in {**(changes or {}), **{k.replace("__", "."): v for k, v in updates.items()}}.items():
         if value is None:
             attrs.pop(key, None)
         else:
@@ -207,12 +207,11 @@ def with_used_weights(mod: tvm.IRModule, means: dict, variances: dict, names: di
     used = used_vars(func.body)
     params = list(func.params[:num_input]) + [p for p in func.params[num_input:] if p in used]
     kept = {p.name for p in params[num_input:]}
-    attrs = func_attrs(
-        func,
-        pfp__params=to_tensor_map({k: v for k, v in means.items() if k in kept}),
-        pfp__weight_var=to_tensor_map({k: v for k, v in variances.items() if k in kept}),
-        pfp__onnx_names={k: v for k, v in names.items() if k in kept},
-    )
+    attrs = func_attrs(func, ir_state.encode(
+        means={k: v for k, v in means.items() if k in kept},
+        variances={k: v for k, v in variances.items() if k in kept},
+        onnx_names={k: v for k, v in names.items() if k in kept},
+    ))
     mod["main"] = with_attrs(relax.Function(params, func.body, func.ret_ty, func.is_pure), attrs)
     return mod
 

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from .frontends.posterior import Posterior
+from .ops import registry
 
 
 def sampling_session(model: onnx.ModelProto, posterior: Posterior):
@@ -93,7 +94,7 @@ def _logits_as_outputs(graph):
     producer = {node.output[0]: node for node in graph.node}
     for output in graph.output:
         node = producer.get(output.name)
-        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+        if node is not None and node.op_type in registry.onnx_ops(registry.Kind.OUTPUT):
             graph.node.remove(node)
             output.name = node.input[0]
 
@@ -127,7 +128,7 @@ def compare(pfp, mc, floor: float = 0.0):
 
 
 #: Nodes that only move values around: their output equals an earlier layer's, so per layer skips them.
-VIEW_OPS = {"Flatten", "Reshape", "Identity", "Dropout"}
+VIEW_OPS = registry.onnx_ops(registry.Kind.VIEW)
 
 
 #: Per layer, relative errors divide by at least this fraction of the layer's mean MC variance.

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import ir_state
 from ..errors import PfpcError
+from ..ops.gaussian import Moment
 from .build_files import render_build_files
 from .emit_c import (
     c_comment,
@@ -66,10 +68,10 @@ class Sampling:
 def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed: int, target=None) -> Program:
     """The steps of the deterministic network, the weights to draw and the outputs to accumulate."""
     func = mod["main"]
-    if "pfp.sampled_std" not in func.attrs:
+    if ir_state.SAMPLED_STD not in func.attrs:
         raise PfpcError("--mode svi: the pass list has no DetachWeightStd after fold_weight_layout "
                         "(see pfpc.passes.pipeline.svi_passes)")
-    stds = {str(k): v.numpy() for k, v in func.attrs["pfp.sampled_std"].items()}
+    stds = ir_state.sampled_std(func)
     functions = [f"{name}_{f}" for f in ("rng", "mix32", "rng_seed", "rng_next", "normal", "draw", "accumulate")]
     program, out_fields, weight_tensors = walk_main(mod, weights, io, name, reserved=["rng", "sample", "i", *functions], target=target)
     rewritten = sorted(set(stds) - set(weight_tensors))
@@ -86,8 +88,8 @@ def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed
         sampled.append(SampledWeight(tensor, program.namer(f"{tensor.c_name}_mean"), program.namer(f"{tensor.c_name}_std"),
                                      mean, stds[param_name], onnx_name))
     accumulate = []
-    for (onnx_name, shape), repr_ in zip(io["outputs"], [str(r) for r in func.attrs["pfp.outputs"]]):
-        if repr_ != "none":
+    for (onnx_name, shape), repr_ in zip(io["outputs"], ir_state.output_moments(func)):
+        if repr_ != Moment.NONE:
             raise PfpcError(f"internal: output '{onnx_name}' of the sampled network is not deterministic")
         c_name = program.namer(onnx_name, limit=MAX_MACRO_IDENT)
         program.outputs.append((c_name, onnx_name, shape))

@@ -11,7 +11,6 @@ the cost model of `pfpc.ops.moments.FMA_PER_MAC`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,8 @@ import tempfile
 import numpy as np
 
 from ..errors import PfpcError
+from ..ops import registry
+from ..ops.gaussian import Moment
 from ..ops.moments import FMA_PER_MAC, FMA_PER_MAC_GENERAL
 
 UNITS = {"": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2, "mib": 1024 ** 2}
@@ -36,26 +37,25 @@ def parse_bytes(text: str, option: str) -> int:
 
 def layer_costs(program) -> list[dict]:
     """Per kernel step: its operators, output shape, deterministic MACs, PFP multiply-adds and
-    Gaussian nonlinearity evaluations (ReLU moments, Clark maxima)."""
+    Gaussian nonlinearity evaluations (ReLU, sigmoid, ... moments, Clark maxima: the registry's
+    ``gaussian_ops`` of each stage)."""
     layers = []
     for step in program.steps:
-        spec = json.loads(step.spec) if step.spec else {"stages": [], "operands": []}
-        ops = [op for op, _ in spec["stages"]]
-        out_mean = step.args[-2] if spec.get("output", "none") != "none" else step.args[-1]
+        spec = step.spec
+        ops = spec.ops if spec is not None else []
+        deterministic = spec is None or spec.output == Moment.NONE  # plain max/relu, no Gaussian moments
+        out_mean = step.args[-1] if deterministic else step.args[-2]
         macs = fma = 0
         gaussian = {}
-        if ops and ops[0] in ("matmul", "conv2d"):
-            reprs = spec["operands"][:2]
-            weight = step.args[1 if reprs[0] == "none" else 2]
+        if ops and ops[0] in registry.LINEAR_OPS:
+            reprs = spec.operands[:2]
+            weight = step.args[1 if reprs[0] == Moment.NONE else 2]
             fan_in = weight.shape[-2] if ops[0] == "matmul" else int(np.prod(weight.shape)) // weight.shape[0]
             macs = out_mean.size * fan_in
             fma = macs * FMA_PER_MAC.get(tuple(reprs), FMA_PER_MAC.get(tuple(reversed(reprs)), FMA_PER_MAC_GENERAL))
-        deterministic = spec.get("output", "none") == "none"  # plain max/relu, no Gaussian moments
-        for op, attrs in [] if deterministic else spec["stages"]:
-            if op == "relu":
-                gaussian["relu"] = gaussian.get("relu", 0) + out_mean.size
-            elif op == "maxpool2d":
-                gaussian["max"] = gaussian.get("max", 0) + out_mean.size * (int(np.prod(attrs["kernel"])) - 1)
+        for op, attrs in [] if deterministic else spec.stages:
+            for label, count in registry.gaussian_ops(op, attrs, out_mean.size).items():
+                gaussian[label] = gaussian.get(label, 0) + count
         layers.append({"kernel": step.kernel, "ops": ops, "output_shape": list(out_mean.shape), "macs": int(macs),
                        "pfp_fma": int(fma), "gaussian_ops": gaussian})
     return layers

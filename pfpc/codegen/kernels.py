@@ -16,7 +16,7 @@ import tvm
 from tvm import tirx
 
 from ..errors import PfpcError
-from ..ops.kernel import schedule_kernel
+from ..ops.kernel import KERNEL_ATTR, schedule_kernel
 
 _DATA_LINE = re.compile(r"^\s*(float|uint8_t|uint16_t|uint32_t)\* (\w+) = \(\(\1\*\)\(\(\1\*\)\(\(\(DLTensor\*\)\w+_handle\)\[0\]\.data\)\)\);\s*$")
 _FORBIDDEN = ("_handle", "TVMFFI", "DLTensor", "TVMBackend", "args", "__tvm")
@@ -75,7 +75,7 @@ def generate_c_kernels(prim_funcs: dict, accumulate: str = "scalar") -> dict[str
 def scheduled(func, accumulate):
     """Gaussian kernels (`ops.kernel.build_kernel`) arrive as algorithms and are scheduled here;
     others (the predictive outputs) come scheduled."""
-    return schedule_kernel(func, accumulate) if func.attrs is not None and "pfp.kernel" in func.attrs else func
+    return schedule_kernel(func, accumulate) if func.attrs is not None and KERNEL_ATTR in func.attrs else func
 
 
 def _extract(source: str, name: str) -> CKernel:

@@ -8,7 +8,6 @@ as C is `emit_c`'s (and, for the sampling build, `emit_svi`'s) job.
 
 from __future__ import annotations
 
-import json
 import keyword
 import re
 from dataclasses import dataclass, field
@@ -17,8 +16,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .. import ir_state
 from ..errors import PfpcError
 from ..ir import call_op_name, main_bindings, output_fields
+from ..ops.gaussian import Moment
+from ..ops.kernel import KernelSpec
 from . import memory_plan
 from .kernels import generate_c_kernels
 from .targets import get_target
@@ -75,7 +77,7 @@ class Tensor:
 class Step:
     kernel: str
     args: list  # Tensor
-    spec: str
+    spec: KernelSpec | None  # None: a kernel that is not a Gaussian one
     comment: str = ""
 
 
@@ -108,8 +110,8 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     program, out_fields, _ = walk_main(mod, weights, io, name, target=target, before_codegen=before_codegen)
     namer = program.namer
     func = mod["main"]
-    reprs = [str(r) for r in func.attrs["pfp.outputs"]]
-    extras = [str(e) for e in func.attrs["pfp.extra_outputs"]] if "pfp.extra_outputs" in func.attrs else []
+    reprs = ir_state.output_moments(func)
+    extras = ir_state.extra_outputs(func)
     assigned = set()
 
     def bind_output(tensor, pointer, size):
@@ -127,8 +129,8 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
         base = namer(onnx_name, limit=MAX_MACRO_IDENT)
         program.outputs.append((base, onnx_name, shape))
         mean = out_fields.pop(0)
-        moment = out_fields.pop(0) if repr_ != "none" else None
-        if repr_ == "second_moment":
+        moment = out_fields.pop(0) if repr_ != Moment.NONE else None
+        if repr_ == Moment.SECOND_MOMENT:
             raise PfpcError("internal: an output is left as a second moment")
         bind_output(mean, f"{base}_mean", int(np.prod(shape)))
         bind_output(moment, f"{base}_var", int(np.prod(shape)))
@@ -151,21 +153,19 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
     namer = Namer({name, f"{name}_run", "arena", "base", *reserved})
-    program = Program(name, [], [], namer=namer)
-    if "pfp.output_softmax" in func.attrs:
-        program.output_softmax = json.loads(str(func.attrs["pfp.output_softmax"]))
+    program = Program(name, [], [], namer=namer, output_softmax=ir_state.output_softmax(func))
     env: dict = {}
     for param, (onnx_name, shape) in zip(func.params[:num_input], io["inputs"]):
         tensor = Tensor(namer(onnx_name, limit=MAX_MACRO_IDENT), shape, "input")
         program.inputs.append((tensor.c_name, onnx_name, shape))
         env[param] = tensor
-    onnx_names = {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()} if "pfp.onnx_names" in func.attrs else {}
+    onnx_names = ir_state.onnx_names(func)
     weight_tensors = {}
     for param in func.params[num_input:]:
         tensor = Tensor(namer(param.name, prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight", param=param.name)
         env[param] = tensor
         weight_tensors[param.name] = tensor
-        program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), onnx_names.get(param.name, onnx_names.get(param.name.rsplit(".", 1)[0], param.name)))
+        program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), ir_state.onnx_name(onnx_names, param.name))
     prim_funcs = {}
     for binding in main_bindings(func):
         value, op = binding.value, call_op_name(binding.value)
@@ -181,8 +181,8 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
                 args.append(tensor)
             outs = []
             out_types = binding.var.ty.fields if isinstance(binding.var.ty, relax.TupleType) else [binding.var.ty]
-            spec = str(prim.attrs["pfp.kernel"]) if prim.attrs is not None and "pfp.kernel" in prim.attrs else ""
-            out_repr = json.loads(spec)["output"] if spec else "var"
+            spec = ir_state.kernel_spec(prim)
+            out_repr = spec.output if spec is not None else Moment.VAR
             for index, out_ty in enumerate(out_types):
                 tensor = Tensor(namer(f"{gvar.name_hint}_{'mean' if index == 0 else out_repr}"), [int(d) for d in out_ty.shape], "arena", step_index, step_index)
                 program.tensors.append(tensor)

@@ -22,13 +22,13 @@ marginal is unchanged.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from ..errors import PfpcError
 from ..frontends.shared_posterior import expand_tensor
-from ..ops.kernel import LINEAR_OPS, KernelSpec
+from ..ops.gaussian import Moment
+from ..ops.kernel import KernelSpec
+from ..ops.registry import LINEAR_OPS
 from .program import Tensor
 
 #: Components per covered initializer a shared-draw kernel accumulates separately (one register each).
@@ -77,9 +77,9 @@ def rewrite(program, prim_funcs: dict, traced: dict, shared) -> None:
 
     built, extra = {}, {}
     for step in program.steps:
-        if not step.spec or json.loads(step.spec)["stages"][0][0] not in LINEAR_OPS:
+        spec = step.spec
+        if spec is None or spec.ops[0] not in LINEAR_OPS:
             continue
-        spec = KernelSpec.from_json(step.spec)
         slices = operand_slices(spec)
         first = step.args[slices[0]][0]
         if first.kind == "weight" and program.weights[first.c_name][1] in shared.tensors:
@@ -110,6 +110,6 @@ def rewrite(program, prim_funcs: dict, traced: dict, shared) -> None:
         shapes[2:2] = [shapes[1], shapes[1]]
         stages = ((spec.stages[0][0], {**spec.stages[0][1], "draw_groups": tensor.components}),) + spec.stages[1:]
         step.args = step.args[: slices[1].stop] + extra[id(weight)] + step.args[slices[1].stop :]
-        rebuild(step, prim_funcs, program.namer, KernelSpec(stages, spec.operands[:2] + ("none", "none") + spec.operands[2:], spec.output),
+        rebuild(step, prim_funcs, program.namer, KernelSpec(stages, spec.operands[:2] + (Moment.NONE, Moment.NONE) + spec.operands[2:], spec.output),
                 names, shapes, built, "shared_draw")
     drop_unused(program, prim_funcs)

@@ -24,12 +24,12 @@ per channel multiplies the entries) stays as float arrays, with the reason in ``
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..ops.codebook import CodebookLayout
+from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, build_kernel
 from .program import Tensor
 
@@ -181,9 +181,9 @@ def _rebuild_kernels(program, prim_funcs, stored) -> None:
     """Every step that reads a codebook gets a kernel built with that operand as a codebook."""
     built = {}
     for step in program.steps:
-        if not step.spec or not any(id(t) in stored for t in step.args):
+        spec = step.spec
+        if spec is None or not any(id(t) in stored for t in step.args):
             continue
-        spec = KernelSpec.from_json(step.spec)
         names, shapes = operand_info(spec, prim_funcs[step.kernel])
         args, codebooks = [], {}
         for position, part in enumerate(operand_slices(spec)):
@@ -202,7 +202,7 @@ def operand_slices(spec: KernelSpec) -> list:
     """The arguments of every Gaussian operand of a kernel: mean (and moment, if stochastic)."""
     slices, index = [], 0
     for rep in spec.operands:
-        width = 1 if rep == "none" else 2
+        width = 1 if rep == Moment.NONE else 2
         slices.append(slice(index, index + width))
         index += width
     return slices
@@ -226,7 +226,7 @@ def rebuild(step, prim_funcs, namer, spec, names, shapes, built, suffix, codeboo
         built[key] = namer(f"{step.kernel}_{suffix}")
         prim_funcs[built[key]], _ = build_kernel(spec.with_(names=tuple(names)), shapes, built[key], codebooks)
     step.kernel = built[key]
-    step.spec = spec.to_json()
+    step.spec = spec
 
 
 def drop_unused(program, prim_funcs) -> None:
@@ -240,11 +240,11 @@ def _weight_operands(program, covered, result) -> list:
     kernels' weight operands that come from ``covered`` initializers."""
     operands, pairing = {}, {}
     for step in program.steps:
-        if not step.spec:
+        if step.spec is None:
             continue
         index = 0
-        for rep in json.loads(step.spec)["operands"]:
-            tensors = step.args[index : index + (1 if rep == "none" else 2)]
+        for rep in step.spec.operands:
+            tensors = step.args[index : index + (1 if rep == Moment.NONE else 2)]
             index += len(tensors)
             if any(t.kind != "weight" for t in tensors) or program.weights[tensors[0].c_name][1] not in covered:
                 continue

@@ -21,37 +21,22 @@ from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 
 from ..codegen.program import C_KEYWORDS
 from ..errors import PfpcError
+from .. import ir_state
 from ..ir import constant_value
+from ..ops import registry as R
 from .onnx_model import graph_inputs, input_shapes
 from .posterior import Posterior
 
-#: ONNX operators with a Gaussian counterpart, and operators that only compute shapes.
-GAUSSIAN_OPS = {
-    "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Sum", "Conv", "Relu", "Clip", "LeakyRelu", "PRelu",
-    "Sigmoid", "Tanh", "MaxPool", "AveragePool", "GlobalAveragePool", "BatchNormalization", "Pad",
-    "Flatten", "Reshape", "Identity", "Dropout", "Transpose", "Squeeze", "Unsqueeze", "Concat",
-}
 #: Operators accepted only as the last node(s): the model's outputs become their inputs' moments.
-OUTPUT_OPS = {"Softmax", "LogSoftmax"}
-SHAPE_OPS = {"Shape", "Gather", "Cast", "Slice", "Constant", "ConstantOfShape"}
-#: Operators whose inputs beyond the first are compile-time constants, never weights.
-CONSTANT_INPUTS = {"Clip": (1, 2), "Pad": (1, 2, 3)}
+OUTPUT_OPS = R.onnx_ops(R.Kind.OUTPUT)
 
 
 def _unsupported_reason(node, outputs, ranks) -> str | None:
     """Why ``node`` cannot be compiled, or None. ``ranks``: tensor name -> rank, where known."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in GAUSSIAN_OPS | OUTPUT_OPS | SHAPE_OPS:
-        return ""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type in OUTPUT_OPS and not all(out in outputs for out in node.output):
+    if node.op_type in OUTPUT_OPS and node.domain in ("", "ai.onnx") and not all(out in outputs for out in node.output):
         return "supported only as a last node whose output is a model output"
-    if node.op_type == "Pad" and attrs.get("mode", b"constant") != b"constant":
-        return f"mode {attrs['mode'].decode()}: only constant padding is supported"
-    if node.op_type in ("Conv", "MaxPool", "AveragePool") and ranks.get(node.input[0]) not in (None, 3, 4):
-        return f"{ranks[node.input[0]] - 2}-D: only 1-D and 2-D are supported"
-    if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
-        return "the Indices output is not supported"
-    return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return R.unsupported_reason(node, attrs, ranks.get(node.input[0]) if node.input else None)
 
 
 def check_supported(model: onnx.ModelProto, name: str) -> None:
@@ -95,12 +80,13 @@ def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "mode
         mean = posterior.means.get(onnx_name)
         if mean is None:
             raise PfpcError(f"{name}: weight '{onnx_name}' is not float32")
-        params[param.name] = tvm.runtime.tensor(np.ascontiguousarray(mean, np.float32))
+        params[param.name] = mean
         if onnx_name in posterior.variances:
-            variances[param.name] = tvm.runtime.tensor(np.ascontiguousarray(posterior.variances[onnx_name]))
+            variances[param.name] = posterior.variances[onnx_name]
     func = func.without_attr("params")
-    func = func.with_attr("pfp.params", params).with_attr("pfp.weight_var", variances)
-    mod["main"] = func.with_attr("pfp.onnx_names", onnx_by_relax)
+    for key, value in ir_state.encode(means=params, variances=variances, onnx_names=onnx_by_relax).items():
+        func = func.with_attr(key, value)
+    mod["main"] = func
     return mod
 
 
@@ -186,7 +172,7 @@ def _constants_as_constant_nodes(model, posterior, name):
     constant_names = {
         node.input[index]
         for node in model.graph.node
-        for index in CONSTANT_INPUTS.get(node.op_type, ())
+        for index in R.CONSTANT_INPUTS.get(node.op_type, ())
         if index < len(node.input) and node.input[index]
     }
     stochastic = sorted(constant_names & set(posterior.variances))
@@ -222,6 +208,8 @@ def _constant_scalar(expr, default):
 class _Clip(onnx_frontend.OnnxOpConverter):
     """Clip as one ``relax.clip`` (TVM's converter emits opaque maximum/minimum kernels)."""
 
+    op_type = "Clip"
+
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         return relax.op.clip(inputs[0], float(attr.get("min", -np.inf)), float(attr.get("max", np.inf)))
@@ -235,6 +223,8 @@ class _Clip(onnx_frontend.OnnxOpConverter):
 
 class _Pad(onnx_frontend.OnnxOpConverter):
     """Constant Pad as ``relax.nn.pad`` (TVM's converter emits an opaque kernel)."""
+
+    op_type = "Pad"
 
     @classmethod
     def _impl_v2(cls, bb, inputs, attr, params):
@@ -262,6 +252,8 @@ class _Pad(onnx_frontend.OnnxOpConverter):
 class _Sum(onnx_frontend.OnnxOpConverter):
     """Sum of several tensors as a chain of ``relax.add`` (TVM's converter stacks them)."""
 
+    op_type = "Sum"
+
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         total = inputs[0]
@@ -276,7 +268,7 @@ def _pfpc_converters():
     original = onnx_frontend._get_convert_map
 
     def convert_map():
-        return {**original(), "Clip": _Clip, "Pad": _Pad, "Sum": _Sum}
+        return {**original(), **{converter.op_type: converter for converter in (_Clip, _Pad, _Sum)}}
 
     onnx_frontend._get_convert_map = convert_map
     try:

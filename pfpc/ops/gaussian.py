@@ -9,6 +9,7 @@ they arrive in and produces its *native* representation (the one it computes for
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from tvm import te, tirx
@@ -29,7 +30,16 @@ from .moments import (
     tanh_moments,
 )
 
-REPRESENTATIONS = ("none", "var", "second_moment")
+class Moment(enum.StrEnum):
+    """How a Gaussian tensor carries its second moment (equal to its value as a string, which is
+    how it appears in kernel specs, C names and ``pfp.outputs``)."""
+
+    NONE = "none"  # deterministic: no moment tensor
+    VAR = "var"  # the variance v
+    SECOND_MOMENT = "second_moment"  # the second raw moment q = m^2 + v
+
+
+REPRESENTATIONS = tuple(Moment)
 
 #: te.compute attribute of a stage computed once per element and read by several expressions
 #: (the exp terms that both moments use): `kernel.schedule_kernel` keeps it in a scalar, never inlines it.
@@ -602,27 +612,3 @@ def _broadcast_shape(shape_a, shape_b):
             raise ValueError(f"shapes {shape_a} and {shape_b} do not broadcast")
         out.append(max(dim_a, dim_b))
     return out
-
-
-#: What each operator produces for free, used to choose edge representations.
-NATIVE_OUTPUT = {
-    "matmul": "var",
-    "conv2d": "var",
-    "add": "var",
-    "subtract": "var",
-    "multiply": "var",
-    "divide": "var",
-    "scale": None,  # keeps its input's representation
-    "transpose": None,
-    "pad": None,
-    "relu": "second_moment",
-    "clip": "second_moment",
-    "leaky_relu": "second_moment",
-    "prelu": "second_moment",
-    "sigmoid": "var",
-    "tanh": "var",
-    "maxpool2d": "second_moment",
-    "avgpool2d": "var",
-    "reduce_mean": "var",
-    "concat": "var",
-}

@@ -19,48 +19,22 @@ from tvm import s_tir, te, tirx
 
 from . import codebook as CB
 from . import gaussian as G
+from . import registry as R
+from .gaussian import Moment
+
+#: The PrimFunc attribute holding a kernel's spec (read through `pfpc.ir_state.kernel_spec`).
+KERNEL_ATTR = "pfp.kernel"
 
 #: Stages that reduce over a fan-in (the ones that consume second moments cheaply and head fused kernels).
-LINEAR_OPS = ("matmul", "conv2d")
-
-#: How each stage is built from its Gaussian inputs and attributes.
-STAGES = {
-    "matmul": lambda inputs, attrs: G.matmul(*inputs, count=attrs.get("draw_groups", 0)),
-    "conv2d": lambda inputs, attrs: G.conv2d(*inputs[:2], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"],
-                                             *inputs[2:], count=attrs.get("draw_groups", 0)),
-    "add": lambda inputs, attrs: G.add(*inputs),
-    "subtract": lambda inputs, attrs: G.subtract(*inputs),
-    "multiply": lambda inputs, attrs: G.multiply(*inputs),
-    "divide": lambda inputs, attrs: G.divide(*inputs),
-    "scale": lambda inputs, attrs: G.scale(inputs[0], attrs["factor"]),
-    "relu": lambda inputs, attrs: G.relu(inputs[0]),
-    "clip": lambda inputs, attrs: G.clip(inputs[0], attrs["lower"], attrs["upper"]),
-    "leaky_relu": lambda inputs, attrs: G.leaky_relu(inputs[0], attrs["alpha"]),
-    "prelu": lambda inputs, attrs: G.prelu(*inputs, attrs["axis"]),
-    "sigmoid": lambda inputs, attrs: G.sigmoid(inputs[0]),
-    "tanh": lambda inputs, attrs: G.tanh(inputs[0]),
-    "transpose": lambda inputs, attrs: G.transpose(inputs[0], list(attrs["axes"])),
-    "pad": lambda inputs, attrs: G.pad(inputs[0], attrs["width"], attrs["value"]),
-    "concat": lambda inputs, attrs: G.concat(inputs, attrs["axis"]),
-    "maxpool2d": lambda inputs, attrs: G.maxpool2d(
-        inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"], attrs.get("ceil_mode", False)
-    ),
-    "avgpool2d": lambda inputs, attrs: G.avgpool2d(
-        inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["ceil_mode"], attrs["count_include_pad"]
-    ),
-    "reduce_mean": lambda inputs, attrs: G.reduce_mean(inputs[0], attrs["axes"], attrs["keepdims"]),
-}
-
-#: Gaussian operands each operator takes (the first one of a fused stage is the previous result).
-ARITY = {"matmul": 2, "conv2d": 2, "add": 2, "subtract": 2, "multiply": 2, "divide": 2, "prelu": 2}
+LINEAR_OPS = R.LINEAR_OPS
 
 
 def arity(op: str, attrs: dict) -> int:
     """Gaussian operands of a stage: ``attrs["count"]`` for concat, two more (the weight's draw
-    groups and noise coefficients) for a linear stage with ``draw_groups``, else `ARITY` (default 1)."""
+    groups and noise coefficients) for a linear stage with ``draw_groups``, else the registry's."""
     if op == "concat":
         return int(attrs["count"])
-    return ARITY.get(op, 1) + (2 if "draw_groups" in attrs else 0)
+    return R.STAGES[op].arity + (2 if "draw_groups" in attrs else 0)
 
 
 @dataclass(frozen=True)
@@ -81,7 +55,7 @@ class KernelSpec:
     @staticmethod
     def from_json(text: str) -> "KernelSpec":
         data = json.loads(text)
-        return KernelSpec(tuple((op, attrs) for op, attrs in data["stages"]), tuple(data["operands"]), data["output"])
+        return KernelSpec(tuple((op, attrs) for op, attrs in data["stages"]), tuple(Moment(r) for r in data["operands"]), Moment(data["output"]))
 
     @property
     def ops(self):
@@ -99,9 +73,9 @@ class KernelSpec:
 
 
 def _native_repr(op, input_reprs):
-    if all(r == "none" for r in input_reprs):
-        return "none"
-    native = G.NATIVE_OUTPUT[op]
+    if all(r == Moment.NONE for r in input_reprs):
+        return Moment.NONE
+    native = R.STAGES[op].native
     return input_reprs[0] if native is None else native
 
 
@@ -127,7 +101,7 @@ def build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
     codebooks = codebooks or {}
     params, operands = [], []
     for position, (shape, rep, base) in enumerate(zip(operand_shapes, spec.operands, names)):
-        roles = ["mean"] + ([] if rep == "none" else [rep])
+        roles = ["mean"] + ([] if rep == Moment.NONE else [rep])
         if position in codebooks:
             stored = CB.placeholders(base, shape, codebooks[position], roles)
             params += stored
@@ -135,7 +109,7 @@ def build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
             operands.append(G.Gaussian(gathered[0], gathered[1], rep))
             continue
         mean = te.placeholder([int(d) for d in shape], "float32", name=f"{base}_mean")
-        moment = None if rep == "none" else te.placeholder([int(d) for d in shape], "float32", name=f"{base}_{rep}")
+        moment = None if rep == Moment.NONE else te.placeholder([int(d) for d in shape], "float32", name=f"{base}_{rep}")
         params += [mean] + ([moment] if moment is not None else [])
         operands.append(G.Gaussian(mean, moment, rep))
     result = None
@@ -143,20 +117,20 @@ def build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
         take = arity(op, attrs) - (0 if index == 0 else 1)
         inputs = ([] if index == 0 else [result]) + operands[:take]
         operands = operands[take:]
-        if op not in STAGES:
+        if op not in R.STAGES:
             raise ValueError(f"unknown Gaussian operator {op}")
-        result = STAGES[op](inputs, attrs)
+        result = R.STAGES[op].build(inputs, attrs)
     if spec.output != result.repr:
-        if spec.output == "none":
+        if spec.output == Moment.NONE:
             raise ValueError(f"{name}: output asked deterministic but the kernel computes a variance")
         result = G.convert(result, spec.output)
-    outputs = [result.mean] + ([result.moment] if result.repr != "none" else [])
+    outputs = [result.mean] + ([result.moment] if result.repr != Moment.NONE else [])
     taken = set(params)
     outputs = [  # an output that is an input as such (a pass-through) still needs its own buffer
         te.compute(t.shape, lambda *i, t=t: t[i], name=f"copy_{t.name}") if t in taken else t for t in outputs
     ]
     func = te.create_prim_func(params + outputs)  # the algorithm; codegen schedules it for the target
-    func = func.with_attr("global_symbol", name).with_attr("pfp.kernel", spec.to_json())
+    func = func.with_attr("global_symbol", name).with_attr(KERNEL_ATTR, spec.to_json())
     return func, [int(d) for d in outputs[0].shape]
 
 

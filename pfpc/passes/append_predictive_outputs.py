@@ -19,7 +19,9 @@ import tvm
 from tvm import relax
 
 from ..errors import PfpcError
+from .. import ir_state
 from ..ir import MainRewriter, func_attrs, output_fields, shape_of
+from ..ops.gaussian import Moment
 from ..ops.predictive import PREDICTIVE_OUTPUTS, build_predictive_kernel
 
 
@@ -39,7 +41,7 @@ class _Append(MainRewriter):
     def output(self, body):
         fields = [self.remap(field) for field in output_fields(self.func)]
         mean, shape = fields[0], shape_of(fields[0])
-        args = [mean] + ([fields[1]] if str(self.func.attrs["pfp.outputs"][0]) != "none" else [])
+        args = [mean] + ([fields[1]] if ir_state.output_moments(self.func)[0] != Moment.NONE else [])
         extras = []
         for name in self.outputs:
             kernel = self.kernels.unique(f"logits_{name}")
@@ -52,6 +54,9 @@ class _Append(MainRewriter):
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.AppendPredictiveOutputs")
 class AppendPredictiveOutputs:
+    requires = ("pfpc.SubstituteLayers",)  # must have run before it
+    after = ("pfpc.EliminateZeroVariance", "pfpc.FuseOperators", "pfpc.ChooseMomentRepresentation", "pfpc.FoldWeightMoments")  # run before it when in the pipeline
+
     def __init__(self, outputs=PREDICTIVE_OUTPUTS):
         self.outputs = check_outputs(outputs)
 
@@ -59,7 +64,7 @@ class AppendPredictiveOutputs:
         func = mod["main"]
         if not self.outputs:
             return mod
-        count, shape = len(func.attrs["pfp.outputs"]), shape_of(output_fields(func)[0])
+        count, shape = len(ir_state.output_moments(func)), shape_of(output_fields(func)[0])
         if count != 1 or len(shape) != 2:
             raise PfpcError(f"--outputs {','.join(self.outputs)} needs a model with one [N, classes] output; it has {count} output(s), the first of shape {shape}")
-        return _Append(mod, self.outputs).run(list(func.params), func_attrs(func, pfp__extra_outputs=list(self.outputs)))
+        return _Append(mod, self.outputs).run(list(func.params), func_attrs(func, ir_state.encode(extra_outputs=self.outputs)))

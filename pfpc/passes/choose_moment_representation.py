@@ -15,7 +15,9 @@ from __future__ import annotations
 import tvm
 
 from ..ir import kernel_of
-from ..ops.kernel import LINEAR_OPS, infer_output_repr
+from ..ops.gaussian import Moment
+from ..ops.kernel import infer_output_repr
+from ..ops.registry import LINEAR_OPS
 from .kernel_rewriter import KernelRewriter
 
 
@@ -23,9 +25,9 @@ class _Rewriter(KernelRewriter):
     def specialize(self, spec, operands, binding):
         spec = spec.with_(operands=tuple(o.repr for o in operands))
         native = infer_output_repr(spec)
-        if native == "none":
-            return spec.with_(output="none"), operands
-        wanted = "second_moment" if native == "second_moment" and self._linear_users(binding) else "var"
+        if native == Moment.NONE:
+            return spec.with_(output=Moment.NONE), operands
+        wanted = Moment.SECOND_MOMENT if native == Moment.SECOND_MOMENT and self._linear_users(binding) else Moment.VAR
         return spec.with_(output=wanted), operands
 
     def _linear_users(self, binding) -> bool:
@@ -42,5 +44,8 @@ class _Rewriter(KernelRewriter):
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.ChooseMomentRepresentation")
 class ChooseMomentRepresentation:
+    requires = ("pfpc.SubstituteLayers",)  # must have run before it
+    after = ("pfpc.EliminateZeroVariance", "pfpc.FuseOperators")  # run before it when in the pipeline
+
     def transform_module(self, mod, ctx):
         return _Rewriter(mod).run()

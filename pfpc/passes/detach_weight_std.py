@@ -4,8 +4,9 @@ kernels read, and leave the deterministic network.
     pfp.weight_var = {"fc.weight.permute_dims": s2}   ->   pfp.weight_var = {}
                                                            pfp.sampled_std = {"fc.weight.permute_dims": sqrt(s2)}
 
-Runs right after `fold_weight_layout`, so the std has had the same transposes, reshapes and
-scalings as the mean: for a permutation or reshape T, T(mu + sigma*eps) = T(mu) + T(sigma)*T(eps)
+Runs after the passes that rewrite weights, `fold_weight_layout` and `fold_batch_norm` (its
+``after``; `pipeline.svi_passes` puts it right after them), before `substitute_layers`, so the std
+has had the same transposes, reshapes and scalings as the mean: for a permutation or reshape T, T(mu + sigma*eps) = T(mu) + T(sigma)*T(eps)
 with T(eps) again independent N(0, 1); for a scaling by c, c*mu + |c|*sigma*eps' has the same
 distribution (eps' = sign(c)*eps). The passes after it compile the deterministic network; the
 generated code draws every weight named in ``pfp.sampled_std`` as mean + std * N(0, 1) per sample
@@ -18,15 +19,17 @@ import numpy as np
 import tvm
 
 from ..errors import PfpcError
-from ..ir import func_attrs, to_tensor_map, with_attrs
+from .. import ir_state
+from ..ir import func_attrs, with_attrs
 
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.DetachWeightStd")
 class DetachWeightStd:
+    after = ("pfpc.FoldWeightLayout", "pfpc.FoldBatchNorm")  # run before it when in the pipeline
+
     def transform_module(self, mod, ctx):
         func = mod["main"]
-        variances = {str(k): v.numpy() for k, v in func.attrs["pfp.weight_var"].items()}
-        onnx_names = {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()}
+        variances, onnx_names = ir_state.variances(func), ir_state.onnx_names(func)
         layouts = {}
         for name in sorted(variances):
             layouts.setdefault(onnx_names.get(name, name), []).append(name)
@@ -36,6 +39,6 @@ class DetachWeightStd:
                 raise PfpcError(f"--mode svi: stochastic initializer '{initializer}' is read in {len(names)} layouts "
                                 f"({', '.join(names)}); sampling it once per layout is not supported")
         stds = {name: np.sqrt(np.asarray(var, np.float64)) for name, var in variances.items()}
-        attrs = func_attrs(func, pfp__weight_var={}, pfp__sampled_std=to_tensor_map(stds))
+        attrs = func_attrs(func, ir_state.encode(variances={}, sampled_std=stds))
         mod["main"] = with_attrs(func, attrs)
         return mod

@@ -14,6 +14,7 @@ import numpy as np
 import tvm
 
 from ..ir import GaussianValue
+from ..ops.gaussian import Moment
 from .kernel_rewriter import KernelRewriter
 
 
@@ -21,14 +22,16 @@ class _Rewriter(KernelRewriter):
     def weight_operand(self, mean_param, var_param):
         if not np.any(self.weights[var_param.name]):
             return GaussianValue(mean_param)
-        return GaussianValue(mean_param, var_param, "var")
+        return GaussianValue(mean_param, var_param, Moment.VAR)
 
     def specialize(self, spec, operands, binding):
-        deterministic = all(o.repr == "none" for o in operands)
-        return spec.with_(output="none" if deterministic else spec.output), operands
+        deterministic = all(o.repr == Moment.NONE for o in operands)
+        return spec.with_(output=Moment.NONE if deterministic else spec.output), operands
 
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.EliminateZeroVariance")
 class EliminateZeroVariance:
+    requires = ("pfpc.SubstituteLayers",)  # must have run before it
+
     def transform_module(self, mod, ctx):
         return _Rewriter(mod).run()

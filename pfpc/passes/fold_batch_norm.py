@@ -23,9 +23,11 @@ import tvm
 from tvm import relax
 
 from ..errors import PfpcError
+from .. import ir_state
 from ..ir import MainRewriter, call_op_name, func_attrs, main_bindings, used_vars, with_used_weights
+from ..ops.registry import LINEAR_RELAX_OPS
 
-LINEAR = ("relax.nn.conv2d", "relax.matmul")
+LINEAR = LINEAR_RELAX_OPS
 
 
 class _Fold(MainRewriter):
@@ -161,12 +163,12 @@ class _Fold(MainRewriter):
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.FoldBatchNorm")
 class FoldBatchNorm:
+    after = ("pfpc.Lower1dTo2d", "pfpc.FoldWeightLayout")  # run before it when in the pipeline
+
     def transform_module(self, mod, ctx):
         func = mod["main"]
         if not any(call_op_name(b.value) == "relax.nn.batch_norm" for b in main_bindings(func)):
             return mod
-        means = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
-        variances = {str(k): v.numpy() for k, v in func.attrs["pfp.weight_var"].items()}
-        names = {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()}
+        means, variances, names = ir_state.means(func), ir_state.variances(func), ir_state.onnx_names(func)
         mod = _Fold(mod, means, variances, names).run(list(func.params), func_attrs(func))
         return with_used_weights(mod, means, variances, names)

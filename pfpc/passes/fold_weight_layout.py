@@ -13,7 +13,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .. import ir_state
 from ..ir import MainRewriter, scalar_value, call_op_name, func_attrs, main_bindings, shape_of, with_used_weights
+from ..ops import registry as R
 
 
 def _fold(op, call, value, variance):
@@ -21,7 +23,7 @@ def _fold(op, call, value, variance):
     if op == "relax.permute_dims":
         axes = [int(a) for a in call.attrs.axes] if call.attrs.axes is not None else None
         return np.transpose(value, axes), None if variance is None else np.transpose(variance, axes)
-    if op in ("relax.reshape", "relax.expand_dims", "relax.squeeze"):
+    if op in R.relax_ops(R.Kind.VIEW):
         shape = shape_of(call)
         return value.reshape(shape), None if variance is None else variance.reshape(shape)
     return None
@@ -29,12 +31,12 @@ def _fold(op, call, value, variance):
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.FoldWeightLayout")
 class FoldWeightLayout:
+    after = ("pfpc.Lower1dTo2d",)  # run before it when in the pipeline
+
     def transform_module(self, mod, ctx):
         func = mod["main"]
         num_input = int(func.attrs["num_input"])
-        means = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
-        variances = {str(k): v.numpy() for k, v in func.attrs["pfp.weight_var"].items()}
-        names = {str(k): str(v) for k, v in func.attrs["pfp.onnx_names"].items()}
+        means, variances, names = ir_state.means(func), ir_state.variances(func), ir_state.onnx_names(func)
         weights = {param: param.name for param in func.params[num_input:]}
         replace, new_params = {}, []
         for binding in main_bindings(func):
@@ -43,10 +45,10 @@ class FoldWeightLayout:
                 continue
             source = weights[call.args[0]]
             folded = _fold(op, call, means[source], variances.get(source))
-            if folded is None and op in ("relax.multiply", "relax.divide"):
+            if folded is None and op in R.SCALING:
                 factor = scalar_value(call.args[1])
                 if factor is not None:
-                    factor = factor if op == "relax.multiply" else 1.0 / factor
+                    factor = R.SCALING[op](factor)
                     var = variances.get(source)
                     folded = means[source] * factor, None if var is None else var * factor * factor
             if folded is None:

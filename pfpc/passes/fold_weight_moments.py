@@ -13,7 +13,8 @@ from __future__ import annotations
 import tvm
 
 from ..ir import GaussianValue
-from ..ops.kernel import LINEAR_OPS
+from ..ops.gaussian import Moment
+from ..ops.registry import LINEAR_OPS
 from .kernel_rewriter import KernelRewriter
 
 
@@ -24,15 +25,18 @@ class _Rewriter(KernelRewriter):
         first, second = operands[0], operands[1]
         operands = list(operands)
         for index, (this, other) in enumerate(((first, second), (second, first))):
-            if this.repr == "var" and other.repr == "second_moment" and self.is_weight(this.mean):
+            if this.repr == Moment.VAR and other.repr == Moment.SECOND_MOMENT and self.is_weight(this.mean):
                 mean = self.weights[this.mean.name]
                 var = self.weights[this.moment.name]
                 param = self.add_weight(f"{this.mean.name}.second_moment", mean.astype("float64") ** 2 + var)
-                operands[index] = GaussianValue(this.mean, param, "second_moment")
+                operands[index] = GaussianValue(this.mean, param, Moment.SECOND_MOMENT)
         return spec.with_(operands=tuple(o.repr for o in operands)), operands
 
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.FoldWeightMoments")
 class FoldWeightMoments:
+    requires = ("pfpc.SubstituteLayers",)  # must have run before it
+    after = ("pfpc.ChooseMomentRepresentation",)  # run before it when in the pipeline
+
     def transform_module(self, mod, ctx):
         return _Rewriter(mod).run()

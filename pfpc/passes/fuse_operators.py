@@ -16,15 +16,17 @@ from __future__ import annotations
 import tvm
 
 from ..ir import kernel_of
-from ..ops.kernel import LINEAR_OPS, KernelSpec
+from ..ops.gaussian import Moment
+from ..ops.kernel import KernelSpec
+from ..ops.registry import Fusion, stages
 from .kernel_rewriter import KernelRewriter
 
 #: Element-wise stages that can follow a linear stage in one kernel; the nonlinear ones end a chain.
-NONLINEAR = ("relu", "clip", "leaky_relu", "prelu", "sigmoid", "tanh")
-ELEMENTWISE = ("add", "subtract", "multiply", "divide", "scale") + NONLINEAR
+NONLINEAR = stages(Fusion.NONLINEAR)
+ELEMENTWISE = stages(Fusion.ELEMENTWISE, Fusion.NONLINEAR)
 #: Stages a chain starts with: a linear operator, or a max-pool (followed by the ReLU that
 #: `PoolBeforeRelu` moved after it).
-CHAIN_HEADS = tuple(LINEAR_OPS) + ("maxpool2d",)
+CHAIN_HEADS = stages(Fusion.LINEAR, Fusion.POOL)
 
 def _out_shape(var):
     """The shape of a kernel call's (first) output."""
@@ -45,7 +47,7 @@ class _Rewriter(KernelRewriter):
         if user_spec.ops[0] not in ELEMENTWISE or _out_shape(users[0].var) != _out_shape(binding.var):
             return False
         fields = list(users[0].value.args[1].fields)
-        first_width = 1 if user_spec.operands[0] == "none" else 2  # mean (+ moment) of operand 0
+        first_width = 1 if user_spec.operands[0] == Moment.NONE else 2  # mean (+ moment) of operand 0
         if any(self._direct_source(arg).same_as(binding.var) for arg in fields[first_width:]):
             return False  # e.g. y + y: the other operand needs the result as a tensor
         return self._direct_source(fields[0]).same_as(binding.var)
@@ -69,5 +71,8 @@ class _Rewriter(KernelRewriter):
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.FuseOperators")
 class FuseOperators:
+    requires = ("pfpc.SubstituteLayers",)  # must have run before it
+    after = ("pfpc.EliminateZeroVariance",)  # run before it when in the pipeline
+
     def transform_module(self, mod, ctx):
         return _Rewriter(mod).run()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from ..ir import GaussianValue, KernelEmitter, kernel_label, operand_names, call_op_name, func_attrs, kernel_of, main_bindings, output_fields, to_tensor_map, with_attrs
+from .. import ir_state
+from ..ir import GaussianValue, KernelEmitter, kernel_label, operand_names, call_op_name, func_attrs, kernel_of, main_bindings, output_fields, with_attrs
+from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec
 
 
@@ -20,7 +22,7 @@ class KernelRewriter:
         self.mod = mod
         self.func = mod["main"]
         self.num_input = int(self.func.attrs["num_input"])
-        self.weights = {str(k): v.numpy() for k, v in self.func.attrs["pfp.params"].items()}
+        self.weights = ir_state.means(self.func)
         self.bb = relax.BlockBuilder()
         self.kernels = KernelEmitter(self.bb)
         self.values = {}  # old var -> (new GaussianValue, "mean" | "moment")
@@ -33,7 +35,7 @@ class KernelRewriter:
     # --- hooks -------------------------------------------------------------------------------
     def weight_operand(self, mean_param, var_param) -> GaussianValue:
         """The Gaussian a weight enters the graph as (default: variance, as substituted)."""
-        return GaussianValue(mean_param, var_param, "var")
+        return GaussianValue(mean_param, var_param, Moment.VAR)
 
     def specialize(self, spec: KernelSpec, operands: list, binding) -> tuple[KernelSpec, list]:
         return spec, operands
@@ -82,7 +84,7 @@ class KernelRewriter:
             mean = args[index]
             index += 1
             moment = None
-            if rep != "none":
+            if rep != Moment.NONE:
                 moment = args[index]
                 index += 1
             if mean in self.values:
@@ -119,7 +121,7 @@ class KernelRewriter:
             key = (id(gauss), str(shape))
             if key not in self.views:
                 mean = self.bb.emit(relax.op.reshape(gauss.mean, shape), f"{binding.var.name}")
-                moment = self.bb.emit(relax.op.reshape(gauss.moment, shape)) if gauss.repr != "none" else None
+                moment = self.bb.emit(relax.op.reshape(gauss.moment, shape)) if gauss.repr != Moment.NONE else None
                 self.views[key] = GaussianValue(mean, moment, gauss.repr)
             self.values[binding.var] = (self.views[key], component)
             return
@@ -136,9 +138,9 @@ class KernelRewriter:
     def _output(self):
         fields, reprs = [], []
         outputs = output_fields(self.func)
-        for repr_ in [str(r) for r in self.func.attrs["pfp.outputs"]]:
+        for repr_ in ir_state.output_moments(self.func):
             mean = outputs.pop(0)
-            if repr_ != "none":
+            if repr_ != Moment.NONE:
                 outputs.pop(0)
             gauss = self.values[mean][0] if mean in self.values else GaussianValue(mean)
             fields += gauss.args()
@@ -161,10 +163,6 @@ class KernelRewriter:
         mod = bb.get()
         func = mod["main"]
         kept = {p.name for p in func.params[self.num_input :]}
-        attrs = func_attrs(
-            self.func,
-            pfp__params=to_tensor_map({k: v for k, v in self.weights.items() if k in kept}),
-            pfp__outputs=reprs,
-        )
+        attrs = func_attrs(self.func, ir_state.encode(means={k: v for k, v in self.weights.items() if k in kept}, outputs=reprs))
         mod["main"] = with_attrs(relax.Function(list(func.params), func.body, func.ret_ty, func.is_pure), attrs)
         return mod

@@ -17,8 +17,9 @@ import tvm
 from tvm import relax
 
 from ..ir import MainRewriter, call_op_name, func_attrs, main_bindings, shape_of
+from ..ops.registry import LOWERED_1D
 
-LOWERED = ("relax.nn.conv1d", "relax.nn.max_pool1d", "relax.nn.avg_pool1d")
+LOWERED = LOWERED_1D
 
 
 def _ints(values):

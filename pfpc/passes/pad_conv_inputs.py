@@ -46,6 +46,8 @@ class _PadInputs(MainRewriter):
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.PadConvInputs")
 class PadConvInputs:
+    after = ("pfpc.Lower1dTo2d",)  # run before it when in the pipeline
+
     def transform_module(self, mod, ctx):
         func = mod["main"]
         if not any(_padded(b) for b in main_bindings(func)):

@@ -1,6 +1,13 @@
-"""The default pass pipeline, listed in one place. Each entry is (name, pass instance)."""
+"""The default pass pipeline, listed in one place. Each entry is (name, pass instance).
+
+The ordering rules are data on the passes: ``requires`` names the passes (by their TVM pass
+name) that must have run before one, ``after`` those that must run before it when the pipeline
+has them; `check_order` enforces both for any pass list `pfpc.compile` is given.
+"""
 
 from __future__ import annotations
+
+from ..errors import PfpcError
 
 from .fold_batch_norm import FoldBatchNorm
 from .fold_weight_layout import FoldWeightLayout
@@ -29,6 +36,18 @@ def default_passes():
         ("choose_moment_representation", ChooseMomentRepresentation()),
         ("fold_weight_moments", FoldWeightMoments()),
     ]
+
+
+def check_order(passes) -> None:
+    """One-line error when a pass list breaks a pass's ``requires`` or ``after``."""
+    names = [transform.info.name for _, transform in passes]
+    for index, (label, transform) in enumerate(passes):
+        for required in getattr(transform, "requires", ()):
+            if required not in names[:index]:
+                raise PfpcError(f"pass list: {label} ({names[index]}) needs {required} to run before it")
+        for earlier in getattr(transform, "after", ()):
+            if earlier in names[index + 1 :]:
+                raise PfpcError(f"pass list: {label} ({names[index]}) must run after {earlier}, which follows it")
 
 
 def svi_passes():

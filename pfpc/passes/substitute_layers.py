@@ -19,78 +19,18 @@ moments into probabilities.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import tvm
 from tvm import relax
 
 from ..errors import PfpcError
-from ..ir import GaussianValue, constant_value, kernel_label, operand_names, scalar_value, MainRewriter, call_op_name, func_attrs, to_tensor_map
+from .. import ir_state
+from ..ir import GaussianValue, constant_value, kernel_label, operand_names, scalar_value, MainRewriter, call_op_name, func_attrs, with_attrs
+from ..ops import registry as R
+from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, arity
 
-VIEW_OPS = {"relax.reshape", "relax.flatten", "relax.expand_dims", "relax.squeeze"}
-OUTPUT_FUNCTIONS = {"relax.nn.softmax": "softmax", "relax.nn.log_softmax": "log_softmax"}
-#: Operand positions that must be deterministic (a Gaussian there has no closed-form rule).
-DETERMINISTIC_OPERANDS = {"divide": 1, "prelu": 1}
-
-
-def _ints(values):
-    return [int(v) for v in values]
-
-
-def _pool_attrs(attrs):
-    return {
-        "kernel": _ints(attrs.pool_size),
-        "strides": _ints(attrs.strides),
-        "pads": _ints(attrs.padding),
-        "dilations": _ints(attrs.dilation),
-        "ceil_mode": bool(attrs.ceil_mode),
-    }
-
-
-def _spec_of(call, op):
-    """(stage, attrs) for a Relax operator, or None when it has no Gaussian counterpart."""
-    attrs = call.attrs
-    if op in ("relax.matmul", "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.sigmoid", "relax.tanh"):
-        return op.split(".")[-1], {}
-    if op == "relax.nn.relu":
-        return "relu", {}
-    if op == "relax.clip":
-        lower, upper = float(call.args[1].value), float(call.args[2].value)
-        return "clip", {"lower": lower if np.isfinite(lower) else None, "upper": upper if np.isfinite(upper) else None}
-    if op == "relax.nn.leakyrelu":
-        return "leaky_relu", {"alpha": float(attrs.alpha)}
-    if op == "relax.nn.prelu":
-        return "prelu", {"axis": int(attrs.axis) % len(call.args[0].ty.shape)}
-    if op == "relax.concat":
-        rank = len(call.args[0].fields[0].ty.shape)
-        return "concat", {"axis": int(attrs.axis) % rank, "count": len(call.args[0].fields)}
-    if op == "relax.nn.pad":
-        if str(attrs.pad_mode) != "constant":
-            return None
-        return "pad", {"width": _ints(attrs.pad_width), "value": float(attrs.pad_value)}
-    if op == "relax.mean":
-        rank = len(call.args[0].ty.shape)
-        axes = _ints(attrs.axis) if attrs.axis is not None else list(range(rank))
-        return "reduce_mean", {"axes": [a % rank for a in axes], "keepdims": bool(attrs.keepdims)}
-    if op == "relax.nn.avg_pool2d":
-        if attrs.layout != "NCHW":
-            return None
-        return "avgpool2d", {**_pool_attrs(attrs), "count_include_pad": bool(attrs.count_include_pad)}
-    if op == "relax.permute_dims":
-        rank = len(call.args[0].ty.shape)
-        axes = _ints(attrs.axes) if attrs.axes is not None else list(reversed(range(rank)))
-        return "transpose", {"axes": axes}
-    if op == "relax.nn.conv2d":
-        if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
-            return None
-        return "conv2d", {"strides": _ints(attrs.strides), "pads": _ints(attrs.padding), "dilations": _ints(attrs.dilation), "groups": int(attrs.groups)}
-    if op == "relax.nn.max_pool2d":
-        if attrs.layout != "NCHW":
-            return None
-        return "maxpool2d", _pool_attrs(attrs)
-    return None
+VIEW_OPS = R.relax_ops(R.Kind.VIEW)
 
 
 class _Substitute(MainRewriter):
@@ -103,7 +43,7 @@ class _Substitute(MainRewriter):
         self.softmax = {}  # var -> (function, axis) of a dropped softmax, followed through views
         self.weight_names = {param.name for param in weight_vars}
         for param, var_param in weight_vars.items():
-            self.gauss[param] = GaussianValue(param, var_param, "var")
+            self.gauss[param] = GaussianValue(param, var_param, Moment.VAR)
 
     def value(self, expr):
         if isinstance(expr, relax.Var) and expr in self.gauss:
@@ -137,9 +77,8 @@ class _Substitute(MainRewriter):
     def scale_stage(self, value, op):
         """(operand, factor) when ``value`` multiplies or divides by a deterministic scalar."""
         left, right = value.args
-        if op in ("relax.multiply", "relax.divide") and self.deterministic_scalar(right) is not None:
-            factor = self.deterministic_scalar(right)
-            return left, factor if op == "relax.multiply" else 1.0 / factor
+        if op in R.SCALING and self.deterministic_scalar(right) is not None:
+            return left, R.SCALING[op](self.deterministic_scalar(right))
         if op == "relax.multiply" and self.deterministic_scalar(left) is not None:
             return right, self.deterministic_scalar(left)
         return None
@@ -161,10 +100,10 @@ class _Substitute(MainRewriter):
         if isinstance(value, relax.TupleGetItem) and isinstance(self.gauss.get(value.tuple_value), tuple):
             self.gauss[binding.var] = self.gauss[value.tuple_value][value.index]
             return
-        if op in OUTPUT_FUNCTIONS:
+        if op in R.OUTPUT_FUNCTIONS:
             rank = len(value.args[0].ty.shape)
             self.gauss[binding.var] = self.value(value.args[0])
-            self.softmax[binding.var] = (OUTPUT_FUNCTIONS[op], int(value.attrs.axis) % rank)
+            self.softmax[binding.var] = (R.OUTPUT_FUNCTIONS[op], int(value.attrs.axis) % rank)
             return
         if op in VIEW_OPS:
             if value.args[0] in self.softmax:
@@ -173,15 +112,15 @@ class _Substitute(MainRewriter):
             shape = relax.ShapeExpr([int(d) for d in binding.var.ty.shape])
             mean = self.bb.emit(relax.op.reshape(source.mean, shape), f"{binding.var.name}_mean")
             moment = None
-            if source.repr != "none":
+            if source.repr != Moment.NONE:
                 moment = self.bb.emit(relax.op.reshape(source.moment, shape), f"{binding.var.name}_{source.repr}")
             self.gauss[binding.var] = GaussianValue(mean, moment, source.repr)
             return
-        scaled = self.scale_stage(value, op) if op in ("relax.multiply", "relax.divide") else None
+        scaled = self.scale_stage(value, op) if op in R.SCALING else None
         if scaled is not None:
             args, stage = [scaled[0]], ("scale", {"factor": scaled[1]})
         else:
-            stage = _spec_of(value, op) if op else None
+            stage = R.stage_of(value, op) if op else None
             if stage is None:
                 self.unsupported.append(op or type(value).__name__)
                 return
@@ -189,12 +128,12 @@ class _Substitute(MainRewriter):
         for arg in args:
             if arg in self.softmax:
                 raise PfpcError(f"a softmax result feeds {op}: softmax is supported only at the model's output")
-        position = DETERMINISTIC_OPERANDS.get(stage[0])
+        position = R.STAGES[stage[0]].deterministic_operand
         if position is not None and self.is_stochastic(args[position]):
             raise PfpcError(f"{op}: operand {position} is a Gaussian tensor; pfpc supports it only deterministic (a constant or a weight without variance)")
         operands = [self.value(arg) for arg in args]
         reprs = tuple(o.repr for o in operands)
-        output = "none" if all(r == "none" for r in reprs) else "var"
+        output = Moment.NONE if all(r == Moment.NONE for r in reprs) else Moment.VAR
         spec = KernelSpec((stage,), reprs, output)
         label = kernel_label([stage[0]], operands, self.weight_names)
         result = self.kernels.emit(spec, operands, label, operand_names(operands, self.weight_names))
@@ -212,7 +151,7 @@ class _Substitute(MainRewriter):
         ]
         for out in outputs:
             value = self.gauss[out]
-            if value.repr == "second_moment":
+            if value.repr == Moment.SECOND_MOMENT:
                 raise PfpcError("internal: canonical outputs are variances")
             fields += value.args()
             reprs.append(value.repr)
@@ -222,11 +161,12 @@ class _Substitute(MainRewriter):
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.SubstituteLayers")
 class SubstituteLayers:
+    after = ("pfpc.Lower1dTo2d", "pfpc.FoldWeightLayout", "pfpc.FoldBatchNorm", "pfpc.PadConvInputs", "pfpc.PoolBeforeRelu", "pfpc.DetachWeightStd")  # run before it when in the pipeline
+
     def transform_module(self, mod, ctx):
         func = mod["main"]
         num_input = int(func.attrs["num_input"])
-        means = {str(k): v.numpy() for k, v in func.attrs["pfp.params"].items()}
-        variances = {str(k): v.numpy() for k, v in func.attrs["pfp.weight_var"].items()}
+        means, variances = ir_state.means(func), ir_state.variances(func)
         weight_vars, var_params, all_params = {}, [], dict(means)
         for param in func.params[num_input:]:
             var_name = f"{param.name}.var"
@@ -236,14 +176,14 @@ class SubstituteLayers:
             all_params[var_name] = variances.get(param.name, np.zeros_like(means[param.name]))
         rewriter = _Substitute(mod, weight_vars, means, variances)
         params = list(func.params) + var_params
-        attrs = func_attrs(func, pfp__params=to_tensor_map(all_params), pfp__weight_var=None)
+        attrs = func_attrs(func, ir_state.encode(means=all_params, variances=None))
         new_mod = rewriter.run(params, attrs)
         if rewriter.unsupported:
             names = sorted(set(rewriter.unsupported))
             raise PfpcError(f"no Gaussian counterpart for Relax operator(s): {', '.join(names)}")
         main = new_mod["main"]
+        changes = ir_state.encode(outputs=rewriter.output_reprs, output_softmax=rewriter.output_softmax)
         if rewriter.constants:  # constant operands became deterministic weights
-            main = main.with_attr("pfp.params", to_tensor_map({**all_params, **rewriter.constants}))
-        main = main.with_attr("pfp.outputs", rewriter.output_reprs)
-        new_mod["main"] = main.with_attr("pfp.output_softmax", json.dumps(rewriter.output_softmax))
+            changes.update(ir_state.encode(means={**all_params, **rewriter.constants}))
+        new_mod["main"] = with_attrs(main, changes)
         return new_mod

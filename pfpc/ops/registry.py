@@ -1,0 +1,277 @@
+"""The operator registry: every fact about an operator, in one entry.
+
+An entry names the ONNX operator(s) it accepts and their attribute rules, the Relax operator(s)
+TVM's importer lowers them to and how their attributes become the stage's, the Gaussian formula
+(a function of `pfpc.ops.gaussian`, where the formula is written down), the moment it computes
+for free, its Gaussian operands, its fusion class, its cost and the float64 NumPy function of
+``tests/reference.py`` that checks it. The tables the frontend, the passes, the kernel builder and
+the footprint report use are derived here; no other module lists operator names.
+
+Adding an operator: one `Operator` entry here, its formula in `gaussian.py` (moments in
+`moments.py`), its reference in ``tests/reference.py`` and its tests (docs/operators.md).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import gaussian as G
+from .gaussian import Moment
+
+
+class Kind(enum.Enum):
+    GAUSSIAN = "gaussian"  # a stage of a Gaussian kernel
+    VIEW = "view"  # moves no values (a reshape of the same buffer, an identity)
+    FOLDED = "folded"  # rewritten into other stages at compile time (batch norm)
+    OUTPUT = "output"  # accepted only as a model's last node: the output becomes its input's moments
+    SHAPE = "shape"  # computes shapes and constants only, folded by the importer
+
+
+class Fusion(enum.Enum):
+    """How a stage combines with others in one kernel (`passes.fuse_operators`)."""
+
+    LINEAR = "linear"  # reduces over a fan-in; heads a fused chain; consumes second moments cheaply
+    POOL = "pool"  # heads a chain too (the ReLU that `PoolBeforeRelu` moved after a max-pool)
+    ELEMENTWISE = "elementwise"  # may follow a chain head in its kernel
+    NONLINEAR = "nonlinear"  # may follow a chain head and ends the chain (computes both moments)
+    NONE = "none"  # a kernel of its own
+
+
+def _ints(values):
+    return [int(v) for v in values]
+
+
+def _rank(expr) -> int:
+    return len(expr.ty.shape)
+
+
+def _pool_attrs(attrs):
+    return {"kernel": _ints(attrs.pool_size), "strides": _ints(attrs.strides), "pads": _ints(attrs.padding),
+            "dilations": _ints(attrs.dilation), "ceil_mode": bool(attrs.ceil_mode)}
+
+
+# --- Relax attributes -> stage attributes (None: no Gaussian counterpart for this form) -------------
+def _no_attrs(call):
+    return {}
+
+
+def _clip_attrs(call):
+    lower, upper = float(call.args[1].value), float(call.args[2].value)
+    return {"lower": lower if np.isfinite(lower) else None, "upper": upper if np.isfinite(upper) else None}
+
+
+def _concat_attrs(call):
+    return {"axis": int(call.attrs.axis) % _rank(call.args[0].fields[0]), "count": len(call.args[0].fields)}
+
+
+def _pad_attrs(call):
+    if str(call.attrs.pad_mode) != "constant":
+        return None
+    return {"width": _ints(call.attrs.pad_width), "value": float(call.attrs.pad_value)}
+
+
+def _reduce_mean_attrs(call):
+    rank = _rank(call.args[0])
+    axes = _ints(call.attrs.axis) if call.attrs.axis is not None else list(range(rank))
+    return {"axes": [a % rank for a in axes], "keepdims": bool(call.attrs.keepdims)}
+
+
+def _avgpool_attrs(call):
+    if call.attrs.layout != "NCHW":
+        return None
+    return {**_pool_attrs(call.attrs), "count_include_pad": bool(call.attrs.count_include_pad)}
+
+
+def _maxpool_attrs(call):
+    return _pool_attrs(call.attrs) if call.attrs.layout == "NCHW" else None
+
+
+def _transpose_attrs(call):
+    axes = _ints(call.attrs.axes) if call.attrs.axes is not None else list(reversed(range(_rank(call.args[0]))))
+    return {"axes": axes}
+
+
+def _conv_attrs(call):
+    attrs = call.attrs
+    if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
+        return None
+    return {"strides": _ints(attrs.strides), "pads": _ints(attrs.padding), "dilations": _ints(attrs.dilation), "groups": int(attrs.groups)}
+
+
+# --- ONNX attribute rules: (node, attributes, input rank or None) -> why it is refused, or None ----
+def _spatial_1d_or_2d(node, attrs, rank):
+    return None if rank in (None, 3, 4) else f"{rank - 2}-D: only 1-D and 2-D are supported"
+
+
+def _constant_padding(node, attrs, rank):
+    mode = attrs.get("mode", b"constant")
+    return None if mode == b"constant" else f"mode {mode.decode()}: only constant padding is supported"
+
+
+def _maxpool_rule(node, attrs, rank):
+    reason = _spatial_1d_or_2d(node, attrs, rank)
+    if reason is None and len(node.output) > 1 and node.output[1]:
+        return "the Indices output is not supported"
+    return reason
+
+
+# --- cost: Gaussian evaluations per output element ---------------------------------------------------
+def _per_element(label):
+    return lambda attrs, out_size: {label: out_size}
+
+
+def _clark_steps(attrs, out_size):
+    """A k-element window is k - 1 Clark maxima."""
+    return {"max": out_size * (int(np.prod(attrs["kernel"])) - 1)}
+
+
+@dataclass(frozen=True)
+class Operator:
+    """One operator. ``name`` is the stage name in a `kernel.KernelSpec` (for a Gaussian operator)."""
+
+    name: str
+    kind: Kind = Kind.GAUSSIAN
+    onnx: tuple = ()  # ONNX op types (domain ai.onnx) whose nodes become this operator
+    onnx_rule: Callable | None = None  # (node, attrs, input rank) -> reason it is refused, or None
+    constant_inputs: tuple = ()  # ONNX input positions that are compile-time constants, never weights
+    relax: tuple = ()  # Relax operators (TVM's lowering of the ONNX ones) this operator replaces
+    relax_attrs: Callable = _no_attrs  # Relax call -> stage attributes, or None when unsupported
+    lowered_1d: tuple = ()  # 1-D Relax operators `Lower1dTo2d` rewrites into this 2-D one
+    build: Callable | None = None  # (Gaussian inputs, attrs) -> Gaussian: the formula in `gaussian.py`
+    arity: int = 1  # Gaussian operands (concat: its ``count`` attribute)
+    native: Moment | None = Moment.VAR  # the moment it computes for free; None: its first input's
+    fusion: Fusion = Fusion.NONE
+    deterministic_operand: int | None = None  # operand that must be deterministic (no closed form otherwise)
+    gaussian_ops: Callable | None = None  # (attrs, output elements) -> {label: Gaussian evaluations}
+    libm_calls: dict = field(default_factory=dict)  # libm calls per Gaussian evaluation
+    reference: str | None = None  # the float64 NumPy function in tests/reference.py
+    function: str | None = None  # Kind.OUTPUT: the function the dropped node computes
+
+
+OPERATORS = (
+    # linear: the reduction's multiply-adds per MAC are `moments.FMA_PER_MAC` (by operand moments)
+    Operator("matmul", onnx=("MatMul", "Gemm"), relax=("relax.matmul",), arity=2, fusion=Fusion.LINEAR, reference="matmul",
+             build=lambda inputs, attrs: G.matmul(*inputs, count=attrs.get("draw_groups", 0))),
+    Operator("conv2d", onnx=("Conv",), onnx_rule=_spatial_1d_or_2d, relax=("relax.nn.conv2d",), relax_attrs=_conv_attrs,
+             lowered_1d=("relax.nn.conv1d",), arity=2, fusion=Fusion.LINEAR, reference="conv2d",
+             build=lambda inputs, attrs: G.conv2d(*inputs[:2], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"],
+                                                  *inputs[2:], count=attrs.get("draw_groups", 0))),
+    Operator("add", onnx=("Add", "Sum"), relax=("relax.add",), arity=2, fusion=Fusion.ELEMENTWISE, reference="add",
+             build=lambda inputs, attrs: G.add(*inputs)),
+    Operator("subtract", onnx=("Sub",), relax=("relax.subtract",), arity=2, fusion=Fusion.ELEMENTWISE, reference="subtract",
+             build=lambda inputs, attrs: G.subtract(*inputs)),
+    Operator("multiply", onnx=("Mul",), relax=("relax.multiply",), arity=2, fusion=Fusion.ELEMENTWISE, reference="multiply",
+             build=lambda inputs, attrs: G.multiply(*inputs)),
+    Operator("divide", onnx=("Div",), relax=("relax.divide",), arity=2, fusion=Fusion.ELEMENTWISE, deterministic_operand=1,
+             reference="divide", build=lambda inputs, attrs: G.divide(*inputs)),
+    # Mul/Div by a deterministic scalar (`SubstituteLayers` chooses it over multiply/divide)
+    Operator("scale", native=None, fusion=Fusion.ELEMENTWISE, reference="multiply",
+             build=lambda inputs, attrs: G.scale(inputs[0], attrs["factor"])),
+    Operator("relu", onnx=("Relu",), relax=("relax.nn.relu",), native=Moment.SECOND_MOMENT, fusion=Fusion.NONLINEAR,
+             gaussian_ops=_per_element("relu"), libm_calls={"sqrt": 1}, reference="relu",
+             build=lambda inputs, attrs: G.relu(inputs[0])),
+    Operator("clip", onnx=("Clip",), constant_inputs=(1, 2), relax=("relax.clip",), relax_attrs=_clip_attrs,
+             native=Moment.SECOND_MOMENT, fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("clip"), libm_calls={"sqrt": 1},
+             reference="clip", build=lambda inputs, attrs: G.clip(inputs[0], attrs["lower"], attrs["upper"])),
+    Operator("leaky_relu", onnx=("LeakyRelu",), relax=("relax.nn.leakyrelu",), relax_attrs=lambda call: {"alpha": float(call.attrs.alpha)},
+             native=Moment.SECOND_MOMENT, fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("leaky_relu"), libm_calls={"sqrt": 1},
+             reference="leaky_relu", build=lambda inputs, attrs: G.leaky_relu(inputs[0], attrs["alpha"])),
+    Operator("prelu", onnx=("PRelu",), relax=("relax.nn.prelu",), relax_attrs=lambda call: {"axis": int(call.attrs.axis) % _rank(call.args[0])},
+             arity=2, native=Moment.SECOND_MOMENT, fusion=Fusion.NONLINEAR, deterministic_operand=1,
+             gaussian_ops=_per_element("prelu"), libm_calls={"sqrt": 1}, reference="leaky_relu",
+             build=lambda inputs, attrs: G.prelu(*inputs, attrs["axis"])),
+    Operator("sigmoid", onnx=("Sigmoid",), relax=("relax.sigmoid",), fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("sigmoid"),
+             libm_calls={"sqrt": 2, "exp": 1}, reference="sigmoid", build=lambda inputs, attrs: G.sigmoid(inputs[0])),
+    Operator("tanh", onnx=("Tanh",), relax=("relax.tanh",), fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("tanh"),
+             libm_calls={"sqrt": 2, "tanh": 1}, reference="tanh", build=lambda inputs, attrs: G.tanh(inputs[0])),
+    Operator("transpose", onnx=("Transpose",), relax=("relax.permute_dims",), relax_attrs=_transpose_attrs, native=None,
+             build=lambda inputs, attrs: G.transpose(inputs[0], list(attrs["axes"]))),
+    Operator("pad", onnx=("Pad",), onnx_rule=_constant_padding, constant_inputs=(1, 2, 3), relax=("relax.nn.pad",),
+             relax_attrs=_pad_attrs, native=None, reference="pad",
+             build=lambda inputs, attrs: G.pad(inputs[0], attrs["width"], attrs["value"])),
+    Operator("concat", onnx=("Concat",), relax=("relax.concat",), relax_attrs=_concat_attrs, reference="concat",
+             build=lambda inputs, attrs: G.concat(inputs, attrs["axis"])),
+    Operator("maxpool2d", onnx=("MaxPool",), onnx_rule=_maxpool_rule, relax=("relax.nn.max_pool2d",), relax_attrs=_maxpool_attrs,
+             lowered_1d=("relax.nn.max_pool1d",), native=Moment.SECOND_MOMENT, fusion=Fusion.POOL, gaussian_ops=_clark_steps,
+             libm_calls={"sqrt": 1}, reference="maxpool2d",
+             build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                     attrs.get("ceil_mode", False))),
+    Operator("avgpool2d", onnx=("AveragePool",), onnx_rule=_spatial_1d_or_2d, relax=("relax.nn.avg_pool2d",), relax_attrs=_avgpool_attrs,
+             lowered_1d=("relax.nn.avg_pool1d",), reference="avgpool2d",
+             build=lambda inputs, attrs: G.avgpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                     attrs["ceil_mode"], attrs["count_include_pad"])),
+    Operator("reduce_mean", onnx=("GlobalAveragePool",), relax=("relax.mean",), relax_attrs=_reduce_mean_attrs, reference="reduce_mean",
+             build=lambda inputs, attrs: G.reduce_mean(inputs[0], attrs["axes"], attrs["keepdims"])),
+    # not Gaussian stages
+    Operator("view", kind=Kind.VIEW, onnx=("Flatten", "Reshape", "Identity", "Dropout", "Squeeze", "Unsqueeze"),
+             relax=("relax.reshape", "relax.flatten", "relax.expand_dims", "relax.squeeze"), reference="reshape"),
+    Operator("batch_norm", kind=Kind.FOLDED, onnx=("BatchNormalization",), relax=("relax.nn.batch_norm",), reference="batch_norm"),
+    Operator("softmax", kind=Kind.OUTPUT, onnx=("Softmax",), relax=("relax.nn.softmax",), function="softmax"),
+    Operator("log_softmax", kind=Kind.OUTPUT, onnx=("LogSoftmax",), relax=("relax.nn.log_softmax",), function="log_softmax"),
+    Operator("shape", kind=Kind.SHAPE, onnx=("Shape", "Gather", "Cast", "Slice", "Constant", "ConstantOfShape")),
+)
+
+BY_NAME = {op.name: op for op in OPERATORS}
+#: Gaussian stage name -> its operator.
+STAGES = {op.name: op for op in OPERATORS if op.kind is Kind.GAUSSIAN}
+#: ONNX op type -> its operator.
+BY_ONNX = {onnx_op: op for op in OPERATORS for onnx_op in op.onnx}
+#: Relax operator -> the operator that replaces it.
+BY_RELAX = {relax_op: op for op in OPERATORS for relax_op in op.relax}
+
+
+def onnx_ops(*kinds: Kind) -> frozenset:
+    """ONNX op types of the operators of the given kinds (all kinds when none is given)."""
+    return frozenset(name for op in OPERATORS if not kinds or op.kind in kinds for name in op.onnx)
+
+
+def relax_ops(*kinds: Kind) -> frozenset:
+    return frozenset(name for op in OPERATORS if op.kind in kinds for name in op.relax)
+
+
+def stages(*fusions: Fusion) -> tuple:
+    """Gaussian stage names of the given fusion classes, in registry order."""
+    return tuple(op.name for op in STAGES.values() if op.fusion in fusions)
+
+
+#: ONNX input positions that are compile-time constants (clip bounds, pads), per op type.
+CONSTANT_INPUTS = {name: op.constant_inputs for op in OPERATORS if op.constant_inputs for name in op.onnx}
+#: Relax operators of a dropped output function -> its name.
+OUTPUT_FUNCTIONS = {relax_op: op.function for op in OPERATORS if op.kind is Kind.OUTPUT for relax_op in op.relax}
+#: Relax operators that become a `scale` stage when their second operand is a deterministic
+#: scalar c -> the factor: multiply by c, divide by c.
+SCALING = {**{name: lambda c: c for name in STAGES["multiply"].relax}, **{name: lambda c: 1.0 / c for name in STAGES["divide"].relax}}
+#: Stages that reduce over a fan-in.
+LINEAR_OPS = stages(Fusion.LINEAR)
+#: Relax operators of the linear stages.
+LINEAR_RELAX_OPS = tuple(name for stage in LINEAR_OPS for name in STAGES[stage].relax)
+#: 1-D Relax operators lowered to their 2-D stage.
+LOWERED_1D = tuple(name for op in OPERATORS for name in op.lowered_1d)
+
+
+def unsupported_reason(node, attrs: dict, rank) -> str | None:
+    """Why the registry refuses ONNX ``node`` ("" for an unknown op), or None. ``rank``: the rank
+    of its first input where known."""
+    op = BY_ONNX.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if op is None:
+        return ""
+    return op.onnx_rule(node, attrs, rank) if op.onnx_rule is not None else None
+
+
+def stage_of(call, relax_op: str):
+    """(stage, attrs) of a Relax call, or None when it has no Gaussian counterpart."""
+    op = BY_RELAX.get(relax_op)
+    if op is None or op.kind is not Kind.GAUSSIAN:
+        return None
+    attrs = op.relax_attrs(call)
+    return None if attrs is None else (op.name, attrs)
+
+
+def gaussian_ops(stage: str, attrs: dict, out_size: int) -> dict:
+    """{label: Gaussian nonlinearity evaluations} of one stage producing ``out_size`` elements."""
+    count = STAGES[stage].gaussian_ops
+    return {} if count is None else count(attrs, out_size)
