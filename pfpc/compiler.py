@@ -15,14 +15,16 @@ from tvm import relax
 
 from . import ir_state
 from .codegen import emit_c, emit_svi, footprint, shared_weights
-from .codegen import shared_draw as shared_draw_kernels
-from .codegen.program import C_KEYWORDS, Program, lower_to_program
+from .c_identifiers import C_KEYWORDS
+from .codegen.program import Program, lower_to_program
 from .codegen.targets import get_target
 from .errors import PfpcError
+from .frontends import shared_posterior
 from .frontends.onnx_model import input_shapes, load_model, output_shapes
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
 from .passes.append_predictive_outputs import AppendPredictiveOutputs
+from .passes.apply_shared_draws import ApplySharedDraws
 from .passes.pipeline import check_order, default_passes, svi_passes
 
 # A PfpcError raised inside a pass crosses TVM's FFI; registered, it comes back as itself.
@@ -82,8 +84,7 @@ def compile(  # noqa: A001 - the public name users expect
     if outputs and mode == "svi":
         raise PfpcError("--outputs: predictive outputs are computed from the PFP's logit moments; not available with --mode svi")
     passes = list(passes if passes is not None else (svi_passes() if mode == "svi" else default_passes()))
-    if outputs:
-        passes.append(("append_predictive_outputs", AppendPredictiveOutputs(outputs)))
+    last = [("append_predictive_outputs", AppendPredictiveOutputs(outputs))] if outputs else []
     if out_dir is not None:
         _check_replaceable(out_dir, force)
     label = os.path.basename(model) if isinstance(model, (str, os.PathLike)) else "model"
@@ -100,6 +101,9 @@ def compile(  # noqa: A001 - the public name users expect
         post = bind_posterior(model, posterior, shared_draw=shared_draw)
     else:
         post = load_posterior(model, posterior, shared_draw=shared_draw)
+    if mode == "pfp" and post.shared is not None and post.shared.semantics == "shared_draw":
+        passes.append(("apply_shared_draws", ApplySharedDraws(shared_posterior.draws(post.shared))))
+    passes += last
     mod = import_model(model, post, label)
     io = {"inputs": list(input_shapes(model).items()), "outputs": _output_shapes(model, mod)}
     if dump_ir:
@@ -111,13 +115,7 @@ def compile(  # noqa: A001 - the public name users expect
     if mode == "svi":
         program = emit_svi.lower_to_program(mod, weights, io, name, samples, seed, target_info)
     else:
-        traced = None
-        if post.shared is not None and post.shared.semantics == "shared_draw":
-            traced = _trace_shared_draws(model, post, passes, label)
-
         def read_through_codebooks(program, prim_funcs):
-            if traced is not None:
-                shared_draw_kernels.rewrite(program, prim_funcs, traced, post.shared)
             program.shared = shared_weights.encode(program, set(post.shared.tensors), prim_funcs)
 
         program = lower_to_program(mod, weights, io, name, target_info,
@@ -146,14 +144,6 @@ def _run_passes(mod, passes, dump_ir=None):
         if dump_ir:
             _dump(dump_ir, index, pass_name, mod)
     return mod
-
-
-def _trace_shared_draws(model, post, passes, label) -> dict:
-    """Where the passes put every weight of a shared-draw posterior (`codegen.shared_draw.trace`):
-    the model compiled once more with the covered weights replaced by their positions."""
-    tracer = Posterior({**post.means, **shared_draw_kernels.tracer_means(post.shared)}, post.variances)
-    func = _run_passes(import_model(model, tracer, label), passes)["main"]
-    return shared_draw_kernels.trace(ir_state.means(func), ir_state.onnx_names(func), post.shared)
 
 
 def check_c_name(name) -> None:

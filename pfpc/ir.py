@@ -199,9 +199,10 @@ def with_attrs(func, attrs: dict):
     return func
 
 
-def with_used_weights(mod: tvm.IRModule, means: dict, variances: dict, names: dict) -> tvm.IRModule:
+def with_used_weights(mod: tvm.IRModule, means: dict, variances: dict, names: dict, positions: dict) -> tvm.IRModule:
     """``main`` without the weight parameters it no longer uses, its weight attributes
-    (``pfp.params``, ``pfp.weight_var``, ``pfp.onnx_names``) set from the given dicts."""
+    (``pfp.params``, ``pfp.weight_var``, ``pfp.onnx_names``, ``pfp.weight_positions``) set from
+    the given dicts."""
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
     used = used_vars(func.body)
@@ -211,6 +212,7 @@ def with_used_weights(mod: tvm.IRModule, means: dict, variances: dict, names: di
         means={k: v for k, v in means.items() if k in kept},
         variances={k: v for k, v in variances.items() if k in kept},
         onnx_names={k: v for k, v in names.items() if k in kept},
+        weight_positions={k: v for k, v in positions.items() if k in kept},
     ))
     mod["main"] = with_attrs(relax.Function(params, func.body, func.ret_ty, func.is_pure), attrs)
     return mod

@@ -8,6 +8,7 @@ rest weights):
 | ``pfp.params`` | parameter name -> weight mean (float32 array), one per weight parameter | import; every pass that changes weights |
 | ``pfp.weight_var`` | parameter name -> weight variance, stochastic weights only | import (removed by `SubstituteLayers`, whose variances are parameters) |
 | ``pfp.onnx_names`` | parameter name -> ONNX initializer it comes from | import, the weight-folding passes |
+| ``pfp.weight_positions`` | parameter name -> the flat position in its ONNX initializer of every element (int64, the parameter's shape), or None (stored empty) where a pass changed the values; a weight without an entry is the initializer as imported | the weight-folding passes (provenance: `SharedDraws` reads it) |
 | ``pfp.sampled_std`` | parameter name -> weight std drawn per sample | `DetachWeightStd` (mode svi) |
 | ``pfp.outputs`` | the `Moment` of each model output (``main`` returns mean [+ moment] per output) | `SubstituteLayers`, the kernel-rewriting passes |
 | ``pfp.output_softmax`` | [{"output": index, "function": name, "axis": int}] of dropped softmaxes | `SubstituteLayers` |
@@ -36,6 +37,7 @@ PARAMS = "pfp.params"
 WEIGHT_VAR = "pfp.weight_var"
 ONNX_NAMES = "pfp.onnx_names"
 SAMPLED_STD = "pfp.sampled_std"
+WEIGHT_POSITIONS = "pfp.weight_positions"
 OUTPUTS = "pfp.outputs"
 OUTPUT_SOFTMAX = "pfp.output_softmax"
 EXTRA_OUTPUTS = "pfp.extra_outputs"
@@ -74,6 +76,19 @@ def onnx_name(names: dict, param: str) -> str:
     return names.get(param, names.get(param.rsplit(".", 1)[0], param))
 
 
+def weight_positions(func) -> dict[str, np.ndarray | None]:
+    """``pfp.weight_positions`` (None: values changed at compile time, no positions)."""
+    return {name: (None if value.size == 0 else value) for name, value in _arrays(func, WEIGHT_POSITIONS).items()}
+
+
+def source_positions(positions: dict, param: str, shape) -> np.ndarray | None:
+    """Where the elements of weight ``param`` come from in its initializer: the flat positions
+    (the identity for a weight as imported), None where a pass changed its values."""
+    if param in positions:
+        return positions[param]
+    return np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+
+
 def output_moments(func) -> list[Moment]:
     return [Moment(str(r)) for r in func.attrs[OUTPUTS]]
 
@@ -102,13 +117,19 @@ def _tensors(values: dict):
 _UNSET = object()
 
 
+def _positions(values: dict):
+    return {name: tvm.runtime.tensor(np.zeros(0, np.int64) if value is None else np.ascontiguousarray(value, np.int64))
+            for name, value in values.items()}
+
+
 def encode(*, means=_UNSET, variances=_UNSET, onnx_names=_UNSET, sampled_std=_UNSET, outputs=_UNSET,
-           output_softmax=_UNSET, extra_outputs=_UNSET) -> dict:
+           output_softmax=_UNSET, extra_outputs=_UNSET, weight_positions=_UNSET) -> dict:
     """The given state as ``{attribute: TVM value}`` (None: remove the attribute), for `ir.func_attrs`."""
     encoders = {
         PARAMS: (means, _tensors),
         WEIGHT_VAR: (variances, _tensors),
         SAMPLED_STD: (sampled_std, _tensors),
+        WEIGHT_POSITIONS: (weight_positions, _positions),
         ONNX_NAMES: (onnx_names, dict),
         OUTPUTS: (outputs, lambda reprs: [str(Moment(r)) for r in reprs]),
         OUTPUT_SOFTMAX: (output_softmax, json.dumps),
@@ -144,6 +165,9 @@ def check_module(mod: tvm.IRModule) -> None:
                                 f"{weights.get(name, 'does not exist')}")
             if value.dtype != np.float32 or not np.all(np.isfinite(value)) or (key != PARAMS and np.any(value < 0)):
                 raise PfpcError(f"ill-formed IR: {key}['{name}'] is not finite{'' if key == PARAMS else ' and non-negative'} float32")
+    for name, value in weight_positions(func).items():
+        if name not in weights or (value is not None and list(value.shape) != weights[name]):
+            raise PfpcError(f"ill-formed IR: {WEIGHT_POSITIONS}['{name}'] does not match a weight parameter")
     kernels = 0
     for block in func.body.blocks:
         for binding in block.bindings:

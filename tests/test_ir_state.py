@@ -25,14 +25,20 @@ def _through(name):
     return passes[: [n for n, _ in passes].index(name) + 1]
 
 
-@pytest.fixture(scope="module")
-def imported():
+def _imported(model, posterior):
+    """The module as imported (no pass run)."""
     from pfpc.frontends.onnx_model import load_model
-    from pfpc.frontends.posterior import load_posterior
+    from pfpc.frontends.posterior import bind_posterior, load_posterior
     from pfpc.frontends.relax_import import import_model
 
-    model = load_model(LENET, 1)
-    return import_model(model, load_posterior(model, LENET_POST))
+    model = load_model(model, 1) if isinstance(model, str) else model
+    post = load_posterior(model, posterior) if isinstance(posterior, str) else bind_posterior(model, posterior)
+    return import_model(model, post)
+
+
+@pytest.fixture(scope="module")
+def imported():
+    return _imported(LENET, LENET_POST)
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +137,42 @@ def test_moments_compare_as_their_names():
     """The enum is a str: specs, C names and pfp.outputs keep the spelling they had."""
     assert [str(m) for m in Moment] == ["none", "var", "second_moment"] and Moment.VAR == "var"
     assert f"x_{Moment.SECOND_MOMENT}" == "x_second_moment"
+
+
+def test_folded_weights_record_where_their_elements_come_from():
+    """fold_weight_layout records, per element of a transposed weight, its flat position in the
+    ONNX initializer: gathering the initializer there gives the folded mean (checked against the
+    ONNX file's values, not the pass's arithmetic)."""
+    import onnx
+    from onnx import numpy_helper
+
+    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(LENET).graph.initializer}
+    func = compiler._run_passes(_imported(LENET, LENET_POST), _through("fold_weight_layout"))["main"]
+    means, names, positions = ir_state.means(func), ir_state.onnx_names(func), ir_state.weight_positions(func)
+    moved = [name for name in positions if positions[name] is not None]
+    # Gemm transB: transposed weights; conv biases: reshaped to [1, C, 1, 1]
+    assert {names[name] for name in moved} == {"fc1.weight", "fc2.weight", "conv1.bias", "conv2.bias"}
+    for name in moved:
+        source = initializers[names[name]]
+        assert positions[name].shape == means[name].shape and positions[name].size == source.size
+        np.testing.assert_array_equal(source.reshape(-1)[positions[name]], means[name])
+    assert positions["fc1.weight.permute_dims"].shape == initializers["fc1.weight"].T.shape
+    imported = [n for n in means if n not in positions and n in names]
+    assert imported and all(np.array_equal(ir_state.source_positions(positions, n, means[n].shape).reshape(-1),
+                                           np.arange(means[n].size)) for n in imported)
+
+
+def test_batch_norm_folding_marks_the_weights_it_scales():
+    """A weight batch-norm folding scales has no positions (its elements are no initializer's)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [3, 2, 3, 3], rng.normal(size=54).astype(np.float32))]
+    inits += [helper.make_tensor(n, TensorProto.FLOAT, [3], rng.uniform(0.5, 1.5, 3).astype(np.float32)) for n in ("s", "b", "m", "v")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 3, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    func = compiler._run_passes(_imported(model, {"w.std": np.full([3, 2, 3, 3], 0.1, np.float32)}), _through("fold_batch_norm"))["main"]
+    positions = ir_state.weight_positions(func)
+    assert "w" in positions and positions["w"] is None

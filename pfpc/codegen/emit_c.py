@@ -50,10 +50,8 @@ def _pointer(tensor: Tensor) -> str:
 
 def render(program: Program) -> dict[str, str]:
     """The generated files as ``{file name: text}``."""
-    if program.sampling is not None:
-        from .emit_svi import render_svi
-
-        return render_svi(program)
+    if program.sampling is not None:  # the sampling build (`emit_svi`) renders itself
+        return program.sampling.render(program)
     name = program.name
     files = {}
     files[f"{name}.h"] = render_header(

@@ -59,6 +59,10 @@ class Sampling:
     def sampled_bytes(self) -> int:
         return sum(4 * w.tensor.size for w in self.weights)
 
+    def render(self, program) -> dict[str, str]:
+        """The generated files (`emit_c.render` asks the program's sampling for them)."""
+        return render_svi(program)
+
     def metadata(self) -> dict:
         """The keys ``pfpc.json`` gets in mode svi."""
         return {"mode": "svi", "samples": self.samples, "seed": self.seed, "sampled_weights_bytes": self.sampled_bytes,

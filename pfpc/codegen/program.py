@@ -17,6 +17,7 @@ import tvm
 from tvm import relax
 
 from .. import ir_state
+from ..c_identifiers import C_KEYWORDS
 from ..errors import PfpcError
 from ..ir import call_op_name, main_bindings, output_fields
 from ..ops.gaussian import Moment
@@ -24,12 +25,6 @@ from ..ops.kernel import KernelSpec
 from . import memory_plan
 from .kernels import generate_c_kernels
 from .targets import get_target
-
-C_KEYWORDS = set(
-    "auto break case char const continue default do double else enum extern float for goto if inline int long "
-    "register restrict return short signed sizeof static struct switch typedef union unsigned void volatile while "
-    "_Bool _Complex _Imaginary bool true false NULL main".split()
-)
 
 
 #: Header macros are <NAME>_<IDENT upper-cased>_SIZE; these identifiers would repeat fixed ones.

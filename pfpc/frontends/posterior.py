@@ -16,6 +16,7 @@ from onnx import numpy_helper
 
 from ..errors import PfpcError
 from . import shared_posterior
+from .npz import read_npz  # noqa: F401 - the posterior reader's home for its users (importers)
 
 PARAMETERISATIONS = ("std", "var", "logvar", "rho")
 
@@ -43,30 +44,6 @@ def _to_variance(kind, values):
             return np.exp(values)
         std = np.logaddexp(0.0, values)  # softplus, stable for large rho
         return std * std
-
-
-def read_npz(path) -> dict:
-    path = os.fspath(path)
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise PfpcError(f"{path}: no such posterior file") from None
-    except Exception as err:  # a damaged file fails anywhere in numpy's and zipfile's readers
-        raise PfpcError(f"{path}: not a readable .npz posterior ({type(err).__name__}: {err})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise PfpcError(f"{path}: not an .npz archive (a single array was found)")
-    arrays = {}
-    with archive:
-        for key in archive.files:
-            try:
-                arrays[key] = archive[key]
-            except ValueError as err:
-                if "allow_pickle" not in str(err):
-                    raise PfpcError(f"{path}: array '{key}' cannot be read ({err})") from None
-                raise PfpcError(f"{path}: array '{key}' holds Python objects (pickled); refusing to load it") from None
-            except Exception as err:
-                raise PfpcError(f"{path}: array '{key}' cannot be read ({type(err).__name__}: {err})") from None
-    return arrays
 
 
 def bind_posterior(model: onnx.ModelProto, arrays: dict, source: str = "posterior", shared_draw: bool = False) -> Posterior:

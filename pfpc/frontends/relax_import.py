@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 
-from ..codegen.program import C_KEYWORDS
+from ..c_identifiers import C_KEYWORDS
 from ..errors import PfpcError
 from .. import ir_state
 from ..ir import constant_value

@@ -12,7 +12,7 @@ Header keys (no initializer prefix):
   ``"shared_draw"``: one draw per component, shared by all weights that use it (the behaviour of
   the paper's code; blends and exceptions are drawn on their own); the weights of a component are
   then fully correlated and the variance of a linear layer needs grouped sums
-  (`codegen.shared_draw`, docs/shared_posterior.md). Propagated by the compiled PFP only; `load`
+  (`passes.apply_shared_draws`, docs/shared_posterior.md). Propagated by the compiled PFP only; `load`
   refuses it elsewhere (sampling would draw every weight on its own); `expand` gives its marginals.
 
 Per covered ONNX initializer ``<name>`` (flat positions are row-major in the initializer's shape):
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PfpcError
+from .npz import read_npz
 
 FORMAT = "pfpc-shared-posterior"
 VERSION = 1
@@ -118,6 +119,27 @@ def expand_tensor(shared: SharedTensor) -> tuple[np.ndarray, np.ndarray]:
         scale = shared.channel_scale.astype(np.float64).reshape(view)
         mu, sigma = mu * scale, sigma * np.abs(scale)
     return mu, sigma
+
+
+def draw_arrays(tensor: SharedTensor) -> tuple[np.ndarray, np.ndarray]:
+    """(group, signed std) per weight, flat, in the initializer's layout, for semantics
+    ``shared_draw``: the component, or -1 for blends and exceptions (drawn on their own); the std
+    times the sign of the channel scale."""
+    groups = tensor.component_index.reshape(-1).astype(np.int64)
+    for positions in (tensor.blend_position, tensor.exception_position):
+        if positions is not None:
+            groups[positions] = -1
+    _, sigma = expand_tensor(tensor)
+    if tensor.channel_scale is not None:
+        view = [1] * len(tensor.shape)
+        view[tensor.channel_axis] = -1
+        sigma = sigma * np.sign(tensor.channel_scale.astype(np.float64)).reshape(view)
+    return groups, sigma.reshape(-1)
+
+
+def draws(shared: SharedPosterior) -> dict:
+    """Initializer -> (components, group per weight, signed std per weight) (`draw_arrays`)."""
+    return {name: (tensor.components, *draw_arrays(tensor)) for name, tensor in shared.tensors.items()}
 
 
 def expand(shared: SharedPosterior) -> dict:
@@ -271,8 +293,6 @@ def load(arrays: dict, shapes: dict, source: str, shared_draw: bool = False) -> 
 
 def read(path) -> SharedPosterior:
     """Parse a shared-posterior file without a model (shapes from the component indices)."""
-    from .posterior import read_npz
-
     arrays = read_npz(path)
     if not is_shared(arrays):
         raise PfpcError(f"{os.fspath(path)}: not a shared posterior (no 'format' key)")

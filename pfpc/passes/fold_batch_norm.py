@@ -13,7 +13,9 @@ axis), when W and the intermediate results have no other consumer. Otherwise
 
 (per-channel constants broadcast along the batch-norm axis; T carries var(beta)). Both are exact.
 gamma, running mean and running variance must be deterministic; beta may be stochastic.
-Runs on the deterministic module after `FoldWeightLayout`, whose weight parameters it edits.
+Runs on the deterministic module after `FoldWeightLayout`, whose weight parameters it edits; the
+weights whose values it changes or makes are recorded in ``pfp.weight_positions`` as None (their
+elements are no longer the initializer's).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ LINEAR = LINEAR_RELAX_OPS
 
 
 class _Fold(MainRewriter):
-    def __init__(self, mod, means, variances, names):
+    def __init__(self, mod, means, variances, names, positions):
         super().__init__(mod)
-        self.means, self.variances, self.names = means, variances, names
+        self.means, self.variances, self.names, self.positions = means, variances, names, positions
         self.num_input = int(self.func.attrs["num_input"])
         self.bindings = {b.var: b for b in main_bindings(self.func)}
         self.uses = self._count_uses()
@@ -57,6 +59,7 @@ class _Fold(MainRewriter):
     def _add_param(self, name, mean, var):
         param = relax.Var(name, relax.TensorType(list(mean.shape), "float32"))
         self.means[name] = mean.astype(np.float32)
+        self.positions[name] = None
         if var is not None and np.any(var):
             self.variances[name] = var.astype(np.float32)
         self.new_params.append(param)
@@ -127,6 +130,7 @@ class _Fold(MainRewriter):
             along = [1] * self.means[weight].ndim
             along[channel_axis] = -1
             self.means[weight] = (self.means[weight] * g.reshape(along)).astype(np.float32)
+            self.positions[weight] = None
             if weight in self.variances:
                 self.variances[weight] = (self.variances[weight] * (g * g).reshape(along)).astype(np.float32)
             bias_mean, bias_var = np.zeros_like(g), np.zeros_like(g)
@@ -170,5 +174,6 @@ class FoldBatchNorm:
         if not any(call_op_name(b.value) == "relax.nn.batch_norm" for b in main_bindings(func)):
             return mod
         means, variances, names = ir_state.means(func), ir_state.variances(func), ir_state.onnx_names(func)
-        mod = _Fold(mod, means, variances, names).run(list(func.params), func_attrs(func))
-        return with_used_weights(mod, means, variances, names)
+        positions = ir_state.weight_positions(func)
+        mod = _Fold(mod, means, variances, names, positions).run(list(func.params), func_attrs(func))
+        return with_used_weights(mod, means, variances, names, positions)

@@ -4,7 +4,10 @@
     y  = R.matmul(x, lv)                                variance permuted alike); y = R.matmul(x, fc_weight_T)
 
 Handles permute_dims, reshape, expand_dims, squeeze and multiplication by a scalar constant
-(mean scaled by c, variance by c^2) whose operands are weights. Runs on the deterministic module.
+(mean scaled by c, variance by c^2) whose operands are weights. Records where every element of a
+new weight comes from in its initializer (``pfp.weight_positions``: the same layout operation
+applied to the source's positions; None for a scaled weight, whose values changed). Runs on the
+deterministic module.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class FoldWeightLayout:
         func = mod["main"]
         num_input = int(func.attrs["num_input"])
         means, variances, names = ir_state.means(func), ir_state.variances(func), ir_state.onnx_names(func)
+        positions = ir_state.weight_positions(func)
         weights = {param: param.name for param in func.params[num_input:]}
         replace, new_params = {}, []
         for binding in main_bindings(func):
@@ -45,6 +49,8 @@ class FoldWeightLayout:
                 continue
             source = weights[call.args[0]]
             folded = _fold(op, call, means[source], variances.get(source))
+            source_positions = ir_state.source_positions(positions, source, means[source].shape)
+            moved = None if folded is None or source_positions is None else _fold(op, call, source_positions, None)[0]
             if folded is None and op in R.SCALING:
                 factor = scalar_value(call.args[1])
                 if factor is not None:
@@ -59,13 +65,14 @@ class FoldWeightLayout:
             if folded[1] is not None:
                 variances[name] = folded[1]
             names[name] = names.get(source, source)
+            positions[name] = moved
             weights[binding.var] = name
             replace[binding.var] = param
             new_params.append(param)
         if not replace:
             return mod
         mod = _Substitute(mod, replace).run(list(func.params) + new_params, func_attrs(func))
-        return with_used_weights(mod, means, variances, names)
+        return with_used_weights(mod, means, variances, names, positions)
 
 
 class _Substitute(MainRewriter):

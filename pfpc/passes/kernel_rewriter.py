@@ -34,7 +34,7 @@ class KernelRewriter:
 
     # --- hooks -------------------------------------------------------------------------------
     def weight_operand(self, mean_param, var_param) -> GaussianValue:
-        """The Gaussian a weight enters the graph as (default: variance, as substituted)."""
+        """The Gaussian a weight with a variance enters the graph as (default: as it is)."""
         return GaussianValue(mean_param, var_param, Moment.VAR)
 
     def specialize(self, spec: KernelSpec, operands: list, binding) -> tuple[KernelSpec, list]:
@@ -89,8 +89,10 @@ class KernelRewriter:
                 index += 1
             if mean in self.values:
                 operands.append(self.values[mean][0])
-            elif self.is_weight(mean):
-                operands.append(self.weight_operand(mean, moment) if moment is not None else GaussianValue(mean))
+            elif self.is_weight(mean) and rep == Moment.VAR:
+                operands.append(self.weight_operand(mean, moment))
+            elif self.is_weight(mean):  # deterministic, or a second moment `FoldWeightMoments` made
+                operands.append(GaussianValue(mean, moment, rep))
             else:
                 operands.append(GaussianValue(mean))
         return operands
@@ -163,6 +165,8 @@ class KernelRewriter:
         mod = bb.get()
         func = mod["main"]
         kept = {p.name for p in func.params[self.num_input :]}
-        attrs = func_attrs(self.func, ir_state.encode(means={k: v for k, v in self.weights.items() if k in kept}, outputs=reprs))
+        positions = {k: v for k, v in ir_state.weight_positions(self.func).items() if k in kept}
+        attrs = func_attrs(self.func, ir_state.encode(means={k: v for k, v in self.weights.items() if k in kept}, outputs=reprs,
+                                                      weight_positions=positions))
         mod["main"] = with_attrs(relax.Function(list(func.params), func.body, func.ret_ty, func.is_pure), attrs)
         return mod
