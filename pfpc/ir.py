@@ -29,14 +29,6 @@ def shape_of(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
 
 
-def weight_values(func: relax.Function) -> dict[str, np.ndarray]:
-    return ir_state.means(func)
-
-
-def to_tensor_map(values: dict[str, np.ndarray]):
-    return {name: tvm.runtime.tensor(np.ascontiguousarray(value, np.float32)) for name, value in values.items()}
-
-
 def call_op_name(expr) -> str | None:
     if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
         return expr.op.name

@@ -23,8 +23,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import PfpcError
 from .. import ir_state
+from ..errors import PfpcError
 from ..ir import GaussianValue, constant_value, kernel_label, operand_names, scalar_value, MainRewriter, call_op_name, func_attrs, with_attrs
 from ..ops import registry as R
 from ..ops.gaussian import Moment
