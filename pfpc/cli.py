@@ -291,7 +291,7 @@ def _interrupted(signalled) -> int:
 
 
 def _compile(args) -> int:
-    from .codegen.footprint import format_report, parse_bytes
+    from .options import parse_bytes
 
     ram_limit = parse_bytes(args.ram_limit, "--ram-limit") if args.ram_limit else None
     flash_limit = parse_bytes(args.flash_limit, "--flash-limit") if args.flash_limit else None
@@ -299,6 +299,7 @@ def _compile(args) -> int:
         raise PfpcError("give --posterior or --deterministic, not both")
     if not args.posterior and not args.deterministic:
         _refuse_missing_posterior(args)
+    from .codegen.footprint import format_report
     from .compiler import compile as compile_model
 
     result = compile_model(

@@ -23,15 +23,7 @@ import numpy as np
 from ..errors import PfpcError
 from ..ops.moments import FMA_PER_MAC, FMA_PER_MAC_GENERAL
 
-UNITS = {"": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2, "mib": 1024 ** 2}
-
-
-def parse_bytes(text: str, option: str) -> int:
-    """'256K', '1M', '65536' -> bytes; a clear error names the option otherwise."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]i?[bB]?)?\s*", str(text))
-    if not match:
-        raise PfpcError(f"{option}: '{text}' is not a size (examples: 65536, 256K, 1M)")
-    return int(match.group(1)) * UNITS[(match.group(2) or "").lower()]
+from ..options import parse_bytes  # noqa: F401 - its old home
 
 
 def layer_costs(program) -> list[dict]:

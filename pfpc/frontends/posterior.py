@@ -45,8 +45,38 @@ def _to_variance(kind, values):
         return std * std
 
 
-def read_npz(path) -> dict:
+def _check_members(path, allowed=None, max_bytes=None) -> None:
+    """Refuse, before anything is decompressed, duplicate member names, members that
+    ``allowed(key)`` rejects (returns a reason) and members whose declared size exceeds
+    ``max_bytes(key)`` (a small .npz can claim gigabytes)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip: np.load says what it is
+    seen = set()
+    for info in infos:
+        key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        if key in seen:
+            raise PfpcError(f"{path}: the archive holds two members named '{key}'; refusing an ambiguous posterior")
+        seen.add(key)
+        reason = allowed(key) if allowed is not None else None
+        if reason:
+            raise PfpcError(f"{path}: key '{key}' {reason}")
+        limit = max_bytes(key) if max_bytes is not None else None
+        if limit is not None and info.file_size > limit:
+            raise PfpcError(f"{path}: member '{key}' would decompress to {info.file_size:,} bytes, more than the "
+                            f"{limit:,} its tensor can need; refusing to read it")
+
+
+def read_npz(path, allowed=None, max_bytes=None) -> dict:
+    """The arrays of an .npz, read without pickles; ``allowed``/``max_bytes`` check every member
+    by name and declared size before it is decompressed (`_check_members`)."""
     path = os.fspath(path)
+    if os.path.isfile(path):
+        _check_members(path, allowed, max_bytes)
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -112,4 +142,38 @@ def bind_posterior(model: onnx.ModelProto, arrays: dict, source: str = "posterio
 
 
 def load_posterior(model: onnx.ModelProto, path, shared_draw: bool = False) -> Posterior:
-    return bind_posterior(model, read_npz(path), os.fspath(path), shared_draw)
+    """`bind_posterior` of the .npz at ``path``, whose members are checked by name and declared
+    size against the model before any is decompressed."""
+    sizes = {init.name: int(np.prod(init.dims, dtype=np.int64)) for init in model.graph.initializer}
+    npy_header = 64 * 1024  # the .npy header is at most 64 KiB
+
+    def allowed(key):
+        if key == "format":
+            return None
+        tensor, _, kind = key.rpartition(".")
+        if kind in PARAMETERISATIONS + ("mean",) and tensor in sizes:
+            return None
+        if _has_shared_format(path):  # a shared posterior's own keys: checked by shared_posterior.load
+            return None
+        if not tensor or kind not in PARAMETERISATIONS + ("mean",):
+            return "is not <initializer>.{std,var,logvar,rho,mean}"
+        return "names no initializer of the model"
+
+    def max_bytes(key):
+        tensor, _, kind = key.rpartition(".")
+        if tensor in sizes and kind in PARAMETERISATIONS + ("mean",):
+            return 8 * sizes[tensor] + npy_header  # float64 at most
+        # a shared posterior's codebooks, indices and blends: at most 48 bytes per weight of the model
+        return 48 * sum(sizes.values()) + npy_header
+
+    return bind_posterior(model, read_npz(path, allowed, max_bytes), os.fspath(path), shared_draw)
+
+
+def _has_shared_format(path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "format.npy" in archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
