@@ -356,3 +356,19 @@ def test_compiled_model_can_be_saved_and_run_later(tmp_path):
     np.testing.assert_array_equal(var, direct[0][1])
     with pytest.raises(TypeError):
         compiler.compile(MLP, MLP_POST, "host")  # keyword-only after the posterior
+
+
+@needs_arm
+def test_image_larger_than_the_emulated_board_is_refused_before_qemu(tmp_path, monkeypatch, capsys):
+    """Said before QEMU runs (it would lock up at reset): here the board's flash made smaller
+    than the MLP's image (55 KB of weights and code)."""
+    import pfpc.runner as runner
+
+    out = str(tmp_path / "m4")
+    compiler.compile(MLP, MLP_POST, out_dir=out, batch=1, target="cortex-m4")
+    monkeypatch.setattr(runner, "board_memory", lambda target: {"FLASH": 32 * 1024, "RAM": 4 * 1024 ** 2})
+    assert main(["run", out, "--input", SAMPLE, "--emulate"]) == 2
+    err = capsys.readouterr().err
+    assert "more than the 32,768 of the emulated board (mps2-an386)" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.undo()
+    assert runner.board_memory(compiler.get_target("cortex-m4")) == {"FLASH": 4 * 1024 ** 2, "RAM": 4 * 1024 ** 2}
