@@ -299,8 +299,11 @@ def _compile(args) -> int:
         raise PfpcError("give --posterior or --deterministic, not both")
     if not args.posterior and not args.deterministic:
         _refuse_missing_posterior(args)
-    from .codegen.footprint import format_report
-    from .compiler import compile as compile_model
+    from .progress import step
+
+    with step("loading TVM"):
+        from .codegen.footprint import format_report
+        from .compiler import compile as compile_model
 
     result = compile_model(
         args.model, args.posterior, target=args.target, out_dir=args.output, batch=args.batch,

@@ -16,6 +16,7 @@ import numpy as np
 
 from .codegen.targets import get_target
 from .errors import PfpcError
+from .progress import step
 
 
 def read_metadata(out_dir: str) -> dict:
@@ -141,16 +142,18 @@ def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False, profile: 
     for array, size, (name, shape) in zip(arrays, batch_in, meta["inputs"]):
         if array.size == 0 or array.size % size or array.size // size != chunks:
             raise PfpcError(f"input '{name}' has {array.size} values, not a positive multiple of the compiled shape {shape}")
-    if emulate or profile:
-        target, program = build_for_target(out_dir, meta, profile)
-    else:
-        target, program = get_target("host"), build_host(out_dir)
+    with step("building the C"):
+        if emulate or profile:
+            target, program = build_for_target(out_dir, meta, profile)
+        else:
+            target, program = get_target("host"), build_host(out_dir)
     interleaved = np.concatenate([a.reshape(chunks, -1) for a in arrays], axis=1).reshape(-1)
     with tempfile.TemporaryDirectory() as tmp:
         # semihosting opens files relative to QEMU's working directory: run there, with relative names
         interleaved.tofile(os.path.join(tmp, "in.f32"))
         command = target.emulator_command(os.path.abspath(program), ["in.f32", "out.f32"])
-        result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=3600)
+        with step(f"running {'under ' + target.emulator if target.emulator else 'on the host'}"):
+            result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=3600)
         if result.returncode != 0:
             raise PfpcError(f"{out_dir}: the generated program failed: {(result.stderr or result.stdout).strip()[-500:]}")
         raw = np.fromfile(os.path.join(tmp, "out.f32"), np.float32)
