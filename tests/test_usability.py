@@ -372,3 +372,43 @@ def test_image_larger_than_the_emulated_board_is_refused_before_qemu(tmp_path, m
     assert "more than the 32,768 of the emulated board (mps2-an386)" in err and len(err.strip().splitlines()) == 1
     monkeypatch.undo()
     assert runner.board_memory(compiler.get_target("cortex-m4")) == {"FLASH": 4 * 1024 ** 2, "RAM": 4 * 1024 ** 2}
+
+
+@needs_arm
+def test_firmware_example_prints_class_probability_and_decision(tmp_path):
+    """examples/firmware on Cortex-M4 under QEMU: its class and probability against the probit
+    approximation computed in float64 from the host build's logit moments, and the sample's label."""
+    lenet = os.path.join(EXAMPLES, "lenet")
+    out = str(tmp_path / "lenet_m4")
+    compiler.compile(os.path.join(lenet, "model.onnx"), os.path.join(lenet, "post.npz"), out_dir=out, batch=1, target="cortex-m4")
+    samples = os.path.join(lenet, "sample.npy")
+    subprocess.run([sys.executable, os.path.join(EXAMPLES, "firmware", "make_input.py"), samples, os.path.join(out, "input_data.h")], check=True)
+    run = subprocess.run(["make", "-s", "-C", os.path.join(EXAMPLES, "firmware"), f"OUT={out}", "run"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    _, best, _, probability, decision = next(line for line in run.stdout.splitlines() if line.startswith("class ")).split()
+    (mean, var), = compiler.run_host(out, [np.load(samples)[:1]])
+    scaled = mean[0].astype(np.float64) / np.sqrt(1 + np.pi / 8 * var[0].astype(np.float64))
+    p = np.exp(scaled - scaled.max())
+    p /= p.sum()
+    assert int(best) == int(np.argmax(p)) == int(np.load(os.path.join(lenet, "sample_labels.npy"))[0])
+    assert float(probability) == pytest.approx(p.max(), rel=1e-5)
+    assert decision == ("accept" if p.max() >= 0.9 else "abstain")
+
+
+def test_file_writer_leaves_nothing_on_failure(tmp_path):
+    """pfpc.atomic.write_file (compress, import-posterior, run --output): a failing writer leaves
+    the previous file as it was and no staging file."""
+    from pfpc.atomic import write_file
+
+    target = tmp_path / "shared.npz"
+    target.write_bytes(b"previous")
+
+    def fails(stream):
+        stream.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_file(target, fails, "shared posterior")
+    assert target.read_bytes() == b"previous" and not _staging(tmp_path)
+    write_file(target, lambda stream: stream.write(b"new"), "shared posterior")
+    assert target.read_bytes() == b"new" and not _staging(tmp_path)
