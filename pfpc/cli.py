@@ -220,6 +220,7 @@ def main(argv=None) -> int:
     from . import progress
 
     progress.show_on_terminal()
+    progress.current[0] = f"pfpc {command}"
     signalled = []
     previous = _catch_signals(signalled)
     try:
