@@ -132,7 +132,7 @@ def compile(  # noqa: A001 - the public name users expect
         else:
             post = load_posterior(model, posterior, shared_draw=shared_draw)
     with step("importing the model into TVM Relax"):
-        mod = import_model(model, post, label)
+        mod = _import_quietly(model, post, label)
     io = {"inputs": list(input_shapes(model).items()), "outputs": _output_shapes(model, mod)}
     if dump_ir:
         os.makedirs(dump_ir, exist_ok=True)
@@ -177,6 +177,26 @@ def compile(  # noqa: A001 - the public name users expect
         with step("writing the C"):
             result.save(out_dir, force)
     return result
+
+
+def _import_quietly(model, post, label):
+    """`import_model` with TVM's importer kept off stdout (it prints the failing operator there);
+    on a failure the operator it named goes into the step an internal-error message names."""
+    import contextlib
+    import io
+    import re
+
+    from . import progress
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            return import_model(model, post, label)
+    except Exception:
+        failed = re.search(r"Error converting operator (\S+?),", printed.getvalue())
+        if failed:
+            progress.current[0] += f" (ONNX operator {failed.group(1)})"
+        raise
 
 
 def _run_passes(mod, passes, dump_ir=None):

@@ -412,3 +412,16 @@ def test_file_writer_leaves_nothing_on_failure(tmp_path):
     assert target.read_bytes() == b"previous" and not _staging(tmp_path)
     write_file(target, lambda stream: stream.write(b"new"), "shared posterior")
     assert target.read_bytes() == b"new" and not _staging(tmp_path)
+
+
+def test_importer_failure_keeps_stdout_clean_and_names_the_operator(tmp_path, monkeypatch, capsys):
+    """TVM's ONNX importer prints the operator it failed on to stdout: pfpc keeps it off stdout
+    and names it in the one-line internal error."""
+    def failing_import(model, post, label):
+        print("Error converting operator Conv, with inputs: [x, w]")
+        raise RuntimeError("importer defect")
+
+    monkeypatch.setattr(compiler, "import_model", failing_import)
+    assert main([MLP, "--posterior", MLP_POST, "--batch", "1", "-o", str(tmp_path / "out")]) == 3
+    captured = capsys.readouterr()
+    assert captured.out == "" and "(ONNX operator Conv)" in captured.err and len(captured.err.strip().splitlines()) == 1
