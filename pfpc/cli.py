@@ -11,7 +11,19 @@ import numpy as np
 
 from .errors import PfpcError
 
-COMMANDS = ("run", "verify", "report", "bench", "evaluate", "compress", "import-posterior")
+COMMANDS = {
+    "run": "build the compiled C and run it on .npy inputs: class, probability, uncertainty per example",
+    "report": "flash, RAM and arithmetic per layer of a compiled model",
+    "verify": "compare the compiled PFP with Monte Carlo sampling of the weights",
+    "evaluate": "uncertainty quality (accuracy, NLL, ECE, OOD AUROC) on the dirty-digits suite",
+    "bench": "time the PFP against the deterministic network and sampling (SVI)",
+    "compress": "compress a posterior into shared codebooks (stochastic weight sharing)",
+    "import-posterior": "turn a bayesian-torch/blitz/Pyro/TFP/... checkpoint into a posterior .npz",
+    "example": "write a bundled example model and posterior (mlp, lenet) to a directory",
+}
+# the targets of pfpc.codegen.targets (kept here so that --help needs no import)
+TARGET_HELP = ("host (default), arm (= cortex-m4), cortex-m4, cortex-m7, cortex-m55 (bare metal, run under QEMU); "
+               "cortex-a53, cortex-a72, aarch64 (Linux)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,11 +34,27 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(PfpcError.exit_code)
 
 
+def _version() -> str:
+    from . import __version__
+
+    return f"pfpc {__version__}"
+
+
 def _compile_parser():
-    parser = _Parser(prog="pfpc", description="Compile a Bayesian neural network to standalone C (one-pass PFP).")
+    commands = "\n".join(f"  pfpc {name:<17} {text}" for name, text in COMMANDS.items())
+    parser = _Parser(
+        prog="pfpc", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile a Bayesian neural network (ONNX mean network + Gaussian posterior .npz) to standalone C "
+        "that computes the predictive mean and variance in one probabilistic forward pass (PFP).",
+        epilog=f"other commands (pfpc COMMAND --help for their options):\n{commands}\n\n"
+        "example:\n  pfpc example mlp -o mlp && pfpc mlp/model.onnx --posterior mlp/post.npz --batch 4 -o out/mlp "
+        "&& pfpc run out/mlp --input mlp/sample.npy")
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("model", help="ONNX model of the posterior-mean network")
-    parser.add_argument("--posterior", help="posterior .npz (<initializer>.std|.var|.logvar|.rho[, .mean])")
-    parser.add_argument("--target", default="host", help="host (default), arm, ...")
+    parser.add_argument("--posterior", help="posterior .npz (<initializer>.std|.var|.logvar|.rho[, .mean]); required unless --deterministic")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="compile without a posterior: every variance zero (the deterministic network, e.g. as a baseline)")
+    parser.add_argument("--target", default="host", help=TARGET_HELP)
     parser.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --force)")
     parser.add_argument("--batch", type=int, help="fixed batch size for a symbolic batch dimension")
     parser.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
@@ -34,7 +62,7 @@ def _compile_parser():
     parser.add_argument("--outputs", metavar="LIST", default="",
                         help="predictive outputs after the logits' mean and variance, comma-separated: probs (probit "
                         "probabilities), entropy (predictive entropy), ood (mean logit variance)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory that pfpc wrote")
     parser.add_argument("--mode", choices=("pfp", "svi"), default="pfp",
                         help="pfp (default): one probabilistic forward pass; svi: the same API computed by sampling the weights")
     parser.add_argument("--samples", type=int, help="with --mode svi: weight samples per call (default 100; -D<NAME>_SAMPLES overrides)")
@@ -98,13 +126,20 @@ def _report_parser():
 
 def _run_parser():
     parser = _Parser(prog="pfpc run", description="Build the generated C and run it, on the host or "
-                                     "(--emulate) for its target under QEMU.")
+                                     "(--emulate) for its target under QEMU; prints per example the predicted class, "
+                                     "its probability and the uncertainty scores.")
     parser.add_argument("out_dir")
     parser.add_argument("--input", required=True, action="append", help=".npy input (repeat for several inputs)")
-    parser.add_argument("--output", required=True, help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs), "
+    parser.add_argument("--output", help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs), "
                         "and probs/entropy/ood if compiled with --outputs")
+    parser.add_argument("--json", action="store_true", help="print JSON (one object) instead of text")
     parser.add_argument("--emulate", action="store_true", help="build for the compiled target and run under QEMU")
-    parser.add_argument("--cycles", action="store_true", help="with --emulate on Cortex-M: print cycles (instructions executed under QEMU) and peak stack per call")
+    parser.add_argument("--cycles", action="store_true", help="with --emulate on Cortex-M: print instructions executed "
+                        "under QEMU and peak stack per call")
+    parser.add_argument("--profile", action="store_true", help="with --emulate on Cortex-M: instructions per layer "
+                        "(counter reads around every kernel call; implies --cycles)")
+    parser.add_argument("--clock-mhz", type=float, metavar="MHZ", help="with --cycles/--profile: also estimate milliseconds "
+                        "per call at this core clock")
     parser.add_argument("--debug", action="store_true")
     return parser
 
@@ -177,29 +212,100 @@ def main(argv=None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else "compile"
     parsers = {"compile": _compile_parser, "run": _run_parser, "verify": _verify_parser, "report": _report_parser,
                "bench": _bench_parser, "evaluate": _evaluate_parser, "compress": _compress_parser,
-               "import-posterior": _import_parser}
+               "import-posterior": _import_parser, "example": _example_parser}
     args = parsers[command]().parse_args(
         argv[1:] if command != "compile" else argv
     )
     args.argv = argv
+    from . import progress
+
+    progress.show_on_terminal()
+    progress.current[0] = f"pfpc {command}"
+    signalled = []
+    previous = _catch_signals(signalled)
     try:
         return {"compile": _compile, "run": _run, "verify": _verify, "report": _report, "bench": _bench,
-                "evaluate": _evaluate, "compress": _compress, "import-posterior": _import_posterior}[command](args)
+                "evaluate": _evaluate, "compress": _compress, "import-posterior": _import_posterior,
+                "example": _example}[command](args)
     except PfpcError as err:
+        if signalled:
+            return _interrupted(signalled)
         if args.debug:
             raise
         print(f"pfpc: error: {err}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:
+        # the reader of our stdout went away (`pfpc run | head`): stop quietly, as a Unix filter does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
-        return 130
+        return _interrupted(signalled or [2])
+    except Exception as err:  # a bug in pfpc (or TVM): one line naming the stage, exit code 3
+        if signalled:  # an interrupt that TVM's FFI turned into another exception
+            return _interrupted(signalled)
+        if args.debug:
+            raise
+        from .errors import one_line
+
+        print(f"pfpc: internal error while {progress.current[0]}: {type(err).__name__}: {one_line(err)[:400]} "
+              "(a bug in pfpc: please report it; --debug shows the traceback)", file=sys.stderr)
+        return 3
+    finally:
+        _restore_signals(previous)
+
+
+def _catch_signals(signalled):
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, so that the atomic writer
+    removes its staging directory; further signals are ignored while that cleanup runs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        signalled.append(signum)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_signals(previous):
+    import signal
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _interrupted(signalled) -> int:
+    import signal
+
+    name = "SIGTERM" if signalled[0] == signal.SIGTERM else "SIGINT"
+    print(f"pfpc: interrupted ({name}); nothing was written", file=sys.stderr)
+    return 128 + int(signalled[0])
 
 
 def _compile(args) -> int:
-    from .codegen.footprint import format_report, parse_bytes
-    from .compiler import compile as compile_model
+    from .options import parse_bytes
 
     ram_limit = parse_bytes(args.ram_limit, "--ram-limit") if args.ram_limit else None
     flash_limit = parse_bytes(args.flash_limit, "--flash-limit") if args.flash_limit else None
+    if args.posterior and args.deterministic:
+        raise PfpcError("give --posterior or --deterministic, not both")
+    if not args.posterior and not args.deterministic:
+        _refuse_missing_posterior(args)
+    from .progress import step
+
+    with step("loading TVM"):
+        from .codegen.footprint import format_report
+        from .compiler import compile as compile_model
+
     result = compile_model(
         args.model, args.posterior, target=args.target, out_dir=args.output, batch=args.batch,
         dump_ir=args.dump_ir, name=args.name, force=args.force, measure=True, ram_limit=ram_limit, flash_limit=flash_limit,
@@ -207,8 +313,48 @@ def _compile(args) -> int:
     )
     sampling = result.program.sampling
     detail = f" run once per sample, {sampling.samples} samples (SVI)" if sampling else ""
-    print(f"pfpc: wrote {args.output}: {len(result.program.steps)} kernels{detail}")
+    kind = " (deterministic network: every variance is zero)" if args.deterministic else ""
+    print(f"pfpc: wrote {args.output}: {len(result.program.steps)} kernels{detail}{kind}")
     print(format_report(result.footprint, args.name))
+    return 0
+
+
+def _refuse_missing_posterior(args):
+    """Without a posterior the compiled network reports zero variance (certainty) on every input:
+    a silent trap, so it must be asked for (checked first: it needs no TVM and no model)."""
+    raise PfpcError(f"{args.model}: no --posterior given: the compiled network would report zero variance (certainty) "
+                    "on every input; give the weight posterior (--posterior POST.npz, see pfpc import-posterior) or "
+                    "--deterministic to compile the deterministic network on purpose")
+
+
+def _example_parser():
+    parser = _Parser(prog="pfpc example", description="Write a bundled example (ONNX model, posterior, sample inputs "
+                                     "and their labels) to a directory.")
+    parser.add_argument("name", choices=("mlp", "lenet"), help="mlp: 64-64-32-10 MLP; lenet: small CNN; both on 8x8 digits")
+    parser.add_argument("-o", "--output", help="directory to write (default: the example's name)")
+    parser.add_argument("--force", action="store_true", help="replace a directory pfpc wrote")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _example(args) -> int:
+    import shutil
+
+    from . import __version__
+    from .atomic import write_directory
+
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", args.name)
+    out = args.output or args.name
+
+    def fill(staging):
+        for name in sorted(os.listdir(source)):
+            if not name.startswith(("_", ".")):
+                shutil.copy(os.path.join(source, name), staging)
+
+    write_directory(out, fill, force=args.force, version=__version__)
+    print(f"pfpc: wrote {out}: model.onnx, post.npz, sample.npy (inputs), sample_labels.npy\n"
+          f"next: pfpc {out}/model.onnx --posterior {out}/post.npz --batch 4 -o {out}/c && "
+          f"pfpc run {out}/c --input {out}/sample.npy")
     return 0
 
 
@@ -244,38 +390,81 @@ def _load_npy(path):
 
 
 def _run(args) -> int:
+    import json
+
     from .codegen.targets import get_target
-    from .compiler import read_metadata, run
+    from .predictions import describe, readable
+    from .runner import read_metadata, run
 
     _check_out_dir(args.out_dir)
-    if args.cycles and not args.emulate:
-        raise PfpcError("--cycles needs --emulate (cycles are counted on the emulated Cortex-M)")
-    if args.cycles:
-        compiled_for = read_metadata(args.out_dir).get("target", "host")
+    counting = args.cycles or args.profile
+    if counting and not args.emulate:
+        raise PfpcError(f"--{'profile' if args.profile else 'cycles'} needs --emulate (instructions are counted on the emulated Cortex-M)")
+    if args.clock_mhz is not None and not counting:
+        raise PfpcError("--clock-mhz needs --cycles or --profile (it converts their instruction counts)")
+    if args.clock_mhz is not None and not args.clock_mhz > 0:
+        raise PfpcError(f"--clock-mhz {args.clock_mhz}: must be a positive clock in MHz")
+    meta = read_metadata(args.out_dir)
+    if counting:
+        compiled_for = meta.get("target", "host")
         if not get_target(compiled_for).bare_metal:
-            raise PfpcError(f"{args.out_dir}: --cycles needs a Cortex-M target (compiled for {compiled_for})")
+            raise PfpcError(f"{args.out_dir}: --{'profile' if args.profile else 'cycles'} needs a Cortex-M target (compiled for {compiled_for})")
     inputs = [_load_npy(p) for p in args.input]
-    outcome = run(args.out_dir, inputs, emulate=args.emulate)
+    outcome = run(args.out_dir, inputs, emulate=args.emulate, profile=args.profile)
     results, extras = outcome.outputs, outcome.extras
-    arrays = {}
-    for index, (mean, var) in enumerate(results):
-        suffix = "" if len(results) == 1 else f"_{index}"
-        arrays[f"mean{suffix}"], arrays[f"var{suffix}"] = mean, var
-    arrays.update(extras)
-    try:
-        np.savez(args.output, **arrays)
-    except OSError as err:
-        raise PfpcError(f"{args.output}: cannot write the predictions: {err.strerror}") from None
-    for index, (mean, var) in enumerate(results):
-        print(f"output {index}: mean {np.array2string(mean, precision=4, threshold=40)}")
-        print(f"output {index}: var  {np.array2string(var, precision=4, threshold=40)}")
-    for kind, value in extras.items():
-        print(f"{kind}: {np.array2string(value, precision=4, threshold=40)}")
-    if args.cycles:
-        print(f"cycles per call (QEMU -icount shift=0: one per instruction executed): {' '.join(map(str, outcome.cycles))}; "
-              f"median {int(np.median(outcome.cycles))}")
-        print(f"peak stack per call (painted, libm included): {max(outcome.stack_bytes)} bytes")
+    if args.output:
+        from .atomic import write_file
+
+        arrays = {}
+        for index, (mean, var) in enumerate(results):
+            suffix = "" if len(results) == 1 else f"_{index}"
+            arrays[f"mean{suffix}"], arrays[f"var{suffix}"] = mean, var
+        arrays.update(extras)
+        write_file(args.output, lambda stream: np.savez(stream, **arrays), "predictions")
+    report = describe(meta, results, extras)
+    cost = _cost(outcome, args.clock_mhz, get_target(meta.get("target", "host"))) if counting else None
+    if args.json:
+        print(json.dumps({**report, **({"cost": cost} if cost else {})}, indent=1))
+        return 0
+    print(readable(report))
+    if cost:
+        print(_readable_cost(cost))
+    if args.output:
+        print(f"pfpc: wrote {args.output}")
     return 0
+
+
+def _cost(outcome, clock_mhz, target) -> dict:
+    """Instruction counts per call (and per layer) with the assumptions they rest on."""
+    cost = {"instructions_per_call": outcome.cycles, "median_instructions": int(np.median(outcome.cycles)),
+            "peak_stack_bytes": max(outcome.stack_bytes),
+            "counted_as": f"instructions executed under QEMU ({target.qemu_machine}, -icount shift=0), read from SysTick at "
+                          f"{target.instructions(1)} instructions per tick"}
+    if outcome.layers:
+        cost["layers"] = outcome.layers
+    if clock_mhz:
+        cost["clock_mhz"] = clock_mhz
+        cost["estimated_ms"] = cost["median_instructions"] / (clock_mhz * 1e3)
+        cost["assumes"] = ("one instruction per clock cycle; a real core spends more on flash wait states, loads, "
+                           "divisions, square roots and branches (expect 1.2-2x on a Cortex-M4 running from flash)")
+    return cost
+
+
+def _readable_cost(cost) -> str:
+    lines = [f"instructions per call (QEMU, one per instruction executed): {' '.join(map(str, cost['instructions_per_call']))}; "
+             f"median {cost['median_instructions']}",
+             f"peak stack per call (painted, libm included): {cost['peak_stack_bytes']} bytes"]
+    if cost.get("layers"):
+        width = max(len(layer["kernel"]) for layer in cost["layers"])
+        total = sum(layer["instructions"] for layer in cost["layers"])
+        lines.append(f"{'layer':<{width}}  {'instructions':>14}  share")
+        for layer in cost["layers"]:
+            lines.append(f"{layer['kernel']:<{width}}  {layer['instructions']:>14,}  {layer['instructions'] / max(total, 1):6.1%}")
+        lines.append(f"{'total':<{width}}  {total:>14,}  (the first call, in the profiled build: each counter read adds about "
+                     "20 instructions)")
+    if cost.get("estimated_ms") is not None:
+        lines.append(f"estimated {cost['estimated_ms']:.3f} ms per call at {cost['clock_mhz']:g} MHz, assuming {cost['assumes']}")
+    return "\n".join(lines)
 
 
 def _verify(args) -> int:
@@ -388,8 +577,7 @@ def _compress_parser():
 
 
 def _compress(args) -> int:
-    import tempfile
-
+    from .atomic import write_file
     from .compiler import compile as compile_model
     from .compress import Options, compress_posterior
     from .evaluate.compression import compare, format_report
@@ -412,10 +600,7 @@ def _compress(args) -> int:
              for name, post in (("full", full), ("shared", shared_post))}
     effect = None if args.no_evaluate else compare(args.model, full, shared_post)
     text = format_report(layers, effect, flash)
-    directory = os.path.dirname(os.path.abspath(args.output))
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".npz", delete=False) as handle:
-        np.savez(handle, **arrays)
-    os.replace(handle.name, args.output)
+    write_file(args.output, lambda stream: np.savez(stream, **arrays), "shared posterior")
     if args.report:
         with open(args.report, "w") as out:
             out.write(f"# pfpc compress {os.path.basename(args.model)}\n\n`pfpc {' '.join(args.argv)}`\n\n{text}")

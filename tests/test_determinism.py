@@ -22,7 +22,7 @@ def _variants(hostile_model):
         "lenet_aarch64": [LENET[0], "--posterior", LENET[1], "--batch", "2", "--target", "aarch64"],
         "lenet_svi": [LENET[0], "--posterior", LENET[1], "--batch", "1", "--mode", "svi", "--samples", "8"],
         "mlp_cortex_m7_outputs": [MLP[0], "--posterior", MLP[1], "--batch", "3", "--target", "cortex-m7", "--outputs", "probs,entropy,ood"],
-        "hostile_names": [hostile_model],
+        "hostile_names": [hostile_model, "--deterministic"],
     }
 
 

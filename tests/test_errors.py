@@ -36,7 +36,7 @@ def test_unsupported_nodes_listed_at_once(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     path.write_bytes(make_model(nodes, [("x", [1, 3])], ["y"], {}).SerializeToString())
     out = tmp_path / "out"
-    code, err = _run([str(path), "-o", str(out)], capsys)
+    code, err = _run([str(path), "-o", str(out), "--deterministic"], capsys)
     assert code == 2
     assert "my_sin (Sin)" in err and "my_cos (Cos)" in err and len(err.splitlines()) == 1
     assert not out.exists() and not any(p.name.startswith(".pfpc-") for p in tmp_path.iterdir())
@@ -46,7 +46,7 @@ def test_unsupported_nodes_listed_at_once(tmp_path, capsys):
 def test_invalid_model_files(tmp_path, capsys, content, expected):
     path = tmp_path / "bad.onnx"
     path.write_bytes(open(MLP, "rb").read()[:300] if content is None else content)
-    code, err = _run([str(path), "-o", str(tmp_path / "out"), "--batch", "1"], capsys)
+    code, err = _run([str(path), "-o", str(tmp_path / "out"), "--batch", "1", "--deterministic"], capsys)
     assert code == 2 and "bad.onnx" in err and len(err.splitlines()) == 1
     assert expected in err or "not a valid ONNX" in err
     assert not (tmp_path / "out").exists()
@@ -88,8 +88,14 @@ def test_existing_output_refused_without_force(tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     code, err = _run([MLP, "--posterior", MLP_POST, "--batch", "1", "-o", str(out)], capsys)
     assert code == 2 and "--force" in err and (out / "keep.txt").exists()
-    code, _ = _run([MLP, "--posterior", MLP_POST, "--batch", "1", "-o", str(out), "--force"], capsys)
-    assert code == 0 and not (out / "keep.txt").exists() and (out / "pfp_model.h").exists()
+    # --force replaces only a directory pfpc wrote (its manifest), never the user's own files
+    code, err = _run([MLP, "--posterior", MLP_POST, "--batch", "1", "-o", str(out), "--force"], capsys)
+    assert code == 2 and "not a directory written by pfpc" in err and (out / "keep.txt").read_text() == "mine"
+    pfpc_out = tmp_path / "pfpc_out"
+    assert _run([MLP, "--posterior", MLP_POST, "--batch", "1", "-o", str(pfpc_out)], capsys)[0] == 0
+    (pfpc_out / "stale.txt").write_text("from an earlier build")
+    code, _ = _run([MLP, "--posterior", MLP_POST, "--batch", "1", "-o", str(pfpc_out), "--force"], capsys)
+    assert code == 0 and not (pfpc_out / "stale.txt").exists() and (pfpc_out / "pfp_model.h").exists()
 
 
 def _model_file(tmp_path, nodes, inputs, inits, outputs=("y",)):
@@ -104,7 +110,7 @@ def test_softmax_inside_the_graph_is_named(tmp_path, capsys):
         helper.make_node("MatMul", ["s", "w"], ["y"]),
     ]
     path = _model_file(tmp_path, nodes, [("x", [1, 3])], {"w": np.ones((3, 2), np.float32)})
-    code, err = _run([path, "-o", str(tmp_path / "out")], capsys)
+    code, err = _run([path, "-o", str(tmp_path / "out"), "--deterministic"], capsys)
     assert code == 2 and "inner_softmax (Softmax: supported only as a last node" in err and len(err.splitlines()) == 1
 
 
@@ -115,7 +121,7 @@ def test_reflect_pad_and_3d_conv_listed_together(tmp_path, capsys):
     ]
     inits = {"pads": np.array([0, 0, 1, 1, 1, 0, 0, 1, 1, 1], np.int64), "w": np.ones((1, 1, 1, 1, 1), np.float32)}
     path = _model_file(tmp_path, nodes, [("x", [1, 1, 3, 3, 3])], inits)
-    code, err = _run([path, "-o", str(tmp_path / "out")], capsys)
+    code, err = _run([path, "-o", str(tmp_path / "out"), "--deterministic"], capsys)
     assert code == 2 and "mirror (Pad: mode reflect" in err and "volume (Conv: 3-D" in err and len(err.splitlines()) == 1
 
 

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import make_model
-from pfpc.cli import main
+from pfpc.cli import COMMANDS, main
 from pfpc.errors import PfpcError
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -59,7 +59,7 @@ class Case:
     def compiled(self):
         """A compiled tiny model (for `pfpc run` / `pfpc report`)."""
         out = str(self.tmp / "compiled")
-        assert main([self.model(), "-o", out]) == 0
+        assert main([self.model(), "-o", out, "--deterministic"]) == 0
         return out
 
 
@@ -323,6 +323,8 @@ def _no_staging_left(*directories):
 @pytest.mark.parametrize("build,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_and_no_output(tmp_path, capsys, build, expected):
     args = build(Case(tmp_path))
+    if args and args[0] not in COMMANDS and "--posterior" not in args and "--help" not in args:
+        args = args + ["--deterministic"]  # a compile without a posterior must say so (the trap of issue 21)
     out = args[args.index("-o") + 1] if "-o" in args else None
     existed = out is not None and os.path.lexists(out)
     before = sorted(os.listdir(tmp_path))
@@ -354,7 +356,7 @@ def test_at_least_thirty_cases():
 def test_debug_shows_traceback_only_when_asked(tmp_path):
     model = tmp_path / "m.onnx"
     model.write_bytes(b"")
-    command = [sys.executable, "-m", "pfpc.cli", str(model), "-o", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "pfpc.cli", str(model), "-o", str(tmp_path / "out"), "--deterministic"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     plain = subprocess.run(command, capture_output=True, text=True, env=env)
     debug = subprocess.run(command + ["--debug"], capture_output=True, text=True, env=env)
@@ -363,15 +365,22 @@ def test_debug_shows_traceback_only_when_asked(tmp_path):
 
 
 def test_force_replaces_only_after_success(tmp_path, capsys):
-    """--force on a failing compile leaves the existing directory untouched."""
+    """--force on a failing compile leaves the existing directory untouched; --force replaces
+    only a directory pfpc wrote (its manifest), a user's directory is refused."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert main([MLP, "--batch", "1", "-o", str(out), "--force", "--flash-limit", "1K"]) == 2
+    assert main([MLP, "--batch", "1", "-o", str(out), "--force", "--deterministic"]) == 2
+    assert (out / "keep.txt").read_text() == "mine"
+    _no_staging_left(tmp_path)
+    shutil.rmtree(out)
+    assert main([MLP, "--batch", "1", "-o", str(out), "--deterministic"]) == 0
+    (out / "keep.txt").write_text("mine")
+    assert main([MLP, "--batch", "1", "-o", str(out), "--force", "--flash-limit", "1K", "--deterministic"]) == 2
     assert (out / "keep.txt").read_text() == "mine"
     _no_staging_left(tmp_path)
     capsys.readouterr()
-    assert main([MLP, "--batch", "1", "-o", str(out), "--force"]) == 0
+    assert main([MLP, "--batch", "1", "-o", str(out), "--force", "--deterministic"]) == 0
     assert not (out / "keep.txt").exists() and (out / "pfp_model.h").exists()
     shutil.rmtree(out)
 
@@ -382,4 +391,4 @@ def test_external_tensor_data_is_read_beside_the_model(tmp_path, capsys, monkeyp
     model_dir.mkdir()
     onnx.save(tiny_model(), str(model_dir / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
     monkeypatch.chdir(tmp_path)
-    assert main([str(model_dir / "m.onnx"), "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert main([str(model_dir / "m.onnx"), "-o", str(tmp_path / "out"), "--deterministic"]) == 0, capsys.readouterr().err

@@ -59,10 +59,10 @@ def render(program: Program) -> dict[str, str]:
     files[f"{name}_weights.h"] = render_weights(program)
     tail = [f"  memcpy({pointer}, {tensor.c_name}, {4 * tensor.size});" for pointer, tensor in program.copies]
     tail += [f"  memset({pointer}, 0, {4 * count}); /* deterministic output: zero variance */" for pointer, count in program.zero_fills]
-    body = render_arena_pointers(program) + render_steps(program, "  ") + ["\n".join(tail)]
+    body = render_arena_pointers(program) + render_steps(program, "  ", profile_hooks=True) + ["\n".join(tail)]
     files[f"{name}.c"] = render_source(
         program, "the executor below\n * calls them in order on one arena whose layout was planned at compile time.",
-        f"{run_signature(program)} {{\n{chr(10).join(body)}\n  return 0;\n}}\n")
+        f"{PROFILE_HOOK}{run_signature(program)} {{\n{chr(10).join(body)}\n  return 0;\n}}\n")
     files.update(render_build_files(program))
     return files
 
@@ -146,13 +146,27 @@ def render_weights(program: Program, extra_arrays=()) -> str:
     return "\n".join(weight_lines)
 
 
-def render_steps(program: Program, indent: str) -> list:
-    """One kernel call per step, in order."""
-    body = []
+def render_steps(program: Program, indent: str, profile_hooks: bool = False) -> list:
+    """One kernel call per step, in order. ``profile_hooks``: a counter read before the first
+    step and after every step (`PFPC_LAYER_DONE`, empty unless built with -DPFPC_PROFILE)."""
+    body = [f"{indent}PFPC_LAYER_DONE(0);"] if profile_hooks else []
     for index, step in enumerate(program.steps):
         body.append(f"{indent}/* step {index + 1}: {step.kernel} */")
         body.append(f"{indent}k_{step.kernel}({', '.join(_pointer(t) for t in step.args)});")
+        if profile_hooks:
+            body.append(f"{indent}PFPC_LAYER_DONE({index + 1});")
     return body
+
+
+# The per-layer profile of `pfpc run --emulate --profile`: the QEMU runner defines pfpc_layer_done.
+PROFILE_HOOK = """#ifdef PFPC_PROFILE
+void pfpc_layer_done(int step); /* reads the instruction counter after `step` (0: before the first) */
+#define PFPC_LAYER_DONE(step) pfpc_layer_done(step)
+#else
+#define PFPC_LAYER_DONE(step)
+#endif
+
+"""
 
 
 def render_arena_pointers(program: Program) -> list:

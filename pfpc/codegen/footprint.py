@@ -24,15 +24,7 @@ from ..ops import registry
 from ..ops.gaussian import Moment
 from ..ops.moments import FMA_PER_MAC, FMA_PER_MAC_GENERAL
 
-UNITS = {"": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2, "mib": 1024 ** 2}
-
-
-def parse_bytes(text: str, option: str) -> int:
-    """'256K', '1M', '65536' -> bytes; a clear error names the option otherwise."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]i?[bB]?)?\s*", str(text))
-    if not match:
-        raise PfpcError(f"{option}: '{text}' is not a size (examples: 65536, 256K, 1M)")
-    return int(match.group(1)) * UNITS[(match.group(2) or "").lower()]
+from ..options import parse_bytes  # noqa: F401 - its old home
 
 
 def layer_costs(program) -> list[dict]:
@@ -61,15 +53,19 @@ def layer_costs(program) -> list[dict]:
     return layers
 
 
-def measure(out_dir: str, meta: dict) -> dict:
+def measure(out_dir: str, meta: dict, where: str | None = None) -> dict:
     """Build ``<name>.o`` with the target compiler (in a scratch copy) and read its sizes.
 
-    Returns the footprint dict; without the target's compiler, code and stack are None and the
-    weights and arena come from the compiler's own plan."""
+    Returns the footprint dict. When the object cannot be built (the target's compiler, its C
+    library or its size tool missing, or the build failing), code and stack are None, the
+    weights and arena come from the compiler's own plan and ``note`` says what could not be
+    measured and why. ``where``: the directory to name in messages (``out_dir`` may be a
+    staging directory)."""
     from .targets import get_target
 
     target = get_target(meta["target"])
     name = meta["name"]
+    where = where or out_dir
     footprint = {
         "target": target.name,
         "weights_bytes": meta["weights_bytes"],
@@ -86,28 +82,42 @@ def measure(out_dir: str, meta: dict) -> dict:
     if meta.get("mode") == "svi":
         footprint["svi"] = {"samples": meta["samples"], "draws_per_sample": meta["draws_per_sample"]}
     size_tool = f"{target.tool_prefix}size" if target.tool_prefix else "size"
-    if not (shutil.which(target.cc) and shutil.which(size_tool)):
-        footprint["note"] = f"code and stack not measured: {target.cc} or {size_tool} is not installed"
+    missing = [tool for tool in (target.cc, size_tool, "make") if not shutil.which(tool)]
+    if missing:
+        footprint["note"] = f"code and stack not measured: {' and '.join(missing)} not installed"
     else:
         with tempfile.TemporaryDirectory() as scratch:
             for file_name in ("Makefile", "pfpc_target.mk", f"{name}.c", f"{name}.h", f"{name}_weights.h"):
                 shutil.copy(os.path.join(out_dir, file_name), scratch)
             build = subprocess.run(["make", "-s", "-C", scratch, f"{name}.o"], capture_output=True, text=True)
             if build.returncode != 0:
-                raise PfpcError(f"{out_dir}: building {name}.o for {target.name} failed: {(build.stderr or build.stdout).strip()[-300:]}")
-            sections = section_sizes(size_tool, os.path.join(scratch, f"{name}.o"))
-            with open(os.path.join(scratch, f"{name}.su")) as handle:
-                frames = stack_frames(handle.read())
-        footprint["weights_bytes"] = sum(v for k, v in sections.items() if k.startswith(".rodata"))
-        footprint["code_bytes"] = sum(v for k, v in sections.items() if k.startswith(".text"))
-        footprint["data_bytes"] = sum(v for k, v in sections.items() if k.startswith(".data"))
-        footprint["bss_bytes"] = sum(v for k, v in sections.items() if k.startswith(".bss"))
-        run_frame = frames.pop(f"{name}_run", 0)
-        footprint["stack_bytes"] = run_frame + max(frames.values(), default=0)
-        footprint["measured_with"] = f"{size_tool} -A, {target.cc} -fstack-usage"
+                footprint["note"] = (f"code and stack not measured: {_build_failure(build.stderr or build.stdout, target)}"
+                                     f" (the C in {where} is complete; build it with your own toolchain)").replace(scratch, where)
+            else:
+                sections = section_sizes(size_tool, os.path.join(scratch, f"{name}.o"))
+                with open(os.path.join(scratch, f"{name}.su")) as handle:
+                    frames = stack_frames(handle.read())
+        if "note" not in footprint:
+            footprint["weights_bytes"] = sum(v for k, v in sections.items() if k.startswith(".rodata"))
+            footprint["code_bytes"] = sum(v for k, v in sections.items() if k.startswith(".text"))
+            footprint["data_bytes"] = sum(v for k, v in sections.items() if k.startswith(".data"))
+            footprint["bss_bytes"] = sum(v for k, v in sections.items() if k.startswith(".bss"))
+            run_frame = frames.pop(f"{name}_run", 0)
+            footprint["stack_bytes"] = run_frame + max(frames.values(), default=0)
+            footprint["measured_with"] = f"{size_tool} -A, {target.cc} -fstack-usage"
     footprint["flash_bytes"] = footprint["weights_bytes"] + (footprint["code_bytes"] or 0) + footprint.get("data_bytes", 0)
     footprint["ram_bytes"] = footprint["arena_bytes"] + (footprint["stack_bytes"] or 0) + footprint.get("data_bytes", 0)
     return footprint
+
+
+def _build_failure(output: str, target) -> str:
+    """Why building the object failed, naming the missing toolchain piece when that is the cause."""
+    header = re.search(r"fatal error: ([\w./]+): No such file or directory", output)
+    if header:
+        library = "newlib (e.g. the libnewlib-arm-none-eabi package)" if target.bare_metal else "its C library headers"
+        return f"{target.cc} cannot find <{header.group(1)}>: the C library for {target.name} is missing, install {library}"
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return f"{target.cc} failed to build the library: {lines[-1] if lines else 'no message'}"
 
 
 def section_sizes(size_tool: str, path: str) -> dict:
@@ -140,6 +150,9 @@ def check_limits(footprint: dict, ram_limit: int | None, flash_limit: int | None
             detail = (f"weights {footprint['weights_bytes']} + code {footprint['code_bytes']}" if kind == "flash"
                       else f"arena {footprint['arena_bytes']} + stack {footprint['stack_bytes']}")
             raise PfpcError(f"{where}: the model needs {used} bytes of {kind} ({detail}), more than the limit of {limit} bytes")
+    if (ram_limit is not None or flash_limit is not None) and footprint["code_bytes"] is None:
+        footprint["note"] = (footprint.get("note", "") + "; the limits were checked against weights and arena only"
+                             " (a lower bound: code and stack unknown)")
 
 
 def format_report(footprint: dict, name: str) -> str:
@@ -163,19 +176,24 @@ def format_report(footprint: dict, name: str) -> str:
                      + "".join(f"; {k['initializer']} kept as floats: {k['reason']}" for k in shared["kept_full"]))
     width = max([len(layer["kernel"]) for layer in footprint["layers"]] + [5])
     svi = footprint.get("svi")  # the deterministic network, run once per sample: no Gaussian arithmetic
-    lines.append(f"{'layer':<{width}}  {'output':<14}{'MACs':>10}" + ("" if svi else f"{'PFP FMA':>10}  Gaussian ops"))
-    for layer in footprint["layers"]:
-        shape = "x".join(str(d) for d in layer["output_shape"])
-        row = f"{layer['kernel']:<{width}}  {shape:<14}{layer['macs']:>10,}"
-        if not svi:
-            gaussian = ", ".join(f"{count} {op}" for op, count in layer["gaussian_ops"].items()) or "-"
-            row += f"{layer['pfp_fma']:>10,}  {gaussian}"
-        lines.append(row)
     macs = sum(layer["macs"] for layer in footprint["layers"])
     fma = sum(layer["pfp_fma"] for layer in footprint["layers"])
+    shapes = ["x".join(str(d) for d in layer["output_shape"]) for layer in footprint["layers"]]
+    shape_width = max([len(shape) + 2 for shape in shapes] + [14])
+    # counts of any size stay in their columns (a 9+ digit count once ran into its neighbour)
+    count_width = max(len(f"{macs:,}"), len(f"{fma:,}"), len("PFP FMA")) + 2
+    lines.append(f"{'layer':<{width}}  {'output':<{shape_width}}{'MACs':>{count_width}}"
+                 + ("" if svi else f"{'PFP FMA':>{count_width}}  Gaussian ops"))
+    for layer, shape in zip(footprint["layers"], shapes):
+        row = f"{layer['kernel']:<{width}}  {shape:<{shape_width}}{layer['macs']:>{count_width},}"
+        if not svi:
+            gaussian = ", ".join(f"{count} {op}" for op, count in layer["gaussian_ops"].items()) or "-"
+            row += f"{layer['pfp_fma']:>{count_width},}  {gaussian}"
+        lines.append(row)
     if svi:
-        lines.append(f"{'total':<{width}}  {'':<14}{macs:>10,}  per sample; SVI: {svi['samples']:,} samples per call = "
+        lines.append(f"{'total':<{width}}  {'':<{shape_width}}{macs:>{count_width},}  per sample; SVI: {svi['samples']:,} samples per call = "
                      f"{svi['samples'] * macs:,} MACs and {svi['samples'] * svi['draws_per_sample']:,} Gaussian weight draws")
     else:
-        lines.append(f"{'total':<{width}}  {'':<14}{macs:>10,}{fma:>10,}  ({fma / max(macs, 1):.2f} PFP multiply-adds per MAC)")
+        lines.append(f"{'total':<{width}}  {'':<{shape_width}}{macs:>{count_width},}{fma:>{count_width},}"
+                     f"  ({fma / max(macs, 1):.2f} PFP multiply-adds per MAC)")
     return "\n".join(lines)

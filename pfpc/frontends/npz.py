@@ -10,8 +10,38 @@ import numpy as np
 from ..errors import PfpcError
 
 
-def read_npz(path) -> dict:
+def _check_members(path, allowed=None, max_bytes=None) -> None:
+    """Refuse, before anything is decompressed, duplicate member names, members that
+    ``allowed(key)`` rejects (returns a reason) and members whose declared size exceeds
+    ``max_bytes(key)`` (a small .npz can claim gigabytes)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip: np.load says what it is
+    seen = set()
+    for info in infos:
+        key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        if key in seen:
+            raise PfpcError(f"{path}: the archive holds two members named '{key}'; refusing an ambiguous posterior")
+        seen.add(key)
+        reason = allowed(key) if allowed is not None else None
+        if reason:
+            raise PfpcError(f"{path}: key '{key}' {reason}")
+        limit = max_bytes(key) if max_bytes is not None else None
+        if limit is not None and info.file_size > limit:
+            raise PfpcError(f"{path}: member '{key}' would decompress to {info.file_size:,} bytes, more than the "
+                            f"{limit:,} its tensor can need; refusing to read it")
+
+
+def read_npz(path, allowed=None, max_bytes=None) -> dict:
+    """The arrays of an .npz, read without pickles; ``allowed``/``max_bytes`` check every member
+    by name and declared size before it is decompressed (`_check_members`)."""
     path = os.fspath(path)
+    if os.path.isfile(path):
+        _check_members(path, allowed, max_bytes)
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:

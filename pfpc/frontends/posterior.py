@@ -89,4 +89,38 @@ def bind_posterior(model: onnx.ModelProto, arrays: dict, source: str = "posterio
 
 
 def load_posterior(model: onnx.ModelProto, path, shared_draw: bool = False) -> Posterior:
-    return bind_posterior(model, read_npz(path), os.fspath(path), shared_draw)
+    """`bind_posterior` of the .npz at ``path``, whose members are checked by name and declared
+    size against the model before any is decompressed."""
+    sizes = {init.name: int(np.prod(init.dims, dtype=np.int64)) for init in model.graph.initializer}
+    npy_header = 64 * 1024  # the .npy header is at most 64 KiB
+
+    def allowed(key):
+        if key == "format":
+            return None
+        tensor, _, kind = key.rpartition(".")
+        if kind in PARAMETERISATIONS + ("mean",) and tensor in sizes:
+            return None
+        if _has_shared_format(path):  # a shared posterior's own keys: checked by shared_posterior.load
+            return None
+        if not tensor or kind not in PARAMETERISATIONS + ("mean",):
+            return "is not <initializer>.{std,var,logvar,rho,mean}"
+        return "names no initializer of the model"
+
+    def max_bytes(key):
+        tensor, _, kind = key.rpartition(".")
+        if tensor in sizes and kind in PARAMETERISATIONS + ("mean",):
+            return 8 * sizes[tensor] + npy_header  # float64 at most
+        # a shared posterior's codebooks, indices and blends: at most 48 bytes per weight of the model
+        return 48 * sum(sizes.values()) + npy_header
+
+    return bind_posterior(model, read_npz(path, allowed, max_bytes), os.fspath(path), shared_draw)
+
+
+def _has_shared_format(path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "format.npy" in archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False

@@ -2,7 +2,7 @@
  * vector table, copy .data, zero .bss, enable the FPU, set up semihosting, pass the semihosting
  * command line to main(argc, argv), report main's return value to QEMU as its exit code.
  *
- * It also provides a cycle counter for `pfpc run --emulate --cycles`: SysTick runs on the
+ * It also provides a tick counter for `pfpc run --emulate --cycles/--profile`: SysTick runs on the
  * processor clock from reset and an interrupt counts its 24-bit wraps. Under
  * `qemu-system-arm -icount shift=0` every run of the same code gives the same count. And a stack
  * high-water mark for the same runs: the stack below the caller is painted with a pattern before
@@ -40,8 +40,10 @@ void Default_Handler(void) {
   }
 }
 
-/* Processor-clock cycles since reset (SysTick, wraps counted by the interrupt). */
-uint64_t pfpc_cycles(void) {
+/* SysTick ticks since reset (wraps counted by the interrupt): processor-clock cycles on a board;
+ * under QEMU -icount shift=0 one tick per (1e9 / board clock) instructions, which `pfpc run`
+ * converts to instructions. */
+uint64_t pfpc_systick_ticks(void) {
   uint32_t wraps, value;
   do {
     wraps = systick_wraps;

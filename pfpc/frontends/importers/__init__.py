@@ -94,20 +94,8 @@ def write_npz(arrays: dict, path) -> None:
 
 
 def atomic_write(path, write, what: str) -> None:
-    """Call ``write(stream)`` on a temporary file beside ``path`` and rename it to ``path``."""
-    import tempfile
+    """Call ``write(stream)`` on a temporary file beside ``path`` and rename it to ``path``
+    (`pfpc.atomic.write_file`, pfpc's one atomic writer)."""
+    from ...atomic import write_file
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        handle, staging = tempfile.mkstemp(prefix=".pfpc-", dir=directory)
-    except OSError as err:
-        raise PfpcError(f"{path}: cannot write the {what}: {err.strerror}") from None
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.unlink(staging)
-        raise
+    write_file(path, write, what)
