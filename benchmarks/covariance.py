@@ -13,6 +13,7 @@ relative standard error of the MC variance (`mc_se`).
 Columns per layer (medians over the layer's units and the inputs):
   none     PFP variance / MC variance, diagonal PFP (today's pfpc; float64 reference)
   channel  the same for the per-channel shared-noise propagation
+  pooled   the cheap variant: diagonal variances, the loadings enter only pooled variances
   local    the diagonal PFP op fed MC's exact marginals of its inputs: its own error, i.e. the part
            due to the covariance of its inputs that the op cannot see
   mean_err median |PFP mean - MC mean| / MC std (none / channel)
@@ -142,19 +143,21 @@ def local_ratio(model, variances, mc, name, x):
 def run_model(label, model, variances, inputs, samples, per_layer=True):
     rows = {}
     outputs = [o.name for o in model.graph.output]
-    summary = {"none": [], "channel": [], "mean_none": [], "mean_channel": [], "se": []}
+    summary = {"none": [], "channel": [], "pooled": [], "mean_none": [], "mean_channel": [], "se": []}
     for index, x in enumerate(inputs):
         mc = monte_carlo_all(model, variances, x, samples, seed=index)
         feed = {model.graph.input[0].name: x}
         none = RC.pfp_covariance(model, variances, feed, "none")
         channel = RC.pfp_covariance(model, variances, feed, "channel")
+        pooled = RC.pfp_covariance(model, variances, feed, "pooled")
         for name, op in layer_outputs(model):
             if name not in mc or name not in none:
                 continue
             mc_mean, mc_var, var_se = mc[name]
-            row = rows.setdefault(name, {"op": op, "none": [], "channel": [], "local": [], "mean_none": [], "mean_channel": [], "se": []})
+            row = rows.setdefault(name, {"op": op, "none": [], "channel": [], "pooled": [], "local": [], "mean_none": [], "mean_channel": [], "se": []})
             row["none"].append(ratios(none[name][1], mc_var))
             row["channel"].append(ratios(channel[name][1], mc_var))
+            row["pooled"].append(ratios(pooled[name][1], mc_var))
             if per_layer:
                 local = local_ratio(model, variances, mc, name, x)
                 if local is not None:
@@ -164,17 +167,17 @@ def run_model(label, model, variances, inputs, samples, per_layer=True):
             row["mean_channel"].append((np.abs(channel[name][0] - mc_mean) / std).ravel())
             row["se"].append(ratios(var_se, mc_var))
         for name in outputs:
-            for key in ("none", "channel", "mean_none", "mean_channel", "se"):
+            for key in ("none", "channel", "pooled", "mean_none", "mean_channel", "se"):
                 summary[key].append(rows[name][key][-1])
     med = lambda values: float(np.median(np.concatenate(values))) if values else float("nan")  # noqa: E731
     if per_layer:
         print(f"\n## {label}: per layer (median over units and {len(inputs)} inputs; MC {samples} samples)")
-        print(f"{'layer':28s} {'op':18s} {'none':>7s} {'channel':>7s} {'local':>7s} {'mean_err':>13s} {'mc_se':>6s}")
+        print(f"{'layer':28s} {'op':18s} {'none':>7s} {'channel':>7s} {'pooled':>7s} {'local':>7s} {'mean_err':>13s} {'mc_se':>6s}")
         for name, row in rows.items():
-            print(f"{name[:28]:28s} {row['op']:18s} {med(row['none']):7.3f} {med(row['channel']):7.3f} {med(row['local']):7.3f}"
+            print(f"{name[:28]:28s} {row['op']:18s} {med(row['none']):7.3f} {med(row['channel']):7.3f} {med(row['pooled']):7.3f} {med(row['local']):7.3f}"
                   f" {med(row['mean_none']):6.3f}/{med(row['mean_channel']):6.3f} {med(row['se']):6.3f}")
     result = {key: med(values) for key, values in summary.items()}
-    print(f"OUTPUT {label:24s} var ratio none {result['none']:.3f}  channel {result['channel']:.3f}"
+    print(f"OUTPUT {label:24s} var ratio none {result['none']:.3f}  channel {result['channel']:.3f}  pooled {result['pooled']:.3f}"
           f"  mean err (MC std) {result['mean_none']:.3f}/{result['mean_channel']:.3f}  MC var rel. s.e. {result['se']:.3f}", flush=True)
     return result
 

@@ -38,6 +38,7 @@ from scipy.special import ndtr
 import reference as R
 
 _INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
+LOCAL = False
 
 
 def _cols(x, kernel, strides, pads, dilations, groups):
@@ -55,18 +56,21 @@ def _cols(x, kernel, strides, pads, dilations, groups):
 
 
 def project(shared_diag, pooled, axes=(2, 3)):
-    """One latent per channel for a shared part with diagonal `shared_diag` [N, C, ...] and pooled
-    variance `pooled` = Var(sum over positions) [N, C]:
-        a[p] = sqrt(d[p]) * k,   k = min(1, sqrt(pooled) / sum_p sqrt(d[p]))
-    so that (sum_p a[p])^2 = pooled (unless that exceeds full correlation) and a[p]^2 <= d[p];
-    the rest d - a^2 stays in the independent part."""
+    """One latent per channel for a shared part with diagonal `shared_diag` d [N, C, ...] and
+    pooled variance `pooled` T = Var(sum over positions) [N, C]: loading a = k sqrt(d), the rest
+    d - a^2 independent, so that the model's pooled variance (sum_p a)^2 + sum_p (d - a^2) is T:
+        k^2 = (T - S2) / (S1^2 - S2),   S1 = sum_p sqrt(d),  S2 = sum_p d,   clipped to [0, 1]
+    (k = 0: no more pooled variance than independent positions give; k = 1: fully correlated)."""
     root = np.sqrt(np.maximum(shared_diag, 0.0))
-    total = root.sum(axis=axes)
-    k = np.where(total > 0, np.minimum(1.0, np.sqrt(np.maximum(pooled, 0.0)) / np.where(total > 0, total, 1.0)), 0.0)
+    s1, s2 = root.sum(axis=axes), np.maximum(shared_diag, 0.0).sum(axis=axes)
+    span = s1 * s1 - s2
+    k2 = np.where(span > 0, (pooled - s2) / np.where(span > 0, span, 1.0), 0.0)
+    k = np.sqrt(np.clip(k2, 0.0, 1.0))
     return root * k.reshape(k.shape + (1,) * len(axes))
 
 
-def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1):
+def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1,
+                 diagonal_var=False):
     """Conv y[o, p] = sum_{c,t} w[o,c,t] x[c, p+t] + b[o], w = mu + s eps (eps shared by all p).
 
         mean      = conv(m, mu) + mu_b
@@ -78,7 +82,11 @@ def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 
     with window sums M[c,t] = sum_p m[c,p+t], A[c,t] = sum_p a[c,p+t], E[c,t] = sum_p (v-a^2)[c,p+t]:
         pooled[o] = sum_c (sum_t mu[o,c,t] A[c,t])^2 + sum_{c,t} s2[o,c,t] (M^2 + A^2 + E) + L^2 s2_b
     The output loading is project(shared, pooled); the weight-noise part conv(v, s2) of e is
-    counted as shared (it is s2 v << s2 m^2 wherever the input is informative)."""
+    counted as shared (it is s2 v << s2 m^2 wherever the input is informative).
+
+    ``diagonal_var`` (variant "pooled", no extra multiply-add per MAC): the variance stays the
+    diagonal PFP's, var = conv(m^2 + v, s2) + conv(v, mu^2) + s2_b, and shared = conv(m^2 + v, s2) + s2_b;
+    the input loadings enter only through the exact pooled variance."""
     n, c, h, w = m.shape
     o, cg, kh, kw = wm.shape
     g = groups
@@ -94,12 +102,18 @@ def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 
     indep = np.einsum("gock,ngckl->ngol", mu**2, np.maximum(cv - ca**2, 0.0))
     big_m, big_a, big_e = cm.sum(-1), ca.sum(-1), np.maximum(cv - ca**2, 0.0).sum(-1)
     pooled = np.einsum("ngoc->ngo", np.einsum("gock,ngck->ngoc", mu, big_a) ** 2) + np.einsum("gock,ngck->ngo", s2, big_m**2 + big_a**2 + big_e)
+    if LOCAL:  # independent inputs read by overlapping windows: sum_{t,t'} mu_t mu_t' sqrt(E_t E_t')
+        pooled = pooled + np.einsum("ngoc->ngo", np.einsum("gock,ngck->ngoc", mu, np.sqrt(big_e)) ** 2) - np.einsum("gock,ngck->ngo", mu**2, big_e)
     length = ho * wo
     if bm is not None:
         mean = mean + bm.reshape(1, g, o // g, 1)
         if bv is not None:
             shared = shared + bv.reshape(1, g, o // g, 1)
             pooled = pooled + length**2 * bv.reshape(1, g, o // g)
+    if diagonal_var:
+        noise = np.einsum("gock,ngckl->ngol", s2, cm**2 + cv)
+        indep = np.einsum("gock,ngckl->ngol", mu**2, cv)
+        shared = noise + (0.0 if bv is None or bm is None else bv.reshape(1, g, o // g, 1))
     shape = (n, o, ho, wo)
     shared, indep = shared.reshape(shape), indep.reshape(shape)
     loading = project(shared, pooled.reshape(n, o))
@@ -214,7 +228,8 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
                    replace: dict | None = None, pools_before_relus: bool = True) -> dict:
     """Run the PFP over ``model`` (constants folded, batch norms kept) and return every tensor's
     (mean, var). mode "none": the diagonal reference (tests/reference.py); "channel": shared
-    per-channel latents. ``replace``: {tensor: (mean, var)} read instead of the computed
+    per-channel latents; "pooled": the same with the diagonal PFP's variance at every conv
+    (the loadings only enter pooled variances, see conv_channel). ``replace``: {tensor: (mean, var)} read instead of the computed
     moments when a node consumes that tensor (loadings 0), to feed e.g. Monte Carlo marginals.
     ``pools_before_relus``: ReLU -> MaxPool computed as MaxPool -> ReLU, as pfpc does."""
     env = {}
@@ -286,7 +301,8 @@ def _node(node, x, mode, group):
             weight, attrs = x[1], a
         _, strides, pads, dil = R._pool_geometry(attrs, m.shape[2:], weight[0].shape[2:])
         b = x[2] if len(x) > 2 and x[2] is not None else (None, None, None)
-        out = conv_channel(m, v, ld, weight[0], weight[1], b[0], b[1], strides, pads, dil, a.get("group", 1))
+        out = conv_channel(m, v, ld, weight[0], weight[1], b[0], b[1], strides, pads, dil, a.get("group", 1),
+                           diagonal_var=mode == "pooled")
         return tuple(z[:, :, 0, :] for z in out) if one_d else out
     if op == "Relu":
         return relu_channel(m, v, ld)
