@@ -225,15 +225,18 @@ def _attrs(node):
 
 
 def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: str = "channel",
-                   replace: dict | None = None, pools_before_relus: bool = True) -> dict:
+                   replace: dict | None = None, pools_before_relus: bool = True, start: int = 0) -> dict:
     """Run the PFP over ``model`` (constants folded, batch norms kept) and return every tensor's
     (mean, var). mode "none": the diagonal reference (tests/reference.py); "channel": shared
     per-channel latents; "pooled": the same with the diagonal PFP's variance at every conv
     (the loadings only enter pooled variances, see conv_channel). ``replace``: {tensor: (mean, var)} read instead of the computed
     moments when a node consumes that tensor (loadings 0), to feed e.g. Monte Carlo marginals.
-    ``pools_before_relus``: ReLU -> MaxPool computed as MaxPool -> ReLU, as pfpc does."""
+    ``pools_before_relus``: ReLU -> MaxPool computed as MaxPool -> ReLU, as pfpc does.
+    ``start``: the convolutions before the start-th (in graph order) give their outputs no
+    loading (the cheaper settings of the trade-off curve: only the last layers carry loadings)."""
     env = {}
     group = {}  # latent channel of each feature of a flattened tensor
+    convs = [0]
     for init in model.graph.initializer:
         mean = numpy_helper.to_array(init).astype(np.float64) if numpy_helper.to_array(init).dtype.kind == "f" else numpy_helper.to_array(init)
         var = variances.get(init.name)
@@ -257,6 +260,10 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
             else:
                 x.append(env[name])
         out = _node(node, x, mode, group)
+        if node.op_type == "Conv" and mode != "none":
+            if convs[0] < start:
+                out = (out[0], out[1], np.zeros(out[0].shape))
+            convs[0] += 1
         env[node.output[0]] = out
     return {name: (m, v) for name, (m, v, _) in env.items()}
 
