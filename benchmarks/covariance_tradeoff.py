@@ -28,7 +28,7 @@ from pfpc.frontends.posterior import Posterior  # noqa: E402
 from pfpc.verify import monte_carlo  # noqa: E402
 
 
-def extra_work(model, start, channel):
+def extra_work(model, start, channel, box=False):
     """Extra operations of the convolutions from the start-th on, over the diagonal PFP's."""
     diag = extra = 0.0
     for index, (macs, weights, inp, out, window, first, dense) in enumerate(conv_layers(model)):
@@ -37,7 +37,8 @@ def extra_work(model, start, channel):
             continue
         extra += 3 * inp + 2 * weights + 10 * out
         if channel and not first:
-            extra += macs * (1 + (1.0 / window if window > 1 else 0.0))
+            dense_window = window > 1 and macs // out > window  # several input channels per group
+            extra += macs / window if box and dense_window else macs * (1 + (1.0 / window if window > 1 else 0.0))
     return extra / diag
 
 
@@ -53,7 +54,7 @@ def main(argv=None):
         posterior = Posterior({k: means[k] for k in variances}, {k: v.astype(np.float32) for k, v in variances.items()})
         convs = sum(n.op_type == "Conv" for n in model.graph.node)
         starts = sorted({0, 1, convs // 2, convs - 3, convs - 2, convs - 1, convs} - {-1})
-        results = {(mode, s): [] for mode in ("channel", "pooled") for s in starts}
+        results = {(mode, s): [] for mode in ("channel", "pooled", "channel_box") for s in starts}
         se = []
         for seed in range(2):
             x = A.sample_input(name, seed)
@@ -64,11 +65,12 @@ def main(argv=None):
                 var = RC.pfp_covariance(model, variances, feed, mode, start=start)["y"][1]
                 results[mode, start].append(var / mc_var)
         print(f"\n## {name}: {convs} convolutions, MC {args.samples} samples x 2 inputs, median rel. s.e. of MC variance {np.median(se):.3f}")
-        print(f"{'loadings from conv':>19s} {'channel ratio':>14s} {'extra work':>10s} {'pooled ratio':>13s} {'extra work':>10s}")
+        print(f"{'loadings from conv':>19s} {'channel ratio':>14s} {'extra work':>10s} {'pooled ratio':>13s} {'extra work':>10s} {'box ratio':>10s} {'extra work':>10s}")
         for start in starts:
             label = "none (diagonal)" if start == convs else str(start)
             print(f"{label:>19s} {np.median(results['channel', start]):14.3f} {extra_work(model, start, True):10.1%}"
-                  f" {np.median(results['pooled', start]):13.3f} {extra_work(model, start, False):10.1%}", flush=True)
+                  f" {np.median(results['pooled', start]):13.3f} {extra_work(model, start, False):10.1%}"
+                  f" {np.median(results['channel_box', start]):10.3f} {extra_work(model, start, True, box=True):10.1%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def project(shared_diag, pooled, axes=(2, 3)):
 
 
 def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1,
-                 diagonal_var=False):
+                 diagonal_var=False, box=False):
     """Conv y[o, p] = sum_{c,t} w[o,c,t] x[c, p+t] + b[o], w = mu + s eps (eps shared by all p).
 
         mean      = conv(m, mu) + mu_b
@@ -86,7 +86,11 @@ def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 
 
     ``diagonal_var`` (variant "pooled", no extra multiply-add per MAC): the variance stays the
     diagonal PFP's, var = conv(m^2 + v, s2) + conv(v, mu^2) + s2_b, and shared = conv(m^2 + v, s2) + s2_b;
-    the input loadings enter only through the exact pooled variance."""
+    the input loadings enter only through the exact pooled variance.
+
+    ``box`` (variant "channel_box", for convolutions with several input channels per group and a
+    k x k window, where the coherent term is a nested reduction): h[o,c,p] ~ (sum_t mu[o,c,t]) abar[c,p]
+    with abar the window's mean loading, so sum_c h^2 = sum_c (sum_t mu)^2 abar^2 is one reduction."""
     n, c, h, w = m.shape
     o, cg, kh, kw = wm.shape
     g = groups
@@ -97,7 +101,10 @@ def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 
     mu = wm.reshape(g, o // g, cg, kh * kw)
     s2 = wv.reshape(g, o // g, cg, kh * kw)
     mean = np.einsum("gock,ngckl->ngol", mu, cm)
-    h_loading = np.einsum("gock,ngckl->ngocl", mu, ca)
+    if box and cg > 1 and kh * kw > 1:
+        h_loading = np.einsum("goc,ngcl->ngocl", mu.sum(-1), ca.mean(-2))
+    else:
+        h_loading = np.einsum("gock,ngckl->ngocl", mu, ca)
     shared = np.einsum("ngocl->ngol", h_loading**2) + np.einsum("gock,ngckl->ngol", s2, cm**2 + cv)
     indep = np.einsum("gock,ngckl->ngol", mu**2, np.maximum(cv - ca**2, 0.0))
     big_m, big_a, big_e = cm.sum(-1), ca.sum(-1), np.maximum(cv - ca**2, 0.0).sum(-1)
@@ -309,7 +316,7 @@ def _node(node, x, mode, group):
         _, strides, pads, dil = R._pool_geometry(attrs, m.shape[2:], weight[0].shape[2:])
         b = x[2] if len(x) > 2 and x[2] is not None else (None, None, None)
         out = conv_channel(m, v, ld, weight[0], weight[1], b[0], b[1], strides, pads, dil, a.get("group", 1),
-                           diagonal_var=mode == "pooled")
+                           diagonal_var=mode == "pooled", box=mode == "channel_box")
         return tuple(z[:, :, 0, :] for z in out) if one_d else out
     if op == "Relu":
         return relu_channel(m, v, ld)
