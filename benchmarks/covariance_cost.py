@@ -10,6 +10,8 @@ Counted, per convolution whose input carries loadings (every one after the first
            (output, input channel of its group, position) for a k x k window; the split of the variance
            into shared and independent parts reuses the diagonal PFP's accumulators with a - no extra
            multiply-add per MAC (conv(v - a^2, mu^2) replaces conv(v, mu^2));
+  channel_box  as channel, but for a k x k window over several input channels the coherent term
+           uses the window's mean loading: one multiply-add per (output, input channel, position);
   pooled   no extra work per MAC (the weight-noise accumulator conv(m^2 + v, s2) is kept apart);
 both: window sums of m, a, v - a^2 (3 adds per input element with integral images), the pooled
 variance T (2 multiply-adds per weight + 1 per input channel), the projection (about 8 operations
@@ -62,7 +64,7 @@ def conv_layers(model):
 
 
 def counted(model):
-    diag = channel = pooled = 0.0
+    diag = channel = pooled = box = 0.0
     for macs, weights, inp, out, window, first, dense in conv_layers(model):
         diag += macs * (2 if first else 3)
         if first or dense:  # the first conv reads no loadings; the dense head after the pool needs none
@@ -70,7 +72,9 @@ def counted(model):
         common = 3 * inp + 2 * weights + 10 * out
         pooled += common
         channel += common + macs * (1 + (1.0 / window if window > 1 else 0.0))
-    return diag, channel, pooled
+        dense_window = window > 1 and macs // out > window  # several input channels per group
+        box += common + (macs / window if dense_window else macs * (1 + (1.0 / window if window > 1 else 0.0)))
+    return diag, channel, pooled, box
 
 
 def measure(name):
@@ -90,15 +94,15 @@ def measure(name):
 
 def main(argv=None):
     names = (argv if argv is not None else sys.argv[1:]) or ["resnet8", "dscnn", "mobilenetv1", "dscnn1d", "mobilenetv2"]
-    print(f"{'model':12s} {'diag M4 instr':>14s} {'diag ops':>11s} {'instr/op':>8s} {'+channel':>9s} {'+pooled':>8s}")
+    print(f"{'model':12s} {'diag M4 instr':>14s} {'diag ops':>11s} {'instr/op':>8s} {'+channel':>9s} {'+box':>8s} {'+pooled':>8s}")
     for name in names:
         model, text = measure(name)
         numbers = [int(w.replace(",", "")) for line in text.splitlines() if "instruction" in line or "cycles" in line
                    for w in line.split() if w.replace(",", "").isdigit()]
         instructions = numbers[0] if numbers else float("nan")
-        diag, channel, pooled = counted(model)
+        diag, channel, pooled, box = counted(model)
         per_op = instructions / diag
-        print(f"{name:12s} {instructions:14,} {diag:11,.0f} {per_op:8.2f} {channel * per_op / instructions:8.1%} {pooled * per_op / instructions:8.1%}", flush=True)
+        print(f"{name:12s} {instructions:14,} {diag:11,.0f} {per_op:8.2f} {channel * per_op / instructions:8.1%} {box * per_op / instructions:8.1%} {pooled * per_op / instructions:8.1%}", flush=True)
         print("   ", " | ".join(line.strip() for line in text.splitlines() if line.strip())[:300])
 
 
