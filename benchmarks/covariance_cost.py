@@ -85,7 +85,7 @@ def measure(name):
         np.savez(f"{tmp}/post.npz", **A.posterior(model))
         np.save(f"{tmp}/x.npy", A.sample_input(name))
         env = {**os.environ, "PYTHONPATH": ROOT}
-        subprocess.run([sys.executable, "-m", "pfpc.cli", f"{tmp}/model.onnx", "--posterior", f"{tmp}/post.npz", "--target", "cortex-m4", "-o", f"{tmp}/out"],
+        subprocess.run([sys.executable, "-m", "pfpc.cli", f"{tmp}/model.onnx", "--posterior", f"{tmp}/post.npz", "--target", "cortex-m4", "--batch", "1", "-o", f"{tmp}/out"],
                        check=True, env=env, capture_output=True)
         done = subprocess.run([sys.executable, "-m", "pfpc.cli", "run", f"{tmp}/out", "--input", f"{tmp}/x.npy", "--output", f"{tmp}/y.npz", "--emulate", "--cycles"],
                               check=True, env=env, capture_output=True, text=True)
