@@ -100,14 +100,17 @@ def test_diagonal_mode_is_the_reference_pfp():
 
 @pytest.mark.parametrize("cls", [TinyResNet, TinyDSCNN])
 def test_channel_keeps_the_pooled_variance(cls):
-    """Median PFP/MC output variance: the diagonal PFP is far below 1, the channel one within
-    [0.8, 1.25]; means as good as the diagonal PFP's. MC: 600 draws, relative s.e. of a unit's
+    """Median PFP/MC output variance: the diagonal PFP is far below 1, the channel one (and its
+    channel_box variant) within [0.8, 1.25]; means as good as the diagonal PFP's. MC: 600 draws, relative s.e. of a unit's
     variance about 6 %."""
     model, stds, inputs = _onnx(cls)
     none, channel, (mc_mean, mc_var, _, var_se) = _ratios(model, stds, inputs, 600)
     assert np.median(var_se / mc_var) < 0.1
     assert np.median(none[1] / mc_var) < 0.7
     assert 0.8 < np.median(channel[1] / mc_var) < 1.25
+    variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    box = RC.pfp_covariance(model, variances, inputs, "channel_box")["y"]  # the cheap coherent term of k x k convs
+    assert 0.8 < np.median(box[1] / mc_var) < 1.25
     std = np.sqrt(mc_var)
     assert np.max(np.abs(channel[0] - mc_mean) / std) <= np.max(np.abs(none[0] - mc_mean) / std) + 0.05
 
