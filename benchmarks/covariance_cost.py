@@ -5,7 +5,7 @@ propagations (counted from their formulas, tests/reference_covariance.py) for ev
 
 Measured: instructions the generated diagonal PFP executes per inference under QEMU
 (`pfpc run --emulate --cycles`, target cortex-m4, mps2-an386).
-Counted, per convolution whose input carries loadings (every one after the first):
+Counted, per convolution (the first reads no loadings and pays only the per-element work):
   channel  the coherent term sum_c (sum_t mu a)^2: one multiply-add per MAC, plus one square-add per
            (output, input channel of its group, position) for a k x k window; the split of the variance
            into shared and independent parts reuses the diagonal PFP's accumulators with a - no extra
@@ -67,10 +67,14 @@ def counted(model):
     diag = channel = pooled = box = 0.0
     for macs, weights, inp, out, window, first, dense in conv_layers(model):
         diag += macs * (2 if first else 3)
-        if first or dense:  # the first conv reads no loadings; the dense head after the pool needs none
+        if dense:  # the dense head after the pool needs no loadings
             continue
         common = 3 * inp + 2 * weights + 10 * out
         pooled += common
+        if first:  # reads no loadings: only its own weight noise's loading
+            channel += common
+            box += common
+            continue
         channel += common + macs * (1 + (1.0 / window if window > 1 else 0.0))
         dense_window = window > 1 and macs // out > window  # several input channels per group
         box += common + (macs / window if dense_window else macs * (1 + (1.0 / window if window > 1 else 0.0)))
