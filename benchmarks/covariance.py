@@ -57,7 +57,6 @@ def seed_model(name):
             tensor.copy_(state[f"ScaledAutoNormal.locs.{key}"].reshape(tensor.shape))
             stds[key] = torch.nn.functional.softplus(state[f"ScaledAutoNormal.scales.{key}"]).reshape(tensor.shape).numpy()
     model = fold_constants(A.export(net.eval()))
-    names = {numpy_helper.to_array(i).shape: i.name for i in model.graph.initializer}
     posterior = {}
     for init in model.graph.initializer:  # the exporter may rename initializers: match by name or shape
         key = init.name if init.name in stds else None
@@ -66,7 +65,6 @@ def seed_model(name):
             key = candidates[0] if len(candidates) == 1 else None
         if key is not None:
             posterior[init.name] = stds[key].astype(np.float64) ** 2
-    del names
     return model, posterior
 
 
@@ -132,7 +130,6 @@ def local_ratio(model, variances, mc, name, x):
     if not replace:
         return None
     sub = onnx.helper.make_model(onnx.helper.make_graph([node], "one", [], []), opset_imports=model.opset_import)
-    env = {}
     for init in model.graph.initializer:
         if init.name in node.input:
             sub.graph.initializer.append(init)

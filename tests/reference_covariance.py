@@ -227,10 +227,6 @@ def gemm_channel(m, v, a, group, wm, wv, bm=None, bv=None):
     return mean, var, np.zeros_like(mean)
 
 
-def _attrs(node):
-    return R._attrs(node)
-
-
 def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: str = "channel",
                    replace: dict | None = None, pools_before_relus: bool = True, start: int = 0) -> dict:
     """Run the PFP over ``model`` (constants folded, batch norms kept) and return every tensor's
@@ -245,7 +241,8 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
     group = {}  # latent channel of each feature of a flattened tensor
     convs = [0]
     for init in model.graph.initializer:
-        mean = numpy_helper.to_array(init).astype(np.float64) if numpy_helper.to_array(init).dtype.kind == "f" else numpy_helper.to_array(init)
+        value = numpy_helper.to_array(init)
+        mean = value.astype(np.float64) if value.dtype.kind == "f" else value
         var = variances.get(init.name)
         var = np.zeros(mean.shape) if var is None else np.asarray(var, np.float64)
         env[init.name] = (mean, var, np.zeros(mean.shape))
@@ -281,7 +278,7 @@ def _lift(t):
 
 def _node(node, x, mode, group):
     op = node.op_type
-    a = _attrs(node)
+    a = R._attrs(node)
     if mode == "none" or op not in CHANNEL_OPS:
         outs = R._node_outputs(node, a, [None if t is None else (t[0], t[1]) for t in x])
         mean, var = outs[0]
