@@ -66,6 +66,20 @@ class LinearMLP(nn.Module):
         return self.fc2(self.fc1(x))
 
 
+class ConvPointwise(nn.Module):
+    """Conv 3x3 on the deterministic input, then a 1x1 conv: the diagonal PFP is exact."""
+
+    input_shape = (1, 3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x))
+
+
 def _onnx(cls, seed=0):
     generator = torch.Generator().manual_seed(seed)
     model = cls()
@@ -125,8 +139,9 @@ def test_linear_network_exact_within_monte_carlo_error():
     assert np.median(none[1] / mc_var) < 0.9
 
 
-def test_channel_is_diagonal_where_the_diagonal_pfp_is_exact():
-    model, stds, inputs = _onnx(LinearMLP)
+@pytest.mark.parametrize("cls", [LinearMLP, ConvPointwise])
+def test_channel_is_diagonal_where_the_diagonal_pfp_is_exact(cls):
+    model, stds, inputs = _onnx(cls)
     variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
     none = RC.pfp_covariance(model, variances, inputs, "none")["y"]
     channel = RC.pfp_covariance(model, variances, inputs, "channel")["y"]
