@@ -32,8 +32,14 @@ def _compile_parser():
     parser.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
     parser.add_argument("--name", default="pfp_model", help="C prefix of the generated library (default pfp_model)")
     parser.add_argument("--outputs", metavar="LIST", default="",
-                        help="predictive outputs after the logits' mean and variance, comma-separated: probs (probit "
-                        "probabilities), entropy (predictive entropy), ood (mean logit variance)")
+                        help="predictive outputs after the logits' mean and variance, comma-separated: probs (class "
+                        "probabilities), entropy (predictive entropy), mutual_information, logit_var (mean logit variance; "
+                        "ood is its old name)")
+    parser.add_argument("--probs-method", choices=("meanfield", "sampling", "probit"), default="meanfield",
+                        help="how probs and entropy are computed from the Gaussian logits: meanfield (default, closed form), "
+                        "sampling (--logit-samples draws on the device), probit (for comparison)")
+    parser.add_argument("--logit-samples", type=int, default=64,
+                        help="draws of the logits per call for --probs-method sampling and for mutual_information (default 64)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--mode", choices=("pfp", "svi"), default="pfp",
                         help="pfp (default): one probabilistic forward pass; svi: the same API computed by sampling the weights")
@@ -102,7 +108,7 @@ def _run_parser():
     parser.add_argument("out_dir")
     parser.add_argument("--input", required=True, action="append", help=".npy input (repeat for several inputs)")
     parser.add_argument("--output", required=True, help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs), "
-                        "and probs/entropy/ood if compiled with --outputs")
+                        "and the predictive outputs (probs, entropy, ...) if compiled with --outputs")
     parser.add_argument("--emulate", action="store_true", help="build for the compiled target and run under QEMU")
     parser.add_argument("--cycles", action="store_true", help="with --emulate on Cortex-M: print cycles (instructions executed under QEMU) and peak stack per call")
     parser.add_argument("--debug", action="store_true")
@@ -204,6 +210,7 @@ def _compile(args) -> int:
         args.model, args.posterior, target=args.target, out_dir=args.output, batch=args.batch,
         dump_ir=args.dump_ir, name=args.name, force=args.force, measure=True, ram_limit=ram_limit, flash_limit=flash_limit,
         mode=args.mode, samples=args.samples, seed=args.seed, outputs=[o for o in args.outputs.split(",") if o],
+        probs_method=args.probs_method, logit_samples=args.logit_samples,
     )
     sampling = result.program.sampling
     detail = f" run once per sample, {sampling.samples} samples (SVI)" if sampling else ""

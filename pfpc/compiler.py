@@ -59,6 +59,8 @@ def compile(  # noqa: A001 - the public name users expect
     samples: int | None = None,
     seed: int | None = None,
     outputs=(),
+    probs_method: str = "meanfield",
+    logit_samples: int = 64,
 ) -> CompiledModel:
     """Compile ``model`` (path or ModelProto) with ``posterior`` (path, dict of arrays or None).
 
@@ -73,7 +75,9 @@ def compile(  # noqa: A001 - the public name users expect
     RAM, per-layer arithmetic); implied by ``ram_limit``/``flash_limit`` (bytes), which make the
     compile fail, leaving nothing behind, when the model does not fit.
     ``outputs``: predictive outputs to add after the logits' mean and variance, a subset of
-    ``("probs", "entropy", "ood")`` (`pfpc.passes.append_predictive_outputs`).
+    ``("probs", "entropy", "mutual_information", "logit_var", "ood")``; ``probs_method``
+    (meanfield, sampling or probit) and ``logit_samples`` (draws of the logits for sampling and
+    mutual_information) say how (`pfpc.passes.append_predictive_outputs`, `pfpc.ops.predictive`).
     """
     target_info = get_target(target)
     check_c_name(name)
@@ -82,7 +86,7 @@ def compile(  # noqa: A001 - the public name users expect
         raise PfpcError("--outputs: predictive outputs are computed from the PFP's logit moments; not available with --mode svi")
     passes = list(passes if passes is not None else (svi_passes() if mode == "svi" else default_passes()))
     if outputs:
-        passes.append(("append_predictive_outputs", AppendPredictiveOutputs(outputs)))
+        passes.append(("append_predictive_outputs", AppendPredictiveOutputs(outputs, probs_method, logit_samples)))
     if out_dir is not None:
         _check_replaceable(out_dir, force)
     label = os.path.basename(model) if isinstance(model, (str, os.PathLike)) else "model"
@@ -310,7 +314,7 @@ def _shape_list(value) -> bool:
 
 @dataclass
 class RunResult:
-    """(mean, var) per output; the predictive outputs compiled in (``probs``, ``entropy``, ``ood``);
+    """(mean, var) per output; the predictive outputs compiled in (``probs``, ``entropy``, ...);
     for Cortex-M under QEMU, the cycles of every call in QEMU's model, one per instruction
     executed (`targets.Target.instructions`; a real core spends more on loads, divisions and
     branches), and its peak stack bytes (painted stack, libm included)."""

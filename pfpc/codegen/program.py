@@ -84,7 +84,8 @@ class Program:
     name: str
     inputs: list  # (c_name, onnx_name, shape)
     outputs: list  # (c_name, onnx_name, shape)
-    extra_outputs: list = field(default_factory=list)  # (c_name, kind, shape): probs, entropy, ood
+    extra_outputs: list = field(default_factory=list)  # (c_name, kind, shape): probs, entropy, ...
+    predictive: tuple = ("meanfield", 64)  # how the extra outputs are computed: (probability method, logit draws)
     steps: list = field(default_factory=list)
     tensors: list = field(default_factory=list)
     weights: dict = field(default_factory=dict)  # c_name -> (array, comment)
@@ -110,6 +111,9 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     func = mod["main"]
     reprs = [str(r) for r in func.attrs["pfp.outputs"]]
     extras = [str(e) for e in func.attrs["pfp.extra_outputs"]] if "pfp.extra_outputs" in func.attrs else []
+    if "pfp.predictive" in func.attrs:
+        method, samples = (str(v) for v in func.attrs["pfp.predictive"])
+        program.predictive = (method, int(samples))
     assigned = set()
 
     def bind_output(tensor, pointer, size):
