@@ -23,12 +23,17 @@ def accuracy(probs, labels) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == np.asarray(labels)))
 
 
-def nll(probs, labels) -> float:
-    """Mean negative log-likelihood of the labels (natural log)."""
-    from sklearn.metrics import log_loss
-
+def nll(probs, labels, log_probs=None) -> float:
+    """Mean negative log-likelihood of the labels (natural log). From ``log_probs`` (computed in
+    log space, e.g. `log_softmax`, `meanfield_log_probs`) when given: a probability that underflows
+    keeps its true log; else from the rows of ``probs`` with no floor but float64's smallest
+    positive number (a float32 probability of exactly 0 says only that its log is below -104)."""
+    labels = np.asarray(labels)
+    if log_probs is not None:
+        log_probs = np.asarray(log_probs, np.float64)
+        return float(-np.mean(log_probs[np.arange(len(labels)), labels]))
     probs = _rows(probs)
-    return float(log_loss(labels, probs, labels=np.arange(probs.shape[1])))
+    return float(-np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], np.finfo(np.float64).tiny))))
 
 
 def brier(probs, labels) -> float:
@@ -82,6 +87,38 @@ def softmax(logits, axis=-1) -> np.ndarray:
     shifted = logits - logits.max(axis=axis, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=axis, keepdims=True)
+
+
+def log_softmax(logits, axis=-1) -> np.ndarray:
+    """log softmax in float64: l - max l - log sum exp(l - max l)."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def meanfield_log_probs(mean, var) -> np.ndarray:
+    """log p of the mean-field approximation of E[softmax(l)] (Lu, Ie & Sha 2020), the on-device
+    default (`pfpc.ops.predictive`): log q_k = -log sum_j exp(-(M_k - M_j) / sqrt(1 + pi V_k / 8)),
+    p = q / sum q; in log space (log-sum-exp), [N, K] at a time with a [N, K, K] intermediate."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    exponent = -(mean[:, :, None] - mean[:, None, :]) / np.sqrt(1.0 + np.pi / 8.0 * var)[:, :, None]
+    peak = exponent.max(axis=2, keepdims=True)
+    log_q = -(peak[:, :, 0] + np.log(np.exp(exponent - peak).sum(axis=2)))
+    return log_softmax(log_q)
+
+
+def probit_log_probs(mean, var) -> np.ndarray:
+    return log_softmax(np.asarray(mean, np.float64) / np.sqrt(1.0 + np.pi / 8.0 * np.asarray(var, np.float64)))
+
+
+def sampled_log_probs(mean, var, eps) -> tuple[np.ndarray, np.ndarray]:
+    """(log mean_s softmax(M + sqrt(V) eps_s), mean_s H[softmax(...)]) for fixed draws ``eps`` [S, K]
+    (the device's, `pfpc.ops.predictive.numpy_standard_normal`), in log space."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    log_p = log_softmax(mean[None] + np.sqrt(np.maximum(var, 0.0))[None] * np.asarray(eps, np.float64)[:, None, :])
+    peak = log_p.max(axis=0)
+    log_mean = peak + np.log(np.exp(log_p - peak).mean(axis=0))
+    return log_mean, -(np.exp(log_p) * log_p).sum(axis=-1).mean(axis=0)
 
 
 def probit_probs(mean, var) -> np.ndarray:

@@ -45,8 +45,8 @@ PREDICTIVE_OUTPUTS = ("probs", "entropy", "mutual_information", "logit_var", "oo
 METHODS = ("meanfield", "sampling", "probit")
 DEFAULT_METHOD = "meanfield"
 DEFAULT_SAMPLES = 64
-#: draws per call are at most this many (two [S] rows of floats stay on the stack)
-MAX_SAMPLES = 256
+#: draws per call are at most this many (each [S] row of floats stays on the stack: TVM puts larger ones in a runtime workspace)
+MAX_SAMPLES = 128
 
 _METHOD_DOCS = {
     "meanfield": "mean-field approximation of E[softmax(l)] (Lu, Ie & Sha 2020): "
