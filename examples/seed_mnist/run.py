@@ -12,7 +12,7 @@ Fashion-MNIST) by predictive entropy, mutual information and mean logit variance
 space: SVI's log-mean-exp over samples, the PFP methods' formulas in float64 on the C's logit
 moments. The PFP's mutual information is the on-device output (64 logit draws). Everything
 generated (models, SVI cache, compiled C) goes to ``generated/`` (git-ignored); the table is
-printed and written to ``generated/table.md``.
+printed and written to ``generated/table_<nets>.md``.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     results = {net: rows_for(net, args.data, args.out, args.limit) for net in args.nets.split(",")}
     text = markdown(results, args.limit)
     print(text)
-    with open(os.path.join(args.out, "table.md" if args.limit is None else f"table_{args.limit}.md"), "w") as handle:
+    stem = "table_" + args.nets.replace(",", "_") + ("" if args.limit is None else f"_{args.limit}")
+    with open(os.path.join(args.out, stem + ".md"), "w") as handle:
         handle.write(text)
     return 0
 
