@@ -226,7 +226,7 @@ class Preprocess:
 def load_array_set(spec: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(x, labels or None) from ``spec``: a .npy of inputs; a .npz with ``x`` (and ``y``); IDX images
     (gzipped or not) optionally followed by ``,LABELS`` (IDX labels); or a folder of images (sorted by
-    name, read as grey or RGB by Pillow; labels from sub-folders named by class number)."""
+    name, read as grey or RGB by Pillow into [N, C, H, W]; labels from sub-folders named by class number)."""
     path, _, labels_path = spec.partition(",")
     if os.path.isdir(path):
         return _load_image_folder(path)
@@ -289,7 +289,8 @@ def _load_image_folder(folder):
     labelled = [label for _, label in files]
     if any(label is None for label in labelled) and any(label is not None for label in labelled):
         raise PfpcError(f"{folder}: images both at the top and in class sub-folders")
-    return (x[..., None] if x.ndim == 3 else x), (None if labelled[0] is None else np.array(labelled, np.int64))
+    x = (x[..., None] if x.ndim == 3 else x).transpose(0, 3, 1, 2)  # [N, C, H, W] like the models (--layout is for array files)
+    return np.ascontiguousarray(x), (None if labelled[0] is None else np.array(labelled, np.int64))
 
 
 def user_suite(test: str, ood: list[str], preprocess: Preprocess, limit: int | None = None) -> list[EvalSet]:
