@@ -119,3 +119,28 @@ def test_thresholds_and_risk_coverage_hand_worked():
     labels = np.array([0, 1, 2, 1, 1, 2, 0, 1, 0, 0])  # wrong at inputs 3 (score 0.9) and 8 (0.8)
     curve = dict(metrics.risk_coverage(probs, labels, scores_in, (1.0, 0.9, 0.8, 0.5)))
     assert curve == {1.0: 0.2, 0.9: 1 / 9, 0.8: 0.0, 0.5: 0.0}
+
+
+def test_image_folder_and_preprocessing(tmp_path):
+    """Class sub-folders give the labels; images come as [N, C, H, W]; per-channel mean/std; errors are one line."""
+    from PIL import Image
+
+    from pfpc.errors import PfpcError
+    from pfpc.evaluate.datasets import Preprocess, load_array_set
+
+    rng = np.random.default_rng(6)
+    pixels = {}
+    for label in (0, 2):
+        (tmp_path / str(label)).mkdir()
+        for index in range(2):
+            image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / str(label) / f"{index}.png")
+            pixels[(label, index)] = image
+    x, labels = load_array_set(str(tmp_path))
+    assert x.shape == (4, 3, 5, 7) and labels.tolist() == [0, 0, 2, 2]
+    np.testing.assert_array_equal(x[2], pixels[(2, 0)].transpose(2, 0, 1))
+    spec = Preprocess(scale=0.5, mean=(1.0, 2.0, 3.0), std=(2.0, 4.0, 8.0))
+    expected = (x.astype(np.float64) * 0.5 - np.array([1.0, 2.0, 3.0])[:, None, None]) / np.array([2.0, 4.0, 8.0])[:, None, None]
+    np.testing.assert_allclose(spec.apply(x, "set"), expected, rtol=1e-6)
+    with pytest.raises(PfpcError, match="2/1 values per channel"):
+        Preprocess(mean=(1.0, 2.0)).apply(x, "set")
