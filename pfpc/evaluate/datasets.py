@@ -265,7 +265,10 @@ def _load_npy(path):
 
 
 def _load_image_folder(folder):
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError:
+        raise PfpcError(f"{folder}: reading a folder of images needs Pillow: pip install 'pfpc[eval]'") from None
 
     entries = sorted(os.listdir(folder))
     classes = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
