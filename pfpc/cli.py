@@ -60,8 +60,14 @@ def _compile_parser():
     parser.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
     parser.add_argument("--name", default="pfp_model", help="C prefix of the generated library (default pfp_model)")
     parser.add_argument("--outputs", metavar="LIST", default="",
-                        help="predictive outputs after the logits' mean and variance, comma-separated: probs (probit "
-                        "probabilities), entropy (predictive entropy), ood (mean logit variance)")
+                        help="predictive outputs after the logits' mean and variance, comma-separated: probs (class "
+                        "probabilities), entropy (predictive entropy), mutual_information, logit_var (mean logit variance; "
+                        "ood is its old name)")
+    parser.add_argument("--probs-method", choices=("meanfield", "sampling", "probit"), default="meanfield",
+                        help="how probs and entropy are computed from the Gaussian logits: meanfield (default, closed form), "
+                        "sampling (--logit-samples draws on the device), probit (for comparison)")
+    parser.add_argument("--logit-samples", type=int, default=64,
+                        help="draws of the logits per call for --probs-method sampling and for mutual_information (default 64)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory that pfpc wrote")
     parser.add_argument("--mode", choices=("pfp", "svi"), default="pfp",
                         help="pfp (default): one probabilistic forward pass; svi: the same API computed by sampling the weights")
@@ -131,7 +137,7 @@ def _run_parser():
     parser.add_argument("out_dir")
     parser.add_argument("--input", required=True, action="append", help=".npy input (repeat for several inputs)")
     parser.add_argument("--output", help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs), "
-                        "and probs/entropy/ood if compiled with --outputs")
+                        "and the predictive outputs (probs, entropy, ...) if compiled with --outputs")
     parser.add_argument("--json", action="store_true", help="print JSON (one object) instead of text")
     parser.add_argument("--emulate", action="store_true", help="build for the compiled target and run under QEMU")
     parser.add_argument("--cycles", action="store_true", help="with --emulate on Cortex-M: print instructions executed "
@@ -164,9 +170,22 @@ def _evaluate_parser():
         description="Uncertainty quality of the deterministic mean network, SVI (Monte Carlo) and the compiled PFP "
         "on the dirty-digits suite: accuracy, NLL, ECE, Brier, entropies, mutual information, OOD AUROC.",
     )
-    parser.add_argument("model", help="ONNX classifier taking 8x8 digits ([N, 64] or [N, 1, 8, 8])")
+    parser.add_argument("model", help="ONNX classifier with one input and one [N, classes] output (the dirty-digits "
+                        "suite needs 8x8 digits: [N, 64] or [N, 1, 8, 8]; any shape with --test)")
     parser.add_argument("--posterior", required=True)
     parser.add_argument("--samples", type=int, default=100, help="SVI weight samples (default 100)")
+    parser.add_argument("--test", metavar="SET", help="your in-distribution test set instead of the digits suite: a .npz "
+                        "with x and y, IDX images followed by ',LABELS' (IDX), or a folder of images in class sub-folders 0/, 1/, ...")
+    parser.add_argument("--ood", metavar="NAME=SET", action="append", default=[],
+                        help="a named out-of-distribution set (.npy, .npz with x, IDX images or a folder of images); repeatable")
+    parser.add_argument("--scale", type=float, help="preprocessing of --test/--ood: multiply the raw values (e.g. 0.00392156862745098 for 1/255)")
+    parser.add_argument("--mean", help="then subtract this mean (one value or one per channel, comma-separated)")
+    parser.add_argument("--std", help="then divide by this std (one value or one per channel)")
+    parser.add_argument("--layout", choices=("nchw", "nhwc"), help="layout of the sets' images (nhwc is transposed to the model's nchw)")
+    parser.add_argument("--preprocess", metavar="JSON", help="the preprocessing as JSON {scale, mean, std, layout} "
+                        "(default: preprocess.json beside the model if present); --scale/--mean/--std/--layout override it")
+    parser.add_argument("--save-preprocess", metavar="JSON", help="write the preprocessing used to this JSON file (e.g. beside the compiled model)")
+    parser.add_argument("--thresholds-into", metavar="OUT_DIR", help="write the PFP's abstain thresholds as #defines into the header of this compiled model")
     parser.add_argument("--report", metavar="DIR", help="write <model>.md and plots (needs matplotlib) into DIR")
     parser.add_argument("--mnist-images", metavar="IDX", help="MNIST IDX images (optionally .gz) instead of scikit-learn's digits")
     parser.add_argument("--mnist-labels", metavar="IDX", help="the matching IDX labels")
@@ -310,6 +329,7 @@ def _compile(args) -> int:
         args.model, args.posterior, target=args.target, out_dir=args.output, batch=args.batch,
         dump_ir=args.dump_ir, name=args.name, force=args.force, measure=True, ram_limit=ram_limit, flash_limit=flash_limit,
         mode=args.mode, samples=args.samples, seed=args.seed, outputs=[o for o in args.outputs.split(",") if o],
+        probs_method=args.probs_method, logit_samples=args.logit_samples,
     )
     sampling = result.program.sampling
     detail = f" run once per sample, {sampling.samples} samples (SVI)" if sampling else ""
@@ -516,11 +536,38 @@ def _verify(args) -> int:
     return 0
 
 
+def _preprocess(args):
+    """The preprocessing of --test/--ood: a JSON spec (given, or preprocess.json beside the model)
+    with the command line's options on top; saved if asked."""
+    from .evaluate.datasets import Preprocess
+
+    beside = os.path.join(os.path.dirname(os.path.abspath(args.model)), "preprocess.json")
+    spec = Preprocess.load(args.preprocess) if args.preprocess else Preprocess.load(beside) if os.path.exists(beside) else Preprocess()
+
+    def values(text, option):
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise PfpcError(f"--{option} {text}: expected comma-separated numbers") from None
+
+    if args.scale is not None:
+        spec.scale = args.scale
+    if args.mean:
+        spec.mean = values(args.mean, "mean")
+    if args.std:
+        spec.std = values(args.std, "std")
+    if args.layout:
+        spec.layout = args.layout
+    if args.save_preprocess:
+        spec.save(args.save_preprocess)
+    return spec
+
+
 def _evaluate(args) -> int:
     import shlex
 
     from .evaluate import evaluate, require_extras
-    from .evaluate.datasets import default_suite
+    from .evaluate.datasets import default_suite, user_suite
 
     require_extras(plots=bool(args.report))
     if args.samples < 2:
@@ -529,16 +576,25 @@ def _evaluate(args) -> int:
         ood_classes = [int(c) for c in args.ood_classes.split(",")] if args.ood_classes else []
     except ValueError:
         raise PfpcError(f"--ood-classes {args.ood_classes}: expected comma-separated class numbers") from None
-    sets = default_suite(args.mnist_images, args.mnist_labels, args.limit, ood_classes)
+    if args.test:
+        sets = user_suite(args.test, args.ood, _preprocess(args), args.limit)
+    elif args.ood:
+        raise PfpcError("--ood needs --test (your in-distribution test set)")
+    else:
+        sets = default_suite(args.mnist_images, args.mnist_labels, args.limit, ood_classes)
     evaluation = evaluate(args.model, args.posterior, args.samples, sets, args.seed, progress=not args.quiet, per_layer=args.per_layer,
                           svi_repeats=args.svi_repeats)
-    from .evaluate.report import approximation_table, metric_tables, svi_spread_table, targets_table, write_report
+    from .evaluate.report import approximation_table, metric_tables, svi_spread_table, targets_table, threshold_table, write_report
 
     print(f"{evaluation.model}: {args.samples} SVI samples, {sum(len(s.x) for s in sets)} images in {len(sets)} sets\n")
     print(targets_table(evaluation) + "\n\n" + approximation_table(evaluation) + "\n")
     if args.svi_repeats:
         print(svi_spread_table(evaluation) + "\n")
-    print(metric_tables(evaluation))
+    print(metric_tables(evaluation) + "\n\n" + threshold_table(evaluation))
+    if args.thresholds_into:
+        from .evaluate.report import write_threshold_defines
+
+        print(f"pfpc: wrote the thresholds into {write_threshold_defines(evaluation, args.thresholds_into)}")
     if args.report:
         print(f"\npfpc: wrote {write_report(evaluation, args.report, 'pfpc ' + shlex.join(args.argv))}")
     return 0

@@ -90,6 +90,8 @@ def compile(  # noqa: A001 - the public name users expect
     samples: int | None = None,
     seed: int | None = None,
     outputs=(),
+    probs_method: str = "meanfield",
+    logit_samples: int = 64,
 ) -> CompiledModel:
     """Compile ``model`` (path or ModelProto) with ``posterior`` (path, dict of arrays, or None
     for the deterministic network: every variance zero, said explicitly).
@@ -106,14 +108,16 @@ def compile(  # noqa: A001 - the public name users expect
     compile fail, leaving nothing behind, when the model does not fit. A measurement that cannot
     be made (toolchain missing or broken) is reported in ``footprint["note"]``, never an error.
     ``outputs``: predictive outputs to add after the logits' mean and variance, a subset of
-    ``("probs", "entropy", "ood")`` (`pfpc.passes.append_predictive_outputs`).
+    ``("probs", "entropy", "mutual_information", "logit_var", "ood")``; ``probs_method``
+    (meanfield, sampling or probit) and ``logit_samples`` (draws of the logits for sampling and
+    mutual_information) say how (`pfpc.passes.append_predictive_outputs`, `pfpc.ops.predictive`).
     """
     target_info = get_target(target)
     check_c_name(name)
     samples, seed = check_sampling_options(mode, samples, seed)
     outputs = check_outputs(outputs, mode)
     passes = list(passes if passes is not None else (svi_passes() if mode == "svi" else default_passes()))
-    last = [("append_predictive_outputs", AppendPredictiveOutputs(outputs))] if outputs else []
+    last = [("append_predictive_outputs", AppendPredictiveOutputs(outputs, probs_method, logit_samples))] if outputs else []
     if out_dir is not None:
         atomic.check_replaceable(os.path.abspath(out_dir), force)
     label = os.path.basename(model) if isinstance(model, (str, os.PathLike)) else "model"

@@ -13,6 +13,7 @@ rest weights):
 | ``pfp.outputs`` | the `Moment` of each model output (``main`` returns mean [+ moment] per output) | `SubstituteLayers`, the kernel-rewriting passes |
 | ``pfp.output_softmax`` | [{"output": index, "function": name, "axis": int}] of dropped softmaxes | `SubstituteLayers` |
 | ``pfp.extra_outputs`` | the predictive outputs appended after the Gaussian ones | `AppendPredictiveOutputs` |
+| ``pfp.predictive`` | (probability method, logit draws) of those outputs | `AppendPredictiveOutputs` |
 
 On a Gaussian kernel (a PrimFunc): ``pfp.kernel``, its `KernelSpec` (stored as JSON text, the
 form TVM prints and serialises; `kernel_spec` parses it).
@@ -41,6 +42,7 @@ WEIGHT_POSITIONS = "pfp.weight_positions"
 OUTPUTS = "pfp.outputs"
 OUTPUT_SOFTMAX = "pfp.output_softmax"
 EXTRA_OUTPUTS = "pfp.extra_outputs"
+PREDICTIVE = "pfp.predictive"
 KERNEL = KERNEL_ATTR
 
 
@@ -101,6 +103,14 @@ def extra_outputs(func) -> list[str]:
     return [str(e) for e in func.attrs[EXTRA_OUTPUTS]] if _has(func, EXTRA_OUTPUTS) else []
 
 
+def predictive(func) -> tuple[str, int] | None:
+    """(method, logit draws) of the predictive outputs, or None when there are none."""
+    if not _has(func, PREDICTIVE):
+        return None
+    method, samples = (str(v) for v in func.attrs[PREDICTIVE])
+    return method, int(samples)
+
+
 def kernel_spec(prim) -> KernelSpec | None:
     """The spec of a Gaussian kernel PrimFunc, else None."""
     return KernelSpec.from_json(str(prim.attrs[KERNEL])) if _has(prim, KERNEL) else None
@@ -123,7 +133,7 @@ def _positions(values: dict):
 
 
 def encode(*, means=_UNSET, variances=_UNSET, onnx_names=_UNSET, sampled_std=_UNSET, outputs=_UNSET,
-           output_softmax=_UNSET, extra_outputs=_UNSET, weight_positions=_UNSET) -> dict:
+           output_softmax=_UNSET, extra_outputs=_UNSET, weight_positions=_UNSET, predictive=_UNSET) -> dict:
     """The given state as ``{attribute: TVM value}`` (None: remove the attribute), for `ir.func_attrs`."""
     encoders = {
         PARAMS: (means, _tensors),
@@ -134,6 +144,7 @@ def encode(*, means=_UNSET, variances=_UNSET, onnx_names=_UNSET, sampled_std=_UN
         OUTPUTS: (outputs, lambda reprs: [str(Moment(r)) for r in reprs]),
         OUTPUT_SOFTMAX: (output_softmax, json.dumps),
         EXTRA_OUTPUTS: (extra_outputs, list),
+        PREDICTIVE: (predictive, lambda value: [str(value[0]), str(value[1])]),
     }
     return {key: (None if value is None else encoder(value)) for key, (value, encoder) in encoders.items() if value is not _UNSET}
 

@@ -38,7 +38,8 @@ def describe(meta: dict, outputs: list, extras: dict) -> dict:
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = (np.asarray(extras["entropy"], np.float64) if "entropy" in extras
                    else -np.sum(np.where(probs > 0, probs * np.log(probs), 0.0), axis=1))
-    ood = np.asarray(extras["ood"], np.float64) if "ood" in extras else np.asarray(var, np.float64).mean(axis=1)
+    ood_extra = extras.get("logit_var", extras.get("ood"))
+    ood = np.asarray(ood_extra, np.float64) if ood_extra is not None else np.asarray(var, np.float64).mean(axis=1)
     classes = probs.shape[1]
     examples = []
     for i in range(probs.shape[0]):

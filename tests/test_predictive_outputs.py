@@ -1,5 +1,6 @@
 """Predictive outputs in the generated C (``--outputs probs,entropy,ood``) against NumPy
-implementations of the same formulas, written here independently (float64)."""
+implementations of the same formulas, written here independently (float64). The probit method
+here; the default (mean-field) and on-device sampling in test_predictive_methods.py."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _check(results, extras, atol_scale=1e-7):
 def test_mlp_predictive_outputs_match_numpy(tmp_path):
     x = np.load(os.path.join(EXAMPLES, "mlp", "sample.npy"))
     out = str(tmp_path / "out")
-    compiler.compile(MLP, MLP_POST, out_dir=out, batch=2, outputs=("probs", "entropy", "ood"))
+    compiler.compile(MLP, MLP_POST, out_dir=out, batch=2, outputs=("probs", "entropy", "ood"), probs_method="probit")
     results, extras = compiler.run_host(out, [x], extras=True)
     assert extras["probs"].shape == (4, 10) and extras["entropy"].shape == (4,) and extras["ood"].shape == (4,)
     _check(results, extras)
@@ -60,7 +61,7 @@ def test_extreme_logits_stay_finite(tmp_path):
     post = {"w.std": np.full((3, 5), 1e-3, np.float32), "b.std": np.array([1e-4, 1e-4, 30.0, 1e-4, 1e-4], np.float32)}
     x = rng.standard_normal((4, 3)).astype(np.float32) * 3
     out = str(tmp_path / "out")
-    compiler.compile(model, post, out_dir=out, outputs=("probs", "entropy", "ood"))
+    compiler.compile(model, post, out_dir=out, outputs=("probs", "entropy", "ood"), probs_method="probit")
     results, extras = compiler.run_host(out, [x], extras=True)
     assert all(np.all(np.isfinite(v)) for v in extras.values())
     _check(results, extras, atol_scale=1e-6)

@@ -81,7 +81,8 @@ class Program:
     name: str
     inputs: list  # (c_name, onnx_name, shape)
     outputs: list  # (c_name, onnx_name, shape)
-    extra_outputs: list = field(default_factory=list)  # (c_name, kind, shape): probs, entropy, ood
+    extra_outputs: list = field(default_factory=list)  # (c_name, kind, shape): probs, entropy, ...
+    predictive: tuple = ("meanfield", 64)  # how the extra outputs are computed: (probability method, logit draws)
     steps: list = field(default_factory=list)
     tensors: list = field(default_factory=list)
     weights: dict = field(default_factory=dict)  # c_name -> (array, comment)
@@ -107,6 +108,8 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     func = mod["main"]
     reprs = ir_state.output_moments(func)
     extras = ir_state.extra_outputs(func)
+    if ir_state.predictive(func) is not None:
+        program.predictive = ir_state.predictive(func)
     assigned = set()
 
     def bind_output(tensor, pointer, size):

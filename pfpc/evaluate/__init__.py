@@ -49,6 +49,10 @@ class Evaluation:
     per_layer: list | None = None
     #: SVI rerun with other seeds: one {"accuracy", "ece", score: pooled AUROC} per run (the first is the main run)
     svi_runs: list = field(default_factory=list)
+    #: (predictor, score, coverage) -> (threshold, {OOD set: rejection rate}); coverage of the clean set
+    thresholds: dict = field(default_factory=dict)
+    #: (predictor, score) -> [(coverage, risk)]: error rate on the clean inputs accepted by score
+    risk_coverage: dict = field(default_factory=dict)
 
 
 def summarize(evaluation: Evaluation) -> Evaluation:
@@ -59,7 +63,7 @@ def summarize(evaluation: Evaluation) -> Evaluation:
             row = {}
             if eval_set.labels is not None:
                 row["accuracy"] = metrics.accuracy(pred.probs, eval_set.labels)
-                row["nll"] = metrics.nll(pred.probs, eval_set.labels)
+                row["nll"] = metrics.nll(pred.probs, eval_set.labels, pred.log_probs)
                 row["ece"] = metrics.ece(pred.probs, eval_set.labels)
                 row["brier"] = metrics.brier(pred.probs, eval_set.labels)
             for name in SUMMARY_METRICS:
@@ -73,8 +77,15 @@ def summarize(evaluation: Evaluation) -> Evaluation:
                 continue
             for eval_set in ood_sets:
                 evaluation.auroc[(predictor, score, eval_set.name)] = metrics.auroc(clean.score(score), by_set[eval_set.name].score(score))
-            pooled = np.concatenate([by_set[s.name].score(score) for s in ood_sets])
-            evaluation.auroc[(predictor, score, "all_ood")] = metrics.auroc(clean.score(score), pooled)
+            if ood_sets:
+                pooled = np.concatenate([by_set[s.name].score(score) for s in ood_sets])
+                evaluation.auroc[(predictor, score, "all_ood")] = metrics.auroc(clean.score(score), pooled)
+            clean_set = next(s for s in evaluation.sets if s.name == "clean")
+            evaluation.risk_coverage[(predictor, score)] = metrics.risk_coverage(clean.probs, clean_set.labels, clean.score(score))
+            for coverage in metrics.COVERAGES:
+                threshold = metrics.coverage_threshold(clean.score(score), coverage)
+                evaluation.thresholds[(predictor, score, coverage)] = (
+                    threshold, {s.name: float(np.mean(by_set[s.name].score(score) > threshold)) for s in ood_sets})
     return evaluation
 
 
@@ -106,12 +117,12 @@ def evaluate(
     move with the weight samples (``Evaluation.svi_runs``)."""
     from ..frontends.onnx_model import load_model
     from ..frontends.posterior import load_posterior
-    from .predictors import check_classifier, deterministic_logits, pfp_outputs, shape_inputs, svi_logits
+    from .predictors import check_classifier, check_labels, deterministic_logits, pfp_outputs, shape_inputs, svi_logits
 
     sets = sets if sets is not None else default_suite()
-    x = np.concatenate([s.x for s in sets])
+    x = np.concatenate([np.asarray(s.x).reshape(len(s.x), -1) for s in sets])
     model = load_model(model_path, len(x))
-    check_classifier(model, model_path)
+    check_labels(sets, check_classifier(model, model_path), model_path)
     posterior = load_posterior(model, posterior_path)
     x = shape_inputs(model, x, model_path)
     bounds = np.cumsum([0] + [len(s.x) for s in sets])
@@ -123,7 +134,7 @@ def evaluate(
     predictions = {"deterministic": split(metrics.from_logits(deterministic_logits(model, posterior, x)))}
     predictions["svi"] = split(metrics.from_logit_samples(svi_logits(model, posterior, x, samples, seed, progress)))
     mean, var, probs = pfp_outputs(model_path, posterior, x, work_dir)
-    predictions["pfp"] = split(metrics.from_logit_moments(mean, var, logit_samples, seed, probs=probs))
+    predictions["pfp"] = split(metrics.from_logit_moments(mean, var, logit_samples, seed, probs=probs, method="meanfield"))
     name = os.path.basename(os.path.dirname(os.path.abspath(model_path))) or model_path
     evaluation = summarize(Evaluation(name, samples, sets, predictions))
     evaluation.svi_runs.append(_headline(evaluation, "svi"))

@@ -41,22 +41,22 @@ def suite_outputs(model_path: str, posterior, sets=None) -> tuple:
     """The compiled PFP's (mean, var, probs) on every image of ``sets`` (default: the dirty-digits
     suite), in order."""
     from ..frontends.onnx_model import load_model
-    from .predictors import check_classifier, pfp_outputs, shape_inputs
+    from .predictors import check_classifier, check_labels, pfp_outputs, shape_inputs
 
     sets = sets if sets is not None else default_suite()
     model = load_model(model_path, 1)
-    check_classifier(model, model_path)
-    return pfp_outputs(model_path, posterior, shape_inputs(model, np.concatenate([s.x for s in sets]), model_path))
+    check_labels(sets, check_classifier(model, model_path), model_path)
+    return pfp_outputs(model_path, posterior, shape_inputs(model, np.concatenate([np.asarray(s.x).reshape(len(s.x), -1) for s in sets]), model_path))
 
 
 def _metrics(sets, mean, var, probs) -> dict:
     bounds = np.cumsum([0] + [len(s.x) for s in sets])
     parts = {s.name: slice(bounds[i], bounds[i + 1]) for i, s in enumerate(sets)}
-    prediction = metrics.from_logit_moments(mean, var, samples=1, probs=probs)  # MI not used: one draw is enough
+    prediction = metrics.from_logit_moments(mean, var, samples=1, probs=probs, method="meanfield")  # MI not used: one draw is enough
     clean_set = next(s for s in sets if s.name == "clean")
     clean = prediction.subset(parts["clean"])
     ood = [prediction.subset(parts[s.name]) for s in sets if s.kind == "ood"]
-    row = {"accuracy": metrics.accuracy(clean.probs, clean_set.labels), "nll": metrics.nll(clean.probs, clean_set.labels),
+    row = {"accuracy": metrics.accuracy(clean.probs, clean_set.labels), "nll": metrics.nll(clean.probs, clean_set.labels, clean.log_probs),
            "ece": metrics.ece(clean.probs, clean_set.labels)}
     for score in ("entropy", "logit_var"):
         row[f"auroc_{score}"] = metrics.auroc(clean.score(score), np.concatenate([p.score(score) for p in ood]))

@@ -28,6 +28,7 @@ row-major 8x8.
 from __future__ import annotations
 
 import gzip
+import re
 import os
 from dataclasses import dataclass
 
@@ -168,3 +169,145 @@ def default_suite(idx_images: str | None = None, idx_labels: str | None = None, 
         if limit is not None:
             x, labels = x[:limit], labels[:limit]
     return build_suite(x, labels, ood_classes)
+
+
+# ---- the user's own data: `pfpc evaluate --test ... --ood NAME=PATH` ----
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff")
+
+
+@dataclass
+class Preprocess:
+    """x -> ((x * scale) - mean[c]) / std[c] per channel c, then ``layout`` nhwc -> the model's
+    nchw if asked. Saved as JSON (``preprocess.json`` beside a compiled model) and read back."""
+
+    scale: float = 1.0
+    mean: tuple = (0.0,)
+    std: tuple = (1.0,)
+    layout: str = "nchw"  # the layout of the data: nchw (as the model) or nhwc (channels last, images)
+
+    def apply(self, x: np.ndarray, name: str) -> np.ndarray:
+        x = np.asarray(x, np.float64) * self.scale
+        if self.layout == "nhwc" and x.ndim == 4:
+            x = x.transpose(0, 3, 1, 2)
+        mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
+        if np.any(std <= 0):
+            raise PfpcError(f"{name}: --std must be positive")
+        if max(mean.size, std.size) > 1:  # per channel: axis 1 of [N, C, H, W]
+            channels = x.shape[1] if x.ndim == 4 else None
+            if channels is None or {mean.size, std.size} - {1, channels}:
+                raise PfpcError(f"{name}: --mean/--std give {mean.size}/{std.size} values per channel, the data "
+                                f"{list(x.shape)} has {channels or 'no'} channel axis (--layout nchw or nhwc for [N, C, H, W] / [N, H, W, C])")
+            mean, std = mean.reshape(1, -1, 1, 1), std.reshape(1, -1, 1, 1)
+        x = (x - mean) / std
+        return np.ascontiguousarray(x, np.float32)
+
+    @classmethod
+    def load(cls, path: str) -> "Preprocess":
+        import json
+
+        try:
+            with open(path) as handle:
+                spec = json.load(handle)
+            return cls(float(spec.get("scale", 1.0)), tuple(float(v) for v in spec.get("mean", [0.0])),
+                       tuple(float(v) for v in spec.get("std", [1.0])), str(spec.get("layout", "nchw")))
+        except OSError as err:
+            raise PfpcError(f"{path}: cannot read the preprocessing spec: {err.strerror}") from None
+        except (ValueError, TypeError, AttributeError) as err:
+            raise PfpcError(f"{path}: not a preprocessing spec (JSON with scale, mean, std, layout): {err}") from None
+
+    def save(self, path: str) -> None:
+        import json
+
+        with open(path, "w") as handle:
+            json.dump({"scale": self.scale, "mean": list(self.mean), "std": list(self.std), "layout": self.layout}, handle, indent=1)
+
+
+def load_array_set(spec: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(x, labels or None) from ``spec``: a .npy of inputs; a .npz with ``x`` (and ``y``); IDX images
+    (gzipped or not) optionally followed by ``,LABELS`` (IDX labels); or a folder of images (sorted by
+    name, read as grey or RGB by Pillow into [N, C, H, W]; labels from sub-folders named by class number)."""
+    path, _, labels_path = spec.partition(",")
+    if os.path.isdir(path):
+        return _load_image_folder(path)
+    if not os.path.exists(path):
+        raise PfpcError(f"{path}: no such file")
+    labels = None
+    if path.endswith(".npy"):
+        x = _load_npy(path)
+    elif path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "x" not in data.files:
+                    raise PfpcError(f"{path}: a set .npz needs an array 'x' (and 'y' for labels), it has {', '.join(data.files) or 'none'}")
+                x, labels = data["x"], (data["y"] if "y" in data.files else None)
+        except (OSError, ValueError) as err:
+            raise PfpcError(f"{path}: not a readable .npz ({err})") from None
+    else:
+        x = read_idx(path)
+    if labels_path:
+        labels = read_idx(labels_path) if not labels_path.endswith(".npy") else _load_npy(labels_path)
+    if x.dtype.kind not in "fiub" or x.ndim < 2:
+        raise PfpcError(f"{path}: expected [N, ...] real numbers, got shape {list(x.shape)} of {x.dtype}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or len(labels) != len(x) or labels.dtype.kind not in "iu":
+            raise PfpcError(f"{labels_path or path}: expected {len(x)} integer labels, got shape {list(labels.shape)} of {labels.dtype}")
+        labels = labels.astype(np.int64)
+    return x, labels
+
+
+def _load_npy(path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise PfpcError(f"{path}: not a readable .npy ({err})") from None
+
+
+def _load_image_folder(folder):
+    try:
+        from PIL import Image
+    except ImportError:
+        raise PfpcError(f"{folder}: reading a folder of images needs Pillow: pip install 'pfpc[eval]'") from None
+
+    entries = sorted(os.listdir(folder))
+    classes = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
+    files = [(os.path.join(folder, e), None) for e in entries if e.lower().endswith(IMAGE_SUFFIXES)]
+    for name in classes:
+        if not name.isdigit():
+            raise PfpcError(f"{folder}: sub-folder '{name}' is not a class number")
+        files += [(os.path.join(folder, name, e), int(name)) for e in sorted(os.listdir(os.path.join(folder, name))) if e.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise PfpcError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for path, _ in files:
+        try:
+            with Image.open(path) as image:
+                images.append(np.asarray(image.convert("L" if image.mode in ("L", "1", "P", "I;16") else "RGB")))
+        except OSError as err:
+            raise PfpcError(f"{path}: not a readable image ({err})") from None
+    if len({im.shape for im in images}) != 1:
+        raise PfpcError(f"{folder}: images of different sizes {sorted({im.shape for im in images})[:3]}")
+    x = np.stack(images)
+    labelled = [label for _, label in files]
+    if any(label is None for label in labelled) and any(label is not None for label in labelled):
+        raise PfpcError(f"{folder}: images both at the top and in class sub-folders")
+    x = (x[..., None] if x.ndim == 3 else x).transpose(0, 3, 1, 2)  # [N, C, H, W] like the models (--layout is for array files)
+    return np.ascontiguousarray(x), (None if labelled[0] is None else np.array(labelled, np.int64))
+
+
+def user_suite(test: str, ood: list[str], preprocess: Preprocess, limit: int | None = None) -> list[EvalSet]:
+    """The user's in-distribution test set (``clean``, labelled) and named OOD sets (``NAME=PATH``)."""
+    x, labels = load_array_set(test)
+    if labels is None:
+        raise PfpcError(f"{test}: the in-distribution test set needs labels (y in the .npz, ',LABELS' after IDX images, or class sub-folders)")
+    if not ood:
+        raise PfpcError("--test needs at least one --ood NAME=SET to measure out-of-distribution detection against")
+    sets = [EvalSet("clean", preprocess.apply(x[:limit], test), labels[:limit], "id", f"in-distribution test set {test}")]
+    for spec in ood:
+        name, sep, path = spec.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*", name) or name in {s.name for s in sets}:
+            raise PfpcError(f"--ood {spec}: expected NAME=PATH with a new name of letters, digits, _ or -")
+        x_ood, _ = load_array_set(path)
+        sets.append(EvalSet(name, preprocess.apply(x_ood[:limit], path), None, "ood", f"out-of-distribution set {path}"))
+    return sets

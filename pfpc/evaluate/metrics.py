@@ -23,12 +23,17 @@ def accuracy(probs, labels) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == np.asarray(labels)))
 
 
-def nll(probs, labels) -> float:
-    """Mean negative log-likelihood of the labels (natural log)."""
-    from sklearn.metrics import log_loss
-
+def nll(probs, labels, log_probs=None) -> float:
+    """Mean negative log-likelihood of the labels (natural log). From ``log_probs`` (computed in
+    log space, e.g. `log_softmax`, `meanfield_log_probs`) when given: a probability that underflows
+    keeps its true log; else from the rows of ``probs`` with no floor but float64's smallest
+    positive number (a float32 probability of exactly 0 says only that its log is below -104)."""
+    labels = np.asarray(labels)
+    if log_probs is not None:
+        log_probs = np.asarray(log_probs, np.float64)
+        return float(-np.mean(log_probs[np.arange(len(labels)), labels]))
     probs = _rows(probs)
-    return float(log_loss(labels, probs, labels=np.arange(probs.shape[1])))
+    return float(-np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], np.finfo(np.float64).tiny))))
 
 
 def brier(probs, labels) -> float:
@@ -77,11 +82,67 @@ def auroc(scores_in, scores_out) -> float:
     return float(roc_auc_score(truth, scores))
 
 
+#: the shares of in-distribution inputs to accept in the threshold table
+COVERAGES = (0.99, 0.95, 0.90)
+RISK_COVERAGES = (1.0, 0.99, 0.95, 0.90, 0.80, 0.70, 0.50)
+
+
+def coverage_threshold(scores_in, coverage: float) -> float:
+    """The score at or below which ``coverage`` of the in-distribution inputs fall (accept when
+    score <= threshold): the ceil(coverage N)-th smallest score."""
+    ordered = np.sort(np.asarray(scores_in, np.float64))
+    return float(ordered[max(int(np.ceil(coverage * len(ordered))), 1) - 1])
+
+
+def risk_coverage(probs, labels, scores, coverages=RISK_COVERAGES) -> list[tuple[float, float]]:
+    """[(coverage, risk)]: keep the ceil(c N) inputs of lowest score, risk = their error rate
+    (selective classification, Geifman & El-Yaniv 2017; ties broken by input order)."""
+    wrong = (np.argmax(probs, axis=1) != np.asarray(labels)).astype(np.float64)
+    order = np.argsort(np.asarray(scores, np.float64), kind="stable")
+    rows = []
+    for coverage in coverages:
+        kept = max(int(np.ceil(coverage * len(order))), 1)
+        rows.append((float(coverage), float(wrong[order[:kept]].mean())))
+    return rows
+
+
 def softmax(logits, axis=-1) -> np.ndarray:
     logits = np.asarray(logits, np.float64)
     shifted = logits - logits.max(axis=axis, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=axis, keepdims=True)
+
+
+def log_softmax(logits, axis=-1) -> np.ndarray:
+    """log softmax in float64: l - max l - log sum exp(l - max l)."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def meanfield_log_probs(mean, var) -> np.ndarray:
+    """log p of the mean-field approximation of E[softmax(l)] (Lu, Ie & Sha 2020), the on-device
+    default (`pfpc.ops.predictive`): log q_k = -log sum_j exp(-(M_k - M_j) / sqrt(1 + pi V_k / 8)),
+    p = q / sum q; in log space (log-sum-exp), [N, K] at a time with a [N, K, K] intermediate."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    exponent = -(mean[:, :, None] - mean[:, None, :]) / np.sqrt(1.0 + np.pi / 8.0 * var)[:, :, None]
+    peak = exponent.max(axis=2, keepdims=True)
+    log_q = -(peak[:, :, 0] + np.log(np.exp(exponent - peak).sum(axis=2)))
+    return log_softmax(log_q)
+
+
+def probit_log_probs(mean, var) -> np.ndarray:
+    return log_softmax(np.asarray(mean, np.float64) / np.sqrt(1.0 + np.pi / 8.0 * np.asarray(var, np.float64)))
+
+
+def sampled_log_probs(mean, var, eps) -> tuple[np.ndarray, np.ndarray]:
+    """(log mean_s softmax(M + sqrt(V) eps_s), mean_s H[softmax(...)]) for fixed draws ``eps`` [S, K]
+    (the device's, `pfpc.ops.predictive.numpy_standard_normal`), in log space."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    log_p = log_softmax(mean[None] + np.sqrt(np.maximum(var, 0.0))[None] * np.asarray(eps, np.float64)[:, None, :])
+    peak = log_p.max(axis=0)
+    log_mean = peak + np.log(np.exp(log_p - peak).mean(axis=0))
+    return log_mean, -(np.exp(log_p) * log_p).sum(axis=-1).mean(axis=0)
 
 
 def probit_probs(mean, var) -> np.ndarray:
@@ -105,6 +166,8 @@ class Prediction:
     mutual_information: np.ndarray | None = None
     logit_var: np.ndarray | None = None
     gaussian_probs: np.ndarray | None = None
+    #: log p in float64 computed in log space (NLL without underflow), when the predictor gives it
+    log_probs: np.ndarray | None = None
 
     def score(self, name):
         return {"entropy": self.entropy, "mutual_information": self.mutual_information, "logit_var": self.logit_var}[name]
@@ -112,13 +175,13 @@ class Prediction:
     def subset(self, rows):
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
         return Prediction(self.probs[rows], self.entropy[rows], pick(self.expected_entropy), pick(self.mutual_information),
-                          pick(self.logit_var), pick(self.gaussian_probs))
+                          pick(self.logit_var), pick(self.gaussian_probs), pick(self.log_probs))
 
 
 def from_logits(logits) -> Prediction:
     """A deterministic network: p = softmax(logits)."""
     probs = softmax(logits)
-    return Prediction(probs, entropy(probs))
+    return Prediction(probs, entropy(probs), log_probs=log_softmax(logits))
 
 
 def gaussian_logits(mean, var, samples: int = 1000, seed: int = 0, chunk: int = 256):
@@ -141,23 +204,30 @@ def from_logit_samples(samples, gaussian_samples: int = 1000, seed: int = 0) -> 
     unbiased sample variance averaged over classes; ``gaussian_probs`` from the logits' sample
     means and variances (`gaussian_logits`)."""
     samples = np.asarray(samples, np.float64)
+    log_per_sample = log_softmax(samples)
+    peak = log_per_sample.max(axis=0)
+    log_probs = peak + np.log(np.exp(log_per_sample - peak).mean(axis=0))
     per_sample = softmax(samples)
     probs = per_sample.mean(axis=0)
     predictive = entropy(probs)
     expected = entropy(per_sample).mean(axis=0)
     var = samples.var(axis=0, ddof=1)
     gaussian, _ = gaussian_logits(samples.mean(axis=0), var, gaussian_samples, seed)
-    return Prediction(probs, predictive, expected, np.maximum(predictive - expected, 0.0), var.mean(axis=-1), gaussian)
+    return Prediction(probs, predictive, expected, np.maximum(predictive - expected, 0.0), var.mean(axis=-1), gaussian, log_probs)
 
 
-def from_logit_moments(mean, var, samples: int = 1000, seed: int = 0, probs=None) -> Prediction:
-    """The PFP's Gaussian logits N(mean, diag(var)): p by the probit approximation (`probit_probs`,
-    or ``probs`` as the generated C computed them), predictive entropy H[p]; expected entropy and
+def from_logit_moments(mean, var, samples: int = 1000, seed: int = 0, probs=None, method: str = "probit") -> Prediction:
+    """The PFP's Gaussian logits N(mean, diag(var)): p by ``method`` (probit `probit_probs`, or
+    meanfield `meanfield_log_probs`; ``probs`` as the generated C computed them if given; the log
+    probabilities for the NLL always in float64 log space), predictive entropy H[p]; expected entropy and
     MI from ``samples`` draws of the logits' Gaussian (`gaussian_logits`, cheap, on the host):
     MI = H[mean_s softmax(l_s)] - mean_s H[softmax(l_s)] (both terms from the same draws, so
     MI >= 0); logit variance = mean over classes of var."""
     mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
-    probs = probit_probs(mean, var) if probs is None else _rows(probs)
+    log_probs = (meanfield_log_probs if method == "meanfield" else probit_log_probs)(mean, var)
+    if probs is None:
+        probs = probit_probs(mean, var) if method == "probit" else np.exp(log_probs)
+    probs = _rows(probs)
     gaussian, expected = gaussian_logits(mean, var, samples, seed)
     mutual_information = np.maximum(entropy(gaussian) - expected, 0.0)
-    return Prediction(probs, entropy(probs), expected, mutual_information, var.mean(axis=-1), gaussian)
+    return Prediction(probs, entropy(probs), expected, mutual_information, var.mean(axis=-1), gaussian, log_probs)

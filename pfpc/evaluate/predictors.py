@@ -27,14 +27,24 @@ def check_classifier(model, path) -> int:
     return int(outputs[0][1][1])
 
 
+def check_labels(sets, classes: int, path) -> None:
+    """One-line error when a set's labels do not fit a K-class model (e.g. the digits' 0..9 for K = 3)."""
+    for eval_set in sets:
+        if eval_set.labels is not None and len(eval_set.labels) and (eval_set.labels.min() < 0 or eval_set.labels.max() >= classes):
+            raise PfpcError(f"{path}: the model has {classes} classes, the labels of set '{eval_set.name}' go from "
+                            f"{eval_set.labels.min()} to {eval_set.labels.max()}; give a test set labelled 0..{classes - 1} (--test)")
+
+
 def shape_inputs(model, x, path) -> np.ndarray:
-    """``x`` [N, 64] reshaped to the model's input shape [N, ...] (e.g. [N, 1, 8, 8])."""
+    """``x`` [N, ...] reshaped to the model's input shape [N, ...] (e.g. [N, 64] to [N, 1, 8, 8])."""
     from ..frontends.onnx_model import input_shapes
 
     (name, shape), = input_shapes(model).items()
     per_example = int(np.prod(shape[1:]))
+    x = np.asarray(x).reshape(len(x), -1)
     if per_example != x.shape[1]:
-        raise PfpcError(f"{path}: input '{name}' takes {per_example} values per example, the images have {x.shape[1]}")
+        raise PfpcError(f"{path}: input '{name}' {list(shape[1:])} takes {per_example} values per example, the data has {x.shape[1]} "
+                        f"(give --test/--ood sets of that shape)")
     return np.ascontiguousarray(x.reshape([len(x)] + list(shape[1:])), np.float32)
 
 
@@ -57,9 +67,10 @@ def svi_logits(model, posterior, x, samples: int, seed: int = 0, progress: bool 
     return np.stack([values[0] for values in tqdm(stream, total=samples, desc="SVI samples", disable=not progress, leave=False)])
 
 
-def pfp_outputs(model_path, posterior, x, work_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Compile the PFP (batch 1) with the probit probabilities as an extra output, build it for
-    the host and run it on every row of ``x``: (logits mean, logits var, probabilities)."""
+def pfp_outputs(model_path, posterior, x, work_dir: str | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compile the PFP (batch 1) with the default output stage's probabilities (mean-field,
+    `pfpc.ops.predictive`) as an extra output, build it for the host and run it on every row of
+    ``x``: (logits mean, logits var, probabilities)."""
     from ..compiler import compile as compile_model
     from ..compiler import run_host
 

@@ -83,13 +83,13 @@ def approximation_table(evaluation: Evaluation) -> str:
     clean = next(s for s in evaluation.sets if s.name == "clean")
     svi, pfp = evaluation.predictions["svi"]["clean"], evaluation.predictions["pfp"]["clean"]
     steps = [
-        (f"SVI-{evaluation.samples}: mean of sampled softmaxes", svi.probs),
-        ("SVI's logit means and variances as independent Gaussians (sampled softmax)", svi.gaussian_probs),
-        ("PFP's logit means and variances as independent Gaussians (sampled softmax)", pfp.gaussian_probs),
-        ("PFP: probit approximation (the generated C's probs)", pfp.probs),
+        (f"SVI-{evaluation.samples}: mean of sampled softmaxes", svi.probs, svi.log_probs),
+        ("SVI's logit means and variances as independent Gaussians (sampled softmax)", svi.gaussian_probs, None),
+        ("PFP's logit means and variances as independent Gaussians (sampled softmax)", pfp.gaussian_probs, None),
+        ("PFP: mean-field approximation (the generated C's probs, the default output stage)", pfp.probs, pfp.log_probs),
     ]
-    rows = [[label, _fmt(metrics.accuracy(p, clean.labels)), _fmt(metrics.nll(p, clean.labels)), _fmt(metrics.ece(p, clean.labels)),
-             _fmt(metrics.brier(p, clean.labels))] for label, p in steps]
+    rows = [[label, _fmt(metrics.accuracy(p, clean.labels)), _fmt(metrics.nll(p, clean.labels, log_p)), _fmt(metrics.ece(p, clean.labels)),
+             _fmt(metrics.brier(p, clean.labels))] for label, p, log_p in steps]
     return _table(["clean set", "accuracy", "NLL", "ECE", "Brier"], rows)
 
 
@@ -201,8 +201,9 @@ def write_report(evaluation: Evaluation, report_dir: str, command: str = "") -> 
         parts += [f"How much SVI-{evaluation.samples} itself moves with the weight samples (seeds {0}…{len(evaluation.svi_runs) - 1} "
                   "offset from the main run's):", "", svi_spread_table(evaluation), ""]
     parts += ["Where the PFP's probabilities differ from SVI's, step by step (1 → 2: dropping the "
-              "correlations between logits; 2 → 3: the PFP's moment errors, see the per-layer table; 3 → 4: the probit "
-              "approximation):", "", approximation_table(evaluation), ""]
+              "correlations between logits; 2 → 3: the PFP's moment errors, see the per-layer table; 3 → 4: the mean-field "
+              "approximation of the Gaussian-softmax integral):", "", approximation_table(evaluation), ""]
+    parts += ["## Abstaining", "", threshold_table(evaluation), ""]
     parts += ["## Metrics", "", metric_tables(evaluation), "",
               f"![reliability]({reliability_png})", "", f"![scores]({scores_png})", ""]
     if evaluation.per_layer:
@@ -227,3 +228,47 @@ def per_layer_table(rows) -> str:
                    "MC noise of var (aggregate)"],
                   [[f"`{r['output']}`", r["op"], _fmt(r["mean_err_in_std_median"], 3), _fmt(r["mean_err_total"], 3),
                     _fmt(r["var_rel_err_median"], 3), _fmt(r["var_err_total"], 3), _fmt(r["mc_var_stderr_total"], 3)] for r in rows])
+
+
+def threshold_table(evaluation: Evaluation) -> str:
+    """Per predictor and OOD score: the threshold that accepts 99/95/90 % of the clean set and the
+    share of each OOD set it rejects (abstains on)."""
+    from . import metrics
+
+    ood = [s.name for s in evaluation.sets if s.kind == "ood"]
+    rows = []
+    for (predictor, score, coverage), (threshold, rejected) in evaluation.thresholds.items():
+        rows.append([NAMES[predictor], NAMES.get(score, score), f"{100 * coverage:.0f} %", _fmt(threshold)] + [_fmt(rejected[name]) for name in ood])
+    text = _table(["predictor", "score", "clean accepted", "threshold (accept if score <=)"] + [f"{name} rejected" for name in ood], rows)
+    curves = [[NAMES[predictor], NAMES.get(score, score)] + [_fmt(risk) for _, risk in curve] for (predictor, score), curve in evaluation.risk_coverage.items()]
+    header = ["predictor", "score"] + [f"risk at {100 * c:.0f} %" for c in metrics.RISK_COVERAGES]
+    return ("Abstain thresholds (accept when score <= threshold; per OOD set the share rejected):\n\n" + text +
+            "\n\nRisk-coverage (error rate on the clean inputs kept, lowest scores first):\n\n" + _table(header, curves))
+
+
+def threshold_defines(evaluation: Evaluation, predictor: str = "pfp") -> list[str]:
+    """#define lines of the PFP's thresholds for the generated header."""
+    return [f"#define {{UPPER}}_ABSTAIN_{score.upper()}_COV{round(100 * coverage)} {threshold:.9g}f"
+            for (who, score, coverage), (threshold, _) in evaluation.thresholds.items() if who == predictor]
+
+
+def write_threshold_defines(evaluation: Evaluation, out_dir: str) -> str:
+    """Put the PFP's thresholds (`threshold_defines`) into the compiled model's header, below its
+    ``pfpc evaluate thresholds`` marker (replacing earlier ones); returns the header's path."""
+    import re
+
+    from ..compiler import read_metadata
+    from ..errors import PfpcError
+
+    name = read_metadata(out_dir)["name"]
+    path = os.path.join(out_dir, f"{name}.h")
+    marker = "/* pfpc evaluate thresholds */\n"
+    text = open(path).read()
+    if marker not in text:
+        raise PfpcError(f"{path}: no thresholds marker; compile the model with --outputs (e.g. probs,entropy) first")
+    head, tail = text.split(marker, 1)
+    tail = re.sub(r"\A(#define \w+_ABSTAIN_\w+ [^\n]*\n)*", "", tail)
+    lines = [line.replace("{UPPER}", name.upper()) for line in threshold_defines(evaluation)]
+    with open(path, "w") as handle:
+        handle.write(head + marker + "".join(line + "\n" for line in lines) + tail)
+    return path

@@ -3,14 +3,15 @@
     return (logits_mean, logits_var)
         ->  probs   = R.call_tir(logits_probs, (logits_mean, logits_var), [N, K])
             entropy = R.call_tir(logits_entropy, (logits_mean, logits_var), [N])
-            ood     = R.call_tir(logits_ood, (logits_mean, logits_var), [N])
-            return (logits_mean, logits_var, probs, entropy, ood)
+            mi      = R.call_tir(logits_mutual_information, (logits_mean, logits_var), [N])
+            return (logits_mean, logits_var, probs, entropy, mi)
 
-for the requested subset of ``probs``, ``entropy``, ``ood`` (formulas: `pfpc.ops.predictive`),
-always in that order. The model must have one [N, K] output; deterministic logits (no
-variance) give softmax probabilities and a zero OOD score. The chosen outputs are recorded in
-the function attribute ``pfp.extra_outputs``; code generation gives each its own output buffer.
-Runs last: the kernel-rewriting passes know only the Gaussian outputs.
+for the requested subset of ``probs``, ``entropy``, ``mutual_information``, ``logit_var``, ``ood``
+(formulas and the probability ``method``: `pfpc.ops.predictive`), always in that order. The model
+must have one [N, K] output; deterministic logits (no variance) give softmax probabilities and
+zero mutual information and logit variance. The chosen outputs are recorded in the function
+attribute ``pfp.extra_outputs``, the method and draws in ``pfp.predictive``; code generation gives
+each output its own buffer. Runs last: the kernel-rewriting passes know only the Gaussian outputs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..errors import PfpcError
 from .. import ir_state
 from ..ir import MainRewriter, func_attrs, output_fields, shape_of
 from ..ops.gaussian import Moment
-from ..ops.predictive import PREDICTIVE_OUTPUTS, build_predictive_kernel
+from ..ops.predictive import DEFAULT_METHOD, DEFAULT_SAMPLES, MAX_SAMPLES, METHODS, PREDICTIVE_OUTPUTS, build_predictive_kernel
 
 
 def check_outputs(outputs) -> tuple:
@@ -33,10 +34,19 @@ def check_outputs(outputs) -> tuple:
     return tuple(name for name in PREDICTIVE_OUTPUTS if name in outputs)
 
 
+def check_method(method, samples) -> tuple:
+    """(method, draws) checked; one-line errors."""
+    if method not in METHODS:
+        raise PfpcError(f"--probs-method: unknown method '{method}' (choose from {', '.join(METHODS)})")
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 2 <= samples <= MAX_SAMPLES:
+        raise PfpcError(f"--logit-samples: {samples!r} must be an integer from 2 to {MAX_SAMPLES}")
+    return method, samples
+
+
 class _Append(MainRewriter):
-    def __init__(self, mod, outputs):
+    def __init__(self, mod, outputs, method, samples):
         super().__init__(mod)
-        self.outputs = outputs
+        self.outputs, self.method, self.samples = outputs, method, samples
 
     def output(self, body):
         fields = [self.remap(field) for field in output_fields(self.func)]
@@ -45,7 +55,7 @@ class _Append(MainRewriter):
         extras = []
         for name in self.outputs:
             kernel = self.kernels.unique(f"logits_{name}")
-            prim = build_predictive_kernel(name, shape, len(args) == 2, kernel)
+            prim = build_predictive_kernel(name, shape, len(args) == 2, kernel, self.method, self.samples)
             gvar = self.bb.add_func(prim, kernel)
             out_shape = shape if name == "probs" else shape[:1]
             extras.append(self.bb.emit(relax.call_tir(gvar, relax.Tuple(args), relax.TensorType(out_shape, "float32")), name))
@@ -57,8 +67,9 @@ class AppendPredictiveOutputs:
     requires = ("pfpc.SubstituteLayers",)  # must have run before it
     after = ("pfpc.EliminateZeroVariance", "pfpc.FuseOperators", "pfpc.ChooseMomentRepresentation", "pfpc.FoldWeightMoments")  # run before it when in the pipeline
 
-    def __init__(self, outputs=PREDICTIVE_OUTPUTS):
+    def __init__(self, outputs=PREDICTIVE_OUTPUTS, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES):
         self.outputs = check_outputs(outputs)
+        self.method, self.samples = check_method(method, samples)
 
     def transform_module(self, mod, ctx):
         func = mod["main"]
@@ -67,4 +78,5 @@ class AppendPredictiveOutputs:
         count, shape = len(ir_state.output_moments(func)), shape_of(output_fields(func)[0])
         if count != 1 or len(shape) != 2:
             raise PfpcError(f"--outputs {','.join(self.outputs)} needs a model with one [N, classes] output; it has {count} output(s), the first of shape {shape}")
-        return _Append(mod, self.outputs).run(list(func.params), func_attrs(func, ir_state.encode(extra_outputs=self.outputs)))
+        attrs = func_attrs(func, ir_state.encode(extra_outputs=self.outputs, predictive=(self.method, self.samples)))
+        return _Append(mod, self.outputs, self.method, self.samples).run(list(func.params), attrs)
