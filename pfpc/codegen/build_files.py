@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from .program import Program
-from .targets import FIRMWARE_DIR
+from .targets import C_FLAGS, FIRMWARE_DIR
 
 
 def render_build_files(program: Program) -> dict:
@@ -105,7 +105,7 @@ def _target_mk(name: str, target) -> str:
         f"CC = {target.cc}",
         f"AR = {ar}",
         f"TARGET_FLAGS = {' '.join(target.flags)}",
-        "CFLAGS = -std=c99 -O2 -Wall -Wextra -Werror -fno-math-errno -fstack-usage $(TARGET_FLAGS)",
+        f"CFLAGS = {' '.join(C_FLAGS)} -Wall -Wextra -Werror -fstack-usage $(TARGET_FLAGS)",
         "LDLIBS = -lm",
     ]
     if target.bare_metal:
@@ -156,7 +156,7 @@ add_library({name} STATIC {name}.c)
 target_include_directories({name} PUBLIC ${{CMAKE_CURRENT_SOURCE_DIR}})
 set_target_properties({name} PROPERTIES C_STANDARD 99 C_STANDARD_REQUIRED ON)
 if(CMAKE_C_COMPILER_ID MATCHES "GNU|Clang")
-  target_compile_options({name} PRIVATE -fno-math-errno)
+  target_compile_options({name} PRIVATE -fno-math-errno -ffp-contract=fast)
 endif()
 if(NOT MSVC)
   target_link_libraries({name} PUBLIC m)
