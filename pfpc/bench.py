@@ -362,7 +362,7 @@ def markdown(results: dict, samples=(10, 30, 100)) -> str:
             head = ["flags", "PFP", "det.", "PFP/det"]
             if result.get("macs"):
                 head += ["PFP per MAC", "det. per MAC", "floor PFP / det. per MAC"]
-            head += [f"SVI-C S={n}" for n in counted] + [f"SVI-C {max(counted)} / PFP"]
+            head += [f"SVI-C S={n}" for n in counted] + ([f"SVI-C {max(counted)} / PFP"] if counted else [])
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for flag_set, counts in flag_sets.items():
                 cells = [flag_set, f"{counts['pfp']:,}", f"{counts['det']:,}", f"{counts['pfp'] / counts['det']:.2f}"]
@@ -370,8 +370,9 @@ def markdown(results: dict, samples=(10, 30, 100)) -> str:
                     cells += [f"{counts['pfp'] / result['macs']:.2f}", f"{counts['det'] / result['macs']:.2f}",
                               f"{result['pfp_fma'] / result['macs']:.2f} / 1.00"]
                 cells += [f"{counts[f'svi_c_{n}']:,}" if f"svi_c_{n}" in counts else "-" for n in counted]
-                top = f"svi_c_{max(counted)}"
-                cells.append(f"{counts[top] / counts['pfp']:,.0f}x" if top in counts else "-")
+                if counted:
+                    top = f"svi_c_{max(counted)}"
+                    cells.append(f"{counts[top] / counts['pfp']:,.0f}x" if top in counts else "-")
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
