@@ -223,26 +223,56 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="also the real-size networks (seed MLP and LeNet-5, ResNet-8, DS-CNN)")
     parser.add_argument("--no-log", action="store_true", help="leave out the kernel optimisation log (rebuilds old commits)")
+    parser.add_argument("--cache", help="directory of per-model results (JSON): a model found there is not measured again, "
+                        "so that several runs, each with --models, can share the work")
+    parser.add_argument("--models", help="comma-separated subset to measure (mlp, lenet, seed_mlp, seed_lenet, resnet8, dscnn)")
     args = parser.parse_args(argv)  # --help must not start a run
+    import json
+    import tempfile
+
+    wanted = set(args.models.split(",")) if args.models else None
     results, origins = {}, {}
+
+    def measured(key, title, measure):
+        """``measure()``, or its result cached under ``key``; None when --models leaves ``key`` out."""
+        path = os.path.join(args.cache, f"{key}.json") if args.cache else None
+        if path and os.path.exists(path):
+            with open(path) as handle:
+                cached = json.load(handle)
+            origins.update(cached.pop("origin", {}))
+            results[title] = cached
+            return
+        if wanted is not None and key not in wanted:
+            return
+        results[title] = measure()
+        if path:
+            os.makedirs(args.cache, exist_ok=True)
+            with open(path, "w") as handle:
+                json.dump({**results[title], "origin": {title: origins[title]} if title in origins else {}}, handle)
+
     for example, title in EXAMPLES:
         base = os.path.join(ROOT, "examples", example)
-        results[title] = benchmark_model(os.path.join(base, "model.onnx"), os.path.join(base, "post.npz"), samples=SAMPLES,
-                                         inputs=np.load(os.path.join(base, "sample.npy")), cycles_target=CYCLES_TARGETS,
-                                         progress=lambda text, example=example: print(f"{example}: {text}", file=sys.stderr))
+        measured(example, title, lambda base=base, example=example: benchmark_model(
+            os.path.join(base, "model.onnx"), os.path.join(base, "post.npz"), samples=SAMPLES, inputs=np.load(os.path.join(base, "sample.npy")),
+            cycles_target=CYCLES_TARGETS, progress=lambda text: print(f"{example}: {text}", file=sys.stderr)))
     if args.full:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             for name, title, batches, cycles_targets, cycles_samples in REAL:
-                model_path, posterior_path, x, origins[title] = real_model(name, tmp)
-                results[title] = benchmark_model(model_path, posterior_path, batches=batches, samples=SAMPLES, inputs=x,
-                                                 cycles_target=cycles_targets, cycles_samples=cycles_samples,
-                                                 progress=lambda text, name=name: print(f"{name}: {text}", file=sys.stderr))
-                try:
-                    results[title].update(real_footprint(model_path, posterior_path, tmp))
-                except Exception as err:  # the footprint needs arm-none-eabi-size; the timings stand without it
-                    print(f"{name}: no footprint ({err})", file=sys.stderr)
+                def measure(name=name, title=title, batches=batches, cycles_targets=cycles_targets, cycles_samples=cycles_samples):
+                    model_path, posterior_path, x, origins[title] = real_model(name, tmp)
+                    result = benchmark_model(model_path, posterior_path, batches=batches, samples=SAMPLES, inputs=x,
+                                             cycles_target=cycles_targets, cycles_samples=cycles_samples,
+                                             progress=lambda text: print(f"{name}: {text}", file=sys.stderr))
+                    try:
+                        result.update(real_footprint(model_path, posterior_path, tmp))
+                    except Exception as err:  # the footprint needs arm-none-eabi-size; the timings stand without it
+                        print(f"{name}: no footprint ({err})", file=sys.stderr)
+                    return result
+
+                measured(name, title, measure)
+    if wanted is not None and any(title not in results for title in [t for _, t in EXAMPLES] + ([t for _, t, *_ in REAL] if args.full else [])):
+        print("measured; BENCHMARKS.md is written once the cache holds every model", file=sys.stderr)
+        return
     log = ""
     if args.no_log:  # the previous run's table, as it was measured
         with open(os.path.join(ROOT, "BENCHMARKS.md")) as handle:
