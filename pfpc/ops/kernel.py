@@ -245,6 +245,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             decoded.setdefault(sch.get(sch.get_consumers(block)[0]).name_hint, []).append(block)
     for gathers in decoded.values():
         _merge_gathers(sch, gathers)
+        if accumulate != "row":
+            _unroll_gather(sch, gathers[0])
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
     if accumulate == "row":
@@ -285,6 +287,22 @@ def _merge_gathers(sch, blocks):
     shapes = {tuple(int(sch.get(loop).extent) for loop in sch.get_loops(block)) for block in blocks}
     if len(blocks) > 1 and len(shapes) == 1:
         _one_nest(sch, blocks)
+
+
+#: Most weights a gather decodes in one unrolled stretch (`_unroll_gather`).
+GATHER_UNROLL_MAX = 8
+
+
+def _unroll_gather(sch, block):
+    """Unroll a gather's innermost loops while they decode at most GATHER_UNROLL_MAX weights (a
+    register block's weights, a kernel window): the unpacking shifts become constants and the
+    codes that share a byte are read once."""
+    total = 1
+    for loop in reversed(sch.get_loops(block)):
+        total *= int(sch.get(loop).extent)
+        if total > GATHER_UNROLL_MAX:
+            break
+        sch.unroll(loop)
 
 
 #: Fewest elements a row loop of `_row_nests` spans (trailing loops are fused up to it).
