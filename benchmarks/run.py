@@ -29,10 +29,12 @@ CYCLES_TARGETS = ("cortex-m4", "cortex-m7")
 #: The real sizes (--full): architecture in tests/architectures.py, title, host batch sizes, Cortex-M
 #: targets, SVI-C sample counts under QEMU (none for the MLPerf Tiny networks: billions of emulated
 #: instructions, an hour each on a loaded machine; SVI-C S executes at least S times the det. network).
-REAL = (("seed_mlp", "Seed MLP 784-100-100-10", (1, 8, 32, 128), CYCLES_TARGETS, (10,)),
-        ("seed_lenet", "Seed LeNet-5 (28x28)", (1, 8, 32, 128), CYCLES_TARGETS, (10,)),
-        ("resnet8", "MLPerf Tiny ResNet-8", (1, 8), ("cortex-m4",), ()),
-        ("dscnn", "MLPerf Tiny DS-CNN", (1, 8), ("cortex-m4",), ()))
+#: Timed at batch 1 only: the exports of tests/architectures.py fix the batch at 1 (compiled for
+#: batch 8 to 128 they took the time of batch 1, so those rows would be mislabelled).
+REAL = (("seed_mlp", "Seed MLP 784-100-100-10", (1,), CYCLES_TARGETS, (10,)),
+        ("seed_lenet", "Seed LeNet-5 (28x28)", (1,), CYCLES_TARGETS, (10,)),
+        ("resnet8", "MLPerf Tiny ResNet-8", (1,), ("cortex-m4",), ()),
+        ("dscnn", "MLPerf Tiny DS-CNN", (1,), ("cortex-m4",), ()))
 SEED_CHECKPOINTS = {"seed_mlp": "vi_model_20240730_e40_mlp.pt", "seed_lenet": "vi_model_20240730_e40_lenet.pt"}
 DATA = os.path.join(ROOT, "..", "shared", "data")
 
@@ -73,7 +75,50 @@ or square root, refills after taken branches), in different proportions for the 
 
 
 NOTES = """
-## Where the time goes (measured on 2026-11-23, same machine; rerun the commands to check)
+## Cortex-M kernels at real sizes (issue 19, measured 2026-12-06)
+
+Cortex-M4 instructions under QEMU (exact; seed LeNet-5 on a random input, Makefile flags), one
+change at a time:
+
+| change | seed LeNet-5 PFP | det. | ResNet-8 PFP | det. |
+|---|---|---|---|---|
+| before (`-std=c99`: gcc's contraction off, no `vfma` at all) | 5,631,960 (13.5 / MAC) | 2,422,120 | 143,499,160 (11.5 / MAC) | 59,922,920 |
+| `-ffp-contract=fast` in the generated build flags | 5,152,160 | 2,005,600 | | |
+| variance update printed (acc + q t) - p p: two fused multiply-adds | 4,742,720 | 2,005,600 | | |
+| register blocking: up to 8 outputs per loaded weight (scalar schedule) | 2,968,080 (7.1 / MAC) | 891,600 | 81,642,840 (6.5 / MAC) | 23,177,520 |
+
+- **Per MAC**: the PFP is now under 8 instructions per MAC on the seed LeNet-5 and ResNet-8 with
+  both flag sets. Blocking along the last output axis (a divisor of it up to 8, no tail) makes each
+  loaded weight serve several outputs, each input of a convolution's unrolled window several taps
+  (gcc keeps them in registers), and reads dense weights along contiguous outputs (immediate
+  offsets), which is what "output-major" dense weights were to give. The squares of a first layer's
+  deterministic inputs are computed once per loaded input for the same reason.
+- **PFP / det. rose** (seed LeNet-5 2.3 -> 3.3, ResNet-8 2.4 -> 3.5 on Cortex-M4) because the
+  deterministic network gained more: with the loads amortised both approach their arithmetic, and a
+  hidden layer's PFP does four floating-point instructions per MAC (m·μ, its sum, + q·t, - (m·μ)²)
+  where the deterministic network does one `vfma`. `pfpc report` counts 2.72 (seed LeNet-5) and
+  2.96 (ResNet-8) PFP multiply-adds per MAC: the issue's 2.2x against the best deterministic C is
+  below that floor and not met. No onnx2c baseline was built (out of time): the comparison is with
+  pfpc's own deterministic C at the same flags, contraction allowed for both.
+- **SVI-C S=100 / PFP on ResNet-8** is not emulated (billions of instructions: hours under QEMU
+  on a loaded machine): SVI-C runs the deterministic network 100 times plus the weight draws
+  (on the seed LeNet-5 about 156 instructions per drawn weight), which puts ResNet-8's ratio near
+  100 (23.2 M + 12 M) / 81.6 M ~ 43x: short of 50x as long as the PFP costs 3.5 det. passes.
+- **Not done**: cheaper ReLU/Clark steps (still ~100 instructions each), conversions of variance
+  edges once per element, host schedules for stride-2/narrow/depthwise convolutions (the host
+  targets are far off: the PFP on ResNet-8 is 20x onnxruntime's deterministic network with the
+  Makefile's flags, 11x with the best flags), MetaSchedule. The PFP arena of ResNet-8 is 410,112
+  bytes, at its lower bound for today's buffers: the peak (the first block) holds the residual input
+  (131,072), the padded copy of the convolution's input (147,968) and its output (131,072).
+  Convolutions reading their borders instead of a padded copy and the residual sum written in place
+  would bring it to 262,144 (exactly 256 KiB before the stack), so 16-bit second moments would be
+  needed as well.
+- **Codebooks**: the gathers of a shared posterior's weights decode a register block's weights in an
+  unrolled stretch (the codes sharing a byte read once): LeNet with the example shared posterior
+  256,200 -> 227,320 instructions; its float weights now take 176,800, so the codebook reads cost
+  29 % (the test's bound is 25 %, from when the float kernels were 1.6x slower).
+
+## Where the time goes (measured on 2026-11-23 on the digits examples, before issue 19)
 
 - **The PFP's own cost.** A hidden PFP layer runs 3 multiply-adds per deterministic MAC
   (V = Σ q·t − (m·μ)², sharing m·μ with the mean) and reads two weight arrays; the first layer 2.
@@ -151,16 +196,20 @@ def targets(results) -> str:
                 checks.append(f"| {title}: SVI-C S=100 / PFP in {target} instructions (at least 50x) | above {bound:.0f}x "
                               "(100 det. passes; not emulated) | - |")
         if name == "seed_mlp":
-            ratio = row["svi_ort_100"] / row["pfp"]
-            check(f"{title}: onnxruntime SVI S=100 / PFP, batch 1 (at least 4200x)", f"{ratio:,.0f}x", ratio >= 4200)
+            for key, flags in (("pfp", "make"), ("pfp_best", "best")):
+                if key in row:
+                    ratio = row["svi_ort_100"] / row[key]
+                    check(f"{title}: onnxruntime SVI S=100 / PFP C ({flags} flags), batch 1 (at least 4200x)", f"{ratio:,.0f}x", ratio >= 4200)
         if name in ("seed_lenet", "resnet8"):
             for key, flags in (("pfp", "make"), ("pfp_best", "best")):
                 if key in row:
                     check(f"{title}: PFP C ({flags} flags) / onnxruntime det. (one thread), batch 1 (at most 3)",
                           f"{row[key] / row['ort_det']:.2f}", row[key] / row["ort_det"] <= 3)
-        worst = min(r["tvm_vm"] / r["pfp"] for r in result["host"])
-        check(f"{title}: TVM LLVM VM / PFP C at batch {', '.join(str(r['batch']) for r in result['host'])} (at least 1.0 at each)",
-              f"{worst:.2f} (lowest)", worst >= 1.0)
+        for key, flags in (("pfp", "make"), ("pfp_best", "best")):
+            if all(key in r for r in result["host"]):
+                worst = min(r["tvm_vm"] / r[key] for r in result["host"])
+                check(f"{title}: TVM LLVM VM / PFP C ({flags} flags) at batch {', '.join(str(r['batch']) for r in result['host'])} "
+                      "(at least 1.0 at each)", f"{worst:.2f} (lowest)", worst >= 1.0)
         if name == "resnet8":
             check(f"{title}: compile time, ONNX to C (under 30 s)", f"{result['compile_s']:.1f} s", result["compile_s"] < 30)
             if "arena_bytes" in result:
@@ -270,6 +319,8 @@ def main(argv=None):
                     return result
 
                 measured(name, title, measure)
+                if title in results:  # a cached run may hold more batch sizes than measured meaningfully
+                    results[title]["host"] = [row for row in results[title]["host"] if row["batch"] in batches]
     if wanted is not None and any(title not in results for title in [t for _, t in EXAMPLES] + ([t for _, t, *_ in REAL] if args.full else [])):
         print("measured; BENCHMARKS.md is written once the cache holds every model", file=sys.stderr)
         return
