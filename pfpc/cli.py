@@ -87,7 +87,10 @@ def _bench_parser():
     parser.add_argument("--batches", default="1,8,32,128", help="comma-separated batch sizes (default 1,8,32,128)")
     parser.add_argument("--samples", default="10,30,100", help="SVI sample counts (default 10,30,100)")
     parser.add_argument("--input", help=".npy inputs, repeated to fill a batch; default: standard normal")
-    parser.add_argument("--cycles-target", default="cortex-m4", help="Cortex-M target for cycle counts under QEMU ('' for none)")
+    parser.add_argument("--cycles-target", default="cortex-m4",
+                        help="comma-separated Cortex-M targets for instruction counts under QEMU ('' for none)")
+    parser.add_argument("--cycles-samples", help="SVI-C sample counts run under QEMU (default: --samples)")
+    parser.add_argument("--no-best", action="store_true", help="only the generated Makefile's flags, not also the best ones")
     parser.add_argument("--no-tvm", action="store_true", help="skip TVM's LLVM build in the Relax VM")
     parser.add_argument("--markdown", help="also write the tables to this Markdown file")
     parser.add_argument("--debug", action="store_true")
@@ -106,13 +109,19 @@ def _int_list(text, option):
 
 def _bench(args) -> int:
     from .bench import benchmark_model, markdown
+    from .codegen.targets import get_target
 
     batches, samples = _int_list(args.batches, "--batches"), _int_list(args.samples, "--samples")
     if min(samples) < 2:
         raise PfpcError("--samples: SVI needs at least 2 samples")
     inputs = _load_npy(args.input) if args.input else None
-    result = benchmark_model(args.model, args.posterior, batches, samples, inputs, tvm_vm=not args.no_tvm,
-                             cycles_target=args.cycles_target or None, progress=lambda text: print(f"pfpc bench: {text}", file=sys.stderr))
+    cycles_samples = _int_list(args.cycles_samples, "--cycles-samples") if args.cycles_samples else samples
+    targets = [t.strip() for t in args.cycles_target.split(",") if t.strip()]
+    for target in targets:
+        get_target(target)  # an unknown name is a one-line error before any timing
+    result = benchmark_model(args.model, args.posterior, batches, samples, inputs, tvm_vm=not args.no_tvm, cycles_target=targets,
+                             best=not args.no_best, cycles_samples=cycles_samples,
+                             progress=lambda text: print(f"pfpc bench: {text}", file=sys.stderr))
     text = markdown({os.path.basename(args.model): result}, samples)
     print(text)
     if args.markdown:

@@ -293,3 +293,19 @@ def test_cycles_are_the_instructions_qemu_executes(tmp_path, target):
     cycles = compiler.run(out, [np.load(os.path.join(EXAMPLES, "mlp", "sample.npy"))[:1]], emulate=True).cycles[0]
     traced = _traced_instructions(out)
     assert abs(cycles - traced) <= 1e9 / compiler.get_target(target).qemu_clock_hz, (cycles, traced)
+
+
+@pytest.mark.parametrize("target", [pytest.param("cortex-m4", marks=needs_arm), pytest.param("cortex-m7", marks=needs_arm)])
+def test_cortex_m_object_uses_fused_multiply_adds(tmp_path, target):
+    """The generated Makefile's flags let gcc contract a*b + c into one vfma: under -std=c99 alone
+    (strict ISO C) it emits none and every multiply-accumulate costs a vmul and a vadd."""
+    if not shutil.which("arm-none-eabi-objdump"):
+        pytest.skip("arm-none-eabi-objdump missing")
+    out = str(tmp_path / "out")
+    pfpc.compile(*_example("lenet"), out_dir=out, batch=1, target=target)
+    subprocess.run(["make", "-s", "-C", out, "pfp_model.o"], check=True)
+    disassembly = subprocess.run(["arm-none-eabi-objdump", "-d", os.path.join(out, "pfp_model.o")], capture_output=True, text=True, check=True).stdout
+    fused = [line for line in disassembly.splitlines() if "\tvfma" in line or "\tvfms" in line or "\tvfnm" in line]
+    multiplies = [line for line in disassembly.splitlines() if "\tvmul.f32" in line]
+    # the convolutions' and dense layers' accumulations (two per MAC) are fused: more than the plain multiplies
+    assert len(fused) > len(multiplies), (len(fused), len(multiplies))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from .program import Program
-from .targets import FIRMWARE_DIR
+from .targets import C_FLAGS, FIRMWARE_DIR
 
 
 def render_build_files(program: Program) -> dict:
@@ -118,7 +118,7 @@ def _target_mk(name: str, target) -> str:
         f"CC = {target.cc}",
         f"AR = {ar}",
         f"TARGET_FLAGS = {' '.join(target.flags)}",
-        "CFLAGS = -std=c99 -O2 -Wall -Wextra -Werror -fno-math-errno -fstack-usage $(TARGET_FLAGS)",
+        f"CFLAGS = {' '.join(C_FLAGS)} -Wall -Wextra -Werror -fstack-usage $(TARGET_FLAGS)",
         "LDLIBS = -lm",
     ]
     if target.bare_metal:
@@ -180,7 +180,7 @@ target_include_directories({name} PUBLIC ${{CMAKE_CURRENT_SOURCE_DIR}})
 set_target_properties({name} PROPERTIES C_STANDARD 99 C_STANDARD_REQUIRED ON C_EXTENSIONS OFF)
 if(CMAKE_C_COMPILER_ID MATCHES "GNU|Clang")
   # last on the command line, so -O2 also replaces Release's -O3
-  target_compile_options({name} PRIVATE -fno-math-errno $<$<NOT:$<CONFIG:Debug>>:-O2>)
+  target_compile_options({name} PRIVATE -fno-math-errno -ffp-contract=fast $<$<NOT:$<CONFIG:Debug>>:-O2>)
 endif()
 if(NOT MSVC)
   target_link_libraries({name} PUBLIC m)

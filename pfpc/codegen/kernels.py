@@ -78,6 +78,45 @@ def scheduled(func, accumulate):
     return schedule_kernel(func, accumulate) if func.attrs is not None and KERNEL_ATTR in func.attrs else func
 
 
+#: An accumulation ``float v = (acc[i] + (...));`` as TVM's C backend prints a reduction's update.
+_ACCUMULATION = re.compile(r"^(\s*float \w+ = )\((\w+\[[\w +*]+\]) \+ \((.*)\)\);$")
+
+
+def _groups(text: str) -> list[str]:
+    """``text`` split at the top level into parenthesised groups and the operators between them."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        if char == "(":
+            if depth == 0:
+                if text[start:index].strip():
+                    parts.append(text[start:index].strip())
+                start = index
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                parts.append(text[start:index + 1])
+                start = index + 1
+    if text[start:].strip():
+        parts.append(text[start:].strip())
+    return parts
+
+
+def fused_accumulation(line: str) -> str:
+    """``acc + (a - b)`` printed as ``(acc + a) - b``: the hidden layers' variance update
+    ``acc + (q t - p p)`` (`moments.product_moments`) then contracts into two fused multiply-adds,
+    where the grouping TVM prints costs a multiply, a fused multiply-subtract and an add. Any
+    other line is returned unchanged. The same sum in another order: the rounding of one addition."""
+    match = _ACCUMULATION.match(line)
+    if not match:
+        return line
+    head, acc, inner = match.groups()
+    parts = _groups(inner)
+    if len(parts) != 3 or parts[1] != "-" or not parts[0].startswith("(") or not parts[2].startswith("("):
+        return line
+    return f"{head}(({acc} + {parts[0]}) - {parts[2]});"
+
+
 def _extract(source: str, name: str) -> CKernel:
     head = f"int32_t __tvm_ffi_{name}(void* self_handle, void* args, int32_t num_args, void* result) {{"
     start = source.find(head)
@@ -100,7 +139,7 @@ def _extract(source: str, name: str) -> CKernel:
         depth += line.count("{") - line.count("}")
         if depth == 0:
             break
-        body.append(line)
+        body.append(fused_accumulation(line))
     while body and body[-1].strip() in ("return 0;", ""):
         body.pop()
     text = "\n".join(body)

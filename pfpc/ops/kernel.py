@@ -193,6 +193,17 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             sch.reorder(*update[spatial:], update[spatial - 1])
             if _unrollable(sch, block):
                 _unroll_window(sch, sch.get_loops(block)[spatial:-1])
+        elif _unrollable(sch, block) and len(sch.get(block).writes) <= 2 and _block_factor(int(sch.get(loops[spatial - 1]).extent)) > 1:
+            # register blocking: BLOCK outputs along the last spatial axis per loaded weight
+            outer, inner = sch.split(loops[spatial - 1], [None, _block_factor(int(sch.get(loops[spatial - 1]).extent))])
+            for consumer in downstream:
+                sch.reverse_compute_at(consumer, outer)
+            sch.decompose_reduction(block, inner)
+            update = sch.get_loops(block)
+            sch.reorder(*update[spatial + 1:], update[spatial])
+            update = sch.get_loops(block)
+            sch.unroll(update[-1])
+            _unroll_window(sch, update[spatial:-1])
         else:
             for consumer in downstream:
                 sch.reverse_compute_at(consumer, loops[spatial - 1])
@@ -208,6 +219,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             decoded.setdefault(sch.get(sch.get_consumers(block)[0]).name_hint, []).append(block)
     for gathers in decoded.values():
         _merge_gathers(sch, gathers)
+        if accumulate != "row":
+            _unroll_gather(sch, gathers[0])
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
     if accumulate == "row":
@@ -250,6 +263,22 @@ def _merge_gathers(sch, blocks):
         _one_nest(sch, blocks)
 
 
+#: Most weights a gather decodes in one unrolled stretch (`_unroll_gather`).
+GATHER_UNROLL_MAX = 8
+
+
+def _unroll_gather(sch, block):
+    """Unroll a gather's innermost loops while they decode at most GATHER_UNROLL_MAX weights (a
+    register block's weights, a kernel window): the unpacking shifts become constants and the
+    codes that share a byte are read once."""
+    total = 1
+    for loop in reversed(sch.get_loops(block)):
+        total *= int(sch.get(loop).extent)
+        if total > GATHER_UNROLL_MAX:
+            break
+        sch.unroll(loop)
+
+
 #: Fewest elements a row loop of `_row_nests` spans (trailing loops are fused up to it).
 ROW_ELEMENTS = 16
 #: Most elements of a row ("row" schedules): every stage of a row has a buffer of that many floats
@@ -286,6 +315,17 @@ def _row_nests(sch, blocks):
             outer.append(sch.get_loops(block)[row - 1])
     if outer:
         sch.merge(*outer)
+
+
+#: Outputs accumulated together by the "scalar" schedule (register blocking), tried in this order
+#: as divisors of the last output axis: each loaded weight (and, in a convolution's unrolled
+#: window, each loaded input) then serves several multiply-adds instead of one.
+BLOCK = (8, 7, 6, 5, 4, 3, 2)
+
+
+def _block_factor(extent: int) -> int:
+    """The first of `BLOCK` dividing ``extent`` (no tail loop), 1 if none."""
+    return next((factor for factor in BLOCK if extent % factor == 0 and extent >= factor), 1)
 
 
 #: Most iterations of the innermost reduction loops that are unrolled (a 3x3 kernel window).
