@@ -1,0 +1,144 @@
+"""Minimal reproductions of defects found by differential fuzzing (issue 20; tools/fuzz_graphs.py),
+each compiled to C and checked against the float64 NumPy reference (tests/reference.py) and,
+where the posterior is zero, onnxruntime. Each failed on the code before its fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import reference
+from helpers import compile_and_run, make_model
+
+node = helper.make_node
+
+
+def _run(model, stds, feeds, tmp_path):
+    got = compile_and_run(model, stds, list(feeds.values()), tmp_path)
+    variances = {k[: -len(".std")]: np.asarray(v, np.float64) ** 2 for k, v in stds.items()}
+    expected = reference.pfp_onnx(model, variances, feeds)
+    return [(m.reshape(em.shape), v.reshape(ev.shape), em, ev) for (m, v), (em, ev) in zip(got, expected.values())]
+
+
+def _assert_moments(results, mean_rtol=1e-5, var_rtol=1e-4):
+    for mean, var, ref_mean, ref_var in results:
+        np.testing.assert_allclose(mean, ref_mean, rtol=mean_rtol, atol=mean_rtol * np.abs(ref_mean).max())
+        np.testing.assert_allclose(var, ref_var, rtol=var_rtol, atol=var_rtol * np.abs(ref_var).max())
+
+
+def test_prelu_one_element_slope_broadcasts(tmp_path):
+    """PRelu([0.25]) (PyTorch's nn.PReLU()) read the slope at the last axis' index: wrong means
+    and a read past the one-element array."""
+    bias = np.zeros((1, 1, 2, 3), np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node("PRelu", ["h", "s"], ["y"])], [("x", [1, 1, 2, 3])], ["y"],
+                       {"b": bias, "s": np.array([0.25], np.float32)})
+    feeds = {"x": np.array([-4, -2, -1, 1, 2, 3], np.float32).reshape(1, 1, 2, 3)}
+    results = _run(model, {"b.std": np.full(bias.shape, 0.5, np.float32)}, feeds, tmp_path)
+    _assert_moments(results)
+
+
+@pytest.mark.parametrize("activation", ["Relu", "LeakyRelu", "Clip", "MaxPool"])
+def test_concentrated_input_far_from_zero_keeps_its_variance(tmp_path, activation):
+    """x ~ N(100, 1e-4) (a bias with std 0.01 on a large input): the variance was E[y^2] - E[y]^2
+    in float32, 1e4 - 1e4 = 0."""
+    extra, attrs, inputs = {}, {}, ["h"]
+    if activation == "LeakyRelu":
+        attrs = {"alpha": 0.1}
+    if activation == "Clip":
+        extra, inputs = {"lo": np.array(-1.0, np.float32), "hi": np.array(200.0, np.float32)}, ["h", "lo", "hi"]
+    if activation == "MaxPool":
+        attrs = {"kernel_shape": [2, 2]}
+    bias = np.zeros((1, 1, 2, 2), np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node(activation, inputs, ["y"], **attrs)], [("x", [1, 1, 2, 2])], ["y"],
+                       {"b": bias, **extra})
+    feeds = {"x": np.array([100.0, -100.0, 99.0, 100.5], np.float32).reshape(1, 1, 2, 2)}
+    results = _run(model, {"b.std": np.full(bias.shape, 0.01, np.float32)}, feeds, tmp_path)
+    assert results[0][1].max() > 5e-5  # not rounded away
+    _assert_moments(results)
+
+
+@pytest.mark.parametrize("ratio", [1e-3, 1e-4])
+def test_concentrated_posterior_mlp_variance(tmp_path, ratio):
+    """Gemm-Relu-Gemm with posterior std = ratio |w|: the hidden layer's variance was a difference
+    of second moments, 1.1 % wrong at ratio 1e-3 and ~100 % at 1e-4."""
+    rng = np.random.default_rng(3)
+    inits = {"w1": rng.standard_normal((8, 16)).astype(np.float32), "b1": rng.standard_normal(16).astype(np.float32),
+             "w2": rng.standard_normal((16, 4)).astype(np.float32), "b2": rng.standard_normal(4).astype(np.float32)}
+    model = make_model([node("Gemm", ["x", "w1", "b1"], ["h"]), node("Relu", ["h"], ["r"]), node("Gemm", ["r", "w2", "b2"], ["y"])],
+                       [("x", [2, 8])], ["y"], inits)
+    stds = {f"{k}.std": (ratio * np.abs(v)).astype(np.float32) for k, v in inits.items()}
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
+    _assert_moments(_run(model, stds, feeds, tmp_path), var_rtol=1e-3)
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool", "Conv"])
+@pytest.mark.parametrize("auto_pad", ["SAME_LOWER", "SAME_UPPER", "VALID"])
+def test_auto_pad(tmp_path, op, auto_pad):
+    """auto_pad SAME_LOWER pooled a 7x7 input with kernel 3, stride 2 to 3x3 (ONNX: 4x4); a SAME
+    Conv was refused as an opaque relax.call_tir."""
+    rng = np.random.default_rng(5)
+    bias = rng.standard_normal((1, 2, 7, 6)).astype(np.float32)
+    inits = {"b": bias}
+    attrs = {"auto_pad": auto_pad, "strides": [2, 2]}
+    if op == "Conv":
+        inits["w"] = rng.standard_normal((3, 2, 3, 2)).astype(np.float32)
+        second = node("Conv", ["h", "w"], ["y"], **attrs)
+    else:
+        second = node(op, ["h"], ["y"], kernel_shape=[3, 2], **attrs)
+    model = make_model([node("Add", ["x", "b"], ["h"]), second], [("x", [1, 2, 7, 6])], ["y"], inits)
+    feeds = {"x": rng.standard_normal((1, 2, 7, 6)).astype(np.float32)}
+    import onnxruntime as ort
+
+    ort_out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    results = _run(model, {"b.std": np.full(bias.shape, 0.3, np.float32)}, feeds, tmp_path)
+    assert results[0][2].shape == ort_out.shape  # the reference's geometry is onnxruntime's
+    _assert_moments(results, var_rtol=3e-5)
+    zero = _run(model, {}, feeds, tmp_path / "zero")
+    np.testing.assert_allclose(zero[0][0], ort_out, rtol=1e-4, atol=1e-4 * np.abs(ort_out).max())
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+@pytest.mark.parametrize("shape", [[1, 1, 3, 1], [1, 3, 1, 1]])
+def test_one_by_one_maxpool_then_activation(tmp_path, activation, shape):
+    """MaxPool 1x1 + Relu/Clip on a width-1 tensor returned zeros: the relu read the max-pool
+    accumulator's initial value through a local the C printer had bound before the store."""
+    inputs = ["p", "lo", "hi"] if activation == "Clip" else ["p"]
+    extra = {"lo": np.array(-0.5, np.float32), "hi": np.array(1.5, np.float32)} if activation == "Clip" else {}
+    model = make_model([node("MaxPool", ["x"], ["p"], kernel_shape=[1, 1]), node(activation, inputs, ["y"])], [("x", shape)], ["y"], extra)
+    x = np.array([0.5, -1.0, 2.0], np.float32).reshape(shape)
+    (mean, var), = compile_and_run(model, {}, [x], tmp_path)
+    np.testing.assert_array_equal(mean.ravel(), np.clip(x.ravel(), -0.5 if activation == "Clip" else 0.0, 1.5 if activation == "Clip" else None))
+    assert not var.any()
+
+
+def test_printer_locals_never_read_stale_values(tmp_path):
+    """The unrolled max reduction of docs/upstream_tvm.md (defect 1), through pfpc's kernel
+    extraction, built with gcc and run: every window's maximum, not its last element."""
+    import subprocess
+
+    import tvm
+    from tvm import s_tir, te
+
+    from pfpc.codegen.kernels import _extract
+
+    x = te.placeholder((4, 4), "float32", name="x")
+    ky, kx = te.reduce_axis((0, 2), name="ky"), te.reduce_axis((0, 2), name="kx")
+    pooled = te.compute((2, 2), lambda i, j: te.max(x[2 * i + ky, 2 * j + kx], axis=[ky, kx]), name="pooled")
+    sch = s_tir.Schedule(te.create_prim_func([x, pooled]).with_attr("global_symbol", "pool"))
+    block = sch.get_sblock("pooled")
+    sch.decompose_reduction(block, sch.get_loops(block)[2])
+    for loop in sch.get_loops(block)[2:]:
+        sch.unroll(loop)
+    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
+        source = tvm.compile(sch.mod, target="c").mod.inspect_source()
+    kernel = _extract(source, "pool")
+    values = np.array([[9, 1, 2, 3], [4, 5, 6, 7], [8, 0, 1, 2], [3, 4, 9, 5]], np.float32)
+    program = tmp_path / "pool.c"
+    program.write_text("#include <stdint.h>\n#include <stdio.h>\n" + kernel.signature("") + " {\n" + kernel.body + "\n}\n"
+                       "int main(void) { float x[16] = {" + ", ".join(map(str, values.ravel())) + "}; float pooled[4];\n"
+                       "  pool(x, pooled); for (int k = 0; k < 4; ++k) printf(\"%g\\n\", pooled[k]); return 0; }\n")
+    subprocess.run(["gcc", "-std=c99", "-O2", "-Wall", "-Werror", "-o", str(tmp_path / "pool"), str(program)], check=True)
+    printed = subprocess.run([str(tmp_path / "pool")], check=True, capture_output=True, text=True).stdout.split()
+    expected = values.reshape(2, 2, 2, 2).max(axis=(1, 3))
+    np.testing.assert_array_equal(np.array(printed, np.float32).reshape(2, 2), expected)
