@@ -22,6 +22,7 @@ from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 from ..codegen.program import C_KEYWORDS
 from ..errors import PfpcError
 from ..ir import constant_value
+from .explicit_pads import make_pads_explicit
 from .onnx_model import graph_inputs, input_shapes
 from .posterior import Posterior
 
@@ -73,6 +74,7 @@ def check_supported(model: onnx.ModelProto, name: str) -> None:
 
 def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "model") -> tvm.IRModule:
     check_supported(model, name)
+    model = make_pads_explicit(model)
     model = _constants_as_constant_nodes(model, posterior, name)
     model, original_names = tame_names(model)
     try:
