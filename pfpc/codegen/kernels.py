@@ -78,6 +78,45 @@ def scheduled(func, accumulate):
     return schedule_kernel(func, accumulate) if func.attrs is not None and "pfp.kernel" in func.attrs else func
 
 
+#: A local that TVM's C printer binds to an operand of max/min (``float v_ = acc[0];``).
+_PRINTER_LOCAL = re.compile(r"^\s*[A-Za-z_][\w ]*?\s(v_\w*) = (.*);\s*$")
+
+
+def inline_loaded_locals(body: str) -> str:
+    """Put every load that TVM's C printer hoisted into a local back where it is used.
+
+    The printer binds each operand of max/min to a local (``float v_ = acc[0];``) and, for the
+    same text later in the scope, reuses the local even when a store in between changed that
+    element (docs/upstream_tvm.md, defect 1):
+
+        float v_ = maxpool[0];                          maxpool[0] = ((maxpool[0]) > ...);
+        maxpool[0] = ((v_) > (v__1) ? ...);       ->    relu[y] = (((maxpool[0])) > 0 ? ...);
+        relu[y] = ((v_) > (0.0f) ? (v_) : 0.0f);
+
+    A local whose value reads memory (has a subscript) is therefore replaced by its expression
+    at every use, so each load happens where the TIR puts it and no stale value can be read;
+    locals of pure arithmetic stay. The C compiler merges the repeated loads where no store
+    intervenes."""
+    values: dict[str, str] = {}
+    out = []
+
+    def inlined(text):
+        return re.sub(r"\bv_\w*\b", lambda m: f"({values[m.group(0)]})" if m.group(0) in values else m.group(0), text)
+
+    for line in body.split("\n"):
+        match = _PRINTER_LOCAL.match(line)
+        if match is None:
+            out.append(inlined(line) if values else line)
+            continue
+        local, value = match.group(1), inlined(match.group(2))
+        values.pop(local, None)
+        if "[" in value:
+            values[local] = value
+        else:
+            out.append(line[: match.start(2)] + value + line[match.end(2):])
+    return "\n".join(out)
+
+
 def _extract(source: str, name: str) -> CKernel:
     head = f"int32_t __tvm_ffi_{name}(void* self_handle, void* args, int32_t num_args, void* result) {{"
     start = source.find(head)
@@ -103,7 +142,7 @@ def _extract(source: str, name: str) -> CKernel:
         body.append(line)
     while body and body[-1].strip() in ("return 0;", ""):
         body.pop()
-    text = "\n".join(body)
+    text = inline_loaded_locals("\n".join(body))
     if any(token in text for token in _FORBIDDEN):
         raise PfpcError(f"internal: kernel {name} uses the TVM runtime; cannot emit standalone C")
     written = [(p, re.search(rf"\b{re.escape(p)}\[[^\]]*\]\s*=[^=]", text) is not None) for p in params]
