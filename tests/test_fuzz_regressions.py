@@ -142,3 +142,31 @@ def test_printer_locals_never_read_stale_values(tmp_path):
     printed = subprocess.run([str(tmp_path / "pool")], check=True, capture_output=True, text=True).stdout.split()
     expected = values.reshape(2, 2, 2, 2).max(axis=(1, 3))
     np.testing.assert_array_equal(np.array(printed, np.float32).reshape(2, 2), expected)
+
+
+def _symbolic_model(tmp_path, shape):
+    import onnx
+    from onnx import TensorProto
+
+    graph = helper.make_graph([node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_batch_sets_only_the_leading_dimension(tmp_path, capsys):
+    """--batch 2 made ["N", 3, "L"] a [2, 3, 2] network; "L" is not the batch."""
+    import json
+
+    from pfpc.cli import main
+
+    code = main([_symbolic_model(tmp_path, ["N", 3, "L"]), "--batch", "2", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "dimension 2 ('L') of 'x'" in err and not (tmp_path / "out").exists()
+    code = main([_symbolic_model(tmp_path, ["N", 3, 5]), "--batch", "2", "-o", str(tmp_path / "ok")])
+    assert code == 0
+    meta = json.loads((tmp_path / "ok" / "pfpc.json").read_text())
+    assert [list(shape) for _, shape in meta["inputs"]] == [[2, 3, 5]]
