@@ -170,3 +170,29 @@ def test_batch_sets_only_the_leading_dimension(tmp_path, capsys):
     assert code == 0
     meta = json.loads((tmp_path / "ok" / "pfpc.json").read_text())
     assert [list(shape) for _, shape in meta["inputs"]] == [[2, 3, 5]]
+
+
+def test_output_that_is_an_input(tmp_path):
+    """An output Identity(input) was a KeyError."""
+    model = make_model([node("Identity", ["x"], ["y"]), node("Relu", ["x"], ["z"])], [("x", [1, 3])], ["y", "z"], {})
+    x = np.array([[1.0, -2.0, 3.0]], np.float32)
+    (y, y_var), (z, z_var) = compile_and_run(model, {}, [x], tmp_path)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(z, np.maximum(x, 0))
+    assert not y_var.any() and not z_var.any()
+
+
+@pytest.mark.parametrize("op", ["PRelu", "Div"])
+def test_deterministic_input_with_constant_operand(tmp_path, op):
+    """x -> PRelu(slope) or x -> Div(k[3, 1]) on a deterministic x: "a deterministic tensor has no
+    moment to convert" (the constant operand was given a zero variance that made the output
+    representation a variance)."""
+    import onnxruntime as ort
+
+    operand = np.array([0.25], np.float32) if op == "PRelu" else np.array([[2.0], [-3.0], [4.0]], np.float32)
+    model = make_model([node(op, ["x", "k"], ["y"])], [("x", [1, 3, 2])], ["y"], {"k": operand})
+    x = (np.arange(6, dtype=np.float32).reshape(1, 3, 2) - 2.5)
+    (mean, var), = compile_and_run(model, {}, [x], tmp_path)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(mean.reshape(expected.shape), expected, rtol=1e-6)
+    assert not var.any()

@@ -193,6 +193,8 @@ class _Substitute(MainRewriter):
         if position is not None and self.is_stochastic(args[position]):
             raise PfpcError(f"{op}: operand {position} is a Gaussian tensor; pfpc supports it only deterministic (a constant or a weight without variance)")
         operands = [self.value(arg) for arg in args]
+        if position is not None:  # checked deterministic above: its (zero) variance is never read
+            operands[position] = GaussianValue(operands[position].mean)
         reprs = tuple(o.repr for o in operands)
         output = "none" if all(r == "none" for r in reprs) else "var"
         spec = KernelSpec((stage,), reprs, output)
@@ -211,7 +213,8 @@ class _Substitute(MainRewriter):
             if out in self.softmax
         ]
         for out in outputs:
-            value = self.gauss[out]
+            # an output that is a model input or a constant (through views) has no kernel of its own
+            value = self.gauss[out] if out in self.gauss else self.value(out)
             if value.repr == "second_moment":
                 raise PfpcError("internal: canonical outputs are variances")
             fields += value.args()
