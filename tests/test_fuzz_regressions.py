@@ -196,3 +196,34 @@ def test_deterministic_input_with_constant_operand(tmp_path, op):
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(mean.reshape(expected.shape), expected, rtol=1e-6)
     assert not var.any()
+
+
+@pytest.mark.parametrize("case", ["relu_2_output", "y_var_input"])
+def test_onnx_names_like_generated_names(tmp_path, case):
+    """An output named relu_2 after three ReLUs, or an input y_var with an output y, repeated a C
+    name pfpc generates (the C did not build, or passed one buffer twice as restrict)."""
+    if case == "relu_2_output":
+        model = make_model([node("Relu", ["x"], ["a"]), node("Relu", ["a"], ["b"]), node("Relu", ["b"], ["relu_2"])],
+                           [("x", [1, 3])], ["relu_2"], {})
+        stds = {}
+    else:
+        model = make_model([node("Add", ["y_var", "b"], ["y"])], [("y_var", [1, 3])], ["y"], {"b": np.ones((1, 3), np.float32)})
+        stds = {"b.std": np.full((1, 3), 0.5, np.float32)}
+    feeds = {model.graph.input[0].name: np.array([[1.0, -2.0, 3.0]], np.float32)}
+    _assert_moments(_run(model, stds, feeds, tmp_path))
+
+
+@pytest.mark.parametrize("posterior", [False, True])
+def test_divide_by_zero_scalar(tmp_path, posterior):
+    """Div by a zero scalar constant was "float division by zero" at compile time; ONNX (and
+    onnxruntime) give +-inf and NaN."""
+    import onnxruntime as ort
+
+    model = make_model([node("Add", ["x", "b"], ["h"]), node("Div", ["h", "k"], ["y"])], [("x", [1, 3])], ["y"],
+                       {"b": np.array([[0.0, 1.0, -1.0]], np.float32), "k": np.array(0.0, np.float32)})
+    x = np.array([[0.0, 2.0, -3.0]], np.float32)
+    stds = {"b.std": np.full((1, 3), 0.5, np.float32)} if posterior else {}
+    (mean, var), = compile_and_run(model, stds, [x], tmp_path)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(mean, expected)
+    assert np.all(np.isinf(var)) if posterior else not var.any()

@@ -139,6 +139,8 @@ class _Substitute(MainRewriter):
         left, right = value.args
         if op in ("relax.multiply", "relax.divide") and self.deterministic_scalar(right) is not None:
             factor = self.deterministic_scalar(right)
+            if op == "relax.divide" and factor == 0.0:
+                return None  # x / 0 is +-inf or NaN, as ONNX has it: the divide kernel computes it
             return left, factor if op == "relax.multiply" else 1.0 / factor
         if op == "relax.multiply" and self.deterministic_scalar(left) is not None:
             return right, self.deterministic_scalar(left)
