@@ -227,3 +227,35 @@ def test_divide_by_zero_scalar(tmp_path, posterior):
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(mean, expected)
     assert np.all(np.isinf(var)) if posterior else not var.any()
+
+
+def _w(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+SCHEDULE_CASES = {
+    # TVM "reverse-compute-at ... requires all the producer(s)": relu's sqrt(bias variance) does not read the matmul
+    "gemm_with_only_a_stochastic_bias": lambda r: ([node("Gemm", ["x", "w", "b"], ["h"]), node("Relu", ["h"], ["y"])], [("x", [2, 3])],
+                                                 {"w": _w(r, 3, 4), "b": _w(r, 4)}, ["b"]),
+    # "'merge' requires at least 2 loop(s)"
+    "tanh_after_add": lambda r: ([node("Add", ["x", "b"], ["h"]), node("Tanh", ["h"], ["y"])], [("x", [1, 3, 9])], {"b": _w(r, 1, 3, 9)}, ["b"]),
+    "sigmoid_after_batchnorm": lambda r: ([node("BatchNormalization", ["x", "g", "beta", "m", "v"], ["h"]), node("Sigmoid", ["h"], ["y"])],
+                                          [("x", [1, 3, 4, 4])], {"g": _w(r, 3), "beta": _w(r, 3), "m": _w(r, 3), "v": np.abs(_w(r, 3)) + 0.5}, ["beta"]),
+    # "Buffer maxpool_4.v1 is used before its definition": window columns that are padding for every output
+    "maxpool_asymmetric_pads": lambda r: ([node("Add", ["x", "b"], ["h"]), node("MaxPool", ["h"], ["y"], kernel_shape=[2, 3], pads=[1, 0, 0, 2], strides=[2, 3])],
+                                          [("x", [1, 1, 3, 2])], {"b": _w(r, 1, 1, 3, 2)}, ["b"]),
+    # gcc -Werror: "variable 'maxpool_cdf_1_ptr' set but not used"
+    "maxpool_werror_set_but_not_used": lambda r: ([node("Add", ["x", "b"], ["h"]), node("MaxPool", ["h"], ["y"], kernel_shape=[3, 2], pads=[2, 1, 1, 1])],
+                                                  [("x", [1, 1, 4, 1])], {"b": _w(r, 1, 1, 4, 1)}, ["b"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCHEDULE_CASES))
+def test_kernel_schedules_of_fuzzed_graphs(tmp_path, case):
+    """Graphs whose kernels TVM could not schedule or whose C did not build with -Werror."""
+    rng = np.random.default_rng(11)
+    nodes, inputs, inits, stochastic = SCHEDULE_CASES[case](rng)
+    model = make_model(nodes, inputs, ["y"], inits)
+    stds = {f"{k}.std": (0.3 * np.abs(inits[k]) + 0.05).astype(np.float32) for k in stochastic}
+    feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in inputs}
+    _assert_moments(_run(model, stds, feeds, tmp_path), var_rtol=3e-5)

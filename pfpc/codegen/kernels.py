@@ -117,6 +117,16 @@ def inline_loaded_locals(body: str) -> str:
     return "\n".join(out)
 
 
+_LOCAL_ARRAY = re.compile(r"^(\s*)((?:float|u?int(?:8|16|32|64)_t) (\w+)\[\d+\];)$", re.M)
+
+
+def mark_local_arrays_used(body: str) -> str:
+    """``(void)name;`` after each stack array TVM declares: when its simplifier folds away every
+    read of a scratch array (a max-pool step whose window element is padding for every output
+    of a row), the writes stay and gcc -Werror stops at "set but not used"."""
+    return _LOCAL_ARRAY.sub(lambda m: f"{m.group(1)}{m.group(2)}\n{m.group(1)}(void){m.group(3)};", body)
+
+
 def _extract(source: str, name: str) -> CKernel:
     head = f"int32_t __tvm_ffi_{name}(void* self_handle, void* args, int32_t num_args, void* result) {{"
     start = source.find(head)
@@ -142,7 +152,7 @@ def _extract(source: str, name: str) -> CKernel:
         body.append(line)
     while body and body[-1].strip() in ("return 0;", ""):
         body.pop()
-    text = inline_loaded_locals("\n".join(body))
+    text = mark_local_arrays_used(inline_loaded_locals("\n".join(body)))
     if any(token in text for token in _FORBIDDEN):
         raise PfpcError(f"internal: kernel {name} uses the TVM runtime; cannot emit standalone C")
     written = [(p, re.search(rf"\b{re.escape(p)}\[[^\]]*\]\s*=[^=]", text) is not None) for p in params]

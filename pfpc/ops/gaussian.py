@@ -529,7 +529,16 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
     # Clark's max as a chain of element-wise stages over the window positions (row-major), each
     # step's terms in stages of their own, so that both moments share them.
     out_shape = [batch, chans, out_h, out_w]
-    positions = [(pi, pj) for pi in range(kernel[0]) for pj in range(kernel[1])]
+
+    def reaches_input(offset, axis, size, count):
+        """Whether window element ``offset`` along ``axis`` lies inside the input for some output."""
+        pad = pads[axis]
+        return any(0 <= y * strides[axis] + offset * dilations[axis] - pad < size for y in range(count))
+
+    # window elements that are padding for every output are no step at all (their Clark steps
+    # would be identities whose terms TVM's simplifier removes, leaving dangling buffers)
+    positions = [(pi, pj) for pi in range(kernel[0]) for pj in range(kernel[1])
+                 if reaches_input(pi, 0, height, out_h) and reaches_input(pj, 1, width, out_w)]
 
     def at(position, n, c, y, xx):
         """(inside, mean, var) of window element ``position`` of output (n, c, y, xx)."""
