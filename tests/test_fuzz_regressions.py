@@ -259,3 +259,22 @@ def test_kernel_schedules_of_fuzzed_graphs(tmp_path, case):
     stds = {f"{k}.std": (0.3 * np.abs(inits[k]) + 0.05).astype(np.float32) for k in stochastic}
     feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in inputs}
     _assert_moments(_run(model, stds, feeds, tmp_path), var_rtol=3e-5)
+
+
+def test_integer_constant_output_refused_in_one_line(tmp_path, capsys):
+    """An int64 Constant as a graph output was a KeyError traceback."""
+    import onnx
+    from onnx import TensorProto
+
+    from pfpc.cli import main
+
+    graph = helper.make_graph(
+        [node("Relu", ["x"], ["y"]), node("Constant", [], ["c"], value=helper.make_tensor("v", TensorProto.INT64, [2], [1, 2]))], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3]), helper.make_tensor_value_info("c", TensorProto.INT64, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    code = main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "output 'c'" in err and "int64" in err
