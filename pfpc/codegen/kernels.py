@@ -83,37 +83,53 @@ _PRINTER_LOCAL = re.compile(r"^\s*[A-Za-z_][\w ]*?\s(v_\w*) = (.*);\s*$")
 
 
 def inline_loaded_locals(body: str) -> str:
-    """Put every load that TVM's C printer hoisted into a local back where it is used.
+    """Re-read every load that TVM's C printer hoisted into a local once memory may have changed.
 
     The printer binds each operand of max/min to a local (``float v_ = acc[0];``) and, for the
     same text later in the scope, reuses the local even when a store in between changed that
     element (docs/upstream_tvm.md, defect 1):
 
-        float v_ = maxpool[0];                          maxpool[0] = ((maxpool[0]) > ...);
-        maxpool[0] = ((v_) > (v__1) ? ...);       ->    relu[y] = (((maxpool[0])) > 0 ? ...);
-        relu[y] = ((v_) > (0.0f) ? (v_) : 0.0f);
+        float v_ = maxpool[0];                     float v_ = maxpool[0];
+        maxpool[0] = ((v_) > (v__1) ? ...);   ->   maxpool[0] = ((v_) > (v__1) ? ...);
+        relu[y] = ((v_) > (0.0f) ? ...);           v_ = maxpool[0];
+                                                   relu[y] = ((v_) > (0.0f) ? ...);
 
-    A local whose value reads memory (has a subscript) is therefore replaced by its expression
-    at every use, so each load happens where the TIR puts it and no stale value can be read;
-    locals of pure arithmetic stay. The C compiler merges the repeated loads where no store
-    intervenes."""
-    values: dict[str, str] = {}
+    A local whose value reads memory (has a subscript, directly or through another such local)
+    becomes stale at every store and at every loop head (a store later in the loop body reaches
+    the next iteration's uses); a stale local is assigned again from its expression right
+    before its next use, after the locals it reads. Each load thus happens after the last store
+    before its use, as the TIR has it; locals of pure arithmetic are left alone."""
+    values: dict[str, str] = {}  # local -> its expression, for locals that read memory
+    stale: set[str] = set()
     out = []
 
-    def inlined(text):
-        return re.sub(r"\bv_\w*\b", lambda m: f"({values[m.group(0)]})" if m.group(0) in values else m.group(0), text)
+    def used(text):
+        return [name for name in dict.fromkeys(re.findall(r"\bv_\w*\b", text)) if name in values]
+
+    def refresh(names, indent):
+        for name in names:
+            if name in stale:
+                stale.discard(name)
+                refresh(used(values[name]), indent)
+                out.append(f"{indent}{name} = {values[name]};")
 
     for line in body.split("\n"):
+        indent = line[: len(line) - len(line.lstrip())]
         match = _PRINTER_LOCAL.match(line)
-        if match is None:
-            out.append(inlined(line) if values else line)
+        if match is not None:
+            local, value = match.group(1), match.group(2)
+            refresh(used(value), indent)
+            values.pop(local, None)
+            stale.discard(local)
+            if "[" in value or used(value):
+                values[local] = value
+            out.append(line)
             continue
-        local, value = match.group(1), inlined(match.group(2))
-        values.pop(local, None)
-        if "[" in value:
-            values[local] = value
-        else:
-            out.append(line[: match.start(2)] + value + line[match.end(2):])
+        refresh(used(line), indent)
+        out.append(line)
+        stripped = line.strip()
+        if re.search(r"\]\s*=[^=]", stripped) or stripped.startswith(("for (", "while (", "do {")):
+            stale.update(values)
     return "\n".join(out)
 
 
