@@ -278,3 +278,17 @@ def test_integer_constant_output_refused_in_one_line(tmp_path, capsys):
     code = main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "output 'c'" in err and "int64" in err
+
+
+def test_verify_per_layer_on_a_graph_ending_in_softmax():
+    """pfpc verify --per-layer ended in a KeyError after all its work when the graph ended in a
+    Softmax: the Monte Carlo run samples the logits there (as the PFP returns them)."""
+    from pfpc.frontends.posterior import Posterior
+    from pfpc.verify import per_layer
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    model = make_model([node("Gemm", ["x", "w"], ["h"]), node("Relu", ["h"], ["r"]), node("Softmax", ["r"], ["y"])], [("x", [1, 4])], ["y"], {"w": w})
+    rows = per_layer(model, Posterior({"w": w}, {"w": (0.1 * np.abs(w)) ** 2}), {"x": rng.standard_normal((1, 4)).astype(np.float32)}, 100)
+    assert [(row["output"], row["op"]) for row in rows] == [("h", "Gemm"), ("r", "Relu")]
+    assert rows[0]["mean_err_in_std"] < 5  # a linear layer: the PFP is exact, MC within its noise
