@@ -144,8 +144,11 @@ def clip_moments(mean, var, lower, upper):
 
     E[y] = c + E[y'], Var[y] = E[y'^2] - E[y']^2. An absent bound drops its terms (Phi(a) =
     phi(a) = 0, Phi(b) = 1, phi(b) = 0); lo = 0 and no upper bound is ReLU. V = 0 gives a, b =
-    +-inf (0 at a bound), hence exactly (clip(M), 0). Returns (E[y], Var[y]).
+    +-inf (0 at a bound), hence exactly (clip(M), 0); lo >= hi gives the constant hi.
+    Returns (E[y], Var[y]).
     """
+    if lower is not None and upper is not None and lower >= upper:
+        return f32(upper), f32(0.0)  # min(max(x, lo), hi) = hi for every x: a constant
     std = safe_sqrt(var)
     center = mean if lower is None else tirx.max(mean, f32(lower))
     center = center if upper is None else tirx.min(center, f32(upper))
