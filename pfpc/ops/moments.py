@@ -153,22 +153,33 @@ def clip_moments(mean, var, lower, upper):
     center = mean if lower is None else tirx.max(mean, f32(lower))
     center = center if upper is None else tirx.min(center, f32(upper))
     shifted = mean - center
-    inside, first, second = f32(1.0), f32(0.0), f32(0.0)
+    first, second = f32(0.0), f32(0.0)
     first_in, second_in = shifted, shifted * shifted + var  # the M' and M'^2 + V factors of the middle piece
+    # P(lo <= x <= hi) = Phi(b) - Phi(a) from the tails that are small (Phi of a negative
+    # argument is accurate, 1 - Phi of a positive one is not): for an input far beyond a bound,
+    # 1 - Phi(a) - Phi(-b) would lose all of the tiny probability times the large (M'^2 + V)
+    inside = f32(1.0)
     if lower is not None:
         low = f32(lower) - center
         a = safe_ratio(low - shifted, std)
-        cdf_a, std_pdf_a = std_normal_cdf(a), std * std_normal_pdf(a)
-        inside = inside - cdf_a
+        pdf_a = std_normal_pdf(a)
+        cdf_a, std_pdf_a = std_normal_cdf(a, pdf_a), std * pdf_a
         first = first + low * cdf_a + std_pdf_a
         second = second + low * low * cdf_a + (shifted + low) * std_pdf_a
+        inside = std_normal_cdf(f32(0.0) - a, pdf_a)
     if upper is not None:
         high = f32(upper) - center
         b = safe_ratio(high - shifted, std)
-        upper_tail, std_pdf_b = std_normal_cdf(f32(0.0) - b), std * std_normal_pdf(b)
-        inside = inside - upper_tail
+        pdf_b = std_normal_pdf(b)
+        upper_tail, std_pdf_b = std_normal_cdf(f32(0.0) - b, pdf_b), std * pdf_b
         first = first + high * upper_tail - std_pdf_b
         second = second + high * high * upper_tail - (shifted + high) * std_pdf_b
+        cdf_b = std_normal_cdf(b, pdf_b)
+        if lower is None:
+            inside = cdf_b
+        else:
+            inside = tirx.Select(b <= f32(0.0), cdf_b - cdf_a,
+                                 tirx.Select(a >= f32(0.0), inside - upper_tail, f32(1.0) - cdf_a - upper_tail))
     first = first + first_in * inside
     second = second + second_in * inside
     return center + first, tirx.max(second - first * first, f32(0.0))
