@@ -148,11 +148,16 @@ def per_layer(model: onnx.ModelProto, posterior: Posterior, inputs: dict, sample
     from .compiler import compile as compile_model
     from .compiler import run_host
 
-    layers = [(node.output[0], node.op_type) for node in model.graph.node if node.op_type not in VIEW_OPS and node.domain in ("", "ai.onnx")]
+    # a final Softmax/LogSoftmax is no layer of its own: the PFP (and so the Monte Carlo run,
+    # `_logits_as_outputs`) stops at its logits, which are the layer before it
+    final_softmax = {node.output[0] for node in model.graph.node if node.op_type in ("Softmax", "LogSoftmax")} & {o.name for o in model.graph.output}
+    layers = [(node.output[0], node.op_type) for node in model.graph.node
+              if node.op_type not in VIEW_OPS and node.domain in ("", "ai.onnx") and node.output[0] not in final_softmax]
     known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
     layers = [(name, op) for name, op in layers if name in known]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    _logits_as_outputs(probe.graph)
     outputs = {o.name for o in probe.graph.output}
     probe.graph.output.extend(known[name] for name, _ in layers if name not in outputs)
     names, mc = monte_carlo(probe, posterior, inputs, samples, seed)

@@ -35,7 +35,7 @@ from .emit_c import (
     render_weights,
     run_signature,
 )
-from .program import MAX_MACRO_IDENT, Program, Tensor, plan_arena, walk_main
+from .program import Program, Tensor, plan_arena, walk_main
 
 
 @dataclass
@@ -92,10 +92,9 @@ def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed
         sampled.append(SampledWeight(tensor, program.namer(f"{tensor.c_name}_mean"), program.namer(f"{tensor.c_name}_std"),
                                      mean, stds[param_name], onnx_name))
     accumulate = []
-    for (onnx_name, shape), repr_ in zip(io["outputs"], ir_state.output_moments(func)):
+    for (onnx_name, shape), repr_, c_name in zip(io["outputs"], ir_state.output_moments(func), program.output_stems):
         if repr_ != Moment.NONE:
             raise PfpcError(f"internal: output '{onnx_name}' of the sampled network is not deterministic")
-        c_name = program.namer(onnx_name, limit=MAX_MACRO_IDENT)
         program.outputs.append((c_name, onnx_name, shape))
         tensor = out_fields.pop(0)
         if tensor.kind == "arena":

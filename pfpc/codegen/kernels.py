@@ -117,6 +117,71 @@ def fused_accumulation(line: str) -> str:
     return f"{head}(({acc} + {parts[0]}) - {parts[2]});"
 
 
+#: A local that TVM's C printer binds to an operand of max/min (``float v_ = acc[0];``).
+_PRINTER_LOCAL = re.compile(r"^\s*[A-Za-z_][\w ]*?\s(v_\w*) = (.*);\s*$")
+
+
+def inline_loaded_locals(body: str) -> str:
+    """Re-read every load that TVM's C printer hoisted into a local once memory may have changed.
+
+    The printer binds each operand of max/min to a local (``float v_ = acc[0];``) and, for the
+    same text later in the scope, reuses the local even when a store in between changed that
+    element (docs/upstream_tvm.md, defect 1):
+
+        float v_ = maxpool[0];                     float v_ = maxpool[0];
+        maxpool[0] = ((v_) > (v__1) ? ...);   ->   maxpool[0] = ((v_) > (v__1) ? ...);
+        relu[y] = ((v_) > (0.0f) ? ...);           v_ = maxpool[0];
+                                                   relu[y] = ((v_) > (0.0f) ? ...);
+
+    A local whose value reads memory (has a subscript, directly or through another such local)
+    becomes stale at every store and at every loop head (a store later in the loop body reaches
+    the next iteration's uses); a stale local is assigned again from its expression right
+    before its next use, after the locals it reads. Each load thus happens after the last store
+    before its use, as the TIR has it; locals of pure arithmetic are left alone."""
+    values: dict[str, str] = {}  # local -> its expression, for locals that read memory
+    stale: set[str] = set()
+    out = []
+
+    def used(text):
+        return [name for name in dict.fromkeys(re.findall(r"\bv_\w*\b", text)) if name in values]
+
+    def refresh(names, indent):
+        for name in names:
+            if name in stale:
+                stale.discard(name)
+                refresh(used(values[name]), indent)
+                out.append(f"{indent}{name} = {values[name]};")
+
+    for line in body.split("\n"):
+        indent = line[: len(line) - len(line.lstrip())]
+        match = _PRINTER_LOCAL.match(line)
+        if match is not None:
+            local, value = match.group(1), match.group(2)
+            refresh(used(value), indent)
+            values.pop(local, None)
+            stale.discard(local)
+            if "[" in value or used(value):
+                values[local] = value
+            out.append(line)
+            continue
+        refresh(used(line), indent)
+        out.append(line)
+        stripped = line.strip()
+        if re.search(r"\]\s*=[^=]", stripped) or stripped.startswith(("for (", "while (", "do {")):
+            stale.update(values)
+    return "\n".join(out)
+
+
+_LOCAL_ARRAY = re.compile(r"^(\s*)((?:float|u?int(?:8|16|32|64)_t) (\w+)\[\d+\];)$", re.M)
+
+
+def mark_local_arrays_used(body: str) -> str:
+    """``(void)name;`` after each stack array TVM declares: when its simplifier folds away every
+    read of a scratch array (a max-pool step whose window element is padding for every output
+    of a row), the writes stay and gcc -Werror stops at "set but not used"."""
+    return _LOCAL_ARRAY.sub(lambda m: f"{m.group(1)}{m.group(2)}\n{m.group(1)}(void){m.group(3)};", body)
+
+
 def _extract(source: str, name: str) -> CKernel:
     head = f"int32_t __tvm_ffi_{name}(void* self_handle, void* args, int32_t num_args, void* result) {{"
     start = source.find(head)
@@ -142,7 +207,7 @@ def _extract(source: str, name: str) -> CKernel:
         body.append(fused_accumulation(line))
     while body and body[-1].strip() in ("return 0;", ""):
         body.pop()
-    text = "\n".join(body)
+    text = mark_local_arrays_used(inline_loaded_locals("\n".join(body)))
     if any(token in text for token in _FORBIDDEN):
         raise PfpcError(f"internal: kernel {name} uses the TVM runtime; cannot emit standalone C")
     written = [(p, re.search(rf"\b{re.escape(p)}\[[^\]]*\]\s*=[^=]", text) is not None) for p in params]

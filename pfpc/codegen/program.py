@@ -52,6 +52,23 @@ class Namer:
         self.taken.add(ident.lower())
         return ident
 
+    def stem(self, text: str, suffixes, limit: int = MAX_IDENT) -> str:
+        """An identifier like ``self(text)`` whose ``ident + suffix`` names are free as well, all
+        of them taken (an output ``y`` is the parameters ``y_mean`` and ``y_var``: another
+        tensor named ``y_var`` or ``relu_2_mean`` must not repeat them)."""
+        index = 1
+        while True:
+            candidate = text if index == 1 else f"{text}_{index}"
+            trial = Namer()
+            trial.taken = set(self.taken)
+            ident = trial(candidate, limit=limit)
+            derived = [f"{ident}{suffix}".lower() for suffix in suffixes]
+            if not any(d in self.taken or MACRO_STEMS.fullmatch(d) for d in derived):
+                self.taken.add(ident.lower())
+                self.taken.update(derived)
+                return ident
+            index += 1
+
 
 @dataclass
 class Tensor:
@@ -93,6 +110,7 @@ class Program:
     arena_size: int = 0
     arena_lower_bound: int = 0
     namer: object = None  # the C identifiers taken so far
+    output_stems: list = field(default_factory=list)  # per model output its C stem (<stem>_mean, <stem>_var), reserved first
     sampling: object = None  # emit_svi.Sampling: the program runs once per weight sample (mode svi)
     output_softmax: list = field(default_factory=list)  # a softmax dropped at an output (see substitute_layers)
     shared: object = None  # shared_weights.SharedWeights: weights stored as codebooks (a shared posterior)
@@ -123,8 +141,7 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
             program.copies.append((pointer, tensor))
             tensor.last_use = len(program.steps)
 
-    for (onnx_name, shape), repr_ in zip(io["outputs"], reprs):
-        base = namer(onnx_name, limit=MAX_MACRO_IDENT)
+    for (onnx_name, shape), repr_, base in zip(io["outputs"], reprs, program.output_stems):
         program.outputs.append((base, onnx_name, shape))
         mean = out_fields.pop(0)
         moment = out_fields.pop(0) if repr_ != Moment.NONE else None
@@ -156,7 +173,10 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
     for param, (onnx_name, shape) in zip(func.params[:num_input], io["inputs"]):
         tensor = Tensor(namer(onnx_name, limit=MAX_MACRO_IDENT), shape, "input")
         program.inputs.append((tensor.c_name, onnx_name, shape))
+        namer.taken.add(f"in_{tensor.c_name}".lower())  # the runner's buffer for it
         env[param] = tensor
+    # outputs before any other tensor: their <stem>_mean/_var parameters keep their readable names
+    program.output_stems = [namer.stem(onnx_name, ("_mean", "_var"), limit=MAX_MACRO_IDENT) for onnx_name, _ in io["outputs"]]
     onnx_names = ir_state.onnx_names(func)
     weight_tensors = {}
     for param in func.params[num_input:]:

@@ -175,14 +175,26 @@ def graph_inputs(model: onnx.ModelProto):
 
 
 def fix_batch(model: onnx.ModelProto, batch: int | None, name: str) -> onnx.ModelProto:
-    """Replace symbolic dimensions of the inputs and outputs by ``batch``."""
-    for value in list(graph_inputs(model)) + list(model.graph.output):
+    """Set the leading (batch) dimension of the inputs and outputs to ``batch`` where it is
+    symbolic. Any other symbolic input dimension is refused: it is not the batch, and giving it
+    the batch's value would compile another network (``["N", 3, "L"]`` with --batch 2 is not
+    [2, 3, 2]). Other symbolic output dimensions are left to shape inference."""
+    inputs = list(graph_inputs(model))
+    for value in inputs + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         for axis, dim in enumerate(dims):
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 continue
+            label = dim.dim_param or "?"
+            if axis > 0:
+                if value in inputs:
+                    raise PfpcError(
+                        f"{name}: dimension {axis} ('{label}') of '{value.name}' is symbolic; --batch N sets only the leading "
+                        "(batch) dimension: export the model with a fixed size for this one"
+                    )
+                dim.Clear()
+                continue
             if batch is None:
-                label = dim.dim_param or "?"
                 raise PfpcError(
                     f"{name}: dimension {axis} ('{label}') of '{value.name}' is symbolic; give a fixed size with --batch N"
                 )

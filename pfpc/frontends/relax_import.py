@@ -24,6 +24,7 @@ from ..errors import PfpcError
 from .. import ir_state
 from ..ir import constant_value
 from ..ops import registry as R
+from .explicit_pads import make_pads_explicit
 from .onnx_model import graph_inputs, input_shapes
 from .posterior import Posterior
 
@@ -54,10 +55,18 @@ def check_supported(model: onnx.ModelProto, name: str) -> None:
             unsupported.append(f"{node.name or node.output[0]} ({node.op_type}{': ' + reason if reason else ''})")
     if unsupported:
         raise PfpcError(f"{name}: {len(unsupported)} unsupported node(s): " + ", ".join(unsupported))
+    for value in model.graph.output:
+        elem_type = value.type.tensor_type.elem_type
+        if elem_type not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.FLOAT):
+            producer = next((n for n in model.graph.node if value.name in n.output), None)
+            node = f" (from {producer.name or producer.output[0]}, {producer.op_type})" if producer is not None else ""
+            raise PfpcError(f"{name}: output '{value.name}'{node} is {onnx.helper.tensor_dtype_to_np_dtype(elem_type)}: "
+                            "pfpc's outputs are float32 means and variances")
 
 
 def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "model") -> tvm.IRModule:
     check_supported(model, name)
+    model = make_pads_explicit(model)
     model = _constants_as_constant_nodes(model, posterior, name)
     model, original_names = tame_names(model)
     try:

@@ -295,7 +295,8 @@ def transpose(a: Gaussian, axes) -> Gaussian:
 
 
 def relu(a: Gaussian) -> Gaussian:
-    """Y = max(X, 0); moments from ``relu_moments``; native output: second moment E[y^2]."""
+    """Y = max(X, 0); moments from ``relu_moments``; native output: variance (computed directly,
+    never as E[y^2] - E[y]^2, which cancels in float32 for concentrated inputs)."""
     if a.repr == "none":
         mean = te.compute(a.shape, lambda *idx: tirx.max(a.mean[idx], f32(0.0)), name="relu_mean")
         return Gaussian(mean, None, "none")
@@ -306,10 +307,10 @@ def relu(a: Gaussian) -> Gaussian:
     exponent = te.compute(a.shape, lambda *idx: pdf_exponent(z[idx]), name="relu_exponent", attrs=SHARED)
     pdf = te.compute(a.shape, lambda *idx: std_normal_pdf(z[idx], exponent[idx]), name="relu_pdf", attrs=SHARED)
     cdf = te.compute(a.shape, lambda *idx: std_normal_cdf(z[idx], pdf[idx]), name="relu_cdf", attrs=SHARED)
-    mean, second = te.compute(
+    mean, var = te.compute(
         a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], pdf[idx], std[idx])), name="relu"
     )
-    return Gaussian(mean, second, "second_moment")
+    return Gaussian(mean, var, "var")
 
 
 def _unary_moments(a: Gaussian, moments, deterministic, name, native) -> Gaussian:
@@ -322,38 +323,45 @@ def _unary_moments(a: Gaussian, moments, deterministic, name, native) -> Gaussia
 
 def clip(a: Gaussian, lower, upper) -> Gaussian:
     """Y = min(max(X, lower), upper) (Clip, Relu6; None = unbounded); moments from
-    ``clip_moments``; native output: second moment E[y^2]."""
+    ``clip_moments``; native output: variance."""
 
     def plain(mean):
         mean = mean if lower is None else tirx.max(mean, f32(lower))
         return mean if upper is None else tirx.min(mean, f32(upper))
 
-    return _unary_moments(a, lambda m, v: clip_moments(m, v, lower, upper), plain, "clip", "second_moment")
+    return _unary_moments(a, lambda m, v: clip_moments(m, v, lower, upper), plain, "clip", "var")
 
 
 def leaky_relu(a: Gaussian, alpha: float) -> Gaussian:
-    """Y = X if X > 0 else alpha X; moments from ``leaky_relu_moments``; native: E[y^2]."""
+    """Y = X if X > 0 else alpha X; moments from ``leaky_relu_moments``; native: variance."""
 
     def plain(mean):
         return tirx.Select(mean > f32(0.0), mean, mean * f32(alpha))
 
-    return _unary_moments(a, lambda m, v: leaky_relu_moments(m, v, f32(alpha)), plain, "leaky_relu", "second_moment")
+    return _unary_moments(a, lambda m, v: leaky_relu_moments(m, v, f32(alpha)), plain, "leaky_relu", "var")
 
 
 def prelu(a: Gaussian, slope: Gaussian, axis: int) -> Gaussian:
     """Y = X if X > 0 else slope[c] X, c the index along ``axis``, for a DETERMINISTIC slope
     tensor (its moment is not read; the substitution refuses a stochastic one); moments from
-    ``leaky_relu_moments``; native output: E[y^2]."""
+    ``leaky_relu_moments``; native output: variance."""
+    # A one-element slope (ONNX [1], PyTorch's nn.PReLU()) broadcasts: the importer gives it
+    # shape (1,) on the last axis whatever that axis' length, so it is always read at 0.
+    broadcast = int(slope.shape[0]) == 1
+
+    def slope_at(idx):
+        return slope.mean[0] if broadcast else slope.mean[idx[axis]]
+
     if a.repr == "none":
         def plain(*idx):
             mean = a.mean[idx]
-            return tirx.Select(mean > f32(0.0), mean, mean * slope.mean[idx[axis]])
+            return tirx.Select(mean > f32(0.0), mean, mean * slope_at(idx))
 
         return Gaussian(te.compute(a.shape, plain, name="prelu_mean"), None, "none")
-    mean, second = te.compute(
-        a.shape, lambda *idx: leaky_relu_moments(a.mean[idx], a.var_at(idx), slope.mean[idx[axis]]), name="prelu"
+    mean, var = te.compute(
+        a.shape, lambda *idx: leaky_relu_moments(a.mean[idx], a.var_at(idx), slope_at(idx)), name="prelu"
     )
-    return Gaussian(mean, second, "second_moment")
+    return Gaussian(mean, var, "var")
 
 
 def sigmoid(a: Gaussian) -> Gaussian:
@@ -514,8 +522,8 @@ def pad(x: Gaussian, width, value: float = 0.0) -> Gaussian:
 
 def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) -> Gaussian:
     """Y = max over each window of X (NCHW), Clark's max applied pairwise in row-major window
-    order; padded positions are skipped (ONNX pads MaxPool with -inf). Native output: second
-    moment E[max^2]. A deterministic input gives the plain max."""
+    order; padded positions are skipped (ONNX pads MaxPool with -inf). Native output: variance
+    (``clark_max_moments`` computes it directly). A deterministic input gives the plain max."""
     batch, chans, height, width = x.shape
     pad_top, pad_left = pads[0], pads[1]
     out_h, out_w, (i, j), window = _pool_windows(x.shape, kernel, strides, pads, dilations, ceil_mode)
@@ -531,7 +539,16 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
     # Clark's max as a chain of element-wise stages over the window positions (row-major), each
     # step's terms in stages of their own, so that both moments share them.
     out_shape = [batch, chans, out_h, out_w]
-    positions = [(pi, pj) for pi in range(kernel[0]) for pj in range(kernel[1])]
+
+    def reaches_input(offset, axis, size, count):
+        """Whether window element ``offset`` along ``axis`` lies inside the input for some output."""
+        pad = pads[axis]
+        return any(0 <= y * strides[axis] + offset * dilations[axis] - pad < size for y in range(count))
+
+    # window elements that are padding for every output are no step at all (their Clark steps
+    # would be identities whose terms TVM's simplifier removes, leaving dangling buffers)
+    positions = [(pi, pj) for pi in range(kernel[0]) for pj in range(kernel[1])
+                 if reaches_input(pi, 0, height, out_h) and reaches_input(pj, 1, width, out_w)]
 
     def at(position, n, c, y, xx):
         """(inside, mean, var) of window element ``position`` of output (n, c, y, xx)."""
@@ -546,19 +563,16 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
 
     def first(n, c, y, xx):
         _inside, mean, var = at(positions[0], n, c, y, xx)
-        return mean, mean * mean + var
+        return mean, var
 
-    def clark_step(k, acc_mean, acc_second):
+    def clark_step(k, acc_mean, acc_var):
         """max(accumulated, window element k): a, al, phi(al), Phi(al) each a stage of its own (see
         `relu`: on SIMD targets each is a row loop that vectorises), then both moments."""
-
-        def acc_var(n, c, y, xx):
-            return tirx.max(acc_second[n, c, y, xx] - acc_mean[n, c, y, xx] * acc_mean[n, c, y, xx], f32(0.0))
 
         def stage(name, body):
             return te.compute(out_shape, body, name=f"maxpool_{name}_{k}", attrs=SHARED)
 
-        spread = stage("spread", lambda n, c, y, xx: safe_sqrt(acc_var(n, c, y, xx) + at(positions[k], n, c, y, xx)[2]))
+        spread = stage("spread", lambda n, c, y, xx: safe_sqrt(acc_var[n, c, y, xx] + at(positions[k], n, c, y, xx)[2]))
         alpha = stage("alpha", lambda n, c, y, xx: safe_ratio(acc_mean[n, c, y, xx] - at(positions[k], n, c, y, xx)[1],
                                                                spread[n, c, y, xx]))
         exponent = stage("exponent", lambda n, c, y, xx: pdf_exponent(alpha[n, c, y, xx]))
@@ -567,22 +581,22 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
 
         def step(n, c, y, xx):
             inside, mean, var = at(positions[k], n, c, y, xx)
-            max_mean, max_second = clark_max_moments(
-                acc_mean[n, c, y, xx], acc_var(n, c, y, xx), mean, var, (spread[n, c, y, xx], cdf[n, c, y, xx], pdf[n, c, y, xx])
+            max_mean, max_var = clark_max_moments(
+                acc_mean[n, c, y, xx], acc_var[n, c, y, xx], mean, var, (spread[n, c, y, xx], cdf[n, c, y, xx], pdf[n, c, y, xx])
             )
             seen = seen_before(k, n, c, y, xx)
 
             def pick(acc_value, new_value, max_value):  # padding is skipped; the first valid element is taken as is
                 return tirx.Select(tirx.Not(inside), acc_value, tirx.Select(tirx.Not(seen), new_value, max_value))
 
-            return pick(acc_mean[n, c, y, xx], mean, max_mean), pick(acc_second[n, c, y, xx], mean * mean + var, max_second)
+            return pick(acc_mean[n, c, y, xx], mean, max_mean), pick(acc_var[n, c, y, xx], var, max_var)
 
         return te.compute(out_shape, step, name=f"maxpool_{k}", attrs=SHARED)
 
-    acc_mean, acc_second = te.compute(out_shape, first, name="maxpool_0", attrs=SHARED)
+    acc_mean, acc_var = te.compute(out_shape, first, name="maxpool_0", attrs=SHARED)
     for k in range(1, len(positions)):
-        acc_mean, acc_second = clark_step(k, acc_mean, acc_second)
-    return Gaussian(acc_mean, acc_second, "second_moment")
+        acc_mean, acc_var = clark_step(k, acc_mean, acc_var)
+    return Gaussian(acc_mean, acc_var, "var")
 
 
 def convert(a: Gaussian, target: str) -> Gaussian:

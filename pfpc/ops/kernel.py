@@ -181,7 +181,7 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             continue
         loops = sch.get_loops(block)
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
-        downstream = _downstream(sch, root, block)
+        downstream = _downstream(sch, root, block, placed)
         if accumulate == "row" and spatial >= 2:
             if int(sch.get(loops[spatial - 1]).extent) > ROW_MAX:  # rows live on the stack: bound them
                 sch.split(loops[spatial - 1], [None, _row_split(int(sch.get(loops[spatial - 1]).extent))])
@@ -313,7 +313,7 @@ def _row_nests(sch, blocks):
             sch.fuse(*loops[row:])
         if row > 0:
             outer.append(sch.get_loops(block)[row - 1])
-    if outer:
+    if len(outer) > 1:  # the blocks may share one nest already (one multi-output stage)
         sch.merge(*outer)
 
 
@@ -393,12 +393,23 @@ def _one_nest(sch, blocks):
         sch.merge(*innermost)
 
 
-def _downstream(sch, root, block):
-    """The blocks that read ``block``'s results, directly or not, in program order."""
+def _downstream(sch, root, block, placed=()):
+    """The blocks that read ``block``'s results, directly or not, in program order, and the
+    element-wise blocks (not yet ``placed``) they also read: those move under the reduction's
+    loops with them (a ReLU of matmul + stochastic bias reads s = sqrt(bias variance), which does
+    not depend on the matmul but must be computed inside its loop nest all the same)."""
     names, frontier = set(), [block]
     while frontier:
         for consumer in sch.get_consumers(frontier.pop()):
             if sch.get(consumer).name_hint not in names:
                 names.add(sch.get(consumer).name_hint)
                 frontier.append(consumer)
+    own = sch.get(block).name_hint
+    frontier = [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint in names]
+    while frontier:
+        for producer in sch.get_producers(frontier.pop()):
+            name = sch.get(producer).name_hint
+            if name != own and name not in names and name not in placed and not _is_reduction(sch, producer):
+                names.add(name)
+                frontier.append(producer)
     return [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint in names]

@@ -103,73 +103,107 @@ def relu_terms(mean, var):
 
 
 def relu_moments(mean, var, terms=None):
-    """Moments of y = max(x, 0) for x ~ N(M, V), with s = sqrt(V) and z = M / s:
+    """Mean and variance of y = max(x, 0) for x ~ N(M, V), with s = sqrt(V), z = M / s:
 
     E[y]   = M Phi(z) + s phi(z)
-    E[y^2] = (M^2 + V) Phi(z) + M s phi(z)
+    Var[y] = V Phi(z) + M^2 Phi(z) (1 - Phi(z)) + M s phi(z) (1 - 2 Phi(z)) - V phi(z)^2
 
-    V = 0 gives z = +-inf (or 0 when M = 0), hence exactly (relu(M), relu(M)^2).
+    The variance is E[y^2] - E[y]^2 = (M^2 + V) Phi + M s phi - (M Phi + s phi)^2 multiplied out
+    so that the M^2 terms cancel symbolically, not in float32: for a concentrated input (M = 100,
+    V = 1e-4) the difference of the raw moments would round to 0, this form gives V. Its terms
+    are each O(V) where Var is (z near 0 or above), so the relative error stays near float32's
+    epsilon; deep in the lower tail (z < -5) the last three terms cancel to the tiny true
+    variance (relative error ~ eps z^4 / 2 of a variance below 2e-8 V).
+    V = 0 gives z = +-inf (or 0 when M = 0), hence exactly (relu(M), 0).
     ``terms``: `relu_terms` (Phi(z), phi(z), s) of the same element, when the caller computed them
-    once already. Returns (E[y], E[y^2]).
+    once already. Returns (E[y], Var[y]).
     """
     cdf, pdf, std = terms if terms is not None else relu_terms(mean, var)
     std_pdf = std * pdf
     first = mean * cdf + std_pdf
-    second = (mean * mean + var) * cdf + mean * std_pdf
-    return first, second
+    upper_tail = f32(1.0) - cdf
+    variance = var * cdf + mean * mean * cdf * upper_tail + mean * std_pdf * (upper_tail - cdf) - std_pdf * std_pdf
+    return first, tirx.max(variance, f32(0.0))
 
 
 def clip_moments(mean, var, lower, upper):
-    """Moments of y = min(max(x, lo), hi) for x ~ N(M, V); ``lower``/``upper`` None = unbounded.
+    """Mean and variance of y = min(max(x, lo), hi) for x ~ N(M, V); ``lower``/``upper`` None =
+    unbounded.
 
-    With s = sqrt(V), a = (lo - M) / s, b = (hi - M) / s, the three pieces of the clipped
-    Gaussian (x < lo, lo <= x <= hi, x > hi) give, using int_a^b z phi = phi(a) - phi(b) and
-    int_a^b z^2 phi = Phi(b) - Phi(a) + a phi(a) - b phi(b):
+    The variance is shift-invariant, so the raw moments are taken of y - c with c = clip(M):
+    y - c = clip(x - c, lo - c, hi - c), x - c ~ N(M - c, V). Its mean and second moment are
+    O(V) (the clip is 1-Lipschitz), so E[(y-c)^2] - E[y-c]^2 does not cancel the way
+    E[y^2] - E[y]^2 does for a concentrated input far from 0. With s = sqrt(V), the shifted mean
+    M' = M - c and bounds lo' = lo - c, hi' = hi - c, a = (lo' - M') / s, b = (hi' - M') / s,
+    the three pieces of the clipped Gaussian (x < lo, lo <= x <= hi, x > hi) give, using
+    int_a^b z phi = phi(a) - phi(b) and int_a^b z^2 phi = Phi(b) - Phi(a) + a phi(a) - b phi(b):
 
-    E[y]   = lo Phi(a) + hi Phi(-b) + M (Phi(b) - Phi(a)) + s (phi(a) - phi(b))
-    E[y^2] = lo^2 Phi(a) + hi^2 Phi(-b) + (M^2 + V) (Phi(b) - Phi(a))
-             + s ((M + lo) phi(a) - (M + hi) phi(b))
+    E[y']   = lo' Phi(a) + hi' Phi(-b) + M' (Phi(b) - Phi(a)) + s (phi(a) - phi(b))
+    E[y'^2] = lo'^2 Phi(a) + hi'^2 Phi(-b) + (M'^2 + V) (Phi(b) - Phi(a))
+              + s ((M' + lo') phi(a) - (M' + hi') phi(b))
 
-    An absent bound drops its terms (Phi(a) = phi(a) = 0, Phi(b) = 1, phi(b) = 0); lo = 0 and
-    no upper bound is ReLU. V = 0 gives a, b = +-inf (0 at a bound), hence exactly clip(M).
-    Returns (E[y], E[y^2]).
+    E[y] = c + E[y'], Var[y] = E[y'^2] - E[y']^2. An absent bound drops its terms (Phi(a) =
+    phi(a) = 0, Phi(b) = 1, phi(b) = 0); lo = 0 and no upper bound is ReLU. V = 0 gives a, b =
+    +-inf (0 at a bound), hence exactly (clip(M), 0); lo >= hi gives the constant hi.
+    Returns (E[y], Var[y]).
     """
+    if lower is not None and upper is not None and lower >= upper:
+        return f32(upper), f32(0.0)  # min(max(x, lo), hi) = hi for every x: a constant
     std = safe_sqrt(var)
-    inside, first, second = f32(1.0), f32(0.0), f32(0.0)
-    first_in, second_in = mean, mean * mean + var  # the M and M^2 + V factors of the middle piece
+    center = mean if lower is None else tirx.max(mean, f32(lower))
+    center = center if upper is None else tirx.min(center, f32(upper))
+    shifted = mean - center
+    first, second = f32(0.0), f32(0.0)
+    first_in, second_in = shifted, shifted * shifted + var  # the M' and M'^2 + V factors of the middle piece
+    # P(lo <= x <= hi) = Phi(b) - Phi(a) from the tails that are small (Phi of a negative
+    # argument is accurate, 1 - Phi of a positive one is not): for an input far beyond a bound,
+    # 1 - Phi(a) - Phi(-b) would lose all of the tiny probability times the large (M'^2 + V)
+    inside = f32(1.0)
     if lower is not None:
-        low = f32(lower)
-        a = safe_ratio(low - mean, std)
-        cdf_a, std_pdf_a = std_normal_cdf(a), std * std_normal_pdf(a)
-        inside = inside - cdf_a
+        low = f32(lower) - center
+        a = safe_ratio(low - shifted, std)
+        pdf_a = std_normal_pdf(a)
+        cdf_a, std_pdf_a = std_normal_cdf(a, pdf_a), std * pdf_a
         first = first + low * cdf_a + std_pdf_a
-        second = second + low * low * cdf_a + (mean + low) * std_pdf_a
+        second = second + low * low * cdf_a + (shifted + low) * std_pdf_a
+        inside = std_normal_cdf(f32(0.0) - a, pdf_a)
     if upper is not None:
-        high = f32(upper)
-        b = safe_ratio(high - mean, std)
-        upper_tail, std_pdf_b = std_normal_cdf(f32(0.0) - b), std * std_normal_pdf(b)
-        inside = inside - upper_tail
+        high = f32(upper) - center
+        b = safe_ratio(high - shifted, std)
+        pdf_b = std_normal_pdf(b)
+        upper_tail, std_pdf_b = std_normal_cdf(f32(0.0) - b, pdf_b), std * pdf_b
         first = first + high * upper_tail - std_pdf_b
-        second = second + high * high * upper_tail - (mean + high) * std_pdf_b
-    return first + first_in * inside, second + second_in * inside
+        second = second + high * high * upper_tail - (shifted + high) * std_pdf_b
+        cdf_b = std_normal_cdf(b, pdf_b)
+        if lower is None:
+            inside = cdf_b
+        else:
+            inside = tirx.Select(b <= f32(0.0), cdf_b - cdf_a,
+                                 tirx.Select(a >= f32(0.0), inside - upper_tail, f32(1.0) - cdf_a - upper_tail))
+    first = first + first_in * inside
+    second = second + second_in * inside
+    return center + first, tirx.max(second - first * first, f32(0.0))
 
 
 def leaky_relu_moments(mean, var, slope):
-    """Moments of y = x for x > 0, slope * x otherwise (LeakyRelu, PRelu), x ~ N(M, V).
+    """Mean and variance of y = x for x > 0, slope * x otherwise (LeakyRelu, PRelu), x ~ N(M, V).
 
-    y = slope x + (1 - slope) relu(x), and y^2 = slope^2 x^2 + (1 - slope^2) relu(x)^2, so
-    with (r1, r2) = (E[relu(x)], E[relu(x)^2]) from `relu_moments` and q = M^2 + V:
+    y = slope x + (1 - slope) relu(x); with (r1, rv) = (E[relu(x)], Var[relu(x)]) from
+    `relu_moments` and Cov(x, relu(x)) = V Phi(M / sqrt(V)) (Stein's lemma: V E[relu'(x)]):
 
     E[y]   = slope M + (1 - slope) r1
-    E[y^2] = slope^2 q + (1 - slope^2) r2
+    Var[y] = slope^2 V + (1 - slope)^2 rv + 2 slope (1 - slope) V Phi(z)
 
-    Exact for every slope; V = 0 gives the deterministic value. Returns (E[y], E[y^2]).
+    a sum of non-negative terms for 0 <= slope <= 1, so no cancellation (see `relu_moments`).
+    Exact for every slope; V = 0 gives the deterministic value and 0. Returns (E[y], Var[y]).
     """
-    relu_first, relu_second = relu_moments(mean, var)
+    terms = relu_terms(mean, var)
+    relu_first, relu_var = relu_moments(mean, var, terms)
     one = f32(1.0)
-    first = slope * mean + (one - slope) * relu_first
-    second = slope * slope * (mean * mean + var) + (one - slope * slope) * relu_second
-    return first, second
+    rest = one - slope
+    first = slope * mean + rest * relu_first
+    variance = slope * slope * var + rest * rest * relu_var + f32(2.0) * slope * rest * var * terms[0]
+    return first, tirx.max(variance, f32(0.0))
 
 
 def _saturating_variance(slope, var):
@@ -225,22 +259,28 @@ def clark_max_terms(mean1, var1, mean2, var2):
 
 
 def clark_max_moments(mean1, var1, mean2, var2, terms=None):
-    """Moments of max(x1, x2) for independent x_i ~ N(M_i, V_i) (Clark 1961), with
-    a = sqrt(V1 + V2) and al = (M1 - M2) / a:
+    """Mean and variance of max(x1, x2) for independent x_i ~ N(M_i, V_i) (Clark 1961), with
+    a = sqrt(V1 + V2), d = M1 - M2 and al = d / a:
 
     E[max]   = M1 Phi(al) + M2 Phi(-al) + a phi(al)
-    E[max^2] = (V1 + M1^2) Phi(al) + (V2 + M2^2) Phi(-al) + (M1 + M2) a phi(al)
+    Var[max] = V1 Phi(al) + V2 Phi(-al) + d^2 Phi(al) Phi(-al) + d a phi(al) (Phi(-al) - Phi(al))
+               - a^2 phi(al)^2
 
-    with Phi(-al) = 1 - Phi(al). a = 0 gives al = +-inf (or 0 when M1 = M2),
-    hence the larger mean exactly. ``terms``: `clark_max_terms` (a, Phi(al), phi(al)) of the same
-    pair, when the caller computed them once already. Returns (E[max], E[max^2]).
+    The variance is Clark's E[max^2] - E[max]^2 with both moments taken of max - M2 (the variance
+    is shift-invariant), multiplied out: no term of size M^2 is formed, so concentrated inputs
+    far from 0 keep their variance (Clark's raw second moment minus the squared mean would
+    round it away in float32). Phi(-al) = 1 - Phi(al). a = 0 gives al = +-inf (or 0 when
+    M1 = M2), hence the larger mean and 0 exactly. ``terms``: `clark_max_terms` (a, Phi(al),
+    phi(al)) of the same pair, when the caller computed them once already. Returns (E[max], Var[max]).
     """
     spread, cdf, pdf = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
     cdf_neg = f32(1.0) - cdf
     spread_pdf = spread * pdf
+    diff = mean1 - mean2
     first = mean1 * cdf + mean2 * cdf_neg + spread_pdf
-    second = (var1 + mean1 * mean1) * cdf + (var2 + mean2 * mean2) * cdf_neg + (mean1 + mean2) * spread_pdf
-    return first, second
+    variance = (var1 * cdf + var2 * cdf_neg + diff * diff * cdf * cdf_neg
+                + diff * spread_pdf * (cdf_neg - cdf) - spread_pdf * spread_pdf)
+    return first, tirx.max(variance, f32(0.0))
 
 
 #: Multiply-adds per deterministic MAC in the inner loop of each `product_moments` case, keyed by the

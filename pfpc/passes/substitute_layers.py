@@ -78,7 +78,10 @@ class _Substitute(MainRewriter):
         """(operand, factor) when ``value`` multiplies or divides by a deterministic scalar."""
         left, right = value.args
         if op in R.SCALING and self.deterministic_scalar(right) is not None:
-            return left, R.SCALING[op](self.deterministic_scalar(right))
+            factor = self.deterministic_scalar(right)
+            if op in R.STAGES["divide"].relax and factor == 0.0:
+                return None  # x / 0 is +-inf or NaN, as ONNX has it: the divide kernel computes it
+            return left, R.SCALING[op](factor)
         if op == "relax.multiply" and self.deterministic_scalar(left) is not None:
             return right, self.deterministic_scalar(left)
         return None
@@ -132,6 +135,8 @@ class _Substitute(MainRewriter):
         if position is not None and self.is_stochastic(args[position]):
             raise PfpcError(f"{op}: operand {position} is a Gaussian tensor; pfpc supports it only deterministic (a constant or a weight without variance)")
         operands = [self.value(arg) for arg in args]
+        if position is not None:  # checked deterministic above: its (zero) variance is never read
+            operands[position] = GaussianValue(operands[position].mean)
         reprs = tuple(o.repr for o in operands)
         output = Moment.NONE if all(r == Moment.NONE for r in reprs) else Moment.VAR
         spec = KernelSpec((stage,), reprs, output)
@@ -150,7 +155,8 @@ class _Substitute(MainRewriter):
             if out in self.softmax
         ]
         for out in outputs:
-            value = self.gauss[out]
+            # an output that is a model input or a constant (through views) has no kernel of its own
+            value = self.gauss[out] if out in self.gauss else self.value(out)
             if value.repr == Moment.SECOND_MOMENT:
                 raise PfpcError("internal: canonical outputs are variances")
             fields += value.args()

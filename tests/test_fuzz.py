@@ -1,0 +1,58 @@
+"""The differential fuzzer's fixed-seed CI batch (tests/fuzz_graphs.py): 150 random graphs in 15
+compiled models, each graph checked against onnxruntime (a zero-variance copy) and the float64
+NumPy PFP (with its posterior), the C built with -Wall -Wextra -Werror; two of the models also
+under -fsanitize=address,undefined; and the saved regression cases in tests/fuzz_cases/.
+The long run is ``python tests/fuzz_graphs.py --count 2000``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import fuzz_graphs
+
+SEEDS = range(15)  # x 10 graphs
+SANITIZED_SEEDS = [100, 101]
+CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_cases")
+
+
+def _check_batch(seed, tmp_path, sanitize=False):
+    failures = fuzz_graphs.run_batch(seed, 10, str(tmp_path), sanitize=sanitize, log=lambda *_: None)
+    report = [f"graph {index}: {outcome} (shrunk to {len(case.model.graph.node)} nodes: "
+              f"{[n.op_type for n in case.model.graph.node]})" for _, index, outcome, case in failures]
+    assert not report, f"seed {seed}: " + "; ".join(report)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_graphs(tmp_path, seed):
+    _check_batch(seed, tmp_path)
+
+
+@pytest.mark.parametrize("seed", SANITIZED_SEEDS)
+def test_random_graphs_sanitized(tmp_path, seed):
+    _check_batch(seed, tmp_path, sanitize=True)
+
+
+@pytest.mark.parametrize("case", sorted(os.listdir(CASES)) if os.path.isdir(CASES) else [])
+def test_saved_case(tmp_path, case):
+    outcome = fuzz_graphs.check(fuzz_graphs.load_case(os.path.join(CASES, case)), str(tmp_path))
+    assert outcome.ok, str(outcome)
+
+
+def test_generator_is_deterministic_and_valid():
+    first, second = fuzz_graphs.generate(3, 10), fuzz_graphs.generate(3, 10)
+    assert first.model.SerializeToString() == second.model.SerializeToString()
+    import onnx
+
+    onnx.checker.check_model(first.model, full_check=True)
+    ops = {node.op_type for seed in range(20) for node in fuzz_graphs.generate(seed, 10).model.graph.node}
+    assert set(fuzz_graphs.OPS) <= ops  # every listed operator is generated
+
+
+def test_failures_shrink(tmp_path):
+    """A planted failure (any graph with a Tanh "fails") shrinks to the one node."""
+    case = next(c for c in (fuzz_graphs.generate(s, 1, size=8) for s in range(200))
+                if any(n.op_type == "Tanh" for n in c.model.graph.node) and len(c.model.graph.node) >= 4)
+    shrunk = fuzz_graphs.shrink(case, lambda c: any(n.op_type == "Tanh" for n in c.model.graph.node), log=lambda *_: None)
+    assert [n.op_type for n in shrunk.model.graph.node] == ["Tanh"]

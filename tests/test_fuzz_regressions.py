@@ -1,0 +1,294 @@
+"""Minimal reproductions of defects found by differential fuzzing (issue 20; tools/fuzz_graphs.py),
+each compiled to C and checked against the float64 NumPy reference (tests/reference.py) and,
+where the posterior is zero, onnxruntime. Each failed on the code before its fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import reference
+from helpers import compile_and_run, make_model
+
+node = helper.make_node
+
+
+def _run(model, stds, feeds, tmp_path):
+    got = compile_and_run(model, stds, list(feeds.values()), tmp_path)
+    variances = {k[: -len(".std")]: np.asarray(v, np.float64) ** 2 for k, v in stds.items()}
+    expected = reference.pfp_onnx(model, variances, feeds)
+    return [(m.reshape(em.shape), v.reshape(ev.shape), em, ev) for (m, v), (em, ev) in zip(got, expected.values())]
+
+
+def _assert_moments(results, mean_rtol=1e-5, var_rtol=1e-4):
+    for mean, var, ref_mean, ref_var in results:
+        np.testing.assert_allclose(mean, ref_mean, rtol=mean_rtol, atol=mean_rtol * np.abs(ref_mean).max())
+        np.testing.assert_allclose(var, ref_var, rtol=var_rtol, atol=var_rtol * np.abs(ref_var).max())
+
+
+def test_prelu_one_element_slope_broadcasts(tmp_path):
+    """PRelu([0.25]) (PyTorch's nn.PReLU()) read the slope at the last axis' index: wrong means
+    and a read past the one-element array."""
+    bias = np.zeros((1, 1, 2, 3), np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node("PRelu", ["h", "s"], ["y"])], [("x", [1, 1, 2, 3])], ["y"],
+                       {"b": bias, "s": np.array([0.25], np.float32)})
+    feeds = {"x": np.array([-4, -2, -1, 1, 2, 3], np.float32).reshape(1, 1, 2, 3)}
+    results = _run(model, {"b.std": np.full(bias.shape, 0.5, np.float32)}, feeds, tmp_path)
+    _assert_moments(results)
+
+
+@pytest.mark.parametrize("activation", ["Relu", "LeakyRelu", "Clip", "MaxPool"])
+def test_concentrated_input_far_from_zero_keeps_its_variance(tmp_path, activation):
+    """x ~ N(100, 1e-4) (a bias with std 0.01 on a large input): the variance was E[y^2] - E[y]^2
+    in float32, 1e4 - 1e4 = 0."""
+    extra, attrs, inputs = {}, {}, ["h"]
+    if activation == "LeakyRelu":
+        attrs = {"alpha": 0.1}
+    if activation == "Clip":
+        extra, inputs = {"lo": np.array(-1.0, np.float32), "hi": np.array(200.0, np.float32)}, ["h", "lo", "hi"]
+    if activation == "MaxPool":
+        attrs = {"kernel_shape": [2, 2]}
+    bias = np.zeros((1, 1, 2, 2), np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node(activation, inputs, ["y"], **attrs)], [("x", [1, 1, 2, 2])], ["y"],
+                       {"b": bias, **extra})
+    feeds = {"x": np.array([100.0, -100.0, 99.0, 100.5], np.float32).reshape(1, 1, 2, 2)}
+    results = _run(model, {"b.std": np.full(bias.shape, 0.01, np.float32)}, feeds, tmp_path)
+    assert results[0][1].max() > 5e-5  # not rounded away
+    _assert_moments(results)
+
+
+@pytest.mark.parametrize("ratio", [1e-3, 1e-4])
+def test_concentrated_posterior_mlp_variance(tmp_path, ratio):
+    """Gemm-Relu-Gemm with posterior std = ratio |w|: the hidden layer's variance was a difference
+    of second moments, 1.1 % wrong at ratio 1e-3 and ~100 % at 1e-4."""
+    rng = np.random.default_rng(3)
+    inits = {"w1": rng.standard_normal((8, 16)).astype(np.float32), "b1": rng.standard_normal(16).astype(np.float32),
+             "w2": rng.standard_normal((16, 4)).astype(np.float32), "b2": rng.standard_normal(4).astype(np.float32)}
+    model = make_model([node("Gemm", ["x", "w1", "b1"], ["h"]), node("Relu", ["h"], ["r"]), node("Gemm", ["r", "w2", "b2"], ["y"])],
+                       [("x", [2, 8])], ["y"], inits)
+    stds = {f"{k}.std": (ratio * np.abs(v)).astype(np.float32) for k, v in inits.items()}
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
+    _assert_moments(_run(model, stds, feeds, tmp_path), var_rtol=1e-3)
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool", "Conv"])
+@pytest.mark.parametrize("auto_pad", ["SAME_LOWER", "SAME_UPPER", "VALID"])
+def test_auto_pad(tmp_path, op, auto_pad):
+    """auto_pad SAME_LOWER pooled a 7x7 input with kernel 3, stride 2 to 3x3 (ONNX: 4x4); a SAME
+    Conv was refused as an opaque relax.call_tir."""
+    rng = np.random.default_rng(5)
+    bias = rng.standard_normal((1, 2, 7, 6)).astype(np.float32)
+    inits = {"b": bias}
+    attrs = {"auto_pad": auto_pad, "strides": [2, 2]}
+    if op == "Conv":
+        inits["w"] = rng.standard_normal((3, 2, 3, 2)).astype(np.float32)
+        second = node("Conv", ["h", "w"], ["y"], **attrs)
+    else:
+        second = node(op, ["h"], ["y"], kernel_shape=[3, 2], **attrs)
+    model = make_model([node("Add", ["x", "b"], ["h"]), second], [("x", [1, 2, 7, 6])], ["y"], inits)
+    feeds = {"x": rng.standard_normal((1, 2, 7, 6)).astype(np.float32)}
+    import onnxruntime as ort
+
+    ort_out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    results = _run(model, {"b.std": np.full(bias.shape, 0.3, np.float32)}, feeds, tmp_path)
+    assert results[0][2].shape == ort_out.shape  # the reference's geometry is onnxruntime's
+    _assert_moments(results, var_rtol=3e-5)
+    zero = _run(model, {}, feeds, tmp_path / "zero")
+    np.testing.assert_allclose(zero[0][0], ort_out, rtol=1e-4, atol=1e-4 * np.abs(ort_out).max())
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+@pytest.mark.parametrize("shape", [[1, 1, 3, 1], [1, 3, 1, 1]])
+def test_one_by_one_maxpool_then_activation(tmp_path, activation, shape):
+    """MaxPool 1x1 + Relu/Clip on a width-1 tensor returned zeros: the relu read the max-pool
+    accumulator's initial value through a local the C printer had bound before the store."""
+    inputs = ["p", "lo", "hi"] if activation == "Clip" else ["p"]
+    extra = {"lo": np.array(-0.5, np.float32), "hi": np.array(1.5, np.float32)} if activation == "Clip" else {}
+    model = make_model([node("MaxPool", ["x"], ["p"], kernel_shape=[1, 1]), node(activation, inputs, ["y"])], [("x", shape)], ["y"], extra)
+    x = np.array([0.5, -1.0, 2.0], np.float32).reshape(shape)
+    (mean, var), = compile_and_run(model, {}, [x], tmp_path)
+    np.testing.assert_array_equal(mean.ravel(), np.clip(x.ravel(), -0.5 if activation == "Clip" else 0.0, 1.5 if activation == "Clip" else None))
+    assert not var.any()
+
+
+def test_printer_locals_never_read_stale_values(tmp_path):
+    """The unrolled max reduction of docs/upstream_tvm.md (defect 1), through pfpc's kernel
+    extraction, built with gcc and run: every window's maximum, not its last element."""
+    import subprocess
+
+    import tvm
+    from tvm import s_tir, te
+
+    from pfpc.codegen.kernels import _extract
+
+    x = te.placeholder((4, 4), "float32", name="x")
+    ky, kx = te.reduce_axis((0, 2), name="ky"), te.reduce_axis((0, 2), name="kx")
+    pooled = te.compute((2, 2), lambda i, j: te.max(x[2 * i + ky, 2 * j + kx], axis=[ky, kx]), name="pooled")
+    sch = s_tir.Schedule(te.create_prim_func([x, pooled]).with_attr("global_symbol", "pool"))
+    block = sch.get_sblock("pooled")
+    sch.decompose_reduction(block, sch.get_loops(block)[2])
+    for loop in sch.get_loops(block)[2:]:
+        sch.unroll(loop)
+    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
+        source = tvm.compile(sch.mod, target="c").mod.inspect_source()
+    kernel = _extract(source, "pool")
+    values = np.array([[9, 1, 2, 3], [4, 5, 6, 7], [8, 0, 1, 2], [3, 4, 9, 5]], np.float32)
+    program = tmp_path / "pool.c"
+    program.write_text("#include <stdint.h>\n#include <stdio.h>\n" + kernel.signature("") + " {\n" + kernel.body + "\n}\n"
+                       "int main(void) { float x[16] = {" + ", ".join(map(str, values.ravel())) + "}; float pooled[4];\n"
+                       "  pool(x, pooled); for (int k = 0; k < 4; ++k) printf(\"%g\\n\", pooled[k]); return 0; }\n")
+    subprocess.run(["gcc", "-std=c99", "-O2", "-Wall", "-Werror", "-o", str(tmp_path / "pool"), str(program)], check=True)
+    printed = subprocess.run([str(tmp_path / "pool")], check=True, capture_output=True, text=True).stdout.split()
+    expected = values.reshape(2, 2, 2, 2).max(axis=(1, 3))
+    np.testing.assert_array_equal(np.array(printed, np.float32).reshape(2, 2), expected)
+
+
+def _symbolic_model(tmp_path, shape):
+    import onnx
+    from onnx import TensorProto
+
+    graph = helper.make_graph([node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_batch_sets_only_the_leading_dimension(tmp_path, capsys):
+    """--batch 2 made ["N", 3, "L"] a [2, 3, 2] network; "L" is not the batch."""
+    import json
+
+    from pfpc.cli import main
+
+    code = main([_symbolic_model(tmp_path, ["N", 3, "L"]), "--batch", "2", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "dimension 2 ('L') of 'x'" in err and not (tmp_path / "out").exists()
+    code = main([_symbolic_model(tmp_path, ["N", 3, 5]), "--batch", "2", "-o", str(tmp_path / "ok")])
+    assert code == 0
+    meta = json.loads((tmp_path / "ok" / "pfpc.json").read_text())
+    assert [list(shape) for _, shape in meta["inputs"]] == [[2, 3, 5]]
+
+
+def test_output_that_is_an_input(tmp_path):
+    """An output Identity(input) was a KeyError."""
+    model = make_model([node("Identity", ["x"], ["y"]), node("Relu", ["x"], ["z"])], [("x", [1, 3])], ["y", "z"], {})
+    x = np.array([[1.0, -2.0, 3.0]], np.float32)
+    (y, y_var), (z, z_var) = compile_and_run(model, {}, [x], tmp_path)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(z, np.maximum(x, 0))
+    assert not y_var.any() and not z_var.any()
+
+
+@pytest.mark.parametrize("op", ["PRelu", "Div"])
+def test_deterministic_input_with_constant_operand(tmp_path, op):
+    """x -> PRelu(slope) or x -> Div(k[3, 1]) on a deterministic x: "a deterministic tensor has no
+    moment to convert" (the constant operand was given a zero variance that made the output
+    representation a variance)."""
+    import onnxruntime as ort
+
+    operand = np.array([0.25], np.float32) if op == "PRelu" else np.array([[2.0], [-3.0], [4.0]], np.float32)
+    model = make_model([node(op, ["x", "k"], ["y"])], [("x", [1, 3, 2])], ["y"], {"k": operand})
+    x = (np.arange(6, dtype=np.float32).reshape(1, 3, 2) - 2.5)
+    (mean, var), = compile_and_run(model, {}, [x], tmp_path)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(mean.reshape(expected.shape), expected, rtol=1e-6)
+    assert not var.any()
+
+
+@pytest.mark.parametrize("case", ["relu_2_output", "y_var_input"])
+def test_onnx_names_like_generated_names(tmp_path, case):
+    """An output named relu_2 after three ReLUs, or an input y_var with an output y, repeated a C
+    name pfpc generates (the C did not build, or passed one buffer twice as restrict)."""
+    if case == "relu_2_output":
+        model = make_model([node("Relu", ["x"], ["a"]), node("Relu", ["a"], ["b"]), node("Relu", ["b"], ["relu_2"])],
+                           [("x", [1, 3])], ["relu_2"], {})
+        stds = {}
+    else:
+        model = make_model([node("Add", ["y_var", "b"], ["y"])], [("y_var", [1, 3])], ["y"], {"b": np.ones((1, 3), np.float32)})
+        stds = {"b.std": np.full((1, 3), 0.5, np.float32)}
+    feeds = {model.graph.input[0].name: np.array([[1.0, -2.0, 3.0]], np.float32)}
+    _assert_moments(_run(model, stds, feeds, tmp_path))
+
+
+@pytest.mark.parametrize("posterior", [False, True])
+def test_divide_by_zero_scalar(tmp_path, posterior):
+    """Div by a zero scalar constant was "float division by zero" at compile time; ONNX (and
+    onnxruntime) give +-inf and NaN."""
+    import onnxruntime as ort
+
+    model = make_model([node("Add", ["x", "b"], ["h"]), node("Div", ["h", "k"], ["y"])], [("x", [1, 3])], ["y"],
+                       {"b": np.array([[0.0, 1.0, -1.0]], np.float32), "k": np.array(0.0, np.float32)})
+    x = np.array([[0.0, 2.0, -3.0]], np.float32)
+    stds = {"b.std": np.full((1, 3), 0.5, np.float32)} if posterior else {}
+    (mean, var), = compile_and_run(model, stds, [x], tmp_path)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(mean, expected)
+    assert np.all(np.isinf(var)) if posterior else not var.any()
+
+
+def _w(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+SCHEDULE_CASES = {
+    # TVM "reverse-compute-at ... requires all the producer(s)": relu's sqrt(bias variance) does not read the matmul
+    "gemm_with_only_a_stochastic_bias": lambda r: ([node("Gemm", ["x", "w", "b"], ["h"]), node("Relu", ["h"], ["y"])], [("x", [2, 3])],
+                                                 {"w": _w(r, 3, 4), "b": _w(r, 4)}, ["b"]),
+    # "'merge' requires at least 2 loop(s)"
+    "tanh_after_add": lambda r: ([node("Add", ["x", "b"], ["h"]), node("Tanh", ["h"], ["y"])], [("x", [1, 3, 9])], {"b": _w(r, 1, 3, 9)}, ["b"]),
+    "sigmoid_after_batchnorm": lambda r: ([node("BatchNormalization", ["x", "g", "beta", "m", "v"], ["h"]), node("Sigmoid", ["h"], ["y"])],
+                                          [("x", [1, 3, 4, 4])], {"g": _w(r, 3), "beta": _w(r, 3), "m": _w(r, 3), "v": np.abs(_w(r, 3)) + 0.5}, ["beta"]),
+    # "Buffer maxpool_4.v1 is used before its definition": window columns that are padding for every output
+    "maxpool_asymmetric_pads": lambda r: ([node("Add", ["x", "b"], ["h"]), node("MaxPool", ["h"], ["y"], kernel_shape=[2, 3], pads=[1, 0, 0, 2], strides=[2, 3])],
+                                          [("x", [1, 1, 3, 2])], {"b": _w(r, 1, 1, 3, 2)}, ["b"]),
+    # gcc -Werror: "variable 'maxpool_cdf_1_ptr' set but not used"
+    "maxpool_werror_set_but_not_used": lambda r: ([node("Add", ["x", "b"], ["h"]), node("MaxPool", ["h"], ["y"], kernel_shape=[3, 2], pads=[2, 1, 1, 1])],
+                                                  [("x", [1, 1, 4, 1])], {"b": _w(r, 1, 1, 4, 1)}, ["b"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCHEDULE_CASES))
+def test_kernel_schedules_of_fuzzed_graphs(tmp_path, case):
+    """Graphs whose kernels TVM could not schedule or whose C did not build with -Werror."""
+    rng = np.random.default_rng(11)
+    nodes, inputs, inits, stochastic = SCHEDULE_CASES[case](rng)
+    model = make_model(nodes, inputs, ["y"], inits)
+    stds = {f"{k}.std": (0.3 * np.abs(inits[k]) + 0.05).astype(np.float32) for k in stochastic}
+    feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in inputs}
+    _assert_moments(_run(model, stds, feeds, tmp_path), var_rtol=3e-5)
+
+
+def test_integer_constant_output_refused_in_one_line(tmp_path, capsys):
+    """An int64 Constant as a graph output was a KeyError traceback."""
+    import onnx
+    from onnx import TensorProto
+
+    from pfpc.cli import main
+
+    graph = helper.make_graph(
+        [node("Relu", ["x"], ["y"]), node("Constant", [], ["c"], value=helper.make_tensor("v", TensorProto.INT64, [2], [1, 2]))], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3]), helper.make_tensor_value_info("c", TensorProto.INT64, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    code = main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "output 'c'" in err and "int64" in err
+
+
+def test_verify_per_layer_on_a_graph_ending_in_softmax():
+    """pfpc verify --per-layer ended in a KeyError after all its work when the graph ended in a
+    Softmax: the Monte Carlo run samples the logits there (as the PFP returns them)."""
+    from pfpc.frontends.posterior import Posterior
+    from pfpc.verify import per_layer
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    model = make_model([node("Gemm", ["x", "w"], ["h"]), node("Relu", ["h"], ["r"]), node("Softmax", ["r"], ["y"])], [("x", [1, 4])], ["y"], {"w": w})
+    rows = per_layer(model, Posterior({"w": w}, {"w": (0.1 * np.abs(w)) ** 2}), {"x": rng.standard_normal((1, 4)).astype(np.float32)}, 100)
+    assert [(row["output"], row["op"]) for row in rows] == [("h", "Gemm"), ("r", "Relu")]
+    assert rows[0]["mean_err_in_std"] < 5  # a linear layer: the PFP is exact, MC within its noise
