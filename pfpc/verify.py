@@ -150,7 +150,7 @@ def per_layer(model: onnx.ModelProto, posterior: Posterior, inputs: dict, sample
 
     # a final Softmax/LogSoftmax is no layer of its own: the PFP (and so the Monte Carlo run,
     # `_logits_as_outputs`) stops at its logits, which are the layer before it
-    final_softmax = {node.output[0] for node in model.graph.node if node.op_type in ("Softmax", "LogSoftmax")} & {o.name for o in model.graph.output}
+    final_softmax = {node.output[0] for node in model.graph.node if node.op_type in registry.onnx_ops(registry.Kind.OUTPUT)} & {o.name for o in model.graph.output}
     layers = [(node.output[0], node.op_type) for node in model.graph.node
               if node.op_type not in VIEW_OPS and node.domain in ("", "ai.onnx") and node.output[0] not in final_softmax]
     known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}

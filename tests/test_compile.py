@@ -271,16 +271,19 @@ def _w(rng, *shape, scale=0.5):
 
 
 def test_variance_accumulation_is_two_fused_multiply_adds(tmp_path):
-    """A hidden layer's variance update is printed (acc + q t) - p p, which contracts into two
-    fused multiply-adds; TVM prints acc + (q t - p p), a multiply, a fused multiply-subtract and an add."""
+    """A hidden layer's variance update is printed (acc + v q) + v m m, which contracts into two
+    fused multiply-adds; TVM prints acc + (v q + v m m), a multiply, a fused multiply-add and an add."""
     import pfpc.compiler as compiler
     from pfpc.codegen.kernels import fused_accumulation
 
     out = str(tmp_path / "out")
     compiler.compile(os.path.join(EXAMPLES, "lenet", "model.onnx"), os.path.join(EXAMPLES, "lenet", "post.npz"), out_dir=out, batch=1)
     source = open(os.path.join(out, "pfp_model.c")).read()
-    updates = [line for line in source.splitlines() if "_second_moment[" in line and "_ptr[" in line and " = (" in line]
-    assert updates and all(line.strip().startswith("float v_") and ") - ((" in line and " + ((" not in line for line in updates), updates[:2]
+    updates = [line for line in source.splitlines() if "_var[" in line and "_mean[" in line and "_ptr[" in line and " = (" in line
+               and "x_var" not in line.split(" = ", 1)[0] and line.count("_var[") >= 2]
+    assert updates and all(line.strip().startswith(("float v_", "v_")) and line.split(" = ", 1)[1].startswith("((") and ")) + ((" in line
+                           for line in updates), updates[:2]
     assert fused_accumulation("  float v = (acc_ptr[0] + ((a[i] * b[i]) - (c[i] * d[i])));") == "  float v = ((acc_ptr[0] + (a[i] * b[i])) - (c[i] * d[i]));"
+    assert fused_accumulation("  float v = (acc_ptr[0] + ((a[i] * b[i]) + (c[i] * d[i])));") == "  float v = ((acc_ptr[0] + (a[i] * b[i])) + (c[i] * d[i]));"
     untouched = "  float v = (acc_ptr[0] + ((a[i] * b[i]) * c[i]));"
     assert fused_accumulation(untouched) == untouched

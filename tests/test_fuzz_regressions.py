@@ -163,10 +163,10 @@ def test_batch_sets_only_the_leading_dimension(tmp_path, capsys):
 
     from pfpc.cli import main
 
-    code = main([_symbolic_model(tmp_path, ["N", 3, "L"]), "--batch", "2", "-o", str(tmp_path / "out")])
+    code = main([_symbolic_model(tmp_path, ["N", 3, "L"]), "--deterministic", "--batch", "2", "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "dimension 2 ('L') of 'x'" in err and not (tmp_path / "out").exists()
-    code = main([_symbolic_model(tmp_path, ["N", 3, 5]), "--batch", "2", "-o", str(tmp_path / "ok")])
+    code = main([_symbolic_model(tmp_path, ["N", 3, 5]), "--deterministic", "--batch", "2", "-o", str(tmp_path / "ok")])
     assert code == 0
     meta = json.loads((tmp_path / "ok" / "pfpc.json").read_text())
     assert [list(shape) for _, shape in meta["inputs"]] == [[2, 3, 5]]
@@ -275,7 +275,7 @@ def test_integer_constant_output_refused_in_one_line(tmp_path, capsys):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, tmp_path / "m.onnx")
-    code = main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out")])
+    code = main([str(tmp_path / "m.onnx"), "--deterministic", "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "output 'c'" in err and "int64" in err
 

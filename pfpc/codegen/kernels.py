@@ -103,18 +103,18 @@ def _groups(text: str) -> list[str]:
 
 
 def fused_accumulation(line: str) -> str:
-    """``acc + (a - b)`` printed as ``(acc + a) - b``: the hidden layers' variance update
-    ``acc + (q t - p p)`` (`moments.product_moments`) then contracts into two fused multiply-adds,
-    where the grouping TVM prints costs a multiply, a fused multiply-subtract and an add. Any
-    other line is returned unchanged. The same sum in another order: the rounding of one addition."""
+    """``acc + (a +- b)`` printed as ``(acc + a) +- b``: the hidden layers' variance update
+    ``acc + (v q + v m m)`` (`moments.product_moments`) then contracts into two fused multiply-adds,
+    where the grouping TVM prints costs a multiply, a fused multiply-add and an add. Any other
+    line is returned unchanged. The same sum in another order: the rounding of one addition."""
     match = _ACCUMULATION.match(line)
     if not match:
         return line
     head, acc, inner = match.groups()
     parts = _groups(inner)
-    if len(parts) != 3 or parts[1] != "-" or not parts[0].startswith("(") or not parts[2].startswith("("):
+    if len(parts) != 3 or parts[1] not in "+-" or not parts[0].startswith("(") or not parts[2].startswith("("):
         return line
-    return f"{head}(({acc} + {parts[0]}) - {parts[2]});"
+    return f"{head}(({acc} + {parts[0]}) {parts[1]} {parts[2]});"
 
 
 #: A local that TVM's C printer binds to an operand of max/min (``float v_ = acc[0];``).

@@ -16,7 +16,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-POOLING_OPS = ("Conv", "MaxPool", "AveragePool")
+from ..ops.registry import AUTO_PAD_ONNX
 
 
 def _same_pads(sizes, kernel, strides, dilations, lower):
@@ -34,7 +34,7 @@ def make_pads_explicit(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every auto_pad of Conv/MaxPool/AveragePool turned into pads (or
     ``model`` itself when none has one)."""
     if not any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for n in model.graph.node
-               if n.op_type in POOLING_OPS for a in n.attribute):
+               if n.op_type in AUTO_PAD_ONNX for a in n.attribute):
         return model
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {}
@@ -47,7 +47,7 @@ def make_pads_explicit(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for node in copy.graph.node:
-        if node.op_type not in POOLING_OPS:
+        if node.op_type not in AUTO_PAD_ONNX:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         mode = attrs.get("auto_pad", b"NOTSET")

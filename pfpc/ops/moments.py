@@ -298,7 +298,7 @@ def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b):
 
     - none x var:                     m_a^2 v_b                 (first layer: 2 FMA per MAC)
     - second_moment x second_moment:  q_a q_b - (m_a m_b)^2     (hidden layer: 3 FMA per MAC)
-    - otherwise the sum of non-negative terms m_a^2 v_b + v_a (m_b^2 + v_b).
+    - otherwise the sum of non-negative terms v_b (m_a^2 + v_a) + v_a m_b^2 (= m_a^2 v_b + v_a (m_b^2 + v_b)).
 
     Returns (E[ab], Var(ab)) where Var is None when both operands are deterministic.
     """
@@ -314,4 +314,8 @@ def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b):
         return product, moment_a * moment_b - product * product
     var_a = moment_a if repr_a == "var" else moment_a - mean_a * mean_a
     var_b = moment_b if repr_b == "var" else moment_b - mean_b * mean_b
-    return product, mean_a * mean_a * var_b + var_a * (mean_b * mean_b + var_b)
+    # v_b q_a + v_a m_b^2: q_a = m_a^2 + v_a depends on the input element only (computed once per
+    # input, not per MAC), and the update acc + v_b q_a + v_a m_b^2 is two fused multiply-adds
+    # after one multiply (`codegen.kernels.fused_accumulation`): as cheap as q_a q_b - (m_a m_b)^2
+    # and never cancelling
+    return product, var_b * (mean_a * mean_a + var_a) + var_a * (mean_b * mean_b)

@@ -249,6 +249,8 @@ SCALING = {**{name: lambda c: c for name in STAGES["multiply"].relax}, **{name: 
 LINEAR_OPS = stages(Fusion.LINEAR)
 #: Relax operators of the linear stages.
 LINEAR_RELAX_OPS = tuple(name for stage in LINEAR_OPS for name in STAGES[stage].relax)
+#: ONNX windowed operators whose ``auto_pad`` SAME_UPPER/SAME_LOWER/VALID the frontend makes explicit pads.
+AUTO_PAD_ONNX = frozenset(name for stage in ("conv2d", "maxpool2d", "avgpool2d") for name in STAGES[stage].onnx)
 #: 1-D Relax operators lowered to their 2-D stage.
 LOWERED_1D = tuple(name for op in OPERATORS for name in op.lowered_1d)
 
