@@ -3,8 +3,9 @@ class, its probability, the uncertainty scores and a one-line reading.
 
 NumPy only (no TVM). Uses the predictive outputs compiled in (``--outputs probs,entropy,ood``)
 when there are; otherwise computes the same quantities from the logits' mean M and variance V
-with the formulas of `pfpc.ops.predictive`: the probit approximation
-p_k = softmax_k(M / sqrt(1 + pi V / 8)), the entropy -sum_k p_k log p_k, the OOD score mean_k V_k.
+with the formulas of `pfpc.ops.predictive`'s default: the mean-field approximation of E[softmax]
+(Lu, Ie & Sha 2020; `pfpc.evaluate.metrics.meanfield_log_probs`), the entropy -sum_k p_k log p_k,
+the OOD score mean_k V_k.
 """
 
 from __future__ import annotations
@@ -13,17 +14,11 @@ import math
 
 import numpy as np
 
+from .evaluate.metrics import meanfield_log_probs
+
 # the reading's thresholds on the predicted class's probability
 CONFIDENT = 0.9
 ABSTAIN_BELOW = 0.5
-
-
-def probit_probabilities(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
-    """softmax(mean / sqrt(1 + pi var / 8)) per row, in float64."""
-    scaled = np.asarray(mean, np.float64) / np.sqrt(1.0 + math.pi / 8.0 * np.asarray(var, np.float64))
-    scaled -= scaled.max(axis=-1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def describe(meta: dict, outputs: list, extras: dict) -> dict:
@@ -34,7 +29,7 @@ def describe(meta: dict, outputs: list, extras: dict) -> dict:
         return {"output": name, "kind": "regression", "examples": [
             {"index": i, "mean": m.reshape(-1).tolist(), "std": np.sqrt(np.maximum(v, 0)).reshape(-1).tolist()}
             for i, (m, v) in enumerate(zip(mean, var))]}
-    probs = np.asarray(extras["probs"], np.float64) if "probs" in extras else probit_probabilities(mean, var)
+    probs = np.asarray(extras["probs"], np.float64) if "probs" in extras else np.exp(meanfield_log_probs(mean, var))
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = (np.asarray(extras["entropy"], np.float64) if "entropy" in extras
                    else -np.sum(np.where(probs > 0, probs * np.log(probs), 0.0), axis=1))

@@ -136,14 +136,16 @@ def test_profile_counts_every_layer(tmp_path, capsys):
 
 
 def test_run_prints_class_probability_and_reading(tmp_path, capsys):
-    """Per example: the class and probability of the probit approximation, computed here in
-    float64 from the run's own logit moments, and the labels of the bundled sample."""
+    """Per example: the class and probability of the mean-field approximation (the compiled
+    default), computed here in float64 from the run's own logit moments, q_k = 1 / sum_j
+    exp(-(M_k - M_j) / sqrt(1 + pi V_k / 8)), p = q / sum q; and the labels of the bundled sample."""
     out = str(tmp_path / "mlp")
     compiler.compile(MLP, MLP_POST, out_dir=out, batch=4)
     (mean, var), = compiler.run_host(out, [np.load(SAMPLE)])
-    scaled = mean.astype(np.float64) / np.sqrt(1 + np.pi / 8 * var.astype(np.float64))
-    probs = np.exp(scaled - scaled.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
+    mean, var = mean.astype(np.float64), var.astype(np.float64)
+    q = np.array([[1.0 / np.exp(-(row_m[k] - row_m) / np.sqrt(1 + np.pi / 8 * row_v[k])).sum() for k in range(len(row_m))]
+                  for row_m, row_v in zip(mean, var)])
+    probs = q / q.sum(1, keepdims=True)
     assert main(["run", out, "--input", SAMPLE, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     labels = np.load(os.path.join(EXAMPLES, "mlp", "sample_labels.npy"))

@@ -40,7 +40,8 @@ def default_passes():
 
 def check_order(passes) -> None:
     """One-line error when a pass list breaks a pass's ``requires`` or ``after``."""
-    names = [transform.info.name for _, transform in passes]
+    # a plain function given as a pass has no TVM pass info: its label names it
+    names = [transform.info.name if hasattr(transform, "info") else label for label, transform in passes]
     for index, (label, transform) in enumerate(passes):
         for required in getattr(transform, "requires", ()):
             if required not in names[:index]:
