@@ -620,12 +620,12 @@ def _run_sanitized(out_dir, meta, inputs):
     """Build the runner with -fsanitize=address,undefined (and -Werror) and run it once."""
     import subprocess
 
-    import pfpc.compiler as compiler
+    import pfpc.runner as pfpc_runner
     from pfpc.errors import PfpcError
 
     runner = meta["name"] + "_main"
     flags = "TARGET_FLAGS=-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
-    compiler._make(out_dir, runner, "CC=gcc", "AR=ar", flags)
+    pfpc_runner._make(out_dir, runner, "CC=gcc", "AR=ar", flags)
     with tempfile.TemporaryDirectory() as tmp:
         np.concatenate([np.ascontiguousarray(x, np.float32).reshape(-1) for x in inputs]).tofile(os.path.join(tmp, "in.f32"))
         env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0:exitcode=99", "UBSAN_OPTIONS": "print_stacktrace=1:exitcode=98"}
