@@ -30,6 +30,9 @@ GAUSSIAN_OPS = {
     "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Sum", "Conv", "Relu", "Clip", "LeakyRelu", "PRelu",
     "Sigmoid", "Tanh", "MaxPool", "AveragePool", "GlobalAveragePool", "BatchNormalization", "Pad",
     "Flatten", "Reshape", "Identity", "Dropout", "Transpose", "Squeeze", "Unsqueeze", "Concat",
+    # issue 18 (moments in pfpc/ops/elementwise.py)
+    "ReduceMean", "ReduceSum", "ReduceMax", "GlobalMaxPool", "Neg", "Exp", "Abs", "Max", "Min", "HardSigmoid",
+    "HardSwish", "Softplus", "Elu", "Selu", "Gelu",
 }
 #: Operators accepted only as the last node(s): the model's outputs become their inputs' moments.
 OUTPUT_OPS = {"Softmax", "LogSoftmax"}
@@ -83,6 +86,7 @@ def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "mode
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PfpcError(f"{name}: TVM's ONNX importer fails: {first}") from None
+    mod = relax.transform.DeadCodeElimination()(mod)  # e.g. the sigmoid of a SiLU that `_Mul` made one operator
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
     if num_input != len(graph_inputs(model)):
@@ -259,6 +263,106 @@ class _Pad(onnx_frontend.OnnxOpConverter):
         return relax.op.nn.pad(data, width, "constant", value)
 
 
+#: Gaussian operators without a Relax counterpart: the converters below emit
+#: ``R.call_pure_packed("pfpc.<stage>", x, *params)``, which `SubstituteLayers` turns into the
+#: stage (``MARKER_PARAMS[stage]`` names the scalar parameters). Such a module is never run by TVM.
+MARKER_PARAMS = {"hard_sigmoid": ("alpha", "beta"), "hard_swish": ("alpha", "beta"), "elu": ("alpha",), "selu": ("alpha", "gamma")}
+
+
+def _prim_float(value) -> float:
+    """The float of a marker's ``R.prim_value`` parameter."""
+    inner = value.value
+    return float(getattr(inner, "value", inner))
+
+
+def _marker(bb, stage, data, *params):
+    data = bb.normalize(data)
+    values = [relax.prim_value(tvm.tirx.FloatImm("float32", float(p))) for p in params]
+    return relax.op.call_pure_packed(f"pfpc.{stage}", data, *values, ty_args=data.ty)
+
+
+class _HardSigmoid(onnx_frontend.OnnxOpConverter):
+    """HardSigmoid as one marker (TVM's converter emits multiply, add, clip)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return _marker(bb, "hard_sigmoid", inputs[0], attr.get("alpha", 0.2), attr.get("beta", 0.5))
+
+
+class _HardSwish(onnx_frontend.OnnxOpConverter):
+    """HardSwish(x) = x HardSigmoid(x; 1/6, 1/2) as one marker."""
+
+    @classmethod
+    def _impl_v14(cls, bb, inputs, attr, params):
+        return _marker(bb, "hard_swish", inputs[0], 1.0 / 6.0, 0.5)
+
+
+class _Elu(onnx_frontend.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return _marker(bb, "elu", inputs[0], attr.get("alpha", 1.0))
+
+
+class _Selu(onnx_frontend.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return _marker(bb, "selu", inputs[0], attr.get("alpha", 1.67326319217681884765625), attr.get("gamma", 1.05070102214813232421875))
+
+
+class _Softplus(onnx_frontend.OnnxOpConverter):
+    """Softplus as ``relax.nn.softplus`` (TVM's converter emits maximum, abs, exp, log)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return relax.op.nn.softplus(inputs[0])
+
+
+def _binding(bb, expr):
+    """The value bound to the Relax variable ``expr`` in the importer's block, or None."""
+    if not isinstance(expr, relax.Var):
+        return None
+    try:
+        return bb.lookup_binding(expr)
+    except Exception:
+        return None
+
+
+class _Mul(onnx_frontend.Mul):
+    """x * Sigmoid(x) (SiLU/Swish) and x * HardSigmoid(x) (HardSwish as exporters before opset
+    14 write it) as one operator of x: the two factors are not independent, so the product rule
+    of `multiply` does not apply. Any other product as TVM converts it."""
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        for data, gate in ((inputs[0], inputs[1]), (inputs[1], inputs[0])):
+            value = _binding(bb, gate)
+            if not isinstance(value, relax.Call) or not isinstance(data, relax.Var):
+                continue
+            if value.op.name == "relax.sigmoid" and value.args[0].same_as(data):
+                return relax.op.nn.silu(data)
+            if (value.op.name == "relax.call_pure_packed" and str(value.args[0].global_symbol) == "pfpc.hard_sigmoid"
+                    and value.args[1].same_as(data)):
+                return _marker(bb, "hard_swish", data, *[_prim_float(v) for v in value.args[2:]])
+        return super()._impl_v7(bb, inputs, attr, params)
+
+
+class _Max(onnx_frontend.OnnxOpConverter):
+    """Max of several tensors as a chain of ``relax.maximum`` (TVM's converter stacks them)."""
+
+    combine = staticmethod(relax.op.maximum)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        result = inputs[0]
+        for operand in inputs[1:]:
+            result = bb.normalize(cls.combine(result, operand))
+        return result
+
+
+class _Min(_Max):
+    combine = staticmethod(relax.op.minimum)
+
+
 class _Sum(onnx_frontend.OnnxOpConverter):
     """Sum of several tensors as a chain of ``relax.add`` (TVM's converter stacks them)."""
 
@@ -276,7 +380,9 @@ def _pfpc_converters():
     original = onnx_frontend._get_convert_map
 
     def convert_map():
-        return {**original(), "Clip": _Clip, "Pad": _Pad, "Sum": _Sum}
+        return {**original(), "Clip": _Clip, "Pad": _Pad, "Sum": _Sum, "HardSigmoid": _HardSigmoid, "HardSwish": _HardSwish,
+                "Elu": _Elu, "Selu": _Selu, "Softplus": _Softplus, "Mul": _Mul,
+                "Max": _Max, "Min": _Min}
 
     onnx_frontend._get_convert_map = convert_map
     try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from tvm import s_tir, te, tirx
 
 from . import codebook as CB
+from . import elementwise as E
 from . import gaussian as G
 
 #: Stages that reduce over a fan-in (the ones that consume second moments cheaply and head fused kernels).
@@ -49,10 +50,13 @@ STAGES = {
         inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["ceil_mode"], attrs["count_include_pad"]
     ),
     "reduce_mean": lambda inputs, attrs: G.reduce_mean(inputs[0], attrs["axes"], attrs["keepdims"]),
+    **E.STAGES,
 }
 
 #: Gaussian operands each operator takes (the first one of a fused stage is the previous result).
-ARITY = {"matmul": 2, "conv2d": 2, "add": 2, "subtract": 2, "multiply": 2, "divide": 2, "prelu": 2}
+ARITY = {"matmul": 2, "conv2d": 2, "add": 2, "subtract": 2, "multiply": 2, "divide": 2, "prelu": 2, **E.ARITY}
+#: What each stage produces for free (`gaussian.NATIVE_OUTPUT`, `elementwise.NATIVE_OUTPUT`).
+NATIVE_OUTPUT = {**G.NATIVE_OUTPUT, **E.NATIVE_OUTPUT}
 
 
 def arity(op: str, attrs: dict) -> int:
@@ -101,7 +105,7 @@ class KernelSpec:
 def _native_repr(op, input_reprs):
     if all(r == "none" for r in input_reprs):
         return "none"
-    native = G.NATIVE_OUTPUT[op]
+    native = NATIVE_OUTPUT[op]
     return input_reprs[0] if native is None else native
 
 
@@ -310,7 +314,7 @@ def _row_nests(sch, blocks):
             sch.fuse(*loops[row:])
         if row > 0:
             outer.append(sch.get_loops(block)[row - 1])
-    if outer:
+    if len(outer) > 1:  # a multi-output stage alone is one nest already
         sch.merge(*outer)
 
 

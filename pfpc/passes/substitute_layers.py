@@ -26,6 +26,7 @@ import tvm
 from tvm import relax
 
 from ..errors import PfpcError
+from ..frontends.relax_import import MARKER_PARAMS, _prim_float
 from ..ir import GaussianValue, constant_value, kernel_label, operand_names, scalar_value, MainRewriter, call_op_name, func_attrs, to_tensor_map
 from ..ops.kernel import KernelSpec, arity
 
@@ -49,9 +50,45 @@ def _pool_attrs(attrs):
     }
 
 
+#: Relax operators of the stages in `pfpc.ops.elementwise` without attributes.
+ELEMENTWISE_STAGES = {"relax.exp": "exp", "relax.abs": "abs", "relax.maximum": "maximum", "relax.minimum": "minimum",
+                      "relax.nn.silu": "silu", "relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu_tanh"}
+#: Most positions a ReduceMax reduces over (one Clark step, a loop nest, each).
+REDUCE_MAX_POSITIONS = 1024
+
+
+def _marker_stage(call):
+    """(stage, attrs) of a ``call_pure_packed("pfpc.<stage>", x, *params)`` from the importer."""
+    stage = str(call.args[0].global_symbol).removeprefix("pfpc.")
+    values = [_prim_float(arg) for arg in call.args[2:]]
+    return stage, dict(zip(MARKER_PARAMS[stage], values))
+
+
+def _reduce_axes(call):
+    rank = len(call.args[0].ty.shape)
+    axes = _ints(call.attrs.axis) if call.attrs.axis is not None else list(range(rank))
+    return {"axes": [a % rank for a in axes], "keepdims": bool(call.attrs.keepdims)}
+
+
 def _spec_of(call, op):
     """(stage, attrs) for a Relax operator, or None when it has no Gaussian counterpart."""
     attrs = call.attrs
+    if op in ELEMENTWISE_STAGES:
+        return ELEMENTWISE_STAGES[op], {}
+    if op == "relax.call_pure_packed" and str(call.args[0].global_symbol).removeprefix("pfpc.") in MARKER_PARAMS:
+        return _marker_stage(call)
+    if op == "relax.nn.softplus":
+        if float(attrs.beta) != 1.0:
+            return None
+        return "softplus", {}
+    if op == "relax.sum":
+        return "reduce_sum", _reduce_axes(call)
+    if op == "relax.max":
+        reduce = _reduce_axes(call)
+        positions = int(np.prod([int(call.args[0].ty.shape[a]) for a in reduce["axes"]]))
+        if positions > REDUCE_MAX_POSITIONS:
+            raise PfpcError(f"{op}: a maximum over {positions} positions (at most {REDUCE_MAX_POSITIONS}: one Clark step each)")
+        return "reduce_max", reduce
     if op in ("relax.matmul", "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.sigmoid", "relax.tanh"):
         return op.split(".")[-1], {}
     if op == "relax.nn.relu":
@@ -178,8 +215,12 @@ class _Substitute(MainRewriter):
             self.gauss[binding.var] = GaussianValue(mean, moment, source.repr)
             return
         scaled = self.scale_stage(value, op) if op in ("relax.multiply", "relax.divide") else None
+        if op == "relax.negative":
+            scaled = (value.args[0], -1.0)
         if scaled is not None:
             args, stage = [scaled[0]], ("scale", {"factor": scaled[1]})
+        elif op == "relax.call_pure_packed" and _spec_of(value, op) is not None:
+            stage, args = _spec_of(value, op), [value.args[1]]
         else:
             stage = _spec_of(value, op) if op else None
             if stage is None:
