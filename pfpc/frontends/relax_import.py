@@ -16,6 +16,7 @@ import re
 import numpy as np
 import onnx
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 
@@ -327,6 +328,17 @@ def _binding(bb, expr):
         return None
 
 
+def _same_tensor(bb, first, second) -> bool:
+    """Whether two importer expressions compute the same tensor: the importer hands a node's
+    inputs over as expressions (an unbound call, or a variable bound to it)."""
+
+    def resolved(expr):
+        bound = _binding(bb, expr)
+        return expr if bound is None else bound
+
+    return first.same_as(second) or tvm_ffi.structural_equal(resolved(first), resolved(second))
+
+
 class _Mul(onnx_frontend.Mul):
     """x * Sigmoid(x) (SiLU/Swish) and x * HardSigmoid(x) (HardSwish as exporters before opset
     14 write it) as one operator of x: the two factors are not independent, so the product rule
@@ -336,12 +348,14 @@ class _Mul(onnx_frontend.Mul):
     def _impl_v7(cls, bb, inputs, attr, params):
         for data, gate in ((inputs[0], inputs[1]), (inputs[1], inputs[0])):
             value = _binding(bb, gate)
-            if not isinstance(value, relax.Call) or not isinstance(data, relax.Var):
+            if value is None and isinstance(gate, relax.Call):
+                value = gate
+            if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
                 continue
-            if value.op.name == "relax.sigmoid" and value.args[0].same_as(data):
+            if value.op.name == "relax.sigmoid" and _same_tensor(bb, value.args[0], data):
                 return relax.op.nn.silu(data)
             if (value.op.name == "relax.call_pure_packed" and str(value.args[0].global_symbol) == "pfpc.hard_sigmoid"
-                    and value.args[1].same_as(data)):
+                    and _same_tensor(bb, value.args[1], data)):
                 return _marker(bb, "hard_swish", data, *[_prim_float(v) for v in value.args[2:]])
         return super()._impl_v7(bb, inputs, attr, params)
 
