@@ -72,10 +72,10 @@ def _gemm(rng, nodes, extra=None, second=False):
     return make_model(first + nodes, [("x", [4, 6])], ["y"], inits, opset=20), inits
 
 
-def _independent(rng, shape, nodes):
+def _independent(rng, shape, nodes, extra=None):
     """y = op(x * W), W a stochastic weight of x's shape: independent Gaussian elements."""
-    inits = {"w": _w(rng, *shape[1:], scale=1.0)}
-    return make_model([node("Mul", ["x", "w"], ["h"])] + nodes, [("x", shape)], ["y"], inits, opset=20), inits
+    inits = {"w": _w(rng, *shape[1:], scale=1.0), **(extra or {})}
+    return make_model([node("Mul", ["x", "w"], ["h"])] + nodes, [("x", shape)], ["y"], inits, opset=17), inits
 
 
 #: Exact operators on exactly Gaussian, independent inputs: PFP = Monte Carlo within its error.
@@ -89,7 +89,7 @@ EXACT_MC_CASES = {
     "min_of_two": lambda r: _gemm(r, [node("Min", ["h", "g"], ["y"])], second=True),
     "mul_of_two": lambda r: _gemm(r, [node("Mul", ["h", "g"], ["y"])], second=True),
     "sub_of_two": lambda r: _gemm(r, [node("Sub", ["h", "g"], ["y"])], second=True),
-    "reduce_sum": lambda r: _independent(r, [1, 3, 4, 4], [node("ReduceSum", ["h"], ["y"], keepdims=0)]),
+    "reduce_sum": lambda r: _independent(r, [1, 3, 4, 4], [node("ReduceSum", ["h", "axes"], ["y"], keepdims=0)], {"axes": np.array([2, 3], np.int64)}),
     "reduce_mean": lambda r: _independent(r, [1, 3, 4, 4], [node("ReduceMean", ["h"], ["y"], axes=[1, 2])]),
 }
 
@@ -115,29 +115,39 @@ def test_exact_new_operators_match_monte_carlo(tmp_path, case):
     assert np.all(np.abs(var - mc_var) <= 5 * var_stderr + slack * np.maximum(1.0, mc_var)), np.max(np.abs(var - mc_var) / var_stderr)
 
 
-#: Approximations: (max |mean error| / output std, median and max relative variance error over the
-#: elements with MC variance >= 1e-3), each bound above the measured error (printed, and in the
-#: README's operator table) with room for Monte Carlo noise; a wrong formula exceeds them.
-APPROX_MC_CASES = {
-    "silu": (lambda r: _gemm(r, [node("Sigmoid", ["h"], ["s"]), node("Mul", ["h", "s"], ["y"])]), (0.05, 0.03, 0.08)),
-    "gelu": (lambda r: _gemm(r, [node("Gelu", ["h"], ["y"])]), (0.05, 0.03, 0.08)),
-    "softplus": (lambda r: _gemm(r, [node("Softplus", ["h"], ["y"])]), (0.05, 0.03, 0.08)),
-    "elu": (lambda r: _gemm(r, [node("Elu", ["h"], ["y"], alpha=1.0)]), (0.05, 0.03, 0.1)),
-    "selu": (lambda r: _gemm(r, [node("Selu", ["h"], ["y"])]), (0.05, 0.03, 0.1)),
-    "reduce_max": (lambda r: _independent(r, [1, 3, 4, 4], [node("ReduceMax", ["h"], ["y"], axes=[2, 3])]), (0.3, 0.25, 0.4)),
+#: Gauss-Hermite (16 nodes) activations on exactly Gaussian inputs: their quadrature error is
+#: below what 20000 samples resolve (measured: at most 3 standard errors of the MC variance,
+#: mean within 0.017 output std; see the README's operator table), so they are held to the
+#: sampling error plus 1 % of the variance.
+SMOOTH_MC_CASES = {
+    "silu": lambda r: _gemm(r, [node("Sigmoid", ["h"], ["s"]), node("Mul", ["h", "s"], ["y"])]),
+    "gelu": lambda r: _gemm(r, [node("Gelu", ["h"], ["y"])]),
+    "softplus": lambda r: _gemm(r, [node("Softplus", ["h"], ["y"])]),
+    "elu": lambda r: _gemm(r, [node("Elu", ["h"], ["y"], alpha=1.0)]),
+    "selu": lambda r: _gemm(r, [node("Selu", ["h"], ["y"])]),
 }
 
 
-@pytest.mark.parametrize("case", sorted(APPROX_MC_CASES))
-def test_approximate_new_operators_against_monte_carlo(tmp_path, case):
+@pytest.mark.parametrize("case", sorted(SMOOTH_MC_CASES))
+def test_gauss_hermite_operators_match_monte_carlo(tmp_path, case):
     rng = np.random.default_rng(zlib.crc32(case.encode()))
-    builder, (mean_bound, median_bound, max_bound) = APPROX_MC_CASES[case]
-    model, inits = builder(rng)
+    model, inits = SMOOTH_MC_CASES[case](rng)
+    mean, var, mc_mean, mc_var, stderr, var_stderr = _mc(model, inits, rng, tmp_path)
+    print(f"{case}: max |mean error| / std {np.max(np.abs(mean - mc_mean) / np.sqrt(np.maximum(mc_var, 1e-12))):.4f}, "
+          f"max |var error| {np.max(np.abs(var - mc_var) / var_stderr):.1f} MC standard errors")
+    assert np.all(np.abs(mean - mc_mean) <= 5 * stderr + 1e-5), np.max(np.abs(mean - mc_mean) / stderr)
+    assert np.all(np.abs(var - mc_var) <= 5 * var_stderr + 0.01 * mc_var + 1e-5), np.max(np.abs(var - mc_var) / var_stderr)
+
+
+def test_reduce_max_clark_chain_against_monte_carlo(tmp_path):
+    """A max of more than two Gaussians by Clark's pairwise chain is an approximation (each
+    intermediate max re-read as Gaussian). Measured over 16 positions (3 channels): mean error at
+    most 0.05 output std, variance error median 10 %, max 22 % (README); the bounds leave room for
+    MC noise, and a wrong formula (e.g. the plain max of the means) exceeds them."""
+    rng = np.random.default_rng(zlib.crc32(b"reduce_max"))
+    model, inits = _independent(rng, [1, 3, 4, 4], [node("ReduceMax", ["h"], ["y"], axes=[2, 3])])
     mean, var, mc_mean, mc_var, _, _ = _mc(model, inits, rng, tmp_path)
-    mean_err = np.max(np.abs(mean - mc_mean) / np.sqrt(np.maximum(mc_var, 1e-12)))
-    spread = mc_var >= 1e-3
-    var_rel = np.abs(var - mc_var)[spread] / mc_var[spread]
-    print(f"{case}: max |mean error| / std {mean_err:.4f}, variance error median {np.median(var_rel):.4f} max {np.max(var_rel):.4f} "
-          f"over {spread.sum()}/{spread.size}")
-    assert spread.sum() >= spread.size // 2
-    assert mean_err < mean_bound and np.median(var_rel) < median_bound and np.max(var_rel) < max_bound
+    mean_err = np.max(np.abs(mean - mc_mean) / np.sqrt(mc_var))
+    var_rel = np.abs(var - mc_var) / mc_var
+    print(f"reduce_max: max |mean error| / std {mean_err:.4f}, variance error median {np.median(var_rel):.4f} max {np.max(var_rel):.4f}")
+    assert mean_err < 0.1 and np.median(var_rel) < 0.2 and np.max(var_rel) < 0.35
