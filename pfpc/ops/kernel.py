@@ -284,7 +284,7 @@ def _row_nests(sch, blocks):
             sch.fuse(*loops[row:])
         if row > 0:
             outer.append(sch.get_loops(block)[row - 1])
-    if outer:
+    if len(outer) > 1:  # a multi-output stage alone is one nest already
         sch.merge(*outer)
 
 
