@@ -2,13 +2,13 @@
 
 An entry names the ONNX operator(s) it accepts and their attribute rules, the Relax operator(s)
 TVM's importer lowers them to and how their attributes become the stage's, the Gaussian formula
-(a function of `pfpc.ops.gaussian`, where the formula is written down), the moment it computes
-for free, its Gaussian operands, its fusion class, its cost and the float64 NumPy function of
-``tests/reference.py`` that checks it. The tables the frontend, the passes, the kernel builder and
+(a function of `pfpc.ops.gaussian` or `pfpc.ops.elementwise`, where the formula is written
+down), the moment it computes for free, its Gaussian operands, its fusion class, its cost and the
+float64 NumPy function of ``tests/reference.py`` that checks it. The tables the frontend, the passes, the kernel builder and
 the footprint report use are derived here; no other module lists operator names.
 
-Adding an operator: one `Operator` entry here, its formula in `gaussian.py` (moments in
-`moments.py`), its reference in ``tests/reference.py`` and its tests (docs/operators.md).
+Adding an operator: one `Operator` entry here, its formula in `gaussian.py` or `elementwise.py`
+(moments in `moments.py`), its reference in ``tests/reference.py`` and its tests (docs/operators.md).
 """
 
 from __future__ import annotations
