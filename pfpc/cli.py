@@ -164,7 +164,8 @@ def _verify_parser():
     parser.add_argument("model")
     parser.add_argument("--posterior", required=True)
     parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--input", help=".npy input; default: the first batch of standard-normal inputs")
+    parser.add_argument("--input", action="append", help=".npy input (repeat for several inputs, in the model's order); "
+                        "default: the first batch of standard-normal inputs")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-layer", action="store_true", help="compare every layer output (each truncated graph compiled) with Monte Carlo")
@@ -507,20 +508,25 @@ def _verify(args) -> int:
 
     if args.input and args.digits:
         raise PfpcError("give --input or --digits, not both")
-    given = _load_npy(args.input).astype(np.float32) if args.input else None
+    given = [_load_npy(path).astype(np.float32) for path in args.input] if args.input else None
     if args.digits:
         from .evaluate.datasets import default_suite
 
-        given = np.concatenate([s.x[: args.digits] for s in default_suite()])
-    model = load_model(args.model, given.shape[0] if given is not None else (args.batch or 1))
+        given = [np.concatenate([s.x[: args.digits] for s in default_suite()])]
+    model = load_model(args.model, given[0].shape[0] if given is not None and given[0].ndim else (args.batch or 1))
     posterior = load_posterior(model, args.posterior)
     shapes = input_shapes(model)
     if given is not None:
         if args.digits:
             from .evaluate.predictors import shape_inputs
 
-            given = shape_inputs(model, given, args.model)
-        inputs = {next(iter(shapes)): given}
+            given = [shape_inputs(model, given[0], args.model)]
+        if len(given) != len(shapes):
+            raise PfpcError(f"{args.model}: {len(given)} --input given, the model takes {len(shapes)} ({', '.join(shapes)})")
+        for path, (name, shape), value in zip(args.input or [], shapes.items(), given):
+            if list(value.shape) != list(shape):
+                raise PfpcError(f"{path}: shape {list(value.shape)}, input '{name}' of the model has {list(shape)}")
+        inputs = dict(zip(shapes, given))
     else:
         rng = np.random.default_rng(args.seed)
         inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}

@@ -9,7 +9,8 @@ deterministic tensor; no function here produces NaN for zero variance.
 Contents
   Gaussian ops:   linear, matmul, gemm, conv2d, add, relu, clark_max, maxpool2d,
                   flatten, reshape, subtract, multiply, divide, batch_norm, avgpool2d,
-                  reduce_mean, concat, pad, clip, leaky_relu, sigmoid, tanh
+                  reduce_mean, concat, pad, clip, leaky_relu, sigmoid, tanh, reduce_sum,
+                  reduce_max, exp, abs_, clark_min, hard_sigmoid, hard_swish, gauss_hermite
   Interpreter:    pfp_onnx(model, variances, inputs, input_vars=None)
   Ground truth:   monte_carlo(model, stds, inputs, samples, seed, ...)
 
@@ -31,7 +32,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from scipy.special import expit, ndtr
+from scipy.special import erf, expit, ndtr
 from scipy.stats import truncnorm
 
 __all__ = [
@@ -57,6 +58,15 @@ __all__ = [
     "leaky_relu",
     "sigmoid",
     "tanh",
+    "reduce_sum",
+    "reduce_max",
+    "exp",
+    "abs_",
+    "clark_min",
+    "hard_sigmoid",
+    "hard_swish",
+    "gauss_hermite",
+    "SMOOTH_FUNCTIONS",
     "pfp_onnx",
     "monte_carlo",
 ]
@@ -518,6 +528,111 @@ def tanh(mean, var):
     return 2.0 * e_sig - 1.0, 4.0 * var_sig
 
 
+def reduce_sum(mean, var, axes, keepdims=True):
+    """Sum over `axes` of independent elements: means and variances add."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    return m.sum(axis=tuple(axes), keepdims=keepdims), v.sum(axis=tuple(axes), keepdims=keepdims)
+
+
+def reduce_max(mean, var, axes, keepdims=True):
+    """Max over `axes`: `clark_max` folded over the reduced positions in row-major order, each
+    intermediate max re-read as a Gaussian."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    axes = sorted(a % m.ndim for a in axes)
+    kept = [a for a in range(m.ndim) if a not in axes]
+    m2 = np.transpose(m, kept + axes).reshape([m.shape[a] for a in kept] + [-1])
+    v2 = np.transpose(v, kept + axes).reshape(m2.shape)
+    acc_m, acc_v = m2[..., 0], v2[..., 0]
+    for k in range(1, m2.shape[-1]):
+        acc_m, acc_v = clark_max(acc_m, acc_v, m2[..., k], v2[..., k])
+    shape = [1 if a in axes else m.shape[a] for a in range(m.ndim)] if keepdims else [m.shape[a] for a in kept]
+    return acc_m.reshape(shape), acc_v.reshape(shape)
+
+
+def clark_min(m1, v1, m2, v2):
+    """min(x1, x2) = -max(-x1, -x2) (`clark_max`)."""
+    mean, var = clark_max(-_f64(m1), v1, -_f64(m2), v2)
+    return -mean, var
+
+
+def exp(mean, var):
+    """Log-normal: E = exp(m + v/2), Var = exp(2m + v) (exp(v) - 1)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    return np.exp(m + v / 2), np.exp(2 * m + v) * np.expm1(v)
+
+
+def abs_(mean, var):
+    """Folded normal: E|x| = s sqrt(2/pi) exp(-m^2 / 2v) + m (1 - 2 Phi(-m/s)), E[x^2] = m^2 + v."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    s = np.sqrt(v)
+    safe = np.where(s > 0, s, 1.0)
+    first = np.where(s > 0, s * np.sqrt(2 / np.pi) * np.exp(-m * m / (2 * np.where(v > 0, v, 1.0))) + m * (1 - 2 * ndtr(-m / safe)), np.abs(m))
+    return first, np.maximum(m * m + v - first * first, 0.0)
+
+
+def hard_sigmoid(mean, var, alpha, beta):
+    """clip(alpha x + beta, 0, 1): the clipped Gaussian of the affine map (`clip`)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    return clip(alpha * m + beta, alpha * alpha * v, 0.0, 1.0)
+
+
+def _integrate(function, m, v, points=4001, width=12.0):
+    """E[f(x)] and E[f(x)^2] for x ~ N(m, v) element-wise by the trapezoid rule on m +- width s
+    (v = 0: f(m)). Independent of any closed form; accurate to ~1e-9 for the piecewise-smooth f here."""
+    s = np.sqrt(v)
+    z = np.linspace(-width, width, points)
+    weights = np.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    weights[[0, -1]] *= 0.5
+    weights *= z[1] - z[0]
+    values = function(m[..., None] + s[..., None] * z)
+    first, second = values @ weights, (values * values) @ weights
+    return first, second
+
+
+def hard_swish(mean, var, alpha=1 / 6, beta=0.5):
+    """x clip(alpha x + beta, 0, 1): exact moments, here by numerical integration (`_integrate`)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+
+    def function(x):
+        return x * np.clip(alpha * x + beta, 0.0, 1.0)
+
+    first, second = _integrate(function, m, v)
+    first = np.where(v > 0, first, function(m))
+    return first, np.where(v > 0, np.maximum(second - first * first, 0.0), 0.0)
+
+
+def _elu(alpha, gamma=1.0):
+    return lambda x: gamma * np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
+
+
+#: The smooth activations pfpc computes by Gauss-Hermite quadrature (ONNX op -> attrs -> f).
+SMOOTH_FUNCTIONS = {
+    "silu": lambda a: (lambda x: x * expit(x)),
+    "gelu": lambda a: (lambda x: 0.5 * x * (1 + erf(x / np.sqrt(2)))),
+    "softplus": lambda a: (lambda x: np.logaddexp(0.0, x)),
+    "elu": lambda a: _elu(a.get("alpha", 1.0)),
+    "selu": lambda a: _elu(a.get("alpha", 1.67326319217681884765625), a.get("gamma", 1.05070102214813232421875)),
+}
+
+
+def gauss_hermite(function, mean, var, points=16):
+    """The approximation pfpc uses for smooth activations: Gauss-Hermite quadrature with `points`
+    nodes, E = sum w f(m + sqrt(2v) t) / sqrt(pi), Var = sum w f^2 / sqrt(pi) - E^2."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    nodes, weights = np.polynomial.hermite.hermgauss(points)
+    center = function(m)
+    deltas = function(m[..., None] + np.sqrt(2 * v)[..., None] * nodes) - center[..., None]  # 0 where v = 0
+    shift = deltas @ weights / np.sqrt(np.pi)
+    return center + shift, np.maximum((deltas * deltas) @ weights / np.sqrt(np.pi) - shift * shift, 0.0)
+
+
 # --------------------------------------------------------------------------------------
 # ONNX interpreter
 # --------------------------------------------------------------------------------------
@@ -679,6 +794,34 @@ def _node_outputs(node, a, x):
         return [avgpool2d(*x[0], kernel, strides, pads, dil, a.get("ceil_mode", 0), a.get("count_include_pad", 0))]
     if op == "GlobalAveragePool":
         return [reduce_mean(*x[0], list(range(2, x[0][0].ndim)))]
+    if op in ("ReduceMean", "ReduceSum", "ReduceMax"):
+        axes = a.get("axes", x[1][0] if len(x) > 1 and x[1] is not None else None)
+        axes = list(range(x[0][0].ndim)) if axes is None else [int(i) % x[0][0].ndim for i in axes]
+        function = {"ReduceMean": reduce_mean, "ReduceSum": reduce_sum, "ReduceMax": reduce_max}[op]
+        return [function(*x[0], axes, bool(a.get("keepdims", 1)))]
+    if op == "GlobalMaxPool":
+        return [reduce_max(*x[0], list(range(2, x[0][0].ndim)))]
+    if op == "Neg":
+        return [(-x[0][0], x[0][1])]
+    if op == "Exp":
+        return [exp(*x[0])]
+    if op == "Abs":
+        return [abs_(*x[0])]
+    if op in ("Max", "Min"):
+        total = x[0]
+        for operand in x[1:]:
+            total = (clark_max if op == "Max" else clark_min)(*total, *operand)
+        return [total]
+    if op == "HardSigmoid":
+        return [hard_sigmoid(*x[0], a.get("alpha", 0.2), a.get("beta", 0.5))]
+    if op == "HardSwish":
+        return [hard_swish(*x[0])]
+    if op in ("SiLU", "HardSwishOf"):  # x * Sigmoid(x), x * HardSigmoid(x): see `_gated_products`
+        return [gauss_hermite(SMOOTH_FUNCTIONS["silu"](a), *x[0])] if op == "SiLU" else [hard_swish(*x[0], a["alpha"], a["beta"])]
+    if op.lower() in SMOOTH_FUNCTIONS:
+        if op == "Gelu" and a.get("approximate", "none") not in ("none", b"none"):
+            raise NotImplementedError("Gelu approximate=tanh")
+        return [gauss_hermite(SMOOTH_FUNCTIONS[op.lower()](a), *x[0])]
     if op == "Concat":
         return [concat(x, a["axis"] % x[0][0].ndim)]
     if op == "Transpose":
@@ -715,6 +858,24 @@ def _node_outputs(node, a, x):
         val = _constant_value(a)
         return [(val.astype(np.float64) if val.dtype.kind == "f" else val, np.zeros(val.shape))]
     raise NotImplementedError(f"pfp_onnx: unsupported op {op}")
+
+
+def _gated_products(nodes) -> list:
+    """Mul(x, Sigmoid(x)) and Mul(x, HardSigmoid(x)) are functions of x alone (the factors are
+    not independent): they become one node, "SiLU" or "HardSwishOf" (alpha, beta), of x."""
+    producer = {out: node for node in nodes for out in node.output}
+    result = []
+    for node in nodes:
+        if node.op_type == "Mul" and len(node.input) == 2:
+            for data, gate in (node.input, node.input[::-1]):
+                source = producer.get(gate)
+                if source is not None and source.op_type in ("Sigmoid", "HardSigmoid") and source.input[0] == data:
+                    a = _attrs(source)
+                    attrs = {} if source.op_type == "Sigmoid" else {"alpha": a.get("alpha", 0.2), "beta": a.get("beta", 0.5)}
+                    node = onnx.helper.make_node("SiLU" if source.op_type == "Sigmoid" else "HardSwishOf", [data], list(node.output), **attrs)
+                    break
+        result.append(node)
+    return result
 
 
 def _pools_before_relus(nodes, graph_outputs) -> list:
@@ -780,6 +941,7 @@ def pfp_onnx(model: onnx.ModelProto, variances: Mapping[str, np.ndarray],
 
     outputs = {o.name for o in graph.output}
     nodes = _pools_before_relus(graph.node, outputs) if pools_before_relus else graph.node
+    nodes = _gated_products(nodes)
     for node in _topological(nodes, set(env)):
         if node.domain not in ("", "ai.onnx"):
             raise NotImplementedError(f"{node.domain}::{node.op_type}")

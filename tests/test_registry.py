@@ -120,3 +120,53 @@ def test_report_counts_tanh_and_sigmoid():
         for label, count in layer["gaussian_ops"].items():
             counted[label] = counted.get(label, 0) + count
     assert counted == {"tanh": 2 * 3, "sigmoid": 2 * 4}
+
+
+def test_native_moment_of_the_embedded_network_operators():
+    """As above for the operators whose formulas are in pfpc/ops/elementwise.py (unary and binary)."""
+    shape = [1, 2, 4, 4]
+    unary = {
+        "reduce_sum": {"axes": [2, 3], "keepdims": True}, "reduce_max": {"axes": [2, 3], "keepdims": True}, "exp": {}, "abs": {},
+        "hard_sigmoid": {"alpha": 0.2, "beta": 0.5}, "hard_swish": {"alpha": 1 / 6, "beta": 0.5}, "silu": {}, "gelu": {},
+        "gelu_tanh": {}, "softplus": {}, "elu": {"alpha": 1.0}, "selu": {"alpha": 1.67, "gamma": 1.05},
+    }
+    binary = {"maximum": {}, "minimum": {}}
+    for stage, stage_attrs in {**unary, **binary}.items():
+        operands = [G.Gaussian(te.placeholder(shape, "float32", f"m{i}"), te.placeholder(shape, "float32", f"v{i}"), G.Moment.VAR)
+                    for i in range(R.STAGES[stage].arity)]
+        result = R.STAGES[stage].build(operands, stage_attrs)
+        assert result.repr == (R.STAGES[stage].native or G.Moment.VAR), stage
+    first = R.OPERATORS.index(R.STAGES["reduce_sum"])  # the entries of elementwise.py's operators start there
+    assert {op.name for op in R.OPERATORS[first:] if op.kind is R.Kind.GAUSSIAN} == set(unary) | set(binary)
+
+
+def test_markers_name_their_parameters():
+    """Every marker stage's parameters are named, and the importer's markers parse back to them."""
+    import tvm
+    from tvm import relax
+
+    for stage, op in R.MARKERS.items():
+        x = relax.Var("x", relax.TensorType([2, 3], "float32"))
+        values = [relax.prim_value(tvm.tirx.FloatImm("float32", 0.25 * (k + 1))) for k in range(len(op.marker_params))]
+        call = relax.op.call_pure_packed(R.MARKER_PREFIX + stage, x, *values, ty_args=x.ty)
+        assert R.stage_of(call, R.MARKER_OP) == (stage, {name: 0.25 * (k + 1) for k, name in enumerate(op.marker_params)})
+    unknown = relax.op.call_pure_packed("pfpc.nothing", relax.Var("y", relax.TensorType([2], "float32")),
+                                        ty_args=relax.TensorType([2], "float32"))
+    assert R.stage_of(unknown, R.MARKER_OP) is None
+
+
+def test_reduce_max_over_too_many_positions_is_one_error():
+    """ReduceMax's entry refuses more than REDUCE_MAX_POSITIONS reduced positions (one Clark step each)."""
+    import pytest
+
+    from pfpc.compiler import compile as compile_model
+    from pfpc.errors import PfpcError
+
+    positions = R.REDUCE_MAX_POSITIONS + 1
+    w = helper.make_tensor("w", TensorProto.FLOAT, [3, positions], np.ones(3 * positions, np.float32))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("ReduceMax", ["h"], ["y"], axes=[1], keepdims=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(PfpcError, match=f"a maximum over {positions} positions"):
+        compile_model(model, {"w.std": np.full([3, positions], 0.1, np.float32)})

@@ -1,20 +1,34 @@
 """Load an ONNX model and bring it into the form the compiler expects.
 
-Checks it (onnx checker, shape inference), turns weights that exporters produce with Constant or
-ConstantOfShape nodes into initializers, and fixes a symbolic batch dimension to ``--batch``.
+Accepts what exporters of every age write: opsets below 7 are upgraded with onnx's version
+converter, initializers listed as graph inputs (IR version 3) are weights, nodes out of
+topological order are sorted, float64/float16 models become float32 (each change announced in
+one line on stderr). Then checks it (onnx checker, shape inference), turns weights that
+exporters produce with Constant or ConstantOfShape nodes into initializers, and fixes a
+symbolic batch dimension to ``--batch``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ..errors import PfpcError
+from ..ops import registry
 
 SUPPORTED_OPSETS = range(7, 23)
+#: The opset older models are upgraded to (onnx's version converter has adapters up to it for
+#: every operator pfpc compiles).
+UPGRADE_OPSET = 13
+
+
+def notice(message: str) -> None:
+    """One line on stderr about a change made to the user's model."""
+    print(f"pfpc: note: {message}", file=sys.stderr)
 
 
 def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelProto:
@@ -39,9 +53,14 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
     opset = _default_opset(model)
     if opset is None:
         raise PfpcError(f"{path}: the model imports no default-domain ONNX opset (ai.onnx); cannot tell which operator versions it uses")
-    if opset not in SUPPORTED_OPSETS:
-        raise PfpcError(f"{path}: ONNX opset {opset} is not supported (supported: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
+    if not 1 <= opset < SUPPORTED_OPSETS.stop:
+        raise PfpcError(f"{path}: ONNX opset {opset} is not supported (supported: 1..{SUPPORTED_OPSETS.stop - 1})")
     _load_external_data(model, path)
+    sort_nodes(model, name)
+    initializers_as_weights(model)
+    if opset < SUPPORTED_OPSETS.start:
+        model = upgrade_opset(model, opset, name)
+    model = to_float32(model, name)
     try:
         onnx.checker.check_model(model)
     except Exception as err:
@@ -68,6 +87,174 @@ def _load_external_data(model, path):
             external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     except Exception as err:
         raise PfpcError(f"{path}: cannot read the model's external tensor data: {err}") from None
+
+
+def sort_nodes(model: onnx.ModelProto, name: str) -> None:
+    """Put the nodes in topological order (keras2onnx writes them reversed; onnxruntime runs
+    such graphs, the ONNX checker rejects them), keeping the file's order where it is valid.
+    A cycle or an input nothing defines is one error naming the node."""
+    graph = model.graph
+    defined = {v.name for v in graph.input} | {i.name for i in graph.initializer} | {""}
+    producers = {out for node in graph.node for out in node.output}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [node for node in pending if all(t in defined for t in node.input)]
+        if not ready:
+            for node in pending:
+                missing = [t for t in node.input if t not in defined and t not in producers]
+                if missing:
+                    raise PfpcError(f"{name}: node '{_node_label(node)}' reads '{missing[0]}', which no node, graph input or initializer defines")
+            raise PfpcError(f"{name}: the graph has a cycle through node '{_node_label(pending[0])}'")
+        for node in ready:
+            defined.update(node.output)
+        ordered += ready
+        pending = [node for node in pending if not any(node is r for r in ready)]
+    if [id(n) for n in ordered] != [id(n) for n in graph.node]:
+        copies = [onnx.NodeProto() for _ in ordered]
+        for copy, node in zip(copies, ordered):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(copies)
+        notice(f"{name}: the nodes were not in topological order; sorted")
+
+
+def _node_label(node) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def initializers_as_weights(model: onnx.ModelProto) -> None:
+    """A graph input that has an initializer (IR version 3 lists every weight as an input) is a
+    weight: it is removed from the inputs (IR version 4 allows that)."""
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in initializers]
+    if len(inputs) != len(graph.input):
+        del graph.input[:]
+        graph.input.extend(inputs)
+        model.ir_version = max(model.ir_version, 4)
+
+
+def upgrade_opset(model: onnx.ModelProto, opset: int, name: str) -> onnx.ModelProto:
+    """The model converted to `UPGRADE_OPSET` by onnx's version converter, announced in one line;
+    if the converter cannot, one error naming the first node it fails on."""
+    try:
+        upgraded = _convert(model, opset)
+    except Exception as err:
+        raise PfpcError(f"{name}: ONNX opset {opset} cannot be upgraded to {UPGRADE_OPSET}: {_failing_node(model, opset)}{_first_line(err)}") from None
+    notice(f"{name}: ONNX opset {opset} upgraded to {UPGRADE_OPSET} with onnx's version converter")
+    return upgraded
+
+
+def _explicit_legacy_broadcast(model):
+    """Before opset 7, ``Add(A, B, broadcast=1, axis=k)`` aligned B with A's axes from k on; onnx's
+    converter misreads the axis (it checks B against A's leading axes). Make it explicit: B goes
+    through an Unsqueeze that appends the trailing unit axes, after which NumPy broadcasting means
+    the same. The weight keeps its name and shape, so a posterior for it still applies."""
+    graph = model.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in list(graph.input) + list(graph.value_info)
+             if v.type.tensor_type.HasField("shape")}
+    ranks.update({init.name: len(init.dims) for init in graph.initializer})
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type in registry.LEGACY_BROADCAST and "axis" in attrs and len(node.input) == 2:
+            rank_a, rank_b = ranks.get(node.input[0]), ranks.get(node.input[1])
+            if rank_a is None or rank_b is None:
+                raise PfpcError(f"node '{_node_label(node)}' ({node.op_type}): a legacy broadcast of unknown rank")
+            trailing = rank_a - attrs["axis"].i % max(rank_a, 1) - rank_b
+            kept = [a for a in node.attribute if a.name != "axis"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            if trailing > 0:
+                aligned = f"{node.input[1]}_aligned_{len(nodes)}"
+                nodes.append(onnx.helper.make_node("Unsqueeze", [node.input[1]], [aligned], axes=list(range(rank_b, rank_b + trailing))))
+                node.input[1] = aligned
+        nodes.append(node)
+    if len(nodes) != len(graph.node):
+        copies = [onnx.NodeProto() for _ in nodes]
+        for copy, node in zip(copies, nodes):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(copies)
+    return model
+
+
+def _convert(model, opset):
+    """Opset 6 first (several operators before it have no shape inference, which some of the
+    converter's adapters need), then shapes again, then `UPGRADE_OPSET`."""
+    from onnx import version_converter
+
+    model = _explicit_legacy_broadcast(onnx.shape_inference.infer_shapes(model))
+    if opset < 6:
+        model = version_converter.convert_version(model, 6)
+    return version_converter.convert_version(onnx.shape_inference.infer_shapes(model), UPGRADE_OPSET)
+
+
+def _failing_node(model, opset) -> str:
+    """'node 'n' (Op): ' for the first node at which the converter fails on the graph cut after
+    it, else ''."""
+    for cut, node in enumerate(model.graph.node, 1):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.node[cut:]
+        del probe.graph.output[:]
+        probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(out) for out in node.output if out])
+        try:
+            _convert(probe, opset)
+        except Exception:
+            return f"node '{_node_label(node)}' ({node.op_type}): "
+    return ""
+
+
+def _first_line(err) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+_OTHER_FLOATS = {onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.FLOAT16: "float16"}
+
+
+def to_float32(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """A float64 or float16 model as float32: initializers, Constant values, graph inputs, outputs
+    and Cast targets; announced in one line. bfloat16 and other float types are refused."""
+    graph = model.graph
+    found = set()
+
+    def convert_tensor(tensor):
+        if tensor.data_type in _OTHER_FLOATS:
+            found.add(_OTHER_FLOATS[tensor.data_type])
+            value = numpy_helper.to_array(tensor).astype(np.float32)
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+
+    def convert_value(value):
+        tensor_type = value.type.tensor_type
+        if tensor_type.elem_type in _OTHER_FLOATS:
+            found.add(_OTHER_FLOATS[tensor_type.elem_type])
+            tensor_type.elem_type = onnx.TensorProto.FLOAT
+
+    if not any(init.data_type in _OTHER_FLOATS for init in graph.initializer) and not any(
+        v.type.tensor_type.elem_type in _OTHER_FLOATS for v in list(graph.input) + list(graph.output)
+    ) and not any(a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _OTHER_FLOATS for n in graph.node for a in n.attribute):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    for init in graph.initializer:
+        try:
+            convert_tensor(init)
+        except Exception as err:
+            raise PfpcError(f"{name}: initializer '{init.name}' cannot be converted to float32: {_first_line(err)}") from None
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        convert_value(value)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                convert_tensor(attr.t)
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i in _OTHER_FLOATS:
+                found.add(_OTHER_FLOATS[attr.i])
+                attr.i = onnx.TensorProto.FLOAT
+    if found:
+        notice(f"{name}: {' and '.join(sorted(found))} tensors converted to float32")
+    return copy
 
 
 def _read_initializers(model, path):

@@ -16,6 +16,7 @@ import re
 import numpy as np
 import onnx
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 
@@ -77,6 +78,7 @@ def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "mode
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PfpcError(f"{name}: TVM's ONNX importer fails: {first}") from None
+    mod = relax.transform.DeadCodeElimination()(mod)  # e.g. the sigmoid of a SiLU that `_Mul` made one operator
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
     if num_input != len(graph_inputs(model)):
@@ -258,6 +260,127 @@ class _Pad(onnx_frontend.OnnxOpConverter):
         return relax.op.nn.pad(data, width, "constant", value)
 
 
+def _marker(bb, stage, data, **params):
+    """The registry's marker of a Gaussian operator without a Relax counterpart
+    (`registry.MARKER_OP`): ``R.call_pure_packed("pfpc.<stage>", x, *params)``, its scalar
+    parameters in the order of the entry's ``marker_params``. `SubstituteLayers` turns it into the
+    stage (`registry.stage_of`)."""
+    data = bb.normalize(data)
+    values = [relax.prim_value(tvm.tirx.FloatImm("float32", float(params[name]))) for name in R.MARKERS[stage].marker_params]
+    return relax.op.call_pure_packed(R.MARKER_PREFIX + stage, data, *values, ty_args=data.ty)
+
+
+class _HardSigmoid(onnx_frontend.OnnxOpConverter):
+    """HardSigmoid as one marker (TVM's converter emits multiply, add, clip)."""
+
+    op_type = "HardSigmoid"
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return _marker(bb, "hard_sigmoid", inputs[0], alpha=attr.get("alpha", 0.2), beta=attr.get("beta", 0.5))
+
+
+class _HardSwish(onnx_frontend.OnnxOpConverter):
+    """HardSwish(x) = x HardSigmoid(x; 1/6, 1/2) as one marker."""
+
+    op_type = "HardSwish"
+
+    @classmethod
+    def _impl_v14(cls, bb, inputs, attr, params):
+        return _marker(bb, "hard_swish", inputs[0], alpha=1.0 / 6.0, beta=0.5)
+
+
+class _Elu(onnx_frontend.OnnxOpConverter):
+    op_type = "Elu"
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return _marker(bb, "elu", inputs[0], alpha=attr.get("alpha", 1.0))
+
+
+class _Selu(onnx_frontend.OnnxOpConverter):
+    op_type = "Selu"
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return _marker(bb, "selu", inputs[0], alpha=attr.get("alpha", 1.67326319217681884765625),
+                       gamma=attr.get("gamma", 1.05070102214813232421875))
+
+
+class _Softplus(onnx_frontend.OnnxOpConverter):
+    """Softplus as ``relax.nn.softplus`` (TVM's converter emits maximum, abs, exp, log)."""
+
+    op_type = "Softplus"
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return relax.op.nn.softplus(inputs[0])
+
+
+def _binding(bb, expr):
+    """The value bound to the Relax variable ``expr`` in the importer's block, or None."""
+    if not isinstance(expr, relax.Var):
+        return None
+    try:
+        return bb.lookup_binding(expr)
+    except Exception:
+        return None
+
+
+def _same_tensor(bb, first, second) -> bool:
+    """Whether two importer expressions compute the same tensor: the importer hands a node's
+    inputs over as expressions (an unbound call, or a variable bound to it)."""
+
+    def resolved(expr):
+        bound = _binding(bb, expr)
+        return expr if bound is None else bound
+
+    return first.same_as(second) or tvm_ffi.structural_equal(resolved(first), resolved(second))
+
+
+class _Mul(onnx_frontend.Mul):
+    """x * Sigmoid(x) (SiLU/Swish) and x * HardSigmoid(x) (HardSwish as exporters before opset
+    14 write it) as one operator of x: the two factors are not independent, so the product rule
+    of `multiply` does not apply. Any other product as TVM converts it."""
+
+    op_type = "Mul"
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        for data, gate in ((inputs[0], inputs[1]), (inputs[1], inputs[0])):
+            value = _binding(bb, gate)
+            if value is None and isinstance(gate, relax.Call):
+                value = gate
+            if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+                continue
+            if value.op.name == "relax.sigmoid" and _same_tensor(bb, value.args[0], data):
+                return relax.op.nn.silu(data)
+            marker = R.marker_stage(value)
+            if marker is not None and marker[0] == "hard_sigmoid" and _same_tensor(bb, value.args[1], data):
+                return _marker(bb, "hard_swish", data, **marker[1])
+        return super()._impl_v7(bb, inputs, attr, params)
+
+
+class _Max(onnx_frontend.OnnxOpConverter):
+    """Max of several tensors as a chain of ``relax.maximum`` (TVM's converter stacks them)."""
+
+    op_type = "Max"
+
+    combine = staticmethod(relax.op.maximum)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        result = inputs[0]
+        for operand in inputs[1:]:
+            result = bb.normalize(cls.combine(result, operand))
+        return result
+
+
+class _Min(_Max):
+    op_type = "Min"
+    combine = staticmethod(relax.op.minimum)
+
+
 class _Sum(onnx_frontend.OnnxOpConverter):
     """Sum of several tensors as a chain of ``relax.add`` (TVM's converter stacks them)."""
 
@@ -277,7 +400,8 @@ def _pfpc_converters():
     original = onnx_frontend._get_convert_map
 
     def convert_map():
-        return {**original(), **{converter.op_type: converter for converter in (_Clip, _Pad, _Sum)}}
+        return {**original(), **{converter.op_type: converter for converter in (_Clip, _Pad, _Sum, _HardSigmoid, _HardSwish, _Elu, _Selu, _Softplus,
+                                                                       _Mul, _Max, _Min)}}
 
     onnx_frontend._get_convert_map = convert_map
     try:

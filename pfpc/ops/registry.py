@@ -2,13 +2,13 @@
 
 An entry names the ONNX operator(s) it accepts and their attribute rules, the Relax operator(s)
 TVM's importer lowers them to and how their attributes become the stage's, the Gaussian formula
-(a function of `pfpc.ops.gaussian`, where the formula is written down), the moment it computes
-for free, its Gaussian operands, its fusion class, its cost and the float64 NumPy function of
-``tests/reference.py`` that checks it. The tables the frontend, the passes, the kernel builder and
+(a function of `pfpc.ops.gaussian` or `pfpc.ops.elementwise`, where the formula is written
+down), the moment it computes for free, its Gaussian operands, its fusion class, its cost and the
+float64 NumPy function of ``tests/reference.py`` that checks it. The tables the frontend, the passes, the kernel builder and
 the footprint report use are derived here; no other module lists operator names.
 
-Adding an operator: one `Operator` entry here, its formula in `gaussian.py` (moments in
-`moments.py`), its reference in ``tests/reference.py`` and its tests (docs/operators.md).
+Adding an operator: one `Operator` entry here, its formula in `gaussian.py` or `elementwise.py`
+(moments in `moments.py`), its reference in ``tests/reference.py`` and its tests (docs/operators.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import tvm
 
+from ..errors import PfpcError
+from . import elementwise as E
 from . import gaussian as G
 from .gaussian import Moment
 
@@ -74,10 +77,26 @@ def _pad_attrs(call):
     return {"width": _ints(call.attrs.pad_width), "value": float(call.attrs.pad_value)}
 
 
-def _reduce_mean_attrs(call):
+def _reduce_attrs(call):
     rank = _rank(call.args[0])
     axes = _ints(call.attrs.axis) if call.attrs.axis is not None else list(range(rank))
     return {"axes": [a % rank for a in axes], "keepdims": bool(call.attrs.keepdims)}
+
+
+#: Most positions a ReduceMax reduces over (one Clark step, a loop nest, each).
+REDUCE_MAX_POSITIONS = 1024
+
+
+def _reduce_max_attrs(call):
+    reduce = _reduce_attrs(call)
+    positions = int(np.prod([int(call.args[0].ty.shape[a]) for a in reduce["axes"]]))
+    if positions > REDUCE_MAX_POSITIONS:
+        raise PfpcError(f"relax.max: a maximum over {positions} positions (at most {REDUCE_MAX_POSITIONS}: one Clark step each)")
+    return reduce
+
+
+def _softplus_attrs(call):
+    return {} if float(call.attrs.beta) == 1.0 else None
 
 
 def _avgpool_attrs(call):
@@ -138,6 +157,7 @@ class Operator:
     onnx: tuple = ()  # ONNX op types (domain ai.onnx) whose nodes become this operator
     onnx_rule: Callable | None = None  # (node, attrs, input rank) -> reason it is refused, or None
     constant_inputs: tuple = ()  # ONNX input positions that are compile-time constants, never weights
+    legacy_broadcast: tuple = ()  # ONNX op types whose opset < 7 form broadcasts by ``axis`` (`onnx_model.upgrade_opset`)
     relax: tuple = ()  # Relax operators (TVM's lowering of the ONNX ones) this operator replaces
     relax_attrs: Callable = _no_attrs  # Relax call -> stage attributes, or None when unsupported
     lowered_1d: tuple = ()  # 1-D Relax operators `Lower1dTo2d` rewrites into this 2-D one
@@ -148,6 +168,7 @@ class Operator:
     deterministic_operand: int | None = None  # operand that must be deterministic (no closed form otherwise)
     gaussian_ops: Callable | None = None  # (attrs, output elements) -> {label: Gaussian evaluations}
     libm_calls: dict = field(default_factory=dict)  # libm calls per Gaussian evaluation
+    marker_params: tuple = ()  # scalar parameters of the importer's marker ``pfpc.<name>`` (`MARKER_OP`)
     reference: str | None = None  # the float64 NumPy function in tests/reference.py
     function: str | None = None  # Kind.OUTPUT: the function the dropped node computes
 
@@ -160,16 +181,17 @@ OPERATORS = (
              lowered_1d=("relax.nn.conv1d",), arity=2, fusion=Fusion.LINEAR, reference="conv2d",
              build=lambda inputs, attrs: G.conv2d(*inputs[:2], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"],
                                                   *inputs[2:], count=attrs.get("draw_groups", 0))),
-    Operator("add", onnx=("Add", "Sum"), relax=("relax.add",), arity=2, fusion=Fusion.ELEMENTWISE, reference="add",
+    Operator("add", legacy_broadcast=("Add",), onnx=("Add", "Sum"), relax=("relax.add",), arity=2, fusion=Fusion.ELEMENTWISE, reference="add",
              build=lambda inputs, attrs: G.add(*inputs)),
-    Operator("subtract", onnx=("Sub",), relax=("relax.subtract",), arity=2, fusion=Fusion.ELEMENTWISE, reference="subtract",
+    Operator("subtract", legacy_broadcast=("Sub",), onnx=("Sub",), relax=("relax.subtract",), arity=2, fusion=Fusion.ELEMENTWISE, reference="subtract",
              build=lambda inputs, attrs: G.subtract(*inputs)),
-    Operator("multiply", onnx=("Mul",), relax=("relax.multiply",), arity=2, fusion=Fusion.ELEMENTWISE, reference="multiply",
+    Operator("multiply", legacy_broadcast=("Mul",), onnx=("Mul",), relax=("relax.multiply",), arity=2, fusion=Fusion.ELEMENTWISE, reference="multiply",
              build=lambda inputs, attrs: G.multiply(*inputs)),
-    Operator("divide", onnx=("Div",), relax=("relax.divide",), arity=2, fusion=Fusion.ELEMENTWISE, deterministic_operand=1,
+    Operator("divide", legacy_broadcast=("Div",), onnx=("Div",), relax=("relax.divide",), arity=2, fusion=Fusion.ELEMENTWISE, deterministic_operand=1,
              reference="divide", build=lambda inputs, attrs: G.divide(*inputs)),
     # Mul/Div by a deterministic scalar (`SubstituteLayers` chooses it over multiply/divide)
-    Operator("scale", native=None, fusion=Fusion.ELEMENTWISE, reference="multiply",
+    Operator("scale", onnx=("Neg",), relax=("relax.negative",), relax_attrs=lambda call: {"factor": -1.0}, native=None,
+             fusion=Fusion.ELEMENTWISE, reference="multiply",
              build=lambda inputs, attrs: G.scale(inputs[0], attrs["factor"])),
     Operator("relu", onnx=("Relu",), relax=("relax.nn.relu",), fusion=Fusion.NONLINEAR,
              gaussian_ops=_per_element("relu"), libm_calls={"sqrt": 1}, reference="relu",
@@ -204,8 +226,48 @@ OPERATORS = (
              lowered_1d=("relax.nn.avg_pool1d",), reference="avgpool2d",
              build=lambda inputs, attrs: G.avgpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs["ceil_mode"], attrs["count_include_pad"])),
-    Operator("reduce_mean", onnx=("GlobalAveragePool",), relax=("relax.mean",), relax_attrs=_reduce_mean_attrs, reference="reduce_mean",
+    Operator("reduce_mean", onnx=("GlobalAveragePool", "ReduceMean"), relax=("relax.mean",), relax_attrs=_reduce_attrs, reference="reduce_mean",
              build=lambda inputs, attrs: G.reduce_mean(inputs[0], attrs["axes"], attrs["keepdims"])),
+    # formulas in `pfpc.ops.elementwise` (ops real embedded networks use); each a kernel of its own
+    Operator("reduce_sum", onnx=("ReduceSum",), relax=("relax.sum",), relax_attrs=_reduce_attrs, reference="reduce_sum",
+             build=lambda inputs, attrs: E.reduce_sum(inputs[0], attrs["axes"], attrs["keepdims"])),
+    # cost: positions - 1 Clark maxima per output element (the positions are not in the attrs)
+    Operator("reduce_max", onnx=("ReduceMax", "GlobalMaxPool"), relax=("relax.max",), relax_attrs=_reduce_max_attrs,
+             native=Moment.SECOND_MOMENT, libm_calls={"sqrt": 1}, reference="reduce_max",
+             build=lambda inputs, attrs: E.reduce_max(inputs[0], attrs["axes"], attrs["keepdims"])),
+    Operator("exp", onnx=("Exp",), relax=("relax.exp",), gaussian_ops=_per_element("exp"), libm_calls={"exp": 2}, reference="exp",
+             build=lambda inputs, attrs: E.exp(inputs[0])),
+    Operator("abs", onnx=("Abs",), relax=("relax.abs",), native=Moment.SECOND_MOMENT, gaussian_ops=_per_element("abs"),
+             libm_calls={"sqrt": 1}, reference="abs_", build=lambda inputs, attrs: E.abs_(inputs[0])),
+    Operator("maximum", onnx=("Max",), relax=("relax.maximum",), arity=2, native=Moment.SECOND_MOMENT,
+             gaussian_ops=_per_element("max"), libm_calls={"sqrt": 1}, reference="clark_max",
+             build=lambda inputs, attrs: E.maximum(*inputs)),
+    Operator("minimum", onnx=("Min",), relax=("relax.minimum",), arity=2, native=Moment.SECOND_MOMENT,
+             gaussian_ops=_per_element("min"), libm_calls={"sqrt": 1}, reference="clark_min",
+             build=lambda inputs, attrs: E.minimum(*inputs)),
+    Operator("hard_sigmoid", onnx=("HardSigmoid",), marker_params=("alpha", "beta"), native=Moment.SECOND_MOMENT,
+             gaussian_ops=_per_element("hard_sigmoid"), libm_calls={"sqrt": 1}, reference="hard_sigmoid",
+             build=lambda inputs, attrs: E.hard_sigmoid(inputs[0], attrs["alpha"], attrs["beta"])),
+    # also x * HardSigmoid(x) (the importer's `_Mul`)
+    Operator("hard_swish", onnx=("HardSwish",), marker_params=("alpha", "beta"), native=Moment.SECOND_MOMENT,
+             gaussian_ops=_per_element("hard_swish"), libm_calls={"sqrt": 1}, reference="hard_swish",
+             build=lambda inputs, attrs: E.hard_swish(inputs[0], attrs["alpha"], attrs["beta"])),
+    # Gauss-Hermite quadrature: f at the mean and at `elementwise.HERMITE_POINTS` (16) nodes, 17 evaluations
+    # SiLU has no ONNX op of its own: x * Sigmoid(x) (the importer's `_Mul`)
+    Operator("silu", relax=("relax.nn.silu",), gaussian_ops=_per_element("silu"), libm_calls={"sqrt": 1, "exp": 17},
+             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.silu, "silu")),
+    Operator("gelu", onnx=("Gelu",), relax=("relax.nn.gelu",), gaussian_ops=_per_element("gelu"), libm_calls={"sqrt": 1, "erf": 17},
+             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.gelu, "gelu")),
+    Operator("gelu_tanh", relax=("relax.nn.gelu_tanh",), gaussian_ops=_per_element("gelu"), libm_calls={"sqrt": 1, "tanh": 17},
+             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.gelu_tanh, "gelu_tanh")),
+    Operator("softplus", onnx=("Softplus",), relax=("relax.nn.softplus",), relax_attrs=_softplus_attrs,
+             gaussian_ops=_per_element("softplus"), libm_calls={"sqrt": 1, "exp": 17, "log": 17}, reference="gauss_hermite",
+             build=lambda inputs, attrs: E.smooth(inputs[0], E.softplus, "softplus")),
+    Operator("elu", onnx=("Elu",), marker_params=("alpha",), gaussian_ops=_per_element("elu"), libm_calls={"sqrt": 1, "exp": 17},
+             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.elu(attrs["alpha"]), "elu")),
+    Operator("selu", onnx=("Selu",), marker_params=("alpha", "gamma"), gaussian_ops=_per_element("selu"),
+             libm_calls={"sqrt": 1, "exp": 17}, reference="gauss_hermite",
+             build=lambda inputs, attrs: E.smooth(inputs[0], E.elu(attrs["alpha"], attrs["gamma"]), "selu")),
     # not Gaussian stages
     Operator("view", kind=Kind.VIEW, onnx=("Flatten", "Reshape", "Identity", "Dropout", "Squeeze", "Unsqueeze"),
              relax=("relax.reshape", "relax.flatten", "relax.expand_dims", "relax.squeeze"), reference="reshape"),
@@ -238,10 +300,19 @@ def stages(*fusions: Fusion) -> tuple:
     return tuple(op.name for op in STAGES.values() if op.fusion in fusions)
 
 
+#: ONNX op types whose opset < 7 form has the legacy ``broadcast``/``axis`` attributes.
+LEGACY_BROADCAST = frozenset(name for op in OPERATORS for name in op.legacy_broadcast)
 #: ONNX input positions that are compile-time constants (clip bounds, pads), per op type.
 CONSTANT_INPUTS = {name: op.constant_inputs for op in OPERATORS if op.constant_inputs for name in op.onnx}
 #: Relax operators of a dropped output function -> its name.
 OUTPUT_FUNCTIONS = {relax_op: op.function for op in OPERATORS if op.kind is Kind.OUTPUT for relax_op in op.relax}
+#: The Relax operator of the importer's markers: ``R.call_pure_packed("pfpc.<stage>", x, *params)``
+#: stands for a stage without a Relax counterpart (``marker_params`` names the scalar parameters).
+#: Such a module is never run by TVM.
+MARKER_OP = "relax.call_pure_packed"
+MARKER_PREFIX = "pfpc."
+#: Stage name -> its operator, for the stages the importer emits as markers.
+MARKERS = {op.name: op for op in OPERATORS if op.marker_params}
 #: Relax operators that become a `scale` stage when their second operand is a deterministic
 #: scalar c -> the factor: multiply by c, divide by c.
 SCALING = {**{name: lambda c: c for name in STAGES["multiply"].relax}, **{name: lambda c: 1.0 / c for name in STAGES["divide"].relax}}
@@ -264,8 +335,26 @@ def unsupported_reason(node, attrs: dict, rank) -> str | None:
     return op.onnx_rule(node, attrs, rank) if op.onnx_rule is not None else None
 
 
+def prim_float(value) -> float:
+    """The float of a marker's ``R.prim_value`` parameter."""
+    inner = value.value
+    return float(getattr(inner, "value", inner))
+
+
+def marker_stage(call):
+    """(stage, attrs) of an importer marker ``call_pure_packed("pfpc.<stage>", x, *params)``, or None."""
+    if not isinstance(call, tvm.relax.Call) or not isinstance(call.op, tvm.ir.Op) or call.op.name != MARKER_OP:
+        return None
+    op = MARKERS.get(str(call.args[0].global_symbol).removeprefix(MARKER_PREFIX))
+    if op is None:
+        return None
+    return op.name, dict(zip(op.marker_params, [prim_float(arg) for arg in call.args[2:]]))
+
+
 def stage_of(call, relax_op: str):
     """(stage, attrs) of a Relax call, or None when it has no Gaussian counterpart."""
+    if relax_op == MARKER_OP:
+        return marker_stage(call)
     op = BY_RELAX.get(relax_op)
     if op is None or op.kind is not Kind.GAUSSIAN:
         return None

@@ -127,7 +127,12 @@ class _Substitute(MainRewriter):
             if stage is None:
                 self.unsupported.append(op or type(value).__name__)
                 return
-            args = list(value.args[0].fields) if stage[0] == "concat" else list(value.args[: arity(*stage)])
+            if stage[0] == "concat":
+                args = list(value.args[0].fields)
+            elif op == R.MARKER_OP:  # (symbol, x, *params)
+                args = [value.args[1]]
+            else:
+                args = list(value.args[: arity(*stage)])
         for arg in args:
             if arg in self.softmax:
                 raise PfpcError(f"a softmax result feeds {op}: softmax is supported only at the model's output")

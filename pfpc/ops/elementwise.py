@@ -1,0 +1,312 @@
+"""Gaussian operators added for the operators real embedded networks use (issue 18): each
+defined once, its moment formula in its docstring, as a TE compute over `gaussian.Gaussian`.
+
+x ~ N(M, V) element-wise and independent; s = sqrt(V). Exact where a closed form exists
+(linear reductions, Exp, Abs, Max/Min of two, HardSigmoid, HardSwish); Gauss-Hermite quadrature
+for the smooth activations without one (SiLU, GELU, Softplus, Elu, Selu), whose error against
+Monte Carlo is measured in tests/test_new_ops.py and stated in the README's operator table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import te, tirx
+
+from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _reduce_products
+from .moments import clark_max_moments, clip_moments, f32, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
+
+#: Gauss-Hermite nodes: exact for polynomials of degree 2 K - 1 times the Gaussian.
+HERMITE_POINTS = 16
+_NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(HERMITE_POINTS)
+#: Standardised limits beyond which phi is exactly 0 and Phi exactly 0 or 1 (`std_normal_pdf`
+#: cuts off at 7.75): clamping keeps z^k phi(z) finite where z = +-inf (zero variance).
+_Z_LIMIT = 40.0
+
+
+def _unary(a: Gaussian, moments, plain, name, native) -> Gaussian:
+    """An element-wise operator: ``moments(mean, var)`` -> (E[y], native moment); ``plain``
+    the deterministic function for a deterministic input."""
+    if a.repr == Moment.NONE:
+        return Gaussian(te.compute(a.shape, lambda *idx: plain(a.mean[idx]), name=f"{name}_mean"), None, Moment.NONE)
+    mean, moment = te.compute(a.shape, lambda *idx: moments(a.mean[idx], a.var_at(idx)), name=name)
+    return Gaussian(mean, moment, native)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear reductions
+# ---------------------------------------------------------------------------------------------
+
+
+def reduce_sum(x: Gaussian, axes, keepdims=True) -> Gaussian:
+    """Y = sum of X over ``axes`` (ReduceSum): mean sum(m), variance sum(v) (independent terms).
+    Exact. Native output: variance."""
+    shape = x.shape
+    axes = sorted(axis % len(shape) for axis in axes)
+    reduce = {axis: te.reduce_axis((0, shape[axis]), name=f"r{axis}") for axis in axes}
+    kept = [axis for axis in range(len(shape)) if axis not in reduce]
+    out_shape = [1 if axis in reduce else shape[axis] for axis in range(len(shape))] if keepdims else [shape[a] for a in kept]
+
+    def terms(*idx):
+        full = {axis: idx[axis] for axis in kept} if keepdims else dict(zip(kept, idx))
+        source = tuple(reduce[axis] if axis in reduce else full[axis] for axis in range(len(shape)))
+        return x.mean[source], None if x.repr == Moment.NONE else x.var_at(source)
+
+    total = _reduce_products(out_shape, terms, [reduce[axis] for axis in axes], "sum")
+    return _divide_by_count(total, lambda *idx: f32(1.0), "reduce_sum")
+
+
+# ---------------------------------------------------------------------------------------------
+# exact nonlinearities
+# ---------------------------------------------------------------------------------------------
+
+
+def _expm1(value):
+    """exp(v) - 1 without the cancellation of exp(v) - 1 for small v (v >= 0)."""
+    series = value * (f32(1.0) + value * (f32(0.5) + value * f32(1.0 / 6.0)))
+    return tirx.Select(value < f32(1e-3), series, tirx.exp(value) - f32(1.0))
+
+
+def exp_moments(mean, var):
+    """Moments of y = exp(x) (log-normal, exact):
+
+    E[y] = exp(M + V/2),   Var[y] = exp(2M + V) (exp(V) - 1)
+
+    V = 0 gives (exp(M), 0). Returns (E[y], Var[y])."""
+    first = tirx.exp(mean + f32(0.5) * var)
+    return first, first * first * _expm1(var)
+
+
+def exp(a: Gaussian) -> Gaussian:
+    """Y = exp(X); moments from ``exp_moments``; native output: variance."""
+    return _unary(a, exp_moments, tirx.exp, "exp", Moment.VAR)
+
+
+def abs_moments(mean, var):
+    """Moments of y = |x| (folded normal, exact), z = M / s:
+
+    E[y] = M (2 Phi(z) - 1) + 2 s phi(z),   E[y^2] = M^2 + V
+
+    V = 0 gives z = +-inf (0 when M = 0), hence exactly |M|. Returns (E[y], E[y^2])."""
+    std = safe_sqrt(var)
+    z = safe_ratio(mean, std)
+    pdf = std_normal_pdf(z)
+    first = mean * (f32(2.0) * std_normal_cdf(z, pdf) - f32(1.0)) + f32(2.0) * std * pdf
+    return first, mean * mean + var
+
+
+def abs_(a: Gaussian) -> Gaussian:
+    """Y = |X|; moments from ``abs_moments``; native output: second moment."""
+    return _unary(a, abs_moments, lambda m: tirx.max(m, f32(0.0) - m), "abs", Moment.SECOND_MOMENT)
+
+
+def hard_sigmoid(a: Gaussian, alpha: float, beta: float) -> Gaussian:
+    """Y = clip(alpha X + beta, 0, 1) (HardSigmoid): u = alpha x + beta ~ N(alpha M + beta,
+    alpha^2 V) is Gaussian, and its clip has the exact moments ``clip_moments``. Native: E[y^2]."""
+
+    def moments(mean, var):
+        return clip_moments(f32(alpha) * mean + f32(beta), f32(alpha * alpha) * var, 0.0, 1.0)
+
+    def plain(mean):
+        return tirx.min(tirx.max(f32(alpha) * mean + f32(beta), f32(0.0)), f32(1.0))
+
+    return _unary(a, moments, plain, "hard_sigmoid", Moment.SECOND_MOMENT)
+
+
+def _truncated_powers(a, b, pdf_a, pdf_b, cdf_a, cdf_b, order):
+    """I_j = int_a^b z^j phi(z) dz for j = 0..order (a < b standardised limits, already clamped):
+    I_0 = Phi(b) - Phi(a), I_1 = phi(a) - phi(b), I_j = (j - 1) I_{j-2} + a^{j-1} phi(a) - b^{j-1} phi(b)."""
+    integrals = [cdf_b - cdf_a, pdf_a - pdf_b]
+    power_a, power_b = f32(1.0), f32(1.0)
+    for j in range(2, order + 1):
+        power_a, power_b = power_a * a, power_b * b
+        integrals.append(f32(float(j - 1)) * integrals[j - 2] + power_a * pdf_a - power_b * pdf_b)
+    return integrals
+
+
+def _raw_moments(mean, std, integrals):
+    """E[x^k 1{a < z < b}] for x = M + s z, k = 0..len(integrals) - 1 (binomial expansion)."""
+    moments = []
+    for k in range(len(integrals)):
+        total = f32(0.0)
+        for j in range(k + 1):
+            term = f32(float(math.comb(k, j))) * integrals[j]
+            for _ in range(k - j):
+                term = term * mean
+            for _ in range(j):
+                term = term * std
+            total = total + term
+        moments.append(total)
+    return moments
+
+
+def hard_swish_moments(mean, var, alpha, beta):
+    """Moments of y = x clip(alpha x + beta, 0, 1) (HardSwish: alpha = 1/6, beta = 1/2), alpha > 0,
+    exact: y is 0 below l = -beta/alpha, alpha x^2 + beta x on [l, u], x above u = (1 - beta)/alpha,
+    so with the truncated moments T_k = E[x^k 1{l<x<u}] and H_k = E[x^k 1{x>u}] of the Gaussian
+    (`_truncated_powers` in z = (x - M)/s, expanded binomially):
+
+    E[y]   = alpha T_2 + beta T_1 + H_1
+    E[y^2] = alpha^2 T_4 + 2 alpha beta T_3 + beta^2 T_2 + H_2
+
+    V = 0 puts all mass in one piece (the function is continuous, so a mean on a breakpoint is
+    exact too). Returns (E[y], E[y^2])."""
+    std = safe_sqrt(var)
+    lower, upper = -beta / alpha, (1.0 - beta) / alpha
+
+    def clamp(z):
+        return tirx.min(tirx.max(z, f32(-_Z_LIMIT)), f32(_Z_LIMIT))
+
+    a = clamp(safe_ratio(f32(lower) - mean, std))
+    b = clamp(safe_ratio(f32(upper) - mean, std))
+    pdf_a, pdf_b = std_normal_pdf(a), std_normal_pdf(b)
+    cdf_a, cdf_b = std_normal_cdf(a, pdf_a), std_normal_cdf(b, pdf_b)
+    middle = _raw_moments(mean, std, _truncated_powers(a, b, pdf_a, pdf_b, cdf_a, cdf_b, 4))
+    # above u: b to +inf, where phi(+inf) = 0 and Phi(+inf) = 1
+    upper_terms = _raw_moments(mean, std, [f32(1.0) - cdf_b, pdf_b, pdf_b * b + (f32(1.0) - cdf_b)])
+    first = f32(alpha) * middle[2] + f32(beta) * middle[1] + upper_terms[1]
+    second = (f32(alpha * alpha) * middle[4] + f32(2.0 * alpha * beta) * middle[3] + f32(beta * beta) * middle[2]
+              + upper_terms[2])
+    return first, second
+
+
+def hard_swish(a: Gaussian, alpha: float, beta: float) -> Gaussian:
+    """Y = X clip(alpha X + beta, 0, 1) (HardSwish, and Mul(x, HardSigmoid(x))); moments from
+    ``hard_swish_moments``; native output: second moment."""
+
+    def plain(mean):
+        return mean * tirx.min(tirx.max(f32(alpha) * mean + f32(beta), f32(0.0)), f32(1.0))
+
+    return _unary(a, lambda m, v: hard_swish_moments(m, v, alpha, beta), plain, "hard_swish", Moment.SECOND_MOMENT)
+
+
+def _clark_min_moments(mean1, var1, mean2, var2):
+    """min(x1, x2) = x1 + x2 - max(x1, x2) and min^2 + max^2 = x1^2 + x2^2, so from Clark's max:
+    E[min] = M1 + M2 - E[max],  E[min^2] = M1^2 + V1 + M2^2 + V2 - E[max^2] (exact)."""
+    max_first, max_second = clark_max_moments(mean1, var1, mean2, var2)
+    return mean1 + mean2 - max_first, mean1 * mean1 + var1 + mean2 * mean2 + var2 - max_second
+
+
+def _binary_extreme(a: Gaussian, b: Gaussian, moments, plain, name) -> Gaussian:
+    if a.repr == Moment.NONE and b.repr == Moment.NONE:
+        return _elementwise(a, b, lambda i, j: plain(a.mean[i], b.mean[j]), None, name)
+    result = _elementwise(a, b, lambda i, j: moments(a.mean[i], a.var_at(i), b.mean[j], b.var_at(j))[0],
+                          lambda i, j: moments(a.mean[i], a.var_at(i), b.mean[j], b.var_at(j))[1], name)
+    return Gaussian(result.mean, result.moment, Moment.SECOND_MOMENT)
+
+
+def maximum(a: Gaussian, b: Gaussian) -> Gaussian:
+    """Y = max(A, B) element-wise (NumPy broadcasting) for independent A, B: Clark's exact
+    moments (`moments.clark_max_moments`). Native output: second moment."""
+    return _binary_extreme(a, b, clark_max_moments, tirx.max, "maximum")
+
+
+def minimum(a: Gaussian, b: Gaussian) -> Gaussian:
+    """Y = min(A, B) element-wise for independent A, B: exact (``_clark_min_moments``). Native
+    output: second moment."""
+    return _binary_extreme(a, b, _clark_min_moments, tirx.min, "minimum")
+
+
+def reduce_max(x: Gaussian, axes, keepdims=True) -> Gaussian:
+    """Y = max of X over ``axes`` (ReduceMax, GlobalMaxPool): Clark's max of two Gaussians
+    applied pairwise in row-major order over the reduced positions, each intermediate max taken
+    as Gaussian with its exact first two moments (Clark 1961; the standard approximation of a
+    max of several). Native output: second moment."""
+    shape = x.shape
+    axes = sorted(axis % len(shape) for axis in axes)
+    kept = [axis for axis in range(len(shape)) if axis not in axes]
+    out_shape = [1 if axis in axes else shape[axis] for axis in range(len(shape))] if keepdims else [shape[a] for a in kept]
+    positions = [tuple(p) for p in np.ndindex(*[shape[axis] for axis in axes])]
+
+    def source(position, idx):
+        full = {axis: idx[axis] for axis in kept} if keepdims else dict(zip(kept, idx))
+        full.update(zip(axes, position))
+        return tuple(full[axis] for axis in range(len(shape)))
+
+    if x.repr == Moment.NONE:
+        def plain(*idx):
+            value = x.mean[source(positions[0], idx)]
+            for position in positions[1:]:
+                value = tirx.max(value, x.mean[source(position, idx)])
+            return value
+
+        return Gaussian(te.compute(out_shape, plain, name="reduce_max_mean"), None, Moment.NONE)
+    def first(*idx):
+        here = source(positions[0], idx)
+        return x.mean[here], x.mean[here] * x.mean[here] + x.var_at(here)
+
+    # each step a stage of its own (`gaussian.SHARED`): inlined, every step would repeat the last twice
+    acc_mean, acc_second = te.compute(out_shape, first, name="reduce_max_0", attrs=SHARED)
+    def clark_step(acc_mean, acc_second, position):
+        def step(*idx):
+            acc_var = tirx.max(acc_second[idx] - acc_mean[idx] * acc_mean[idx], f32(0.0))
+            here = source(position, idx)
+            return clark_max_moments(acc_mean[idx], acc_var, x.mean[here], x.var_at(here))
+
+        return step
+
+    for k, position in enumerate(positions[1:], 1):
+        acc_mean, acc_second = te.compute(out_shape, clark_step(acc_mean, acc_second, position), name=f"reduce_max_{k}",
+                                          attrs=SHARED)
+    return Gaussian(acc_mean, acc_second, Moment.SECOND_MOMENT)
+
+
+# ---------------------------------------------------------------------------------------------
+# smooth activations by Gauss-Hermite quadrature
+# ---------------------------------------------------------------------------------------------
+
+
+def silu(x):
+    """SiLU: x sigmoid(x)."""
+    return x / (f32(1.0) + tirx.exp(f32(0.0) - x))
+
+
+def gelu(x):
+    """GELU: x Phi(x)."""
+    return f32(0.5) * x * (f32(1.0) + tirx.erf(x * f32(1.0 / math.sqrt(2.0))))
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation."""
+    return f32(0.5) * x * (f32(1.0) + tirx.tanh(f32(math.sqrt(2.0 / math.pi)) * (x + f32(0.044715) * x * x * x)))
+
+
+def softplus(x):
+    """Softplus: log(1 + e^x)."""
+    # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|): no overflow for large |x|
+    return tirx.max(x, f32(0.0)) + tirx.log(f32(1.0) + tirx.exp(f32(0.0) - tirx.max(x, f32(0.0) - x)))
+
+
+def elu(alpha, gamma=1.0):
+    """Elu (gamma = 1) and Selu: gamma x for x > 0, gamma alpha (e^x - 1) else."""
+    def function(x):
+        negative = f32(alpha) * (tirx.exp(tirx.min(x, f32(0.0))) - f32(1.0))
+        return f32(gamma) * tirx.Select(x > f32(0.0), x, negative)
+
+    return function
+
+
+def gauss_hermite_moments(function, mean, var):
+    """Moments of y = f(x), x ~ N(M, V), by Gauss-Hermite quadrature with K = `HERMITE_POINTS`
+    nodes t_k and weights w_k (exact for polynomials of degree 2K - 1):
+
+    d_k = f(M + sqrt(2V) t_k) - f(M),   E[y] = f(M) + sum_k w_k d_k / sqrt(pi)
+    Var[y] = sum_k w_k d_k^2 / sqrt(pi) - (E[y] - f(M))^2
+
+    (differences from f(M), so a small V loses no precision to cancellation). V = 0 gives
+    exactly (f(M), 0). The error for a given f is measured against Monte Carlo. Returns (E, Var)."""
+    center = function(mean)
+    spread = tirx.sqrt(f32(2.0) * tirx.max(var, f32(0.0)))
+    first, second = f32(0.0), f32(0.0)
+    for node, weight in zip(_NODES, _WEIGHTS):
+        delta = function(mean + spread * f32(float(node))) - center
+        scaled = f32(float(weight / math.sqrt(math.pi))) * delta
+        first, second = first + scaled, second + scaled * delta
+    return center + first, tirx.max(second - first * first, f32(0.0))
+
+
+def smooth(a: Gaussian, function, name: str) -> Gaussian:
+    """Y = f(X) for a smooth activation ``function`` (a TIR expression of x: `silu`, `gelu`,
+    `gelu_tanh`, `softplus`, `elu`); moments ``gauss_hermite_moments``; native output: variance."""
+    return _unary(a, lambda m, v: gauss_hermite_moments(function, m, v), function, name, Moment.VAR)
