@@ -103,7 +103,7 @@ def abs_(a: Gaussian) -> Gaussian:
 
 def hard_sigmoid(a: Gaussian, alpha: float, beta: float) -> Gaussian:
     """Y = clip(alpha X + beta, 0, 1) (HardSigmoid): u = alpha x + beta ~ N(alpha M + beta,
-    alpha^2 V) is Gaussian, and its clip has the exact moments ``clip_moments``. Native: E[y^2]."""
+    alpha^2 V) is Gaussian, and its clip has the exact moments ``clip_moments``. Native: variance."""
 
     def moments(mean, var):
         return clip_moments(f32(alpha) * mean + f32(beta), f32(alpha * alpha) * var, 0.0, 1.0)
@@ -111,7 +111,7 @@ def hard_sigmoid(a: Gaussian, alpha: float, beta: float) -> Gaussian:
     def plain(mean):
         return tirx.min(tirx.max(f32(alpha) * mean + f32(beta), f32(0.0)), f32(1.0))
 
-    return _unary(a, moments, plain, "hard_sigmoid", Moment.SECOND_MOMENT)
+    return _unary(a, moments, plain, "hard_sigmoid", Moment.VAR)
 
 
 def _truncated_powers(a, b, pdf_a, pdf_b, cdf_a, cdf_b, order):
@@ -182,10 +182,11 @@ def hard_swish(a: Gaussian, alpha: float, beta: float) -> Gaussian:
 
 
 def _clark_min_moments(mean1, var1, mean2, var2):
-    """min(x1, x2) = x1 + x2 - max(x1, x2) and min^2 + max^2 = x1^2 + x2^2, so from Clark's max:
-    E[min] = M1 + M2 - E[max],  E[min^2] = M1^2 + V1 + M2^2 + V2 - E[max^2] (exact)."""
-    max_first, max_second = clark_max_moments(mean1, var1, mean2, var2)
-    return mean1 + mean2 - max_first, mean1 * mean1 + var1 + mean2 * mean2 + var2 - max_second
+    """min(x1, x2) = -max(-x1, -x2), so from Clark's max (exact, and the variance is computed
+    directly, never as a difference of second moments): E[min] = -E[max(-x1, -x2)],
+    Var(min) = Var(max(-x1, -x2))."""
+    max_mean, max_var = clark_max_moments(f32(0.0) - mean1, var1, f32(0.0) - mean2, var2)
+    return f32(0.0) - max_mean, max_var
 
 
 def _binary_extreme(a: Gaussian, b: Gaussian, moments, plain, name) -> Gaussian:
@@ -193,18 +194,18 @@ def _binary_extreme(a: Gaussian, b: Gaussian, moments, plain, name) -> Gaussian:
         return _elementwise(a, b, lambda i, j: plain(a.mean[i], b.mean[j]), None, name)
     result = _elementwise(a, b, lambda i, j: moments(a.mean[i], a.var_at(i), b.mean[j], b.var_at(j))[0],
                           lambda i, j: moments(a.mean[i], a.var_at(i), b.mean[j], b.var_at(j))[1], name)
-    return Gaussian(result.mean, result.moment, Moment.SECOND_MOMENT)
+    return Gaussian(result.mean, result.moment, Moment.VAR)
 
 
 def maximum(a: Gaussian, b: Gaussian) -> Gaussian:
     """Y = max(A, B) element-wise (NumPy broadcasting) for independent A, B: Clark's exact
-    moments (`moments.clark_max_moments`). Native output: second moment."""
+    moments (`moments.clark_max_moments`). Native output: variance."""
     return _binary_extreme(a, b, clark_max_moments, tirx.max, "maximum")
 
 
 def minimum(a: Gaussian, b: Gaussian) -> Gaussian:
     """Y = min(A, B) element-wise for independent A, B: exact (``_clark_min_moments``). Native
-    output: second moment."""
+    output: variance."""
     return _binary_extreme(a, b, _clark_min_moments, tirx.min, "minimum")
 
 
@@ -212,7 +213,7 @@ def reduce_max(x: Gaussian, axes, keepdims=True) -> Gaussian:
     """Y = max of X over ``axes`` (ReduceMax, GlobalMaxPool): Clark's max of two Gaussians
     applied pairwise in row-major order over the reduced positions, each intermediate max taken
     as Gaussian with its exact first two moments (Clark 1961; the standard approximation of a
-    max of several). Native output: second moment."""
+    max of several). Native output: variance."""
     shape = x.shape
     axes = sorted(axis % len(shape) for axis in axes)
     kept = [axis for axis in range(len(shape)) if axis not in axes]
@@ -234,22 +235,21 @@ def reduce_max(x: Gaussian, axes, keepdims=True) -> Gaussian:
         return Gaussian(te.compute(out_shape, plain, name="reduce_max_mean"), None, Moment.NONE)
     def first(*idx):
         here = source(positions[0], idx)
-        return x.mean[here], x.mean[here] * x.mean[here] + x.var_at(here)
+        return x.mean[here], x.var_at(here)
 
     # each step a stage of its own (`gaussian.SHARED`): inlined, every step would repeat the last twice
-    acc_mean, acc_second = te.compute(out_shape, first, name="reduce_max_0", attrs=SHARED)
-    def clark_step(acc_mean, acc_second, position):
+    acc_mean, acc_var = te.compute(out_shape, first, name="reduce_max_0", attrs=SHARED)
+    def clark_step(acc_mean, acc_var, position):
         def step(*idx):
-            acc_var = tirx.max(acc_second[idx] - acc_mean[idx] * acc_mean[idx], f32(0.0))
             here = source(position, idx)
-            return clark_max_moments(acc_mean[idx], acc_var, x.mean[here], x.var_at(here))
+            return clark_max_moments(acc_mean[idx], acc_var[idx], x.mean[here], x.var_at(here))
 
         return step
 
     for k, position in enumerate(positions[1:], 1):
-        acc_mean, acc_second = te.compute(out_shape, clark_step(acc_mean, acc_second, position), name=f"reduce_max_{k}",
-                                          attrs=SHARED)
-    return Gaussian(acc_mean, acc_second, Moment.SECOND_MOMENT)
+        acc_mean, acc_var = te.compute(out_shape, clark_step(acc_mean, acc_var, position), name=f"reduce_max_{k}",
+                                       attrs=SHARED)
+    return Gaussian(acc_mean, acc_var, Moment.VAR)
 
 
 # ---------------------------------------------------------------------------------------------
