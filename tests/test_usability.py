@@ -223,8 +223,8 @@ def test_signal_during_compile_leaves_nothing(tmp_path, sig, code):
     time.sleep(4.0)  # past the imports: inside the compile
     process.send_signal(sig)
     _, err = process.communicate(timeout=120)
-    if process.returncode == 0:
-        pytest.skip("the compile finished before the signal")
+    if process.returncode == 0 or (out / "pfpc-manifest.json").exists():
+        pytest.skip("the compile finished before the signal (it then dies in the interpreter's shutdown)")
     assert process.returncode == code, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "interrupted" in err
     assert not out.exists() and not _staging(tmp_path)
