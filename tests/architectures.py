@@ -13,6 +13,9 @@ std = relative * |mu| + floor for every float initializer of rank >= 1.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import onnx
 import torch
@@ -21,6 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from torch_models import _randomise_batch_norms, export  # noqa: F401  (export re-exported)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "seed_mnist"))
+import build_models as seed_networks  # noqa: E402  (the seed networks, defined in their example)
 
 
 def _conv_bn_relu(cin, cout, kernel, stride=1, padding=0, groups=1, relu=nn.ReLU):
@@ -158,40 +164,18 @@ class MobileNetV2Stack(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
-class SeedMLP(nn.Module):
-    """The seed paper's MNIST MLP 784-100-100-10 (89,400 MACs), layer names as in its checkpoint."""
+class SeedMLP(seed_networks.SeedMLP):
+    """The seed paper's MNIST MLP 784-100-100-10 (89,400 MACs), layer names as in its checkpoint;
+    defined once, in the seed example (examples/seed_mnist/build_models.py)."""
 
     input_shape = (1, 1, 28, 28)
 
-    def __init__(self):
-        super().__init__()
-        self.input_layer = nn.Linear(784, 100)
-        self.hidden_layers = nn.ModuleList([nn.Linear(100, 100)])
-        self.out_layer = nn.Linear(100, 10)
 
-    def forward(self, x):
-        h = F.relu(self.input_layer(torch.flatten(x, 1)))
-        return self.out_layer(F.relu(self.hidden_layers[0](h)))
-
-
-class SeedLeNet(nn.Module):
-    """The seed paper's LeNet-5 on 28x28 MNIST (416,520 MACs), layer names as in its checkpoint."""
+class SeedLeNet(seed_networks.SeedLeNet):
+    """The seed paper's LeNet-5 on 28x28 MNIST (416,520 MACs), layer names as in its checkpoint;
+    defined once, in the seed example."""
 
     input_shape = (1, 1, 28, 28)
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(400, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
-        h = F.relu(self.fc1(torch.flatten(h, 1)))
-        return self.fc3(F.relu(self.fc2(h)))
 
 
 ARCHITECTURES = {

@@ -515,18 +515,11 @@ def with_deterministic_copy(case: Case) -> tuple[onnx.ModelProto, dict]:
         if clone.name:
             clone.name = renamed(clone.name)
         graph.node.append(clone)
-    for value in list(graph.input):
-        clone = copy.deepcopy(value)
-        clone.name = renamed(value.name)
-        graph.input.append(clone)
-    for init in list(graph.initializer):
-        clone = copy.deepcopy(init)
-        clone.name = renamed(init.name)
-        graph.initializer.append(clone)
-    for value in list(graph.output):
-        clone = copy.deepcopy(value)
-        clone.name = renamed(value.name)
-        graph.output.append(clone)
+    for field in (graph.input, graph.initializer, graph.output):
+        for value in list(field):
+            clone = copy.deepcopy(value)
+            clone.name = renamed(value.name)
+            field.append(clone)
     feeds = dict(case.feeds)
     feeds.update({renamed(k): v for k, v in case.feeds.items()})
     return model, feeds
