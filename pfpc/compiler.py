@@ -27,6 +27,7 @@ from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
 from .options import MODES, SVI_DEFAULT_SAMPLES, check_c_name, check_outputs, check_sampling_options  # noqa: F401
 from .passes.append_predictive_outputs import AppendPredictiveOutputs
+from .passes.substitute_layers import SubstituteLayers
 from .passes.apply_shared_draws import ApplySharedDraws
 from .passes.pipeline import check_order, default_passes, svi_passes
 from .progress import step
@@ -117,7 +118,10 @@ def compile(  # noqa: A001 - the public name users expect
     samples, seed = check_sampling_options(mode, samples, seed)
     outputs = check_outputs(outputs, mode)
     passes = list(passes if passes is not None else (svi_passes() if mode == "svi" else default_passes()))
-    last = [("append_predictive_outputs", AppendPredictiveOutputs(outputs, probs_method, logit_samples))] if outputs else []
+    # the predictive outputs, and the value of every output that ends in a softmax (the pass does
+    # nothing for a model without either)
+    appended = any(isinstance(transform, SubstituteLayers) for _, transform in passes) and (mode == "pfp" or outputs)
+    last = [("append_predictive_outputs", AppendPredictiveOutputs(outputs, probs_method, logit_samples))] if appended else []
     if out_dir is not None:
         atomic.check_replaceable(os.path.abspath(out_dir), force)
     label = os.path.basename(model) if isinstance(model, (str, os.PathLike)) else "model"

@@ -13,7 +13,7 @@ rest weights):
 | ``pfp.outputs`` | the `Moment` of each model output (``main`` returns mean [+ moment] per output) | `SubstituteLayers`, the kernel-rewriting passes |
 | ``pfp.output_softmax`` | [{"output": index, "function": name, "axis": int}] of dropped softmaxes | `SubstituteLayers` |
 | ``pfp.extra_outputs`` | the predictive outputs appended after the Gaussian ones | `AppendPredictiveOutputs` |
-| ``pfp.predictive`` | (probability method, logit draws) of those outputs | `AppendPredictiveOutputs` |
+| ``pfp.predictive`` | (probability method, logit draws) of those outputs and of the softmax outputs; once set, ``main`` also returns the value of every ``pfp.output_softmax`` output after the extra outputs | `AppendPredictiveOutputs` |
 
 On a Gaussian kernel (a PrimFunc): ``pfp.kernel``, its `KernelSpec` (stored as JSON text, the
 form TVM prints and serialises; `kernel_spec` parses it).
@@ -233,10 +233,11 @@ def _check_outputs(func):
             if isinstance(binding.value, relax.Tuple) and binding.var.same_as(body):
                 fields = binding.value.fields
     fields = fields if fields is not None else (body.fields if isinstance(body, relax.Tuple) else [body])
-    wanted = sum(1 if r == Moment.NONE else 2 for r in reprs) + len(extra_outputs(func))
+    values = len(output_softmax(func)) if predictive(func) is not None else 0  # softmax outputs' values, once computed
+    wanted = sum(1 if r == Moment.NONE else 2 for r in reprs) + len(extra_outputs(func)) + values
     if len(fields) != wanted:
-        raise PfpcError(f"ill-formed IR: main returns {len(fields)} tensors, pfp.outputs {reprs} and "
-                        f"pfp.extra_outputs {extra_outputs(func)} say {wanted}")
+        raise PfpcError(f"ill-formed IR: main returns {len(fields)} tensors, pfp.outputs {reprs}, "
+                        f"pfp.extra_outputs {extra_outputs(func)} and {values} softmax output value(s) say {wanted}")
     for entry in output_softmax(func):
         if not 0 <= int(entry["output"]) < len(reprs):
             raise PfpcError(f"ill-formed IR: pfp.output_softmax names output {entry['output']} of {len(reprs)}")

@@ -108,16 +108,19 @@ def check_fits_board(out_dir, target, elf) -> None:
 
 @dataclass
 class RunResult:
-    """(mean, var) per output; the predictive outputs compiled in (``probs``, ``entropy``, ``ood``);
-    for Cortex-M under QEMU, the instructions executed by every call (`targets.Target.instructions`;
-    a real core spends more on loads, divisions and branches), its peak stack bytes (painted
-    stack, libm included) and, when built with ``profile``, the instructions per kernel."""
+    """(mean, var) per output, for an output computed by a final softmax (log-softmax) (its value:
+    the predictive probabilities (their logs), None), its logits' (mean, var) in ``logits`` by output
+    index; the predictive outputs compiled in (``probs``, ``entropy``, ``ood``); for Cortex-M under
+    QEMU, the instructions executed by every call (`targets.Target.instructions`; a real core spends
+    more on loads, divisions and branches), its peak stack bytes (painted stack, libm included) and,
+    when built with ``profile``, the instructions per kernel."""
 
     outputs: list
     cycles: list
     extras: dict
     stack_bytes: list
     layers: list | None = None
+    logits: dict | None = None
 
 
 def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False, profile: bool = False) -> RunResult:
@@ -169,22 +172,41 @@ def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False, profile: 
         # the first call's total less its kernels, so that the rows add up to that total exactly
         layers.append({"kernel": "(executor: entry, copies, exit, counter reads)", "ticks": None,
                        "instructions": cycles[0] - sum(layer["instructions"] for layer in layers)})
-    # per chunk: mean and var of every output, then every extra output
-    layout = [shape for _, shape in meta["outputs"] for _ in range(2)] + [shape for _, shape in meta.get("extra_outputs", [])]
+    # per chunk, the buffers of <name>_run in order: per output its mean and var (a softmax output:
+    # its value, its logits' mean and var), then every extra output
+    buffers = output_buffers(meta)
+    extra_shapes = iter(shape for _, shape in meta.get("extra_outputs", []))
+    layout = [meta["outputs"][index][1] if index is not None else next(extra_shapes) for _, index, _ in buffers]
     raw = raw.reshape(chunks, sum(int(np.prod(shape)) for shape in layout))
-    arrays, offset = [], 0
-    for shape in layout:
+    arrays, offset = {}, 0
+    for (_, index, what), shape in zip(buffers, layout):
         size = int(np.prod(shape))
-        arrays.append(raw[:, offset : offset + size].reshape([chunks * shape[0]] + list(shape[1:])))
+        arrays[(index, what)] = raw[:, offset : offset + size].reshape([chunks * shape[0]] + list(shape[1:]))
         offset += size
-    count = len(meta["outputs"])
-    outputs = [(arrays[2 * i], arrays[2 * i + 1]) for i in range(count)]
-    extras = {kind: value for (kind, _), value in zip(meta.get("extra_outputs", []), arrays[2 * count :])}
-    return RunResult(outputs, cycles, extras, stack, layers)
+    outputs, logits = [], {}
+    for index in range(len(meta["outputs"])):
+        if (index, "value") in arrays:
+            outputs.append((arrays[(index, "value")], None))
+            logits[index] = (arrays[(index, "logits_mean")], arrays[(index, "logits_var")])
+        else:
+            outputs.append((arrays[(index, "mean")], arrays[(index, "var")]))
+    extras = {kind: arrays[(None, kind)] for kind, _ in meta.get("extra_outputs", [])}
+    return RunResult(outputs, cycles, extras, stack, layers, logits)
+
+
+def output_buffers(meta: dict) -> list:
+    """(parameter, output index or None, what) of every output buffer of ``<name>_run``, in order
+    (``pfpc.json``'s ``output_buffers``; `program.Program.output_buffers` says what each is)."""
+    if "output_buffers" in meta:
+        return [tuple(entry) for entry in meta["output_buffers"]]
+    # written before softmax outputs kept their value: a mean and a variance per output
+    return ([(None, index, what) for index in range(len(meta["outputs"])) for what in ("mean", "var")]
+            + [(None, None, kind) for kind, _ in meta.get("extra_outputs", [])])
 
 
 def run_host(out_dir: str, inputs: list[np.ndarray], extras: bool = False):
-    """Run the generated C, built for the host, on ``inputs``: (mean, var) per output; with
-    ``extras``, also the predictive outputs as a dict (``probs``, ``entropy``, ``ood``)."""
+    """Run the generated C, built for the host, on ``inputs``: (mean, var) per output ((value, None)
+    for an output computed by a final softmax: `RunResult`); with ``extras``, also the predictive
+    outputs as a dict (``probs``, ``entropy``, ``ood``)."""
     result = run(out_dir, inputs)
     return (result.outputs, result.extras) if extras else result.outputs

@@ -30,13 +30,10 @@ def _runner(program: Program) -> str:
         f"    if (fread(in_{c}, sizeof(float), {upper}_{c.upper()}_SIZE, in) != {upper}_{c.upper()}_SIZE) break;" for c, _, _ in program.inputs
     )
     decl = "\n".join(f"  static float in_{c}[{upper}_{c.upper()}_SIZE];" for c, _, _ in program.inputs)
-    decl += "\n" + "\n".join(
-        f"  static float {c}_mean[{upper}_{c.upper()}_SIZE], {c}_var[{upper}_{c.upper()}_SIZE];" for c, _, _ in program.outputs
-    )
-    extras = [c for c, _, _ in program.extra_outputs]
-    decl += "".join(f"\n  static float {c}[{upper}_{c.upper()}_SIZE];" for c in extras)
-    call_args = [f"in_{c}" for c, _, _ in program.inputs] + [a for c, _, _ in program.outputs for a in (f"{c}_mean", f"{c}_var")] + extras + ["NULL"]
-    written = [a for c, _, _ in program.outputs for a in ((f"{c}_mean", c), (f"{c}_var", c))] + [(c, c) for c in extras]
+    # every output buffer has the size of its output (an extra output: its own)
+    written = [(buffer, program.outputs[index][0] if index is not None else buffer) for buffer, index, _ in program.output_buffers()]
+    decl += "".join(f"\n  static float {buffer}[{upper}_{size.upper()}_SIZE];" for buffer, size in written)
+    call_args = [f"in_{c}" for c, _, _ in program.inputs] + [buffer for buffer, _ in written] + ["NULL"]
     writes = "\n".join(f"    fwrite({buffer}, sizeof(float), {upper}_{size.upper()}_SIZE, out);" for buffer, size in written)
     steps = len(program.steps) if program.sampling is None else 0
     return f"""/* {name}_main.c: the runner used by `pfpc run`, not part of the library.

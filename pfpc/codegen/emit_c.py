@@ -69,9 +69,7 @@ def render(program: Program) -> dict[str, str]:
 
 def run_signature(program: Program) -> str:
     args = [f"const float* {c}" for c, _, _ in program.inputs]
-    for c, _, _ in program.outputs:
-        args += [f"float* {c}_mean", f"float* {c}_var"]
-    args += [f"float* {c}" for c, _, _ in program.extra_outputs]
+    args += [f"float* {c}" for c, _, _ in program.output_buffers()]
     args.append("void* arena")
     return f"int {program.name}_run({', '.join(args)})"
 
@@ -85,7 +83,15 @@ def render_header(program: Program, summary: str, definitions: str = "", arena_n
         shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
         shape_defs.append(f"#define {upper}_INPUT{index}_SIZE {upper}_{c_name.upper()}_SIZE")
     for index, (c_name, onnx_name, shape) in enumerate(program.outputs):
-        shape_defs.append(f"/* output {index} '{c_comment(onnx_name)}': shape {list(shape)}, predictive mean and variance */")
+        entry = program.softmax_of(index)
+        if entry is None:
+            what = "predictive mean and variance"
+        else:
+            what = (f"{'the log of ' if entry['function'] == 'log_softmax' else ''}the predictive probabilities over axis "
+                    f"{entry['axis']} ({c_name}: {c_comment(entry['function'])} of the Gaussian logits, "
+                    f"{predictive_docs('probs', *program.predictive).split(', ', 1)[1]}); {c_name}_logits_mean and "
+                    f"{c_name}_logits_var: the predictive mean and variance of those logits (the {c_comment(entry['function'])}'s input)")
+        shape_defs.append(f"/* output {index} '{c_comment(onnx_name)}': shape {list(shape)}, {what} */")
         shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
         shape_defs.append(f"#define {upper}_OUTPUT{index}_SIZE {upper}_{c_name.upper()}_SIZE")
     for c_name, kind, shape in program.extra_outputs:
@@ -110,7 +116,7 @@ extern "C" {{
 #define {upper}_ARENA_SIZE {max(program.arena_size, 16)}
 
 /* Returns 0. Inputs are read-only; outputs must not overlap the arena or each other.
- * Per output: its predictive mean and variance{", then the predictive outputs chosen at compile time (above)" if program.extra_outputs else ""}. */
+ * Per output: its predictive mean and variance{" (a softmax output: its value, then its logits' mean and variance)" if program.output_softmax else ""}{", then the predictive outputs chosen at compile time (above)" if program.extra_outputs else ""}. */
 {run_signature(program)};
 {decide_helper(program, upper) if program.extra_outputs else ""}
 #ifdef __cplusplus
@@ -246,8 +252,12 @@ def write(program: Program, out_dir: str) -> None:
         "arena_lower_bound_bytes": program.arena_lower_bound,
         "weights_bytes": sum(values.nbytes for values, _ in program.weights.values()),
         "layers": footprint.layer_costs(program),
-        # outputs whose softmax/log-softmax was dropped: they hold the moments of the logits
-        "output_softmax": program.output_softmax,
+        # outputs computed by a final softmax/log-softmax: their value is the predictive probabilities
+        # (their logs), by the method of "predictive"; "logits" names the buffers of their logits' moments
+        "output_softmax": [{**entry, "logits": f"{program.outputs[entry['output']][1]}_logits", "method": program.predictive[0],
+                            "logit_samples": program.predictive[1]} for entry in program.output_softmax],
+        # every output buffer of <name>_run in order: [parameter, output index (None: an extra output), what]
+        "output_buffers": [[c_name, index, what] for c_name, index, what in program.output_buffers()],
     }
     if program.shared is not None:
         meta["shared_posterior"] = program.shared.metadata()

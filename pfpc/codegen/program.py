@@ -112,8 +112,27 @@ class Program:
     namer: object = None  # the C identifiers taken so far
     output_stems: list = field(default_factory=list)  # per model output its C stem (<stem>_mean, <stem>_var), reserved first
     sampling: object = None  # emit_svi.Sampling: the program runs once per weight sample (mode svi)
-    output_softmax: list = field(default_factory=list)  # a softmax dropped at an output (see substitute_layers)
+    output_softmax: list = field(default_factory=list)  # outputs computed by a final softmax (see substitute_layers)
     shared: object = None  # shared_weights.SharedWeights: weights stored as codebooks (a shared posterior)
+
+    def softmax_of(self, index: int) -> dict | None:
+        """The ``output_softmax`` entry of output ``index``: its value is the softmax (log-softmax)
+        of Gaussian logits, in the buffer ``<stem>``, the logits' moments in ``<stem>_logits_mean``
+        and ``<stem>_logits_var``; None for an output that is a mean and a variance."""
+        return next((entry for entry in self.output_softmax if entry["output"] == index), None)
+
+    def output_buffers(self) -> list:
+        """(C parameter, output index, what) of every output buffer of ``<name>_run`` in order:
+        per output its mean and variance (``mean``, ``var``) or, for a softmax output, its value
+        then its logits' moments (``value``, ``logits_mean``, ``logits_var``); then the extra outputs
+        (what = their kind, index None)."""
+        buffers = []
+        for index, (c_name, _, _) in enumerate(self.outputs):
+            if self.softmax_of(index) is not None:
+                buffers += [(c_name, index, "value"), (f"{c_name}_logits_mean", index, "logits_mean"), (f"{c_name}_logits_var", index, "logits_var")]
+            else:
+                buffers += [(f"{c_name}_mean", index, "mean"), (f"{c_name}_var", index, "var")]
+        return buffers + [(c_name, None, kind) for c_name, kind, _ in self.extra_outputs]
 
 
 def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model", target=None,
@@ -141,20 +160,23 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
             program.copies.append((pointer, tensor))
             tensor.last_use = len(program.steps)
 
-    for (onnx_name, shape), repr_, base in zip(io["outputs"], reprs, program.output_stems):
+    for index, ((onnx_name, shape), repr_, base) in enumerate(zip(io["outputs"], reprs, program.output_stems)):
         program.outputs.append((base, onnx_name, shape))
         mean = out_fields.pop(0)
         moment = out_fields.pop(0) if repr_ != Moment.NONE else None
         if repr_ == Moment.SECOND_MOMENT:
             raise PfpcError("internal: an output is left as a second moment")
-        bind_output(mean, f"{base}_mean", int(np.prod(shape)))
-        bind_output(moment, f"{base}_var", int(np.prod(shape)))
-    if len(out_fields) != len(extras):
-        raise PfpcError(f"internal: {len(out_fields)} extra results for the outputs {extras}")
+        stem = f"{base}_logits" if program.softmax_of(index) is not None else base
+        bind_output(mean, f"{stem}_mean", int(np.prod(shape)))
+        bind_output(moment, f"{stem}_var", int(np.prod(shape)))
+    if len(out_fields) != len(extras) + len(program.output_softmax):
+        raise PfpcError(f"internal: {len(out_fields)} extra results for the outputs {extras} and {len(program.output_softmax)} softmax outputs")
     for kind, tensor in zip(extras, out_fields):
         pointer = namer(f"{program.outputs[0][0]}_{kind}", limit=MAX_MACRO_IDENT)
         program.extra_outputs.append((pointer, kind, tensor.shape))
         bind_output(tensor, pointer, tensor.size)
+    for entry, tensor in zip(program.output_softmax, out_fields[len(extras):]):
+        bind_output(tensor, program.outputs[entry["output"]][0], tensor.size)
     plan_arena(program)
     return program
 
@@ -168,7 +190,9 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
     namer = Namer({name, f"{name}_run", "arena", "base", *reserved})
-    program = Program(name, [], [], namer=namer, output_softmax=ir_state.output_softmax(func))
+    # a softmax output's value exists once AppendPredictiveOutputs computed it (pfp.predictive set)
+    softmax = ir_state.output_softmax(func) if ir_state.predictive(func) is not None else []
+    program = Program(name, [], [], namer=namer, output_softmax=softmax)
     env: dict = {}
     for param, (onnx_name, shape) in zip(func.params[:num_input], io["inputs"]):
         tensor = Tensor(namer(onnx_name, limit=MAX_MACRO_IDENT), shape, "input")
@@ -176,7 +200,8 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
         namer.taken.add(f"in_{tensor.c_name}".lower())  # the runner's buffer for it
         env[param] = tensor
     # outputs before any other tensor: their <stem>_mean/_var parameters keep their readable names
-    program.output_stems = [namer.stem(onnx_name, ("_mean", "_var"), limit=MAX_MACRO_IDENT) for onnx_name, _ in io["outputs"]]
+    program.output_stems = [namer.stem(onnx_name, ("", "_logits_mean", "_logits_var") if program.softmax_of(index) else ("_mean", "_var"),
+                                       limit=MAX_MACRO_IDENT) for index, (onnx_name, _) in enumerate(io["outputs"])]
     onnx_names = ir_state.onnx_names(func)
     weight_tensors = {}
     for param in func.params[num_input:]:

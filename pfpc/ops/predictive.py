@@ -155,6 +155,26 @@ def predictive_probs(mean, var, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES):
     return te.compute(mean.shape, lambda n, c: tirx.exp(log_q(n, c)) / total[n], name="probs")
 
 
+def predictive_log_probs(mean, var, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES):
+    """log p [N, K] of `predictive_probs`, in log space (a log-softmax output): log q_k - log sum_j
+    exp(log q_j) for the closed forms (exactly log_softmax(M) without variance); for sampling the
+    log-mean-exp over the draws of log softmax(z_s), shifted by its maximum over the draws."""
+    if method == "sampling" and var is not None:
+        z, peak, total, _ = _sampled(mean, var, samples)
+
+        def log_p(n, s, k):
+            return z(n, s, k) - peak[n, s] - tirx.log(total[n, s])
+
+        s = te.reduce_axis((0, samples), name="s")
+        top = te.compute(mean.shape, lambda n, k: te.max(log_p(n, s, k), axis=s), name="draw_log_max")
+        s = te.reduce_axis((0, samples), name="s")
+        spread = te.compute(mean.shape, lambda n, k: te.sum(tirx.exp(log_p(n, s, k) - top[n, k]), axis=s), name="draw_log_sum")
+        return te.compute(mean.shape, lambda n, k: top[n, k] + tirx.log(spread[n, k] * f32(1.0 / samples)), name="log_probs")
+    log_q, rows, classes = _closed_form_log_q(mean, var, method)
+    total = _row_sum(lambda n, k: tirx.exp(log_q(n, k)), rows, classes, "row_sum")
+    return te.compute(mean.shape, lambda n, c: log_q(n, c) - tirx.log(total[n]), name="log_probs")
+
+
 def _entropy_of_row(probs, rows, classes, name="entropy"):
     """-sum_k p_k log p_k of a materialised row (p_k = 0 contributes 0)."""
     weighted = _row_sum(lambda n, k: probs[n, k] * tirx.log(tirx.max(probs[n, k], f32(1e-37))), rows, classes, "p_log_p")
@@ -204,7 +224,9 @@ def mean_logit_variance(mean, var, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLE
 
 
 COMPUTE = {"probs": predictive_probs, "entropy": predictive_entropy, "mutual_information": mutual_information,
-           "logit_var": mean_logit_variance, "ood": mean_logit_variance}
+           "logit_var": mean_logit_variance, "ood": mean_logit_variance, "log_probs": predictive_log_probs}
+#: what a model output computed by a final softmax / log-softmax holds (`output_function_kernel`)
+OUTPUT_FUNCTIONS = {"softmax": "probs", "log_softmax": "log_probs"}
 
 
 def build_predictive_kernel(output: str, shape, with_var: bool, name: str, method: str = DEFAULT_METHOD,
@@ -217,21 +239,48 @@ def build_predictive_kernel(output: str, shape, with_var: bool, name: str, metho
     return _schedule_by_row(func).with_attr("global_symbol", name)
 
 
+def output_function_kernel(function: str, shape, with_var: bool, name: str, method: str = DEFAULT_METHOD,
+                           samples: int = DEFAULT_SAMPLES):
+    """The PrimFunc (mean[, var]) -> the probabilities (``softmax``) or their logs (``log_softmax``)
+    of logits of ``shape`` [O, K] or [O, K, I], class axis 1: a model output that was a softmax of
+    its logits (`OUTPUT_FUNCTIONS`). [O, K, I] (a softmax over a middle axis) is taken as rows
+    n = o I + i of K classes, the loops run per (o, i) row."""
+    if len(shape) == 2:
+        return build_predictive_kernel(OUTPUT_FUNCTIONS[function], shape, with_var, name, method, samples)
+    outer, classes, inner = (int(d) for d in shape)
+    mean = te.placeholder([outer, classes, inner], "float32", name="logits_mean")
+    var = te.placeholder([outer, classes, inner], "float32", name="logits_var") if with_var else None
+
+    def rows(tensor, label):  # [O I, K] view, inlined by the schedule
+        return te.compute((outer * inner, classes), lambda n, k: tensor[n // inner, k, n % inner], name=label)
+
+    flat = COMPUTE[OUTPUT_FUNCTIONS[function]](rows(mean, "rows_mean"), None if var is None else rows(var, "rows_var"), method, samples)
+    result = te.compute((outer, classes, inner), lambda o, k, i: flat[o * inner + i, k], name="values")
+    func = te.create_prim_func([mean] + ([var] if with_var else []) + [result])
+    return _schedule_by_row(func).with_attr("global_symbol", name)
+
+
 def _schedule_by_row(func):
-    """Everything under the output's row loop: per row, scalars and rows of K (or S) values."""
+    """Everything under the output's row loop: per row, scalars and rows of K (or S) values. A
+    [O, K, I] output runs its loops as (o, i, k): rows (o, i)."""
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
     output = sch.get_output_blocks(root)[0]
     for block in sch.get_child_blocks(root):
         if not sch.get(block).same_as(sch.get(output)) and not any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars):
             sch.compute_inline(block)
-    row = sch.get_loops(output)[0]
+    loops = sch.get_loops(output)
+    depth = 1
+    if len(loops) == 3:
+        sch.reorder(loops[0], loops[2], loops[1])
+        depth = 2
+    row = sch.get_loops(output)[depth - 1]
     producers = [sch.get(block).name_hint for block in sch.get_child_blocks(root)][:-1]
     for name in reversed(producers):
         sch.compute_at(sch.get_sblock(name), row)
     for name in producers:  # initialise each accumulator once per row, outside its loop over k
         block = sch.get_sblock(name)
-        sch.decompose_reduction(block, sch.get_loops(block)[1])
+        sch.decompose_reduction(block, sch.get_loops(block)[depth])
     return sch.mod["main"]
 
 

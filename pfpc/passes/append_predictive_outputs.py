@@ -12,10 +12,23 @@ must have one [N, K] output; deterministic logits (no variance) give softmax pro
 zero mutual information and logit variance. The chosen outputs are recorded in the function
 attribute ``pfp.extra_outputs``, the method and draws in ``pfp.predictive``; code generation gives
 each output its own buffer. Runs last: the kernel-rewriting passes know only the Gaussian outputs.
+
+A model output that was a softmax (or log-softmax) of its logits (``pfp.output_softmax``, recorded
+by `SubstituteLayers`, which returns the logits' moments there) gets its value back, by the same
+method, after those:
+
+    return (logits_mean, logits_var)      # output 0 was y = Softmax(logits, axis)
+        ->  view = R.reshape(logits_*, [O, K] or [O, K, I])     # K: the softmax axis
+            y = R.reshape(R.call_tir(logits_softmax, view), shape of y)
+            return (logits_mean, logits_var, <extras>, y)
+
+so every output means what the ONNX model says (with zero variance it is the model's output) and
+the logits' moments stay available beside it.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -23,7 +36,8 @@ from ..errors import PfpcError
 from .. import ir_state
 from ..ir import MainRewriter, func_attrs, output_fields, shape_of
 from ..ops.gaussian import Moment
-from ..ops.predictive import DEFAULT_METHOD, DEFAULT_SAMPLES, MAX_SAMPLES, METHODS, PREDICTIVE_OUTPUTS, build_predictive_kernel
+from ..ops.predictive import (DEFAULT_METHOD, DEFAULT_SAMPLES, MAX_SAMPLES, METHODS, PREDICTIVE_OUTPUTS, build_predictive_kernel,
+                              output_function_kernel)
 
 
 def check_outputs(outputs) -> tuple:
@@ -50,8 +64,10 @@ class _Append(MainRewriter):
 
     def output(self, body):
         fields = [self.remap(field) for field in output_fields(self.func)]
+        reprs = ir_state.output_moments(self.func)
+        starts = [sum(1 if r == Moment.NONE else 2 for r in reprs[:index]) for index in range(len(reprs))]
         mean, shape = fields[0], shape_of(fields[0])
-        args = [mean] + ([fields[1]] if ir_state.output_moments(self.func)[0] != Moment.NONE else [])
+        args = [mean] + ([fields[1]] if reprs[0] != Moment.NONE else [])
         extras = []
         for name in self.outputs:
             kernel = self.kernels.unique(f"logits_{name}")
@@ -59,7 +75,21 @@ class _Append(MainRewriter):
             gvar = self.bb.add_func(prim, kernel)
             out_shape = shape if name == "probs" else shape[:1]
             extras.append(self.bb.emit(relax.call_tir(gvar, relax.Tuple(args), relax.TensorType(out_shape, "float32")), name))
+        for entry in ir_state.output_softmax(self.func):
+            extras.append(self.output_function(entry, fields[starts[entry["output"]]:][: 1 if reprs[entry["output"]] == Moment.NONE else 2]))
         return relax.Tuple(fields + extras)
+
+    def output_function(self, entry, moments):
+        """The softmax / log-softmax of an output's Gaussian logits over its axis, by the method."""
+        shape, axis = shape_of(moments[0]), int(entry["axis"])
+        outer, inner = int(np.prod(shape[:axis], dtype=np.int64)), int(np.prod(shape[axis + 1:], dtype=np.int64))
+        view = [outer, shape[axis]] + ([inner] if inner > 1 else [])
+        args = [self.bb.emit(relax.op.reshape(m, relax.ShapeExpr(view)), f"{m.name}_rows") for m in moments]
+        kernel = self.kernels.unique(f"output{entry['output']}_{entry['function']}")
+        prim = output_function_kernel(entry["function"], view, len(args) == 2, kernel, self.method, self.samples)
+        gvar = self.bb.add_func(prim, kernel)
+        values = self.bb.emit(relax.call_tir(gvar, relax.Tuple(args), relax.TensorType(view, "float32")), kernel)
+        return self.bb.emit(relax.op.reshape(values, relax.ShapeExpr(shape)), f"{kernel}_values")
 
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.AppendPredictiveOutputs")
@@ -73,10 +103,10 @@ class AppendPredictiveOutputs:
 
     def transform_module(self, mod, ctx):
         func = mod["main"]
-        if not self.outputs:
+        if not self.outputs and not ir_state.output_softmax(func):
             return mod
         count, shape = len(ir_state.output_moments(func)), shape_of(output_fields(func)[0])
-        if count != 1 or len(shape) != 2:
+        if self.outputs and (count != 1 or len(shape) != 2):
             raise PfpcError(f"--outputs {','.join(self.outputs)} needs a model with one [N, classes] output; it has {count} output(s), the first of shape {shape}")
         attrs = func_attrs(func, ir_state.encode(extra_outputs=self.outputs, predictive=(self.method, self.samples)))
         return _Append(mod, self.outputs, self.method, self.samples).run(list(func.params), attrs)
