@@ -17,6 +17,7 @@ import numpy as np
 from . import ir_state
 from .codegen.targets import BEST_FLAGS, C_FLAGS
 from .compiler import read_metadata
+from .runner import output_buffers
 from .errors import PfpcError
 
 BENCH_MAIN = r"""/* Times <name>_run on one input: warm-up, then ROUNDS rounds of CALLS calls; prints ns of process CPU time per call per round. */
@@ -73,13 +74,15 @@ def build_timer(out_dir: str, build_dir: str, cflags: tuple = ()) -> str:
     upper = name.upper()
     os.makedirs(build_dir, exist_ok=True)
     ins = [f"in{i}" for i in range(len(meta["inputs"]))]
-    outs = [f"out{i}" for i in range(len(meta["outputs"]))]
+    # every output buffer of <name>_run (a softmax output has three, an extra output its own size)
+    outs = [(f"out{k}", f"{upper}_OUTPUT{index}_SIZE" if index is not None else f"{upper}_{(c_name or '').upper()}_SIZE")
+            for k, (c_name, index, _) in enumerate(output_buffers(meta))]
     buffers = "\n".join([f"static float {v}[{upper}_INPUT{i}_SIZE];" for i, v in enumerate(ins)]
-                        + [f"static float {v}_mean[{upper}_OUTPUT{i}_SIZE], {v}_var[{upper}_OUTPUT{i}_SIZE];" for i, v in enumerate(outs)])
+                        + [f"static float {v}[{size}];" for v, size in outs])
     reads = " || ".join(f"fread({v}, sizeof(float), {upper}_INPUT{i}_SIZE, in) != {upper}_INPUT{i}_SIZE" for i, v in enumerate(ins))
-    args = ins + [a for v in outs for a in (f"{v}_mean", f"{v}_var")] + ["NULL"]
+    args = ins + [v for v, _ in outs] + ["NULL"]
     source = BENCH_MAIN % {"name": name, "buffers": buffers, "reads": reads,
-                           "call": f"{name}_run({', '.join(args)})", "checksum": "out0_mean[0] + out0_var[0]"}
+                           "call": f"{name}_run({', '.join(args)})", "checksum": "out0[0] + out1[0]"}
     main_path = os.path.join(build_dir, "bench.c")
     with open(main_path, "w") as handle:
         handle.write(source)

@@ -145,7 +145,8 @@ def _run_parser():
                                      "its probability and the uncertainty scores.")
     parser.add_argument("out_dir")
     parser.add_argument("--input", required=True, action="append", help=".npy input (repeat for several inputs)")
-    parser.add_argument("--output", help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs), "
+    parser.add_argument("--output", help=".npz to write: mean and var (mean_<i>, var_<i> for several outputs; an output "
+                        "computed by a final softmax: softmax or log_softmax, logits_mean, logits_var), "
                         "and the predictive outputs (probs, entropy, ...) if compiled with --outputs")
     parser.add_argument("--json", action="store_true", help="print JSON (one object) instead of text")
     parser.add_argument("--emulate", action="store_true", help="build for the compiled target and run under QEMU")
@@ -446,12 +447,17 @@ def _run(args) -> int:
         from .atomic import write_file
 
         arrays = {}
+        softmax = {entry["output"]: entry["function"] for entry in meta.get("output_softmax", [])}
         for index, (mean, var) in enumerate(results):
             suffix = "" if len(results) == 1 else f"_{index}"
-            arrays[f"mean{suffix}"], arrays[f"var{suffix}"] = mean, var
+            if var is None:  # a softmax output: its value, and its logits' moments
+                arrays[f"{softmax[index]}{suffix}"] = mean
+                arrays[f"logits_mean{suffix}"], arrays[f"logits_var{suffix}"] = outcome.logits[index]
+            else:
+                arrays[f"mean{suffix}"], arrays[f"var{suffix}"] = mean, var
         arrays.update(extras)
         write_file(args.output, lambda stream: np.savez(stream, **arrays), "predictions")
-    report = describe(meta, results, extras)
+    report = describe(meta, results, extras, outcome.logits)
     cost = _cost(outcome, args.clock_mhz, get_target(meta.get("target", "host"))) if counting else None
     if args.json:
         print(json.dumps({**report, **({"cost": cost} if cost else {})}, indent=1))
@@ -501,10 +507,10 @@ def _verify(args) -> int:
     import tempfile
 
     from .compiler import compile as compile_model
-    from .compiler import run_host
     from .frontends.onnx_model import input_shapes, load_model
     from .frontends.posterior import load_posterior
-    from .verify import compare, monte_carlo, per_layer
+    from .runner import read_metadata, run
+    from .verify import compare, monte_carlo, per_layer, softmax_probs
 
     if args.input and args.digits:
         raise PfpcError("give --input or --digits, not both")
@@ -540,14 +546,30 @@ def _verify(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")
         compile_model(args.model, posterior, out_dir=out, batch=batch)
-        pfp = run_host(out, list(inputs.values()))
-    names, mc = monte_carlo(model, posterior, inputs, args.samples, args.seed)
+        result = run(out, list(inputs.values()))
+        meta = read_metadata(out)
+    names, mc = monte_carlo(model, posterior, inputs, args.samples, args.seed, keep_softmax=True)
+    mc = dict(zip(names, mc))
+    producer = {node.output[0]: node for node in model.graph.node}
     print(f"PFP vs Monte Carlo ({args.samples} samples, batch {batch})")
     print(f"{'output':<16}{'max |dmean|':>14}{'dmean/std':>12}{'max z':>10}{'var rel med':>14}{'var rel max':>14}")
-    for name, pair, reference in zip(names, pfp, mc):
-        row = compare(pair, reference)
-        print(f"{name:<16}{row['mean_abs_err']:>14.4g}{row['mean_err_in_std']:>12.4g}{row['mean_z_max']:>10.3g}"
-              f"{row['var_rel_err_median']:>14.4g}{row['var_rel_err_max']:>14.4g}")
+
+    def row(label, pair, reference):
+        cells = compare(pair, reference)
+        variance = (f"{cells['var_rel_err_median']:>14.4g}{cells['var_rel_err_max']:>14.4g}" if pair[1] is not None
+                    else f"{'-':>14}{'-':>14}")
+        print(f"{label:<16}{cells['mean_abs_err']:>14.4g}{cells['mean_err_in_std']:>12.4g}{cells['mean_z_max']:>10.3g}{variance}")
+
+    softmax = {entry["output"]: entry for entry in meta.get("output_softmax", [])}
+    for index, ((name, _), pair) in enumerate(zip(meta["outputs"], result.outputs)):
+        if index not in softmax:
+            row(name, pair, mc[name])
+            continue
+        # the probabilities against the mean of the sampled softmax; the logits against their samples
+        log = softmax[index]["function"] == "log_softmax"
+        probs = np.exp(pair[0].astype(np.float64)) if log else pair[0]
+        row(f"{name}:probabilities", (probs, None), mc[softmax_probs(name) if log else name])
+        row(f"{name}:logits", result.logits[index], mc[producer[name].input[0]])
     return 0
 
 

@@ -120,7 +120,7 @@ def compile(  # noqa: A001 - the public name users expect
     passes = list(passes if passes is not None else (svi_passes() if mode == "svi" else default_passes()))
     # the predictive outputs, and the value of every output that ends in a softmax (the pass does
     # nothing for a model without either)
-    appended = any(isinstance(transform, SubstituteLayers) for _, transform in passes) and (mode == "pfp" or outputs)
+    appended = any(isinstance(transform, SubstituteLayers) for _, transform in passes)
     last = [("append_predictive_outputs", AppendPredictiveOutputs(outputs, probs_method, logit_samples))] if appended else []
     if out_dir is not None:
         atomic.check_replaceable(os.path.abspath(out_dir), force)

@@ -68,6 +68,11 @@ def sampled_std(func) -> dict[str, np.ndarray]:
     return _arrays(func, SAMPLED_STD)
 
 
+def is_sampled_network(func) -> bool:
+    """Whether ``main`` is mode svi's deterministic network (`DetachWeightStd` set ``pfp.sampled_std``)."""
+    return _has(func, SAMPLED_STD)
+
+
 def onnx_names(func) -> dict[str, str]:
     return {str(k): str(v) for k, v in func.attrs[ONNX_NAMES].items()} if _has(func, ONNX_NAMES) else {}
 

@@ -21,10 +21,19 @@ CONFIDENT = 0.9
 ABSTAIN_BELOW = 0.5
 
 
-def describe(meta: dict, outputs: list, extras: dict) -> dict:
+def describe(meta: dict, outputs: list, extras: dict, logits: dict | None = None) -> dict:
     """Per example of the first output: class, probability, entropy, OOD score and a reading
-    (a classifier: [N, K] logits, K >= 2); for any other output its mean and standard deviation."""
+    (a classifier: [N, K] logits, K >= 2, or a softmax over their last axis); for any other output
+    its mean and standard deviation (a softmax output over another axis: its value)."""
     (mean, var), name = outputs[0], meta["outputs"][0][0]
+    softmax = next((entry for entry in meta.get("output_softmax", []) if entry["output"] == 0), None) if var is None else None
+    if softmax is not None:  # the model's own probabilities (or their logs), and its logits' moments
+        value = np.asarray(mean, np.float64)
+        if value.ndim != 2 or value.shape[1] < 2 or softmax["axis"] != 1:
+            return {"output": name, "kind": "regression", "examples": [
+                {"index": i, "mean": m.reshape(-1).tolist(), "std": [0.0] * m.size} for i, m in enumerate(value)]}
+        extras = {"probs": np.exp(value) if softmax["function"] == "log_softmax" else value, **extras}
+        mean, var = logits[0]
     if mean.ndim != 2 or mean.shape[1] < 2:
         return {"output": name, "kind": "regression", "examples": [
             {"index": i, "mean": m.reshape(-1).tolist(), "std": np.sqrt(np.maximum(v, 0)).reshape(-1).tolist()}
@@ -50,7 +59,8 @@ def describe(meta: dict, outputs: list, extras: dict) -> dict:
         examples.append({"index": i, "class": best, "probability": p, "probabilities": probs[i].tolist(),
                          "entropy": float(entropy[i]), "ood_score": float(ood[i]), "reading": reading})
     return {"output": name, "kind": "classifier", "classes": classes,
-            "probabilities_from": "compiled probs output" if "probs" in extras else "probit approximation of the logit moments",
+            "probabilities_from": (f"model's {softmax['function']} output ({softmax['method']} over the Gaussian logits)" if softmax
+                                   else "compiled probs output" if "probs" in extras else "mean-field approximation of the logit moments"),
             "max_entropy": math.log(classes), "examples": examples}
 
 

@@ -12,9 +12,12 @@ from .frontends.posterior import Posterior
 from .ops import registry
 
 
-def sampling_session(model: onnx.ModelProto, posterior: Posterior):
+def sampling_session(model: onnx.ModelProto, posterior: Posterior, keep_softmax: bool = False):
     """An onnxruntime session of the mean network whose stochastic initializers are graph
-    inputs, so each run can be fed one draw of the weights; returns (session, stochastic names)."""
+    inputs, so each run can be fed one draw of the weights; returns (session, stochastic names).
+    An output computed by a final Softmax/LogSoftmax becomes its logits (what evaluation and
+    benchmarks sample), unless ``keep_softmax``: then it stays and `_softmax_outputs_and_logits`
+    adds its logits (and, for LogSoftmax, its probabilities) after the outputs."""
     import onnxruntime as ort
 
     stochastic = sorted(posterior.variances)
@@ -26,7 +29,7 @@ def sampling_session(model: onnx.ModelProto, posterior: Posterior):
     graph.graph.initializer.extend(kept)
     for name in stochastic:
         graph.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shapes[name]))
-    _logits_as_outputs(graph.graph)
+    (_softmax_outputs_and_logits if keep_softmax else _logits_as_outputs)(graph.graph)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
@@ -51,10 +54,12 @@ def weight_sampler(posterior: Posterior, stochastic, seed: int = 0, dtype=np.flo
     return draw
 
 
-def sampled_outputs(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0):
+def sampled_outputs(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0,
+                    keep_softmax: bool = False):
     """Yield, per weight sample w ~ q(w) = N(mean, var) (NumPy, float64 then float32), the list of
-    the model's outputs for ``inputs`` (one onnxruntime run each). Also the output names first."""
-    session, stochastic = sampling_session(model, posterior)
+    the model's outputs for ``inputs`` (one onnxruntime run each; `sampling_session` says what
+    becomes of a softmax output). Also the output names first."""
+    session, stochastic = sampling_session(model, posterior, keep_softmax)
     draw = weight_sampler(posterior, stochastic, seed)
     names = [o.name for o in session.get_outputs()]
     yield names
@@ -62,10 +67,11 @@ def sampled_outputs(model: onnx.ModelProto, posterior: Posterior, inputs: dict, 
         yield session.run(names, {**inputs, **draw()})
 
 
-def monte_carlo(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0):
+def monte_carlo(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samples: int, seed: int = 0,
+                keep_softmax: bool = False):
     """Per output: (sample mean, sample variance, standard error of the mean, standard error of
     the variance), the last from the sample's fourth central moment: sqrt((m4 - var^2) / S)."""
-    stream = sampled_outputs(model, posterior, inputs, samples, seed)
+    stream = sampled_outputs(model, posterior, inputs, samples, seed, keep_softmax)
     names = next(stream)
     shift = None  # raw moments about the first sample keep the fourth moment well conditioned
     sums = [[0.0] * 4 for _ in names]
@@ -99,14 +105,35 @@ def _logits_as_outputs(graph):
             output.name = node.input[0]
 
 
+def _softmax_outputs_and_logits(graph):
+    """After the outputs: for every output computed by a final Softmax/LogSoftmax its logits
+    (``softmax_logits(name)``) and, for LogSoftmax, its probabilities (``softmax_probs(name)``, an Exp
+    of it): the Monte Carlo mean of the probabilities is what the compiled softmax output estimates."""
+    producer = {node.output[0]: node for node in graph.node}
+    for output in list(graph.output):
+        node = producer.get(output.name)
+        if node is not None and node.op_type in registry.onnx_ops(registry.Kind.OUTPUT):
+            graph.output.append(onnx.helper.make_empty_tensor_value_info(node.input[0]))
+            if node.op_type == "LogSoftmax":
+                graph.node.append(onnx.helper.make_node("Exp", [output.name], [softmax_probs(output.name)]))
+                graph.output.append(onnx.helper.make_empty_tensor_value_info(softmax_probs(output.name)))
+
+
+def softmax_probs(name: str) -> str:
+    """The Monte Carlo output that holds the probabilities of the log-softmax output ``name``."""
+    return f"{name}.pfpc_probs"
+
+
 def compare(pfp, mc, floor: float = 0.0):
     """Distance between the PFP and MC moments of one output, as a dict of scalars.
 
     Relative errors divide by the MC variance (or std), floored at ``floor`` times the output's
     mean MC variance: a ReLU unit that almost never fires has an MC variance near 0, and its
     relative error says nothing about the approximation."""
-    pfp_mean, pfp_var = (np.asarray(a, np.float64) for a in pfp)
+    pfp_mean, pfp_var = (None if a is None else np.asarray(a, np.float64) for a in pfp)
     mc_mean, mc_var, stderr, var_stderr = mc
+    if pfp_var is None:  # probabilities: a mean alone
+        pfp_var = mc_var
     z = np.abs(pfp_mean - mc_mean) / np.maximum(stderr, 1e-12)
     var_scale = np.maximum(mc_var, max(floor * float(np.mean(mc_var)), 1e-30))
     mean_err = np.abs(pfp_mean - mc_mean) / np.sqrt(var_scale)

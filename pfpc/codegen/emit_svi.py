@@ -9,7 +9,9 @@ generated ``<name>_run`` has the PFP signature and computes, for s = 1..S:
     Welford: mean_y += (y - mean_y) / s;  m2 += (y - old mean_y) * (y - new mean_y)
 
 and returns mean_y and the unbiased sample variance m2 / (S - 1), the estimator
-`tests/reference.py` and `pfpc.verify` use. eps comes from xoshiro128+ (32-bit integer arithmetic:
+`tests/reference.py` and `pfpc.verify` use. An output computed by a final softmax returns, like the
+PFP's, its value, the mean of the S sampled softmaxes (for a log-softmax the log of that mean), and
+its logits' sample mean and variance. eps comes from xoshiro128+ (32-bit integer arithmetic:
 the same uniforms on every target) through Box-Muller (both values of a pair are used). The
 generator restarts from the seed on every call, so a call is a deterministic function of its input
 and the library keeps no state between calls. No malloc: the drawn weights live in the arena, the
@@ -54,6 +56,8 @@ class Sampling:
     seed: int
     weights: list  # SampledWeight
     accumulate: list  # (output C name, Tensor holding one sample of it)
+    # softmax outputs: (C name, Tensor holding one sample's probabilities, log of the average at the end)
+    average: list = None
 
     @property
     def sampled_bytes(self) -> int:
@@ -91,17 +95,21 @@ def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed
         program.tensors.append(tensor)
         sampled.append(SampledWeight(tensor, program.namer(f"{tensor.c_name}_mean"), program.namer(f"{tensor.c_name}_std"),
                                      mean, stds[param_name], onnx_name))
-    accumulate = []
-    for (onnx_name, shape), repr_, c_name in zip(io["outputs"], ir_state.output_moments(func), program.output_stems):
+    accumulate, average = [], []
+    for index, ((onnx_name, shape), repr_, c_name) in enumerate(zip(io["outputs"], ir_state.output_moments(func), program.output_stems)):
         if repr_ != Moment.NONE:
             raise PfpcError(f"internal: output '{onnx_name}' of the sampled network is not deterministic")
         program.outputs.append((c_name, onnx_name, shape))
         tensor = out_fields.pop(0)
         if tensor.kind == "arena":
             tensor.last_use = after_last_step
-        accumulate.append((c_name, tensor))
+        accumulate.append((f"{c_name}_logits" if program.softmax_of(index) is not None else c_name, tensor))
+    for entry, tensor in zip(program.output_softmax, out_fields):  # each sample's probabilities (AppendPredictiveOutputs)
+        if tensor.kind == "arena":
+            tensor.last_use = after_last_step
+        average.append((program.outputs[entry["output"]][0], tensor, entry["function"] == "log_softmax"))
     plan_arena(program)
-    program.sampling = Sampling(samples, seed, sampled, accumulate)
+    program.sampling = Sampling(samples, seed, sampled, accumulate, average)
     return program
 
 
@@ -155,6 +163,8 @@ def _executor(program: Program) -> str:
     for c_name, tensor in sampling.accumulate:
         lines.append(f"  memset({c_name}_mean, 0, {4 * tensor.size});")
         lines.append(f"  memset({c_name}_var, 0, {4 * tensor.size});")
+    for c_name, tensor, _ in sampling.average or ():
+        lines.append(f"  memset({c_name}, 0, {4 * tensor.size});")
     lines.append(f"  for (sample = 0; sample < {upper}_SAMPLES; sample++) {{")
     if sampling.weights:
         lines.append("    /* w = mean + std * N(0, 1) for every stochastic weight */")
@@ -163,7 +173,13 @@ def _executor(program: Program) -> str:
     lines += render_steps(program, "    ")
     for c_name, tensor in sampling.accumulate:
         lines.append(f"    {name}_accumulate({c_name}_mean, {c_name}_var, {tensor.c_name}, {tensor.size}, 1.0f / (float)(sample + 1));")
+    for c_name, tensor, _ in sampling.average or ():
+        lines.append(f"    /* {c_name}: the running mean of the sampled softmaxes */")
+        lines.append(f"    for (i = 0; i < {tensor.size}; i++) {c_name}[i] += ({tensor.c_name}[i] - {c_name}[i]) / (float)(sample + 1);")
     lines.append("  }")
+    for c_name, tensor, log in sampling.average or ():
+        if log:
+            lines.append(f"  for (i = 0; i < {tensor.size}; i++) {c_name}[i] = logf({c_name}[i]); /* log-softmax output: log of the mean probability */")
     lines.append("  /* unbiased sample variance */")
     for c_name, tensor in sampling.accumulate:
         lines.append(f"  for (i = 0; i < {tensor.size}; i++) {c_name}_var[i] /= (float)({upper}_SAMPLES - 1);")

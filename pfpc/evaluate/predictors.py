@@ -3,7 +3,7 @@
 - deterministic: the posterior-mean network in onnxruntime;
 - SVI: S weight samples w ~ q(w) drawn in NumPy (`pfpc.verify.sampled_outputs`), one
   onnxruntime run each;
-- PFP: the C that `pfpc.compile` generates, built and run on the host (`pfpc.compiler.run_host`).
+- PFP: the C that `pfpc.compile` generates, built and run on the host (`pfpc.runner.run`).
 """
 
 from __future__ import annotations
@@ -70,12 +70,14 @@ def svi_logits(model, posterior, x, samples: int, seed: int = 0, progress: bool 
 def pfp_outputs(model_path, posterior, x, work_dir: str | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Compile the PFP (batch 1) with the default output stage's probabilities (mean-field,
     `pfpc.ops.predictive`) as an extra output, build it for the host and run it on every row of
-    ``x``: (logits mean, logits var, probabilities)."""
+    ``x``: (logits mean, logits var, probabilities). A model that ends in a softmax gives its
+    logits' moments (the metrics apply the softmax once, to them)."""
     from ..compiler import compile as compile_model
-    from ..compiler import run_host
+    from ..runner import run
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(work_dir or tmp, "pfp")
         compile_model(model_path, posterior, out_dir=out, batch=1, force=True, outputs=("probs",))
-        ((mean, var),), extras = run_host(out, [x], extras=True)
-    return mean, var, extras["probs"]
+        result = run(out, [x])
+    mean, var = result.logits[0] if result.logits else result.outputs[0]
+    return mean, var, result.extras["probs"]

@@ -61,6 +61,9 @@ class _Append(MainRewriter):
     def __init__(self, mod, outputs, method, samples):
         super().__init__(mod)
         self.outputs, self.method, self.samples = outputs, method, samples
+        # the deterministic network of mode svi (weight stds set aside): each sample's softmax is
+        # averaged by the generated code, a log-softmax output takes the log of that average
+        self.sampled_network = ir_state.is_sampled_network(self.func)
 
     def output(self, body):
         fields = [self.remap(field) for field in output_fields(self.func)]
@@ -85,8 +88,9 @@ class _Append(MainRewriter):
         outer, inner = int(np.prod(shape[:axis], dtype=np.int64)), int(np.prod(shape[axis + 1:], dtype=np.int64))
         view = [outer, shape[axis]] + ([inner] if inner > 1 else [])
         args = [self.bb.emit(relax.op.reshape(m, relax.ShapeExpr(view)), f"{m.name}_rows") for m in moments]
-        kernel = self.kernels.unique(f"output{entry['output']}_{entry['function']}")
-        prim = output_function_kernel(entry["function"], view, len(args) == 2, kernel, self.method, self.samples)
+        function = "softmax" if self.sampled_network else entry["function"]  # mode svi averages probabilities
+        kernel = self.kernels.unique(f"output{entry['output']}_{function}")
+        prim = output_function_kernel(function, view, len(args) == 2, kernel, self.method, self.samples)
         gvar = self.bb.add_func(prim, kernel)
         values = self.bb.emit(relax.call_tir(gvar, relax.Tuple(args), relax.TensorType(view, "float32")), kernel)
         return self.bb.emit(relax.op.reshape(values, relax.ShapeExpr(shape)), f"{kernel}_values")
