@@ -535,10 +535,18 @@ class Outcome:
         return "ok" if self.ok else f"{self.kind}: {self.message}"
 
 
-def _softmax(x, axis, log):
-    shifted = x - x.max(axis=axis, keepdims=True)
-    total = np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
-    return shifted - total if log else np.exp(shifted - total)
+def _meanfield(mean, var, axis, log):
+    """The mean-field probabilities (Lu, Ie & Sha 2020) of Gaussian logits over ``axis``, float64 in
+    log space: log q_k = -log sum_j exp(-(M_k - M_j) r_k), r_k = 1 / sqrt(1 + pi V_k / 8),
+    log p = log q - log sum_k q_k (their logs for a log-softmax output)."""
+    m, v = np.moveaxis(np.asarray(mean, np.float64), axis, -1), np.moveaxis(np.asarray(var, np.float64), axis, -1)
+    r = 1.0 / np.sqrt(1.0 + np.pi * v / 8.0)
+    exponent = -(m[..., :, None] - m[..., None, :]) * r[..., :, None]
+    top = exponent.max(axis=-1)
+    log_q = -(top + np.log(np.exp(exponent - top[..., None]).sum(axis=-1)))
+    peak = log_q.max(axis=-1, keepdims=True)
+    log_p = log_q - peak - np.log(np.exp(log_q - peak).sum(axis=-1, keepdims=True))
+    return np.moveaxis(log_p if log else np.exp(log_p), -1, axis)
 
 
 def _close(actual, expected, rtol):
@@ -580,9 +588,10 @@ def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
     meta = compiler.read_metadata(out_dir)
     try:
         if sanitize:
-            results = _run_sanitized(out_dir, meta, [feeds[name] for name, _ in meta["inputs"]])
+            results, logits = _run_sanitized(out_dir, meta, [feeds[name] for name, _ in meta["inputs"]])
         else:
-            results = compiler.run_host(out_dir, [feeds[name] for name, _ in meta["inputs"]])
+            ran = compiler.run(out_dir, [feeds[name] for name, _ in meta["inputs"]])
+            results, logits = ran.outputs, ran.logits
     except PfpcError as err:
         text = str(err)
         kind = "build" if "error:" in text or "make" in text else "crash"
@@ -590,17 +599,24 @@ def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
     softmax = {entry["output"]: entry for entry in meta.get("output_softmax", [])}
     names = [o.name for o in case.model.graph.output]
     for position, name in enumerate(names):
-        (mean, var), (det_mean, det_var) = results[position], results[len(names) + position]
+        # a softmax output: its value, and its logits' moments beside it (the reference's moments)
+        (mean, var), (det_mean, det_var) = (logits.get(index, results[index]) for index in (position, len(names) + position))
         ref_mean, ref_var = expected_pfp[name]
         for what, actual, expected, rtol in (("mean", mean, ref_mean, MEAN_RTOL), ("variance", var, ref_var, VAR_RTOL)):
             problem = _close(actual.reshape(expected.shape) if actual.size == expected.size else actual, expected, rtol)
             if problem:
                 return Outcome(False, "wrong", f"output {name} {what} vs reference: {problem}")
+        entry = softmax.get(position)
+        if entry is not None:  # the value: the mean-field probabilities of the reference's logit moments
+            value = results[position][0]
+            expected = _meanfield(ref_mean, ref_var, entry["axis"], entry["function"] == "log_softmax")
+            problem = _close(value.reshape(expected.shape) if value.size == expected.size else value, expected, MEAN_RTOL)
+            if problem:
+                return Outcome(False, "wrong", f"output {name} value ({entry['function']}) vs reference: {problem}")
         expected = expected_ort[name]
+        if len(names) + position in softmax:  # with zero variance the value is the model's own output
+            det_mean = results[len(names) + position][0]
         det = det_mean.reshape(expected.shape) if det_mean.size == expected.size else det_mean
-        entry = softmax.get(len(names) + position)
-        if entry is not None:
-            det = _softmax(det.astype(np.float64), entry["axis"], entry["function"] == "log_softmax")
         problem = _close(det, expected, 1e-4)
         if problem:
             return Outcome(False, "wrong", f"output {name}_d (no posterior) vs onnxruntime: {problem}")
@@ -626,13 +642,20 @@ def _run_sanitized(out_dir, meta, inputs):
         if result.returncode != 0:
             raise PfpcError(f"sanitizer: exit {result.returncode}: {result.stderr.strip()[-400:]}")
         raw = np.fromfile(os.path.join(tmp, "out.f32"), np.float32)
-    shapes = [shape for _, shape in meta["outputs"] for _ in range(2)]
-    arrays, offset = [], 0
-    for shape in shapes:
-        size = int(np.prod(shape))
-        arrays.append(raw[offset:offset + size].reshape(shape))
-        offset += size
-    return [(arrays[2 * i], arrays[2 * i + 1]) for i in range(len(meta["outputs"]))]
+    buffers = pfpc_runner.output_buffers(meta)
+    arrays, offset = {}, 0
+    for _, index, what in buffers:
+        shape = meta["outputs"][index][1]
+        arrays[(index, what)] = raw[offset:offset + int(np.prod(shape))].reshape(shape)
+        offset += int(np.prod(shape))
+    outputs, logits = [], {}
+    for index in range(len(meta["outputs"])):
+        if (index, "value") in arrays:
+            outputs.append((arrays[(index, "value")], None))
+            logits[index] = (arrays[(index, "logits_mean")], arrays[(index, "logits_var")])
+        else:
+            outputs.append((arrays[(index, "mean")], arrays[(index, "var")]))
+    return outputs, logits
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from onnx import helper
 
 import reference
 from helpers import check_against_reference, compile_and_run, make_model, random_std
+from pfpc import compiler
 
 X4 = [2, 4, 6, 6]
 
@@ -200,19 +201,22 @@ def test_sigmoid_tanh_approximation_error_against_monte_carlo(tmp_path, op):
 @pytest.mark.parametrize("function", ["Softmax", "LogSoftmax"])
 @pytest.mark.parametrize("opset", [11, 13])
 def test_softmax_at_the_output_returns_logit_moments(tmp_path, function, opset):
-    """The output holds the moments of the logits (the reference), and pfpc.json says so."""
+    """The logits' moments (the reference) come beside the output (its own value: tests/test_softmax_outputs.py),
+    and pfpc.json says so."""
     rng = np.random.default_rng(7)
     inits = {"w": _w(rng, 5, 3)}
     nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node(function, ["logits"], ["y"], axis=1)]
     model = make_model(nodes, [("x", [2, 5])], ["y"], inits, opset=opset)
     x = rng.standard_normal((2, 5)).astype(np.float32)
     stds = random_std(inits, rng)
-    (mean, var), = compile_and_run(model, stds, [x], tmp_path)
+    compiler.compile(model, stds, out_dir=str(tmp_path / "out"))
+    mean, var = compiler.run(str(tmp_path / "out"), [x]).logits[0]
     ref_mean, ref_var = reference.pfp_onnx(model, {"w": stds["w.std"].astype(np.float64) ** 2}, {"x": x})["y"]
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, ref_var, rtol=3e-5, atol=1e-6)
     meta = json.loads((tmp_path / "out" / "pfpc.json").read_text())
-    assert meta["output_softmax"] == [{"output": 0, "function": function.lower().replace("logsoftmax", "log_softmax"), "axis": 1}]
+    entry = {"output": 0, "function": function.lower().replace("logsoftmax", "log_softmax"), "axis": 1}
+    assert meta["output_softmax"] == [{**entry, "logits": "y_logits", "method": "meanfield", "logit_samples": 64}]
 
 
 def test_no_softmax_no_metadata(tmp_path):
