@@ -510,7 +510,7 @@ def _verify(args) -> int:
     from .frontends.onnx_model import input_shapes, load_model
     from .frontends.posterior import load_posterior
     from .runner import read_metadata, run
-    from .verify import compare, monte_carlo, per_layer, softmax_probs
+    from .verify import compare, final_softmax, monte_carlo, per_layer, softmax_probs
 
     if args.input and args.digits:
         raise PfpcError("give --input or --digits, not both")
@@ -550,7 +550,6 @@ def _verify(args) -> int:
         meta = read_metadata(out)
     names, mc = monte_carlo(model, posterior, inputs, args.samples, args.seed, keep_softmax=True)
     mc = dict(zip(names, mc))
-    producer = {node.output[0]: node for node in model.graph.node}
     print(f"PFP vs Monte Carlo ({args.samples} samples, batch {batch})")
     print(f"{'output':<16}{'max |dmean|':>14}{'dmean/std':>12}{'max z':>10}{'var rel med':>14}{'var rel max':>14}")
 
@@ -569,7 +568,7 @@ def _verify(args) -> int:
         log = softmax[index]["function"] == "log_softmax"
         probs = np.exp(pair[0].astype(np.float64)) if log else pair[0]
         row(f"{name}:probabilities", (probs, None), mc[softmax_probs(name) if log else name])
-        row(f"{name}:logits", result.logits[index], mc[producer[name].input[0]])
+        row(f"{name}:logits", result.logits[index], mc[final_softmax(model.graph, name).input[0]])
     return 0
 
 

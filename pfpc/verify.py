@@ -94,14 +94,22 @@ def monte_carlo(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samp
     return names, results
 
 
+def final_softmax(graph, output: str):
+    """The Softmax/LogSoftmax node that computes model output ``output`` (directly or through
+    Identity nodes), or None."""
+    producer = {out: node for node in graph.node for out in node.output}
+    node = producer.get(output)
+    while node is not None and node.op_type == "Identity":
+        node = producer.get(node.input[0])
+    return node if node is not None and node.op_type in registry.onnx_ops(registry.Kind.OUTPUT) else None
+
+
 def _logits_as_outputs(graph):
-    """An output computed by a final Softmax/LogSoftmax becomes that node's input: the compiled
-    PFP returns the logits' moments there (see substitute_layers), so MC samples the logits."""
-    producer = {node.output[0]: node for node in graph.node}
+    """An output computed by a final Softmax/LogSoftmax becomes that node's input (the logits,
+    whose moments the compiled PFP returns beside the probabilities), so MC samples the logits."""
     for output in graph.output:
-        node = producer.get(output.name)
-        if node is not None and node.op_type in registry.onnx_ops(registry.Kind.OUTPUT):
-            graph.node.remove(node)
+        node = final_softmax(graph, output.name)
+        if node is not None:
             output.name = node.input[0]
 
 
@@ -109,10 +117,9 @@ def _softmax_outputs_and_logits(graph):
     """After the outputs: for every output computed by a final Softmax/LogSoftmax its logits
     (``softmax_logits(name)``) and, for LogSoftmax, its probabilities (``softmax_probs(name)``, an Exp
     of it): the Monte Carlo mean of the probabilities is what the compiled softmax output estimates."""
-    producer = {node.output[0]: node for node in graph.node}
     for output in list(graph.output):
-        node = producer.get(output.name)
-        if node is not None and node.op_type in registry.onnx_ops(registry.Kind.OUTPUT):
+        node = final_softmax(graph, output.name)
+        if node is not None:
             graph.output.append(onnx.helper.make_empty_tensor_value_info(node.input[0]))
             if node.op_type == "LogSoftmax":
                 graph.node.append(onnx.helper.make_node("Exp", [output.name], [softmax_probs(output.name)]))

@@ -34,7 +34,8 @@ OUTPUT_OPS = R.onnx_ops(R.Kind.OUTPUT)
 
 
 def _unsupported_reason(node, outputs, ranks) -> str | None:
-    """Why ``node`` cannot be compiled, or None. ``ranks``: tensor name -> rank, where known."""
+    """Why ``node`` cannot be compiled, or None. ``ranks``: tensor name -> rank, where known;
+    ``outputs``: the model outputs and what reaches them through Identity nodes alone."""
     if node.op_type in OUTPUT_OPS and node.domain in ("", "ai.onnx") and not all(out in outputs for out in node.output):
         return "supported only as a last node whose output is a model output"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -44,6 +45,14 @@ def _unsupported_reason(node, outputs, ranks) -> str | None:
 def check_supported(model: onnx.ModelProto, name: str) -> None:
     """Raise one error that lists every unsupported node (name, op type and why)."""
     outputs = {value.name for value in model.graph.output}
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in reversed(list(model.graph.node)):  # a softmax followed by Identity at the output is final too
+        if node.input and node.input[0] not in outputs and consumers.get(node.input[0]) == [node] \
+                and node.op_type == "Identity" and node.output[0] in outputs:
+            outputs.add(node.input[0])
     ranks = {
         value.name: len(value.type.tensor_type.shape.dim)
         for value in list(model.graph.input) + list(model.graph.value_info)

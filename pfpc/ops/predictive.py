@@ -280,7 +280,8 @@ def _schedule_by_row(func):
         sch.compute_at(sch.get_sblock(name), row)
     for name in producers:  # initialise each accumulator once per row, outside its loop over k
         block = sch.get_sblock(name)
-        sch.decompose_reduction(block, sch.get_loops(block)[depth])
+        if len(sch.get_loops(block)) > depth:  # one class: TVM drops the loop of extent 1
+            sch.decompose_reduction(block, sch.get_loops(block)[depth])
     return sch.mod["main"]
 
 
