@@ -90,10 +90,12 @@ def _logits_model(model):
 
 
 #: Monte Carlo check of the probabilities: max |p - MC mean of the sampled softmax| over all
-#: classes and rows. Measured 0.012-0.016 (softmax) at posterior std 0.5 (|w| + 0.05) and logits of
-#: spread ~1-3: the mean-field approximation's own error, 10-25x the MC standard error (~6e-4 at
-#: 4000 samples); a softmax of the logit means alone misses by 0.05-0.09.
-MC_TOLERANCE = 0.03
+#: classes and rows, at posterior std 0.5 (|w| + 0.05). Measured 0.015 (dense heads) and 0.032
+#: (the softmax over channels): the mean-field approximation's own error, 6-8x the MC standard
+#: error (2-4e-3 at 4000 samples); on these heads the softmax of the logit means misses by as much
+#: (0.013, 0.031), so this bounds the approximation, it does not rank it (issue 17's measurements do).
+#: Logits in place of probabilities, or the wrong axis, miss by more than 0.1.
+MC_TOLERANCE = 0.05
 
 
 @pytest.mark.parametrize("function", ["Softmax", "LogSoftmax"])
@@ -183,6 +185,7 @@ def test_cli_run_verify_and_evaluate_on_a_softmax_model(tmp_path, capsys):
     np.save(tmp_path / "x.npy", x)
     out = str(tmp_path / "out")
     assert main([path, "--posterior", post, "-o", out]) == 0
+    capsys.readouterr()
     assert main(["run", out, "--input", str(tmp_path / "x.npy"), "--json", "--output", str(tmp_path / "y.npz")]) == 0
     report = json.loads(capsys.readouterr().out)
     saved = np.load(tmp_path / "y.npz")
