@@ -132,7 +132,7 @@ def test_cycles_need_an_emulated_cortex_m(tmp_path, capsys):
 @needs_arm
 def test_firmware_example_runs_under_qemu(tmp_path):
     out = str(tmp_path / "lenet_m4")
-    pfpc.compile(*_example("lenet"), out_dir=out, batch=1, target="cortex-m4")
+    pfpc.compile(*_example("lenet"), out_dir=out, batch=1, target="cortex-m4", outputs=("probs", "entropy"))
     samples = os.path.join(EXAMPLES, "lenet", "sample.npy")
     subprocess.run(["python3", os.path.join(EXAMPLES, "firmware", "make_input.py"), samples, os.path.join(out, "input_data.h")], check=True)
     run = subprocess.run(["make", "-s", "-C", os.path.join(EXAMPLES, "firmware"), f"OUT={out}", "run"], capture_output=True, text=True, timeout=120)
@@ -142,6 +142,18 @@ def test_firmware_example_runs_under_qemu(tmp_path):
     assert len(rows) == host_mean.size, run.stdout[-2000:]
     np.testing.assert_allclose([float(r[2]) for r in rows], host_mean.reshape(-1), rtol=1e-5, atol=1e-5 * np.abs(host_mean).max())
     np.testing.assert_allclose([float(r[4]) for r in rows], host_var.reshape(-1), rtol=1e-5, atol=1e-5 * np.abs(host_var).max())
+    # the decision line: the library's mean-field probabilities and entropy, against a float64 NumPy
+    # mean-field of the host build's moments, and the sample's label
+    (decision,) = [line.split() for line in run.stdout.splitlines() if line.startswith("class ")]
+    m, v = host_mean.reshape(-1).astype(np.float64), host_var.reshape(-1).astype(np.float64)
+    q = 1.0 / np.exp(-(m[:, None] - m[None, :]) / np.sqrt(1.0 + np.pi * v[:, None] / 8.0)).sum(axis=1)
+    p = q / q.sum()
+    entropy = -np.sum(p * np.log(p))
+    label = int(np.load(os.path.join(EXAMPLES, "lenet", "sample_labels.npy"))[0])
+    assert int(decision[1]) == int(np.argmax(p)) == label, decision
+    np.testing.assert_allclose(float(decision[3]), p.max(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(decision[5]), entropy, rtol=1e-4, atol=1e-6)
+    assert decision[6] == ("accept" if entropy <= 0.5 else "abstain")
 
 
 @pytest.mark.parametrize("target", ["host", "arm", "cortex-m4", "cortex-m7", "cortex-m55", "cortex-a53", "cortex-a72", "aarch64"])
