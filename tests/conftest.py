@@ -6,6 +6,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pytest
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over ~20 s (large models, QEMU); runs only with PFPC_SLOW_TESTS=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow are skipped unless PFPC_SLOW_TESTS=1 (CI's default run stays fast)."""
+    if os.environ.get("PFPC_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set PFPC_SLOW_TESTS=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(params=[False, True], ids=["posterior", "zero_variance"])
 def zero_var(request):
     return request.param
