@@ -951,7 +951,7 @@ def pfp_onnx(model: onnx.ModelProto, variances: Mapping[str, np.ndarray],
         elif node.op_type != "Constant" and all(i is None or i[0].dtype.kind in "iub" for i in x):
             outs = _integer_node(node, x)  # shape arithmetic
         elif node.op_type in ("Softmax", "LogSoftmax") and all(o in outputs for o in node.output):
-            outs = [x[0]]  # at an output pfpc returns the logits' moments (see pfpc.json)
+            outs = [x[0]]  # the logits' moments: pfpc returns them beside the output's probabilities (<name>_logits_*)
         else:
             outs = _node_outputs(node, _attrs(node), x)
         for name, val in zip(node.output, outs):

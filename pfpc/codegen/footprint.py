@@ -73,7 +73,7 @@ def measure(out_dir: str, meta: dict, where: str | None = None) -> dict:
         "arena_bytes": meta["arena_bytes"],
         "arena_lower_bound_bytes": meta["arena_lower_bound_bytes"],
         "stack_bytes": None,
-        "io_bytes": 4 * (sum(int(np.prod(s)) for _, s in meta["inputs"]) + 2 * sum(int(np.prod(s)) for _, s in meta["outputs"])),
+        "io_bytes": 4 * (sum(int(np.prod(s)) for _, s in meta["inputs"]) + _output_floats(meta)),
         "measured_with": None,
         "layers": meta["layers"],
     }
@@ -141,6 +141,14 @@ def stack_frames(su_text: str) -> dict:
         if len(fields) >= 2 and fields[1].strip().isdigit():
             frames[fields[0].rsplit(":", 1)[-1]] = int(fields[1])
     return frames
+
+
+def _output_floats(meta: dict) -> int:
+    """Floats in the caller's output buffers: every buffer of ``<name>_run`` (`runner.output_buffers`)."""
+    from ..runner import output_buffers
+
+    extras = iter(int(np.prod(shape)) for _, shape in meta.get("extra_outputs", []))
+    return sum(int(np.prod(meta["outputs"][index][1])) if index is not None else next(extras) for _, index, _ in output_buffers(meta))
 
 
 def check_limits(footprint: dict, ram_limit: int | None, flash_limit: int | None, where: str) -> None:

@@ -12,9 +12,9 @@ it. ``main`` returns (out0_mean, out0_var, out1_mean, ...) and records the repre
 ``pfp.outputs``.
 
 A softmax or log-softmax whose result is a model output (directly or through views) is
-dropped: that output becomes the moments of the logits, and ``pfp.output_softmax`` (JSON: a
-list of {"output": index, "function": ..., "axis": ...}) records it for whoever turns logit
-moments into probabilities.
+dropped here: that output becomes the moments of the logits, and ``pfp.output_softmax`` (JSON: a
+list of {"output": index, "function": ..., "axis": ...}) records it; `AppendPredictiveOutputs`
+computes the output's own value (the probabilities, or their logs) from those moments.
 """
 
 from __future__ import annotations
