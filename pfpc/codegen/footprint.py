@@ -144,11 +144,11 @@ def stack_frames(su_text: str) -> dict:
 
 
 def _output_floats(meta: dict) -> int:
-    """Floats in the caller's output buffers: every buffer of ``<name>_run`` (`runner.output_buffers`)."""
-    from ..runner import output_buffers
-
-    extras = iter(int(np.prod(shape)) for _, shape in meta.get("extra_outputs", []))
-    return sum(int(np.prod(meta["outputs"][index][1])) if index is not None else next(extras) for _, index, _ in output_buffers(meta))
+    """Floats in the caller's output buffers: per output its buffers in ``output_buffers`` (two, a
+    mean and a variance, in metadata written before softmax outputs had three), then the extras."""
+    buffers = [index for _, index, _ in meta.get("output_buffers", [])]
+    per_output = sum((buffers.count(index) or 2) * int(np.prod(shape)) for index, (_, shape) in enumerate(meta["outputs"]))
+    return per_output + sum(int(np.prod(shape)) for _, shape in meta.get("extra_outputs", []))
 
 
 def check_limits(footprint: dict, ram_limit: int | None, flash_limit: int | None, where: str) -> None:
