@@ -87,9 +87,10 @@ def render_header(program: Program, summary: str, definitions: str = "", arena_n
         if entry is None:
             what = "predictive mean and variance"
         else:
+            how = ("the mean of the softmaxes of the sampled networks" if program.sampling is not None
+                   else f"{c_comment(entry['function'])} of the Gaussian logits, {predictive_docs('probs', *program.predictive).split(', ', 1)[1]}")
             what = (f"{'the log of ' if entry['function'] == 'log_softmax' else ''}the predictive probabilities over axis "
-                    f"{entry['axis']} ({c_name}: {c_comment(entry['function'])} of the Gaussian logits, "
-                    f"{predictive_docs('probs', *program.predictive).split(', ', 1)[1]}); {c_name}_logits_mean and "
+                    f"{entry['axis']} ({c_name}: {how}); {c_name}_logits_mean and "
                     f"{c_name}_logits_var: the predictive mean and variance of those logits (the {c_comment(entry['function'])}'s input)")
         shape_defs.append(f"/* output {index} '{c_comment(onnx_name)}': shape {list(shape)}, {what} */")
         shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
@@ -254,7 +255,8 @@ def write(program: Program, out_dir: str) -> None:
         "layers": footprint.layer_costs(program),
         # outputs computed by a final softmax/log-softmax: their value is the predictive probabilities
         # (their logs), by the method of "predictive"; "logits" names the buffers of their logits' moments
-        "output_softmax": [{**entry, "logits": f"{program.outputs[entry['output']][1]}_logits", "method": program.predictive[0],
+        "output_softmax": [{**entry, "logits": f"{program.outputs[entry['output']][1]}_logits",
+                            "method": "svi" if program.sampling is not None else program.predictive[0],
                             "logit_samples": program.predictive[1]} for entry in program.output_softmax],
         # every output buffer of <name>_run in order: [parameter, output index (None: an extra output), what]
         "output_buffers": [[c_name, index, what] for c_name, index, what in program.output_buffers()],
