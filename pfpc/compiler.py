@@ -22,7 +22,7 @@ from .codegen.program import Program, lower_to_program
 from .codegen.targets import get_target
 from .errors import PfpcError
 from .frontends import shared_posterior
-from .frontends.onnx_model import input_shapes, load_model, output_shapes
+from .frontends.onnx_model import final_softmax, input_shapes, load_model, output_shapes
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
 from .options import MODES, SVI_DEFAULT_SAMPLES, check_c_name, check_outputs, check_sampling_options  # noqa: F401
@@ -118,10 +118,8 @@ def compile(  # noqa: A001 - the public name users expect
     samples, seed = check_sampling_options(mode, samples, seed)
     outputs = check_outputs(outputs, mode)
     passes = list(passes if passes is not None else (svi_passes() if mode == "svi" else default_passes()))
-    # the predictive outputs, and the value of every output that ends in a softmax (the pass does
-    # nothing for a model without either)
-    appended = any(isinstance(transform, SubstituteLayers) for _, transform in passes)
-    last = [("append_predictive_outputs", AppendPredictiveOutputs(outputs, probs_method, logit_samples))] if appended else []
+    substituted = any(isinstance(transform, SubstituteLayers) for _, transform in passes)
+    predictive = AppendPredictiveOutputs(outputs, probs_method, logit_samples)  # options checked before the model is read
     if out_dir is not None:
         atomic.check_replaceable(os.path.abspath(out_dir), force)
     label = os.path.basename(model) if isinstance(model, (str, os.PathLike)) else "model"
@@ -141,7 +139,9 @@ def compile(  # noqa: A001 - the public name users expect
             post = load_posterior(model, posterior, shared_draw=shared_draw)
     if mode == "pfp" and post.shared is not None and post.shared.semantics == "shared_draw":
         passes.append(("apply_shared_draws", ApplySharedDraws(shared_posterior.draws(post.shared))))
-    passes += last
+    # the predictive outputs, and the value of every output that ends in a softmax
+    if substituted and (outputs or any(final_softmax(model.graph, value.name) for value in model.graph.output)):
+        passes.append(("append_predictive_outputs", predictive))
     with step("importing the model into TVM Relax"):
         mod = _import_quietly(model, post, label)
     io = {"inputs": list(input_shapes(model).items()), "outputs": _output_shapes(model, mod)}

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import onnx
 
+from .frontends.onnx_model import final_softmax
 from .frontends.posterior import Posterior
 from .ops import registry
 
@@ -94,16 +95,6 @@ def monte_carlo(model: onnx.ModelProto, posterior: Posterior, inputs: dict, samp
     return names, results
 
 
-def final_softmax(graph, output: str):
-    """The Softmax/LogSoftmax node that computes model output ``output`` (directly or through
-    Identity nodes), or None."""
-    producer = {out: node for node in graph.node for out in node.output}
-    node = producer.get(output)
-    while node is not None and node.op_type == "Identity":
-        node = producer.get(node.input[0])
-    return node if node is not None and node.op_type in registry.onnx_ops(registry.Kind.OUTPUT) else None
-
-
 def _logits_as_outputs(graph):
     """An output computed by a final Softmax/LogSoftmax becomes that node's input (the logits,
     whose moments the compiled PFP returns beside the probabilities), so MC samples the logits."""
@@ -184,9 +175,9 @@ def per_layer(model: onnx.ModelProto, posterior: Posterior, inputs: dict, sample
 
     # a final Softmax/LogSoftmax is no layer of its own: the PFP (and so the Monte Carlo run,
     # `_logits_as_outputs`) stops at its logits, which are the layer before it
-    final_softmax = {node.output[0] for node in model.graph.node if node.op_type in registry.onnx_ops(registry.Kind.OUTPUT)} & {o.name for o in model.graph.output}
+    softmax_outputs = {node.output[0] for node in model.graph.node if node.op_type in registry.onnx_ops(registry.Kind.OUTPUT)} & {o.name for o in model.graph.output}
     layers = [(node.output[0], node.op_type) for node in model.graph.node
-              if node.op_type not in VIEW_OPS and node.domain in ("", "ai.onnx") and node.output[0] not in final_softmax]
+              if node.op_type not in VIEW_OPS and node.domain in ("", "ai.onnx") and node.output[0] not in softmax_outputs]
     known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
     layers = [(name, op) for name, op in layers if name in known]
     probe = onnx.ModelProto()

@@ -378,23 +378,26 @@ def test_image_larger_than_the_emulated_board_is_refused_before_qemu(tmp_path, m
 
 @needs_arm
 def test_firmware_example_prints_class_probability_and_decision(tmp_path):
-    """examples/firmware on Cortex-M4 under QEMU: its class and probability against the probit
-    approximation computed in float64 from the host build's logit moments, and the sample's label."""
+    """examples/firmware on Cortex-M4 under QEMU: its class and probability against the mean-field
+    approximation (the library's default output method) computed in float64 from the host build's
+    logit moments, and the sample's label; the decision by the entropy (pfp_model_decide)."""
     lenet = os.path.join(EXAMPLES, "lenet")
     out = str(tmp_path / "lenet_m4")
-    compiler.compile(os.path.join(lenet, "model.onnx"), os.path.join(lenet, "post.npz"), out_dir=out, batch=1, target="cortex-m4")
+    compiler.compile(os.path.join(lenet, "model.onnx"), os.path.join(lenet, "post.npz"), out_dir=out, batch=1, target="cortex-m4",
+                     outputs=("probs", "entropy"))
     samples = os.path.join(lenet, "sample.npy")
     subprocess.run([sys.executable, os.path.join(EXAMPLES, "firmware", "make_input.py"), samples, os.path.join(out, "input_data.h")], check=True)
     run = subprocess.run(["make", "-s", "-C", os.path.join(EXAMPLES, "firmware"), f"OUT={out}", "run"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    _, best, _, probability, decision = next(line for line in run.stdout.splitlines() if line.startswith("class ")).split()
+    _, best, _, probability, _, entropy, decision = next(line for line in run.stdout.splitlines() if line.startswith("class ")).split()
     (mean, var), = compiler.run_host(out, [np.load(samples)[:1]])
-    scaled = mean[0].astype(np.float64) / np.sqrt(1 + np.pi / 8 * var[0].astype(np.float64))
-    p = np.exp(scaled - scaled.max())
-    p /= p.sum()
+    m, v = mean[0].astype(np.float64), var[0].astype(np.float64)
+    q = 1.0 / np.exp(-(m[:, None] - m[None, :]) / np.sqrt(1 + np.pi / 8 * v[:, None])).sum(axis=1)
+    p = q / q.sum()
     assert int(best) == int(np.argmax(p)) == int(np.load(os.path.join(lenet, "sample_labels.npy"))[0])
     assert float(probability) == pytest.approx(p.max(), rel=1e-5)
-    assert decision == ("accept" if p.max() >= 0.9 else "abstain")
+    assert float(entropy) == pytest.approx(-np.sum(p * np.log(p)), rel=1e-4, abs=1e-6)
+    assert decision == ("accept" if -np.sum(p * np.log(p)) <= 0.5 else "abstain")
 
 
 def test_file_writer_leaves_nothing_on_failure(tmp_path):

@@ -398,3 +398,13 @@ def input_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 def output_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.output}
+
+
+def final_softmax(graph, output: str):
+    """The Softmax/LogSoftmax node that computes model output ``output`` (directly or through
+    Identity nodes), or None."""
+    producer = {out: node for node in graph.node for out in node.output}
+    node = producer.get(output)
+    while node is not None and node.op_type == "Identity":
+        node = producer.get(node.input[0])
+    return node if node is not None and node.op_type in registry.onnx_ops(registry.Kind.OUTPUT) else None
