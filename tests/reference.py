@@ -10,7 +10,8 @@ Contents
   Gaussian ops:   linear, matmul, gemm, conv2d, add, relu, clark_max, maxpool2d,
                   flatten, reshape, subtract, multiply, divide, batch_norm, avgpool2d,
                   reduce_mean, concat, pad, clip, leaky_relu, sigmoid, tanh, reduce_sum,
-                  reduce_max, exp, abs_, clark_min, hard_sigmoid, hard_swish, gauss_hermite
+                  reduce_max, exp, abs_, clark_min, hard_sigmoid, hard_swish, gauss_hermite,
+                  slice_, tile, expand, resize
   Interpreter:    pfp_onnx(model, variances, inputs, input_vars=None)
   Ground truth:   monte_carlo(model, stds, inputs, samples, seed, ...)
 
@@ -66,6 +67,10 @@ __all__ = [
     "hard_sigmoid",
     "hard_swish",
     "gauss_hermite",
+    "slice_",
+    "tile",
+    "expand",
+    "resize",
     "SMOOTH_FUNCTIONS",
     "pfp_onnx",
     "monte_carlo",
@@ -451,12 +456,82 @@ def concat(pairs, axis):
             np.concatenate([_var_or_zeros(v, m) for (_, v), m in zip(pairs, means)], axis=axis))
 
 
-def pad(mean, var, before, after, value=0.0):
-    """Constant padding: padded positions are deterministic (mean `value`, var 0)."""
+def pad(mean, var, before, after, value=0.0, mode="constant"):
+    """Constant padding: padded positions are deterministic (mean `value`, var 0). Edge and
+    reflect padding copy input elements (NumPy's modes of the same names are ONNX's), so the
+    variances are padded the same way."""
     m = _f64(mean)
     v = _var_or_zeros(var, m)
     widths = list(zip(before, after))
+    if mode != "constant":
+        return np.pad(m, widths, mode=mode), np.pad(v, widths, mode=mode)
     return np.pad(m, widths, constant_values=value), np.pad(v, widths, constant_values=0.0)
+
+
+def slice_(mean, var, index):
+    """Slice/Split: the elements at the NumPy ``index`` (copies: moments unchanged)."""
+    m = _f64(mean)
+    return m[index], _var_or_zeros(var, m)[index]
+
+
+def tile(mean, var, repeats):
+    """Tile: copies of the elements (moments repeated)."""
+    m = _f64(mean)
+    return np.tile(m, repeats), np.tile(_var_or_zeros(var, m), repeats)
+
+
+def expand(mean, var, shape):
+    """Expand: NumPy's two-way broadcast (copies: moments broadcast)."""
+    m = _f64(mean)
+    out = np.broadcast_shapes(m.shape, tuple(int(d) for d in shape))
+    return np.broadcast_to(m, out).copy(), np.broadcast_to(_var_or_zeros(var, m), out).copy()
+
+
+def _resize_matrix(in_size, out_size, method, mode, nearest_mode):
+    """[out, in] interpolation weights of ONNX Resize along one axis (scale = out / in)."""
+    scale = out_size / in_size
+    matrix = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        if mode == "half_pixel" or (mode == "pytorch_half_pixel" and out_size > 1):
+            x = (i + 0.5) / scale - 0.5
+        elif mode == "pytorch_half_pixel":
+            x = 0.0
+        elif mode == "asymmetric":
+            x = i / scale
+        elif mode == "align_corners":
+            x = 0.0 if out_size == 1 else i * (in_size - 1) / (out_size - 1)
+        else:
+            raise NotImplementedError(f"Resize coordinate_transformation_mode {mode}")
+        if method == "nearest":
+            fraction = x - math.floor(x)
+            if nearest_mode == "floor":
+                j = math.floor(x)
+            elif nearest_mode == "ceil":
+                j = math.ceil(x)
+            elif nearest_mode == "round_prefer_ceil":
+                j = math.floor(x) + (fraction >= 0.5)
+            else:  # round_prefer_floor
+                j = math.floor(x) + (fraction > 0.5)
+            matrix[i, min(max(j, 0), in_size - 1)] = 1.0
+        else:
+            x = min(max(x, 0.0), in_size - 1.0)
+            low = int(math.floor(x))
+            high = min(low + 1, in_size - 1)
+            matrix[i, low] += 1.0 - (x - low)
+            matrix[i, high] += x - low
+    return matrix
+
+
+def resize(mean, var, out_hw, method, mode="half_pixel", nearest_mode="round_prefer_floor"):
+    """Resize of NCHW over H and W: Y = A_h X A_w^T with the interpolation matrices A; for
+    independent inputs mean = A_h m A_w^T and var = (A_h o A_h) v (A_w o A_w)^T (o: element-wise
+    square, each output a weighted sum of independent inputs)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    rows = _resize_matrix(m.shape[2], out_hw[0], method, mode, nearest_mode)
+    cols = _resize_matrix(m.shape[3], out_hw[1], method, mode, nearest_mode)
+    return (np.einsum("yh,nchw,xw->ncyx", rows, m, cols),
+            np.einsum("yh,nchw,xw->ncyx", rows ** 2, v, cols ** 2))
 
 
 def clip(mean, var, lower=None, upper=None):
@@ -842,7 +917,46 @@ def _node_outputs(node, a, x):
         before, after = [0] * rank, [0] * rank
         for index, axis in enumerate(axes):
             before[axis], after[axis] = int(pads[index]), int(pads[index + len(axes)])
-        return [pad(*x[0], before, after, value)]
+        mode = a.get("mode", b"constant")
+        return [pad(*x[0], before, after, value, mode.decode() if isinstance(mode, bytes) else mode)]
+    if op == "Slice":
+        rank = x[0][0].ndim
+        starts, ends = x[1][0], x[2][0]
+        axes = x[3][0] if len(x) > 3 and x[3] is not None else range(len(starts))
+        steps = x[4][0] if len(x) > 4 and x[4] is not None else [1] * len(starts)
+        index = [slice(None)] * rank
+        for axis, start, end, step in zip(axes, starts, ends, steps):
+            big = 2 ** 62  # NumPy slicing clamps as ONNX does; int64 extremes overflow its C longs
+            index[int(axis) % rank] = slice(int(np.clip(start, -big, big)), int(np.clip(end, -big, big)), int(step))
+        return [slice_(*x[0], tuple(index))]
+    if op == "Split":
+        rank = x[0][0].ndim
+        axis = a.get("axis", 0) % rank
+        sizes = a.get("split", x[1][0] if len(x) > 1 and x[1] is not None else None)
+        length = x[0][0].shape[axis]
+        if sizes is None:
+            part = -(-length // len(node.output))
+            sizes = [min(part, length - k * part) for k in range(len(node.output))]
+        bounds = np.cumsum([0] + [int(size) for size in sizes])
+        return [slice_(*x[0], tuple([slice(None)] * axis + [slice(begin, end)])) for begin, end in zip(bounds, bounds[1:])]
+    if op == "Tile":
+        return [tile(*x[0], [int(r) for r in x[1][0]])]
+    if op == "Expand":
+        return [expand(*x[0], x[1][0])]
+    if op in ("Resize", "Upsample"):
+        shape = x[0][0].shape
+        method = a.get("mode", b"nearest").decode()
+        if op == "Upsample":
+            scales = a.get("scales", x[1][0] if len(x) > 1 else None)
+            mode, nearest_mode = "asymmetric", "floor"
+        else:
+            scales = x[2][0] if len(x) > 2 and x[2] is not None and x[2][0].size else None
+            mode = a.get("coordinate_transformation_mode", b"half_pixel").decode()
+            nearest_mode = a.get("nearest_mode", b"round_prefer_floor").decode()
+        sizes = x[3][0] if op == "Resize" and len(x) > 3 and x[3] is not None else [math.floor(d * s) for d, s in zip(shape, scales)]
+        if list(sizes[:2]) != list(shape[:2]):
+            raise NotImplementedError("Resize over N or C")
+        return [resize(*x[0], [int(d) for d in sizes[2:]], method, mode, nearest_mode)]
     if op == "Flatten":
         return [flatten(*x[0], axis=a.get("axis", 1))]
     if op == "Reshape":

@@ -18,6 +18,10 @@ from test_ops import _conv, _conv_case, _w
 node = helper.make_node
 
 
+def _i(*values):
+    return np.array(values, np.int64)
+
+
 def _cases():
     """name -> builder(rng) -> (nodes, inputs, initializers, stochastic initializers, opset)."""
     return {
@@ -43,6 +47,37 @@ def _cases():
         "softplus": lambda r: _conv_case(r, [_conv(), node("Softplus", ["c"], ["y"])]),
         "elu": lambda r: _conv_case(r, [_conv(), node("Elu", ["c"], ["y"], alpha=0.7)]),
         "selu": lambda r: _conv_case(r, [_conv(), node("Selu", ["c"], ["y"])]),
+        # data movement and interpolation of activations (exact linear maps)
+        "slice": lambda r: _conv_case(r, [_conv(), node("Slice", ["c", "s0", "s1", "s2"], ["y"])],
+                                      {"s0": _i(1, 1), "s1": _i(3, 6), "s2": _i(1, 3)}),
+        "slice_negative_step": lambda r: _conv_case(r, [_conv(), node("Slice", ["c", "s0", "s1", "s2", "s3"], ["y"])],
+                                                    {"s0": _i(-1, 5), "s1": _i(-(2 ** 63), 0), "s2": _i(2, 3), "s3": _i(-2, -1)}),
+        "split": lambda r: _conv_case(r, [_conv(), node("Split", ["c", "parts"], ["a", "b"], axis=1), node("Mul", ["a", "b"], ["y"])],
+                                      {"parts": _i(2, 2)}, opset=13),
+        "split_uneven_opset18": lambda r: _conv_case(r, [_conv(), node("Split", ["c"], ["a", "b", "d"], axis=3, num_outputs=3),
+                                                          node("Concat", ["d", "a", "b"], ["y"], axis=3)], opset=18),
+        "tile": lambda r: _conv_case(r, [_conv(), node("Tile", ["c", "reps"], ["y"])], {"reps": _i(1, 2, 1, 3)}),
+        "expand": lambda r: _conv_case(r, [_conv(), node("ReduceMean", ["c"], ["p"], axes=[2], keepdims=1), node("Expand", ["p", "shape"], ["y"])],
+                                       {"shape": _i(1, 1, 5, 1)}),
+        "pad_reflect": lambda r: _conv_case(r, [_conv(), node("Pad", ["c", "pads"], ["y"], mode="reflect")], {"pads": _i(0, 0, 2, 1, 0, 0, 1, 3)}),
+        "pad_edge": lambda r: _conv_case(r, [_conv(), node("Pad", ["c", "pads"], ["y"], mode="edge")], {"pads": _i(0, 0, 1, 2, 0, 0, 3, 0)}),
+        "resize_nearest": lambda r: _conv_case(r, [_conv(), node("Resize", ["c", "", "scales"], ["y"], mode="nearest")],
+                                               {"scales": np.array([1, 1, 2, 1.5], np.float32)}),
+        "resize_nearest_sizes_asymmetric_ceil": lambda r: _conv_case(r, [_conv(), node(
+            "Resize", ["c", "", "", "sizes"], ["y"], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="ceil")],
+            {"sizes": _i(2, 4, 4, 9)}),
+        "resize_linear": lambda r: _conv_case(r, [_conv(), node("Resize", ["c", "", "scales"], ["y"], mode="linear")],
+                                              {"scales": np.array([1, 1, 2, 2], np.float32)}),
+        "resize_linear_align_corners_down": lambda r: _conv_case(r, [_conv(), node(
+            "Resize", ["c", "", "", "sizes"], ["y"], mode="linear", coordinate_transformation_mode="align_corners")],
+            {"sizes": _i(2, 4, 4, 11)}),
+        "resize_linear_pytorch_half_pixel": lambda r: _conv_case(r, [_conv(), node(
+            "Resize", ["c", "", "", "sizes"], ["y"], mode="linear", coordinate_transformation_mode="pytorch_half_pixel")],
+            {"sizes": _i(2, 4, 9, 3)}),
+        "upsample_nearest_opset9": lambda r: _conv_case(r, [_conv(), node("Upsample", ["c", "scales"], ["y"], mode="nearest")],
+                                                        {"scales": np.array([1, 1, 2, 2], np.float32)}, opset=9),
+        "upsample_linear_opset9": lambda r: _conv_case(r, [_conv(), node("Upsample", ["c", "scales"], ["y"], mode="linear")],
+                                                       {"scales": np.array([1, 1, 2, 3], np.float32)}, opset=9),
     }
 
 
@@ -91,6 +126,14 @@ EXACT_MC_CASES = {
     "sub_of_two": lambda r: _gemm(r, [node("Sub", ["h", "g"], ["y"])], second=True),
     "reduce_sum": lambda r: _independent(r, [1, 3, 4, 4], [node("ReduceSum", ["h", "axes"], ["y"], keepdims=0)], {"axes": np.array([2, 3], np.int64)}),
     "reduce_mean": lambda r: _independent(r, [1, 3, 4, 4], [node("ReduceMean", ["h"], ["y"], axes=[1, 2])]),
+    "resize_linear": lambda r: _independent(r, [1, 2, 3, 4], [node("Resize", ["h", "", "scales"], ["y"], mode="linear")],
+                                            {"scales": np.array([1, 1, 2, 1.5], np.float32)}),
+    "resize_nearest": lambda r: _independent(r, [1, 2, 3, 4], [node("Resize", ["h", "", "scales"], ["y"], mode="nearest")],
+                                             {"scales": np.array([1, 1, 2, 2], np.float32)}),
+    "pad_reflect_slice_tile": lambda r: _independent(r, [1, 2, 3, 4], [
+        node("Pad", ["h", "pads"], ["p"], mode="reflect"), node("Slice", ["p", "starts", "ends", "axes"], ["s"]),
+        node("Tile", ["s", "reps"], ["y"])],
+        {"pads": _i(0, 0, 2, 1, 0, 0, 1, 2), "starts": _i(1), "ends": _i(5), "axes": _i(2), "reps": _i(1, 2, 1, 1)}),
 }
 
 

@@ -129,6 +129,9 @@ def test_native_moment_of_the_embedded_network_operators():
         "reduce_sum": {"axes": [2, 3], "keepdims": True}, "reduce_max": {"axes": [2, 3], "keepdims": True}, "exp": {}, "abs": {},
         "hard_sigmoid": {"alpha": 0.2, "beta": 0.5}, "hard_swish": {"alpha": 1 / 6, "beta": 0.5}, "silu": {}, "gelu": {},
         "gelu_tanh": {}, "softplus": {}, "elu": {"alpha": 1.0}, "selu": {"alpha": 1.67, "gamma": 1.05},
+        "slice": {"starts": [0, 1, 0, 3], "steps": [1, 1, 2, -1], "shape": [1, 1, 2, 4]}, "tile": {"repeats": [1, 2, 1, 1]},
+        "broadcast": {"shape": [2, 2, 4, 4]},
+        "resize2d": {"size": [8, 8], "method": "linear", "mode": "half_pixel", "rounding": "round_prefer_floor"},
     }
     binary = {"maximum": {}, "minimum": {}}
     for stage, stage_attrs in {**unary, **binary}.items():

@@ -310,3 +310,139 @@ def smooth(a: Gaussian, function, name: str) -> Gaussian:
     """Y = f(X) for a smooth activation ``function`` (a TIR expression of x: `silu`, `gelu`,
     `gelu_tanh`, `softplus`, `elu`); moments ``gauss_hermite_moments``; native output: variance."""
     return _unary(a, lambda m, v: gauss_hermite_moments(function, m, v), function, name, Moment.VAR)
+
+
+# ---------------------------------------------------------------------------------------------
+# data movement and interpolation: linear maps with fixed coefficients, exact
+# ---------------------------------------------------------------------------------------------
+
+
+def gather(x: Gaussian, out_shape, source, name: str) -> Gaussian:
+    """Y[i] = X[source(i)] (Slice, Split, Tile, Expand, edge/reflect Pad, nearest Resize): every
+    output element is a copy of one input element, so its mean and moment are that element's, in
+    the input's representation. Exact. ``source(idx)`` -> the input index (TIR expressions)."""
+    mean = te.compute(out_shape, lambda *idx: x.mean[source(idx)], name=f"{name}_mean")
+    if x.repr == Moment.NONE:
+        return Gaussian(mean, None, Moment.NONE)
+    moment = te.compute(out_shape, lambda *idx: x.moment[source(idx)], name=f"{name}_moment")
+    return Gaussian(mean, moment, x.repr)
+
+
+def slice_(x: Gaussian, starts, steps, out_shape) -> Gaussian:
+    """Y[i] = X[start + i * step] per axis (Slice, each output of Split): a copy (``gather``)."""
+    return gather(x, out_shape, lambda idx: tuple(start + i * step for i, start, step in zip(idx, starts, steps)), "slice")
+
+
+def tile(x: Gaussian, repeats) -> Gaussian:
+    """Y[i] = X[i mod n] per axis (Tile): a copy (``gather``). The repeated elements are copies
+    of one random variable (perfectly correlated), which the element-wise moments do not record."""
+    shape = x.shape
+    out_shape = [size * int(r) for size, r in zip(shape, repeats)]
+    return gather(x, out_shape, lambda idx: tuple(tirx.floormod(i, size) for i, size in zip(idx, shape)), "tile")
+
+
+def broadcast(x: Gaussian, out_shape) -> Gaussian:
+    """Y = X broadcast to ``out_shape`` (Expand, NumPy rules): a copy (``gather``)."""
+    shape = x.shape
+    offset = len(out_shape) - len(shape)
+
+    def source(idx):
+        return tuple(0 if size == 1 else idx[offset + axis] for axis, size in enumerate(shape))
+
+    return gather(x, list(out_shape), source, "broadcast")
+
+
+def border_pad(x: Gaussian, width, mode: str) -> Gaussian:
+    """Y = X padded by ``width`` = [before_0, after_0, ...] with ``mode`` "edge" (a padded
+    position copies the nearest border element: j = clamp(i - before, 0, n - 1)) or "reflect"
+    (mirrored without repeating the border: j = n - 1 - |n - 1 - |i - before||, for pads < n).
+    Each output element is a copy of one input element (``gather``). Exact."""
+    shape = x.shape
+    out_shape = [size + width[2 * axis] + width[2 * axis + 1] for axis, size in enumerate(shape)]
+
+    def index(i, before, size):
+        j = i - before
+        if mode == "edge":
+            return tirx.min(tirx.max(j, 0), size - 1)
+        return (size - 1) - tirx.abs((size - 1) - tirx.abs(j))
+
+    return gather(x, out_shape, lambda idx: tuple(index(i, width[2 * a], size) for a, (i, size) in enumerate(zip(idx, shape))),
+                  f"{mode}_pad")
+
+
+def _source_coordinate(out_index, in_size, out_size, mode):
+    """ONNX Resize's input coordinate (float32) of output position ``out_index`` along one axis,
+    scale = out_size / in_size."""
+    position = out_index.astype("float32")
+    ratio = f32(in_size / out_size)
+    if mode == "half_pixel" or (mode == "pytorch_half_pixel" and out_size > 1):
+        return (position + f32(0.5)) * ratio - f32(0.5)
+    if mode == "pytorch_half_pixel":
+        return f32(0.0)
+    if mode == "asymmetric":
+        return position * ratio
+    if mode == "align_corners":
+        return position * f32((in_size - 1) / (out_size - 1)) if out_size > 1 else f32(0.0)
+    raise ValueError(f"Resize: coordinate transformation {mode}")
+
+
+def _nearest_index(coordinate, in_size, rounding):
+    if rounding == "floor":
+        index = tirx.floor(coordinate)
+    elif rounding == "ceil":
+        index = tirx.ceil(coordinate)
+    elif rounding == "round_prefer_ceil":
+        index = tirx.floor(coordinate + f32(0.5))
+    else:  # round_prefer_floor: a half goes down
+        index = tirx.ceil(coordinate - f32(0.5))
+    return tirx.min(tirx.max(index.astype("int32"), 0), in_size - 1)
+
+
+def resize2d(x: Gaussian, out_hw, method: str, mode: str, rounding: str) -> Gaussian:
+    """Y = Resize(X) over the last two axes (NCHW; Resize, Upsample), scale = out / in per axis,
+    input coordinate c(i) by ONNX's ``coordinate_transformation_mode``:
+
+    nearest: Y[i, j] = X[r(c(i)), r(c(j))] (r: ONNX's rounding, clamped to the input), a copy;
+    linear:  c clamped to [0, n - 1], i0 = floor(c), i1 = min(i0 + 1, n - 1), l = c - i0,
+             Y = sum_{a, b} u_a w_b X[i_a, j_b] with u = (1 - l, l) (rows) and w (columns):
+             mean sum u_a w_b m, var sum (u_a w_b)^2 v (independent inputs; exact).
+
+    Native output: variance (both methods)."""
+    batch, chans, height, width = x.shape
+    out_h, out_w = out_hw
+    out_shape = [batch, chans, out_h, out_w]
+    if method == "nearest":
+        def source(idx):
+            row = _nearest_index(_source_coordinate(idx[2], height, out_h, mode), height, rounding)
+            col = _nearest_index(_source_coordinate(idx[3], width, out_w, mode), width, rounding)
+            return (idx[0], idx[1], row, col)
+
+        mean = te.compute(out_shape, lambda *idx: x.mean[source(idx)], name="resize_nearest_mean")
+        if x.repr == Moment.NONE:
+            return Gaussian(mean, None, Moment.NONE)
+        var = te.compute(out_shape, lambda *idx: x.var_at(source(idx)), name="resize_nearest_var")
+        return Gaussian(mean, var, Moment.VAR)
+
+    def taps(out_index, in_size, out_size):
+        coordinate = tirx.min(tirx.max(_source_coordinate(out_index, in_size, out_size, mode), f32(0.0)), f32(in_size - 1))
+        low = tirx.floor(coordinate)
+        frac = coordinate - low
+        low = low.astype("int32")
+        return ((low, f32(1.0) - frac), (tirx.min(low + 1, in_size - 1), frac))
+
+    def combine(value_of, squared):
+        def body(n, c, y, xx):
+            total = f32(0.0)
+            for row, row_weight in taps(y, height, out_h):
+                for col, col_weight in taps(xx, width, out_w):
+                    weight = row_weight * col_weight
+                    total = total + (weight * weight if squared else weight) * value_of((n, c, row, col))
+            return total
+
+        return body
+
+    mean = te.compute(out_shape, combine(lambda idx: x.mean[idx], False), name="resize_linear_mean")
+    if x.repr == Moment.NONE:
+        return Gaussian(mean, None, Moment.NONE)
+    var = te.compute(out_shape, combine(x.var_at, True), name="resize_linear_var")
+    return Gaussian(mean, var, Moment.VAR)

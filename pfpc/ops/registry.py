@@ -71,10 +71,54 @@ def _concat_attrs(call):
     return {"axis": int(call.attrs.axis) % _rank(call.args[0].fields[0]), "count": len(call.args[0].fields)}
 
 
+#: ONNX Pad modes and their Relax names: constant fill, or copies of border elements.
+PAD_MODES = ("constant", "edge", "reflect")
+
+
 def _pad_attrs(call):
-    if str(call.attrs.pad_mode) != "constant":
+    mode = str(call.attrs.pad_mode)
+    if mode not in PAD_MODES:
         return None
-    return {"width": _ints(call.attrs.pad_width), "value": float(call.attrs.pad_value)}
+    return {"width": _ints(call.attrs.pad_width), "value": float(call.attrs.pad_value), "mode": mode}
+
+
+def _pad(inputs, attrs):
+    mode = attrs.get("mode", "constant")
+    if mode == "constant":
+        return G.pad(inputs[0], attrs["width"], attrs["value"])
+    return E.border_pad(inputs[0], attrs["width"], mode)
+
+
+def _prim_ints(values):
+    """The integers of a Relax tuple of ``R.prim_value`` (strided_slice's axes, begins, ...)."""
+    return [int(field.value) for field in values.fields]
+
+
+def _slice_attrs(call):
+    """Per axis the first source index and the step (Python slicing = ONNX Slice's clamping)."""
+    shape = [int(d) for d in call.args[0].ty.shape]
+    axes, begins, ends = (_prim_ints(arg) for arg in call.args[1:4])
+    steps = _prim_ints(call.args[4]) if len(call.args) > 4 else [1] * len(axes)
+    starts, strides, out_shape = [0] * len(shape), [1] * len(shape), list(shape)
+    for axis, begin, end, step in zip(axes, begins, ends, steps):
+        axis %= len(shape)
+        picked = range(shape[axis])[slice(begin, end, step)]
+        starts[axis], strides[axis], out_shape[axis] = picked.start, picked.step, len(picked)
+    return {"starts": starts, "steps": strides, "shape": out_shape}
+
+
+#: Relax's names of ONNX Resize's methods pfpc computes -> the formula's.
+RESIZE_METHODS = {"nearest_neighbor": "nearest", "linear": "linear"}
+RESIZE_COORDINATES = ("half_pixel", "pytorch_half_pixel", "asymmetric", "align_corners")
+
+
+def _resize_attrs(call):
+    attrs = call.attrs
+    method = RESIZE_METHODS.get(str(attrs.method))
+    if method is None or attrs.layout != "NCHW" or str(attrs.coordinate_transformation_mode) not in RESIZE_COORDINATES:
+        return None
+    return {"size": [int(v) for v in call.args[1].values], "method": method,
+            "mode": str(attrs.coordinate_transformation_mode), "rounding": str(attrs.rounding_method)}
 
 
 def _reduce_attrs(call):
@@ -126,9 +170,21 @@ def _spatial_1d_or_2d(node, attrs, rank):
     return None if rank in (None, 3, 4) else f"{rank - 2}-D: only 1-D and 2-D are supported"
 
 
-def _constant_padding(node, attrs, rank):
-    mode = attrs.get("mode", b"constant")
-    return None if mode == b"constant" else f"mode {mode.decode()}: only constant padding is supported"
+def _padding_mode(node, attrs, rank):
+    mode = attrs.get("mode", b"constant").decode()
+    return None if mode in PAD_MODES else f"mode {mode}: only {', '.join(PAD_MODES)} padding is supported"
+
+
+def _resize_rule(node, attrs, rank):
+    mode = attrs.get("mode", b"nearest").decode()
+    if mode not in RESIZE_METHODS.values():
+        return f"mode {mode}: only {' and '.join(RESIZE_METHODS.values())} are supported"
+    coordinates = attrs.get("coordinate_transformation_mode", b"half_pixel").decode()
+    if node.op_type == "Resize" and coordinates not in RESIZE_COORDINATES:
+        return f"coordinate_transformation_mode {coordinates}: only {', '.join(RESIZE_COORDINATES)} are supported"
+    if attrs.get("antialias", 0):
+        return "antialias is not supported"
+    return None if rank in (None, 4) else f"a {rank}-D input: only 4-D (NCHW, resizing H and W) is supported"
 
 
 def _maxpool_rule(node, attrs, rank):
@@ -212,9 +268,8 @@ OPERATORS = (
              libm_calls={"sqrt": 2, "tanh": 1}, reference="tanh", build=lambda inputs, attrs: G.tanh(inputs[0])),
     Operator("transpose", onnx=("Transpose",), relax=("relax.permute_dims",), relax_attrs=_transpose_attrs, native=None,
              build=lambda inputs, attrs: G.transpose(inputs[0], list(attrs["axes"]))),
-    Operator("pad", onnx=("Pad",), onnx_rule=_constant_padding, constant_inputs=(1, 2, 3), relax=("relax.nn.pad",),
-             relax_attrs=_pad_attrs, native=None, reference="pad",
-             build=lambda inputs, attrs: G.pad(inputs[0], attrs["width"], attrs["value"])),
+    Operator("pad", onnx=("Pad",), onnx_rule=_padding_mode, constant_inputs=(1, 2, 3), relax=("relax.nn.pad",),
+             relax_attrs=_pad_attrs, native=None, reference="pad", build=_pad),
     Operator("concat", onnx=("Concat",), relax=("relax.concat",), relax_attrs=_concat_attrs, reference="concat",
              build=lambda inputs, attrs: G.concat(inputs, attrs["axis"])),
     Operator("maxpool2d", onnx=("MaxPool",), onnx_rule=_maxpool_rule, relax=("relax.nn.max_pool2d",), relax_attrs=_maxpool_attrs,
@@ -265,6 +320,20 @@ OPERATORS = (
     Operator("selu", onnx=("Selu",), marker_params=("alpha", "gamma"), gaussian_ops=_per_element("selu"),
              libm_calls={"sqrt": 1, "exp": 17}, reference="gauss_hermite",
              build=lambda inputs, attrs: E.smooth(inputs[0], E.elu(attrs["alpha"], attrs["gamma"]), "selu")),
+    # data movement and interpolation (exact linear maps); Slice of a tensor that is no activation
+    # is folded by the importer (the "shape" entry), of an activation becomes relax.strided_slice
+    Operator("slice", onnx=("Split",), constant_inputs=(1,), relax=("relax.strided_slice",), relax_attrs=_slice_attrs,
+             native=None, reference="slice_",
+             build=lambda inputs, attrs: E.slice_(inputs[0], attrs["starts"], attrs["steps"], attrs["shape"])),
+    Operator("tile", onnx=("Tile",), constant_inputs=(1,), relax=("relax.tile",),
+             relax_attrs=lambda call: {"repeats": _ints(call.attrs.repeats)}, native=None, reference="tile",
+             build=lambda inputs, attrs: E.tile(inputs[0], attrs["repeats"])),
+    Operator("broadcast", onnx=("Expand",), constant_inputs=(1,), relax=("relax.broadcast_to",),
+             relax_attrs=lambda call: {"shape": [int(v) for v in call.args[1].values]}, native=None, reference="expand",
+             build=lambda inputs, attrs: E.broadcast(inputs[0], attrs["shape"])),
+    Operator("resize2d", onnx=("Resize", "Upsample"), onnx_rule=_resize_rule, constant_inputs=(1, 2, 3),
+             relax=("relax.image.resize2d",), relax_attrs=_resize_attrs, reference="resize",
+             build=lambda inputs, attrs: E.resize2d(inputs[0], attrs["size"], attrs["method"], attrs["mode"], attrs["rounding"])),
     # not Gaussian stages
     Operator("view", kind=Kind.VIEW, onnx=("Flatten", "Reshape", "Identity", "Dropout", "Squeeze", "Unsqueeze"),
              relax=("relax.reshape", "relax.flatten", "relax.expand_dims", "relax.squeeze"), reference="reshape"),
