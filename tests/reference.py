@@ -11,7 +11,7 @@ Contents
                   flatten, reshape, subtract, multiply, divide, batch_norm, avgpool2d,
                   reduce_mean, concat, pad, clip, leaky_relu, sigmoid, tanh, reduce_sum,
                   reduce_max, exp, abs_, clark_min, hard_sigmoid, hard_swish, gauss_hermite,
-                  slice_, tile, expand, resize
+                  slice_, tile, expand, resize, conv_transpose2d
   Interpreter:    pfp_onnx(model, variances, inputs, input_vars=None)
   Ground truth:   monte_carlo(model, stds, inputs, samples, seed, ...)
 
@@ -71,6 +71,7 @@ __all__ = [
     "tile",
     "expand",
     "resize",
+    "conv_transpose2d",
     "SMOOTH_FUNCTIONS",
     "pfp_onnx",
     "monte_carlo",
@@ -485,6 +486,41 @@ def expand(mean, var, shape):
     m = _f64(mean)
     out = np.broadcast_shapes(m.shape, tuple(int(d) for d in shape))
     return np.broadcast_to(m, out).copy(), np.broadcast_to(_var_or_zeros(var, m), out).copy()
+
+
+def conv_transpose2d(mean, var, w_mean, w_var, b_mean=None, b_var=None, strides=(1, 1), pads=(0, 0, 0, 0),
+                     dilations=(1, 1), output_padding=(0, 0), groups=1):
+    """ConvTranspose, NCHW x [C_in, C_out / groups, kh, kw]: every input element x[n, c, h, w]
+    adds x w[c, o, i, j] to output (o, h s - pad_top + i d, w s - pad_left + j d) (scattered, then
+    cropped by the pads). Each output is a sum of independent products, so the variances of the
+    products (m_x^2 v_w + v_x m_w^2 + v_x v_w) add."""
+    m, wm = _f64(mean), _f64(w_mean)
+    v, wv = _var_or_zeros(var, m), _var_or_zeros(w_var, wm)
+    n, c_in, height, width = m.shape
+    _, per_group, kh, kw = wm.shape
+    sh, sw = strides
+    dh, dw = dilations
+    full_h = (height - 1) * sh + dh * (kh - 1) + 1 + output_padding[0]
+    full_w = (width - 1) * sw + dw * (kw - 1) + 1 + output_padding[1]
+    out_mean = np.zeros((n, per_group * groups, full_h, full_w))
+    out_var = np.zeros_like(out_mean)
+    in_group = c_in // groups
+    for g in range(groups):
+        xs, outs = slice(g * in_group, (g + 1) * in_group), slice(g * per_group, (g + 1) * per_group)
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dh, i * dh + (height - 1) * sh + 1, sh)
+                cols = slice(j * dw, j * dw + (width - 1) * sw + 1, sw)
+                w_m, w_v = wm[xs, :, i, j], wv[xs, :, i, j]
+                out_mean[:, outs, rows, cols] += np.einsum("nchw,co->nohw", m[:, xs], w_m)
+                out_var[:, outs, rows, cols] += np.einsum("nchw,co->nohw", m[:, xs] ** 2, w_v) + np.einsum("nchw,co->nohw", v[:, xs], w_m ** 2 + w_v)
+    top, left, bottom, right = pads
+    crop = (slice(None), slice(None), slice(top, full_h - bottom), slice(left, full_w - right))
+    out_mean, out_var = out_mean[crop], out_var[crop]
+    if b_mean is not None:
+        out_mean = out_mean + _f64(b_mean)[None, :, None, None]
+        out_var = out_var + _var_or_zeros(b_var, _f64(b_mean))[None, :, None, None]
+    return out_mean, out_var
 
 
 def _resize_matrix(in_size, out_size, method, mode, nearest_mode):
@@ -939,6 +975,15 @@ def _node_outputs(node, a, x):
             sizes = [min(part, length - k * part) for k in range(len(node.output))]
         bounds = np.cumsum([0] + [int(size) for size in sizes])
         return [slice_(*x[0], tuple([slice(None)] * axis + [slice(begin, end)])) for begin, end in zip(bounds, bounds[1:])]
+    if op == "ConvTranspose":
+        spatial = x[1][0].ndim - 2
+        if spatial != 2 or "output_shape" in a or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise NotImplementedError("ConvTranspose other than 2-D with explicit pads")
+        pads = a.get("pads", [0] * 4)
+        b = x[2] if len(x) > 2 and x[2] is not None else (None, None)
+        return [conv_transpose2d(*x[0], *x[1], *b, strides=a.get("strides", (1, 1)), pads=(pads[0], pads[1], pads[2], pads[3]),
+                                 dilations=a.get("dilations", (1, 1)), output_padding=a.get("output_padding", (0, 0)),
+                                 groups=a.get("group", 1))]
     if op == "Tile":
         return [tile(*x[0], [int(r) for r in x[1][0]])]
     if op == "Expand":

@@ -74,6 +74,11 @@ def _cases():
         "resize_linear_pytorch_half_pixel": lambda r: _conv_case(r, [_conv(), node(
             "Resize", ["c", "", "", "sizes"], ["y"], mode="linear", coordinate_transformation_mode="pytorch_half_pixel")],
             {"sizes": _i(2, 4, 9, 3)}),
+        "conv_transpose": lambda r: _conv_case(r, [_conv(), node("ConvTranspose", ["c", "wt", "bt"], ["y"], strides=[2, 2], pads=[1, 0, 0, 1])],
+                                               {"wt": _w(r, 4, 3, 3, 3), "bt": _w(r, 3)}, ("w", "wt", "bt")),
+        "conv_transpose_grouped_dilated": lambda r: _conv_case(r, [_conv(), node(
+            "ConvTranspose", ["c", "wt"], ["y"], strides=[3, 2], dilations=[1, 2], group=2, output_padding=[1, 1], pads=[0, 1, 1, 0])],
+            {"wt": _w(r, 4, 3, 2, 3)}, ("w", "wt")),
         "upsample_nearest_opset9": lambda r: _conv_case(r, [_conv(), node("Upsample", ["c", "scales"], ["y"], mode="nearest")],
                                                         {"scales": np.array([1, 1, 2, 2], np.float32)}, opset=9),
         "upsample_linear_opset9": lambda r: _conv_case(r, [_conv(), node("Upsample", ["c", "scales"], ["y"], mode="linear")],
@@ -130,6 +135,8 @@ EXACT_MC_CASES = {
                                             {"scales": np.array([1, 1, 2, 1.5], np.float32)}),
     "resize_nearest": lambda r: _independent(r, [1, 2, 3, 4], [node("Resize", ["h", "", "scales"], ["y"], mode="nearest")],
                                              {"scales": np.array([1, 1, 2, 2], np.float32)}),
+    "conv_transpose": lambda r: (make_model([node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[2, 2], pads=[1, 1, 0, 0])], [("x", [1, 2, 3, 3])],
+                                            ["y"], inits := {"w": _w(r, 2, 3, 3, 3, scale=1.0), "b": _w(r, 3)}, opset=17), inits),
     "pad_reflect_slice_tile": lambda r: _independent(r, [1, 2, 3, 4], [
         node("Pad", ["h", "pads"], ["p"], mode="reflect"), node("Slice", ["p", "starts", "ends", "axes"], ["s"]),
         node("Tile", ["s", "reps"], ["y"])],

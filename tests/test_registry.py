@@ -133,7 +133,8 @@ def test_native_moment_of_the_embedded_network_operators():
         "broadcast": {"shape": [2, 2, 4, 4]},
         "resize2d": {"size": [8, 8], "method": "linear", "mode": "half_pixel", "rounding": "round_prefer_floor"},
     }
-    binary = {"maximum": {}, "minimum": {}}
+    binary = {"maximum": {}, "minimum": {},
+              "conv_transpose2d": {"strides": [2, 2], "pads": [0, 0, 0, 0], "dilations": [1, 1], "output_padding": [0, 0], "groups": 1}}
     for stage, stage_attrs in {**unary, **binary}.items():
         operands = [G.Gaussian(te.placeholder(shape, "float32", f"m{i}"), te.placeholder(shape, "float32", f"v{i}"), G.Moment.VAR)
                     for i in range(R.STAGES[stage].arity)]

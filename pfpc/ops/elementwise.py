@@ -15,7 +15,7 @@ import numpy as np
 from tvm import te, tirx
 
 from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _reduce_products
-from .moments import clark_max_moments, clip_moments, f32, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
+from .moments import clark_max_moments, clip_moments, f32, product_moments, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
 
 #: Gauss-Hermite nodes: exact for polynomials of degree 2 K - 1 times the Gaussian.
 HERMITE_POINTS = 16
@@ -446,3 +446,36 @@ def resize2d(x: Gaussian, out_hw, method: str, mode: str, rounding: str) -> Gaus
         return Gaussian(mean, None, Moment.NONE)
     var = te.compute(out_shape, combine(x.var_at, True), name="resize_linear_var")
     return Gaussian(mean, var, Moment.VAR)
+
+
+def conv_transpose2d(x: Gaussian, w: Gaussian, strides, pads, dilations, output_padding, groups) -> Gaussian:
+    """Y = ConvTranspose(X, W), NCHW x IOHW ([in channels, out channels / groups, kh, kw]),
+    grouped: each input element scatters into the output,
+
+        Y[n, o, h s - p_top + i d, w s - p_left + j d] += X[n, c, h, w] W[c, o mod O_g, i, j]
+
+    so an output gathers the input positions h = (y + p_top - i d) / s that are integers inside
+    the input. A linear map of independent Gaussian inputs and weights, as a conv: mean sum m_x
+    m_w, variance sum Var(x w) (``product_moments``). Exact. Native output: variance."""
+    batch, in_ch, height, width = x.shape
+    _, out_per_group, kernel_h, kernel_w = w.shape
+    in_per_group = in_ch // groups
+    pad_top, pad_left, pad_bottom, pad_right = pads
+    out_h = (height - 1) * strides[0] - pad_top - pad_bottom + dilations[0] * (kernel_h - 1) + output_padding[0] + 1
+    out_w = (width - 1) * strides[1] - pad_left - pad_right + dilations[1] * (kernel_w - 1) + output_padding[1] + 1
+    c = te.reduce_axis((0, in_per_group), name="c")
+    i = te.reduce_axis((0, kernel_h), name="i")
+    j = te.reduce_axis((0, kernel_w), name="j")
+
+    def terms(n, o, y, xx):
+        row, col = y + pad_top - i * dilations[0], xx + pad_left - j * dilations[1]
+        source_row, source_col = tirx.floordiv(row, strides[0]), tirx.floordiv(col, strides[1])
+        inside = tirx.all(row >= 0, tirx.floormod(row, strides[0]) == 0, source_row < height,
+                          col >= 0, tirx.floormod(col, strides[1]) == 0, source_col < width)
+        channel = (o // out_per_group) * in_per_group + c
+        ix, iw = (n, channel, source_row, source_col), (channel, tirx.floormod(o, out_per_group), i, j)
+        x_mean = tirx.if_then_else(inside, x.mean[ix], f32(0.0))
+        x_moment = None if x.repr == Moment.NONE else tirx.if_then_else(inside, x.moment[ix], f32(0.0))
+        return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr)
+
+    return _reduce_products([batch, out_per_group * groups, out_h, out_w], terms, [c, i, j], "conv_transpose")

@@ -194,6 +194,22 @@ def _maxpool_rule(node, attrs, rank):
     return reason
 
 
+def _conv_transpose_rule(node, attrs, rank):
+    if rank not in (None, 4):
+        return f"{rank - 2}-D: only 2-D is supported"
+    if "output_shape" in attrs:
+        return "output_shape is not supported (give pads and output_padding)"
+    return None
+
+
+def _conv_transpose_attrs(call):
+    attrs = call.attrs
+    if attrs.data_layout != "NCHW" or attrs.kernel_layout != "IOHW":
+        return None
+    return {"strides": _ints(attrs.strides), "pads": _ints(attrs.padding), "dilations": _ints(attrs.dilation),
+            "output_padding": _ints(attrs.output_padding), "groups": int(attrs.groups)}
+
+
 # --- cost: Gaussian evaluations per output element ---------------------------------------------------
 def _per_element(label):
     return lambda attrs, out_size: {label: out_size}
@@ -334,6 +350,12 @@ OPERATORS = (
     Operator("resize2d", onnx=("Resize", "Upsample"), onnx_rule=_resize_rule, constant_inputs=(1, 2, 3),
              relax=("relax.image.resize2d",), relax_attrs=_resize_attrs, reference="resize",
              build=lambda inputs, attrs: E.resize2d(inputs[0], attrs["size"], attrs["method"], attrs["mode"], attrs["rounding"])),
+    # a linear map like conv2d, but a kernel of its own: the linear-layer passes (batch-norm folding,
+    # shared draws, the MAC count) read conv2d's OIHW layout
+    Operator("conv_transpose2d", onnx=("ConvTranspose",), onnx_rule=_conv_transpose_rule, relax=("relax.nn.conv2d_transpose",),
+             relax_attrs=_conv_transpose_attrs, arity=2, reference="conv_transpose2d",
+             build=lambda inputs, attrs: E.conv_transpose2d(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                            attrs["output_padding"], attrs["groups"])),
     # not Gaussian stages
     Operator("view", kind=Kind.VIEW, onnx=("Flatten", "Reshape", "Identity", "Dropout", "Squeeze", "Unsqueeze"),
              relax=("relax.reshape", "relax.flatten", "relax.expand_dims", "relax.squeeze"), reference="reshape"),
