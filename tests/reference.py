@@ -11,7 +11,8 @@ Contents
                   flatten, reshape, subtract, multiply, divide, batch_norm, avgpool2d,
                   reduce_mean, concat, pad, clip, leaky_relu, sigmoid, tanh, reduce_sum,
                   reduce_max, exp, abs_, clark_min, hard_sigmoid, hard_swish, gauss_hermite,
-                  slice_, tile, expand, resize, conv_transpose2d
+                  slice_, tile, expand, resize, conv_transpose2d, power, layer_norm,
+                  group_norm, lrn
   Interpreter:    pfp_onnx(model, variances, inputs, input_vars=None)
   Ground truth:   monte_carlo(model, stds, inputs, samples, seed, ...)
 
@@ -72,6 +73,10 @@ __all__ = [
     "expand",
     "resize",
     "conv_transpose2d",
+    "power",
+    "layer_norm",
+    "group_norm",
+    "lrn",
     "SMOOTH_FUNCTIONS",
     "pfp_onnx",
     "monte_carlo",
@@ -521,6 +526,76 @@ def conv_transpose2d(mean, var, w_mean, w_var, b_mean=None, b_var=None, strides=
         out_mean = out_mean + _f64(b_mean)[None, :, None, None]
         out_var = out_var + _var_or_zeros(b_var, _f64(b_mean))[None, :, None, None]
     return out_mean, out_var
+
+
+def power(mean, var, exponent):
+    """y = x^p. Integer p >= 0: exact, by probabilists' Gauss-Hermite quadrature with 40 nodes
+    (exact for the polynomial x^p and its centred square up to degree 79), the variance as the
+    quadrature of (x^p - E[y])^2. Other p >= 0: f(x) = max(x, 0)^p by ``gauss_hermite`` (the
+    stated approximation; Monte Carlo measures it)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    if not float(exponent).is_integer():
+        return gauss_hermite(lambda x: np.maximum(x, 0.0) ** exponent, m, v)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(40)
+    weights = weights / math.sqrt(2.0 * math.pi)
+    center = m ** int(exponent)  # deviations from M^p: exactly zero for a zero variance
+    deviation = (m[..., None] + np.sqrt(v)[..., None] * nodes) ** int(exponent) - center[..., None]
+    shift = (deviation * weights).sum(-1)
+    return center + shift, ((deviation - shift[..., None]) ** 2 * weights).sum(-1)
+
+
+def layer_norm(mean, var, gamma_mean, gamma_var, beta_mean, beta_var, axes, epsilon):
+    """LayerNormalization over ``axes`` of independent Gaussian inputs, the normaliser taken as
+    deterministic at the expected sample variance (pfpc's stated approximation):
+
+        E[(1/N) sum (x_i - xbar)^2] = (1/N) sum E[x_i^2] - E[xbar^2]
+                                    = (1/N) sum (m_i^2 + v_i) - (mbar^2 + sum v / N^2),
+        x_i - xbar = (1 - 1/N) x_i - (1/N) sum_{j != i} x_j: Var = (1 - 1/N)^2 v_i + (sum v - v_i) / N^2,
+
+    then y = c gamma + beta with c = (x_i - xbar) / sqrt(E[...] + eps) and independent gamma, beta."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    axes = tuple(axes)
+    count = np.prod([m.shape[a] for a in axes])
+    mbar = m.mean(axis=axes, keepdims=True)
+    vsum = v.sum(axis=axes, keepdims=True)
+    expected = (m ** 2 + v).mean(axis=axes, keepdims=True) - (mbar ** 2 + vsum / count ** 2)
+    denominator = np.sqrt(expected + epsilon)
+    c_mean = (m - mbar) / denominator
+    c_var = ((1 - 1 / count) ** 2 * v + (vsum - v) / count ** 2) / denominator ** 2
+    g_m, g_v = _f64(gamma_mean), _var_or_zeros(gamma_var, _f64(gamma_mean))
+    b_m, b_v = _f64(beta_mean), _var_or_zeros(beta_var, _f64(beta_mean))
+    return c_mean * g_m + b_m, c_mean ** 2 * g_v + c_var * (g_m ** 2 + g_v) + b_v
+
+
+def group_norm(mean, var, gamma_mean, gamma_var, beta_mean, beta_var, groups, epsilon):
+    """GroupNormalization (InstanceNormalization: groups = channels) of NC...: ``layer_norm``
+    over each group of channels and all positions, gamma and beta per channel."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    n, channels = m.shape[:2]
+    grouped = (n, groups, channels // groups) + m.shape[2:]
+    ones = np.ones(grouped[1:])
+    y_m, y_v = layer_norm(m.reshape(grouped), v.reshape(grouped), ones, None, 0.0 * ones, None, tuple(range(2, len(grouped))), epsilon)
+    along = (1, channels) + (1,) * (m.ndim - 2)
+    g_m, g_v = _f64(gamma_mean).reshape(along), _var_or_zeros(gamma_var, _f64(gamma_mean)).reshape(along)
+    b_m, b_v = _f64(beta_mean).reshape(along), _var_or_zeros(beta_var, _f64(beta_mean)).reshape(along)
+    y_m, y_v = y_m.reshape(m.shape), y_v.reshape(m.shape)
+    return y_m * g_m + b_m, y_m ** 2 * g_v + y_v * (g_m ** 2 + g_v) + b_v
+
+
+def lrn(mean, var, size, alpha, beta, bias):
+    """LRN with the denominator taken as deterministic at the expected squares (pfpc's stated
+    approximation): D_c = (bias + alpha / size sum_{c' in window} (m^2 + v))^beta, y = x / D."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    squares = m ** 2 + v
+    low, high = (size - 1) // 2, size - 1 - (size - 1) // 2
+    padded = np.pad(squares, [(0, 0), (low, high)] + [(0, 0)] * (m.ndim - 2))
+    window = sum(padded[:, k:k + m.shape[1]] for k in range(size))
+    denominator = (bias + alpha / size * window) ** beta
+    return m / denominator, v / denominator ** 2
 
 
 def _resize_matrix(in_size, out_size, method, mode, nearest_mode):
@@ -984,6 +1059,23 @@ def _node_outputs(node, a, x):
         return [conv_transpose2d(*x[0], *x[1], *b, strides=a.get("strides", (1, 1)), pads=(pads[0], pads[1], pads[2], pads[3]),
                                  dilations=a.get("dilations", (1, 1)), output_padding=a.get("output_padding", (0, 0)),
                                  groups=a.get("group", 1))]
+    if op in ("Pow", "Sqrt"):
+        if op == "Pow" and (np.any(x[1][1]) or x[1][0].size != 1):
+            raise NotImplementedError("Pow with a Gaussian or non-scalar exponent")
+        return [power(*x[0], 0.5 if op == "Sqrt" else float(x[1][0].reshape(-1)[0]))]
+    if op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization"):
+        rank, channels = x[0][0].ndim, x[0][0].shape[1]
+        scale = x[1]
+        bias = x[2] if len(x) > 2 and x[2] is not None else (np.zeros_like(scale[0]), None)
+        if op == "LayerNormalization":
+            axis = a.get("axis", -1) % rank
+            return [layer_norm(*x[0], *scale, *bias, tuple(range(axis, rank)), a.get("epsilon", 1e-5))]
+        groups = a["num_groups"] if op == "GroupNormalization" else channels
+        if scale[0].size == groups != channels:  # opset 18: one scale per group
+            scale, bias = [(np.repeat(p[0], channels // groups), np.repeat(_var_or_zeros(p[1], p[0]), channels // groups)) for p in (scale, bias)]
+        return [group_norm(*x[0], *scale, *bias, groups, a.get("epsilon", 1e-5))]
+    if op == "LRN":
+        return [lrn(*x[0], a["size"], a.get("alpha", 1e-4), a.get("beta", 0.75), a.get("bias", 1.0))]
     if op == "Tile":
         return [tile(*x[0], [int(r) for r in x[1][0]])]
     if op == "Expand":

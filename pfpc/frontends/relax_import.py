@@ -322,6 +322,44 @@ class _Expand(onnx_frontend.OnnxOpConverter):
         return relax.op.broadcast_to(inputs[0], [int(d) for d in shape])
 
 
+class _InstanceNormalization(onnx_frontend.OnnxOpConverter):
+    """InstanceNormalization as ``relax.nn.group_norm`` with one group per channel (TVM's
+    converter spells it out in mean, variance, sqrt and divide)."""
+
+    op_type = "InstanceNormalization"
+
+    @classmethod
+    def _impl_v6(cls, bb, inputs, attr, params):
+        data = inputs[0]
+        rank = len(data.ty.shape)
+        return relax.op.nn.group_norm(data, inputs[1], inputs[2], num_groups=int(data.ty.shape[1]), channel_axis=1,
+                                      axes=list(range(2, rank)), epsilon=float(attr.get("epsilon", 1e-5)))
+
+
+class _GroupNormalization(onnx_frontend.OnnxOpConverter):
+    """GroupNormalization (opset 21: scale and bias per channel) as one ``relax.nn.group_norm``
+    with its scale and bias (TVM's converter normalises without them, then multiplies and adds)."""
+
+    op_type = "GroupNormalization"
+
+    @classmethod
+    def _impl_v21(cls, bb, inputs, attr, params):
+        data = inputs[0]
+        return relax.op.nn.group_norm(data, inputs[1], inputs[2], num_groups=int(attr["num_groups"]), channel_axis=1,
+                                      axes=list(range(2, len(data.ty.shape))), epsilon=float(attr.get("epsilon", 1e-5)))
+
+
+class _LRN(onnx_frontend.OnnxOpConverter):
+    """LRN as one marker (TVM's converter squares x, which the PFP cannot treat as a product)."""
+
+    op_type = "LRN"
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return _marker(bb, "lrn", inputs[0], size=attr["size"], alpha=attr.get("alpha", 1e-4), beta=attr.get("beta", 0.75),
+                       bias=attr.get("bias", 1.0))
+
+
 class _Upsample(onnx_frontend.OnnxOpConverter):
     """Upsample (opsets 7-9) as ``relax.image.resize2d``: Resize with asymmetric coordinates
     (nearest: rounded down)."""
@@ -492,7 +530,8 @@ def _pfpc_converters():
 
     def convert_map():
         return {**original(), **{converter.op_type: converter for converter in (_Clip, _Pad, _Sum, _HardSigmoid, _HardSwish, _Elu, _Selu, _Softplus,
-                                                                       _Mul, _Max, _Min, _Split, _Tile, _Expand, _Upsample)}}
+                                                                       _Mul, _Max, _Min, _Split, _Tile, _Expand, _Upsample,
+                                                                       _InstanceNormalization, _GroupNormalization, _LRN)}}
 
     onnx_frontend._get_convert_map = convert_map
     try:

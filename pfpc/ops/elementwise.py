@@ -479,3 +479,207 @@ def conv_transpose2d(x: Gaussian, w: Gaussian, strides, pads, dilations, output_
         return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr)
 
     return _reduce_products([batch, out_per_group * groups, out_h, out_w], terms, [c, i, j], "conv_transpose")
+
+
+# ---------------------------------------------------------------------------------------------
+# powers
+# ---------------------------------------------------------------------------------------------
+
+#: Largest integer exponent computed exactly (its moments are polynomials of degree 2 p).
+MAX_INTEGER_POWER = 6
+
+
+def _double_factorial(k):
+    return math.prod(range(k - 1, 0, -2)) if k > 0 else 1
+
+
+def _normal_moment(k):
+    """E[z^k], z ~ N(0, 1): (k - 1)!! for even k, 0 for odd."""
+    return 0 if k % 2 else _double_factorial(k)
+
+
+def integer_power_moments(mean, var, power):
+    """Moments of y = x^p for an integer 0 <= p <= `MAX_INTEGER_POWER`, exact: with x = M + s z,
+    x^p = sum_j C(p, j) M^(p-j) s^j z^j, so
+
+    E[y]   = sum_{j even} C(p, j) (j - 1)!! M^(p-j) V^(j/2)
+    Var[y] = sum_{t >= 1} V^t M^(2p-2t) sum_{j+k=2t, j,k>=1} C(p,j) C(p,k) (E[z^(j+k)] - E[z^j] E[z^k])
+
+    (each variance term carries V^t, t >= 1: no cancellation for a small V; p = 2 gives
+    Var = 4 M^2 V + 2 V^2). Returns (E[y], Var[y])."""
+    first = f32(0.0)
+    for j in range(0, power + 1, 2):
+        term = f32(float(math.comb(power, j) * _normal_moment(j)))
+        for _ in range(power - j):
+            term = term * mean
+        for _ in range(j // 2):
+            term = term * var
+        first = first + term
+    second = f32(0.0)
+    for t in range(1, power + 1):
+        coefficient = sum(math.comb(power, j) * math.comb(power, 2 * t - j) * (_normal_moment(2 * t) - _normal_moment(j) * _normal_moment(2 * t - j))
+                          for j in range(max(1, 2 * t - power), min(power, 2 * t - 1) + 1))
+        if coefficient == 0:
+            continue
+        term = f32(float(coefficient))
+        for _ in range(t):
+            term = term * var
+        for _ in range(2 * power - 2 * t):
+            term = term * mean
+        second = second + term
+    return first, second
+
+
+def power(a: Gaussian, exponent: float) -> Gaussian:
+    """Y = X^p for a constant p >= 0 (Pow with a constant exponent; Sqrt is p = 1/2): an integer
+    p up to `MAX_INTEGER_POWER` exactly (``integer_power_moments``); any other p as
+    f(x) = max(x, 0)^p by Gauss-Hermite quadrature (``gauss_hermite_moments``), a stated
+    approximation that assumes a negligible probability of x < 0 (where ONNX's result is NaN):
+    its error against Monte Carlo is in the README's operator table. Native output: variance."""
+    if float(exponent).is_integer() and 0 <= exponent <= MAX_INTEGER_POWER:
+        count = int(exponent)
+
+        def plain(mean):
+            value = f32(1.0)
+            for _ in range(count):
+                value = value * mean
+            return value
+
+        return _unary(a, lambda m, v: integer_power_moments(m, v, count), plain, "power", Moment.VAR)
+
+    def function(x):
+        return tirx.pow(tirx.max(x, f32(0.0)), f32(exponent)) if exponent != 0.5 else tirx.sqrt(tirx.max(x, f32(0.0)))
+
+    return smooth(a, function, "sqrt" if exponent == 0.5 else "power")
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisations over random inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalize(x: Gaussian, gamma: Gaussian, beta: Gaussian, stats_shape, extents, source, stat_of, affine_of, epsilon, name):
+    """The normalisation of ``layer_norm``/``group_norm`` (formula there): ``extents`` the sizes
+    of the normalised positions of one statistic, ``source(stat_idx, positions)`` the input index
+    of one, ``stat_of(idx)`` the statistic of output ``idx``, ``affine_of(idx)`` its gamma/beta
+    index. One pass over each group's elements: sums of the means shifted by the group's first
+    mean (K; the shifted sums keep sum (m - mbar)^2 = sum (m - K)^2 - (sum (m - K))^2 / N free of
+    float32 cancellation when the means are close to each other), their squares and the
+    variances."""
+    count = float(np.prod(extents))
+    sum3 = te.comm_reducer(lambda acc, new: (acc[0] + new[0], acc[1] + new[1], acc[2] + new[2]),
+                           lambda t0, t1, t2: (tirx.const(0, t0), tirx.const(0, t1), tirx.const(0, t2)), name="sum3")
+
+    def sums(*idx):
+        positions = [te.reduce_axis((0, extent), name=f"r{k}") for k, extent in enumerate(extents)]
+        at = source(idx, positions)
+        shifted = x.mean[at] - x.mean[source(idx, [0] * len(extents))]
+        return sum3((shifted, shifted * shifted, x.var_at(at) if x.repr != Moment.NONE else f32(0.0)), axis=positions)
+
+    shifted_sum, shifted_squares, var_sum = te.compute(stats_shape, sums, name=f"{name}_sums")
+
+    def group_mean(stat):
+        return x.mean[source(stat, [0] * len(extents))] + shifted_sum[stat] / f32(count)
+
+    def inverse_std(stat):  # 1 / d, d^2 = E[sample variance] + eps
+        spread = tirx.max(shifted_squares[stat] - shifted_sum[stat] * shifted_sum[stat] / f32(count), f32(0.0)) / f32(count)
+        return f32(1.0) / tirx.sqrt(spread + f32(1.0 - 1.0 / count) * var_sum[stat] / f32(count) + f32(epsilon))
+
+    def moments(*idx):
+        stat = stat_of(idx)
+        scale = inverse_std(stat)
+        centered_mean = (x.mean[idx] - group_mean(stat)) * scale
+        centered_var = (x.var_at(idx) * f32(1.0 - 2.0 / count) + var_sum[stat] / f32(count * count)) * scale * scale
+        affine = affine_of(idx)
+        centered_repr = Moment.NONE if x.repr == Moment.NONE else Moment.VAR
+        mean, var = product_moments(centered_mean, centered_var, centered_repr, gamma.mean[affine], gamma.moment_at(affine), gamma.repr)
+        return mean + beta.mean[affine], (f32(0.0) if var is None else var) + beta.var_at(affine)
+
+    if all(g.repr == Moment.NONE for g in (x, gamma, beta)):
+        return Gaussian(te.compute(x.shape, lambda *idx: moments(*idx)[0], name=f"{name}_mean"), None, Moment.NONE)
+    mean, var = te.compute(x.shape, moments, name=name)
+    return Gaussian(mean, var, Moment.VAR)
+
+
+def layer_norm(x: Gaussian, gamma: Gaussian, beta: Gaussian, axes, epsilon: float) -> Gaussian:
+    """Y = (X - mean(X)) / sqrt(var(X) + eps) gamma + beta over the trailing ``axes``
+    (LayerNormalization), for independent Gaussian x_i (m_i, v_i), i = 1..N of one statistic.
+    A stated approximation: the normaliser is taken as deterministic, its square replaced by its
+    expectation (so a zero variance gives exactly the deterministic layer norm),
+
+        d^2 = E[(1/N) sum_i (x_i - xbar)^2] + eps = (1/N) sum_i (m_i - mbar)^2 + (1 - 1/N) vbar + eps
+
+    while the centred input x_i - xbar is treated exactly: mean m_i - mbar, variance
+    v_i (1 - 2/N) + sum_j v_j / N^2. Then y = c gamma + beta with c = (x_i - xbar) / d and
+    independent gamma, beta (``product_moments``). It neglects the fluctuation of the sample
+    variance (relative size ~ sqrt(2/N)) and its correlation with x_i: measured against Monte
+    Carlo in tests/test_new_ops.py (README's operator table). Native output: variance."""
+    shape = x.shape
+    axes = sorted(axis % len(shape) for axis in axes)
+    stats_shape = [1 if axis in axes else shape[axis] for axis in range(len(shape))]
+    affine_rank = len(gamma.shape)
+
+    def source(stat, positions):
+        chosen = dict(zip(axes, positions))
+        return tuple(chosen[axis] if axis in chosen else stat[axis] for axis in range(len(shape)))
+
+    def stat_of(idx):
+        return tuple(0 if axis in axes else idx[axis] for axis in range(len(shape)))
+
+    def affine_of(idx):
+        return tuple(0 if size == 1 else idx[len(shape) - affine_rank + k] for k, size in enumerate(gamma.shape))
+
+    return _normalize(x, gamma, beta, stats_shape, [shape[axis] for axis in axes], source, stat_of, affine_of, epsilon, "layer_norm")
+
+
+def group_norm(x: Gaussian, gamma: Gaussian, beta: Gaussian, groups: int, epsilon: float) -> Gaussian:
+    """Y = the normalisation of ``layer_norm`` (same stated approximation) over each group of
+    C / ``groups`` channels and all positions of an NC... tensor, gamma and beta per channel
+    (GroupNormalization; InstanceNormalization is groups = C). Native output: variance."""
+    shape = x.shape
+    channels = shape[1]
+    per_group = channels // groups
+    extents = [per_group] + shape[2:]
+
+    def source(stat, positions):
+        return (stat[0], stat[1] * per_group + positions[0], *positions[1:])
+
+    def stat_of(idx):
+        return (idx[0], idx[1] // per_group)
+
+    def affine_of(idx):
+        return (0,) if gamma.shape[0] == 1 else (idx[1],)
+
+    return _normalize(x, gamma, beta, [shape[0], groups], extents, source, stat_of, affine_of, epsilon, "group_norm")
+
+
+def lrn(a: Gaussian, size: float, alpha: float, beta: float, bias: float) -> Gaussian:
+    """Y_c = X_c / D_c, D_c = (bias + alpha / size sum_{c' in window(c)} x_c'^2)^beta over the
+    channels c - floor((size - 1)/2) .. c + ceil((size - 1)/2) of an NC... tensor (LRN). A stated
+    approximation: the denominator taken as deterministic, evaluated at the expected squares
+    E[x^2] = m^2 + v (exact for zero variance):
+
+        E[y_c] = m_c / D_c,   Var[y_c] = v_c / D_c^2
+
+    It neglects the denominator's fluctuation and its correlation with x_c (small when
+    alpha / size sum x^2 is small against bias, as in AlexNet's 1e-4 / 5 against 2): measured
+    against Monte Carlo. Native output: variance."""
+    size = int(size)
+    shape = a.shape
+    low = (size - 1) // 2
+    window = te.reduce_axis((0, size), name="window")
+
+    def squares(*idx):
+        channel = idx[1] - low + window
+        inside = tirx.all(channel >= 0, channel < shape[1])
+        at = (idx[0], channel, *idx[2:])
+        value = tirx.if_then_else(inside, a.mean[at] * a.mean[at] + (a.var_at(at) if a.repr != Moment.NONE else f32(0.0)), f32(0.0))
+        return te.sum(value, axis=[window])
+
+    total = te.compute(shape, squares, name="lrn_squares")
+    scale = te.compute(shape, lambda *idx: f32(1.0) / tirx.pow(f32(bias) + f32(alpha / size) * total[idx], f32(beta)), name="lrn_scale")
+    mean = te.compute(shape, lambda *idx: a.mean[idx] * scale[idx], name="lrn_mean")
+    if a.repr == Moment.NONE:
+        return Gaussian(mean, None, Moment.NONE)
+    var = te.compute(shape, lambda *idx: a.var_at(idx) * scale[idx] * scale[idx], name="lrn_var")
+    return Gaussian(mean, var, Moment.VAR)

@@ -210,6 +210,42 @@ def _conv_transpose_attrs(call):
             "output_padding": _ints(attrs.output_padding), "groups": int(attrs.groups)}
 
 
+def _power_attrs(call):
+    """The constant exponent (Sqrt: 1/2); a Gaussian or negative exponent has no formula."""
+    if call.op.name == "relax.sqrt":
+        return {"exponent": 0.5}
+    from ..ir import scalar_value  # at call time: pfpc.ir imports the kernel builder, which imports this registry
+
+    value = scalar_value(call.args[1])
+    if value is None:
+        raise PfpcError("relax.power: the exponent must be a constant scalar (a Gaussian exponent has no formula here)")
+    if value < 0:
+        raise PfpcError(f"relax.power: exponent {value}: only non-negative exponents are supported (x^p, p < 0 has no moments)")
+    return {"exponent": value}
+
+
+def _layer_norm_attrs(call):
+    attrs = call.attrs
+    if not (attrs.center and attrs.scale):
+        return None
+    return {"axes": [int(a) % _rank(call.args[0]) for a in attrs.axes], "epsilon": float(attrs.epsilon)}
+
+
+def _group_norm_attrs(call):
+    attrs, rank = call.attrs, _rank(call.args[0])
+    if not (attrs.center and attrs.scale) or int(attrs.channel_axis) % rank != 1 or sorted(int(a) % rank for a in attrs.axes) != list(range(2, rank)):
+        return None
+    return {"groups": int(attrs.num_groups), "epsilon": float(attrs.epsilon)}
+
+
+def _normalization_rule(node, attrs, rank):
+    if any(node.output[1:]):
+        return "the Mean and InvStdDev outputs are not supported"
+    if node.op_type != "LayerNormalization" and rank is not None and rank < 3:
+        return f"a {rank}-D input: the normalised positions are the axes after the channels"
+    return None
+
+
 # --- cost: Gaussian evaluations per output element ---------------------------------------------------
 def _per_element(label):
     return lambda attrs, out_size: {label: out_size}
@@ -356,6 +392,21 @@ OPERATORS = (
              relax_attrs=_conv_transpose_attrs, arity=2, reference="conv_transpose2d",
              build=lambda inputs, attrs: E.conv_transpose2d(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"],
                                                             attrs["output_padding"], attrs["groups"])),
+    # x^p: exact for integer p (polynomial moments), else Gauss-Hermite quadrature of max(x, 0)^p (17 evaluations)
+    Operator("power", onnx=("Pow", "Sqrt"), constant_inputs=(1,), relax=("relax.power", "relax.sqrt"), relax_attrs=_power_attrs,
+             fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("power"), libm_calls={"sqrt": 1, "pow": 17}, reference="power",
+             build=lambda inputs, attrs: E.power(inputs[0], attrs["exponent"])),
+    # normalisations over random inputs (a stated approximation; `elementwise.layer_norm`)
+    Operator("layer_norm", onnx=("LayerNormalization",), onnx_rule=_normalization_rule, relax=("relax.nn.layer_norm",),
+             relax_attrs=_layer_norm_attrs, arity=3, libm_calls={"sqrt": 1}, reference="layer_norm",
+             build=lambda inputs, attrs: E.layer_norm(*inputs, attrs["axes"], attrs["epsilon"])),
+    # InstanceNormalization is groups = channels (the importer's converter)
+    Operator("group_norm", onnx=("GroupNormalization", "InstanceNormalization"), onnx_rule=_normalization_rule,
+             relax=("relax.nn.group_norm",), relax_attrs=_group_norm_attrs, arity=3, libm_calls={"sqrt": 1}, reference="group_norm",
+             build=lambda inputs, attrs: E.group_norm(*inputs, attrs["groups"], attrs["epsilon"])),
+    Operator("lrn", onnx=("LRN",), marker_params=("size", "alpha", "beta", "bias"), gaussian_ops=_per_element("lrn"),
+             libm_calls={"pow": 1}, reference="lrn",
+             build=lambda inputs, attrs: E.lrn(inputs[0], attrs["size"], attrs["alpha"], attrs["beta"], attrs["bias"])),
     # not Gaussian stages
     Operator("view", kind=Kind.VIEW, onnx=("Flatten", "Reshape", "Identity", "Dropout", "Squeeze", "Unsqueeze"),
              relax=("relax.reshape", "relax.flatten", "relax.expand_dims", "relax.squeeze"), reference="reshape"),
