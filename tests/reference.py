@@ -546,27 +546,36 @@ def power(mean, var, exponent):
 
 
 def layer_norm(mean, var, gamma_mean, gamma_var, beta_mean, beta_var, axes, epsilon):
-    """LayerNormalization over ``axes`` of independent Gaussian inputs, the normaliser taken as
-    deterministic at the expected sample variance (pfpc's stated approximation):
+    """LayerNormalization over ``axes`` of independent Gaussian inputs by pfpc's stated
+    approximation: the normaliser's square at its expectation,
 
-        E[(1/N) sum (x_i - xbar)^2] = (1/N) sum E[x_i^2] - E[xbar^2]
-                                    = (1/N) sum (m_i^2 + v_i) - (mbar^2 + sum v / N^2),
-        x_i - xbar = (1 - 1/N) x_i - (1/N) sum_{j != i} x_j: Var = (1 - 1/N)^2 v_i + (sum v - v_i) / N^2,
+        E[(1/N) sum (x_i - xbar)^2] = (1/N) sum E[x_i^2] - E[xbar^2] = (1/N) sum (m_i^2 + v_i) - (mbar^2 + sum v / N^2),
 
-    then y = c gamma + beta with c = (x_i - xbar) / sqrt(E[...] + eps) and independent gamma, beta."""
+    the mean of u = (x - xbar) / d at the means, its variance to first order: the Jacobian
+    J = (I - 1/N) / d - c c^T / (N d^3) (c = m - mbar) built explicitly, Var[u] = (J o J) v;
+    then y = u gamma + beta with independent gamma, beta."""
     m = _f64(mean)
     v = _var_or_zeros(var, m)
-    axes = tuple(axes)
-    count = np.prod([m.shape[a] for a in axes])
-    mbar = m.mean(axis=axes, keepdims=True)
-    vsum = v.sum(axis=axes, keepdims=True)
-    expected = (m ** 2 + v).mean(axis=axes, keepdims=True) - (mbar ** 2 + vsum / count ** 2)
-    denominator = np.sqrt(expected + epsilon)
-    c_mean = (m - mbar) / denominator
-    c_var = ((1 - 1 / count) ** 2 * v + (vsum - v) / count ** 2) / denominator ** 2
+    axes = tuple(a % m.ndim for a in axes)
+    rest = tuple(a for a in range(m.ndim) if a not in axes)
+    order = rest + axes
+    count = int(np.prod([m.shape[a] for a in axes]))
+    flat_m = np.transpose(m, order).reshape(-1, count)
+    flat_v = np.transpose(v, order).reshape(-1, count)
+    u_mean, u_var = np.empty_like(flat_m), np.empty_like(flat_m)
+    for row, (mr, vr) in enumerate(zip(flat_m, flat_v)):
+        expected = (mr ** 2 + vr).mean() - (mr.mean() ** 2 + vr.sum() / count ** 2)
+        d = math.sqrt(expected + epsilon)
+        c = mr - mr.mean()
+        jacobian = (np.eye(count) - 1.0 / count) / d - np.outer(c, c) / (count * d ** 3)
+        u_mean[row], u_var[row] = c / d, (jacobian ** 2) @ vr
+    shape = tuple(m.shape[a] for a in order)
+    inverse = np.argsort(order)
+    u_mean = np.transpose(u_mean.reshape(shape), inverse)
+    u_var = np.transpose(u_var.reshape(shape), inverse)
     g_m, g_v = _f64(gamma_mean), _var_or_zeros(gamma_var, _f64(gamma_mean))
     b_m, b_v = _f64(beta_mean), _var_or_zeros(beta_var, _f64(beta_mean))
-    return c_mean * g_m + b_m, c_mean ** 2 * g_v + c_var * (g_m ** 2 + g_v) + b_v
+    return u_mean * g_m + b_m, u_mean ** 2 * g_v + u_var * (g_m ** 2 + g_v) + b_v
 
 
 def group_norm(mean, var, gamma_mean, gamma_var, beta_mean, beta_var, groups, epsilon):
@@ -586,16 +595,24 @@ def group_norm(mean, var, gamma_mean, gamma_var, beta_mean, beta_var, groups, ep
 
 
 def lrn(mean, var, size, alpha, beta, bias):
-    """LRN with the denominator taken as deterministic at the expected squares (pfpc's stated
-    approximation): D_c = (bias + alpha / size sum_{c' in window} (m^2 + v))^beta, y = x / D."""
+    """LRN by pfpc's stated approximation: B_c = bias + alpha / size sum_{j in window(c)} (m_j^2 + v_j),
+    mean m_c B_c^-beta, variance to first order sum_j (dy_c/dx_j)^2 v_j with the derivatives of
+    y_c = x_c (bias + alpha / size sum_j x_j^2)^-beta at the means, B in place of the bracket:
+    dy_c/dx_j = delta_cj B^-beta - 2 beta (alpha / size) m_c m_j B^(-beta-1)."""
     m = _f64(mean)
     v = _var_or_zeros(var, m)
-    squares = m ** 2 + v
-    low, high = (size - 1) // 2, size - 1 - (size - 1) // 2
-    padded = np.pad(squares, [(0, 0), (low, high)] + [(0, 0)] * (m.ndim - 2))
-    window = sum(padded[:, k:k + m.shape[1]] for k in range(size))
-    denominator = (bias + alpha / size * window) ** beta
-    return m / denominator, v / denominator ** 2
+    channels = m.shape[1]
+    low = (size - 1) // 2
+    base = np.zeros_like(m)
+    for c in range(channels):
+        window = range(max(0, c - low), min(channels, c - low + size))
+        base[:, c] = bias + alpha / size * sum(m[:, j] ** 2 + v[:, j] for j in window)
+    out_var = np.zeros_like(m)
+    for c in range(channels):
+        for j in range(max(0, c - low), min(channels, c - low + size)):
+            derivative = (base[:, c] ** -beta if j == c else 0.0) - 2 * beta * alpha / size * m[:, c] * m[:, j] * base[:, c] ** (-beta - 1)
+            out_var[:, c] += derivative ** 2 * v[:, j]
+    return m * base ** -beta, out_var
 
 
 def _resize_matrix(in_size, out_size, method, mode, nearest_mode):

@@ -14,7 +14,7 @@ import math
 import numpy as np
 from tvm import te, tirx
 
-from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _reduce_products
+from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _pair_sum, _reduce_products
 from .moments import clark_max_moments, clip_moments, f32, product_moments, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
 
 #: Gauss-Hermite nodes: exact for polynomials of degree 2 K - 1 times the Gaussian.
@@ -562,34 +562,43 @@ def _normalize(x: Gaussian, gamma: Gaussian, beta: Gaussian, stats_shape, extent
     """The normalisation of ``layer_norm``/``group_norm`` (formula there): ``extents`` the sizes
     of the normalised positions of one statistic, ``source(stat_idx, positions)`` the input index
     of one, ``stat_of(idx)`` the statistic of output ``idx``, ``affine_of(idx)`` its gamma/beta
-    index. One pass over each group's elements: sums of the means shifted by the group's first
-    mean (K; the shifted sums keep sum (m - mbar)^2 = sum (m - K)^2 - (sum (m - K))^2 / N free of
-    float32 cancellation when the means are close to each other), their squares and the
-    variances."""
+    index. One pass over each group's elements accumulates, with the means shifted by the group's
+    first mean K (s = m - K: sums of squared deviations from differences of sums stay free of
+    float32 cancellation when the means are close to each other), sum s, sum s^2, sum v,
+    sum s v and sum s^2 v; the deviations c = m - mbar = s - sbar then give sum c^2,
+    sum c v = sum s v - sbar sum v and sum c^2 v = sum s^2 v - 2 sbar sum s v + sbar^2 sum v."""
     count = float(np.prod(extents))
-    sum3 = te.comm_reducer(lambda acc, new: (acc[0] + new[0], acc[1] + new[1], acc[2] + new[2]),
-                           lambda t0, t1, t2: (tirx.const(0, t0), tirx.const(0, t1), tirx.const(0, t2)), name="sum3")
+    sums5 = te.comm_reducer(lambda acc, new: tuple(a + b for a, b in zip(acc, new)),
+                            lambda *dtypes: tuple(tirx.const(0, d) for d in dtypes), name="sum5")
 
     def sums(*idx):
         positions = [te.reduce_axis((0, extent), name=f"r{k}") for k, extent in enumerate(extents)]
         at = source(idx, positions)
         shifted = x.mean[at] - x.mean[source(idx, [0] * len(extents))]
-        return sum3((shifted, shifted * shifted, x.var_at(at) if x.repr != Moment.NONE else f32(0.0)), axis=positions)
+        var = x.var_at(at) if x.repr != Moment.NONE else f32(0.0)
+        return sums5((shifted, shifted * shifted, var, shifted * var, shifted * shifted * var), axis=positions)
 
-    shifted_sum, shifted_squares, var_sum = te.compute(stats_shape, sums, name=f"{name}_sums")
-
-    def group_mean(stat):
-        return x.mean[source(stat, [0] * len(extents))] + shifted_sum[stat] / f32(count)
-
-    def inverse_std(stat):  # 1 / d, d^2 = E[sample variance] + eps
-        spread = tirx.max(shifted_squares[stat] - shifted_sum[stat] * shifted_sum[stat] / f32(count), f32(0.0)) / f32(count)
-        return f32(1.0) / tirx.sqrt(spread + f32(1.0 - 1.0 / count) * var_sum[stat] / f32(count) + f32(epsilon))
+    s_sum, s2_sum, v_sum, sv_sum, s2v_sum = te.compute(stats_shape, sums, name=f"{name}_sums")
+    n = f32(count)
 
     def moments(*idx):
         stat = stat_of(idx)
-        scale = inverse_std(stat)
-        centered_mean = (x.mean[idx] - group_mean(stat)) * scale
-        centered_var = (x.var_at(idx) * f32(1.0 - 2.0 / count) + var_sum[stat] / f32(count * count)) * scale * scale
+        shift = s_sum[stat] / n
+        spread = tirx.max(s2_sum[stat] - s_sum[stat] * shift, f32(0.0)) / n
+        inverse_sq = f32(1.0) / (spread + f32(1.0 - 1.0 / count) * v_sum[stat] / n + f32(epsilon))  # 1 / d^2
+        inverse = tirx.sqrt(inverse_sq)
+        deviation = x.mean[idx] - x.mean[source(stat, [0] * len(extents))] - shift  # c_i
+        centered_mean = deviation * inverse
+        if x.repr == Moment.NONE:
+            centered_var = f32(0.0)
+        else:
+            var = x.var_at(idx)
+            cv_sum = sv_sum[stat] - shift * v_sum[stat]
+            c2v_sum = tirx.max(s2v_sum[stat] - f32(2.0) * shift * sv_sum[stat] + shift * shift * v_sum[stat], f32(0.0))
+            centered_var = tirx.max(
+                inverse_sq * (var * f32(1.0 - 2.0 / count) + v_sum[stat] / f32(count * count))
+                - f32(2.0 / count) * deviation * inverse_sq * inverse_sq * (deviation * var - cv_sum / n)
+                + deviation * deviation * inverse_sq * inverse_sq * inverse_sq * c2v_sum / f32(count * count), f32(0.0))
         affine = affine_of(idx)
         centered_repr = Moment.NONE if x.repr == Moment.NONE else Moment.VAR
         mean, var = product_moments(centered_mean, centered_var, centered_repr, gamma.mean[affine], gamma.moment_at(affine), gamma.repr)
@@ -604,16 +613,21 @@ def _normalize(x: Gaussian, gamma: Gaussian, beta: Gaussian, stats_shape, extent
 def layer_norm(x: Gaussian, gamma: Gaussian, beta: Gaussian, axes, epsilon: float) -> Gaussian:
     """Y = (X - mean(X)) / sqrt(var(X) + eps) gamma + beta over the trailing ``axes``
     (LayerNormalization), for independent Gaussian x_i (m_i, v_i), i = 1..N of one statistic.
-    A stated approximation: the normaliser is taken as deterministic, its square replaced by its
-    expectation (so a zero variance gives exactly the deterministic layer norm),
+    A stated approximation (exact for a zero variance):
 
-        d^2 = E[(1/N) sum_i (x_i - xbar)^2] + eps = (1/N) sum_i (m_i - mbar)^2 + (1 - 1/N) vbar + eps
+    - the normaliser's square is replaced by its expectation,
+          d^2 = E[(1/N) sum_i (x_i - xbar)^2] + eps = (1/N) sum_i c_i^2 + (1 - 1/N) vbar + eps,
+      c_i = m_i - mbar, and the mean of u_i = (x_i - xbar) / d by its value at the means: c_i / d;
+    - the variance of u_i to first order (delta method) in x around the means, with d at the
+      value above: du_i/dx_j = (delta_ij - 1/N) / d - c_i c_j / (N d^3), so
+          Var[u_i] = sum_j (du_i/dx_j)^2 v_j
+                   = [(1 - 2/N) v_i + sum v / N^2] / d^2 - 2 c_i (c_i v_i - sum_j c_j v_j / N) / (N d^4)
+                     + c_i^2 sum_j c_j^2 v_j / (N^2 d^6)
+      (the last two terms: the normaliser moves with x_i, which bounds an outlier's output);
+    - y = u gamma + beta with independent gamma, beta (``product_moments``).
 
-    while the centred input x_i - xbar is treated exactly: mean m_i - mbar, variance
-    v_i (1 - 2/N) + sum_j v_j / N^2. Then y = c gamma + beta with c = (x_i - xbar) / d and
-    independent gamma, beta (``product_moments``). It neglects the fluctuation of the sample
-    variance (relative size ~ sqrt(2/N)) and its correlation with x_i: measured against Monte
-    Carlo in tests/test_new_ops.py (README's operator table). Native output: variance."""
+    Measured against Monte Carlo in tests/test_new_ops.py (README's operator table). Native
+    output: variance."""
     shape = x.shape
     axes = sorted(axis % len(shape) for axis in axes)
     stats_shape = [1 if axis in axes else shape[axis] for axis in range(len(shape))]
@@ -654,32 +668,44 @@ def group_norm(x: Gaussian, gamma: Gaussian, beta: Gaussian, groups: int, epsilo
 
 
 def lrn(a: Gaussian, size: float, alpha: float, beta: float, bias: float) -> Gaussian:
-    """Y_c = X_c / D_c, D_c = (bias + alpha / size sum_{c' in window(c)} x_c'^2)^beta over the
+    """Y_c = X_c / B_c^beta, B_c = bias + alpha / size sum_{j in window(c)} x_j^2 over the
     channels c - floor((size - 1)/2) .. c + ceil((size - 1)/2) of an NC... tensor (LRN). A stated
-    approximation: the denominator taken as deterministic, evaluated at the expected squares
-    E[x^2] = m^2 + v (exact for zero variance):
+    approximation (exact for a zero variance): B at the expected squares,
+    B_c = bias + alpha / size sum_j (m_j^2 + v_j), the mean at the means, m_c / B_c^beta, and the
+    variance to first order (delta method) around the means, k = 2 beta (alpha / size) / B^(beta+1):
 
-        E[y_c] = m_c / D_c,   Var[y_c] = v_c / D_c^2
+        Var[y_c] = (B^-beta - k m_c^2)^2 v_c + k^2 m_c^2 sum_{j in window, j != c} m_j^2 v_j
 
-    It neglects the denominator's fluctuation and its correlation with x_c (small when
-    alpha / size sum x^2 is small against bias, as in AlexNet's 1e-4 / 5 against 2): measured
-    against Monte Carlo. Native output: variance."""
+    Measured against Monte Carlo (README's operator table). Native output: variance."""
     size = int(size)
     shape = a.shape
     low = (size - 1) // 2
-    window = te.reduce_axis((0, size), name="window")
 
-    def squares(*idx):
+    def window_sums(*idx):
+        window = te.reduce_axis((0, size), name="window")
         channel = idx[1] - low + window
         inside = tirx.all(channel >= 0, channel < shape[1])
         at = (idx[0], channel, *idx[2:])
-        value = tirx.if_then_else(inside, a.mean[at] * a.mean[at] + (a.var_at(at) if a.repr != Moment.NONE else f32(0.0)), f32(0.0))
-        return te.sum(value, axis=[window])
+        square = a.mean[at] * a.mean[at]
+        var = a.var_at(at) if a.repr != Moment.NONE else f32(0.0)
+        return _pair_sum()((tirx.if_then_else(inside, square + var, f32(0.0)), tirx.if_then_else(inside, square * var, f32(0.0))),
+                           axis=[window])
 
-    total = te.compute(shape, squares, name="lrn_squares")
-    scale = te.compute(shape, lambda *idx: f32(1.0) / tirx.pow(f32(bias) + f32(alpha / size) * total[idx], f32(beta)), name="lrn_scale")
-    mean = te.compute(shape, lambda *idx: a.mean[idx] * scale[idx], name="lrn_mean")
+    squares, weighted = te.compute(shape, window_sums, name="lrn_sums")
+
+    def moments(*idx):
+        base = f32(bias) + f32(alpha / size) * squares[idx]
+        inverse = f32(1.0) / tirx.pow(base, f32(beta))  # B^-beta
+        mean = a.mean[idx]
+        if a.repr == Moment.NONE:
+            return mean * inverse, f32(0.0)
+        var = a.var_at(idx)
+        slope = f32(2.0 * beta * alpha / size) * inverse / base  # k
+        own = inverse - slope * mean * mean
+        others = tirx.max(weighted[idx] - mean * mean * var, f32(0.0))
+        return mean * inverse, own * own * var + slope * slope * mean * mean * others
+
     if a.repr == Moment.NONE:
-        return Gaussian(mean, None, Moment.NONE)
-    var = te.compute(shape, lambda *idx: a.var_at(idx) * scale[idx] * scale[idx], name="lrn_var")
+        return Gaussian(te.compute(shape, lambda *idx: moments(*idx)[0], name="lrn_mean"), None, Moment.NONE)
+    mean, var = te.compute(shape, moments, name="lrn")
     return Gaussian(mean, var, Moment.VAR)
