@@ -12,7 +12,7 @@ Contents
                   reduce_mean, concat, pad, clip, leaky_relu, sigmoid, tanh, reduce_sum,
                   reduce_max, exp, abs_, clark_min, hard_sigmoid, hard_swish, gauss_hermite,
                   slice_, tile, expand, resize, conv_transpose2d, power, layer_norm,
-                  group_norm, lrn
+                  group_norm, lrn, conv3d, maxpool3d, avgpool3d
   Interpreter:    pfp_onnx(model, variances, inputs, input_vars=None)
   Ground truth:   monte_carlo(model, stds, inputs, samples, seed, ...)
 
@@ -77,6 +77,9 @@ __all__ = [
     "layer_norm",
     "group_norm",
     "lrn",
+    "conv3d",
+    "maxpool3d",
+    "avgpool3d",
     "SMOOTH_FUNCTIONS",
     "pfp_onnx",
     "monte_carlo",
@@ -615,6 +618,85 @@ def lrn(mean, var, size, alpha, beta, bias):
     return m * base ** -beta, out_var
 
 
+def _taps_nd(x, kernel, strides, dilations, begins, outs, fill):
+    """{window element (row-major): x's [N, C, *outs] values at it} for x padded by ``begins``
+    before and with ``fill`` as far past the end as the windows reach."""
+    ends = [max(0, (o - 1) * s + d * (k - 1) + 1 - size - b) for o, s, d, k, size, b in zip(outs, strides, dilations, kernel, x.shape[2:], begins)]
+    padded = np.pad(x, [(0, 0), (0, 0)] + list(zip(begins, ends)), constant_values=fill)
+    return {taps: padded[(slice(None), slice(None)) + tuple(slice(t * d, t * d + (o - 1) * s + 1, s)
+                                                            for t, d, o, s in zip(taps, dilations, outs, strides))]
+            for taps in np.ndindex(*kernel)}
+
+
+def conv3d(mean, var, w_mean, w_var, b_mean=None, b_var=None, strides=(1, 1, 1), pads=(0,) * 6, dilations=(1, 1, 1), groups=1):
+    """Conv, 3-D (NCDHW x OIDHW, pads [begin..., end...]): for every kernel element the shifted
+    input times the weight, summed; products of independent Gaussians add their variances
+    m_x^2 v_w + v_x (m_w^2 + v_w)."""
+    m, wm = _f64(mean), _f64(w_mean)
+    v, wv = _var_or_zeros(var, m), _var_or_zeros(w_var, wm)
+    out_ch, group_ch = wm.shape[:2]
+    kernel = wm.shape[2:]
+    outs = [_pool_out_size(size, k, s, d, b, e, 0) for size, k, s, d, b, e in zip(m.shape[2:], kernel, strides, dilations, pads[:3], pads[3:])]
+    taps_m = _taps_nd(m, kernel, strides, dilations, pads[:3], outs, 0.0)
+    taps_v = _taps_nd(v, kernel, strides, dilations, pads[:3], outs, 0.0)
+    out_mean = np.zeros((m.shape[0], out_ch, *outs))
+    out_var = np.zeros_like(out_mean)
+    per_group = out_ch // groups
+    for taps in np.ndindex(*kernel):
+        for g in range(groups):
+            xs, os_ = slice(g * group_ch, (g + 1) * group_ch), slice(g * per_group, (g + 1) * per_group)
+            w_m, w_v = wm[(os_, slice(None)) + taps], wv[(os_, slice(None)) + taps]
+            out_mean[:, os_] += np.einsum("ncdhw,oc->nodhw", taps_m[taps][:, xs], w_m)
+            out_var[:, os_] += (np.einsum("ncdhw,oc->nodhw", taps_m[taps][:, xs] ** 2, w_v)
+                                + np.einsum("ncdhw,oc->nodhw", taps_v[taps][:, xs], w_m ** 2 + w_v))
+    if b_mean is not None:
+        out_mean = out_mean + _f64(b_mean).reshape(1, -1, 1, 1, 1)
+        out_var = out_var + _var_or_zeros(b_var, _f64(b_mean)).reshape(1, -1, 1, 1, 1)
+    return out_mean, out_var
+
+
+def _pool3d_geometry(shape, kernel, strides, pads, dilations, ceil_mode):
+    return [_pool_out_size(size, k, s, d, b, e, ceil_mode)
+            for size, k, s, d, b, e in zip(shape[2:], kernel, strides, dilations, pads[:3], pads[3:])]
+
+
+def maxpool3d(mean, var, kernel, strides=(1, 1, 1), pads=(0,) * 6, dilations=(1, 1, 1), ceil_mode=0):
+    """MaxPool, 3-D: clark_max pairwise in row-major window order, padded positions skipped."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    outs = _pool3d_geometry(m.shape, kernel, strides, pads, dilations, ceil_mode)
+    taps_m = _taps_nd(m, kernel, strides, dilations, pads[:3], outs, 0.0)
+    taps_v = _taps_nd(v, kernel, strides, dilations, pads[:3], outs, 0.0)
+    taps_in = _taps_nd(np.ones_like(m), kernel, strides, dilations, pads[:3], outs, 0.0)
+    acc_m = acc_v = have = None
+    for taps in np.ndindex(*kernel):
+        inside = taps_in[taps] > 0.5
+        if acc_m is None:
+            acc_m, acc_v, have = taps_m[taps].copy(), taps_v[taps].copy(), inside.copy()
+            continue
+        max_m, max_v = clark_max(acc_m, acc_v, taps_m[taps], taps_v[taps])
+        acc_m = np.where(inside, np.where(have, max_m, taps_m[taps]), acc_m)
+        acc_v = np.where(inside, np.where(have, max_v, taps_v[taps]), acc_v)
+        have |= inside
+    return acc_m, acc_v
+
+
+def avgpool3d(mean, var, kernel, strides=(1, 1, 1), pads=(0,) * 6, dilations=(1, 1, 1), ceil_mode=0, count_include_pad=0):
+    """AveragePool, 3-D: mean = sum(m) / n, var = sum(v) / n^2 over the n counted positions
+    (inside the input, or with count_include_pad inside the padded input)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    outs = _pool3d_geometry(m.shape, kernel, strides, pads, dilations, ceil_mode)
+    taps_m = _taps_nd(m, kernel, strides, dilations, pads[:3], outs, 0.0)
+    taps_v = _taps_nd(v, kernel, strides, dilations, pads[:3], outs, 0.0)
+    counted = np.ones_like(m)
+    if count_include_pad:  # the padded input counts, positions past its end (ceil_mode) do not
+        counted = np.pad(counted, [(0, 0), (0, 0)] + list(zip(pads[:3], pads[3:])), constant_values=1.0)
+    taps_n = _taps_nd(counted, kernel, strides, dilations, (0, 0, 0) if count_include_pad else pads[:3], outs, 0.0)
+    n = sum(taps_n.values())
+    return sum(taps_m.values()) / n, sum(taps_v.values()) / n ** 2
+
+
 def _resize_matrix(in_size, out_size, method, mode, nearest_mode):
     """[out, in] interpolation weights of ONNX Resize along one axis (scale = out / in)."""
     scale = out_size / in_size
@@ -958,6 +1040,17 @@ def _node_outputs(node, a, x):
         if np.any(x[1][1]):
             raise NotImplementedError("Div by a Gaussian")
         return [divide(*x[0], x[1][0])]
+    if op in ("Conv", "MaxPool", "AveragePool") and x[0][0].ndim == 5:
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise NotImplementedError("3-D auto_pad")
+        spatial = (1, 1, 1)
+        pads, strides, dilations = tuple(a.get("pads", (0,) * 6)), tuple(a.get("strides", spatial)), tuple(a.get("dilations", spatial))
+        if op == "Conv":
+            b = x[2] if len(x) > 2 and x[2] is not None else (None, None)
+            return [conv3d(*x[0], *x[1], *b, strides=strides, pads=pads, dilations=dilations, groups=a.get("group", 1))]
+        if op == "MaxPool":
+            return [maxpool3d(*x[0], a["kernel_shape"], strides, pads, dilations, a.get("ceil_mode", 0))]
+        return [avgpool3d(*x[0], a["kernel_shape"], strides, pads, dilations, a.get("ceil_mode", 0), a.get("count_include_pad", 0))]
     if op == "Conv":
         wm = x[1][0]
         if wm.ndim != 4:

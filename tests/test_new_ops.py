@@ -22,6 +22,10 @@ def _i(*values):
     return np.array(values, np.int64)
 
 
+def _conv3d_case(rng, nodes, inits, stochastic):
+    return nodes, [("x", [1, 3, 4, 5, 6])], inits, list(stochastic), 17
+
+
 def _cases():
     """name -> builder(rng) -> (nodes, inputs, initializers, stochastic initializers, opset)."""
     return {
@@ -91,6 +95,18 @@ def _cases():
         "group_norm_opset21": lambda r: _conv_case(r, [_conv(), node("GroupNormalization", ["c", "g", "b"], ["y"], num_groups=2)],
                                                    {"g": _w(r, 4, scale=1.0), "b": _w(r, 4)}, ("w", "g"), opset=21),
         "lrn": lambda r: _conv_case(r, [_conv(), node("LRN", ["c"], ["y"], size=3, alpha=0.5, beta=0.75, bias=1.5)]),
+        "conv3d": lambda r: _conv3d_case(r, [node("Conv", ["x", "w3", "b3"], ["y"], pads=[1, 0, 1, 0, 1, 1], strides=[1, 2, 1])],
+                                         {"w3": _w(r, 4, 3, 3, 2, 3), "b3": _w(r, 4)}, ("w3", "b3")),
+        "conv3d_grouped_maxpool3d": lambda r: _conv3d_case(r, [
+            node("Conv", ["x", "w3"], ["c"], group=3, dilations=[1, 2, 1], pads=[1, 1, 1, 1, 1, 1]),
+            node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2, 3], strides=[2, 1, 2], pads=[0, 1, 1, 1, 0, 1], ceil_mode=1)],
+            {"w3": _w(r, 6, 1, 3, 3, 3)}, ("w3",)),
+        "avgpool3d": lambda r: _conv3d_case(r, [node("Conv", ["x", "w3"], ["c"]),
+                                                node("AveragePool", ["c"], ["y"], kernel_shape=[2, 2, 2], strides=[1, 2, 1], pads=[1, 0, 1, 0, 1, 1])],
+                                            {"w3": _w(r, 2, 3, 1, 1, 1)}, ("w3",)),
+        "avgpool3d_count_pad_ceil": lambda r: _conv3d_case(r, [node("Conv", ["x", "w3"], ["c"]), node(
+            "AveragePool", ["c"], ["y"], kernel_shape=[3, 2, 2], strides=[2, 2, 2], pads=[1, 1, 0, 1, 0, 1], count_include_pad=1, ceil_mode=1)],
+            {"w3": _w(r, 2, 3, 1, 1, 1)}, ("w3",)),
         "upsample_nearest_opset9": lambda r: _conv_case(r, [_conv(), node("Upsample", ["c", "scales"], ["y"], mode="nearest")],
                                                         {"scales": np.array([1, 1, 2, 2], np.float32)}, opset=9),
         "upsample_linear_opset9": lambda r: _conv_case(r, [_conv(), node("Upsample", ["c", "scales"], ["y"], mode="linear")],

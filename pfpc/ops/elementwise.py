@@ -15,7 +15,8 @@ import numpy as np
 from tvm import te, tirx
 
 from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _pair_sum, _reduce_products
-from .moments import clark_max_moments, clip_moments, f32, product_moments, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
+from .moments import (clark_max_moments, clip_moments, f32, pdf_exponent, product_moments, safe_ratio, safe_sqrt, std_normal_cdf,
+                      std_normal_pdf)
 
 #: Gauss-Hermite nodes: exact for polynomials of degree 2 K - 1 times the Gaussian.
 HERMITE_POINTS = 16
@@ -239,15 +240,31 @@ def reduce_max(x: Gaussian, axes, keepdims=True) -> Gaussian:
 
     # each step a stage of its own (`gaussian.SHARED`): inlined, every step would repeat the last twice
     acc_mean, acc_var = te.compute(out_shape, first, name="reduce_max_0", attrs=SHARED)
-    def clark_step(acc_mean, acc_var, position):
-        def step(*idx):
+    def clark_step(k, acc_mean, acc_var, position):
+        """Its terms (spread, alpha, exponent, phi, Phi) each a stage of its own that both moments
+        read, as in `gaussian.maxpool2d`: inlined, TVM's lowering grows with each step (a
+        2x2x2 maximum compiled in 44 s instead of 4)."""
+
+        def stage(name, body):
+            return te.compute(out_shape, body, name=f"reduce_max_{name}_{k}", attrs=SHARED)
+
+        def element(idx):
             here = source(position, idx)
-            return clark_max_moments(acc_mean[idx], acc_var[idx], x.mean[here], x.var_at(here))
+            return x.mean[here], x.var_at(here)
+
+        spread = stage("spread", lambda *idx: safe_sqrt(acc_var[idx] + element(idx)[1]))
+        alpha = stage("alpha", lambda *idx: safe_ratio(acc_mean[idx] - element(idx)[0], spread[idx]))
+        exponent = stage("exponent", lambda *idx: pdf_exponent(alpha[idx]))
+        pdf = stage("pdf", lambda *idx: std_normal_pdf(alpha[idx], exponent[idx]))
+        cdf = stage("cdf", lambda *idx: std_normal_cdf(alpha[idx], pdf[idx]))
+
+        def step(*idx):
+            return clark_max_moments(acc_mean[idx], acc_var[idx], *element(idx), (spread[idx], cdf[idx], pdf[idx]))
 
         return step
 
     for k, position in enumerate(positions[1:], 1):
-        acc_mean, acc_var = te.compute(out_shape, clark_step(acc_mean, acc_var, position), name=f"reduce_max_{k}",
+        acc_mean, acc_var = te.compute(out_shape, clark_step(k, acc_mean, acc_var, position), name=f"reduce_max_{k}",
                                        attrs=SHARED)
     return Gaussian(acc_mean, acc_var, Moment.VAR)
 
@@ -709,3 +726,146 @@ def lrn(a: Gaussian, size: float, alpha: float, beta: float, bias: float) -> Gau
         return Gaussian(te.compute(shape, lambda *idx: moments(*idx)[0], name="lrn_mean"), None, Moment.NONE)
     mean, var = te.compute(shape, moments, name="lrn")
     return Gaussian(mean, var, Moment.VAR)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3-D convolution and pooling (NCDHW): the 2-D formulas with one more spatial axis
+# ---------------------------------------------------------------------------------------------
+
+
+def _pool_size(size, kernel, stride, dilation, pad_begin, pad_end, ceil_mode):
+    """ONNX's output length of a window along one axis; with ceil_mode a window that would start
+    in the end padding is dropped."""
+    span = size + pad_begin + pad_end - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    return out - 1 if ceil_mode and (out - 1) * stride >= size + pad_begin else out
+
+
+def _window_source(position, taps, strides, dilations, begins, sizes):
+    """(input coordinates, inside) of window element ``taps`` of output ``position``."""
+    coords = [p * s + t * d - b for p, t, s, d, b in zip(position, taps, strides, dilations, begins)]
+    return coords, tirx.all(*[tirx.all(c >= 0, c < size) for c, size in zip(coords, sizes)])
+
+
+def conv3d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups) -> Gaussian:
+    """Y = conv3d(X, W), NCDHW x OIDHW, zero padding (deterministic zeros), grouped: as
+    `gaussian.conv2d` with one more spatial axis, mean sum m_x m_w, variance sum Var(x w)
+    (``product_moments``) over the fan-in. Exact. Native output: variance."""
+    batch, in_ch, *sizes = x.shape
+    out_ch, group_ch, *kernel = w.shape
+    begins, ends = pads[:3], pads[3:]
+    outs = [_pool_size(size, k, s, d, b, e, False) for size, k, s, d, b, e in zip(sizes, kernel, strides, dilations, begins, ends)]
+    out_per_group = out_ch // groups
+    c = te.reduce_axis((0, group_ch), name="c")
+    taps = [te.reduce_axis((0, k), name=f"k{axis}") for axis, k in enumerate(kernel)]
+
+    def terms(n, o, *position):
+        coords, inside = _window_source(position, taps, strides, dilations, begins, sizes)
+        ix, iw = (n, (o // out_per_group) * group_ch + c, *coords), (o, c, *taps)
+        x_mean = tirx.if_then_else(inside, x.mean[ix], f32(0.0))
+        x_moment = None if x.repr == Moment.NONE else tirx.if_then_else(inside, x.moment[ix], f32(0.0))
+        return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr)
+
+    return _reduce_products([batch, out_ch, *outs], terms, [c, *taps], "conv3d")
+
+
+def avgpool3d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, count_include_pad=False) -> Gaussian:
+    """Y = average of X (NCDHW) over each window of n counted elements: mean sum(m) / n,
+    variance sum(v) / n^2 (independent inputs), n as in `gaussian.avgpool2d`. Exact. Native
+    output: variance."""
+    from .gaussian import _window_count
+
+    batch, chans, *sizes = x.shape
+    begins, ends = pads[:3], pads[3:]
+    outs = [_pool_size(*args, ceil_mode) for args in zip(sizes, kernel, strides, dilations, begins, ends)]
+    taps = [te.reduce_axis((0, k), name=f"k{axis}") for axis, k in enumerate(kernel)]
+
+    def count(n, c, *position):
+        total = 1
+        for p, k, s, d, b, e, size in zip(position, kernel, strides, dilations, begins, ends, sizes):
+            low, high = (-b, size + e) if count_include_pad else (0, size)
+            total = total * _window_count(p * s - b, k, d, low, high)
+        return total.astype("float32")
+
+    def terms(n, c, *position):
+        coords, inside = _window_source(position, taps, strides, dilations, begins, sizes)
+        mean = tirx.if_then_else(inside, x.mean[(n, c, *coords)], f32(0.0))
+        var = None if x.repr == Moment.NONE else tirx.if_then_else(inside, x.var_at((n, c, *coords)), f32(0.0))
+        return mean, var
+
+    total = _reduce_products([batch, chans, *outs], terms, taps, "avgpool3d_sum")
+    return _divide_by_count(total, count, "avgpool3d")
+
+
+def maxpool3d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) -> Gaussian:
+    """Y = max over each window of X (NCDHW): Clark's max applied pairwise in row-major window
+    order, padded positions skipped (ONNX pads MaxPool with -inf), as `gaussian.maxpool2d`.
+    Native output: variance. A deterministic input gives the plain max."""
+    batch, chans, *sizes = x.shape
+    begins, ends = pads[:3], pads[3:]
+    outs = [_pool_size(*args, ceil_mode) for args in zip(sizes, kernel, strides, dilations, begins, ends)]
+    out_shape = [batch, chans, *outs]
+
+    def reaches(offset, axis):
+        return any(0 <= p * strides[axis] + offset * dilations[axis] - begins[axis] < sizes[axis] for p in range(outs[axis]))
+
+    # window elements that are padding for every output are no step at all
+    positions = [p for p in np.ndindex(*kernel) if all(reaches(offset, axis) for axis, offset in enumerate(p))]
+    # whether every window element lies inside the input for every output (no padding reached)
+    always_inside = all(0 <= t * d - b and (o - 1) * s + t * d - b < size
+                        for p in positions for t, s, d, b, o, size in zip(p, strides, dilations, begins, outs, sizes))
+
+    def at(taps, n, c, *position):
+        coords, inside = _window_source(position, taps, strides, dilations, begins, sizes)
+        if always_inside:
+            return inside, x.mean[(n, c, *coords)], f32(0.0) if x.repr == Moment.NONE else x.var_at((n, c, *coords))
+        mean = tirx.if_then_else(inside, x.mean[(n, c, *coords)], f32(0.0))
+        var = f32(0.0) if x.repr == Moment.NONE else tirx.if_then_else(inside, x.var_at((n, c, *coords)), f32(0.0))
+        return inside, mean, var
+
+    if x.repr == Moment.NONE:
+        taps = [te.reduce_axis((0, k), name=f"k{axis}") for axis, k in enumerate(kernel)]
+
+        def plain(n, c, *position):
+            coords, inside = _window_source(position, taps, strides, dilations, begins, sizes)
+            return te.max(tirx.if_then_else(inside, x.mean[(n, c, *coords)], tirx.min_value("float32")), axis=taps)
+
+        return Gaussian(te.compute(out_shape, plain, name="maxpool3d_mean"), None, Moment.NONE)
+
+    def first(*idx):
+        _, mean, var = at(positions[0], *idx)
+        return mean, var
+
+    def clark_step(k, acc_mean, acc_var):
+        """max(accumulated, window element k): its terms (spread, alpha, exponent, phi, Phi) each a
+        stage of its own that both moments read, as in `gaussian.maxpool2d` (inlined, the two
+        moments would repeat them and TVM's lowering grows with each step)."""
+
+        def stage(name, body):
+            return te.compute(out_shape, body, name=f"maxpool3d_{name}_{k}", attrs=SHARED)
+
+        spread = stage("spread", lambda *idx: safe_sqrt(acc_var[idx] + at(positions[k], *idx)[2]))
+        alpha = stage("alpha", lambda *idx: safe_ratio(acc_mean[idx] - at(positions[k], *idx)[1], spread[idx]))
+        exponent = stage("exponent", lambda *idx: pdf_exponent(alpha[idx]))
+        pdf = stage("pdf", lambda *idx: std_normal_pdf(alpha[idx], exponent[idx]))
+        cdf = stage("cdf", lambda *idx: std_normal_cdf(alpha[idx], pdf[idx]))
+
+        def step(*idx):
+            inside, mean, var = at(positions[k], *idx)
+            max_mean, max_var = clark_max_moments(acc_mean[idx], acc_var[idx], mean, var, (spread[idx], cdf[idx], pdf[idx]))
+            if always_inside:
+                return max_mean, max_var
+            seen = tirx.any(*[at(p, *idx)[0] for p in positions[:k]]) if k > 1 else at(positions[0], *idx)[0]
+
+            def pick(acc_value, new_value, max_value):  # padding is skipped; the first valid element is taken as is
+                return tirx.Select(tirx.Not(inside), acc_value, tirx.Select(tirx.Not(seen), new_value, max_value))
+
+            return pick(acc_mean[idx], mean, max_mean), pick(acc_var[idx], var, max_var)
+
+        return step
+
+    # each step a stage of its own (`gaussian.SHARED`), as in `reduce_max`
+    acc_mean, acc_var = te.compute(out_shape, first, name="maxpool3d_0", attrs=SHARED)
+    for k in range(1, len(positions)):
+        acc_mean, acc_var = te.compute(out_shape, clark_step(k, acc_mean, acc_var), name=f"maxpool3d_{k}", attrs=SHARED)
+    return Gaussian(acc_mean, acc_var, Moment.VAR)

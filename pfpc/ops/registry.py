@@ -166,8 +166,8 @@ def _conv_attrs(call):
 
 
 # --- ONNX attribute rules: (node, attributes, input rank or None) -> why it is refused, or None ----
-def _spatial_1d_or_2d(node, attrs, rank):
-    return None if rank in (None, 3, 4) else f"{rank - 2}-D: only 1-D and 2-D are supported"
+def _spatial_1d_to_3d(node, attrs, rank):
+    return None if rank in (None, 3, 4, 5) else f"{rank - 2}-D: only 1-D, 2-D and 3-D are supported"
 
 
 def _padding_mode(node, attrs, rank):
@@ -188,10 +188,25 @@ def _resize_rule(node, attrs, rank):
 
 
 def _maxpool_rule(node, attrs, rank):
-    reason = _spatial_1d_or_2d(node, attrs, rank)
+    reason = _spatial_1d_to_3d(node, attrs, rank)
     if reason is None and len(node.output) > 1 and node.output[1]:
         return "the Indices output is not supported"
     return reason
+
+
+def _pool3d_attrs(call):
+    attrs = call.attrs
+    if attrs.layout != "NCDHW":
+        return None
+    return {"kernel": _ints(attrs.pool_size), "strides": _ints(attrs.strides), "pads": _ints(attrs.padding),
+            "dilations": _ints(attrs.dilation), "ceil_mode": bool(attrs.ceil_mode), "count_include_pad": bool(attrs.count_include_pad)}
+
+
+def _conv3d_attrs(call):
+    attrs = call.attrs
+    if attrs.data_layout != "NCDHW" or attrs.kernel_layout != "OIDHW":
+        return None
+    return {"strides": _ints(attrs.strides), "pads": _ints(attrs.padding), "dilations": _ints(attrs.dilation), "groups": int(attrs.groups)}
 
 
 def _conv_transpose_rule(node, attrs, rank):
@@ -285,7 +300,7 @@ OPERATORS = (
     # linear: the reduction's multiply-adds per MAC are `moments.FMA_PER_MAC` (by operand moments)
     Operator("matmul", onnx=("MatMul", "Gemm"), relax=("relax.matmul",), arity=2, fusion=Fusion.LINEAR, reference="matmul",
              build=lambda inputs, attrs: G.matmul(*inputs, count=attrs.get("draw_groups", 0))),
-    Operator("conv2d", onnx=("Conv",), onnx_rule=_spatial_1d_or_2d, relax=("relax.nn.conv2d",), relax_attrs=_conv_attrs,
+    Operator("conv2d", onnx=("Conv",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.conv2d",), relax_attrs=_conv_attrs,
              lowered_1d=("relax.nn.conv1d",), arity=2, fusion=Fusion.LINEAR, reference="conv2d",
              build=lambda inputs, attrs: G.conv2d(*inputs[:2], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"],
                                                   *inputs[2:], count=attrs.get("draw_groups", 0))),
@@ -329,7 +344,7 @@ OPERATORS = (
              libm_calls={"sqrt": 1}, reference="maxpool2d",
              build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs.get("ceil_mode", False))),
-    Operator("avgpool2d", onnx=("AveragePool",), onnx_rule=_spatial_1d_or_2d, relax=("relax.nn.avg_pool2d",), relax_attrs=_avgpool_attrs,
+    Operator("avgpool2d", onnx=("AveragePool",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.avg_pool2d",), relax_attrs=_avgpool_attrs,
              lowered_1d=("relax.nn.avg_pool1d",), reference="avgpool2d",
              build=lambda inputs, attrs: G.avgpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs["ceil_mode"], attrs["count_include_pad"])),
@@ -407,6 +422,17 @@ OPERATORS = (
     Operator("lrn", onnx=("LRN",), marker_params=("size", "alpha", "beta", "bias"), gaussian_ops=_per_element("lrn"),
              libm_calls={"pow": 1}, reference="lrn",
              build=lambda inputs, attrs: E.lrn(inputs[0], attrs["size"], attrs["alpha"], attrs["beta"], attrs["bias"])),
+    # 3-D (NCDHW) convolution and pooling: the ONNX Conv/MaxPool/AveragePool entries above accept
+    # them; kernels of their own (the linear-layer and pooling passes read the 2-D layouts)
+    Operator("conv3d", relax=("relax.nn.conv3d",), relax_attrs=_conv3d_attrs, arity=2, reference="conv3d",
+             build=lambda inputs, attrs: E.conv3d(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"])),
+    Operator("maxpool3d", relax=("relax.nn.max_pool3d",), relax_attrs=_pool3d_attrs, gaussian_ops=_clark_steps, libm_calls={"sqrt": 1},
+             reference="maxpool3d",
+             build=lambda inputs, attrs: E.maxpool3d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                     attrs["ceil_mode"])),
+    Operator("avgpool3d", relax=("relax.nn.avg_pool3d",), relax_attrs=_pool3d_attrs, reference="avgpool3d",
+             build=lambda inputs, attrs: E.avgpool3d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                     attrs["ceil_mode"], attrs["count_include_pad"])),
     # not Gaussian stages
     Operator("view", kind=Kind.VIEW, onnx=("Flatten", "Reshape", "Identity", "Dropout", "Squeeze", "Unsqueeze"),
              relax=("relax.reshape", "relax.flatten", "relax.expand_dims", "relax.squeeze"), reference="reshape"),
