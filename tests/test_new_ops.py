@@ -182,6 +182,10 @@ EXACT_MC_CASES = {
                                             ["y"], inits := {"w": _w(r, 2, 3, 3, 3, scale=1.0), "b": _w(r, 3)}, opset=17), inits),
     "pow_2": lambda r: _gemm(r, [node("Pow", ["h", "p"], ["y"])], {"p": np.array(2.0, np.float32)}),
     "pow_3": lambda r: _gemm(r, [node("Pow", ["h", "p"], ["y"])], {"p": np.array(3.0, np.float32)}),
+    "conv3d": lambda r: (make_model([node("Conv", ["x", "w"], ["y"], pads=[1, 0, 1, 0, 1, 1], strides=[1, 2, 1])], [("x", [1, 2, 3, 4, 3])],
+                                    ["y"], inits := {"w": _w(r, 3, 2, 2, 3, 2, scale=1.0)}, opset=17), inits),
+    "avgpool3d": lambda r: _independent(r, [1, 2, 3, 4, 4], [node("AveragePool", ["h"], ["y"], kernel_shape=[2, 2, 3], pads=[1, 0, 1, 0, 1, 1])]),
+    "maxpool3d_of_two": lambda r: _independent(r, [1, 2, 2, 3, 4], [node("MaxPool", ["h"], ["y"], kernel_shape=[2, 1, 1])]),
     "pad_reflect_slice_tile": lambda r: _independent(r, [1, 2, 3, 4], [
         node("Pad", ["h", "pads"], ["p"], mode="reflect"), node("Slice", ["p", "starts", "ends", "axes"], ["s"]),
         node("Tile", ["s", "reps"], ["y"])],
