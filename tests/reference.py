@@ -1193,7 +1193,7 @@ def _node_outputs(node, a, x):
     if op in ("Resize", "Upsample"):
         shape = x[0][0].shape
         method = a.get("mode", b"nearest").decode()
-        if op == "Upsample":
+        if op == "Upsample" or len(x) == 2:  # Upsample, and Resize-10 (X, scales): asymmetric
             scales = a.get("scales", x[1][0] if len(x) > 1 else None)
             mode, nearest_mode = "asymmetric", "floor"
         else:

@@ -107,6 +107,10 @@ def _cases():
         "avgpool3d_count_pad_ceil": lambda r: _conv3d_case(r, [node("Conv", ["x", "w3"], ["c"]), node(
             "AveragePool", ["c"], ["y"], kernel_shape=[3, 2, 2], strides=[2, 2, 2], pads=[1, 1, 0, 1, 0, 1], count_include_pad=1, ceil_mode=1)],
             {"w3": _w(r, 2, 3, 1, 1, 1)}, ("w3",)),
+        "resize_nearest_opset10": lambda r: _conv_case(r, [_conv(), node("Resize", ["c", "scales"], ["y"], mode="nearest")],
+                                                       {"scales": np.array([1, 1, 2, 3], np.float32)}, opset=10),
+        "resize_linear_opset10": lambda r: _conv_case(r, [_conv(), node("Resize", ["c", "scales"], ["y"], mode="linear")],
+                                                      {"scales": np.array([1, 1, 2, 1.5], np.float32)}, opset=10),
         "upsample_nearest_opset9": lambda r: _conv_case(r, [_conv(), node("Upsample", ["c", "scales"], ["y"], mode="nearest")],
                                                         {"scales": np.array([1, 1, 2, 2], np.float32)}, opset=9),
         "upsample_linear_opset9": lambda r: _conv_case(r, [_conv(), node("Upsample", ["c", "scales"], ["y"], mode="linear")],

@@ -360,6 +360,29 @@ class _LRN(onnx_frontend.OnnxOpConverter):
                        bias=attr.get("bias", 1.0))
 
 
+class _Resize(onnx_frontend.Resize):
+    """Resize as TVM converts it (``relax.image.resize2d`` over H and W), refusing a scaling of
+    N or C (which that would drop); opset 10's (X, scales) form is asymmetric, as Upsample."""
+
+    op_type = "Resize"
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        attr = {**attr, "coordinate_transformation_mode": b"asymmetric", "nearest_mode": b"floor"}
+        return cls._impl_v11(bb, [inputs[0], None, inputs[1]], attr, params)
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        shape = [int(d) for d in inputs[0].ty.shape]
+        scales = constant_value(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else None
+        sizes = constant_value(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+        if scales is not None and scales.size and [float(v) for v in scales.reshape(-1)[:2]] != [1.0, 1.0]:
+            raise PfpcError(f"Resize: scales {[float(v) for v in scales.reshape(-1)]}: only the last two axes can be resized")
+        if sizes is not None and sizes.size and [int(v) for v in sizes.reshape(-1)[:2]] != shape[:2]:
+            raise PfpcError(f"Resize: sizes {[int(v) for v in sizes.reshape(-1)]}: only the last two axes can be resized")
+        return super()._impl_v18(bb, inputs, attr, params)
+
+
 class _Upsample(onnx_frontend.OnnxOpConverter):
     """Upsample (opsets 7-9) as ``relax.image.resize2d``: Resize with asymmetric coordinates
     (nearest: rounded down)."""
@@ -530,7 +553,7 @@ def _pfpc_converters():
 
     def convert_map():
         return {**original(), **{converter.op_type: converter for converter in (_Clip, _Pad, _Sum, _HardSigmoid, _HardSwish, _Elu, _Selu, _Softplus,
-                                                                       _Mul, _Max, _Min, _Split, _Tile, _Expand, _Upsample,
+                                                                       _Mul, _Max, _Min, _Split, _Tile, _Expand, _Resize, _Upsample,
                                                                        _InstanceNormalization, _GroupNormalization, _LRN)}}
 
     onnx_frontend._get_convert_map = convert_map

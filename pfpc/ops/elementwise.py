@@ -389,17 +389,21 @@ def border_pad(x: Gaussian, width, mode: str) -> Gaussian:
 
 def _source_coordinate(out_index, in_size, out_size, mode):
     """ONNX Resize's input coordinate (float32) of output position ``out_index`` along one axis,
-    scale = out_size / in_size."""
-    position = out_index.astype("float32")
-    ratio = f32(in_size / out_size)
-    if mode == "half_pixel" or (mode == "pytorch_half_pixel" and out_size > 1):
-        return (position + f32(0.5)) * ratio - f32(0.5)
+    scale = out_size / in_size, as an integer numerator over an integer denominator: one correctly
+    rounded division (a ratio like 1/3 as a float constant would be rounded, and printed in the C
+    with 7 digits, and floor(3 * 0.3333333) = 0 picks the wrong neighbour)."""
+
+    def ratio(numerator, denominator):
+        return numerator.astype("float32") / f32(float(denominator))
+
+    if mode == "half_pixel" or (mode == "pytorch_half_pixel" and out_size > 1):  # (i + 1/2) in / out - 1/2
+        return ratio((2 * out_index + 1) * in_size - out_size, 2 * out_size)
     if mode == "pytorch_half_pixel":
         return f32(0.0)
     if mode == "asymmetric":
-        return position * ratio
+        return ratio(out_index * in_size, out_size)
     if mode == "align_corners":
-        return position * f32((in_size - 1) / (out_size - 1)) if out_size > 1 else f32(0.0)
+        return ratio(out_index * (in_size - 1), out_size - 1) if out_size > 1 else f32(0.0)
     raise ValueError(f"Resize: coordinate transformation {mode}")
 
 
