@@ -1256,6 +1256,7 @@ def _pools_before_relus(nodes, graph_outputs) -> list:
         pool = users[0] if len(users) == 1 else None
         attrs = {a.name: helper.get_attribute_value(a) for a in pool.attribute} if pool is not None else {}
         whole_windows = (pool is not None and pool.op_type == "MaxPool" and len(pool.output) == 1
+                         and len(attrs.get("kernel_shape", [])) <= 2  # pfpc moves the ReLU after 1-D and 2-D pools only
                          and not any(attrs.get("pads", [])) and not attrs.get("ceil_mode", 0)
                          and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID", "NOTSET", "VALID"))
         if not whole_windows or node.output[0] in graph_outputs:

@@ -266,6 +266,9 @@ class _Pad(onnx_frontend.OnnxOpConverter):
 
 
 def _constant_ints(expr, what):
+    """The integers of a constant (or of a shape the importer folded into a ``ShapeExpr``)."""
+    if isinstance(expr, relax.ShapeExpr) and all(isinstance(v, tvm.tirx.IntImm) for v in expr.values):
+        return [int(v) for v in expr.values]
     value = constant_value(expr)
     if value is None:
         raise PfpcError(f"{what} must be a constant")
