@@ -2,8 +2,8 @@
 
 The MLPerf Tiny reference layouts (ResNet-8 for CIFAR-10 image classification, DS-CNN for keyword
 spotting, MobileNetV1 0.25 for visual wake words), a 1-D DS-CNN of the streaming wake-word kind, a
-MobileNetV2 inverted-residual stack, and the seed paper's two MNIST networks (MLP 784-100-100-10,
-LeNet-5 on 28x28). Weights are He-initialised from a seeded generator and batch norms get
+MobileNetV2 inverted-residual stack, the seed paper's two MNIST networks (MLP 784-100-100-10,
+LeNet-5 on 28x28), a ShuffleNetV2-style block stack and a small convolutional autoencoder. Weights are He-initialised from a seeded generator and batch norms get
 trained-looking statistics, so activations keep their scale through the depth. TensorFlow's "same"
 padding of stride-2 convolutions is written as an explicit asymmetric zero pad, as tf2onnx exports it.
 
@@ -164,6 +164,78 @@ class MobileNetV2Stack(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
+def _channel_shuffle(x, groups):
+    n, c, h, w = x.shape
+    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class _ShuffleUnit(nn.Module):
+    """ShuffleNetV2 basic unit (stride 1): split the channels in two, 1x1 -> depthwise 3x3 ->
+    1x1 on one half, concatenate with the other half, shuffle the channels (groups of 2)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(*_conv_bn_relu(half, half, 1), nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False),
+                                    nn.BatchNorm2d(half), *_conv_bn_relu(half, half, 1))
+
+    def forward(self, x):
+        half = x.shape[1] // 2
+        kept, changed = torch.split(x, [half, half], dim=1)
+        return _channel_shuffle(torch.cat([kept, self.branch(changed)], 1), 2)
+
+
+class _ShuffleDown(nn.Module):
+    """ShuffleNetV2 down-sampling unit (stride 2): both branches see the whole input."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        half = cout // 2
+        self.left = nn.Sequential(nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), *_conv_bn_relu(cin, half, 1))
+        self.right = nn.Sequential(*_conv_bn_relu(cin, half, 1), nn.Conv2d(half, half, 3, 2, 1, groups=half, bias=False),
+                                   nn.BatchNorm2d(half), *_conv_bn_relu(half, half, 1))
+
+    def forward(self, x):
+        return _channel_shuffle(torch.cat([self.left(x), self.right(x)], 1), 2)
+
+
+class ShuffleNetV2Blocks(nn.Module):
+    """A ShuffleNetV2-style block stack (channel split = two ONNX Slices, channel shuffle = Reshape,
+    5-D Transpose, Reshape) on 16x16x3: stem, one down-sampling unit, two basic units, 1x1 conv,
+    global average pool, dense."""
+
+    input_shape = (1, 3, 16, 16)
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn_relu(3, 8, 3, 2, 1))
+        self.units = nn.Sequential(_ShuffleDown(8, 16), _ShuffleUnit(16), _ShuffleUnit(16))
+        self.head = nn.Sequential(*_conv_bn_relu(16, 24, 1))
+        self.fc = nn.Linear(24, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.head(self.units(self.stem(x))), 1), 1))
+
+
+class ConvAutoencoder(nn.Module):
+    """A small convolutional autoencoder on 16x16x1: two stride-2 convs down to 4x4x16, up by a
+    ConvTranspose (stride 2) and a bilinear Resize, a 3x3 conv to one channel, sigmoid."""
+
+    input_shape = (1, 1, 16, 16)
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(16, 8, 3, 2, 1, output_padding=1)
+        self.smooth = nn.Conv2d(8, 4, 3, 1, 1)
+        self.out = nn.Conv2d(4, 1, 3, 1, 1)
+
+    def forward(self, x):
+        h = F.relu(self.up(self.encoder(x)))
+        h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+        return torch.sigmoid(self.out(F.relu(self.smooth(h))))
+
+
 class SeedMLP(seed_networks.SeedMLP):
     """The seed paper's MNIST MLP 784-100-100-10 (89,400 MACs), layer names as in its checkpoint;
     defined once, in the seed example (examples/seed_mnist/build_models.py)."""
@@ -181,6 +253,7 @@ class SeedLeNet(seed_networks.SeedLeNet):
 ARCHITECTURES = {
     "resnet8": ResNet8, "dscnn": DSCNN, "mobilenetv1": MobileNetV1, "dscnn1d": DSCNN1d,
     "mobilenetv2": MobileNetV2Stack, "seed_mlp": SeedMLP, "seed_lenet": SeedLeNet,
+    "shufflenetv2_blocks": ShuffleNetV2Blocks, "conv_autoencoder": ConvAutoencoder,
 }
 
 
@@ -190,7 +263,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
     model = ARCHITECTURES[name]()
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 fan_in = module.weight[0].numel()
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * np.sqrt(2.0 / fan_in))
                 if module.bias is not None:

@@ -10,7 +10,9 @@ Contents
   Gaussian ops:   linear, matmul, gemm, conv2d, add, relu, clark_max, maxpool2d,
                   flatten, reshape, subtract, multiply, divide, batch_norm, avgpool2d,
                   reduce_mean, concat, pad, clip, leaky_relu, sigmoid, tanh, reduce_sum,
-                  reduce_max, exp, abs_, clark_min, hard_sigmoid, hard_swish, gauss_hermite
+                  reduce_max, exp, abs_, clark_min, hard_sigmoid, hard_swish, gauss_hermite,
+                  slice_, tile, expand, resize, conv_transpose2d, power, layer_norm,
+                  group_norm, lrn, conv3d, maxpool3d, avgpool3d
   Interpreter:    pfp_onnx(model, variances, inputs, input_vars=None)
   Ground truth:   monte_carlo(model, stds, inputs, samples, seed, ...)
 
@@ -66,6 +68,18 @@ __all__ = [
     "hard_sigmoid",
     "hard_swish",
     "gauss_hermite",
+    "slice_",
+    "tile",
+    "expand",
+    "resize",
+    "conv_transpose2d",
+    "power",
+    "layer_norm",
+    "group_norm",
+    "lrn",
+    "conv3d",
+    "maxpool3d",
+    "avgpool3d",
     "SMOOTH_FUNCTIONS",
     "pfp_onnx",
     "monte_carlo",
@@ -451,12 +465,283 @@ def concat(pairs, axis):
             np.concatenate([_var_or_zeros(v, m) for (_, v), m in zip(pairs, means)], axis=axis))
 
 
-def pad(mean, var, before, after, value=0.0):
-    """Constant padding: padded positions are deterministic (mean `value`, var 0)."""
+def pad(mean, var, before, after, value=0.0, mode="constant"):
+    """Constant padding: padded positions are deterministic (mean `value`, var 0). Edge and
+    reflect padding copy input elements (NumPy's modes of the same names are ONNX's), so the
+    variances are padded the same way."""
     m = _f64(mean)
     v = _var_or_zeros(var, m)
     widths = list(zip(before, after))
+    if mode != "constant":
+        return np.pad(m, widths, mode=mode), np.pad(v, widths, mode=mode)
     return np.pad(m, widths, constant_values=value), np.pad(v, widths, constant_values=0.0)
+
+
+def slice_(mean, var, index):
+    """Slice/Split: the elements at the NumPy ``index`` (copies: moments unchanged)."""
+    m = _f64(mean)
+    return m[index], _var_or_zeros(var, m)[index]
+
+
+def tile(mean, var, repeats):
+    """Tile: copies of the elements (moments repeated)."""
+    m = _f64(mean)
+    return np.tile(m, repeats), np.tile(_var_or_zeros(var, m), repeats)
+
+
+def expand(mean, var, shape):
+    """Expand: NumPy's two-way broadcast (copies: moments broadcast)."""
+    m = _f64(mean)
+    out = np.broadcast_shapes(m.shape, tuple(int(d) for d in shape))
+    return np.broadcast_to(m, out).copy(), np.broadcast_to(_var_or_zeros(var, m), out).copy()
+
+
+def conv_transpose2d(mean, var, w_mean, w_var, b_mean=None, b_var=None, strides=(1, 1), pads=(0, 0, 0, 0),
+                     dilations=(1, 1), output_padding=(0, 0), groups=1):
+    """ConvTranspose, NCHW x [C_in, C_out / groups, kh, kw]: every input element x[n, c, h, w]
+    adds x w[c, o, i, j] to output (o, h s - pad_top + i d, w s - pad_left + j d) (scattered, then
+    cropped by the pads). Each output is a sum of independent products, so the variances of the
+    products (m_x^2 v_w + v_x m_w^2 + v_x v_w) add."""
+    m, wm = _f64(mean), _f64(w_mean)
+    v, wv = _var_or_zeros(var, m), _var_or_zeros(w_var, wm)
+    n, c_in, height, width = m.shape
+    _, per_group, kh, kw = wm.shape
+    sh, sw = strides
+    dh, dw = dilations
+    full_h = (height - 1) * sh + dh * (kh - 1) + 1 + output_padding[0]
+    full_w = (width - 1) * sw + dw * (kw - 1) + 1 + output_padding[1]
+    out_mean = np.zeros((n, per_group * groups, full_h, full_w))
+    out_var = np.zeros_like(out_mean)
+    in_group = c_in // groups
+    for g in range(groups):
+        xs, outs = slice(g * in_group, (g + 1) * in_group), slice(g * per_group, (g + 1) * per_group)
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dh, i * dh + (height - 1) * sh + 1, sh)
+                cols = slice(j * dw, j * dw + (width - 1) * sw + 1, sw)
+                w_m, w_v = wm[xs, :, i, j], wv[xs, :, i, j]
+                out_mean[:, outs, rows, cols] += np.einsum("nchw,co->nohw", m[:, xs], w_m)
+                out_var[:, outs, rows, cols] += np.einsum("nchw,co->nohw", m[:, xs] ** 2, w_v) + np.einsum("nchw,co->nohw", v[:, xs], w_m ** 2 + w_v)
+    top, left, bottom, right = pads
+    crop = (slice(None), slice(None), slice(top, full_h - bottom), slice(left, full_w - right))
+    out_mean, out_var = out_mean[crop], out_var[crop]
+    if b_mean is not None:
+        out_mean = out_mean + _f64(b_mean)[None, :, None, None]
+        out_var = out_var + _var_or_zeros(b_var, _f64(b_mean))[None, :, None, None]
+    return out_mean, out_var
+
+
+def power(mean, var, exponent):
+    """y = x^p. Integer p >= 0: exact, by probabilists' Gauss-Hermite quadrature with 40 nodes
+    (exact for the polynomial x^p and its centred square up to degree 79), the variance as the
+    quadrature of (x^p - E[y])^2. Other p >= 0: f(x) = max(x, 0)^p by ``gauss_hermite`` (the
+    stated approximation; Monte Carlo measures it)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    if not float(exponent).is_integer():
+        return gauss_hermite(lambda x: np.maximum(x, 0.0) ** exponent, m, v)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(40)
+    weights = weights / math.sqrt(2.0 * math.pi)
+    center = m ** int(exponent)  # deviations from M^p: exactly zero for a zero variance
+    deviation = (m[..., None] + np.sqrt(v)[..., None] * nodes) ** int(exponent) - center[..., None]
+    shift = (deviation * weights).sum(-1)
+    return center + shift, ((deviation - shift[..., None]) ** 2 * weights).sum(-1)
+
+
+def layer_norm(mean, var, gamma_mean, gamma_var, beta_mean, beta_var, axes, epsilon):
+    """LayerNormalization over ``axes`` of independent Gaussian inputs by pfpc's stated
+    approximation: the normaliser's square at its expectation,
+
+        E[(1/N) sum (x_i - xbar)^2] = (1/N) sum E[x_i^2] - E[xbar^2] = (1/N) sum (m_i^2 + v_i) - (mbar^2 + sum v / N^2),
+
+    the mean of u = (x - xbar) / d at the means, its variance to first order: the Jacobian
+    J = (I - 1/N) / d - c c^T / (N d^3) (c = m - mbar) built explicitly, Var[u] = (J o J) v;
+    then y = u gamma + beta with independent gamma, beta."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    axes = tuple(a % m.ndim for a in axes)
+    rest = tuple(a for a in range(m.ndim) if a not in axes)
+    order = rest + axes
+    count = int(np.prod([m.shape[a] for a in axes]))
+    flat_m = np.transpose(m, order).reshape(-1, count)
+    flat_v = np.transpose(v, order).reshape(-1, count)
+    u_mean, u_var = np.empty_like(flat_m), np.empty_like(flat_m)
+    for row, (mr, vr) in enumerate(zip(flat_m, flat_v)):
+        expected = (mr ** 2 + vr).mean() - (mr.mean() ** 2 + vr.sum() / count ** 2)
+        d = math.sqrt(expected + epsilon)
+        c = mr - mr.mean()
+        jacobian = (np.eye(count) - 1.0 / count) / d - np.outer(c, c) / (count * d ** 3)
+        u_mean[row], u_var[row] = c / d, (jacobian ** 2) @ vr
+    shape = tuple(m.shape[a] for a in order)
+    inverse = np.argsort(order)
+    u_mean = np.transpose(u_mean.reshape(shape), inverse)
+    u_var = np.transpose(u_var.reshape(shape), inverse)
+    g_m, g_v = _f64(gamma_mean), _var_or_zeros(gamma_var, _f64(gamma_mean))
+    b_m, b_v = _f64(beta_mean), _var_or_zeros(beta_var, _f64(beta_mean))
+    return u_mean * g_m + b_m, u_mean ** 2 * g_v + u_var * (g_m ** 2 + g_v) + b_v
+
+
+def group_norm(mean, var, gamma_mean, gamma_var, beta_mean, beta_var, groups, epsilon):
+    """GroupNormalization (InstanceNormalization: groups = channels) of NC...: ``layer_norm``
+    over each group of channels and all positions, gamma and beta per channel."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    n, channels = m.shape[:2]
+    grouped = (n, groups, channels // groups) + m.shape[2:]
+    ones = np.ones(grouped[1:])
+    y_m, y_v = layer_norm(m.reshape(grouped), v.reshape(grouped), ones, None, 0.0 * ones, None, tuple(range(2, len(grouped))), epsilon)
+    along = (1, channels) + (1,) * (m.ndim - 2)
+    g_m, g_v = _f64(gamma_mean).reshape(along), _var_or_zeros(gamma_var, _f64(gamma_mean)).reshape(along)
+    b_m, b_v = _f64(beta_mean).reshape(along), _var_or_zeros(beta_var, _f64(beta_mean)).reshape(along)
+    y_m, y_v = y_m.reshape(m.shape), y_v.reshape(m.shape)
+    return y_m * g_m + b_m, y_m ** 2 * g_v + y_v * (g_m ** 2 + g_v) + b_v
+
+
+def lrn(mean, var, size, alpha, beta, bias):
+    """LRN by pfpc's stated approximation: B_c = bias + alpha / size sum_{j in window(c)} (m_j^2 + v_j),
+    mean m_c B_c^-beta, variance to first order sum_j (dy_c/dx_j)^2 v_j with the derivatives of
+    y_c = x_c (bias + alpha / size sum_j x_j^2)^-beta at the means, B in place of the bracket:
+    dy_c/dx_j = delta_cj B^-beta - 2 beta (alpha / size) m_c m_j B^(-beta-1)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    channels = m.shape[1]
+    low = (size - 1) // 2
+    base = np.zeros_like(m)
+    for c in range(channels):
+        window = range(max(0, c - low), min(channels, c - low + size))
+        base[:, c] = bias + alpha / size * sum(m[:, j] ** 2 + v[:, j] for j in window)
+    out_var = np.zeros_like(m)
+    for c in range(channels):
+        for j in range(max(0, c - low), min(channels, c - low + size)):
+            derivative = (base[:, c] ** -beta if j == c else 0.0) - 2 * beta * alpha / size * m[:, c] * m[:, j] * base[:, c] ** (-beta - 1)
+            out_var[:, c] += derivative ** 2 * v[:, j]
+    return m * base ** -beta, out_var
+
+
+def _taps_nd(x, kernel, strides, dilations, begins, outs, fill):
+    """{window element (row-major): x's [N, C, *outs] values at it} for x padded by ``begins``
+    before and with ``fill`` as far past the end as the windows reach."""
+    ends = [max(0, (o - 1) * s + d * (k - 1) + 1 - size - b) for o, s, d, k, size, b in zip(outs, strides, dilations, kernel, x.shape[2:], begins)]
+    padded = np.pad(x, [(0, 0), (0, 0)] + list(zip(begins, ends)), constant_values=fill)
+    return {taps: padded[(slice(None), slice(None)) + tuple(slice(t * d, t * d + (o - 1) * s + 1, s)
+                                                            for t, d, o, s in zip(taps, dilations, outs, strides))]
+            for taps in np.ndindex(*kernel)}
+
+
+def conv3d(mean, var, w_mean, w_var, b_mean=None, b_var=None, strides=(1, 1, 1), pads=(0,) * 6, dilations=(1, 1, 1), groups=1):
+    """Conv, 3-D (NCDHW x OIDHW, pads [begin..., end...]): for every kernel element the shifted
+    input times the weight, summed; products of independent Gaussians add their variances
+    m_x^2 v_w + v_x (m_w^2 + v_w)."""
+    m, wm = _f64(mean), _f64(w_mean)
+    v, wv = _var_or_zeros(var, m), _var_or_zeros(w_var, wm)
+    out_ch, group_ch = wm.shape[:2]
+    kernel = wm.shape[2:]
+    outs = [_pool_out_size(size, k, s, d, b, e, 0) for size, k, s, d, b, e in zip(m.shape[2:], kernel, strides, dilations, pads[:3], pads[3:])]
+    taps_m = _taps_nd(m, kernel, strides, dilations, pads[:3], outs, 0.0)
+    taps_v = _taps_nd(v, kernel, strides, dilations, pads[:3], outs, 0.0)
+    out_mean = np.zeros((m.shape[0], out_ch, *outs))
+    out_var = np.zeros_like(out_mean)
+    per_group = out_ch // groups
+    for taps in np.ndindex(*kernel):
+        for g in range(groups):
+            xs, os_ = slice(g * group_ch, (g + 1) * group_ch), slice(g * per_group, (g + 1) * per_group)
+            w_m, w_v = wm[(os_, slice(None)) + taps], wv[(os_, slice(None)) + taps]
+            out_mean[:, os_] += np.einsum("ncdhw,oc->nodhw", taps_m[taps][:, xs], w_m)
+            out_var[:, os_] += (np.einsum("ncdhw,oc->nodhw", taps_m[taps][:, xs] ** 2, w_v)
+                                + np.einsum("ncdhw,oc->nodhw", taps_v[taps][:, xs], w_m ** 2 + w_v))
+    if b_mean is not None:
+        out_mean = out_mean + _f64(b_mean).reshape(1, -1, 1, 1, 1)
+        out_var = out_var + _var_or_zeros(b_var, _f64(b_mean)).reshape(1, -1, 1, 1, 1)
+    return out_mean, out_var
+
+
+def _pool3d_geometry(shape, kernel, strides, pads, dilations, ceil_mode):
+    return [_pool_out_size(size, k, s, d, b, e, ceil_mode)
+            for size, k, s, d, b, e in zip(shape[2:], kernel, strides, dilations, pads[:3], pads[3:])]
+
+
+def maxpool3d(mean, var, kernel, strides=(1, 1, 1), pads=(0,) * 6, dilations=(1, 1, 1), ceil_mode=0):
+    """MaxPool, 3-D: clark_max pairwise in row-major window order, padded positions skipped."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    outs = _pool3d_geometry(m.shape, kernel, strides, pads, dilations, ceil_mode)
+    taps_m = _taps_nd(m, kernel, strides, dilations, pads[:3], outs, 0.0)
+    taps_v = _taps_nd(v, kernel, strides, dilations, pads[:3], outs, 0.0)
+    taps_in = _taps_nd(np.ones_like(m), kernel, strides, dilations, pads[:3], outs, 0.0)
+    acc_m = acc_v = have = None
+    for taps in np.ndindex(*kernel):
+        inside = taps_in[taps] > 0.5
+        if acc_m is None:
+            acc_m, acc_v, have = taps_m[taps].copy(), taps_v[taps].copy(), inside.copy()
+            continue
+        max_m, max_v = clark_max(acc_m, acc_v, taps_m[taps], taps_v[taps])
+        acc_m = np.where(inside, np.where(have, max_m, taps_m[taps]), acc_m)
+        acc_v = np.where(inside, np.where(have, max_v, taps_v[taps]), acc_v)
+        have |= inside
+    return acc_m, acc_v
+
+
+def avgpool3d(mean, var, kernel, strides=(1, 1, 1), pads=(0,) * 6, dilations=(1, 1, 1), ceil_mode=0, count_include_pad=0):
+    """AveragePool, 3-D: mean = sum(m) / n, var = sum(v) / n^2 over the n counted positions
+    (inside the input, or with count_include_pad inside the padded input)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    outs = _pool3d_geometry(m.shape, kernel, strides, pads, dilations, ceil_mode)
+    taps_m = _taps_nd(m, kernel, strides, dilations, pads[:3], outs, 0.0)
+    taps_v = _taps_nd(v, kernel, strides, dilations, pads[:3], outs, 0.0)
+    counted = np.ones_like(m)
+    if count_include_pad:  # the padded input counts, positions past its end (ceil_mode) do not
+        counted = np.pad(counted, [(0, 0), (0, 0)] + list(zip(pads[:3], pads[3:])), constant_values=1.0)
+    taps_n = _taps_nd(counted, kernel, strides, dilations, (0, 0, 0) if count_include_pad else pads[:3], outs, 0.0)
+    n = sum(taps_n.values())
+    return sum(taps_m.values()) / n, sum(taps_v.values()) / n ** 2
+
+
+def _resize_matrix(in_size, out_size, method, mode, nearest_mode):
+    """[out, in] interpolation weights of ONNX Resize along one axis (scale = out / in)."""
+    scale = out_size / in_size
+    matrix = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        if mode == "half_pixel" or (mode == "pytorch_half_pixel" and out_size > 1):
+            x = (i + 0.5) / scale - 0.5
+        elif mode == "pytorch_half_pixel":
+            x = 0.0
+        elif mode == "asymmetric":
+            x = i / scale
+        elif mode == "align_corners":
+            x = 0.0 if out_size == 1 else i * (in_size - 1) / (out_size - 1)
+        else:
+            raise NotImplementedError(f"Resize coordinate_transformation_mode {mode}")
+        if method == "nearest":
+            fraction = x - math.floor(x)
+            if nearest_mode == "floor":
+                j = math.floor(x)
+            elif nearest_mode == "ceil":
+                j = math.ceil(x)
+            elif nearest_mode == "round_prefer_ceil":
+                j = math.floor(x) + (fraction >= 0.5)
+            else:  # round_prefer_floor
+                j = math.floor(x) + (fraction > 0.5)
+            matrix[i, min(max(j, 0), in_size - 1)] = 1.0
+        else:
+            x = min(max(x, 0.0), in_size - 1.0)
+            low = int(math.floor(x))
+            high = min(low + 1, in_size - 1)
+            matrix[i, low] += 1.0 - (x - low)
+            matrix[i, high] += x - low
+    return matrix
+
+
+def resize(mean, var, out_hw, method, mode="half_pixel", nearest_mode="round_prefer_floor"):
+    """Resize of NCHW over H and W: Y = A_h X A_w^T with the interpolation matrices A; for
+    independent inputs mean = A_h m A_w^T and var = (A_h o A_h) v (A_w o A_w)^T (o: element-wise
+    square, each output a weighted sum of independent inputs)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    rows = _resize_matrix(m.shape[2], out_hw[0], method, mode, nearest_mode)
+    cols = _resize_matrix(m.shape[3], out_hw[1], method, mode, nearest_mode)
+    return (np.einsum("yh,nchw,xw->ncyx", rows, m, cols),
+            np.einsum("yh,nchw,xw->ncyx", rows ** 2, v, cols ** 2))
 
 
 def clip(mean, var, lower=None, upper=None):
@@ -755,6 +1040,17 @@ def _node_outputs(node, a, x):
         if np.any(x[1][1]):
             raise NotImplementedError("Div by a Gaussian")
         return [divide(*x[0], x[1][0])]
+    if op in ("Conv", "MaxPool", "AveragePool") and x[0][0].ndim == 5:
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise NotImplementedError("3-D auto_pad")
+        spatial = (1, 1, 1)
+        pads, strides, dilations = tuple(a.get("pads", (0,) * 6)), tuple(a.get("strides", spatial)), tuple(a.get("dilations", spatial))
+        if op == "Conv":
+            b = x[2] if len(x) > 2 and x[2] is not None else (None, None)
+            return [conv3d(*x[0], *x[1], *b, strides=strides, pads=pads, dilations=dilations, groups=a.get("group", 1))]
+        if op == "MaxPool":
+            return [maxpool3d(*x[0], a["kernel_shape"], strides, pads, dilations, a.get("ceil_mode", 0))]
+        return [avgpool3d(*x[0], a["kernel_shape"], strides, pads, dilations, a.get("ceil_mode", 0), a.get("count_include_pad", 0))]
     if op == "Conv":
         wm = x[1][0]
         if wm.ndim != 4:
@@ -842,7 +1138,72 @@ def _node_outputs(node, a, x):
         before, after = [0] * rank, [0] * rank
         for index, axis in enumerate(axes):
             before[axis], after[axis] = int(pads[index]), int(pads[index + len(axes)])
-        return [pad(*x[0], before, after, value)]
+        mode = a.get("mode", b"constant")
+        return [pad(*x[0], before, after, value, mode.decode() if isinstance(mode, bytes) else mode)]
+    if op == "Slice":
+        rank = x[0][0].ndim
+        starts, ends = x[1][0], x[2][0]
+        axes = x[3][0] if len(x) > 3 and x[3] is not None else range(len(starts))
+        steps = x[4][0] if len(x) > 4 and x[4] is not None else [1] * len(starts)
+        index = [slice(None)] * rank
+        for axis, start, end, step in zip(axes, starts, ends, steps):
+            big = 2 ** 62  # NumPy slicing clamps as ONNX does; int64 extremes overflow its C longs
+            index[int(axis) % rank] = slice(int(np.clip(start, -big, big)), int(np.clip(end, -big, big)), int(step))
+        return [slice_(*x[0], tuple(index))]
+    if op == "Split":
+        rank = x[0][0].ndim
+        axis = a.get("axis", 0) % rank
+        sizes = a.get("split", x[1][0] if len(x) > 1 and x[1] is not None else None)
+        length = x[0][0].shape[axis]
+        if sizes is None:
+            part = -(-length // len(node.output))
+            sizes = [min(part, length - k * part) for k in range(len(node.output))]
+        bounds = np.cumsum([0] + [int(size) for size in sizes])
+        return [slice_(*x[0], tuple([slice(None)] * axis + [slice(begin, end)])) for begin, end in zip(bounds, bounds[1:])]
+    if op == "ConvTranspose":
+        spatial = x[1][0].ndim - 2
+        if spatial != 2 or "output_shape" in a or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise NotImplementedError("ConvTranspose other than 2-D with explicit pads")
+        pads = a.get("pads", [0] * 4)
+        b = x[2] if len(x) > 2 and x[2] is not None else (None, None)
+        return [conv_transpose2d(*x[0], *x[1], *b, strides=a.get("strides", (1, 1)), pads=(pads[0], pads[1], pads[2], pads[3]),
+                                 dilations=a.get("dilations", (1, 1)), output_padding=a.get("output_padding", (0, 0)),
+                                 groups=a.get("group", 1))]
+    if op in ("Pow", "Sqrt"):
+        if op == "Pow" and (np.any(x[1][1]) or x[1][0].size != 1):
+            raise NotImplementedError("Pow with a Gaussian or non-scalar exponent")
+        return [power(*x[0], 0.5 if op == "Sqrt" else float(x[1][0].reshape(-1)[0]))]
+    if op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization"):
+        rank, channels = x[0][0].ndim, x[0][0].shape[1]
+        scale = x[1]
+        bias = x[2] if len(x) > 2 and x[2] is not None else (np.zeros_like(scale[0]), None)
+        if op == "LayerNormalization":
+            axis = a.get("axis", -1) % rank
+            return [layer_norm(*x[0], *scale, *bias, tuple(range(axis, rank)), a.get("epsilon", 1e-5))]
+        groups = a["num_groups"] if op == "GroupNormalization" else channels
+        if scale[0].size == groups != channels:  # opset 18: one scale per group
+            scale, bias = [(np.repeat(p[0], channels // groups), np.repeat(_var_or_zeros(p[1], p[0]), channels // groups)) for p in (scale, bias)]
+        return [group_norm(*x[0], *scale, *bias, groups, a.get("epsilon", 1e-5))]
+    if op == "LRN":
+        return [lrn(*x[0], a["size"], a.get("alpha", 1e-4), a.get("beta", 0.75), a.get("bias", 1.0))]
+    if op == "Tile":
+        return [tile(*x[0], [int(r) for r in x[1][0]])]
+    if op == "Expand":
+        return [expand(*x[0], x[1][0])]
+    if op in ("Resize", "Upsample"):
+        shape = x[0][0].shape
+        method = a.get("mode", b"nearest").decode()
+        if op == "Upsample" or len(x) == 2:  # Upsample, and Resize-10 (X, scales): asymmetric
+            scales = a.get("scales", x[1][0] if len(x) > 1 else None)
+            mode, nearest_mode = "asymmetric", "floor"
+        else:
+            scales = x[2][0] if len(x) > 2 and x[2] is not None and x[2][0].size else None
+            mode = a.get("coordinate_transformation_mode", b"half_pixel").decode()
+            nearest_mode = a.get("nearest_mode", b"round_prefer_floor").decode()
+        sizes = x[3][0] if op == "Resize" and len(x) > 3 and x[3] is not None else [math.floor(d * s) for d, s in zip(shape, scales)]
+        if list(sizes[:2]) != list(shape[:2]):
+            raise NotImplementedError("Resize over N or C")
+        return [resize(*x[0], [int(d) for d in sizes[2:]], method, mode, nearest_mode)]
     if op == "Flatten":
         return [flatten(*x[0], axis=a.get("axis", 1))]
     if op == "Reshape":
@@ -895,6 +1256,7 @@ def _pools_before_relus(nodes, graph_outputs) -> list:
         pool = users[0] if len(users) == 1 else None
         attrs = {a.name: helper.get_attribute_value(a) for a in pool.attribute} if pool is not None else {}
         whole_windows = (pool is not None and pool.op_type == "MaxPool" and len(pool.output) == 1
+                         and len(attrs.get("kernel_shape", [])) <= 2  # pfpc moves the ReLU after 1-D and 2-D pools only
                          and not any(attrs.get("pads", [])) and not attrs.get("ceil_mode", 0)
                          and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID", "NOTSET", "VALID"))
         if not whole_windows or node.output[0] in graph_outputs:

@@ -114,15 +114,15 @@ def test_softmax_inside_the_graph_is_named(tmp_path, capsys):
     assert code == 2 and "inner_softmax (Softmax: supported only as a last node" in err and len(err.splitlines()) == 1
 
 
-def test_reflect_pad_and_3d_conv_listed_together(tmp_path, capsys):
+def test_wrap_pad_and_4d_conv_listed_together(tmp_path, capsys):
     nodes = [
-        helper.make_node("Pad", ["x", "pads"], ["p"], name="mirror", mode="reflect"),
+        helper.make_node("Pad", ["x", "pads"], ["p"], name="mirror", mode="wrap"),
         helper.make_node("Conv", ["p", "w"], ["y"], name="volume"),
     ]
-    inits = {"pads": np.array([0, 0, 1, 1, 1, 0, 0, 1, 1, 1], np.int64), "w": np.ones((1, 1, 1, 1, 1), np.float32)}
-    path = _model_file(tmp_path, nodes, [("x", [1, 1, 3, 3, 3])], inits)
+    inits = {"pads": np.array([0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1], np.int64), "w": np.ones((1, 1, 1, 1, 1, 1), np.float32)}
+    path = _model_file(tmp_path, nodes, [("x", [1, 1, 3, 3, 3, 3])], inits)
     code, err = _run([path, "-o", str(tmp_path / "out"), "--deterministic"], capsys)
-    assert code == 2 and "mirror (Pad: mode reflect" in err and "volume (Conv: 3-D" in err and len(err.splitlines()) == 1
+    assert code == 2 and "mirror (Pad: mode wrap" in err and "volume (Conv: 4-D" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -129,15 +129,33 @@ def test_native_moment_of_the_embedded_network_operators():
         "reduce_sum": {"axes": [2, 3], "keepdims": True}, "reduce_max": {"axes": [2, 3], "keepdims": True}, "exp": {}, "abs": {},
         "hard_sigmoid": {"alpha": 0.2, "beta": 0.5}, "hard_swish": {"alpha": 1 / 6, "beta": 0.5}, "silu": {}, "gelu": {},
         "gelu_tanh": {}, "softplus": {}, "elu": {"alpha": 1.0}, "selu": {"alpha": 1.67, "gamma": 1.05},
+        "slice": {"starts": [0, 1, 0, 3], "steps": [1, 1, 2, -1], "shape": [1, 1, 2, 4]}, "tile": {"repeats": [1, 2, 1, 1]},
+        "broadcast": {"shape": [2, 2, 4, 4]},
+        "resize2d": {"size": [8, 8], "method": "linear", "mode": "half_pixel", "rounding": "round_prefer_floor"},
+        "power": {"exponent": 2.0}, "lrn": {"size": 3, "alpha": 1e-4, "beta": 0.75, "bias": 1.0},
     }
-    binary = {"maximum": {}, "minimum": {}}
+    pool3d = {"kernel": [1, 2, 2], "strides": [1, 2, 2], "pads": [0] * 6, "dilations": [1, 1, 1], "ceil_mode": False, "count_include_pad": False}
+    volume = [1, 2, 2, 4, 4]
+    for stage, stage_attrs, shapes in (("maxpool3d", pool3d, [volume]), ("avgpool3d", pool3d, [volume]),
+                                       ("conv3d", {"strides": [1, 1, 1], "pads": [0] * 6, "dilations": [1, 1, 1], "groups": 1}, [volume, [3, 2, 1, 1, 1]])):
+        operands = [G.Gaussian(te.placeholder(s, "float32", f"m{i}"), te.placeholder(s, "float32", f"v{i}"), G.Moment.VAR)
+                    for i, s in enumerate(shapes)]
+        assert R.STAGES[stage].build(operands, stage_attrs).repr == (R.STAGES[stage].native or G.Moment.VAR), stage
+    # normalisations: x and a gamma and beta of the normalised shape / per channel
+    ternary = {"layer_norm": ({"axes": [3], "epsilon": 1e-5}, [4]), "group_norm": ({"groups": 2, "epsilon": 1e-5}, [2])}
+    for stage, (stage_attrs, affine_shape) in ternary.items():
+        operands = [G.Gaussian(te.placeholder(s, "float32", f"m{i}"), te.placeholder(s, "float32", f"v{i}"), G.Moment.VAR)
+                    for i, s in enumerate([shape, affine_shape, affine_shape])]
+        assert R.STAGES[stage].build(operands, stage_attrs).repr == G.Moment.VAR, stage
+    binary = {"maximum": {}, "minimum": {},
+              "conv_transpose2d": {"strides": [2, 2], "pads": [0, 0, 0, 0], "dilations": [1, 1], "output_padding": [0, 0], "groups": 1}}
     for stage, stage_attrs in {**unary, **binary}.items():
         operands = [G.Gaussian(te.placeholder(shape, "float32", f"m{i}"), te.placeholder(shape, "float32", f"v{i}"), G.Moment.VAR)
                     for i in range(R.STAGES[stage].arity)]
         result = R.STAGES[stage].build(operands, stage_attrs)
         assert result.repr == (R.STAGES[stage].native or G.Moment.VAR), stage
     first = R.OPERATORS.index(R.STAGES["reduce_sum"])  # the entries of elementwise.py's operators start there
-    assert {op.name for op in R.OPERATORS[first:] if op.kind is R.Kind.GAUSSIAN} == set(unary) | set(binary)
+    assert {op.name for op in R.OPERATORS[first:] if op.kind is R.Kind.GAUSSIAN} == set(unary) | set(binary) | set(ternary) | {"conv3d", "maxpool3d", "avgpool3d"}
 
 
 def test_markers_name_their_parameters():

@@ -242,13 +242,13 @@ class _Clip(onnx_frontend.OnnxOpConverter):
 
 
 class _Pad(onnx_frontend.OnnxOpConverter):
-    """Constant Pad as ``relax.nn.pad`` (TVM's converter emits an opaque kernel)."""
+    """Pad (constant, edge, reflect) as ``relax.nn.pad`` (TVM's converter emits opaque kernels)."""
 
     op_type = "Pad"
 
     @classmethod
     def _impl_v2(cls, bb, inputs, attr, params):
-        return cls._pad(inputs[0], list(attr["pads"]), None, float(attr.get("value", 0.0)))
+        return cls._pad(inputs[0], list(attr["pads"]), None, float(attr.get("value", 0.0)), attr)
 
     @classmethod
     def _impl_v11(cls, bb, inputs, attr, params):
@@ -257,16 +257,171 @@ class _Pad(onnx_frontend.OnnxOpConverter):
         if pads is None or (len(inputs) > 3 and inputs[3] is not None and axes is None):
             raise PfpcError("Pad: the pads and axes must be constants")
         value = _constant_scalar(inputs[2] if len(inputs) > 2 else None, 0.0)
-        return cls._pad(inputs[0], [int(p) for p in pads], axes, value)
+        return cls._pad(inputs[0], [int(p) for p in pads], axes, value, attr)
 
     @staticmethod
-    def _pad(data, pads, axes, value):
+    def _pad(data, pads, axes, value, attr):
         rank = len(data.ty.shape)
         axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes]
         width = [0] * (2 * rank)
         for index, axis in enumerate(axes):
             width[2 * axis], width[2 * axis + 1] = pads[index], pads[index + len(axes)]
-        return relax.op.nn.pad(data, width, "constant", value)
+        mode = attr.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        shape = [int(d) for d in data.ty.shape]
+        if mode == "reflect" and any(max(width[2 * a], width[2 * a + 1]) >= shape[a] for a in range(rank) if width[2 * a] or width[2 * a + 1]):
+            raise PfpcError(f"Pad: reflect pads {pads} must be smaller than the padded dimensions {shape}")
+        return relax.op.nn.pad(data, width, mode, value)
+
+
+def _constant_ints(expr, what):
+    """The integers of a constant (or of a shape the importer folded into a ``ShapeExpr``)."""
+    if isinstance(expr, relax.ShapeExpr) and all(isinstance(v, tvm.tirx.IntImm) for v in expr.values):
+        return [int(v) for v in expr.values]
+    value = constant_value(expr)
+    if value is None:
+        raise PfpcError(f"{what} must be a constant")
+    return [int(v) for v in np.asarray(value).reshape(-1)]
+
+
+class _Split(onnx_frontend.OnnxOpConverter):
+    """Split as one ``relax.strided_slice`` per output (each a `slice` stage)."""
+
+    op_type = "Split"
+
+    @classmethod
+    def _split(cls, bb, data, axis, sizes, count):
+        rank = len(data.ty.shape)
+        axis %= rank
+        length = int(data.ty.shape[axis])
+        if sizes is None:  # equal parts, the last smaller (opset 18)
+            part = -(-length // count)
+            sizes = [min(part, length - k * part) for k in range(count)]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        return relax.Tuple([bb.emit(relax.op.strided_slice(data, [axis], [int(begin)], [int(end)]))
+                            for begin, end in zip(starts, starts[1:])])
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        sizes = attr.get("split")
+        return cls._split(bb, inputs[0], attr.get("axis", 0), None if sizes is None else list(sizes), attr["tvm_custom"]["num_outputs"])
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        sizes = _constant_ints(inputs[1], "Split: the split sizes") if len(inputs) > 1 and inputs[1] is not None else None
+        return cls._split(bb, inputs[0], attr.get("axis", 0), sizes, attr.get("num_outputs", attr["tvm_custom"]["num_outputs"]))
+
+
+class _Tile(onnx_frontend.OnnxOpConverter):
+    """Tile by constant repeats as ``relax.tile`` (TVM's converter emits an opaque kernel)."""
+
+    op_type = "Tile"
+
+    @classmethod
+    def _impl_v6(cls, bb, inputs, attr, params):
+        return relax.op.tile(inputs[0], _constant_ints(inputs[1], "Tile: the repeats"))
+
+
+class _Expand(onnx_frontend.OnnxOpConverter):
+    """Expand to a constant shape as ``relax.broadcast_to`` of the broadcast shape (ONNX Expand
+    broadcasts both ways)."""
+
+    op_type = "Expand"
+
+    @classmethod
+    def _impl_v8(cls, bb, inputs, attr, params):
+        shape = np.broadcast_shapes(tuple(int(d) for d in inputs[0].ty.shape), tuple(_constant_ints(inputs[1], "Expand: the shape")))
+        return relax.op.broadcast_to(inputs[0], [int(d) for d in shape])
+
+
+class _InstanceNormalization(onnx_frontend.OnnxOpConverter):
+    """InstanceNormalization as ``relax.nn.group_norm`` with one group per channel (TVM's
+    converter spells it out in mean, variance, sqrt and divide)."""
+
+    op_type = "InstanceNormalization"
+
+    @classmethod
+    def _impl_v6(cls, bb, inputs, attr, params):
+        data = inputs[0]
+        rank = len(data.ty.shape)
+        return relax.op.nn.group_norm(data, inputs[1], inputs[2], num_groups=int(data.ty.shape[1]), channel_axis=1,
+                                      axes=list(range(2, rank)), epsilon=float(attr.get("epsilon", 1e-5)))
+
+
+class _GroupNormalization(onnx_frontend.OnnxOpConverter):
+    """GroupNormalization (opset 21: scale and bias per channel) as one ``relax.nn.group_norm``
+    with its scale and bias (TVM's converter normalises without them, then multiplies and adds)."""
+
+    op_type = "GroupNormalization"
+
+    @classmethod
+    def _impl_v21(cls, bb, inputs, attr, params):
+        data = inputs[0]
+        return relax.op.nn.group_norm(data, inputs[1], inputs[2], num_groups=int(attr["num_groups"]), channel_axis=1,
+                                      axes=list(range(2, len(data.ty.shape))), epsilon=float(attr.get("epsilon", 1e-5)))
+
+
+class _LRN(onnx_frontend.OnnxOpConverter):
+    """LRN as one marker (TVM's converter squares x, which the PFP cannot treat as a product)."""
+
+    op_type = "LRN"
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return _marker(bb, "lrn", inputs[0], size=attr["size"], alpha=attr.get("alpha", 1e-4), beta=attr.get("beta", 0.75),
+                       bias=attr.get("bias", 1.0))
+
+
+class _Resize(onnx_frontend.Resize):
+    """Resize as TVM converts it (``relax.image.resize2d`` over H and W), refusing a scaling of
+    N or C (which that would drop); opset 10's (X, scales) form is asymmetric, as Upsample."""
+
+    op_type = "Resize"
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        attr = {**attr, "coordinate_transformation_mode": b"asymmetric", "nearest_mode": b"floor"}
+        return cls._impl_v11(bb, [inputs[0], None, inputs[1]], attr, params)
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        shape = [int(d) for d in inputs[0].ty.shape]
+        scales = constant_value(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else None
+        sizes = constant_value(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+        if scales is not None and scales.size and [float(v) for v in scales.reshape(-1)[:2]] != [1.0, 1.0]:
+            raise PfpcError(f"Resize: scales {[float(v) for v in scales.reshape(-1)]}: only the last two axes can be resized")
+        if sizes is not None and sizes.size and [int(v) for v in sizes.reshape(-1)[:2]] != shape[:2]:
+            raise PfpcError(f"Resize: sizes {[int(v) for v in sizes.reshape(-1)]}: only the last two axes can be resized")
+        return super()._impl_v18(bb, inputs, attr, params)
+
+
+class _Upsample(onnx_frontend.OnnxOpConverter):
+    """Upsample (opsets 7-9) as ``relax.image.resize2d``: Resize with asymmetric coordinates
+    (nearest: rounded down)."""
+
+    op_type = "Upsample"
+
+    @classmethod
+    def _resize(cls, data, scales, attr):
+        shape = [int(d) for d in data.ty.shape]
+        if len(shape) != 4 or list(scales[:2]) != [1.0, 1.0]:
+            raise PfpcError(f"Upsample: scales {list(scales)}: only the last two axes of a 4-D input can be scaled")
+        mode = attr.get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        size = [int(np.floor(d * s)) for d, s in zip(shape[2:], scales[2:])]
+        return relax.op.image.resize2d(data, size, method="nearest_neighbor" if mode == "nearest" else "linear",
+                                       coordinate_transformation_mode="asymmetric", rounding_method="floor")
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        return cls._resize(inputs[0], [float(s) for s in attr["scales"]], attr)
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        scales = constant_value(inputs[1])
+        if scales is None:
+            raise PfpcError("Upsample: the scales must be a constant")
+        return cls._resize(inputs[0], [float(s) for s in np.asarray(scales).reshape(-1)], attr)
 
 
 def _marker(bb, stage, data, **params):
@@ -410,7 +565,8 @@ def _pfpc_converters():
 
     def convert_map():
         return {**original(), **{converter.op_type: converter for converter in (_Clip, _Pad, _Sum, _HardSigmoid, _HardSwish, _Elu, _Selu, _Softplus,
-                                                                       _Mul, _Max, _Min)}}
+                                                                       _Mul, _Max, _Min, _Split, _Tile, _Expand, _Resize, _Upsample,
+                                                                       _InstanceNormalization, _GroupNormalization, _LRN)}}
 
     onnx_frontend._get_convert_map = convert_map
     try:

@@ -14,8 +14,9 @@ import math
 import numpy as np
 from tvm import te, tirx
 
-from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _reduce_products
-from .moments import clark_max_moments, clip_moments, f32, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
+from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _pair_sum, _reduce_products
+from .moments import (clark_max_moments, clip_moments, f32, pdf_exponent, product_moments, safe_ratio, safe_sqrt, std_normal_cdf,
+                      std_normal_pdf)
 
 #: Gauss-Hermite nodes: exact for polynomials of degree 2 K - 1 times the Gaussian.
 HERMITE_POINTS = 16
@@ -239,15 +240,31 @@ def reduce_max(x: Gaussian, axes, keepdims=True) -> Gaussian:
 
     # each step a stage of its own (`gaussian.SHARED`): inlined, every step would repeat the last twice
     acc_mean, acc_var = te.compute(out_shape, first, name="reduce_max_0", attrs=SHARED)
-    def clark_step(acc_mean, acc_var, position):
-        def step(*idx):
+    def clark_step(k, acc_mean, acc_var, position):
+        """Its terms (spread, alpha, exponent, phi, Phi) each a stage of its own that both moments
+        read, as in `gaussian.maxpool2d`: inlined, TVM's lowering grows with each step (a
+        2x2x2 maximum compiled in 44 s instead of 4)."""
+
+        def stage(name, body):
+            return te.compute(out_shape, body, name=f"reduce_max_{name}_{k}", attrs=SHARED)
+
+        def element(idx):
             here = source(position, idx)
-            return clark_max_moments(acc_mean[idx], acc_var[idx], x.mean[here], x.var_at(here))
+            return x.mean[here], x.var_at(here)
+
+        spread = stage("spread", lambda *idx: safe_sqrt(acc_var[idx] + element(idx)[1]))
+        alpha = stage("alpha", lambda *idx: safe_ratio(acc_mean[idx] - element(idx)[0], spread[idx]))
+        exponent = stage("exponent", lambda *idx: pdf_exponent(alpha[idx]))
+        pdf = stage("pdf", lambda *idx: std_normal_pdf(alpha[idx], exponent[idx]))
+        cdf = stage("cdf", lambda *idx: std_normal_cdf(alpha[idx], pdf[idx]))
+
+        def step(*idx):
+            return clark_max_moments(acc_mean[idx], acc_var[idx], *element(idx), (spread[idx], cdf[idx], pdf[idx]))
 
         return step
 
     for k, position in enumerate(positions[1:], 1):
-        acc_mean, acc_var = te.compute(out_shape, clark_step(acc_mean, acc_var, position), name=f"reduce_max_{k}",
+        acc_mean, acc_var = te.compute(out_shape, clark_step(k, acc_mean, acc_var, position), name=f"reduce_max_{k}",
                                        attrs=SHARED)
     return Gaussian(acc_mean, acc_var, Moment.VAR)
 
@@ -310,3 +327,549 @@ def smooth(a: Gaussian, function, name: str) -> Gaussian:
     """Y = f(X) for a smooth activation ``function`` (a TIR expression of x: `silu`, `gelu`,
     `gelu_tanh`, `softplus`, `elu`); moments ``gauss_hermite_moments``; native output: variance."""
     return _unary(a, lambda m, v: gauss_hermite_moments(function, m, v), function, name, Moment.VAR)
+
+
+# ---------------------------------------------------------------------------------------------
+# data movement and interpolation: linear maps with fixed coefficients, exact
+# ---------------------------------------------------------------------------------------------
+
+
+def gather(x: Gaussian, out_shape, source, name: str) -> Gaussian:
+    """Y[i] = X[source(i)] (Slice, Split, Tile, Expand, edge/reflect Pad, nearest Resize): every
+    output element is a copy of one input element, so its mean and moment are that element's, in
+    the input's representation. Exact. ``source(idx)`` -> the input index (TIR expressions)."""
+    mean = te.compute(out_shape, lambda *idx: x.mean[source(idx)], name=f"{name}_mean")
+    if x.repr == Moment.NONE:
+        return Gaussian(mean, None, Moment.NONE)
+    moment = te.compute(out_shape, lambda *idx: x.moment[source(idx)], name=f"{name}_moment")
+    return Gaussian(mean, moment, x.repr)
+
+
+def slice_(x: Gaussian, starts, steps, out_shape) -> Gaussian:
+    """Y[i] = X[start + i * step] per axis (Slice, each output of Split): a copy (``gather``)."""
+    return gather(x, out_shape, lambda idx: tuple(start + i * step for i, start, step in zip(idx, starts, steps)), "slice")
+
+
+def tile(x: Gaussian, repeats) -> Gaussian:
+    """Y[i] = X[i mod n] per axis (Tile): a copy (``gather``). The repeated elements are copies
+    of one random variable (perfectly correlated), which the element-wise moments do not record."""
+    shape = x.shape
+    out_shape = [size * int(r) for size, r in zip(shape, repeats)]
+    return gather(x, out_shape, lambda idx: tuple(tirx.floormod(i, size) for i, size in zip(idx, shape)), "tile")
+
+
+def broadcast(x: Gaussian, out_shape) -> Gaussian:
+    """Y = X broadcast to ``out_shape`` (Expand, NumPy rules): a copy (``gather``)."""
+    shape = x.shape
+    offset = len(out_shape) - len(shape)
+
+    def source(idx):
+        return tuple(0 if size == 1 else idx[offset + axis] for axis, size in enumerate(shape))
+
+    return gather(x, list(out_shape), source, "broadcast")
+
+
+def border_pad(x: Gaussian, width, mode: str) -> Gaussian:
+    """Y = X padded by ``width`` = [before_0, after_0, ...] with ``mode`` "edge" (a padded
+    position copies the nearest border element: j = clamp(i - before, 0, n - 1)) or "reflect"
+    (mirrored without repeating the border: j = n - 1 - |n - 1 - |i - before||, for pads < n).
+    Each output element is a copy of one input element (``gather``). Exact."""
+    shape = x.shape
+    out_shape = [size + width[2 * axis] + width[2 * axis + 1] for axis, size in enumerate(shape)]
+
+    def index(i, before, size):
+        j = i - before
+        if mode == "edge":
+            return tirx.min(tirx.max(j, 0), size - 1)
+        return (size - 1) - tirx.abs((size - 1) - tirx.abs(j))
+
+    return gather(x, out_shape, lambda idx: tuple(index(i, width[2 * a], size) for a, (i, size) in enumerate(zip(idx, shape))),
+                  f"{mode}_pad")
+
+
+def _source_coordinate(out_index, in_size, out_size, mode):
+    """ONNX Resize's input coordinate (float32) of output position ``out_index`` along one axis,
+    scale = out_size / in_size, as an integer numerator over an integer denominator: one correctly
+    rounded division (a ratio like 1/3 as a float constant would be rounded, and printed in the C
+    with 7 digits, and floor(3 * 0.3333333) = 0 picks the wrong neighbour)."""
+
+    def ratio(numerator, denominator):
+        return numerator.astype("float32") / f32(float(denominator))
+
+    if mode == "half_pixel" or (mode == "pytorch_half_pixel" and out_size > 1):  # (i + 1/2) in / out - 1/2
+        return ratio((2 * out_index + 1) * in_size - out_size, 2 * out_size)
+    if mode == "pytorch_half_pixel":
+        return f32(0.0)
+    if mode == "asymmetric":
+        return ratio(out_index * in_size, out_size)
+    if mode == "align_corners":
+        return ratio(out_index * (in_size - 1), out_size - 1) if out_size > 1 else f32(0.0)
+    raise ValueError(f"Resize: coordinate transformation {mode}")
+
+
+def _nearest_index(coordinate, in_size, rounding):
+    if rounding == "floor":
+        index = tirx.floor(coordinate)
+    elif rounding == "ceil":
+        index = tirx.ceil(coordinate)
+    elif rounding == "round_prefer_ceil":
+        index = tirx.floor(coordinate + f32(0.5))
+    else:  # round_prefer_floor: a half goes down
+        index = tirx.ceil(coordinate - f32(0.5))
+    return tirx.min(tirx.max(index.astype("int32"), 0), in_size - 1)
+
+
+def resize2d(x: Gaussian, out_hw, method: str, mode: str, rounding: str) -> Gaussian:
+    """Y = Resize(X) over the last two axes (NCHW; Resize, Upsample), scale = out / in per axis,
+    input coordinate c(i) by ONNX's ``coordinate_transformation_mode``:
+
+    nearest: Y[i, j] = X[r(c(i)), r(c(j))] (r: ONNX's rounding, clamped to the input), a copy;
+    linear:  c clamped to [0, n - 1], i0 = floor(c), i1 = min(i0 + 1, n - 1), l = c - i0,
+             Y = sum_{a, b} u_a w_b X[i_a, j_b] with u = (1 - l, l) (rows) and w (columns):
+             mean sum u_a w_b m, var sum (u_a w_b)^2 v (independent inputs; exact).
+
+    Native output: variance (both methods)."""
+    batch, chans, height, width = x.shape
+    out_h, out_w = out_hw
+    out_shape = [batch, chans, out_h, out_w]
+    if method == "nearest":
+        def source(idx):
+            row = _nearest_index(_source_coordinate(idx[2], height, out_h, mode), height, rounding)
+            col = _nearest_index(_source_coordinate(idx[3], width, out_w, mode), width, rounding)
+            return (idx[0], idx[1], row, col)
+
+        mean = te.compute(out_shape, lambda *idx: x.mean[source(idx)], name="resize_nearest_mean")
+        if x.repr == Moment.NONE:
+            return Gaussian(mean, None, Moment.NONE)
+        var = te.compute(out_shape, lambda *idx: x.var_at(source(idx)), name="resize_nearest_var")
+        return Gaussian(mean, var, Moment.VAR)
+
+    def taps(out_index, in_size, out_size):
+        coordinate = tirx.min(tirx.max(_source_coordinate(out_index, in_size, out_size, mode), f32(0.0)), f32(in_size - 1))
+        low = tirx.floor(coordinate)
+        frac = coordinate - low
+        low = low.astype("int32")
+        return ((low, f32(1.0) - frac), (tirx.min(low + 1, in_size - 1), frac))
+
+    def combine(value_of, squared):
+        def body(n, c, y, xx):
+            total = f32(0.0)
+            for row, row_weight in taps(y, height, out_h):
+                for col, col_weight in taps(xx, width, out_w):
+                    weight = row_weight * col_weight
+                    total = total + (weight * weight if squared else weight) * value_of((n, c, row, col))
+            return total
+
+        return body
+
+    mean = te.compute(out_shape, combine(lambda idx: x.mean[idx], False), name="resize_linear_mean")
+    if x.repr == Moment.NONE:
+        return Gaussian(mean, None, Moment.NONE)
+    var = te.compute(out_shape, combine(x.var_at, True), name="resize_linear_var")
+    return Gaussian(mean, var, Moment.VAR)
+
+
+def conv_transpose2d(x: Gaussian, w: Gaussian, strides, pads, dilations, output_padding, groups) -> Gaussian:
+    """Y = ConvTranspose(X, W), NCHW x IOHW ([in channels, out channels / groups, kh, kw]),
+    grouped: each input element scatters into the output,
+
+        Y[n, o, h s - p_top + i d, w s - p_left + j d] += X[n, c, h, w] W[c, o mod O_g, i, j]
+
+    so an output gathers the input positions h = (y + p_top - i d) / s that are integers inside
+    the input. A linear map of independent Gaussian inputs and weights, as a conv: mean sum m_x
+    m_w, variance sum Var(x w) (``product_moments``). Exact. Native output: variance."""
+    batch, in_ch, height, width = x.shape
+    _, out_per_group, kernel_h, kernel_w = w.shape
+    in_per_group = in_ch // groups
+    pad_top, pad_left, pad_bottom, pad_right = pads
+    out_h = (height - 1) * strides[0] - pad_top - pad_bottom + dilations[0] * (kernel_h - 1) + output_padding[0] + 1
+    out_w = (width - 1) * strides[1] - pad_left - pad_right + dilations[1] * (kernel_w - 1) + output_padding[1] + 1
+    c = te.reduce_axis((0, in_per_group), name="c")
+    i = te.reduce_axis((0, kernel_h), name="i")
+    j = te.reduce_axis((0, kernel_w), name="j")
+
+    def terms(n, o, y, xx):
+        row, col = y + pad_top - i * dilations[0], xx + pad_left - j * dilations[1]
+        source_row, source_col = tirx.floordiv(row, strides[0]), tirx.floordiv(col, strides[1])
+        inside = tirx.all(row >= 0, tirx.floormod(row, strides[0]) == 0, source_row < height,
+                          col >= 0, tirx.floormod(col, strides[1]) == 0, source_col < width)
+        channel = (o // out_per_group) * in_per_group + c
+        ix, iw = (n, channel, source_row, source_col), (channel, tirx.floormod(o, out_per_group), i, j)
+        x_mean = tirx.if_then_else(inside, x.mean[ix], f32(0.0))
+        x_moment = None if x.repr == Moment.NONE else tirx.if_then_else(inside, x.moment[ix], f32(0.0))
+        return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr)
+
+    return _reduce_products([batch, out_per_group * groups, out_h, out_w], terms, [c, i, j], "conv_transpose")
+
+
+# ---------------------------------------------------------------------------------------------
+# powers
+# ---------------------------------------------------------------------------------------------
+
+#: Largest integer exponent computed exactly (its moments are polynomials of degree 2 p).
+MAX_INTEGER_POWER = 6
+
+
+def _double_factorial(k):
+    return math.prod(range(k - 1, 0, -2)) if k > 0 else 1
+
+
+def _normal_moment(k):
+    """E[z^k], z ~ N(0, 1): (k - 1)!! for even k, 0 for odd."""
+    return 0 if k % 2 else _double_factorial(k)
+
+
+def integer_power_moments(mean, var, power):
+    """Moments of y = x^p for an integer 0 <= p <= `MAX_INTEGER_POWER`, exact: with x = M + s z,
+    x^p = sum_j C(p, j) M^(p-j) s^j z^j, so
+
+    E[y]   = sum_{j even} C(p, j) (j - 1)!! M^(p-j) V^(j/2)
+    Var[y] = sum_{t >= 1} V^t M^(2p-2t) sum_{j+k=2t, j,k>=1} C(p,j) C(p,k) (E[z^(j+k)] - E[z^j] E[z^k])
+
+    (each variance term carries V^t, t >= 1: no cancellation for a small V; p = 2 gives
+    Var = 4 M^2 V + 2 V^2). Returns (E[y], Var[y])."""
+    first = f32(0.0)
+    for j in range(0, power + 1, 2):
+        term = f32(float(math.comb(power, j) * _normal_moment(j)))
+        for _ in range(power - j):
+            term = term * mean
+        for _ in range(j // 2):
+            term = term * var
+        first = first + term
+    second = f32(0.0)
+    for t in range(1, power + 1):
+        coefficient = sum(math.comb(power, j) * math.comb(power, 2 * t - j) * (_normal_moment(2 * t) - _normal_moment(j) * _normal_moment(2 * t - j))
+                          for j in range(max(1, 2 * t - power), min(power, 2 * t - 1) + 1))
+        if coefficient == 0:
+            continue
+        term = f32(float(coefficient))
+        for _ in range(t):
+            term = term * var
+        for _ in range(2 * power - 2 * t):
+            term = term * mean
+        second = second + term
+    return first, second
+
+
+def power(a: Gaussian, exponent: float) -> Gaussian:
+    """Y = X^p for a constant p >= 0 (Pow with a constant exponent; Sqrt is p = 1/2): an integer
+    p up to `MAX_INTEGER_POWER` exactly (``integer_power_moments``); any other p as
+    f(x) = max(x, 0)^p by Gauss-Hermite quadrature (``gauss_hermite_moments``), a stated
+    approximation that assumes a negligible probability of x < 0 (where ONNX's result is NaN):
+    its error against Monte Carlo is in the README's operator table. Native output: variance."""
+    if float(exponent).is_integer() and 0 <= exponent <= MAX_INTEGER_POWER:
+        count = int(exponent)
+
+        def plain(mean):
+            value = f32(1.0)
+            for _ in range(count):
+                value = value * mean
+            return value
+
+        return _unary(a, lambda m, v: integer_power_moments(m, v, count), plain, "power", Moment.VAR)
+
+    def function(x):
+        return tirx.pow(tirx.max(x, f32(0.0)), f32(exponent)) if exponent != 0.5 else tirx.sqrt(tirx.max(x, f32(0.0)))
+
+    return smooth(a, function, "sqrt" if exponent == 0.5 else "power")
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisations over random inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalize(x: Gaussian, gamma: Gaussian, beta: Gaussian, stats_shape, extents, source, stat_of, affine_of, epsilon, name):
+    """The normalisation of ``layer_norm``/``group_norm`` (formula there): ``extents`` the sizes
+    of the normalised positions of one statistic, ``source(stat_idx, positions)`` the input index
+    of one, ``stat_of(idx)`` the statistic of output ``idx``, ``affine_of(idx)`` its gamma/beta
+    index. One pass over each group's elements accumulates, with the means shifted by the group's
+    first mean K (s = m - K: sums of squared deviations from differences of sums stay free of
+    float32 cancellation when the means are close to each other), sum s, sum s^2, sum v,
+    sum s v and sum s^2 v; the deviations c = m - mbar = s - sbar then give sum c^2,
+    sum c v = sum s v - sbar sum v and sum c^2 v = sum s^2 v - 2 sbar sum s v + sbar^2 sum v."""
+    count = float(np.prod(extents))
+    sums5 = te.comm_reducer(lambda acc, new: tuple(a + b for a, b in zip(acc, new)),
+                            lambda *dtypes: tuple(tirx.const(0, d) for d in dtypes), name="sum5")
+
+    def sums(*idx):
+        positions = [te.reduce_axis((0, extent), name=f"r{k}") for k, extent in enumerate(extents)]
+        at = source(idx, positions)
+        shifted = x.mean[at] - x.mean[source(idx, [0] * len(extents))]
+        var = x.var_at(at) if x.repr != Moment.NONE else f32(0.0)
+        return sums5((shifted, shifted * shifted, var, shifted * var, shifted * shifted * var), axis=positions)
+
+    s_sum, s2_sum, v_sum, sv_sum, s2v_sum = te.compute(stats_shape, sums, name=f"{name}_sums")
+    n = f32(count)
+
+    def moments(*idx):
+        stat = stat_of(idx)
+        shift = s_sum[stat] / n
+        spread = tirx.max(s2_sum[stat] - s_sum[stat] * shift, f32(0.0)) / n
+        inverse_sq = f32(1.0) / (spread + f32(1.0 - 1.0 / count) * v_sum[stat] / n + f32(epsilon))  # 1 / d^2
+        inverse = tirx.sqrt(inverse_sq)
+        deviation = x.mean[idx] - x.mean[source(stat, [0] * len(extents))] - shift  # c_i
+        centered_mean = deviation * inverse
+        if x.repr == Moment.NONE:
+            centered_var = f32(0.0)
+        else:
+            var = x.var_at(idx)
+            cv_sum = sv_sum[stat] - shift * v_sum[stat]
+            c2v_sum = tirx.max(s2v_sum[stat] - f32(2.0) * shift * sv_sum[stat] + shift * shift * v_sum[stat], f32(0.0))
+            centered_var = tirx.max(
+                inverse_sq * (var * f32(1.0 - 2.0 / count) + v_sum[stat] / f32(count * count))
+                - f32(2.0 / count) * deviation * inverse_sq * inverse_sq * (deviation * var - cv_sum / n)
+                + deviation * deviation * inverse_sq * inverse_sq * inverse_sq * c2v_sum / f32(count * count), f32(0.0))
+        affine = affine_of(idx)
+        centered_repr = Moment.NONE if x.repr == Moment.NONE else Moment.VAR
+        mean, var = product_moments(centered_mean, centered_var, centered_repr, gamma.mean[affine], gamma.moment_at(affine), gamma.repr)
+        return mean + beta.mean[affine], (f32(0.0) if var is None else var) + beta.var_at(affine)
+
+    if all(g.repr == Moment.NONE for g in (x, gamma, beta)):
+        return Gaussian(te.compute(x.shape, lambda *idx: moments(*idx)[0], name=f"{name}_mean"), None, Moment.NONE)
+    mean, var = te.compute(x.shape, moments, name=name)
+    return Gaussian(mean, var, Moment.VAR)
+
+
+def layer_norm(x: Gaussian, gamma: Gaussian, beta: Gaussian, axes, epsilon: float) -> Gaussian:
+    """Y = (X - mean(X)) / sqrt(var(X) + eps) gamma + beta over the trailing ``axes``
+    (LayerNormalization), for independent Gaussian x_i (m_i, v_i), i = 1..N of one statistic.
+    A stated approximation (exact for a zero variance):
+
+    - the normaliser's square is replaced by its expectation,
+          d^2 = E[(1/N) sum_i (x_i - xbar)^2] + eps = (1/N) sum_i c_i^2 + (1 - 1/N) vbar + eps,
+      c_i = m_i - mbar, and the mean of u_i = (x_i - xbar) / d by its value at the means: c_i / d;
+    - the variance of u_i to first order (delta method) in x around the means, with d at the
+      value above: du_i/dx_j = (delta_ij - 1/N) / d - c_i c_j / (N d^3), so
+          Var[u_i] = sum_j (du_i/dx_j)^2 v_j
+                   = [(1 - 2/N) v_i + sum v / N^2] / d^2 - 2 c_i (c_i v_i - sum_j c_j v_j / N) / (N d^4)
+                     + c_i^2 sum_j c_j^2 v_j / (N^2 d^6)
+      (the last two terms: the normaliser moves with x_i, which bounds an outlier's output);
+    - y = u gamma + beta with independent gamma, beta (``product_moments``).
+
+    Measured against Monte Carlo in tests/test_new_ops.py (README's operator table). Native
+    output: variance."""
+    shape = x.shape
+    axes = sorted(axis % len(shape) for axis in axes)
+    stats_shape = [1 if axis in axes else shape[axis] for axis in range(len(shape))]
+    affine_rank = len(gamma.shape)
+
+    def source(stat, positions):
+        chosen = dict(zip(axes, positions))
+        return tuple(chosen[axis] if axis in chosen else stat[axis] for axis in range(len(shape)))
+
+    def stat_of(idx):
+        return tuple(0 if axis in axes else idx[axis] for axis in range(len(shape)))
+
+    def affine_of(idx):
+        return tuple(0 if size == 1 else idx[len(shape) - affine_rank + k] for k, size in enumerate(gamma.shape))
+
+    return _normalize(x, gamma, beta, stats_shape, [shape[axis] for axis in axes], source, stat_of, affine_of, epsilon, "layer_norm")
+
+
+def group_norm(x: Gaussian, gamma: Gaussian, beta: Gaussian, groups: int, epsilon: float) -> Gaussian:
+    """Y = the normalisation of ``layer_norm`` (same stated approximation) over each group of
+    C / ``groups`` channels and all positions of an NC... tensor, gamma and beta per channel
+    (GroupNormalization; InstanceNormalization is groups = C). Native output: variance."""
+    shape = x.shape
+    channels = shape[1]
+    per_group = channels // groups
+    extents = [per_group] + shape[2:]
+
+    def source(stat, positions):
+        return (stat[0], stat[1] * per_group + positions[0], *positions[1:])
+
+    def stat_of(idx):
+        return (idx[0], idx[1] // per_group)
+
+    def affine_of(idx):
+        return (0,) if gamma.shape[0] == 1 else (idx[1],)
+
+    return _normalize(x, gamma, beta, [shape[0], groups], extents, source, stat_of, affine_of, epsilon, "group_norm")
+
+
+def lrn(a: Gaussian, size: float, alpha: float, beta: float, bias: float) -> Gaussian:
+    """Y_c = X_c / B_c^beta, B_c = bias + alpha / size sum_{j in window(c)} x_j^2 over the
+    channels c - floor((size - 1)/2) .. c + ceil((size - 1)/2) of an NC... tensor (LRN). A stated
+    approximation (exact for a zero variance): B at the expected squares,
+    B_c = bias + alpha / size sum_j (m_j^2 + v_j), the mean at the means, m_c / B_c^beta, and the
+    variance to first order (delta method) around the means, k = 2 beta (alpha / size) / B^(beta+1):
+
+        Var[y_c] = (B^-beta - k m_c^2)^2 v_c + k^2 m_c^2 sum_{j in window, j != c} m_j^2 v_j
+
+    Measured against Monte Carlo (README's operator table). Native output: variance."""
+    size = int(size)
+    shape = a.shape
+    low = (size - 1) // 2
+
+    def window_sums(*idx):
+        window = te.reduce_axis((0, size), name="window")
+        channel = idx[1] - low + window
+        inside = tirx.all(channel >= 0, channel < shape[1])
+        at = (idx[0], channel, *idx[2:])
+        square = a.mean[at] * a.mean[at]
+        var = a.var_at(at) if a.repr != Moment.NONE else f32(0.0)
+        return _pair_sum()((tirx.if_then_else(inside, square + var, f32(0.0)), tirx.if_then_else(inside, square * var, f32(0.0))),
+                           axis=[window])
+
+    squares, weighted = te.compute(shape, window_sums, name="lrn_sums")
+
+    def moments(*idx):
+        base = f32(bias) + f32(alpha / size) * squares[idx]
+        inverse = f32(1.0) / tirx.pow(base, f32(beta))  # B^-beta
+        mean = a.mean[idx]
+        if a.repr == Moment.NONE:
+            return mean * inverse, f32(0.0)
+        var = a.var_at(idx)
+        slope = f32(2.0 * beta * alpha / size) * inverse / base  # k
+        own = inverse - slope * mean * mean
+        others = tirx.max(weighted[idx] - mean * mean * var, f32(0.0))
+        return mean * inverse, own * own * var + slope * slope * mean * mean * others
+
+    if a.repr == Moment.NONE:
+        return Gaussian(te.compute(shape, lambda *idx: moments(*idx)[0], name="lrn_mean"), None, Moment.NONE)
+    mean, var = te.compute(shape, moments, name="lrn")
+    return Gaussian(mean, var, Moment.VAR)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3-D convolution and pooling (NCDHW): the 2-D formulas with one more spatial axis
+# ---------------------------------------------------------------------------------------------
+
+
+def _pool_size(size, kernel, stride, dilation, pad_begin, pad_end, ceil_mode):
+    """ONNX's output length of a window along one axis; with ceil_mode a window that would start
+    in the end padding is dropped."""
+    span = size + pad_begin + pad_end - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    return out - 1 if ceil_mode and (out - 1) * stride >= size + pad_begin else out
+
+
+def _window_source(position, taps, strides, dilations, begins, sizes):
+    """(input coordinates, inside) of window element ``taps`` of output ``position``."""
+    coords = [p * s + t * d - b for p, t, s, d, b in zip(position, taps, strides, dilations, begins)]
+    return coords, tirx.all(*[tirx.all(c >= 0, c < size) for c, size in zip(coords, sizes)])
+
+
+def conv3d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups) -> Gaussian:
+    """Y = conv3d(X, W), NCDHW x OIDHW, zero padding (deterministic zeros), grouped: as
+    `gaussian.conv2d` with one more spatial axis, mean sum m_x m_w, variance sum Var(x w)
+    (``product_moments``) over the fan-in. Exact. Native output: variance."""
+    batch, in_ch, *sizes = x.shape
+    out_ch, group_ch, *kernel = w.shape
+    begins, ends = pads[:3], pads[3:]
+    outs = [_pool_size(size, k, s, d, b, e, False) for size, k, s, d, b, e in zip(sizes, kernel, strides, dilations, begins, ends)]
+    out_per_group = out_ch // groups
+    c = te.reduce_axis((0, group_ch), name="c")
+    taps = [te.reduce_axis((0, k), name=f"k{axis}") for axis, k in enumerate(kernel)]
+
+    def terms(n, o, *position):
+        coords, inside = _window_source(position, taps, strides, dilations, begins, sizes)
+        ix, iw = (n, (o // out_per_group) * group_ch + c, *coords), (o, c, *taps)
+        x_mean = tirx.if_then_else(inside, x.mean[ix], f32(0.0))
+        x_moment = None if x.repr == Moment.NONE else tirx.if_then_else(inside, x.moment[ix], f32(0.0))
+        return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr)
+
+    return _reduce_products([batch, out_ch, *outs], terms, [c, *taps], "conv3d")
+
+
+def avgpool3d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, count_include_pad=False) -> Gaussian:
+    """Y = average of X (NCDHW) over each window of n counted elements: mean sum(m) / n,
+    variance sum(v) / n^2 (independent inputs), n as in `gaussian.avgpool2d`. Exact. Native
+    output: variance."""
+    from .gaussian import _window_count
+
+    batch, chans, *sizes = x.shape
+    begins, ends = pads[:3], pads[3:]
+    outs = [_pool_size(*args, ceil_mode) for args in zip(sizes, kernel, strides, dilations, begins, ends)]
+    taps = [te.reduce_axis((0, k), name=f"k{axis}") for axis, k in enumerate(kernel)]
+
+    def count(n, c, *position):
+        total = 1
+        for p, k, s, d, b, e, size in zip(position, kernel, strides, dilations, begins, ends, sizes):
+            low, high = (-b, size + e) if count_include_pad else (0, size)
+            total = total * _window_count(p * s - b, k, d, low, high)
+        return total.astype("float32")
+
+    def terms(n, c, *position):
+        coords, inside = _window_source(position, taps, strides, dilations, begins, sizes)
+        mean = tirx.if_then_else(inside, x.mean[(n, c, *coords)], f32(0.0))
+        var = None if x.repr == Moment.NONE else tirx.if_then_else(inside, x.var_at((n, c, *coords)), f32(0.0))
+        return mean, var
+
+    total = _reduce_products([batch, chans, *outs], terms, taps, "avgpool3d_sum")
+    return _divide_by_count(total, count, "avgpool3d")
+
+
+def maxpool3d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) -> Gaussian:
+    """Y = max over each window of X (NCDHW): Clark's max applied pairwise in row-major window
+    order, padded positions skipped (ONNX pads MaxPool with -inf), as `gaussian.maxpool2d`.
+    Native output: variance. A deterministic input gives the plain max."""
+    batch, chans, *sizes = x.shape
+    begins, ends = pads[:3], pads[3:]
+    outs = [_pool_size(*args, ceil_mode) for args in zip(sizes, kernel, strides, dilations, begins, ends)]
+    out_shape = [batch, chans, *outs]
+
+    def reaches(offset, axis):
+        return any(0 <= p * strides[axis] + offset * dilations[axis] - begins[axis] < sizes[axis] for p in range(outs[axis]))
+
+    # window elements that are padding for every output are no step at all
+    positions = [p for p in np.ndindex(*kernel) if all(reaches(offset, axis) for axis, offset in enumerate(p))]
+    # whether every window element lies inside the input for every output (no padding reached)
+    always_inside = all(0 <= t * d - b and (o - 1) * s + t * d - b < size
+                        for p in positions for t, s, d, b, o, size in zip(p, strides, dilations, begins, outs, sizes))
+
+    def at(taps, n, c, *position):
+        coords, inside = _window_source(position, taps, strides, dilations, begins, sizes)
+        if always_inside:
+            return inside, x.mean[(n, c, *coords)], f32(0.0) if x.repr == Moment.NONE else x.var_at((n, c, *coords))
+        mean = tirx.if_then_else(inside, x.mean[(n, c, *coords)], f32(0.0))
+        var = f32(0.0) if x.repr == Moment.NONE else tirx.if_then_else(inside, x.var_at((n, c, *coords)), f32(0.0))
+        return inside, mean, var
+
+    if x.repr == Moment.NONE:
+        taps = [te.reduce_axis((0, k), name=f"k{axis}") for axis, k in enumerate(kernel)]
+
+        def plain(n, c, *position):
+            coords, inside = _window_source(position, taps, strides, dilations, begins, sizes)
+            return te.max(tirx.if_then_else(inside, x.mean[(n, c, *coords)], tirx.min_value("float32")), axis=taps)
+
+        return Gaussian(te.compute(out_shape, plain, name="maxpool3d_mean"), None, Moment.NONE)
+
+    def first(*idx):
+        _, mean, var = at(positions[0], *idx)
+        return mean, var
+
+    def clark_step(k, acc_mean, acc_var):
+        """max(accumulated, window element k): its terms (spread, alpha, exponent, phi, Phi) each a
+        stage of its own that both moments read, as in `gaussian.maxpool2d` (inlined, the two
+        moments would repeat them and TVM's lowering grows with each step)."""
+
+        def stage(name, body):
+            return te.compute(out_shape, body, name=f"maxpool3d_{name}_{k}", attrs=SHARED)
+
+        spread = stage("spread", lambda *idx: safe_sqrt(acc_var[idx] + at(positions[k], *idx)[2]))
+        alpha = stage("alpha", lambda *idx: safe_ratio(acc_mean[idx] - at(positions[k], *idx)[1], spread[idx]))
+        exponent = stage("exponent", lambda *idx: pdf_exponent(alpha[idx]))
+        pdf = stage("pdf", lambda *idx: std_normal_pdf(alpha[idx], exponent[idx]))
+        cdf = stage("cdf", lambda *idx: std_normal_cdf(alpha[idx], pdf[idx]))
+
+        def step(*idx):
+            inside, mean, var = at(positions[k], *idx)
+            max_mean, max_var = clark_max_moments(acc_mean[idx], acc_var[idx], mean, var, (spread[idx], cdf[idx], pdf[idx]))
+            if always_inside:
+                return max_mean, max_var
+            seen = tirx.any(*[at(p, *idx)[0] for p in positions[:k]]) if k > 1 else at(positions[0], *idx)[0]
+
+            def pick(acc_value, new_value, max_value):  # padding is skipped; the first valid element is taken as is
+                return tirx.Select(tirx.Not(inside), acc_value, tirx.Select(tirx.Not(seen), new_value, max_value))
+
+            return pick(acc_mean[idx], mean, max_mean), pick(acc_var[idx], var, max_var)
+
+        return step
+
+    # each step a stage of its own (`gaussian.SHARED`), as in `reduce_max`
+    acc_mean, acc_var = te.compute(out_shape, first, name="maxpool3d_0", attrs=SHARED)
+    for k in range(1, len(positions)):
+        acc_mean, acc_var = te.compute(out_shape, clark_step(k, acc_mean, acc_var), name=f"maxpool3d_{k}", attrs=SHARED)
+    return Gaussian(acc_mean, acc_var, Moment.VAR)

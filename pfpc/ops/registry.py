@@ -71,10 +71,54 @@ def _concat_attrs(call):
     return {"axis": int(call.attrs.axis) % _rank(call.args[0].fields[0]), "count": len(call.args[0].fields)}
 
 
+#: ONNX Pad modes and their Relax names: constant fill, or copies of border elements.
+PAD_MODES = ("constant", "edge", "reflect")
+
+
 def _pad_attrs(call):
-    if str(call.attrs.pad_mode) != "constant":
+    mode = str(call.attrs.pad_mode)
+    if mode not in PAD_MODES:
         return None
-    return {"width": _ints(call.attrs.pad_width), "value": float(call.attrs.pad_value)}
+    return {"width": _ints(call.attrs.pad_width), "value": float(call.attrs.pad_value), "mode": mode}
+
+
+def _pad(inputs, attrs):
+    mode = attrs.get("mode", "constant")
+    if mode == "constant":
+        return G.pad(inputs[0], attrs["width"], attrs["value"])
+    return E.border_pad(inputs[0], attrs["width"], mode)
+
+
+def _prim_ints(values):
+    """The integers of a Relax tuple of ``R.prim_value`` (strided_slice's axes, begins, ...)."""
+    return [int(field.value) for field in values.fields]
+
+
+def _slice_attrs(call):
+    """Per axis the first source index and the step (Python slicing = ONNX Slice's clamping)."""
+    shape = [int(d) for d in call.args[0].ty.shape]
+    axes, begins, ends = (_prim_ints(arg) for arg in call.args[1:4])
+    steps = _prim_ints(call.args[4]) if len(call.args) > 4 else [1] * len(axes)
+    starts, strides, out_shape = [0] * len(shape), [1] * len(shape), list(shape)
+    for axis, begin, end, step in zip(axes, begins, ends, steps):
+        axis %= len(shape)
+        picked = range(shape[axis])[slice(begin, end, step)]
+        starts[axis], strides[axis], out_shape[axis] = picked.start, picked.step, len(picked)
+    return {"starts": starts, "steps": strides, "shape": out_shape}
+
+
+#: Relax's names of ONNX Resize's methods pfpc computes -> the formula's.
+RESIZE_METHODS = {"nearest_neighbor": "nearest", "linear": "linear"}
+RESIZE_COORDINATES = ("half_pixel", "pytorch_half_pixel", "asymmetric", "align_corners")
+
+
+def _resize_attrs(call):
+    attrs = call.attrs
+    method = RESIZE_METHODS.get(str(attrs.method))
+    if method is None or attrs.layout != "NCHW" or str(attrs.coordinate_transformation_mode) not in RESIZE_COORDINATES:
+        return None
+    return {"size": [int(v) for v in call.args[1].values], "method": method,
+            "mode": str(attrs.coordinate_transformation_mode), "rounding": str(attrs.rounding_method)}
 
 
 def _reduce_attrs(call):
@@ -122,20 +166,99 @@ def _conv_attrs(call):
 
 
 # --- ONNX attribute rules: (node, attributes, input rank or None) -> why it is refused, or None ----
-def _spatial_1d_or_2d(node, attrs, rank):
-    return None if rank in (None, 3, 4) else f"{rank - 2}-D: only 1-D and 2-D are supported"
+def _spatial_1d_to_3d(node, attrs, rank):
+    return None if rank in (None, 3, 4, 5) else f"{rank - 2}-D: only 1-D, 2-D and 3-D are supported"
 
 
-def _constant_padding(node, attrs, rank):
-    mode = attrs.get("mode", b"constant")
-    return None if mode == b"constant" else f"mode {mode.decode()}: only constant padding is supported"
+def _padding_mode(node, attrs, rank):
+    mode = attrs.get("mode", b"constant").decode()
+    return None if mode in PAD_MODES else f"mode {mode}: only {', '.join(PAD_MODES)} padding is supported"
+
+
+def _resize_rule(node, attrs, rank):
+    mode = attrs.get("mode", b"nearest").decode()
+    if mode not in RESIZE_METHODS.values():
+        return f"mode {mode}: only {' and '.join(RESIZE_METHODS.values())} are supported"
+    coordinates = attrs.get("coordinate_transformation_mode", b"half_pixel").decode()
+    if node.op_type == "Resize" and coordinates not in RESIZE_COORDINATES:
+        return f"coordinate_transformation_mode {coordinates}: only {', '.join(RESIZE_COORDINATES)} are supported"
+    if attrs.get("antialias", 0):
+        return "antialias is not supported"
+    return None if rank in (None, 4) else f"a {rank}-D input: only 4-D (NCHW, resizing H and W) is supported"
 
 
 def _maxpool_rule(node, attrs, rank):
-    reason = _spatial_1d_or_2d(node, attrs, rank)
+    reason = _spatial_1d_to_3d(node, attrs, rank)
     if reason is None and len(node.output) > 1 and node.output[1]:
         return "the Indices output is not supported"
     return reason
+
+
+def _pool3d_attrs(call):
+    attrs = call.attrs
+    if attrs.layout != "NCDHW":
+        return None
+    return {"kernel": _ints(attrs.pool_size), "strides": _ints(attrs.strides), "pads": _ints(attrs.padding),
+            "dilations": _ints(attrs.dilation), "ceil_mode": bool(attrs.ceil_mode), "count_include_pad": bool(attrs.count_include_pad)}
+
+
+def _conv3d_attrs(call):
+    attrs = call.attrs
+    if attrs.data_layout != "NCDHW" or attrs.kernel_layout != "OIDHW":
+        return None
+    return {"strides": _ints(attrs.strides), "pads": _ints(attrs.padding), "dilations": _ints(attrs.dilation), "groups": int(attrs.groups)}
+
+
+def _conv_transpose_rule(node, attrs, rank):
+    if rank not in (None, 4):
+        return f"{rank - 2}-D: only 2-D is supported"
+    if "output_shape" in attrs:
+        return "output_shape is not supported (give pads and output_padding)"
+    return None
+
+
+def _conv_transpose_attrs(call):
+    attrs = call.attrs
+    if attrs.data_layout != "NCHW" or attrs.kernel_layout != "IOHW":
+        return None
+    return {"strides": _ints(attrs.strides), "pads": _ints(attrs.padding), "dilations": _ints(attrs.dilation),
+            "output_padding": _ints(attrs.output_padding), "groups": int(attrs.groups)}
+
+
+def _power_attrs(call):
+    """The constant exponent (Sqrt: 1/2); a Gaussian or negative exponent has no formula."""
+    if call.op.name == "relax.sqrt":
+        return {"exponent": 0.5}
+    from ..ir import scalar_value  # at call time: pfpc.ir imports the kernel builder, which imports this registry
+
+    value = scalar_value(call.args[1])
+    if value is None:
+        raise PfpcError("relax.power: the exponent must be a constant scalar (a Gaussian exponent has no formula here)")
+    if value < 0:
+        raise PfpcError(f"relax.power: exponent {value}: only non-negative exponents are supported (x^p, p < 0 has no moments)")
+    return {"exponent": value}
+
+
+def _layer_norm_attrs(call):
+    attrs = call.attrs
+    if not (attrs.center and attrs.scale):
+        return None
+    return {"axes": [int(a) % _rank(call.args[0]) for a in attrs.axes], "epsilon": float(attrs.epsilon)}
+
+
+def _group_norm_attrs(call):
+    attrs, rank = call.attrs, _rank(call.args[0])
+    if not (attrs.center and attrs.scale) or int(attrs.channel_axis) % rank != 1 or sorted(int(a) % rank for a in attrs.axes) != list(range(2, rank)):
+        return None
+    return {"groups": int(attrs.num_groups), "epsilon": float(attrs.epsilon)}
+
+
+def _normalization_rule(node, attrs, rank):
+    if any(node.output[1:]):
+        return "the Mean and InvStdDev outputs are not supported"
+    if node.op_type != "LayerNormalization" and rank is not None and rank < 3:
+        return f"a {rank}-D input: the normalised positions are the axes after the channels"
+    return None
 
 
 # --- cost: Gaussian evaluations per output element ---------------------------------------------------
@@ -177,7 +300,7 @@ OPERATORS = (
     # linear: the reduction's multiply-adds per MAC are `moments.FMA_PER_MAC` (by operand moments)
     Operator("matmul", onnx=("MatMul", "Gemm"), relax=("relax.matmul",), arity=2, fusion=Fusion.LINEAR, reference="matmul",
              build=lambda inputs, attrs: G.matmul(*inputs, count=attrs.get("draw_groups", 0))),
-    Operator("conv2d", onnx=("Conv",), onnx_rule=_spatial_1d_or_2d, relax=("relax.nn.conv2d",), relax_attrs=_conv_attrs,
+    Operator("conv2d", onnx=("Conv",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.conv2d",), relax_attrs=_conv_attrs,
              lowered_1d=("relax.nn.conv1d",), arity=2, fusion=Fusion.LINEAR, reference="conv2d",
              build=lambda inputs, attrs: G.conv2d(*inputs[:2], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"],
                                                   *inputs[2:], count=attrs.get("draw_groups", 0))),
@@ -212,9 +335,8 @@ OPERATORS = (
              libm_calls={"sqrt": 2, "tanh": 1}, reference="tanh", build=lambda inputs, attrs: G.tanh(inputs[0])),
     Operator("transpose", onnx=("Transpose",), relax=("relax.permute_dims",), relax_attrs=_transpose_attrs, native=None,
              build=lambda inputs, attrs: G.transpose(inputs[0], list(attrs["axes"]))),
-    Operator("pad", onnx=("Pad",), onnx_rule=_constant_padding, constant_inputs=(1, 2, 3), relax=("relax.nn.pad",),
-             relax_attrs=_pad_attrs, native=None, reference="pad",
-             build=lambda inputs, attrs: G.pad(inputs[0], attrs["width"], attrs["value"])),
+    Operator("pad", onnx=("Pad",), onnx_rule=_padding_mode, constant_inputs=(1, 2, 3), relax=("relax.nn.pad",),
+             relax_attrs=_pad_attrs, native=None, reference="pad", build=_pad),
     Operator("concat", onnx=("Concat",), relax=("relax.concat",), relax_attrs=_concat_attrs, reference="concat",
              build=lambda inputs, attrs: G.concat(inputs, attrs["axis"])),
     Operator("maxpool2d", onnx=("MaxPool",), onnx_rule=_maxpool_rule, relax=("relax.nn.max_pool2d",), relax_attrs=_maxpool_attrs,
@@ -222,7 +344,7 @@ OPERATORS = (
              libm_calls={"sqrt": 1}, reference="maxpool2d",
              build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs.get("ceil_mode", False))),
-    Operator("avgpool2d", onnx=("AveragePool",), onnx_rule=_spatial_1d_or_2d, relax=("relax.nn.avg_pool2d",), relax_attrs=_avgpool_attrs,
+    Operator("avgpool2d", onnx=("AveragePool",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.avg_pool2d",), relax_attrs=_avgpool_attrs,
              lowered_1d=("relax.nn.avg_pool1d",), reference="avgpool2d",
              build=lambda inputs, attrs: G.avgpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs["ceil_mode"], attrs["count_include_pad"])),
@@ -265,6 +387,52 @@ OPERATORS = (
     Operator("selu", onnx=("Selu",), marker_params=("alpha", "gamma"), gaussian_ops=_per_element("selu"),
              libm_calls={"sqrt": 1, "exp": 17}, reference="gauss_hermite",
              build=lambda inputs, attrs: E.smooth(inputs[0], E.elu(attrs["alpha"], attrs["gamma"]), "selu")),
+    # data movement and interpolation (exact linear maps); Slice of a tensor that is no activation
+    # is folded by the importer (the "shape" entry), of an activation becomes relax.strided_slice
+    Operator("slice", onnx=("Split",), constant_inputs=(1,), relax=("relax.strided_slice",), relax_attrs=_slice_attrs,
+             native=None, reference="slice_",
+             build=lambda inputs, attrs: E.slice_(inputs[0], attrs["starts"], attrs["steps"], attrs["shape"])),
+    Operator("tile", onnx=("Tile",), constant_inputs=(1,), relax=("relax.tile",),
+             relax_attrs=lambda call: {"repeats": _ints(call.attrs.repeats)}, native=None, reference="tile",
+             build=lambda inputs, attrs: E.tile(inputs[0], attrs["repeats"])),
+    Operator("broadcast", onnx=("Expand",), constant_inputs=(1,), relax=("relax.broadcast_to",),
+             relax_attrs=lambda call: {"shape": [int(v) for v in call.args[1].values]}, native=None, reference="expand",
+             build=lambda inputs, attrs: E.broadcast(inputs[0], attrs["shape"])),
+    Operator("resize2d", onnx=("Resize", "Upsample"), onnx_rule=_resize_rule, constant_inputs=(1, 2, 3),
+             relax=("relax.image.resize2d",), relax_attrs=_resize_attrs, reference="resize",
+             build=lambda inputs, attrs: E.resize2d(inputs[0], attrs["size"], attrs["method"], attrs["mode"], attrs["rounding"])),
+    # a linear map like conv2d, but a kernel of its own: the linear-layer passes (batch-norm folding,
+    # shared draws, the MAC count) read conv2d's OIHW layout
+    Operator("conv_transpose2d", onnx=("ConvTranspose",), onnx_rule=_conv_transpose_rule, relax=("relax.nn.conv2d_transpose",),
+             relax_attrs=_conv_transpose_attrs, arity=2, reference="conv_transpose2d",
+             build=lambda inputs, attrs: E.conv_transpose2d(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                            attrs["output_padding"], attrs["groups"])),
+    # x^p: exact for integer p (polynomial moments), else Gauss-Hermite quadrature of max(x, 0)^p (17 evaluations)
+    Operator("power", onnx=("Pow", "Sqrt"), constant_inputs=(1,), relax=("relax.power", "relax.sqrt"), relax_attrs=_power_attrs,
+             fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("power"), libm_calls={"sqrt": 1, "pow": 17}, reference="power",
+             build=lambda inputs, attrs: E.power(inputs[0], attrs["exponent"])),
+    # normalisations over random inputs (a stated approximation; `elementwise.layer_norm`)
+    Operator("layer_norm", onnx=("LayerNormalization",), onnx_rule=_normalization_rule, relax=("relax.nn.layer_norm",),
+             relax_attrs=_layer_norm_attrs, arity=3, libm_calls={"sqrt": 1}, reference="layer_norm",
+             build=lambda inputs, attrs: E.layer_norm(*inputs, attrs["axes"], attrs["epsilon"])),
+    # InstanceNormalization is groups = channels (the importer's converter)
+    Operator("group_norm", onnx=("GroupNormalization", "InstanceNormalization"), onnx_rule=_normalization_rule,
+             relax=("relax.nn.group_norm",), relax_attrs=_group_norm_attrs, arity=3, libm_calls={"sqrt": 1}, reference="group_norm",
+             build=lambda inputs, attrs: E.group_norm(*inputs, attrs["groups"], attrs["epsilon"])),
+    Operator("lrn", onnx=("LRN",), marker_params=("size", "alpha", "beta", "bias"), gaussian_ops=_per_element("lrn"),
+             libm_calls={"pow": 1}, reference="lrn",
+             build=lambda inputs, attrs: E.lrn(inputs[0], attrs["size"], attrs["alpha"], attrs["beta"], attrs["bias"])),
+    # 3-D (NCDHW) convolution and pooling: the ONNX Conv/MaxPool/AveragePool entries above accept
+    # them; kernels of their own (the linear-layer and pooling passes read the 2-D layouts)
+    Operator("conv3d", relax=("relax.nn.conv3d",), relax_attrs=_conv3d_attrs, arity=2, reference="conv3d",
+             build=lambda inputs, attrs: E.conv3d(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"])),
+    Operator("maxpool3d", relax=("relax.nn.max_pool3d",), relax_attrs=_pool3d_attrs, gaussian_ops=_clark_steps, libm_calls={"sqrt": 1},
+             reference="maxpool3d",
+             build=lambda inputs, attrs: E.maxpool3d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                     attrs["ceil_mode"])),
+    Operator("avgpool3d", relax=("relax.nn.avg_pool3d",), relax_attrs=_pool3d_attrs, reference="avgpool3d",
+             build=lambda inputs, attrs: E.avgpool3d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                     attrs["ceil_mode"], attrs["count_include_pad"])),
     # not Gaussian stages
     Operator("view", kind=Kind.VIEW, onnx=("Flatten", "Reshape", "Identity", "Dropout", "Squeeze", "Unsqueeze"),
              relax=("relax.reshape", "relax.flatten", "relax.expand_dims", "relax.squeeze"), reference="reshape"),

@@ -101,8 +101,9 @@ def linear_slots(model: onnx.ModelProto) -> dict:
 
     for node in model.graph.node:
         inputs = list(node.input) + [""] * 3
-        if node.op_type in ("Conv", "ConvTranspose"):
-            add(inputs[1], "weight", node, 0 if node.op_type == "Conv" else 1, False)
+        transposed_conv = node.op_type == "ConvTranspose"  # weight [in, out / groups, ...]: output channels on axis 1
+        if node.op_type == "Conv" or transposed_conv:
+            add(inputs[1], "weight", node, 1 if transposed_conv else 0, False)
             add(inputs[2], "bias", node, 0, False)
         elif node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)

@@ -1,0 +1,57 @@
+"""The architectures of tests/architectures.py that need the data-movement and interpolation
+operators: a ShuffleNetV2-style block stack (channel split = Slice of an activation, channel shuffle = 5-D
+Transpose) and a convolutional autoencoder (ConvTranspose, bilinear Resize). Each exported with
+the TorchScript exporter and compiled for the host: zero variance equals onnxruntime (rtol
+1e-4), the benchmarks' posterior (std 0.1 |mu| + 1e-3) the NumPy reference (1e-4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import architectures  # noqa: E402
+import pfpc.compiler as compiler  # noqa: E402
+import reference  # noqa: E402
+from helpers import assert_close  # noqa: E402
+
+NAMES = ("shufflenetv2_blocks", "conv_autoencoder")
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def exported(request):
+    model = architectures.build_onnx(request.param)
+    return request.param, model, architectures.sample_input(request.param, seed=3)
+
+
+def test_exports_use_the_operators(exported):
+    name, model, _ = exported
+    ops = {node.op_type for node in model.graph.node}
+    wanted = {"shufflenetv2_blocks": {"Slice", "Transpose"}, "conv_autoencoder": {"ConvTranspose", "Resize"}}[name]
+    assert wanted <= ops, ops
+
+
+def test_zero_variance_equals_onnxruntime(tmp_path, exported):
+    import onnxruntime as ort
+
+    name, model, x = exported
+    out = str(tmp_path / "out")
+    compiler.compile(model, None, out_dir=out)
+    (mean, var), = compiler.run_host(out, [x])
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(mean.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert np.all(var == 0)
+
+
+def test_posterior_matches_reference(tmp_path, exported):
+    name, model, x = exported
+    stds = architectures.posterior(model)
+    out = str(tmp_path / "out")
+    compiler.compile(model, stds, out_dir=out)
+    (mean, var), = compiler.run_host(out, [x])
+    variances = {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    (ref_mean, ref_var), = reference.pfp_onnx(model, variances, {"x": x}).values()
+    assert np.all(ref_var > 0)
+    assert_close(mean.reshape(ref_mean.shape), ref_mean, rtol=1e-4, what=f"{name} mean")
+    assert_close(var.reshape(ref_var.shape), ref_var, rtol=1e-4, what=f"{name} var")
