@@ -8,6 +8,7 @@ from tvm import relax
 
 from . import ir_state
 from .ops.gaussian import Moment
+from .ops.constants import constant_value, scalar_value  # noqa: F401  (re-exported for the passes)
 from .ops.kernel import KernelSpec, build_kernel
 
 
@@ -219,20 +220,3 @@ def used_vars(expr) -> set:
 
     relax.analysis.post_order_visit(expr, visit)
     return used
-
-
-def constant_value(expr):
-    """The NumPy value of a Relax constant, else None."""
-    for cls_name in ("Constant", "GenericConst"):
-        cls = getattr(tvm.ir, cls_name, None)
-        if cls is not None and isinstance(expr, cls):
-            value = getattr(expr, "value", None)
-            if value is None:
-                value = getattr(expr, "data", None)
-            return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
-    return None
-
-
-def scalar_value(expr):
-    value = constant_value(expr)
-    return None if value is None or value.size != 1 else float(value.reshape(-1)[0])

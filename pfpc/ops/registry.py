@@ -22,6 +22,7 @@ import tvm
 
 from ..errors import PfpcError
 from . import elementwise as E
+from .constants import scalar_value
 from . import gaussian as G
 from .gaussian import Moment
 
@@ -229,8 +230,6 @@ def _power_attrs(call):
     """The constant exponent (Sqrt: 1/2); a Gaussian or negative exponent has no formula."""
     if call.op.name == "relax.sqrt":
         return {"exponent": 0.5}
-    from ..ir import scalar_value  # at call time: pfpc.ir imports the kernel builder, which imports this registry
-
     value = scalar_value(call.args[1])
     if value is None:
         raise PfpcError("relax.power: the exponent must be a constant scalar (a Gaussian exponent has no formula here)")
