@@ -74,9 +74,9 @@ def build_timer(out_dir: str, build_dir: str, cflags: tuple = ()) -> str:
     os.makedirs(build_dir, exist_ok=True)
     ins = [f"in{i}" for i in range(len(meta["inputs"]))]
     outs = [f"out{i}" for i in range(len(meta["outputs"]))]
-    buffers = "\n".join([f"static float {v}[{upper}_INPUT{i}_SIZE];" for i, v in enumerate(ins)]
-                        + [f"static float {v}_mean[{upper}_OUTPUT{i}_SIZE], {v}_var[{upper}_OUTPUT{i}_SIZE];" for i, v in enumerate(outs)])
-    reads = " || ".join(f"fread({v}, sizeof(float), {upper}_INPUT{i}_SIZE, in) != {upper}_INPUT{i}_SIZE" for i, v in enumerate(ins))
+    buffers = "\n".join([f"static float {v}[{upper}_INPUT{i}_ELEMENTS];" for i, v in enumerate(ins)]
+                        + [f"static float {v}_mean[{upper}_OUTPUT{i}_ELEMENTS], {v}_var[{upper}_OUTPUT{i}_ELEMENTS];" for i, v in enumerate(outs)])
+    reads = " || ".join(f"fread({v}, sizeof(float), {upper}_INPUT{i}_ELEMENTS, in) != {upper}_INPUT{i}_ELEMENTS" for i, v in enumerate(ins))
     args = ins + [a for v in outs for a in (f"{v}_mean", f"{v}_var")] + ["NULL"]
     source = BENCH_MAIN % {"name": name, "buffers": buffers, "reads": reads,
                            "call": f"{name}_run({', '.join(args)})", "checksum": "out0_mean[0] + out0_var[0]"}

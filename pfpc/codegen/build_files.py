@@ -27,17 +27,17 @@ def render_build_files(program: Program) -> dict:
 def _runner(program: Program) -> str:
     name, upper = program.name, program.name.upper()
     reads = "\n".join(
-        f"    if (fread(in_{c}, sizeof(float), {upper}_{c.upper()}_SIZE, in) != {upper}_{c.upper()}_SIZE) break;" for c, _, _ in program.inputs
+        f"    if (fread(in_{c}, sizeof(float), {upper}_{c.upper()}_ELEMENTS, in) != {upper}_{c.upper()}_ELEMENTS) break;" for c, _, _ in program.inputs
     )
-    decl = "\n".join(f"  static float in_{c}[{upper}_{c.upper()}_SIZE];" for c, _, _ in program.inputs)
+    decl = "\n".join(f"  static float in_{c}[{upper}_{c.upper()}_ELEMENTS];" for c, _, _ in program.inputs)
     decl += "\n" + "\n".join(
-        f"  static float {c}_mean[{upper}_{c.upper()}_SIZE], {c}_var[{upper}_{c.upper()}_SIZE];" for c, _, _ in program.outputs
+        f"  static float {c}_mean[{upper}_{c.upper()}_ELEMENTS], {c}_var[{upper}_{c.upper()}_ELEMENTS];" for c, _, _ in program.outputs
     )
     extras = [c for c, _, _ in program.extra_outputs]
-    decl += "".join(f"\n  static float {c}[{upper}_{c.upper()}_SIZE];" for c in extras)
+    decl += "".join(f"\n  static float {c}[{upper}_{c.upper()}_ELEMENTS];" for c in extras)
     call_args = [f"in_{c}" for c, _, _ in program.inputs] + [a for c, _, _ in program.outputs for a in (f"{c}_mean", f"{c}_var")] + extras + ["NULL"]
     written = [a for c, _, _ in program.outputs for a in ((f"{c}_mean", c), (f"{c}_var", c))] + [(c, c) for c in extras]
-    writes = "\n".join(f"    fwrite({buffer}, sizeof(float), {upper}_{size.upper()}_SIZE, out);" for buffer, size in written)
+    writes = "\n".join(f"    fwrite({buffer}, sizeof(float), {upper}_{size.upper()}_ELEMENTS, out);" for buffer, size in written)
     steps = len(program.steps) if program.sampling is None else 0
     return f"""/* {name}_main.c: the runner used by `pfpc run`, not part of the library.
  * Reads batches of raw float32 inputs from argv[1] and writes raw means and variances (then the

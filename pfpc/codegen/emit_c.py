@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 
 import numpy as np
 
 from ..ops.predictive import docs as predictive_docs
-from . import footprint
+from . import footprint, naming
 from .build_files import render_build_files
 from .kernels import HELPERS
 from .program import Program, Tensor
@@ -44,6 +45,59 @@ def _format_floats(values: np.ndarray) -> str:
     return "    " + ",\n    ".join(lines)
 
 
+#: Longest line of the generated C (tests/test_c_names.py checks it)
+MAX_LINE = 160
+
+
+def wrap_arguments(line: str, indent: str) -> str:
+    """A call or signature longer than `MAX_LINE` with its arguments on lines of their own."""
+    if len(line) <= MAX_LINE or "(" not in line:
+        return line
+    head, _, rest = line.partition("(")
+    args = rest[: rest.rindex(")")].split(", ")  # no argument holds ", " (pointers and declarations)
+    tail = rest[rest.rindex(")"):]
+    return head + "(\n" + ",\n".join(indent + arg for arg in args) + tail
+
+
+def wrap_line(line: str, width: int = MAX_LINE) -> str:
+    """A statement of a kernel body longer than ``width`` broken at spaces (between C tokens:
+    the bodies hold no string literal or preprocessor line), each break at the shallowest
+    parenthesis depth that fits, continuation lines indented four more spaces."""
+    if len(line) <= width or line.lstrip().startswith("#"):
+        return line
+    indent = line[: len(line) - len(line.lstrip())] + "    "
+    out, rest, first = [], line, True
+    while len(rest) > width:
+        depth, best = 0, None
+        for position, char in enumerate(rest[:width + 1]):
+            if char in "([":
+                depth += 1
+            elif char in ")]":
+                depth -= 1
+            elif char == " " and position > len(indent) and (best is None or depth <= best[0]):
+                best = (depth, position)
+        if best is None:
+            break
+        out.append(rest[: best[1]])
+        rest = indent + rest[best[1] + 1 :]
+        first = False
+    return "\n".join(out + [rest]) if not first else line
+
+
+def wrap_comment(text: str, width: int = 100) -> str:
+    """``text`` as a /* */ comment on lines of at most ``width`` characters."""
+    return "/* " + "\n * ".join(textwrap.wrap(c_comment(text), width, break_on_hyphens=False)) + " */"
+
+
+def _operand_shapes(spec, args) -> list:
+    """The shape of each Gaussian operand of a kernel call (its mean tensor's)."""
+    shapes, position = [], 0
+    for rep in spec.operands:
+        shapes.append(list(args[position].shape))
+        position += 1 if rep == "none" else 2
+    return shapes
+
+
 def _pointer(tensor: Tensor) -> str:
     return tensor.c_name
 
@@ -62,7 +116,7 @@ def render(program: Program) -> dict[str, str]:
     body = render_arena_pointers(program) + render_steps(program, "  ", profile_hooks=True) + ["\n".join(tail)]
     files[f"{name}.c"] = render_source(
         program, "the executor below\n * calls them in order on one arena whose layout was planned at compile time.",
-        f"{PROFILE_HOOK}{run_signature(program)} {{\n{chr(10).join(body)}\n  return 0;\n}}\n")
+        f"{PROFILE_HOOK}{wrap_arguments(run_signature(program) + ' {', '    ')}\n{chr(10).join(body)}\n  return 0;\n}}\n")
     files.update(render_build_files(program))
     return files
 
@@ -79,18 +133,31 @@ def run_signature(program: Program) -> str:
 def render_header(program: Program, summary: str, definitions: str = "", arena_note: str = "") -> str:
     """``<name>.h``; ``definitions`` go after the shapes, ``arena_note`` ends the arena comment."""
     name, upper = program.name, program.name.upper()
-    shape_defs = []
+    shape_defs, old_names = [], []
+
+    def sizes(c_name, shape, alias=None):
+        """<NAME>_<TENSOR>_ELEMENTS (floats) and _BYTES, the alias's, and the old _SIZE names."""
+        macro = f"{upper}_{c_name.upper()}"
+        shape_defs.append(f"#define {macro}_ELEMENTS {int(np.prod(shape))}")
+        shape_defs.append(f"#define {macro}_BYTES ({macro}_ELEMENTS * 4)")
+        old_names.append(f"#define {macro}_SIZE {int(np.prod(shape))}")
+        if alias is not None:
+            shape_defs.append(f"#define {upper}_{alias}_ELEMENTS {macro}_ELEMENTS")
+            shape_defs.append(f"#define {upper}_{alias}_BYTES {macro}_BYTES")
+            old_names.append(f"#define {upper}_{alias}_SIZE {int(np.prod(shape))}")
+
     for index, (c_name, onnx_name, shape) in enumerate(program.inputs):
         shape_defs.append(f"/* input {index} '{c_comment(onnx_name)}': shape {list(shape)} */")
-        shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
-        shape_defs.append(f"#define {upper}_INPUT{index}_SIZE {upper}_{c_name.upper()}_SIZE")
+        sizes(c_name, shape, f"INPUT{index}")
     for index, (c_name, onnx_name, shape) in enumerate(program.outputs):
         shape_defs.append(f"/* output {index} '{c_comment(onnx_name)}': shape {list(shape)}, predictive mean and variance */")
-        shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
-        shape_defs.append(f"#define {upper}_OUTPUT{index}_SIZE {upper}_{c_name.upper()}_SIZE")
+        sizes(c_name, shape, f"OUTPUT{index}")
     for c_name, kind, shape in program.extra_outputs:
-        shape_defs.append(f"/* {c_name}: shape {list(shape)}, {predictive_docs(kind, *program.predictive)} */")
-        shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
+        shape_defs.append(wrap_comment(f"{c_name}: shape {list(shape)}, {predictive_docs(kind, *program.predictive)}"))
+        sizes(c_name, shape)
+    old_names.append(f"#define {upper}_ARENA_SIZE {max(program.arena_size, 16)}")
+    if program.sampling is not None:
+        old_names.append(f"#define {upper}_SAMPLED_WEIGHTS_SIZE {program.sampling.sampled_bytes}")
     return f"""/* {name}.h: generated by pfpc. {summary} No malloc, no file I/O, no TVM runtime. */
 #ifndef {upper}_H
 #define {upper}_H
@@ -102,16 +169,21 @@ extern "C" {{
 #define {upper}_NUM_INPUTS {len(program.inputs)}
 #define {upper}_NUM_OUTPUTS {len(program.outputs)}
 #define {upper}_NUM_EXTRA_OUTPUTS {len(program.extra_outputs)}
+/* Sizes: _ELEMENTS counts floats (array lengths), _BYTES counts bytes. */
 {chr(10).join(shape_defs)}
 {definitions}
 /* Bytes of scratch memory one run needs (16-byte aligned). Pass an arena of this size to
  * {name}_run, or NULL to use the library's static arena (define {upper}_NO_STATIC_ARENA to
  * leave it out). Lower bound for this schedule: {program.arena_lower_bound} bytes.{arena_note} */
-#define {upper}_ARENA_SIZE {max(program.arena_size, 16)}
+#define {upper}_ARENA_BYTES {max(program.arena_size, 16)}
+
+/* Deprecated names, kept for firmware written against earlier versions: _SIZE is elements for
+ * the tensors, bytes for the arena{" and the sampled weights" if program.sampling is not None else ""}. */
+{chr(10).join(old_names)}
 
 /* Returns 0. Inputs are read-only; outputs must not overlap the arena or each other.
  * Per output: its predictive mean and variance{", then the predictive outputs chosen at compile time (above)" if program.extra_outputs else ""}. */
-{run_signature(program)};
+{wrap_arguments(run_signature(program) + ";", "    ")}
 {decide_helper(program, upper) if program.extra_outputs else ""}
 #ifdef __cplusplus
 }}
@@ -151,8 +223,8 @@ def render_steps(program: Program, indent: str, profile_hooks: bool = False) -> 
     step and after every step (`PFPC_LAYER_DONE`, empty unless built with -DPFPC_PROFILE)."""
     body = [f"{indent}PFPC_LAYER_DONE(0);"] if profile_hooks else []
     for index, step in enumerate(program.steps):
-        body.append(f"{indent}/* step {index + 1}: {step.kernel} */")
-        body.append(f"{indent}k_{step.kernel}({', '.join(_pointer(t) for t in step.args)});")
+        body.append(f"{indent}/* step {index + 1} */")
+        body.append(wrap_arguments(f"{indent}{program.kernel_c_name(step.kernel)}({', '.join(_pointer(t) for t in step.args)});", indent + "    "))
         if profile_hooks:
             body.append(f"{indent}PFPC_LAYER_DONE({index + 1});")
     return body
@@ -195,8 +267,13 @@ def render_source(program: Program, summary: str, executor: str) -> str:
     helpers = {h for kernel in program.kernels.values() for h in kernel.helpers}
     kernel_text = [HELPERS[h] for h in HELPERS if h in helpers]
     for kernel in program.kernels.values():
-        spec = next((s.spec for s in program.steps if s.kernel == kernel.name), None)
-        kernel_text.append(f"/* kernel {kernel.name}: {c_comment(spec.to_json() if spec is not None else '')} */\nstatic {kernel.signature('k_')} {{\n{kernel.body}\n}}\n")
+        step = next((s for s in program.steps if s.kernel == kernel.name), None)
+        spec = step.spec if step is not None else None
+        shapes = _operand_shapes(spec, step.args) if spec is not None else []
+        comment = naming.kernel_comment(spec, kernel.name, shapes)
+        signature = wrap_arguments("static " + kernel.signature("", program.kernel_c_name(kernel.name)) + " {", "    ")
+        body = "\n".join(wrap_line(line) for line in kernel.body.split("\n"))
+        kernel_text.append(f"{comment}\n{signature}\n{body}\n}}\n")
     return f"""/* {name}.c: generated by pfpc. Kernels generated by TVM's C backend; {summary} */
 #include "{name}.h"
 
@@ -213,7 +290,7 @@ def render_source(program: Program, summary: str, executor: str) -> str:
 {chr(10).join(kernel_text)}
 #ifndef {upper}_NO_STATIC_ARENA
 /* float elements keep the arena aligned for every tensor (offsets are multiples of 16 bytes) */
-static float {name}_static_arena[({upper}_ARENA_SIZE + 3) / 4];
+static float {name}_static_arena[({upper}_ARENA_BYTES + 3) / 4];
 #endif
 
 {executor}"""

@@ -34,6 +34,7 @@ from .emit_c import (
     render_steps,
     render_weights,
     run_signature,
+    wrap_arguments,
 )
 from .program import Program, Tensor, plan_arena, walk_main
 
@@ -87,9 +88,11 @@ def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed
         if param_name not in stds:
             continue
         mean, onnx_name = program.weights.pop(tensor.c_name)
+        mean_name = tensor.c_name  # <initializer>_mean (`naming.weight_name`); the arena holds the draw
+        tensor.c_name = program.namer(f"{tensor.stem}_sample", prefix=f"{name}_")
         tensor.kind, tensor.produced, tensor.last_use = "arena", -1, after_last_step
         program.tensors.append(tensor)
-        sampled.append(SampledWeight(tensor, program.namer(f"{tensor.c_name}_mean"), program.namer(f"{tensor.c_name}_std"),
+        sampled.append(SampledWeight(tensor, mean_name, program.namer(f"{tensor.stem}_std", prefix=f"{name}_"),
                                      mean, stds[param_name], onnx_name))
     accumulate = []
     for (onnx_name, shape), repr_, c_name in zip(io["outputs"], ir_state.output_moments(func), program.output_stems):
@@ -127,12 +130,12 @@ def render_svi(program: Program) -> dict[str, str]:
 #endif
 /* Bytes of the arena that hold the drawn weights: {len(sampling.weights)} stochastic tensors,
  * {sum(w.tensor.size for w in sampling.weights)} floats drawn per sample. */
-#define {upper}_SAMPLED_WEIGHTS_SIZE {sampling.sampled_bytes}
+#define {upper}_SAMPLED_WEIGHTS_BYTES {sampling.sampled_bytes}
 """
     files[f"{name}.h"] = render_header(
         program, f"Sampling (SVI): one call runs the network on\n * {upper}_SAMPLES draws of the weights and returns "
                  "the sample mean and variance of every output.\n *", definitions,
-        f"\n * It includes the drawn weights ({upper}_SAMPLED_WEIGHTS_SIZE bytes).")
+        f"\n * It includes the drawn weights ({upper}_SAMPLED_WEIGHTS_BYTES bytes).")
     extra = []
     for weight in sampling.weights:
         extra.append((weight.mean_name, weight.mean, f"posterior mean of initializer '{c_comment(weight.onnx_name)}', drawn per sample"))
@@ -179,7 +182,7 @@ static void {name}_accumulate(float* mean, float* m2, const float* y, int32_t n,
   }}
 }}
 
-{run_signature(program)} {{
+{wrap_arguments(run_signature(program) + " {", "    ")}
 {chr(10).join(lines)}
 }}
 """

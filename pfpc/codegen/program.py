@@ -22,15 +22,15 @@ from ..errors import PfpcError
 from ..ir import call_op_name, main_bindings, output_fields
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec
-from . import memory_plan
+from . import memory_plan, naming
 from .kernels import generate_c_kernels
 from .targets import get_target
 
 
-#: Header macros are <NAME>_<IDENT upper-cased>_SIZE; these identifiers would repeat fixed ones.
+#: Header macros are <NAME>_<IDENT upper-cased>_ELEMENTS, _BYTES (and the old _SIZE); these identifiers would repeat fixed ones.
 MACRO_STEMS = re.compile(r"(input|output)[0-9]+|arena|sampled_weights")
 MAX_IDENT = 63  # C99's significant characters of an internal identifier or a macro name
-MAX_MACRO_IDENT = 40  # inputs and outputs: <NAME>_<IDENT>_SIZE stays within MAX_IDENT
+MAX_MACRO_IDENT = 40  # inputs and outputs: <NAME>_<IDENT>_ELEMENTS stays within MAX_IDENT
 
 
 class Namer:
@@ -79,6 +79,7 @@ class Tensor:
     last_use: int = -1
     offset: int = 0
     param: str = ""  # a weight's Relax parameter
+    stem: str = ""  # a weight's name without its moment: its ONNX initializer (`naming.weight_name`)
 
     @property
     def size(self):
@@ -114,6 +115,14 @@ class Program:
     sampling: object = None  # emit_svi.Sampling: the program runs once per weight sample (mode svi)
     output_softmax: list = field(default_factory=list)  # a softmax dropped at an output (see substitute_layers)
     shared: object = None  # shared_weights.SharedWeights: weights stored as codebooks (a shared posterior)
+    kernel_names: dict = field(default_factory=dict)  # kernel -> its C function (`kernel_c_name`)
+
+    def kernel_c_name(self, kernel: str) -> str:
+        """The C function of a kernel, named after its ONNX nodes (`naming.kernel_name`)."""
+        if kernel not in self.kernel_names:
+            spec = next((s.spec for s in self.steps if s.kernel == kernel), None)
+            self.kernel_names[kernel] = self.namer(naming.kernel_name(spec, kernel))
+        return self.kernel_names[kernel]
 
 
 def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model", target=None,
@@ -180,10 +189,12 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
     onnx_names = ir_state.onnx_names(func)
     weight_tensors = {}
     for param in func.params[num_input:]:
-        tensor = Tensor(namer(param.name, prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight", param=param.name)
+        initializer = ir_state.onnx_name(onnx_names, param.name)
+        stem, moment = naming.weight_name(initializer, param.name)
+        tensor = Tensor(namer(f"{stem}_{moment}", prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight", param=param.name, stem=stem)
         env[param] = tensor
         weight_tensors[param.name] = tensor
-        program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), ir_state.onnx_name(onnx_names, param.name))
+        program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), initializer)
     prim_funcs = {}
     for binding in main_bindings(func):
         value, op = binding.value, call_op_name(binding.value)
@@ -201,8 +212,9 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
             out_types = binding.var.ty.fields if isinstance(binding.var.ty, relax.TupleType) else [binding.var.ty]
             spec = ir_state.kernel_spec(prim)
             out_repr = spec.output if spec is not None else Moment.VAR
+            label = naming.kernel_name(spec, gvar.name_hint).removeprefix("k_")
             for index, out_ty in enumerate(out_types):
-                tensor = Tensor(namer(f"{gvar.name_hint}_{'mean' if index == 0 else out_repr}"), [int(d) for d in out_ty.shape], "arena", step_index, step_index)
+                tensor = Tensor(namer(f"{label}_{'mean' if index == 0 else out_repr}"), [int(d) for d in out_ty.shape], "arena", step_index, step_index)
                 program.tensors.append(tensor)
                 outs.append(tensor)
                 args.append(tensor)
