@@ -117,18 +117,19 @@ def test_unnamed_and_colliding_nodes_get_distinct_names_in_file_order(tmp_path):
     rng = np.random.default_rng(0)
     inits = {"w1": rng.normal(size=(3, 1, 3, 3)).astype(np.float32), "w2": rng.normal(size=(2, 3, 1, 1)).astype(np.float32)}
     nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),  # unnamed: Conv_0
-        helper.make_node("Relu", ["c1"], ["r1"], name="a/b"),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="a/b"),
+        helper.make_node("Relu", ["c1"], ["r1"]),  # unnamed: Relu_1
         helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),  # unnamed: MaxPool_2
         helper.make_node("Conv", ["p1", "w2"], ["c2"], name="a_b"),
-        helper.make_node("Relu", ["c2"], ["y"]),  # unnamed: Relu_4
+        helper.make_node("Flatten", ["c2"], ["y"]),  # unnamed: Flatten_4
     ]
     model = make_model(nodes, [("x", [1, 1, 6, 6])], ["y"], inits)
     x = rng.normal(size=(1, 1, 6, 6)).astype(np.float32)
     check_against_reference(model, inits, {"x": x}, tmp_path, rng)
     source = (tmp_path / "out" / "pfp_model.c").read_text()
     functions = re.findall(r"^static void (k_\w+)\(", source, re.M)
-    for name in ("Conv_0", "MaxPool_2", "Relu_4", "a/b", "a_b"):
+    for name in ("Relu_1", "MaxPool_2", "a/b", "a_b"):  # Flatten_4: a view at the output, no kernel
         assert name in source, name
-    assert "k_Conv_0" in functions and len(functions) == len(set(functions)), functions
-    assert any(f.startswith("k_a_b") for f in functions)
+    assert "k_MaxPool_2_Relu_1" in functions and len(functions) == len(set(functions)), functions
+    assert "/* a/b (Conv 1->3, 3x3, stride 1) -> mean, variance */\nstatic void k_a_b(" in source
+    assert "/* a_b (Conv 3->2, 1x1, stride 1) -> mean, variance */\nstatic void k_a_b_2(" in source
