@@ -71,15 +71,24 @@ def kernel_label(ops, operands, weight_names) -> str:
     return "_".join(([layer] if layer else []) + list(ops))
 
 
-def operand_names(operands, weight_names) -> list[str]:
-    """Kernel parameter names: weights by name, activations x, x1, ..."""
-    names, activations = [], 0
+def operand_names(operands, weight_names, initializers=None) -> list[str]:
+    """Kernel parameter names: weights by the ONNX initializer they come from (``initializers``:
+    `ir_state.onnx_names`; else by parameter name), activations x, x1, ...; distinct ASCII
+    identifiers (the kernel's C parameters are these plus _mean, _var, ...)."""
+    names, activations, taken = [], 0, set()
     for operand in operands:
         if isinstance(operand.mean, relax.Var) and operand.mean.name in weight_names:
-            names.append("".join(ch if ch.isalnum() else "_" for ch in operand.mean.name))
+            source = ir_state.onnx_name(initializers, operand.mean.name) if initializers else operand.mean.name
+            base = "_".join(part for part in "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in source).split("_") if part)
+            base = base[:40] if base and not base[0].isdigit() else f"w_{base}"[:40]
         else:
-            names.append("x" if activations == 0 else f"x{activations}")
+            base = "x" if activations == 0 else f"x{activations}"
             activations += 1
+        name, index = base, 2
+        while name.lower() in taken:
+            name, index = f"{base}_{index}", index + 1
+        taken.add(name.lower())
+        names.append(name)
     return names
 
 

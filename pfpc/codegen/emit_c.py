@@ -17,25 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 
 import numpy as np
 
 from ..ops.predictive import docs as predictive_docs
 from . import footprint, naming
+from .naming import c_comment, wrap_comment
 from .build_files import render_build_files
 from .kernels import HELPERS
 from .program import Program, Tensor
-
-
-def c_comment(text: str) -> str:
-    """Text safe inside /* */ on one line: printable ASCII, no comment delimiter, no trigraph."""
-    text = "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in str(text))
-    previous = None
-    while previous != text:
-        previous = text
-        text = text.replace("*/", "*_/").replace("/*", "/_*").replace("??", "?_?")
-    return text
 
 
 def _format_floats(values: np.ndarray) -> str:
@@ -82,11 +72,6 @@ def wrap_line(line: str, width: int = MAX_LINE) -> str:
         rest = indent + rest[best[1] + 1 :]
         first = False
     return "\n".join(out + [rest]) if not first else line
-
-
-def wrap_comment(text: str, width: int = 100) -> str:
-    """``text`` as a /* */ comment on lines of at most ``width`` characters."""
-    return "/* " + "\n * ".join(textwrap.wrap(c_comment(text), width, break_on_hyphens=False)) + " */"
 
 
 def _operand_shapes(spec, args) -> list:

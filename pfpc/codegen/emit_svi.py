@@ -27,7 +27,6 @@ from ..errors import PfpcError
 from ..ops.gaussian import Moment
 from .build_files import render_build_files
 from .emit_c import (
-    c_comment,
     render_arena_pointers,
     render_header,
     render_source,
@@ -36,6 +35,7 @@ from .emit_c import (
     run_signature,
     wrap_arguments,
 )
+from .naming import c_comment
 from .program import Program, Tensor, plan_arena, walk_main
 
 

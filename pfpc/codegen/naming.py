@@ -13,6 +13,8 @@ Identifiers are made collision-free by the program's `Namer`.
 
 from __future__ import annotations
 
+import textwrap
+
 from ..ops import registry as R
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, arity
@@ -23,6 +25,21 @@ MOMENT_SUFFIXES = ("var", "second_moment", "std", "draw_group", "draw_std")
 DERIVED_SUFFIXES = ("batch_norm_scale", "batch_norm_shift", "batch_norm_bias")
 
 _MOMENT_TEXT = {Moment.NONE: "mean (deterministic)", Moment.VAR: "mean, variance", Moment.SECOND_MOMENT: "mean, second moment"}
+
+
+def c_comment(text: str) -> str:
+    """Text safe inside /* */ on one line: printable ASCII, no comment delimiter, no trigraph."""
+    text = "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in str(text))
+    previous = None
+    while previous != text:
+        previous = text
+        text = text.replace("*/", "*_/").replace("/*", "/_*").replace("??", "?_?")
+    return text
+
+
+def wrap_comment(text: str, width: int = 100) -> str:
+    """``text`` (any, made `c_comment`-safe) as a /* */ comment on lines of at most ``width`` characters."""
+    return "/* " + "\n * ".join(textwrap.wrap(c_comment(text), width, break_on_hyphens=False)) + " */"
 
 
 def weight_name(initializer: str, param: str) -> tuple[str, str]:
@@ -79,7 +96,7 @@ def _details(op: str, attrs: dict, shapes: list) -> str:
         return f" {in_c * groups}->{out_c}, {kh}x{kw}, stride {stride}" + (f", {groups} groups" if groups > 1 else "")
     if op == "matmul" and len(shapes) > 1 and len(shapes[1]) >= 2:
         return f" {shapes[1][-2]}->{shapes[1][-1]}"
-    if op in ("maxpool2d", "avgpool2d") and "kernel" in attrs:
+    if "kernel" in attrs:  # a pooling window
         stride = "x".join(str(s) for s in dict.fromkeys(attrs.get("strides", [1])))
         return f" {'x'.join(str(k) for k in attrs['kernel'])}, stride {stride}"
     return ""
@@ -89,8 +106,6 @@ def kernel_comment(spec: KernelSpec | None, fallback: str, operand_shapes: list,
     """The comment above a kernel: its ONNX nodes with op and shape, in order, and what it
     writes (``/* /conv2/Conv (Conv 6->16, 3x3, stride 1) + /relu2/Relu (Relu) -> mean, variance */``).
     ``operand_shapes``: the shape of each Gaussian operand. Wrapped at ``width`` characters."""
-    from .emit_c import wrap_comment
-
     if spec is None:
         return wrap_comment(fallback, width)
     items, placed = [], {}
@@ -105,7 +120,7 @@ def kernel_comment(spec: KernelSpec | None, fallback: str, operand_shapes: list,
             items.append([None, op])
         elif head.op_type in R.STAGES[op].onnx:
             items[placed[head]][1] += _details(op, attrs, shapes[index])
-        elif op not in ("add",) or not items[placed[head]][1]:
+        elif op != "add" or not items[placed[head]][1]:  # a linear node's bias add goes without saying
             items[placed[head]][1] += f"{';' if items[placed[head]][1] else ':'} {op}"
     parts = [f"{node.name} ({node.op_type}{text})" if node is not None else text for node, text in items]
     return wrap_comment(" + ".join(parts) + f" -> {_MOMENT_TEXT[spec.output]}", width)

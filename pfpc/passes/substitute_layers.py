@@ -42,6 +42,7 @@ class _Substitute(MainRewriter):
         self.constants = {}  # new deterministic weights made from constant operands
         self.softmax = {}  # var -> (function, axis) of a dropped softmax, followed through views
         self.weight_names = {param.name for param in weight_vars}
+        self.initializers = ir_state.onnx_names(self.func)
         self.view_nodes = {}  # var -> ONNX nodes of the views (Flatten, Reshape, ...) it went through
         for param, var_param in weight_vars.items():
             self.gauss[param] = GaussianValue(param, var_param, Moment.VAR)
@@ -149,7 +150,7 @@ class _Substitute(MainRewriter):
         nodes = set(self.provenance).union(*(self.view_nodes.get(arg, ()) for arg in args))
         spec = KernelSpec((stage,), reprs, output, nodes=(tuple(sorted(nodes)),) if nodes else ())
         label = kernel_label([stage[0]], operands, self.weight_names)
-        result = self.kernels.emit(spec, operands, label, operand_names(operands, self.weight_names))
+        result = self.kernels.emit(spec, operands, label, operand_names(operands, self.weight_names, self.initializers))
         self.gauss[binding.var] = result
 
     def output(self, body):
