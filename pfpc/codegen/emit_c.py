@@ -96,7 +96,7 @@ def render(program: Program) -> dict[str, str]:
     files[f"{name}.h"] = render_header(
         program, "Probabilistic forward pass: one call computes the\n * predictive mean and variance of every output.")
     files[f"{name}_weights.h"] = render_weights(program)
-    tail = [f"  memcpy({pointer}, {tensor.c_name}, {4 * tensor.size});" for pointer, tensor in program.copies]
+    tail = [f"  memcpy({pointer}, {tensor.c_name}, {4 * tensor.elements});" for pointer, tensor in program.copies]
     tail += [f"  memset({pointer}, 0, {4 * count}); /* deterministic output: zero variance */" for pointer, count in program.zero_fills]
     body = render_arena_pointers(program) + render_steps(program, "  ", profile_hooks=True) + ["\n".join(tail)]
     files[f"{name}.c"] = render_source(
@@ -315,7 +315,7 @@ def write(program: Program, out_dir: str) -> None:
         meta["shared_posterior"] = program.shared.metadata()
     if program.sampling is not None:
         meta.update(program.sampling.metadata())
-        meta["weights_bytes"] += sum(8 * w.tensor.size for w in program.sampling.weights)  # mean and std arrays
+        meta["weights_bytes"] += sum(8 * w.tensor.elements for w in program.sampling.weights)  # mean and std arrays
     with open(os.path.join(out_dir, "pfpc.json"), "w") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
         handle.write("\n")

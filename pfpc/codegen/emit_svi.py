@@ -58,7 +58,7 @@ class Sampling:
 
     @property
     def sampled_bytes(self) -> int:
-        return sum(4 * w.tensor.size for w in self.weights)
+        return sum(4 * w.tensor.elements for w in self.weights)
 
     def render(self, program) -> dict[str, str]:
         """The generated files (`emit_c.render` asks the program's sampling for them)."""
@@ -67,7 +67,7 @@ class Sampling:
     def metadata(self) -> dict:
         """The keys ``pfpc.json`` gets in mode svi."""
         return {"mode": "svi", "samples": self.samples, "seed": self.seed, "sampled_weights_bytes": self.sampled_bytes,
-                "draws_per_sample": sum(w.tensor.size for w in self.weights)}
+                "draws_per_sample": sum(w.tensor.elements for w in self.weights)}
 
 
 def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed: int, target=None) -> Program:
@@ -129,7 +129,7 @@ def render_svi(program: Program) -> dict[str, str]:
 #define {upper}_SEED {sampling.seed}u
 #endif
 /* Bytes of the arena that hold the drawn weights: {len(sampling.weights)} stochastic tensors,
- * {sum(w.tensor.size for w in sampling.weights)} floats drawn per sample. */
+ * {sum(w.tensor.elements for w in sampling.weights)} floats drawn per sample. */
 #define {upper}_SAMPLED_WEIGHTS_BYTES {sampling.sampled_bytes}
 """
     files[f"{name}.h"] = render_header(
@@ -156,20 +156,20 @@ def _executor(program: Program) -> str:
     else:
         lines += ["  long sample;", "  int32_t i;"]
     for c_name, tensor in sampling.accumulate:
-        lines.append(f"  memset({c_name}_mean, 0, {4 * tensor.size});")
-        lines.append(f"  memset({c_name}_var, 0, {4 * tensor.size});")
+        lines.append(f"  memset({c_name}_mean, 0, {4 * tensor.elements});")
+        lines.append(f"  memset({c_name}_var, 0, {4 * tensor.elements});")
     lines.append(f"  for (sample = 0; sample < {upper}_SAMPLES; sample++) {{")
     if sampling.weights:
         lines.append("    /* w = mean + std * N(0, 1) for every stochastic weight */")
     for weight in sampling.weights:
-        lines.append(f"    {name}_draw({weight.tensor.c_name}, {weight.mean_name}, {weight.std_name}, {weight.tensor.size}, &rng);")
+        lines.append(f"    {name}_draw({weight.tensor.c_name}, {weight.mean_name}, {weight.std_name}, {weight.tensor.elements}, &rng);")
     lines += render_steps(program, "    ")
     for c_name, tensor in sampling.accumulate:
-        lines.append(f"    {name}_accumulate({c_name}_mean, {c_name}_var, {tensor.c_name}, {tensor.size}, 1.0f / (float)(sample + 1));")
+        lines.append(f"    {name}_accumulate({c_name}_mean, {c_name}_var, {tensor.c_name}, {tensor.elements}, 1.0f / (float)(sample + 1));")
     lines.append("  }")
     lines.append("  /* unbiased sample variance */")
     for c_name, tensor in sampling.accumulate:
-        lines.append(f"  for (i = 0; i < {tensor.size}; i++) {c_name}_var[i] /= (float)({upper}_SAMPLES - 1);")
+        lines.append(f"  for (i = 0; i < {tensor.elements}; i++) {c_name}_var[i] /= (float)({upper}_SAMPLES - 1);")
     lines.append("  return 0;")
     return f"""/* Welford's update with sample number count (inv_count = 1 / count): mean += (y - mean) / count,
  * and m2, the sum of squared deviations kept in the variance output, += (y - old mean) * (y - new mean). */

@@ -59,10 +59,11 @@ def _head(spec: KernelSpec, index: int):
     return (own or list(nodes) or [None])[0]
 
 
-def kernel_name(spec: KernelSpec | None, fallback: str) -> str:
+def kernel_name(spec: KernelSpec | None, fallback: str, variant: str = "") -> str:
     """The C function name (before `Namer` sanitises it) of a kernel: its ONNX nodes in order,
     with the stage's op added where it is not the node's own op (the zero padding of a Conv's
-    input: ``conv1_Conv_pad``); ``fallback`` (the IR's kernel name) without provenance."""
+    input: ``conv1_Conv_pad``), then ``variant`` (``codebook``: a kernel rebuilt to read
+    codebooks); ``fallback`` (the IR's kernel name, which has the variant) without provenance."""
     if spec is None or not spec.nodes:
         return f"k_{fallback}"
     parts, seen = [], set()
@@ -74,7 +75,7 @@ def kernel_name(spec: KernelSpec | None, fallback: str) -> str:
         parts.append(node.name)
         if node.op_type not in R.STAGES[op].onnx:
             parts.append(op)
-    return "k_" + "_".join(parts)
+    return "k_" + "_".join(parts + ([variant] if variant else []))
 
 
 def _stage_shapes(spec: KernelSpec, operand_shapes: list) -> list:

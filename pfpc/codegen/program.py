@@ -82,8 +82,14 @@ class Tensor:
     stem: str = ""  # a weight's name without its moment: its ONNX initializer (`naming.weight_name`)
 
     @property
-    def size(self):
+    def elements(self) -> int:
+        """Floats (or codes) it holds; its bytes are 4 * elements for a float tensor."""
         return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def size(self) -> int:
+        """`elements`, by its earlier name."""
+        return self.elements
 
 
 @dataclass
@@ -92,6 +98,7 @@ class Step:
     args: list  # Tensor
     spec: KernelSpec | None  # None: a kernel that is not a Gaussian one
     comment: str = ""
+    variant: str = ""  # a kernel rebuilt for this step (``codebook``: it reads codebooks)
 
 
 @dataclass
@@ -120,8 +127,9 @@ class Program:
     def kernel_c_name(self, kernel: str) -> str:
         """The C function of a kernel, named after its ONNX nodes (`naming.kernel_name`)."""
         if kernel not in self.kernel_names:
-            spec = next((s.spec for s in self.steps if s.kernel == kernel), None)
-            self.kernel_names[kernel] = self.namer(naming.kernel_name(spec, kernel))
+            step = next((s for s in self.steps if s.kernel == kernel), None)
+            spec, variant = (step.spec, step.variant) if step is not None else (None, "")
+            self.kernel_names[kernel] = self.namer(naming.kernel_name(spec, kernel, variant))
         return self.kernel_names[kernel]
 
 
@@ -163,7 +171,7 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     for kind, tensor in zip(extras, out_fields):
         pointer = namer(f"{program.outputs[0][0]}_{kind}", limit=MAX_MACRO_IDENT)
         program.extra_outputs.append((pointer, kind, tensor.shape))
-        bind_output(tensor, pointer, tensor.size)
+        bind_output(tensor, pointer, tensor.elements)
     plan_arena(program)
     return program
 
@@ -239,7 +247,7 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
 
 def plan_arena(program: Program) -> None:
     """Place every arena tensor (lifetime: the steps from ``produced`` to ``last_use``)."""
-    intervals = [memory_plan.Interval(t.c_name, 4 * t.size, t.produced, t.last_use) for t in program.tensors if t.kind == "arena"]
+    intervals = [memory_plan.Interval(t.c_name, 4 * t.elements, t.produced, t.last_use) for t in program.tensors if t.kind == "arena"]
     program.arena_size = memory_plan.plan(intervals)
     program.arena_lower_bound = memory_plan.lower_bound(intervals)
     offsets = {i.name: i.offset for i in intervals}

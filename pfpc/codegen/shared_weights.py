@@ -228,6 +228,7 @@ def rebuild(step, prim_funcs, namer, spec, names, shapes, built, suffix, codeboo
         prim_funcs[built[key]], _ = build_kernel(spec.with_(names=tuple(names)), shapes, built[key], codebooks)
     step.kernel = built[key]
     step.spec = spec
+    step.variant = suffix
 
 
 def drop_unused(program, prim_funcs) -> None:

@@ -457,7 +457,7 @@ def _pfpc_converters(plan=None, converted=None):
             pending.clear()
             converted.clear()
             node = None
-        if isinstance(result, relax.Call) and isinstance(result.ty, relax.TensorType) and not output:
+        if isinstance(result, relax.Call) and isinstance(result.ty, (relax.TensorType, relax.TupleType)) and not output:
             result = importer.bb.emit(result)
         converted.append((node, output, result))
         return result
