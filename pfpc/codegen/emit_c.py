@@ -208,7 +208,7 @@ def render_steps(program: Program, indent: str, profile_hooks: bool = False) -> 
     step and after every step (`PFPC_LAYER_DONE`, empty unless built with -DPFPC_PROFILE)."""
     body = [f"{indent}PFPC_LAYER_DONE(0);"] if profile_hooks else []
     for index, step in enumerate(program.steps):
-        body.append(f"{indent}/* step {index + 1} */")
+        body.append(f"{indent}/* step {index + 1}: {step.kernel} */")  # the layer's name in pfpc report and run --profile
         body.append(wrap_arguments(f"{indent}{program.kernel_c_name(step.kernel)}({', '.join(_pointer(t) for t in step.args)});", indent + "    "))
         if profile_hooks:
             body.append(f"{indent}PFPC_LAYER_DONE({index + 1});")
