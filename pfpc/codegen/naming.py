@@ -13,6 +13,7 @@ Identifiers are made collision-free by the program's `Namer`.
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 from ..ops import registry as R
@@ -125,3 +126,24 @@ def kernel_comment(spec: KernelSpec | None, fallback: str, operand_shapes: list,
             items[placed[head]][1] += f"{';' if items[placed[head]][1] else ':'} {op}"
     parts = [f"{node.name} ({node.op_type}{text})" if node is not None else text for node, text in items]
     return wrap_comment(" + ".join(parts) + f" -> {_MOMENT_TEXT[spec.output]}", width)
+
+
+def output_parameters(spec: KernelSpec | None, params: list) -> dict:
+    """{TVM's name: ``out_mean``, ``out_var`` / ``out_second_moment``} for the output parameters of
+    a Gaussian kernel (TVM names them after the last stage: ``relu_v0``, ``add_mean``); empty
+    when a new name is taken already. ``params``: the kernel's parameter names, in order."""
+    if spec is None:
+        return {}
+    count = 1 if spec.output == Moment.NONE else 2
+    new = ["out_mean", f"out_{spec.output}"][:count]
+    old = list(params[-count:])
+    if len(params) < count or set(new) & set(params[:-count]):
+        return {}
+    return {o: n for o, n in zip(old, new) if o != n}
+
+
+def rename_identifiers(text: str, renames: dict) -> str:
+    """``text`` (C) with every identifier in ``renames`` replaced by its new name."""
+    if not renames:
+        return text
+    return re.sub(r"\b(" + "|".join(map(re.escape, renames)) + r")\b", lambda m: renames[m.group(1)], text)
