@@ -133,3 +133,37 @@ def test_unnamed_and_colliding_nodes_get_distinct_names_in_file_order(tmp_path):
     assert "k_MaxPool_2_Relu_1" in functions and len(functions) == len(set(functions)), functions
     assert "/* a/b (Conv 1->3, 3x3, stride 1) -> mean, variance */\nstatic void k_a_b(" in source
     assert "/* a_b (Conv 3->2, 1x1, stride 1) -> mean, variance */\nstatic void k_a_b_2(" in source
+
+
+def test_provenance_reaches_every_kernel_and_is_checked():
+    """The importer records each binding's ONNX node; after fusion every kernel stage names its
+    nodes (the typed `KernelSpec.nodes`, JSON round trip included); the IR check rejects
+    provenance naming a binding that does not exist and a spec whose provenance misses stages."""
+    import tvm
+
+    from pfpc import ir_state
+    from pfpc.errors import PfpcError
+    from pfpc.ir import func_attrs, kernel_of, main_bindings, with_attrs
+    from pfpc.ops.kernel import KernelSpec
+    from test_ir_state import _imported, _through
+
+    imported = _imported(LENET[0], LENET[1])
+    nodes = ir_state.onnx_nodes(imported["main"])
+    assert {n.name for found in nodes.values() for n in found} == {n.name for n in onnx.load(LENET[0]).graph.node}
+    broken = tvm.IRModule(dict(imported.functions))
+    broken["main"] = with_attrs(broken["main"], func_attrs(broken["main"], ir_state.encode(onnx_nodes={"no_such_binding": nodes[next(iter(nodes))]})))
+    with pytest.raises(PfpcError, match="no_such_binding"):
+        ir_state.check_module(broken)
+
+    fused = compiler.compile(LENET[0], LENET[1], batch=1, passes=_through("fuse_operators")).mod
+    specs = [found[0] for found in (kernel_of(fused, b.value) for b in main_bindings(fused["main"])) if found]
+    assert specs and all(len(spec.nodes) == len(spec.stages) and all(spec.nodes) for spec in specs)
+    assert all(KernelSpec.from_json(spec.to_json()).nodes == spec.nodes for spec in specs)
+    pool = next(spec for spec in specs if spec.ops == ["maxpool2d", "relu"])
+    assert {n.name for n in pool.nodes[0]} == {"/relu1/Relu", "/pool1/MaxPool"}
+    gvar = next(found[1] for found in (kernel_of(fused, b.value) for b in main_bindings(fused["main"])) if found)
+    bad = tvm.IRModule(dict(fused.functions))
+    spec = ir_state.kernel_spec(bad[gvar])
+    bad[gvar] = ir_state.with_kernel_spec(bad[gvar], spec.with_(nodes=spec.nodes + spec.nodes))
+    with pytest.raises(PfpcError, match="provenance"):
+        ir_state.check_module(bad)
