@@ -75,11 +75,11 @@ def build_timer(out_dir: str, build_dir: str, cflags: tuple = ()) -> str:
     os.makedirs(build_dir, exist_ok=True)
     ins = [f"in{i}" for i in range(len(meta["inputs"]))]
     # every output buffer of <name>_run (a softmax output has three, an extra output its own size)
-    outs = [(f"out{k}", f"{upper}_OUTPUT{index}_SIZE" if index is not None else f"{upper}_{(c_name or '').upper()}_SIZE")
+    outs = [(f"out{k}", f"{upper}_OUTPUT{index}_ELEMENTS" if index is not None else f"{upper}_{(c_name or '').upper()}_ELEMENTS")
             for k, (c_name, index, _) in enumerate(output_buffers(meta))]
-    buffers = "\n".join([f"static float {v}[{upper}_INPUT{i}_SIZE];" for i, v in enumerate(ins)]
+    buffers = "\n".join([f"static float {v}[{upper}_INPUT{i}_ELEMENTS];" for i, v in enumerate(ins)]
                         + [f"static float {v}[{size}];" for v, size in outs])
-    reads = " || ".join(f"fread({v}, sizeof(float), {upper}_INPUT{i}_SIZE, in) != {upper}_INPUT{i}_SIZE" for i, v in enumerate(ins))
+    reads = " || ".join(f"fread({v}, sizeof(float), {upper}_INPUT{i}_ELEMENTS, in) != {upper}_INPUT{i}_ELEMENTS" for i, v in enumerate(ins))
     args = ins + [v for v, _ in outs] + ["NULL"]
     source = BENCH_MAIN % {"name": name, "buffers": buffers, "reads": reads,
                            "call": f"{name}_run({', '.join(args)})", "checksum": "out0[0] + out1[0]"}

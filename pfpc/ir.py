@@ -71,15 +71,24 @@ def kernel_label(ops, operands, weight_names) -> str:
     return "_".join(([layer] if layer else []) + list(ops))
 
 
-def operand_names(operands, weight_names) -> list[str]:
-    """Kernel parameter names: weights by name, activations x, x1, ..."""
-    names, activations = [], 0
+def operand_names(operands, weight_names, initializers=None) -> list[str]:
+    """Kernel parameter names: weights by the ONNX initializer they come from (``initializers``:
+    `ir_state.onnx_names`; else by parameter name), activations x, x1, ...; distinct ASCII
+    identifiers (the kernel's C parameters are these plus _mean, _var, ...)."""
+    names, activations, taken = [], 0, set()
     for operand in operands:
         if isinstance(operand.mean, relax.Var) and operand.mean.name in weight_names:
-            names.append("".join(ch if ch.isalnum() else "_" for ch in operand.mean.name))
+            source = ir_state.onnx_name(initializers, operand.mean.name) if initializers else operand.mean.name
+            base = "_".join(part for part in "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in source).split("_") if part)
+            base = base[:40] if base and not base[0].isdigit() else f"w_{base}"[:40]
         else:
-            names.append("x" if activations == 0 else f"x{activations}")
+            base = "x" if activations == 0 else f"x{activations}"
             activations += 1
+        name, index = base, 2
+        while name.lower() in taken:
+            name, index = f"{base}_{index}", index + 1
+        taken.add(name.lower())
+        names.append(name)
     return names
 
 
@@ -118,20 +127,38 @@ class KernelEmitter:
         return GaussianValue(mean, moment, out_repr)
 
 
+class _RecordingBuilder(relax.BlockBuilder):
+    """A BlockBuilder that lists the variables it binds (``emitted``)."""
+
+    def emit(self, expr, name_hint=""):
+        var = super().emit(expr, name_hint)
+        self.emitted.append(var)
+        return var
+
+
 class MainRewriter:
     """Rebuilds ``main`` binding by binding; subclasses override `visit_binding`.
 
     The default copies a binding with its arguments remapped, so a pass only handles the
     bindings it rewrites. Kernels (PrimFuncs) still called are carried over under their names.
+    Provenance (``pfp.onnx_nodes``) follows: every binding emitted while visiting one gets the
+    ONNX nodes of the visited binding (``self.provenance``; `add_provenance` adds another's).
     """
 
     def __init__(self, mod: tvm.IRModule):
         self.mod = mod
         self.func = mod["main"]
-        self.bb = relax.BlockBuilder()
+        self.bb = _RecordingBuilder()
+        self.bb.emitted = []
         self.kernels = KernelEmitter(self.bb)
         self.env = {}
         self.new_params = []  # parameters a subclass adds during the walk, appended to ``params``
+        self.source_nodes = ir_state.onnx_nodes(self.func)
+        self.provenance: tuple = ()  # the ONNX nodes of the binding being visited
+
+    def add_provenance(self, var):
+        """The bindings emitted for the current one also compute ``var``'s ONNX nodes (a fused or swapped binding)."""
+        self.provenance = tuple(sorted(set(self.provenance) | set(self.source_nodes.get(var.name, ()))))
 
     def remap(self, expr):
         if isinstance(expr, relax.Var):
@@ -162,13 +189,22 @@ class MainRewriter:
         return self.remap(body)
 
     def run(self, params, attrs) -> tvm.IRModule:
+        nodes = {}
         with self.bb.function("main", attrs=attrs):
             with self.bb.dataflow():
                 for binding in main_bindings(self.func):
+                    self.provenance = self.source_nodes.get(binding.var.name, ())
+                    mark = len(self.bb.emitted)
                     self.visit_binding(binding)
+                    for var in self.bb.emitted[mark:]:
+                        if self.provenance:
+                            nodes[var.name] = tuple(sorted(set(nodes.get(var.name, ())) | set(self.provenance)))
                 out = self.bb.emit_output(self.output(self.func.body.body))
             self.bb.emit_func_output(out, params=list(params) + self.new_params)
-        return self.bb.get()
+        mod = self.bb.get()
+        if ir_state.ONNX_NODES in attrs:
+            mod["main"] = with_attrs(mod["main"], ir_state.encode(onnx_nodes=nodes))
+        return mod
 
 
 def func_attrs(func, changes=None, **updates) -> dict:

@@ -9,6 +9,7 @@ rest weights):
 | ``pfp.weight_var`` | parameter name -> weight variance, stochastic weights only | import (removed by `SubstituteLayers`, whose variances are parameters) |
 | ``pfp.onnx_names`` | parameter name -> ONNX initializer it comes from | import, the weight-folding passes |
 | ``pfp.weight_positions`` | parameter name -> the flat position in its ONNX initializer of every element (int64, the parameter's shape), or None (stored empty) where a pass changed the values; a weight without an entry is the initializer as imported | the weight-folding passes (provenance: `SharedDraws` reads it) |
+| ``pfp.onnx_nodes`` | binding name -> the `OnnxNode`s it computes (provenance until kernels carry it in their `KernelSpec`) | import, kept by `ir.MainRewriter` (removed by `SubstituteLayers`) |
 | ``pfp.sampled_std`` | parameter name -> weight std drawn per sample | `DetachWeightStd` (mode svi) |
 | ``pfp.outputs`` | the `Moment` of each model output (``main`` returns mean [+ moment] per output) | `SubstituteLayers`, the kernel-rewriting passes |
 | ``pfp.output_softmax`` | [{"output": index, "function": name, "axis": int}] of dropped softmaxes | `SubstituteLayers` |
@@ -32,7 +33,7 @@ from tvm import relax
 from .errors import PfpcError
 from .ops import registry
 from .ops.gaussian import Moment
-from .ops.kernel import KERNEL_ATTR, KernelSpec
+from .ops.kernel import KERNEL_ATTR, KernelSpec, OnnxNode
 
 PARAMS = "pfp.params"
 WEIGHT_VAR = "pfp.weight_var"
@@ -43,6 +44,7 @@ OUTPUTS = "pfp.outputs"
 OUTPUT_SOFTMAX = "pfp.output_softmax"
 EXTRA_OUTPUTS = "pfp.extra_outputs"
 PREDICTIVE = "pfp.predictive"
+ONNX_NODES = "pfp.onnx_nodes"
 KERNEL = KERNEL_ATTR
 
 
@@ -81,6 +83,17 @@ def onnx_name(names: dict, param: str) -> str:
     """The ONNX initializer of a weight parameter: its own entry, else its source's (the name up to
     the last '.': ``fc.weight.var`` -> ``fc.weight``), else the parameter name."""
     return names.get(param, names.get(param.rsplit(".", 1)[0], param))
+
+
+def onnx_nodes(func) -> dict[str, tuple[OnnxNode, ...]]:
+    """``pfp.onnx_nodes``: binding name -> the ONNX nodes it computes (before `SubstituteLayers`)."""
+    if not _has(func, ONNX_NODES):
+        return {}
+    return {name: tuple(OnnxNode(int(i), str(n), str(o)) for i, n, o in nodes) for name, nodes in json.loads(str(func.attrs[ONNX_NODES])).items()}
+
+
+def _encode_nodes(value: dict) -> str:
+    return json.dumps({name: [[n.index, n.name, n.op_type] for n in nodes] for name, nodes in value.items()}, sort_keys=True)
 
 
 def weight_positions(func) -> dict[str, np.ndarray | None]:
@@ -138,7 +151,7 @@ def _positions(values: dict):
 
 
 def encode(*, means=_UNSET, variances=_UNSET, onnx_names=_UNSET, sampled_std=_UNSET, outputs=_UNSET,
-           output_softmax=_UNSET, extra_outputs=_UNSET, weight_positions=_UNSET, predictive=_UNSET) -> dict:
+           output_softmax=_UNSET, extra_outputs=_UNSET, weight_positions=_UNSET, predictive=_UNSET, onnx_nodes=_UNSET) -> dict:
     """The given state as ``{attribute: TVM value}`` (None: remove the attribute), for `ir.func_attrs`."""
     encoders = {
         PARAMS: (means, _tensors),
@@ -150,6 +163,7 @@ def encode(*, means=_UNSET, variances=_UNSET, onnx_names=_UNSET, sampled_std=_UN
         OUTPUT_SOFTMAX: (output_softmax, json.dumps),
         EXTRA_OUTPUTS: (extra_outputs, list),
         PREDICTIVE: (predictive, lambda value: [str(value[0]), str(value[1])]),
+        ONNX_NODES: (onnx_nodes, _encode_nodes),
     }
     return {key: (None if value is None else encoder(value)) for key, (value, encoder) in encoders.items() if value is not _UNSET}
 
@@ -194,6 +208,10 @@ def check_module(mod: tvm.IRModule) -> None:
     for block in func.body.blocks:
         for binding in block.bindings:
             kernels += _check_kernel_call(mod, binding)
+    bound = {binding.var.name for block in func.body.blocks for binding in block.bindings}
+    stray = sorted(set(onnx_nodes(func)) - bound)
+    if stray:
+        raise PfpcError(f"ill-formed IR: {ONNX_NODES} names {stray}, which main does not bind")
     if _has(func, OUTPUTS):
         _check_outputs(func)
     elif kernels:
@@ -209,6 +227,8 @@ def _check_kernel_call(mod, binding) -> int:
     if spec is None:
         return 0
     where = f"ill-formed IR: kernel {gvar.name_hint}"
+    if spec.nodes and len(spec.nodes) != len(spec.stages):
+        raise PfpcError(f"{where}: provenance of {len(spec.nodes)} stages for {len(spec.stages)} stages")
     unknown = [op for op in spec.ops if op not in registry.STAGES]
     if unknown:
         raise PfpcError(f"{where}: unknown stage(s) {unknown}")

@@ -230,18 +230,9 @@ def test_relu_maxpool_networks_against_monte_carlo(tmp_path, example):
 
 
 def _kernel_bodies(c_source):
-    """{kernel spec JSON: C body} of a generated <name>.c."""
-    bodies, spec = {}, None
-    for line in c_source.split("\n"):
-        if line.startswith("/* kernel "):
-            spec = line.split(": ", 1)[1].rsplit(" */", 1)[0]
-            bodies[spec] = []
-        elif spec is not None:
-            if line == "}":
-                spec = None
-            else:
-                bodies[spec].append(line)
-    return {spec: "\n".join(lines) for spec, lines in bodies.items()}
+    """{kernel comment (its ONNX nodes and ops): C body} of a generated <name>.c."""
+    return {comment: body for comment, body in
+            re.findall(r"^/\* ((?:(?!\*/).)*?) \*/\nstatic void k_\w+\((?:[^)]*)\) \{\n(.*?)\n\}$", c_source, re.M | re.S)}
 
 
 @pytest.mark.parametrize("target", ["host", "cortex-m4"])
@@ -251,9 +242,9 @@ def test_padded_convolution_loops_have_no_branches(tmp_path, target):
     out = str(tmp_path / "out")
     compiler.compile(os.path.join(EXAMPLES, "lenet", "model.onnx"), os.path.join(EXAMPLES, "lenet", "post.npz"), out_dir=out, batch=1, target=target)
     bodies = _kernel_bodies(open(os.path.join(out, "pfp_model.c")).read())
-    convolutions = [body for spec, body in bodies.items() if '"conv2d"' in spec]
+    convolutions = [body for comment, body in bodies.items() if "(Conv " in comment]  # "/conv1/Conv (Conv 1->6, 3x3, ...)"
     assert len(convolutions) == 2 and not any("if (" in body for body in convolutions)
-    assert sum('"pad"' in spec for spec in bodies) == 2  # the border is written once, by a pad kernel
+    assert sum("(Conv: pad)" in comment for comment in bodies) == 2  # the border is written once, by a pad kernel
 
 
 def test_dense_layer_wider_than_a_row(tmp_path):
@@ -279,7 +270,7 @@ def test_variance_accumulation_is_two_fused_multiply_adds(tmp_path):
 
     out = str(tmp_path / "out")
     compiler.compile(os.path.join(EXAMPLES, "lenet", "model.onnx"), os.path.join(EXAMPLES, "lenet", "post.npz"), out_dir=out, batch=1)
-    source = open(os.path.join(out, "pfp_model.c")).read()
+    source = re.sub(r"(?<![;{}/])\n\s+", " ", open(os.path.join(out, "pfp_model.c")).read())  # statements wrapped at 160 columns, joined
     updates = [line for line in source.splitlines() if "_var[" in line and "_mean[" in line and "_ptr[" in line and " = (" in line
                and "x_var" not in line.split(" = ", 1)[0] and line.count("_var[") >= 2]
     regrouped = re.compile(r"^\(\(\w+\[[\w +*]+\] \+ \(")  # ((acc + (v q)) + (v m m)), not (acc + ((v q) + (v m m)))

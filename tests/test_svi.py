@@ -247,7 +247,7 @@ def test_sampled_weights_are_counted_in_the_arena(tmp_path, capsys):
     assert sampled_bytes < result.program.arena_size <= sampled_bytes + 4 * (64 + 32 + 10) + 3 * 16
     source = (out / "pfp_model.c").read_text()
     assert "malloc" not in source and "static float pfp_model_fc1_weight" not in source
-    assert "static const float pfp_model_fc1_weight_permute_dims_std[4096]" in (out / "pfp_model_weights.h").read_text()
+    assert "static const float pfp_model_fc1_weight_std[4096]" in (out / "pfp_model_weights.h").read_text()
     # no state outside the arena: the static RAM (.bss) is the arena alone
     assert main(["report", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -8,9 +8,9 @@
 #include <stdio.h>
 
 #include "pfp_model.h"
-#include "input_data.h" /* const float pfp_example_input[PFP_MODEL_INPUT0_SIZE] */
+#include "input_data.h" /* const float pfp_example_input[PFP_MODEL_INPUT0_ELEMENTS] */
 
-#if !defined(PFP_MODEL_LOGITS_PROBS_SIZE) || !defined(PFP_MODEL_LOGITS_ENTROPY_SIZE)
+#if !defined(PFP_MODEL_LOGITS_PROBS_ELEMENTS) || !defined(PFP_MODEL_LOGITS_ENTROPY_ELEMENTS)
 #error "compile the model with --outputs probs,entropy (see the Makefile)"
 #endif
 
@@ -24,20 +24,20 @@
 #endif
 #endif
 
-static float mean[PFP_MODEL_OUTPUT0_SIZE];
-static float var[PFP_MODEL_OUTPUT0_SIZE];
-static float probs[PFP_MODEL_LOGITS_PROBS_SIZE];
-static float entropy[PFP_MODEL_LOGITS_ENTROPY_SIZE];
+static float mean[PFP_MODEL_OUTPUT0_ELEMENTS];
+static float var[PFP_MODEL_OUTPUT0_ELEMENTS];
+static float probs[PFP_MODEL_LOGITS_PROBS_ELEMENTS];
+static float entropy[PFP_MODEL_LOGITS_ENTROPY_ELEMENTS];
 
 int main(int argc, char** argv) {
   int i, best = 0;
   (void)argc; /* pfpc's startup passes the semihosting command line; unused here */
   (void)argv;
   pfp_model_run(pfp_example_input, mean, var, probs, entropy, NULL);
-  for (i = 0; i < PFP_MODEL_OUTPUT0_SIZE; ++i) {
+  for (i = 0; i < PFP_MODEL_OUTPUT0_ELEMENTS; ++i) {
     printf("%d mean %.9g var %.9g\n", i, (double)mean[i], (double)var[i]);
   }
-  for (i = 1; i < PFP_MODEL_LOGITS_PROBS_SIZE; ++i) {
+  for (i = 1; i < PFP_MODEL_LOGITS_PROBS_ELEMENTS; ++i) {
     if (probs[i] > probs[best]) best = i;
   }
   printf("class %d probability %.6f entropy %.6f %s\n", best, (double)probs[best], (double)entropy[0],

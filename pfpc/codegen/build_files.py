@@ -27,14 +27,14 @@ def render_build_files(program: Program) -> dict:
 def _runner(program: Program) -> str:
     name, upper = program.name, program.name.upper()
     reads = "\n".join(
-        f"    if (fread(in_{c}, sizeof(float), {upper}_{c.upper()}_SIZE, in) != {upper}_{c.upper()}_SIZE) break;" for c, _, _ in program.inputs
+        f"    if (fread(in_{c}, sizeof(float), {upper}_{c.upper()}_ELEMENTS, in) != {upper}_{c.upper()}_ELEMENTS) break;" for c, _, _ in program.inputs
     )
-    decl = "\n".join(f"  static float in_{c}[{upper}_{c.upper()}_SIZE];" for c, _, _ in program.inputs)
+    decl = "\n".join(f"  static float in_{c}[{upper}_{c.upper()}_ELEMENTS];" for c, _, _ in program.inputs)
     # every output buffer has the size of its output (an extra output: its own)
     written = [(buffer, program.outputs[index][0] if index is not None else buffer) for buffer, index, _ in program.output_buffers()]
-    decl += "".join(f"\n  static float {buffer}[{upper}_{size.upper()}_SIZE];" for buffer, size in written)
+    decl += "".join(f"\n  static float {buffer}[{upper}_{size.upper()}_ELEMENTS];" for buffer, size in written)
     call_args = [f"in_{c}" for c, _, _ in program.inputs] + [buffer for buffer, _ in written] + ["NULL"]
-    writes = "\n".join(f"    fwrite({buffer}, sizeof(float), {upper}_{size.upper()}_SIZE, out);" for buffer, size in written)
+    writes = "\n".join(f"    fwrite({buffer}, sizeof(float), {upper}_{size.upper()}_ELEMENTS, out);" for buffer, size in written)
     steps = len(program.steps) if program.sampling is None else 0
     return f"""/* {name}_main.c: the runner used by `pfpc run`, not part of the library.
  * Reads batches of raw float32 inputs from argv[1] and writes raw means and variances (then the

@@ -17,24 +17,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
 from ..ops.predictive import docs as predictive_docs
-from . import footprint
+from . import footprint, naming
+from .naming import c_comment, wrap_comment
 from .build_files import render_build_files
 from .kernels import HELPERS
 from .program import Program, Tensor
-
-
-def c_comment(text: str) -> str:
-    """Text safe inside /* */ on one line: printable ASCII, no comment delimiter, no trigraph."""
-    text = "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in str(text))
-    previous = None
-    while previous != text:
-        previous = text
-        text = text.replace("*/", "*_/").replace("/*", "/_*").replace("??", "?_?")
-    return text
 
 
 def _format_floats(values: np.ndarray) -> str:
@@ -42,6 +34,54 @@ def _format_floats(values: np.ndarray) -> str:
     items = [i if ("." in i or "e" in i) else i[:-1] + ".0f" for i in items]
     lines = [", ".join(items[i : i + 8]) for i in range(0, len(items), 8)]
     return "    " + ",\n    ".join(lines)
+
+
+#: Longest line of the generated C (tests/test_c_names.py checks it)
+MAX_LINE = 160
+
+
+def wrap_arguments(line: str, indent: str) -> str:
+    """A call or signature longer than `MAX_LINE` with its arguments on lines of their own."""
+    if len(line) <= MAX_LINE or "(" not in line:
+        return line
+    head, _, rest = line.partition("(")
+    args = rest[: rest.rindex(")")].split(", ")  # no argument holds ", " (pointers and declarations)
+    tail = rest[rest.rindex(")"):]
+    return head + "(\n" + ",\n".join(indent + arg for arg in args) + tail
+
+
+def wrap_line(line: str, width: int = MAX_LINE) -> str:
+    """A statement of a kernel body longer than ``width`` broken at spaces (between C tokens:
+    the bodies hold no string literal or preprocessor line), each break at the shallowest
+    parenthesis depth that fits, continuation lines indented four more spaces."""
+    if len(line) <= width or line.lstrip().startswith("#"):
+        return line
+    indent = line[: len(line) - len(line.lstrip())] + "    "
+    out, rest, first = [], line, True
+    while len(rest) > width:
+        depth, best = 0, None
+        for position, char in enumerate(rest[:width + 1]):
+            if char in "([":
+                depth += 1
+            elif char in ")]":
+                depth -= 1
+            elif char == " " and position > len(indent) and (best is None or depth <= best[0]):
+                best = (depth, position)
+        if best is None:
+            break
+        out.append(rest[: best[1]])
+        rest = indent + rest[best[1] + 1 :]
+        first = False
+    return "\n".join(out + [rest]) if not first else line
+
+
+def _operand_shapes(spec, args) -> list:
+    """The shape of each Gaussian operand of a kernel call (its mean tensor's)."""
+    shapes, position = [], 0
+    for rep in spec.operands:
+        shapes.append(list(args[position].shape))
+        position += 1 if rep == "none" else 2
+    return shapes
 
 
 def _pointer(tensor: Tensor) -> str:
@@ -57,12 +97,12 @@ def render(program: Program) -> dict[str, str]:
     files[f"{name}.h"] = render_header(
         program, "Probabilistic forward pass: one call computes the\n * predictive mean and variance of every output.")
     files[f"{name}_weights.h"] = render_weights(program)
-    tail = [f"  memcpy({pointer}, {tensor.c_name}, {4 * tensor.size});" for pointer, tensor in program.copies]
+    tail = [f"  memcpy({pointer}, {tensor.c_name}, {4 * tensor.elements});" for pointer, tensor in program.copies]
     tail += [f"  memset({pointer}, 0, {4 * count}); /* deterministic output: zero variance */" for pointer, count in program.zero_fills]
     body = render_arena_pointers(program) + render_steps(program, "  ", profile_hooks=True) + ["\n".join(tail)]
     files[f"{name}.c"] = render_source(
         program, "the executor below\n * calls them in order on one arena whose layout was planned at compile time.",
-        f"{PROFILE_HOOK}{run_signature(program)} {{\n{chr(10).join(body)}\n  return 0;\n}}\n")
+        f"{PROFILE_HOOK}{wrap_arguments(run_signature(program) + ' {', '    ')}\n{chr(10).join(body)}\n  return 0;\n}}\n")
     files.update(render_build_files(program))
     return files
 
@@ -77,11 +117,22 @@ def run_signature(program: Program) -> str:
 def render_header(program: Program, summary: str, definitions: str = "", arena_note: str = "") -> str:
     """``<name>.h``; ``definitions`` go after the shapes, ``arena_note`` ends the arena comment."""
     name, upper = program.name, program.name.upper()
-    shape_defs = []
+    shape_defs, old_names = [], []
+
+    def sizes(c_name, shape, alias=None):
+        """<NAME>_<TENSOR>_ELEMENTS (floats) and _BYTES, the alias's, and the old _SIZE names."""
+        macro = f"{upper}_{c_name.upper()}"
+        shape_defs.append(f"#define {macro}_ELEMENTS {int(np.prod(shape))}")
+        shape_defs.append(f"#define {macro}_BYTES ({macro}_ELEMENTS * 4)")
+        old_names.append(f"#define {macro}_SIZE {int(np.prod(shape))}")
+        if alias is not None:
+            shape_defs.append(f"#define {upper}_{alias}_ELEMENTS {macro}_ELEMENTS")
+            shape_defs.append(f"#define {upper}_{alias}_BYTES {macro}_BYTES")
+            old_names.append(f"#define {upper}_{alias}_SIZE {int(np.prod(shape))}")
+
     for index, (c_name, onnx_name, shape) in enumerate(program.inputs):
         shape_defs.append(f"/* input {index} '{c_comment(onnx_name)}': shape {list(shape)} */")
-        shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
-        shape_defs.append(f"#define {upper}_INPUT{index}_SIZE {upper}_{c_name.upper()}_SIZE")
+        sizes(c_name, shape, f"INPUT{index}")
     for index, (c_name, onnx_name, shape) in enumerate(program.outputs):
         entry = program.softmax_of(index)
         if entry is None:
@@ -92,12 +143,14 @@ def render_header(program: Program, summary: str, definitions: str = "", arena_n
             what = (f"{'the log of ' if entry['function'] == 'log_softmax' else ''}the predictive probabilities over axis "
                     f"{entry['axis']} ({c_name}: {how}); {c_name}_logits_mean and "
                     f"{c_name}_logits_var: the predictive mean and variance of those logits (the {c_comment(entry['function'])}'s input)")
-        shape_defs.append(f"/* output {index} '{c_comment(onnx_name)}': shape {list(shape)}, {what} */")
-        shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
-        shape_defs.append(f"#define {upper}_OUTPUT{index}_SIZE {upper}_{c_name.upper()}_SIZE")
+        shape_defs.append(wrap_comment(f"output {index} '{c_comment(onnx_name)}': shape {list(shape)}, {what}"))
+        sizes(c_name, shape, f"OUTPUT{index}")
     for c_name, kind, shape in program.extra_outputs:
-        shape_defs.append(f"/* {c_name}: shape {list(shape)}, {predictive_docs(kind, *program.predictive)} */")
-        shape_defs.append(f"#define {upper}_{c_name.upper()}_SIZE {int(np.prod(shape))}")
+        shape_defs.append(wrap_comment(f"{c_name}: shape {list(shape)}, {predictive_docs(kind, *program.predictive)}"))
+        sizes(c_name, shape)
+    old_names.append(f"#define {upper}_ARENA_SIZE {max(program.arena_size, 16)}")
+    if program.sampling is not None:
+        old_names.append(f"#define {upper}_SAMPLED_WEIGHTS_SIZE {program.sampling.sampled_bytes}")
     return f"""/* {name}.h: generated by pfpc. {summary} No malloc, no file I/O, no TVM runtime. */
 #ifndef {upper}_H
 #define {upper}_H
@@ -109,16 +162,21 @@ extern "C" {{
 #define {upper}_NUM_INPUTS {len(program.inputs)}
 #define {upper}_NUM_OUTPUTS {len(program.outputs)}
 #define {upper}_NUM_EXTRA_OUTPUTS {len(program.extra_outputs)}
+/* Sizes: _ELEMENTS counts floats (array lengths), _BYTES counts bytes. */
 {chr(10).join(shape_defs)}
 {definitions}
 /* Bytes of scratch memory one run needs (16-byte aligned). Pass an arena of this size to
  * {name}_run, or NULL to use the library's static arena (define {upper}_NO_STATIC_ARENA to
  * leave it out). Lower bound for this schedule: {program.arena_lower_bound} bytes.{arena_note} */
-#define {upper}_ARENA_SIZE {max(program.arena_size, 16)}
+#define {upper}_ARENA_BYTES {max(program.arena_size, 16)}
+
+/* Deprecated names, kept for firmware written against earlier versions: _SIZE is elements for
+ * the tensors, bytes for the arena{" and the sampled weights" if program.sampling is not None else ""}. */
+{chr(10).join(old_names)}
 
 /* Returns 0. Inputs are read-only; outputs must not overlap the arena or each other.
- * Per output: its predictive mean and variance{" (a softmax output: its value, then its logits' mean and variance)" if program.output_softmax else ""}{", then the predictive outputs chosen at compile time (above)" if program.extra_outputs else ""}. */
-{run_signature(program)};
+ * Per output: its predictive mean and variance{chr(10) + " * (a softmax output: its value, then its logits' mean and variance)" if program.output_softmax else ""}{chr(10) + " * then the predictive outputs chosen at compile time (above)" if program.extra_outputs else ""}. */
+{wrap_arguments(run_signature(program) + ";", "    ")}
 {decide_helper(program, upper) if program.extra_outputs else ""}
 #ifdef __cplusplus
 }}
@@ -158,8 +216,8 @@ def render_steps(program: Program, indent: str, profile_hooks: bool = False) -> 
     step and after every step (`PFPC_LAYER_DONE`, empty unless built with -DPFPC_PROFILE)."""
     body = [f"{indent}PFPC_LAYER_DONE(0);"] if profile_hooks else []
     for index, step in enumerate(program.steps):
-        body.append(f"{indent}/* step {index + 1}: {step.kernel} */")
-        body.append(f"{indent}k_{step.kernel}({', '.join(_pointer(t) for t in step.args)});")
+        body.append(f"{indent}/* step {index + 1}: {step.kernel} */")  # the layer's name in pfpc report and run --profile
+        body.append(wrap_arguments(f"{indent}{program.kernel_c_name(step.kernel)}({', '.join(_pointer(t) for t in step.args)});", indent + "    "))
         if profile_hooks:
             body.append(f"{indent}PFPC_LAYER_DONE({index + 1});")
     return body
@@ -202,8 +260,17 @@ def render_source(program: Program, summary: str, executor: str) -> str:
     helpers = {h for kernel in program.kernels.values() for h in kernel.helpers}
     kernel_text = [HELPERS[h] for h in HELPERS if h in helpers]
     for kernel in program.kernels.values():
-        spec = next((s.spec for s in program.steps if s.kernel == kernel.name), None)
-        kernel_text.append(f"/* kernel {kernel.name}: {c_comment(spec.to_json() if spec is not None else '')} */\nstatic {kernel.signature('k_')} {{\n{kernel.body}\n}}\n")
+        step = next((s for s in program.steps if s.kernel == kernel.name), None)
+        spec = step.spec if step is not None else None
+        shapes = _operand_shapes(spec, step.args) if spec is not None else []
+        comment = naming.kernel_comment(spec, kernel.name, shapes)
+        renames = naming.output_parameters(spec, [p for p, _ in kernel.params])
+        if any(re.search(rf"\b{n}\b", kernel.body) for n in renames.values()):
+            renames = {}  # a name TVM uses already
+        signature = naming.rename_identifiers(kernel.signature("", program.kernel_c_name(kernel.name)), renames)
+        signature = wrap_arguments("static " + signature + " {", "    ")
+        body = "\n".join(wrap_line(line) for line in naming.rename_identifiers(kernel.body, renames).split("\n"))
+        kernel_text.append(f"{comment}\n{signature}\n{body}\n}}\n")
     return f"""/* {name}.c: generated by pfpc. Kernels generated by TVM's C backend; {summary} */
 #include "{name}.h"
 
@@ -220,7 +287,7 @@ def render_source(program: Program, summary: str, executor: str) -> str:
 {chr(10).join(kernel_text)}
 #ifndef {upper}_NO_STATIC_ARENA
 /* float elements keep the arena aligned for every tensor (offsets are multiples of 16 bytes) */
-static float {name}_static_arena[({upper}_ARENA_SIZE + 3) / 4];
+static float {name}_static_arena[({upper}_ARENA_BYTES + 3) / 4];
 #endif
 
 {executor}"""
@@ -265,7 +332,7 @@ def write(program: Program, out_dir: str) -> None:
         meta["shared_posterior"] = program.shared.metadata()
     if program.sampling is not None:
         meta.update(program.sampling.metadata())
-        meta["weights_bytes"] += sum(8 * w.tensor.size for w in program.sampling.weights)  # mean and std arrays
+        meta["weights_bytes"] += sum(8 * w.tensor.elements for w in program.sampling.weights)  # mean and std arrays
     with open(os.path.join(out_dir, "pfpc.json"), "w") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
         handle.write("\n")

@@ -29,14 +29,15 @@ from ..errors import PfpcError
 from ..ops.gaussian import Moment
 from .build_files import render_build_files
 from .emit_c import (
-    c_comment,
     render_arena_pointers,
     render_header,
     render_source,
     render_steps,
     render_weights,
     run_signature,
+    wrap_arguments,
 )
+from .naming import c_comment
 from .program import Program, Tensor, plan_arena, walk_main
 
 
@@ -61,7 +62,7 @@ class Sampling:
 
     @property
     def sampled_bytes(self) -> int:
-        return sum(4 * w.tensor.size for w in self.weights)
+        return sum(4 * w.tensor.elements for w in self.weights)
 
     def render(self, program) -> dict[str, str]:
         """The generated files (`emit_c.render` asks the program's sampling for them)."""
@@ -70,7 +71,7 @@ class Sampling:
     def metadata(self) -> dict:
         """The keys ``pfpc.json`` gets in mode svi."""
         return {"mode": "svi", "samples": self.samples, "seed": self.seed, "sampled_weights_bytes": self.sampled_bytes,
-                "draws_per_sample": sum(w.tensor.size for w in self.weights)}
+                "draws_per_sample": sum(w.tensor.elements for w in self.weights)}
 
 
 def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed: int, target=None) -> Program:
@@ -91,9 +92,11 @@ def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed
         if param_name not in stds:
             continue
         mean, onnx_name = program.weights.pop(tensor.c_name)
+        mean_name = tensor.c_name  # <initializer>_mean (`naming.weight_name`); the arena holds the draw
+        tensor.c_name = program.namer(f"{tensor.stem}_sample", prefix=f"{name}_")
         tensor.kind, tensor.produced, tensor.last_use = "arena", -1, after_last_step
         program.tensors.append(tensor)
-        sampled.append(SampledWeight(tensor, program.namer(f"{tensor.c_name}_mean"), program.namer(f"{tensor.c_name}_std"),
+        sampled.append(SampledWeight(tensor, mean_name, program.namer(f"{tensor.stem}_std", prefix=f"{name}_"),
                                      mean, stds[param_name], onnx_name))
     accumulate, average = [], []
     for index, ((onnx_name, shape), repr_, c_name) in enumerate(zip(io["outputs"], ir_state.output_moments(func), program.output_stems)):
@@ -134,13 +137,13 @@ def render_svi(program: Program) -> dict[str, str]:
 #define {upper}_SEED {sampling.seed}u
 #endif
 /* Bytes of the arena that hold the drawn weights: {len(sampling.weights)} stochastic tensors,
- * {sum(w.tensor.size for w in sampling.weights)} floats drawn per sample. */
-#define {upper}_SAMPLED_WEIGHTS_SIZE {sampling.sampled_bytes}
+ * {sum(w.tensor.elements for w in sampling.weights)} floats drawn per sample. */
+#define {upper}_SAMPLED_WEIGHTS_BYTES {sampling.sampled_bytes}
 """
     files[f"{name}.h"] = render_header(
         program, f"Sampling (SVI): one call runs the network on\n * {upper}_SAMPLES draws of the weights and returns "
                  "the sample mean and variance of every output.\n *", definitions,
-        f"\n * It includes the drawn weights ({upper}_SAMPLED_WEIGHTS_SIZE bytes).")
+        f"\n * It includes the drawn weights ({upper}_SAMPLED_WEIGHTS_BYTES bytes).")
     extra = []
     for weight in sampling.weights:
         extra.append((weight.mean_name, weight.mean, f"posterior mean of initializer '{c_comment(weight.onnx_name)}', drawn per sample"))
@@ -161,28 +164,28 @@ def _executor(program: Program) -> str:
     else:
         lines += ["  long sample;", "  int32_t i;"]
     for c_name, tensor in sampling.accumulate:
-        lines.append(f"  memset({c_name}_mean, 0, {4 * tensor.size});")
-        lines.append(f"  memset({c_name}_var, 0, {4 * tensor.size});")
+        lines.append(f"  memset({c_name}_mean, 0, {4 * tensor.elements});")
+        lines.append(f"  memset({c_name}_var, 0, {4 * tensor.elements});")
     for c_name, tensor, _ in sampling.average or ():
-        lines.append(f"  memset({c_name}, 0, {4 * tensor.size});")
+        lines.append(f"  memset({c_name}, 0, {4 * tensor.elements});")
     lines.append(f"  for (sample = 0; sample < {upper}_SAMPLES; sample++) {{")
     if sampling.weights:
         lines.append("    /* w = mean + std * N(0, 1) for every stochastic weight */")
     for weight in sampling.weights:
-        lines.append(f"    {name}_draw({weight.tensor.c_name}, {weight.mean_name}, {weight.std_name}, {weight.tensor.size}, &rng);")
+        lines.append(f"    {name}_draw({weight.tensor.c_name}, {weight.mean_name}, {weight.std_name}, {weight.tensor.elements}, &rng);")
     lines += render_steps(program, "    ")
     for c_name, tensor in sampling.accumulate:
-        lines.append(f"    {name}_accumulate({c_name}_mean, {c_name}_var, {tensor.c_name}, {tensor.size}, 1.0f / (float)(sample + 1));")
+        lines.append(f"    {name}_accumulate({c_name}_mean, {c_name}_var, {tensor.c_name}, {tensor.elements}, 1.0f / (float)(sample + 1));")
     for c_name, tensor, _ in sampling.average or ():
         lines.append(f"    /* {c_name}: the running mean of the sampled softmaxes */")
-        lines.append(f"    for (i = 0; i < {tensor.size}; i++) {c_name}[i] += ({tensor.c_name}[i] - {c_name}[i]) / (float)(sample + 1);")
+        lines.append(f"    for (i = 0; i < {tensor.elements}; i++) {c_name}[i] += ({tensor.c_name}[i] - {c_name}[i]) / (float)(sample + 1);")
     lines.append("  }")
     for c_name, tensor, log in sampling.average or ():
         if log:
             lines.append(f"  for (i = 0; i < {tensor.size}; i++) {c_name}[i] = logf({c_name}[i]); /* log-softmax output: log of the mean probability */")
     lines.append("  /* unbiased sample variance */")
     for c_name, tensor in sampling.accumulate:
-        lines.append(f"  for (i = 0; i < {tensor.size}; i++) {c_name}_var[i] /= (float)({upper}_SAMPLES - 1);")
+        lines.append(f"  for (i = 0; i < {tensor.elements}; i++) {c_name}_var[i] /= (float)({upper}_SAMPLES - 1);")
     lines.append("  return 0;")
     return f"""/* Welford's update with sample number count (inv_count = 1 / count): mean += (y - mean) / count,
  * and m2, the sum of squared deviations kept in the variance output, += (y - old mean) * (y - new mean). */
@@ -195,7 +198,7 @@ static void {name}_accumulate(float* mean, float* m2, const float* y, int32_t n,
   }}
 }}
 
-{run_signature(program)} {{
+{wrap_arguments(run_signature(program) + " {", "    ")}
 {chr(10).join(lines)}
 }}
 """

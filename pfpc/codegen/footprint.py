@@ -43,10 +43,10 @@ def layer_costs(program) -> list[dict]:
             reprs = spec.operands[:2]
             weight = step.args[1 if reprs[0] == Moment.NONE else 2]
             fan_in = weight.shape[-2] if ops[0] == "matmul" else int(np.prod(weight.shape)) // weight.shape[0]
-            macs = out_mean.size * fan_in
+            macs = out_mean.elements * fan_in
             fma = macs * FMA_PER_MAC.get(tuple(reprs), FMA_PER_MAC.get(tuple(reversed(reprs)), FMA_PER_MAC_GENERAL))
         for op, attrs in [] if deterministic else spec.stages:
-            for label, count in registry.gaussian_ops(op, attrs, out_mean.size).items():
+            for label, count in registry.gaussian_ops(op, attrs, out_mean.elements).items():
                 gaussian[label] = gaussian.get(label, 0) + count
         layers.append({"kernel": step.kernel, "ops": ops, "output_shape": list(out_mean.shape), "macs": int(macs),
                        "pfp_fma": int(fma), "gaussian_ops": gaussian})

@@ -54,12 +54,12 @@ class CKernel:
         """The `HELPERS` the body calls."""
         return [helper for helper in HELPERS if re.search(rf"\b{helper}\(", self.body)]
 
-    def signature(self, prefix: str) -> str:
+    def signature(self, prefix: str, name: str | None = None) -> str:
         """``restrict``: the memory plan never lets a kernel's output share bytes with another of its
         buffers, and saying so lets the C compiler vectorise loops that store to an output
         without runtime overlap checks (which gcc -O2 does not add)."""
         args = ", ".join(f"{'' if written else 'const '}{self.ctypes.get(p, 'float')}* restrict {p}" for p, written in self.params)
-        return f"void {prefix}{self.name}({args})"
+        return f"void {prefix}{self.name if name is None else name}({args})"
 
 
 def generate_c_kernels(prim_funcs: dict, accumulate: str = "scalar") -> dict[str, CKernel]:

@@ -22,10 +22,15 @@ ALIGN = 16
 @dataclass
 class Interval:
     name: str
-    size: int  # bytes
+    bytes: int
     start: int  # step that writes it
     end: int  # last step that reads it
     offset: int = -1
+
+    @property
+    def size(self) -> int:
+        """`bytes`, by its earlier name."""
+        return self.bytes
 
 
 def _align(value: int) -> int:
@@ -35,9 +40,9 @@ def _align(value: int) -> int:
 #: Placement orders tried by `plan` before its search, which starts from the best of them (LeNet's
 #: arena: 4,544 bytes largest first, 4,160 first written first; the search finds 3,840, the bound).
 ORDERS = (
-    lambda i: (-i.size, i.start, i.name),
-    lambda i: (i.start, -i.size, i.name),
-    lambda i: (-(i.end - i.start), -i.size, i.start, i.name),
+    lambda i: (-i.bytes, i.start, i.name),
+    lambda i: (i.start, -i.bytes, i.name),
+    lambda i: (-(i.end - i.start), -i.bytes, i.start, i.name),
 )
 
 
@@ -52,7 +57,7 @@ def plan(intervals: list[Interval]) -> int:
     best = None
     for order in ORDERS:
         offsets = _first_fit(sorted(intervals, key=order))
-        arena = max((_align(offsets[id(i)] + i.size) for i in intervals), default=0)
+        arena = max((_align(offsets[id(i)] + i.bytes) for i in intervals), default=0)
         if best is None or arena < best[0]:
             best = (arena, offsets)
     if len(intervals) <= SEARCH_MAX_TENSORS:
@@ -68,14 +73,14 @@ def _live_bytes(intervals: list[Interval]) -> dict:
     live = {}
     for item in intervals:
         for step in range(item.start, item.end + 1):
-            live[step] = live.get(step, 0) + _align(item.size)
+            live[step] = live.get(step, 0) + _align(item.bytes)
     return live
 
 
 def _busiest_first(live: dict):
     """Sort key (``live``: `_live_bytes`): the tensors live at the step with the most live bytes
     first (they decide the arena), then by the busiest step of their lifetime, first written, largest."""
-    return lambda i: (-max(live[step] for step in range(i.start, i.end + 1)), i.start, -i.size, i.name)
+    return lambda i: (-max(live[step] for step in range(i.start, i.end + 1)), i.start, -i.bytes, i.name)
 
 
 def _search(items: list[Interval], best: tuple, bound: int) -> tuple:
@@ -92,13 +97,13 @@ def _search(items: list[Interval], best: tuple, bound: int) -> tuple:
         for index, item in enumerate(remaining):
             if best[0] <= bound or budget[0] <= 0:
                 return
-            kind = (item.size, item.start, item.end)
+            kind = (item.bytes, item.start, item.end)
             if kind in tried:  # the same placement as a tensor tried here already
                 continue
             tried.add(kind)
             budget[0] -= 1
             offset = _lowest_offset(item, placed, offsets)
-            end = max(top, _align(offset + item.size))
+            end = max(top, _align(offset + item.bytes))
             if end >= best[0]:
                 continue
             offsets[id(item)] = offset
@@ -124,9 +129,9 @@ def _lowest_offset(item: Interval, placed: list, offsets: dict) -> int:
     live = sorted((p for p in placed if not (p.end < item.start or item.end < p.start)), key=lambda p: offsets[id(p)])
     offset = 0
     for other in live:
-        if offset + item.size <= offsets[id(other)]:
+        if offset + item.bytes <= offsets[id(other)]:
             break
-        offset = max(offset, _align(offsets[id(other)] + other.size))
+        offset = max(offset, _align(offsets[id(other)] + other.bytes))
     return offset
 
 

@@ -22,15 +22,15 @@ from ..errors import PfpcError
 from ..ir import call_op_name, main_bindings, output_fields
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec
-from . import memory_plan
+from . import memory_plan, naming
 from .kernels import generate_c_kernels
 from .targets import get_target
 
 
-#: Header macros are <NAME>_<IDENT upper-cased>_SIZE; these identifiers would repeat fixed ones.
+#: Header macros are <NAME>_<IDENT upper-cased>_ELEMENTS, _BYTES (and the old _SIZE); these identifiers would repeat fixed ones.
 MACRO_STEMS = re.compile(r"(input|output)[0-9]+|arena|sampled_weights")
 MAX_IDENT = 63  # C99's significant characters of an internal identifier or a macro name
-MAX_MACRO_IDENT = 40  # inputs and outputs: <NAME>_<IDENT>_SIZE stays within MAX_IDENT
+MAX_MACRO_IDENT = 40  # inputs and outputs: <NAME>_<IDENT>_ELEMENTS stays within MAX_IDENT
 
 
 class Namer:
@@ -79,10 +79,17 @@ class Tensor:
     last_use: int = -1
     offset: int = 0
     param: str = ""  # a weight's Relax parameter
+    stem: str = ""  # a weight's name without its moment: its ONNX initializer (`naming.weight_name`)
 
     @property
-    def size(self):
+    def elements(self) -> int:
+        """Floats (or codes) it holds; its bytes are 4 * elements for a float tensor."""
         return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def size(self) -> int:
+        """`elements`, by its earlier name."""
+        return self.elements
 
 
 @dataclass
@@ -91,6 +98,7 @@ class Step:
     args: list  # Tensor
     spec: KernelSpec | None  # None: a kernel that is not a Gaussian one
     comment: str = ""
+    variant: str = ""  # a kernel rebuilt for this step (``codebook``: it reads codebooks)
 
 
 @dataclass
@@ -114,6 +122,15 @@ class Program:
     sampling: object = None  # emit_svi.Sampling: the program runs once per weight sample (mode svi)
     output_softmax: list = field(default_factory=list)  # outputs computed by a final softmax (see substitute_layers)
     shared: object = None  # shared_weights.SharedWeights: weights stored as codebooks (a shared posterior)
+    kernel_names: dict = field(default_factory=dict)  # kernel -> its C function (`kernel_c_name`)
+
+    def kernel_c_name(self, kernel: str) -> str:
+        """The C function of a kernel, named after its ONNX nodes (`naming.kernel_name`)."""
+        if kernel not in self.kernel_names:
+            step = next((s for s in self.steps if s.kernel == kernel), None)
+            spec, variant = (step.spec, step.variant) if step is not None else (None, "")
+            self.kernel_names[kernel] = self.namer(naming.kernel_name(spec, kernel, variant))
+        return self.kernel_names[kernel]
 
     def softmax_of(self, index: int) -> dict | None:
         """The ``output_softmax`` entry of output ``index``: its value is the softmax (log-softmax)
@@ -174,9 +191,9 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     for kind, tensor in zip(extras, out_fields):
         pointer = namer(f"{program.outputs[0][0]}_{kind}", limit=MAX_MACRO_IDENT)
         program.extra_outputs.append((pointer, kind, tensor.shape))
-        bind_output(tensor, pointer, tensor.size)
+        bind_output(tensor, pointer, tensor.elements)
     for entry, tensor in zip(program.output_softmax, out_fields[len(extras):]):
-        bind_output(tensor, program.outputs[entry["output"]][0], tensor.size)
+        bind_output(tensor, program.outputs[entry["output"]][0], tensor.elements)
     plan_arena(program)
     return program
 
@@ -205,10 +222,12 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
     onnx_names = ir_state.onnx_names(func)
     weight_tensors = {}
     for param in func.params[num_input:]:
-        tensor = Tensor(namer(param.name, prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight", param=param.name)
+        initializer = ir_state.onnx_name(onnx_names, param.name)
+        stem, moment = naming.weight_name(initializer, param.name)
+        tensor = Tensor(namer(f"{stem}_{moment}", prefix=f"{name}_"), [int(d) for d in param.ty.shape], "weight", param=param.name, stem=stem)
         env[param] = tensor
         weight_tensors[param.name] = tensor
-        program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), ir_state.onnx_name(onnx_names, param.name))
+        program.weights[tensor.c_name] = (np.asarray(weights[param.name], np.float32), initializer)
     prim_funcs = {}
     for binding in main_bindings(func):
         value, op = binding.value, call_op_name(binding.value)
@@ -226,8 +245,9 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
             out_types = binding.var.ty.fields if isinstance(binding.var.ty, relax.TupleType) else [binding.var.ty]
             spec = ir_state.kernel_spec(prim)
             out_repr = spec.output if spec is not None else Moment.VAR
+            label = naming.kernel_name(spec, gvar.name_hint).removeprefix("k_")
             for index, out_ty in enumerate(out_types):
-                tensor = Tensor(namer(f"{gvar.name_hint}_{'mean' if index == 0 else out_repr}"), [int(d) for d in out_ty.shape], "arena", step_index, step_index)
+                tensor = Tensor(namer(f"{label}_{'mean' if index == 0 else out_repr}"), [int(d) for d in out_ty.shape], "arena", step_index, step_index)
                 program.tensors.append(tensor)
                 outs.append(tensor)
                 args.append(tensor)
@@ -252,7 +272,7 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
 
 def plan_arena(program: Program) -> None:
     """Place every arena tensor (lifetime: the steps from ``produced`` to ``last_use``)."""
-    intervals = [memory_plan.Interval(t.c_name, 4 * t.size, t.produced, t.last_use) for t in program.tensors if t.kind == "arena"]
+    intervals = [memory_plan.Interval(t.c_name, 4 * t.elements, t.produced, t.last_use) for t in program.tensors if t.kind == "arena"]
     program.arena_size = memory_plan.plan(intervals)
     program.arena_lower_bound = memory_plan.lower_bound(intervals)
     offsets = {i.name: i.offset for i in intervals}

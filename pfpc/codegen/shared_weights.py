@@ -157,7 +157,8 @@ def encode(program, covered: set, prim_funcs: dict) -> SharedWeights:
     stored = {}  # id(old Tensor) -> (Codebook, [new Tensors])
     for tensors, source, rep in _weight_operands(program, covered, result):
         roles = ["mean", rep][: len(tensors)]
-        book = choose_codebook([program.weights[t.c_name][0] for t in tensors], tensors[0].c_name, source,
+        stem = program.namer(tensors[0].stem, prefix=f"{program.name}_") if tensors[0].stem else tensors[0].c_name
+        book = choose_codebook([program.weights[t.c_name][0] for t in tensors], stem, source,
                                [(t.c_name, role) for t, role in zip(tensors, roles)])
         if book is None:
             result.kept_full.append((source, "a codebook would not be smaller than the float arrays (per-channel scaling?)"))
@@ -227,6 +228,7 @@ def rebuild(step, prim_funcs, namer, spec, names, shapes, built, suffix, codeboo
         prim_funcs[built[key]], _ = build_kernel(spec.with_(names=tuple(names)), shapes, built[key], codebooks)
     step.kernel = built[key]
     step.spec = spec
+    step.variant = suffix
 
 
 def drop_unused(program, prim_funcs) -> None:

@@ -5,7 +5,9 @@ two function attributes the passes read:
 
 - ``pfp.params``: parameter name -> weight mean (every parameter after ``num_input``);
 - ``pfp.weight_var``: parameter name -> weight variance, for stochastic weights only;
-- ``pfp.onnx_names``: parameter name -> ONNX initializer name (for messages and C comments).
+- ``pfp.onnx_names``: parameter name -> ONNX initializer name (for messages and C comments);
+- ``pfp.onnx_nodes``: binding name -> the ONNX node it computes (provenance: the C kernels are
+  named after their nodes).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..errors import PfpcError
 from .. import ir_state
 from ..ir import constant_value
 from ..ops import registry as R
+from ..ops.kernel import OnnxNode
 from .explicit_pads import make_pads_explicit
 from .onnx_model import graph_inputs, input_shapes
 from .posterior import Posterior
@@ -74,19 +77,31 @@ def check_supported(model: onnx.ModelProto, name: str) -> None:
                             "pfpc's outputs are float32 means and variances")
 
 
+def onnx_node(node, index: int) -> OnnxNode:
+    """The provenance record of the ``index``-th node of an ONNX file: a node without a name
+    (many exporters write none) is ``<op_type>_<index>``."""
+    return OnnxNode(index, node.name or f"{node.op_type}_{index}", node.op_type)
+
+
 def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "model") -> tvm.IRModule:
     check_supported(model, name)
+    by_output = {out: onnx_node(node, index) for index, node in enumerate(model.graph.node) for out in node.output if out}
+    graph_outputs = {value.name for value in model.graph.output}
     model = make_pads_explicit(model)
     model = _constants_as_constant_nodes(model, posterior, name)
     model, original_names = tame_names(model)
+    converted = []  # per converted node: (OnnxNode or None, is a graph output, result expression)
+    plan = [(node.name, next((by_output[original_names.get(o, o)] for o in node.output if original_names.get(o, o) in by_output), None),
+             any(original_names.get(o, o) in graph_outputs for o in node.output)) for node in model.graph.node]
     try:
-        with _pfpc_converters():
+        with _pfpc_converters(plan, converted):
             mod = from_onnx(model, shape_dict=input_shapes(model), keep_params_in_input=True)
     except PfpcError:
         raise
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PfpcError(f"{name}: TVM's ONNX importer fails: {first}") from None
+    provenance = _binding_nodes(mod["main"], converted)
     mod = relax.transform.DeadCodeElimination()(mod)  # e.g. the sigmoid of a SiLU that `_Mul` made one operator
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
@@ -104,7 +119,9 @@ def import_model(model: onnx.ModelProto, posterior: Posterior, name: str = "mode
         if onnx_name in posterior.variances:
             variances[param.name] = posterior.variances[onnx_name]
     func = func.without_attr("params")
-    for key, value in ir_state.encode(means=params, variances=variances, onnx_names=onnx_by_relax).items():
+    bound = {binding.var.name for block in func.body.blocks for binding in block.bindings}
+    provenance = {var: nodes for var, nodes in provenance.items() if var in bound}
+    for key, value in ir_state.encode(means=params, variances=variances, onnx_names=onnx_by_relax, onnx_nodes=provenance).items():
         func = func.with_attr(key, value)
     mod["main"] = func
     return mod
@@ -558,18 +575,63 @@ class _Sum(onnx_frontend.OnnxOpConverter):
         return total
 
 
+def _binding_nodes(func, converted) -> dict:
+    """Binding name -> (OnnxNode,): the node whose conversion emitted it. Each node's result was
+    bound as soon as it was converted (`_pfpc_converters`), so a binding belongs to the first
+    node converted after it was emitted; the results of output nodes are bound by the importer
+    at the end, matched by identity."""
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    position = {b.var: i for i, b in enumerate(bindings)}
+    owner = {}
+    boundary = -1
+    for node, output, result in converted:
+        results = list(result.fields) if isinstance(result, relax.Tuple) else [result]
+        ends = [position[r] for r in results if isinstance(r, relax.Var) and r in position]
+        if output and not ends:
+            for index, binding in enumerate(bindings):
+                if any(binding.value.same_as(r) for r in results):
+                    ends.append(index)
+        end = max(ends, default=-1)
+        if node is not None:
+            for index in range(boundary + 1, end + 1):
+                owner.setdefault(index, node)
+        boundary = max(boundary, end)
+    names = [b.var.name for b in bindings]
+    return {bindings[i].var.name: (node,) for i, node in owner.items() if names.count(bindings[i].var.name) == 1}
+
+
 @contextlib.contextmanager
-def _pfpc_converters():
-    """Use pfpc's converters for the ONNX operators above while the importer runs."""
+def _pfpc_converters(plan=None, converted=None):
+    """Use pfpc's converters for the ONNX operators above while the importer runs. With ``plan``
+    (per node of the graph: its name, its OnnxNode or None, and whether it makes a graph output), each
+    converted node's result is bound right away (except at the outputs, which the importer binds
+    itself) and listed in ``converted`` as (OnnxNode, is an output, result): `_binding_nodes`."""
     original = onnx_frontend._get_convert_map
+    original_convert = onnx_frontend.ONNXGraphImporter._convert_operator
+    pending = list(plan or [])
 
     def convert_map():
         return {**original(), **{converter.op_type: converter for converter in (_Clip, _Pad, _Sum, _HardSigmoid, _HardSwish, _Elu, _Selu, _Softplus,
                                                                        _Mul, _Max, _Min, _Split, _Tile, _Expand, _Resize, _Upsample,
                                                                        _InstanceNormalization, _GroupNormalization, _LRN)}}
 
+    def convert(importer, op_name, inputs, attrs, opset):
+        result = original_convert(importer, op_name, inputs, attrs, opset)
+        planned, node, output = pending.pop(0) if pending else ("", None, False)
+        if planned != attrs.get("tvm_custom", {}).get("name", planned):  # not the node planned: no provenance
+            pending.clear()
+            converted.clear()
+            node = None
+        if isinstance(result, relax.Call) and isinstance(result.ty, (relax.TensorType, relax.TupleType)) and not output:
+            result = importer.bb.emit(result)
+        converted.append((node, output, result))
+        return result
+
     onnx_frontend._get_convert_map = convert_map
+    if converted is not None:
+        onnx_frontend.ONNXGraphImporter._convert_operator = convert
     try:
         yield
     finally:
         onnx_frontend._get_convert_map = original
+        onnx_frontend.ONNXGraphImporter._convert_operator = original_convert

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 
+import tvm
 from tvm import s_tir, te, tirx
 
 from . import codebook as CB
@@ -37,25 +38,51 @@ def arity(op: str, attrs: dict) -> int:
     return R.STAGES[op].arity + (2 if "draw_groups" in attrs else 0)
 
 
+@dataclass(frozen=True, order=True)
+class OnnxNode:
+    """Provenance: the ONNX node an IR value or kernel stage comes from. ``name``: its name in
+    the file, or ``<op_type>_<index>`` when it has none; ``index``: its position in the file."""
+
+    index: int
+    name: str
+    op_type: str
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """``stages``: ((op, attrs), ...) applied in order; ``operands``: the representation of each
-    Gaussian operand; ``output``: the representation the kernel writes."""
+    Gaussian operand; ``output``: the representation the kernel writes. ``nodes``: per stage, the
+    `OnnxNode`s it computes (provenance for names and comments; empty when unknown)."""
 
     stages: tuple
     operands: tuple
     output: str
     names: tuple = field(default=(), compare=False)
+    nodes: tuple = field(default=(), compare=False)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"stages": [[op, attrs] for op, attrs in self.stages], "operands": list(self.operands), "output": self.output}
-        , sort_keys=True)
+        data = {"stages": [[op, attrs] for op, attrs in self.stages], "operands": list(self.operands), "output": self.output}
+        if self.nodes:
+            data["nodes"] = [[[n.index, n.name, n.op_type] for n in stage] for stage in self.nodes]
+        return json.dumps(data, sort_keys=True)
 
     @staticmethod
     def from_json(text: str) -> "KernelSpec":
         data = json.loads(text)
-        return KernelSpec(tuple((op, attrs) for op, attrs in data["stages"]), tuple(Moment(r) for r in data["operands"]), Moment(data["output"]))
+        nodes = tuple(tuple(OnnxNode(int(i), str(n), str(o)) for i, n, o in stage) for stage in data.get("nodes", ()))
+        return KernelSpec(tuple((op, attrs) for op, attrs in data["stages"]), tuple(Moment(r) for r in data["operands"]),
+                          Moment(data["output"]), nodes=nodes)
+
+    def stage_nodes(self, index: int) -> tuple:
+        """The `OnnxNode`s of stage ``index`` (none when the provenance is unknown)."""
+        return self.nodes[index] if index < len(self.nodes) else ()
+
+    def then(self, other: "KernelSpec", operands: tuple) -> "KernelSpec":
+        """This kernel followed by ``other``'s stages (fusion), with its provenance."""
+        nodes = ()
+        if self.nodes or other.nodes:
+            nodes = tuple(self.stage_nodes(i) for i in range(len(self.stages))) + tuple(other.stage_nodes(i) for i in range(len(other.stages)))
+        return KernelSpec(self.stages + other.stages, operands, other.output, nodes=nodes)
 
     @property
     def ops(self):
@@ -130,6 +157,8 @@ def build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
         te.compute(t.shape, lambda *i, t=t: t[i], name=f"copy_{t.name}") if t in taken else t for t in outputs
     ]
     func = te.create_prim_func(params + outputs)  # the algorithm; codegen schedules it for the target
+    # a formula used twice in one expression repeats its `moments._let` locals: rename them apart
+    func = tvm.tirx.transform.ConvertSSA()(tvm.IRModule({"main": func}))["main"]
     func = func.with_attr("global_symbol", name).with_attr(KERNEL_ATTR, spec.to_json())
     return func, [int(d) for d in outputs[0].shape]
 

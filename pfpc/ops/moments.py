@@ -33,13 +33,22 @@ def std_normal_cdf(z, pdf=None):
     z = +-inf gives exactly 1 or 0.
     """
     pdf = std_normal_pdf(z) if pdf is None else pdf
-    t = f32(1.0) / (f32(1.0) + f32(_AS_P) * tirx.max(z, f32(0.0) - z))  # |z| (fabs has no C lowering)
+    t = tirx.Var("phi_t", "float32")  # bound once (`_let`): the C reads a local, not the expression five times
     poly = f32(_AS_B[4])
     for coefficient in reversed(_AS_B[:4]):
         poly = poly * t + f32(coefficient)
-    lower = pdf * poly * t
+    lower = tirx.Var("phi_lower", "float32")
     upper_half = tirx.Cast("float32", z >= f32(0.0))  # arithmetic, not a branch: the loop stays vectorisable
-    return lower + upper_half * (f32(1.0) - f32(2.0) * lower)
+    result = lower + upper_half * (f32(1.0) - f32(2.0) * lower)
+    return _let(t, f32(1.0) / (f32(1.0) + f32(_AS_P) * tirx.max(z, f32(0.0) - z)),  # |z| (fabs has no C lowering)
+                _let(lower, pdf * poly * t, result))
+
+
+def _let(var, value, body):
+    """``body`` with ``var`` bound to ``value``: TVM's C backend prints a local (``float phi_t = ...;``)
+    where it would repeat ``value`` at every use, on lines of thousands of characters. The same
+    operations in the same order: the results are unchanged."""
+    return tirx.Let(var, value, body)
 
 
 def std_normal_pdf(z, exponent=None):
@@ -73,14 +82,15 @@ def exp_nonpositive(a):
     that a row of them vectorises: a = n ln2 + r with |r| <= ln2 / 2, exp(r) by a polynomial, 2^n
     by writing n + 127 into a float's exponent field (a bit cast: `tirx.reinterpret`, which
     `pfpc.codegen.kernels` has TVM's C backend print as a well-defined ``memcpy``)."""
-    n = tirx.Cast("int32", a * f32(_LOG2E) - f32(0.5))  # round to nearest: truncation of a value <= 0
+    n = tirx.Var("exp_n", "int32")
     n_float = tirx.Cast("float32", n)
-    r = a - n_float * f32(_LN2_HI) - n_float * f32(_LN2_LO)
+    r = tirx.Var("exp_r", "float32")
     poly = f32(_EXP_POLY[0])
     for coefficient in _EXP_POLY[1:]:
         poly = poly * r + f32(coefficient)
     power = tirx.reinterpret("float32", tirx.shift_left(n + tirx.const(127, "int32"), tirx.const(23, "int32")))  # -126 <= n <= 0: a normal float
-    return (poly * r * r + r + f32(1.0)) * power
+    return _let(n, tirx.Cast("int32", a * f32(_LOG2E) - f32(0.5)),  # round to nearest: truncation of a value <= 0
+                _let(r, a - n_float * f32(_LN2_HI) - n_float * f32(_LN2_LO), (poly * r * r + r + f32(1.0)) * power))
 
 
 def safe_sqrt(var):

@@ -26,7 +26,6 @@ import tvm
 from .. import ir_state
 from ..errors import PfpcError
 from ..ir import GaussianValue, func_attrs, with_attrs
-from ..ops.kernel import KernelSpec
 from ..ops.registry import LINEAR_OPS
 from .kernel_rewriter import KernelRewriter
 
@@ -70,7 +69,7 @@ class _Rewriter(KernelRewriter):
             self.new_names[name] = source  # stored as a codebook too (few distinct values)
         stages = ((spec.stages[0][0], {**spec.stages[0][1], "draw_groups": components}),) + spec.stages[1:]
         operands = list(operands[:2]) + extra + list(operands[2:])
-        return KernelSpec(stages, tuple(o.repr for o in operands), spec.output), operands
+        return spec.with_(stages=stages, operands=tuple(o.repr for o in operands)), operands
 
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.ApplySharedDraws")

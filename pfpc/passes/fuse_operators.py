@@ -17,7 +17,6 @@ import tvm
 
 from ..ir import kernel_of
 from ..ops.gaussian import Moment
-from ..ops.kernel import KernelSpec
 from ..ops.registry import Fusion, stages
 from .kernel_rewriter import KernelRewriter
 
@@ -62,7 +61,7 @@ class _Rewriter(KernelRewriter):
         if source in self.pending:
             first_spec, first_operands = self.pending.pop(source)
             operands = first_operands + list(operands[1:])
-            spec = KernelSpec(first_spec.stages + spec.stages, tuple(o.repr for o in operands), spec.output)
+            spec = first_spec.then(spec, tuple(o.repr for o in operands))
         if self._absorbable(binding, spec):
             self.pending[binding.var] = (spec, list(operands))
             return None, operands

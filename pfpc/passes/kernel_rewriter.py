@@ -109,7 +109,7 @@ class KernelRewriter:
             self.used.update(arg for operand in operands for arg in operand.args())
             names = set(self.weights)
             label = kernel_label(spec.ops, operands, names)
-            result = self.kernels.emit(spec.with_(operands=tuple(o.repr for o in operands)), operands, label, operand_names(operands, names))
+            result = self.kernels.emit(spec.with_(operands=tuple(o.repr for o in operands)), operands, label, operand_names(operands, names, ir_state.onnx_names(self.func)))
             self.values[binding.var] = (result, "mean")
             self.results[binding.var] = result
             return

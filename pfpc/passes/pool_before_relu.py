@@ -58,6 +58,7 @@ class _Swap(MainRewriter):
             self.copy_binding(binding)
             return
         attrs = binding.value.attrs
+        self.add_provenance(relu.var)
         pooled = self.bb.emit(relax.op.nn.max_pool2d(
             self.remap(relu.value.args[0]), pool_size=[int(k) for k in attrs.pool_size], strides=[int(s) for s in attrs.strides],
             padding=[0, 0, 0, 0], dilation=[int(d) for d in attrs.dilation], layout=attrs.layout, out_layout=attrs.out_layout,

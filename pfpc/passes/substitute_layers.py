@@ -42,6 +42,8 @@ class _Substitute(MainRewriter):
         self.constants = {}  # new deterministic weights made from constant operands
         self.softmax = {}  # var -> (function, axis) of a dropped softmax, followed through views
         self.weight_names = {param.name for param in weight_vars}
+        self.initializers = ir_state.onnx_names(self.func)
+        self.view_nodes = {}  # var -> ONNX nodes of the views (Flatten, Reshape, ...) it went through
         for param, var_param in weight_vars.items():
             self.gauss[param] = GaussianValue(param, var_param, Moment.VAR)
 
@@ -109,6 +111,7 @@ class _Substitute(MainRewriter):
             self.softmax[binding.var] = (R.OUTPUT_FUNCTIONS[op], int(value.attrs.axis) % rank)
             return
         if op in VIEW_OPS:
+            self.view_nodes[binding.var] = tuple(sorted(set(self.provenance) | set(self.view_nodes.get(value.args[0], ()))))
             if value.args[0] in self.softmax:
                 self.softmax[binding.var] = self.softmax[value.args[0]]
             source = self.value(value.args[0])
@@ -144,9 +147,10 @@ class _Substitute(MainRewriter):
             operands[position] = GaussianValue(operands[position].mean)
         reprs = tuple(o.repr for o in operands)
         output = Moment.NONE if all(r == Moment.NONE for r in reprs) else Moment.VAR
-        spec = KernelSpec((stage,), reprs, output)
+        nodes = set(self.provenance).union(*(self.view_nodes.get(arg, ()) for arg in args))
+        spec = KernelSpec((stage,), reprs, output, nodes=(tuple(sorted(nodes)),) if nodes else ())
         label = kernel_label([stage[0]], operands, self.weight_names)
-        result = self.kernels.emit(spec, operands, label, operand_names(operands, self.weight_names))
+        result = self.kernels.emit(spec, operands, label, operand_names(operands, self.weight_names, self.initializers))
         self.gauss[binding.var] = result
 
     def output(self, body):
@@ -187,7 +191,8 @@ class SubstituteLayers:
             all_params[var_name] = variances.get(param.name, np.zeros_like(means[param.name]))
         rewriter = _Substitute(mod, weight_vars, means, variances)
         params = list(func.params) + var_params
-        attrs = func_attrs(func, ir_state.encode(means=all_params, variances=None))
+        # provenance moves into the kernels' specs
+        attrs = func_attrs(func, ir_state.encode(means=all_params, variances=None, onnx_nodes=None))
         new_mod = rewriter.run(params, attrs)
         if rewriter.unsupported:
             names = sorted(set(rewriter.unsupported))
