@@ -125,6 +125,7 @@ def _gemm_model(rng, shape=(6, 12)):
     ("batch_norm", "weight 'w' is scaled at compile time"),
     ("components", "weight 'w' has 70 components; shared draws are propagated for at most 64"),
     ("svi", "semantics 'shared_draw' (one draw per component) is only supported by the compiled PFP"),
+    ("conv_transpose", "weight 'w' feeds a conv_transpose2d; shared draws are propagated through Gemm/MatMul/Conv"),
     ("verify", "semantics 'shared_draw' (one draw per component) is only supported by the compiled PFP"),
 ])
 def test_refused_with_one_line(tmp_path, capsys, case, expected):
@@ -138,6 +139,10 @@ def test_refused_with_one_line(tmp_path, capsys, case, expected):
         nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
                  helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"])]
         model = make_model(nodes, [("x", [1, 2, 4, 4])], ["y"], {"w": sp.expand_tensor(weight)[0].astype(np.float32), **bn})
+    if case == "conv_transpose":  # one weight reaches several outputs: its draw correlates them, which a kernel of its own drops
+        weight = _random_shared(rng, (2, 3, 3, 3), 3)
+        nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2])]
+        model = make_model(nodes, [("x", [1, 2, 4, 4])], ["y"], {"w": sp.expand_tensor(weight)[0].astype(np.float32)})
     np.savez(tmp_path / "draw.npz", **sp.to_arrays(sp.SharedPosterior("shared_draw", {"w": weight}, {})))
     import onnx
 

@@ -15,7 +15,8 @@ factor) is refused with one line: its draws would need the scale as well.
 The outputs of a layer become correlated through the shared draws (every output unit reads the
 same eps); the PFP keeps only per-unit variances, as it ignores the other correlations between
 units. Elementwise uses of a covered weight need nothing: each output reads one weight, whose
-marginal is unchanged. Runs after the kernel-rewriting passes, before the predictive outputs.
+marginal is unchanged; other kernels that read a covered weight (ConvTranspose, 3-D
+convolutions, normalisations) are refused. Runs after the kernel-rewriting passes, before the predictive outputs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import tvm
 from .. import ir_state
 from ..errors import PfpcError
 from ..ir import GaussianValue, func_attrs, with_attrs
-from ..ops.registry import LINEAR_OPS
+from ..ops.registry import LINEAR_OPS, STAGES, Fusion
 from .kernel_rewriter import KernelRewriter
 
 #: Components per covered initializer a shared-draw kernel accumulates separately (one register each).
@@ -46,6 +47,12 @@ class _Rewriter(KernelRewriter):
 
     def specialize(self, spec, operands, binding):
         if spec.ops[0] not in LINEAR_OPS:
+            # a kernel of its own (ConvTranspose, 3-D conv, normalisations, ...) may read one weight at many
+            # outputs, which the per-weight marginals do not describe: refuse rather than drop the correlation
+            covered = [self._source(operand) for operand in operands if self._source(operand) in self.draws]
+            if covered and STAGES[spec.ops[0]].fusion is Fusion.NONE:
+                raise PfpcError(f"shared posterior (semantics 'shared_draw'): weight '{covered[0]}' feeds a {spec.ops[0]}; "
+                                "shared draws are propagated through Gemm/MatMul/Conv layers and element-wise operators only")
             return spec, operands
         first, weight = operands[0], operands[1]
         if self._source(first) in self.draws:
