@@ -123,8 +123,11 @@ input, Makefile flags), one change at a time:
   Precomputing it once per input element would need a third buffer per feature map (against the
   memory target) or second moments stored instead of variances (which issue 20 removed: v = s - m²
   cancels). Not done in this round: the per-MAC variance path, cheaper ReLU/Clark steps.
-- **PFP / det.**: `pfpc report` counts 2.72 (seed LeNet-5) and 2.96 (ResNet-8) PFP multiply-adds per
-  MAC: the issue's 2.2x against the best deterministic C is below that floor and not met. No onnx2c
+- **PFP / det.**: `pfpc report` counts 4.15 (seed LeNet-5) and 4.89 (ResNet-8) PFP multiply-adds per
+  MAC since the variances are computed directly (`moments.FMA_PER_MAC_GENERAL`: five per MAC for a
+  stochastic input, counting m² + v and μ² per MAC, which register blocking and shared loads partly
+  amortise; before, 2.72 and 2.96): the issue's 2.2x against the best deterministic C is below
+  either floor and not met (ResNet-8 4.04, seed LeNet-5 3.26 with the Makefile's flags). No onnx2c
   baseline: onnx2c is not installed here and cannot be fetched (no downloads); the comparison is with
   pfpc's own deterministic C at the same flags, contraction allowed for both, its padded copies kept.
 - **SVI-C S=100 / PFP on ResNet-8** is not emulated (billions of instructions: hours under QEMU
