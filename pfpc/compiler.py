@@ -28,7 +28,7 @@ from .frontends.relax_import import import_model
 from .options import MODES, SVI_DEFAULT_SAMPLES, check_c_name, check_outputs, check_sampling_options  # noqa: F401
 from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.apply_shared_draws import ApplySharedDraws
-from .passes.pipeline import check_order, default_passes, svi_passes
+from .passes.pipeline import check_order, default_passes, for_target, svi_passes
 from .progress import step
 from .runner import RunResult, build_for_target, build_host, read_metadata, run, run_host  # noqa: F401
 
@@ -101,7 +101,7 @@ def compile(  # noqa: A001 - the public name users expect
     the predictive mean and variance by sampling: ``samples`` (default 100) draws of every weight
     the posterior names, from a generator seeded with ``seed`` (default 0) on every call (see
     `pfpc.codegen.emit_svi`).
-    ``passes``: a list of (name, pass) to run instead of `default_passes(target)` (`svi_passes(target)` in mode svi).
+    ``passes``: a list of (name, pass) to run instead of `for_target(default_passes(), target)` (`svi_passes()` in mode svi).
     ``dump_ir``: directory that receives the IR before and after every pass.
     ``out_dir``: where the C library is written (`CompiledModel.save`, whole or not at all).
     ``measure``: build the library with the target's compiler and return its footprint (flash,
@@ -123,7 +123,7 @@ def compile(  # noqa: A001 - the public name users expect
     check_c_name(name)
     samples, seed = check_sampling_options(mode, samples, seed)
     outputs = check_outputs(outputs, mode)
-    passes = list(passes if passes is not None else (svi_passes(target_info) if mode == "svi" else default_passes(target_info)))
+    passes = list(passes if passes is not None else for_target(svi_passes() if mode == "svi" else default_passes(), target_info))
     last = [("append_predictive_outputs", AppendPredictiveOutputs(outputs, probs_method, logit_samples))] if outputs else []
     if out_dir is not None:
         atomic.check_replaceable(os.path.abspath(out_dir), force)

@@ -247,7 +247,7 @@ def _kernel_bodies(c_source):
 @pytest.mark.parametrize("target", ["host", "cortex-m4"])
 def test_padded_convolution_loops_have_no_branches(tmp_path, target):
     """SIMD targets read a padded copy (branch-free rows); scalar cores (Cortex-M4) test the border
-    in the convolution itself, with no copy and no buffer for it (`pipeline.default_passes`)."""
+    in the convolution itself, with no copy and no buffer for it (`pipeline.for_target`)."""
     import pfpc.compiler as compiler
 
     out = str(tmp_path / "out")

@@ -367,7 +367,7 @@ def test_codebook_reads_cost_little_on_cortex_m4(tmp_path, capsys):
     +20 % after the float kernels got 2.6x faster, the dense layers decoding each weight once per
     call at batch 1; reading through the tables at every use cost +86 %). Both builds read padded
     copies, the convolutions' schedule when the bound was set: in the default Cortex-M4 build
-    the PFP's 3x3 convolutions test their border instead (`pipeline.default_passes`), which makes
+    the PFP's 3x3 convolutions test their border instead (`pipeline.for_target`), which makes
     both 21-24 K instructions faster, leaves the codebook reads' cost as it was (45,720 -> 48,360)
     and raises it to 29 % of the faster float build."""
     from pfpc.passes.pipeline import default_passes

@@ -11,7 +11,7 @@ pass over the input, its branches outside any reduction, and an arena buffer of 
 Runs on the deterministic module, before `SubstituteLayers` turns both into Gaussian kernels.
 
 ``border_taps``: in a network with a posterior, convolutions whose window has at most this many
-taps keep their padding and test the border themselves (`pipeline.default_passes` asks for 9 on
+taps keep their padding and test the border themselves (`pipeline.for_target` asks for 9 on
 scalar cores, where the PFP's unrolled 3x3 window pays less for its tests than for the copy; the
 deterministic network, one multiply-add per tap, keeps the copy; see there).
 """
