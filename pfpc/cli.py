@@ -68,6 +68,9 @@ def _compile_parser():
                         "sampling (--logit-samples draws on the device), probit (for comparison)")
     parser.add_argument("--logit-samples", type=int, default=64,
                         help="draws of the logits per call for --probs-method sampling and for mutual_information (default 64)")
+    parser.add_argument("--moment-storage", choices=("float32", "bfloat16"), default="float32",
+                        help="how the variances between layers are stored in the arena: float32 (default) or bfloat16 "
+                        "(half their RAM; 8 significant bits, see the README's memory section)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory that pfpc wrote")
     parser.add_argument("--mode", choices=("pfp", "svi"), default="pfp",
                         help="pfp (default): one probabilistic forward pass; svi: the same API computed by sampling the weights")
@@ -340,7 +343,7 @@ def _compile(args) -> int:
         args.model, args.posterior, target=args.target, out_dir=args.output, batch=args.batch,
         dump_ir=args.dump_ir, name=args.name, force=args.force, measure=True, ram_limit=ram_limit, flash_limit=flash_limit,
         mode=args.mode, samples=args.samples, seed=args.seed, outputs=[o for o in args.outputs.split(",") if o],
-        probs_method=args.probs_method, logit_samples=args.logit_samples,
+        probs_method=args.probs_method, logit_samples=args.logit_samples, moment_storage=args.moment_storage,
     )
     sampling = result.program.sampling
     detail = f" run once per sample, {sampling.samples} samples (SVI)" if sampling else ""

@@ -29,7 +29,7 @@ from .options import MODES, SVI_DEFAULT_SAMPLES, check_c_name, check_outputs, ch
 from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.substitute_layers import SubstituteLayers
 from .passes.apply_shared_draws import ApplySharedDraws
-from .passes.pipeline import check_order, default_passes, svi_passes
+from .passes.pipeline import check_order, default_passes, for_target, svi_passes
 from .progress import step
 from .runner import RunResult, build_for_target, build_host, read_metadata, run, run_host  # noqa: F401
 
@@ -93,6 +93,7 @@ def compile(  # noqa: A001 - the public name users expect
     outputs=(),
     probs_method: str = "meanfield",
     logit_samples: int = 64,
+    moment_storage: str = "float32",
 ) -> CompiledModel:
     """Compile ``model`` (path or ModelProto) with ``posterior`` (path, dict of arrays, or None
     for the deterministic network: every variance zero, said explicitly).
@@ -101,7 +102,7 @@ def compile(  # noqa: A001 - the public name users expect
     the predictive mean and variance by sampling: ``samples`` (default 100) draws of every weight
     the posterior names, from a generator seeded with ``seed`` (default 0) on every call (see
     `pfpc.codegen.emit_svi`).
-    ``passes``: a list of (name, pass) to run instead of `default_passes()` (`svi_passes()` in mode svi).
+    ``passes``: a list of (name, pass) to run instead of `for_target(default_passes(), target)` (`svi_passes()` in mode svi).
     ``dump_ir``: directory that receives the IR before and after every pass.
     ``out_dir``: where the C library is written (`CompiledModel.save`, whole or not at all).
     ``measure``: build the library with the target's compiler and return its footprint (flash,
@@ -112,12 +113,18 @@ def compile(  # noqa: A001 - the public name users expect
     ``("probs", "entropy", "mutual_information", "logit_var", "ood")``; ``probs_method``
     (meanfield, sampling or probit) and ``logit_samples`` (draws of the logits for sampling and
     mutual_information) say how (`pfpc.passes.append_predictive_outputs`, `pfpc.ops.predictive`).
+    ``moment_storage="bfloat16"``: the variances between layers stored in 16 bits in the arena
+    (`pfpc.codegen.program.store_moments_in_bfloat16`; mode pfp).
     """
+    if moment_storage not in ("float32", "bfloat16"):
+        raise PfpcError(f"moment storage '{moment_storage}': float32 or bfloat16")
+    if moment_storage != "float32" and mode != "pfp":
+        raise PfpcError(f"moment storage {moment_storage} is for mode pfp (mode {mode} propagates no variances)")
     target_info = get_target(target)
     check_c_name(name)
     samples, seed = check_sampling_options(mode, samples, seed)
     outputs = check_outputs(outputs, mode)
-    passes = list(passes if passes is not None else (svi_passes() if mode == "svi" else default_passes()))
+    passes = list(passes if passes is not None else for_target(svi_passes() if mode == "svi" else default_passes(), target_info))
     substituted = any(isinstance(transform, SubstituteLayers) for _, transform in passes)
     predictive = AppendPredictiveOutputs(outputs, probs_method, logit_samples)  # options checked before the model is read
     if out_dir is not None:
@@ -159,7 +166,8 @@ def compile(  # noqa: A001 - the public name users expect
                 program.shared = shared_weights.encode(program, set(post.shared.tensors), prim_funcs)
 
             program = lower_to_program(mod, weights, io, name, target_info,
-                                       before_codegen=read_through_codebooks if post.shared is not None else None)
+                                       before_codegen=read_through_codebooks if post.shared is not None else None,
+                                       moment_storage=moment_storage)
     result = CompiledModel(mod, program, None, io)
     if measure or ram_limit is not None or flash_limit is not None:
         def measure_and_check(directory):

@@ -321,3 +321,35 @@ def test_cortex_m_object_uses_fused_multiply_adds(tmp_path, target):
     multiplies = [line for line in disassembly.splitlines() if "\tvmul.f32" in line]
     # the convolutions' and dense layers' accumulations (two per MAC) are fused: more than the plain multiplies
     assert len(fused) > len(multiplies), (len(fused), len(multiplies))
+
+
+@needs_arm
+def test_residual_sum_written_in_place_on_cortex_m4(tmp_path):
+    """A residual block (x = relu(conv(input)); y = relu(conv(relu(conv(x))) + x); z = conv(y)) on
+    Cortex-M4: the block's output takes over x's bytes and the convolutions read their zero border
+    themselves, so the arena holds two feature maps (x and the hidden one, mean and variance)
+    instead of four; the emulated result is the NumPy reference's."""
+    from helpers import make_model, random_std
+
+    rng = np.random.default_rng(5)
+    inits = {name: (rng.standard_normal(shape) * 0.3).astype(np.float32) for name, shape in
+             [("w0", (4, 2, 3, 3)), ("b0", (4,)), ("w1", (4, 4, 3, 3)), ("b1", (4,)), ("w2", (4, 4, 3, 3)), ("b2", (4,)),
+              ("w3", (3, 4, 1, 1))]}
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [onnx.helper.make_node("Conv", ["input", "w0", "b0"], ["c0"], **conv), onnx.helper.make_node("Relu", ["c0"], ["x"]),
+             onnx.helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], **conv), onnx.helper.make_node("Relu", ["c1"], ["h"]),
+             onnx.helper.make_node("Conv", ["h", "w2", "b2"], ["c2"], **conv), onnx.helper.make_node("Add", ["c2", "x"], ["s"]),
+             onnx.helper.make_node("Relu", ["s"], ["y"]), onnx.helper.make_node("Conv", ["y", "w3"], ["z"])]
+    model = make_model(nodes, [("input", [1, 2, 6, 8])], ["z"], inits)
+    stds = random_std(inits, rng)
+    x = rng.standard_normal((1, 2, 6, 8)).astype(np.float32)
+    out = str(tmp_path / "out")
+    result = pfpc.compile(model, stds, out_dir=out, batch=1, target="cortex-m4")
+    feature_map = 2 * 4 * 4 * 6 * 8  # mean and variance, 4 x 6 x 8 floats each
+    assert result.program.arena_size == 2 * feature_map  # three without the in-place sum
+    residual = [step for step in result.program.steps if step.in_place]
+    assert len(residual) == 1 and all(a.offset == b.offset for a, b in residual[0].in_place)
+    (mean, var), = compiler.run(out, [x], emulate=True).outputs
+    ref_mean, ref_var = reference.pfp_onnx(model, {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in stds.items()}, {"input": x})["z"]
+    np.testing.assert_allclose(mean.reshape(ref_mean.shape), ref_mean, rtol=1e-4, atol=1e-4 * np.abs(ref_mean).max())
+    np.testing.assert_allclose(var.reshape(ref_var.shape), ref_var, rtol=1e-4, atol=1e-4 * np.abs(ref_var).max())

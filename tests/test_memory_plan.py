@@ -78,3 +78,20 @@ def test_large_networks_plan_without_deep_search():
         for a, b in zip(items, items[gap:]):
             assert a.offset + a.size <= b.offset or b.offset + b.size <= a.offset
     assert arena == lower_bound(items)
+
+
+def test_tensor_written_in_place_takes_over_its_operand():
+    """``reuses``: an output written in place over an operand that dies at that step gets the
+    operand's offset, so the step needs one buffer for both (a residual sum); the lower bound
+    counts them once."""
+    items = [Interval("x", 1024, 0, 2), Interval("h", 1024, 1, 2), Interval("y", 1024, 2, 3, reuses="x"), Interval("z", 512, 3, 3)]
+    assert plan(items) == 2048 and lower_bound(items) == 2048
+    assert items[2].offset == items[0].offset != items[1].offset
+    without = [Interval(i.name, i.size, i.start, i.end) for i in items]
+    assert lower_bound(without) == 3072
+    try:
+        plan([Interval("x", 1024, 0, 1), Interval("y", 512, 1, 2, reuses="x")])
+    except ValueError as err:
+        assert "cannot take over" in str(err)
+    else:
+        raise AssertionError("a reuse of another size was accepted")

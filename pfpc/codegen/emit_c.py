@@ -240,7 +240,8 @@ def render_arena_pointers(program: Program) -> list:
     decls = []
     for tensor in program.tensors:
         if tensor.kind == "arena":
-            decls.append(f"  float* {tensor.c_name} = (float*)(base + {tensor.offset}); /* {tensor.shape} */")
+            ctype = "uint16_t" if tensor.storage == "bfloat16" else "float"  # bfloat16: `program.store_moments_in_bfloat16`
+            decls.append(f"  {ctype}* {tensor.c_name} = ({ctype}*)(base + {tensor.offset}); /* {tensor.shape} */")
     unused = [f"  (void){t.c_name};" for t in program.tensors if t.kind == "arena" and not any(t in s.args for s in program.steps)]
     return [
         f"#ifndef {upper}_NO_STATIC_ARENA",

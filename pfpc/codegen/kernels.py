@@ -48,6 +48,7 @@ class CKernel:
     params: list  # (name, written)
     body: str
     ctypes: dict = field(default_factory=dict)  # parameter -> element type, if not float
+    aliased: set = field(default_factory=set)  # parameters that may point to the same bytes (an output written in place)
 
     @property
     def helpers(self) -> list[str]:
@@ -55,10 +56,12 @@ class CKernel:
         return [helper for helper in HELPERS if re.search(rf"\b{helper}\(", self.body)]
 
     def signature(self, prefix: str, name: str | None = None) -> str:
-        """``restrict``: the memory plan never lets a kernel's output share bytes with another of its
-        buffers, and saying so lets the C compiler vectorise loops that store to an output
+        """``restrict``: the memory plan lets a kernel's output share bytes with another of its
+        buffers only when it writes that operand in place (``aliased``: those two stay without
+        it), and saying so lets the C compiler vectorise loops that store to an output
         without runtime overlap checks (which gcc -O2 does not add)."""
-        args = ", ".join(f"{'' if written else 'const '}{self.ctypes.get(p, 'float')}* restrict {p}" for p, written in self.params)
+        args = ", ".join(f"{'' if written else 'const '}{self.ctypes.get(p, 'float')}*{'' if p in self.aliased else ' restrict'} {p}"
+                         for p, written in self.params)
         return f"void {prefix}{self.name if name is None else name}({args})"
 
 
@@ -212,3 +215,64 @@ def _extract(source: str, name: str) -> CKernel:
         raise PfpcError(f"internal: kernel {name} uses the TVM runtime; cannot emit standalone C")
     written = [(p, re.search(rf"\b{re.escape(p)}\[[^\]]*\]\s*=[^=]", text) is not None) for p in params]
     return CKernel(name, written, text, ctypes)
+
+
+#: A variance stored in 16 bits (bfloat16: float32's sign, exponent and top 7 mantissa bits),
+#: rounded to nearest even on the way in; the arithmetic stays float32 (`store_as_bfloat16`).
+BF16_LOAD = "pfpc_bf16_load"
+BF16_STORE = "pfpc_bf16_store"
+HELPERS[BF16_LOAD] = (f"static inline float {BF16_LOAD}(uint16_t bits) {{\n"
+                      "  uint32_t word = (uint32_t)bits << 16;\n  float value;\n  memcpy(&value, &word, sizeof value);\n  return value;\n}\n")
+HELPERS[BF16_STORE] = (f"static inline uint16_t {BF16_STORE}(float value) {{\n"
+                       "  uint32_t word;\n  memcpy(&word, &value, sizeof word);\n"
+                       "  return (uint16_t)((word + 0x7FFFu + ((word >> 16) & 1u)) >> 16);\n}\n")
+
+
+def _closing_bracket(text: str, start: int) -> int:
+    """Index of the ``]`` matching the ``[`` at ``start``."""
+    depth = 0
+    for index in range(start, len(text)):
+        depth += {"[": 1, "]": -1}.get(text[index], 0)
+        if depth == 0:
+            return index
+    raise ValueError("unbalanced subscript")
+
+
+def _wrap_reads(line: str, param: str) -> str:
+    """Every ``param[...]`` of ``line`` read through `BF16_LOAD`."""
+    out, position = [], 0
+    pattern = re.compile(rf"(?<![\w.]){re.escape(param)}\[")
+    while True:
+        match = pattern.search(line, position)
+        if match is None:
+            return "".join(out) + line[position:]
+        end = _closing_bracket(line, match.end() - 1)
+        out.append(line[position:match.start()] + f"{BF16_LOAD}({line[match.start():end + 1]})")
+        position = end + 1
+
+
+def store_as_bfloat16(kernel: CKernel, params) -> CKernel | None:
+    """``kernel`` with the float buffers ``params`` stored as bfloat16 (``uint16_t``): every load
+    of an element converts it to float, every store rounds to nearest even. None if one of them
+    is used otherwise than by element loads and whole-statement stores (the caller keeps it float)."""
+    lines = []
+    for line in kernel.body.split("\n"):
+        for param in params:
+            stripped = line.lstrip()
+            if stripped.startswith(param + "["):
+                indent = line[: len(line) - len(stripped)]
+                end = _closing_bracket(stripped, len(param))
+                rest = stripped[end + 1:]
+                if not (rest.startswith(" = ") and rest.endswith(";")):
+                    return None
+                target, value = stripped[: end + 1], rest[3:-1]
+                line = f"{indent}{target} = {BF16_STORE}({_wrap_reads(value, param)});"
+            else:
+                line = _wrap_reads(line, param)
+        lines.append(line)
+    body = "\n".join(lines)
+    for param in params:
+        bare = re.sub(rf"{BF16_LOAD}\({re.escape(param)}\[|^\s*{re.escape(param)}\[", "", body, flags=re.M)
+        if re.search(rf"(?<![\w.]){re.escape(param)}\b", bare):
+            return None
+    return CKernel(kernel.name, kernel.params, body, {**kernel.ctypes, **{p: "uint16_t" for p in params}}, set(kernel.aliased))

@@ -26,6 +26,7 @@ class Interval:
     start: int  # step that writes it
     end: int  # last step that reads it
     offset: int = -1
+    reuses: str = ""  # an interval of the same size ending at ``start`` whose bytes this one takes over (written in place)
 
     @property
     def size(self) -> int:
@@ -53,7 +54,14 @@ SEARCH_MAX_TENSORS = 300
 
 
 def plan(intervals: list[Interval]) -> int:
-    """Assign ``offset`` to every interval; returns the arena size in bytes."""
+    """Assign ``offset`` to every interval; returns the arena size in bytes. An interval that
+    ``reuses`` another gets its offset: the chain is placed as one interval."""
+    merged, heads = _merge_reuses(intervals)
+    if len(merged) != len(intervals):
+        arena = plan(merged)
+        for item in intervals:
+            item.offset = heads[item.name].offset
+        return arena
     best = None
     for order in ORDERS:
         offsets = _first_fit(sorted(intervals, key=order))
@@ -135,6 +143,31 @@ def _lowest_offset(item: Interval, placed: list, offsets: dict) -> int:
     return offset
 
 
+def _merge_reuses(intervals: list[Interval]) -> tuple[list, dict]:
+    """(intervals with every ``reuses`` chain merged into one, {name: the merged interval})."""
+    by_name = {i.name: i for i in intervals}
+    heads, merged = {}, []
+
+    def head(item):
+        while item.reuses and item.reuses in by_name:
+            item = by_name[item.reuses]
+        return item
+
+    for item in intervals:
+        first = head(item)
+        if first.name not in heads:
+            heads[first.name] = Interval(first.name, first.size, first.start, first.end)
+            merged.append(heads[first.name])
+        chain = heads[first.name]
+        if item.reuses and item.reuses in by_name:
+            if by_name[item.reuses].end != item.start or by_name[item.reuses].size != item.size:
+                raise ValueError(f"{item.name} cannot take over the bytes of {item.reuses}")
+        chain.end = max(chain.end, item.end)
+        heads[item.name] = chain
+    return merged, heads
+
+
 def lower_bound(intervals: list[Interval]) -> int:
-    """The most bytes live at one step: no plan's arena is smaller."""
-    return max(_live_bytes(intervals).values(), default=0)
+    """The most bytes live at one step: no plan's arena is smaller (tensors written in place over
+    another, ``reuses``, counted once)."""
+    return max(_live_bytes(_merge_reuses(intervals)[0]).values(), default=0)

@@ -21,9 +21,9 @@ from ..c_identifiers import C_KEYWORDS
 from ..errors import PfpcError
 from ..ir import call_op_name, main_bindings, output_fields
 from ..ops.gaussian import Moment
-from ..ops.kernel import KernelSpec
+from ..ops.kernel import KernelSpec, in_place_operands
 from . import memory_plan, naming
-from .kernels import generate_c_kernels
+from .kernels import generate_c_kernels, store_as_bfloat16
 from .targets import get_target
 
 
@@ -80,6 +80,8 @@ class Tensor:
     offset: int = 0
     param: str = ""  # a weight's Relax parameter
     stem: str = ""  # a weight's name without its moment: its ONNX initializer (`naming.weight_name`)
+    role: str = "mean"  # a kernel output's: mean, or the moment it holds (var, second_moment)
+    storage: str = "float32"  # or "bfloat16" (an arena moment stored in 16 bits: `store_moments_in_bfloat16`)
 
     @property
     def elements(self) -> int:
@@ -91,6 +93,11 @@ class Tensor:
         """`elements`, by its earlier name."""
         return self.elements
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes it takes: 2 per element stored as bfloat16, else 4."""
+        return (2 if self.storage == "bfloat16" else 4) * self.elements
+
 
 @dataclass
 class Step:
@@ -99,6 +106,7 @@ class Step:
     spec: KernelSpec | None  # None: a kernel that is not a Gaussian one
     comment: str = ""
     variant: str = ""  # a kernel rebuilt for this step (``codebook``: it reads codebooks)
+    in_place: list = field(default_factory=list)  # (operand Tensor, output Tensor): may share bytes (`ops.kernel.in_place_operands`)
 
 
 @dataclass
@@ -153,10 +161,11 @@ class Program:
 
 
 def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pfp_model", target=None,
-                     before_codegen=None) -> Program:
+                     before_codegen=None, moment_storage: str = "float32") -> Program:
     """Walk ``main`` of the compiled module and produce the step list and the memory plan;
     the kernels are scheduled for ``target`` (a `targets.Target`, default the host).
-    ``before_codegen(program, prim_funcs)`` may change the steps and kernels before TVM generates C."""
+    ``before_codegen(program, prim_funcs)`` may change the steps and kernels before TVM generates C.
+    ``moment_storage="bfloat16"``: the variances between layers in 16 bits (`store_moments_in_bfloat16`)."""
     program, out_fields, _ = walk_main(mod, weights, io, name, target=target, before_codegen=before_codegen)
     namer = program.namer
     func = mod["main"]
@@ -194,8 +203,48 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
         bind_output(tensor, pointer, tensor.elements)
     for entry, tensor in zip(program.output_softmax, out_fields[len(extras):]):
         bind_output(tensor, program.outputs[entry["output"]][0], tensor.elements)
+    if moment_storage == "bfloat16":
+        store_moments_in_bfloat16(program)
+    elif moment_storage != "float32":
+        raise PfpcError(f"moment storage '{moment_storage}': float32 or bfloat16")
     plan_arena(program)
     return program
+
+
+def store_moments_in_bfloat16(program: Program) -> None:
+    """Store the variances (or second moments) that pass between kernels in the arena as bfloat16:
+    half their bytes, float32's range, 8 significant bits (a relative rounding error of at most
+    2^-9 per stored value; the arithmetic stays float32). Means, weights, inputs and outputs stay
+    float32. A tensor stays float32 when a kernel that reads or writes it cannot take it in 16
+    bits (`kernels.store_as_bfloat16`), is not a Gaussian kernel, or is shared with another call
+    that passes a float32 tensor in the same place."""
+    copied = {id(tensor) for _, tensor in program.copies}
+    narrow = {id(t) for t in program.tensors if t.kind == "arena" and t.role != "mean" and id(t) not in copied}
+    while True:
+        by_kernel: dict[str, list] = {}
+        for step in program.steps:
+            by_kernel.setdefault(step.kernel, []).append(step)
+        dropped, rewritten = set(), {}
+        for kernel_name, steps in by_kernel.items():
+            kernel = program.kernels[kernel_name]
+            names = [p for p, _ in kernel.params]
+            positions = [{i for i, t in enumerate(step.args) if id(t) in narrow} for step in steps]
+            if any(step.spec is None for step in steps) or len(names) != len(steps[0].args) or len({frozenset(p) for p in positions}) > 1:
+                dropped |= {id(t) for step in steps for t in step.args if id(t) in narrow}
+                continue
+            if positions[0]:
+                kernel16 = store_as_bfloat16(kernel, [names[i] for i in sorted(positions[0])])
+                if kernel16 is None:
+                    dropped |= {id(t) for step in steps for t in step.args if id(t) in narrow}
+                else:
+                    rewritten[kernel_name] = kernel16
+        if not dropped:
+            break
+        narrow -= dropped
+    program.kernels.update(rewritten)
+    for tensor in program.tensors:
+        if id(tensor) in narrow:
+            tensor.storage = "bfloat16"
 
 
 def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=(), target=None,
@@ -247,12 +296,13 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
             out_repr = spec.output if spec is not None else Moment.VAR
             label = naming.kernel_name(spec, gvar.name_hint).removeprefix("k_")
             for index, out_ty in enumerate(out_types):
-                tensor = Tensor(namer(f"{label}_{'mean' if index == 0 else out_repr}"), [int(d) for d in out_ty.shape], "arena", step_index, step_index)
+                role = "mean" if index == 0 else str(out_repr)
+                tensor = Tensor(namer(f"{label}_{role}"), [int(d) for d in out_ty.shape], "arena", step_index, step_index, role=role)
                 program.tensors.append(tensor)
                 outs.append(tensor)
                 args.append(tensor)
             env[binding.var] = outs if isinstance(binding.var.ty, relax.TupleType) else outs[0]
-            program.steps.append(Step(gvar.name_hint, args, spec))
+            program.steps.append(Step(gvar.name_hint, args, spec, in_place=_in_place_pairs(spec, prim, args, outs)))
         elif isinstance(value, relax.TupleGetItem):
             env[binding.var] = env[value.tuple_value][value.index]
         elif isinstance(value, relax.Tuple):
@@ -270,9 +320,60 @@ def walk_main(mod: tvm.IRModule, weights: dict, io: dict, name: str, reserved=()
     return program, out_fields, weight_tensors
 
 
+def operand_slices(spec: KernelSpec) -> list:
+    """The arguments of every Gaussian operand of a kernel: mean (and moment, if stochastic)."""
+    slices, index = [], 0
+    for rep in spec.operands:
+        width = 1 if rep == Moment.NONE else 2
+        slices.append(slice(index, index + width))
+        index += width
+    return slices
+
+
+def operand_info(spec: KernelSpec, prim) -> tuple[list, list]:
+    """(name, shape) of every operand of the kernel ``prim`` was built from (`build_kernel`): the
+    shapes it was built for (an argument may be a view of another shape)."""
+    names, shapes = [], []
+    for part in operand_slices(spec):
+        param = prim.params[part.start]
+        names.append(param.name.removesuffix("_mean"))
+        shapes.append([int(d) for d in param.shape])
+    return names, shapes
+
+
+def _in_place_pairs(spec, prim, args, outs) -> list:
+    """(operand tensor, output tensor) pairs a kernel may write in place (`ops.kernel.in_place_operands`):
+    mean over mean, variance over variance."""
+    if spec is None:
+        return []
+    _, shapes = operand_info(spec, prim)
+    slices = operand_slices(spec)
+    pairs = []
+    for position in in_place_operands(spec, shapes, outs[0].shape):
+        pairs += list(zip(args[slices[position]], outs))
+    return pairs
+
+
 def plan_arena(program: Program) -> None:
-    """Place every arena tensor (lifetime: the steps from ``produced`` to ``last_use``)."""
-    intervals = [memory_plan.Interval(t.c_name, 4 * t.elements, t.produced, t.last_use) for t in program.tensors if t.kind == "arena"]
+    """Place every arena tensor (lifetime: the steps from ``produced`` to ``last_use``).
+
+    A kernel's output takes over the bytes of an operand it may write in place (`Step.in_place`)
+    when that operand is read by no later step and by this one only as that operand: a residual
+    sum then needs no buffer of its own (ResNet-8 on Cortex-M4: 393,216 -> 262,144 bytes). Such a
+    kernel's two pointers lose ``restrict`` (`kernels.CKernel.signature`)."""
+    reuses = {}
+    for index, step in enumerate(program.steps):
+        for operand, output in step.in_place:
+            if (operand.kind == output.kind == "arena" and operand.last_use == index and operand.produced < index
+                    and operand.nbytes == output.nbytes and sum(arg is operand for arg in step.args) == 1
+                    and operand.c_name not in reuses.values()):
+                reuses[output.c_name] = operand.c_name
+                kernel = program.kernels.get(step.kernel)
+                if kernel is not None:
+                    names = [p for p, _ in kernel.params]
+                    kernel.aliased.update(names[i] for i, arg in enumerate(step.args) if arg is operand or arg is output)
+    intervals = [memory_plan.Interval(t.c_name, t.nbytes, t.produced, t.last_use, reuses=reuses.get(t.c_name, ""))
+                 for t in program.tensors if t.kind == "arena"]
     program.arena_size = memory_plan.plan(intervals)
     program.arena_lower_bound = memory_plan.lower_bound(intervals)
     offsets = {i.name: i.offset for i in intervals}

@@ -31,7 +31,7 @@ import numpy as np
 from ..ops.codebook import CodebookLayout
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, build_kernel
-from .program import Tensor
+from .program import Tensor, operand_info, operand_slices
 
 WIDTHS = (4, 8, 16)
 #: Most exceptions the escape branch compares in one block (`exception_blocks` picks the block size).
@@ -197,27 +197,6 @@ def _rebuild_kernels(program, prim_funcs, stored) -> None:
         step.args = args + step.args[operand_slices(spec)[-1].stop :]
         rebuild(step, prim_funcs, program.namer, spec, names, shapes, built, "codebook", codebooks)
     drop_unused(program, prim_funcs)
-
-
-def operand_slices(spec: KernelSpec) -> list:
-    """The arguments of every Gaussian operand of a kernel: mean (and moment, if stochastic)."""
-    slices, index = [], 0
-    for rep in spec.operands:
-        width = 1 if rep == Moment.NONE else 2
-        slices.append(slice(index, index + width))
-        index += width
-    return slices
-
-
-def operand_info(spec: KernelSpec, prim) -> tuple[list, list]:
-    """(name, shape) of every operand of the kernel ``prim`` was built from (`build_kernel`): the
-    shapes it was built for (an argument may be a view of another shape)."""
-    names, shapes = [], []
-    for part in operand_slices(spec):
-        param = prim.params[part.start]
-        names.append(param.name.removesuffix("_mean"))
-        shapes.append([int(d) for d in param.shape])
-    return names, shapes
 
 
 def rebuild(step, prim_funcs, namer, spec, names, shapes, built, suffix, codebooks=None) -> None:

@@ -9,27 +9,41 @@ a compare per MAC on scalar cores (on LeNet's 8x8 and 4x4 feature maps most wind
 border, so loop partitioning would leave most of the work branchy). The padded copy costs one
 pass over the input, its branches outside any reduction, and an arena buffer of the padded size.
 Runs on the deterministic module, before `SubstituteLayers` turns both into Gaussian kernels.
+
+``border_taps``: in a network with a posterior, convolutions whose window has at most this many
+taps keep their padding and test the border themselves (`pipeline.for_target` asks for 9 on
+scalar cores, where the PFP's unrolled 3x3 window pays less for its tests than for the copy; the
+deterministic network, one multiply-add per tap, keeps the copy; see there).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
 
+from .. import ir_state
 from ..ir import MainRewriter, call_op_name, func_attrs, main_bindings
 
 
-def _padded(binding) -> bool:
+def _padded(binding, border_taps: int = 0) -> bool:
     call = binding.value
     if call_op_name(call) != "relax.nn.conv2d":
         return False
     attrs = call.attrs
-    return attrs.data_layout == "NCHW" and attrs.kernel_layout == "OIHW" and any(int(p) for p in attrs.padding)
+    if not (attrs.data_layout == "NCHW" and attrs.kernel_layout == "OIHW" and any(int(p) for p in attrs.padding)):
+        return False
+    _, _, height, width = (int(d) for d in call.args[1].ty.shape)
+    return height * width > border_taps
 
 
 class _PadInputs(MainRewriter):
+    def __init__(self, mod, border_taps):
+        super().__init__(mod)
+        self.border_taps = border_taps
+
     def visit_binding(self, binding):
-        if not _padded(binding):
+        if not _padded(binding, self.border_taps):
             self.copy_binding(binding)
             return
         call, attrs = binding.value, binding.value.attrs
@@ -48,8 +62,13 @@ class _PadInputs(MainRewriter):
 class PadConvInputs:
     after = ("pfpc.Lower1dTo2d",)  # run before it when in the pipeline
 
+    def __init__(self, border_taps: int = 0):
+        self.border_taps = border_taps
+
     def transform_module(self, mod, ctx):
         func = mod["main"]
-        if not any(_padded(b) for b in main_bindings(func)):
+        stochastic = any(np.any(v) for v in ir_state.variances(func).values())
+        border_taps = self.border_taps if stochastic else 0
+        if not any(_padded(b, border_taps) for b in main_bindings(func)):
             return mod
-        return _PadInputs(mod).run(list(func.params), func_attrs(func))
+        return _PadInputs(mod, border_taps).run(list(func.params), func_attrs(func))
