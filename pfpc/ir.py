@@ -98,14 +98,17 @@ class KernelEmitter:
     def __init__(self, bb: relax.BlockBuilder):
         self.bb = bb
         self.used = set()
+        self.last_index = {}  # base -> the index of its last name: every smaller one is taken
 
     def unique(self, base: str) -> str:
         base = "".join(ch if ch.isalnum() else "_" for ch in base).strip("_") or "kernel"
-        name, index = base, 1
+        index = self.last_index.get(base, 1)
+        name = base if index == 1 else f"{base}_{index}"
         while name in self.used:
             index += 1
             name = f"{base}_{index}"
         self.used.add(name)
+        self.last_index[base] = index
         return name
 
     def emit(self, spec: KernelSpec, operands: list[GaussianValue], label: str, names=()) -> GaussianValue:

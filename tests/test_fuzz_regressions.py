@@ -292,3 +292,16 @@ def test_verify_per_layer_on_a_graph_ending_in_softmax():
     rows = per_layer(model, Posterior({"w": w}, {"w": (0.1 * np.abs(w)) ** 2}), {"x": rng.standard_normal((1, 4)).astype(np.float32)}, 100)
     assert [(row["output"], row["op"]) for row in rows] == [("h", "Gemm"), ("r", "Relu")]
     assert rows[0]["mean_err_in_std"] < 5  # a linear layer: the PFP is exact, MC within its noise
+
+
+@pytest.mark.parametrize("shape, kernel, pads", [([1, 1, 1, 1], [1, 2], [0, 1, 0, 1]), ([1, 1, 1], [2], [1, 1])])
+def test_maxpool_windows_with_one_element_inside(tmp_path, shape, kernel, pads):
+    """Gaussian MaxPool where no output has two window elements inside the input (2,000-graph
+    long run): its Clark steps were dead code TVM cut loose from their accumulator ("Buffer
+    maxpool_0.v1 is used before its definition"). Each step now only picks its element there."""
+    bias = np.zeros(shape, np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node("MaxPool", ["h"], ["y"], kernel_shape=kernel, pads=pads)],
+                       [("x", shape)], ["y"], {"b": bias})
+    feeds = {"x": np.arange(1, 1 + np.prod(shape), dtype=np.float32).reshape(shape)}
+    results = _run(model, {"b.std": np.full(shape, 0.5, np.float32)}, feeds, tmp_path)
+    _assert_moments(results)

@@ -242,7 +242,8 @@ def render_arena_pointers(program: Program) -> list:
         if tensor.kind == "arena":
             ctype = "uint16_t" if tensor.storage == "bfloat16" else "float"  # bfloat16: `program.store_moments_in_bfloat16`
             decls.append(f"  {ctype}* {tensor.c_name} = ({ctype}*)(base + {tensor.offset}); /* {tensor.shape} */")
-    unused = [f"  (void){t.c_name};" for t in program.tensors if t.kind == "arena" and not any(t in s.args for s in program.steps)]
+    read_or_written = {id(arg) for step in program.steps for arg in step.args}  # a set: steps x tensors was quadratic
+    unused = [f"  (void){t.c_name};" for t in program.tensors if t.kind == "arena" and id(t) not in read_or_written]
     return [
         f"#ifndef {upper}_NO_STATIC_ARENA",
         f"  uint8_t* base = arena ? (uint8_t*)arena : (uint8_t*){name}_static_arena;",
@@ -260,8 +261,11 @@ def render_source(program: Program, summary: str, executor: str) -> str:
     name, upper = program.name, program.name.upper()
     helpers = {h for kernel in program.kernels.values() for h in kernel.helpers}
     kernel_text = [HELPERS[h] for h in HELPERS if h in helpers]
+    first_steps = {}  # kernel -> its first step (one pass: a scan per kernel was quadratic)
+    for step in program.steps:
+        first_steps.setdefault(step.kernel, step)
     for kernel in program.kernels.values():
-        step = next((s for s in program.steps if s.kernel == kernel.name), None)
+        step = first_steps.get(kernel.name)
         spec = step.spec if step is not None else None
         shapes = _operand_shapes(spec, step.args) if spec is not None else []
         comment = naming.kernel_comment(spec, kernel.name, shapes)

@@ -10,9 +10,11 @@ run time.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import tvm
+import tvm_ffi
 from tvm import tirx
 
 from ..errors import PfpcError
@@ -67,12 +69,80 @@ class CKernel:
 
 def generate_c_kernels(prim_funcs: dict, accumulate: str = "scalar") -> dict[str, CKernel]:
     """Schedule ``{name: PrimFunc}`` for the target (`schedule_kernel`), compile them with TVM's C
-    backend and extract each loop nest."""
-    mod = tvm.IRModule({name: scheduled(func, accumulate).with_attr("global_symbol", name) for name, func in prim_funcs.items()})
-    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
-        executable = tvm.compile(mod, target="c")
-    source = executable.mod.inspect_source()
-    return {name: _extract(source, name) for name in prim_funcs}
+    backend and extract each loop nest.
+
+    Scheduling and compiling cost TVM about a second per kernel, and a deep network repeats the
+    same kernel with other weights: a kernel that differs from an earlier one only in its
+    parameters' names is not compiled again; it is the earlier one's C with the names replaced
+    (`_same_kernels`), the text TVM prints for it (names are all the C printer takes from them)."""
+    kernels = {}
+    pending = dict(prim_funcs)
+    while pending:
+        compiled, copies = _same_kernels(pending)
+        mod = tvm.IRModule({name: scheduled(pending[name], accumulate).with_attr("global_symbol", name) for name in compiled})
+        with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
+            executable = tvm.compile(mod, target="c")
+        source = executable.mod.inspect_source()
+        kernels.update({name: _extract(source, name) for name in compiled})
+        retry = {}
+        for name, (first, names) in copies.items():
+            renamed = _renamed(kernels[first], name, names)
+            if renamed is None:  # a new name is already a local of the first: compile it itself
+                retry[name] = pending[name]
+            else:
+                kernels[name] = renamed
+        pending = retry
+    return {name: kernels[name] for name in prim_funcs}
+
+
+_IDENTIFIER = re.compile(r"\b[A-Za-z_]\w*\b")
+
+
+def _same_kernels(prim_funcs: dict):
+    """([names to compile], {name: (earlier kernel, [(its parameter, this one's)] in order)}):
+    kernels whose TVMScript, with the parameters that are C identifiers numbered, is an earlier
+    one's (the others, such as an output ``relu.v0``, must then be the same)."""
+    firsts, compiled, copies = {}, [], {}
+    hashes = {name: tvm_ffi.structural_hash(func.with_attr("global_symbol", "kernel")) for name, func in prim_funcs.items()}
+    shared = {h for h, count in Counter(hashes.values()).items() if count > 1}
+    for name, func in prim_funcs.items():
+        if hashes[name] not in shared:  # no other kernel of the same structure (names aside): no text to compare
+            compiled.append(name)
+            continue
+        params = [str(p.name) for p in func.params]
+        numbered = {p: f"pfpc_param_{i}" for i, p in enumerate(params) if re.fullmatch(r"[A-Za-z_]\w*", p)}
+        text = func.with_attr("global_symbol", "kernel").script()
+        if numbered and len(set(params)) == len(params):
+            text = re.sub(r"\b(" + "|".join(sorted(map(re.escape, numbered), key=len, reverse=True)) + r")\b",
+                          lambda m: numbered[m.group(1)], text)
+        if text in firsts:
+            first, first_params = firsts[text]
+            copies[name] = (first, list(zip(first_params, params)))
+            continue
+        firsts[text] = (name, params)
+        compiled.append(name)
+    return compiled, copies
+
+
+def _renamed(kernel: CKernel, name: str, names: list) -> CKernel | None:
+    """``kernel``'s C as kernel ``name``, its parameters renamed by ``names`` ([(old, new)] in
+    order); None where that might not be the text TVM prints: a renamed parameter the printer
+    had named otherwise, or a new name already an identifier of the body."""
+    c_params = [p for p, _ in kernel.params]
+    if len(c_params) != len(names):
+        return None
+    changed = {}
+    for c_name, (old, new) in zip(c_params, names):
+        if old != new:
+            if c_name != old or not re.fullmatch(r"[A-Za-z_]\w*", new):
+                return None
+            changed[old] = new
+    tokens = set(_IDENTIFIER.findall(kernel.body))
+    if any(new in tokens or new in c_params for new in changed.values()):
+        return None
+    body = _IDENTIFIER.sub(lambda m: changed.get(m.group(0), m.group(0)), kernel.body) if changed else kernel.body
+    return CKernel(name, [(changed.get(p, p), written) for p, written in kernel.params], body,
+                   {changed.get(p, p): ctype for p, ctype in kernel.ctypes.items()})
 
 
 def scheduled(func, accumulate):

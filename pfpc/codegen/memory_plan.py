@@ -125,10 +125,13 @@ def _search(items: list[Interval], best: tuple, bound: int) -> tuple:
 def _first_fit(ordered: list[Interval]) -> dict:
     """Offsets (by id) of the intervals placed in this order, each at the lowest aligned offset
     where it overlaps no placed interval that is live at the same time."""
-    offsets, placed = {}, []
+    offsets, by_step = {}, {}  # step -> the placed intervals live at it: only those can overlap
     for item in ordered:
-        offsets[id(item)] = _lowest_offset(item, placed, offsets)
-        placed.append(item)
+        steps = range(item.start, item.end + 1)
+        overlapping = list({id(other): other for step in steps for other in by_step.get(step, ())}.values())
+        offsets[id(item)] = _lowest_offset(item, overlapping, offsets)
+        for step in steps:
+            by_step.setdefault(step, []).append(item)
     return offsets
 
 

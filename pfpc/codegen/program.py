@@ -131,11 +131,15 @@ class Program:
     output_softmax: list = field(default_factory=list)  # outputs computed by a final softmax (see substitute_layers)
     shared: object = None  # shared_weights.SharedWeights: weights stored as codebooks (a shared posterior)
     kernel_names: dict = field(default_factory=dict)  # kernel -> its C function (`kernel_c_name`)
+    _first_steps: dict = field(default_factory=dict, repr=False)  # kernel -> its first step, filled once the steps are final
 
     def kernel_c_name(self, kernel: str) -> str:
         """The C function of a kernel, named after its ONNX nodes (`naming.kernel_name`)."""
         if kernel not in self.kernel_names:
-            step = next((s for s in self.steps if s.kernel == kernel), None)
+            if not self._first_steps:  # one pass over the steps (a scan per kernel was quadratic)
+                for candidate in self.steps:
+                    self._first_steps.setdefault(candidate.kernel, candidate)
+            step = self._first_steps.get(kernel)
             spec, variant = (step.spec, step.variant) if step is not None else (None, "")
             self.kernel_names[kernel] = self.namer(naming.kernel_name(spec, kernel, variant))
         return self.kernel_names[kernel]

@@ -558,12 +558,38 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         return (inside, tirx.if_then_else(inside, x.mean[n, c, row, col], f32(0.0)),
                 tirx.if_then_else(inside, x.var_at((n, c, row, col)), f32(0.0)))
 
+    def covered(offset, axis, size, count):
+        """The outputs along ``axis`` whose window element ``offset`` lies inside the input."""
+        pad = pads[axis]
+        return {y for y in range(count) if 0 <= y * strides[axis] + offset * dilations[axis] - pad < size}
+
+    rows = {p: covered(p, 0, height, out_h) for p in {p for p, _ in positions}}
+    cols = {p: covered(p, 1, width, out_w) for p in {p for _, p in positions}}
+
+    def meets_earlier(k):
+        """Whether some output has window element k and an earlier one inside the input: only
+        then does step k take a max. Otherwise it only picks element k where it is inside; its
+        Clark stages would be dead code that TVM's simplifier cuts loose from the accumulator
+        they read, leaving a buffer used before its definition."""
+        pi, pj = positions[k]
+        return any(rows[pi] & rows[qi] and cols[pj] & cols[qj] for qi, qj in positions[:k])
+
     def seen_before(k, n, c, y, xx):
         return tirx.any(*[at(p, n, c, y, xx)[0] for p in positions[:k]]) if k > 1 else at(positions[0], n, c, y, xx)[0]
 
     def first(n, c, y, xx):
         _inside, mean, var = at(positions[0], n, c, y, xx)
         return mean, var
+
+    def pick_step(k, acc_mean, acc_var):
+        """Window element k where it is inside the input (no earlier element is), else the accumulated."""
+
+        def step(n, c, y, xx):
+            inside, mean, var = at(positions[k], n, c, y, xx)
+            return (tirx.Select(tirx.Not(inside), acc_mean[n, c, y, xx], mean),
+                    tirx.Select(tirx.Not(inside), acc_var[n, c, y, xx], var))
+
+        return te.compute(out_shape, step, name=f"maxpool_{k}", attrs=SHARED)
 
     def clark_step(k, acc_mean, acc_var):
         """max(accumulated, window element k): a, al, phi(al), Phi(al) each a stage of its own (see
@@ -595,7 +621,7 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
 
     acc_mean, acc_var = te.compute(out_shape, first, name="maxpool_0", attrs=SHARED)
     for k in range(1, len(positions)):
-        acc_mean, acc_var = clark_step(k, acc_mean, acc_var)
+        acc_mean, acc_var = (clark_step if meets_earlier(k) else pick_step)(k, acc_mean, acc_var)
     return Gaussian(acc_mean, acc_var, "var")
 
 

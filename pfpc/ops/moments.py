@@ -192,7 +192,40 @@ def clip_moments(mean, var, lower, upper):
                                  tirx.Select(a >= f32(0.0), inside - upper_tail, f32(1.0) - cdf_a - upper_tail))
     first = first + first_in * inside
     second = second + second_in * inside
+    if lower is not None and upper is not None:
+        first, second = _narrow_window(first, second, shifted, std, low, high, a, b, cdf_a, upper_tail)
     return center + first, tirx.max(second - first * first, f32(0.0))
+
+
+#: Gauss-Legendre nodes and weights on [0, 1] (5 points: exact for polynomials of degree 9).
+_GAUSS_LEGENDRE_01 = tuple(((1.0 + x) / 2.0, w / 2.0) for x, w in (
+    (-0.9061798459386640, 0.2369268850561891), (-0.5384693101056831, 0.4786286704993665), (0.0, 0.5688888888888889),
+    (0.5384693101056831, 0.4786286704993665), (0.9061798459386640, 0.2369268850561891)))
+
+
+def _narrow_window(first, second, shifted, std, low, high, a, b, cdf_a, upper_tail):
+    """`clip_moments`' raw moments of y' = y - c, with the middle piece integrated numerically
+    when the window [lo, hi] lies on one side of the mean and the density changes across it by
+    a factor of at most e^3 (|b^2 - a^2| / 2 <= 3):
+
+        E[y'^k] (middle piece) = int_a^b u(z)^k phi(z) dz,  u(z) = M' + s z in [lo', hi'],
+
+    by 5-point Gauss-Legendre (relative error below 1e-6 there). The closed form's terms are
+    O(M'^2 P(window)) and cancel to O(width^2 P(window)): for a narrow window far from the mean
+    (N(33, 96) clipped to [-0.3, 0.2], 3.4 standard deviations away) float32 kept none of the
+    result. Elsewhere the closed form is kept as it is."""
+    span = b - a
+    middle_first, middle_second = f32(0.0), f32(0.0)
+    for node, weight in _GAUSS_LEGENDRE_01:
+        u = low + f32(node) * (high - low)
+        density = std_normal_pdf(safe_ratio(u - shifted, std)) * f32(weight)
+        middle_first = middle_first + u * density
+        middle_second = middle_second + u * u * density
+    quad_first = low * cdf_a + high * upper_tail + span * middle_first
+    quad_second = low * low * cdf_a + high * high * upper_tail + span * middle_second
+    change = span * (a + b)
+    narrow = tirx.all(tirx.any(b <= f32(0.0), a >= f32(0.0)), change <= f32(6.0), change >= f32(-6.0))
+    return tirx.Select(narrow, quad_first, first), tirx.Select(narrow, quad_second, second)
 
 
 def leaky_relu_moments(mean, var, slope):
