@@ -103,7 +103,9 @@ def _same_kernels(prim_funcs: dict):
     kernels whose TVMScript, with the parameters that are C identifiers numbered, is an earlier
     one's (the others, such as an output ``relu.v0``, must then be the same)."""
     firsts, compiled, copies = {}, [], {}
-    hashes = {name: tvm_ffi.structural_hash(func.with_attr("global_symbol", "kernel")) for name, func in prim_funcs.items()}
+    # the C comes from the TIR alone: the name and the kernel spec (which names the ONNX nodes) do not count
+    anonymous = {name: func.without_attr(KERNEL_ATTR).with_attr("global_symbol", "kernel") for name, func in prim_funcs.items()}
+    hashes = {name: tvm_ffi.structural_hash(func) for name, func in anonymous.items()}
     shared = {h for h, count in Counter(hashes.values()).items() if count > 1}
     for name, func in prim_funcs.items():
         if hashes[name] not in shared:  # no other kernel of the same structure (names aside): no text to compare
@@ -111,7 +113,7 @@ def _same_kernels(prim_funcs: dict):
             continue
         params = [str(p.name) for p in func.params]
         numbered = {p: f"pfpc_param_{i}" for i, p in enumerate(params) if re.fullmatch(r"[A-Za-z_]\w*", p)}
-        text = func.with_attr("global_symbol", "kernel").script()
+        text = anonymous[name].script()
         if numbered and len(set(params)) == len(params):
             text = re.sub(r"\b(" + "|".join(sorted(map(re.escape, numbered), key=len, reverse=True)) + r")\b",
                           lambda m: numbered[m.group(1)], text)
