@@ -139,3 +139,24 @@ def test_stochastic_operand_without_rule(tmp_path, capsys, node, inits, stochast
     post = _write_post(tmp_path / "post.npz", **{f"{stochastic}.std": np.ones_like(inits[stochastic])})
     code, err = _run([path, "--posterior", post, "-o", str(tmp_path / "out")], capsys)
     assert code == 2 and expected in err and len(err.splitlines()) == 1, err
+
+
+def test_operator_without_gaussian_rule_names_its_onnx_node(tmp_path, capsys, monkeypatch):
+    """An operator the front door accepts but no Gaussian rule covers (here: Tanh's rule taken away)
+    is refused in one line naming the ONNX node, not only the Relax operator."""
+    from pfpc.ops import registry
+
+    stage_of = registry.stage_of
+    monkeypatch.setattr(registry, "stage_of", lambda call, op: None if op == "relax.tanh" else stage_of(call, op))
+    w = np.eye(3, dtype=np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["h"], name="dense"),
+                        helper.make_node("Tanh", ["h"], ["y"], name="squash")], [("x", [1, 3])], ["y"], {"w": w})
+    path = tmp_path / "model.onnx"
+    import onnx
+
+    onnx.save(model, path)
+    out = tmp_path / "out"
+    code, err = _run([str(path), "--deterministic", "-o", str(out)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "relax.tanh" in err and "'squash' Tanh" in err, err
+    assert not out.exists()

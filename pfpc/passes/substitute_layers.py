@@ -41,6 +41,7 @@ class _Substitute(MainRewriter):
         self.means, self.variances = means, variances
         self.constants = {}  # new deterministic weights made from constant operands
         self.softmax = {}  # var -> (function, axis) of a dropped softmax, followed through views
+        self.onnx_nodes = {}  # binding name -> the ONNX nodes it computes (`ir_state.onnx_nodes`)
         self.weight_names = {param.name for param in weight_vars}
         self.initializers = ir_state.onnx_names(self.func)
         self.view_nodes = {}  # var -> ONNX nodes of the views (Flatten, Reshape, ...) it went through
@@ -128,7 +129,9 @@ class _Substitute(MainRewriter):
         else:
             stage = R.stage_of(value, op) if op else None
             if stage is None:
-                self.unsupported.append(op or type(value).__name__)
+                nodes = self.onnx_nodes.get(binding.var.name, ())
+                where = f" (ONNX node {', '.join(repr(n.name) + ' ' + n.op_type for n in nodes)})" if nodes else ""
+                self.unsupported.append(f"{op or type(value).__name__}{where}")
                 return
             if stage[0] == "concat":
                 args = list(value.args[0].fields)
@@ -190,6 +193,7 @@ class SubstituteLayers:
             var_params.append(var_param)
             all_params[var_name] = variances.get(param.name, np.zeros_like(means[param.name]))
         rewriter = _Substitute(mod, weight_vars, means, variances)
+        rewriter.onnx_nodes = ir_state.onnx_nodes(func)  # to name the node of an operator without a rule
         params = list(func.params) + var_params
         # provenance moves into the kernels' specs
         attrs = func_attrs(func, ir_state.encode(means=all_params, variances=None, onnx_nodes=None))
