@@ -92,6 +92,8 @@ def compile(  # noqa: A001 - the public name users expect
     outputs=(),
     probs_method: str = "meanfield",
     logit_samples: int = 64,
+    covariance: str = "none",
+    covariance_budget: float = 0.5,
 ) -> CompiledModel:
     """Compile ``model`` (path or ModelProto) with ``posterior`` (path, dict of arrays, or None
     for the deterministic network: every variance zero, said explicitly).
@@ -111,12 +113,17 @@ def compile(  # noqa: A001 - the public name users expect
     ``("probs", "entropy", "mutual_information", "logit_var", "ood")``; ``probs_method``
     (meanfield, sampling or probit) and ``logit_samples`` (draws of the logits for sampling and
     mutual_information) say how (`pfpc.passes.append_predictive_outputs`, `pfpc.ops.predictive`).
+    ``covariance`` (auto, none, channel, pooled) and ``covariance_budget`` (a fraction of the
+    diagonal PFP's work): the per-channel shared-noise propagation of convolutional networks
+    (`pfpc.passes.carry_channel_covariance`, docs/covariance.md); ``auto`` uses it only where a
+    loading can reach a mean over positions, within the budget. Default ``none`` until the
+    stride-2 residual blocks match the float64 reference (docs/covariance.md, Status).
     """
     target_info = get_target(target)
     check_c_name(name)
     samples, seed = check_sampling_options(mode, samples, seed)
     outputs = check_outputs(outputs, mode)
-    passes = list(passes if passes is not None else (svi_passes() if mode == "svi" else default_passes()))
+    passes = list(passes if passes is not None else (svi_passes() if mode == "svi" else default_passes(covariance, covariance_budget)))
     last = [("append_predictive_outputs", AppendPredictiveOutputs(outputs, probs_method, logit_samples))] if outputs else []
     if out_dir is not None:
         atomic.check_replaceable(os.path.abspath(out_dir), force)
