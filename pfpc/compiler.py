@@ -92,7 +92,7 @@ def compile(  # noqa: A001 - the public name users expect
     outputs=(),
     probs_method: str = "meanfield",
     logit_samples: int = 64,
-    covariance: str = "none",
+    covariance: str = "auto",
     covariance_budget: float = 0.5,
 ) -> CompiledModel:
     """Compile ``model`` (path or ModelProto) with ``posterior`` (path, dict of arrays, or None
@@ -116,8 +116,7 @@ def compile(  # noqa: A001 - the public name users expect
     ``covariance`` (auto, none, channel, pooled) and ``covariance_budget`` (a fraction of the
     diagonal PFP's work): the per-channel shared-noise propagation of convolutional networks
     (`pfpc.passes.carry_channel_covariance`, docs/covariance.md); ``auto`` uses it only where a
-    loading can reach a mean over positions, within the budget. Default ``none`` until the
-    stride-2 residual blocks match the float64 reference (docs/covariance.md, Status).
+    loading can reach a mean over positions, within the budget.
     """
     target_info = get_target(target)
     check_c_name(name)

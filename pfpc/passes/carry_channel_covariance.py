@@ -113,7 +113,8 @@ def plan(mod, mode: str, budget: float) -> list:
         if spec.ops[0] not in LINEAR_OPS or len(spec.operands) != 2:
             continue
         weight_shape = shape_of(binding.value.args[1].fields[2 if spec.operands[0] != Moment.NONE else 1])
-        out = int(np.prod(shape_of(binding.var.ty.fields[0] if hasattr(binding.var.ty, "fields") else binding.var.ty)))
+        out_ty = binding.var.ty.fields[0] if hasattr(binding.var.ty, "fields") else binding.var.ty
+        out = int(np.prod([int(d) for d in out_ty.shape]))
         per_output = int(np.prod(weight_shape[1:])) if spec.ops[0] == "conv2d" else weight_shape[-2]
         macs = out * per_output
         diagonal += macs * (2 if spec.operands[0] == Moment.NONE else 3)
@@ -246,11 +247,14 @@ class _Rewriter(KernelRewriter):
             if group_ch == 1 and window > 1:  # depthwise: the exact coherent term, (sum_t mu a)^2
                 through = self.conv(a, self.det(w), strides, pads, dilations, groups)
                 coherent = self.emit("multiply", {}, [through, through])
-            else:  # sum_c (sum_t mu)^2 box(a)^2 (exact for a 1x1 window)
-                averaged = a if window == 1 else self.conv(a, self.weight(f"{stem}.box", box), strides, pads, dilations, in_ch)
-                squared = self.emit("multiply", {}, [averaged, averaged])
-                mu_sum2 = mu.sum(axis=(2, 3), keepdims=True) ** 2
-                coherent = self.conv(squared, self.weight(f"{stem}.coherent", mu_sum2), [1, 1], [0, 0, 0, 0], [1, 1], groups)
+            else:  # sum_c (sum_t mu)^2 box(a)^2 (exact for a 1x1 window, which keeps its strides)
+                mu_sum2 = self.weight(f"{stem}.coherent", mu.sum(axis=(2, 3), keepdims=True) ** 2)
+                if window == 1:
+                    coherent = self.conv(self.emit("multiply", {}, [a, a]), mu_sum2, strides, pads, dilations, groups)
+                else:
+                    averaged = self.conv(a, self.weight(f"{stem}.box", box), strides, pads, dilations, in_ch)
+                    squared = self.emit("multiply", {}, [averaged, averaged])
+                    coherent = self.conv(squared, mu_sum2, [1, 1], [0, 0, 0, 0], [1, 1], groups)
         if a is not None and not self.pooled_only:
             e = self.emit("independent_variance", {}, [x, a])
             y = self.emit("conv2d_split", attrs, [x, w, e])
@@ -327,10 +331,13 @@ class _Rewriter(KernelRewriter):
             pooled = self.emit("add", {}, [pooled, self.weight(f"{stem}.pooled_bias", (length**2 * bias_var).reshape(1, out_ch, 1, 1))])
         # the shared part's diagonal: its weight noise in box form, + s2_b, + the coherent term
         second_x = self.emit("raw_second_moment", {}, [x])
+        s2_sum = self.weight(f"{stem}.s2_sum", s2.sum(axis=(2, 3), keepdims=True))
         if window > 1:
             second_x = self.conv(second_x, self.weight(f"{stem}.box", np.full([in_ch, 1] + taps, 1.0 / window)),
                                  strides, pads, dilations, in_ch)
-        shared = self.conv(second_x, self.weight(f"{stem}.s2_sum", s2.sum(axis=(2, 3), keepdims=True)), [1, 1], [0, 0, 0, 0], [1, 1], groups)
+            shared = self.conv(second_x, s2_sum, [1, 1], [0, 0, 0, 0], [1, 1], groups)
+        else:
+            shared = self.conv(second_x, s2_sum, strides, pads, dilations, groups)
         if np.any(bias_var):
             shared = self.emit("add", {}, [shared, self.weight(f"{stem}.bias_var", bias_var.reshape(1, out_ch, 1, 1))])
         if coherent is not None:

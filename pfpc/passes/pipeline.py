@@ -23,7 +23,7 @@ from .fuse_operators import FuseOperators
 from .substitute_layers import SubstituteLayers
 
 
-def default_passes(covariance: str = "none", covariance_budget: float = DEFAULT_BUDGET):
+def default_passes(covariance: str = "auto", covariance_budget: float = DEFAULT_BUDGET):
     """Passes run by `pfpc.compile` unless ``passes=`` says otherwise, in order. ``covariance``,
     ``covariance_budget``: `CarryChannelCovariance`'s mode and work budget."""
     return [
