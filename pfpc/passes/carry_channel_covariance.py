@@ -43,7 +43,7 @@ from tvm import relax
 
 from .. import ir_state
 from ..errors import PfpcError
-from ..ir import GaussianValue, call_op_name, kernel_of, main_bindings, shape_of
+from ..ir import GaussianValue, call_op_name, kernel_of, main_bindings, shape_of, with_attrs
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, infer_output_repr
 from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_POOLS
@@ -363,4 +363,8 @@ class CarryChannelCovariance:
         self.planned_convs = len(planned)
         if not planned:
             return mod  # nothing reaches a pool: the diagonal PFP, unchanged
-        return _Rewriter(mod, planned, self.mode == "pooled").run()
+        mod = _Rewriter(mod, planned, self.mode == "pooled").run()
+        record = {"option": self.mode, "mode": "pooled" if self.mode == "pooled" else "channel", "budget": self.budget,
+                  "convolutions": [var.name for var in planned]}
+        mod["main"] = with_attrs(mod["main"], ir_state.encode(covariance=record))
+        return mod
