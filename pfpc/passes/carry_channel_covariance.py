@@ -5,7 +5,7 @@ so the positions of a channel are correlated; a global average pool summing them
 covariance, which the diagonal PFP drops. Each activation is modelled as
 x[c, p] = m + a z_c + e (docs/covariance.md): the loading a is a deterministic tensor beside
 (m, v), made by the convolutions the plan names and carried through ReLU, Clip, Pad, residual
-Add and views to the global pool, which adds it coherently. An op without a rule drops the
+Add, a deterministic scale (an unfolded batch norm) and views to the global pool, which adds it coherently. An op without a rule drops the
 loading (exactly the diagonal PFP from there on). For a convolution reading a loaded input:
 
     y = conv2d(x, w)              ->   e        = independent_variance(x, a)          v - a^2
@@ -59,7 +59,7 @@ def _spatial_mean(spec, in_shape) -> bool:
     op, attrs = spec.stages[0]
     if op == "avgpool2d":
         return list(attrs["kernel"]) == list(in_shape[2:]) and not any(attrs["pads"]) and len(in_shape) == 4
-    return op == "reduce_mean" and len(in_shape) == 4 and set(attrs["axes"]) >= {2, 3}
+    return op == "reduce_mean" and len(in_shape) >= 3 and set(attrs["axes"]) >= set(range(2, len(in_shape)))
 
 
 def _activation_sources(mod, value, item_of, source) -> list:
@@ -165,7 +165,7 @@ class _Rewriter(KernelRewriter):
 
     def project(self, shared, pooled, tag):
         """a = k sqrt(shared), k from the pooled variance (`channel_covariance.projection_gain`)."""
-        axes = {"axes": [2, 3], "keepdims": True}
+        axes = {"axes": list(range(2, len(shape_of(shared.mean)))), "keepdims": True}
         root = self.emit("root", {}, [shared])
         root_sum = self.emit("reduce_sum", axes, [root])
         shared_sum = self.emit("reduce_sum", axes, [shared])
@@ -196,7 +196,7 @@ class _Rewriter(KernelRewriter):
         elif loads[0] is not None and _spatial_mean(spec, shape_of(operands[0].mean)) and operands[0].repr == Moment.VAR:
             x, a = operands[0], loads[0]
             e = self.emit("independent_variance", {}, [x, a])
-            attrs = attrs if op == "reduce_mean" else {"axes": [2, 3], "keepdims": True}
+            attrs = attrs if op == "reduce_mean" else {"axes": list(range(2, len(shape_of(x.mean)))), "keepdims": True}
             pooled = self.emit("reduce_mean", attrs, [x])
             count = int(np.prod(shape_of(x.mean)[2:]))
             result = self.emit("pooled_variance", {"count": count},
@@ -217,6 +217,10 @@ class _Rewriter(KernelRewriter):
             self.loading[result.mean] = self.emit("relu_loading", {}, [operands[0], loads[0]])
         elif op == "clip" and loads[0] is not None:
             self.loading[result.mean] = self.emit("clip_loading", attrs, [operands[0], loads[0]])
+        elif op == "multiply" and loads[0] is not None and operands[1].repr == Moment.NONE and shape_of(operands[0].mean) == shape_of(result.mean):
+            self.loading[result.mean] = self.emit("multiply", {}, [loads[0], operands[1]])  # an unfolded batch norm's scale
+        elif op == "scale" and loads[0] is not None:
+            self.loading[result.mean] = self.emit("scale", attrs, [loads[0]])
         elif op == "pad" and loads[0] is not None:
             self.loading[result.mean] = self.emit("pad", attrs, [loads[0]])
         elif op == "add":
@@ -226,7 +230,7 @@ class _Rewriter(KernelRewriter):
                 self.loading[result.mean] = present[0][0]
             elif len(present) == 2 and same:
                 a1, a2 = loads
-                axes = {"axes": [2, 3], "keepdims": True}
+                axes = {"axes": list(range(2, len(shape_of(a1.mean)))), "keepdims": True}
                 diagonal = self.emit("square_add", {}, [a1, self.emit("multiply", {}, [a2, a2])])
                 sum1, sum2 = self.emit("reduce_sum", axes, [a1]), self.emit("reduce_sum", axes, [a2])
                 pooled = self.emit("square_add", {}, [sum1, self.emit("multiply", {}, [sum2, sum2])])
