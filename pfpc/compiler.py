@@ -28,6 +28,7 @@ from .frontends.relax_import import import_model
 from .options import MODES, SVI_DEFAULT_SAMPLES, check_c_name, check_outputs, check_sampling_options  # noqa: F401
 from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.apply_shared_draws import ApplySharedDraws
+from .passes.carry_channel_covariance import CarryChannelCovariance
 from .passes.pipeline import check_order, default_passes, svi_passes
 from .progress import step
 from .runner import RunResult, build_for_target, build_host, read_metadata, run, run_host  # noqa: F401
@@ -142,6 +143,9 @@ def compile(  # noqa: A001 - the public name users expect
         else:
             post = load_posterior(model, posterior, shared_draw=shared_draw)
     if mode == "pfp" and post.shared is not None and post.shared.semantics == "shared_draw":
+        # the per-channel loadings assume independent weight draws: shared draws keep the diagonal PFP
+        passes = [(label, CarryChannelCovariance("none") if label == "carry_channel_covariance" else transform)
+                  for label, transform in passes]
         passes.append(("apply_shared_draws", ApplySharedDraws(shared_posterior.draws(post.shared))))
     passes += last
     with step("importing the model into TVM Relax"):
