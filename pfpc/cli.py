@@ -71,6 +71,13 @@ def _compile_parser():
     parser.add_argument("--moment-storage", choices=("float32", "bfloat16"), default="float32",
                         help="how the variances between layers are stored in the arena: float32 (default) or bfloat16 "
                         "(half their RAM; 8 significant bits, see the README's memory section)")
+    parser.add_argument("--covariance", choices=("auto", "none", "channel", "pooled"), default="auto",
+                        help="per-channel shared weight noise of convolutional networks (docs/covariance.md): auto (default: "
+                        "only where it can reach a global average pool, from the earliest convolution within "
+                        "--covariance-budget), channel (every such convolution), pooled (cheaper: the loadings feed only "
+                        "the pooled variances), none (the diagonal PFP)")
+    parser.add_argument("--covariance-budget", type=float, default=0.5,
+                        help="extra work --covariance auto may add, as a fraction of the diagonal PFP's (default 0.5)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory that pfpc wrote")
     parser.add_argument("--mode", choices=("pfp", "svi"), default="pfp",
                         help="pfp (default): one probabilistic forward pass; svi: the same API computed by sampling the weights")
@@ -344,6 +351,7 @@ def _compile(args) -> int:
         dump_ir=args.dump_ir, name=args.name, force=args.force, measure=True, ram_limit=ram_limit, flash_limit=flash_limit,
         mode=args.mode, samples=args.samples, seed=args.seed, outputs=[o for o in args.outputs.split(",") if o],
         probs_method=args.probs_method, logit_samples=args.logit_samples, moment_storage=args.moment_storage,
+        covariance=args.covariance, covariance_budget=args.covariance_budget,
     )
     sampling = result.program.sampling
     detail = f" run once per sample, {sampling.samples} samples (SVI)" if sampling else ""

@@ -29,6 +29,7 @@ from .options import MODES, SVI_DEFAULT_SAMPLES, check_c_name, check_outputs, ch
 from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.substitute_layers import SubstituteLayers
 from .passes.apply_shared_draws import ApplySharedDraws
+from .passes.carry_channel_covariance import CarryChannelCovariance
 from .passes.pipeline import check_order, default_passes, for_target, svi_passes
 from .progress import step
 from .runner import RunResult, build_for_target, build_host, read_metadata, run, run_host  # noqa: F401
@@ -94,6 +95,8 @@ def compile(  # noqa: A001 - the public name users expect
     probs_method: str = "meanfield",
     logit_samples: int = 64,
     moment_storage: str = "float32",
+    covariance: str = "auto",
+    covariance_budget: float = 0.5,
 ) -> CompiledModel:
     """Compile ``model`` (path or ModelProto) with ``posterior`` (path, dict of arrays, or None
     for the deterministic network: every variance zero, said explicitly).
@@ -115,6 +118,10 @@ def compile(  # noqa: A001 - the public name users expect
     mutual_information) say how (`pfpc.passes.append_predictive_outputs`, `pfpc.ops.predictive`).
     ``moment_storage="bfloat16"``: the variances between layers stored in 16 bits in the arena
     (`pfpc.codegen.program.store_moments_in_bfloat16`; mode pfp).
+    ``covariance`` (auto, none, channel, pooled) and ``covariance_budget`` (a fraction of the
+    diagonal PFP's work): the per-channel shared-noise propagation of convolutional networks
+    (`pfpc.passes.carry_channel_covariance`, docs/covariance.md); ``auto`` uses it only where a
+    loading can reach a mean over positions, within the budget.
     """
     if moment_storage not in ("float32", "bfloat16"):
         raise PfpcError(f"moment storage '{moment_storage}': float32 or bfloat16")
@@ -124,7 +131,7 @@ def compile(  # noqa: A001 - the public name users expect
     check_c_name(name)
     samples, seed = check_sampling_options(mode, samples, seed)
     outputs = check_outputs(outputs, mode)
-    passes = list(passes if passes is not None else for_target(svi_passes() if mode == "svi" else default_passes(), target_info))
+    passes = list(passes if passes is not None else for_target(svi_passes() if mode == "svi" else default_passes(covariance, covariance_budget), target_info))
     substituted = any(isinstance(transform, SubstituteLayers) for _, transform in passes)
     predictive = AppendPredictiveOutputs(outputs, probs_method, logit_samples)  # options checked before the model is read
     if out_dir is not None:
@@ -145,6 +152,9 @@ def compile(  # noqa: A001 - the public name users expect
         else:
             post = load_posterior(model, posterior, shared_draw=shared_draw)
     if mode == "pfp" and post.shared is not None and post.shared.semantics == "shared_draw":
+        # the per-channel loadings assume independent weight draws: shared draws keep the diagonal PFP
+        passes = [(label, CarryChannelCovariance("none") if label == "carry_channel_covariance" else transform)
+                  for label, transform in passes]
         passes.append(("apply_shared_draws", ApplySharedDraws(shared_posterior.draws(post.shared))))
     # the predictive outputs, and the value of every output that ends in a softmax
     if substituted and (outputs or any(final_softmax(model.graph, value.name) for value in model.graph.output)):

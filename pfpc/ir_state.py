@@ -15,6 +15,7 @@ rest weights):
 | ``pfp.output_softmax`` | [{"output": index, "function": name, "axis": int}] of dropped softmaxes | `SubstituteLayers` |
 | ``pfp.extra_outputs`` | the predictive outputs appended after the Gaussian ones | `AppendPredictiveOutputs` |
 | ``pfp.predictive`` | (probability method, logit draws) of those outputs and of the softmax outputs; once set, ``main`` also returns the value of every ``pfp.output_softmax`` output after the extra outputs | `AppendPredictiveOutputs` |
+| ``pfp.covariance`` | {"option", "mode", "budget", "convolutions"}: the per-channel loadings made (absent: none) | `CarryChannelCovariance` |
 
 On a Gaussian kernel (a PrimFunc): ``pfp.kernel``, its `KernelSpec` (stored as JSON text, the
 form TVM prints and serialises; `kernel_spec` parses it).
@@ -45,6 +46,7 @@ OUTPUT_SOFTMAX = "pfp.output_softmax"
 EXTRA_OUTPUTS = "pfp.extra_outputs"
 PREDICTIVE = "pfp.predictive"
 ONNX_NODES = "pfp.onnx_nodes"
+COVARIANCE = "pfp.covariance"
 KERNEL = KERNEL_ATTR
 
 
@@ -129,6 +131,11 @@ def predictive(func) -> tuple[str, int] | None:
     return method, int(samples)
 
 
+def covariance(func) -> dict | None:
+    """``pfp.covariance``: what `CarryChannelCovariance` did, or None when it made no loadings."""
+    return json.loads(str(func.attrs[COVARIANCE])) if _has(func, COVARIANCE) else None
+
+
 def kernel_spec(prim) -> KernelSpec | None:
     """The spec of a Gaussian kernel PrimFunc, else None."""
     return KernelSpec.from_json(str(prim.attrs[KERNEL])) if _has(prim, KERNEL) else None
@@ -151,7 +158,8 @@ def _positions(values: dict):
 
 
 def encode(*, means=_UNSET, variances=_UNSET, onnx_names=_UNSET, sampled_std=_UNSET, outputs=_UNSET,
-           output_softmax=_UNSET, extra_outputs=_UNSET, weight_positions=_UNSET, predictive=_UNSET, onnx_nodes=_UNSET) -> dict:
+           output_softmax=_UNSET, extra_outputs=_UNSET, weight_positions=_UNSET, predictive=_UNSET, onnx_nodes=_UNSET,
+           covariance=_UNSET) -> dict:
     """The given state as ``{attribute: TVM value}`` (None: remove the attribute), for `ir.func_attrs`."""
     encoders = {
         PARAMS: (means, _tensors),
@@ -164,6 +172,7 @@ def encode(*, means=_UNSET, variances=_UNSET, onnx_names=_UNSET, sampled_std=_UN
         EXTRA_OUTPUTS: (extra_outputs, list),
         PREDICTIVE: (predictive, lambda value: [str(value[0]), str(value[1])]),
         ONNX_NODES: (onnx_nodes, _encode_nodes),
+        COVARIANCE: (covariance, lambda value: json.dumps(value, sort_keys=True)),
     }
     return {key: (None if value is None else encoder(value)) for key, (value, encoder) in encoders.items() if value is not _UNSET}
 

@@ -578,7 +578,8 @@ def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
     out_dir = os.path.join(workdir, "out")
     shutil.rmtree(out_dir, ignore_errors=True)
     try:
-        compiler.compile(model, {f"{k}.std": v for k, v in case.stds.items()}, out_dir=out_dir)
+        # the diagonal PFP, which the reference computes (covariance: tests/test_covariance_compiled.py)
+        compiler.compile(model, {f"{k}.std": v for k, v in case.stds.items()}, out_dir=out_dir, covariance="none")
     except PfpcError as err:
         return Outcome(False, "refused", str(err).splitlines()[0][:400])
     except Exception as err:

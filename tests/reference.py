@@ -923,6 +923,76 @@ def gauss_hermite(function, mean, var, points=16):
 # --------------------------------------------------------------------------------------
 
 
+
+# --- the per-channel shared-noise PFP's operators (pfpc/ops/channel_covariance.py; the whole
+# propagation's float64 reference is tests/reference_covariance.py) ---------------------------
+def conv2d_split(mean, var, w_mean, w_var, independent, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1):
+    """Conv whose input x = m + a z + e has independent variance e = v - a^2:
+    mean conv(m, mu), var conv(m^2 + v, s2) + conv(e, mu^2) (the coherent part left out)."""
+    m = _f64(mean)
+    v = _var_or_zeros(var, m)
+    geometry = dict(strides=strides, pads=pads, dilations=dilations, groups=groups)
+    wm = _f64(w_mean)
+    noise = conv2d(m * m + v, None, _var_or_zeros(w_var, wm), None, **geometry)[0]
+    indep = conv2d(_f64(independent), None, wm * wm, None, **geometry)[0]
+    return conv2d(m, None, wm, None, **geometry)[0], noise + indep
+
+
+def add_variance(mean, var, extra, square=False):
+    """(m, v) -> (m, v + c), or v + c^2 with ``square``."""
+    c = _f64(extra)
+    return _f64(mean), _f64(var) + (c * c if square else c)
+
+
+def pooled_variance(mean, var, independent_mean, loading, count):
+    """(avg m, avg(v - a^2) / P + avg(a)^2) from the pooled moments and the averages."""
+    return _f64(mean), _f64(independent_mean) / count + _f64(loading) ** 2
+
+
+def independent_variance(mean, var, loading):
+    """max(v - a^2, 0)."""
+    return np.maximum(_f64(var) - _f64(loading) ** 2, 0.0)
+
+
+def raw_second_moment(mean, var):
+    """m^2 + v."""
+    return _f64(mean) ** 2 + _f64(var)
+
+
+def relu_loading(mean, var, loading):
+    """a Phi(m / s) clamped to the ReLU output's std."""
+    m, v = _f64(mean), _f64(var)
+    s = np.sqrt(v)
+    slope = np.where(s > 0, ndtr(m / np.where(s > 0, s, 1.0)), (m > 0).astype(float))
+    bound = np.sqrt(relu(m, v)[1])
+    return np.clip(_f64(loading) * slope, -bound, bound)
+
+
+def clip_loading(mean, var, loading, lower=None, upper=None):
+    """a P(lo < x < hi) clamped to the clipped output's std."""
+    m, v = _f64(mean), _f64(var)
+    s = np.maximum(np.sqrt(v), 1e-300)
+    inside = (ndtr((upper - m) / s) if upper is not None else 1.0) - (ndtr((lower - m) / s) if lower is not None else 0.0)
+    bound = np.sqrt(clip(m, v, lower, upper)[1])
+    return np.clip(_f64(loading) * inside, -bound, bound)
+
+
+def square_add(x, y):
+    """x^2 + y."""
+    return _f64(x) ** 2 + _f64(y)
+
+
+def root(x):
+    """sqrt(max(x, 0))."""
+    return np.sqrt(np.maximum(_f64(x), 0.0))
+
+
+def projection_gain(pooled, root_sum, shared_sum):
+    """k = sqrt(clip((T - S2) / (S1^2 - S2), 0, 1)), 0 where S1^2 <= S2."""
+    t, s1, s2 = _f64(pooled), _f64(root_sum), _f64(shared_sum)
+    span = s1 * s1 - s2
+    return np.sqrt(np.where(span > 0, np.clip((t - s2) / np.where(span > 0, span, 1.0), 0.0, 1.0), 0.0))
+
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 

@@ -70,7 +70,7 @@ def project(shared_diag, pooled, axes=(2, 3)):
 
 
 def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1,
-                 diagonal_var=False, box=False):
+                 diagonal_var=False, box=False, box_noise=False):
     """Conv y[o, p] = sum_{c,t} w[o,c,t] x[c, p+t] + b[o], w = mu + s eps (eps shared by all p).
 
         mean      = conv(m, mu) + mu_b
@@ -90,7 +90,11 @@ def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 
 
     ``box`` (variant "channel_box", for convolutions with several input channels per group and a
     k x k window, where the coherent term is a nested reduction): h[o,c,p] ~ (sum_t mu[o,c,t]) abar[c,p]
-    with abar the window's mean loading, so sum_c h^2 = sum_c (sum_t mu)^2 abar^2 is one reduction."""
+    with abar the window's mean loading, so sum_c h^2 = sum_c (sum_t mu)^2 abar^2 is one reduction.
+
+    ``box_noise`` (what the compiler builds, pfpc/passes/carry_channel_covariance.py): the shared
+    part's diagonal that the projection spreads the loading by takes the weight noise in box form,
+    sum_c (sum_t s2[o,c,t]) mean_t (m^2 + v)[c,p+t]; the variance and the pooled variance stay exact."""
     n, c, h, w = m.shape
     o, cg, kh, kw = wm.shape
     g = groups
@@ -123,7 +127,12 @@ def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 
         shared = noise + (0.0 if bv is None or bm is None else bv.reshape(1, g, o // g, 1))
     shape = (n, o, ho, wo)
     shared, indep = shared.reshape(shape), indep.reshape(shape)
-    loading = project(shared, pooled.reshape(n, o))
+    spread = shared
+    if box_noise:
+        exact_noise = np.einsum("gock,ngckl->ngol", s2, cm**2 + cv).reshape(shape)
+        boxed = np.einsum("goc,ngcl->ngol", s2.sum(-1), (cm**2 + cv).mean(-2)).reshape(shape)
+        spread = shared - exact_noise + boxed
+    loading = project(spread, pooled.reshape(n, o))
     return mean.reshape(shape), shared + indep, loading
 
 
@@ -228,7 +237,8 @@ def gemm_channel(m, v, a, group, wm, wv, bm=None, bv=None):
 
 
 def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: str = "channel",
-                   replace: dict | None = None, pools_before_relus: bool = True, start: int = 0) -> dict:
+                   replace: dict | None = None, pools_before_relus: bool = True, start: int = 0,
+                   box_noise: bool = False) -> dict:
     """Run the PFP over ``model`` (constants folded, batch norms kept) and return every tensor's
     (mean, var). mode "none": the diagonal reference (tests/reference.py); "channel": shared
     per-channel latents; "pooled": the same with the diagonal PFP's variance at every conv
@@ -263,7 +273,7 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
                 x.append((np.asarray(rm, np.float64), np.asarray(rv, np.float64), np.zeros(np.shape(rm))))
             else:
                 x.append(env[name])
-        out = _node(node, x, mode, group)
+        out = _node(node, x, mode, group, box_noise)
         if node.op_type == "Conv" and mode != "none":
             if convs[0] < start:
                 out = (out[0], out[1], np.zeros(out[0].shape))
@@ -276,7 +286,7 @@ def _lift(t):
     return tuple(z[:, :, None, :] for z in t)
 
 
-def _node(node, x, mode, group):
+def _node(node, x, mode, group, box_noise=False):
     op = node.op_type
     a = R._attrs(node)
     if mode == "none" or op not in CHANNEL_OPS:
@@ -313,7 +323,7 @@ def _node(node, x, mode, group):
         _, strides, pads, dil = R._pool_geometry(attrs, m.shape[2:], weight[0].shape[2:])
         b = x[2] if len(x) > 2 and x[2] is not None else (None, None, None)
         out = conv_channel(m, v, ld, weight[0], weight[1], b[0], b[1], strides, pads, dil, a.get("group", 1),
-                           diagonal_var=mode == "pooled", box=mode == "channel_box")
+                           diagonal_var=mode == "pooled", box=mode == "channel_box", box_noise=box_noise)
         return tuple(z[:, :, 0, :] for z in out) if one_d else out
     if op == "Relu":
         return relu_channel(m, v, ld)

@@ -335,6 +335,8 @@ def write(program: Program, out_dir: str) -> None:
     }
     if program.shared is not None:
         meta["shared_posterior"] = program.shared.metadata()
+    if program.covariance is not None:
+        meta["covariance"] = program.covariance
     if program.sampling is not None:
         meta.update(program.sampling.metadata())
         meta["weights_bytes"] += sum(8 * w.tensor.elements for w in program.sampling.weights)  # mean and std arrays

@@ -130,6 +130,7 @@ class Program:
     sampling: object = None  # emit_svi.Sampling: the program runs once per weight sample (mode svi)
     output_softmax: list = field(default_factory=list)  # outputs computed by a final softmax (see substitute_layers)
     shared: object = None  # shared_weights.SharedWeights: weights stored as codebooks (a shared posterior)
+    covariance: dict | None = None  # the per-channel loadings made (`ir_state.covariance`), None: the diagonal PFP
     kernel_names: dict = field(default_factory=dict)  # kernel -> its C function (`kernel_c_name`)
     _first_steps: dict = field(default_factory=dict, repr=False)  # kernel -> its first step, filled once the steps are final
 
@@ -177,6 +178,7 @@ def lower_to_program(mod: tvm.IRModule, weights: dict, io: dict, name: str = "pf
     extras = ir_state.extra_outputs(func)
     if ir_state.predictive(func) is not None:
         program.predictive = ir_state.predictive(func)
+    program.covariance = ir_state.covariance(func)
     assigned = set()
 
     def bind_output(tensor, pointer, size):

@@ -21,6 +21,7 @@ import numpy as np
 import tvm
 
 from ..errors import PfpcError
+from . import channel_covariance as C
 from . import elementwise as E
 from .constants import scalar_value
 from . import gaussian as G
@@ -293,32 +294,36 @@ class Operator:
     marker_params: tuple = ()  # scalar parameters of the importer's marker ``pfpc.<name>`` (`MARKER_OP`)
     reference: str | None = None  # the float64 NumPy function in tests/reference.py
     function: str | None = None  # Kind.OUTPUT: the function the dropped node computes
+    # how a per-channel loading (`passes.carry_channel_covariance`) goes through: "source" (makes
+    # one), "carry" (passes it on, by a rule of the pass), "pool" (a mean over positions, where it
+    # adds coherently); None: the loading is dropped
+    loading: str | None = None
 
 
 OPERATORS = (
     # linear: the reduction's multiply-adds per MAC are `moments.FMA_PER_MAC` (by operand moments)
     Operator("matmul", onnx=("MatMul", "Gemm"), relax=("relax.matmul",), arity=2, fusion=Fusion.LINEAR, reference="matmul",
              build=lambda inputs, attrs: G.matmul(*inputs, count=attrs.get("draw_groups", 0))),
-    Operator("conv2d", onnx=("Conv",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.conv2d",), relax_attrs=_conv_attrs,
+    Operator("conv2d", loading="source", onnx=("Conv",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.conv2d",), relax_attrs=_conv_attrs,
              lowered_1d=("relax.nn.conv1d",), arity=2, fusion=Fusion.LINEAR, reference="conv2d",
              build=lambda inputs, attrs: G.conv2d(*inputs[:2], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"],
                                                   *inputs[2:], count=attrs.get("draw_groups", 0))),
-    Operator("add", legacy_broadcast=("Add",), onnx=("Add", "Sum"), relax=("relax.add",), arity=2, fusion=Fusion.ELEMENTWISE, reference="add",
+    Operator("add", loading="carry", legacy_broadcast=("Add",), onnx=("Add", "Sum"), relax=("relax.add",), arity=2, fusion=Fusion.ELEMENTWISE, reference="add",
              build=lambda inputs, attrs: G.add(*inputs)),
     Operator("subtract", legacy_broadcast=("Sub",), onnx=("Sub",), relax=("relax.subtract",), arity=2, fusion=Fusion.ELEMENTWISE, reference="subtract",
              build=lambda inputs, attrs: G.subtract(*inputs)),
-    Operator("multiply", legacy_broadcast=("Mul",), onnx=("Mul",), relax=("relax.multiply",), arity=2, fusion=Fusion.ELEMENTWISE, reference="multiply",
+    Operator("multiply", loading="carry", legacy_broadcast=("Mul",), onnx=("Mul",), relax=("relax.multiply",), arity=2, fusion=Fusion.ELEMENTWISE, reference="multiply",
              build=lambda inputs, attrs: G.multiply(*inputs)),
     Operator("divide", legacy_broadcast=("Div",), onnx=("Div",), relax=("relax.divide",), arity=2, fusion=Fusion.ELEMENTWISE, deterministic_operand=1,
              reference="divide", build=lambda inputs, attrs: G.divide(*inputs)),
     # Mul/Div by a deterministic scalar (`SubstituteLayers` chooses it over multiply/divide)
-    Operator("scale", onnx=("Neg",), relax=("relax.negative",), relax_attrs=lambda call: {"factor": -1.0}, native=None,
+    Operator("scale", loading="carry", onnx=("Neg",), relax=("relax.negative",), relax_attrs=lambda call: {"factor": -1.0}, native=None,
              fusion=Fusion.ELEMENTWISE, reference="multiply",
              build=lambda inputs, attrs: G.scale(inputs[0], attrs["factor"])),
-    Operator("relu", onnx=("Relu",), relax=("relax.nn.relu",), fusion=Fusion.NONLINEAR,
+    Operator("relu", loading="carry", onnx=("Relu",), relax=("relax.nn.relu",), fusion=Fusion.NONLINEAR,
              gaussian_ops=_per_element("relu"), libm_calls={"sqrt": 1}, reference="relu",
              build=lambda inputs, attrs: G.relu(inputs[0])),
-    Operator("clip", onnx=("Clip",), constant_inputs=(1, 2), relax=("relax.clip",), relax_attrs=_clip_attrs,
+    Operator("clip", loading="carry", onnx=("Clip",), constant_inputs=(1, 2), relax=("relax.clip",), relax_attrs=_clip_attrs,
              fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("clip"), libm_calls={"sqrt": 1},
              reference="clip", build=lambda inputs, attrs: G.clip(inputs[0], attrs["lower"], attrs["upper"])),
     Operator("leaky_relu", onnx=("LeakyRelu",), relax=("relax.nn.leakyrelu",), relax_attrs=lambda call: {"alpha": float(call.attrs.alpha)},
@@ -334,7 +339,7 @@ OPERATORS = (
              libm_calls={"sqrt": 2, "tanh": 1}, reference="tanh", build=lambda inputs, attrs: G.tanh(inputs[0])),
     Operator("transpose", onnx=("Transpose",), relax=("relax.permute_dims",), relax_attrs=_transpose_attrs, native=None,
              build=lambda inputs, attrs: G.transpose(inputs[0], list(attrs["axes"]))),
-    Operator("pad", onnx=("Pad",), onnx_rule=_padding_mode, constant_inputs=(1, 2, 3), relax=("relax.nn.pad",),
+    Operator("pad", loading="carry", onnx=("Pad",), onnx_rule=_padding_mode, constant_inputs=(1, 2, 3), relax=("relax.nn.pad",),
              relax_attrs=_pad_attrs, native=None, reference="pad", build=_pad),
     Operator("concat", onnx=("Concat",), relax=("relax.concat",), relax_attrs=_concat_attrs, reference="concat",
              build=lambda inputs, attrs: G.concat(inputs, attrs["axis"])),
@@ -343,12 +348,34 @@ OPERATORS = (
              libm_calls={"sqrt": 1}, reference="maxpool2d",
              build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs.get("ceil_mode", False))),
-    Operator("avgpool2d", onnx=("AveragePool",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.avg_pool2d",), relax_attrs=_avgpool_attrs,
+    Operator("avgpool2d", loading="pool", onnx=("AveragePool",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.avg_pool2d",), relax_attrs=_avgpool_attrs,
              lowered_1d=("relax.nn.avg_pool1d",), reference="avgpool2d",
              build=lambda inputs, attrs: G.avgpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs["ceil_mode"], attrs["count_include_pad"])),
-    Operator("reduce_mean", onnx=("GlobalAveragePool", "ReduceMean"), relax=("relax.mean",), relax_attrs=_reduce_attrs, reference="reduce_mean",
+    Operator("reduce_mean", loading="pool", onnx=("GlobalAveragePool", "ReduceMean"), relax=("relax.mean",), relax_attrs=_reduce_attrs, reference="reduce_mean",
              build=lambda inputs, attrs: G.reduce_mean(inputs[0], attrs["axes"], attrs["keepdims"])),
+    # the per-channel shared-noise PFP (`--covariance`): formulas in `pfpc.ops.channel_covariance`,
+    # emitted by `passes.carry_channel_covariance` only (no ONNX or Relax operator of their own)
+    Operator("conv2d_split", arity=3, fusion=Fusion.LINEAR, reference="conv2d_split",
+             build=lambda inputs, attrs: C.conv2d_split(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"])),
+    Operator("add_variance", arity=2, fusion=Fusion.ELEMENTWISE, reference="add_variance",
+             build=lambda inputs, attrs: C.add_variance(*inputs, attrs["square"])),
+    Operator("pooled_variance", arity=3, reference="pooled_variance",
+             build=lambda inputs, attrs: C.pooled_variance(*inputs, attrs["count"])),
+    Operator("independent_variance", arity=2, native=Moment.NONE, reference="independent_variance",
+             build=lambda inputs, attrs: C.independent_variance(*inputs)),
+    Operator("raw_second_moment", native=Moment.NONE, reference="raw_second_moment",
+             build=lambda inputs, attrs: C.raw_second_moment(inputs[0])),
+    Operator("relu_loading", arity=2, native=Moment.NONE, gaussian_ops=_per_element("relu"), libm_calls={"sqrt": 2},
+             reference="relu_loading", build=lambda inputs, attrs: C.relu_loading(*inputs)),
+    Operator("clip_loading", arity=2, native=Moment.NONE, gaussian_ops=_per_element("clip"), libm_calls={"sqrt": 2},
+             reference="clip_loading", build=lambda inputs, attrs: C.clip_loading(*inputs, attrs["lower"], attrs["upper"])),
+    Operator("square_add", arity=2, native=Moment.NONE, reference="square_add",
+             build=lambda inputs, attrs: C.square_add(*inputs)),
+    Operator("root", native=Moment.NONE, libm_calls={"sqrt": 1}, reference="root",
+             build=lambda inputs, attrs: C.root(inputs[0])),
+    Operator("projection_gain", arity=3, native=Moment.NONE, libm_calls={"sqrt": 1}, reference="projection_gain",
+             build=lambda inputs, attrs: C.projection_gain(*inputs)),
     # formulas in `pfpc.ops.elementwise` (ops real embedded networks use); each a kernel of its own
     Operator("reduce_sum", onnx=("ReduceSum",), relax=("relax.sum",), relax_attrs=_reduce_attrs, reference="reduce_sum",
              build=lambda inputs, attrs: E.reduce_sum(inputs[0], attrs["axes"], attrs["keepdims"])),
@@ -480,6 +507,10 @@ MARKERS = {op.name: op for op in OPERATORS if op.marker_params}
 #: Relax operators that become a `scale` stage when their second operand is a deterministic
 #: scalar c -> the factor: multiply by c, divide by c.
 SCALING = {**{name: lambda c: c for name in STAGES["multiply"].relax}, **{name: lambda c: 1.0 / c for name in STAGES["divide"].relax}}
+#: Stages a per-channel loading goes through (`passes.carry_channel_covariance`), and those of
+#: them that are means over positions (where the loadings add coherently).
+LOADING_CARRIERS = tuple(op.name for op in STAGES.values() if op.loading is not None)
+LOADING_POOLS = tuple(op.name for op in STAGES.values() if op.loading == "pool")
 #: Stages that reduce over a fan-in.
 LINEAR_OPS = stages(Fusion.LINEAR)
 #: Relax operators of the linear stages.

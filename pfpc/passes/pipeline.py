@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..errors import PfpcError
 
+from .carry_channel_covariance import DEFAULT_BUDGET, CarryChannelCovariance
 from .fold_batch_norm import FoldBatchNorm
 from .fold_weight_layout import FoldWeightLayout
 from .lower_1d_to_2d import Lower1dTo2d
@@ -22,9 +23,10 @@ from .fuse_operators import FuseOperators
 from .substitute_layers import SubstituteLayers
 
 
-def default_passes():
+def default_passes(covariance: str = "auto", covariance_budget: float = DEFAULT_BUDGET):
     """Passes run by `pfpc.compile` unless ``passes=`` says otherwise, in order (`for_target`
-    adapts them to the target)."""
+    adapts them to the target). ``covariance``, ``covariance_budget``: `CarryChannelCovariance`'s
+    mode and work budget."""
     return [
         ("lower_1d_to_2d", Lower1dTo2d()),
         ("fold_weight_layout", FoldWeightLayout()),
@@ -33,6 +35,7 @@ def default_passes():
         ("pool_before_relu", PoolBeforeRelu()),
         ("substitute_layers", SubstituteLayers()),
         ("eliminate_zero_variance", EliminateZeroVariance()),
+        ("carry_channel_covariance", CarryChannelCovariance(covariance, covariance_budget)),
         ("fuse_operators", FuseOperators()),
         ("choose_moment_representation", ChooseMomentRepresentation()),
         ("fold_weight_moments", FoldWeightMoments()),

@@ -1,0 +1,160 @@
+"""Gaussian operators of the per-channel shared-noise PFP (``--covariance``, docs/covariance.md).
+
+Every activation is modelled as x[c, p] = m[c, p] + a[c, p] z_c + e[c, p]: z_c ~ N(0, 1) one
+latent per channel shared by all positions p (from the weight noise, which is the same at every
+position of a convolution), e independent with variance v - a^2. The loading a is a
+deterministic (mean-only) tensor beside the Gaussian (m, v); `passes.carry_channel_covariance`
+emits these operators, and the deterministic convolutions, products and sums the loadings
+need otherwise are pfpc's existing stages with deterministic operands. Each operator here is one
+TE compute with at most one reduction (`kernel.schedule_kernel` schedules it as any other).
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from .gaussian import Gaussian, _reduce_products, _second_at
+from .moments import f32, relu_moments, relu_terms, safe_sqrt, std_normal_cdf, std_normal_pdf
+
+
+def _det(shape, body, name) -> Gaussian:
+    return Gaussian(te.compute(shape, body, name=name), None, "none")
+
+
+def conv2d_split(x: Gaussian, w: Gaussian, independent: Gaussian, strides, pads, dilations, groups) -> Gaussian:
+    """Y = conv2d(X, W) (NCHW x OIHW, zero padding, grouped) for an input with per-channel
+    latents, the variance without the input latents' coherent part:
+
+        mean = sum_{c,t} mu[o,c,t] m[c,p+t]
+        var  = sum_{c,t} s2[o,c,t] (m^2 + v)[c,p+t] + sum_{c,t} mu[o,c,t]^2 e[c,p+t]
+
+    with e = v - a^2 the input's independent variance (operand ``independent``, deterministic).
+    The coherent part sum_c (sum_t mu a)^2 is added by `add_variance`; with a = 0 this is the
+    diagonal `gaussian.conv2d`. Same multiply-adds per MAC as the diagonal convolution."""
+    batch, in_ch, height, width = x.shape
+    out_ch, group_ch, kernel_h, kernel_w = w.shape
+    pad_top, pad_left, pad_bottom, pad_right = pads
+    out_h = (height + pad_top + pad_bottom - dilations[0] * (kernel_h - 1) - 1) // strides[0] + 1
+    out_w = (width + pad_left + pad_right - dilations[1] * (kernel_w - 1) - 1) // strides[1] + 1
+    out_per_group = out_ch // groups
+    c = te.reduce_axis((0, group_ch), name="c")
+    i = te.reduce_axis((0, kernel_h), name="i")
+    j = te.reduce_axis((0, kernel_w), name="j")
+
+    def terms(n, o, y, xx):
+        row = y * strides[0] + i * dilations[0] - pad_top
+        col = xx * strides[1] + j * dilations[1] - pad_left
+        inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
+        ix = (n, (o // out_per_group) * group_ch + c, row, col)
+        iw = (o, c, i, j)
+        x_mean = tirx.if_then_else(inside, x.mean[ix], f32(0.0))
+        x_second = tirx.if_then_else(inside, _second_at(x, ix), f32(0.0))
+        x_indep = tirx.if_then_else(inside, independent.mean[ix], f32(0.0))
+        w_mean = w.mean[iw]
+        if w.repr == "none":
+            return x_mean * w_mean, x_indep * (w_mean * w_mean)
+        return x_mean * w_mean, w.var_at(iw) * x_second + x_indep * (w_mean * w_mean)
+
+    return _reduce_products([batch, out_ch, out_h, out_w], terms, [c, i, j], "conv2d_split")
+
+
+def independent_variance(x: Gaussian, loading: Gaussian) -> Gaussian:
+    """e = max(v - a^2, 0): the variance of the independent part of x = m + a z + e
+    (deterministic output)."""
+    return _det(x.shape, lambda *idx: tirx.max(x.var_at(idx) - loading.mean[idx] * loading.mean[idx], f32(0.0)), "independent_variance")
+
+
+def raw_second_moment(x: Gaussian) -> Gaussian:
+    """q = m^2 + v = E[x^2] (deterministic output): what a weight's noise multiplies."""
+    return _det(x.shape, lambda *idx: _second_at(x, idx), "raw_second_moment")
+
+
+def add_variance(y: Gaussian, extra: Gaussian, square: bool) -> Gaussian:
+    """(m, v) -> (m, v + c) with c deterministic (``square``: v + c^2): the coherent part of a
+    convolution's variance, the shared part of a global pool's (loading^2)."""
+    mean = te.compute(y.shape, lambda *idx: y.mean[idx], name="add_variance_mean")
+
+    def var(*idx):
+        value = extra.mean[idx]
+        return y.var_at(idx) + (value * value if square else value)
+
+    return Gaussian(mean, te.compute(y.shape, var, name="add_variance_var"), "var")
+
+
+def pooled_variance(y: Gaussian, independent_mean: Gaussian, loading: Gaussian, count: int) -> Gaussian:
+    """The mean over P = ``count`` positions of x = m + a z + e (one latent per channel, a
+    global average pool): mean y.mean = avg m, var = avg(e) / P + avg(a)^2 (the loadings add
+    coherently), from ``independent_mean`` = avg(v - a^2) and ``loading`` = avg(a)."""
+    mean = te.compute(y.shape, lambda *idx: y.mean[idx], name="pooled_variance_mean")
+
+    def var(*idx):
+        value = loading.mean[idx]
+        return independent_mean.mean[idx] * f32(1.0 / count) + value * value
+
+    return Gaussian(mean, te.compute(y.shape, var, name="pooled_variance_var"), "var")
+
+
+def relu_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
+    """Loading of max(x, 0): a Phi(m / s) = a E[f'(x)] (Stein's lemma: Cov(f(x), z) = E[f'(x)]
+    Cov(x, z)), clamped to the output's standard deviation (deterministic output)."""
+
+    def body(*idx):
+        terms = relu_terms(x.mean[idx], x.var_at(idx))
+        _, var = relu_moments(x.mean[idx], x.var_at(idx), terms)
+        bound = safe_sqrt(var)
+        return tirx.min(tirx.max(loading.mean[idx] * terms[0], f32(0.0) - bound), bound)
+
+    return _det(x.shape, body, "relu_loading")
+
+
+def clip_loading(x: Gaussian, loading: Gaussian, lower, upper) -> Gaussian:
+    """Loading of min(max(x, lo), hi): a P(lo < x < hi) = a (Phi((hi - m)/s) - Phi((lo - m)/s))
+    (Stein), clamped to the output's standard deviation (deterministic output)."""
+    from .moments import clip_moments
+
+    def body(*idx):
+        mean, var = x.mean[idx], x.var_at(idx)
+        std = tirx.max(safe_sqrt(var), f32(1e-30))
+        inside = f32(1.0)
+        if upper is not None:
+            b = (f32(upper) - mean) / std
+            inside = std_normal_cdf(b, std_normal_pdf(b))
+        if lower is not None:
+            a = (f32(lower) - mean) / std
+            inside = inside - std_normal_cdf(a, std_normal_pdf(a))
+        _, out_var = clip_moments(mean, var, lower, upper)
+        bound = safe_sqrt(out_var)
+        return tirx.min(tirx.max(loading.mean[idx] * inside, f32(0.0) - bound), bound)
+
+    return _det(x.shape, body, "clip_loading")
+
+
+def square_add(x: Gaussian, y: Gaussian) -> Gaussian:
+    """x^2 + y (deterministic; of a Gaussian x its mean is read): the window sums' M^2 + (A^2 + E),
+    a loading's a1^2 + a2^2."""
+    return _det(x.shape, lambda *idx: x.mean[idx] * x.mean[idx] + y.mean[idx], "square_add")
+
+
+def root(x: Gaussian) -> Gaussian:
+    """sqrt(max(x, 0)) (deterministic): the standard deviation of a shared part."""
+    return _det(x.shape, lambda *idx: safe_sqrt(x.mean[idx]), "shared_std")
+
+
+def projection_gain(pooled: Gaussian, root_sum: Gaussian, shared_sum: Gaussian) -> Gaussian:
+    """The factor k of the projection of several latents onto one per channel, a = k sqrt(d):
+    with the shared part's diagonal d, its pooled variance T = Var(sum_p shared part),
+    S1 = sum_p sqrt(d) and S2 = sum_p d,
+
+        k^2 = (T - S2) / (S1^2 - S2)   clipped to [0, 1]   (0 when S1^2 <= S2)
+
+    so that the model's pooled variance (sum_p a)^2 + sum_p (d - a^2) is T and its diagonal d
+    (deterministic, one value per channel)."""
+
+    def body(*idx):
+        s1, s2 = root_sum.mean[idx], shared_sum.mean[idx]
+        span = s1 * s1 - s2
+        ratio = (pooled.mean[idx] - s2) / tirx.max(span, f32(1e-30))
+        k2 = tirx.Select(span > f32(0.0), tirx.min(tirx.max(ratio, f32(0.0)), f32(1.0)), f32(0.0))
+        return tirx.sqrt(k2)
+
+    return _det(pooled.shape, body, "projection_gain")

@@ -1,0 +1,375 @@
+"""Carry each channel's shared weight noise as a loading beside the diagonal moments (``--covariance``).
+
+In a convolution every output position of a channel is computed with the same random weights,
+so the positions of a channel are correlated; a global average pool summing them needs that
+covariance, which the diagonal PFP drops. Each activation is modelled as
+x[c, p] = m + a z_c + e (docs/covariance.md): the loading a is a deterministic tensor beside
+(m, v), made by the convolutions the plan names and carried through ReLU, Clip, Pad, residual
+Add, a deterministic scale (an unfolded batch norm) and views to the global pool, which adds it coherently. An op without a rule drops the
+loading (exactly the diagonal PFP from there on). For a convolution reading a loaded input:
+
+    y = conv2d(x, w)              ->   e        = independent_variance(x, a)          v - a^2
+                                       y        = conv2d_split(x, w, e)               conv(m^2+v, s2) + conv(e, mu^2)
+                                       coherent = conv1x1(box(a)^2, (sum_t mu)^2)     (depthwise: conv(a, mu)^2)
+                                       y        = add_variance(y, coherent)           (fused into the conv)
+and, for a convolution the plan names (its output gets a loading):
+                                       shared   = coherent + conv1x1(box(m^2 + v), sum_t s2) + s2_b
+                                       M, A, E  = window sums of m, a, e (depthwise convs with ones)
+                                       pooled   = sum_c (sum_t mu A)^2 + conv(M^2 + A^2 + E, s2) + L^2 s2_b
+                                       a_out    = projection_gain(pooled, sum sqrt(shared), sum shared) * sqrt(shared)
+    relu(x)                       ->   relu(x); a_out = relu_loading(x, a)
+    a1 + a2 (both loaded)         ->   the sum; a_out = projection of a1^2 + a2^2 with pooled (sum a1)^2 + (sum a2)^2
+    mean over positions           ->   pooled_variance: avg m, avg(v - a^2) / P + avg(a)^2
+
+box(.) is the window's mean (a depthwise convolution with 1/T): the coherent term of a k x k
+convolution over several input channels, sum_c (sum_t mu a)^2, would be a nested reduction;
+its box form ("channel_box" in the measurements) is one. The shared part's weight noise is also
+taken in box form: it only shapes how the loading spreads over positions (the pooled variance
+is exact, the variance is exact). ``mode="pooled"``: the variances stay the diagonal PFP's
+(no split, no coherent term), the loadings feed only the pooled variances.
+
+The plan: the convolutions whose loadings can reach a mean over positions through those ops;
+``auto`` starts them at the earliest such convolution for which the counted extra work (the
+formula of benchmarks/covariance_cost.py) stays within ``budget`` of the diagonal PFP's
+(no convolution reaches a pool: the module is returned unchanged). Runs after
+`EliminateZeroVariance` (deterministic weights known) and before `FuseOperators`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .. import ir_state
+from ..errors import PfpcError
+from ..ir import GaussianValue, call_op_name, kernel_of, main_bindings, shape_of, with_attrs
+from ..ops.gaussian import Moment
+from ..ops.kernel import KernelSpec, infer_output_repr
+from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_POOLS
+from .kernel_rewriter import KernelRewriter
+
+COVARIANCE_MODES = ("auto", "none", "channel", "pooled")
+DEFAULT_BUDGET = 0.5
+
+
+def _spatial_mean(spec, in_shape) -> bool:
+    """Whether the kernel is a mean over all positions (ReduceMean, GlobalAveragePool, or an
+    AveragePool whose one window is the whole input)."""
+    op, attrs = spec.stages[0]
+    if op == "avgpool2d":
+        return list(attrs["kernel"]) == list(in_shape[2:]) and not any(attrs["pads"]) and len(in_shape) == 4
+    return op == "reduce_mean" and len(in_shape) >= 3 and set(attrs["axes"]) >= set(range(2, len(in_shape)))
+
+
+def _activation_sources(mod, value, item_of, source) -> list:
+    """The kernel-call vars whose outputs the kernel call ``value`` reads (through views)."""
+    found = []
+    for arg in value.args[1].fields:
+        var = source.get(arg)
+        if var is not None and var not in found:
+            found.append(var)
+    return found
+
+
+def plan(mod, mode: str, budget: float) -> list:
+    """The conv kernel-call vars (of ``main``) whose outputs get loadings, in graph order."""
+    if mode == "none":
+        return []
+    bindings = main_bindings(mod["main"])
+    source, calls, order = {}, {}, []
+    for binding in bindings:
+        value = binding.value
+        if isinstance(value, relax.TupleGetItem):
+            source[binding.var] = source.get(value.tuple_value, value.tuple_value)
+        elif call_op_name(value) == "relax.reshape":
+            if value.args[0] in source:
+                source[binding.var] = source[value.args[0]]
+        else:
+            found = kernel_of(mod, value)
+            if found is not None:
+                source[binding.var] = binding.var
+                calls[binding.var] = (found[0], _activation_sources(mod, value, None, source), binding)
+                order.append(binding.var)
+    users = {var: [] for var in order}
+    for var in order:
+        for src in calls[var][1]:
+            users.setdefault(src, []).append(var)
+    reaches = set()
+    for var in reversed(order):
+        spec, _, binding = calls[var]
+        if spec.ops[0] not in LOADING_CARRIERS or spec.output == Moment.NONE:
+            continue
+        pool = _spatial_mean(spec, shape_of(binding.value.args[1].fields[0]))
+        if pool or (spec.ops[0] not in LOADING_POOLS and any(user in reaches for user in users.get(var, []))):
+            reaches.add(var)
+    convs = [var for var in order if calls[var][0].ops[0] == "conv2d" and var in reaches]
+    if mode == "channel" or mode == "pooled" or not convs:
+        return convs
+    weights = ir_state.means(mod["main"])
+    diagonal, extra = 0.0, []
+    for var in order:
+        spec, _, binding = calls[var]
+        if spec.ops[0] not in LINEAR_OPS or len(spec.operands) != 2:
+            continue
+        weight_shape = shape_of(binding.value.args[1].fields[2 if spec.operands[0] != Moment.NONE else 1])
+        out_ty = binding.var.ty.fields[0] if hasattr(binding.var.ty, "fields") else binding.var.ty
+        out = int(np.prod([int(d) for d in out_ty.shape]))
+        per_output = int(np.prod(weight_shape[1:])) if spec.ops[0] == "conv2d" else weight_shape[-2]
+        macs = out * per_output
+        diagonal += macs * (2 if spec.operands[0] == Moment.NONE else 3)
+        if var in convs:
+            window = int(np.prod(weight_shape[2:]))
+            inp = int(np.prod(shape_of(binding.value.args[1].fields[0])))
+            common = 3 * inp + 2 * int(np.prod(weight_shape)) + 10 * out
+            dense_window = window > 1 and per_output > window
+            coherent = macs / window if dense_window else macs * (1 + (1.0 / window if window > 1 else 0.0))
+            extra.append((var, common, coherent))
+    del weights
+    for start in range(len(extra)):
+        chosen = extra[start:]
+        cost = sum(common + (coherent if index > 0 else 0.0) for index, (_, common, coherent) in enumerate(chosen))
+        if cost <= budget * diagonal:
+            return [var for var, _, _ in chosen]
+    return []
+
+
+class _Rewriter(KernelRewriter):
+    def __init__(self, mod, planned, pooled_only):
+        super().__init__(mod)
+        self.planned = set(planned)
+        self.pooled_only = pooled_only
+        self.loading = {}  # new mean var -> loading GaussianValue (deterministic)
+
+    # --- emitting -----------------------------------------------------------------------------
+    def emit(self, stage, attrs, operands, output=None):
+        spec = KernelSpec(((stage, attrs),), tuple(o.repr for o in operands), Moment.NONE)
+        spec = spec.with_(output=output if output is not None else infer_output_repr(spec))
+        names = [f"x{i}" for i in range(len(operands))]
+        self.used.update(arg for operand in operands for arg in operand.args())
+        return self.kernels.emit(spec, operands, f"cov_{stage}", names)
+
+    def weight(self, name, value):
+        return GaussianValue(self.add_weight(name, np.asarray(value, np.float32)))
+
+    def det(self, value: GaussianValue):
+        return GaussianValue(value.mean)
+
+    def view(self, value: GaussianValue, shape):
+        return GaussianValue(self.bb.emit(relax.op.reshape(value.mean, relax.ShapeExpr([int(d) for d in shape]))))
+
+    def conv(self, x, weight, strides, pads, dilations, groups):
+        attrs = {"strides": [int(s) for s in strides], "pads": [int(p) for p in pads], "dilations": [int(d) for d in dilations],
+                 "groups": int(groups)}
+        return self.emit("conv2d", attrs, [x, weight])
+
+    def project(self, shared, pooled, tag):
+        """a = k sqrt(shared), k from the pooled variance (`channel_covariance.projection_gain`)."""
+        axes = {"axes": list(range(2, len(shape_of(shared.mean)))), "keepdims": True}
+        root = self.emit("root", {}, [shared])
+        root_sum = self.emit("reduce_sum", axes, [root])
+        shared_sum = self.emit("reduce_sum", axes, [shared])
+        gain = self.emit("projection_gain", {}, [pooled, root_sum, shared_sum])
+        return self.emit("multiply", {}, [root, gain])
+
+    # --- the walk -----------------------------------------------------------------------------
+    def _visit(self, binding):
+        value = binding.value
+        found = kernel_of(self.mod, value)
+        if found is None:
+            super()._visit(binding)
+            if call_op_name(value) == "relax.reshape" and binding.var in self.values and value.args[0] in self.values:
+                gauss, component = self.values[binding.var]
+                source = self.values[value.args[0]][0]
+                if component == "mean" and source.mean in self.loading and gauss.mean not in self.loading:
+                    self.loading[gauss.mean] = self.view(self.loading[source.mean], shape_of(gauss.mean))
+            return
+        spec, _ = found
+        op, attrs = spec.stages[0]
+        if len(spec.stages) != 1:
+            super()._visit(binding)
+            return
+        operands = self._operands(spec, list(value.args[1].fields))
+        loads = [self.loading.get(o.mean) for o in operands]
+        if op == "conv2d" and (loads[0] is not None or binding.var in self.planned):
+            result = self.convolution(binding, spec, attrs, operands, loads[0])
+        elif loads[0] is not None and _spatial_mean(spec, shape_of(operands[0].mean)) and operands[0].repr == Moment.VAR:
+            x, a = operands[0], loads[0]
+            e = self.emit("independent_variance", {}, [x, a])
+            attrs = attrs if op == "reduce_mean" else {"axes": list(range(2, len(shape_of(x.mean)))), "keepdims": True}
+            pooled = self.emit("reduce_mean", attrs, [x])
+            count = int(np.prod(shape_of(x.mean)[2:]))
+            result = self.emit("pooled_variance", {"count": count},
+                               [pooled, self.emit("reduce_mean", attrs, [e]), self.emit("reduce_mean", attrs, [a])])
+        else:
+            super()._visit(binding)
+            result = self.values[binding.var][0]
+            self.carry(op, attrs, operands, loads, result)
+            return
+        self.values[binding.var] = (result, "mean")
+        self.results[binding.var] = result
+
+    def carry(self, op, attrs, operands, loads, result):
+        """The output loading of an op the loadings pass through."""
+        if result.repr == Moment.NONE:
+            return
+        if op == "relu" and loads[0] is not None:
+            self.loading[result.mean] = self.emit("relu_loading", {}, [operands[0], loads[0]])
+        elif op == "clip" and loads[0] is not None:
+            self.loading[result.mean] = self.emit("clip_loading", attrs, [operands[0], loads[0]])
+        elif op == "multiply" and loads[0] is not None and operands[1].repr == Moment.NONE and shape_of(operands[0].mean) == shape_of(result.mean):
+            self.loading[result.mean] = self.emit("multiply", {}, [loads[0], operands[1]])  # an unfolded batch norm's scale
+        elif op == "scale" and loads[0] is not None:
+            self.loading[result.mean] = self.emit("scale", attrs, [loads[0]])
+        elif op == "pad" and loads[0] is not None:
+            # copies (edge/reflect) copy their loading; a constant border has none, whatever its value
+            self.loading[result.mean] = self.emit("pad", {**attrs, "value": 0.0} if "value" in attrs else attrs, [loads[0]])
+        elif op == "add":
+            present = [(load, operand) for load, operand in zip(loads, operands) if load is not None]
+            same = all(shape_of(operand.mean) == shape_of(result.mean) for _, operand in present)
+            if len(present) == 1 and same:
+                self.loading[result.mean] = present[0][0]
+            elif len(present) == 2 and same:
+                a1, a2 = loads
+                axes = {"axes": list(range(2, len(shape_of(a1.mean)))), "keepdims": True}
+                diagonal = self.emit("square_add", {}, [a1, self.emit("multiply", {}, [a2, a2])])
+                sum1, sum2 = self.emit("reduce_sum", axes, [a1]), self.emit("reduce_sum", axes, [a2])
+                pooled = self.emit("square_add", {}, [sum1, self.emit("multiply", {}, [sum2, sum2])])
+                self.loading[result.mean] = self.project(diagonal, pooled, "add")
+
+    def convolution(self, binding, spec, attrs, operands, a):
+        x, w = operands
+        strides, pads, dilations, groups = attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"]
+        mu = self.weights[w.mean.name].astype(np.float64)
+        s2 = self.weights[w.moment.name].astype(np.float64) if w.repr == Moment.VAR else np.zeros_like(mu)
+        out_ch, group_ch, kernel_h, kernel_w = mu.shape
+        window = kernel_h * kernel_w
+        in_ch = group_ch * groups
+        stem = w.mean.name
+        box = np.full([in_ch, 1, kernel_h, kernel_w], 1.0 / window)
+        coherent = None
+        if a is not None and not self.pooled_only:
+            if group_ch == 1 and window > 1:  # depthwise: the exact coherent term, (sum_t mu a)^2
+                through = self.conv(a, self.det(w), strides, pads, dilations, groups)
+                coherent = self.emit("multiply", {}, [through, through])
+            else:  # sum_c (sum_t mu)^2 box(a)^2 (exact for a 1x1 window, which keeps its strides)
+                mu_sum2 = self.weight(f"{stem}.coherent", mu.sum(axis=(2, 3), keepdims=True) ** 2)
+                if window == 1:
+                    coherent = self.conv(self.emit("multiply", {}, [a, a]), mu_sum2, strides, pads, dilations, groups)
+                else:
+                    averaged = self.conv(a, self.weight(f"{stem}.box", box), strides, pads, dilations, in_ch)
+                    squared = self.emit("multiply", {}, [averaged, averaged])
+                    coherent = self.conv(squared, mu_sum2, [1, 1], [0, 0, 0, 0], [1, 1], groups)
+        if a is not None and not self.pooled_only:
+            e = self.emit("independent_variance", {}, [x, a])
+            y = self.emit("conv2d_split", attrs, [x, w, e])
+            y = self.emit("add_variance", {"square": False}, [y, coherent])
+        else:
+            y = self.emit("conv2d", attrs, [x, w])
+        if binding.var not in self.planned or x.repr == Moment.SECOND_MOMENT:
+            return y
+        loading = self.output_loading(binding, x, a, mu, s2, attrs, coherent, shape_of(y.mean))
+        if loading is not None:
+            self.loading[y.mean] = loading
+        return y
+
+    def _bias_variance(self, binding, out_ch):
+        """s2_b of the bias added right after the convolution (its one consumer), else zeros."""
+        users = self.consumers.get(binding.var, [])
+        if len(users) == 1 and users[0] != "output":
+            found = kernel_of(self.mod, users[0].value)
+            if found is not None and found[0].ops == ["add"] and found[0].operands[1] == Moment.VAR:
+                fields = users[0].value.args[1].fields
+                first = 1 if found[0].operands[0] == Moment.NONE else 2
+                name = fields[first + 1].name if isinstance(fields[first + 1], relax.Var) else None
+                if name in self.weights and self.weights[name].size == out_ch:
+                    return self.weights[name].astype(np.float64).reshape(-1)
+        return np.zeros(out_ch)
+
+    def output_loading(self, binding, x, a, mu, s2, attrs, coherent, out_shape):
+        strides, pads, dilations, groups = attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"]
+        out_ch, group_ch, kernel_h, kernel_w = mu.shape
+        window, taps = kernel_h * kernel_w, [kernel_h, kernel_w]
+        batch, in_ch, height, width = shape_of(x.mean)
+        out_h, out_w = out_shape[2:]
+        length = out_h * out_w
+        # window sums over the output grid: a depthwise convolution of ones (out_h x out_w taps,
+        # dilated by the strides, stepping by the dilations), its far padding cut so that it has
+        # kernel_h x kernel_w outputs (input rows the convolution never reads give extra outputs,
+        # which zero weight taps ignore)
+        far, extra = [], []
+        for axis, (size, kernel, out, low, high) in enumerate(((height, kernel_h, out_h, pads[0], pads[2]), (width, kernel_w, out_w, pads[1], pads[3]))):
+            spare = size + low + high - strides[axis] * (out - 1) - 1 - dilations[axis] * (kernel - 1)
+            far.append(max(high - spare, 0))
+            extra.append(max(spare - high, 0) // dilations[axis])
+        sum_pads = [pads[0], pads[1], far[0], far[1]]
+        widths = [(0, 0), (0, 0), (0, extra[0]), (0, extra[1])]
+        mu, s2 = np.pad(mu, widths), np.pad(s2, widths)
+        kernel_h, kernel_w = kernel_h + extra[0], kernel_w + extra[1]
+        stem = binding.var.name
+        ones = self.weight(f"{stem}.window_ones", np.ones([in_ch, 1, out_h, out_w]))
+
+        def window_sums(value):
+            return self.conv(value, ones, dilations, sum_pads, strides, in_ch)
+
+        # of a Gaussian x the convolution with ones gives (M, sum of v) at once
+        sums = window_sums(x)
+        if x.repr == Moment.NONE:  # a model input
+            second = self.emit("multiply", {}, [sums, sums])
+        elif a is None:
+            second = self.emit("raw_second_moment", {}, [sums])
+        else:
+            load_sums = window_sums(a)
+            indep_sums = window_sums(self.emit("independent_variance", {}, [x, a]))
+            second = self.emit("square_add", {}, [sums, self.emit("square_add", {}, [load_sums, indep_sums])])
+        pooled = self.conv(second, self.weight(f"{stem}.s2", s2), [1, 1], [0, 0, 0, 0], [1, 1], groups)
+        if a is not None:  # sum_c (sum_t mu[o,c,t] A[c,t])^2: per input channel, its outputs' weights
+            per_group = out_ch // groups
+            spread = mu.reshape(groups, per_group, group_ch, kernel_h, kernel_w).transpose(0, 2, 1, 3, 4)
+            spread = spread.reshape(in_ch * per_group, 1, kernel_h, kernel_w)
+            h = self.conv(load_sums, self.weight(f"{stem}.spread", spread), [1, 1], [0, 0, 0, 0], [1, 1], in_ch)
+            h2 = self.view(self.emit("multiply", {}, [h, h]), [batch, groups, group_ch, per_group])
+            total = self.emit("reduce_sum", {"axes": [2], "keepdims": False}, [h2])
+            pooled = self.emit("add", {}, [pooled, self.view(total, [batch, out_ch, 1, 1])])
+        bias_var = self._bias_variance(binding, out_ch)
+        if np.any(bias_var):
+            pooled = self.emit("add", {}, [pooled, self.weight(f"{stem}.pooled_bias", (length**2 * bias_var).reshape(1, out_ch, 1, 1))])
+        # the shared part's diagonal: its weight noise in box form, + s2_b, + the coherent term
+        second_x = self.emit("raw_second_moment", {}, [x])
+        s2_sum = self.weight(f"{stem}.s2_sum", s2.sum(axis=(2, 3), keepdims=True))
+        if window > 1:
+            second_x = self.conv(second_x, self.weight(f"{stem}.box", np.full([in_ch, 1] + taps, 1.0 / window)),
+                                 strides, pads, dilations, in_ch)
+            shared = self.conv(second_x, s2_sum, [1, 1], [0, 0, 0, 0], [1, 1], groups)
+        else:
+            shared = self.conv(second_x, s2_sum, strides, pads, dilations, groups)
+        if np.any(bias_var):
+            shared = self.emit("add", {}, [shared, self.weight(f"{stem}.bias_var", bias_var.reshape(1, out_ch, 1, 1))])
+        if coherent is not None:
+            shared = self.emit("add", {}, [shared, coherent])
+        return self.project(shared, pooled, stem)
+
+
+@tvm.transform.module_pass(opt_level=0, name="pfpc.CarryChannelCovariance")
+class CarryChannelCovariance:
+    requires = ("pfpc.SubstituteLayers",)  # must have run before it
+    after = ("pfpc.EliminateZeroVariance",)  # run before it when in the pipeline
+
+    def __init__(self, mode: str = "auto", budget: float = DEFAULT_BUDGET):
+        if mode not in COVARIANCE_MODES:
+            raise PfpcError(f"--covariance {mode!r}: one of {', '.join(COVARIANCE_MODES)}")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+            raise PfpcError(f"--covariance-budget {budget!r}: a non-negative fraction of the diagonal PFP's work (0.5 = 50 %)")
+        self.mode, self.budget = mode, float(budget)
+        self.planned_convs = 0
+
+    def transform_module(self, mod, ctx):
+        planned = plan(mod, self.mode, self.budget)
+        self.planned_convs = len(planned)
+        if not planned:
+            return mod  # nothing reaches a pool: the diagonal PFP, unchanged
+        mod = _Rewriter(mod, planned, self.mode == "pooled").run()
+        record = {"option": self.mode, "mode": "pooled" if self.mode == "pooled" else "channel", "budget": self.budget,
+                  "convolutions": [var.name for var in planned]}
+        mod["main"] = with_attrs(mod["main"], ir_state.encode(covariance=record))
+        return mod

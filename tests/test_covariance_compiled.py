@@ -1,0 +1,111 @@
+"""The compiled per-channel shared-noise PFP (``covariance=``, pfpc/passes/carry_channel_covariance.py):
+the generated C (host build) against the float64 reference tests/reference_covariance.py, and
+the networks it must leave untouched."""
+
+import json
+
+import numpy as np
+import pytest
+
+import architectures as A
+import reference as R
+import reference_covariance as RC
+import test_covariance as TC
+import pfpc
+from pfpc.frontends.onnx_model import fold_constants
+
+
+def _compiled(cls, covariance, out_dir=None):
+    model, stds, inputs = TC._onnx(cls)
+    post = {k + ".std": v for k, v in stds.items()}
+    compiled = pfpc.compile(model, post, covariance=covariance, batch=1, out_dir=out_dir)
+    return model, stds, inputs, compiled
+
+
+@pytest.mark.parametrize("cls,covariance", [(TC.LinearConvNet, "channel"), (TC.TinyDSCNN, "channel"), (TC.TinyResNet, "channel"),
+                                           (TC.TinyResNet, "pooled")])
+def test_generated_c_matches_the_float64_reference(cls, covariance):
+    """conv (+ depthwise/pointwise, strided, residual, ReLU, batch norm) -> global average pool ->
+    dense with every convolution's loadings: the C's output moments equal reference_covariance's
+    ("channel": its "channel_box", "pooled": its "pooled") with the compiler's box-form spread
+    (box_noise) to 1e-5, and differ from the diagonal PFP."""
+    model, stds, inputs, compiled = _compiled(cls, covariance)
+    (mean, var), = compiled.run([inputs["x"]]).outputs
+    variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    mode = "channel_box" if covariance == "channel" else covariance
+    expected = RC.pfp_covariance(model, variances, inputs, mode, box_noise=True)["y"]
+    diagonal = RC.pfp_covariance(model, variances, inputs, "none")["y"]
+    np.testing.assert_allclose(mean, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, expected[1], rtol=1e-5)
+    assert np.median(var / diagonal[1]) > 1.1  # the pooled covariance is there
+
+
+@pytest.mark.parametrize("cls", [TC.LinearMLP, TC.ConvPointwise])
+def test_auto_leaves_networks_without_a_pool_untouched(cls, tmp_path):
+    """No loading can reach a mean over positions: auto and channel generate the same C as none."""
+    sources = {}
+    for mode in ("none", "auto", "channel"):
+        _compiled(cls, mode, out_dir=str(tmp_path / mode))
+        sources[mode] = open(tmp_path / mode / "pfp_model.c").read()
+    assert sources["auto"] == sources["none"] and sources["channel"] == sources["none"]
+
+
+def test_none_is_the_diagonal_pfp_bit_for_bit(tmp_path):
+    """covariance="none" runs no rewrite: the same C as a pass list without the pass."""
+    from pfpc.passes.pipeline import default_passes
+
+    model, stds, inputs = TC._onnx(TC.LinearConvNet)
+    post = {k + ".std": v for k, v in stds.items()}
+    without = [p for p in default_passes() if p[0] != "carry_channel_covariance"]
+    pfpc.compile(model, post, covariance="none", out_dir=str(tmp_path / "none"))
+    pfpc.compile(model, post, passes=without, out_dir=str(tmp_path / "without"))
+    assert open(tmp_path / "none" / "pfp_model.c").read() == open(tmp_path / "without" / "pfp_model.c").read()
+
+
+@pytest.mark.parametrize("cls", [TC.TinyResNet, TC.TinyDSCNN])
+def test_compiled_auto_keeps_the_pooled_variance(cls, tmp_path):
+    """The default (auto) against Monte Carlo (onnxruntime, 600 weight draws, a unit's variance
+    to about 6 %): median PFP/MC output variance in [0.8, 1.25] where the diagonal PFP (covariance
+    none) is below 0.7; means as close to MC as the diagonal PFP's. pfpc.json records the choice."""
+    model, stds, inputs, compiled = _compiled(cls, "auto", out_dir=str(tmp_path / "auto"))
+    (mean, var), = compiled.run([inputs["x"]]).outputs
+    (diag_mean, diag_var), = _compiled(cls, "none")[3].run([inputs["x"]]).outputs
+    mc_mean, mc_var, _, var_se = R.monte_carlo(model, stds, inputs, 600, seed=1, with_var_stderr=True)["y"]
+    assert np.median(var_se / mc_var) < 0.1
+    assert np.median(diag_var / mc_var) < 0.7
+    assert 0.8 < np.median(var / mc_var) < 1.25
+    std = np.sqrt(mc_var)
+    assert np.max(np.abs(mean - mc_mean) / std) <= np.max(np.abs(diag_mean - mc_mean) / std) + 0.05
+    record = json.loads((tmp_path / "auto" / "pfpc.json").read_text())["covariance"]
+    assert record["option"] == "auto" and record["mode"] == "channel" and record["convolutions"]
+
+
+def test_compiled_linear_network_exact_within_monte_carlo_error():
+    """conv -> global average pool -> dense (no activation): the compiled default matches MC's
+    variance within 4 standard errors per unit (2000 draws), where the diagonal PFP is low."""
+    model, stds, inputs, compiled = _compiled(TC.LinearConvNet, "auto")
+    (mean, var), = compiled.run([inputs["x"]]).outputs
+    mc_mean, mc_var, mean_se, var_se = R.monte_carlo(model, stds, inputs, 2000, seed=1, with_var_stderr=True)["y"]
+    assert np.all(np.abs(mean - mc_mean) < 4 * mean_se + 1e-6)
+    assert np.all(np.abs(var - mc_var) < 4 * var_se + 0.02 * mc_var)
+    (_, diag_var), = _compiled(TC.LinearConvNet, "none")[3].run([inputs["x"]]).outputs
+    assert np.median(diag_var / mc_var) < 0.9
+
+
+@pytest.mark.parametrize("name", ["seed_mlp", "seed_lenet"])
+def test_auto_leaves_the_seed_networks_untouched(name, tmp_path):
+    """The seed MLP and LeNet-5 have no mean over positions: auto generates the C of none, and
+    pfpc.json has no covariance record."""
+    model = fold_constants(A.build_onnx(name))
+    posterior = A.posterior(model)
+    sources = {}
+    for mode in ("none", "auto"):
+        pfpc.compile(model, posterior, covariance=mode, batch=1, out_dir=str(tmp_path / mode))
+        sources[mode] = (tmp_path / mode / "pfp_model.c").read_text()
+        assert "covariance" not in json.loads((tmp_path / mode / "pfpc.json").read_text())
+    assert sources["auto"] == sources["none"]
+
+
+def test_bad_covariance_option_is_one_error():
+    with pytest.raises(pfpc.PfpcError, match="--covariance 'full'"):
+        _compiled(TC.LinearConvNet, "full")
