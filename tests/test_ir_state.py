@@ -94,7 +94,7 @@ def test_rejects_a_kernel_spec_that_does_not_match_its_call(fused):
     spec, gvar = next(found for found in (kernel_of(fused, b.value) for b in main_bindings(fused["main"])) if found and found[0].ops[0] == "conv2d")
     for wrong, message in ((spec.with_(operands=(Moment.NONE,) * len(spec.operands)), "called with"),
                            (spec.with_(output=Moment.NONE), "returns 2 tensors"),
-                           (spec.with_(stages=(("conv3d", {}),) + spec.stages[1:]), "unknown stage")):
+                           (spec.with_(stages=(("no_such_stage", {}),) + spec.stages[1:]), "unknown stage")):
         broken = tvm.IRModule(dict(fused.functions))
         broken[gvar] = ir_state.with_kernel_spec(fused[gvar], wrong)
         with pytest.raises(PfpcError, match=message):
