@@ -304,7 +304,7 @@ def test_internal_error_is_one_line_with_exit_code_3(tmp_path, monkeypatch, caps
     def broken(mod):
         raise ValueError("deliberately broken pass")
 
-    monkeypatch.setattr(compiler, "default_passes", lambda: [("broken_pass", broken)])
+    monkeypatch.setattr(compiler, "default_passes", lambda *args, **kwargs: [("broken_pass", broken)])
     code = main([MLP, "--posterior", MLP_POST, "--batch", "1", "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 3, err

@@ -173,7 +173,8 @@ def in_place_operands(spec: KernelSpec, operand_shapes, out_shape) -> dict[int, 
 
     Such an operand enters an element-wise stage after the first (a residual added in a linear
     kernel's epilogue), every later stage is element-wise too, and it has the output's shape, so
-    output element i depends on operand element i alone; and it is a feature map (rank 3 or more):
+    output element i depends on operand element i alone; it is Gaussian (its mean and moment
+    become the output's mean and moment); and it is a feature map (rank 3 or more):
     a dense layer's bias at batch 1 has the output's shape too, and computing its sum apart costs
     a store and a load per output (seed MLP on Cortex-M4: +1.2 % instructions). `build_kernel` computes that stage as a
     `gaussian.SHARED` stage (`_materialised`), which the schedule evaluates for a block of outputs
@@ -191,7 +192,10 @@ def in_place_operands(spec: KernelSpec, operand_shapes, out_shape) -> dict[int, 
         take = arity(*spec.stages[index]) - 1
         if all(op in elementwise for op in ops[index:]):
             for offset in range(take):
-                if [int(d) for d in operand_shapes[position + offset]] == out_shape:
+                # a Gaussian operand only: its mean and moment pair with the output's; a deterministic one may
+                # feed the variance alone (the covariance pass's add_variance), which the pairing would misplace
+                stochastic = spec.operands[position + offset] != Moment.NONE
+                if stochastic and [int(d) for d in operand_shapes[position + offset]] == out_shape:
                     found[position + offset] = index
         position += take
     return found
