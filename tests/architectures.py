@@ -236,6 +236,21 @@ class ConvAutoencoder(nn.Module):
         return torch.sigmoid(self.out(F.relu(self.smooth(h))))
 
 
+class MLPAutoencoder(nn.Module):
+    """A dense autoencoder on 64 features (an 8x8 patch or a sensor frame): 64-32-8-32-64, ReLU
+    between, sigmoid at the reconstruction."""
+
+    input_shape = (1, 64)
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU())
+        self.decoder = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 64))
+
+    def forward(self, x):
+        return torch.sigmoid(self.decoder(self.encoder(x)))
+
+
 class SeedMLP(seed_networks.SeedMLP):
     """The seed paper's MNIST MLP 784-100-100-10 (89,400 MACs), layer names as in its checkpoint;
     defined once, in the seed example (examples/seed_mnist/build_models.py)."""
@@ -254,6 +269,7 @@ ARCHITECTURES = {
     "resnet8": ResNet8, "dscnn": DSCNN, "mobilenetv1": MobileNetV1, "dscnn1d": DSCNN1d,
     "mobilenetv2": MobileNetV2Stack, "seed_mlp": SeedMLP, "seed_lenet": SeedLeNet,
     "shufflenetv2_blocks": ShuffleNetV2Blocks, "conv_autoencoder": ConvAutoencoder,
+    "mlp_autoencoder": MLPAutoencoder,
 }
 
 
