@@ -172,25 +172,7 @@ def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False, profile: 
         # the first call's total less its kernels, so that the rows add up to that total exactly
         layers.append({"kernel": "(executor: entry, copies, exit, counter reads)", "ticks": None,
                        "instructions": cycles[0] - sum(layer["instructions"] for layer in layers)})
-    # per chunk, the buffers of <name>_run in order: per output its mean and var (a softmax output:
-    # its value, its logits' mean and var), then every extra output
-    buffers = output_buffers(meta)
-    extra_shapes = iter(shape for _, shape in meta.get("extra_outputs", []))
-    layout = [meta["outputs"][index][1] if index is not None else next(extra_shapes) for _, index, _ in buffers]
-    raw = raw.reshape(chunks, sum(int(np.prod(shape)) for shape in layout))
-    arrays, offset = {}, 0
-    for (_, index, what), shape in zip(buffers, layout):
-        size = int(np.prod(shape))
-        arrays[(index, what)] = raw[:, offset : offset + size].reshape([chunks * shape[0]] + list(shape[1:]))
-        offset += size
-    outputs, logits = [], {}
-    for index in range(len(meta["outputs"])):
-        if (index, "value") in arrays:
-            outputs.append((arrays[(index, "value")], None))
-            logits[index] = (arrays[(index, "logits_mean")], arrays[(index, "logits_var")])
-        else:
-            outputs.append((arrays[(index, "mean")], arrays[(index, "var")]))
-    extras = {kind: arrays[(None, kind)] for kind, _ in meta.get("extra_outputs", [])}
+    outputs, logits, extras = split_output_buffers(meta, raw, chunks)
     return RunResult(outputs, cycles, extras, stack, layers, logits)
 
 
@@ -210,3 +192,28 @@ def run_host(out_dir: str, inputs: list[np.ndarray], extras: bool = False):
     outputs as a dict (``probs``, ``entropy``, ``ood``)."""
     result = run(out_dir, inputs)
     return (result.outputs, result.extras) if extras else result.outputs
+
+
+def split_output_buffers(meta: dict, raw: np.ndarray, chunks: int = 1):
+    """(outputs, logits, extras) from the floats the runner wrote for ``chunks`` batches: per chunk,
+    the buffers of <name>_run in order (per output its mean and var, a softmax output its value and
+    its logits' mean and var, then every extra output). outputs: per output (mean, var), a softmax
+    output (value, None); logits: {output index: (mean, var)}; extras: {kind: values}."""
+    buffers = output_buffers(meta)
+    extra_shapes = iter(shape for _, shape in meta.get("extra_outputs", []))
+    layout = [meta["outputs"][index][1] if index is not None else next(extra_shapes) for _, index, _ in buffers]
+    raw = raw.reshape(chunks, sum(int(np.prod(shape)) for shape in layout))
+    arrays, offset = {}, 0
+    for (_, index, what), shape in zip(buffers, layout):
+        size = int(np.prod(shape))
+        arrays[(index, what)] = raw[:, offset : offset + size].reshape([chunks * shape[0]] + list(shape[1:]))
+        offset += size
+    outputs, logits = [], {}
+    for index in range(len(meta["outputs"])):
+        if (index, "value") in arrays:
+            outputs.append((arrays[(index, "value")], None))
+            logits[index] = (arrays[(index, "logits_mean")], arrays[(index, "logits_var")])
+        else:
+            outputs.append((arrays[(index, "mean")], arrays[(index, "var")]))
+    extras = {kind: arrays[(None, kind)] for kind, _ in meta.get("extra_outputs", [])}
+    return outputs, logits, extras

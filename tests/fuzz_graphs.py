@@ -643,19 +643,7 @@ def _run_sanitized(out_dir, meta, inputs):
         if result.returncode != 0:
             raise PfpcError(f"sanitizer: exit {result.returncode}: {result.stderr.strip()[-400:]}")
         raw = np.fromfile(os.path.join(tmp, "out.f32"), np.float32)
-    buffers = pfpc_runner.output_buffers(meta)
-    arrays, offset = {}, 0
-    for _, index, what in buffers:
-        shape = meta["outputs"][index][1]
-        arrays[(index, what)] = raw[offset:offset + int(np.prod(shape))].reshape(shape)
-        offset += int(np.prod(shape))
-    outputs, logits = [], {}
-    for index in range(len(meta["outputs"])):
-        if (index, "value") in arrays:
-            outputs.append((arrays[(index, "value")], None))
-            logits[index] = (arrays[(index, "logits_mean")], arrays[(index, "logits_var")])
-        else:
-            outputs.append((arrays[(index, "mean")], arrays[(index, "var")]))
+    outputs, logits, _ = pfpc_runner.split_output_buffers(meta, raw)
     return outputs, logits
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .gaussian import Gaussian, _reduce_products, _second_at
+from .gaussian import Gaussian, _reduce_products, _second_at, conv2d_window
 from .moments import f32, relu_moments, relu_terms, safe_sqrt, std_normal_cdf, std_normal_pdf
 
 
@@ -31,22 +31,10 @@ def conv2d_split(x: Gaussian, w: Gaussian, independent: Gaussian, strides, pads,
     with e = v - a^2 the input's independent variance (operand ``independent``, deterministic).
     The coherent part sum_c (sum_t mu a)^2 is added by `add_variance`; with a = 0 this is the
     diagonal `gaussian.conv2d`. Same multiply-adds per MAC as the diagonal convolution."""
-    batch, in_ch, height, width = x.shape
-    out_ch, group_ch, kernel_h, kernel_w = w.shape
-    pad_top, pad_left, pad_bottom, pad_right = pads
-    out_h = (height + pad_top + pad_bottom - dilations[0] * (kernel_h - 1) - 1) // strides[0] + 1
-    out_w = (width + pad_left + pad_right - dilations[1] * (kernel_w - 1) - 1) // strides[1] + 1
-    out_per_group = out_ch // groups
-    c = te.reduce_axis((0, group_ch), name="c")
-    i = te.reduce_axis((0, kernel_h), name="i")
-    j = te.reduce_axis((0, kernel_w), name="j")
+    out_shape, axes, tap = conv2d_window(x.shape, w.shape, strides, pads, dilations, groups)
 
     def terms(n, o, y, xx):
-        row = y * strides[0] + i * dilations[0] - pad_top
-        col = xx * strides[1] + j * dilations[1] - pad_left
-        inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
-        ix = (n, (o // out_per_group) * group_ch + c, row, col)
-        iw = (o, c, i, j)
+        inside, ix, iw = tap(n, o, y, xx)
         x_mean = tirx.if_then_else(inside, x.mean[ix], f32(0.0))
         x_second = tirx.if_then_else(inside, _second_at(x, ix), f32(0.0))
         x_indep = tirx.if_then_else(inside, independent.mean[ix], f32(0.0))
@@ -55,7 +43,7 @@ def conv2d_split(x: Gaussian, w: Gaussian, independent: Gaussian, strides, pads,
             return x_mean * w_mean, x_indep * (w_mean * w_mean)
         return x_mean * w_mean, w.var_at(iw) * x_second + x_indep * (w_mean * w_mean)
 
-    return _reduce_products([batch, out_ch, out_h, out_w], terms, [c, i, j], "conv2d_split")
+    return _reduce_products(out_shape, terms, axes, "conv2d_split")
 
 
 def independent_variance(x: Gaussian, loading: Gaussian) -> Gaussian:

@@ -183,14 +183,12 @@ def matmul(a: Gaussian, b: Gaussian, groups=None, coeff=None, count=0) -> Gaussi
     return _reduce_products(out_shape, terms, [k], "matmul")
 
 
-def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_groups=None, coeff=None, count=0) -> Gaussian:
-    """Y = conv2d(X, W), NCHW x OIHW, zero padding (deterministic zeros), grouped.
-
-    mean: M[n,o,y,x] = sum_{c,i,j} m_x[n, g*C+c, y*sh + i*dh - pt, x*sw + j*dw - pl] m_w[o,c,i,j]
-    var:  V[n,o,y,x] = the same sum over Var(x w)   (see ``product_moments``)
-    """
-    batch, in_ch, height, width = x.shape
-    out_ch, group_ch, kernel_h, kernel_w = w.shape
+def conv2d_window(x_shape, w_shape, strides, pads, dilations, groups):
+    """The geometry of a grouped NCHW x OIHW convolution with zero padding, shared by every
+    Gaussian convolution: (output shape, reduce axes [c, i, j], ``tap``), where ``tap(n, o, y, xx)``
+    gives (inside, input index, weight index) of the reduction's current tap."""
+    batch, in_ch, height, width = x_shape
+    out_ch, group_ch, kernel_h, kernel_w = w_shape
     pad_top, pad_left, pad_bottom, pad_right = pads
     out_h = (height + pad_top + pad_bottom - dilations[0] * (kernel_h - 1) - 1) // strides[0] + 1
     out_w = (width + pad_left + pad_right - dilations[1] * (kernel_w - 1) - 1) // strides[1] + 1
@@ -201,12 +199,25 @@ def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_grou
     i = te.reduce_axis((0, kernel_h), name="i")
     j = te.reduce_axis((0, kernel_w), name="j")
 
-    def terms(n, o, y, xx):
+    def tap(n, o, y, xx):
         row = y * strides[0] + i * dilations[0] - pad_top
         col = xx * strides[1] + j * dilations[1] - pad_left
         inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
-        ix = (n, (o // out_per_group) * group_ch + c, row, col)
-        iw = (o, c, i, j)
+        return inside, (n, (o // out_per_group) * group_ch + c, row, col), (o, c, i, j)
+
+    return [batch, out_ch, out_h, out_w], [c, i, j], tap
+
+
+def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_groups=None, coeff=None, count=0) -> Gaussian:
+    """Y = conv2d(X, W), NCHW x OIHW, zero padding (deterministic zeros), grouped.
+
+    mean: M[n,o,y,x] = sum_{c,i,j} m_x[n, g*C+c, y*sh + i*dh - pt, x*sw + j*dw - pl] m_w[o,c,i,j]
+    var:  V[n,o,y,x] = the same sum over Var(x w)   (see ``product_moments``)
+    """
+    out_shape, axes, tap = conv2d_window(x.shape, w.shape, strides, pads, dilations, groups)
+
+    def terms(n, o, y, xx):
+        inside, ix, iw = tap(n, o, y, xx)
         x_mean = tirx.if_then_else(inside, x.mean[ix], f32(0.0))
         if draw_groups is not None:
             x_var = None if x.repr == "none" else tirx.if_then_else(inside, x.var_at(ix), f32(0.0))
@@ -215,8 +226,8 @@ def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_grou
         return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr)
 
     if draw_groups is not None:
-        return _reduce_shared_draw([batch, out_ch, out_h, out_w], terms, [c, i, j], count, "conv2d")
-    return _reduce_products([batch, out_ch, out_h, out_w], terms, [c, i, j], "conv2d")
+        return _reduce_shared_draw(out_shape, terms, axes, count, "conv2d")
+    return _reduce_products(out_shape, terms, axes, "conv2d")
 
 
 def _broadcast_index(shape, out_shape, idx):
