@@ -502,11 +502,11 @@ def _readable_cost(cost) -> str:
              f"median {cost['median_instructions']}",
              f"peak stack per call (painted, libm included): {cost['peak_stack_bytes']} bytes"]
     if cost.get("layers"):
-        width = max(len(layer["kernel"]) for layer in cost["layers"])
+        width = max(len(layer["function"]) for layer in cost["layers"])
         total = sum(layer["instructions"] for layer in cost["layers"])
         lines.append(f"{'layer':<{width}}  {'instructions':>14}  share")
         for layer in cost["layers"]:
-            lines.append(f"{layer['kernel']:<{width}}  {layer['instructions']:>14,}  {layer['instructions'] / max(total, 1):6.1%}")
+            lines.append(f"{layer['function']:<{width}}  {layer['instructions']:>14,}  {layer['instructions'] / max(total, 1):6.1%}")
         lines.append(f"{'total':<{width}}  {total:>14,}  (the first call, in the profiled build: each counter read adds about "
                      "20 instructions)")
     if cost.get("estimated_ms") is not None:

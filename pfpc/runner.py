@@ -166,11 +166,13 @@ def run(out_dir: str, inputs: list[np.ndarray], emulate: bool = False, profile: 
     layers = None
     if profile:
         ticks = [int(line.split()[3]) for line in lines if line.startswith("pfpc layer ")]
-        layers = [{"kernel": layer["kernel"], "ticks": tick, "instructions": target.instructions(tick)}
+        layers = [{"kernel": layer["kernel"], "function": layer.get("function", layer["kernel"]),
+                   "onnx_nodes": layer.get("onnx_nodes", []), "ticks": tick, "instructions": target.instructions(tick)}
                   for layer, tick in zip(meta["layers"], ticks)]
         # the executor's own work (arena pointers, output copies, entry, exit, the counter reads):
         # the first call's total less its kernels, so that the rows add up to that total exactly
-        layers.append({"kernel": "(executor: entry, copies, exit, counter reads)", "ticks": None,
+        executor = "(executor: entry, copies, exit, counter reads)"
+        layers.append({"kernel": executor, "function": executor, "onnx_nodes": [], "ticks": None,
                        "instructions": cycles[0] - sum(layer["instructions"] for layer in layers)})
     outputs, logits, extras = split_output_buffers(meta, raw, chunks)
     return RunResult(outputs, cycles, extras, stack, layers, logits)

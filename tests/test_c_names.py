@@ -57,6 +57,25 @@ def test_lenet_kernels_are_named_and_commented_after_their_onnx_nodes(lenet):
     assert len(functions) == len(set(functions))
 
 
+def test_report_rows_name_the_c_functions_and_their_onnx_nodes(lenet, capsys):
+    """`pfpc report` lists each layer by the C function a firmware engineer finds in the source,
+    and pfpc.json says which ONNX nodes each one computes."""
+    from pfpc.cli import main
+
+    source = (lenet / "pfp_model.c").read_text()
+    functions = re.findall(r"^static void (k_\w+)\(", source, re.M)
+    layers = json.loads((lenet / "pfpc.json").read_text())["layers"]
+    assert [layer["function"] for layer in layers if layer["function"] in functions] == [layer["function"] for layer in layers]
+    model_nodes = {node.name for node in onnx.load(LENET[0]).graph.node}
+    for layer in layers:
+        assert layer["onnx_nodes"] and set(layer["onnx_nodes"]) <= model_nodes, layer
+        assert any(_sanitized(node) in layer["function"] for node in layer["onnx_nodes"]), layer
+    assert main(["report", str(lenet)]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert all(layer["function"] in rows for layer in layers)
+    assert "k_pool2_MaxPool_relu2_Relu" in rows
+
+
 def test_lenet_weights_are_named_after_initializers_and_moments(lenet):
     model = onnx.load(LENET[0])
     weights = (lenet / "pfp_model_weights.h").read_text()

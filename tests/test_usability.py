@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -120,6 +121,8 @@ def test_profile_counts_every_layer(tmp_path, capsys):
     result = compiler.run(out, [np.load(SAMPLE)], profile=True)
     kernels, executor = result.layers[:-1], result.layers[-1]
     assert [layer["kernel"] for layer in kernels] == [layer["kernel"] for layer in meta["layers"]]
+    source = open(os.path.join(out, "pfp_model.c")).read()
+    assert all(re.search(rf"^static void {layer['function']}\(", source, re.M) for layer in kernels)  # rows lead to the C
     assert sum(layer["instructions"] for layer in result.layers) == result.cycles[0]
     tick = 1e9 / compiler.get_target("cortex-m4").qemu_clock_hz
     traced = _trace_layers(out, len(kernels))

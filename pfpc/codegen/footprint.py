@@ -28,9 +28,11 @@ from ..options import parse_bytes  # noqa: F401 - its old home
 
 
 def layer_costs(program) -> list[dict]:
-    """Per kernel step: its operators, output shape, deterministic MACs, PFP multiply-adds and
+    """Per kernel step: its C function (named after its ONNX nodes, `naming.kernel_name`), the ONNX
+    nodes it computes, its operators, output shape, deterministic MACs, PFP multiply-adds and
     Gaussian nonlinearity evaluations (ReLU, sigmoid, ... moments, Clark maxima: the registry's
-    ``gaussian_ops`` of each stage)."""
+    ``gaussian_ops`` of each stage). ``kernel`` is the IR kernel's name (the ``/* step N: ... */``
+    comment above each executor call)."""
     layers = []
     for step in program.steps:
         spec = step.spec
@@ -48,9 +50,16 @@ def layer_costs(program) -> list[dict]:
         for op, attrs in [] if deterministic else spec.stages:
             for label, count in registry.gaussian_ops(op, attrs, out_mean.elements).items():
                 gaussian[label] = gaussian.get(label, 0) + count
-        layers.append({"kernel": step.kernel, "ops": ops, "output_shape": list(out_mean.shape), "macs": int(macs),
+        layers.append({"kernel": step.kernel, "function": program.kernel_c_name(step.kernel) if program.namer else step.kernel,
+                       "onnx_nodes": list(dict.fromkeys(node.name for stage in spec.nodes for node in stage)) if spec is not None else [], "ops": ops, "output_shape": list(out_mean.shape), "macs": int(macs),
                        "pfp_fma": int(fma), "gaussian_ops": gaussian})
     return layers
+
+
+def layer_name(layer: dict) -> str:
+    """How a report names a layer: its C function (pfpc.json files written before functions were
+    named after ONNX nodes have only the IR kernel's name)."""
+    return layer.get("function") or layer["kernel"]
 
 
 def measure(out_dir: str, meta: dict, where: str | None = None) -> dict:
@@ -182,7 +191,7 @@ def format_report(footprint: dict, name: str) -> str:
         lines.append(f"      shared posterior: {len(shared['operands'])} weight operands as codebooks, {stored:,} bytes instead of "
                      f"{full:,} as float arrays ({full - stored:,} bytes of flash saved)"
                      + "".join(f"; {k['initializer']} kept as floats: {k['reason']}" for k in shared["kept_full"]))
-    width = max([len(layer["kernel"]) for layer in footprint["layers"]] + [5])
+    width = max([len(layer_name(layer)) for layer in footprint["layers"]] + [5])
     svi = footprint.get("svi")  # the deterministic network, run once per sample: no Gaussian arithmetic
     macs = sum(layer["macs"] for layer in footprint["layers"])
     fma = sum(layer["pfp_fma"] for layer in footprint["layers"])
@@ -193,7 +202,7 @@ def format_report(footprint: dict, name: str) -> str:
     lines.append(f"{'layer':<{width}}  {'output':<{shape_width}}{'MACs':>{count_width}}"
                  + ("" if svi else f"{'PFP FMA':>{count_width}}  Gaussian ops"))
     for layer, shape in zip(footprint["layers"], shapes):
-        row = f"{layer['kernel']:<{width}}  {shape:<{shape_width}}{layer['macs']:>{count_width},}"
+        row = f"{layer_name(layer):<{width}}  {shape:<{shape_width}}{layer['macs']:>{count_width},}"
         if not svi:
             gaussian = ", ".join(f"{count} {op}" for op, count in layer["gaussian_ops"].items()) or "-"
             row += f"{layer['pfp_fma']:>{count_width},}  {gaussian}"
