@@ -50,8 +50,8 @@ def check_supported(model: onnx.ModelProto, name: str) -> None:
     outputs = {value.name for value in model.graph.output}
     consumers = {}
     for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
     for node in reversed(list(model.graph.node)):  # a softmax followed by Identity at the output is final too
         if node.input and node.input[0] not in outputs and consumers.get(node.input[0]) == [node] \
                 and node.op_type == "Identity" and node.output[0] in outputs:

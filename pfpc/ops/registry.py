@@ -34,6 +34,7 @@ class Kind(enum.Enum):
     FOLDED = "folded"  # rewritten into other stages at compile time (batch norm)
     OUTPUT = "output"  # accepted only as a model's last node: the output becomes its input's moments
     SHAPE = "shape"  # computes shapes and constants only, folded by the importer
+    UNROLLED = "unrolled"  # a recurrent cell unrolled into other ONNX operators before the import
 
 
 class Fusion(enum.Enum):
@@ -261,6 +262,22 @@ def _normalization_rule(node, attrs, rank):
     return None
 
 
+def _recurrent_rule(node, attrs, rank):
+    """LSTM/GRU as `frontends.unroll_recurrent` unrolls them: default activations, no
+    peepholes, no coupled input/forget gate (sequence_lens and the shapes it checks itself)."""
+    defaults = ["Sigmoid", "Tanh", "Tanh"] if node.op_type == "LSTM" else ["Sigmoid", "Tanh"]
+    activations = [a.decode() if isinstance(a, bytes) else a for a in attrs.get("activations", [])]
+    if activations and [a.lower() for a in activations] != [a.lower() for a in defaults] * (len(activations) // len(defaults)):
+        return f"activations {activations}: only the default ({', '.join(defaults)}) are supported"
+    if attrs.get("input_forget", 0):
+        return "input_forget=1 (coupled input and forget gates) is not supported"
+    if node.op_type == "LSTM" and len(node.input) > 7 and node.input[7]:
+        return "peephole weights P are not supported"
+    if rank not in (None, 3):
+        return f"a {rank}-D input: X is [sequence, batch, features]"
+    return None
+
+
 # --- cost: Gaussian evaluations per output element ---------------------------------------------------
 def _per_element(label):
     return lambda attrs, out_size: {label: out_size}
@@ -465,6 +482,8 @@ OPERATORS = (
     Operator("batch_norm", kind=Kind.FOLDED, onnx=("BatchNormalization",), relax=("relax.nn.batch_norm",), reference="batch_norm"),
     Operator("softmax", kind=Kind.OUTPUT, onnx=("Softmax",), relax=("relax.nn.softmax",), function="softmax"),
     Operator("log_softmax", kind=Kind.OUTPUT, onnx=("LogSoftmax",), relax=("relax.nn.log_softmax",), function="log_softmax"),
+    Operator("lstm", kind=Kind.UNROLLED, onnx=("LSTM",), onnx_rule=_recurrent_rule, reference="lstm"),
+    Operator("gru", kind=Kind.UNROLLED, onnx=("GRU",), onnx_rule=_recurrent_rule, reference="gru"),
     Operator("shape", kind=Kind.SHAPE, onnx=("Shape", "Gather", "Cast", "Slice", "Constant", "ConstantOfShape")),
 )
 
