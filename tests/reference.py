@@ -1210,6 +1210,9 @@ def _node_outputs(node, a, x):
         return [(m[:, :, 0, :], v[:, :, 0, :]) for m, v in outs]
     if op == "MatMul":
         return [matmul(*x[0], *x[1])]
+    if op == "Gather":  # constant indices into a Gaussian tensor: a copy of the picked elements
+        index, axis = x[1][0].astype(np.int64), a.get("axis", 0)
+        return [(np.take(x[0][0], index, axis=axis), np.take(x[0][1], index, axis=axis))]
     if op in ("LSTM", "GRU"):
         direction = a.get("direction", b"forward")
         kwargs = dict(hidden=a.get("hidden_size"), direction=direction.decode() if isinstance(direction, bytes) else direction,

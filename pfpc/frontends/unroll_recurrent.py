@@ -207,6 +207,8 @@ class _Unroller:
         if index >= len(self.node.input) or not self.node.input[index]:
             return None
         tensor = self.node.input[index]
+        if tensor in self.posterior.variances:
+            self.refuse(f"{what} '{tensor}' has a posterior variance: a learned initial state is not supported")
         value = self.value(tensor)
         if value is None:
             if tensor in self.posterior.means:
