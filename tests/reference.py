@@ -1212,6 +1212,8 @@ def _node_outputs(node, a, x):
         return [matmul(*x[0], *x[1])]
     if op == "Gather":  # constant indices into a Gaussian tensor: a copy of the picked elements
         index, axis = x[1][0].astype(np.int64), a.get("axis", 0)
+        if x[0][0].dtype.kind in "iub":  # into a shape
+            return _integer_node(node, [x[0], (index, None)])
         return [(np.take(x[0][0], index, axis=axis), np.take(x[0][1], index, axis=axis))]
     if op in ("LSTM", "GRU"):
         direction = a.get("direction", b"forward")

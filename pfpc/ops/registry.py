@@ -236,7 +236,8 @@ def _power_attrs(call):
     if value is None:
         raise PfpcError("relax.power: the exponent must be a constant scalar (a Gaussian exponent has no formula here)")
     if value < 0:
-        raise PfpcError(f"relax.power: exponent {value}: only non-negative exponents are supported (x^p, p < 0 has no moments)")
+        raise PfpcError(f"Pow: exponent {value}: a Gaussian input is 0 with non-zero density, where x^p (p < 0) has no finite moments; "
+                        "only non-negative exponents are supported")
     return {"exponent": value}
 
 
