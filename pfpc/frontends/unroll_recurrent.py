@@ -44,9 +44,9 @@ def unroll_recurrent(model: onnx.ModelProto, posterior: Posterior, name: str) ->
     with the per-direction weights it made; both unchanged when there is none. Nodes the
     registry refuses stay, for `check_supported` to list with the others."""
     recurrent = R.onnx_ops(R.Kind.UNROLLED)
-    nodes = [node for node in model.graph.node if node.op_type in recurrent and node.domain in ("", "ai.onnx")
-             and R.unsupported_reason(node, _attrs(node), None) is None]
-    chosen = {index for index, node in enumerate(model.graph.node) if any(node is n for n in nodes)}
+    chosen = {index for index, node in enumerate(model.graph.node) if node.op_type in recurrent and node.domain in ("", "ai.onnx")
+              and R.unsupported_reason(node, _attrs(node), None) is None}
+    nodes = [model.graph.node[index] for index in sorted(chosen)]
     if not nodes:
         return model, posterior
     if posterior.shared is not None:
@@ -98,7 +98,7 @@ def _drop_dead(graph) -> None:
 
 class _Unroller:
     def __init__(self, model, posterior, name):
-        self.model, self.posterior, self.name = model, posterior, name
+        self.posterior, self.name = posterior, name
         self.opset = _opset(model)
         self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
         self.producers = {out: node for node in model.graph.node for out in node.output if out}
@@ -241,8 +241,10 @@ class _Unroller:
         if w_mean.shape != (len(directions), gates * hidden, features) or r_mean.shape != (len(directions), gates * hidden, hidden):
             self.refuse(f"W {list(w_mean.shape)} and R {list(r_mean.shape)} do not match {len(directions)} direction(s), "
                         f"hidden_size {hidden} and {features} input features")
-        if len(node.input) > 2 + 1 and node.input[3]:
+        if len(node.input) > 3 and node.input[3]:
             b_mean, b_var = self.moments(node.input[3])
+            if b_mean.shape != (len(directions), 2 * gates * hidden):
+                self.refuse(f"B {list(b_mean.shape)} is not [{len(directions)}, {2 * gates * hidden}]")
         else:
             b_mean, b_var = np.zeros((len(directions), 2 * gates * hidden)), None
         if b_var is None:
@@ -264,13 +266,10 @@ class _Unroller:
         outputs_y, outputs_h, outputs_c = [], [], []
         for d, direction in enumerate(directions):
             weights = (w_mean[d], w_var[d], r_mean[d], r_var[d], b_mean[d], b_var[d])
-            def state(value):
-                if value is None:
-                    return None
-                return self.reshape(self.split(value, len(directions), state_axis)[d], [batch, hidden])
-            h0, c0 = state(initial_h), state(initial_c)
+            h0, c0 = (None if value is None else self.reshape(self.split(value, len(directions), state_axis)[d], [batch, hidden])
+                      for value in (initial_h, initial_c))
             cell = self.lstm if node.op_type == "LSTM" else self.gru
-            per_step, last_h, last_c = cell(flat, steps, batch, hidden, direction, weights, h0, c0, attrs)
+            per_step, last_h, last_c = cell(flat, steps, hidden, direction, weights, h0, c0, attrs)
             if layout == 0:
                 outputs_y.append(self.concat([self.reshape(h, [1, 1, batch, hidden]) for h in per_step], 0))
             else:
@@ -294,7 +293,7 @@ class _Unroller:
         order = range(steps) if direction == "forward" else range(steps - 1, -1, -1)
         return [(t, per_step[t]) for t in order]
 
-    def lstm(self, flat, steps, batch, hidden, direction, weights, h, c, attrs):
+    def lstm(self, flat, steps, hidden, direction, weights, h, c, attrs):
         """ONNX LSTM, gates i, o, f, c: C_t = f C_{t-1} + i c~, H_t = o tanh(C_t)."""
         w_mean, w_var, r_mean, r_var, b_mean, b_var = weights
         gates = 4 * hidden
@@ -314,7 +313,7 @@ class _Unroller:
             out[t] = h
         return out, h, c
 
-    def gru(self, flat, steps, batch, hidden, direction, weights, h, c, attrs):
+    def gru(self, flat, steps, hidden, direction, weights, h, c, attrs):
         """ONNX GRU, gates z, r, h: H_t = (1 - z) h~ + z H_{t-1}."""
         w_mean, w_var, r_mean, r_var, b_mean, b_var = weights
         before_reset = int(attrs.get("linear_before_reset", 0))
