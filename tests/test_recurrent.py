@@ -59,17 +59,13 @@ def recurrent_model(rng, op, steps=4, direction="forward", layout=0, clip=None, 
 
 
 VARIANTS = {
-    "lstm": ("LSTM", {}),
-    "lstm_reverse": ("LSTM", dict(direction="reverse")),
+    "lstm_reverse_clip": ("LSTM", dict(direction="reverse", clip=0.7)),
     "lstm_bidirectional_initial_states": ("LSTM", dict(direction="bidirectional", initial=True)),
     "lstm_layout1_initial_states": ("LSTM", dict(layout=1, initial=True)),
-    "lstm_clip": ("LSTM", dict(clip=0.7)),
     "lstm_no_bias_batch2": ("LSTM", dict(bias=False, batch=2)),
-    "gru": ("GRU", {}),
     "gru_reverse_clip": ("GRU", dict(direction="reverse", clip=0.7)),
     "gru_bidirectional_initial_state": ("GRU", dict(direction="bidirectional", initial=True)),
-    "gru_layout1": ("GRU", dict(layout=1, initial=True, linear_before_reset=1)),
-    "gru_linear_before_reset": ("GRU", dict(linear_before_reset=1)),
+    "gru_layout1_linear_before_reset": ("GRU", dict(layout=1, initial=True, linear_before_reset=1)),
     "gru_linear_before_reset_bidirectional_no_bias": ("GRU", dict(linear_before_reset=1, direction="bidirectional", bias=False)),
 }
 
@@ -228,7 +224,8 @@ def kws_model(cell, steps, exporter, path, bidirectional=False, hidden=16, featu
 
 
 @pytest.mark.parametrize("cell, exporter, bidirectional", [("LSTM", "torchscript", False), ("GRU", "torchscript", False),
-                                                          ("LSTM", "dynamo", True), ("GRU", "dynamo", True)])
+                                                          pytest.param("LSTM", "dynamo", True, marks=pytest.mark.slow),
+                                                          pytest.param("GRU", "dynamo", True, marks=pytest.mark.slow)])
 def test_torch_keyword_spotter(cell, exporter, bidirectional, tmp_path):
     """An exported torch LSTM/GRU network (8 frames): zero variance equals onnxruntime, a posterior
     on every weight equals the NumPy reference."""
@@ -246,6 +243,43 @@ def test_torch_keyword_spotter(cell, exporter, bidirectional, tmp_path):
     variances = {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in stds.items()}
     (ref_mean, ref_var), = reference.pfp_onnx(onnx.shape_inference.infer_shapes(model), variances, {model.graph.input[0].name: x}).values()
     (mean, var), = result.logits.values()
+    assert np.all(ref_var > 0)
+    assert_close(mean.reshape(ref_mean.shape), ref_mean, rtol=1e-4, what="logits mean")
+    assert_close(var.reshape(ref_var.shape), ref_var, rtol=1e-4, what="logits var")
+
+
+@pytest.mark.parametrize("cell", [pytest.param("LSTM", marks=pytest.mark.slow), "GRU"])
+def test_keras_recurrent_layer_through_tf2onnx(cell, tmp_path):
+    """A Keras LSTM/GRU (GRU reset_after, Keras's default) keyword spotter converted by tf2onnx:
+    zero variance equals onnxruntime, a posterior on every weight the NumPy reference."""
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    tf = pytest.importorskip("tensorflow")
+    tf2onnx = pytest.importorskip("tf2onnx")
+    # Keras 2 (tf_keras): tf2onnx recognises its recurrent layers as LSTM/GRU nodes (Keras 3's become a Loop)
+    keras = pytest.importorskip("tf_keras")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 10), batch_size=1, name="x")
+    hidden = getattr(keras.layers, cell)(16)(inputs)
+    keras_model = keras.Model(inputs, keras.layers.Dense(12, activation="softmax")(hidden))
+    model, _ = tf2onnx.convert.from_keras(keras_model, input_signature=(tf.TensorSpec((1, 8, 10), tf.float32, name="x"),), opset=13)
+    assert cell in {node.op_type for node in model.graph.node}
+    x = np.random.default_rng(0).standard_normal((1, 8, 10)).astype(np.float32)
+    out = str(tmp_path / "zero")
+    compiler.compile(model, None, out_dir=out)
+    (probs, _), = compiler.run(out, [x]).outputs
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(probs.reshape(want.shape), want, rtol=1e-4, atol=1e-6)
+    inits = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    weights = {name for node in model.graph.node if node.op_type in ("MatMul", "Add", cell) for name in node.input[1:4]}
+    stds = random_std({k: v for k, v in inits.items() if k in weights and v.dtype == np.float32}, np.random.default_rng(7))
+    assert any(name in stds for name in (f"{n}.std" for node in model.graph.node if node.op_type == cell for n in node.input[1:3]))
+    out = str(tmp_path / "post")
+    compiler.compile(model, stds, out_dir=out, covariance="none")
+    (mean, var), = compiler.run(out, [x]).logits.values()
+    variances = {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    (ref_mean, ref_var), = reference.pfp_onnx(onnx.shape_inference.infer_shapes(model), variances, {"x": x}).values()
     assert np.all(ref_var > 0)
     assert_close(mean.reshape(ref_mean.shape), ref_mean, rtol=1e-4, what="logits mean")
     assert_close(var.reshape(ref_var.shape), ref_var, rtol=1e-4, what="logits var")
