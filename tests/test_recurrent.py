@@ -169,6 +169,24 @@ def test_initial_state_with_a_posterior_is_refused(tmp_path):
     np.testing.assert_allclose(got[0][0].reshape(expected[0].shape), expected[0], rtol=1e-4, atol=1e-5)
 
 
+def test_sampling_build_equals_monte_carlo_of_the_original_node(tmp_path):
+    """The unrolled network under weight sampling (``mode="svi"``: every step reads the same
+    draw of each per-direction weight) against onnxruntime running the original LSTM with sampled
+    W, R, B: two Monte Carlo estimates of the same moments, within their sampling error."""
+    rng = np.random.default_rng(26)
+    model, inits, inputs = recurrent_model(rng, "LSTM", steps=16, hidden=8, direction="bidirectional")
+    stds = random_std(inits, rng, scale=0.5)
+    out = str(tmp_path / "svi")
+    compiler.compile(model, stds, out_dir=out, mode="svi", samples=4000, seed=1)
+    got = compiler.run_host(out, list(inputs.values()))
+    mc = reference.monte_carlo(model, {k[: -len(".std")]: v for k, v in stds.items()}, inputs, 4000, seed=0, with_var_stderr=True)
+    for (mean, var), name in zip(got, ("y", "y_h", "y_c")):
+        mc_mean, mc_var, stderr, var_stderr = mc[name]
+        mean, var = mean.reshape(mc_mean.shape), var.reshape(mc_var.shape)
+        assert np.all(np.abs(mean - mc_mean) <= 5 * np.sqrt(2) * stderr), name
+        assert np.all(np.abs(var - mc_var) <= 5 * np.sqrt(2) * var_stderr), name
+
+
 def _mc_errors(op, steps, tmp_path, samples=2000):
     """PFP vs Monte Carlo (W, R, B sampled, onnxruntime running the LSTM/GRU node) at the
     last hidden state: (max |mean error| in MC stds, median relative variance error)."""

@@ -18,9 +18,10 @@ and for a GRU (gates z, r, h)::
     h~ = Tanh(XW_h + (r * H) R_h)              linear_before_reset = 0 (Rb_h in XW's bias)
     H_t = Sigmoid(-(XW_z + H R_z)) * h~ + z * H_{t-1}      (1 - sigmoid(a) = sigmoid(-a))
 
-The weights become initializers per direction (``<W>.forward``, ``<W>.reverse``; GRU's R
-split into ``.zr`` and ``.h`` when linear_before_reset = 0; the two biases of a gate summed into
-one, the variances adding: independent Gaussians), with their posterior moments sliced alike.
+The weights become initializers per direction, transposed (``<W>.forward`` = W[0]^T,
+``<W>.reverse``; GRU's R split into ``.zr`` and ``.h`` when linear_before_reset = 0; the two
+biases of a gate summed into one, the variances adding: independent Gaussians), with their
+posterior moments sliced alike; every step reads the same one.
 The PFP then treats every gate and every step as independent Gaussians (the VarRNN-style
 moment matching): the weights shared across steps correlate them in the Monte Carlo, an error
 that grows with T (README, operator table).
@@ -161,7 +162,13 @@ class _Unroller:
         return self.emit("Clip", [x, *bounds])
 
     def gemm(self, x, weight, bias=None):
-        return self.emit("Gemm", [x, weight] + ([bias] if bias else []), transB=1)
+        """x W^T (+ bias) with W^T stored transposed: a Gemm with transB would make TVM's importer
+        transpose the shared weight once per step, which `FoldWeightLayout` folds into a copy per step
+        (flash, and independent draws per step in the sampling build)."""
+        return self.emit("Gemm", [x, weight] + ([bias] if bias else []))
+
+    def transposed_weight(self, base, mean, var):
+        return self.weight(base, mean.T, var.T)
 
     # --- tensors of the node ---------------------------------------------------------------
     def refuse(self, why):
@@ -287,7 +294,7 @@ class _Unroller:
 
     def input_projection(self, flat, steps, direction, w_mean, w_var, bias_mean, bias_var):
         """X W^T + bias for every step at once, split per step in the order the cell runs."""
-        w = self.weight(f"{self.node.input[1]}.{direction}", w_mean, w_var)
+        w = self.transposed_weight(f"{self.node.input[1]}.{direction}", w_mean, w_var)
         b = self.weight(f"{self.node.input[1]}.{direction}.bias", bias_mean, bias_var)
         per_step = self.split(self.gemm(flat, w, b), steps, 0)
         order = range(steps) if direction == "forward" else range(steps - 1, -1, -1)
@@ -299,7 +306,7 @@ class _Unroller:
         gates = 4 * hidden
         projected = self.input_projection(flat, steps, direction, w_mean, w_var,
                                           b_mean[:gates] + b_mean[gates:], b_var[:gates] + b_var[gates:])
-        r = self.weight(f"{self.node.input[2]}.{direction}", r_mean, r_var)
+        r = self.transposed_weight(f"{self.node.input[2]}.{direction}", r_mean, r_var)
         out = [None] * steps
         for t, pre in projected:
             if h is not None:
@@ -327,15 +334,15 @@ class _Unroller:
         recurrent_bias = candidate_bias = None
         bias_name = self.node.input[3] if len(self.node.input) > 3 and self.node.input[3] else None
         if before_reset:
-            r_all = self.weight(f"{self.node.input[2]}.{direction}", r_mean, r_var)
+            r_all = self.transposed_weight(f"{self.node.input[2]}.{direction}", r_mean, r_var)
             if bias_name:  # Rb_h inside the reset gate's product; zeros for z and r
                 zeros = np.zeros(2 * hidden)
                 recurrent_bias = self.weight(f"{bias_name}.{direction}.recurrent", np.concatenate([zeros, rb_mean[2 * hidden:]]),
                                              np.concatenate([zeros, rb_var[2 * hidden:]]))
                 candidate_bias = self.weight(f"{bias_name}.{direction}.h", rb_mean[2 * hidden:], rb_var[2 * hidden:])
         else:
-            r_gates = self.weight(f"{self.node.input[2]}.{direction}.zr", r_mean[:2 * hidden], r_var[:2 * hidden])
-            r_candidate = self.weight(f"{self.node.input[2]}.{direction}.h", r_mean[2 * hidden:], r_var[2 * hidden:])
+            r_gates = self.transposed_weight(f"{self.node.input[2]}.{direction}.zr", r_mean[:2 * hidden], r_var[:2 * hidden])
+            r_candidate = self.transposed_weight(f"{self.node.input[2]}.{direction}.h", r_mean[2 * hidden:], r_var[2 * hidden:])
         out = [None] * steps
         for t, pre in projected:
             pre_z, pre_r, pre_h = self.split(pre, 3, 1)
