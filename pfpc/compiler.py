@@ -25,6 +25,7 @@ from .frontends import shared_posterior
 from .frontends.onnx_model import final_softmax, input_shapes, load_model, output_shapes
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
+from .frontends.unroll_recurrent import unroll_recurrent
 from .options import MODES, SVI_DEFAULT_SAMPLES, check_c_name, check_outputs, check_sampling_options  # noqa: F401
 from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.substitute_layers import SubstituteLayers
@@ -151,6 +152,7 @@ def compile(  # noqa: A001 - the public name users expect
             post = bind_posterior(model, posterior, shared_draw=shared_draw)
         else:
             post = load_posterior(model, posterior, shared_draw=shared_draw)
+        model, post = unroll_recurrent(model, post, label)
     if mode == "pfp" and post.shared is not None and post.shared.semantics == "shared_draw":
         # the per-channel loadings assume independent weight draws: shared draws keep the diagonal PFP
         passes = [(label, CarryChannelCovariance("none") if label == "carry_channel_covariance" else transform)

@@ -297,11 +297,15 @@ def posterior(model: onnx.ModelProto, relative: float = 0.1, floor: float = 1e-3
     """std = relative * |mu| + floor for every float initializer of rank >= 1 that is not a batch
     norm's parameter or statistic (the BNN's random weights are the conv and dense ones; pfpc folds
     the batch norms into them)."""
+    from pfpc.ops.registry import CONSTANT_INPUTS
+
     batch_norm = {name for node in model.graph.node if node.op_type == "BatchNormalization" for name in node.input[1:]}
+    # Resize scales, pad values, clip bounds: compile-time constants, never weights (the dynamo exporter makes them initializers)
+    constants = {node.input[i] for node in model.graph.node for i in CONSTANT_INPUTS.get(node.op_type, ()) if i < len(node.input)}
     out = {}
     for init in model.graph.initializer:
         value = numpy_helper.to_array(init)
-        if value.dtype == np.float32 and value.ndim >= 1 and init.name not in batch_norm:
+        if value.dtype == np.float32 and value.ndim >= 1 and init.name not in batch_norm | constants:
             out[f"{init.name}.std"] = (relative * np.abs(value) + floor).astype(np.float32)
     return out
 

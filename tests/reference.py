@@ -993,6 +993,123 @@ def projection_gain(pooled, root_sum, shared_sum):
     span = s1 * s1 - s2
     return np.sqrt(np.where(span > 0, np.clip((t - s2) / np.where(span > 0, span, 1.0), 0.0, 1.0), 0.0))
 
+def _recurrent_steps(x_mean, x_var, layout, direction):
+    """The time-major input and, per direction, its step order (ONNX LSTM/GRU)."""
+    if layout == 1:
+        x_mean, x_var = np.swapaxes(x_mean, 0, 1), np.swapaxes(x_var, 0, 1)
+    steps = x_mean.shape[0]
+    orders = {"forward": [range(steps)], "reverse": [range(steps - 1, -1, -1)],
+              "bidirectional": [range(steps), range(steps - 1, -1, -1)]}[direction]
+    return x_mean, x_var, orders
+
+
+def _recurrent_outputs(per_direction, layout):
+    """Y [T, D, B, H] (layout 1: [B, T, D, H]) and the last states [D, B, H] ([B, D, H])
+    from per direction (list of step outputs in time order, last states...)."""
+    y_mean = np.stack([np.stack([m for m, _ in steps]) for steps, *_ in per_direction], axis=1)
+    y_var = np.stack([np.stack([v for _, v in steps]) for steps, *_ in per_direction], axis=1)
+    outs = [(y_mean, y_var)] if layout == 0 else [(np.transpose(y_mean, (2, 0, 1, 3)), np.transpose(y_var, (2, 0, 1, 3)))]
+    for k in range(1, len(per_direction[0])):
+        mean = np.stack([d[k][0] for d in per_direction])
+        var = np.stack([d[k][1] for d in per_direction])
+        outs.append((mean, var) if layout == 0 else (np.swapaxes(mean, 0, 1), np.swapaxes(var, 0, 1)))
+    return outs
+
+
+def _gate(x, h, w, r, wb, rb, clip_bound):
+    """x W^T + h R^T + Wb + Rb, every term an independent Gaussian, clipped to the cell clip."""
+    mean, var = linear(*x, *w, *wb)
+    if h is not None:
+        mean, var = add(mean, var, *linear(*h, *r, *rb))
+    else:
+        mean, var = add(mean, var, *rb)
+    return clip(mean, var, -clip_bound, clip_bound) if clip_bound is not None else (mean, var)
+
+
+def _weight_rows(mean, var, d, index, hidden):
+    """Rows ``index * hidden : (index + 1) * hidden`` of direction ``d`` of W, R or B."""
+    rows = slice(index * hidden, (index + 1) * hidden)
+    return mean[d][rows], var[d][rows]
+
+
+def lstm(x_mean, x_var, w, r, b, h0=None, c0=None, hidden=None, direction="forward", layout=0, clip_bound=None):
+    """PFP of ONNX LSTM (gates i, o, f, c; default activations; no peepholes), the cell
+    written out step by step with every gate and product an independent Gaussian:
+        i = sigmoid(x Wi^T + h Ri^T + Wbi + Rbi)  (o, f alike),  g = tanh(x Wc^T + h Rc^T + Wbc + Rbc)
+        C = f C + i g,  H = o tanh(C).
+    ``w``, ``r``, ``b``: (mean, var) of W [D, 4H, I], R [D, 4H, H], B [D, 8H] (None: zero);
+    ``h0``, ``c0``: (mean, var) [D, B, H] (layout 1: [B, D, H]) or None (zero).
+    Returns [(Y), (Y_h), (Y_c)] as (mean, var)."""
+    return _recurrent("LSTM", x_mean, x_var, w, r, b, h0, c0, hidden, direction, layout, clip_bound, 0)
+
+
+def gru(x_mean, x_var, w, r, b, h0=None, hidden=None, direction="forward", layout=0, clip_bound=None, linear_before_reset=0):
+    """PFP of ONNX GRU (gates z, r, h; default activations), step by step, independent Gaussians:
+        z = sigmoid(x Wz^T + h Rz^T + Wbz + Rbz),  r alike,
+        h~ = tanh(x Wh^T + (r h) Rh^T + Rbh + Wbh)            (linear_before_reset 0)
+        h~ = tanh(x Wh^T + r (h Rh^T + Rbh) + Wbh)            (linear_before_reset 1)
+        H = (1 - z) h~ + z H   (1 - z: mean 1 - E[z], the variance of z).
+    Arguments as for `lstm`; returns [(Y), (Y_h)]."""
+    return _recurrent("GRU", x_mean, x_var, w, r, b, h0, None, hidden, direction, layout, clip_bound, linear_before_reset)
+
+
+def _recurrent(op, x_mean, x_var, w, r, b, h0, c0, hidden, direction, layout, clip_bound, linear_before_reset):
+    x_mean, x_var = _f64(x_mean), _var_or_zeros(x_var, _f64(x_mean))
+    gates = 4 if op == "LSTM" else 3
+    w_mean, w_var = _f64(w[0]), _var_or_zeros(w[1], _f64(w[0]))
+    r_mean, r_var = _f64(r[0]), _var_or_zeros(r[1], _f64(r[0]))
+    hidden = hidden or r_mean.shape[-1]
+    if b is None:
+        b = (np.zeros((w_mean.shape[0], 2 * gates * hidden)), None)
+    b_mean, b_var = _f64(b[0]), _var_or_zeros(b[1], _f64(b[0]))
+    x_mean, x_var, orders = _recurrent_steps(x_mean, x_var, layout, direction)
+
+    def initial(state, d):
+        if state is None:
+            return None
+        mean, var = _f64(state[0]), _var_or_zeros(state[1], _f64(state[0]))
+        return (mean[d], var[d]) if layout == 0 else (mean[:, d], var[:, d])
+
+    per_direction = []
+    for d, order in enumerate(orders):
+        def rows(index, which):
+            mean, var = {"W": (w_mean, w_var), "R": (r_mean, r_var)}[which]
+            return _weight_rows(mean, var, d, index, hidden)
+
+        def bias(index, recurrent):
+            return _weight_rows(b_mean, b_var, d, index + gates * recurrent, hidden)
+
+        h, c = initial(h0, d), initial(c0, d)
+        steps = [None] * x_mean.shape[0]
+        for t in order:
+            x = (x_mean[t], x_var[t])
+            if op == "LSTM":
+                i, o, f, g = (_gate(x, h, rows(k, "W"), rows(k, "R"), bias(k, 0), bias(k, 1), clip_bound) for k in range(4))
+                i, o, f, g = sigmoid(*i), sigmoid(*o), sigmoid(*f), tanh(*g)
+                cell = multiply(*i, *g)
+                c = cell if c is None else add(*multiply(*f, *c), *cell)
+                h = multiply(*o, *tanh(*c))
+            else:
+                z = sigmoid(*_gate(x, h, rows(0, "W"), rows(0, "R"), bias(0, 0), bias(0, 1), clip_bound))
+                reset = sigmoid(*_gate(x, h, rows(1, "W"), rows(1, "R"), bias(1, 0), bias(1, 1), clip_bound))
+                pre = linear(*x, *rows(2, "W"), *bias(2, 0))
+                if linear_before_reset:
+                    recurrent = bias(2, 1) if h is None else linear(*h, *rows(2, "R"), *bias(2, 1))
+                    pre = add(*pre, *multiply(*reset, *recurrent))
+                else:
+                    pre = add(*pre, *bias(2, 1))
+                    if h is not None:
+                        pre = add(*pre, *linear(*multiply(*reset, *h), *rows(2, "R")))
+                if clip_bound is not None:
+                    pre = clip(*pre, -clip_bound, clip_bound)
+                candidate = tanh(*pre)
+                new = multiply(1.0 - z[0], z[1], *candidate)
+                h = new if h is None else add(*new, *multiply(*z, *h))
+            steps[t] = h
+        per_direction.append((steps, h) if op == "GRU" else (steps, h, c))
+    return _recurrent_outputs(per_direction, layout)
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -1093,6 +1210,19 @@ def _node_outputs(node, a, x):
         return [(m[:, :, 0, :], v[:, :, 0, :]) for m, v in outs]
     if op == "MatMul":
         return [matmul(*x[0], *x[1])]
+    if op == "Gather":  # constant indices into a Gaussian tensor: a copy of the picked elements
+        index, axis = x[1][0].astype(np.int64), a.get("axis", 0)
+        if x[0][0].dtype.kind in "iub":  # into a shape
+            return _integer_node(node, [x[0], (index, None)])
+        return [(np.take(x[0][0], index, axis=axis), np.take(x[0][1], index, axis=axis))]
+    if op in ("LSTM", "GRU"):
+        direction = a.get("direction", b"forward")
+        kwargs = dict(hidden=a.get("hidden_size"), direction=direction.decode() if isinstance(direction, bytes) else direction,
+                      layout=a.get("layout", 0), clip_bound=a.get("clip"))
+        optional = [x[k] if len(x) > k else None for k in (3, 5, 6)]
+        if op == "LSTM":
+            return lstm(*x[0], x[1], x[2], optional[0], optional[1], optional[2], **kwargs)
+        return gru(*x[0], x[1], x[2], optional[0], optional[1], linear_before_reset=a.get("linear_before_reset", 0), **kwargs)
     if op == "Gemm":
         c = x[2] if len(x) > 2 and x[2] is not None else (None, None)
         return [gemm(*x[0], *x[1], *c, alpha=a.get("alpha", 1.0), beta=a.get("beta", 1.0),

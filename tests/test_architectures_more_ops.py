@@ -74,3 +74,22 @@ def test_posterior_within_the_stated_tolerance_of_monte_carlo(tmp_path, exported
     ratio = float(np.median(var.reshape(mc_var.shape) / mc_var))
     print(f"{name}: max |mean error| {mean_error:.3f} MC std, median PFP/MC variance {ratio:.3f}")
     assert mean_error < 0.3 and 0.5 < ratio < 1.5, (name, mean_error, ratio)
+
+
+@pytest.mark.slow
+def test_cortex_m4_under_qemu_equals_host(tmp_path, exported):
+    """The Cortex-M4 build (the benchmarks' posterior) fits 1 MB flash / 512 KB RAM and gives
+    under QEMU what its host build gives (1e-5)."""
+    import shutil
+
+    if not all(shutil.which(tool) for tool in ("arm-none-eabi-gcc", "qemu-system-arm")):
+        pytest.skip("arm-none-eabi-gcc or qemu-system-arm missing")
+    name, model, x = exported
+    out = str(tmp_path / "m4")
+    footprint = compiler.compile(model, architectures.posterior(model), out_dir=out, target="cortex-m4", measure=True).footprint
+    print(f"{name}: cortex-m4 flash {footprint['flash_bytes']:,} bytes, RAM {footprint['ram_bytes']:,} bytes")
+    assert footprint["flash_bytes"] <= 1 << 20 and footprint["ram_bytes"] <= 512 << 10
+    (host_mean, host_var), = compiler.run(out, [x]).outputs
+    (mean, var), = compiler.run(out, [x], emulate=True).outputs
+    np.testing.assert_allclose(mean, host_mean, rtol=1e-5, atol=1e-5 * np.abs(host_mean).max())
+    np.testing.assert_allclose(var, host_var, rtol=1e-5, atol=1e-5 * np.abs(host_var).max())

@@ -61,6 +61,7 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
     if opset < SUPPORTED_OPSETS.start:
         model = upgrade_opset(model, opset, name)
     model = to_float32(model, name)
+    group_norm_per_group(model, name)
     try:
         onnx.checker.check_model(model)
     except Exception as err:
@@ -75,7 +76,124 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
     except Exception as err:
         first = str(err).strip().splitlines()[0]
         raise PfpcError(f"{path}: ONNX shape inference fails: {first}") from None
+    if fold_static_shapes(model):  # Expand/Reshape to a shape computed from Shape(x): constants now
+        model = onnx.shape_inference.infer_shapes(fold_constants(model), check_type=True, strict_mode=True)
+    softmax_after_views(model, name)
     return model
+
+
+def softmax_after_views(model: onnx.ModelProto, name: str) -> None:
+    """Softmax/LogSoftmax -> Reshape/Flatten/Squeeze/Unsqueeze/Identity... -> output becomes
+    views -> Softmax over the output's matching axis, where the views keep each softmax group
+    (the elements normalised together) one axis of the output: the softmax is then the last
+    node, and the output keeps its probabilities (`final_softmax`)."""
+    graph = model.graph
+    shapes = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim]
+              for value in list(graph.input) + list(graph.value_info) + list(graph.output) if value.type.tensor_type.HasField("shape")}
+    views = registry.onnx_ops(registry.Kind.VIEW)
+    opset = _default_opset(model)
+    outputs = {value.name for value in graph.output}
+    for output in graph.output:
+        nodes = list(graph.node)
+        producer = {out: index for index, node in enumerate(nodes) for out in node.output}
+        readers = {}
+        for node in nodes:
+            for tensor in node.input:
+                readers[tensor] = readers.get(tensor, 0) + 1
+        chain, index = [], producer.get(output.name)  # node indices, from the output back
+        while index is not None and nodes[index].op_type in views and nodes[index].domain in ("", "ai.onnx") \
+                and readers.get(nodes[index].input[0]) == 1 and nodes[index].input[0] not in outputs:
+            chain.append(index)
+            index = producer.get(nodes[index].input[0])
+        if not chain or index is None or nodes[index].op_type not in registry.onnx_ops(registry.Kind.OUTPUT) \
+                or all(nodes[i].op_type == "Identity" for i in chain):
+            continue
+        softmax, before, after = nodes[index], shapes.get(nodes[index].input[0]), shapes.get(output.name)
+        if not before or not after or 0 in before or 0 in after:
+            continue
+        axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1 if opset >= 13 else 1) % len(before)
+        # the group: `outer` groups of `size` elements, `inner` apart (opset < 13: the trailing axes flattened)
+        outer = int(np.prod(before[:axis]))
+        size = int(np.prod(before[axis:])) if opset < 13 else before[axis]
+        matching = [k for k in range(len(after)) if int(np.prod(after[:k])) == outer
+                    and (int(np.prod(after[k:])) == size if opset < 13 else after[k] == size)]
+        if not matching:
+            continue
+        copies = [onnx.NodeProto() for _ in nodes]
+        for copy, original in zip(copies, nodes):
+            copy.CopyFrom(original)
+        first, last, moved = copies[chain[-1]], copies[chain[0]], copies[index]
+        nodes = copies
+        stale = moved.output[0]
+        logits = stale + "_logits_view"
+        first.input[0] = moved.input[0]  # the views read the logits
+        last.output[0] = logits
+        moved.input[0], moved.output[0] = logits, output.name
+        for attribute in list(moved.attribute):
+            if attribute.name == "axis":
+                moved.attribute.remove(attribute)
+        moved.attribute.append(onnx.helper.make_attribute("axis", matching[0]))
+        nodes = [n for i, n in enumerate(nodes) if i != index]
+        nodes.insert(next(i for i, n in enumerate(nodes) if n is last) + 1, moved)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        kept = [value for value in graph.value_info if value.name != stale]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        notice(f"{name}: {moved.op_type} '{moved.name or stale}' moved after the {', '.join(copies[i].op_type for i in reversed(chain))} "
+               f"that followed it: output '{output.name}' holds its probabilities")
+
+
+def group_norm_per_group(model: onnx.ModelProto, name: str) -> None:
+    """GroupNormalization of opsets 18-20 (scale and bias per group, a form the ONNX checker
+    refuses as deprecated) as the same normalisation of x reshaped to [N, groups, -1]:
+    InstanceNormalization with the per-group scale and bias, reshaped back. The scale and bias
+    stay the user's initializers (a posterior on them applies)."""
+    if not 18 <= (_default_opset(model) or 0) < 21:
+        return
+    nodes, changed = [], []
+    for node in model.graph.node:
+        if node.op_type != "GroupNormalization" or node.domain not in ("", "ai.onnx") or len(node.input) < 3:
+            nodes.append(node)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        label = node.name or node.output[0]
+        grouped, shape, normalised = (f"{label}/per_group_{part}" for part in ("input", "shape", "output"))
+        groups = np.array([0, int(attrs["num_groups"]), -1], np.int64)
+        model.graph.initializer.append(numpy_helper.from_array(groups, f"{label}/per_group_groups"))
+        nodes += [onnx.helper.make_node("Reshape", [node.input[0], f"{label}/per_group_groups"], [grouped], name=f"{label}/reshape"),
+                  onnx.helper.make_node("InstanceNormalization", [grouped, node.input[1], node.input[2]], [normalised], name=label,
+                                        epsilon=float(attrs.get("epsilon", 1e-5))),
+                  onnx.helper.make_node("Shape", [node.input[0]], [shape], name=f"{label}/shape"),
+                  onnx.helper.make_node("Reshape", [normalised, shape], [node.output[0]], name=f"{label}/reshape_back")]
+        changed.append(label)
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        notice(f"{name}: GroupNormalization {', '.join(repr(c) for c in changed)} (opset {_default_opset(model)}: a scale and bias per group) "
+               "computed as InstanceNormalization of the input grouped to [N, groups, -1]")
+
+
+def fold_static_shapes(model: onnx.ModelProto) -> bool:
+    """Replace every Shape node of a tensor whose shape is static (after shape inference) by an
+    initializer, for `fold_constants` to fold the integer arithmetic that uses it. Whether any was."""
+    graph = model.graph
+    shapes = {value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+              for value in list(graph.input) + list(graph.value_info) + list(graph.output) if value.type.tensor_type.HasField("shape")}
+    shapes.update({init.name: list(init.dims) for init in graph.initializer})
+    kept, folded = [], False
+    for node in graph.node:
+        shape = shapes.get(node.input[0]) if node.op_type == "Shape" and node.domain in ("", "ai.onnx") else None
+        if shape is None or None in shape:
+            kept.append(node)
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        value = np.array(shape[attrs.get("start", 0):attrs["end"] if "end" in attrs else None], np.int64)
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        folded = True
+    del graph.node[:]
+    graph.node.extend(kept)
+    return folded
 
 
 def _load_external_data(model, path):

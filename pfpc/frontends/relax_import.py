@@ -50,8 +50,8 @@ def check_supported(model: onnx.ModelProto, name: str) -> None:
     outputs = {value.name for value in model.graph.output}
     consumers = {}
     for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
     for node in reversed(list(model.graph.node)):  # a softmax followed by Identity at the output is final too
         if node.input and node.input[0] not in outputs and consumers.get(node.input[0]) == [node] \
                 and node.op_type == "Identity" and node.output[0] in outputs:
@@ -327,6 +327,29 @@ class _Split(onnx_frontend.OnnxOpConverter):
     def _impl_v13(cls, bb, inputs, attr, params):
         sizes = _constant_ints(inputs[1], "Split: the split sizes") if len(inputs) > 1 and inputs[1] is not None else None
         return cls._split(bb, inputs[0], attr.get("axis", 0), sizes, attr.get("num_outputs", attr["tvm_custom"]["num_outputs"]))
+
+
+class _Gather(onnx_frontend.Gather):
+    """Gather of a tensor at constant indices (``y[:, -1]``, the last step of a recurrent
+    layer) as one ``relax.strided_slice`` per index (each a `slice` stage), concatenated, and
+    the index axis reshaped away or to the indices' shape. Anything else (shapes, constant
+    data) as TVM converts it."""
+
+    op_type = "Gather"
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data, indices = inputs[0], inputs[1]
+        index_values = constant_value(indices)
+        if index_values is None or isinstance(data, (relax.ShapeExpr, tvm.ir.GenericConst)) or not isinstance(data.ty, relax.TensorType):
+            return super()._impl_v13(bb, inputs, attr, params)
+        shape = [int(d) for d in data.ty.shape]
+        axis = attr.get("axis", 0) % len(shape)
+        index_values = np.asarray(index_values).astype(np.int64)
+        flat = [int(i) % shape[axis] for i in index_values.reshape(-1)]
+        parts = [bb.emit(relax.op.strided_slice(data, [axis], [i], [i + 1])) for i in flat]
+        gathered = parts[0] if len(parts) == 1 else bb.emit(relax.op.concat(parts, axis))
+        return relax.op.reshape(gathered, shape[:axis] + list(index_values.shape) + shape[axis + 1:])
 
 
 class _Tile(onnx_frontend.OnnxOpConverter):
@@ -612,7 +635,7 @@ def _pfpc_converters(plan=None, converted=None):
 
     def convert_map():
         return {**original(), **{converter.op_type: converter for converter in (_Clip, _Pad, _Sum, _HardSigmoid, _HardSwish, _Elu, _Selu, _Softplus,
-                                                                       _Mul, _Max, _Min, _Split, _Tile, _Expand, _Resize, _Upsample,
+                                                                       _Mul, _Max, _Min, _Split, _Gather, _Tile, _Expand, _Resize, _Upsample,
                                                                        _InstanceNormalization, _GroupNormalization, _LRN)}}
 
     def convert(importer, op_name, inputs, attrs, opset):

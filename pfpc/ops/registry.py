@@ -34,6 +34,7 @@ class Kind(enum.Enum):
     FOLDED = "folded"  # rewritten into other stages at compile time (batch norm)
     OUTPUT = "output"  # accepted only as a model's last node: the output becomes its input's moments
     SHAPE = "shape"  # computes shapes and constants only, folded by the importer
+    UNROLLED = "unrolled"  # a recurrent cell unrolled into other ONNX operators before the import
 
 
 class Fusion(enum.Enum):
@@ -235,7 +236,8 @@ def _power_attrs(call):
     if value is None:
         raise PfpcError("relax.power: the exponent must be a constant scalar (a Gaussian exponent has no formula here)")
     if value < 0:
-        raise PfpcError(f"relax.power: exponent {value}: only non-negative exponents are supported (x^p, p < 0 has no moments)")
+        raise PfpcError(f"Pow: exponent {value}: a Gaussian input is 0 with non-zero density, where x^p (p < 0) has no finite moments; "
+                        "only non-negative exponents are supported")
     return {"exponent": value}
 
 
@@ -258,6 +260,22 @@ def _normalization_rule(node, attrs, rank):
         return "the Mean and InvStdDev outputs are not supported"
     if node.op_type != "LayerNormalization" and rank is not None and rank < 3:
         return f"a {rank}-D input: the normalised positions are the axes after the channels"
+    return None
+
+
+def _recurrent_rule(node, attrs, rank):
+    """LSTM/GRU as `frontends.unroll_recurrent` unrolls them: default activations, no
+    peepholes, no coupled input/forget gate (sequence_lens and the shapes it checks itself)."""
+    defaults = ["Sigmoid", "Tanh", "Tanh"] if node.op_type == "LSTM" else ["Sigmoid", "Tanh"]
+    activations = [a.decode() if isinstance(a, bytes) else a for a in attrs.get("activations", [])]
+    if activations and [a.lower() for a in activations] != [a.lower() for a in defaults] * (len(activations) // len(defaults)):
+        return f"activations {activations}: only the default ({', '.join(defaults)}) are supported"
+    if attrs.get("input_forget", 0):
+        return "input_forget=1 (coupled input and forget gates) is not supported"
+    if node.op_type == "LSTM" and len(node.input) > 7 and node.input[7]:
+        return "peephole weights P are not supported"
+    if rank not in (None, 3):
+        return f"a {rank}-D input: X is [sequence, batch, features]"
     return None
 
 
@@ -465,6 +483,8 @@ OPERATORS = (
     Operator("batch_norm", kind=Kind.FOLDED, onnx=("BatchNormalization",), relax=("relax.nn.batch_norm",), reference="batch_norm"),
     Operator("softmax", kind=Kind.OUTPUT, onnx=("Softmax",), relax=("relax.nn.softmax",), function="softmax"),
     Operator("log_softmax", kind=Kind.OUTPUT, onnx=("LogSoftmax",), relax=("relax.nn.log_softmax",), function="log_softmax"),
+    Operator("lstm", kind=Kind.UNROLLED, onnx=("LSTM",), onnx_rule=_recurrent_rule, reference="lstm"),
+    Operator("gru", kind=Kind.UNROLLED, onnx=("GRU",), onnx_rule=_recurrent_rule, reference="gru"),
     Operator("shape", kind=Kind.SHAPE, onnx=("Shape", "Gather", "Cast", "Slice", "Constant", "ConstantOfShape")),
 )
 

@@ -127,10 +127,13 @@ class _Substitute(MainRewriter):
         if scaled is not None:
             args, stage = [scaled[0]], ("scale", {"factor": scaled[1]})
         else:
-            stage = R.stage_of(value, op) if op else None
+            nodes = self.onnx_nodes.get(binding.var.name, ())
+            where = f" (ONNX node {', '.join(repr(n.name) + ' ' + n.op_type for n in nodes)})" if nodes else ""
+            try:
+                stage = R.stage_of(value, op) if op else None
+            except PfpcError as err:  # a form the registry refuses (e.g. a negative power): name the node
+                raise PfpcError(f"{err}{where}") from None
             if stage is None:
-                nodes = self.onnx_nodes.get(binding.var.name, ())
-                where = f" (ONNX node {', '.join(repr(n.name) + ' ' + n.op_type for n in nodes)})" if nodes else ""
                 self.unsupported.append(f"{op or type(value).__name__}{where}")
                 return
             if stage[0] == "concat":
