@@ -302,9 +302,10 @@ def _log_phi(d, log_p):
     series = f32(0.5) + d * (f32(1.0 / 3) + d * (f32(1.0 / 8) + d * (f32(1.0 / 30) + d * (f32(1.0 / 144) + d * (f32(1.0 / 840) + d * f32(1.0 / 5760))))))
     size = tirx.max(d, f32(0.0) - d)  # |d| (the C backend has no fabs)
     rounding = f32(4.0 * 2.0**-23) * (f32(1.0) - log_p)
-    return tirx.Select(size <= rounding, f32(LOWEST),
-                       tirx.Select(size < f32(0.5), f32(2.0) * tirx.log(size) + tirx.log(series),
-                                   tirx.log(tirx.max(f32(1.0) + tirx.exp(d) * (d - f32(1.0)), f32(1e-37)))))
+    # if_then_else: C evaluates one branch (a Select computes both): one log per term unless d^2 underflows
+    near = tirx.if_then_else(size > f32(1e-15), tirx.log(size * size * series), f32(2.0) * tirx.log(size) + tirx.log(series))
+    return tirx.if_then_else(size <= rounding, f32(LOWEST),
+                             tirx.if_then_else(size < f32(0.5), near, tirx.log(tirx.max(f32(1.0) + tirx.exp(d) * (d - f32(1.0)), f32(1e-37)))))
 
 
 def log_mutual_information(mean, var, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES):
