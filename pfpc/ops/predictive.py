@@ -274,9 +274,13 @@ def _log_mean_softmax(mean, var, samples):
     log pbar_k = log mean_s exp(log p_sk), shifted by its maximum over the draws."""
     rows, classes = (int(d) for d in mean.shape)
     z, peak, total, _ = _sampled(mean, var, samples)
+    # log Z_s once per draw (a reduction over one element: the row schedule keeps it as a row of S
+    # values instead of inlining it into every pass over the S x K draws)
+    one = te.reduce_axis((0, 1), name="one")
+    log_total = te.compute((rows, samples), lambda n, s: te.sum(tirx.log(total[n, s]), axis=one), name="draw_log_total")
 
     def log_p(n, s, k):
-        return z(n, s, k) - peak[n, s] - tirx.log(total[n, s])
+        return z(n, s, k) - peak[n, s] - log_total[n, s]
 
     s = te.reduce_axis((0, samples), name="s")
     top = te.compute(mean.shape, lambda n, k: te.max(log_p(n, s, k), axis=s), name="draw_log_max")
