@@ -286,7 +286,9 @@ def _log_mean_softmax(mean, var, samples):
     top = te.compute(mean.shape, lambda n, k: te.max(log_p(n, s, k), axis=s), name="draw_log_max")
     s = te.reduce_axis((0, samples), name="s")
     spread = te.compute(mean.shape, lambda n, k: te.sum(tirx.exp(log_p(n, s, k) - top[n, k]), axis=s), name="draw_log_sum")
-    return (lambda n, k: top[n, k] + tirx.log(spread[n, k] * f32(1.0 / samples))), log_p
+    one = te.reduce_axis((0, 1), name="one")  # a row of K values, not a log in every use
+    log_mean = te.compute(mean.shape, lambda n, k: te.sum(top[n, k] + tirx.log(spread[n, k] * f32(1.0 / samples)), axis=one), name="log_mean_softmax")
+    return (lambda n, k: log_mean[n, k]), log_p
 
 
 def predictive_log_entropy(mean, var, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES):
