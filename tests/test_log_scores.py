@@ -1,6 +1,6 @@
 """The log-space scores of the output stage (`log_entropy`, `log_mutual_information`,
-`pfpc.ops.predictive`) in the generated C against float64 NumPy written here (mpmath-free: the
-float64 formulas are exact enough at these gaps), on moderate logits and on logits whose gaps
+`pfpc.ops.predictive`) in the generated C against float64 NumPy written here, on moderate logits
+and on logits whose gaps
 (up to ~400) make the float32 entropy and MI exactly 0: the log scores stay finite, match float64
 to rtol 1e-5 and keep the float64 order (no ties)."""
 
