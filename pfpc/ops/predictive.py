@@ -225,6 +225,7 @@ def mutual_information(mean, var, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES
         name="mean_divergence")
     return te.compute((rows,), lambda n: tirx.max(divergence[n], f32(0.0)), name="mutual_information")
 
+
 LOWEST = -3.4028234663852886e38  # log 0 in float32 outputs (the lowest finite float)
 
 
