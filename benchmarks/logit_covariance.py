@@ -38,7 +38,7 @@ import time
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from scipy.special import log_ndtr, ndtr
+from scipy.special import ndtr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "examples", "seed_mnist")]
@@ -360,7 +360,6 @@ def main(argv=None):
           f"--lenet-images {args.lenet_images} --lenet-draws {args.lenet_draws} --nets {args.nets}")
     for net in args.nets.split(","):
         params = layers_of(*build(net, args.data, out))
-        params = {k: v for k, v in params.items()}
         limit = None if net == "mlp" else args.lenet_images
         x_in, y = load(args.data, "mnist", limit)
         x = np.concatenate([x_in, load(args.data, "fashion", limit)[0]])
