@@ -107,3 +107,24 @@ def test_log_scores_against_monte_carlo(tmp_path):
     pbar = p.mean(0)
     mi = -(pbar * np.log(pbar)).sum(1) + (p * log_p).sum(2).mean(0)
     np.testing.assert_allclose(extras["log_mutual_information"], np.log(mi), atol=0.25)
+
+
+def test_host_log_scores():
+    """`pfpc.evaluate.metrics.log_entropy` / `log_mutual_information` (what `run.py` and the benchmark
+    rank by): exp of them is -sum p log p and H[pbar] - mean H[p_s] on moderate logits; on a row
+    whose gap is 1000 (float64 underflow) they stay finite and below the moderate rows."""
+    from pfpc.evaluate import metrics
+
+    rng = np.random.default_rng(7)
+    logits = rng.normal(0, 2, (6, 5))
+    p = np.exp(logits - _logsumexp(logits, 1)[:, None])
+    np.testing.assert_allclose(np.exp(metrics.log_entropy(logits)), -(p * np.log(p)).sum(1), rtol=1e-12)
+    draws = logits[None] + rng.normal(0, 1, (40, 6, 5))
+    log_p = draws - _logsumexp(draws, 2)[:, :, None]
+    pbar = np.exp(log_p).mean(0)
+    mi = -(pbar * np.log(pbar)).sum(1) + (np.exp(log_p) * log_p).sum(2).mean(0)
+    np.testing.assert_allclose(np.exp(metrics.log_mutual_information(log_p)), mi, rtol=1e-9)
+    extreme = np.array([[1000.0, 0.0, -3.0]])
+    assert np.isfinite(metrics.log_entropy(extreme)).all() and metrics.log_entropy(extreme)[0] < metrics.log_entropy(logits).min()
+    # H = sum_minor p_k (1 - log p_k) to first order: e^-1000 (1 + 1000) + e^-1003 (1 + 1003)
+    assert abs(metrics.log_entropy(extreme)[0] - np.logaddexp(-1000 + np.log(1001), -1003 + np.log(1004))) < 1e-9
