@@ -62,7 +62,8 @@ def _compile_parser():
     parser.add_argument("--outputs", metavar="LIST", default="",
                         help="predictive outputs after the logits' mean and variance, comma-separated: probs (class "
                         "probabilities), entropy (predictive entropy), mutual_information, logit_var (mean logit variance; "
-                        "ood is its old name)")
+                        "ood is its old name), log_entropy, log_mutual_information (their logs, computed in log space: no "
+                        "float32 underflow or ties on confident inputs)")
     parser.add_argument("--probs-method", choices=("meanfield", "sampling", "probit"), default="meanfield",
                         help="how probs and entropy are computed from the Gaussian logits: meanfield (default, closed form), "
                         "sampling (--logit-samples draws on the device), probit (for comparison)")

@@ -10,7 +10,12 @@ with each probability method of its output stage (meanfield, the default; sampli
 the device; probit). Accuracy, NLL and ECE (15 bins) on MNIST; OOD AUROC (MNIST vs
 Fashion-MNIST) by predictive entropy, mutual information and mean logit variance. NLL in log
 space: SVI's log-mean-exp over samples, the PFP methods' formulas in float64 on the C's logit
-moments. The PFP's mutual information is the on-device output (64 logit draws). Everything
+moments. The PFP's entropy and mutual information (64 logit draws) AUROCs are the on-device
+``log_entropy`` / ``log_mutual_information`` outputs (log space: no float32 ties), beside them the
+same scores exact in float64 (`metrics.log_entropy`, `metrics.log_mutual_information`) and the
+float32 ``entropy`` / ``mutual_information`` outputs, whose underflow ties confident inputs. SVI's
+entropy AUROC is exact in log space from its log-mean-exp probabilities (beside it the float64
+-sum p log p, which rounding ties as well); its MI is the float64 difference of two entropies. Everything
 generated (models, SVI cache, compiled C) goes to ``generated/`` (git-ignored); the table is
 printed and written to ``generated/table_<nets>.md``.
 """
@@ -39,7 +44,7 @@ def pfp_outputs(model, post, x, method, out):
     import pfpc.compiler as compiler
 
     compiler.compile(model, post, out_dir=out, batch=1, force=True, probs_method=method, logit_samples=DRAWS,
-                     outputs=("probs", "entropy", "mutual_information", "logit_var"))
+                     outputs=("probs", "entropy", "mutual_information", "logit_var", "log_entropy", "log_mutual_information"))
     ((mean, var),), extras = compiler.run_host(out, [x], extras=True)
     return mean, var, extras
 
@@ -56,20 +61,21 @@ def rows_for(net, data, out, limit):
     suffix = "" if limit is None else f"_{limit}"
     svi, deterministic = svi_predictions(model, post, x, os.path.join(out, net, f"svi{suffix}.npz"))
 
-    def row(name, probs, log_probs, entropy, mi=None, logit_var=None, argmax_mean=None, float64=None):
+    def row(name, probs, log_probs, entropy, mi=None, logit_var=None, argmax_mean=None, also=None):
         r = {"method": name, "accuracy": metrics.accuracy(probs[:n], y), "nll": metrics.nll(probs[:n], y, log_probs[:n]),
              "ece": metrics.ece(probs[:n], y), "argmax_mean_accuracy": argmax_mean}
         for score, values in (("entropy", entropy), ("mutual_information", mi), ("logit_var", logit_var)):
             r[f"auroc_{score}"] = None if values is None else metrics.auroc(values[:n], values[n:])
-        for score, values in (float64 or {}).items():  # the same scores in float64 from the C's logit moments
-            r[f"auroc_{score}_float64"] = metrics.auroc(values[:n], values[n:])
+        for key, values in (also or {}).items():  # the same scores computed otherwise (shown in parentheses)
+            r[f"auroc_{key}"] = metrics.auroc(values[:n], values[n:])
         return r
 
-    rows = [row("deterministic", metrics.softmax(deterministic), metrics.log_softmax(deterministic), metrics.entropy(metrics.softmax(deterministic)))]
+    rows = [row("deterministic", metrics.softmax(deterministic), metrics.log_softmax(deterministic), metrics.log_entropy(deterministic),
+                also={"entropy_float64": metrics.entropy(metrics.softmax(deterministic))})]
     for s, pred in svi.items():
         entropy = metrics.entropy(pred["probs"])
-        rows.append(row(f"SVI, {s} samples", pred["probs"], pred["log_probs"], entropy, entropy - pred["expected_entropy"],
-                        pred["logit_var"].mean(1), metrics.accuracy(pred["logit_mean"][:n], y)))
+        rows.append(row(f"SVI, {s} samples", pred["probs"], pred["log_probs"], metrics.log_entropy(pred["log_probs"]), entropy - pred["expected_entropy"],
+                        pred["logit_var"].mean(1), metrics.accuracy(pred["logit_mean"][:n], y), {"entropy_float64": entropy}))
     for method in METHODS:
         mean, var, extras = pfp_outputs(model, post, x, method, os.path.join(out, net, f"pfp_{method}"))
         mean, var = mean.astype(np.float64), var.astype(np.float64)
@@ -79,32 +85,37 @@ def rows_for(net, data, out, limit):
             log_probs = metrics.probit_log_probs(mean, var)
         else:
             log_probs = metrics.sampled_log_probs(mean, var, numpy_standard_normal(DRAWS, mean.shape[1]))[0]
-        sampled_log_probs, expected_entropy = metrics.sampled_log_probs(mean, var, numpy_standard_normal(DRAWS, mean.shape[1]))
-        float64 = {"entropy": metrics.entropy(np.exp(log_probs)),
-                   "mutual_information": metrics.entropy(np.exp(sampled_log_probs)) - expected_entropy}
+        eps = numpy_standard_normal(DRAWS, mean.shape[1])
+        draws = metrics.log_softmax(mean[None] + np.sqrt(np.maximum(var, 0.0))[None] * eps[:, None, :])
+        exact = {"entropy_float64": metrics.log_entropy(log_probs), "mutual_information_float64": metrics.log_mutual_information(draws),
+                 "entropy_float32": extras["entropy"], "mutual_information_float32": extras["mutual_information"]}
         agreement = np.abs(np.exp(log_probs) - extras["probs"]).max()
         assert agreement < 1e-4, f"{net} {method}: the C's probabilities differ from the float64 formula by {agreement}"
         rows.append(row(f"PFP, {method}" + (" (default)" if method == "meanfield" else "") + (f", {DRAWS} draws" if method == "sampling" else ""),
-                        extras["probs"].astype(np.float64), log_probs, extras["entropy"], extras["mutual_information"],
-                        extras["logit_var"], metrics.accuracy(mean[:n], y), float64))
+                        extras["probs"].astype(np.float64), log_probs, extras["log_entropy"], extras["log_mutual_information"],
+                        extras["logit_var"], metrics.accuracy(mean[:n], y), exact))
     return rows
 
 
 def markdown(results: dict, limit) -> str:
-    def fmt(value, spec, also=None):
-        return "–" if value is None else format(value, spec) + ("" if also is None else f" ({format(also, spec)})")
+    def fmt(value, spec, *also):
+        also = [format(a, spec) for a in also if a is not None]
+        return "–" if value is None else format(value, spec) + (f" ({' / '.join(also)})" if also else "")
 
     size = "10,000 + 10,000" if limit is None else f"{limit} + {limit}"
     lines = [f"MNIST test (accuracy, NLL, ECE) and Fashion-MNIST test (OOD AUROC), {size} images. PFP AUROCs: the "
-             "generated C's float32 outputs (in parentheses: the same formula in float64 on the C's logit moments; float32 "
-             "entropies of inputs with logit gaps above ~88 are exactly 0 and tie).", "",
+             "generated C's log-space outputs log_entropy / log_mutual_information (in parentheses: the same score exact "
+             "in float64 on the C's logit moments / the C's float32 entropy and mutual_information outputs, which are "
+             "exactly 0 and tie for logit gaps above ~88). SVI and deterministic entropy: exact in log space (in "
+             "parentheses: the float64 -sum p log p, which rounding ties too); SVI MI: the float64 difference of two entropies.", "",
              "| network | predictor | accuracy | argmax of the logit mean | NLL | ECE | AUROC entropy | AUROC MI | AUROC logit var |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for net, rows in results.items():
         for r in rows:
             lines.append(f"| {net} | {r['method']} | {100 * r['accuracy']:.2f} % | "
                          f"{'–' if r['argmax_mean_accuracy'] is None else format(100 * r['argmax_mean_accuracy'], '.2f') + ' %'} | "
-                         f"{r['nll']:.4f} | {r['ece']:.4f} | {fmt(r['auroc_entropy'], '.4f', r.get('auroc_entropy_float64'))} | {fmt(r['auroc_mutual_information'], '.4f', r.get('auroc_mutual_information_float64'))} | "
+                         f"{r['nll']:.4f} | {r['ece']:.4f} | {fmt(r['auroc_entropy'], '.4f', r.get('auroc_entropy_float64'), r.get('auroc_entropy_float32'))} | "
+                         f"{fmt(r['auroc_mutual_information'], '.4f', r.get('auroc_mutual_information_float64'), r.get('auroc_mutual_information_float32'))} | "
                          f"{fmt(r['auroc_logit_var'], '.4f')} |")
     return "\n".join(lines) + "\n"
 

@@ -72,6 +72,44 @@ def entropy(probs) -> np.ndarray:
     return -np.sum(np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
 
 
+def _logsumexp(a, axis):
+    peak = np.max(a, axis=axis, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(peak, axis) + np.log(np.exp(a - peak).sum(axis=axis))
+
+
+def log_entropy(log_probs) -> np.ndarray:
+    """log H[p] per row from log p (any shift), in float64 log space: the ranking of confident
+    inputs, whose entropy -sum p log p is lost to rounding (p_top rounds to 1 when the other
+    classes' mass is below 1e-16: float64's own ties). With t the top class and L the log of the
+    others' mass relative to it, -log p_t = log1p(e^L) and log H = log-sum-exp of
+    log p_k + log(-log p_k) (the same formula as the on-device ``log_entropy``)."""
+    a = np.asarray(log_probs, np.float64)
+    a = a - a.max(axis=-1, keepdims=True)
+    top = a.argmax(axis=-1)
+    is_top = np.arange(a.shape[-1]) == top[..., None]
+    rest = _logsumexp(np.where(is_top, -np.inf, a), -1)
+    neg_log_top = np.log1p(np.exp(rest))
+    log_neg_log_top = np.where(rest < -30, rest - np.exp(rest) / 2, np.log(np.maximum(neg_log_top, 1e-300)))
+    terms = np.where(is_top, log_neg_log_top[..., None] - neg_log_top[..., None],
+                     a - neg_log_top[..., None] + np.log(np.maximum(neg_log_top[..., None] - a, 1e-300)))
+    return _logsumexp(terms, -1)
+
+
+def log_mutual_information(log_p_draws, axis=0) -> np.ndarray:
+    """log MI over draws (``axis``) of per-draw log probabilities [.., K], float64 log space:
+    MI = mean_s sum_k pbar_k phi(p_sk / pbar_k), phi(r) = r log r - r + 1 >= 0 (no difference of two
+    entropies, which float64 rounding swamps on confident inputs)."""
+    log_p = np.moveaxis(np.asarray(log_p_draws, np.float64), axis, 0)
+    log_pbar = _logsumexp(log_p, 0) - np.log(len(log_p))
+    d = log_p - log_pbar[None]
+    phi = np.where(np.abs(d) < 1e-3, d * d / 2 + d ** 3 / 3 + d ** 4 / 8, np.exp(d) * d - np.expm1(d))
+    with np.errstate(divide="ignore"):
+        terms = log_pbar[None] + np.log(np.maximum(phi, 0.0))
+    return _logsumexp(np.moveaxis(terms, 0, -2).reshape(terms.shape[1:-1] + (-1,)), -1) - np.log(len(log_p))
+
+
 def auroc(scores_in, scores_out) -> float:
     """Area under the ROC curve separating out-of-distribution (positive) from in-distribution
     inputs by ``score`` (higher = more likely OOD); 0.5 is chance."""

@@ -26,7 +26,13 @@ Outputs (per row n):
   the mean KL divergence of the draws' softmaxes from their mean (>= 0, accurate near 0);
   epistemic uncertainty alone;
 - ``logit_var`` [N]: the mean logit variance (1/K) sum_k V_k; ``ood`` is the same number under its
-  old name.
+  old name;
+- ``log_entropy`` [N], ``log_mutual_information`` [N]: the natural logs of ``entropy`` and
+  ``mutual_information``, computed in log space from the logits (`log_entropy_of_log_weights`,
+  `log_mutual_information`): finite for every finite logit gap, where the float32 entropy and MI of a
+  confident input underflow to exactly 0 (gaps above ~88) and tie, so ranking inputs by them (OOD
+  AUROC, abstain thresholds) gives the float64 order. log 0 (deterministic logits' MI) is the lowest
+  float32.
 
 `build_predictive_kernel` turns one of them into a PrimFunc whose loop nest runs row by row, so
 every intermediate is a scalar, one row of K values or one value per draw (no [N, K] scratch).
@@ -42,7 +48,9 @@ from tvm import s_tir, te, tirx
 from .moments import f32
 
 #: The outputs ``--outputs`` can ask for, in the order they appear in ``<name>_run``.
-PREDICTIVE_OUTPUTS = ("probs", "entropy", "mutual_information", "logit_var", "ood")
+PREDICTIVE_OUTPUTS = ("probs", "entropy", "mutual_information", "logit_var", "ood", "log_entropy", "log_mutual_information")
+#: what `AppendPredictiveOutputs` appends when not told (the outputs before the log-space scores)
+DEFAULT_OUTPUTS = PREDICTIVE_OUTPUTS[:5]
 METHODS = ("meanfield", "sampling", "probit")
 DEFAULT_METHOD = "meanfield"
 DEFAULT_SAMPLES = 64
@@ -70,6 +78,10 @@ def docs(kind: str, method: str = DEFAULT_METHOD, samples: int = DEFAULT_SAMPLES
         "logit_var": "mean over classes of the logits' variance: a raw spread, not calibrated; check it on your "
                      "own out-of-distribution data before using it as a score",
         "ood": "mean over classes of the logits' variance (the same as logit_var, kept under its old name)",
+        "log_entropy": "natural log of the predictive entropy (entropy above), computed in log space: never 0 or tied "
+                       "for confident inputs, where the float32 entropy underflows; rank or threshold inputs by it",
+        "log_mutual_information": f"natural log of the mutual information ({samples} draws; mutual_information above), "
+                                  "computed in log space: never tied for confident inputs; the lowest float for deterministic logits",
     }[kind]
 
 
@@ -214,6 +226,117 @@ def mutual_information(mean, var, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES
     return te.compute((rows,), lambda n: tirx.max(divergence[n], f32(0.0)), name="mutual_information")
 
 
+LOWEST = -3.4028234663852886e38  # log 0 in float32 outputs (the lowest finite float)
+
+
+def _log1p_small(x):
+    """(log(1 + x), log(log(1 + x)) - log x) for x >= 0, accurate for tiny x (series below 0.01)."""
+    series = f32(1.0) - x * (f32(0.5) - x * (f32(1.0 / 3.0) - x * f32(0.25)))  # log(1 + x) / x
+    small = x < f32(0.01)
+    return (tirx.Select(small, x * series, tirx.log(f32(1.0) + x)),
+            tirx.Select(small, tirx.log(series), tirx.log(tirx.log(f32(1.0) + x) / tirx.max(x, f32(1e-30)))))
+
+
+def log_entropy_of_log_weights(log_weight, rows, classes, name="log_entropy"):
+    """log H[p], p_k = exp(a_k) / sum_j exp(a_j), from the unnormalised log weights a = ``log_weight(n, k)``,
+    without forming p. With t the first class of the largest a, b_k = a_k - a_t <= 0 and
+    L = log sum_{k != t} exp(b_k) (log-sum-exp over the other classes, shifted by their maximum):
+    -log p_t = log(1 + e^L) = lp, log p_k = b_k - lp, and
+    log H = log-sum-exp_k of  log p_k + log(-log p_k)  =  b_k - lp + log(lp - b_k)   (k != t)
+                             -lp + log(lp)                                        (k = t),
+    log(lp) = L + log(log(1 + e^L) / e^L) (`_log1p_small`), finite when e^L underflows."""
+    peak = _row_max(log_weight, rows, classes, "weight_max")
+    k = te.reduce_axis((0, classes), name="k")
+    top = te.compute((rows,), lambda n: te.min(tirx.Select(log_weight(n, k) >= peak[n], k, classes), axis=k), name="top_class")
+
+    def minor(n, k):  # b_k of the other classes, the top class far below them
+        return tirx.Select(k == top[n], f32(-1e30), log_weight(n, k) - peak[n])
+
+    minor_max = _row_max(minor, rows, classes, "minor_max")
+    minor_sum = _row_sum(lambda n, k: tirx.exp(minor(n, k) - minor_max[n]), rows, classes, "minor_sum")
+
+    def lp_terms(n):  # (lp, log lp)
+        log_rest = minor_max[n] + tirx.log(minor_sum[n])
+        lp, log_ratio = _log1p_small(tirx.exp(log_rest))
+        return lp, log_rest + log_ratio
+
+    def term(n, k):
+        lp, log_lp = lp_terms(n)
+        b = log_weight(n, k) - peak[n]
+        return tirx.Select(k == top[n], log_lp - lp, b - lp + tirx.log(tirx.max(lp - b, f32(1e-30))))
+
+    term_max = _row_max(term, rows, classes, "term_max")
+    term_sum = _row_sum(lambda n, k: tirx.exp(term(n, k) - term_max[n]), rows, classes, "term_sum")
+    return te.compute((rows,), lambda n: term_max[n] + tirx.log(term_sum[n]), name=name)
+
+
+def _log_mean_softmax(mean, var, samples):
+    """(log pbar [N, K] as a function (n, k), log p_s (n, s, k)) over the sampling draws, in log space:
+    log pbar_k = log mean_s exp(log p_sk), shifted by its maximum over the draws."""
+    rows, classes = (int(d) for d in mean.shape)
+    z, peak, total, _ = _sampled(mean, var, samples)
+    # log Z_s once per draw (a reduction over one element: the row schedule keeps it as a row of S
+    # values instead of inlining it into every pass over the S x K draws)
+    one = te.reduce_axis((0, 1), name="one")
+    log_total = te.compute((rows, samples), lambda n, s: te.sum(tirx.log(total[n, s]), axis=one), name="draw_log_total")
+
+    def log_p(n, s, k):
+        return z(n, s, k) - peak[n, s] - log_total[n, s]
+
+    s = te.reduce_axis((0, samples), name="s")
+    top = te.compute(mean.shape, lambda n, k: te.max(log_p(n, s, k), axis=s), name="draw_log_max")
+    s = te.reduce_axis((0, samples), name="s")
+    spread = te.compute(mean.shape, lambda n, k: te.sum(tirx.exp(log_p(n, s, k) - top[n, k]), axis=s), name="draw_log_sum")
+    one = te.reduce_axis((0, 1), name="one")  # a row of K values, not a log in every use
+    log_mean = te.compute(mean.shape, lambda n, k: te.sum(top[n, k] + tirx.log(spread[n, k] * f32(1.0 / samples)), axis=one), name="log_mean_softmax")
+    return (lambda n, k: log_mean[n, k]), log_p
+
+
+def predictive_log_entropy(mean, var, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES):
+    """log H[p] of `predictive_probs` (`log_entropy_of_log_weights` on log q, or log pbar for sampling)."""
+    rows, classes = (int(d) for d in mean.shape)
+    if method == "sampling" and var is not None:
+        return log_entropy_of_log_weights(_log_mean_softmax(mean, var, samples)[0], rows, classes)
+    log_q, rows, classes = _closed_form_log_q(mean, var, method)
+    return log_entropy_of_log_weights(log_q, rows, classes)
+
+
+def _log_phi(d, log_p):
+    """log(r log r - r + 1) at r = e^d (>= 0, zero only at d = 0): d^2 (1/2 + d/3 + d^2/8 + ...), the
+    series sum_n (n - 1) d^n / n!, for |d| < 1/2 (where 1 + e^d (d - 1) cancels); directly above.
+    |d| within float32 rounding of log p_sk and log pbar_k (the top class of a confident row, whose
+    true term is second order in the other classes' probabilities) counts as 0: log 0 = LOWEST."""
+    series = f32(0.5) + d * (f32(1.0 / 3) + d * (f32(1.0 / 8) + d * (f32(1.0 / 30) + d * (f32(1.0 / 144) + d * (f32(1.0 / 840) + d * f32(1.0 / 5760))))))
+    size = tirx.max(d, f32(0.0) - d)  # |d| (the C backend has no fabs)
+    rounding = f32(4.0 * 2.0**-23) * (f32(1.0) - log_p)
+    # if_then_else: C evaluates one branch (a Select computes both): one log per term unless d^2 underflows
+    near = tirx.if_then_else(size > f32(1e-15), tirx.log(size * size * series), f32(2.0) * tirx.log(size) + tirx.log(series))
+    return tirx.if_then_else(size <= rounding, f32(LOWEST),
+                             tirx.if_then_else(size < f32(0.5), near, tirx.log(tirx.max(f32(1.0) + tirx.exp(d) * (d - f32(1.0)), f32(1e-37)))))
+
+
+def log_mutual_information(mean, var, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES):
+    """log MI over the sampling draws, in log space. MI = (1/S) sum_s sum_k p_sk log(p_sk / pbar_k)
+    = (1/S) sum_{s,k} pbar_k phi(p_sk / pbar_k), phi(r) = r log r - r + 1 >= 0 (the added
+    sum_s (pbar_k - p_sk) is 0): every term is >= 0, so
+    log MI = log-sum-exp_{s,k} [log pbar_k + log phi(exp(d_sk))] - log S,  d_sk = log p_sk - log pbar_k."""
+    rows, classes = (int(d) for d in mean.shape)
+    if var is None:
+        return te.compute((rows,), lambda n: f32(LOWEST), name="log_mutual_information")
+    log_mean, log_p = _log_mean_softmax(mean, var, samples)
+
+    def term(n, s, k):
+        return log_mean(n, k) + _log_phi(log_p(n, s, k) - log_mean(n, k), log_p(n, s, k))
+
+    s, k = te.reduce_axis((0, samples), name="s"), te.reduce_axis((0, classes), name="k")
+    top = te.compute((rows,), lambda n: te.max(term(n, s, k), axis=[s, k]), name="term_max")
+    s, k = te.reduce_axis((0, samples), name="s"), te.reduce_axis((0, classes), name="k")
+    # every term log 0 (identical draws): the shift stays finite, the sum 0, the result the lowest float
+    total = te.compute((rows,), lambda n: te.sum(tirx.exp(term(n, s, k) - tirx.max(top[n], f32(-1e30))), axis=[s, k]), name="term_sum")
+    return te.compute((rows,), lambda n: tirx.max(tirx.max(top[n], f32(-1e30)) + tirx.log(total[n] * f32(1.0 / samples)), f32(LOWEST)),
+                      name="log_mutual_information")
+
+
 def mean_logit_variance(mean, var, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES):
     """(1/K) sum_k V_k; 0 for deterministic logits."""
     rows, classes = (int(d) for d in mean.shape)
@@ -224,7 +347,8 @@ def mean_logit_variance(mean, var, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLE
 
 
 COMPUTE = {"probs": predictive_probs, "entropy": predictive_entropy, "mutual_information": mutual_information,
-           "logit_var": mean_logit_variance, "ood": mean_logit_variance, "log_probs": predictive_log_probs}
+           "logit_var": mean_logit_variance, "ood": mean_logit_variance, "log_probs": predictive_log_probs,
+           "log_entropy": predictive_log_entropy, "log_mutual_information": log_mutual_information}
 #: what a model output computed by a final softmax / log-softmax holds (`output_function_kernel`)
 OUTPUT_FUNCTIONS = {"softmax": "probs", "log_softmax": "log_probs"}
 

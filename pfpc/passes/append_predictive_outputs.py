@@ -6,8 +6,8 @@
             mi      = R.call_tir(logits_mutual_information, (logits_mean, logits_var), [N])
             return (logits_mean, logits_var, probs, entropy, mi)
 
-for the requested subset of ``probs``, ``entropy``, ``mutual_information``, ``logit_var``, ``ood``
-(formulas and the probability ``method``: `pfpc.ops.predictive`), always in that order. The model
+for the requested subset of ``probs``, ``entropy``, ``mutual_information``, ``logit_var``, ``ood``,
+``log_entropy``, ``log_mutual_information`` (formulas and the probability ``method``: `pfpc.ops.predictive`), always in that order. The model
 must have one [N, K] output; deterministic logits (no variance) give softmax probabilities and
 zero mutual information and logit variance. The chosen outputs are recorded in the function
 attribute ``pfp.extra_outputs``, the method and draws in ``pfp.predictive``; code generation gives
@@ -36,7 +36,7 @@ from ..errors import PfpcError
 from .. import ir_state
 from ..ir import MainRewriter, func_attrs, output_fields, shape_of
 from ..ops.gaussian import Moment
-from ..ops.predictive import (DEFAULT_METHOD, DEFAULT_SAMPLES, MAX_SAMPLES, METHODS, PREDICTIVE_OUTPUTS, build_predictive_kernel,
+from ..ops.predictive import (DEFAULT_METHOD, DEFAULT_OUTPUTS, DEFAULT_SAMPLES, MAX_SAMPLES, METHODS, PREDICTIVE_OUTPUTS, build_predictive_kernel,
                               output_function_kernel)
 
 
@@ -101,7 +101,7 @@ class AppendPredictiveOutputs:
     requires = ("pfpc.SubstituteLayers",)  # must have run before it
     after = ("pfpc.EliminateZeroVariance", "pfpc.FuseOperators", "pfpc.ChooseMomentRepresentation", "pfpc.FoldWeightMoments")  # run before it when in the pipeline
 
-    def __init__(self, outputs=PREDICTIVE_OUTPUTS, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES):
+    def __init__(self, outputs=DEFAULT_OUTPUTS, method=DEFAULT_METHOD, samples=DEFAULT_SAMPLES):
         self.outputs = check_outputs(outputs)
         self.method, self.samples = check_method(method, samples)
 
