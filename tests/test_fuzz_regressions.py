@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import onnx
 from onnx import helper
 
 import reference
@@ -38,7 +39,7 @@ def test_prelu_one_element_slope_broadcasts(tmp_path):
     _assert_moments(results)
 
 
-@pytest.mark.parametrize("activation", ["Relu", "LeakyRelu", "Clip", "MaxPool"])
+@pytest.mark.parametrize("activation", ["Relu", "LeakyRelu", "Clip", "MaxPool", "HardSwish", "Abs"])
 def test_concentrated_input_far_from_zero_keeps_its_variance(tmp_path, activation):
     """x ~ N(100, 1e-4) (a bias with std 0.01 on a large input): the variance was E[y^2] - E[y]^2
     in float32, 1e4 - 1e4 = 0."""
@@ -350,3 +351,26 @@ def test_clip_with_the_mean_beyond_a_bound(tmp_path):
         np.testing.assert_allclose(ref_mean.ravel(), quadrature[:, 0], rtol=1e-9)
         np.testing.assert_allclose(var.ravel(), ref_var.ravel(), rtol=5e-5, err_msg=f"clip to [{lower}, {upper}]")
         np.testing.assert_allclose(mean.ravel(), ref_mean.ravel(), rtol=1e-6)
+
+
+def test_resize_scale_that_rounds_the_size_down_is_refused(tmp_path, capsys):
+    """Resize(linear, half_pixel) of H = 3 by scale 0.5 (the fuzzer): ONNX reads x at 0.5, the
+    interpolation between x[0] and x[1] (onnxruntime), resize2d maps with output/input = 1/3 and
+    returned x[1]. Refused in one line, exit 2; a scale that divides the size compiles."""
+    from pfpc import cli
+
+    x = [("x", [1, 1, 3, 2])]
+    bad = make_model([node("Resize", ["x", "", "s"], ["y"], mode="linear")], x, ["y"], {"s": np.array([1, 1, 0.5, 1], np.float32)})
+    path = tmp_path / "bad.onnx"
+    onnx.save(bad, str(path))
+    assert cli.main([str(path), "-o", str(tmp_path / "out"), "--deterministic"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "scale 0.5" in err and "rounds the output down" in err, err
+    assert not (tmp_path / "out").exists()
+    good = make_model([node("Resize", ["x", "", "s"], ["y"], mode="linear")], [("x", [1, 1, 4, 2])], ["y"], {"s": np.array([1, 1, 0.5, 1], np.float32)})
+    feeds = {"x": np.arange(8, dtype=np.float32).reshape(1, 1, 4, 2)}
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(good.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    (mean, var), = compile_and_run(good, {}, list(feeds.values()), tmp_path)
+    np.testing.assert_allclose(mean.reshape(expected.shape), expected, rtol=1e-6)
