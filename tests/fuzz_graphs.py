@@ -746,7 +746,7 @@ def _meanfield(mean, var, axis, log):
     return np.moveaxis(log_p if log else np.exp(log_p), -1, axis)
 
 
-def _close(actual, expected, rtol):
+def _close(actual, expected, rtol, floor=1e-12):
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     if actual.shape != expected.shape:
         return f"shape {list(actual.shape)} != {list(expected.shape)}"
@@ -754,7 +754,7 @@ def _close(actual, expected, rtol):
         return "not finite"
     # relative to the element and to the tensor's scale; 1e-12 absorbs the float64 reference's
     # own rounding where the exact value is 0 (a clip to [0, 0])
-    atol = rtol * (np.max(np.abs(expected)) if expected.size else 0.0) + 1e-12
+    atol = rtol * (np.max(np.abs(expected)) if expected.size else 0.0) + floor
     bad = np.abs(actual - expected) > atol + rtol * np.abs(expected)
     if bad.any():
         index = np.unravel_index(np.argmax(np.abs(actual - expected) - atol - rtol * np.abs(expected)), actual.shape)
@@ -815,7 +815,8 @@ def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
         if len(names) + position in softmax:  # with zero variance the value is the model's own output
             det_mean = results[len(names) + position][0]
         det = det_mean.reshape(expected.shape) if det_mean.size == expected.size else det_mean
-        problem = _close(det, expected, 1e-4)
+        # floor 1e-9: onnxruntime's float32 Sigmoid of -26 is 0 where pfpc's is 4e-12 (the long run's seed 100051)
+        problem = _close(det, expected, 1e-4, floor=1e-9)
         if problem:
             return Outcome(False, "wrong", f"output {name}_d (no posterior) vs onnxruntime: {problem}")
         if np.any(det_var != 0):
