@@ -21,7 +21,11 @@ opset 11 inputs), LeakyRelu, PRelu (one-element, per-channel and last-axis slope
 Tanh, Identity, Dropout, Flatten, Reshape (0 and -1), Transpose, Squeeze, Unsqueeze, Concat,
 Pad (constant), Softmax/LogSoftmax as last node; size-1 dimensions, several inputs and outputs,
 deterministic and stochastic branches meeting, wide, concentrated and absent posteriors,
-inputs far from zero, and names like the ones pfpc generates (``relu_2``, ``y_var``).
+inputs far from zero, and names like the ones pfpc generates (``relu_2``, ``y_var``). Since
+session 7 also Slice, Split, Tile, Expand, Pad edge/reflect, Resize, ConvTranspose, Pow, Sqrt,
+LayerNormalization, InstanceNormalization, LRN, 3-D Conv/MaxPool/AveragePool, Abs, Neg, Max, Min,
+ReduceMean/Sum/Max, GlobalMaxPool, HardSigmoid, HardSwish, Elu, Selu, Softplus (not
+GroupNormalization or Gelu, which need opset 18/20).
 """
 
 from __future__ import annotations
