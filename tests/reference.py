@@ -747,9 +747,9 @@ def resize(mean, var, out_hw, method, mode="half_pixel", nearest_mode="round_pre
 def clip(mean, var, lower=None, upper=None):
     """y = min(max(x, lower), upper) for x ~ N(M, V), as a mixture of three pieces: the mass
     below `lower` (y = lower), above `upper` (y = upper), and the truncated normal between
-    (its mean and variance from scipy.stats.truncnorm):
-        E[y]   = lo P_lo + hi P_hi + P_mid E_mid
-        E[y^2] = lo^2 P_lo + hi^2 P_hi + P_mid (Var_mid + E_mid^2)
+    (its mean and variance from scipy.stats.truncnorm), with deviations from c = clip(M):
+        E[y] - c = (lo - c) P_lo + (hi - c) P_hi + P_mid (E_mid - c)
+        Var[y]   = P_lo (lo - E[y])^2 + P_hi (hi - E[y])^2 + P_mid (Var_mid + (E_mid - E[y])^2)
     V = 0 gives exactly (clip(M), 0)."""
     m = _f64(mean)
     v = _var_or_zeros(var, m)
@@ -760,18 +760,24 @@ def clip(mean, var, lower=None, upper=None):
     s_safe = np.where(stochastic, s, 1.0)
     a, b = (lo - m) / s_safe, (hi - m) / s_safe
     p_lo, p_hi = ndtr(a), ndtr(-b)
-    p_mid = np.maximum(1.0 - p_lo - p_hi, 0.0)
+    # P(lo <= x <= hi) from the small tails when the mean lies beyond a bound (1 - P_lo - P_hi keeps
+    # no digit of a probability of 1e-14)
+    p_mid = np.maximum(np.where(a > 0, ndtr(-a) - ndtr(-b), np.where(b < 0, ndtr(b) - ndtr(a), 1.0 - p_lo - p_hi)), 0.0)
     a_t, b_t = np.minimum(a, 30.0), np.maximum(b, -30.0)  # truncnorm needs a < b; such P_mid is 0
     ok = (p_mid > 0) & (a_t < b_t)
     mid_mean_z, mid_var_z = truncnorm.stats(np.where(ok, a_t, -1.0), np.where(ok, b_t, 1.0), moments="mv")
-    mid_mean = m + s * np.where(ok, mid_mean_z, 0.0)
     mid_var = v * np.where(ok, mid_var_z, 0.0)
-    lo_term = np.where(p_lo > 0, lo, 0.0)
-    hi_term = np.where(p_hi > 0, hi, 0.0)
-    e1 = lo_term * p_lo + hi_term * p_hi + p_mid * mid_mean
-    e2 = lo_term ** 2 * p_lo + hi_term ** 2 * p_hi + p_mid * (mid_var + mid_mean ** 2)
+    # deviations from c = clip(M) and the law of total variance, a sum of non-negative terms: the
+    # raw E[y^2] - E[y]^2 cancels in float64 too when the mean lies far beyond a bound (N(50, 9)
+    # clipped to [-1, 5] lost 13 % of a variance of 1e-13)
     exact = np.clip(m, lo, hi)
-    return np.where(stochastic, e1, exact), np.where(stochastic, np.maximum(e2 - e1 * e1, 0.0), 0.0)
+    lo_dev = np.where(p_lo > 0, lo - exact, 0.0)
+    hi_dev = np.where(p_hi > 0, hi - exact, 0.0)
+    mid_dev = (m - exact) + s * np.where(ok, mid_mean_z, 0.0)
+    shift = lo_dev * p_lo + hi_dev * p_hi + p_mid * mid_dev  # E[y] - c
+    variance = (p_lo * (lo_dev - shift) ** 2 + p_hi * (hi_dev - shift) ** 2
+                + p_mid * (mid_var + (mid_dev - shift) ** 2))
+    return np.where(stochastic, exact + shift, exact), np.where(stochastic, variance, 0.0)
 
 
 def leaky_relu(mean, var, slope):

@@ -432,6 +432,13 @@ class _Resize(onnx_frontend.Resize):
             raise PfpcError(f"Resize: scales {[float(v) for v in scales.reshape(-1)]}: only the last two axes can be resized")
         if sizes is not None and sizes.size and [int(v) for v in sizes.reshape(-1)[:2]] != shape[:2]:
             raise PfpcError(f"Resize: sizes {[int(v) for v in sizes.reshape(-1)]}: only the last two axes can be resized")
+        if (sizes is None or not sizes.size) and scales is not None and len(shape) == 4:
+            # ONNX maps coordinates with the given scale, resize2d with output / input: they
+            # differ where the output size is rounded down (3 x 0.5 -> 1 read x[1], not x[0.5])
+            for size, scale in zip(shape[2:], scales.reshape(-1)[2:]):
+                if float(np.floor(size * float(scale))) != size * float(scale):
+                    raise PfpcError(f"Resize: scale {float(scale)} of an axis of {size} rounds the output down to "
+                                    f"{int(np.floor(size * float(scale)))}: such a scale is not supported (give sizes instead)")
         return super()._impl_v18(bb, inputs, attr, params)
 
 

@@ -85,21 +85,26 @@ def exp(a: Gaussian) -> Gaussian:
 
 
 def abs_moments(mean, var):
-    """Moments of y = |x| (folded normal, exact), z = M / s:
+    """Mean and variance of y = |x| (folded normal, exact), with z = |M| / s and the upper tail's
+    first partial moment psi = E[(Z - z)+] = phi(z) - z Phi(-z) >= 0:
 
-    E[y] = M (2 Phi(z) - 1) + 2 s phi(z),   E[y^2] = M^2 + V
+    E[y]   = |M| (2 Phi(z) - 1) + 2 s phi(z) = |M| + 2 s psi
+    Var[y] = M^2 + V - E[y]^2 = V (1 - 4 psi (z + psi))
 
-    V = 0 gives z = +-inf (0 when M = 0), hence exactly |M|. Returns (E[y], E[y^2])."""
+    the second form multiplied out so that no M^2 is formed: for a concentrated input far from 0
+    the raw E[y^2] - E[y]^2 = M^2 + V - E[y]^2 lost the variance in float32. V = 0 gives z = inf
+    (0 when M = 0), hence exactly |M| and 0. Returns (E[y], Var[y])."""
     std = safe_sqrt(var)
-    z = safe_ratio(mean, std)
+    magnitude = tirx.max(mean, f32(0.0) - mean)
+    z = safe_ratio(magnitude, std)
     pdf = std_normal_pdf(z)
-    first = mean * (f32(2.0) * std_normal_cdf(z, pdf) - f32(1.0)) + f32(2.0) * std * pdf
-    return first, mean * mean + var
+    psi = tirx.max(pdf - z * std_normal_cdf(f32(0.0) - z, pdf), f32(0.0))
+    return magnitude + f32(2.0) * std * psi, tirx.max(var * (f32(1.0) - f32(4.0) * psi * (z + psi)), f32(0.0))
 
 
 def abs_(a: Gaussian) -> Gaussian:
-    """Y = |X|; moments from ``abs_moments``; native output: second moment."""
-    return _unary(a, abs_moments, lambda m: tirx.max(m, f32(0.0) - m), "abs", Moment.SECOND_MOMENT)
+    """Y = |X|; moments from ``abs_moments``; native output: variance."""
+    return _unary(a, abs_moments, lambda m: tirx.max(m, f32(0.0) - m), "abs", Moment.VAR)
 
 
 def hard_sigmoid(a: Gaussian, alpha: float, beta: float) -> Gaussian:
@@ -126,33 +131,23 @@ def _truncated_powers(a, b, pdf_a, pdf_b, cdf_a, cdf_b, order):
     return integrals
 
 
-def _raw_moments(mean, std, integrals):
-    """E[x^k 1{a < z < b}] for x = M + s z, k = 0..len(integrals) - 1 (binomial expansion)."""
-    moments = []
-    for k in range(len(integrals)):
-        total = f32(0.0)
-        for j in range(k + 1):
-            term = f32(float(math.comb(k, j))) * integrals[j]
-            for _ in range(k - j):
-                term = term * mean
-            for _ in range(j):
-                term = term * std
-            total = total + term
-        moments.append(total)
-    return moments
-
-
 def hard_swish_moments(mean, var, alpha, beta):
-    """Moments of y = x clip(alpha x + beta, 0, 1) (HardSwish: alpha = 1/6, beta = 1/2), alpha > 0,
-    exact: y is 0 below l = -beta/alpha, alpha x^2 + beta x on [l, u], x above u = (1 - beta)/alpha,
-    so with the truncated moments T_k = E[x^k 1{l<x<u}] and H_k = E[x^k 1{x>u}] of the Gaussian
-    (`_truncated_powers` in z = (x - M)/s, expanded binomially):
+    """Mean and variance of y = x clip(alpha x + beta, 0, 1) (HardSwish: alpha = 1/6, beta = 1/2),
+    alpha > 0, exact: y is 0 below l = -beta/alpha, alpha x^2 + beta x on [l, u], x above
+    u = (1 - beta)/alpha. The variance is shift-invariant, so the raw moments are taken of
+    y - c, c = f(M) (as in `moments.clip_moments`): with x = M + s z and the truncated moments
+    I_k = int z^k phi(z) over each piece (`_truncated_powers`), y - c is a polynomial in z there:
 
-    E[y]   = alpha T_2 + beta T_1 + H_1
-    E[y^2] = alpha^2 T_4 + 2 alpha beta T_3 + beta^2 T_2 + H_2
+    below l:  -c
+    middle:   d2 z^2 + d1 z + d0,  d2 = alpha V, d1 = (2 alpha M + beta) s, d0 = alpha M^2 + beta M - c
+    above u:  e1 z + e0,           e1 = s, e0 = M - c
 
-    V = 0 puts all mass in one piece (the function is continuous, so a mean on a breakpoint is
-    exact too). Returns (E[y], E[y^2])."""
+    E[y - c] and E[(y - c)^2] sum the pieces' polynomials against I_k; both are O(V) where
+    the mass is (c is the value of the piece holding M), so Var = E[(y-c)^2] - E[y-c]^2 keeps
+    float32 precision for a concentrated input (the raw E[y^2] - E[y]^2 lost it all at std 1e-4
+    of the weights: the long run's Conv -> HardSwish gave variance 0). V = 0 puts all mass in
+    one piece (the function is continuous, so a mean on a breakpoint is exact too).
+    Returns (E[y], Var[y])."""
     std = safe_sqrt(var)
     lower, upper = -beta / alpha, (1.0 - beta) / alpha
 
@@ -163,23 +158,27 @@ def hard_swish_moments(mean, var, alpha, beta):
     b = clamp(safe_ratio(f32(upper) - mean, std))
     pdf_a, pdf_b = std_normal_pdf(a), std_normal_pdf(b)
     cdf_a, cdf_b = std_normal_cdf(a, pdf_a), std_normal_cdf(b, pdf_b)
-    middle = _raw_moments(mean, std, _truncated_powers(a, b, pdf_a, pdf_b, cdf_a, cdf_b, 4))
-    # above u: b to +inf, where phi(+inf) = 0 and Phi(+inf) = 1
-    upper_terms = _raw_moments(mean, std, [f32(1.0) - cdf_b, pdf_b, pdf_b * b + (f32(1.0) - cdf_b)])
-    first = f32(alpha) * middle[2] + f32(beta) * middle[1] + upper_terms[1]
-    second = (f32(alpha * alpha) * middle[4] + f32(2.0 * alpha * beta) * middle[3] + f32(beta * beta) * middle[2]
-              + upper_terms[2])
-    return first, second
+    i0, i1, i2, i3, i4 = _truncated_powers(a, b, pdf_a, pdf_b, cdf_a, cdf_b, 4)
+    center = mean * tirx.min(tirx.max(f32(alpha) * mean + f32(beta), f32(0.0)), f32(1.0))
+    d2, d1 = f32(alpha) * std * std, (f32(2.0 * alpha) * mean + f32(beta)) * std
+    d0 = (f32(alpha) * mean + f32(beta)) * mean - center
+    e0 = mean - center
+    upper_tail = f32(1.0) - cdf_b
+    h1, h2 = pdf_b, pdf_b * b + upper_tail  # int_b^inf z phi, int_b^inf z^2 phi
+    first = (f32(0.0) - center) * cdf_a + d2 * i2 + d1 * i1 + d0 * i0 + e0 * upper_tail + std * h1
+    second = (center * center * cdf_a + d2 * d2 * i4 + f32(2.0) * d2 * d1 * i3 + (d1 * d1 + f32(2.0) * d2 * d0) * i2
+              + f32(2.0) * d1 * d0 * i1 + d0 * d0 * i0 + e0 * e0 * upper_tail + f32(2.0) * e0 * std * h1 + var * h2)
+    return center + first, tirx.max(second - first * first, f32(0.0))
 
 
 def hard_swish(a: Gaussian, alpha: float, beta: float) -> Gaussian:
     """Y = X clip(alpha X + beta, 0, 1) (HardSwish, and Mul(x, HardSigmoid(x))); moments from
-    ``hard_swish_moments``; native output: second moment."""
+    ``hard_swish_moments``; native output: variance."""
 
     def plain(mean):
         return mean * tirx.min(tirx.max(f32(alpha) * mean + f32(beta), f32(0.0)), f32(1.0))
 
-    return _unary(a, lambda m, v: hard_swish_moments(m, v, alpha, beta), plain, "hard_swish", Moment.SECOND_MOMENT)
+    return _unary(a, lambda m, v: hard_swish_moments(m, v, alpha, beta), plain, "hard_swish", Moment.VAR)
 
 
 def _clark_min_moments(mean1, var1, mean2, var2):

@@ -403,7 +403,7 @@ OPERATORS = (
              build=lambda inputs, attrs: E.reduce_max(inputs[0], attrs["axes"], attrs["keepdims"])),
     Operator("exp", onnx=("Exp",), relax=("relax.exp",), gaussian_ops=_per_element("exp"), libm_calls={"exp": 2}, reference="exp",
              build=lambda inputs, attrs: E.exp(inputs[0])),
-    Operator("abs", onnx=("Abs",), relax=("relax.abs",), native=Moment.SECOND_MOMENT, gaussian_ops=_per_element("abs"),
+    Operator("abs", onnx=("Abs",), relax=("relax.abs",), gaussian_ops=_per_element("abs"),
              libm_calls={"sqrt": 1}, reference="abs_", build=lambda inputs, attrs: E.abs_(inputs[0])),
     Operator("maximum", onnx=("Max",), relax=("relax.maximum",), arity=2, gaussian_ops=_per_element("max"), libm_calls={"sqrt": 1}, reference="clark_max",
              build=lambda inputs, attrs: E.maximum(*inputs)),
@@ -412,7 +412,7 @@ OPERATORS = (
     Operator("hard_sigmoid", onnx=("HardSigmoid",), marker_params=("alpha", "beta"), gaussian_ops=_per_element("hard_sigmoid"), libm_calls={"sqrt": 1}, reference="hard_sigmoid",
              build=lambda inputs, attrs: E.hard_sigmoid(inputs[0], attrs["alpha"], attrs["beta"])),
     # also x * HardSigmoid(x) (the importer's `_Mul`)
-    Operator("hard_swish", onnx=("HardSwish",), marker_params=("alpha", "beta"), native=Moment.SECOND_MOMENT,
+    Operator("hard_swish", onnx=("HardSwish",), marker_params=("alpha", "beta"),
              gaussian_ops=_per_element("hard_swish"), libm_calls={"sqrt": 1}, reference="hard_swish",
              build=lambda inputs, attrs: E.hard_swish(inputs[0], attrs["alpha"], attrs["beta"])),
     # Gauss-Hermite quadrature: f at the mean and at `elementwise.HERMITE_POINTS` (16) nodes, 17 evaluations

@@ -53,7 +53,12 @@ class _Substitute(MainRewriter):
             return self.gauss[expr]
         value = constant_value(expr)
         if value is not None:
-            name = f"constant{len(self.constants)}"
+            index = len(self.constants)
+            # a name no weight has: an ONNX initializer may be called constant0 too, and the
+            # means are merged by name (its values were replaced by this constant's)
+            while f"constant{index}" in self.weight_names or f"constant{index}" in self.means:
+                index += 1
+            name = f"constant{index}"
             param = relax.Var(name, relax.TensorType(list(value.shape), "float32"))
             self.constants[name] = value
             self.new_params.append(param)
