@@ -235,11 +235,14 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     reduction loops innermost, the result in registers and the epilogue computed right after it,
     or (``"row"``, for SIMD cores) a whole output row at a time: the reduction loops move outside
     the row's loop, so the innermost loop runs along contiguous outputs and weights, which the C
-    compiler vectorises, and the epilogue follows the row. Either way the innermost reduction
+    compiler vectorises, and the epilogue follows the row; ``"channel_rows"`` (application cores:
+    the host, Cortex-A) accumulates the rows of a block of output channels together, each input
+    element loaded once for the block (`_channel_block`), a stride-2 convolution's input rows
+    deinterleaved first (`_deinterleave_strided_rows`). Either way the innermost reduction
     loops are unrolled when short (a convolution's kernel window). The element-wise stages marked
     `gaussian.SHARED` (terms that both moments read, Clark's steps) are not inlined, which would
     repeat their exp per reader; they share one loop nest with the stages that read them: as
-    scalars ("scalar"), or with a row loop each ("row", see `_row_nests`).
+    scalars ("scalar"), or with a row loop each ("row", "channel_rows": see `_row_nests`).
     """
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
@@ -263,17 +266,30 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
         loops = sch.get_loops(block)
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
         downstream = _downstream(sch, root, block, placed)
-        if accumulate == "row" and spatial >= 2:
+        if accumulate in ("row", "channel_rows") and spatial >= 2:
+            channels = _channel_block(sch, block, spatial) if accumulate == "channel_rows" else 1
             if int(sch.get(loops[spatial - 1]).extent) > ROW_MAX:  # rows live on the stack: bound them
                 sch.split(loops[spatial - 1], [None, _row_split(int(sch.get(loops[spatial - 1]).extent))])
+                loops, spatial, channels = sch.get_loops(block), spatial + 1, 1
+            if channels > 1:  # see `_channel_block`: (channel block, row) -> (row, channel block), one row loop
+                _, inner = sch.split(loops[spatial - 3], [None, channels])
                 loops, spatial = sch.get_loops(block), spatial + 1
+                sch.reorder(loops[spatial - 2], inner)
+                loops = sch.get_loops(block)
             for consumer in downstream:  # one row loop each: those without libm calls vectorise
-                sch.reverse_compute_at(consumer, loops[spatial - 2])
-            sch.decompose_reduction(block, loops[spatial - 1])
+                sch.reverse_compute_at(consumer, loops[spatial - 2 - (channels > 1)])
+            sch.decompose_reduction(block, loops[spatial - 1 - (channels > 1)])
             update = sch.get_loops(block)
-            sch.reorder(*update[spatial:], update[spatial - 1])
-            if _unrollable(sch, block):
-                _unroll_window(sch, sch.get_loops(block)[spatial:-1])
+            if channels > 1:
+                sch.reorder(*update[spatial:], update[spatial - 1], update[spatial - 2])
+                sch.unroll(sch.get_loops(block)[-1])
+                if _unrollable(sch, block):
+                    _unroll_window(sch, sch.get_loops(block)[spatial - 1:-2])
+                placed.update(_deinterleave_strided_rows(sch, block, spatial))
+            else:
+                sch.reorder(*update[spatial:], update[spatial - 1])
+                if _unrollable(sch, block):
+                    _unroll_window(sch, sch.get_loops(block)[spatial:-1])
         elif _unrollable(sch, block) and len(sch.get(block).writes) <= 2 and _block_factor(int(sch.get(loops[spatial - 1]).extent)) > 1:
             # register blocking: BLOCK outputs along the last spatial axis per loaded weight
             outer, inner = sch.split(loops[spatial - 1], [None, _block_factor(int(sch.get(loops[spatial - 1]).extent))])
@@ -300,11 +316,11 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             decoded.setdefault(sch.get(sch.get_consumers(block)[0]).name_hint, []).append(block)
     for gathers in decoded.values():
         _merge_gathers(sch, gathers)
-        if accumulate != "row":
+        if accumulate == "scalar":
             _unroll_gather(sch, gathers[0])
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
-    if accumulate == "row":
+    if accumulate != "scalar":
         _row_nests(sch, rest)
     else:
         _one_nest(sch, rest)
@@ -396,6 +412,89 @@ def _row_nests(sch, blocks):
             outer.append(sch.get_loops(block)[row - 1])
     if len(outer) > 1:  # the blocks may share one nest already (one multi-output stage)
         sch.merge(*outer)
+
+
+#: Output channels a "channel_rows" schedule accumulates together, tried in this order (`_channel_block`).
+CHANNEL_BLOCK = (8, 4, 2)
+#: Most accumulators of one channel block's rows (floats, each on the stack, as are the epilogue's rows).
+CHANNEL_BLOCK_FLOATS = 128
+
+
+def _channel_block(sch, block, spatial: int) -> int:
+    """Output channels whose rows a "channel_rows" schedule accumulates together: with the block's output
+    channels (the spatial axis before the row's) innermost, under the row loop, every input row
+    element loaded (and its square or second moment formed) serves that many output channels
+    instead of one. 1 where no read is shared by the channels (a depthwise convolution, a dense
+    layer's single row) or no block of `CHANNEL_BLOCK` divides them."""
+    if len(_data_parallel(sch, block)) < 3:
+        return 1
+    channel = _data_parallel(sch, block)[-3]
+    extent = int(channel.dom.extent)
+    shared = [r for r in sch.get(block).reads if len(r.region) > 1 and not any(_uses(rng.min, channel.var, extent) for rng in r.region)]
+    if not shared:
+        return 1
+    row = int(sch.get(sch.get_loops(block)[spatial - 1]).extent)
+    return next((f for f in CHANNEL_BLOCK if extent % f == 0 and f * row <= CHANNEL_BLOCK_FLOATS), 1)
+
+
+#: Most floats of one input's rows that `_deinterleave_strided_rows` copies (a stack array each).
+DEINTERLEAVE_FLOATS = 255
+
+
+def _deinterleave_strided_rows(sch, block, spatial: int) -> list[str]:
+    """A stride-2 convolution's input rows copied, per input channel, into a local array with the
+    even columns before the odd ones: the row loop then reads them contiguously (x[2 o + k] is
+    rows[k % 2][o + k // 2]), which the C compiler vectorises (strided loads it does not, at -O2);
+    the channel block shares the copy. Returns the names of the copying blocks."""
+    row = _data_parallel(sch, block)[-1].var
+    names = []
+    for index, region in enumerate(sch.get(block).reads):
+        if len(region.region) < 2 or _stride(region.region[-1].min, row) != 2:
+            continue
+        trial = sch.copy()
+        try:
+            cache = trial.cache_read(block, index, "global", consumer_blocks=[block])
+            trial.compute_at(cache, trial.get_loops(block)[spatial - 2], preserve_unit_loops=True)
+            size = 1
+            for loop in trial.get_loops(cache)[spatial - 1:]:
+                size *= int(trial.get(loop).extent)
+            width = int(region.source.shape[-1])
+            if size > DEINTERLEAVE_FLOATS or width % 2:
+                continue
+            trial.transform_layout(cache, ("write", 0), lambda *i: (*i[:-1], i[-1] % 2, i[-1] // 2))
+        except Exception:  # TVM's ScheduleError: leave this input as it is
+            continue
+        cache = sch.cache_read(block, index, "global", consumer_blocks=[block])
+        sch.compute_at(cache, sch.get_loops(block)[spatial - 2], preserve_unit_loops=True)
+        sch.transform_layout(cache, ("write", 0), lambda *i: (*i[:-1], i[-1] % 2, i[-1] // 2))
+        names.append(sch.get(cache).name_hint)
+    return names
+
+
+def _stride(expr, var) -> int:
+    """c in an index ``var * c + ...`` (1 if ``var`` is not multiplied by a constant there)."""
+    if isinstance(expr, tirx.Add):
+        return max(_stride(expr.a, var), _stride(expr.b, var))
+    if isinstance(expr, tirx.Mul) and isinstance(expr.a, tirx.Var) and expr.a.same_as(var) and isinstance(expr.b, tirx.IntImm):
+        return int(expr.b.value)
+    return 1
+
+
+def _data_parallel(sch, block) -> list:
+    """The block's spatial iteration variables, outermost first (a loop split does not change them)."""
+    return [iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+
+
+def _uses(expr, var, extent: int) -> bool:
+    """Whether ``expr`` varies with ``var`` in [0, extent): a convolution's input channel
+    ``o // outputs_per_group * inputs_per_group + c`` does not with a single group (o // extent is 0)."""
+    if isinstance(expr, tirx.Var):
+        return expr.same_as(var)
+    if isinstance(expr, tirx.FloorDiv) and isinstance(expr.a, tirx.Var) and expr.a.same_as(var) \
+            and isinstance(expr.b, tirx.IntImm) and int(expr.b.value) >= extent:
+        return False
+    children = [getattr(expr, name) for name in ("a", "b", "value") if hasattr(expr, name)] + list(getattr(expr, "args", []))
+    return any(_uses(child, var, extent) for child in children if isinstance(child, tvm.ir.Expr))
 
 
 #: Outputs accumulated together by the "scalar" schedule (register blocking), tried in this order
