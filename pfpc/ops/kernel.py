@@ -267,9 +267,17 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
         downstream = _downstream(sch, root, block, placed)
         if accumulate in ("row", "channel_rows") and spatial >= 2:
+            if accumulate == "channel_rows" and _contiguous_plane(sch, block):
+                # a pointwise convolution's short rows: the plane is one row, split into rows of ROW_MAX at most
+                plane = sch.fuse(loops[spatial - 2], loops[spatial - 1])
+                extent = int(sch.get(plane).extent)
+                sch.split(plane, [None, _row_split(extent, VECTOR_LANES) if extent > ROW_MAX else extent])
+                loops = sch.get_loops(block)
             channels = _channel_block(sch, block, spatial) if accumulate == "channel_rows" else 1
-            if int(sch.get(loops[spatial - 1]).extent) > ROW_MAX:  # rows live on the stack: bound them
-                sch.split(loops[spatial - 1], [None, _row_split(int(sch.get(loops[spatial - 1]).extent))])
+            longest = ROW_MAX if accumulate == "row" else VECTOR_ROW_MAX
+            if int(sch.get(loops[spatial - 1]).extent) > longest:  # rows live on the stack: bound them
+                lanes = VECTOR_LANES if accumulate == "channel_rows" else 1
+                sch.split(loops[spatial - 1], [None, _row_split(int(sch.get(loops[spatial - 1]).extent), lanes, longest)])
                 loops, spatial, channels = sch.get_loops(block), spatial + 1, 1
             if channels > 1:  # see `_channel_block`: (channel block, row) -> (row, channel block), one row loop
                 _, inner = sch.split(loops[spatial - 3], [None, channels])
@@ -437,6 +445,32 @@ def _channel_block(sch, block, spatial: int) -> int:
     return next((f for f in CHANNEL_BLOCK if extent % f == 0 and f * row <= CHANNEL_BLOCK_FLOATS), 1)
 
 
+def _contiguous_plane(sch, block) -> bool:
+    """Whether a reduction's output rows are short (under ROW_ELEMENTS) and every buffer it
+    reads by position holds its plane as the output does (a pointwise, stride-1 convolution): its
+    (row, column) plane is then one contiguous row of each."""
+    data = _data_parallel(sch, block)
+    if len(data) < 3 or int(data[-1].dom.extent) >= ROW_ELEMENTS:
+        return False
+    height, width = data[-2], data[-1]
+    unit = [iv.var for iv in sch.get(block).iter_vars if int(iv.dom.extent) == 1]  # a 1x1 window's taps
+
+    def position(index, var):  # var, or var + a tap of a 1x1 window
+        if isinstance(index, tirx.Add):
+            return (position(index.a, var) and any(index.b.same_as(u) for u in unit)) or \
+                (position(index.b, var) and any(index.a.same_as(u) for u in unit))
+        return index.same_as(var)
+
+    for region in sch.get(block).reads:
+        indices = [rng.min for rng in region.region]
+        if not any(_uses(index, var.var, int(var.dom.extent)) for index in indices for var in (height, width)):
+            continue  # a weight
+        if len(indices) < 2 or not (position(indices[-1], width.var) and position(indices[-2], height.var)) \
+                or int(region.source.shape[-1]) != int(width.dom.extent) or int(region.source.shape[-2]) != int(height.dom.extent):
+            return False
+    return True
+
+
 #: Most floats of one input's rows that `_deinterleave_strided_rows` copies (a stack array each).
 DEINTERLEAVE_FLOATS = 255
 
@@ -545,10 +579,21 @@ def _unroll_window(sch, loops):
         sch.unroll(loop)
 
 
-def _row_split(extent: int) -> int:
-    """Row length for a loop longer than ROW_MAX: a divisor of it if one is at least
-    ROW_ELEMENTS (no tail, so no bounds test in the row loop), else ROW_MAX."""
-    return next((f for f in range(ROW_MAX, ROW_ELEMENTS - 1, -1) if extent % f == 0), ROW_MAX)
+#: Floats in a 128-bit vector (SSE, NEON): "channel_rows" prefers rows of a multiple of it, which
+#: gcc -O2 vectorises without a scalar tail loop (its -O2 cost model adds none: a row of 50 stays scalar).
+VECTOR_LANES = 4
+
+
+#: Most elements of a reduction's row in "channel_rows" schedules (a dense layer's 100 outputs in one row).
+VECTOR_ROW_MAX = 128
+
+
+def _row_split(extent: int, lanes: int = 1, longest: int = ROW_MAX) -> int:
+    """Row length for a loop longer than ``longest``: a divisor of it if one is at least
+    ROW_ELEMENTS (no tail, so no bounds test in the row loop), the longest that is a multiple of
+    ``lanes`` if any, else ``longest``."""
+    divisors = [f for f in range(longest, ROW_ELEMENTS - 1, -1) if extent % f == 0]
+    return next((f for f in divisors if f % lanes == 0), divisors[0] if divisors else longest)
 
 
 def _distinct_nests(sch, blocks):
