@@ -115,7 +115,10 @@ def _target_mk(name: str, target) -> str:
         f"CC = {target.cc}",
         f"AR = {ar}",
         f"TARGET_FLAGS = {' '.join(target.flags)}",
-        f"CFLAGS = {' '.join(C_FLAGS)} -Wall -Wextra -Werror -fstack-usage $(TARGET_FLAGS)",
+        "# ARCH: the instruction set of the machine that runs the library, e.g. `make ARCH=-march=native`",
+        "# (empty: the compiler's default, portable to every machine of the target's architecture)",
+        "ARCH =",
+        f"CFLAGS = {' '.join(C_FLAGS)} -Wall -Wextra -Werror -fstack-usage $(TARGET_FLAGS) $(ARCH)",
         "LDLIBS = -lm",
     ]
     if target.bare_metal:
@@ -178,6 +181,12 @@ set_target_properties({name} PROPERTIES C_STANDARD 99 C_STANDARD_REQUIRED ON C_E
 if(CMAKE_C_COMPILER_ID MATCHES "GNU|Clang")
   # last on the command line, so -O2 also replaces Release's -O3
   target_compile_options({name} PRIVATE -fno-math-errno -ffp-contract=fast $<$<NOT:$<CONFIG:Debug>>:-O2>)
+endif()
+# the Makefile's ARCH, e.g. -DPFPC_ARCH=-march=native (empty: portable)
+set(PFPC_ARCH "" CACHE STRING "instruction-set flags for the machine that runs {name}, e.g. -march=native")
+if(PFPC_ARCH)
+  separate_arguments(pfpc_arch_flags UNIX_COMMAND "${{PFPC_ARCH}}")
+  target_compile_options({name} PRIVATE ${{pfpc_arch_flags}})
 endif()
 if(NOT MSVC)
   target_link_libraries({name} PUBLIC m)

@@ -83,7 +83,14 @@ def generate_c_kernels(prim_funcs: dict, accumulate: str = "scalar") -> dict[str
         with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
             executable = tvm.compile(mod, target="c")
         source = executable.mod.inspect_source()
-        kernels.update({name: _extract(source, name) for name in compiled})
+        for name in compiled:
+            try:
+                kernels[name] = _extract(source, name)
+            except PfpcError:
+                if accumulate != "channel_rows":
+                    raise
+                # a channel block's rows outgrew what TVM keeps on the stack (it allocated them from its runtime): one row at a time
+                kernels[name] = generate_c_kernels({name: pending[name]}, "row")[name]
         retry = {}
         for name, (first, names) in copies.items():
             renamed = _renamed(kernels[first], name, names)

@@ -21,7 +21,7 @@ class Target:
     cpu: str = ""
     qemu_machine: str = ""  # bare metal: the qemu-system-arm board
     linker_script: str = ""  # bare metal: file in FIRMWARE_DIR for that board
-    accumulate: str = "row"  # kernel schedule: "row" for SIMD cores, "scalar" without (ops.kernel.schedule_kernel)
+    accumulate: str = "channel_rows"  # kernel schedule (ops.kernel.schedule_kernel): "channel_rows" for application cores, "row" for Helium, "scalar" without SIMD
     qemu_clock_hz: int = 0  # bare metal: the board's processor clock in QEMU, which SysTick counts
 
     def instructions(self, systick_ticks: int) -> int:

@@ -255,11 +255,14 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     reduction loops innermost, the result in registers and the epilogue computed right after it,
     or (``"row"``, for SIMD cores) a whole output row at a time: the reduction loops move outside
     the row's loop, so the innermost loop runs along contiguous outputs and weights, which the C
-    compiler vectorises, and the epilogue follows the row. Either way the innermost reduction
+    compiler vectorises, and the epilogue follows the row; ``"channel_rows"`` (application cores:
+    the host, Cortex-A) accumulates the rows of a block of output channels together, each input
+    element loaded once for the block (`_channel_block`), a stride-2 convolution's input rows
+    deinterleaved first (`_deinterleave_strided_rows`). Either way the innermost reduction
     loops are unrolled when short (a convolution's kernel window). The element-wise stages marked
     `gaussian.SHARED` (terms that both moments read, Clark's steps) are not inlined, which would
     repeat their exp per reader; they share one loop nest with the stages that read them: as
-    scalars ("scalar"), or with a row loop each ("row", see `_row_nests`).
+    scalars ("scalar"), or with a row loop each ("row", "channel_rows": see `_row_nests`).
     """
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
@@ -283,17 +286,38 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
         loops = sch.get_loops(block)
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
         downstream = _downstream(sch, root, block, placed)
-        if accumulate == "row" and spatial >= 2:
-            if int(sch.get(loops[spatial - 1]).extent) > ROW_MAX:  # rows live on the stack: bound them
-                sch.split(loops[spatial - 1], [None, _row_split(int(sch.get(loops[spatial - 1]).extent))])
+        if accumulate in ("row", "channel_rows") and spatial >= 2:
+            if accumulate == "channel_rows" and _contiguous_plane(sch, block):
+                # a pointwise convolution's short rows: the plane is one row, split into rows of ROW_MAX at most
+                plane = sch.fuse(loops[spatial - 2], loops[spatial - 1])
+                extent = int(sch.get(plane).extent)
+                sch.split(plane, [None, _row_split(extent, VECTOR_LANES) if extent > ROW_MAX else extent])
+                loops = sch.get_loops(block)
+            channels = _channel_block(sch, block, spatial) if accumulate == "channel_rows" else 1
+            longest = ROW_MAX if accumulate == "row" else VECTOR_ROW_MAX
+            if int(sch.get(loops[spatial - 1]).extent) > longest:  # rows live on the stack: bound them
+                lanes = VECTOR_LANES if accumulate == "channel_rows" else 1
+                sch.split(loops[spatial - 1], [None, _row_split(int(sch.get(loops[spatial - 1]).extent), lanes, longest)])
+                loops, spatial, channels = sch.get_loops(block), spatial + 1, 1
+            if channels > 1:  # see `_channel_block`: (channel block, row) -> (row, channel block), one row loop
+                _, inner = sch.split(loops[spatial - 3], [None, channels])
                 loops, spatial = sch.get_loops(block), spatial + 1
+                sch.reorder(loops[spatial - 2], inner)
+                loops = sch.get_loops(block)
             for consumer in downstream:  # one row loop each: those without libm calls vectorise
-                sch.reverse_compute_at(consumer, loops[spatial - 2])
-            sch.decompose_reduction(block, loops[spatial - 1])
+                sch.reverse_compute_at(consumer, loops[spatial - 2 - (channels > 1)])
+            sch.decompose_reduction(block, loops[spatial - 1 - (channels > 1)])
             update = sch.get_loops(block)
-            sch.reorder(*update[spatial:], update[spatial - 1])
-            if _unrollable(sch, block):
-                _unroll_window(sch, sch.get_loops(block)[spatial:-1])
+            if channels > 1:
+                sch.reorder(*update[spatial:], update[spatial - 1], update[spatial - 2])
+                sch.unroll(sch.get_loops(block)[-1])
+                if _unrollable(sch, block):
+                    _unroll_window(sch, sch.get_loops(block)[spatial - 1:-2])
+                placed.update(_deinterleave_strided_rows(sch, block, spatial))
+            else:
+                sch.reorder(*update[spatial:], update[spatial - 1])
+                if _unrollable(sch, block):
+                    _unroll_window(sch, sch.get_loops(block)[spatial:-1])
         elif _unrollable(sch, block) and len(sch.get(block).writes) <= 2 and _block_factor(int(sch.get(loops[spatial - 1]).extent)) > 1:
             # register blocking: BLOCK outputs along the last spatial axis per loaded weight
             outer, inner = sch.split(loops[spatial - 1], [None, _block_factor(int(sch.get(loops[spatial - 1]).extent))])
@@ -320,11 +344,11 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             decoded.setdefault(sch.get(sch.get_consumers(block)[0]).name_hint, []).append(block)
     for gathers in decoded.values():
         _merge_gathers(sch, gathers)
-        if accumulate != "row":
+        if accumulate == "scalar":
             _unroll_gather(sch, gathers[0])
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
-    if accumulate == "row":
+    if accumulate != "scalar":
         _row_nests(sch, rest)
     else:
         _one_nest(sch, rest)
@@ -418,6 +442,115 @@ def _row_nests(sch, blocks):
         sch.merge(*outer)
 
 
+#: Output channels a "channel_rows" schedule accumulates together, tried in this order (`_channel_block`).
+CHANNEL_BLOCK = (8, 4, 2)
+#: Most accumulators of one channel block's rows (floats, each on the stack, as are the epilogue's rows).
+CHANNEL_BLOCK_FLOATS = 128
+
+
+def _channel_block(sch, block, spatial: int) -> int:
+    """Output channels whose rows a "channel_rows" schedule accumulates together: with the block's output
+    channels (the spatial axis before the row's) innermost, under the row loop, every input row
+    element loaded (and its square or second moment formed) serves that many output channels
+    instead of one. 1 where no read is shared by the channels (a depthwise convolution, a dense
+    layer's single row) or no block of `CHANNEL_BLOCK` divides them."""
+    if len(_data_parallel(sch, block)) < 3:
+        return 1
+    channel = _data_parallel(sch, block)[-3]
+    extent = int(channel.dom.extent)
+    shared = [r for r in sch.get(block).reads if len(r.region) > 1 and not any(_uses(rng.min, channel.var, extent) for rng in r.region)]
+    if not shared:
+        return 1
+    row = int(sch.get(sch.get_loops(block)[spatial - 1]).extent)
+    return next((f for f in CHANNEL_BLOCK if extent % f == 0 and f * row <= CHANNEL_BLOCK_FLOATS), 1)
+
+
+def _contiguous_plane(sch, block) -> bool:
+    """Whether a reduction's output rows are short (under ROW_ELEMENTS) and every buffer it
+    reads by position holds its plane as the output does (a pointwise, stride-1 convolution): its
+    (row, column) plane is then one contiguous row of each."""
+    data = _data_parallel(sch, block)
+    if len(data) < 3 or int(data[-1].dom.extent) >= ROW_ELEMENTS:
+        return False
+    height, width = data[-2], data[-1]
+    unit = [iv.var for iv in sch.get(block).iter_vars if int(iv.dom.extent) == 1]  # a 1x1 window's taps
+
+    def position(index, var):  # var, or var + a tap of a 1x1 window
+        if isinstance(index, tirx.Add):
+            return (position(index.a, var) and any(index.b.same_as(u) for u in unit)) or \
+                (position(index.b, var) and any(index.a.same_as(u) for u in unit))
+        return index.same_as(var)
+
+    for region in sch.get(block).reads:
+        indices = [rng.min for rng in region.region]
+        if not any(_uses(index, var.var, int(var.dom.extent)) for index in indices for var in (height, width)):
+            continue  # a weight
+        if len(indices) < 2 or not (position(indices[-1], width.var) and position(indices[-2], height.var)) \
+                or int(region.source.shape[-1]) != int(width.dom.extent) or int(region.source.shape[-2]) != int(height.dom.extent):
+            return False
+    return True
+
+
+#: Most floats of one input's rows that `_deinterleave_strided_rows` copies (a stack array each).
+DEINTERLEAVE_FLOATS = 255
+
+
+def _deinterleave_strided_rows(sch, block, spatial: int) -> list[str]:
+    """A stride-2 convolution's input rows copied, per input channel, into a local array with the
+    even columns before the odd ones: the row loop then reads them contiguously (x[2 o + k] is
+    rows[k % 2][o + k // 2]), which the C compiler vectorises (strided loads it does not, at -O2);
+    the channel block shares the copy. Returns the names of the copying blocks."""
+    row = _data_parallel(sch, block)[-1].var
+    names = []
+    for index, region in enumerate(sch.get(block).reads):
+        if len(region.region) < 2 or _stride(region.region[-1].min, row) != 2:
+            continue
+        trial = sch.copy()
+        try:
+            cache = trial.cache_read(block, index, "global", consumer_blocks=[block])
+            trial.compute_at(cache, trial.get_loops(block)[spatial - 2], preserve_unit_loops=True)
+            size = 1
+            for loop in trial.get_loops(cache)[spatial - 1:]:
+                size *= int(trial.get(loop).extent)
+            width = int(region.source.shape[-1])
+            if size > DEINTERLEAVE_FLOATS or width % 2:
+                continue
+            trial.transform_layout(cache, ("write", 0), lambda *i: (*i[:-1], i[-1] % 2, i[-1] // 2))
+        except Exception:  # TVM's ScheduleError: leave this input as it is
+            continue
+        cache = sch.cache_read(block, index, "global", consumer_blocks=[block])
+        sch.compute_at(cache, sch.get_loops(block)[spatial - 2], preserve_unit_loops=True)
+        sch.transform_layout(cache, ("write", 0), lambda *i: (*i[:-1], i[-1] % 2, i[-1] // 2))
+        names.append(sch.get(cache).name_hint)
+    return names
+
+
+def _stride(expr, var) -> int:
+    """c in an index ``var * c + ...`` (1 if ``var`` is not multiplied by a constant there)."""
+    if isinstance(expr, tirx.Add):
+        return max(_stride(expr.a, var), _stride(expr.b, var))
+    if isinstance(expr, tirx.Mul) and isinstance(expr.a, tirx.Var) and expr.a.same_as(var) and isinstance(expr.b, tirx.IntImm):
+        return int(expr.b.value)
+    return 1
+
+
+def _data_parallel(sch, block) -> list:
+    """The block's spatial iteration variables, outermost first (a loop split does not change them)."""
+    return [iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+
+
+def _uses(expr, var, extent: int) -> bool:
+    """Whether ``expr`` varies with ``var`` in [0, extent): a convolution's input channel
+    ``o // outputs_per_group * inputs_per_group + c`` does not with a single group (o // extent is 0)."""
+    if isinstance(expr, tirx.Var):
+        return expr.same_as(var)
+    if isinstance(expr, tirx.FloorDiv) and isinstance(expr.a, tirx.Var) and expr.a.same_as(var) \
+            and isinstance(expr.b, tirx.IntImm) and int(expr.b.value) >= extent:
+        return False
+    children = [getattr(expr, name) for name in ("a", "b", "value") if hasattr(expr, name)] + list(getattr(expr, "args", []))
+    return any(_uses(child, var, extent) for child in children if isinstance(child, tvm.ir.Expr))
+
+
 #: Outputs accumulated together by the "scalar" schedule (register blocking), tried in this order
 #: as divisors of the last output axis: each loaded weight (and, in a convolution's unrolled
 #: window, each loaded input) then serves several multiply-adds instead of one.
@@ -466,10 +599,21 @@ def _unroll_window(sch, loops):
         sch.unroll(loop)
 
 
-def _row_split(extent: int) -> int:
-    """Row length for a loop longer than ROW_MAX: a divisor of it if one is at least
-    ROW_ELEMENTS (no tail, so no bounds test in the row loop), else ROW_MAX."""
-    return next((f for f in range(ROW_MAX, ROW_ELEMENTS - 1, -1) if extent % f == 0), ROW_MAX)
+#: Floats in a 128-bit vector (SSE, NEON): "channel_rows" prefers rows of a multiple of it, which
+#: gcc -O2 vectorises without a scalar tail loop (its -O2 cost model adds none: a row of 50 stays scalar).
+VECTOR_LANES = 4
+
+
+#: Most elements of a reduction's row in "channel_rows" schedules (a dense layer's 100 outputs in one row).
+VECTOR_ROW_MAX = 128
+
+
+def _row_split(extent: int, lanes: int = 1, longest: int = ROW_MAX) -> int:
+    """Row length for a loop longer than ``longest``: a divisor of it if one is at least
+    ROW_ELEMENTS (no tail, so no bounds test in the row loop), the longest that is a multiple of
+    ``lanes`` if any, else ``longest``."""
+    divisors = [f for f in range(longest, ROW_ELEMENTS - 1, -1) if extent % f == 0]
+    return next((f for f in divisors if f % lanes == 0), divisors[0] if divisors else longest)
 
 
 def _distinct_nests(sch, blocks):

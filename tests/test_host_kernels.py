@@ -1,0 +1,57 @@
+"""The host's "channel_rows" kernel schedule (pfpc.ops.kernel) on every convolution shape it treats
+differently, against the float64 reference (tests/reference.py) and, with zero variance,
+onnxruntime: output-channel blocks (8, 4, 2, none for 7 channels), stride-2 rows read from a
+deinterleaved copy (3x3 and 1x1), a pointwise convolution's narrow plane as one row, grouped and
+depthwise convolutions (no shared input: no block), dense rows of 100 (one row) and 130 (split)."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from helpers import check_against_reference, make_model
+from pfpc.codegen.targets import get_target
+
+
+def _conv_relu(rng, in_shape, out_channels, kernel, stride=1, pads=0, group=1):
+    weight = (rng.standard_normal((out_channels, in_shape[1] // group, kernel, kernel)) * 0.5).astype(np.float32)
+    bias = (rng.standard_normal(out_channels) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=[stride, stride], pads=[pads] * 4, group=group),
+             helper.make_node("Relu", ["c"], ["y"])]
+    return nodes, [("x", in_shape)], {"w": weight, "b": bias}
+
+
+def _dense_relu(rng, inputs, outputs):
+    weight = (rng.standard_normal((inputs, outputs)) * 0.3).astype(np.float32)
+    bias = (rng.standard_normal(outputs) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["c"]), helper.make_node("Relu", ["c"], ["y"])]
+    return nodes, [("x", [1, inputs])], {"w": weight, "b": bias}
+
+
+CASES = {
+    "stride2_3x3_block8": lambda r: _conv_relu(r, [1, 3, 12, 12], 16, 3, stride=2, pads=1),
+    "stride2_1x1_block4": lambda r: _conv_relu(r, [1, 4, 10, 10], 4, 1, stride=2),
+    "stride1_3x3_odd_channels": lambda r: _conv_relu(r, [1, 3, 8, 8], 7, 3, pads=1),
+    "pointwise_narrow_plane": lambda r: _conv_relu(r, [1, 6, 9, 5], 8, 1),
+    "grouped_and_depthwise": lambda r: _conv_relu(r, [1, 4, 7, 6], 4, 3, pads=1, group=4),
+    "grouped_two": lambda r: _conv_relu(r, [1, 4, 6, 6], 8, 3, stride=2, pads=1, group=2),
+    "dense_row_100": lambda r: _dense_relu(r, 12, 100),
+    "dense_row_130_split": lambda r: _dense_relu(r, 9, 130),
+}
+
+
+def test_host_uses_the_channel_rows_schedule():
+    assert get_target("host").accumulate == "channel_rows"
+    assert get_target("cortex-m4").accumulate == "scalar" and get_target("cortex-m55").accumulate == "row"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_channel_rows_kernel_matches_reference(tmp_path, zero_var, case):
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    nodes, inputs, inits = CASES[case](rng)
+    model = make_model(nodes, inputs, ["y"], inits)
+    feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in inputs}
+    check_against_reference(model, inits, feeds, tmp_path, rng, zero_var, stochastic=["w", "b"])
