@@ -163,14 +163,25 @@ class _Rewriter(KernelRewriter):
                  "groups": int(groups)}
         return self.emit("conv2d", attrs, [x, weight])
 
-    def project(self, shared, pooled, tag):
-        """a = k sqrt(shared), k from the pooled variance (`channel_covariance.projection_gain`)."""
-        axes = {"axes": list(range(2, len(shape_of(shared.mean)))), "keepdims": True}
-        root = self.emit("root", {}, [shared])
+    def project(self, diagonal, pooled):
+        """a = k sqrt(d), k from the pooled variance (`channel_covariance.projection_gain`); d is
+        ``diagonal``'s value, or its variance when it is a Gaussian."""
+        axes = {"axes": list(range(2, len(shape_of(diagonal.mean)))), "keepdims": True}
+        root = self.emit("root", {}, [diagonal])
         root_sum = self.emit("reduce_sum", axes, [root])
-        shared_sum = self.emit("reduce_sum", axes, [shared])
-        gain = self.emit("projection_gain", {}, [pooled, root_sum, shared_sum])
+        diagonal_sum = self.emit("reduce_sum", axes, [diagonal])
+        gain = self.emit("projection_gain", {}, [pooled, root_sum, diagonal_sum])
         return self.emit("multiply", {}, [root, gain])
+
+    def loaded(self, operand, binding):
+        """The loading of ``operand`` (None: it has none); a `_Pending` one is projected here,
+        unless ``binding`` is its bias add, which passes it on."""
+        load = self.loading.get(operand.mean)
+        if isinstance(load, _Pending) and not (load.bias_add is not None and binding.var.same_as(load.bias_add)):
+            if operand.repr != Moment.VAR:
+                return None
+            load = self.loading[operand.mean] = self.project(operand, load.pooled)
+        return load
 
     # --- the walk -----------------------------------------------------------------------------
     def _visit(self, binding):
@@ -182,7 +193,9 @@ class _Rewriter(KernelRewriter):
                 gauss, component = self.values[binding.var]
                 source = self.values[value.args[0]][0]
                 if component == "mean" and source.mean in self.loading and gauss.mean not in self.loading:
-                    self.loading[gauss.mean] = self.view(self.loading[source.mean], shape_of(gauss.mean))
+                    load = self.loaded(source, binding)
+                    if load is not None:
+                        self.loading[gauss.mean] = self.view(load, shape_of(gauss.mean))
             return
         spec, _ = found
         op, attrs = spec.stages[0]
@@ -190,7 +203,7 @@ class _Rewriter(KernelRewriter):
             super()._visit(binding)
             return
         operands = self._operands(spec, list(value.args[1].fields))
-        loads = [self.loading.get(o.mean) for o in operands]
+        loads = [self.loaded(o, binding) for o in operands]
         if op == "conv2d" and (loads[0] is not None or binding.var in self.planned):
             result = self.convolution(binding, spec, attrs, operands, loads[0])
         elif loads[0] is not None and _spatial_mean(spec, shape_of(operands[0].mean)) and operands[0].repr == Moment.VAR:
@@ -235,7 +248,7 @@ class _Rewriter(KernelRewriter):
                 diagonal = self.emit("square_add", {}, [a1, self.emit("multiply", {}, [a2, a2])])
                 sum1, sum2 = self.emit("reduce_sum", axes, [a1]), self.emit("reduce_sum", axes, [a2])
                 pooled = self.emit("square_add", {}, [sum1, self.emit("multiply", {}, [sum2, sum2])])
-                self.loading[result.mean] = self.project(diagonal, pooled, "add")
+                self.loading[result.mean] = self.project(diagonal, pooled)
 
     def convolution(self, binding, spec, attrs, operands, a):
         x, w = operands
@@ -246,35 +259,30 @@ class _Rewriter(KernelRewriter):
         window = kernel_h * kernel_w
         in_ch = group_ch * groups
         stem = w.mean.name
-        box = np.full([in_ch, 1, kernel_h, kernel_w], 1.0 / window)
-        coherent = None
-        if a is not None and not self.pooled_only:
-            if group_ch == 1 and window > 1:  # depthwise: the exact coherent term, (sum_t mu a)^2
+        independent = None
+        if a is not None and not self.pooled_only and window > 1:
+            # a 1x1 window needs nothing: sum_c mu^2 a^2 + conv(v - a^2, mu^2) is the diagonal conv(v, mu^2)
+            if group_ch == 1:  # depthwise: the exact coherent term, (sum_t mu a)^2
                 through = self.conv(a, self.det(w), strides, pads, dilations, groups)
                 coherent = self.emit("multiply", {}, [through, through])
-            else:  # sum_c (sum_t mu)^2 box(a)^2 (exact for a 1x1 window, which keeps its strides)
+            else:  # sum_c (sum_t mu)^2 box(a)^2
                 mu_sum2 = self.weight(f"{stem}.coherent", mu.sum(axis=(2, 3), keepdims=True) ** 2)
-                if window == 1:
-                    coherent = self.conv(self.emit("multiply", {}, [a, a]), mu_sum2, strides, pads, dilations, groups)
-                else:
-                    averaged = self.conv(a, self.weight(f"{stem}.box", box), strides, pads, dilations, in_ch)
-                    squared = self.emit("multiply", {}, [averaged, averaged])
-                    coherent = self.conv(squared, mu_sum2, [1, 1], [0, 0, 0, 0], [1, 1], groups)
-        if a is not None and not self.pooled_only:
-            e = self.emit("independent_variance", {}, [x, a])
-            y = self.emit("conv2d_split", attrs, [x, w, e])
+                box = np.full([in_ch, 1, kernel_h, kernel_w], 1.0 / window)
+                averaged = self.conv(a, self.weight(f"{stem}.box", box), strides, pads, dilations, in_ch)
+                squared = self.emit("multiply", {}, [averaged, averaged])
+                coherent = self.conv(squared, mu_sum2, [1, 1], [0, 0, 0, 0], [1, 1], groups)
+            independent = self.emit("independent_variance", {}, [x, a])
+            y = self.emit("conv2d_split", attrs, [x, w, independent])
             y = self.emit("add_variance", {"square": False}, [y, coherent])
         else:
             y = self.emit("conv2d", attrs, [x, w])
         if binding.var not in self.planned or x.repr == Moment.SECOND_MOMENT:
             return y
-        loading = self.output_loading(binding, x, a, mu, s2, attrs, coherent, shape_of(y.mean))
-        if loading is not None:
-            self.loading[y.mean] = loading
+        self.loading[y.mean] = self.output_loading(binding, x, a, independent, w, mu, s2, attrs, shape_of(y.mean))
         return y
 
-    def _bias_variance(self, binding, out_ch):
-        """s2_b of the bias added right after the convolution (its one consumer), else zeros."""
+    def _bias_add(self, binding, out_ch):
+        """(the bias add right after the convolution (its one consumer), its s2_b), else (None, zeros)."""
         users = self.consumers.get(binding.var, [])
         if len(users) == 1 and users[0] != "output":
             found = kernel_of(self.mod, users[0].value)
@@ -283,13 +291,14 @@ class _Rewriter(KernelRewriter):
                 first = 1 if found[0].operands[0] == Moment.NONE else 2
                 name = fields[first + 1].name if isinstance(fields[first + 1], relax.Var) else None
                 if name in self.weights and self.weights[name].size == out_ch:
-                    return self.weights[name].astype(np.float64).reshape(-1)
-        return np.zeros(out_ch)
+                    return users[0].var, self.weights[name].astype(np.float64).reshape(-1)
+        return None, np.zeros(out_ch)
 
-    def output_loading(self, binding, x, a, mu, s2, attrs, coherent, out_shape):
+    def output_loading(self, binding, x, a, independent, w, mu, s2, attrs, out_shape):
+        """The pooled variance T of the convolution's output (with the bias added right after it),
+        as a `_Pending` loading: the projection spreads it once the bias is added."""
         strides, pads, dilations, groups = attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"]
         out_ch, group_ch, kernel_h, kernel_w = mu.shape
-        window, taps = kernel_h * kernel_w, [kernel_h, kernel_w]
         batch, in_ch, height, width = shape_of(x.mean)
         out_h, out_w = out_shape[2:]
         length = out_h * out_w
@@ -312,17 +321,23 @@ class _Rewriter(KernelRewriter):
         def window_sums(value):
             return self.conv(value, ones, dilations, sum_pads, strides, in_ch)
 
-        # of a Gaussian x the convolution with ones gives (M, sum of v) at once
-        sums = window_sums(x)
+        # window sums M = sum_p m, E = sum_p (v - a^2), A = sum_p a (deterministic: the Gaussian
+        # convolution of (M, E) would subtract M^2 from a second moment, in float32)
         if x.repr == Moment.NONE:  # a model input
-            second = self.emit("multiply", {}, [sums, sums])
-        elif a is None:
-            second = self.emit("raw_second_moment", {}, [sums])
+            means = window_sums(x)
+            second, pooled = self.emit("multiply", {}, [means, means]), None
         else:
+            if independent is None:
+                independent = self.emit("independent_variance", {}, [x, a]) if a is not None else GaussianValue(x.moment)
+            means, indeps = window_sums(self.det(x)), window_sums(independent)
+            second = self.emit("square_add", {}, [means, indeps])
+            pooled = self.conv(indeps, self.weight(f"{stem}.mu_square", mu**2), [1, 1], [0, 0, 0, 0], [1, 1], groups)
+        # T = Var(sum_p y_p) = sum_{c,t} s2 (M^2 + A^2 + E) + mu^2 E + sum_c (sum_t mu A)^2 + L^2 s2_b
+        if a is not None:
             load_sums = window_sums(a)
-            indep_sums = window_sums(self.emit("independent_variance", {}, [x, a]))
-            second = self.emit("square_add", {}, [sums, self.emit("square_add", {}, [load_sums, indep_sums])])
-        pooled = self.conv(second, self.weight(f"{stem}.s2", s2), [1, 1], [0, 0, 0, 0], [1, 1], groups)
+            second = self.emit("square_add", {}, [load_sums, second])
+        noise = self.conv(second, self.weight(f"{stem}.s2", s2), [1, 1], [0, 0, 0, 0], [1, 1], groups)
+        pooled = noise if pooled is None else self.emit("add", {}, [noise, pooled])
         if a is not None:  # sum_c (sum_t mu[o,c,t] A[c,t])^2: per input channel, its outputs' weights
             per_group = out_ch // groups
             spread = mu.reshape(groups, per_group, group_ch, kernel_h, kernel_w).transpose(0, 2, 1, 3, 4)
@@ -331,23 +346,21 @@ class _Rewriter(KernelRewriter):
             h2 = self.view(self.emit("multiply", {}, [h, h]), [batch, groups, group_ch, per_group])
             total = self.emit("reduce_sum", {"axes": [2], "keepdims": False}, [h2])
             pooled = self.emit("add", {}, [pooled, self.view(total, [batch, out_ch, 1, 1])])
-        bias_var = self._bias_variance(binding, out_ch)
+        bias_add, bias_var = self._bias_add(binding, out_ch)
         if np.any(bias_var):
             pooled = self.emit("add", {}, [pooled, self.weight(f"{stem}.pooled_bias", (length**2 * bias_var).reshape(1, out_ch, 1, 1))])
-        # the shared part's diagonal: its weight noise in box form, + s2_b, + the coherent term
-        second_x = self.emit("raw_second_moment", {}, [x])
-        s2_sum = self.weight(f"{stem}.s2_sum", s2.sum(axis=(2, 3), keepdims=True))
-        if window > 1:
-            second_x = self.conv(second_x, self.weight(f"{stem}.box", np.full([in_ch, 1] + taps, 1.0 / window)),
-                                 strides, pads, dilations, in_ch)
-            shared = self.conv(second_x, s2_sum, [1, 1], [0, 0, 0, 0], [1, 1], groups)
-        else:
-            shared = self.conv(second_x, s2_sum, strides, pads, dilations, groups)
-        if np.any(bias_var):
-            shared = self.emit("add", {}, [shared, self.weight(f"{stem}.bias_var", bias_var.reshape(1, out_ch, 1, 1))])
-        if coherent is not None:
-            shared = self.emit("add", {}, [shared, coherent])
-        return self.project(shared, pooled, stem)
+        return _Pending(pooled, bias_add)
+
+
+class _Pending:
+    """A convolution's output loading before its projection: the pooled variance T, spread over
+    positions by the variance of the tensor it is first read from, which is after the bias add ``bias_add`` (so that the convolution keeps the bias add
+    fused and the spread includes s2_b, as T does)."""
+
+    __slots__ = ("pooled", "bias_add")
+
+    def __init__(self, pooled, bias_add):
+        self.pooled, self.bias_add = pooled, bias_add
 
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.CarryChannelCovariance")

@@ -88,7 +88,10 @@ class KernelRewriter:
                 moment = args[index]
                 index += 1
             if mean in self.values:
-                operands.append(self.values[mean][0])
+                value, component = self.values[mean]
+                if rep == Moment.NONE and value.repr != Moment.NONE:  # one tensor of a Gaussian, read as deterministic
+                    value = GaussianValue(value.mean if component == "mean" else value.moment)
+                operands.append(value)
             elif self.is_weight(mean) and rep == Moment.VAR:
                 operands.append(self.weight_operand(mean, moment))
             elif self.is_weight(mean):  # deterministic, or a second moment `FoldWeightMoments` made
