@@ -139,7 +139,8 @@ class _Rewriter(KernelRewriter):
         super().__init__(mod)
         self.planned = set(planned)
         self.pooled_only = pooled_only
-        self.loading = {}  # new mean var -> loading GaussianValue (deterministic)
+        self.loading = {}  # new mean var -> loading GaussianValue (deterministic), or a `_Pending` one
+        self.ones = {}  # (channels, height, width) -> the window sums' weight of ones
 
     # --- emitting -----------------------------------------------------------------------------
     def emit(self, stage, attrs, operands, output=None):
@@ -312,43 +313,57 @@ class _Rewriter(KernelRewriter):
             far.append(max(high - spare, 0))
             extra.append(max(spare - high, 0) // dilations[axis])
         sum_pads = [pads[0], pads[1], far[0], far[1]]
-        widths = [(0, 0), (0, 0), (0, extra[0]), (0, extra[1])]
-        mu, s2 = np.pad(mu, widths), np.pad(s2, widths)
-        kernel_h, kernel_w = kernel_h + extra[0], kernel_w + extra[1]
         stem = binding.var.name
-        ones = self.weight(f"{stem}.window_ones", np.ones([in_ch, 1, out_h, out_w]))
+        if any(extra) or w.repr != Moment.VAR:  # the weights padded to the window sums' taps (else the convolution's own)
+            widths = [(0, 0), (0, 0), (0, extra[0]), (0, extra[1])]
+            mu, s2 = np.pad(mu, widths), np.pad(s2, widths)
+            w = GaussianValue(self.add_weight(f"{stem}.mu", mu.astype(np.float32)), self.add_weight(f"{stem}.s2", s2.astype(np.float32)),
+                              Moment.VAR)
+        kernel_h, kernel_w = kernel_h + extra[0], kernel_w + extra[1]
+        key = (in_ch, out_h, out_w)
+        if key not in self.ones:
+            self.ones[key] = self.weight(f"window_ones_{in_ch}x{out_h}x{out_w}", np.ones([in_ch, 1, out_h, out_w]))
 
         def window_sums(value):
-            return self.conv(value, ones, dilations, sum_pads, strides, in_ch)
+            return self.conv(value, self.ones[key], dilations, sum_pads, strides, in_ch)
 
-        # window sums M = sum_p m, E = sum_p (v - a^2), A = sum_p a (deterministic: the Gaussian
-        # convolution of (M, E) would subtract M^2 from a second moment, in float32)
+        def pooled_conv(value):
+            return self.conv(value, w, [1, 1], [0, 0, 0, 0], [1, 1], groups)
+
+        # T = Var(sum_p y_p) = sum_{c,t} s2 (M^2 + A^2 + E) + mu^2 E + sum_c (sum_t mu A)^2 + L^2 s2_b with the
+        # window sums M = sum_p m, E = sum_p (v - a^2), A = sum_p a: the variance of the
+        # convolution of the Gaussian (M, E) with the random weights is the first two terms but
+        # s2 A^2; for a 1x1 window sum_c (sum_t mu A)^2 = sum_c mu^2 A^2, so (M, E + A^2) gives all
+        load_sums = None if a is None else window_sums(a)
         if x.repr == Moment.NONE:  # a model input
-            means = window_sums(x)
-            second, pooled = self.emit("multiply", {}, [means, means]), None
+            pooled = pooled_conv(window_sums(x))
         else:
             if independent is None:
                 independent = self.emit("independent_variance", {}, [x, a]) if a is not None else GaussianValue(x.moment)
             means, indeps = window_sums(self.det(x)), window_sums(independent)
-            second = self.emit("square_add", {}, [means, indeps])
-            pooled = self.conv(indeps, self.weight(f"{stem}.mu_square", mu**2), [1, 1], [0, 0, 0, 0], [1, 1], groups)
-        # T = Var(sum_p y_p) = sum_{c,t} s2 (M^2 + A^2 + E) + mu^2 E + sum_c (sum_t mu A)^2 + L^2 s2_b
-        if a is not None:
-            load_sums = window_sums(a)
-            second = self.emit("square_add", {}, [load_sums, second])
-        noise = self.conv(second, self.weight(f"{stem}.s2", s2), [1, 1], [0, 0, 0, 0], [1, 1], groups)
-        pooled = noise if pooled is None else self.emit("add", {}, [noise, pooled])
-        if a is not None:  # sum_c (sum_t mu[o,c,t] A[c,t])^2: per input channel, its outputs' weights
-            per_group = out_ch // groups
-            spread = mu.reshape(groups, per_group, group_ch, kernel_h, kernel_w).transpose(0, 2, 1, 3, 4)
-            spread = spread.reshape(in_ch * per_group, 1, kernel_h, kernel_w)
-            h = self.conv(load_sums, self.weight(f"{stem}.spread", spread), [1, 1], [0, 0, 0, 0], [1, 1], in_ch)
-            h2 = self.view(self.emit("multiply", {}, [h, h]), [batch, groups, group_ch, per_group])
-            total = self.emit("reduce_sum", {"axes": [2], "keepdims": False}, [h2])
-            pooled = self.emit("add", {}, [pooled, self.view(total, [batch, out_ch, 1, 1])])
+            if a is not None and kernel_h * kernel_w == 1:
+                indeps, load_sums = self.emit("square_add", {}, [load_sums, indeps]), None
+            pooled = pooled_conv(GaussianValue(means.mean, indeps.mean, Moment.VAR))
+        latent = None
+        if load_sums is not None:
+            latent = self.conv(self.emit("multiply", {}, [load_sums, load_sums]), GaussianValue(w.moment), [1, 1], [0, 0, 0, 0], [1, 1], groups)
+            if group_ch == 1:  # depthwise: (sum_t mu A)^2
+                h = self.conv(load_sums, self.det(w), [1, 1], [0, 0, 0, 0], [1, 1], groups)
+                total = self.emit("multiply", {}, [h, h])
+            else:  # sum_c (sum_t mu[o,c,t] A[c,t])^2: per input channel, its outputs' weights
+                per_group = out_ch // groups
+                spread = mu.reshape(groups, per_group, group_ch, kernel_h, kernel_w).transpose(0, 2, 1, 3, 4)
+                spread = spread.reshape(in_ch * per_group, 1, kernel_h, kernel_w)
+                h = self.conv(load_sums, self.weight(f"{stem}.spread", spread), [1, 1], [0, 0, 0, 0], [1, 1], in_ch)
+                h2 = self.view(self.emit("multiply", {}, [h, h]), [batch, groups, group_ch, per_group])
+                total = self.view(self.emit("reduce_sum", {"axes": [2], "keepdims": False}, [h2]), [batch, out_ch, 1, 1])
+            latent = self.emit("add", {}, [latent, total])
         bias_add, bias_var = self._bias_add(binding, out_ch)
         if np.any(bias_var):
-            pooled = self.emit("add", {}, [pooled, self.weight(f"{stem}.pooled_bias", (length**2 * bias_var).reshape(1, out_ch, 1, 1))])
+            bias = self.weight(f"{stem}.pooled_bias", (length**2 * bias_var).reshape(1, out_ch, 1, 1))
+            latent = bias if latent is None else self.emit("add", {}, [latent, bias])
+        if latent is not None:
+            pooled = self.emit("add_variance", {"square": False}, [pooled, latent])
         return _Pending(pooled, bias_add)
 
 

@@ -78,6 +78,13 @@ class KernelRewriter:
         return users
 
     # --- the walk ------------------------------------------------------------------------------
+    def _tensor(self, var):
+        """The rewritten tensor of ``var`` (one output of a kernel call, or ``var`` itself)."""
+        if var not in self.values:
+            return var
+        value, component = self.values[var]
+        return value.mean if component == "mean" else value.moment
+
     def _operands(self, spec, args):
         operands, index = [], 0
         for rep in spec.operands:
@@ -88,9 +95,10 @@ class KernelRewriter:
                 moment = args[index]
                 index += 1
             if mean in self.values:
-                value, component = self.values[mean]
-                if rep == Moment.NONE and value.repr != Moment.NONE:  # one tensor of a Gaussian, read as deterministic
-                    value = GaussianValue(value.mean if component == "mean" else value.moment)
+                value = self.values[mean][0]
+                if (rep == Moment.NONE) != (value.repr == Moment.NONE) or (rep != Moment.NONE and self.values.get(moment, (None,))[0] is not value):
+                    # tensors of different kernels paired into one operand (or one read as deterministic)
+                    value = GaussianValue(self._tensor(mean), None if rep == Moment.NONE else self._tensor(moment), rep)
                 operands.append(value)
             elif self.is_weight(mean) and rep == Moment.VAR:
                 operands.append(self.weight_operand(mean, moment))
