@@ -960,12 +960,11 @@ def raw_second_moment(mean, var):
 
 
 def relu_loading(mean, var, loading):
-    """a Phi(m / s) clamped to the ReLU output's std."""
+    """a Phi(m / s) (not clamped: within the ReLU output's std for |a| <= s)."""
     m, v = _f64(mean), _f64(var)
     s = np.sqrt(v)
     slope = np.where(s > 0, ndtr(m / np.where(s > 0, s, 1.0)), (m > 0).astype(float))
-    bound = np.sqrt(relu(m, v)[1])
-    return np.clip(_f64(loading) * slope, -bound, bound)
+    return _f64(loading) * slope
 
 
 def clip_loading(mean, var, loading, lower=None, upper=None):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from .gaussian import Gaussian, _reduce_products, _second_at, conv2d_window
-from .moments import f32, relu_moments, relu_terms, safe_sqrt, std_normal_cdf, std_normal_pdf
+from .moments import f32, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
 
 
 def _det(shape, body, name) -> Gaussian:
@@ -84,13 +84,13 @@ def pooled_variance(y: Gaussian, independent_mean: Gaussian, loading: Gaussian, 
 
 def relu_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
     """Loading of max(x, 0): a Phi(m / s) = a E[f'(x)] (Stein's lemma: Cov(f(x), z) = E[f'(x)]
-    Cov(x, z)), clamped to the output's standard deviation (deterministic output)."""
+    Cov(x, z); deterministic output). Not clamped to the output's standard deviation: for
+    |a| <= s it is within it (Cauchy-Schwarz), and the ReLU's variance would cost as much again
+    as the loading (`independent_variance` clamps v - a^2 at 0)."""
 
     def body(*idx):
-        terms = relu_terms(x.mean[idx], x.var_at(idx))
-        _, var = relu_moments(x.mean[idx], x.var_at(idx), terms)
-        bound = safe_sqrt(var)
-        return tirx.min(tirx.max(loading.mean[idx] * terms[0], f32(0.0) - bound), bound)
+        std = safe_sqrt(x.var_at(idx))
+        return loading.mean[idx] * std_normal_cdf(safe_ratio(x.mean[idx], std))
 
     return _det(x.shape, body, "relu_loading")
 

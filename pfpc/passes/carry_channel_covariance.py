@@ -174,11 +174,19 @@ class _Rewriter(KernelRewriter):
         gain = self.emit("projection_gain", {}, [pooled, root_sum, diagonal_sum])
         return self.emit("multiply", {}, [root, gain])
 
+    def _passes_on(self, binding, pending) -> bool:
+        """Whether the kernel call ``binding`` leaves a `_Pending` loading's spread as it is: the
+        bias add it counted, or an add of a deterministic tensor (a batch norm's shift)."""
+        if pending.bias_add is not None and binding.var.same_as(pending.bias_add):
+            return True
+        found = kernel_of(self.mod, binding.value)
+        return found is not None and found[0].ops == ["add"] and Moment.NONE in found[0].operands
+
     def loaded(self, operand, binding):
         """The loading of ``operand`` (None: it has none); a `_Pending` one is projected here,
-        unless ``binding`` is its bias add, which passes it on."""
+        unless ``binding`` passes it on (`_passes_on`)."""
         load = self.loading.get(operand.mean)
-        if isinstance(load, _Pending) and not (load.bias_add is not None and binding.var.same_as(load.bias_add)):
+        if isinstance(load, _Pending) and not self._passes_on(binding, load):
             if operand.repr != Moment.VAR:
                 return None
             load = self.loading[operand.mean] = self.project(operand, load.pooled)
