@@ -29,8 +29,9 @@ is exact, the variance is exact). ``mode="pooled"``: the variances stay the diag
 (no split, no coherent term), the loadings feed only the pooled variances.
 
 The plan: the convolutions whose loadings can reach a mean over positions through those ops;
-``auto`` starts them at the earliest such convolution for which the counted extra work (the
-formula of benchmarks/covariance_cost.py) stays within ``budget`` of the diagonal PFP's
+``auto`` starts them at the earliest such convolution for which the estimated extra Cortex-M4
+instructions of the compiled form (`_extra_instructions`, per-kernel costs calibrated against
+QEMU counts) stay within ``budget`` of the diagonal PFP's estimated instructions
 (no convolution reaches a pool: the module is returned unchanged). Runs after
 `EliminateZeroVariance` (deterministic weights known) and before `FuseOperators`.
 """
@@ -72,10 +73,9 @@ def _activation_sources(mod, value, item_of, source) -> list:
     return found
 
 
-def plan(mod, mode: str, budget: float) -> list:
-    """The conv kernel-call vars (of ``main``) whose outputs get loadings, in graph order."""
-    if mode == "none":
-        return []
+def _graph(mod):
+    """(kernel-call vars in order, var -> (spec, source vars, binding), var -> user vars, the
+    convolutions whose loadings can reach a mean over positions)."""
     bindings = main_bindings(mod["main"])
     source, calls, order = {}, {}, []
     for binding in bindings:
@@ -104,34 +104,114 @@ def plan(mod, mode: str, budget: float) -> list:
         if pool or (spec.ops[0] not in LOADING_POOLS and any(user in reaches for user in users.get(var, []))):
             reaches.add(var)
     convs = [var for var in order if calls[var][0].ops[0] == "conv2d" and var in reaches]
+    return order, calls, users, convs
+
+
+def plan(mod, mode: str, budget: float) -> list:
+    """The conv kernel-call vars (of ``main``) whose outputs get loadings, in graph order."""
+    if mode == "none":
+        return []
+    order, calls, users, convs = _graph(mod)
     if mode == "channel" or mode == "pooled" or not convs:
         return convs
-    weights = ir_state.means(mod["main"])
-    diagonal, extra = 0.0, []
-    for var in order:
-        spec, _, binding = calls[var]
-        if spec.ops[0] not in LINEAR_OPS or len(spec.operands) != 2:
-            continue
-        weight_shape = shape_of(binding.value.args[1].fields[2 if spec.operands[0] != Moment.NONE else 1])
-        out_ty = binding.var.ty.fields[0] if hasattr(binding.var.ty, "fields") else binding.var.ty
-        out = int(np.prod([int(d) for d in out_ty.shape]))
-        per_output = int(np.prod(weight_shape[1:])) if spec.ops[0] == "conv2d" else weight_shape[-2]
-        macs = out * per_output
-        diagonal += macs * (2 if spec.operands[0] == Moment.NONE else 3)
-        if var in convs:
-            window = int(np.prod(weight_shape[2:]))
-            inp = int(np.prod(shape_of(binding.value.args[1].fields[0])))
-            common = 3 * inp + 2 * int(np.prod(weight_shape)) + 10 * out
-            dense_window = window > 1 and per_output > window
-            coherent = macs / window if dense_window else macs * (1 + (1.0 / window if window > 1 else 0.0))
-            extra.append((var, common, coherent))
-    del weights
-    for start in range(len(extra)):
-        chosen = extra[start:]
-        cost = sum(common + (coherent if index > 0 else 0.0) for index, (_, common, coherent) in enumerate(chosen))
-        if cost <= budget * diagonal:
-            return [var for var, _, _ in chosen]
+    for start, fraction in _cost_curve(order, calls, users, convs):
+        if fraction <= budget:
+            return convs[start:]
     return []
+
+
+def _cost_curve(order, calls, users, convs) -> list:
+    """[(start, estimated extra instructions / the diagonal PFP's)]: loadings from the start-th
+    of ``convs`` on (the first chosen convolution reads no loadings, the others do)."""
+    diagonal = sum(_diagonal_instructions(*calls[var]) for var in order)
+    extra = [_extra_instructions(calls[var], _activation(var, calls, users)) for var in convs]
+    return [(start, sum(extra[index][index > start] for index in range(start, len(convs))) / diagonal)
+            for start in range(len(convs))]
+
+
+def cost_curve(mod) -> list:
+    """The trade-off ``auto`` chooses on: [(number of convolutions with loadings, estimated extra
+    Cortex-M4 instructions as a fraction of the diagonal PFP's)], from all of them to the last."""
+    order, calls, users, convs = _graph(mod)
+    return [(len(convs) - start, fraction) for start, fraction in _cost_curve(order, calls, users, convs)]
+
+
+# Cortex-M4 instructions (QEMU counts of the compiled kernels, benchmarks/covariance_compiled.py)
+# per multiply-add of a Gaussian / deterministic-input convolution and of a deterministic one,
+# and per element of the element-wise kernels: the budget of ``auto`` is counted in these.
+# A deterministic convolution with zero padding tests every tap's bounds: twice the cost.
+_PER_MAC = {"gaussian": 8.0, "input": 5.6, "deterministic": 3.5, "deterministic_padded": 7.0, "pooled": 12.0, "split": 3.0}
+_PER_OUTPUT = 25.0  # a Gaussian convolution's per-output work besides its multiply-adds
+_PER_ELEMENT = {"relu": 98.0, "clip": 600.0, "relu_loading": 80.0, "clip_loading": 125.0, "projection": 25.0,
+                "residual": 50.0, "independent_variance": 12.0, "multiply": 8.0, "other": 8.0}
+
+
+def _sizes(spec, binding):
+    """(input shape, weight shape or None, output elements) of a kernel call."""
+    fields = binding.value.args[1].fields
+    out_ty = binding.var.ty.fields[0] if hasattr(binding.var.ty, "fields") else binding.var.ty
+    out = int(np.prod([int(d) for d in out_ty.shape]))
+    weight = None
+    if spec.ops[0] in LINEAR_OPS and len(spec.operands) == 2:
+        weight = shape_of(fields[2 if spec.operands[0] != Moment.NONE else 1])
+    return shape_of(fields[0]), weight, out
+
+
+def _diagonal_instructions(spec, _sources, binding) -> float:
+    """Estimated Cortex-M4 instructions of one kernel of the diagonal PFP."""
+    in_shape, weight, out = _sizes(spec, binding)
+    if weight is not None:
+        per_output = int(np.prod(weight[1:])) if spec.ops[0] == "conv2d" else weight[-2]
+        return out * (_PER_OUTPUT + per_output * _PER_MAC["gaussian" if spec.operands[0] != Moment.NONE else "input"])
+    return out * _PER_ELEMENT.get(spec.ops[0], _PER_ELEMENT["other"])
+
+
+def _activation(var, calls, users) -> tuple:
+    """(the ReLU or Clip a convolution's output reaches through its bias add / batch norm / a
+    residual add, or None; whether it reaches a residual add of two Gaussians; whether an
+    unfolded batch norm scales it)."""
+    residual = scaled = False
+    for _ in range(4):
+        following = users.get(var, [])
+        if len(following) != 1:
+            break
+        var = following[0]
+        spec = calls[var][0]
+        if spec.ops[0] in ("relu", "clip"):
+            return spec.ops[0], residual, scaled
+        if spec.ops[0] not in ("add", "multiply"):
+            break
+        residual = residual or (spec.ops[0] == "add" and Moment.NONE not in spec.operands)
+        scaled = scaled or spec.ops[0] == "multiply"
+    return None, residual, scaled
+
+
+def _extra_instructions(call, following) -> tuple:
+    """Estimated extra Cortex-M4 instructions of a convolution the plan names, (input without
+    loading, input with loading): window sums, pooled variance, projection, the loading through
+    the activation after it (``following``: `_activation`), and for a loaded input the coherent
+    term of a k x k window."""
+    spec, _, binding = call
+    activation, residual, scaled = following
+    in_shape, weight, out = _sizes(spec, binding)
+    in_ch, window = in_shape[1], int(np.prod(weight[2:]))
+    length = out // weight[0]
+    macs = out * int(np.prod(weight[1:]))
+    per_mac = _PER_MAC["deterministic_padded" if any(spec.stages[0][1]["pads"]) else "deterministic"]
+    gaussian_input = spec.operands[0] != Moment.NONE
+    window_sum = in_ch * window * (length * per_mac + 40.0)  # a window sum reduces over the L output positions
+    common = out * (_PER_ELEMENT["projection"] + (_PER_ELEMENT[activation + "_loading"] if activation else 0.0))
+    common += int(np.prod(weight)) * _PER_MAC["pooled"]  # the window sums through the random weights
+    common += out * _PER_ELEMENT["multiply"] if scaled else 0.0
+    unloaded = common + window_sum * (2 if gaussian_input else 1)
+    loaded = common + window_sum * 3 + int(np.prod(in_shape)) * _PER_ELEMENT["independent_variance"]
+    loaded += out * _PER_ELEMENT["residual"] if residual else 0.0
+    if window > 1 and weight[1] == 1:  # depthwise: conv(a, mu)^2; conv2d_split's extra operand
+        loaded += macs * (_PER_MAC["deterministic"] + _PER_MAC["split"]) + out * _PER_ELEMENT["multiply"]
+    elif window > 1:  # box(a), squared, through (sum_t mu)^2
+        loaded += in_ch * length * (window * per_mac + _PER_ELEMENT["multiply"])
+        loaded += macs / window * _PER_MAC["deterministic"] + out * _PER_ELEMENT["multiply"]
+    return unloaded, loaded
 
 
 class _Rewriter(KernelRewriter):
