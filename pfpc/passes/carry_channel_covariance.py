@@ -47,7 +47,7 @@ from ..errors import PfpcError
 from ..ir import GaussianValue, call_op_name, kernel_of, main_bindings, shape_of, with_attrs
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, infer_output_repr
-from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_POOLS
+from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_POOLS, STAGES, Fusion
 from .kernel_rewriter import KernelRewriter
 
 COVARIANCE_MODES = ("auto", "none", "channel", "pooled")
@@ -142,8 +142,13 @@ def cost_curve(mod) -> list:
 # A deterministic convolution with zero padding tests every tap's bounds: twice the cost.
 _PER_MAC = {"gaussian": 8.0, "input": 5.6, "deterministic": 3.5, "deterministic_padded": 7.0, "pooled": 12.0, "split": 3.0}
 _PER_OUTPUT = 25.0  # a Gaussian convolution's per-output work besides its multiply-adds
-_PER_ELEMENT = {"relu": 98.0, "clip": 600.0, "relu_loading": 80.0, "clip_loading": 125.0, "projection": 25.0,
-                "residual": 50.0, "independent_variance": 12.0, "multiply": 8.0, "other": 8.0}
+_PER_ELEMENT = {"projection": 25.0, "residual": 50.0, "independent": 12.0, "product": 8.0, "other": 8.0}
+
+
+def _per_element(stage) -> float:
+    """Cortex-M4 instructions per output element of an element-wise stage (the registry's, or generic)."""
+    cost = STAGES[stage].m4_per_element if stage in STAGES else None
+    return _PER_ELEMENT["other"] if cost is None else cost
 
 
 def _sizes(spec, binding):
@@ -163,7 +168,7 @@ def _diagonal_instructions(spec, _sources, binding) -> float:
     if weight is not None:
         per_output = int(np.prod(weight[1:])) if spec.ops[0] == "conv2d" else weight[-2]
         return out * (_PER_OUTPUT + per_output * _PER_MAC["gaussian" if spec.operands[0] != Moment.NONE else "input"])
-    return out * _PER_ELEMENT.get(spec.ops[0], _PER_ELEMENT["other"])
+    return out * _per_element(spec.ops[0])
 
 
 def _activation(var, calls, users) -> tuple:
@@ -177,11 +182,12 @@ def _activation(var, calls, users) -> tuple:
             break
         var = following[0]
         spec = calls[var][0]
-        if spec.ops[0] in ("relu", "clip"):
+        stage = STAGES[spec.ops[0]]
+        if stage.loading == "carry" and stage.fusion == Fusion.NONLINEAR:
             return spec.ops[0], residual, scaled
-        if spec.ops[0] not in ("add", "multiply"):
+        if stage.loading != "carry" or stage.fusion != Fusion.ELEMENTWISE:
             break
-        residual = residual or (spec.ops[0] == "add" and Moment.NONE not in spec.operands)
+        residual = residual or (len(spec.operands) == 2 and Moment.NONE not in spec.operands)  # a residual add
         scaled = scaled or spec.ops[0] == "multiply"
     return None, residual, scaled
 
@@ -200,17 +206,17 @@ def _extra_instructions(call, following) -> tuple:
     per_mac = _PER_MAC["deterministic_padded" if any(spec.stages[0][1]["pads"]) else "deterministic"]
     gaussian_input = spec.operands[0] != Moment.NONE
     window_sum = in_ch * window * (length * per_mac + 40.0)  # a window sum reduces over the L output positions
-    common = out * (_PER_ELEMENT["projection"] + (_PER_ELEMENT[activation + "_loading"] if activation else 0.0))
+    common = out * (_PER_ELEMENT["projection"] + (_per_element(activation + "_loading") if activation else 0.0))
     common += int(np.prod(weight)) * _PER_MAC["pooled"]  # the window sums through the random weights
-    common += out * _PER_ELEMENT["multiply"] if scaled else 0.0
+    common += out * _PER_ELEMENT["product"] if scaled else 0.0
     unloaded = common + window_sum * (2 if gaussian_input else 1)
-    loaded = common + window_sum * 3 + int(np.prod(in_shape)) * _PER_ELEMENT["independent_variance"]
+    loaded = common + window_sum * 3 + int(np.prod(in_shape)) * _PER_ELEMENT["independent"]
     loaded += out * _PER_ELEMENT["residual"] if residual else 0.0
     if window > 1 and weight[1] == 1:  # depthwise: conv(a, mu)^2; conv2d_split's extra operand
-        loaded += macs * (_PER_MAC["deterministic"] + _PER_MAC["split"]) + out * _PER_ELEMENT["multiply"]
+        loaded += macs * (_PER_MAC["deterministic"] + _PER_MAC["split"]) + out * _PER_ELEMENT["product"]
     elif window > 1:  # box(a), squared, through (sum_t mu)^2
-        loaded += in_ch * length * (window * per_mac + _PER_ELEMENT["multiply"])
-        loaded += macs / window * _PER_MAC["deterministic"] + out * _PER_ELEMENT["multiply"]
+        loaded += in_ch * length * (window * per_mac + _PER_ELEMENT["product"])
+        loaded += macs / window * _PER_MAC["deterministic"] + out * _PER_ELEMENT["product"]
     return unloaded, loaded
 
 
