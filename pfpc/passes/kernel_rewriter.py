@@ -96,9 +96,10 @@ class KernelRewriter:
                 index += 1
             if mean in self.values:
                 value = self.values[mean][0]
-                if (rep == Moment.NONE) != (value.repr == Moment.NONE) or (rep != Moment.NONE and self.values.get(moment, (None,))[0] is not value):
-                    # tensors of different kernels paired into one operand (or one read as deterministic)
-                    value = GaussianValue(self._tensor(mean), None if rep == Moment.NONE else self._tensor(moment), rep)
+                if value.repr != Moment.NONE and rep == Moment.NONE:  # one tensor of a Gaussian, read as deterministic
+                    value = GaussianValue(self._tensor(mean))
+                elif rep != Moment.NONE and moment in self.values and self.values[moment][0] is not value:
+                    value = GaussianValue(self._tensor(mean), self._tensor(moment), rep)  # tensors of two kernels paired
                 operands.append(value)
             elif self.is_weight(mean) and rep == Moment.VAR:
                 operands.append(self.weight_operand(mean, moment))
