@@ -2,7 +2,9 @@
 Monte Carlo and Cortex-M4 instructions, diagonal PFP (``--covariance none``) beside the default
 (``auto``, or the modes given with --modes).
 
-    PYTHONPATH=.:tests nice -n 10 python benchmarks/covariance_compiled.py [--samples 200] [--modes none,auto] [models...]
+    PYTHONPATH=.:tests nice -n 10 python benchmarks/covariance_compiled.py [--samples 200] [--modes none,auto,auto@0.25] [models...]
+
+(``auto@B``: ``--covariance auto --covariance-budget B``.)
 
 Per model (tests/architectures.py: random He-initialised weights, trained-looking batch norms,
 posterior std = 0.1 |mu| + 1e-3 on every conv and dense weight and bias, one standard-normal
@@ -34,12 +36,20 @@ import reference as R  # noqa: E402
 from pfpc.frontends.onnx_model import fold_constants  # noqa: E402
 
 
-def m4_instructions(tmp, covariance):
+def _option(mode):
+    """``auto@0.25`` -> ("auto", 0.25); ``none`` -> ("none", None)."""
+    covariance, _, budget = mode.partition("@")
+    return covariance, float(budget) if budget else None
+
+
+def m4_instructions(tmp, mode):
     """Instructions of one inference on the Cortex-M4 (QEMU) of the model in ``tmp``."""
     env = {**os.environ, "PYTHONPATH": ROOT}
-    out = f"{tmp}/m4_{covariance}"
+    out = f"{tmp}/m4_{mode}"
+    covariance, budget = _option(mode)
     subprocess.run([sys.executable, "-m", "pfpc.cli", f"{tmp}/model.onnx", "--posterior", f"{tmp}/post.npz", "--target", "cortex-m4",
-                    "--batch", "1", "--covariance", covariance, "-o", out], check=True, env=env, capture_output=True)
+                    "--batch", "1", "--covariance", covariance, *(["--covariance-budget", str(budget)] if budget is not None else []),
+                    "-o", out], check=True, env=env, capture_output=True)
     done = subprocess.run([sys.executable, "-m", "pfpc.cli", "run", out, "--input", f"{tmp}/x.npy", "--output", f"{tmp}/y.npz",
                            "--emulate", "--cycles"], check=True, env=env, capture_output=True, text=True)
     text = done.stdout + done.stderr
@@ -48,17 +58,19 @@ def m4_instructions(tmp, covariance):
     return max(numbers) if numbers else float("nan")
 
 
-def host_moments(tmp, covariance, x):
+def host_moments(tmp, mode, x):
     import pfpc
 
-    compiled = pfpc.compile(f"{tmp}/model.onnx", f"{tmp}/post.npz", covariance=covariance, batch=1)
+    covariance, budget = _option(mode)
+    options = {} if budget is None else {"covariance_budget": budget}
+    compiled = pfpc.compile(f"{tmp}/model.onnx", f"{tmp}/post.npz", covariance=covariance, batch=1, **options)
     (mean, var), = compiled.run([x]).outputs[:1]
     return np.asarray(mean, np.float64).ravel(), np.asarray(var, np.float64).ravel()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("models", nargs="*", default=["resnet8", "dscnn", "mobilenetv1", "mobilenetv2"])
+    parser.add_argument("models", nargs="*", default=["resnet8", "dscnn", "dscnn1d", "mobilenetv1", "mobilenetv2"])
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--modes", default="none,auto")
     parser.add_argument("--no-m4", action="store_true")

@@ -78,7 +78,8 @@ def _compile_parser():
                         "--covariance-budget), channel (every such convolution), pooled (cheaper: the loadings feed only "
                         "the pooled variances), none (the diagonal PFP)")
     parser.add_argument("--covariance-budget", type=float, default=0.5,
-                        help="extra work --covariance auto may add, as a fraction of the diagonal PFP's (default 0.5)")
+                        help="extra Cortex-M4 instructions (estimated) --covariance auto may add, as a fraction of the "
+                             "diagonal PFP's (default 0.5)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory that pfpc wrote")
     parser.add_argument("--mode", choices=("pfp", "svi"), default="pfp",
                         help="pfp (default): one probabilistic forward pass; svi: the same API computed by sampling the weights")

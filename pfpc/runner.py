@@ -74,6 +74,11 @@ def build_for_target(out_dir: str, meta: dict | None = None, profile: bool = Fal
 def _make(out_dir, goal, *overrides):
     result = subprocess.run(["make", "-B", "-s", "-C", out_dir, *overrides, goal], capture_output=True, text=True)
     if result.returncode != 0:
+        text = (result.stderr or "") + (result.stdout or "")
+        overflow = re.search(r"region `(\w+)' overflowed by (\d+) bytes", text)
+        if overflow:  # the linker script's MEMORY is the emulated board's
+            raise PfpcError(f"{out_dir}: {goal} needs {int(overflow[2]):,} bytes more {overflow[1].lower()} than the emulated board has; "
+                            f"it cannot run under QEMU (--flash-limit / --ram-limit make the compile check it)")
         raise PfpcError(f"{out_dir}: building the generated C failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
 
 

@@ -966,21 +966,19 @@ def raw_second_moment(mean, var):
 
 
 def relu_loading(mean, var, loading):
-    """a Phi(m / s) clamped to the ReLU output's std."""
+    """a Phi(m / s) (not clamped: within the ReLU output's std for |a| <= s)."""
     m, v = _f64(mean), _f64(var)
     s = np.sqrt(v)
     slope = np.where(s > 0, ndtr(m / np.where(s > 0, s, 1.0)), (m > 0).astype(float))
-    bound = np.sqrt(relu(m, v)[1])
-    return np.clip(_f64(loading) * slope, -bound, bound)
+    return _f64(loading) * slope
 
 
 def clip_loading(mean, var, loading, lower=None, upper=None):
-    """a P(lo < x < hi) clamped to the clipped output's std."""
+    """a P(lo < x < hi) (not clamped: within the clipped output's std for |a| <= s)."""
     m, v = _f64(mean), _f64(var)
     s = np.maximum(np.sqrt(v), 1e-300)
     inside = (ndtr((upper - m) / s) if upper is not None else 1.0) - (ndtr((lower - m) / s) if lower is not None else 0.0)
-    bound = np.sqrt(clip(m, v, lower, upper)[1])
-    return np.clip(_f64(loading) * inside, -bound, bound)
+    return _f64(loading) * inside
 
 
 def square_add(x, y):
@@ -988,14 +986,15 @@ def square_add(x, y):
     return _f64(x) ** 2 + _f64(y)
 
 
-def root(x):
-    """sqrt(max(x, 0))."""
-    return np.sqrt(np.maximum(_f64(x), 0.0))
+def root(x, var=None):
+    """sqrt(max(x, 0)); of a Gaussian (mean x, variance var): sqrt(var)."""
+    return np.sqrt(np.maximum(_f64(x if var is None else var), 0.0))
 
 
-def projection_gain(pooled, root_sum, shared_sum):
-    """k = sqrt(clip((T - S2) / (S1^2 - S2), 0, 1)), 0 where S1^2 <= S2."""
-    t, s1, s2 = _f64(pooled), _f64(root_sum), _f64(shared_sum)
+def projection_gain(pooled, root_sum, diagonal_sum):
+    """k = sqrt(clip((T - S2) / (S1^2 - S2), 0, 1)), 0 where S1^2 <= S2 (T and S2: values, or
+    the variances of Gaussian operands)."""
+    t, s1, s2 = _f64(pooled), _f64(root_sum), _f64(diagonal_sum)
     span = s1 * s1 - s2
     return np.sqrt(np.where(span > 0, np.clip((t - s2) / np.where(span > 0, span, 1.0), 0.0, 1.0), 0.0))
 

@@ -70,7 +70,7 @@ def project(shared_diag, pooled, axes=(2, 3)):
 
 
 def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1,
-                 diagonal_var=False, box=False, box_noise=False):
+                 diagonal_var=False, box=False, box_noise=False, spread_variance=False):
     """Conv y[o, p] = sum_{c,t} w[o,c,t] x[c, p+t] + b[o], w = mu + s eps (eps shared by all p).
 
         mean      = conv(m, mu) + mu_b
@@ -94,7 +94,12 @@ def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 
 
     ``box_noise`` (what the compiler builds, pfpc/passes/carry_channel_covariance.py): the shared
     part's diagonal that the projection spreads the loading by takes the weight noise in box form,
-    sum_c (sum_t s2[o,c,t]) mean_t (m^2 + v)[c,p+t]; the variance and the pooled variance stay exact."""
+    sum_c (sum_t s2[o,c,t]) mean_t (m^2 + v)[c,p+t]; the variance and the pooled variance stay exact.
+
+    ``spread_variance`` (what the compiler builds): the loading is spread by the whole output
+    variance instead, a = k sqrt(var), with the model's whole pooled variance
+    pooled + sum_p indep(p) = pooled + sum_{c,t} mu^2 E: the model's variances and pooled
+    variances are the same as with the shared part's diagonal, without computing that diagonal."""
     n, c, h, w = m.shape
     o, cg, kh, kw = wm.shape
     g = groups
@@ -132,6 +137,9 @@ def conv_channel(m, v, a, wm, wv, bm=None, bv=None, strides=(1, 1), pads=(0, 0, 
         exact_noise = np.einsum("gock,ngckl->ngol", s2, cm**2 + cv).reshape(shape)
         boxed = np.einsum("goc,ngcl->ngol", s2.sum(-1), (cm**2 + cv).mean(-2)).reshape(shape)
         spread = shared - exact_noise + boxed
+    if spread_variance:
+        pooled_indep = np.einsum("gock,ngck->ngo", mu**2, big_e).reshape(n, o)
+        return mean.reshape(shape), shared + indep, project(shared + indep, pooled.reshape(n, o) + pooled_indep)
     loading = project(spread, pooled.reshape(n, o))
     return mean.reshape(shape), shared + indep, loading
 
@@ -141,22 +149,24 @@ def _pdf(x):
 
 
 def relu_channel(m, v, a):
-    """ReLU: (mean, var) as the diagonal reference; loading a * Phi(m / sqrt(v)) (Stein)."""
+    """ReLU: (mean, var) as the diagonal reference; loading a * Phi(m / sqrt(v)) (Stein; not
+    clamped to the output's std, as the compiler: within it for |a| <= s)."""
     mean, var = R.relu(m, v)
     s = np.sqrt(v)
     slope = np.where(s > 0, ndtr(m / np.where(s > 0, s, 1.0)), (m > 0).astype(float))
-    return mean, var, np.clip(a * slope, -np.sqrt(var), np.sqrt(var))
+    return mean, var, a * slope
 
 
 def clip_channel(m, v, a, lower, upper):
-    """Clip to [lo, hi]: loading a * (Phi((hi - m)/s) - Phi((lo - m)/s)) = a * P(lo < x < hi)."""
+    """Clip to [lo, hi]: loading a * (Phi((hi - m)/s) - Phi((lo - m)/s)) = a * P(lo < x < hi)
+    (not clamped to the output's std, as the compiler: within it for |a| <= s)."""
     mean, var = R.clip(m, v, lower, upper)
     s = np.sqrt(v)
     safe = np.where(s > 0, s, 1.0)
     lo = -np.inf if lower is None else float(lower)
     hi = np.inf if upper is None else float(upper)
     inside = np.where(s > 0, ndtr((hi - m) / safe) - ndtr((lo - m) / safe), ((m > lo) & (m < hi)).astype(float))
-    return mean, var, np.clip(a * inside, -np.sqrt(var), np.sqrt(var))
+    return mean, var, a * inside
 
 
 def add_channel(x, y):
@@ -238,7 +248,7 @@ def gemm_channel(m, v, a, group, wm, wv, bm=None, bv=None):
 
 def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: str = "channel",
                    replace: dict | None = None, pools_before_relus: bool = True, start: int = 0,
-                   box_noise: bool = False) -> dict:
+                   box_noise: bool = False, spread_variance: bool = False) -> dict:
     """Run the PFP over ``model`` (constants folded, batch norms kept) and return every tensor's
     (mean, var). mode "none": the diagonal reference (tests/reference.py); "channel": shared
     per-channel latents; "pooled": the same with the diagonal PFP's variance at every conv
@@ -273,7 +283,7 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
                 x.append((np.asarray(rm, np.float64), np.asarray(rv, np.float64), np.zeros(np.shape(rm))))
             else:
                 x.append(env[name])
-        out = _node(node, x, mode, group, box_noise)
+        out = _node(node, x, mode, group, box_noise, spread_variance)
         if node.op_type == "Conv" and mode != "none":
             if convs[0] < start:
                 out = (out[0], out[1], np.zeros(out[0].shape))
@@ -286,7 +296,7 @@ def _lift(t):
     return tuple(z[:, :, None, :] for z in t)
 
 
-def _node(node, x, mode, group, box_noise=False):
+def _node(node, x, mode, group, box_noise=False, spread_variance=False):
     op = node.op_type
     a = R._attrs(node)
     if mode == "none" or op not in CHANNEL_OPS:
@@ -323,7 +333,8 @@ def _node(node, x, mode, group, box_noise=False):
         _, strides, pads, dil = R._pool_geometry(attrs, m.shape[2:], weight[0].shape[2:])
         b = x[2] if len(x) > 2 and x[2] is not None else (None, None, None)
         out = conv_channel(m, v, ld, weight[0], weight[1], b[0], b[1], strides, pads, dil, a.get("group", 1),
-                           diagonal_var=mode == "pooled", box=mode == "channel_box", box_noise=box_noise)
+                           diagonal_var=mode == "pooled", box=mode == "channel_box", box_noise=box_noise,
+                           spread_variance=spread_variance)
         return tuple(z[:, :, 0, :] for z in out) if one_d else out
     if op == "Relu":
         return relu_channel(m, v, ld)

@@ -12,7 +12,29 @@ import reference as R
 import reference_covariance as RC
 import test_covariance as TC
 import pfpc
+import torch
 from pfpc.frontends.onnx_model import fold_constants
+from torch import nn
+
+
+class TinyInvertedResidual(nn.Module):
+    """MobileNetV2's layout in miniature: a strided 3x3 stem, one inverted residual block
+    (1x1 expansion, depthwise 3x3, linear 1x1 projection, residual add) with ReLU6 (Clip),
+    global average pool, dense."""
+
+    input_shape = (1, 3, 12, 12)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.block = nn.Sequential(nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6(),
+                                   nn.Conv2d(24, 24, 3, 1, 1, groups=24, bias=False), nn.BatchNorm2d(24), nn.ReLU6(),
+                                   nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        stem = self.stem(x)
+        return self.fc(torch.flatten(nn.functional.avg_pool2d(stem + self.block(stem), 6), 1))
 
 
 def _compiled(cls, covariance, out_dir=None):
@@ -23,17 +45,17 @@ def _compiled(cls, covariance, out_dir=None):
 
 
 @pytest.mark.parametrize("cls,covariance", [(TC.LinearConvNet, "channel"), (TC.TinyDSCNN, "channel"), (TC.TinyResNet, "channel"),
-                                           (TC.TinyResNet, "pooled")])
+                                           (TC.TinyResNet, "pooled"), (TinyInvertedResidual, "channel")])
 def test_generated_c_matches_the_float64_reference(cls, covariance):
-    """conv (+ depthwise/pointwise, strided, residual, ReLU, batch norm) -> global average pool ->
+    """conv (+ depthwise/pointwise, strided, residual, ReLU, ReLU6, batch norm) -> global average pool ->
     dense with every convolution's loadings: the C's output moments equal reference_covariance's
-    ("channel": its "channel_box", "pooled": its "pooled") with the compiler's box-form spread
-    (box_noise) to 1e-5, and differ from the diagonal PFP."""
+    ("channel": its "channel_box", "pooled": its "pooled") with the compiler's spread of the
+    loadings by the output variance (spread_variance) to 1e-5, and differ from the diagonal PFP."""
     model, stds, inputs, compiled = _compiled(cls, covariance)
     (mean, var), = compiled.run([inputs["x"]]).outputs
     variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
     mode = "channel_box" if covariance == "channel" else covariance
-    expected = RC.pfp_covariance(model, variances, inputs, mode, box_noise=True)["y"]
+    expected = RC.pfp_covariance(model, variances, inputs, mode, spread_variance=True)["y"]
     diagonal = RC.pfp_covariance(model, variances, inputs, "none")["y"]
     np.testing.assert_allclose(mean, expected[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, expected[1], rtol=1e-5)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from .gaussian import Gaussian, _reduce_products, _second_at, conv2d_window
-from .moments import f32, relu_moments, relu_terms, safe_sqrt, std_normal_cdf, std_normal_pdf
+from .moments import f32, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
 
 
 def _det(shape, body, name) -> Gaussian:
@@ -84,21 +84,22 @@ def pooled_variance(y: Gaussian, independent_mean: Gaussian, loading: Gaussian, 
 
 def relu_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
     """Loading of max(x, 0): a Phi(m / s) = a E[f'(x)] (Stein's lemma: Cov(f(x), z) = E[f'(x)]
-    Cov(x, z)), clamped to the output's standard deviation (deterministic output)."""
+    Cov(x, z); deterministic output). Not clamped to the output's standard deviation: for
+    |a| <= s it is within it (Cauchy-Schwarz), and the ReLU's variance would cost as much again
+    as the loading (`independent_variance` clamps v - a^2 at 0)."""
 
     def body(*idx):
-        terms = relu_terms(x.mean[idx], x.var_at(idx))
-        _, var = relu_moments(x.mean[idx], x.var_at(idx), terms)
-        bound = safe_sqrt(var)
-        return tirx.min(tirx.max(loading.mean[idx] * terms[0], f32(0.0) - bound), bound)
+        std = safe_sqrt(x.var_at(idx))
+        return loading.mean[idx] * std_normal_cdf(safe_ratio(x.mean[idx], std))
 
     return _det(x.shape, body, "relu_loading")
 
 
 def clip_loading(x: Gaussian, loading: Gaussian, lower, upper) -> Gaussian:
     """Loading of min(max(x, lo), hi): a P(lo < x < hi) = a (Phi((hi - m)/s) - Phi((lo - m)/s))
-    (Stein), clamped to the output's standard deviation (deterministic output)."""
-    from .moments import clip_moments
+    (Stein; deterministic output). Not clamped to the output's standard deviation: for
+    |a| <= s it is within it (Cauchy-Schwarz, Cov(y, z)^2 <= Var(y)), and the clipped
+    variance would cost as much again as the loading (`independent_variance` clamps v - a^2 at 0)."""
 
     def body(*idx):
         mean, var = x.mean[idx], x.var_at(idx)
@@ -110,9 +111,7 @@ def clip_loading(x: Gaussian, loading: Gaussian, lower, upper) -> Gaussian:
         if lower is not None:
             a = (f32(lower) - mean) / std
             inside = inside - std_normal_cdf(a, std_normal_pdf(a))
-        _, out_var = clip_moments(mean, var, lower, upper)
-        bound = safe_sqrt(out_var)
-        return tirx.min(tirx.max(loading.mean[idx] * inside, f32(0.0) - bound), bound)
+        return loading.mean[idx] * inside
 
     return _det(x.shape, body, "clip_loading")
 
@@ -123,25 +122,34 @@ def square_add(x: Gaussian, y: Gaussian) -> Gaussian:
     return _det(x.shape, lambda *idx: x.mean[idx] * x.mean[idx] + y.mean[idx], "square_add")
 
 
+def _amount(x: Gaussian, idx):
+    """A deterministic operand's value, or a Gaussian operand's variance."""
+    return x.mean[idx] if x.repr == "none" else x.var_at(idx)
+
+
 def root(x: Gaussian) -> Gaussian:
-    """sqrt(max(x, 0)) (deterministic): the standard deviation of a shared part."""
-    return _det(x.shape, lambda *idx: safe_sqrt(x.mean[idx]), "shared_std")
+    """sqrt(max(d, 0)) (deterministic) of d = x for a deterministic x, d = v for a Gaussian:
+    the standard deviation the projection spreads a loading by."""
+    return _det(x.shape, lambda *idx: safe_sqrt(_amount(x, idx)), "spread_std")
 
 
-def projection_gain(pooled: Gaussian, root_sum: Gaussian, shared_sum: Gaussian) -> Gaussian:
+def projection_gain(pooled: Gaussian, root_sum: Gaussian, diagonal_sum: Gaussian) -> Gaussian:
     """The factor k of the projection of several latents onto one per channel, a = k sqrt(d):
-    with the shared part's diagonal d, its pooled variance T = Var(sum_p shared part),
-    S1 = sum_p sqrt(d) and S2 = sum_p d,
+    with the diagonal d the loading is spread by (a convolution's output variance, or a1^2 + a2^2
+    at a residual add), the pooled variance T = Var(sum_p x) of the model, S1 = sum_p sqrt(d)
+    and S2 = sum_p d,
 
         k^2 = (T - S2) / (S1^2 - S2)   clipped to [0, 1]   (0 when S1^2 <= S2)
 
     so that the model's pooled variance (sum_p a)^2 + sum_p (d - a^2) is T and its diagonal d
-    (deterministic, one value per channel)."""
+    (deterministic, one value per channel). Each operand is a deterministic value or a
+    Gaussian's variance (T: the variance of the convolution of the window sums, S2: of the sum
+    over positions)."""
 
     def body(*idx):
-        s1, s2 = root_sum.mean[idx], shared_sum.mean[idx]
+        s1, s2 = root_sum.mean[idx], _amount(diagonal_sum, idx)
         span = s1 * s1 - s2
-        ratio = (pooled.mean[idx] - s2) / tirx.max(span, f32(1e-30))
+        ratio = (_amount(pooled, idx) - s2) / tirx.max(span, f32(1e-30))
         k2 = tirx.Select(span > f32(0.0), tirx.min(tirx.max(ratio, f32(0.0)), f32(1.0)), f32(0.0))
         return tirx.sqrt(k2)
 

@@ -316,6 +316,9 @@ class Operator:
     # one), "carry" (passes it on, by a rule of the pass), "pool" (a mean over positions, where it
     # adds coherently); None: the loading is dropped
     loading: str | None = None
+    # Cortex-M4 instructions per output element (QEMU profiles), where the covariance budget
+    # (`passes.carry_channel_covariance`) needs them; None: a generic element-wise cost
+    m4_per_element: float | None = None
 
 
 OPERATORS = (
@@ -338,10 +341,10 @@ OPERATORS = (
     Operator("scale", loading="carry", onnx=("Neg",), relax=("relax.negative",), relax_attrs=lambda call: {"factor": -1.0}, native=None,
              fusion=Fusion.ELEMENTWISE, reference="multiply",
              build=lambda inputs, attrs: G.scale(inputs[0], attrs["factor"])),
-    Operator("relu", loading="carry", onnx=("Relu",), relax=("relax.nn.relu",), fusion=Fusion.NONLINEAR,
+    Operator("relu", loading="carry", m4_per_element=98.0, onnx=("Relu",), relax=("relax.nn.relu",), fusion=Fusion.NONLINEAR,
              gaussian_ops=_per_element("relu"), libm_calls={"sqrt": 1}, reference="relu",
              build=lambda inputs, attrs: G.relu(inputs[0])),
-    Operator("clip", loading="carry", onnx=("Clip",), constant_inputs=(1, 2), relax=("relax.clip",), relax_attrs=_clip_attrs,
+    Operator("clip", loading="carry", m4_per_element=600.0, onnx=("Clip",), constant_inputs=(1, 2), relax=("relax.clip",), relax_attrs=_clip_attrs,
              fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("clip"), libm_calls={"sqrt": 1},
              reference="clip", build=lambda inputs, attrs: G.clip(inputs[0], attrs["lower"], attrs["upper"])),
     Operator("leaky_relu", onnx=("LeakyRelu",), relax=("relax.nn.leakyrelu",), relax_attrs=lambda call: {"alpha": float(call.attrs.alpha)},
@@ -384,9 +387,9 @@ OPERATORS = (
              build=lambda inputs, attrs: C.independent_variance(*inputs)),
     Operator("raw_second_moment", native=Moment.NONE, reference="raw_second_moment",
              build=lambda inputs, attrs: C.raw_second_moment(inputs[0])),
-    Operator("relu_loading", arity=2, native=Moment.NONE, gaussian_ops=_per_element("relu"), libm_calls={"sqrt": 2},
+    Operator("relu_loading", arity=2, m4_per_element=80.0, native=Moment.NONE, gaussian_ops=_per_element("relu"), libm_calls={"sqrt": 1},
              reference="relu_loading", build=lambda inputs, attrs: C.relu_loading(*inputs)),
-    Operator("clip_loading", arity=2, native=Moment.NONE, gaussian_ops=_per_element("clip"), libm_calls={"sqrt": 2},
+    Operator("clip_loading", arity=2, m4_per_element=125.0, native=Moment.NONE, gaussian_ops=_per_element("clip"), libm_calls={"sqrt": 1},
              reference="clip_loading", build=lambda inputs, attrs: C.clip_loading(*inputs, attrs["lower"], attrs["upper"])),
     Operator("square_add", arity=2, native=Moment.NONE, reference="square_add",
              build=lambda inputs, attrs: C.square_add(*inputs)),

@@ -29,8 +29,9 @@ is exact, the variance is exact). ``mode="pooled"``: the variances stay the diag
 (no split, no coherent term), the loadings feed only the pooled variances.
 
 The plan: the convolutions whose loadings can reach a mean over positions through those ops;
-``auto`` starts them at the earliest such convolution for which the counted extra work (the
-formula of benchmarks/covariance_cost.py) stays within ``budget`` of the diagonal PFP's
+``auto`` starts them at the earliest such convolution for which the estimated extra Cortex-M4
+instructions of the compiled form (`_extra_instructions`, per-kernel costs calibrated against
+QEMU counts) stay within ``budget`` of the diagonal PFP's estimated instructions
 (no convolution reaches a pool: the module is returned unchanged). Runs after
 `EliminateZeroVariance` (deterministic weights known) and before `FuseOperators`.
 """
@@ -46,7 +47,7 @@ from ..errors import PfpcError
 from ..ir import GaussianValue, call_op_name, kernel_of, main_bindings, shape_of, with_attrs
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, infer_output_repr
-from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_POOLS
+from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_POOLS, STAGES, Fusion
 from .kernel_rewriter import KernelRewriter
 
 COVARIANCE_MODES = ("auto", "none", "channel", "pooled")
@@ -72,10 +73,9 @@ def _activation_sources(mod, value, item_of, source) -> list:
     return found
 
 
-def plan(mod, mode: str, budget: float) -> list:
-    """The conv kernel-call vars (of ``main``) whose outputs get loadings, in graph order."""
-    if mode == "none":
-        return []
+def _graph(mod):
+    """(kernel-call vars in order, var -> (spec, source vars, binding), var -> user vars, the
+    convolutions whose loadings can reach a mean over positions)."""
     bindings = main_bindings(mod["main"])
     source, calls, order = {}, {}, []
     for binding in bindings:
@@ -104,34 +104,120 @@ def plan(mod, mode: str, budget: float) -> list:
         if pool or (spec.ops[0] not in LOADING_POOLS and any(user in reaches for user in users.get(var, []))):
             reaches.add(var)
     convs = [var for var in order if calls[var][0].ops[0] == "conv2d" and var in reaches]
+    return order, calls, users, convs
+
+
+def plan(mod, mode: str, budget: float) -> list:
+    """The conv kernel-call vars (of ``main``) whose outputs get loadings, in graph order."""
+    if mode == "none":
+        return []
+    order, calls, users, convs = _graph(mod)
     if mode == "channel" or mode == "pooled" or not convs:
         return convs
-    weights = ir_state.means(mod["main"])
-    diagonal, extra = 0.0, []
-    for var in order:
-        spec, _, binding = calls[var]
-        if spec.ops[0] not in LINEAR_OPS or len(spec.operands) != 2:
-            continue
-        weight_shape = shape_of(binding.value.args[1].fields[2 if spec.operands[0] != Moment.NONE else 1])
-        out_ty = binding.var.ty.fields[0] if hasattr(binding.var.ty, "fields") else binding.var.ty
-        out = int(np.prod([int(d) for d in out_ty.shape]))
-        per_output = int(np.prod(weight_shape[1:])) if spec.ops[0] == "conv2d" else weight_shape[-2]
-        macs = out * per_output
-        diagonal += macs * (2 if spec.operands[0] == Moment.NONE else 3)
-        if var in convs:
-            window = int(np.prod(weight_shape[2:]))
-            inp = int(np.prod(shape_of(binding.value.args[1].fields[0])))
-            common = 3 * inp + 2 * int(np.prod(weight_shape)) + 10 * out
-            dense_window = window > 1 and per_output > window
-            coherent = macs / window if dense_window else macs * (1 + (1.0 / window if window > 1 else 0.0))
-            extra.append((var, common, coherent))
-    del weights
-    for start in range(len(extra)):
-        chosen = extra[start:]
-        cost = sum(common + (coherent if index > 0 else 0.0) for index, (_, common, coherent) in enumerate(chosen))
-        if cost <= budget * diagonal:
-            return [var for var, _, _ in chosen]
+    for start, fraction in _cost_curve(order, calls, users, convs):
+        if fraction <= budget:
+            return convs[start:]
     return []
+
+
+def _cost_curve(order, calls, users, convs) -> list:
+    """[(start, estimated extra instructions / the diagonal PFP's)]: loadings from the start-th
+    of ``convs`` on (the first chosen convolution reads no loadings, the others do)."""
+    diagonal = sum(_diagonal_instructions(*calls[var]) for var in order)
+    extra = [_extra_instructions(calls[var], _activation(var, calls, users)) for var in convs]
+    return [(start, sum(extra[index][index > start] for index in range(start, len(convs))) / diagonal)
+            for start in range(len(convs))]
+
+
+def cost_curve(mod) -> list:
+    """The trade-off ``auto`` chooses on: [(number of convolutions with loadings, estimated extra
+    Cortex-M4 instructions as a fraction of the diagonal PFP's)], from all of them to the last."""
+    order, calls, users, convs = _graph(mod)
+    return [(len(convs) - start, fraction) for start, fraction in _cost_curve(order, calls, users, convs)]
+
+
+# Cortex-M4 instructions (QEMU counts of the compiled kernels, benchmarks/covariance_compiled.py)
+# per multiply-add of a Gaussian / deterministic-input convolution and of a deterministic one,
+# and per element of the element-wise kernels: the budget of ``auto`` is counted in these.
+# A deterministic convolution with zero padding tests every tap's bounds: twice the cost.
+_PER_MAC = {"gaussian": 8.0, "input": 5.6, "deterministic": 3.5, "deterministic_padded": 7.0, "pooled": 12.0, "split": 3.0}
+_PER_OUTPUT = 25.0  # a Gaussian convolution's per-output work besides its multiply-adds
+_PER_ELEMENT = {"projection": 25.0, "residual": 50.0, "independent": 12.0, "product": 8.0, "other": 8.0}
+
+
+def _per_element(stage) -> float:
+    """Cortex-M4 instructions per output element of an element-wise stage (the registry's, or generic)."""
+    cost = STAGES[stage].m4_per_element if stage in STAGES else None
+    return _PER_ELEMENT["other"] if cost is None else cost
+
+
+def _sizes(spec, binding):
+    """(input shape, weight shape or None, output elements) of a kernel call."""
+    fields = binding.value.args[1].fields
+    out_ty = binding.var.ty.fields[0] if hasattr(binding.var.ty, "fields") else binding.var.ty
+    out = int(np.prod([int(d) for d in out_ty.shape]))
+    weight = None
+    if spec.ops[0] in LINEAR_OPS and len(spec.operands) == 2:
+        weight = shape_of(fields[2 if spec.operands[0] != Moment.NONE else 1])
+    return shape_of(fields[0]), weight, out
+
+
+def _diagonal_instructions(spec, _sources, binding) -> float:
+    """Estimated Cortex-M4 instructions of one kernel of the diagonal PFP."""
+    in_shape, weight, out = _sizes(spec, binding)
+    if weight is not None:
+        per_output = int(np.prod(weight[1:])) if spec.ops[0] == "conv2d" else weight[-2]
+        return out * (_PER_OUTPUT + per_output * _PER_MAC["gaussian" if spec.operands[0] != Moment.NONE else "input"])
+    return out * _per_element(spec.ops[0])
+
+
+def _activation(var, calls, users) -> tuple:
+    """(the ReLU or Clip a convolution's output reaches through its bias add / batch norm / a
+    residual add, or None; whether it reaches a residual add of two Gaussians; whether an
+    unfolded batch norm scales it)."""
+    residual = scaled = False
+    for _ in range(4):
+        following = users.get(var, [])
+        if len(following) != 1:
+            break
+        var = following[0]
+        spec = calls[var][0]
+        stage = STAGES[spec.ops[0]]
+        if stage.loading == "carry" and stage.fusion == Fusion.NONLINEAR:
+            return spec.ops[0], residual, scaled
+        if stage.loading != "carry" or stage.fusion != Fusion.ELEMENTWISE:
+            break
+        residual = residual or (len(spec.operands) == 2 and Moment.NONE not in spec.operands)  # a residual add
+        scaled = scaled or spec.ops[0] == "multiply"
+    return None, residual, scaled
+
+
+def _extra_instructions(call, following) -> tuple:
+    """Estimated extra Cortex-M4 instructions of a convolution the plan names, (input without
+    loading, input with loading): window sums, pooled variance, projection, the loading through
+    the activation after it (``following``: `_activation`), and for a loaded input the coherent
+    term of a k x k window."""
+    spec, _, binding = call
+    activation, residual, scaled = following
+    in_shape, weight, out = _sizes(spec, binding)
+    in_ch, window = in_shape[1], int(np.prod(weight[2:]))
+    length = out // weight[0]
+    macs = out * int(np.prod(weight[1:]))
+    per_mac = _PER_MAC["deterministic_padded" if any(spec.stages[0][1]["pads"]) else "deterministic"]
+    gaussian_input = spec.operands[0] != Moment.NONE
+    window_sum = in_ch * window * (length * per_mac + 40.0)  # a window sum reduces over the L output positions
+    common = out * (_PER_ELEMENT["projection"] + (_per_element(activation + "_loading") if activation else 0.0))
+    common += int(np.prod(weight)) * _PER_MAC["pooled"]  # the window sums through the random weights
+    common += out * _PER_ELEMENT["product"] if scaled else 0.0
+    unloaded = common + window_sum * (2 if gaussian_input else 1)
+    loaded = common + window_sum * 3 + int(np.prod(in_shape)) * _PER_ELEMENT["independent"]
+    loaded += out * _PER_ELEMENT["residual"] if residual else 0.0
+    if window > 1 and weight[1] == 1:  # depthwise: conv(a, mu)^2; conv2d_split's extra operand
+        loaded += macs * (_PER_MAC["deterministic"] + _PER_MAC["split"]) + out * _PER_ELEMENT["product"]
+    elif window > 1:  # box(a), squared, through (sum_t mu)^2
+        loaded += in_ch * length * (window * per_mac + _PER_ELEMENT["product"])
+        loaded += macs / window * _PER_MAC["deterministic"] + out * _PER_ELEMENT["product"]
+    return unloaded, loaded
 
 
 class _Rewriter(KernelRewriter):
@@ -139,7 +225,8 @@ class _Rewriter(KernelRewriter):
         super().__init__(mod)
         self.planned = set(planned)
         self.pooled_only = pooled_only
-        self.loading = {}  # new mean var -> loading GaussianValue (deterministic)
+        self.loading = {}  # new mean var -> loading GaussianValue (deterministic), or a `_Pending` one
+        self.ones = {}  # (channels, height, width) -> the window sums' weight of ones
 
     # --- emitting -----------------------------------------------------------------------------
     def emit(self, stage, attrs, operands, output=None):
@@ -163,14 +250,33 @@ class _Rewriter(KernelRewriter):
                  "groups": int(groups)}
         return self.emit("conv2d", attrs, [x, weight])
 
-    def project(self, shared, pooled, tag):
-        """a = k sqrt(shared), k from the pooled variance (`channel_covariance.projection_gain`)."""
-        axes = {"axes": list(range(2, len(shape_of(shared.mean)))), "keepdims": True}
-        root = self.emit("root", {}, [shared])
+    def project(self, diagonal, pooled):
+        """a = k sqrt(d), k from the pooled variance (`channel_covariance.projection_gain`); d is
+        ``diagonal``'s value, or its variance when it is a Gaussian."""
+        axes = {"axes": list(range(2, len(shape_of(diagonal.mean)))), "keepdims": True}
+        root = self.emit("root", {}, [diagonal])
         root_sum = self.emit("reduce_sum", axes, [root])
-        shared_sum = self.emit("reduce_sum", axes, [shared])
-        gain = self.emit("projection_gain", {}, [pooled, root_sum, shared_sum])
+        diagonal_sum = self.emit("reduce_sum", axes, [diagonal])
+        gain = self.emit("projection_gain", {}, [pooled, root_sum, diagonal_sum])
         return self.emit("multiply", {}, [root, gain])
+
+    def _passes_on(self, binding, pending) -> bool:
+        """Whether the kernel call ``binding`` leaves a `_Pending` loading's spread as it is: the
+        bias add it counted, or an add of a deterministic tensor (a batch norm's shift)."""
+        if pending.bias_add is not None and binding.var.same_as(pending.bias_add):
+            return True
+        found = kernel_of(self.mod, binding.value)
+        return found is not None and found[0].ops == ["add"] and Moment.NONE in found[0].operands
+
+    def loaded(self, operand, binding):
+        """The loading of ``operand`` (None: it has none); a `_Pending` one is projected here,
+        unless ``binding`` passes it on (`_passes_on`)."""
+        load = self.loading.get(operand.mean)
+        if isinstance(load, _Pending) and not self._passes_on(binding, load):
+            if operand.repr != Moment.VAR:
+                return None
+            load = self.loading[operand.mean] = self.project(operand, load.pooled)
+        return load
 
     # --- the walk -----------------------------------------------------------------------------
     def _visit(self, binding):
@@ -182,7 +288,9 @@ class _Rewriter(KernelRewriter):
                 gauss, component = self.values[binding.var]
                 source = self.values[value.args[0]][0]
                 if component == "mean" and source.mean in self.loading and gauss.mean not in self.loading:
-                    self.loading[gauss.mean] = self.view(self.loading[source.mean], shape_of(gauss.mean))
+                    load = self.loaded(source, binding)
+                    if load is not None:
+                        self.loading[gauss.mean] = self.view(load, shape_of(gauss.mean))
             return
         spec, _ = found
         op, attrs = spec.stages[0]
@@ -190,7 +298,7 @@ class _Rewriter(KernelRewriter):
             super()._visit(binding)
             return
         operands = self._operands(spec, list(value.args[1].fields))
-        loads = [self.loading.get(o.mean) for o in operands]
+        loads = [self.loaded(o, binding) for o in operands]
         if op == "conv2d" and (loads[0] is not None or binding.var in self.planned):
             result = self.convolution(binding, spec, attrs, operands, loads[0])
         elif loads[0] is not None and _spatial_mean(spec, shape_of(operands[0].mean)) and operands[0].repr == Moment.VAR:
@@ -235,7 +343,7 @@ class _Rewriter(KernelRewriter):
                 diagonal = self.emit("square_add", {}, [a1, self.emit("multiply", {}, [a2, a2])])
                 sum1, sum2 = self.emit("reduce_sum", axes, [a1]), self.emit("reduce_sum", axes, [a2])
                 pooled = self.emit("square_add", {}, [sum1, self.emit("multiply", {}, [sum2, sum2])])
-                self.loading[result.mean] = self.project(diagonal, pooled, "add")
+                self.loading[result.mean] = self.project(diagonal, pooled)
 
     def convolution(self, binding, spec, attrs, operands, a):
         x, w = operands
@@ -246,35 +354,30 @@ class _Rewriter(KernelRewriter):
         window = kernel_h * kernel_w
         in_ch = group_ch * groups
         stem = w.mean.name
-        box = np.full([in_ch, 1, kernel_h, kernel_w], 1.0 / window)
-        coherent = None
-        if a is not None and not self.pooled_only:
-            if group_ch == 1 and window > 1:  # depthwise: the exact coherent term, (sum_t mu a)^2
+        independent = None
+        if a is not None and not self.pooled_only and window > 1:
+            # a 1x1 window needs nothing: sum_c mu^2 a^2 + conv(v - a^2, mu^2) is the diagonal conv(v, mu^2)
+            if group_ch == 1:  # depthwise: the exact coherent term, (sum_t mu a)^2
                 through = self.conv(a, self.det(w), strides, pads, dilations, groups)
                 coherent = self.emit("multiply", {}, [through, through])
-            else:  # sum_c (sum_t mu)^2 box(a)^2 (exact for a 1x1 window, which keeps its strides)
+            else:  # sum_c (sum_t mu)^2 box(a)^2
                 mu_sum2 = self.weight(f"{stem}.coherent", mu.sum(axis=(2, 3), keepdims=True) ** 2)
-                if window == 1:
-                    coherent = self.conv(self.emit("multiply", {}, [a, a]), mu_sum2, strides, pads, dilations, groups)
-                else:
-                    averaged = self.conv(a, self.weight(f"{stem}.box", box), strides, pads, dilations, in_ch)
-                    squared = self.emit("multiply", {}, [averaged, averaged])
-                    coherent = self.conv(squared, mu_sum2, [1, 1], [0, 0, 0, 0], [1, 1], groups)
-        if a is not None and not self.pooled_only:
-            e = self.emit("independent_variance", {}, [x, a])
-            y = self.emit("conv2d_split", attrs, [x, w, e])
+                box = np.full([in_ch, 1, kernel_h, kernel_w], 1.0 / window)
+                averaged = self.conv(a, self.weight(f"{stem}.box", box), strides, pads, dilations, in_ch)
+                squared = self.emit("multiply", {}, [averaged, averaged])
+                coherent = self.conv(squared, mu_sum2, [1, 1], [0, 0, 0, 0], [1, 1], groups)
+            independent = self.emit("independent_variance", {}, [x, a])
+            y = self.emit("conv2d_split", attrs, [x, w, independent])
             y = self.emit("add_variance", {"square": False}, [y, coherent])
         else:
             y = self.emit("conv2d", attrs, [x, w])
         if binding.var not in self.planned or x.repr == Moment.SECOND_MOMENT:
             return y
-        loading = self.output_loading(binding, x, a, mu, s2, attrs, coherent, shape_of(y.mean))
-        if loading is not None:
-            self.loading[y.mean] = loading
+        self.loading[y.mean] = self.output_loading(binding, x, a, independent, w, mu, s2, attrs, shape_of(y.mean))
         return y
 
-    def _bias_variance(self, binding, out_ch):
-        """s2_b of the bias added right after the convolution (its one consumer), else zeros."""
+    def _bias_add(self, binding, out_ch):
+        """(the bias add right after the convolution (its one consumer), its s2_b), else (None, zeros)."""
         users = self.consumers.get(binding.var, [])
         if len(users) == 1 and users[0] != "output":
             found = kernel_of(self.mod, users[0].value)
@@ -283,13 +386,14 @@ class _Rewriter(KernelRewriter):
                 first = 1 if found[0].operands[0] == Moment.NONE else 2
                 name = fields[first + 1].name if isinstance(fields[first + 1], relax.Var) else None
                 if name in self.weights and self.weights[name].size == out_ch:
-                    return self.weights[name].astype(np.float64).reshape(-1)
-        return np.zeros(out_ch)
+                    return users[0].var, self.weights[name].astype(np.float64).reshape(-1)
+        return None, np.zeros(out_ch)
 
-    def output_loading(self, binding, x, a, mu, s2, attrs, coherent, out_shape):
+    def output_loading(self, binding, x, a, independent, w, mu, s2, attrs, out_shape):
+        """The pooled variance T of the convolution's output (with the bias added right after it),
+        as a `_Pending` loading: the projection spreads it once the bias is added."""
         strides, pads, dilations, groups = attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"]
         out_ch, group_ch, kernel_h, kernel_w = mu.shape
-        window, taps = kernel_h * kernel_w, [kernel_h, kernel_w]
         batch, in_ch, height, width = shape_of(x.mean)
         out_h, out_w = out_shape[2:]
         length = out_h * out_w
@@ -303,51 +407,69 @@ class _Rewriter(KernelRewriter):
             far.append(max(high - spare, 0))
             extra.append(max(spare - high, 0) // dilations[axis])
         sum_pads = [pads[0], pads[1], far[0], far[1]]
-        widths = [(0, 0), (0, 0), (0, extra[0]), (0, extra[1])]
-        mu, s2 = np.pad(mu, widths), np.pad(s2, widths)
-        kernel_h, kernel_w = kernel_h + extra[0], kernel_w + extra[1]
         stem = binding.var.name
-        ones = self.weight(f"{stem}.window_ones", np.ones([in_ch, 1, out_h, out_w]))
+        if any(extra) or w.repr != Moment.VAR:  # the weights padded to the window sums' taps (else the convolution's own)
+            widths = [(0, 0), (0, 0), (0, extra[0]), (0, extra[1])]
+            mu, s2 = np.pad(mu, widths), np.pad(s2, widths)
+            w = GaussianValue(self.add_weight(f"{stem}.mu", mu.astype(np.float32)), self.add_weight(f"{stem}.s2", s2.astype(np.float32)),
+                              Moment.VAR)
+        kernel_h, kernel_w = kernel_h + extra[0], kernel_w + extra[1]
+        key = (in_ch, out_h, out_w)
+        if key not in self.ones:
+            self.ones[key] = self.weight(f"window_ones_{in_ch}x{out_h}x{out_w}", np.ones([in_ch, 1, out_h, out_w]))
 
         def window_sums(value):
-            return self.conv(value, ones, dilations, sum_pads, strides, in_ch)
+            return self.conv(value, self.ones[key], dilations, sum_pads, strides, in_ch)
 
-        # of a Gaussian x the convolution with ones gives (M, sum of v) at once
-        sums = window_sums(x)
+        def pooled_conv(value):
+            return self.conv(value, w, [1, 1], [0, 0, 0, 0], [1, 1], groups)
+
+        # T = Var(sum_p y_p) = sum_{c,t} s2 (M^2 + A^2 + E) + mu^2 E + sum_c (sum_t mu A)^2 + L^2 s2_b with the
+        # window sums M = sum_p m, E = sum_p (v - a^2), A = sum_p a: the variance of the
+        # convolution of the Gaussian (M, E) with the random weights is the first two terms but
+        # s2 A^2; for a 1x1 window sum_c (sum_t mu A)^2 = sum_c mu^2 A^2, so (M, E + A^2) gives all
+        load_sums = None if a is None else window_sums(a)
         if x.repr == Moment.NONE:  # a model input
-            second = self.emit("multiply", {}, [sums, sums])
-        elif a is None:
-            second = self.emit("raw_second_moment", {}, [sums])
+            pooled = pooled_conv(window_sums(x))
         else:
-            load_sums = window_sums(a)
-            indep_sums = window_sums(self.emit("independent_variance", {}, [x, a]))
-            second = self.emit("square_add", {}, [sums, self.emit("square_add", {}, [load_sums, indep_sums])])
-        pooled = self.conv(second, self.weight(f"{stem}.s2", s2), [1, 1], [0, 0, 0, 0], [1, 1], groups)
-        if a is not None:  # sum_c (sum_t mu[o,c,t] A[c,t])^2: per input channel, its outputs' weights
-            per_group = out_ch // groups
-            spread = mu.reshape(groups, per_group, group_ch, kernel_h, kernel_w).transpose(0, 2, 1, 3, 4)
-            spread = spread.reshape(in_ch * per_group, 1, kernel_h, kernel_w)
-            h = self.conv(load_sums, self.weight(f"{stem}.spread", spread), [1, 1], [0, 0, 0, 0], [1, 1], in_ch)
-            h2 = self.view(self.emit("multiply", {}, [h, h]), [batch, groups, group_ch, per_group])
-            total = self.emit("reduce_sum", {"axes": [2], "keepdims": False}, [h2])
-            pooled = self.emit("add", {}, [pooled, self.view(total, [batch, out_ch, 1, 1])])
-        bias_var = self._bias_variance(binding, out_ch)
+            if independent is None:
+                independent = self.emit("independent_variance", {}, [x, a]) if a is not None else GaussianValue(x.moment)
+            means, indeps = window_sums(self.det(x)), window_sums(independent)
+            if a is not None and kernel_h * kernel_w == 1:
+                indeps, load_sums = self.emit("square_add", {}, [load_sums, indeps]), None
+            pooled = pooled_conv(GaussianValue(means.mean, indeps.mean, Moment.VAR))
+        latent = None
+        if load_sums is not None:
+            latent = self.conv(self.emit("multiply", {}, [load_sums, load_sums]), GaussianValue(w.moment), [1, 1], [0, 0, 0, 0], [1, 1], groups)
+            if group_ch == 1:  # depthwise: (sum_t mu A)^2
+                h = self.conv(load_sums, self.det(w), [1, 1], [0, 0, 0, 0], [1, 1], groups)
+                total = self.emit("multiply", {}, [h, h])
+            else:  # sum_c (sum_t mu[o,c,t] A[c,t])^2: per input channel, its outputs' weights
+                per_group = out_ch // groups
+                spread = mu.reshape(groups, per_group, group_ch, kernel_h, kernel_w).transpose(0, 2, 1, 3, 4)
+                spread = spread.reshape(in_ch * per_group, 1, kernel_h, kernel_w)
+                h = self.conv(load_sums, self.weight(f"{stem}.spread", spread), [1, 1], [0, 0, 0, 0], [1, 1], in_ch)
+                h2 = self.view(self.emit("multiply", {}, [h, h]), [batch, groups, group_ch, per_group])
+                total = self.view(self.emit("reduce_sum", {"axes": [2], "keepdims": False}, [h2]), [batch, out_ch, 1, 1])
+            latent = self.emit("add", {}, [latent, total])
+        bias_add, bias_var = self._bias_add(binding, out_ch)
         if np.any(bias_var):
-            pooled = self.emit("add", {}, [pooled, self.weight(f"{stem}.pooled_bias", (length**2 * bias_var).reshape(1, out_ch, 1, 1))])
-        # the shared part's diagonal: its weight noise in box form, + s2_b, + the coherent term
-        second_x = self.emit("raw_second_moment", {}, [x])
-        s2_sum = self.weight(f"{stem}.s2_sum", s2.sum(axis=(2, 3), keepdims=True))
-        if window > 1:
-            second_x = self.conv(second_x, self.weight(f"{stem}.box", np.full([in_ch, 1] + taps, 1.0 / window)),
-                                 strides, pads, dilations, in_ch)
-            shared = self.conv(second_x, s2_sum, [1, 1], [0, 0, 0, 0], [1, 1], groups)
-        else:
-            shared = self.conv(second_x, s2_sum, strides, pads, dilations, groups)
-        if np.any(bias_var):
-            shared = self.emit("add", {}, [shared, self.weight(f"{stem}.bias_var", bias_var.reshape(1, out_ch, 1, 1))])
-        if coherent is not None:
-            shared = self.emit("add", {}, [shared, coherent])
-        return self.project(shared, pooled, stem)
+            bias = self.weight(f"{stem}.pooled_bias", (length**2 * bias_var).reshape(1, out_ch, 1, 1))
+            latent = bias if latent is None else self.emit("add", {}, [latent, bias])
+        if latent is not None:
+            pooled = self.emit("add_variance", {"square": False}, [pooled, latent])
+        return _Pending(pooled, bias_add)
+
+
+class _Pending:
+    """A convolution's output loading before its projection: the pooled variance T, spread over
+    positions by the variance of the tensor it is first read from, which is after the bias add ``bias_add`` (so that the convolution keeps the bias add
+    fused and the spread includes s2_b, as T does)."""
+
+    __slots__ = ("pooled", "bias_add")
+
+    def __init__(self, pooled, bias_add):
+        self.pooled, self.bias_add = pooled, bias_add
 
 
 @tvm.transform.module_pass(opt_level=0, name="pfpc.CarryChannelCovariance")

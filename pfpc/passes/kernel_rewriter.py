@@ -78,6 +78,13 @@ class KernelRewriter:
         return users
 
     # --- the walk ------------------------------------------------------------------------------
+    def _tensor(self, var):
+        """The rewritten tensor of ``var`` (one output of a kernel call, or ``var`` itself)."""
+        if var not in self.values:
+            return var
+        value, component = self.values[var]
+        return value.mean if component == "mean" else value.moment
+
     def _operands(self, spec, args):
         operands, index = [], 0
         for rep in spec.operands:
@@ -88,7 +95,12 @@ class KernelRewriter:
                 moment = args[index]
                 index += 1
             if mean in self.values:
-                operands.append(self.values[mean][0])
+                value = self.values[mean][0]
+                if value.repr != Moment.NONE and rep == Moment.NONE:  # one tensor of a Gaussian, read as deterministic
+                    value = GaussianValue(self._tensor(mean))
+                elif rep != Moment.NONE and moment in self.values and self.values[moment][0] is not value:
+                    value = GaussianValue(self._tensor(mean), self._tensor(moment), rep)  # tensors of two kernels paired
+                operands.append(value)
             elif self.is_weight(mean) and rep == Moment.VAR:
                 operands.append(self.weight_operand(mean, moment))
             elif self.is_weight(mean):  # deterministic, or a second moment `FoldWeightMoments` made
