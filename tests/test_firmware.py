@@ -253,7 +253,7 @@ def test_limits_fail_the_compile_and_leave_nothing(tmp_path, capsys):
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".pfpc")]
     assert main(args + ["--ram-limit", "64K", "--flash-limit", "1M"]) == 0
     printed = capsys.readouterr().out
-    assert "flash" in printed and "fc1_matmul_add_relu" in printed and out.exists()
+    assert "flash" in printed and "k_fc1_Gemm_relu1_Relu" in printed and out.exists()  # the layer by its C function
 
 
 def test_unknown_target_is_a_one_line_error(tmp_path, capsys):
