@@ -46,6 +46,30 @@ def assert_close(actual, expected, rtol=RTOL, what=""):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
 
 
+def assert_zero_variance_equals_onnxruntime(model, x, tmp_path):
+    """A model compiled without a posterior returns onnxruntime's output (rtol 1e-4, and 1e-4 of
+    the output's scale) with every variance exactly zero; ``x`` feeds the input named ``x``."""
+    import onnxruntime as ort
+
+    out_dir = str(tmp_path / "out")
+    compiler.compile(model, None, out_dir=out_dir)
+    (mean, var), = compiler.run_host(out_dir, [x])
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(mean.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert np.all(var == 0)
+
+
+def assert_posterior_matches_reference(model, stds, x, tmp_path, what=""):
+    """The diagonal PFP of ``model`` with posterior ``stds`` against tests/reference.py's float64
+    PFP at rtol 1e-4 (every reference variance positive: the posterior reaches the output)."""
+    (mean, var), = compile_and_run(model, stds, [x], tmp_path)
+    variances = {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    (ref_mean, ref_var), = reference.pfp_onnx(model, variances, {"x": x}).values()
+    assert np.all(ref_var > 0)
+    assert_close(mean.reshape(ref_mean.shape), ref_mean, rtol=1e-4, what=f"{what} mean")
+    assert_close(var.reshape(ref_var.shape), ref_var, rtol=1e-4, what=f"{what} var")
+
+
 def check_against_reference(model, initializers, inputs, tmp_path, rng, zero_var=False, stochastic=None):
     """The compiled PFP against the NumPy reference; with zero variance also against onnxruntime.
 

@@ -14,7 +14,7 @@ pytest.importorskip("torch")
 import architectures  # noqa: E402
 import pfpc.compiler as compiler  # noqa: E402
 import reference  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import assert_posterior_matches_reference, assert_zero_variance_equals_onnxruntime  # noqa: E402
 
 NAMES = ("shufflenetv2_blocks", "conv_autoencoder", "mlp_autoencoder")
 
@@ -34,28 +34,13 @@ def test_exports_use_the_operators(exported):
 
 
 def test_zero_variance_equals_onnxruntime(tmp_path, exported):
-    import onnxruntime as ort
-
     name, model, x = exported
-    out = str(tmp_path / "out")
-    compiler.compile(model, None, out_dir=out)
-    (mean, var), = compiler.run_host(out, [x])
-    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(mean.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    assert np.all(var == 0)
+    assert_zero_variance_equals_onnxruntime(model, x, tmp_path)
 
 
 def test_posterior_matches_reference(tmp_path, exported):
     name, model, x = exported
-    stds = architectures.posterior(model)
-    out = str(tmp_path / "out")
-    compiler.compile(model, stds, out_dir=out, covariance="none")  # the diagonal PFP of tests/reference.py
-    (mean, var), = compiler.run_host(out, [x])
-    variances = {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in stds.items()}
-    (ref_mean, ref_var), = reference.pfp_onnx(model, variances, {"x": x}).values()
-    assert np.all(ref_var > 0)
-    assert_close(mean.reshape(ref_mean.shape), ref_mean, rtol=1e-4, what=f"{name} mean")
-    assert_close(var.reshape(ref_var.shape), ref_var, rtol=1e-4, what=f"{name} var")
+    assert_posterior_matches_reference(model, architectures.posterior(model), x, tmp_path, what=name)
 
 
 def test_posterior_within_the_stated_tolerance_of_monte_carlo(tmp_path, exported):

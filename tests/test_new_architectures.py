@@ -12,14 +12,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import onnx  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-import pfpc.compiler as compiler  # noqa: E402
-import reference  # noqa: E402
 import torch_models  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import assert_posterior_matches_reference, assert_zero_variance_equals_onnxruntime  # noqa: E402
 from test_torch_models import _posterior  # noqa: E402
 
 
@@ -122,27 +119,12 @@ def exported(request):
 
 
 def test_zero_variance_equals_onnxruntime(tmp_path, exported):
-    import onnxruntime as ort
-
     name, model, onnx_model = exported
     x = np.random.default_rng(3).standard_normal(model.input_shape).astype(np.float32)
-    out = str(tmp_path / "out")
-    compiler.compile(onnx_model, None, out_dir=out)
-    (mean, var), = compiler.run_host(out, [x])
-    expected = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(mean.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    assert np.all(var == 0)
+    assert_zero_variance_equals_onnxruntime(onnx_model, x, tmp_path)
 
 
 def test_posterior_matches_reference(tmp_path, exported):
     name, model, onnx_model = exported
     x = np.random.default_rng(3).standard_normal(model.input_shape).astype(np.float32)
-    stds = _posterior(onnx_model)
-    out = str(tmp_path / "out")
-    compiler.compile(onnx_model, stds, out_dir=out, covariance="none")  # the diagonal PFP of tests/reference.py
-    (mean, var), = compiler.run_host(out, [x])
-    variances = {k[: -len(".std")]: v.astype(np.float64) ** 2 for k, v in stds.items()}
-    (ref_mean, ref_var), = reference.pfp_onnx(onnx_model, variances, {"x": x}).values()
-    assert np.all(ref_var > 0)
-    assert_close(mean.reshape(ref_mean.shape), ref_mean, rtol=1e-4, what=f"{name} mean")
-    assert_close(var.reshape(ref_var.shape), ref_var, rtol=1e-4, what=f"{name} var")
+    assert_posterior_matches_reference(onnx_model, _posterior(onnx_model), x, tmp_path, what=name)
