@@ -161,11 +161,17 @@ def _transpose_attrs(call):
     return {"axes": axes}
 
 
-def _conv_attrs(call):
-    attrs = call.attrs
-    if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
-        return None
-    return {"strides": _ints(attrs.strides), "pads": _ints(attrs.padding), "dilations": _ints(attrs.dilation), "groups": int(attrs.groups)}
+def _conv_attrs_in(data_layout: str, kernel_layout: str):
+    """The attribute reader of a Relax convolution in the given layouts (None for another layout)."""
+    def read(call):
+        attrs = call.attrs
+        if attrs.data_layout != data_layout or attrs.kernel_layout != kernel_layout:
+            return None
+        return {"strides": _ints(attrs.strides), "pads": _ints(attrs.padding), "dilations": _ints(attrs.dilation), "groups": int(attrs.groups)}
+    return read
+
+
+_conv_attrs = _conv_attrs_in("NCHW", "OIHW")
 
 
 # --- ONNX attribute rules: (node, attributes, input rank or None) -> why it is refused, or None ----
@@ -198,18 +204,12 @@ def _maxpool_rule(node, attrs, rank):
 
 
 def _pool3d_attrs(call):
-    attrs = call.attrs
-    if attrs.layout != "NCDHW":
+    if call.attrs.layout != "NCDHW":
         return None
-    return {"kernel": _ints(attrs.pool_size), "strides": _ints(attrs.strides), "pads": _ints(attrs.padding),
-            "dilations": _ints(attrs.dilation), "ceil_mode": bool(attrs.ceil_mode), "count_include_pad": bool(attrs.count_include_pad)}
+    return {**_pool_attrs(call.attrs), "count_include_pad": bool(call.attrs.count_include_pad)}
 
 
-def _conv3d_attrs(call):
-    attrs = call.attrs
-    if attrs.data_layout != "NCDHW" or attrs.kernel_layout != "OIDHW":
-        return None
-    return {"strides": _ints(attrs.strides), "pads": _ints(attrs.padding), "dilations": _ints(attrs.dilation), "groups": int(attrs.groups)}
+_conv3d_attrs = _conv_attrs_in("NCDHW", "OIDHW")
 
 
 def _conv_transpose_rule(node, attrs, rank):
