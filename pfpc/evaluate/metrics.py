@@ -155,7 +155,7 @@ def log_softmax(logits, axis=-1) -> np.ndarray:
     """log softmax in float64: l - max l - log sum exp(l - max l)."""
     logits = np.asarray(logits, np.float64)
     shifted = logits - logits.max(axis=axis, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted - np.expand_dims(_logsumexp(shifted, axis), axis)
 
 
 def meanfield_log_probs(mean, var) -> np.ndarray:
@@ -164,9 +164,7 @@ def meanfield_log_probs(mean, var) -> np.ndarray:
     p = q / sum q; in log space (log-sum-exp), [N, K] at a time with a [N, K, K] intermediate."""
     mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
     exponent = -(mean[:, :, None] - mean[:, None, :]) / np.sqrt(1.0 + np.pi / 8.0 * var)[:, :, None]
-    peak = exponent.max(axis=2, keepdims=True)
-    log_q = -(peak[:, :, 0] + np.log(np.exp(exponent - peak).sum(axis=2)))
-    return log_softmax(log_q)
+    return log_softmax(-_logsumexp(exponent, 2))
 
 
 def probit_log_probs(mean, var) -> np.ndarray:
