@@ -82,14 +82,20 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
     return model
 
 
+def value_shapes(graph) -> dict:
+    """The shape shape inference recorded for every graph input, intermediate and output value
+    (None for a dimension it does not know)."""
+    return {value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+            for value in list(graph.input) + list(graph.value_info) + list(graph.output) if value.type.tensor_type.HasField("shape")}
+
+
 def softmax_after_views(model: onnx.ModelProto, name: str) -> None:
     """Softmax/LogSoftmax -> Reshape/Flatten/Squeeze/Unsqueeze/Identity... -> output becomes
     views -> Softmax over the output's matching axis, where the views keep each softmax group
     (the elements normalised together) one axis of the output: the softmax is then the last
     node, and the output keeps its probabilities (`final_softmax`)."""
     graph = model.graph
-    shapes = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim]
-              for value in list(graph.input) + list(graph.value_info) + list(graph.output) if value.type.tensor_type.HasField("shape")}
+    shapes = value_shapes(graph)
     views = registry.onnx_ops(registry.Kind.VIEW)
     opset = _default_opset(model)
     outputs = {value.name for value in graph.output}
@@ -109,7 +115,7 @@ def softmax_after_views(model: onnx.ModelProto, name: str) -> None:
                 or all(nodes[i].op_type == "Identity" for i in chain):
             continue
         softmax, before, after = nodes[index], shapes.get(nodes[index].input[0]), shapes.get(output.name)
-        if not before or not after or 0 in before or 0 in after:
+        if not before or not after or any(d in (0, None) for d in before + after):  # unknown or empty
             continue
         axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1 if opset >= 13 else 1) % len(before)
         # the group: `outer` groups of `size` elements, `inner` apart (opset < 13: the trailing axes flattened)
@@ -178,8 +184,7 @@ def fold_static_shapes(model: onnx.ModelProto) -> bool:
     """Replace every Shape node of a tensor whose shape is static (after shape inference) by an
     initializer, for `fold_constants` to fold the integer arithmetic that uses it. Whether any was."""
     graph = model.graph
-    shapes = {value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-              for value in list(graph.input) + list(graph.value_info) + list(graph.output) if value.type.tensor_type.HasField("shape")}
+    shapes = value_shapes(graph)
     shapes.update({init.name: list(init.dims) for init in graph.initializer})
     kept, folded = [], False
     for node in graph.node:

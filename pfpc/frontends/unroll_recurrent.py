@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import PfpcError
 from ..ops import registry as R
+from .onnx_model import value_shapes
 from .posterior import Posterior
 
 DIRECTIONS = {"forward": ("forward",), "reverse": ("reverse",), "bidirectional": ("forward", "reverse")}
@@ -103,11 +104,7 @@ class _Unroller:
         self.opset = _opset(model)
         self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
         self.producers = {out: node for node in model.graph.node for out in node.output if out}
-        self.shapes = {
-            value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-            for value in list(model.graph.input) + list(model.graph.value_info)
-            if value.type.tensor_type.HasField("shape")
-        }
+        self.shapes = value_shapes(model.graph)
         taken = {out for node in model.graph.node for out in node.output} | set(self.constants) | {v.name for v in model.graph.input}
         self.taken = taken
         self.initializers, self.means, self.variances = [], {}, {}
