@@ -313,15 +313,19 @@ def test_sampling_api_errors():
             pfpc.compile(model, None, batch=1, **options)
 
 
-def test_weight_read_in_two_layouts_is_refused(tmp_path, capsys):
-    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
-    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "w"], ["a"]),
-             helper.make_node("MatMul", ["a", "wt"], ["y"])]
+def test_weight_read_once_as_stored_and_once_scaled_is_refused(tmp_path, capsys):
+    """Two layouts of one initializer are drawn once (tests/test_tied_weights.py); a copy whose
+    values a pass changed (here the bias scaled by Gemm's beta at compile time) cannot be gathered
+    from that draw."""
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((4, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], beta=-2.0), helper.make_node("Add", ["h", "b"], ["y"])]
     path = tmp_path / "m.onnx"
-    path.write_bytes(make_model(nodes, [("x", [1, 4])], ["y"], {"w": w}).SerializeToString())
-    np.savez(tmp_path / "post.npz", **{"w.std": np.ones((4, 4), np.float32)})
+    path.write_bytes(make_model(nodes, [("x", [1, 4])], ["y"], {"w": w, "b": b}).SerializeToString())
+    np.savez(tmp_path / "post.npz", **{"b.std": np.ones(4, np.float32)})
     code, err = _cli([str(path), "--posterior", str(tmp_path / "post.npz"), "--mode", "svi", "-o", str(tmp_path / "out")], capsys)
-    assert code == 2 and "'w' is read in 2 layouts" in err and len(err.splitlines()) == 1, err
-    # the PFP treats the two layouts as independent Gaussians by design; it still compiles
+    assert code == 2 and "initializer 'b' is read by several nodes in forms a pass changed" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    # the PFP treats the two uses as independent Gaussians by design; it still compiles
     code, _ = _cli([str(path), "--posterior", str(tmp_path / "post.npz"), "-o", str(tmp_path / "pfp")], capsys)
     assert code == 0

@@ -49,6 +49,37 @@ class SampledWeight:
     mean: np.ndarray
     std: np.ndarray
     onnx_name: str
+    # a tied use of an initializer drawn in another layout: copied from that draw, not drawn
+    tied_to: "SampledWeight | None" = None
+    gather: np.ndarray | None = None  # this[i] = tied_to[gather[i]]
+    gather_name: str = ""
+
+
+def tie_layouts(sampled: list, positions: dict) -> None:
+    """Tied weights: when one initializer is read in several layouts (W by a MatMul, W^T by a
+    Gemm with transB), each sample must use one draw of it. The first layout is drawn; the others
+    are gathered from it through the weights' provenance (``pfp.weight_positions``: the flat
+    position in the initializer of every element)."""
+    drawn = {}
+    for weight in sampled:
+        name = weight.tensor.param
+        where = ir_state.source_positions(positions, name, weight.mean.shape)
+        first = drawn.get(weight.onnx_name)
+        if first is None:
+            drawn[weight.onnx_name] = weight, where
+            continue
+        first, first_where = first
+        if where is None or first_where is None or np.unique(first_where).size != first_where.size:
+            raise PfpcError(f"--mode svi: initializer '{weight.onnx_name}' is read by several nodes in forms a pass "
+                            f"changed at compile time (a folded batch norm or scaling); sampling it once per sample "
+                            f"for all of them is not supported")
+        inverse = np.full(int(first_where.max()) + 1, -1, dtype=np.int64)
+        inverse[first_where.reshape(-1)] = np.arange(first_where.size)
+        gather = inverse[where.reshape(-1)]
+        if np.any(gather < 0):
+            raise PfpcError(f"--mode svi: initializer '{weight.onnx_name}' is read in two layouts that do not hold "
+                            f"the same elements; tied sampling is not supported")
+        weight.tied_to, weight.gather = first, gather.astype(np.uint16 if first_where.size <= 1 << 16 else np.uint32)
 
 
 @dataclass
@@ -71,7 +102,7 @@ class Sampling:
     def metadata(self) -> dict:
         """The keys ``pfpc.json`` gets in mode svi."""
         return {"mode": "svi", "samples": self.samples, "seed": self.seed, "sampled_weights_bytes": self.sampled_bytes,
-                "draws_per_sample": sum(w.tensor.elements for w in self.weights)}
+                "draws_per_sample": sum(w.tensor.elements for w in self.weights if w.tied_to is None)}
 
 
 def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed: int, target=None) -> Program:
@@ -98,6 +129,10 @@ def lower_to_program(mod, weights: dict, io: dict, name: str, samples: int, seed
         program.tensors.append(tensor)
         sampled.append(SampledWeight(tensor, mean_name, program.namer(f"{tensor.stem}_std", prefix=f"{name}_"),
                                      mean, stds[param_name], onnx_name))
+    tie_layouts(sampled, ir_state.weight_positions(func))
+    for weight in sampled:
+        if weight.tied_to is not None:
+            weight.gather_name = program.namer(f"{weight.tensor.stem}_tied_gather", prefix=f"{name}_")
     accumulate, average = [], []
     for index, ((onnx_name, shape), repr_, c_name) in enumerate(zip(io["outputs"], ir_state.output_moments(func), program.output_stems)):
         if repr_ != Moment.NONE:
@@ -137,7 +172,7 @@ def render_svi(program: Program) -> dict[str, str]:
 #define {upper}_SEED {sampling.seed}u
 #endif
 /* Bytes of the arena that hold the drawn weights: {len(sampling.weights)} stochastic tensors,
- * {sum(w.tensor.elements for w in sampling.weights)} floats drawn per sample. */
+ * {sum(w.tensor.elements for w in sampling.weights if w.tied_to is None)} floats drawn per sample. */
 #define {upper}_SAMPLED_WEIGHTS_BYTES {sampling.sampled_bytes}
 """
     files[f"{name}.h"] = render_header(
@@ -146,6 +181,10 @@ def render_svi(program: Program) -> dict[str, str]:
         f"\n * It includes the drawn weights ({upper}_SAMPLED_WEIGHTS_BYTES bytes).")
     extra = []
     for weight in sampling.weights:
+        if weight.tied_to is not None:
+            extra.append((weight.gather_name, weight.gather, f"where each element of the tied use of initializer "
+                          f"'{c_comment(weight.onnx_name)}' is in the draw of {weight.tied_to.tensor.c_name}"))
+            continue
         extra.append((weight.mean_name, weight.mean, f"posterior mean of initializer '{c_comment(weight.onnx_name)}', drawn per sample"))
         extra.append((weight.std_name, weight.std, f"posterior std of initializer '{c_comment(weight.onnx_name)}'"))
     files[f"{name}_weights.h"] = render_weights(program, extra)
@@ -172,7 +211,12 @@ def _executor(program: Program) -> str:
     if sampling.weights:
         lines.append("    /* w = mean + std * N(0, 1) for every stochastic weight */")
     for weight in sampling.weights:
-        lines.append(f"    {name}_draw({weight.tensor.c_name}, {weight.mean_name}, {weight.std_name}, {weight.tensor.elements}, &rng);")
+        if weight.tied_to is None:
+            lines.append(f"    {name}_draw({weight.tensor.c_name}, {weight.mean_name}, {weight.std_name}, {weight.tensor.elements}, &rng);")
+    for weight in sampling.weights:
+        if weight.tied_to is not None:  # tied weights: the same draw in another layout
+            lines.append(f"    for (i = 0; i < {weight.tensor.elements}; i++) {weight.tensor.c_name}[i] = "
+                         f"{weight.tied_to.tensor.c_name}[{weight.gather_name}[i]];")
     lines += render_steps(program, "    ")
     for c_name, tensor in sampling.accumulate:
         lines.append(f"    {name}_accumulate({c_name}_mean, {c_name}_var, {tensor.c_name}, {tensor.elements}, 1.0f / (float)(sample + 1));")

@@ -10,7 +10,8 @@ has had the same transposes, reshapes and scalings as the mean: for a permutatio
 with T(eps) again independent N(0, 1); for a scaling by c, c*mu + |c|*sigma*eps' has the same
 distribution (eps' = sign(c)*eps). The passes after it compile the deterministic network; the
 generated code draws every weight named in ``pfp.sampled_std`` as mean + std * N(0, 1) per sample
-(a weight the posterior names is drawn even where its std is zero).
+(a weight the posterior names is drawn even where its std is zero). An initializer read in
+several layouts is drawn once and gathered into the others (`codegen.emit_svi.tie_layouts`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import tvm
 
-from ..errors import PfpcError
 from .. import ir_state
 from ..ir import func_attrs, with_attrs
 
@@ -29,15 +29,7 @@ class DetachWeightStd:
 
     def transform_module(self, mod, ctx):
         func = mod["main"]
-        variances, onnx_names = ir_state.variances(func), ir_state.onnx_names(func)
-        layouts = {}
-        for name in sorted(variances):
-            layouts.setdefault(onnx_names.get(name, name), []).append(name)
-        for initializer, names in layouts.items():
-            if len(names) > 1:
-                # two layouts of one tensor would be drawn independently: a different distribution
-                raise PfpcError(f"--mode svi: stochastic initializer '{initializer}' is read in {len(names)} layouts "
-                                f"({', '.join(names)}); sampling it once per layout is not supported")
+        variances = ir_state.variances(func)
         stds = {name: np.sqrt(np.asarray(var, np.float64)) for name, var in variances.items()}
         attrs = func_attrs(func, ir_state.encode(variances={}, sampled_std=stds))
         mod["main"] = with_attrs(func, attrs)

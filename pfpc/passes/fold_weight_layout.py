@@ -4,7 +4,10 @@
     y  = R.matmul(x, lv)                                variance permuted alike); y = R.matmul(x, fc_weight_T)
 
 Handles permute_dims, reshape, expand_dims, squeeze and multiplication by a scalar constant
-(mean scaled by c, variance by c^2) whose operands are weights. Records where every element of a
+(mean scaled by c, variance by c^2) whose operands are weights. A weight used by several nodes
+through the same layout operation (tied weights: two Gemm with transB=1 on one initializer) gets
+one folded parameter, read by all of them: stored once, and drawn once per sample by `--mode svi`,
+as the tying requires. Records where every element of a
 new weight comes from in its initializer (``pfp.weight_positions``: the same layout operation
 applied to the source's positions; None for a scaled weight, whose values changed). Runs on the
 deterministic module.
@@ -32,6 +35,23 @@ def _fold(op, call, value, variance):
     return None
 
 
+def _fold_key(call) -> tuple:
+    """What makes two folds of one weight the same: the output shape and the operation's arguments
+    after the weight (a scaling's factor)."""
+    axes = getattr(call.attrs, "axes", None) if call.attrs is not None else None
+    return (tuple(int(d) for d in shape_of(call)), None if axes is None else tuple(int(a) for a in axes),
+            tuple(scalar_value(arg) for arg in call.args[1:]))
+
+
+def _unused_name(name: str, taken) -> str:
+    """``name``, or ``name.2``, ``name.3``, ... when a different fold of the same weight has it."""
+    candidate, index = name, 1
+    while candidate in taken:
+        index += 1
+        candidate = f"{name}.{index}"
+    return candidate
+
+
 @tvm.transform.module_pass(opt_level=0, name="pfpc.FoldWeightLayout")
 class FoldWeightLayout:
     after = ("pfpc.Lower1dTo2d",)  # run before it when in the pipeline
@@ -42,7 +62,7 @@ class FoldWeightLayout:
         means, variances, names = ir_state.means(func), ir_state.variances(func), ir_state.onnx_names(func)
         positions = ir_state.weight_positions(func)
         weights = {param: param.name for param in func.params[num_input:]}
-        replace, new_params = {}, []
+        replace, new_params, folded_params = {}, [], {}
         for binding in main_bindings(func):
             call, op = binding.value, call_op_name(binding.value)
             if op is None or not call.args or call.args[0] not in weights:
@@ -59,7 +79,11 @@ class FoldWeightLayout:
                     folded = means[source] * factor, None if var is None else var * factor * factor
             if folded is None:
                 continue
-            name = f"{source}.{op.split('.')[-1]}"
+            key = (source, op, _fold_key(call))
+            if key in folded_params:
+                weights[binding.var], replace[binding.var] = folded_params[key]
+                continue
+            name = _unused_name(f"{source}.{op.split('.')[-1]}", means)
             param = relax.Var(name, relax.TensorType(shape_of(call), "float32"))
             means[name] = folded[0]
             if folded[1] is not None:
@@ -68,6 +92,7 @@ class FoldWeightLayout:
             positions[name] = moved
             weights[binding.var] = name
             replace[binding.var] = param
+            folded_params[key] = name, param
             new_params.append(param)
         if not replace:
             return mod
