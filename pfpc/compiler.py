@@ -132,6 +132,12 @@ def compile(  # noqa: A001 - the public name users expect
     check_c_name(name)
     samples, seed = check_sampling_options(mode, samples, seed)
     outputs = check_outputs(outputs, mode)
+    covariance_chosen = (covariance, covariance_budget) != ("auto", 0.5)
+    if covariance_chosen and passes is not None:
+        raise PfpcError("covariance options choose the default pipeline's carry_channel_covariance pass; with passes= "
+                        "put CarryChannelCovariance(mode, budget) in the list instead")
+    if covariance_chosen and mode != "pfp":
+        raise PfpcError(f"covariance options are for mode pfp (mode {mode} runs the deterministic network on sampled weights)")
     passes = list(passes if passes is not None else for_target(svi_passes() if mode == "svi" else default_passes(covariance, covariance_budget), target_info))
     substituted = any(isinstance(transform, SubstituteLayers) for _, transform in passes)
     predictive = AppendPredictiveOutputs(outputs, probs_method, logit_samples)  # options checked before the model is read

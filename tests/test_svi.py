@@ -296,6 +296,8 @@ def _cli(args, capsys):
     (["--seed", "3"], "need mode svi (--mode svi)"),
     (["--mode", "svi", "--samples", "1"], "must be an integer of at least 2"),
     (["--mode", "svi", "--seed", "-1"], "seed (--seed) must be an integer in [0, 2**32)"),
+    (["--mode", "svi", "--covariance", "channel"], "covariance options are for mode pfp"),
+    (["--mode", "svi", "--covariance-budget", "2"], "covariance options are for mode pfp"),
 ])
 def test_sampling_option_errors(tmp_path, capsys, options, expected):
     model, post = os.path.join(EXAMPLES, "mlp", "model.onnx"), os.path.join(EXAMPLES, "mlp", "post.npz")
@@ -308,7 +310,10 @@ def test_sampling_api_errors():
     model = os.path.join(EXAMPLES, "mlp", "model.onnx")
     for options, expected in [({"samples": 10}, "need mode svi"), ({"mode": "svi", "samples": 1}, "at least 2"),
                               ({"mode": "mcmc"}, "unknown mode 'mcmc'"),
-                              ({"mode": "svi", "passes": default_passes()}, "no DetachWeightStd")]:
+                              ({"mode": "svi", "passes": default_passes()}, "no DetachWeightStd"),
+                              # silently ignored before: the given pass list decides
+                              ({"passes": default_passes(), "covariance": "channel"}, "put CarryChannelCovariance"),
+                              ({"passes": default_passes(), "covariance_budget": 1.0}, "put CarryChannelCovariance")]:
         with pytest.raises(pfpc.PfpcError, match=expected):
             pfpc.compile(model, None, batch=1, **options)
 
