@@ -10,7 +10,6 @@ run time.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 import tvm
@@ -107,29 +106,21 @@ _IDENTIFIER = re.compile(r"\b[A-Za-z_]\w*\b")
 
 def _same_kernels(prim_funcs: dict):
     """([names to compile], {name: (earlier kernel, [(its parameter, this one's)] in order)}):
-    kernels whose TVMScript, with the parameters that are C identifiers numbered, is an earlier
-    one's (the others, such as an output ``relu.v0``, must then be the same)."""
+    kernels structurally equal to an earlier one up to names (TIR's structural equality maps
+    every variable and buffer it defines, the parameters among them). The C printer takes nothing
+    else from a kernel but names, so the copy is the earlier kernel's C with the parameters
+    renamed (`_renamed`, which declines where the printer might have named them otherwise)."""
     firsts, compiled, copies = {}, [], {}
     # the C comes from the TIR alone: the name and the kernel spec (which names the ONNX nodes) do not count
     anonymous = {name: func.without_attr(KERNEL_ATTR).with_attr("global_symbol", "kernel") for name, func in prim_funcs.items()}
-    hashes = {name: tvm_ffi.structural_hash(func) for name, func in anonymous.items()}
-    shared = {h for h, count in Counter(hashes.values()).items() if count > 1}
     for name, func in prim_funcs.items():
-        if hashes[name] not in shared:  # no other kernel of the same structure (names aside): no text to compare
+        group = firsts.setdefault(tvm_ffi.structural_hash(anonymous[name]), [])
+        first = next((f for f in group if tvm_ffi.structural_equal(anonymous[f], anonymous[name])), None)
+        if first is None:
+            group.append(name)
             compiled.append(name)
-            continue
-        params = [str(p.name) for p in func.params]
-        numbered = {p: f"pfpc_param_{i}" for i, p in enumerate(params) if re.fullmatch(r"[A-Za-z_]\w*", p)}
-        text = anonymous[name].script()
-        if numbered and len(set(params)) == len(params):
-            text = re.sub(r"\b(" + "|".join(sorted(map(re.escape, numbered), key=len, reverse=True)) + r")\b",
-                          lambda m: numbered[m.group(1)], text)
-        if text in firsts:
-            first, first_params = firsts[text]
-            copies[name] = (first, list(zip(first_params, params)))
-            continue
-        firsts[text] = (name, params)
-        compiled.append(name)
+        else:
+            copies[name] = (first, [(str(a.name), str(b.name)) for a, b in zip(prim_funcs[first].params, func.params)])
     return compiled, copies
 
 
