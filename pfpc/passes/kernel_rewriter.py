@@ -12,7 +12,7 @@ import numpy as np
 from tvm import relax
 
 from .. import ir_state
-from ..ir import GaussianValue, KernelEmitter, kernel_label, operand_names, call_op_name, func_attrs, kernel_of, main_bindings, output_fields, with_attrs
+from ..ir import GaussianValue, KernelBuilder, KernelEmitter, kernel_label, operand_names, call_op_name, func_attrs, kernel_of, main_bindings, output_fields, with_attrs
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec
 
@@ -23,7 +23,7 @@ class KernelRewriter:
         self.func = mod["main"]
         self.num_input = int(self.func.attrs["num_input"])
         self.weights = ir_state.means(self.func)
-        self.bb = relax.BlockBuilder()
+        self.bb = KernelBuilder()
         self.kernels = KernelEmitter(self.bb)
         self.values = {}  # old var -> (new GaussianValue, "mean" | "moment")
         self.views = {}
