@@ -92,6 +92,28 @@ def test_reversed_node_order_is_sorted(tmp_path, capsys):
     _check(model, weights, tmp_path, capsys, "the nodes were not in topological order; sorted")
 
 
+def test_node_order_kept_when_valid_and_reversed_branches_sorted_in_file_order():
+    """A valid order with parallel branches is left alone (it used to be regrouped into rounds of
+    ready nodes and announced as unsorted: every PyTorch export of a residual network); a reversed
+    one comes out in the earliest valid order of the file."""
+    from pfpc.frontends.onnx_model import sort_nodes
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="a"), helper.make_node("Neg", ["a"], ["b"], name="b"),
+             helper.make_node("Abs", ["x"], ["c"], name="c"), helper.make_node("Add", ["b", "c"], ["y"], name="y")]
+
+    def model(order):
+        graph = helper.make_graph([nodes[i] for i in order], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        return helper.make_model(graph)
+
+    valid = model([0, 1, 2, 3])
+    sort_nodes(valid, "m.onnx")
+    assert [n.name for n in valid.graph.node] == ["a", "b", "c", "y"]
+    reversed_ = model([3, 2, 1, 0])
+    sort_nodes(reversed_, "m.onnx")
+    assert [n.name for n in reversed_.graph.node] == ["c", "a", "b", "y"]  # c is the file's first ready node
+
+
 @pytest.mark.parametrize("elem_type,name", [(TensorProto.DOUBLE, "float64"), (TensorProto.FLOAT16, "float16")])
 def test_float64_and_float16_models_become_float32(tmp_path, capsys, elem_type, name):
     weights = _weights(np.random.default_rng(13))

@@ -9,6 +9,7 @@ run time.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -114,7 +115,7 @@ def _same_kernels(prim_funcs: dict):
     # the C comes from the TIR alone: the name and the kernel spec (which names the ONNX nodes) do not count
     anonymous = {name: func.without_attr(KERNEL_ATTR).with_attr("global_symbol", "kernel") for name, func in prim_funcs.items()}
     for name, func in prim_funcs.items():
-        group = firsts.setdefault(tvm_ffi.structural_hash(anonymous[name]), [])
+        group = firsts.setdefault(_reuse_key(func, anonymous[name]), [])
         first = next((f for f in group if tvm_ffi.structural_equal(anonymous[f], anonymous[name])), None)
         if first is None:
             group.append(name)
@@ -122,6 +123,17 @@ def _same_kernels(prim_funcs: dict):
         else:
             copies[name] = (first, [(str(a.name), str(b.name)) for a, b in zip(prim_funcs[first].params, func.params)])
     return compiled, copies
+
+
+def _reuse_key(func, anonymous) -> tuple:
+    """Where to look for a kernel's equal: a Gaussian kernel's spec without its ONNX provenance
+    and its buffers' shapes, which determine its TIR up to names (hashing large kernels
+    structurally cost 27 ms each); other kernels by their structural hash."""
+    if func.attrs is not None and KERNEL_ATTR in func.attrs:
+        spec = json.loads(str(func.attrs[KERNEL_ATTR]))
+        spec.pop("nodes", None)
+        return json.dumps(spec, sort_keys=True), str(func.ty)  # the parameters' shapes
+    return (tvm_ffi.structural_hash(anonymous),)
 
 
 def _renamed(kernel: CKernel, name: str, names: list) -> CKernel | None:

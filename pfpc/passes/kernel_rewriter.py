@@ -23,6 +23,7 @@ class KernelRewriter:
         self.func = mod["main"]
         self.num_input = int(self.func.attrs["num_input"])
         self.weights = ir_state.means(self.func)
+        self.initializer_names = ir_state.onnx_names(self.func)  # read once: decoding it per kernel was quadratic
         self.bb = KernelBuilder()
         self.kernels = KernelEmitter(self.bb)
         self.values = {}  # old var -> (new GaussianValue, "mean" | "moment")
@@ -121,7 +122,7 @@ class KernelRewriter:
             self.used.update(arg for operand in operands for arg in operand.args())
             names = set(self.weights)
             label = kernel_label(spec.ops, operands, names)
-            result = self.kernels.emit(spec.with_(operands=tuple(o.repr for o in operands)), operands, label, operand_names(operands, names, ir_state.onnx_names(self.func)))
+            result = self.kernels.emit(spec.with_(operands=tuple(o.repr for o in operands)), operands, label, operand_names(operands, names, self.initializer_names))
             self.values[binding.var] = (result, "mean")
             self.results[binding.var] = result
             return
