@@ -180,7 +180,10 @@ Predictive entropy = H[p]. Expected entropy and mutual information: SVI from its
 (MI = H[mean_s softmax(l_s)] − mean_s H[softmax(l_s)], so MI ≥ 0 and both terms use the same
 draws). Mean logit variance: the variance of each logit (SVI: sample variance; PFP: propagated),
 averaged over classes. The deterministic network has no weight uncertainty: no expected entropy,
-MI or logit variance; its only OOD score is the predictive entropy.
+MI or logit variance; its only OOD score is the predictive entropy. AUROCs, risk-coverage and
+abstain thresholds rank entropy and MI by their logs computed in float64 log space (no ties among
+confident inputs); the thresholds are given for both (the log ones for the C's `log_entropy` /
+`log_mutual_information` outputs).
 """
 
 
