@@ -4,7 +4,7 @@ seed paper's two MNIST networks (MNIST test in distribution, Fashion-MNIST test 
 by the log of the predictive entropy, against Monte Carlo over the same logit Gaussian with many draws
 (the quantity the closed forms approximate) and on-device-style Gaussian logit sampling with S draws.
 
-    python benchmarks/predictive_closed_forms.py [--nets mlp,lenet] [--draws 2000]
+    python benchmarks/predictive_closed_forms.py [--nets mlp,lenet] [--draws 2000] [--trend]
 
 Candidates (log q_k; p = q / sum q):
 - meanfield_own (pfpc's `meanfield` until session 8): -LSE_j -(M_k - M_j) / sqrt(1 + pi V_k / 8)
