@@ -208,7 +208,8 @@ def _evaluate_parser():
     parser.add_argument("--preprocess", metavar="JSON", help="the preprocessing as JSON {scale, mean, std, layout} "
                         "(default: preprocess.json beside the model if present); --scale/--mean/--std/--layout override it")
     parser.add_argument("--save-preprocess", metavar="JSON", help="write the preprocessing used to this JSON file (e.g. beside the compiled model)")
-    parser.add_argument("--thresholds-into", metavar="OUT_DIR", help="write the PFP's abstain thresholds as #defines into the header of this compiled model")
+    parser.add_argument("--thresholds-into", metavar="OUT_DIR", help="write the PFP's abstain thresholds as #defines into the header of this compiled model "
+                        "(<NAME>_ABSTAIN_<SCORE>_COV<percent>, also for the log-space outputs LOG_ENTROPY and LOG_MUTUAL_INFORMATION)")
     parser.add_argument("--report", metavar="DIR", help="write <model>.md and plots (needs matplotlib) into DIR")
     parser.add_argument("--mnist-images", metavar="IDX", help="MNIST IDX images (optionally .gz) instead of scikit-learn's digits")
     parser.add_argument("--mnist-labels", metavar="IDX", help="the matching IDX labels")

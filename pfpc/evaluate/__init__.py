@@ -4,7 +4,11 @@ dirty-digits suite (`datasets`), with the metrics of `metrics` and a Markdown re
 Per predictor and set: accuracy, NLL, ECE (15 bins), Brier (labelled sets only), mean predictive
 entropy, expected entropy, mutual information and logit variance; per out-of-distribution set:
 AUROC against the clean set for each OOD score (mean logit variance, predictive entropy, mutual
-information).
+information). Entropy and mutual information are ranked by their logs computed in log space
+(`metrics.Prediction.ranking`: the exact order, where the float64 values of confident inputs round
+to ties), for the AUROCs, risk-coverage curves and abstain thresholds; the thresholds come for both
+the log score (``log_entropy``, ``log_mutual_information``, the generated C's log-space outputs)
+and the plain one.
 """
 
 from __future__ import annotations
@@ -75,15 +79,21 @@ def summarize(evaluation: Evaluation) -> Evaluation:
         for score in SCORES:
             if clean.score(score) is None:
                 continue
+            ranked = {s.name: by_set[s.name].ranking(score) for s in evaluation.sets}
             for eval_set in ood_sets:
-                evaluation.auroc[(predictor, score, eval_set.name)] = metrics.auroc(clean.score(score), by_set[eval_set.name].score(score))
+                evaluation.auroc[(predictor, score, eval_set.name)] = metrics.auroc(ranked["clean"], ranked[eval_set.name])
             if ood_sets:
-                pooled = np.concatenate([by_set[s.name].score(score) for s in ood_sets])
-                evaluation.auroc[(predictor, score, "all_ood")] = metrics.auroc(clean.score(score), pooled)
+                pooled = np.concatenate([ranked[s.name] for s in ood_sets])
+                evaluation.auroc[(predictor, score, "all_ood")] = metrics.auroc(ranked["clean"], pooled)
             clean_set = next(s for s in evaluation.sets if s.name == "clean")
-            evaluation.risk_coverage[(predictor, score)] = metrics.risk_coverage(clean.probs, clean_set.labels, clean.score(score))
+            evaluation.risk_coverage[(predictor, score)] = metrics.risk_coverage(clean.probs, clean_set.labels, ranked["clean"])
+            log_space = ranked["clean"] is not clean.score(score)
             for coverage in metrics.COVERAGES:
-                threshold = metrics.coverage_threshold(clean.score(score), coverage)
+                threshold = metrics.coverage_threshold(ranked["clean"], coverage)
+                if log_space:  # the log score's threshold, and its exp for the plain score (rejecting what that score can tell apart)
+                    evaluation.thresholds[(predictor, "log_" + score, coverage)] = (
+                        threshold, {s.name: float(np.mean(ranked[s.name] > threshold)) for s in ood_sets})
+                    threshold = float(np.exp(threshold))
                 evaluation.thresholds[(predictor, score, coverage)] = (
                     threshold, {s.name: float(np.mean(by_set[s.name].score(score) > threshold)) for s in ood_sets})
     return evaluation

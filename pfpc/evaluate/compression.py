@@ -59,7 +59,7 @@ def _metrics(sets, mean, var, probs) -> dict:
     row = {"accuracy": metrics.accuracy(clean.probs, clean_set.labels), "nll": metrics.nll(clean.probs, clean_set.labels, clean.log_probs),
            "ece": metrics.ece(clean.probs, clean_set.labels)}
     for score in ("entropy", "logit_var"):
-        row[f"auroc_{score}"] = metrics.auroc(clean.score(score), np.concatenate([p.score(score) for p in ood]))
+        row[f"auroc_{score}"] = metrics.auroc(clean.ranking(score), np.concatenate([p.ranking(score) for p in ood]))
     return row
 
 

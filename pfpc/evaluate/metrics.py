@@ -204,34 +204,51 @@ class Prediction:
     gaussian_probs: np.ndarray | None = None
     #: log p in float64 computed in log space (NLL without underflow), when the predictor gives it
     log_probs: np.ndarray | None = None
+    #: log H[p] and log MI in float64 log space (`log_entropy`, `log_mutual_information`): the
+    #: order of confident inputs, whose float64 entropy and MI round to ties (0 or equal values)
+    log_entropy: np.ndarray | None = None
+    log_mutual_information: np.ndarray | None = None
 
     def score(self, name):
         return {"entropy": self.entropy, "mutual_information": self.mutual_information, "logit_var": self.logit_var}[name]
 
+    def ranking(self, name):
+        """The score to rank and threshold inputs by: its log-space twin when there is one (the same
+        order as the exact score, without rounding's ties), else the score itself."""
+        log_space = {"entropy": self.log_entropy, "mutual_information": self.log_mutual_information}.get(name)
+        # log 0 (no uncertainty at all) as the lowest float: scikit-learn takes no infinities
+        return self.score(name) if log_space is None else np.maximum(log_space, -np.finfo(np.float64).max)
+
     def subset(self, rows):
         pick = lambda a: None if a is None else a[rows]  # noqa: E731
         return Prediction(self.probs[rows], self.entropy[rows], pick(self.expected_entropy), pick(self.mutual_information),
-                          pick(self.logit_var), pick(self.gaussian_probs), pick(self.log_probs))
+                          pick(self.logit_var), pick(self.gaussian_probs), pick(self.log_probs), pick(self.log_entropy),
+                          pick(self.log_mutual_information))
 
 
 def from_logits(logits) -> Prediction:
     """A deterministic network: p = softmax(logits)."""
     probs = softmax(logits)
-    return Prediction(probs, entropy(probs), log_probs=log_softmax(logits))
+    log_probs = log_softmax(logits)
+    return Prediction(probs, entropy(probs), log_probs=log_probs, log_entropy=log_entropy(log_probs))
 
 
-def gaussian_logits(mean, var, samples: int = 1000, seed: int = 0, chunk: int = 256):
-    """Draws l_s ~ N(mean, diag(var)) per row: (mean_s softmax(l_s), mean_s H[softmax(l_s)])."""
+def gaussian_logits(mean, var, samples: int = 1000, seed: int = 0, chunk: int = 256, log_mi: bool = False):
+    """Draws l_s ~ N(mean, diag(var)) per row: (mean_s softmax(l_s), mean_s H[softmax(l_s)]), and with
+    ``log_mi`` the draws' log MI in log space (`log_mutual_information`) third."""
     mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
     rng = np.random.default_rng(seed)
-    probs, expected = np.empty(mean.shape), np.empty(len(mean))
+    probs, expected, log_information = np.empty(mean.shape), np.empty(len(mean)), np.empty(len(mean))
     std = np.sqrt(np.maximum(var, 0.0))
     for start in range(0, len(mean), chunk):
         rows = slice(start, start + chunk)
-        per_sample = softmax(mean[rows] + std[rows] * rng.standard_normal((samples,) + mean[rows].shape))
+        logits = mean[rows] + std[rows] * rng.standard_normal((samples,) + mean[rows].shape)
+        per_sample = softmax(logits)
         probs[rows] = per_sample.mean(axis=0)
         expected[rows] = entropy(per_sample).mean(axis=0)
-    return probs, expected
+        if log_mi:
+            log_information[rows] = log_mutual_information(log_softmax(logits))
+    return (probs, expected, log_information) if log_mi else (probs, expected)
 
 
 def from_logit_samples(samples, gaussian_samples: int = 1000, seed: int = 0) -> Prediction:
@@ -249,7 +266,8 @@ def from_logit_samples(samples, gaussian_samples: int = 1000, seed: int = 0) -> 
     expected = entropy(per_sample).mean(axis=0)
     var = samples.var(axis=0, ddof=1)
     gaussian, _ = gaussian_logits(samples.mean(axis=0), var, gaussian_samples, seed)
-    return Prediction(probs, predictive, expected, np.maximum(predictive - expected, 0.0), var.mean(axis=-1), gaussian, log_probs)
+    return Prediction(probs, predictive, expected, np.maximum(predictive - expected, 0.0), var.mean(axis=-1), gaussian, log_probs,
+                      log_entropy(log_probs), log_mutual_information(log_per_sample))
 
 
 def from_logit_moments(mean, var, samples: int = 1000, seed: int = 0, probs=None, method: str = "probit") -> Prediction:
@@ -258,12 +276,14 @@ def from_logit_moments(mean, var, samples: int = 1000, seed: int = 0, probs=None
     probabilities for the NLL always in float64 log space), predictive entropy H[p]; expected entropy and
     MI from ``samples`` draws of the logits' Gaussian (`gaussian_logits`, cheap, on the host):
     MI = H[mean_s softmax(l_s)] - mean_s H[softmax(l_s)] (both terms from the same draws, so
-    MI >= 0); logit variance = mean over classes of var."""
+    MI >= 0); logit variance = mean over classes of var. Log entropy from the float64 log
+    probabilities, log MI from the same draws, both in log space (the scores to rank by)."""
     mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
     log_probs = (meanfield_log_probs if method == "meanfield" else probit_log_probs)(mean, var)
     if probs is None:
         probs = probit_probs(mean, var) if method == "probit" else np.exp(log_probs)
     probs = _rows(probs)
-    gaussian, expected = gaussian_logits(mean, var, samples, seed)
+    gaussian, expected, log_information = gaussian_logits(mean, var, samples, seed, log_mi=True)
     mutual_information = np.maximum(entropy(gaussian) - expected, 0.0)
-    return Prediction(probs, entropy(probs), expected, mutual_information, var.mean(axis=-1), gaussian, log_probs)
+    return Prediction(probs, entropy(probs), expected, mutual_information, var.mean(axis=-1), gaussian, log_probs,
+                      log_entropy(log_probs), log_information)

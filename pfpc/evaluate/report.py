@@ -12,6 +12,7 @@ from . import LABELLED_METRICS, PER_LAYER_IMAGES, PER_LAYER_SAMPLES, PREDICTORS,
 
 NAMES = {"deterministic": "deterministic", "svi": "SVI", "pfp": "PFP", "logit_var": "mean logit variance",
          "entropy": "predictive entropy", "mutual_information": "mutual information", "expected_entropy": "expected entropy",
+         "log_entropy": "log predictive entropy", "log_mutual_information": "log mutual information",
          "accuracy": "accuracy", "nll": "NLL", "ece": "ECE", "brier": "Brier", "all_ood": "all OOD"}
 
 #: The issue's targets: PFP against SVI with 100 samples, and against the deterministic network.
@@ -179,7 +180,10 @@ Predictive entropy = H[p]. Expected entropy and mutual information: SVI from its
 (MI = H[mean_s softmax(l_s)] − mean_s H[softmax(l_s)], so MI ≥ 0 and both terms use the same
 draws). Mean logit variance: the variance of each logit (SVI: sample variance; PFP: propagated),
 averaged over classes. The deterministic network has no weight uncertainty: no expected entropy,
-MI or logit variance; its only OOD score is the predictive entropy.
+MI or logit variance; its only OOD score is the predictive entropy. AUROCs, risk-coverage and
+abstain thresholds rank entropy and MI by their logs computed in float64 log space (no ties among
+confident inputs); the thresholds are given for both (the log ones for the C's `log_entropy` /
+`log_mutual_information` outputs).
 """
 
 
@@ -246,9 +250,20 @@ def threshold_table(evaluation: Evaluation) -> str:
             "\n\nRisk-coverage (error rate on the clean inputs kept, lowest scores first):\n\n" + _table(header, curves))
 
 
+def _c_float(value: float) -> str:
+    """A float32 C literal of ``value``: 0.0f when it underflows (an entropy threshold of 1e-60; its log
+    score's define keeps the order), the lowest finite float for log 0."""
+    value = float(np.clip(value, -np.finfo(np.float32).max, np.finfo(np.float32).max))
+    if abs(value) < np.finfo(np.float32).tiny:
+        return "0.0f"
+    text = f"{value:.9g}"
+    return text + ("f" if any(c in text for c in ".e") else ".0f")
+
+
 def threshold_defines(evaluation: Evaluation, predictor: str = "pfp") -> list[str]:
-    """#define lines of the PFP's thresholds for the generated header."""
-    return [f"#define {{UPPER}}_ABSTAIN_{score.upper()}_COV{round(100 * coverage)} {threshold:.9g}f"
+    """#define lines of the PFP's thresholds for the generated header (for the plain scores and, for
+    entropy and mutual information, their log-space outputs ``log_entropy`` / ``log_mutual_information``)."""
+    return [f"#define {{UPPER}}_ABSTAIN_{score.upper()}_COV{round(100 * coverage)} {_c_float(threshold)}"
             for (who, score, coverage), (threshold, _) in evaluation.thresholds.items() if who == predictor]
 
 
