@@ -268,7 +268,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     root = sch.get_sblock("root")
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for block in sch.get_child_blocks(root):
-        if sch.get(block).name_hint in outputs or _is_reduction(sch, block) or _is_shared(sch, block):
+        if sch.get(block).name_hint in outputs or _is_reduction(sch, block) or \
+                (_is_shared(sch, block) and not (accumulate != "channel_rows" and G.ROW_STAGE_ATTR in sch.get(block).annotations)):
             continue
         if _is_codebook(sch, block) and any(_is_reduction(sch, c) for c in sch.get_consumers(block)):
             continue  # placed by `_decode_once` below
@@ -286,12 +287,12 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
         loops = sch.get_loops(block)
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
         downstream = _downstream(sch, root, block, placed)
-        if accumulate in ("row", "channel_rows") and spatial >= 2:
+        if accumulate in ("row", "channel_rows") and spatial >= 2 and not (accumulate == "channel_rows" and _narrow_reduction(sch, block)):
             if accumulate == "channel_rows" and _contiguous_plane(sch, block):
-                # a pointwise convolution's short rows: the plane is one row, split into rows of ROW_MAX at most
+                # a pointwise convolution's short rows: the plane is one row, split into rows of VECTOR_ROW_MAX at most
                 plane = sch.fuse(loops[spatial - 2], loops[spatial - 1])
                 extent = int(sch.get(plane).extent)
-                sch.split(plane, [None, _row_split(extent, VECTOR_LANES) if extent > ROW_MAX else extent])
+                sch.split(plane, [None, _row_split(extent, VECTOR_LANES, VECTOR_ROW_MAX) if extent > VECTOR_ROW_MAX else extent])
                 loops = sch.get_loops(block)
             channels = _channel_block(sch, block, spatial) if accumulate == "channel_rows" else 1
             longest = ROW_MAX if accumulate == "row" else VECTOR_ROW_MAX
@@ -483,10 +484,27 @@ def _flat_rows(sch, blocks, shape):
         sch.merge(*outer)
 
 
+def _narrow_reduction(sch, block) -> bool:
+    """Whether "channel_rows" schedules a reduction like "scalar" does (the reduction innermost,
+    the row's outputs register-blocked): where its output rows are narrower than a vector and the
+    reduction long (the covariance pass's window sums: 3x3 outputs, each a sum over a whole
+    feature map, whose row loop of 3 would run once per reduced element). Not DS-CNN's depthwise
+    convolutions (rows of 5): that way they took as many instructions as their rows (4.32 M
+    against 4.40 M at -O3). A pointwise convolution's plane is one row (`_contiguous_plane`)."""
+    if _contiguous_plane(sch, block):
+        return False
+    reduced = 1
+    for iv in sch.get(block).iter_vars:
+        if iv.iter_type == tirx.IterVar.CommReduce:
+            reduced *= int(iv.dom.extent)
+    return int(_data_parallel(sch, block)[-1].dom.extent) < VECTOR_LANES and reduced >= ROW_ELEMENTS * VECTOR_LANES
+
+
 #: Output channels a "channel_rows" schedule accumulates together, tried in this order (`_channel_block`).
 CHANNEL_BLOCK = (8, 4, 2)
-#: Most accumulators of one channel block's rows (floats, each on the stack, as are the epilogue's rows).
-CHANNEL_BLOCK_FLOATS = 128
+#: Most accumulators of one channel block's rows (floats, each on the stack, as are the epilogue's rows;
+#: under TVM's 1 KiB limit for a stack array): 2 channels of a pointwise convolution's 125-element plane.
+CHANNEL_BLOCK_FLOATS = 250
 
 
 def _channel_block(sch, block, spatial: int) -> int:
