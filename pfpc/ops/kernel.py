@@ -418,7 +418,7 @@ def _row_nests(sch, blocks, accumulate: str = "row"):
     in each stage (a chain of Clark steps is otherwise one long dependency chain per element).
     "channel_rows": blocks that read every operand at their own position (`_aligned`) run over
     their whole tensor as one flat array, in rows of a multiple of VECTOR_LANES where one divides
-    it (DS-CNN's 25x5 maps: rows of 40 instead of 5, which gcc -O2 leaves scalar)."""
+    it (DS-CNN's 64x25x5 maps: rows of 64 instead of 5, which gcc -O2 leaves scalar)."""
     shapes = {tuple(int(sch.get(loop).extent) for loop in sch.get_loops(b)) for b in blocks}
     if accumulate == "channel_rows" and len(shapes) == 1 and blocks and all(_aligned(sch, b) for b in blocks):
         _flat_rows(sch, blocks, list(shapes.pop()))
