@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from . import ir_state
-from .codegen.targets import BEST_FLAGS, C_FLAGS
+from .codegen.targets import BEST_FLAGS, TARGETS, c_flags
 from .compiler import read_metadata
 from .runner import output_buffers
 from .errors import PfpcError
@@ -87,7 +87,7 @@ def build_timer(out_dir: str, build_dir: str, cflags: tuple = ()) -> str:
     with open(main_path, "w") as handle:
         handle.write(source)
     binary = os.path.join(build_dir, "bench")
-    flags = [*C_FLAGS, *cflags]  # the generated Makefile's, for the host; later -O flags win
+    flags = [*c_flags(TARGETS["host"]), *cflags]  # the generated Makefile's, for the host; later -O flags win
     build = subprocess.run(["cc", *flags, "-I", out_dir, main_path, os.path.join(out_dir, f"{name}.c"), "-lm", "-o", binary],
                            capture_output=True, text=True)
     if build.returncode != 0:

@@ -23,6 +23,7 @@ class Target:
     linker_script: str = ""  # bare metal: file in FIRMWARE_DIR for that board
     accumulate: str = "channel_rows"  # kernel schedule (ops.kernel.schedule_kernel): "channel_rows" for application cores, "row" for Helium, "scalar" without SIMD
     qemu_clock_hz: int = 0  # bare metal: the board's processor clock in QEMU, which SysTick counts
+    optimise: str = "-O2"  # the generated build's optimisation level (`c_flags`)
 
     def instructions(self, systick_ticks: int) -> int:
         """Instructions executed in ``systick_ticks`` under ``-icount shift=0``: QEMU advances its
@@ -63,13 +64,24 @@ class Target:
 #: compile to fused multiply-adds (``vfma`` on Cortex-M4F/M7, FMA on cores that have it): one
 #: instruction and one rounding instead of two per term.
 C_FLAGS = ("-std=c99", "-O2", "-fno-math-errno", "-ffp-contract=fast")
+
+
+def c_flags(target: "Target") -> tuple:
+    """`C_FLAGS` with the target's optimisation level: -O3 on the host, whose short rows (DS-CNN's
+    25x5 maps, depthwise and 1x1 convolutions, a 3x3 window's taps) gcc -O2 leaves scalar: its
+    -O2 vectoriser takes no loop that needs a scalar tail. Measured side by side (process CPU
+    time, BENCHMARKS.md's models): DS-CNN 0.64x, ResNet-8 0.88x, seed LeNet-5 0.84x, seed MLP
+    0.87x, digits MLP 0.92x the -O2 time; the digits LeNet 1.19x (its rows of 8 are unrolled
+    instead of vectorised). Cortex-M keeps -O2 (no SIMD; -O3 unrolls for code size it does not
+    have). Cortex-A is not measured here and keeps -O2."""
+    return tuple(target.optimise if flag == "-O2" else flag for flag in C_FLAGS)
 #: The best flags the compiler offers for the target (benchmarks' second flag set): -O3, loop unrolling,
 #: and -march=native on the host (the Cortex-M targets' -mcpu is in their own flags already).
 BEST_FLAGS = ("-O3", "-funroll-loops")
 
 _M_FLAGS = ("-mthumb", "-mfloat-abi=hard")
 TARGETS = {
-    "host": Target("host", "cc", (), False, "the machine pfpc runs on"),
+    "host": Target("host", "cc", (), False, "the machine pfpc runs on", optimise="-O3"),
     "cortex-m4": Target("cortex-m4", "arm-none-eabi-gcc", ("-mcpu=cortex-m4", *_M_FLAGS, "-mfpu=fpv4-sp-d16"), True,
                         "Cortex-M4F, bare metal", "cortex-m4", "mps2-an386", "mps2.ld", "scalar", 25_000_000),
     "cortex-m7": Target("cortex-m7", "arm-none-eabi-gcc", ("-mcpu=cortex-m7", *_M_FLAGS, "-mfpu=fpv5-d16"), True,

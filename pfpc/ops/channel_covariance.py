@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .gaussian import Gaussian, _reduce_products, _second_at, conv2d_window
-from .moments import f32, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
+from .gaussian import ROW_STAGE, Gaussian, _reduce_products, _second_at, conv2d_window
+from .moments import f32, pdf_exponent, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
 
 
 def _det(shape, body, name) -> Gaussian:
@@ -88,9 +88,15 @@ def relu_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
     |a| <= s it is within it (Cauchy-Schwarz), and the ReLU's variance would cost as much again
     as the loading (`independent_variance` clamps v - a^2 at 0)."""
 
+    # z and exp's argument as stages of their own on application cores (as `gaussian.relu`'s): each a row
+    # loop that vectorises; in one expression gcc branches around the exp (a float-to-int
+    # conversion it will not if-convert) and the loop stays scalar. Inlined on Cortex-M, where the
+    # stages cost instructions (ResNet-8 on Cortex-M4: +0.12 %)
+    z = te.compute(x.shape, lambda *idx: safe_ratio(x.mean[idx], safe_sqrt(x.var_at(idx))), name="relu_loading_z", attrs=ROW_STAGE)
+    exponent = te.compute(x.shape, lambda *idx: pdf_exponent(z[idx]), name="relu_loading_exponent", attrs=ROW_STAGE)
+
     def body(*idx):
-        std = safe_sqrt(x.var_at(idx))
-        return loading.mean[idx] * std_normal_cdf(safe_ratio(x.mean[idx], std))
+        return loading.mean[idx] * std_normal_cdf(z[idx], std_normal_pdf(z[idx], exponent[idx]))
 
     return _det(x.shape, body, "relu_loading")
 

@@ -45,6 +45,10 @@ REPRESENTATIONS = tuple(Moment)
 #: (the exp terms that both moments use): `kernel.schedule_kernel` keeps it in a scalar, never inlines it.
 SHARED_ATTR = "pfp.shared"
 SHARED = {SHARED_ATTR: 1}
+#: A stage kept apart (a row loop of its own, which vectorises) only by the "channel_rows" schedule
+#: of application cores; the Cortex-M schedules inline it into its readers (one expression).
+ROW_STAGE_ATTR = "pfp.row_stage"
+ROW_STAGE = {SHARED_ATTR: 1, ROW_STAGE_ATTR: 1}
 
 
 @dataclass

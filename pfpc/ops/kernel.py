@@ -268,7 +268,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     root = sch.get_sblock("root")
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for block in sch.get_child_blocks(root):
-        if sch.get(block).name_hint in outputs or _is_reduction(sch, block) or _is_shared(sch, block):
+        if sch.get(block).name_hint in outputs or _is_reduction(sch, block) or \
+                (_is_shared(sch, block) and not (accumulate != "channel_rows" and G.ROW_STAGE_ATTR in sch.get(block).annotations)):
             continue
         if _is_codebook(sch, block) and any(_is_reduction(sch, c) for c in sch.get_consumers(block)):
             continue  # placed by `_decode_once` below
@@ -286,12 +287,12 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
         loops = sch.get_loops(block)
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
         downstream = _downstream(sch, root, block, placed)
-        if accumulate in ("row", "channel_rows") and spatial >= 2:
+        if accumulate in ("row", "channel_rows") and spatial >= 2 and not (accumulate == "channel_rows" and _narrow_reduction(sch, block)):
             if accumulate == "channel_rows" and _contiguous_plane(sch, block):
-                # a pointwise convolution's short rows: the plane is one row, split into rows of ROW_MAX at most
+                # a pointwise convolution's short rows: the plane is one row, split into rows of VECTOR_ROW_MAX at most
                 plane = sch.fuse(loops[spatial - 2], loops[spatial - 1])
                 extent = int(sch.get(plane).extent)
-                sch.split(plane, [None, _row_split(extent, VECTOR_LANES) if extent > ROW_MAX else extent])
+                sch.split(plane, [None, _row_split(extent, VECTOR_LANES, VECTOR_ROW_MAX) if extent > VECTOR_ROW_MAX else extent])
                 loops = sch.get_loops(block)
             channels = _channel_block(sch, block, spatial) if accumulate == "channel_rows" else 1
             longest = ROW_MAX if accumulate == "row" else VECTOR_ROW_MAX
@@ -349,7 +350,7 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
     if accumulate != "scalar":
-        _row_nests(sch, rest)
+        _row_nests(sch, rest, accumulate)
     else:
         _one_nest(sch, rest)
     return sch.mod["main"]
@@ -411,11 +412,17 @@ ROW_ELEMENTS = 16
 ROW_MAX = 64
 
 
-def _row_nests(sch, blocks):
+def _row_nests(sch, blocks, accumulate: str = "row"):
     """Element-wise blocks over one shape in one nest of outer loops, each with a row loop of its
     own inside: rows without libm calls vectorise, and the row's independent elements interleave
-    in each stage (a chain of Clark steps is otherwise one long dependency chain per element)."""
+    in each stage (a chain of Clark steps is otherwise one long dependency chain per element).
+    "channel_rows": blocks that read every operand at their own position (`_aligned`) run over
+    their whole tensor as one flat array, in rows of a multiple of VECTOR_LANES where one divides
+    it (DS-CNN's 64x25x5 maps: rows of 64 instead of 5, which gcc -O2 leaves scalar)."""
     shapes = {tuple(int(sch.get(loop).extent) for loop in sch.get_loops(b)) for b in blocks}
+    if accumulate == "channel_rows" and len(shapes) == 1 and blocks and all(_aligned(sch, b) for b in blocks):
+        _flat_rows(sch, blocks, list(shapes.pop()))
+        return
     if len(blocks) < 2 or len(shapes) != 1:
         _one_nest(sch, blocks)
         return
@@ -442,10 +449,62 @@ def _row_nests(sch, blocks):
         sch.merge(*outer)
 
 
+def _aligned(sch, block) -> bool:
+    """Whether a block's loops are its iteration variables in order and it reads every buffer of
+    its rank at exactly its own position (x[i, j, k], no broadcast operand, no window): its loops
+    may then be fused into one without index arithmetic in the reads."""
+    iter_vars = [iv.var for iv in sch.get(block).iter_vars]
+    loops = sch.get_loops(block)
+    if len(loops) != len(iter_vars) or any(int(sch.get(l).extent) != int(iv.dom.extent) for l, iv in zip(loops, sch.get(block).iter_vars)):
+        return False
+    for region in list(sch.get(block).reads) + list(sch.get(block).writes):
+        indices = [rng.min for rng in region.region]
+        if len(indices) != len(iter_vars) or not all(i.same_as(v) for i, v in zip(indices, iter_vars)) \
+                or any(int(rng.extent) != 1 for rng in region.region):
+            return False
+    return True
+
+
+def _flat_rows(sch, blocks, shape):
+    """`_row_nests` for aligned blocks: every nest's loops fused into one and split into rows of
+    `_row_split` (a multiple of VECTOR_LANES if one divides the size), the row loops under one outer loop."""
+    total = 1
+    for extent in shape:
+        total *= extent
+    row = total if total <= ROW_MAX else _row_split(total, VECTOR_LANES)
+    if total % row:  # no row length divides it: a bounds test per element would stop the vectoriser
+        _one_nest(sch, blocks)
+        return
+    outer = []
+    for block in _distinct_nests(sch, blocks):
+        fused = sch.fuse(*sch.get_loops(block)) if len(shape) > 1 else sch.get_loops(block)[0]
+        if row < total:
+            outer.append(sch.split(fused, [None, row])[0])
+    if len(outer) > 1:
+        sch.merge(*outer)
+
+
+def _narrow_reduction(sch, block) -> bool:
+    """Whether "channel_rows" schedules a reduction like "scalar" does (the reduction innermost,
+    the row's outputs register-blocked): where its output rows are narrower than a vector and the
+    reduction long (the covariance pass's window sums: 3x3 outputs, each a sum over a whole
+    feature map, whose row loop of 3 would run once per reduced element). Not DS-CNN's depthwise
+    convolutions (rows of 5): that way they took as many instructions as their rows (4.32 M
+    against 4.40 M at -O3). A pointwise convolution's plane is one row (`_contiguous_plane`)."""
+    if _contiguous_plane(sch, block):
+        return False
+    reduced = 1
+    for iv in sch.get(block).iter_vars:
+        if iv.iter_type == tirx.IterVar.CommReduce:
+            reduced *= int(iv.dom.extent)
+    return int(_data_parallel(sch, block)[-1].dom.extent) < VECTOR_LANES and reduced >= ROW_ELEMENTS * VECTOR_LANES
+
+
 #: Output channels a "channel_rows" schedule accumulates together, tried in this order (`_channel_block`).
 CHANNEL_BLOCK = (8, 4, 2)
-#: Most accumulators of one channel block's rows (floats, each on the stack, as are the epilogue's rows).
-CHANNEL_BLOCK_FLOATS = 128
+#: Most accumulators of one channel block's rows (floats, each on the stack, as are the epilogue's rows;
+#: under TVM's 1 KiB limit for a stack array): 2 channels of a pointwise convolution's 125-element plane.
+CHANNEL_BLOCK_FLOATS = 250
 
 
 def _channel_block(sch, block, spatial: int) -> int:
