@@ -37,6 +37,25 @@ class TinyInvertedResidual(nn.Module):
         return self.fc(torch.flatten(nn.functional.avg_pool2d(stem + self.block(stem), 6), 1))
 
 
+class TinyLeNet(nn.Module):
+    """LeNet-5's layout in miniature: conv 5x5 -> ReLU -> max-pool 2x2 twice (the second with
+    a padded 3x3 window, stride 2, as ONNX allows), flatten, dense, ReLU, dense."""
+
+    input_shape = (1, 1, 16, 16)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.conv2 = nn.Conv2d(4, 6, 3)
+        self.fc1 = nn.Linear(6 * 2 * 2, 10)
+        self.fc2 = nn.Linear(10, 5)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 3, 2, 1)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
 def _compiled(cls, covariance, out_dir=None):
     model, stds, inputs = TC._onnx(cls)
     post = {k + ".std": v for k, v in stds.items()}
@@ -60,6 +79,28 @@ def test_generated_c_matches_the_float64_reference(cls, covariance):
     np.testing.assert_allclose(mean, expected[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, expected[1], rtol=1e-5)
     assert np.median(var / diagonal[1]) > 1.1  # the pooled covariance is there
+
+
+def test_max_pool_reads_the_loadings_as_the_float64_reference(tmp_path):
+    """conv -> ReLU -> max-pool (2x2, then a padded 3x3 stride 2) -> flatten -> dense: every
+    convolution gets a loading that its max-pool reads as the correlation of the window's
+    elements (Clark's max of correlated Gaussians, `reference.maxpool2d_correlated`); the C's
+    output moments equal reference_covariance's with the max-pool dropping the loading to 1e-5,
+    and differ from the diagonal PFP. ``auto`` leaves max-pool networks to the diagonal PFP
+    (the same C as ``none``)."""
+    model, stds, inputs, compiled = _compiled(TinyLeNet, "channel", out_dir=str(tmp_path / "channel"))
+    (mean, var), = compiled.run([inputs["x"]]).outputs
+    variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    expected = RC.pfp_covariance(model, variances, inputs, "channel_box", spread_variance=True, max_keeps_loading=False)["y"]
+    diagonal = RC.pfp_covariance(model, variances, inputs, "none")["y"]
+    np.testing.assert_allclose(mean, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, expected[1], rtol=1e-5)
+    assert np.max(np.abs(var / diagonal[1] - 1)) > 0.01  # the correlation inside the windows is there
+    record = json.loads((tmp_path / "channel" / "pfpc.json").read_text())["covariance"]
+    assert len(record["convolutions"]) == 2
+    for mode in ("none", "auto"):
+        _compiled(TinyLeNet, mode, out_dir=str(tmp_path / mode))
+    assert (tmp_path / "auto" / "pfp_model.c").read_text() == (tmp_path / "none" / "pfp_model.c").read_text()
 
 
 @pytest.mark.parametrize("cls", [TC.LinearMLP, TC.ConvPointwise])
