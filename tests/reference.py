@@ -296,14 +296,15 @@ def clark_max(m1, v1, m2, v2):
 
 def clark_max_correlated(m1, v1, a1, m2, v2, a2):
     """max(x1, x2) of x1, x2 with covariance a1 a2 (one shared latent: x_i = m_i + a_i z + e_i),
-    Clark (1961): `clark_max`'s formulas with a = sqrt(max(v1 + v2 - 2 a1 a2, 0)); the max's
+    Clark (1961): `clark_max`'s formulas with a = sqrt(v1 + v2 - 2 a1 a2), computed as
+    sqrt((a1 - a2)^2 + max(v1 - a1^2, 0) + max(v2 - a2^2, 0)); the max's
     loading (its covariance with z) is a1 Phi(al) + a2 Phi(-al), al = (m1 - m2) / a (Stein's
     lemma; the larger mean's input where a = 0). Returns (mean, var, loading)."""
     m1, v1, a1, m2, v2, a2 = np.broadcast_arrays(*(_f64(t) for t in (m1, v1, a1, m2, v2, a2)))
     first_wins = m1 >= m2
     mw, vw, vl = np.where(first_wins, m1, m2), np.where(first_wins, v1, v2), np.where(first_wins, v2, v1)
     d = np.abs(m1 - m2)
-    a = np.sqrt(np.maximum(v1 + v2 - 2.0 * a1 * a2, 0.0))
+    a = np.sqrt((a1 - a2) ** 2 + np.maximum(v1 - a1 * a1, 0.0) + np.maximum(v2 - a2 * a2, 0.0))
     stochastic = a > 0.0
     al = np.where(stochastic, np.minimum(d / np.where(stochastic, a, 1.0), 1e10), np.where(d > 0, 1e10, 0.0))
     cdf, cdf_neg, pdf = ndtr(al), ndtr(-al), _pdf(al)

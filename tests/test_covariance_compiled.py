@@ -3,8 +3,11 @@ the generated C (host build) against the float64 reference tests/reference_covar
 the networks it must leave untouched."""
 
 import json
+import os
+import sys
 
 import numpy as np
+import onnx
 import pytest
 
 import architectures as A
@@ -167,6 +170,42 @@ def test_auto_leaves_the_seed_networks_untouched(name, tmp_path):
         sources[mode] = (tmp_path / mode / "pfp_model.c").read_text()
         assert "covariance" not in json.loads((tmp_path / mode / "pfpc.json").read_text())
     assert sources["auto"] == sources["none"]
+
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "seed-checkpoints")) or not os.path.isdir(os.path.join(DATA, "mnist")),
+                    reason=f"{DATA} (the MNIST test sets and the seed checkpoints) is absent: a fresh clone has no data")
+def test_seed_lenet_channel_matches_the_float64_reference(tmp_path):
+    """The seed paper's pretrained LeNet-5 under ``channel`` (both convolutions' loadings read by
+    their max-pools) on 8 MNIST and 8 Fashion-MNIST test images: the C's logit moments equal
+    reference_covariance's in what the max-pools' correlation changes (the C's and the
+    reference's moments with ``channel`` less those with ``none``) to 1 % of the change: the
+    diagonal C and the diagonal reference already differ on this model (its logit variances by
+    ~0.0066 each, before this rule), so the 1e-5 check is the synthetic TinyLeNet's above; and
+    the argmax of the means is the diagonal PFP's."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "examples", "seed_mnist"))
+    from build_models import build
+    from data import load
+
+    model_path, post_path = build("lenet", DATA, str(tmp_path))
+    x = np.concatenate([load(DATA, "mnist", 8)[0], load(DATA, "fashion", 8)[0]])
+    (mean, var), = pfpc.compile(model_path, post_path, covariance="channel", batch=1).run([x]).outputs
+    (diag_mean, diag_var), = pfpc.compile(model_path, post_path, covariance="none", batch=1).run([x]).outputs
+    mean, var, diag_mean, diag_var = (np.asarray(a, np.float64).reshape(len(x), -1) for a in (mean, var, diag_mean, diag_var))
+    model = fold_constants(onnx.load(model_path))
+    variances = {k[: -len(".std")]: np.asarray(v, np.float64) ** 2 for k, v in np.load(post_path).items()}
+    name = model.graph.input[0].name
+    for index, image in enumerate(x):
+        (expected,) = [value for key, value in RC.pfp_covariance(model, variances, {name: image[None]}, "channel_box", spread_variance=True,
+                                                                 max_keeps_loading=False).items() if key == model.graph.output[0].name]
+        diagonal = RC.pfp_covariance(model, variances, {name: image[None]}, "none")[model.graph.output[0].name]
+        for got, want in ((mean[index] - diag_mean[index], expected[0] - diagonal[0]), (var[index] - diag_var[index], expected[1] - diagonal[1])):
+            np.testing.assert_allclose(got, want.ravel(), atol=0.01 * np.abs(want).max())
+        assert np.max(np.abs(expected[1] - diagonal[1])) > 1e-3 * var[index].max()  # the rule changes the variances
+        assert np.argmax(mean[index]) == np.argmax(diag_mean[index])
 
 
 def test_bad_covariance_option_is_one_error():

@@ -539,7 +539,8 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
     ``loading`` (deterministic, the shape of X; stage ``maxpool2d_correlated``): the window's
     elements share their channel's latent, x = m + a z + e (docs/covariance.md), so two of them
     have covariance a1 a2 and Clark's max of correlated Gaussians takes
-        th = sqrt(max(v1 + v2 - 2 a1 a2, 0)),  al = (m1 - m2) / th
+        th = sqrt(v1 + v2 - 2 a1 a2) = sqrt((a1 - a2)^2 + e1 + e2),  e = max(v - a^2, 0),  al = (m1 - m2) / th
+    (the second form: no cancellation where neighbours are almost fully correlated)
     in place of sqrt(v1 + v2) (the moments' formulas are otherwise the same); the accumulated
     maximum's loading is a1 Phi(al) + a2 Phi(-al) (Stein's lemma), read by the next step."""
     batch, chans, height, width = x.shape
@@ -622,7 +623,10 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
             _inside, _mean, var, load = at(positions[k], n, c, y, xx)
             if not correlated:
                 return safe_sqrt(acc_var[n, c, y, xx] + var)
-            return safe_sqrt(tirx.max(acc_var[n, c, y, xx] + var - f32(2.0) * acc[2][n, c, y, xx] * load, f32(0.0)))
+            acc_load = acc[2][n, c, y, xx]
+            apart = acc_load - load  # (a1 - a2)^2 + e1 + e2: no cancellation of v1 + v2 against 2 a1 a2
+            return safe_sqrt(apart * apart + tirx.max(acc_var[n, c, y, xx] - acc_load * acc_load, f32(0.0))
+                             + tirx.max(var - load * load, f32(0.0)))
 
         spread = stage("spread", spread_of)
         alpha = stage("alpha", lambda n, c, y, xx: safe_ratio(acc_mean[n, c, y, xx] - at(positions[k], n, c, y, xx)[1],
