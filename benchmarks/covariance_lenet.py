@@ -109,7 +109,7 @@ def main(argv=None):
             for mode in compiled:  # the checkpoint is trained on MNIST: Fashion-MNIST is its out-of-distribution set
                 print(f"C {mode:7s} argmax of means on {args.accuracy} images: accuracy {np.mean(argmax[mode] == truth):.4f}, "
                       f"same class as none {np.mean(argmax[mode] == argmax['none']):.4f}")
-            if not args.no_m4:
+            if not args.no_m4 and kind == "mnist":  # the count does not depend on the image: once
                 np.save(f"{tmp}/x.npy", B.mnist(kind, 1)[:1])
                 counts = [BC.m4_instructions(tmp, mode) for mode in ("none", "auto", "channel")]
                 print(f"Cortex-M4 instructions: none {counts[0]:,}  auto {counts[1]:,} ({counts[1] / counts[0] - 1:+.1%})"
