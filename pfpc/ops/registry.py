@@ -371,7 +371,7 @@ OPERATORS = (
              build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs.get("ceil_mode", False))),
     Operator("maxpool2d_correlated", arity=2, fusion=Fusion.POOL, gaussian_ops=_clark_steps, libm_calls={"sqrt": 1},
-             m4_per_element=30.0, reference="maxpool2d_correlated",
+             m4_per_element=80.0, reference="maxpool2d_correlated",  # extra per output of a 2x2 window (QEMU: the seed LeNet-5's 75 / 86)
              build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs.get("ceil_mode", False), loading=inputs[1])),
     Operator("avgpool2d", loading="pool", onnx=("AveragePool",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.avg_pool2d",), relax_attrs=_avgpool_attrs,
