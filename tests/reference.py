@@ -294,6 +294,28 @@ def clark_max(m1, v1, m2, v2):
     return mean, var
 
 
+def clark_max_correlated(m1, v1, a1, m2, v2, a2):
+    """max(x1, x2) of x1, x2 with covariance a1 a2 (one shared latent: x_i = m_i + a_i z + e_i),
+    Clark (1961): `clark_max`'s formulas with a = sqrt(v1 + v2 - 2 a1 a2), computed as
+    sqrt((a1 - a2)^2 + max(v1 - a1^2, 0) + max(v2 - a2^2, 0)); the max's
+    loading (its covariance with z) is a1 Phi(al) + a2 Phi(-al), al = (m1 - m2) / a (Stein's
+    lemma; the larger mean's input where a = 0). Returns (mean, var, loading)."""
+    m1, v1, a1, m2, v2, a2 = np.broadcast_arrays(*(_f64(t) for t in (m1, v1, a1, m2, v2, a2)))
+    first_wins = m1 >= m2
+    mw, vw, vl = np.where(first_wins, m1, m2), np.where(first_wins, v1, v2), np.where(first_wins, v2, v1)
+    d = np.abs(m1 - m2)
+    a = np.sqrt((a1 - a2) ** 2 + np.maximum(v1 - a1 * a1, 0.0) + np.maximum(v2 - a2 * a2, 0.0))
+    stochastic = a > 0.0
+    al = np.where(stochastic, np.minimum(d / np.where(stochastic, a, 1.0), 1e10), np.where(d > 0, 1e10, 0.0))
+    cdf, cdf_neg, pdf = ndtr(al), ndtr(-al), _pdf(al)
+    e1 = -d * cdf_neg + a * pdf
+    e2 = vw * cdf + (vl + d * d) * cdf_neg - d * a * pdf
+    mean = mw + e1
+    var = np.maximum(e2 - e1 * e1, 0.0)
+    loading = np.where(first_wins, a1, a2) * cdf + np.where(first_wins, a2, a1) * cdf_neg
+    return mean, var, loading
+
+
 def relu(mean, var):
     """ReLU of a ~ N(M, V), s = sqrt(V), z = M / s:
         E[y]   = M Phi(z) + s phi(z)
@@ -379,6 +401,32 @@ def maxpool2d(mean, var, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1
         acc_v = np.where(both, cv, np.where(first, wv[..., k], acc_v))
         have = have | ok
     return acc_m, acc_v
+
+
+def maxpool2d_correlated(mean, var, loading, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                         ceil_mode=0):
+    """`maxpool2d` of x = m + a z_c + e whose window elements share their channel's latent
+    (``loading`` a, docs/covariance.md): each pairwise step is `clark_max_correlated` (covariance
+    a1 a2), the accumulated maximum carrying its loading to the next step. Returns (mean, var)."""
+    xm, xa = _f64(mean), _f64(loading)
+    xv = _var_or_zeros(var, xm)
+    (kh, kw), _, windows = _pool_windows(xm.shape, kernel, strides, pads, dilations, ceil_mode)
+
+    def win(x):
+        wnd = windows(x)
+        return wnd.reshape(wnd.shape[:4] + (kh * kw,))
+
+    wm, wv, wa = win(xm), win(xv), win(xa)
+    valid = win(np.ones_like(xm)) > 0.5
+    acc = [wm[..., 0].copy(), wv[..., 0].copy(), wa[..., 0].copy()]
+    have = valid[..., 0].copy()
+    for k in range(1, kh * kw):
+        ok = valid[..., k]
+        step = clark_max_correlated(*acc, wm[..., k], wv[..., k], wa[..., k])
+        both, first = have & ok, ~have & ok
+        acc = [np.where(both, c, np.where(first, w[..., k], old)) for c, w, old in zip(step, (wm, wv, wa), acc)]
+        have = have | ok
+    return acc[0], acc[1]
 
 
 def flatten(mean, var, axis=1):

@@ -248,7 +248,7 @@ def gemm_channel(m, v, a, group, wm, wv, bm=None, bv=None):
 
 def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: str = "channel",
                    replace: dict | None = None, pools_before_relus: bool = True, start: int = 0,
-                   box_noise: bool = False, spread_variance: bool = False) -> dict:
+                   box_noise: bool = False, spread_variance: bool = False, max_keeps_loading: bool = True) -> dict:
     """Run the PFP over ``model`` (constants folded, batch norms kept) and return every tensor's
     (mean, var). mode "none": the diagonal reference (tests/reference.py); "channel": shared
     per-channel latents; "pooled": the same with the diagonal PFP's variance at every conv
@@ -256,7 +256,9 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
     moments when a node consumes that tensor (loadings 0), to feed e.g. Monte Carlo marginals.
     ``pools_before_relus``: ReLU -> MaxPool computed as MaxPool -> ReLU, as pfpc does.
     ``start``: the convolutions before the start-th (in graph order) give their outputs no
-    loading (the cheaper settings of the trade-off curve: only the last layers carry loadings)."""
+    loading (the cheaper settings of the trade-off curve: only the last layers carry loadings).
+    ``max_keeps_loading=False`` (what the compiler builds): a MaxPool reads its input's loadings
+    (`reference.maxpool2d_correlated`) and its output carries none."""
     env = {}
     group = {}  # latent channel of each feature of a flattened tensor
     convs = [0]
@@ -283,7 +285,7 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
                 x.append((np.asarray(rm, np.float64), np.asarray(rv, np.float64), np.zeros(np.shape(rm))))
             else:
                 x.append(env[name])
-        out = _node(node, x, mode, group, box_noise, spread_variance)
+        out = _node(node, x, mode, group, box_noise, spread_variance, max_keeps_loading)
         if node.op_type == "Conv" and mode != "none":
             if convs[0] < start:
                 out = (out[0], out[1], np.zeros(out[0].shape))
@@ -296,7 +298,7 @@ def _lift(t):
     return tuple(z[:, :, None, :] for z in t)
 
 
-def _node(node, x, mode, group, box_noise=False, spread_variance=False):
+def _node(node, x, mode, group, box_noise=False, spread_variance=False, max_keeps_loading=True):
     op = node.op_type
     a = R._attrs(node)
     if mode == "none" or op not in CHANNEL_OPS:
@@ -346,6 +348,9 @@ def _node(node, x, mode, group, box_noise=False, spread_variance=False):
         return add_channel(x[0], x[1])
     if op == "MaxPool":
         kernel, strides, pads, dil = R._pool_geometry(a, m.shape[2:])
+        if not max_keeps_loading:
+            mean, var = R.maxpool2d_correlated(m, v, ld, kernel, strides, pads, dil, a.get("ceil_mode", 0))
+            return mean, var, np.zeros(mean.shape)
         return maxpool_channel(m, v, ld, kernel, strides, pads, dil)
     if op in ("GlobalAveragePool", "AveragePool"):
         if op == "AveragePool":

@@ -3,8 +3,11 @@ the generated C (host build) against the float64 reference tests/reference_covar
 the networks it must leave untouched."""
 
 import json
+import os
+import sys
 
 import numpy as np
+import onnx
 import pytest
 
 import architectures as A
@@ -37,6 +40,25 @@ class TinyInvertedResidual(nn.Module):
         return self.fc(torch.flatten(nn.functional.avg_pool2d(stem + self.block(stem), 6), 1))
 
 
+class TinyLeNet(nn.Module):
+    """LeNet-5's layout in miniature: conv 5x5 -> ReLU -> max-pool 2x2 twice (the second with
+    a padded 3x3 window, stride 2, as ONNX allows), flatten, dense, ReLU, dense."""
+
+    input_shape = (1, 1, 16, 16)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.conv2 = nn.Conv2d(4, 6, 3)
+        self.fc1 = nn.Linear(6 * 2 * 2, 10)
+        self.fc2 = nn.Linear(10, 5)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 3, 2, 1)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
 def _compiled(cls, covariance, out_dir=None):
     model, stds, inputs = TC._onnx(cls)
     post = {k + ".std": v for k, v in stds.items()}
@@ -60,6 +82,28 @@ def test_generated_c_matches_the_float64_reference(cls, covariance):
     np.testing.assert_allclose(mean, expected[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, expected[1], rtol=1e-5)
     assert np.median(var / diagonal[1]) > 1.1  # the pooled covariance is there
+
+
+def test_max_pool_reads_the_loadings_as_the_float64_reference(tmp_path):
+    """conv -> ReLU -> max-pool (2x2, then a padded 3x3 stride 2) -> flatten -> dense: every
+    convolution gets a loading that its max-pool reads as the correlation of the window's
+    elements (Clark's max of correlated Gaussians, `reference.maxpool2d_correlated`); the C's
+    output moments equal reference_covariance's with the max-pool dropping the loading to 1e-5,
+    and differ from the diagonal PFP. ``auto`` leaves max-pool networks to the diagonal PFP
+    (the same C as ``none``)."""
+    model, stds, inputs, compiled = _compiled(TinyLeNet, "channel", out_dir=str(tmp_path / "channel"))
+    (mean, var), = compiled.run([inputs["x"]]).outputs
+    variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    expected = RC.pfp_covariance(model, variances, inputs, "channel_box", spread_variance=True, max_keeps_loading=False)["y"]
+    diagonal = RC.pfp_covariance(model, variances, inputs, "none")["y"]
+    np.testing.assert_allclose(mean, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, expected[1], rtol=1e-5)
+    assert np.max(np.abs(var / diagonal[1] - 1)) > 0.01  # the correlation inside the windows is there
+    record = json.loads((tmp_path / "channel" / "pfpc.json").read_text())["covariance"]
+    assert len(record["convolutions"]) == 2
+    for mode in ("none", "auto"):
+        _compiled(TinyLeNet, mode, out_dir=str(tmp_path / mode))
+    assert (tmp_path / "auto" / "pfp_model.c").read_text() == (tmp_path / "none" / "pfp_model.c").read_text()
 
 
 @pytest.mark.parametrize("cls", [TC.LinearMLP, TC.ConvPointwise])
@@ -126,6 +170,42 @@ def test_auto_leaves_the_seed_networks_untouched(name, tmp_path):
         sources[mode] = (tmp_path / mode / "pfp_model.c").read_text()
         assert "covariance" not in json.loads((tmp_path / mode / "pfpc.json").read_text())
     assert sources["auto"] == sources["none"]
+
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "seed-checkpoints")) or not os.path.isdir(os.path.join(DATA, "mnist")),
+                    reason=f"{DATA} (the MNIST test sets and the seed checkpoints) is absent: a fresh clone has no data")
+def test_seed_lenet_channel_matches_the_float64_reference(tmp_path):
+    """The seed paper's pretrained LeNet-5 under ``channel`` (both convolutions' loadings read by
+    their max-pools) on 8 MNIST and 8 Fashion-MNIST test images: the C's logit moments equal
+    reference_covariance's in what the max-pools' correlation changes (the C's and the
+    reference's moments with ``channel`` less those with ``none``) to 1 % of the change: the
+    diagonal C and the diagonal reference already differ on this model (its logit variances by
+    ~0.0066 each, before this rule), so the 1e-5 check is the synthetic TinyLeNet's above; and
+    the argmax of the means is the diagonal PFP's."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "examples", "seed_mnist"))
+    from build_models import build
+    from data import load
+
+    model_path, post_path = build("lenet", DATA, str(tmp_path))
+    x = np.concatenate([load(DATA, "mnist", 8)[0], load(DATA, "fashion", 8)[0]])
+    (mean, var), = pfpc.compile(model_path, post_path, covariance="channel", batch=1).run([x]).outputs
+    (diag_mean, diag_var), = pfpc.compile(model_path, post_path, covariance="none", batch=1).run([x]).outputs
+    mean, var, diag_mean, diag_var = (np.asarray(a, np.float64).reshape(len(x), -1) for a in (mean, var, diag_mean, diag_var))
+    model = fold_constants(onnx.load(model_path))
+    variances = {k[: -len(".std")]: np.asarray(v, np.float64) ** 2 for k, v in np.load(post_path).items()}
+    name = model.graph.input[0].name
+    for index, image in enumerate(x):
+        (expected,) = [value for key, value in RC.pfp_covariance(model, variances, {name: image[None]}, "channel_box", spread_variance=True,
+                                                                 max_keeps_loading=False).items() if key == model.graph.output[0].name]
+        diagonal = RC.pfp_covariance(model, variances, {name: image[None]}, "none")[model.graph.output[0].name]
+        for got, want in ((mean[index] - diag_mean[index], expected[0] - diagonal[0]), (var[index] - diag_var[index], expected[1] - diagonal[1])):
+            np.testing.assert_allclose(got, want.ravel(), atol=0.01 * np.abs(want).max())
+        assert np.max(np.abs(expected[1] - diagonal[1])) > 1e-3 * var[index].max()  # the rule changes the variances
+        assert np.argmax(mean[index]) == np.argmax(diag_mean[index])
 
 
 def test_bad_covariance_option_is_one_error():

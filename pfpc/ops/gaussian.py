@@ -535,10 +535,18 @@ def pad(x: Gaussian, width, value: float = 0.0) -> Gaussian:
     return Gaussian(mean, moment, x.repr)
 
 
-def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) -> Gaussian:
+def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, loading: Gaussian | None = None) -> Gaussian:
     """Y = max over each window of X (NCHW), Clark's max applied pairwise in row-major window
     order; padded positions are skipped (ONNX pads MaxPool with -inf). Native output: variance
-    (``clark_max_moments`` computes it directly). A deterministic input gives the plain max."""
+    (``clark_max_moments`` computes it directly). A deterministic input gives the plain max.
+
+    ``loading`` (deterministic, the shape of X; stage ``maxpool2d_correlated``): the window's
+    elements share their channel's latent, x = m + a z + e (docs/covariance.md), so two of them
+    have covariance a1 a2 and Clark's max of correlated Gaussians takes
+        th = sqrt(v1 + v2 - 2 a1 a2) = sqrt((a1 - a2)^2 + e1 + e2),  e = max(v - a^2, 0),  al = (m1 - m2) / th
+    (the second form: no cancellation where neighbours are almost fully correlated)
+    in place of sqrt(v1 + v2) (the moments' formulas are otherwise the same); the accumulated
+    maximum's loading is a1 Phi(al) + a2 Phi(-al) (Stein's lemma), read by the next step."""
     batch, chans, height, width = x.shape
     pad_top, pad_left = pads[0], pads[1]
     out_h, out_w, (i, j), window = _pool_windows(x.shape, kernel, strides, pads, dilations, ceil_mode)
@@ -554,6 +562,7 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
     # Clark's max as a chain of element-wise stages over the window positions (row-major), each
     # step's terms in stages of their own, so that both moments share them.
     out_shape = [batch, chans, out_h, out_w]
+    correlated = loading is not None
 
     def reaches_input(offset, axis, size, count):
         """Whether window element ``offset`` along ``axis`` lies inside the input for some output."""
@@ -571,7 +580,8 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         col = xx * strides[1] + position[1] * dilations[1] - pad_left
         inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
         return (inside, tirx.if_then_else(inside, x.mean[n, c, row, col], f32(0.0)),
-                tirx.if_then_else(inside, x.var_at((n, c, row, col)), f32(0.0)))
+                tirx.if_then_else(inside, x.var_at((n, c, row, col)), f32(0.0)),
+                tirx.if_then_else(inside, loading.mean[n, c, row, col], f32(0.0)) if correlated else None)
 
     def covered(offset, axis, size, count):
         """The outputs along ``axis`` whose window element ``offset`` lies inside the input."""
@@ -593,27 +603,36 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         return tirx.any(*[at(p, n, c, y, xx)[0] for p in positions[:k]]) if k > 1 else at(positions[0], n, c, y, xx)[0]
 
     def first(n, c, y, xx):
-        _inside, mean, var = at(positions[0], n, c, y, xx)
-        return mean, var
+        _inside, mean, var, load = at(positions[0], n, c, y, xx)
+        return (mean, var, load) if correlated else (mean, var)
 
-    def pick_step(k, acc_mean, acc_var):
+    def pick_step(k, acc):
         """Window element k where it is inside the input (no earlier element is), else the accumulated."""
 
         def step(n, c, y, xx):
-            inside, mean, var = at(positions[k], n, c, y, xx)
-            return (tirx.Select(tirx.Not(inside), acc_mean[n, c, y, xx], mean),
-                    tirx.Select(tirx.Not(inside), acc_var[n, c, y, xx], var))
+            inside, *element = at(positions[k], n, c, y, xx)
+            return tuple(tirx.Select(tirx.Not(inside), a[n, c, y, xx], e) for a, e in zip(acc, element))
 
         return te.compute(out_shape, step, name=f"maxpool_{k}", attrs=SHARED)
 
-    def clark_step(k, acc_mean, acc_var):
+    def clark_step(k, acc):
         """max(accumulated, window element k): a, al, phi(al), Phi(al) each a stage of its own (see
         `relu`: on SIMD targets each is a row loop that vectorises), then both moments."""
+        acc_mean, acc_var = acc[0], acc[1]
 
         def stage(name, body):
             return te.compute(out_shape, body, name=f"maxpool_{name}_{k}", attrs=SHARED)
 
-        spread = stage("spread", lambda n, c, y, xx: safe_sqrt(acc_var[n, c, y, xx] + at(positions[k], n, c, y, xx)[2]))
+        def spread_of(n, c, y, xx):
+            _inside, _mean, var, load = at(positions[k], n, c, y, xx)
+            if not correlated:
+                return safe_sqrt(acc_var[n, c, y, xx] + var)
+            acc_load = acc[2][n, c, y, xx]
+            apart = acc_load - load  # (a1 - a2)^2 + e1 + e2: no cancellation of v1 + v2 against 2 a1 a2
+            return safe_sqrt(apart * apart + tirx.max(acc_var[n, c, y, xx] - acc_load * acc_load, f32(0.0))
+                             + tirx.max(var - load * load, f32(0.0)))
+
+        spread = stage("spread", spread_of)
         alpha = stage("alpha", lambda n, c, y, xx: safe_ratio(acc_mean[n, c, y, xx] - at(positions[k], n, c, y, xx)[1],
                                                                spread[n, c, y, xx]))
         exponent = stage("exponent", lambda n, c, y, xx: pdf_exponent(alpha[n, c, y, xx]))
@@ -621,7 +640,7 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
 
         def step(n, c, y, xx):
-            inside, mean, var = at(positions[k], n, c, y, xx)
+            inside, mean, var, load = at(positions[k], n, c, y, xx)
             max_mean, max_var = clark_max_moments(
                 acc_mean[n, c, y, xx], acc_var[n, c, y, xx], mean, var, (spread[n, c, y, xx], cdf[n, c, y, xx], pdf[n, c, y, xx])
             )
@@ -630,14 +649,19 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
             def pick(acc_value, new_value, max_value):  # padding is skipped; the first valid element is taken as is
                 return tirx.Select(tirx.Not(inside), acc_value, tirx.Select(tirx.Not(seen), new_value, max_value))
 
-            return pick(acc_mean[n, c, y, xx], mean, max_mean), pick(acc_var[n, c, y, xx], var, max_var)
+            picked = (pick(acc_mean[n, c, y, xx], mean, max_mean), pick(acc_var[n, c, y, xx], var, max_var))
+            if not correlated:
+                return picked
+            acc_load = acc[2][n, c, y, xx]
+            max_load = acc_load * cdf[n, c, y, xx] + load * (f32(1.0) - cdf[n, c, y, xx])
+            return picked + (pick(acc_load, load, max_load),)
 
         return te.compute(out_shape, step, name=f"maxpool_{k}", attrs=SHARED)
 
-    acc_mean, acc_var = te.compute(out_shape, first, name="maxpool_0", attrs=SHARED)
+    acc = te.compute(out_shape, first, name="maxpool_0", attrs=SHARED)
     for k in range(1, len(positions)):
-        acc_mean, acc_var = (clark_step if meets_earlier(k) else pick_step)(k, acc_mean, acc_var)
-    return Gaussian(acc_mean, acc_var, "var")
+        acc = (clark_step if meets_earlier(k) else pick_step)(k, acc)
+    return Gaussian(acc[0], acc[1], "var")
 
 
 def convert(a: Gaussian, target: str) -> Gaussian:

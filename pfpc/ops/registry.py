@@ -314,7 +314,8 @@ class Operator:
     function: str | None = None  # Kind.OUTPUT: the function the dropped node computes
     # how a per-channel loading (`passes.carry_channel_covariance`) goes through: "source" (makes
     # one), "carry" (passes it on, by a rule of the pass), "pool" (a mean over positions, where it
-    # adds coherently); None: the loading is dropped
+    # adds coherently), "max" (a max over windows, which reads it as the correlation of the
+    # window's elements and drops it); None: the loading is dropped
     loading: str | None = None
     # Cortex-M4 instructions per output element (QEMU profiles), where the covariance budget
     # (`passes.carry_channel_covariance`) needs them; None: a generic element-wise cost
@@ -364,11 +365,15 @@ OPERATORS = (
              relax_attrs=_pad_attrs, native=None, reference="pad", build=_pad),
     Operator("concat", onnx=("Concat",), relax=("relax.concat",), relax_attrs=_concat_attrs, reference="concat",
              build=lambda inputs, attrs: G.concat(inputs, attrs["axis"])),
-    Operator("maxpool2d", onnx=("MaxPool",), onnx_rule=_maxpool_rule, relax=("relax.nn.max_pool2d",), relax_attrs=_maxpool_attrs,
+    Operator("maxpool2d", loading="max", onnx=("MaxPool",), onnx_rule=_maxpool_rule, relax=("relax.nn.max_pool2d",), relax_attrs=_maxpool_attrs,
              lowered_1d=("relax.nn.max_pool1d",), fusion=Fusion.POOL, gaussian_ops=_clark_steps,
              libm_calls={"sqrt": 1}, reference="maxpool2d",
              build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs.get("ceil_mode", False))),
+    Operator("maxpool2d_correlated", arity=2, fusion=Fusion.POOL, gaussian_ops=_clark_steps, libm_calls={"sqrt": 1},
+             m4_per_element=80.0, reference="maxpool2d_correlated",  # extra per output of a 2x2 window (QEMU: the seed LeNet-5's 75 / 86)
+             build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                     attrs.get("ceil_mode", False), loading=inputs[1])),
     Operator("avgpool2d", loading="pool", onnx=("AveragePool",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.avg_pool2d",), relax_attrs=_avgpool_attrs,
              lowered_1d=("relax.nn.avg_pool1d",), reference="avgpool2d",
              build=lambda inputs, attrs: G.avgpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
@@ -531,9 +536,11 @@ MARKERS = {op.name: op for op in OPERATORS if op.marker_params}
 #: scalar c -> the factor: multiply by c, divide by c.
 SCALING = {**{name: lambda c: c for name in STAGES["multiply"].relax}, **{name: lambda c: 1.0 / c for name in STAGES["divide"].relax}}
 #: Stages a per-channel loading goes through (`passes.carry_channel_covariance`), and those of
-#: them that are means over positions (where the loadings add coherently).
+#: them that end it: means over positions (where the loadings add coherently) and maxima over
+#: windows (`LOADING_MAXIMA`: Clark's max of correlated elements reads it).
 LOADING_CARRIERS = tuple(op.name for op in STAGES.values() if op.loading is not None)
-LOADING_POOLS = tuple(op.name for op in STAGES.values() if op.loading == "pool")
+LOADING_POOLS = tuple(op.name for op in STAGES.values() if op.loading in ("pool", "max"))
+LOADING_MAXIMA = tuple(op.name for op in STAGES.values() if op.loading == "max")
 #: Stages that reduce over a fan-in.
 LINEAR_OPS = stages(Fusion.LINEAR)
 #: Relax operators of the linear stages.

@@ -20,6 +20,8 @@ and, for a convolution the plan names (its output gets a loading):
     relu(x)                       ->   relu(x); a_out = relu_loading(x, a)
     a1 + a2 (both loaded)         ->   the sum; a_out = projection of a1^2 + a2^2 with pooled (sum a1)^2 + (sum a2)^2
     mean over positions           ->   pooled_variance: avg m, avg(v - a^2) / P + avg(a)^2
+    max-pool (``channel`` only)   ->   maxpool2d_correlated(x, a): Clark's max of the window's
+                                       elements with covariance a1 a2; the loading ends there
 
 box(.) is the window's mean (a depthwise convolution with 1/T): the coherent term of a k x k
 convolution over several input channels, sum_c (sum_t mu a)^2, would be a nested reduction;
@@ -28,7 +30,9 @@ taken in box form: it only shapes how the loading spreads over positions (the po
 is exact, the variance is exact). ``mode="pooled"``: the variances stay the diagonal PFP's
 (no split, no coherent term), the loadings feed only the pooled variances.
 
-The plan: the convolutions whose loadings can reach a mean over positions through those ops;
+The plan: the convolutions whose loadings can reach a mean over positions through those ops
+(``channel``: or a max-pool, e.g. LeNet-5's; ``auto`` leaves those on the diagonal PFP: on the
+seed LeNet-5 they recover a few percent of the logits' variance, docs/covariance.md);
 ``auto`` starts them at the earliest such convolution for which the estimated extra Cortex-M4
 instructions of the compiled form (`_extra_instructions`, per-kernel costs calibrated against
 QEMU counts) stay within ``budget`` of the diagonal PFP's estimated instructions
@@ -47,7 +51,7 @@ from ..errors import PfpcError
 from ..ir import GaussianValue, call_op_name, kernel_of, main_bindings, shape_of, with_attrs
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, infer_output_repr
-from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_POOLS, STAGES, Fusion
+from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_MAXIMA, LOADING_POOLS, STAGES, Fusion
 from .kernel_rewriter import KernelRewriter
 
 COVARIANCE_MODES = ("auto", "none", "channel", "pooled")
@@ -73,9 +77,10 @@ def _activation_sources(mod, value, item_of, source) -> list:
     return found
 
 
-def _graph(mod):
+def _graph(mod, maxima: bool = False):
     """(kernel-call vars in order, var -> (spec, source vars, binding), var -> user vars, the
-    convolutions whose loadings can reach a mean over positions)."""
+    convolutions whose loadings can reach a mean over positions, or with ``maxima`` also a
+    max-pool)."""
     bindings = main_bindings(mod["main"])
     source, calls, order = {}, {}, []
     for binding in bindings:
@@ -100,7 +105,7 @@ def _graph(mod):
         spec, _, binding = calls[var]
         if spec.ops[0] not in LOADING_CARRIERS or spec.output == Moment.NONE:
             continue
-        pool = _spatial_mean(spec, shape_of(binding.value.args[1].fields[0]))
+        pool = _spatial_mean(spec, shape_of(binding.value.args[1].fields[0])) or (maxima and spec.ops[0] in LOADING_MAXIMA)
         if pool or (spec.ops[0] not in LOADING_POOLS and any(user in reaches for user in users.get(var, []))):
             reaches.add(var)
     convs = [var for var in order if calls[var][0].ops[0] == "conv2d" and var in reaches]
@@ -111,7 +116,7 @@ def plan(mod, mode: str, budget: float) -> list:
     """The conv kernel-call vars (of ``main``) whose outputs get loadings, in graph order."""
     if mode == "none":
         return []
-    order, calls, users, convs = _graph(mod)
+    order, calls, users, convs = _graph(mod, maxima=mode == "channel")
     if mode == "channel" or mode == "pooled" or not convs:
         return convs
     for start, fraction in _cost_curve(order, calls, users, convs):
@@ -125,14 +130,17 @@ def _cost_curve(order, calls, users, convs) -> list:
     of ``convs`` on (the first chosen convolution reads no loadings, the others do)."""
     diagonal = sum(_diagonal_instructions(*calls[var]) for var in order)
     extra = [_extra_instructions(calls[var], _activation(var, calls, users)) for var in convs]
+    maxima = [_maximum_elements(var, calls, users) * _per_element("maxpool2d_correlated") for var in convs]
+    extra = [(unloaded + more, loaded + more) for (unloaded, loaded), more in zip(extra, maxima)]
     return [(start, sum(extra[index][index > start] for index in range(start, len(convs))) / diagonal)
             for start in range(len(convs))]
 
 
-def cost_curve(mod) -> list:
+def cost_curve(mod, maxima: bool = False) -> list:
     """The trade-off ``auto`` chooses on: [(number of convolutions with loadings, estimated extra
-    Cortex-M4 instructions as a fraction of the diagonal PFP's)], from all of them to the last."""
-    order, calls, users, convs = _graph(mod)
+    Cortex-M4 instructions as a fraction of the diagonal PFP's)], from all of them to the last
+    (``maxima``: with the convolutions that reach only a max-pool, as ``channel`` plans them)."""
+    order, calls, users, convs = _graph(mod, maxima)
     return [(len(convs) - start, fraction) for start, fraction in _cost_curve(order, calls, users, convs)]
 
 
@@ -192,6 +200,23 @@ def _activation(var, calls, users) -> tuple:
     return None, residual, scaled
 
 
+def _maximum_elements(var, calls, users) -> int:
+    """Output elements of the max-pool a convolution's output reaches through its bias add /
+    batch norm (0: none), which then reads its loading (`maxpool2d_correlated`)."""
+    for _ in range(4):
+        following = users.get(var, [])
+        if len(following) != 1:
+            return 0
+        var = following[0]
+        spec, _, binding = calls[var]
+        if spec.ops[0] in LOADING_MAXIMA:
+            return _sizes(spec, binding)[2]
+        stage = STAGES[spec.ops[0]]
+        if stage.loading != "carry" or stage.fusion != Fusion.ELEMENTWISE:
+            return 0
+    return 0
+
+
 def _extra_instructions(call, following) -> tuple:
     """Estimated extra Cortex-M4 instructions of a convolution the plan names, (input without
     loading, input with loading): window sums, pooled variance, projection, the loading through
@@ -221,8 +246,9 @@ def _extra_instructions(call, following) -> tuple:
 
 
 class _Rewriter(KernelRewriter):
-    def __init__(self, mod, planned, pooled_only):
+    def __init__(self, mod, planned, pooled_only, maxima):
         super().__init__(mod)
+        self.maxima = maxima  # max-pools read their inputs' loadings (``channel``)
         self.planned = set(planned)
         self.pooled_only = pooled_only
         self.loading = {}  # new mean var -> loading GaussianValue (deterministic), or a `_Pending` one
@@ -309,6 +335,8 @@ class _Rewriter(KernelRewriter):
             count = int(np.prod(shape_of(x.mean)[2:]))
             result = self.emit("pooled_variance", {"count": count},
                                [pooled, self.emit("reduce_mean", attrs, [e]), self.emit("reduce_mean", attrs, [a])])
+        elif self.maxima and loads[0] is not None and op in LOADING_MAXIMA and operands[0].repr == Moment.VAR:
+            result = self.emit("maxpool2d_correlated", attrs, [operands[0], loads[0]])
         else:
             super()._visit(binding)
             result = self.values[binding.var][0]
@@ -490,7 +518,7 @@ class CarryChannelCovariance:
         self.planned_convs = len(planned)
         if not planned:
             return mod  # nothing reaches a pool: the diagonal PFP, unchanged
-        mod = _Rewriter(mod, planned, self.mode == "pooled").run()
+        mod = _Rewriter(mod, planned, self.mode == "pooled", self.mode == "channel").run()
         record = {"option": self.mode, "mode": "pooled" if self.mode == "pooled" else "channel", "budget": self.budget,
                   "convolutions": [var.name for var in planned]}
         mod["main"] = with_attrs(mod["main"], ir_state.encode(covariance=record))
