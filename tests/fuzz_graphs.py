@@ -605,6 +605,51 @@ def generate_graph(g: Graph, size: int):
     g.outputs.extend(outputs)
 
 
+def generate_pooled_graph(g: Graph):
+    """Add one random convolution stack that ends in a global average pool and a dense layer
+    (the shape ``--covariance`` acts on: a channel's loadings reach a mean over positions):
+    1 or 2 convolutions (3x3 padded, 1x1, depthwise, strided, with and without bias) each
+    followed by Relu, Clip (ReLU6) or nothing, sometimes a batch norm with fixed statistics or
+    a residual Add, then GlobalAveragePool, Flatten and Gemm (x W^T + b)."""
+    rng = g.rng
+    x = _new_input(g, 4)
+    shape = g.pool[x]
+    for depth in range(int(rng.integers(1, 3))):
+        channels = shape[1]
+        kind = _pick(rng, ["3x3", "3x3", "1x1", "depthwise", "strided"])
+        kernel = 1 if kind == "1x1" else 3
+        groups = channels if kind == "depthwise" else 1
+        out_ch = channels if kind == "depthwise" else int(_pick(rng, [2, 3, 4]))
+        stride = 2 if kind == "strided" and min(shape[2:]) > 2 else 1
+        pad = kernel // 2
+        out = [(s + 2 * pad - kernel) // stride + 1 for s in shape[2:]]
+        attrs = {"pads": [pad] * 4, "strides": [stride] * 2}
+        if groups > 1:
+            attrs["group"] = groups
+        ins = [x, g.weight([out_ch, channels // groups, kernel, kernel], "w", scale=0.5)]
+        if rng.random() < 0.5:
+            ins.append(g.weight([out_ch], "b"))
+        y = g.add("Conv", ins, [shape[0], out_ch] + out, **attrs)
+        if rng.random() < 0.3:
+            c = out_ch
+            params = [g.const(rng.uniform(0.5, 2.0, c).astype(np.float32), "gamma"), g.const(rng.standard_normal(c).astype(np.float32) * 0.1, "beta"),
+                      g.const(rng.standard_normal(c).astype(np.float32) * 0.1, "rmean"), g.const(rng.uniform(0.5, 2.0, c).astype(np.float32), "rvar")]
+            y = g.add("BatchNormalization", [y] + params, g.pool[y])
+        if depth and g.pool[y] == shape and rng.random() < 0.5:
+            y = g.add("Add", [y, x], shape)
+        activation = _pick(rng, ["Relu", "Relu", "Clip", None])
+        if activation == "Relu":
+            y = g.add("Relu", [y], g.pool[y])
+        elif activation == "Clip":
+            y = g.add("Clip", [y, g.const(np.array(0.0, np.float32), "lo"), g.const(np.array(6.0, np.float32), "hi")], g.pool[y])
+        x, shape = y, g.pool[y]
+    pooled = g.add("GlobalAveragePool", [x], shape[:2] + [1, 1])
+    flat = g.add("Flatten", [pooled], [shape[0], shape[1]])
+    classes = int(_pick(rng, [2, 3, 5]))
+    dense = g.add("Gemm", [flat, g.weight([classes, shape[1]], "fc"), g.weight([classes], "fcb")], [shape[0], classes], transB=1)
+    g.outputs.append(dense)
+
+
 @dataclass
 class Case:
     """One model with its posterior, inputs and the subgraphs it holds (their output names)."""
@@ -660,10 +705,11 @@ def _references(model, stds, feeds):
     return expected_ort, expected_pfp
 
 
-def generate(seed: int, graphs: int = 1, size: int | None = None) -> Case:
+def generate(seed: int, graphs: int = 1, size: int | None = None, pooled: float = 0.0) -> Case:
     """``graphs`` random graphs in one model (seeded); each one valid (checker, onnxruntime and
     the reference take it: graphs they refuse, such as onnxruntime's dilated SAME convolutions,
-    are drawn again)."""
+    are drawn again). ``pooled``: the fraction of them drawn as convolution stacks ending in a
+    global pool and a dense layer (`generate_pooled_graph`, for ``--covariance``)."""
     rng = np.random.default_rng(seed)
     names = Names(rng)
     merged = Graph(rng, names)
@@ -671,7 +717,10 @@ def generate(seed: int, graphs: int = 1, size: int | None = None) -> Case:
     for _ in range(graphs):
         for _attempt in range(50):
             g = Graph(rng, names)
-            generate_graph(g, size or int(rng.integers(1, 9)))
+            if pooled and rng.random() < pooled:
+                generate_pooled_graph(g)
+            else:
+                generate_graph(g, size or int(rng.integers(1, 9)))
             sub_stds = _posterior(g)
             try:
                 import warnings
@@ -766,8 +815,68 @@ def _close(actual, expected, rtol, floor=1e-12):
     return None
 
 
-def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
-    """Compile the case (with its deterministic copy), build with -Werror, run, compare."""
+#: Operators on which pfpc's ``--covariance`` and tests/reference_covariance.py treat a channel's
+#: loading alike (both carry it: Relu, Clip, Add, views before a dense layer; both pool it:
+#: GlobalAveragePool; or both drop it: the rest). A stochastic output whose ancestors are all
+#: here is compared with that reference when pfpc's plan gives some convolution a loading; one
+#: with another ancestor (MaxPool: the reference carries, pfpc drops; Mul, Sum, Neg, ReduceMean,
+#: AveragePool, Pad, Reshape and the other views: pfpc carries or pools, the reference does not)
+#: is not compared ("uncovered").
+COVARIANCE_COVERED = {"Conv", "Relu", "Clip", "Add", "GlobalAveragePool", "Flatten", "Gemm", "Identity", "Dropout",
+                      "BatchNormalization", "Sigmoid", "Tanh", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Elu",
+                      "Selu", "Softplus", "Abs", "Sqrt", "Sub", "Div", "MatMul", "Softmax", "LogSoftmax", "GlobalMaxPool",
+                      "ReduceMax", "LayerNormalization", "InstanceNormalization", "LRN", "Max", "Min"}
+
+
+def _covariance_references(case: Case, record) -> tuple[dict, list]:
+    """The float64 reference of pfpc's covariance form (tests/reference_covariance.py in its
+    "channel_box" mode with the loadings spread by the output variance, as pfpc compiles it),
+    the loadings made by the convolutions ``record`` (the compiled plan) names, for the outputs
+    it covers (`COVARIANCE_COVERED`). Returns ({output: (mean, var)}, [uncovered outputs])."""
+    import reference_covariance
+
+    planned = record.get("convolutions", []) if record else []
+    nodes = list(case.model.graph.node)
+    loaded = {n.output[0] for n in nodes if n.op_type == "Conv" and any(name.startswith(n.input[1] + "_") for name in planned)}
+    names = [o.name for o in case.model.graph.output]
+    if not loaded:
+        return {}, []
+    producer = {out: n for n in nodes for out in n.output}
+
+    def ancestors(name, seen):
+        node = producer.get(name)
+        if node is None or id(node) in seen:
+            return
+        seen[id(node)] = node
+        for source in node.input:
+            ancestors(source, seen)
+
+    covered, uncovered, reached_by_loadings = [], [], set()
+    for name in names:
+        seen = {}
+        ancestors(name, seen)
+        ops = {n.op_type for n in seen.values()}
+        if any(n.output[0] in loaded for n in seen.values()):
+            reached_by_loadings.add(name)
+        (covered if name not in reached_by_loadings or ops <= COVARIANCE_COVERED else uncovered).append(name)
+    compared = [name for name in covered if name in reached_by_loadings]
+    if not compared:
+        return {}, uncovered
+    sub = subgraph(case, compared)  # only their ancestors: the reference need not take the rest
+    variances = {k: v.astype(np.float64) ** 2 for k, v in sub.stds.items()}
+    try:
+        moments = reference_covariance.pfp_covariance(sub.model, variances, sub.feeds, "channel_box",
+                                                      spread_variance=True, loaded=loaded)
+    except (NotImplementedError, KeyError, ValueError):  # a Gemm form the reference does not take
+        return {}, uncovered + compared
+    return {name: moments[name] for name in compared}, uncovered
+
+
+def check(case: Case, workdir: str, sanitize: bool = False, covariance: str = "none") -> Outcome:
+    """Compile the case (with its deterministic copy), build with -Werror, run, compare.
+    ``covariance``: pfpc's option; with "auto", outputs that a convolution's loadings reach are
+    compared with the covariance form's reference (`_covariance_references`), the others with
+    the diagonal one."""
     import pfpc.compiler as compiler
     from pfpc.errors import PfpcError
 
@@ -779,8 +888,7 @@ def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
     out_dir = os.path.join(workdir, "out")
     shutil.rmtree(out_dir, ignore_errors=True)
     try:
-        # the diagonal PFP, which the reference computes (covariance: tests/test_covariance_compiled.py)
-        compiler.compile(model, {f"{k}.std": v for k, v in case.stds.items()}, out_dir=out_dir, covariance="none")
+        compiler.compile(model, {f"{k}.std": v for k, v in case.stds.items()}, out_dir=out_dir, covariance=covariance)
     except PfpcError as err:
         return Outcome(False, "refused", str(err).splitlines()[0][:400])
     except Exception as err:
@@ -788,6 +896,13 @@ def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
         return Outcome(False, "internal", f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''} "
                        f"({os.path.basename(last.filename)}:{last.lineno})"[:400])
     meta = compiler.read_metadata(out_dir)
+    uncovered = []
+    if covariance != "none" and meta.get("covariance"):
+        try:
+            with_loadings, uncovered = _covariance_references(case, meta["covariance"])
+        except Exception as err:
+            return Outcome(False, "invalid", f"covariance reference: {type(err).__name__}: {str(err)[:200]}")
+        expected_pfp = {**expected_pfp, **with_loadings}
     try:
         if sanitize:
             results, logits = _run_sanitized(out_dir, meta, [feeds[name] for name, _ in meta["inputs"]])
@@ -804,11 +919,12 @@ def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
         # a softmax output: its value, and its logits' moments beside it (the reference's moments)
         (mean, var), (det_mean, det_var) = (logits.get(index, results[index]) for index in (position, len(names) + position))
         ref_mean, ref_var = expected_pfp[name]
-        for what, actual, expected, rtol in (("mean", mean, ref_mean, MEAN_RTOL), ("variance", var, ref_var, VAR_RTOL)):
+        for what, actual, expected, rtol in ((("mean", mean, ref_mean, MEAN_RTOL), ("variance", var, ref_var, VAR_RTOL))
+                                             if name not in uncovered else ()):
             problem = _close(actual.reshape(expected.shape) if actual.size == expected.size else actual, expected, rtol)
             if problem:
                 return Outcome(False, "wrong", f"output {name} {what} vs reference: {problem}")
-        entry = softmax.get(position)
+        entry = softmax.get(position) if name not in uncovered else None
         if entry is not None:  # the value: the mean-field probabilities of the reference's logit moments
             value = results[position][0]
             expected = _meanfield(ref_mean, ref_var, entry["axis"], entry["function"] == "log_softmax")
@@ -989,28 +1105,29 @@ def load_case(path: str) -> Case:
 # batches
 
 
-def run_batch(seed: int, graphs: int, workdir: str, sanitize=False, log=print, save=None, shrink_failures=True):
+def run_batch(seed: int, graphs: int, workdir: str, sanitize=False, log=print, save=None, shrink_failures=True, covariance="none",
+              pooled=0.0):
     """Generate ``graphs`` graphs from ``seed`` in one model, check it; on failure check each
     graph alone and shrink the failing ones. Returns [(seed, graph index, Outcome, shrunk Case)]."""
-    case = generate(seed, graphs)
-    outcome = check(case, workdir, sanitize)
+    case = generate(seed, graphs, pooled=pooled)
+    outcome = check(case, workdir, sanitize, covariance)
     if outcome.ok:
         return []
     failures = []
     for index, group in enumerate(case.groups):
         single = subgraph(case, group["outputs"])
-        single_outcome = check(single, workdir, sanitize) if len(case.groups) > 1 else outcome
+        single_outcome = check(single, workdir, sanitize, covariance) if len(case.groups) > 1 else outcome
         if single_outcome.ok:
             continue
         if single_outcome.kind != "invalid" and shrink_failures:
             kind = single_outcome.kind
 
             def fails(candidate, kind=kind):
-                result = check(candidate, workdir, sanitize)
+                result = check(candidate, workdir, sanitize, covariance)
                 return not result.ok and result.kind == kind
 
             single = shrink(single, fails, log)
-            single_outcome = check(single, workdir, sanitize)
+            single_outcome = check(single, workdir, sanitize, covariance)
         failures.append((seed, index, single_outcome, single))
         if save and single_outcome.kind != "invalid":
             save_case(single, save, f"seed{seed}_g{index}", single_outcome)
@@ -1027,6 +1144,11 @@ def main(argv=None):
     parser.add_argument("--sanitize-every", type=int, default=0, help="every k-th batch built with ASan+UBSan (0: none)")
     parser.add_argument("--save-failures", help="directory for shrunk failing cases")
     parser.add_argument("--no-shrink", action="store_true")
+    parser.add_argument("--covariance", choices=("none", "auto"), default="none",
+                        help="pfpc's --covariance; auto: outputs a convolution's loadings reach are checked against "
+                             "tests/reference_covariance.py where it covers them")
+    parser.add_argument("--pooled", type=float, default=0.0,
+                        help="fraction of the graphs drawn as convolution stacks -> global pool -> dense (for --covariance auto)")
     args = parser.parse_args(argv)
     batches = -(-args.count // args.per_model)
     started = time.time()
@@ -1036,7 +1158,8 @@ def main(argv=None):
             seed = args.seed + batch
             graphs = min(args.per_model, args.count - batch * args.per_model)
             sanitize = bool(args.sanitize_every) and batch % args.sanitize_every == 0
-            found = run_batch(seed, graphs, workdir, sanitize, save=args.save_failures, shrink_failures=not args.no_shrink)
+            found = run_batch(seed, graphs, workdir, sanitize, save=args.save_failures, shrink_failures=not args.no_shrink,
+                              covariance=args.covariance, pooled=args.pooled)
             for seed_, index, outcome, case in found:
                 if outcome.kind == "invalid":
                     invalid += 1

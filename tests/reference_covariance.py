@@ -248,7 +248,7 @@ def gemm_channel(m, v, a, group, wm, wv, bm=None, bv=None):
 
 def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: str = "channel",
                    replace: dict | None = None, pools_before_relus: bool = True, start: int = 0,
-                   box_noise: bool = False, spread_variance: bool = False) -> dict:
+                   box_noise: bool = False, spread_variance: bool = False, loaded: set | None = None) -> dict:
     """Run the PFP over ``model`` (constants folded, batch norms kept) and return every tensor's
     (mean, var). mode "none": the diagonal reference (tests/reference.py); "channel": shared
     per-channel latents; "pooled": the same with the diagonal PFP's variance at every conv
@@ -256,7 +256,9 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
     moments when a node consumes that tensor (loadings 0), to feed e.g. Monte Carlo marginals.
     ``pools_before_relus``: ReLU -> MaxPool computed as MaxPool -> ReLU, as pfpc does.
     ``start``: the convolutions before the start-th (in graph order) give their outputs no
-    loading (the cheaper settings of the trade-off curve: only the last layers carry loadings)."""
+    loading (the cheaper settings of the trade-off curve: only the last layers carry loadings).
+    ``loaded``: the convolutions (by output name) that give their outputs a loading, the others
+    none (a compiled plan); None: every one from the start-th on."""
     env = {}
     group = {}  # latent channel of each feature of a flattened tensor
     convs = [0]
@@ -285,7 +287,7 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
                 x.append(env[name])
         out = _node(node, x, mode, group, box_noise, spread_variance)
         if node.op_type == "Conv" and mode != "none":
-            if convs[0] < start:
+            if convs[0] < start or (loaded is not None and node.output[0] not in loaded):
                 out = (out[0], out[1], np.zeros(out[0].shape))
             convs[0] += 1
         env[node.output[0]] = out

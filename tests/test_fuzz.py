@@ -1,7 +1,10 @@
 """The differential fuzzer's fixed-seed CI batch (tests/fuzz_graphs.py): 150 random graphs in 15
 compiled models, each graph checked against onnxruntime (a zero-variance copy) and the float64
-NumPy PFP (with its posterior), the C built with -Wall -Wextra -Werror; two of the models also
-under -fsanitize=address,undefined; and the saved regression cases in tests/fuzz_cases/.
+NumPy PFP (with its posterior), the C built with -Wall -Wextra -Werror; one of the 15 compiled
+with ``--covariance auto``, a fifth of its graphs convolution stacks ending in a global pool, checked
+against the covariance form's float64 reference (tests/reference_covariance.py) where loadings
+reach an output; two of the models also under -fsanitize=address,undefined; and the saved
+regression cases in tests/fuzz_cases/.
 The long run is ``python tests/fuzz_graphs.py --count 2000``."""
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import pytest
 
 import fuzz_graphs
 
-SEEDS = range(15)  # x 10 graphs
+SEEDS = range(14)  # x 10 graphs
+COVARIANCE_SEEDS = [14]  # x 10 graphs, --covariance auto
 SANITIZED_SEEDS = [100, 101]
 CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_cases")
 
 
-def _check_batch(seed, tmp_path, sanitize=False):
-    failures = fuzz_graphs.run_batch(seed, 10, str(tmp_path), sanitize=sanitize, log=lambda *_: None)
+def _check_batch(seed, tmp_path, sanitize=False, covariance="none", pooled=0.0):
+    failures = fuzz_graphs.run_batch(seed, 10, str(tmp_path), sanitize=sanitize, log=lambda *_: None, covariance=covariance, pooled=pooled)
     report = [f"graph {index}: {outcome} (shrunk to {len(case.model.graph.node)} nodes: "
               f"{[n.op_type for n in case.model.graph.node]})" for _, index, outcome, case in failures]
     assert not report, f"seed {seed}: " + "; ".join(report)
@@ -27,6 +31,22 @@ def _check_batch(seed, tmp_path, sanitize=False):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_graphs(tmp_path, seed):
     _check_batch(seed, tmp_path)
+
+
+@pytest.mark.parametrize("seed", COVARIANCE_SEEDS)
+def test_random_graphs_covariance_auto(tmp_path, seed):
+    _check_batch(seed, tmp_path, covariance="auto", pooled=0.2)
+
+
+@pytest.mark.slow
+def test_covariance_check_tells_the_forms_apart(tmp_path, monkeypatch):
+    """The --covariance auto check compares the outputs that loadings reach with the covariance
+    form's reference: against the diagonal reference instead, a pooled stack fails."""
+    case = fuzz_graphs.generate(0, 1, pooled=1.0)
+    assert fuzz_graphs.check(case, str(tmp_path), covariance="auto").ok
+    monkeypatch.setattr(fuzz_graphs, "_covariance_references", lambda case, record: ({}, []))
+    outcome = fuzz_graphs.check(case, str(tmp_path), covariance="auto")
+    assert outcome.kind == "wrong" and "variance" in outcome.message, outcome
 
 
 @pytest.mark.parametrize("seed", SANITIZED_SEEDS)
