@@ -24,8 +24,10 @@ deterministic and stochastic branches meeting, wide, concentrated and absent pos
 inputs far from zero, and names like the ones pfpc generates (``relu_2``, ``y_var``). Since
 session 7 also Slice, Split, Tile, Expand, Pad edge/reflect, Resize, ConvTranspose, Pow, Sqrt,
 LayerNormalization, InstanceNormalization, LRN, 3-D Conv/MaxPool/AveragePool, Abs, Neg, Max, Min,
-ReduceMean/Sum/Max, GlobalMaxPool, HardSigmoid, HardSwish, Elu, Selu, Softplus (not
-GroupNormalization or Gelu, which need opset 18/20).
+ReduceMean/Sum/Max, GlobalMaxPool, HardSigmoid, HardSwish, Elu, Selu, Softplus; with
+``--opset 21`` also Gelu and GroupNormalization. ``--covariance auto --pooled 0.5``: half the
+graphs are convolution stacks ending in a global pool and a dense layer, compiled with pfpc's
+covariance form and checked against tests/reference_covariance.py where loadings reach an output.
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ OPS = ["Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Identity", "Dro
        # the operators added after the generator was first written
        "Slice", "Split", "Tile", "Expand", "Resize", "ConvTranspose", "Pow", "Sqrt", "LayerNormalization",
        "InstanceNormalization", "LRN", "Abs", "Neg", "Max", "Min", "ReduceMean", "ReduceSum", "ReduceMax", "GlobalMaxPool",
-       "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus"]  # not GroupNormalization (opset 18) or Gelu (20): opset 17 here
+       "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus"]
+#: Opset of the models written by default, and of the variant (``--opset 21``) that adds
+#: `NEWER_OPSET_OPS`: Gelu (opset 20) and GroupNormalization with one scale per channel (21; its
+#: opset 18-20 form is deprecated and the ONNX checker refuses it); there ReduceMean/ReduceMax
+#: take their axes as an input (18).
+NEWER_OPSET, NEWER_OPSET_OPS = 21, ["Gelu", "GroupNormalization"]
 #: Operators whose output is never negative (a Sqrt or a fractional Pow may follow: onnxruntime
 #: gives NaN for a negative base, pfpc's max(x, 0)^p does not).
 NON_NEGATIVE = {"Relu", "Sigmoid", "Abs", "Softplus", "HardSigmoid", "Sqrt"}
@@ -103,6 +110,10 @@ class Graph:
     pool: dict = field(default_factory=dict)  # activation name -> shape
     outputs: list = field(default_factory=list)
     feeds: dict = field(default_factory=dict)
+    opset: int = OPSET
+
+    def operators(self):
+        return OPS + NEWER_OPSET_OPS if self.opset >= NEWER_OPSET else OPS
 
     def weight(self, shape, hint="w", scale=None, deterministic=False):
         scale = scale if scale is not None else float(self.rng.choice([0.3, 0.7, 1.0]))
@@ -415,7 +426,7 @@ def _try_newer_op(g: Graph, op: str, x: str):
         if op == "ReduceMax" and int(np.prod([shape[i] for i in axes])) > 64:
             return None
         axes_given = [a - rank if rng.random() < 0.3 else a for a in axes]
-        if op == "ReduceSum":  # opset 13: axes as an input; ReduceMean/ReduceMax as an attribute until 18
+        if op == "ReduceSum" or g.opset >= 18:  # opset 13: axes as an input; ReduceMean/ReduceMax as an attribute until 18
             return g.add(op, [x, g.const(np.array(axes_given, np.int64), "axes")], out, keepdims=keep)
         return g.add(op, [x], out, axes=axes_given, keepdims=keep)
     if op == "GlobalMaxPool":
@@ -535,6 +546,16 @@ def _try_newer_op(g: Graph, op: str, x: str):
             ins = [x, scale] + ([g.weight(normalized, "bet")] if rng.random() < 0.7 else [])
             return g.add(op, ins, shape, axis=axis - rank if rng.random() < 0.3 else axis, epsilon=epsilon)
         return g.add(op, [x, g.weight([channels], "gam", deterministic=rng.random() < 0.5), g.weight([channels], "bet")], shape, epsilon=epsilon)
+    if op == "Gelu":
+        return g.add(op, [x], shape)
+    if op == "GroupNormalization":
+        channels = shape[1] if rank >= 3 else 0
+        groups = [d for d in (1, 2, 3, channels) if channels and channels % d == 0 and channels // d * int(np.prod(shape[2:])) >= 2]
+        if not groups:
+            return None  # one element per group: onnxruntime's x - mean is a rounding error over sqrt(eps)
+        scale = g.weight([channels], "gam", deterministic=rng.random() < 0.5)
+        return g.add(op, [x, scale, g.weight([channels], "bet")], shape, num_groups=int(_pick(rng, groups)),
+                     epsilon=float(_pick(rng, [1e-5, 1e-3])))
     if op == "LRN":
         if rank != 4:
             return None
@@ -576,7 +597,7 @@ def generate_graph(g: Graph, size: int):
         tries += 1
         x = _pick(rng, sorted(local))
         # mostly start with an operator that reads a weight, so that what follows sees Gaussians
-        op = _pick(rng, SOURCES) if len(local) == len(inputs) and rng.random() < 0.8 else _pick(rng, OPS)
+        op = _pick(rng, SOURCES) if len(local) == len(inputs) and rng.random() < 0.8 else _pick(rng, g.operators())
         pool_before = dict(g.pool)
         g.pool = {k: v for k, v in g.pool.items() if k in local}
         try:
@@ -668,7 +689,7 @@ def _model_of(g: Graph, groups) -> onnx.ModelProto:
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, g.pool[n]) for n in g.outputs],
         [numpy_helper.from_array(v, n) for n, v in g.inits.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", g.opset)])
     model.ir_version = 8
     return model
 
@@ -705,18 +726,19 @@ def _references(model, stds, feeds):
     return expected_ort, expected_pfp
 
 
-def generate(seed: int, graphs: int = 1, size: int | None = None, pooled: float = 0.0) -> Case:
+def generate(seed: int, graphs: int = 1, size: int | None = None, pooled: float = 0.0, opset: int = OPSET) -> Case:
     """``graphs`` random graphs in one model (seeded); each one valid (checker, onnxruntime and
     the reference take it: graphs they refuse, such as onnxruntime's dilated SAME convolutions,
     are drawn again). ``pooled``: the fraction of them drawn as convolution stacks ending in a
-    global pool and a dense layer (`generate_pooled_graph`, for ``--covariance``)."""
+    global pool and a dense layer (`generate_pooled_graph`, for ``--covariance``). ``opset``:
+    `OPSET`, or `NEWER_OPSET` with its operators."""
     rng = np.random.default_rng(seed)
     names = Names(rng)
-    merged = Graph(rng, names)
+    merged = Graph(rng, names, opset=opset)
     groups, stds = [], {}
     for _ in range(graphs):
         for _attempt in range(50):
-            g = Graph(rng, names)
+            g = Graph(rng, names, opset=opset)
             if pooled and rng.random() < pooled:
                 generate_pooled_graph(g)
             else:
@@ -1106,10 +1128,10 @@ def load_case(path: str) -> Case:
 
 
 def run_batch(seed: int, graphs: int, workdir: str, sanitize=False, log=print, save=None, shrink_failures=True, covariance="none",
-              pooled=0.0):
+              pooled=0.0, opset=OPSET):
     """Generate ``graphs`` graphs from ``seed`` in one model, check it; on failure check each
     graph alone and shrink the failing ones. Returns [(seed, graph index, Outcome, shrunk Case)]."""
-    case = generate(seed, graphs, pooled=pooled)
+    case = generate(seed, graphs, pooled=pooled, opset=opset)
     outcome = check(case, workdir, sanitize, covariance)
     if outcome.ok:
         return []
@@ -1147,6 +1169,8 @@ def main(argv=None):
     parser.add_argument("--covariance", choices=("none", "auto"), default="none",
                         help="pfpc's --covariance; auto: outputs a convolution's loadings reach are checked against "
                              "tests/reference_covariance.py where it covers them")
+    parser.add_argument("--opset", type=int, choices=(OPSET, NEWER_OPSET), default=OPSET,
+                        help=f"opset of the models; {NEWER_OPSET} adds {', '.join(NEWER_OPSET_OPS)}")
     parser.add_argument("--pooled", type=float, default=0.0,
                         help="fraction of the graphs drawn as convolution stacks -> global pool -> dense (for --covariance auto)")
     args = parser.parse_args(argv)
@@ -1159,7 +1183,7 @@ def main(argv=None):
             graphs = min(args.per_model, args.count - batch * args.per_model)
             sanitize = bool(args.sanitize_every) and batch % args.sanitize_every == 0
             found = run_batch(seed, graphs, workdir, sanitize, save=args.save_failures, shrink_failures=not args.no_shrink,
-                              covariance=args.covariance, pooled=args.pooled)
+                              covariance=args.covariance, pooled=args.pooled, opset=args.opset)
             for seed_, index, outcome, case in found:
                 if outcome.kind == "invalid":
                     invalid += 1

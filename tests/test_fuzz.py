@@ -1,6 +1,7 @@
 """The differential fuzzer's fixed-seed CI batch (tests/fuzz_graphs.py): 150 random graphs in 15
 compiled models, each graph checked against onnxruntime (a zero-variance copy) and the float64
-NumPy PFP (with its posterior), the C built with -Wall -Wextra -Werror; one of the 15 compiled
+NumPy PFP (with its posterior), the C built with -Wall -Wextra -Werror; one of the 15 at opset 21
+with Gelu and GroupNormalization among the operators; one compiled
 with ``--covariance auto``, a fifth of its graphs convolution stacks ending in a global pool, checked
 against the covariance form's float64 reference (tests/reference_covariance.py) where loadings
 reach an output; two of the models also under -fsanitize=address,undefined; and the saved
@@ -15,14 +16,16 @@ import pytest
 
 import fuzz_graphs
 
-SEEDS = range(14)  # x 10 graphs
+SEEDS = range(13)  # x 10 graphs
+NEWER_OPSET_SEEDS = [13]  # x 10 graphs, opset 21 with Gelu and GroupNormalization
 COVARIANCE_SEEDS = [14]  # x 10 graphs, --covariance auto
 SANITIZED_SEEDS = [100, 101]
 CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_cases")
 
 
-def _check_batch(seed, tmp_path, sanitize=False, covariance="none", pooled=0.0):
-    failures = fuzz_graphs.run_batch(seed, 10, str(tmp_path), sanitize=sanitize, log=lambda *_: None, covariance=covariance, pooled=pooled)
+def _check_batch(seed, tmp_path, sanitize=False, covariance="none", pooled=0.0, opset=fuzz_graphs.OPSET):
+    failures = fuzz_graphs.run_batch(seed, 10, str(tmp_path), sanitize=sanitize, log=lambda *_: None, covariance=covariance, pooled=pooled,
+                                     opset=opset)
     report = [f"graph {index}: {outcome} (shrunk to {len(case.model.graph.node)} nodes: "
               f"{[n.op_type for n in case.model.graph.node]})" for _, index, outcome, case in failures]
     assert not report, f"seed {seed}: " + "; ".join(report)
@@ -31,6 +34,11 @@ def _check_batch(seed, tmp_path, sanitize=False, covariance="none", pooled=0.0):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_graphs(tmp_path, seed):
     _check_batch(seed, tmp_path)
+
+
+@pytest.mark.parametrize("seed", NEWER_OPSET_SEEDS)
+def test_random_graphs_newer_opset(tmp_path, seed):
+    _check_batch(seed, tmp_path, opset=fuzz_graphs.NEWER_OPSET)
 
 
 @pytest.mark.parametrize("seed", COVARIANCE_SEEDS)
@@ -68,6 +76,9 @@ def test_generator_is_deterministic_and_valid():
     onnx.checker.check_model(first.model, full_check=True)
     ops = {node.op_type for seed in range(20) for node in fuzz_graphs.generate(seed, 10).model.graph.node}
     assert set(fuzz_graphs.OPS) <= ops  # every listed operator is generated
+    newer = {node.op_type for seed in range(6) for node in fuzz_graphs.generate(seed, 10, opset=fuzz_graphs.NEWER_OPSET).model.graph.node}
+    assert set(fuzz_graphs.NEWER_OPSET_OPS) <= newer
+    onnx.checker.check_model(fuzz_graphs.generate(0, 10, opset=fuzz_graphs.NEWER_OPSET).model, full_check=True)
 
 
 def test_failures_shrink(tmp_path):
