@@ -894,6 +894,19 @@ def _covariance_references(case: Case, record) -> tuple[dict, list]:
     return {name: moments[name] for name in compared}, uncovered
 
 
+def _onnxruntime_is_the_farther(case: Case, name, det, expected_ort) -> bool:
+    """Whether pfpc's zero-variance output ``det`` equals the float64 evaluation of the graph
+    (tests/reference.py without a posterior) to 1e-4 while onnxruntime's is farther from it:
+    onnxruntime's float32 InstanceNormalization of inputs far from 0 loses digits that pfpc
+    keeps (the long run's seed 100029, inputs near 50: onnxruntime 2.4e-4 off, pfpc 3e-7)."""
+    exact = reference.pfp_onnx(case.model, {}, case.feeds)[name][0]
+    det = det.reshape(exact.shape) if det.size == exact.size else det
+    if _close(det, exact, 1e-4, floor=1e-9):
+        return False
+    scale = max(float(np.max(np.abs(exact))), 1e-9)
+    return float(np.max(np.abs(np.asarray(expected_ort, np.float64).reshape(exact.shape) - exact))) > float(np.max(np.abs(det - exact))) + 1e-7 * scale
+
+
 def check(case: Case, workdir: str, sanitize: bool = False, covariance: str = "none") -> Outcome:
     """Compile the case (with its deterministic copy), build with -Werror, run, compare.
     ``covariance``: pfpc's option; with "auto", outputs that a convolution's loadings reach are
@@ -959,7 +972,7 @@ def check(case: Case, workdir: str, sanitize: bool = False, covariance: str = "n
         det = det_mean.reshape(expected.shape) if det_mean.size == expected.size else det_mean
         # floor 1e-9: onnxruntime's float32 Sigmoid of -26 is 0 where pfpc's is 4e-12 (the long run's seed 100051)
         problem = _close(det, expected, 1e-4, floor=1e-9)
-        if problem:
+        if problem and not _onnxruntime_is_the_farther(case, name, det, expected):
             return Outcome(False, "wrong", f"output {name}_d (no posterior) vs onnxruntime: {problem}")
         if np.any(det_var != 0):
             return Outcome(False, "wrong", f"output {name}_d (no posterior) has a nonzero variance")
