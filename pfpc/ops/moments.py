@@ -207,8 +207,8 @@ def clip_moments(mean, var, lower, upper):
     return mean_out, var_out
 
 
-def _tail_polynomials(levels):
-    """Integer coefficients (index = power of t) of B_0, ..., B_3 of `normal_tail_moments`:
+def _tail_polynomials(levels, count=4):
+    """Integer coefficients (index = power of t) of B_0, ..., B_{count-1} of `normal_tail_moments`:
     B_{levels + 1} = 1, B_{levels + 2} = 0, B_n = t B_{n+1} + (n + 1) B_{n+2}."""
     below, current = [0], [1]
     polynomials = {}
@@ -217,7 +217,7 @@ def _tail_polynomials(levels):
         scaled = [(n + 1) * c for c in below] + [0] * (len(shifted) - len(below))
         below, current = current, [x + y for x, y in zip(shifted, scaled)]
         polynomials[n] = current
-    return [polynomials[n] for n in range(4)]
+    return [polynomials[n] for n in range(count)]
 
 
 #: Laplace's continued fraction cut after 32 levels: relative error below 1.6e-6 from t = 1.6 on
@@ -228,6 +228,29 @@ _TAIL_LEVELS, _TAIL_FROM, _TAIL_TO = 32, 1.6, 8.0
 #: multiply-adds in every MaxPool step than 32).
 _CLARK_TAIL_LEVELS, _CLARK_TAIL_FROM = 20, 2.0
 _TAIL_B = {levels: _tail_polynomials(levels) for levels in (_TAIL_LEVELS, _CLARK_TAIL_LEVELS)}
+_TAIL_B5 = _tail_polynomials(_TAIL_LEVELS, 6)[4:]  # B_4, B_5: the partial moments to the fourth
+
+
+def normal_tail_partial_moments(t, pdf):
+    """[psi0(t), ..., psi4(t)], psi_k(t) = E[(Z - t)+^k] (psi0 = Q), for t >= 1.6 (``pdf`` =
+    phi(t)): psi_k = k! phi B_{k+1} / B_0 with Laplace's continued fraction of
+    `normal_tail_moments` (32 levels), B_5 and B_4 by Horner's rule and the others by the
+    recurrence B_n = t B_{n+1} + (n + 1) B_{n+2}: sums of positive terms, nothing cancels.
+    Returns (moments, bind) as `normal_tail_moments` does."""
+    t = tirx.min(tirx.max(t, f32(1.0)), f32(_TAIL_TO))
+    t_squared, b4, b5, inverse = (tirx.Var(f"tail_{name}", "float32") for name in ("t2", "b4", "b5", "inverse"))
+    b3 = t * b4 + f32(4.0) * b5
+    b2 = t * b3 + f32(3.0) * b4
+    b1 = t * b2 + f32(2.0) * b3
+    b0 = t * b1 + b2
+    factorials = (1.0, 1.0, 2.0, 6.0, 24.0)
+    moments = [f32(factorial) * pdf * (b * inverse) for factorial, b in zip(factorials, (b1, b2, b3, b4, b5))]
+
+    def bind(value):
+        return _let(t_squared, t * t, _let(b4, _positive_polynomial(_TAIL_B5[0], t, t_squared),
+                    _let(b5, _positive_polynomial(_TAIL_B5[1], t, t_squared), _let(inverse, f32(1.0) / b0, value))))
+
+    return moments, bind
 
 
 def _positive_polynomial(coefficients, t, t_squared):
