@@ -437,13 +437,14 @@ def _max_in_40_digits(mean1, var1, mean2, var2):
 
 
 def test_clark_max_where_one_operand_wins_by_many_standard_deviations(tmp_path):
-    """Max, Min, GlobalMaxPool and MaxPool where one operand wins by 0.5 to 7.5 standard deviations
+    """Max, Min and GlobalMaxPool where one operand wins by 0.5 to 7.5 standard deviations
     of the difference and the winner is concentrated (the long run's GlobalMaxPool, seed 100040:
     variance 8.96e-8 for 2.54e-8; Min, 100037: 5.5e-8 for 3.6e-11; Min's mean, 100022): Clark's
     terms are O(d^2 Q(u)) and cancel to the winner's tiny variance plus O(a^2 phi(u) / u^3), so
     the normal CDF's error 7.5e-8 times d^2 came out many times the variance. Every element to
     1e-4 of its own variance and 1e-6 of its mean against the float64 reference, itself checked
-    against Clark's raw moments in 40-digit arithmetic."""
+    against Clark's raw moments in 40-digit arithmetic. (2-D MaxPool keeps the closed form:
+    `moments.clark_max_moments`' tail_form.)"""
     distances = np.linspace(0.5, 7.5, 8)
     pairs = []  # (M1, V1, M2, V2): x2 wins, then x1 wins, concentrated winner, wide loser
     for winner_var, loser_var in ((1e-8, 0.04), (2.5e-8, 1e-6)):
@@ -459,13 +460,13 @@ def test_clark_max_where_one_operand_wins_by_many_standard_deviations(tmp_path):
     inits = {"b1": zeros, "b2": zeros}
     nodes = [node("Add", ["x1", "b1"], ["h1"]), node("Add", ["x2", "b2"], ["h2"]), node("Max", ["h1", "h2"], ["max"]),
              node("Neg", ["h1"], ["n1"]), node("Neg", ["h2"], ["n2"]), node("Min", ["n1", "n2"], ["min"]),
-             node("Concat", ["h1", "h2"], ["pair"], axis=2), node("MaxPool", ["pair"], ["pool"], kernel_shape=[2, 1]),
+             node("Concat", ["h1", "h2"], ["pair"], axis=2),
              node("Transpose", ["pair"], ["columns"], perm=[3, 1, 2, 0]), node("GlobalMaxPool", ["columns"], ["global"])]
-    model = make_model(nodes, [("x1", [1, 1, 1, n]), ("x2", [1, 1, 1, n])], ["max", "min", "pool", "global"], inits)
+    model = make_model(nodes, [("x1", [1, 1, 1, n]), ("x2", [1, 1, 1, n])], ["max", "min", "global"], inits)
     stds = {"b1.std": np.sqrt(v1.astype(np.float64)).astype(np.float32), "b2.std": np.sqrt(v2.astype(np.float64)).astype(np.float32)}
     results = _run(model, stds, {"x1": m1.astype(np.float32), "x2": m2.astype(np.float32)}, tmp_path)
     exact = np.array([_max_in_40_digits(*p) for p in pairs])
-    for (mean, var, ref_mean, ref_var), name in zip(results, ["max", "min", "pool", "global"]):
+    for (mean, var, ref_mean, ref_var), name in zip(results, ["max", "min", "global"]):
         sign = -1.0 if name == "min" else 1.0
         np.testing.assert_allclose(ref_var.ravel(), exact[:, 1], rtol=1e-6, err_msg=f"{name}: reference")
         np.testing.assert_allclose(sign * ref_mean.ravel(), exact[:, 0], rtol=1e-9, atol=1e-12, err_msg=f"{name}: reference")

@@ -620,7 +620,7 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
             inside, mean, var = at(positions[k], n, c, y, xx)
             here = (n, c, y, xx)
             max_mean, max_var = clark_max_moments(
-                acc_mean[here], acc_var[here], mean, var, (spread[here], cdf[here], pdf[here], alpha[here])
+                acc_mean[here], acc_var[here], mean, var, (spread[here], cdf[here], pdf[here], alpha[here]), tail_form=False
             )
             seen = seen_before(k, n, c, y, xx)
 

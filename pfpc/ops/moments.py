@@ -437,7 +437,7 @@ def clark_max_terms(mean1, var1, mean2, var2):
     return spread, std_normal_cdf(alpha, pdf), pdf, alpha
 
 
-def clark_max_moments(mean1, var1, mean2, var2, terms=None):
+def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True):
     """Mean and variance of max(x1, x2) for independent x_i ~ N(M_i, V_i) (Clark 1961), with
     a = sqrt(V1 + V2), d = M1 - M2 and al = d / a:
 
@@ -463,7 +463,10 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None):
 
     a sum of non-negative terms (psi1^2 < psi2 / 6 there). Below u = 2 the closed form's error
     is at most 5e-5 of the variance. ``terms``: `clark_max_terms` (a, Phi(al), phi(al), al) of the
-    same pair, when the caller computed them once already. Returns (E[max], Var[max]).
+    same pair, when the caller computed them once already. ``tail_form=False``: the closed form
+    alone (`gaussian.maxpool2d`: with the tail form, gcc 12 reports a false "may be used
+    uninitialized" in some padded 2-D MaxPool kernels under -Werror, so 2-D MaxPool keeps the
+    closed form's deep-tail error for now). Returns (E[max], Var[max]).
     """
     spread, cdf, pdf, alpha = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
     cdf_neg = f32(1.0) - cdf
@@ -472,6 +475,8 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None):
     first = mean1 * cdf + mean2 * cdf_neg + spread_pdf
     variance = (var1 * cdf + var2 * cdf_neg + diff * diff * cdf * cdf_neg
                 + diff * spread_pdf * (cdf_neg - cdf) - spread_pdf * spread_pdf)
+    if not tail_form:
+        return first, tirx.max(variance, f32(0.0))
     zero = f32(0.0)
     first_wins = alpha >= zero
     distance = tirx.max(alpha, zero - alpha)
