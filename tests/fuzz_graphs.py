@@ -24,8 +24,10 @@ deterministic and stochastic branches meeting, wide, concentrated and absent pos
 inputs far from zero, and names like the ones pfpc generates (``relu_2``, ``y_var``). Since
 session 7 also Slice, Split, Tile, Expand, Pad edge/reflect, Resize, ConvTranspose, Pow, Sqrt,
 LayerNormalization, InstanceNormalization, LRN, 3-D Conv/MaxPool/AveragePool, Abs, Neg, Max, Min,
-ReduceMean/Sum/Max, GlobalMaxPool, HardSigmoid, HardSwish, Elu, Selu, Softplus (not
-GroupNormalization or Gelu, which need opset 18/20).
+ReduceMean/Sum/Max, GlobalMaxPool, HardSigmoid, HardSwish, Elu, Selu, Softplus; with
+``--opset 21`` also Gelu and GroupNormalization. ``--covariance auto --pooled 0.5``: half the
+graphs are convolution stacks ending in a global pool and a dense layer, compiled with pfpc's
+covariance form and checked against tests/reference_covariance.py where loadings reach an output.
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ OPS = ["Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Identity", "Dro
        # the operators added after the generator was first written
        "Slice", "Split", "Tile", "Expand", "Resize", "ConvTranspose", "Pow", "Sqrt", "LayerNormalization",
        "InstanceNormalization", "LRN", "Abs", "Neg", "Max", "Min", "ReduceMean", "ReduceSum", "ReduceMax", "GlobalMaxPool",
-       "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus"]  # not GroupNormalization (opset 18) or Gelu (20): opset 17 here
+       "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus"]
+#: Opset of the models written by default, and of the variant (``--opset 21``) that adds
+#: `NEWER_OPSET_OPS`: Gelu (opset 20) and GroupNormalization with one scale per channel (21; its
+#: opset 18-20 form is deprecated and the ONNX checker refuses it); there ReduceMean/ReduceMax
+#: take their axes as an input (18).
+NEWER_OPSET, NEWER_OPSET_OPS = 21, ["Gelu", "GroupNormalization"]
 #: Operators whose output is never negative (a Sqrt or a fractional Pow may follow: onnxruntime
 #: gives NaN for a negative base, pfpc's max(x, 0)^p does not).
 NON_NEGATIVE = {"Relu", "Sigmoid", "Abs", "Softplus", "HardSigmoid", "Sqrt"}
@@ -103,6 +110,10 @@ class Graph:
     pool: dict = field(default_factory=dict)  # activation name -> shape
     outputs: list = field(default_factory=list)
     feeds: dict = field(default_factory=dict)
+    opset: int = OPSET
+
+    def operators(self):
+        return OPS + NEWER_OPSET_OPS if self.opset >= NEWER_OPSET else OPS
 
     def weight(self, shape, hint="w", scale=None, deterministic=False):
         scale = scale if scale is not None else float(self.rng.choice([0.3, 0.7, 1.0]))
@@ -415,7 +426,7 @@ def _try_newer_op(g: Graph, op: str, x: str):
         if op == "ReduceMax" and int(np.prod([shape[i] for i in axes])) > 64:
             return None
         axes_given = [a - rank if rng.random() < 0.3 else a for a in axes]
-        if op == "ReduceSum":  # opset 13: axes as an input; ReduceMean/ReduceMax as an attribute until 18
+        if op == "ReduceSum" or g.opset >= 18:  # opset 13: axes as an input; ReduceMean/ReduceMax as an attribute until 18
             return g.add(op, [x, g.const(np.array(axes_given, np.int64), "axes")], out, keepdims=keep)
         return g.add(op, [x], out, axes=axes_given, keepdims=keep)
     if op == "GlobalMaxPool":
@@ -535,6 +546,16 @@ def _try_newer_op(g: Graph, op: str, x: str):
             ins = [x, scale] + ([g.weight(normalized, "bet")] if rng.random() < 0.7 else [])
             return g.add(op, ins, shape, axis=axis - rank if rng.random() < 0.3 else axis, epsilon=epsilon)
         return g.add(op, [x, g.weight([channels], "gam", deterministic=rng.random() < 0.5), g.weight([channels], "bet")], shape, epsilon=epsilon)
+    if op == "Gelu":
+        return g.add(op, [x], shape)
+    if op == "GroupNormalization":
+        channels = shape[1] if rank >= 3 else 0
+        groups = [d for d in (1, 2, 3, channels) if channels and channels % d == 0 and channels // d * int(np.prod(shape[2:])) >= 2]
+        if not groups:
+            return None  # one element per group: onnxruntime's x - mean is a rounding error over sqrt(eps)
+        scale = g.weight([channels], "gam", deterministic=rng.random() < 0.5)
+        return g.add(op, [x, scale, g.weight([channels], "bet")], shape, num_groups=int(_pick(rng, groups)),
+                     epsilon=float(_pick(rng, [1e-5, 1e-3])))
     if op == "LRN":
         if rank != 4:
             return None
@@ -576,7 +597,7 @@ def generate_graph(g: Graph, size: int):
         tries += 1
         x = _pick(rng, sorted(local))
         # mostly start with an operator that reads a weight, so that what follows sees Gaussians
-        op = _pick(rng, SOURCES) if len(local) == len(inputs) and rng.random() < 0.8 else _pick(rng, OPS)
+        op = _pick(rng, SOURCES) if len(local) == len(inputs) and rng.random() < 0.8 else _pick(rng, g.operators())
         pool_before = dict(g.pool)
         g.pool = {k: v for k, v in g.pool.items() if k in local}
         try:
@@ -605,6 +626,51 @@ def generate_graph(g: Graph, size: int):
     g.outputs.extend(outputs)
 
 
+def generate_pooled_graph(g: Graph):
+    """Add one random convolution stack that ends in a global average pool and a dense layer
+    (the shape ``--covariance`` acts on: a channel's loadings reach a mean over positions):
+    1 or 2 convolutions (3x3 padded, 1x1, depthwise, strided, with and without bias) each
+    followed by Relu, Clip (ReLU6) or nothing, sometimes a batch norm with fixed statistics or
+    a residual Add, then GlobalAveragePool, Flatten and Gemm (x W^T + b)."""
+    rng = g.rng
+    x = _new_input(g, 4)
+    shape = g.pool[x]
+    for depth in range(int(rng.integers(1, 3))):
+        channels = shape[1]
+        kind = _pick(rng, ["3x3", "3x3", "1x1", "depthwise", "strided"])
+        kernel = 1 if kind == "1x1" else 3
+        groups = channels if kind == "depthwise" else 1
+        out_ch = channels if kind == "depthwise" else int(_pick(rng, [2, 3, 4]))
+        stride = 2 if kind == "strided" and min(shape[2:]) > 2 else 1
+        pad = kernel // 2
+        out = [(s + 2 * pad - kernel) // stride + 1 for s in shape[2:]]
+        attrs = {"pads": [pad] * 4, "strides": [stride] * 2}
+        if groups > 1:
+            attrs["group"] = groups
+        ins = [x, g.weight([out_ch, channels // groups, kernel, kernel], "w", scale=0.5)]
+        if rng.random() < 0.5:
+            ins.append(g.weight([out_ch], "b"))
+        y = g.add("Conv", ins, [shape[0], out_ch] + out, **attrs)
+        if rng.random() < 0.3:
+            c = out_ch
+            params = [g.const(rng.uniform(0.5, 2.0, c).astype(np.float32), "gamma"), g.const(rng.standard_normal(c).astype(np.float32) * 0.1, "beta"),
+                      g.const(rng.standard_normal(c).astype(np.float32) * 0.1, "rmean"), g.const(rng.uniform(0.5, 2.0, c).astype(np.float32), "rvar")]
+            y = g.add("BatchNormalization", [y] + params, g.pool[y])
+        if depth and g.pool[y] == shape and rng.random() < 0.5:
+            y = g.add("Add", [y, x], shape)
+        activation = _pick(rng, ["Relu", "Relu", "Clip", None])
+        if activation == "Relu":
+            y = g.add("Relu", [y], g.pool[y])
+        elif activation == "Clip":
+            y = g.add("Clip", [y, g.const(np.array(0.0, np.float32), "lo"), g.const(np.array(6.0, np.float32), "hi")], g.pool[y])
+        x, shape = y, g.pool[y]
+    pooled = g.add("GlobalAveragePool", [x], shape[:2] + [1, 1])
+    flat = g.add("Flatten", [pooled], [shape[0], shape[1]])
+    classes = int(_pick(rng, [2, 3, 5]))
+    dense = g.add("Gemm", [flat, g.weight([classes, shape[1]], "fc"), g.weight([classes], "fcb")], [shape[0], classes], transB=1)
+    g.outputs.append(dense)
+
+
 @dataclass
 class Case:
     """One model with its posterior, inputs and the subgraphs it holds (their output names)."""
@@ -623,7 +689,7 @@ def _model_of(g: Graph, groups) -> onnx.ModelProto:
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, g.pool[n]) for n in g.outputs],
         [numpy_helper.from_array(v, n) for n, v in g.inits.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", g.opset)])
     model.ir_version = 8
     return model
 
@@ -660,18 +726,23 @@ def _references(model, stds, feeds):
     return expected_ort, expected_pfp
 
 
-def generate(seed: int, graphs: int = 1, size: int | None = None) -> Case:
+def generate(seed: int, graphs: int = 1, size: int | None = None, pooled: float = 0.0, opset: int = OPSET) -> Case:
     """``graphs`` random graphs in one model (seeded); each one valid (checker, onnxruntime and
     the reference take it: graphs they refuse, such as onnxruntime's dilated SAME convolutions,
-    are drawn again)."""
+    are drawn again). ``pooled``: the fraction of them drawn as convolution stacks ending in a
+    global pool and a dense layer (`generate_pooled_graph`, for ``--covariance``). ``opset``:
+    `OPSET`, or `NEWER_OPSET` with its operators."""
     rng = np.random.default_rng(seed)
     names = Names(rng)
-    merged = Graph(rng, names)
+    merged = Graph(rng, names, opset=opset)
     groups, stds = [], {}
     for _ in range(graphs):
         for _attempt in range(50):
-            g = Graph(rng, names)
-            generate_graph(g, size or int(rng.integers(1, 9)))
+            g = Graph(rng, names, opset=opset)
+            if pooled and rng.random() < pooled:
+                generate_pooled_graph(g)
+            else:
+                generate_graph(g, size or int(rng.integers(1, 9)))
             sub_stds = _posterior(g)
             try:
                 import warnings
@@ -766,8 +837,81 @@ def _close(actual, expected, rtol, floor=1e-12):
     return None
 
 
-def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
-    """Compile the case (with its deterministic copy), build with -Werror, run, compare."""
+#: Operators on which pfpc's ``--covariance`` and tests/reference_covariance.py treat a channel's
+#: loading alike (both carry it: Relu, Clip, Add, views before a dense layer; both pool it:
+#: GlobalAveragePool; or both drop it: the rest). A stochastic output whose ancestors are all
+#: here is compared with that reference when pfpc's plan gives some convolution a loading; one
+#: with another ancestor (MaxPool: the reference carries, pfpc drops; Mul, Sum, Neg, ReduceMean,
+#: AveragePool, Pad, Reshape and the other views: pfpc carries or pools, the reference does not)
+#: is not compared ("uncovered").
+COVARIANCE_COVERED = {"Conv", "Relu", "Clip", "Add", "GlobalAveragePool", "Flatten", "Gemm", "Identity", "Dropout",
+                      "BatchNormalization", "Sigmoid", "Tanh", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Elu",
+                      "Selu", "Softplus", "Abs", "Sqrt", "Sub", "Div", "MatMul", "Softmax", "LogSoftmax", "GlobalMaxPool",
+                      "ReduceMax", "LayerNormalization", "InstanceNormalization", "LRN", "Max", "Min"}
+
+
+def _covariance_references(case: Case, record) -> tuple[dict, list]:
+    """The float64 reference of pfpc's covariance form (tests/reference_covariance.py in its
+    "channel_box" mode with the loadings spread by the output variance, as pfpc compiles it),
+    the loadings made by the convolutions ``record`` (the compiled plan) names, for the outputs
+    it covers (`COVARIANCE_COVERED`). Returns ({output: (mean, var)}, [uncovered outputs])."""
+    import reference_covariance
+
+    planned = record.get("convolutions", []) if record else []
+    nodes = list(case.model.graph.node)
+    loaded = {n.output[0] for n in nodes if n.op_type == "Conv" and any(name.startswith(n.input[1] + "_") for name in planned)}
+    names = [o.name for o in case.model.graph.output]
+    if not loaded:
+        return {}, []
+    producer = {out: n for n in nodes for out in n.output}
+
+    def ancestors(name, seen):
+        node = producer.get(name)
+        if node is None or id(node) in seen:
+            return
+        seen[id(node)] = node
+        for source in node.input:
+            ancestors(source, seen)
+
+    covered, uncovered, reached_by_loadings = [], [], set()
+    for name in names:
+        seen = {}
+        ancestors(name, seen)
+        ops = {n.op_type for n in seen.values()}
+        if any(n.output[0] in loaded for n in seen.values()):
+            reached_by_loadings.add(name)
+        (covered if name not in reached_by_loadings or ops <= COVARIANCE_COVERED else uncovered).append(name)
+    compared = [name for name in covered if name in reached_by_loadings]
+    if not compared:
+        return {}, uncovered
+    sub = subgraph(case, compared)  # only their ancestors: the reference need not take the rest
+    variances = {k: v.astype(np.float64) ** 2 for k, v in sub.stds.items()}
+    try:
+        moments = reference_covariance.pfp_covariance(sub.model, variances, sub.feeds, "channel_box",
+                                                      spread_variance=True, loaded=loaded)
+    except (NotImplementedError, KeyError, ValueError):  # a Gemm form the reference does not take
+        return {}, uncovered + compared
+    return {name: moments[name] for name in compared}, uncovered
+
+
+def _onnxruntime_is_the_farther(case: Case, name, det, expected_ort) -> bool:
+    """Whether pfpc's zero-variance output ``det`` equals the float64 evaluation of the graph
+    (tests/reference.py without a posterior) to 1e-4 while onnxruntime's is farther from it:
+    onnxruntime's float32 InstanceNormalization of inputs far from 0 loses digits that pfpc
+    keeps (the long run's seed 100029, inputs near 50: onnxruntime 2.4e-4 off, pfpc 3e-7)."""
+    exact = reference.pfp_onnx(case.model, {}, case.feeds)[name][0]
+    det = det.reshape(exact.shape) if det.size == exact.size else det
+    if _close(det, exact, 1e-4, floor=1e-9):
+        return False
+    scale = max(float(np.max(np.abs(exact))), 1e-9)
+    return float(np.max(np.abs(np.asarray(expected_ort, np.float64).reshape(exact.shape) - exact))) > float(np.max(np.abs(det - exact))) + 1e-7 * scale
+
+
+def check(case: Case, workdir: str, sanitize: bool = False, covariance: str = "none") -> Outcome:
+    """Compile the case (with its deterministic copy), build with -Werror, run, compare.
+    ``covariance``: pfpc's option; with "auto", outputs that a convolution's loadings reach are
+    compared with the covariance form's reference (`_covariance_references`), the others with
+    the diagonal one."""
     import pfpc.compiler as compiler
     from pfpc.errors import PfpcError
 
@@ -779,8 +923,7 @@ def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
     out_dir = os.path.join(workdir, "out")
     shutil.rmtree(out_dir, ignore_errors=True)
     try:
-        # the diagonal PFP, which the reference computes (covariance: tests/test_covariance_compiled.py)
-        compiler.compile(model, {f"{k}.std": v for k, v in case.stds.items()}, out_dir=out_dir, covariance="none")
+        compiler.compile(model, {f"{k}.std": v for k, v in case.stds.items()}, out_dir=out_dir, covariance=covariance)
     except PfpcError as err:
         return Outcome(False, "refused", str(err).splitlines()[0][:400])
     except Exception as err:
@@ -788,6 +931,13 @@ def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
         return Outcome(False, "internal", f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''} "
                        f"({os.path.basename(last.filename)}:{last.lineno})"[:400])
     meta = compiler.read_metadata(out_dir)
+    uncovered = []
+    if covariance != "none" and meta.get("covariance"):
+        try:
+            with_loadings, uncovered = _covariance_references(case, meta["covariance"])
+        except Exception as err:
+            return Outcome(False, "invalid", f"covariance reference: {type(err).__name__}: {str(err)[:200]}")
+        expected_pfp = {**expected_pfp, **with_loadings}
     try:
         if sanitize:
             results, logits = _run_sanitized(out_dir, meta, [feeds[name] for name, _ in meta["inputs"]])
@@ -804,11 +954,12 @@ def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
         # a softmax output: its value, and its logits' moments beside it (the reference's moments)
         (mean, var), (det_mean, det_var) = (logits.get(index, results[index]) for index in (position, len(names) + position))
         ref_mean, ref_var = expected_pfp[name]
-        for what, actual, expected, rtol in (("mean", mean, ref_mean, MEAN_RTOL), ("variance", var, ref_var, VAR_RTOL)):
+        for what, actual, expected, rtol in ((("mean", mean, ref_mean, MEAN_RTOL), ("variance", var, ref_var, VAR_RTOL))
+                                             if name not in uncovered else ()):
             problem = _close(actual.reshape(expected.shape) if actual.size == expected.size else actual, expected, rtol)
             if problem:
                 return Outcome(False, "wrong", f"output {name} {what} vs reference: {problem}")
-        entry = softmax.get(position)
+        entry = softmax.get(position) if name not in uncovered else None
         if entry is not None:  # the value: the mean-field probabilities of the reference's logit moments
             value = results[position][0]
             expected = _meanfield(ref_mean, ref_var, entry["axis"], entry["function"] == "log_softmax")
@@ -821,7 +972,7 @@ def check(case: Case, workdir: str, sanitize: bool = False) -> Outcome:
         det = det_mean.reshape(expected.shape) if det_mean.size == expected.size else det_mean
         # floor 1e-9: onnxruntime's float32 Sigmoid of -26 is 0 where pfpc's is 4e-12 (the long run's seed 100051)
         problem = _close(det, expected, 1e-4, floor=1e-9)
-        if problem:
+        if problem and not _onnxruntime_is_the_farther(case, name, det, expected):
             return Outcome(False, "wrong", f"output {name}_d (no posterior) vs onnxruntime: {problem}")
         if np.any(det_var != 0):
             return Outcome(False, "wrong", f"output {name}_d (no posterior) has a nonzero variance")
@@ -989,28 +1140,29 @@ def load_case(path: str) -> Case:
 # batches
 
 
-def run_batch(seed: int, graphs: int, workdir: str, sanitize=False, log=print, save=None, shrink_failures=True):
+def run_batch(seed: int, graphs: int, workdir: str, sanitize=False, log=print, save=None, shrink_failures=True, covariance="none",
+              pooled=0.0, opset=OPSET):
     """Generate ``graphs`` graphs from ``seed`` in one model, check it; on failure check each
     graph alone and shrink the failing ones. Returns [(seed, graph index, Outcome, shrunk Case)]."""
-    case = generate(seed, graphs)
-    outcome = check(case, workdir, sanitize)
+    case = generate(seed, graphs, pooled=pooled, opset=opset)
+    outcome = check(case, workdir, sanitize, covariance)
     if outcome.ok:
         return []
     failures = []
     for index, group in enumerate(case.groups):
         single = subgraph(case, group["outputs"])
-        single_outcome = check(single, workdir, sanitize) if len(case.groups) > 1 else outcome
+        single_outcome = check(single, workdir, sanitize, covariance) if len(case.groups) > 1 else outcome
         if single_outcome.ok:
             continue
         if single_outcome.kind != "invalid" and shrink_failures:
             kind = single_outcome.kind
 
             def fails(candidate, kind=kind):
-                result = check(candidate, workdir, sanitize)
+                result = check(candidate, workdir, sanitize, covariance)
                 return not result.ok and result.kind == kind
 
             single = shrink(single, fails, log)
-            single_outcome = check(single, workdir, sanitize)
+            single_outcome = check(single, workdir, sanitize, covariance)
         failures.append((seed, index, single_outcome, single))
         if save and single_outcome.kind != "invalid":
             save_case(single, save, f"seed{seed}_g{index}", single_outcome)
@@ -1027,6 +1179,13 @@ def main(argv=None):
     parser.add_argument("--sanitize-every", type=int, default=0, help="every k-th batch built with ASan+UBSan (0: none)")
     parser.add_argument("--save-failures", help="directory for shrunk failing cases")
     parser.add_argument("--no-shrink", action="store_true")
+    parser.add_argument("--covariance", choices=("none", "auto"), default="none",
+                        help="pfpc's --covariance; auto: outputs a convolution's loadings reach are checked against "
+                             "tests/reference_covariance.py where it covers them")
+    parser.add_argument("--opset", type=int, choices=(OPSET, NEWER_OPSET), default=OPSET,
+                        help=f"opset of the models; {NEWER_OPSET} adds {', '.join(NEWER_OPSET_OPS)}")
+    parser.add_argument("--pooled", type=float, default=0.0,
+                        help="fraction of the graphs drawn as convolution stacks -> global pool -> dense (for --covariance auto)")
     args = parser.parse_args(argv)
     batches = -(-args.count // args.per_model)
     started = time.time()
@@ -1036,7 +1195,8 @@ def main(argv=None):
             seed = args.seed + batch
             graphs = min(args.per_model, args.count - batch * args.per_model)
             sanitize = bool(args.sanitize_every) and batch % args.sanitize_every == 0
-            found = run_batch(seed, graphs, workdir, sanitize, save=args.save_failures, shrink_failures=not args.no_shrink)
+            found = run_batch(seed, graphs, workdir, sanitize, save=args.save_failures, shrink_failures=not args.no_shrink,
+                              covariance=args.covariance, pooled=args.pooled, opset=args.opset)
             for seed_, index, outcome, case in found:
                 if outcome.kind == "invalid":
                     invalid += 1

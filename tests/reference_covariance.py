@@ -248,7 +248,8 @@ def gemm_channel(m, v, a, group, wm, wv, bm=None, bv=None):
 
 def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: str = "channel",
                    replace: dict | None = None, pools_before_relus: bool = True, start: int = 0,
-                   box_noise: bool = False, spread_variance: bool = False, max_keeps_loading: bool = True) -> dict:
+                   box_noise: bool = False, spread_variance: bool = False, max_keeps_loading: bool = True,
+                   loaded: set | None = None) -> dict:
     """Run the PFP over ``model`` (constants folded, batch norms kept) and return every tensor's
     (mean, var). mode "none": the diagonal reference (tests/reference.py); "channel": shared
     per-channel latents; "pooled": the same with the diagonal PFP's variance at every conv
@@ -258,7 +259,9 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
     ``start``: the convolutions before the start-th (in graph order) give their outputs no
     loading (the cheaper settings of the trade-off curve: only the last layers carry loadings).
     ``max_keeps_loading=False`` (what the compiler builds): a MaxPool reads its input's loadings
-    (`reference.maxpool2d_correlated`) and its output carries none."""
+    (`reference.maxpool2d_correlated`) and its output carries none.
+    ``loaded``: the convolutions (by output name) that give their outputs a loading, the others
+    none (a compiled plan); None: every one from the start-th on."""
     env = {}
     group = {}  # latent channel of each feature of a flattened tensor
     convs = [0]
@@ -287,7 +290,7 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
                 x.append(env[name])
         out = _node(node, x, mode, group, box_noise, spread_variance, max_keeps_loading)
         if node.op_type == "Conv" and mode != "none":
-            if convs[0] < start:
+            if convs[0] < start or (loaded is not None and node.output[0] not in loaded):
                 out = (out[0], out[1], np.zeros(out[0].shape))
             convs[0] += 1
         env[node.output[0]] = out

@@ -417,3 +417,133 @@ def test_initializer_named_like_a_folded_constant(tmp_path):
 
     outcome = fuzz_graphs.check(fuzz_graphs.generate(100014, 25), str(tmp_path))
     assert outcome.ok, str(outcome)
+
+
+def _max_in_40_digits(mean1, var1, mean2, var2):
+    """E[y] and Var[y] of y = max(x1, x2), x_i ~ N(mean_i, var_i) independent: Clark's exact
+    raw moments E[y] = M1 Phi(al) + M2 Phi(-al) + a phi(al), E[y^2] = (V1 + M1^2) Phi(al)
+    + (V2 + M2^2) Phi(-al) + (M1 + M2) a phi(al) in 40-digit arithmetic, where their
+    cancellation costs nothing."""
+    import mpmath
+
+    with mpmath.workdps(40):
+        m1, v1, m2, v2 = (mpmath.mpf(x) for x in (mean1, var1, mean2, var2))
+        spread = mpmath.sqrt(v1 + v2)
+        alpha = (m1 - m2) / spread
+        cdf, cdf_neg, pdf = mpmath.ncdf(alpha), mpmath.ncdf(-alpha), mpmath.npdf(alpha)
+        first = m1 * cdf + m2 * cdf_neg + spread * pdf
+        second = (v1 + m1 ** 2) * cdf + (v2 + m2 ** 2) * cdf_neg + (m1 + m2) * spread * pdf
+        return float(first), float(second - first ** 2)
+
+
+def test_clark_max_where_one_operand_wins_by_many_standard_deviations(tmp_path):
+    """Max, Min and GlobalMaxPool where one operand wins by 0.5 to 7.5 standard deviations
+    of the difference and the winner is concentrated (the long run's GlobalMaxPool, seed 100040:
+    variance 8.96e-8 for 2.54e-8; Min, 100037: 5.5e-8 for 3.6e-11; Min's mean, 100022): Clark's
+    terms are O(d^2 Q(u)) and cancel to the winner's tiny variance plus O(a^2 phi(u) / u^3), so
+    the normal CDF's error 7.5e-8 times d^2 came out many times the variance. Every element to
+    1e-4 of its own variance and 1e-6 of its mean against the float64 reference, itself checked
+    against Clark's raw moments in 40-digit arithmetic. (2-D MaxPool keeps the closed form:
+    `moments.clark_max_moments`' tail_form.)"""
+    distances = np.linspace(0.5, 7.5, 8)
+    pairs = []  # (M1, V1, M2, V2): x2 wins, then x1 wins, concentrated winner, wide loser
+    for winner_var, loser_var in ((1e-8, 0.04), (2.5e-8, 1e-6)):
+        spread = np.sqrt(winner_var + loser_var)
+        pairs += [(0.5 - u * spread, loser_var, 0.5, winner_var) for u in distances]
+        pairs += [(-3.0, winner_var, -3.0 - u * spread, loser_var) for u in distances]
+    # as the model holds them: float32 means and stds
+    pairs = [(float(np.float32(m1)), float(np.float32(np.sqrt(v1))) ** 2, float(np.float32(m2)), float(np.float32(np.sqrt(v2))) ** 2)
+             for m1, v1, m2, v2 in pairs]
+    n = len(pairs)
+    m1, v1, m2, v2 = (np.array([p[k] for p in pairs], np.float64).reshape(1, 1, 1, n) for k in range(4))
+    zeros = np.zeros((1, 1, 1, n), np.float32)
+    inits = {"b1": zeros, "b2": zeros}
+    nodes = [node("Add", ["x1", "b1"], ["h1"]), node("Add", ["x2", "b2"], ["h2"]), node("Max", ["h1", "h2"], ["max"]),
+             node("Neg", ["h1"], ["n1"]), node("Neg", ["h2"], ["n2"]), node("Min", ["n1", "n2"], ["min"]),
+             node("Concat", ["h1", "h2"], ["pair"], axis=2),
+             node("Transpose", ["pair"], ["columns"], perm=[3, 1, 2, 0]), node("GlobalMaxPool", ["columns"], ["global"])]
+    model = make_model(nodes, [("x1", [1, 1, 1, n]), ("x2", [1, 1, 1, n])], ["max", "min", "global"], inits)
+    stds = {"b1.std": np.sqrt(v1.astype(np.float64)).astype(np.float32), "b2.std": np.sqrt(v2.astype(np.float64)).astype(np.float32)}
+    results = _run(model, stds, {"x1": m1.astype(np.float32), "x2": m2.astype(np.float32)}, tmp_path)
+    exact = np.array([_max_in_40_digits(*p) for p in pairs])
+    for (mean, var, ref_mean, ref_var), name in zip(results, ["max", "min", "global"]):
+        sign = -1.0 if name == "min" else 1.0
+        np.testing.assert_allclose(ref_var.ravel(), exact[:, 1], rtol=1e-6, err_msg=f"{name}: reference")
+        np.testing.assert_allclose(sign * ref_mean.ravel(), exact[:, 0], rtol=1e-9, atol=1e-12, err_msg=f"{name}: reference")
+        np.testing.assert_allclose(var.ravel(), ref_var.ravel(), rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(mean.ravel(), ref_mean.ravel(), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def _smooth_in_30_digits(function, mean, var):
+    """E[f(x)] and Var[f(x)], x ~ N(mean, var), by 30-digit quadrature (f smooth within 8 std)."""
+    import mpmath
+
+    with mpmath.workdps(30):
+        mean, std = mpmath.mpf(mean), mpmath.sqrt(var)
+        points = [mean - 12 * std, mean, mean + 12 * std]
+        first = mpmath.quad(lambda x: function(x) * mpmath.npdf(x, mean, std), points)
+        return float(first), float(mpmath.quad(lambda x: (function(x) - first) ** 2 * mpmath.npdf(x, mean, std), points))
+
+
+@pytest.mark.parametrize("op, alpha, gamma", [("Elu", 0.7, 1.0), ("Selu", 1.67326319217681884765625, 1.05070102214813232421875)])
+def test_smooth_activation_of_a_concentrated_input(tmp_path, op, alpha, gamma):
+    """Elu and Selu of concentrated inputs (std 1e-4 and 1e-2, the long run's Elu, seed 100008:
+    variance 1.277e-8 for 1.299e-8; Selu, 100061: 2.129e-7 for 2.155e-7): the Gauss-Hermite
+    differences f(M + h) - f(M) were formed from the two float32 values and lost the step.
+    Means at least 8 std from the kink, where 16-point Gauss-Hermite is exact to float64: every
+    element to 1e-4 of its variance against the float64 reference, itself checked against
+    30-digit quadrature of the activation."""
+    import mpmath
+
+    means = [-3.0, -0.5, -0.1, 0.2, 7.0, 30.0]
+    stds = [1e-4, 1e-2]
+    elements = [(m, s) for m in means for s in stds]
+    shape = [1, len(elements)]
+    x = np.array([[m for m, _ in elements]], np.float32)
+    std = np.array([[s for _, s in elements]], np.float32)
+    attrs = {"alpha": alpha} if op == "Elu" else {"alpha": alpha, "gamma": gamma}
+    model = make_model([node("Add", ["x", "b"], ["h"]), node(op, ["h"], ["y"], **attrs)], [("x", shape)], ["y"],
+                       {"b": np.zeros(shape, np.float32)})
+    (mean, var, ref_mean, ref_var), = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+    alpha32, gamma32 = float(np.float32(alpha)), float(np.float32(gamma))
+    exact = np.array([_smooth_in_30_digits(lambda v: gamma32 * (v if v > 0 else alpha32 * mpmath.expm1(v)), float(m), float(s) ** 2)
+                      for m, s in zip(x.ravel(), std.ravel())])
+    np.testing.assert_allclose(ref_var.ravel(), exact[:, 1], rtol=1e-7)
+    np.testing.assert_allclose(ref_mean.ravel(), exact[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(var.ravel(), ref_var.ravel(), rtol=1e-4)
+    np.testing.assert_allclose(mean.ravel(), ref_mean.ravel(), rtol=1e-6)
+
+
+def test_hard_swish_deep_below_its_lower_breakpoint(tmp_path):
+    """HardSwish where the mean lies 1.6 to 7.5 standard deviations below -3 (the long run's
+    seed 100007, 3.2 std below: variance 1.74e-4 for 7.37e-5 after a Tanh): the closed form's
+    pieces cancel to a variance O(s^2 phi(a) / a^3), so the normal CDF's error came out a large
+    part of it. Every element to 1e-4 of its own variance and of its mean against 30-digit
+    quadrature (the float64 reference, a grid integration, checked against it too)."""
+    import mpmath
+
+    distances, stds = np.linspace(1.6, 7.5, 8), [0.05, 1.0, 3.0]
+    elements = [(-3.0 - u * s, s) for s in stds for u in distances]
+    shape = [1, len(elements)]
+    x = np.array([[m for m, _ in elements]], np.float32)
+    std = np.array([[s for _, s in elements]], np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node("HardSwish", ["h"], ["y"])], [("x", shape)], ["y"],
+                       {"b": np.zeros(shape, np.float32)})
+    (mean, var, ref_mean, ref_var), = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+
+    def exact(m, s):
+        with mpmath.workdps(30):
+            m, s = mpmath.mpf(m), mpmath.mpf(s)
+            f = lambda v: v * min(max(v / 6 + mpmath.mpf(1) / 2, 0), 1)
+            points = sorted({m + 12 * s, mpmath.mpf(-3), mpmath.mpf(3)} | ({m + 12 * s} if m + 12 * s > 3 else set()))
+            points = [p for p in points if p >= -3]
+            first = mpmath.quad(lambda v: f(v) * mpmath.npdf(v, m, s), points)
+            second = mpmath.quad(lambda v: f(v) ** 2 * mpmath.npdf(v, m, s), points)
+            return float(first), float(second - first ** 2)
+
+    quadrature = np.array([exact(float(m), float(s)) for m, s in zip(x.ravel(), std.ravel())])
+    # the reference integrates on a grid: its variance within 1e-5, its mean within 1e-3 there
+    np.testing.assert_allclose(ref_var.ravel(), quadrature[:, 1], rtol=1e-5)
+    np.testing.assert_allclose(ref_mean.ravel(), quadrature[:, 0], rtol=1e-3)
+    np.testing.assert_allclose(var.ravel(), quadrature[:, 1], rtol=1e-4)
+    np.testing.assert_allclose(mean.ravel(), quadrature[:, 0], rtol=1e-4)

@@ -641,8 +641,9 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
 
         def step(n, c, y, xx):
             inside, mean, var, load = at(positions[k], n, c, y, xx)
+            here = (n, c, y, xx)
             max_mean, max_var = clark_max_moments(
-                acc_mean[n, c, y, xx], acc_var[n, c, y, xx], mean, var, (spread[n, c, y, xx], cdf[n, c, y, xx], pdf[n, c, y, xx])
+                acc_mean[here], acc_var[here], mean, var, (spread[here], cdf[here], pdf[here], alpha[here]), tail_form=False
             )
             seen = seen_before(k, n, c, y, xx)
 

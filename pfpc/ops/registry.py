@@ -435,10 +435,11 @@ OPERATORS = (
              gaussian_ops=_per_element("softplus"), libm_calls={"sqrt": 1, "exp": 17, "log": 17}, reference="gauss_hermite",
              build=lambda inputs, attrs: E.smooth(inputs[0], E.softplus, "softplus")),
     Operator("elu", onnx=("Elu",), marker_params=("alpha",), gaussian_ops=_per_element("elu"), libm_calls={"sqrt": 1, "exp": 17},
-             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.elu(attrs["alpha"]), "elu")),
+             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.elu(attrs["alpha"]), "elu", E.elu_difference(attrs["alpha"]))),
     Operator("selu", onnx=("Selu",), marker_params=("alpha", "gamma"), gaussian_ops=_per_element("selu"),
              libm_calls={"sqrt": 1, "exp": 17}, reference="gauss_hermite",
-             build=lambda inputs, attrs: E.smooth(inputs[0], E.elu(attrs["alpha"], attrs["gamma"]), "selu")),
+             build=lambda inputs, attrs: E.smooth(inputs[0], E.elu(attrs["alpha"], attrs["gamma"]), "selu",
+                                                        E.elu_difference(attrs["alpha"], attrs["gamma"]))),
     # data movement and interpolation (exact linear maps); Slice of a tensor that is no activation
     # is folded by the importer (the "shape" entry), of an activation becomes relax.strided_slice
     Operator("slice", onnx=("Split",), constant_inputs=(1,), relax=("relax.strided_slice",), relax_attrs=_slice_attrs,

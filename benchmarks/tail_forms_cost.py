@@ -1,0 +1,64 @@
+"""Cortex-M4 instructions (QEMU) of small layers whose Gaussian operator has a tail-stable or
+quadrature form (issue 20's deep-tail fixes): a 16-channel 1x1 convolution followed by a 2x2
+MaxPool (three Clark steps per output), by GlobalMaxPool, by Elu. Run it with the tree to
+measure on the path (PYTHONPATH) and compare two trees side by side:
+
+    PYTHONPATH=. python benchmarks/tail_forms_cost.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, TensorProto
+
+
+def _model(tail):
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((16, 8, 1, 1)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"])] + tail
+    graph = helper.make_graph(nodes, "cost", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model), {"w.std": (0.1 * np.abs(weight) + 0.01).astype(np.float32)}
+
+
+LAYERS = {
+    "conv only": [helper.make_node("Identity", ["c"], ["y"])],
+    "conv + MaxPool 2x2": [helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])],
+    "conv + GlobalMaxPool": [helper.make_node("GlobalMaxPool", ["c"], ["y"])],
+    "conv + Elu": [helper.make_node("Elu", ["c"], ["y"])],
+    "conv + HardSwish": [helper.make_node("HardSwish", ["c"], ["y"])],
+}
+
+
+def instructions(model, post) -> int:
+    import pfpc.compiler as compiler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out")
+        compiler.compile(model, post, out_dir=out, batch=1, target="cortex-m4", covariance="none")
+        x = np.random.default_rng(1).standard_normal([1, 8, 16, 16]).astype(np.float32)
+        return compiler.run(out, [x], emulate=True).cycles[0]
+
+
+def main() -> int:
+    import pfpc
+
+    print(f"pfpc from {os.path.dirname(pfpc.__file__)}")
+    base = None
+    print("| layers | Cortex-M4 instructions | over the convolution alone |\n|---|---:|---:|")
+    for name, tail in LAYERS.items():
+        count = instructions(*_model(tail))
+        base = count if base is None else base
+        print(f"| {name} | {count:,} | {count - base:,} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
