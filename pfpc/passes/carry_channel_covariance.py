@@ -310,22 +310,34 @@ class _Rewriter(KernelRewriter):
             result = self.emit("pooled_variance", {"count": count},
                                [pooled, self.emit("reduce_mean", attrs, [e]), self.emit("reduce_mean", attrs, [a])])
         else:
+            # an activation's loading first: the activation is then the last to read its input,
+            # which it may overwrite (`kernel.in_place_operands`)
+            activation = self.activation_loading(op, attrs, operands, loads)
             super()._visit(binding)
             result = self.values[binding.var][0]
-            self.carry(op, attrs, operands, loads, result)
+            if activation is not None and result.repr != Moment.NONE:
+                self.loading[result.mean] = activation
+            elif activation is None:
+                self.carry(op, attrs, operands, loads, result)
             return
         self.values[binding.var] = (result, "mean")
         self.results[binding.var] = result
 
+    def activation_loading(self, op, attrs, operands, loads):
+        """The output loading of a ReLU or Clip of a loaded Gaussian (a * E[f'(x)]), else None."""
+        if loads[0] is None or operands[0].repr == Moment.NONE:
+            return None
+        if op == "relu":
+            return self.emit("relu_loading", {}, [operands[0], loads[0]])
+        if op == "clip":
+            return self.emit("clip_loading", attrs, [operands[0], loads[0]])
+        return None
+
     def carry(self, op, attrs, operands, loads, result):
-        """The output loading of an op the loadings pass through."""
+        """The output loading of another op the loadings pass through."""
         if result.repr == Moment.NONE:
             return
-        if op == "relu" and loads[0] is not None:
-            self.loading[result.mean] = self.emit("relu_loading", {}, [operands[0], loads[0]])
-        elif op == "clip" and loads[0] is not None:
-            self.loading[result.mean] = self.emit("clip_loading", attrs, [operands[0], loads[0]])
-        elif op == "multiply" and loads[0] is not None and operands[1].repr == Moment.NONE and shape_of(operands[0].mean) == shape_of(result.mean):
+        if op == "multiply" and loads[0] is not None and operands[1].repr == Moment.NONE and shape_of(operands[0].mean) == shape_of(result.mean):
             self.loading[result.mean] = self.emit("multiply", {}, [loads[0], operands[1]])  # an unfolded batch norm's scale
         elif op == "scale" and loads[0] is not None:
             self.loading[result.mean] = self.emit("scale", attrs, [loads[0]])
