@@ -211,3 +211,50 @@ def test_seed_lenet_channel_matches_the_float64_reference(tmp_path):
 def test_bad_covariance_option_is_one_error():
     with pytest.raises(pfpc.PfpcError, match="--covariance 'full'"):
         _compiled(TC.LinearConvNet, "full")
+
+
+def _arena_buffers(program) -> list:
+    """[(offset, bytes, first step, last step)] of the arena's buffers, from the steps' arguments
+    alone: a tensor lives from the first step that names it (its write) to the last (its read);
+    a tensor written in place over another (same offset, written at the step that last reads the
+    other) continues that buffer. Fails if two tensors live at one step share bytes otherwise."""
+    steps = {}
+    for index, step in enumerate(program.steps):
+        for arg in step.args:
+            if arg.kind == "arena":
+                first, last = steps.get(arg.c_name, (index, index))
+                steps[arg.c_name] = (min(first, index), max(last, index))
+    tensors = sorted((t for t in program.tensors if t.kind == "arena" and t.c_name in steps), key=lambda t: steps[t.c_name][0])
+    buffers = []  # [offset, bytes, first, last]
+    for tensor in tensors:
+        first, last = steps[tensor.c_name]
+        start, end = tensor.offset, tensor.offset + tensor.nbytes
+        continued = None
+        for buffer in buffers:
+            if buffer[2] <= first <= buffer[3] and buffer[0] < end and start < buffer[0] + buffer[1]:
+                # sharing bytes with a live buffer: only as its continuation written in place
+                assert buffer[3] == first and buffer[0] == start and buffer[1] == tensor.nbytes and continued is None, tensor.c_name
+                continued = buffer
+        if continued is not None:
+            continued[3] = last
+        else:
+            buffers.append([start, tensor.nbytes, first, last])
+    return buffers
+
+
+def test_residual_network_arena_at_its_lower_bound():
+    """The arena of a small ResNet with every convolution's loadings (Cortex-M4) is the most bytes its buffers
+    (computed here from the steps' arguments) ever hold at once, and the element-wise kernels of
+    the covariance form write in place: the first residual block's peak is 8 feature maps (the
+    block input's mean, variance and loading; the second convolution's input mean, variance and
+    independent variance; its output mean, and its variance written over the coherent term), where
+    separate buffers for the ReLU, its loading and the coherent term needed 9."""
+    model, stds, _ = TC._onnx(TC.TinyResNet)
+    # Cortex-M4: its 3x3 convolutions read no padded copies (host builds add those buffers)
+    program = pfpc.compile(model, {k + ".std": v for k, v in stds.items()}, covariance="channel", batch=1, target="cortex-m4").program
+    buffers = _arena_buffers(program)
+    steps = range(max(b[3] for b in buffers) + 1)
+    bound = max(sum((b[1] + 15) // 16 * 16 for b in buffers if b[2] <= step <= b[3]) for step in steps)
+    assert program.arena_size == bound
+    feature_map = 4 * 8 * 16 * 16  # float32 bytes of a stem / first-block tensor (8 channels of 16x16)
+    assert 8 * feature_map <= program.arena_size < 9 * feature_map

@@ -30,7 +30,9 @@ from .program import Program, Tensor
 
 
 def _format_floats(values: np.ndarray) -> str:
-    items = [f"{float(v):.9g}f" if np.isfinite(v) else "0.0f" for v in values.reshape(-1).astype(np.float32)]
+    floats = values.reshape(-1).astype(np.float32).astype(np.float64)  # exact: each float32 as the double it is
+    floats[~np.isfinite(floats)] = 0.0  # written 0.0f (a test per element on NumPy scalars was most of the time)
+    items = [f"{v:.9g}f" for v in floats.tolist()]
     items = [i if ("." in i or "e" in i) else i[:-1] + ".0f" for i in items]
     lines = [", ".join(items[i : i + 8]) for i in range(0, len(items), 8)]
     return "    " + ",\n    ".join(lines)

@@ -21,7 +21,7 @@ from ..c_identifiers import C_KEYWORDS
 from ..errors import PfpcError
 from ..ir import call_op_name, main_bindings, output_fields
 from ..ops.gaussian import Moment
-from ..ops.kernel import KernelSpec, in_place_operands
+from ..ops.kernel import KernelSpec, in_place_pairs
 from . import memory_plan, naming
 from .kernels import generate_c_kernels, store_as_bfloat16
 from .targets import get_target
@@ -348,16 +348,13 @@ def operand_info(spec: KernelSpec, prim) -> tuple[list, list]:
 
 
 def _in_place_pairs(spec, prim, args, outs) -> list:
-    """(operand tensor, output tensor) pairs a kernel may write in place (`ops.kernel.in_place_operands`):
-    mean over mean, variance over variance."""
+    """(operand tensor, output tensor) pairs a kernel may write in place (`ops.kernel.in_place_pairs`)."""
     if spec is None:
         return []
     _, shapes = operand_info(spec, prim)
     slices = operand_slices(spec)
-    pairs = []
-    for position in in_place_operands(spec, shapes, outs[0].shape):
-        pairs += list(zip(args[slices[position]], outs))
-    return pairs
+    return [(args[slices[position]][tensor], outs[output])
+            for position, tensor, output in in_place_pairs(spec, shapes, outs[0].shape)]
 
 
 def plan_arena(program: Program) -> None:
@@ -370,9 +367,11 @@ def plan_arena(program: Program) -> None:
     reuses = {}
     for index, step in enumerate(program.steps):
         for operand, output in step.in_place:
+            # read by this step only as operands it may overwrite (an element-wise square reads one twice)
+            reads = sum(arg is operand for arg in step.args)
             if (operand.kind == output.kind == "arena" and operand.last_use == index and operand.produced < index
-                    and operand.nbytes == output.nbytes and sum(arg is operand for arg in step.args) == 1
-                    and operand.c_name not in reuses.values()):
+                    and operand.nbytes == output.nbytes and reads == sum(other is operand for other, _ in step.in_place)
+                    and operand.c_name not in reuses.values() and output.c_name not in reuses):
                 reuses[output.c_name] = operand.c_name
                 kernel = program.kernels.get(step.kernel)
                 if kernel is not None:

@@ -169,8 +169,9 @@ def _build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
         result = R.STAGES[op].build(inputs, attrs)
         if index == 0:  # element-wise stages keep this shape: the output's
             in_place = set(in_place_operands(spec, operand_shapes, result.shape).values())
-        elif index in in_place:
-            result = _materialised(result)
+        if index in in_place and (index > 0 or result.repr != Moment.NONE):
+            # a deterministic output is one store per element, after all its reads: nothing to materialise
+            result = _materialised(result, apart=index == 0)
     if spec.output != result.repr:
         if spec.output == Moment.NONE:
             raise ValueError(f"{name}: output asked deterministic but the kernel computes a variance")
@@ -189,49 +190,75 @@ def _build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
 
 def in_place_operands(spec: KernelSpec, operand_shapes, out_shape) -> dict[int, int]:
     """{operand position: stage index} of the operands the kernel may overwrite with its output
-    (the memory plan then gives both the same bytes: `codegen.program.plan_arena`).
+    (the memory plan then gives both the same bytes: `codegen.program.plan_arena`; which output
+    tensor takes over which operand tensor: `in_place_pairs`).
 
-    Such an operand enters an element-wise stage after the first (a residual added in a linear
-    kernel's epilogue), every later stage is element-wise too, and it has the output's shape, so
-    output element i depends on operand element i alone; it is Gaussian (its mean and moment
-    become the output's mean and moment); and it is a feature map (rank 3 or more):
-    a dense layer's bias at batch 1 has the output's shape too, and computing its sum apart costs
-    a store and a load per output (seed MLP on Cortex-M4: +1.2 % instructions). `build_kernel` computes that stage as a
+    Such an operand enters a stage from which on every stage is element-wise
+    (`registry.elementwise_stages`: a residual added in a linear kernel's epilogue, or any operand
+    of a kernel of element-wise stages only), and it has the output's shape, so output element i
+    depends on operand element i alone; and it is a feature map (rank 3 or more): a dense layer's
+    bias at batch 1 has the output's shape too, and computing its sum apart costs a store and a
+    load per output (seed MLP on Cortex-M4: +1.2 % instructions). A Gaussian operand pairs with a
+    Gaussian output (mean over mean, moment over moment); a deterministic one with either output.
+    Where the output is Gaussian, `build_kernel` computes the stage the operand enters as a
     `gaussian.SHARED` stage (`_materialised`), which the schedule evaluates for a block of outputs
-    before it stores any of them: every element of the operand is read before its bytes are written.
+    before it stores any of them: every element of the operand is read before its bytes are
+    written (a deterministic output is one store per element, after its reads).
     """
-    elementwise = set(R.stages(R.Fusion.ELEMENTWISE, R.Fusion.NONLINEAR))
+    elementwise = R.elementwise_stages()
     ops = spec.ops
-    if len(ops) < 2 or len(operand_shapes) != spec.operand_count():
+    if len(operand_shapes) != spec.operand_count():
         return {}
     out_shape = [int(d) for d in out_shape]
     if len(out_shape) < 3:
         return {}
-    found, position = {}, arity(*spec.stages[0])
-    for index in range(1, len(ops)):
-        take = arity(*spec.stages[index]) - 1
+    found, position = {}, 0
+    for index in range(len(ops)):
+        take = arity(*spec.stages[index]) - (0 if index == 0 else 1)
         if all(op in elementwise for op in ops[index:]):
             for offset in range(take):
-                # a Gaussian operand only: its mean and moment pair with the output's; a deterministic one may
-                # feed the variance alone (the covariance pass's add_variance), which the pairing would misplace
                 stochastic = spec.operands[position + offset] != Moment.NONE
-                if stochastic and [int(d) for d in operand_shapes[position + offset]] == out_shape:
+                if stochastic and spec.output == Moment.NONE:
+                    continue  # its two tensors have one output tensor to pair with
+                if [int(d) for d in operand_shapes[position + offset]] == out_shape:
                     found[position + offset] = index
         position += take
     return found
+
+
+def in_place_pairs(spec: KernelSpec, operand_shapes, out_shape) -> list:
+    """[(operand position, its tensor (0 mean, 1 moment), output tensor (0 mean, 1 moment))] that
+    may share bytes (`in_place_operands`): a Gaussian operand's mean and moment over the output's;
+    a deterministic operand over the output's moment when it feeds the variance alone
+    (``add_variance``, the covariance form's coherent term), else over its mean."""
+    pairs = []
+    for position, index in in_place_operands(spec, operand_shapes, out_shape).items():
+        if spec.operands[position] != Moment.NONE:
+            pairs += [(position, 0, 0), (position, 1, 1)]
+        else:
+            feeds_variance = spec.output != Moment.NONE and spec.ops[index] == "add_variance"
+            pairs.append((position, 0, 1 if feeds_variance else 0))
+    return pairs
 
 
 def _copy(tensor: te.Tensor) -> te.Tensor:
     return te.compute(tensor.shape, lambda *i: tensor[i], name=f"copy_{tensor.name}")
 
 
-def _materialised(g: G.Gaussian) -> G.Gaussian:
+#: Name of a materialised first stage (`_materialised`): its output copies stay blocks of their own.
+IN_PLACE_APART = "in_place_apart"
+
+
+def _materialised(g: G.Gaussian, apart: bool = False) -> G.Gaussian:
     """``g`` computed in a `gaussian.SHARED` stage of its own (scalars or a row of them, never
-    inlined into the stages that read it): see `in_place_operands`."""
+    inlined into the stages that read it): see `in_place_operands`. ``apart``: the kernel's first
+    stage, whose output copies `schedule_kernel` keeps apart (inlined into it, the mean would be
+    stored before the variance, which may read the operand's mean, is computed)."""
+    name = IN_PLACE_APART if apart else "in_place"
     if g.moment is None:
-        mean = te.compute(g.mean.shape, lambda *i: g.mean[i], name="in_place_mean", attrs=G.SHARED)
+        mean = te.compute(g.mean.shape, lambda *i: g.mean[i], name=f"{name}_mean", attrs=G.SHARED)
         return G.Gaussian(mean, None, g.repr)
-    mean, moment = te.compute(g.mean.shape, lambda *i: (g.mean[i], g.moment[i]), name="in_place", attrs=G.SHARED)
+    mean, moment = te.compute(g.mean.shape, lambda *i: (g.mean[i], g.moment[i]), name=name, attrs=G.SHARED)
     return G.Gaussian(mean, moment, g.repr)
 
 
@@ -275,7 +302,7 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             continue  # placed by `_decode_once` below
         sch.compute_inline(block)
     for block in sch.get_child_blocks(root):
-        if sch.get(block).name_hint in outputs:
+        if sch.get(block).name_hint in outputs and not sch.get(block).name_hint.startswith("copy_" + IN_PLACE_APART):
             try:
                 sch.reverse_compute_inline(block)
             except Exception:

@@ -320,6 +320,11 @@ class Operator:
     # Cortex-M4 instructions per output element (QEMU profiles), where the covariance budget
     # (`passes.carry_channel_covariance`) needs them; None: a generic element-wise cost
     m4_per_element: float | None = None
+    # output element i reads element i of each operand of the output's shape and nothing else of
+    # it, though the stage is not fused into others (fusion NONE): a kernel of such stages may write
+    # its output over such an operand (`kernel.in_place_operands`); ELEMENTWISE and NONLINEAR are
+    # element-wise by definition
+    elementwise: bool = False
 
 
 OPERATORS = (
@@ -388,17 +393,17 @@ OPERATORS = (
              build=lambda inputs, attrs: C.add_variance(*inputs, attrs["square"])),
     Operator("pooled_variance", arity=3, reference="pooled_variance",
              build=lambda inputs, attrs: C.pooled_variance(*inputs, attrs["count"])),
-    Operator("independent_variance", arity=2, native=Moment.NONE, reference="independent_variance",
+    Operator("independent_variance", elementwise=True, arity=2, native=Moment.NONE, reference="independent_variance",
              build=lambda inputs, attrs: C.independent_variance(*inputs)),
-    Operator("raw_second_moment", native=Moment.NONE, reference="raw_second_moment",
+    Operator("raw_second_moment", elementwise=True, native=Moment.NONE, reference="raw_second_moment",
              build=lambda inputs, attrs: C.raw_second_moment(inputs[0])),
-    Operator("relu_loading", arity=2, m4_per_element=80.0, native=Moment.NONE, gaussian_ops=_per_element("relu"), libm_calls={"sqrt": 1},
+    Operator("relu_loading", elementwise=True, arity=2, m4_per_element=80.0, native=Moment.NONE, gaussian_ops=_per_element("relu"), libm_calls={"sqrt": 1},
              reference="relu_loading", build=lambda inputs, attrs: C.relu_loading(*inputs)),
-    Operator("clip_loading", arity=2, m4_per_element=125.0, native=Moment.NONE, gaussian_ops=_per_element("clip"), libm_calls={"sqrt": 1},
+    Operator("clip_loading", elementwise=True, arity=2, m4_per_element=125.0, native=Moment.NONE, gaussian_ops=_per_element("clip"), libm_calls={"sqrt": 1},
              reference="clip_loading", build=lambda inputs, attrs: C.clip_loading(*inputs, attrs["lower"], attrs["upper"])),
-    Operator("square_add", arity=2, native=Moment.NONE, reference="square_add",
+    Operator("square_add", elementwise=True, arity=2, native=Moment.NONE, reference="square_add",
              build=lambda inputs, attrs: C.square_add(*inputs)),
-    Operator("root", native=Moment.NONE, libm_calls={"sqrt": 1}, reference="root",
+    Operator("root", elementwise=True, native=Moment.NONE, libm_calls={"sqrt": 1}, reference="root",
              build=lambda inputs, attrs: C.root(inputs[0])),
     Operator("projection_gain", arity=3, native=Moment.NONE, libm_calls={"sqrt": 1}, reference="projection_gain",
              build=lambda inputs, attrs: C.projection_gain(*inputs)),
@@ -518,6 +523,12 @@ def relax_ops(*kinds: Kind) -> frozenset:
 def stages(*fusions: Fusion) -> tuple:
     """Gaussian stage names of the given fusion classes, in registry order."""
     return tuple(op.name for op in STAGES.values() if op.fusion in fusions)
+
+
+def elementwise_stages() -> frozenset:
+    """Stages whose output element i reads only element i of their operands of the output's shape:
+    the ELEMENTWISE and NONLINEAR ones and those marked ``elementwise``."""
+    return frozenset(stages(Fusion.ELEMENTWISE, Fusion.NONLINEAR)) | {op.name for op in STAGES.values() if op.elementwise}
 
 
 #: ONNX op types whose opset < 7 form has the legacy ``broadcast``/``axis`` attributes.

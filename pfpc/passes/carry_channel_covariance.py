@@ -338,22 +338,34 @@ class _Rewriter(KernelRewriter):
         elif self.maxima and loads[0] is not None and op in LOADING_MAXIMA and operands[0].repr == Moment.VAR:
             result = self.emit("maxpool2d_correlated", attrs, [operands[0], loads[0]])
         else:
+            # an activation's loading first: the activation is then the last to read its input,
+            # which it may overwrite (`kernel.in_place_operands`)
+            activation = self.activation_loading(op, attrs, operands, loads)
             super()._visit(binding)
             result = self.values[binding.var][0]
-            self.carry(op, attrs, operands, loads, result)
+            if activation is not None and result.repr != Moment.NONE:
+                self.loading[result.mean] = activation
+            elif activation is None:
+                self.carry(op, attrs, operands, loads, result)
             return
         self.values[binding.var] = (result, "mean")
         self.results[binding.var] = result
 
+    def activation_loading(self, op, attrs, operands, loads):
+        """The output loading of a ReLU or Clip of a loaded Gaussian (a * E[f'(x)]), else None."""
+        if loads[0] is None or operands[0].repr == Moment.NONE:
+            return None
+        if op == "relu":
+            return self.emit("relu_loading", {}, [operands[0], loads[0]])
+        if op == "clip":
+            return self.emit("clip_loading", attrs, [operands[0], loads[0]])
+        return None
+
     def carry(self, op, attrs, operands, loads, result):
-        """The output loading of an op the loadings pass through."""
+        """The output loading of another op the loadings pass through."""
         if result.repr == Moment.NONE:
             return
-        if op == "relu" and loads[0] is not None:
-            self.loading[result.mean] = self.emit("relu_loading", {}, [operands[0], loads[0]])
-        elif op == "clip" and loads[0] is not None:
-            self.loading[result.mean] = self.emit("clip_loading", attrs, [operands[0], loads[0]])
-        elif op == "multiply" and loads[0] is not None and operands[1].repr == Moment.NONE and shape_of(operands[0].mean) == shape_of(result.mean):
+        if op == "multiply" and loads[0] is not None and operands[1].repr == Moment.NONE and shape_of(operands[0].mean) == shape_of(result.mean):
             self.loading[result.mean] = self.emit("multiply", {}, [loads[0], operands[1]])  # an unfolded batch norm's scale
         elif op == "scale" and loads[0] is not None:
             self.loading[result.mean] = self.emit("scale", attrs, [loads[0]])
@@ -382,7 +394,8 @@ class _Rewriter(KernelRewriter):
         window = kernel_h * kernel_w
         in_ch = group_ch * groups
         stem = w.mean.name
-        independent = None
+        independent = load_sums = None
+        planned = binding.var in self.planned and x.repr != Moment.SECOND_MOMENT
         if a is not None and not self.pooled_only and window > 1:
             # a 1x1 window needs nothing: sum_c mu^2 a^2 + conv(v - a^2, mu^2) is the diagonal conv(v, mu^2)
             if group_ch == 1:  # depthwise: the exact coherent term, (sum_t mu a)^2
@@ -394,14 +407,16 @@ class _Rewriter(KernelRewriter):
                 averaged = self.conv(a, self.weight(f"{stem}.box", box), strides, pads, dilations, in_ch)
                 squared = self.emit("multiply", {}, [averaged, averaged])
                 coherent = self.conv(squared, mu_sum2, [1, 1], [0, 0, 0, 0], [1, 1], groups)
+            if planned:  # the loading's window sums before v - a^2, its last reader, which may then overwrite it
+                load_sums = self.window_sums(x, mu.shape, attrs, _call_shape(binding))(a)
             independent = self.emit("independent_variance", {}, [x, a])
             y = self.emit("conv2d_split", attrs, [x, w, independent])
             y = self.emit("add_variance", {"square": False}, [y, coherent])
         else:
             y = self.emit("conv2d", attrs, [x, w])
-        if binding.var not in self.planned or x.repr == Moment.SECOND_MOMENT:
+        if not planned:
             return y
-        self.loading[y.mean] = self.output_loading(binding, x, a, independent, w, mu, s2, attrs, shape_of(y.mean))
+        self.loading[y.mean] = self.output_loading(binding, x, a, independent, w, mu, s2, attrs, shape_of(y.mean), load_sums)
         return y
 
     def _bias_add(self, binding, out_ch):
@@ -417,24 +432,43 @@ class _Rewriter(KernelRewriter):
                     return users[0].var, self.weights[name].astype(np.float64).reshape(-1)
         return None, np.zeros(out_ch)
 
-    def output_loading(self, binding, x, a, independent, w, mu, s2, attrs, out_shape):
-        """The pooled variance T of the convolution's output (with the bias added right after it),
-        as a `_Pending` loading: the projection spreads it once the bias is added."""
-        strides, pads, dilations, groups = attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"]
-        out_ch, group_ch, kernel_h, kernel_w = mu.shape
-        batch, in_ch, height, width = shape_of(x.mean)
+    @staticmethod
+    def _window_extent(x, kernel_shape, attrs, out_shape):
+        """(padding of the window sums, extra taps per axis): the window sums over the output grid
+        are a depthwise convolution of ones (out_h x out_w taps, dilated by the strides, stepping by
+        the dilations), its far padding cut so that it has kernel_h x kernel_w outputs (input rows the
+        convolution never reads give ``extra`` outputs, which zero weight taps ignore)."""
+        strides, pads, dilations = attrs["strides"], attrs["pads"], attrs["dilations"]
+        _, _, height, width = shape_of(x.mean)
+        _, _, kernel_h, kernel_w = kernel_shape
         out_h, out_w = out_shape[2:]
-        length = out_h * out_w
-        # window sums over the output grid: a depthwise convolution of ones (out_h x out_w taps,
-        # dilated by the strides, stepping by the dilations), its far padding cut so that it has
-        # kernel_h x kernel_w outputs (input rows the convolution never reads give extra outputs,
-        # which zero weight taps ignore)
         far, extra = [], []
         for axis, (size, kernel, out, low, high) in enumerate(((height, kernel_h, out_h, pads[0], pads[2]), (width, kernel_w, out_w, pads[1], pads[3]))):
             spare = size + low + high - strides[axis] * (out - 1) - 1 - dilations[axis] * (kernel - 1)
             far.append(max(high - spare, 0))
             extra.append(max(spare - high, 0) // dilations[axis])
-        sum_pads = [pads[0], pads[1], far[0], far[1]]
+        return [pads[0], pads[1], far[0], far[1]], extra
+
+    def window_sums(self, x, kernel_shape, attrs, out_shape):
+        """value -> its window sums over the output grid of the convolution of ``x`` (`_window_extent`)."""
+        in_ch = shape_of(x.mean)[1]
+        sum_pads, _ = self._window_extent(x, kernel_shape, attrs, out_shape)
+        key = (in_ch, *out_shape[2:])
+        if key not in self.ones:
+            self.ones[key] = self.weight(f"window_ones_{in_ch}x{key[1]}x{key[2]}", np.ones([in_ch, 1, *out_shape[2:]]))
+        return lambda value: self.conv(value, self.ones[key], attrs["dilations"], sum_pads, attrs["strides"], in_ch)
+
+    def output_loading(self, binding, x, a, independent, w, mu, s2, attrs, out_shape, load_sums=None):
+        """The pooled variance T of the convolution's output (with the bias added right after it),
+        as a `_Pending` loading: the projection spreads it once the bias is added. ``load_sums``: the
+        loading's window sums, when already made."""
+        strides, pads, dilations, groups = attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"]
+        out_ch, group_ch, kernel_h, kernel_w = mu.shape
+        batch, in_ch, height, width = shape_of(x.mean)
+        out_h, out_w = out_shape[2:]
+        length = out_h * out_w
+        _, extra = self._window_extent(x, mu.shape, attrs, out_shape)
+        window_sums = self.window_sums(x, mu.shape, attrs, out_shape)  # of the unpadded window
         stem = binding.var.name
         if any(extra) or w.repr != Moment.VAR:  # the weights padded to the window sums' taps (else the convolution's own)
             widths = [(0, 0), (0, 0), (0, extra[0]), (0, extra[1])]
@@ -442,12 +476,6 @@ class _Rewriter(KernelRewriter):
             w = GaussianValue(self.add_weight(f"{stem}.mu", mu.astype(np.float32)), self.add_weight(f"{stem}.s2", s2.astype(np.float32)),
                               Moment.VAR)
         kernel_h, kernel_w = kernel_h + extra[0], kernel_w + extra[1]
-        key = (in_ch, out_h, out_w)
-        if key not in self.ones:
-            self.ones[key] = self.weight(f"window_ones_{in_ch}x{out_h}x{out_w}", np.ones([in_ch, 1, out_h, out_w]))
-
-        def window_sums(value):
-            return self.conv(value, self.ones[key], dilations, sum_pads, strides, in_ch)
 
         def pooled_conv(value):
             return self.conv(value, w, [1, 1], [0, 0, 0, 0], [1, 1], groups)
@@ -456,7 +484,8 @@ class _Rewriter(KernelRewriter):
         # window sums M = sum_p m, E = sum_p (v - a^2), A = sum_p a: the variance of the
         # convolution of the Gaussian (M, E) with the random weights is the first two terms but
         # s2 A^2; for a 1x1 window sum_c (sum_t mu A)^2 = sum_c mu^2 A^2, so (M, E + A^2) gives all
-        load_sums = None if a is None else window_sums(a)
+        if load_sums is None and a is not None:
+            load_sums = window_sums(a)
         if x.repr == Moment.NONE:  # a model input
             pooled = pooled_conv(window_sums(x))
         else:
@@ -487,6 +516,12 @@ class _Rewriter(KernelRewriter):
         if latent is not None:
             pooled = self.emit("add_variance", {"square": False}, [pooled, latent])
         return _Pending(pooled, bias_add)
+
+
+def _call_shape(binding) -> list:
+    """The output shape of a kernel call (its mean's)."""
+    ty = binding.var.ty.fields[0] if hasattr(binding.var.ty, "fields") else binding.var.ty
+    return [int(d) for d in ty.shape]
 
 
 class _Pending:
