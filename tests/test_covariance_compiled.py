@@ -258,3 +258,29 @@ def test_residual_network_arena_at_its_lower_bound():
     assert program.arena_size == bound
     feature_map = 4 * 8 * 16 * 16  # float32 bytes of a stem / first-block tensor (8 channels of 16x16)
     assert 8 * feature_map <= program.arena_size < 9 * feature_map
+
+
+def test_batch_of_several_rows_gets_the_same_variance_in_every_row(tmp_path):
+    """Conv -> Conv -> GlobalAveragePool with stochastic biases only: the output variance does not
+    depend on the input, so every row of a batch has the same. The compiled loadings gave the
+    first row the covariance form's variance and the others the diagonal PFP's (found by the
+    differential fuzzer, seed 14 of its covariance batch): batch > 1 compiles the diagonal PFP
+    under auto and is one error under channel."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(14)
+    inits = {"w1": rng.standard_normal((4, 4, 3, 3)), "b1": rng.standard_normal(4), "w2": rng.standard_normal((2, 4, 3, 3)),
+             "b2": rng.standard_normal(2)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 1, 1])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    stds = {"b1.std": np.full(4, 0.5, np.float32), "b2.std": np.full(2, 0.1, np.float32)}
+    x = rng.standard_normal((2, 4, 7, 3)).astype(np.float32)
+    (_, var), = pfpc.compile(model, stds).run([x]).outputs
+    np.testing.assert_allclose(var[0], var[1], rtol=1e-5)
+    with pytest.raises(pfpc.PfpcError, match="batch 1 only"):
+        pfpc.compile(model, stds, covariance="channel")
