@@ -149,6 +149,15 @@ class KernelBuilder(relax.BlockBuilder):
         self.kernels_added.append((gvar, func))
         return gvar
 
+    def _exit_function_scope(self, exc_type, exc_val, exc_tb):
+        if exc_type is not None:
+            # an exception (an interrupt) left the function's binding block and scope open: close
+            # them, or the builder's destructor prints "BlockBuilder destroyed with remaining blocks!"
+            # beside pfpc's one line
+            self._end_block()
+            self.end_scope()
+        super()._exit_function_scope(exc_type, exc_val, exc_tb)
+
     def get(self) -> tvm.IRModule:
         mod = super().get()
         for gvar, func in getattr(self, "kernels_added", ()):

@@ -233,6 +233,27 @@ def test_signal_during_compile_leaves_nothing(tmp_path, sig, code):
     assert not out.exists() and not _staging(tmp_path)
 
 
+def test_interrupt_inside_a_pass_prints_nothing_from_tvm(capfd):
+    """An interrupt inside a pass's function scope left TVM's BlockBuilder with open blocks, and its
+    destructor printed "BlockBuilder destroyed with remaining blocks!" beside pfpc's one line."""
+    import gc
+
+    from tvm import relax
+
+    from pfpc.ir import KernelBuilder
+
+    bb = KernelBuilder()
+    x = relax.Var("x", relax.TensorType((4,), "float32"))
+    with pytest.raises(KeyboardInterrupt):
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                bb.emit(relax.op.add(x, x))
+                raise KeyboardInterrupt
+    del bb
+    gc.collect()
+    assert "BlockBuilder" not in capfd.readouterr().err
+
+
 def test_stale_staging_of_a_killed_compile_is_removed(tmp_path, capsys):
     """SIGKILL gives no chance to clean up: the next compile into the same parent removes the
     staging directory of a process that no longer exists, and leaves a live one's alone."""
