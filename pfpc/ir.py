@@ -29,6 +29,12 @@ def shape_of(expr) -> list[int]:
     return [int(d) for d in expr.ty.shape]
 
 
+def output_shape(var) -> list[int]:
+    """The shape of a kernel call's first output (its mean's, where it returns mean and moment)."""
+    ty = var.ty.fields[0] if isinstance(var.ty, relax.TupleType) else var.ty
+    return [int(d) for d in ty.shape]
+
+
 def call_op_name(expr) -> str | None:
     if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
         return expr.op.name

@@ -48,7 +48,7 @@ from tvm import relax
 
 from .. import ir_state
 from ..errors import PfpcError
-from ..ir import GaussianValue, call_op_name, kernel_of, main_bindings, shape_of, with_attrs
+from ..ir import GaussianValue, call_op_name, kernel_of, main_bindings, output_shape, shape_of, with_attrs
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, infer_output_repr
 from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_MAXIMA, LOADING_POOLS, STAGES, Fusion
@@ -408,7 +408,7 @@ class _Rewriter(KernelRewriter):
                 squared = self.emit("multiply", {}, [averaged, averaged])
                 coherent = self.conv(squared, mu_sum2, [1, 1], [0, 0, 0, 0], [1, 1], groups)
             if planned:  # the loading's window sums before v - a^2, its last reader, which may then overwrite it
-                load_sums = self.window_sums(x, mu.shape, attrs, _call_shape(binding))(a)
+                load_sums = self.window_sums(x, mu.shape, attrs, output_shape(binding.var))(a)
             independent = self.emit("independent_variance", {}, [x, a])
             y = self.emit("conv2d_split", attrs, [x, w, independent])
             y = self.emit("add_variance", {"square": False}, [y, coherent])
@@ -518,12 +518,6 @@ class _Rewriter(KernelRewriter):
         return _Pending(pooled, bias_add)
 
 
-def _call_shape(binding) -> list:
-    """The output shape of a kernel call (its mean's)."""
-    ty = binding.var.ty.fields[0] if hasattr(binding.var.ty, "fields") else binding.var.ty
-    return [int(d) for d in ty.shape]
-
-
 class _Pending:
     """A convolution's output loading before its projection: the pooled variance T, spread over
     positions by the variance of the tensor it is first read from, which is after the bias add ``bias_add`` (so that the convolution keeps the bias add
@@ -550,7 +544,7 @@ class CarryChannelCovariance:
 
     def transform_module(self, mod, ctx):
         planned = plan(mod, self.mode, self.budget)
-        batch = max((int((var.ty.fields[0] if isinstance(var.ty, relax.TupleType) else var.ty).shape[0]) for var in planned), default=1)
+        batch = max((output_shape(var)[0] for var in planned), default=1)
         if batch > 1:
             # the compiled loadings give every row of a batch but the first wrong variances
             # (tests/test_covariance_compiled.py: a linear conv -> conv -> pool net's rows differ);

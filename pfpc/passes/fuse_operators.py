@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tvm
 
-from ..ir import kernel_of
+from ..ir import kernel_of, output_shape
 from ..ops.gaussian import Moment
 from ..ops.registry import Fusion, stages
 from .kernel_rewriter import KernelRewriter
@@ -27,12 +27,6 @@ ELEMENTWISE = stages(Fusion.ELEMENTWISE, Fusion.NONLINEAR)
 #: `PoolBeforeRelu` moved after it).
 CHAIN_HEADS = stages(Fusion.LINEAR, Fusion.POOL)
 
-def _out_shape(var):
-    """The shape of a kernel call's (first) output."""
-    ty = var.ty.fields[0] if hasattr(var.ty, "fields") else var.ty
-    return [int(d) for d in ty.shape]
-
-
 class _Rewriter(KernelRewriter):
     def __init__(self, mod):
         super().__init__(mod)
@@ -43,7 +37,7 @@ class _Rewriter(KernelRewriter):
         if len(users) != 1 or users[0] == "output" or spec.ops[0] not in CHAIN_HEADS or set(spec.ops) & set(NONLINEAR):
             return False
         user_spec, _ = kernel_of(self.mod, users[0].value)
-        if user_spec.ops[0] not in ELEMENTWISE or _out_shape(users[0].var) != _out_shape(binding.var):
+        if user_spec.ops[0] not in ELEMENTWISE or output_shape(users[0].var) != output_shape(binding.var):
             return False
         fields = list(users[0].value.args[1].fields)
         first_width = 1 if user_spec.operands[0] == Moment.NONE else 2  # mean (+ moment) of operand 0
