@@ -58,7 +58,7 @@ def test_the_limit_drops_the_loadings_last_and_refuses_with_one_line(linear_conv
     args = [str(tmp_path / "model.onnx"), "--posterior", str(tmp_path / "post.npz"), "--batch", "1"]
     assert main(args + ["-o", str(tmp_path / "fits"), "--ram-limit", str(diagonal)]) == 0
     chosen = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pfpc: RAM limit")]
-    assert len(chosen) == 1 and "--moment-storage float32 (no convolution within the budget: the diagonal PFP)" in chosen[0]
+    assert len(chosen) == 1 and "--moment-storage float32 (no loadings placed: the diagonal PFP)" in chosen[0]
     assert f"= {diagonal:,} bytes" in chosen[0]
     assert "covariance" not in json.loads((tmp_path / "fits" / "pfpc.json").read_text())
     out = tmp_path / "out"
