@@ -285,8 +285,8 @@ def _fit_ram(asked, build, generate, ram_limit, flash_limit, label):
         else:
             better, need = needs[-1]
             why = f"the most accurate plan that fits: {ram_plans.describe(better)} needs {need}"
-        diagonal = " (no loadings placed: the diagonal PFP)" if covariance == "auto" and loadings is None else ""
-        line = (f"RAM limit {ram_limit:,} bytes: {ram_plans.describe(plan)}{diagonal}, arena {measured['arena_bytes']:,} + stack "
+        placed = " (no loadings placed: the diagonal PFP)" if covariance == "auto" and loadings is None else ""
+        line = (f"RAM limit {ram_limit:,} bytes: {ram_plans.describe(plan)}{placed}, arena {measured['arena_bytes']:,} + stack "
                 f"{measured['stack_bytes'] or 0:,} = {ram:,} bytes; {why}")
         return mod, program, line
     raise AssertionError("unreachable: the last plan returns or raises")
