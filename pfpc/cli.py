@@ -85,7 +85,8 @@ def _compile_parser():
                         help="pfp (default): one probabilistic forward pass; svi: the same API computed by sampling the weights")
     parser.add_argument("--samples", type=int, help="with --mode svi: weight samples per call (default 100; -D<NAME>_SAMPLES overrides)")
     parser.add_argument("--seed", type=int, help="with --mode svi: seed of the on-device generator (default 0)")
-    parser.add_argument("--ram-limit", metavar="BYTES", help="fail if arena + stack exceed this (e.g. 192K)")
+    parser.add_argument("--ram-limit", metavar="BYTES", help="RAM of the device (e.g. 256K): the most accurate plan whose arena + stack fit, from "
+                        "the --covariance-budget and --moment-storage asked for down (one line says which); none: exit 2")
     parser.add_argument("--flash-limit", metavar="BYTES", help="fail if weights + code exceed this (e.g. 1M)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -359,6 +360,8 @@ def _compile(args) -> int:
     sampling = result.program.sampling
     detail = f" run once per sample, {sampling.samples} samples (SVI)" if sampling else ""
     kind = " (deterministic network: every variance is zero)" if args.deterministic else ""
+    if result.footprint.get("ram_plan"):
+        print(f"pfpc: {result.footprint['ram_plan']}")
     print(f"pfpc: wrote {args.output}: {len(result.program.steps)} kernels{detail}{kind}")
     print(format_report(result.footprint, args.name))
     return 0

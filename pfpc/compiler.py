@@ -111,7 +111,10 @@ def compile(  # noqa: A001 - the public name users expect
     ``out_dir``: where the C library is written (`CompiledModel.save`, whole or not at all).
     ``measure``: build the library with the target's compiler and return its footprint (flash,
     RAM, per-layer arithmetic); implied by ``ram_limit``/``flash_limit`` (bytes), which make the
-    compile fail, leaving nothing behind, when the model does not fit. A measurement that cannot
+    compile fail, leaving nothing behind, when the model does not fit. In mode pfp with the default
+    passes, ``ram_limit`` first lowers the plan from the one asked for, most accurate first
+    (`pfpc.ram_plans`: a smaller ``covariance_budget``, ``moment_storage="bfloat16"``), to the
+    first whose arena + stack fit; ``footprint["ram_plan"]`` says which and why. A measurement that cannot
     be made (toolchain missing or broken) is reported in ``footprint["note"]``, never an error.
     ``outputs``: predictive outputs to add after the logits' mean and variance, a subset of
     ``("probs", "entropy", "mutual_information", "logit_var", "ood")``; ``probs_method``
@@ -138,8 +141,12 @@ def compile(  # noqa: A001 - the public name users expect
                         "put CarryChannelCovariance(mode, budget) in the list instead")
     if covariance_chosen and mode != "pfp":
         raise PfpcError(f"covariance options are for mode pfp (mode {mode} runs the deterministic network on sampled weights)")
-    passes = list(passes if passes is not None else for_target(svi_passes() if mode == "svi" else default_passes(covariance, covariance_budget), target_info))
-    substituted = any(isinstance(transform, SubstituteLayers) for _, transform in passes)
+    custom_passes = passes is not None
+
+    def pipeline(covariance, covariance_budget):
+        return list(passes if custom_passes else for_target(svi_passes() if mode == "svi" else default_passes(covariance, covariance_budget), target_info))
+
+    substituted = any(isinstance(transform, SubstituteLayers) for _, transform in pipeline(covariance, covariance_budget))
     predictive = AppendPredictiveOutputs(outputs, probs_method, logit_samples)  # options checked before the model is read
     if out_dir is not None:
         atomic.check_replaceable(os.path.abspath(out_dir), force)
@@ -159,39 +166,61 @@ def compile(  # noqa: A001 - the public name users expect
         else:
             post = load_posterior(model, posterior, shared_draw=shared_draw)
         model, post = unroll_recurrent(model, post, label)
-    if mode == "pfp" and post.shared is not None and post.shared.semantics == "shared_draw":
-        # the per-channel loadings assume independent weight draws: shared draws keep the diagonal PFP
-        passes = [(label, CarryChannelCovariance("none") if label == "carry_channel_covariance" else transform)
-                  for label, transform in passes]
-        passes.append(("apply_shared_draws", ApplySharedDraws(shared_posterior.draws(post.shared))))
-    # the predictive outputs, and the value of every output that ends in a softmax
-    if substituted and (outputs or any(final_softmax(model.graph, value.name) for value in model.graph.output)):
-        passes.append(("append_predictive_outputs", predictive))
+
+    def model_passes(covariance, covariance_budget):
+        passes = pipeline(covariance, covariance_budget)
+        if mode == "pfp" and post.shared is not None and post.shared.semantics == "shared_draw":
+            # the per-channel loadings assume independent weight draws: shared draws keep the diagonal PFP
+            passes = [(label, CarryChannelCovariance("none") if label == "carry_channel_covariance" else transform)
+                      for label, transform in passes]
+            passes.append(("apply_shared_draws", ApplySharedDraws(shared_posterior.draws(post.shared))))
+        # the predictive outputs, and the value of every output that ends in a softmax
+        if substituted and (outputs or any(final_softmax(model.graph, value.name) for value in model.graph.output)):
+            passes.append(("append_predictive_outputs", predictive))
+        return passes
+
     with step("importing the model into TVM Relax"):
-        mod = _import_quietly(model, post, label)
-    io = {"inputs": list(input_shapes(model).items()), "outputs": _output_shapes(model, mod)}
+        imported = _import_quietly(model, post, label)
+    io = {"inputs": list(input_shapes(model).items()), "outputs": _output_shapes(model, imported)}
     if dump_ir:
         os.makedirs(dump_ir, exist_ok=True)
-        _dump(dump_ir, 0, "import", mod)
-    mod = _run_passes(mod, passes, dump_ir)
-    func = mod["main"]
-    weights = ir_state.means(func)
-    with step("generating C (kernels, memory plan)"):
-        if mode == "svi":
-            program = emit_svi.lower_to_program(mod, weights, io, name, samples, seed, target_info)
-        else:
+        _dump(dump_ir, 0, "import", imported)
+
+    def build(covariance, covariance_budget):
+        # passes may set functions of the module they are given: a plan after the first imports afresh
+        mod = imported if not built else _import_quietly(model, post, label)
+        built.append(covariance)
+        return _run_passes(mod, model_passes(covariance, covariance_budget), dump_ir)
+
+    built = []
+
+    def generate(mod, moment_storage):
+        weights = ir_state.means(mod["main"])
+        with step("generating C (kernels, memory plan)"):
+            if mode == "svi":
+                return emit_svi.lower_to_program(mod, weights, io, name, samples, seed, target_info)
+
             def read_through_codebooks(program, prim_funcs):
                 program.shared = shared_weights.encode(program, set(post.shared.tensors), prim_funcs)
 
-            program = lower_to_program(mod, weights, io, name, target_info,
-                                       before_codegen=read_through_codebooks if post.shared is not None else None,
-                                       moment_storage=moment_storage)
+            return lower_to_program(mod, weights, io, name, target_info,
+                                    before_codegen=read_through_codebooks if post.shared is not None else None,
+                                    moment_storage=moment_storage)
+
+    plan = (covariance, covariance_budget, moment_storage)
+    if ram_limit is not None and mode == "pfp" and not custom_passes:
+        mod, program, ram_plan = _fit_ram(plan, build, generate, ram_limit, flash_limit, label)
+    else:
+        mod = build(covariance, covariance_budget)
+        program, ram_plan = generate(mod, moment_storage), None
     result = CompiledModel(mod, program, None, io)
     if measure or ram_limit is not None or flash_limit is not None:
         def measure_and_check(directory):
             with step(f"measuring the footprint with {target_info.cc}"):
                 result.footprint = footprint.measure(directory, read_metadata(directory), where=out_dir)
             footprint.check_limits(result.footprint, ram_limit, flash_limit, label)
+            if ram_plan:
+                result.footprint["ram_plan"] = ram_plan
 
         if out_dir is None:
             with tempfile.TemporaryDirectory() as scratch:
@@ -208,6 +237,59 @@ def compile(  # noqa: A001 - the public name users expect
         with step("writing the C"):
             result.save(out_dir, force)
     return result
+
+
+def _fit_ram(asked, build, generate, ram_limit, flash_limit, label):
+    """(mod, program, one line saying why) of the first plan of `ram_plans.candidates` (most accurate
+    first) whose arena + stack fit ``ram_limit``; the RAM is measured as the footprint report
+    measures it (the memory plan's arena, the target compiler's -fstack-usage). A plan whose arena
+    alone exceeds the limit is not built. Nothing fits: one error naming the smallest plan's RAM."""
+    import json
+
+    from . import ram_plans
+
+    modules, seen, needs = {}, set(), []
+    plans = ram_plans.candidates(*asked)
+    for index, plan in enumerate(plans):
+        covariance, budget, storage = plan
+        diagonal = next((built for built in modules.values() if ir_state.covariance(built["main"]) is None), None)
+        if (covariance, budget) not in modules:
+            # auto placed no loadings (no pool to reach, or a batch): every smaller budget, and none, is that program
+            modules[covariance, budget] = diagonal if diagonal is not None else build(covariance, budget)
+        mod = modules[covariance, budget]
+        loadings = (ir_state.covariance(mod["main"]) or {}).get("convolutions")
+        key = (json.dumps(loadings), storage)
+        last = index == len(plans) - 1
+        if key in seen and not last:
+            continue  # a smaller budget that places the same loadings: the same program
+        seen.add(key)
+        program = generate(mod, storage)
+        if program.arena_size > ram_limit and not last:
+            needs.append((plan, f"an arena of {program.arena_size:,} bytes"))
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            emit_c.write(program, scratch)
+            with step("measuring the footprint"):
+                measured = footprint.measure(scratch, read_metadata(scratch))
+        ram = measured["ram_bytes"]
+        if ram > ram_limit and last:
+            where = "" if plan == asked else f" even with {ram_plans.describe(plan)}, its smallest plan"
+            raise PfpcError(f"{label}: the model needs {ram:,} bytes of RAM (arena {measured['arena_bytes']:,} + stack "
+                            f"{measured['stack_bytes'] or 0:,}){where}, more than the limit of {ram_limit:,} bytes")
+        if ram > ram_limit:
+            needs.append((plan, f"{ram:,} bytes"))
+            continue
+        footprint.check_limits(measured, None, flash_limit, label)  # the plans differ in RAM; flash is checked as asked
+        if plan == asked:
+            why = "the plan asked for fits"
+        else:
+            better, need = needs[-1]
+            why = f"the most accurate plan that fits: {ram_plans.describe(better)} needs {need}"
+        placed = " (no loadings placed: the diagonal PFP)" if covariance == "auto" and loadings is None else ""
+        line = (f"RAM limit {ram_limit:,} bytes: {ram_plans.describe(plan)}{placed}, arena {measured['arena_bytes']:,} + stack "
+                f"{measured['stack_bytes'] or 0:,} = {ram:,} bytes; {why}")
+        return mod, program, line
+    raise AssertionError("unreachable: the last plan returns or raises")
 
 
 def _import_quietly(model, post, label):
