@@ -26,6 +26,7 @@ from .frontends.onnx_model import final_softmax, input_shapes, load_model, outpu
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
 from .frontends.unroll_recurrent import unroll_recurrent
+from .ir import build_kernels
 from .options import MODES, SVI_DEFAULT_SAMPLES, check_c_name, check_outputs, check_sampling_options  # noqa: F401
 from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.substitute_layers import SubstituteLayers
@@ -177,6 +178,7 @@ def compile(  # noqa: A001 - the public name users expect
     func = mod["main"]
     weights = ir_state.means(func)
     with step("generating C (kernels, memory plan)"):
+        mod = build_kernels(mod)
         if mode == "svi":
             program = emit_svi.lower_to_program(mod, weights, io, name, samples, seed, target_info)
         else:
@@ -263,4 +265,4 @@ def _load_proto(model, batch):
 
 def _dump(directory, index, name, mod):
     with open(os.path.join(directory, f"{index:02d}_{name}.py"), "w") as handle:
-        handle.write(mod.script(show_meta=False))
+        handle.write(build_kernels(mod).script(show_meta=False))

@@ -18,7 +18,9 @@ rest weights):
 | ``pfp.covariance`` | {"option", "mode", "budget", "convolutions"}: the per-channel loadings made (absent: none) | `CarryChannelCovariance` |
 
 On a Gaussian kernel (a PrimFunc): ``pfp.kernel``, its `KernelSpec` (stored as JSON text, the
-form TVM prints and serialises; `kernel_spec` parses it).
+form TVM prints and serialises; `kernel_spec` parses it); ``pfp.placeholder`` on a kernel the
+passes emitted without its body (`ops.kernel.placeholder_kernel`: its parameters and spec are the
+built kernel's; `is_placeholder`), built before code generation (`ir.build_kernels`).
 
 `check_module` is the well-formedness check of this state (the tests run it after every pass).
 """
@@ -34,7 +36,7 @@ from tvm import relax
 from .errors import PfpcError
 from .ops import registry
 from .ops.gaussian import Moment
-from .ops.kernel import KERNEL_ATTR, KernelSpec, OnnxNode
+from .ops.kernel import KERNEL_ATTR, PLACEHOLDER_ATTR, KernelSpec, OnnxNode, is_placeholder  # noqa: F401
 
 PARAMS = "pfp.params"
 WEIGHT_VAR = "pfp.weight_var"
@@ -48,6 +50,7 @@ PREDICTIVE = "pfp.predictive"
 ONNX_NODES = "pfp.onnx_nodes"
 COVARIANCE = "pfp.covariance"
 KERNEL = KERNEL_ATTR
+PLACEHOLDER = PLACEHOLDER_ATTR
 
 
 def _has(func, key) -> bool:
