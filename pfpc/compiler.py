@@ -42,14 +42,21 @@ tvm_ffi.register_error(PfpcError)
 
 @dataclass
 class CompiledModel:
-    """What `compile` produced: the final IR, the C program, the directory it was written to
-    (None until `save`), the inputs' and outputs' shapes and, if measured, the footprint."""
+    """What `compile` produced: the final IR (`mod`), the C program, the directory it was written
+    to (None until `save`), the inputs' and outputs' shapes and, if measured, the footprint."""
 
-    mod: object
+    _mod: object
     program: Program
     out_dir: str | None
     io: dict
     footprint: dict | None = None
+
+    @property
+    def mod(self):
+        """The final IR, every kernel built (code generation builds only the kernels it compiles:
+        `ir.build_kernels` here on first read)."""
+        self._mod = build_kernels(self._mod)
+        return self._mod
 
     def save(self, out_dir: str, force: bool = False) -> str:
         """Write the C library and its build files to ``out_dir`` (whole or not at all; ``force``
@@ -178,7 +185,6 @@ def compile(  # noqa: A001 - the public name users expect
     func = mod["main"]
     weights = ir_state.means(func)
     with step("generating C (kernels, memory plan)"):
-        mod = build_kernels(mod)
         if mode == "svi":
             program = emit_svi.lower_to_program(mod, weights, io, name, samples, seed, target_info)
         else:

@@ -18,7 +18,9 @@ import tvm_ffi
 from tvm import tirx
 
 from ..errors import PfpcError
-from ..ops.kernel import KERNEL_ATTR, schedule_kernel
+from .. import ir_state
+from ..ops.gaussian import Moment
+from ..ops.kernel import KERNEL_ATTR, build_placeholder, is_placeholder, schedule_kernel
 
 _DATA_LINE = re.compile(r"^\s*(float|uint8_t|uint16_t|uint32_t)\* (\w+) = \(\(\1\*\)\(\(\1\*\)\(\(\(DLTensor\*\)\w+_handle\)\[0\]\.data\)\)\);\s*$")
 _FORBIDDEN = ("_handle", "TVMFFI", "DLTensor", "TVMBackend", "args", "__tvm")
@@ -79,6 +81,7 @@ def generate_c_kernels(prim_funcs: dict, accumulate: str = "scalar") -> dict[str
     pending = dict(prim_funcs)
     while pending:
         compiled, copies = _same_kernels(pending)
+        pending.update({name: build_placeholder(pending[name]) for name in compiled})
         mod = tvm.IRModule({name: scheduled(pending[name], accumulate).with_attr("global_symbol", name) for name in compiled})
         with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
             executable = tvm.compile(mod, target="c")
@@ -123,30 +126,59 @@ def _same_kernels(prim_funcs: dict):
     kernels structurally equal to an earlier one up to names (TIR's structural equality maps
     every variable and buffer it defines, the parameters among them). The C printer takes nothing
     else from a kernel but names, so the copy is the earlier kernel's C with the parameters
-    renamed (`_renamed`, which declines where the printer might have named them otherwise)."""
+    renamed (`_renamed`, which declines where the printer might have named them otherwise).
+
+    A placeholder kernel (`ops.kernel.placeholder_kernel`) with the spec and shapes of an earlier
+    placeholder is that one's copy without being built: `build_kernel` makes the TIR from the
+    spec and the shapes, the names aside (the operands' parameters, `_copy_names`), so the two
+    are equal up to names (the 1,000-node chain's 375 kernels, 5 distinct: 375 builds, 10 s)."""
     firsts, compiled, copies = {}, [], {}
-    # the C comes from the TIR alone: the name and the kernel spec (which names the ONNX nodes) do not count
-    anonymous = {name: func.without_attr(KERNEL_ATTR).with_attr("global_symbol", "kernel") for name, func in prim_funcs.items()}
+    anonymous, from_placeholder = {}, set()
     for name, func in prim_funcs.items():
-        group = firsts.setdefault(_reuse_key(func, anonymous[name]), [])
+        group = firsts.setdefault(_reuse_key(func), [])
+        if is_placeholder(func):
+            if group and group[0] in from_placeholder:
+                copies[name] = (group[0], _copy_names(build_placeholder(prim_funcs[group[0]]), func))
+                continue
+            if not group:
+                from_placeholder.add(name)
+            func = build_placeholder(func)
+        # the C comes from the TIR alone: the name and the kernel spec (which names the ONNX nodes) do not count
+        anonymous[name] = func.without_attr(KERNEL_ATTR).with_attr("global_symbol", "kernel")
         first = next((f for f in group if tvm_ffi.structural_equal(anonymous[f], anonymous[name])), None)
         if first is None:
             group.append(name)
             compiled.append(name)
         else:
-            copies[name] = (first, [(str(a.name), str(b.name)) for a, b in zip(prim_funcs[first].params, func.params)])
+            copies[name] = (first, [(str(a.name), str(b.name)) for a, b in zip(build_placeholder(prim_funcs[first]).params, func.params)])
     return compiled, copies
 
 
-def _reuse_key(func, anonymous) -> tuple:
+def _copy_names(first, placeholder) -> list:
+    """[(parameter of ``first``, of the kernel ``placeholder`` stands for)] in order, ``first``
+    built from a placeholder of the same spec and shapes: the operands' parameters are the
+    placeholder's; the outputs are named after the stage computing them, as in ``first``, or,
+    where an output copies an operand (`ops.kernel._copy`: ``copy_x_mean``), after that operand."""
+    operands = len(placeholder.params) - (1 if ir_state.kernel_spec(placeholder).output == Moment.NONE else 2)
+    renamed = {str(a.name): str(b.name) for a, b in zip(first.params[:operands], placeholder.params[:operands])}
+    names = list(renamed.items())
+    for param in first.params[operands:]:
+        name = str(param.name)
+        copied = name.removeprefix("copy_")
+        names.append((name, f"copy_{renamed[copied]}" if name.startswith("copy_") and copied in renamed else name))
+    return names
+
+
+def _reuse_key(func) -> tuple:
     """Where to look for a kernel's equal: a Gaussian kernel's spec without its ONNX provenance
     and its buffers' shapes, which determine its TIR up to names (hashing large kernels
-    structurally cost 27 ms each); other kernels by their structural hash."""
+    structurally cost 27 ms each; a placeholder kernel has the built kernel's spec and type);
+    other kernels by their structural hash."""
     if func.attrs is not None and KERNEL_ATTR in func.attrs:
         spec = json.loads(str(func.attrs[KERNEL_ATTR]))
         spec.pop("nodes", None)
         return json.dumps(spec, sort_keys=True), str(func.ty)  # the parameters' shapes
-    return (tvm_ffi.structural_hash(anonymous),)
+    return (tvm_ffi.structural_hash(func.with_attr("global_symbol", "kernel")),)
 
 
 def _renamed(kernel: CKernel, name: str, names: list, tokens=None) -> CKernel | None:
