@@ -2,11 +2,15 @@
 Gaussian bias, an activation: Relu, LeakyRelu, Relu, Clip, Relu in turn; every fifth block
 a residual Add of the block's input) of width 16, compiled with ``pfpc.compile`` (no C build).
 Prints one row per size: nodes, kernels (and how many of them TVM compiled; the others reuse an
-earlier kernel's C), seconds in total and in the three heaviest steps. ``--plan N ...`` times the
-memory plan alone on N arena tensors.
+earlier kernel's C), the process's CPU seconds in total and in the three heaviest steps (CPU time:
+the machine is shared, wall time depends on its load), and the wall seconds. ``--plan N ...``
+times the memory plan alone on N arena tensors; ``--resnet8`` times the compile of the MLPerf
+Tiny ResNet-8 of tests/architectures.py (its std = 0.1 |mean| + 0.001 posterior; host, batch 1,
+default options: what `pfpc bench` compiles first).
 
     python3 benchmarks/compile_time.py                      # 250 500 1000 2000 4000 10000 nodes
     python3 benchmarks/compile_time.py --nodes 500 1000 --profile 1000
+    python3 benchmarks/compile_time.py --nodes --resnet8
 
 The latest results are in benchmarks/compile_time.md.
 """
@@ -70,8 +74,8 @@ def chain(nodes: int, seed: int = 0):
     return model, posterior
 
 
-def timed_compile(model, posterior):
-    """(total seconds, {step: seconds}, [kernels, of which TVM compiled]) of one compile."""
+def timed_compile(model, posterior, **options):
+    """(CPU seconds, wall seconds, {step: CPU seconds}, [kernels, of which TVM compiled]) of one compile."""
     steps, counts = {}, [0, 0]
     original = progress.step
     same_kernels = kernels._same_kernels
@@ -86,16 +90,16 @@ def timed_compile(model, posterior):
 
     @contextlib.contextmanager
     def timing_step(name, show=None):
-        started = time.perf_counter()
+        started = time.process_time()
         with original(name, show):
             yield
-        steps[name] = steps.get(name, 0.0) + time.perf_counter() - started
+        steps[name] = steps.get(name, 0.0) + time.process_time() - started
 
     compiler.step, kernels._same_kernels = timing_step, counting
     try:
-        started = time.perf_counter()
-        pfpc.compile(model, posterior)
-        return time.perf_counter() - started, steps, counts
+        started, wall = time.process_time(), time.perf_counter()
+        pfpc.compile(model, posterior, **options)
+        return time.process_time() - started, time.perf_counter() - wall, steps, counts
     finally:
         compiler.step, kernels._same_kernels = original, same_kernels
 
@@ -112,7 +116,8 @@ def plan_times(sizes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000, 10000])
+    parser.add_argument("--nodes", type=int, nargs="*", default=[250, 500, 1000, 2000, 4000, 10000])
+    parser.add_argument("--resnet8", action="store_true", help="time the compile of ResNet-8 (tests/architectures.py)")
     parser.add_argument("--profile", type=int, help="run cProfile on the compile of this many nodes")
     parser.add_argument("--plan", type=int, nargs="+", help="time only the memory plan of this many tensors")
     args = parser.parse_args(argv)
@@ -132,15 +137,26 @@ def main(argv=None):
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
         return
-    print("| nodes | kernels (compiled by TVM) | compile (s) | s per 1,000 nodes | heaviest steps (s) |")
-    print("|---:|---:|---:|---:|---|")
-    for nodes in args.nodes:
-        model, posterior = chain(nodes)
-        total, steps, (kernel_count, compiled) = timed_compile(model, posterior)
+    print("| nodes | kernels (compiled by TVM) | compile, CPU (s) | CPU s per 1,000 nodes | heaviest steps, CPU (s) | wall (s) |")
+    print("|---:|---:|---:|---:|---|---:|")
+
+    def rows():
+        for nodes in args.nodes:
+            model, posterior = chain(nodes)
+            yield len(model.graph.node), model, posterior, {}
+        if args.resnet8:
+            sys.path.insert(0, os.path.join(ROOT, "tests"))
+            import architectures
+
+            model = architectures.build_onnx("resnet8")
+            yield "ResNet-8", model, architectures.posterior(model), {"batch": 1}
+
+    for count, model, posterior, options in rows():
+        total, wall, steps, (kernel_count, compiled) = timed_compile(model, posterior, **options)
         heaviest = sorted(steps.items(), key=lambda item: -item[1])[:3]
         listed = ", ".join(f"{name} {seconds:.1f}" for name, seconds in heaviest)
-        count = len(model.graph.node)
-        print(f"| {count} | {kernel_count} ({compiled}) | {total:.1f} | {1000 * total / count:.1f} | {listed} |", flush=True)
+        per_node = f"{1000 * total / count:.1f}" if isinstance(count, int) else "-"
+        print(f"| {count} | {kernel_count} ({compiled}) | {total:.1f} | {per_node} | {listed} | {wall:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

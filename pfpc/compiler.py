@@ -26,6 +26,7 @@ from .frontends.onnx_model import final_softmax, input_shapes, load_model, outpu
 from .frontends.posterior import Posterior, bind_posterior, load_posterior
 from .frontends.relax_import import import_model
 from .frontends.unroll_recurrent import unroll_recurrent
+from .ir import build_kernels
 from .options import MODES, SVI_DEFAULT_SAMPLES, check_c_name, check_outputs, check_sampling_options  # noqa: F401
 from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.substitute_layers import SubstituteLayers
@@ -41,14 +42,21 @@ tvm_ffi.register_error(PfpcError)
 
 @dataclass
 class CompiledModel:
-    """What `compile` produced: the final IR, the C program, the directory it was written to
-    (None until `save`), the inputs' and outputs' shapes and, if measured, the footprint."""
+    """What `compile` produced: the final IR (`mod`), the C program, the directory it was written
+    to (None until `save`), the inputs' and outputs' shapes and, if measured, the footprint."""
 
-    mod: object
+    _mod: object
     program: Program
     out_dir: str | None
     io: dict
     footprint: dict | None = None
+
+    @property
+    def mod(self):
+        """The final IR, every kernel built (code generation builds only the kernels it compiles:
+        `ir.build_kernels` here on first read)."""
+        self._mod = build_kernels(self._mod)
+        return self._mod
 
     def save(self, out_dir: str, force: bool = False) -> str:
         """Write the C library and its build files to ``out_dir`` (whole or not at all; ``force``
@@ -345,4 +353,4 @@ def _load_proto(model, batch):
 
 def _dump(directory, index, name, mod):
     with open(os.path.join(directory, f"{index:02d}_{name}.py"), "w") as handle:
-        handle.write(mod.script(show_meta=False))
+        handle.write(build_kernels(mod).script(show_meta=False))

@@ -60,3 +60,29 @@ def test_reused_kernels_compute_the_reference(tmp_path):
     (ref_mean, ref_var), = reference.pfp_onnx(model, variances, {"x": x}).values()
     np.testing.assert_allclose(mean.reshape(ref_mean.shape), ref_mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(var.reshape(ref_var.shape), ref_var, rtol=1e-3, atol=1e-6)
+
+
+def test_placeholder_kernels_stand_for_the_kernels_built():
+    """The passes emit kernels without bodies (`ops.kernel.placeholder_kernel`); each has the
+    type (parameters' shapes), operand parameters and spec of the kernel it builds to, and the
+    compiled model's IR holds only built kernels."""
+    import tvm
+
+    from pfpc import ir_state
+    from pfpc.ops.kernel import build_placeholder, is_placeholder
+
+    model, stds = _deep_mlp()
+    compiled = pfpc.compile(model, stds)
+    placeholders = {gvar.name_hint: func for gvar, func in compiled._mod.functions_items() if is_placeholder(func)}
+    assert len(placeholders) >= 6
+    for name, placeholder in placeholders.items():
+        built = build_placeholder(placeholder)
+        assert not is_placeholder(built) and str(built.attrs["global_symbol"]) == name
+        assert str(built.ty) == str(placeholder.ty), name
+        assert str(built.attrs["pfp.kernel"]) == str(placeholder.attrs["pfp.kernel"])
+        outputs = 1 if ir_state.kernel_spec(placeholder).output == "none" else 2
+        assert len(built.params) == len(placeholder.params)
+        for ours, theirs in zip(placeholder.params[:-outputs], built.params[:-outputs]):
+            assert str(ours.name) == str(theirs.name) and [int(d) for d in ours.shape] == [int(d) for d in theirs.shape]
+    assert not any(is_placeholder(func) for _, func in compiled.mod.functions_items())
+    assert all(isinstance(compiled.mod[name], tvm.tirx.PrimFunc) for name in placeholders)

@@ -18,7 +18,9 @@ import tvm_ffi
 from tvm import tirx
 
 from ..errors import PfpcError
-from ..ops.kernel import KERNEL_ATTR, schedule_kernel
+from .. import ir_state
+from ..ops.gaussian import Moment
+from ..ops.kernel import KERNEL_ATTR, build_placeholder, is_placeholder, schedule_kernel
 
 _DATA_LINE = re.compile(r"^\s*(float|uint8_t|uint16_t|uint32_t)\* (\w+) = \(\(\1\*\)\(\(\1\*\)\(\(\(DLTensor\*\)\w+_handle\)\[0\]\.data\)\)\);\s*$")
 _FORBIDDEN = ("_handle", "TVMFFI", "DLTensor", "TVMBackend", "args", "__tvm")
@@ -79,6 +81,7 @@ def generate_c_kernels(prim_funcs: dict, accumulate: str = "scalar") -> dict[str
     pending = dict(prim_funcs)
     while pending:
         compiled, copies = _same_kernels(pending)
+        pending.update({name: build_placeholder(pending[name]) for name in compiled})
         mod = tvm.IRModule({name: scheduled(pending[name], accumulate).with_attr("global_symbol", name) for name in compiled})
         with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
             executable = tvm.compile(mod, target="c")
@@ -91,9 +94,11 @@ def generate_c_kernels(prim_funcs: dict, accumulate: str = "scalar") -> dict[str
                     raise
                 # a channel block's rows outgrew what TVM keeps on the stack (it allocated them from its runtime): one row at a time
                 kernels[name] = generate_c_kernels({name: pending[name]}, "row")[name]
-        retry = {}
+        retry, tokens = {}, {}
         for name, (first, names) in copies.items():
-            renamed = _renamed(kernels[first], name, names)
+            if first not in tokens:
+                tokens[first] = _tokens(kernels[first].body)
+            renamed = _renamed(kernels[first], name, names, tokens[first])
             if renamed is None:  # a new name is already a local of the first: compile it itself
                 retry[name] = pending[name]
             else:
@@ -102,7 +107,18 @@ def generate_c_kernels(prim_funcs: dict, accumulate: str = "scalar") -> dict[str
     return {name: kernels[name] for name in prim_funcs}
 
 
-_IDENTIFIER = re.compile(r"\b[A-Za-z_]\w*\b")
+_IDENTIFIER = re.compile(r"\b([A-Za-z_]\w*)\b")
+
+
+def _tokens(body: str) -> tuple[list, dict]:
+    """``body`` split at its identifiers (the odd items) and {identifier: its items}: a kernel's
+    copies are renamed from one split (a regular-expression substitution per copy took 7 s of
+    the 1,000-node chain's compile, 370 copies of 5 kernels)."""
+    parts = _IDENTIFIER.split(body)
+    where: dict = {}
+    for index in range(1, len(parts), 2):
+        where.setdefault(parts[index], []).append(index)
+    return parts, where
 
 
 def _same_kernels(prim_funcs: dict):
@@ -110,36 +126,66 @@ def _same_kernels(prim_funcs: dict):
     kernels structurally equal to an earlier one up to names (TIR's structural equality maps
     every variable and buffer it defines, the parameters among them). The C printer takes nothing
     else from a kernel but names, so the copy is the earlier kernel's C with the parameters
-    renamed (`_renamed`, which declines where the printer might have named them otherwise)."""
+    renamed (`_renamed`, which declines where the printer might have named them otherwise).
+
+    A placeholder kernel (`ops.kernel.placeholder_kernel`) with the spec and shapes of an earlier
+    placeholder is that one's copy without being built: `build_kernel` makes the TIR from the
+    spec and the shapes, the names aside (the operands' parameters, `_copy_names`), so the two
+    are equal up to names (the 1,000-node chain's 375 kernels, 5 distinct: 375 builds, 10 s)."""
     firsts, compiled, copies = {}, [], {}
-    # the C comes from the TIR alone: the name and the kernel spec (which names the ONNX nodes) do not count
-    anonymous = {name: func.without_attr(KERNEL_ATTR).with_attr("global_symbol", "kernel") for name, func in prim_funcs.items()}
+    anonymous, from_placeholder = {}, set()
     for name, func in prim_funcs.items():
-        group = firsts.setdefault(_reuse_key(func, anonymous[name]), [])
+        group = firsts.setdefault(_reuse_key(func), [])
+        if is_placeholder(func):
+            if group and group[0] in from_placeholder:
+                copies[name] = (group[0], _copy_names(build_placeholder(prim_funcs[group[0]]), func))
+                continue
+            if not group:
+                from_placeholder.add(name)
+            func = build_placeholder(func)
+        # the C comes from the TIR alone: the name and the kernel spec (which names the ONNX nodes) do not count
+        anonymous[name] = func.without_attr(KERNEL_ATTR).with_attr("global_symbol", "kernel")
         first = next((f for f in group if tvm_ffi.structural_equal(anonymous[f], anonymous[name])), None)
         if first is None:
             group.append(name)
             compiled.append(name)
         else:
-            copies[name] = (first, [(str(a.name), str(b.name)) for a, b in zip(prim_funcs[first].params, func.params)])
+            copies[name] = (first, [(str(a.name), str(b.name)) for a, b in zip(build_placeholder(prim_funcs[first]).params, func.params)])
     return compiled, copies
 
 
-def _reuse_key(func, anonymous) -> tuple:
+def _copy_names(first, placeholder) -> list:
+    """[(parameter of ``first``, of the kernel ``placeholder`` stands for)] in order, ``first``
+    built from a placeholder of the same spec and shapes: the operands' parameters are the
+    placeholder's; the outputs are named after the stage computing them, as in ``first``, or,
+    where an output copies an operand (`ops.kernel._copy`: ``copy_x_mean``), after that operand."""
+    operands = len(placeholder.params) - (1 if ir_state.kernel_spec(placeholder).output == Moment.NONE else 2)
+    renamed = {str(a.name): str(b.name) for a, b in zip(first.params[:operands], placeholder.params[:operands])}
+    names = list(renamed.items())
+    for param in first.params[operands:]:
+        name = str(param.name)
+        copied = name.removeprefix("copy_")
+        names.append((name, f"copy_{renamed[copied]}" if name.startswith("copy_") and copied in renamed else name))
+    return names
+
+
+def _reuse_key(func) -> tuple:
     """Where to look for a kernel's equal: a Gaussian kernel's spec without its ONNX provenance
     and its buffers' shapes, which determine its TIR up to names (hashing large kernels
-    structurally cost 27 ms each); other kernels by their structural hash."""
+    structurally cost 27 ms each; a placeholder kernel has the built kernel's spec and type);
+    other kernels by their structural hash."""
     if func.attrs is not None and KERNEL_ATTR in func.attrs:
         spec = json.loads(str(func.attrs[KERNEL_ATTR]))
         spec.pop("nodes", None)
         return json.dumps(spec, sort_keys=True), str(func.ty)  # the parameters' shapes
-    return (tvm_ffi.structural_hash(anonymous),)
+    return (tvm_ffi.structural_hash(func.with_attr("global_symbol", "kernel")),)
 
 
-def _renamed(kernel: CKernel, name: str, names: list) -> CKernel | None:
+def _renamed(kernel: CKernel, name: str, names: list, tokens=None) -> CKernel | None:
     """``kernel``'s C as kernel ``name``, its parameters renamed by ``names`` ([(old, new)] in
     order); None where that might not be the text TVM prints: a renamed parameter the printer
-    had named otherwise, or a new name already an identifier of the body."""
+    had named otherwise, or a new name already an identifier of the body. ``tokens``: `_tokens`
+    of its body, if split already."""
     c_params = [p for p, _ in kernel.params]
     if len(c_params) != len(names):
         return None
@@ -149,10 +195,16 @@ def _renamed(kernel: CKernel, name: str, names: list) -> CKernel | None:
             if c_name != old or not re.fullmatch(r"[A-Za-z_]\w*", new):
                 return None
             changed[old] = new
-    tokens = set(_IDENTIFIER.findall(kernel.body))
-    if any(new in tokens or new in c_params for new in changed.values()):
+    parts, where = tokens or _tokens(kernel.body)
+    if any(new in where or new in c_params for new in changed.values()):
         return None
-    body = _IDENTIFIER.sub(lambda m: changed.get(m.group(0), m.group(0)), kernel.body) if changed else kernel.body
+    body = kernel.body
+    if changed:
+        parts = list(parts)
+        for old, new in changed.items():
+            for index in where.get(old, ()):
+                parts[index] = new
+        body = "".join(parts)
     return CKernel(name, [(changed.get(p, p), written) for p, written in kernel.params], body,
                    {changed.get(p, p): ctype for p, ctype in kernel.ctypes.items()})
 

@@ -2,8 +2,13 @@
 
 A Gaussian call in the Relax IR is ``R.call_tir(kernel, args, out_sinfo)`` where ``kernel`` is a
 PrimFunc carrying the attribute ``pfp.kernel``: the JSON of a `KernelSpec`. Passes rewrite the
-spec (representations, fused stages) and rebuild the PrimFunc with `build_kernel`, so every
-kernel that reaches code generation was produced from the operator library in one place.
+spec (representations, fused stages) and emit the kernel again; every kernel that reaches code
+generation was produced from the operator library in one place (`build_kernel`).
+
+The passes read only a kernel's spec and signature, so they emit a `placeholder_kernel` (no body:
+the spec, the operands' names and shapes, the output's shape); `build_placeholder` builds it once,
+before code generation (`ir.build_kernels`). Building every emitted kernel took most of a long
+graph's compile (1,000-node chain: 1,314 builds for the 375 kernels that reach code generation).
 
 Arguments of a kernel, in order: for every Gaussian operand its mean and, unless the operand is
 deterministic, its moment tensor (variance or second moment); then the output mean and, unless
@@ -25,6 +30,8 @@ from .gaussian import Moment
 
 #: The PrimFunc attribute holding a kernel's spec (read through `pfpc.ir_state.kernel_spec`).
 KERNEL_ATTR = "pfp.kernel"
+#: The attribute marking a `placeholder_kernel` (read through `pfpc.ir_state.is_placeholder`).
+PLACEHOLDER_ATTR = "pfp.placeholder"
 
 #: Stages that reduce over a fan-in (the ones that consume second moments cheaply and head fused kernels).
 LINEAR_OPS = R.LINEAR_OPS
@@ -141,7 +148,70 @@ def build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
     return func, list(out_shape)
 
 
-def _build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
+#: Output shapes by stages (ONNX provenance aside) and operand shapes: a pass that changes only
+#: representations keeps them (`placeholder_kernel`).
+_OUT_SHAPES: dict = {}
+#: placeholder_kernel's results by build_kernel's key (PrimFuncs are immutable).
+_PLACEHOLDERS: dict = {}
+
+
+def placeholder_kernel(spec: KernelSpec, operand_shapes, name: str):
+    """What `build_kernel` returns, without the kernel's body: a PrimFunc with the built kernel's
+    operand parameters (names, shapes), one parameter per output tensor, the spec and the name,
+    and the output shape. Its body calls an undefined C function (a placeholder that reached a
+    C compiler unbuilt fails to link); `build_placeholder` builds the kernel it stands for."""
+    shapes = tuple(tuple(int(d) for d in shape) for shape in operand_shapes)
+    key = (spec.to_json(), spec.names, shapes, name)
+    if key not in _PLACEHOLDERS:
+        if len(_PLACEHOLDERS) >= _BUILT_LIMIT:
+            _PLACEHOLDERS.clear()
+        _PLACEHOLDERS[key] = _placeholder(spec, shapes, name)
+    func, out_shape = _PLACEHOLDERS[key]
+    return func, list(out_shape)
+
+
+def _placeholder(spec: KernelSpec, shapes, name: str):
+    if len(shapes) != spec.operand_count() or len(spec.operands) != len(shapes):
+        raise ValueError(f"{name}: {len(shapes)} operands for a kernel that takes {spec.operand_count()}")
+    shape_key = (json.dumps([[op, attrs] for op, attrs in spec.stages], sort_keys=True), shapes)
+    if shape_key not in _OUT_SHAPES:
+        if len(_OUT_SHAPES) >= _BUILT_LIMIT:
+            _OUT_SHAPES.clear()
+        _, outputs = _compute(spec, shapes, name)
+        _OUT_SHAPES[shape_key] = tuple(int(d) for d in outputs[0].shape)
+    out_shape = _OUT_SHAPES[shape_key]
+    names = spec.names or tuple(f"in{i}" for i in range(len(shapes)))
+    params = []
+    for shape, rep, base in zip(shapes, spec.operands, names):
+        params += [tirx.decl_buffer(shape, "float32", f"{base}_{role}") for role in ["mean"] + ([] if rep == Moment.NONE else [rep])]
+    params += [tirx.decl_buffer(out_shape, "float32", f"out_{role}")
+               for role in ["mean"] + ([] if spec.output == Moment.NONE else [spec.output])]
+    body = tirx.Evaluate(tirx.call_extern("int32", "pfpc_unbuilt_kernel"))  # impure, as a built kernel's type says
+    func = tirx.PrimFunc(params, body).with_attr("global_symbol", name).with_attr(KERNEL_ATTR, spec.to_json())
+    return func.with_attr(PLACEHOLDER_ATTR, True), out_shape
+
+
+def is_placeholder(func) -> bool:
+    return isinstance(func, tirx.PrimFunc) and func.attrs is not None and PLACEHOLDER_ATTR in func.attrs
+
+
+def build_placeholder(func):
+    """The kernel a `placeholder_kernel` stands for (any other function as it is)."""
+    if not is_placeholder(func):
+        return func
+    spec = KernelSpec.from_json(str(func.attrs[KERNEL_ATTR]))
+    names, shapes, index = [], [], 0
+    for rep in spec.operands:
+        param = func.params[index]
+        names.append(str(param.name).removesuffix("_mean"))
+        shapes.append([int(d) for d in param.shape])
+        index += 1 if rep == Moment.NONE else 2
+    built, _ = build_kernel(spec.with_(names=tuple(names)), shapes, str(func.attrs["global_symbol"]))
+    return built
+
+
+def _compute(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
+    """The TE parameters and output tensors of ``spec`` (`build_kernel`)."""
     if len(operand_shapes) != spec.operand_count() or len(spec.operands) != len(operand_shapes):
         raise ValueError(f"{name}: {len(operand_shapes)} operands for a kernel that takes {spec.operand_count()}")
     names = spec.names or tuple(f"in{i}" for i in range(len(operand_shapes)))
@@ -181,6 +251,11 @@ def _build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
     outputs = [  # an output that is an input as such (a pass-through) or a materialised stage still needs its own buffer
         _copy(t) if t in taken or G.SHARED_ATTR in (getattr(t.op, "attrs", None) or {}) else t for t in outputs
     ]
+    return params, outputs
+
+
+def _build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
+    params, outputs = _compute(spec, operand_shapes, name, codebooks)
     func = te.create_prim_func(params + outputs)  # the algorithm; codegen schedules it for the target
     # a formula used twice in one expression repeats its `moments._let` locals: rename them apart
     func = tvm.tirx.transform.ConvertSSA()(tvm.IRModule({"main": func}))["main"]

@@ -120,7 +120,7 @@ class KernelRewriter:
             if spec is None:
                 return
             self.used.update(arg for operand in operands for arg in operand.args())
-            names = set(self.weights)
+            names = self.weights  # membership only (a set of all the names per kernel was quadratic)
             label = kernel_label(spec.ops, operands, names)
             result = self.kernels.emit(spec.with_(operands=tuple(o.repr for o in operands)), operands, label, operand_names(operands, names, self.initializer_names))
             self.values[binding.var] = (result, "mean")
