@@ -544,18 +544,9 @@ class CarryChannelCovariance:
 
     def transform_module(self, mod, ctx):
         planned = plan(mod, self.mode, self.budget)
-        batch = max((output_shape(var)[0] for var in planned), default=1)
-        if batch > 1:
-            # the compiled loadings give every row of a batch but the first wrong variances
-            # (tests/test_covariance_compiled.py: a linear conv -> conv -> pool net's rows differ);
-            # until that is fixed, batch 1 only
-            if self.mode != "auto":
-                raise PfpcError(f"--covariance {self.mode}: the per-channel loadings compile for batch 1 only (the model's "
-                                f"batch is {batch}); compile with --batch 1, or --covariance none / auto")
-            planned = []
         self.planned_convs = len(planned)
         if not planned:
-            return mod  # nothing reaches a pool (or a batch of several rows): the diagonal PFP, unchanged
+            return mod  # nothing reaches a pool: the diagonal PFP, unchanged
         mod = _Rewriter(mod, planned, self.mode == "pooled", self.mode == "channel").run()
         record = {"option": self.mode, "mode": "pooled" if self.mode == "pooled" else "channel", "budget": self.budget,
                   "convolutions": [var.name for var in planned]}
