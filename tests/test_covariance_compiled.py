@@ -104,6 +104,12 @@ def test_max_pool_reads_the_loadings_as_the_float64_reference(tmp_path):
     for mode in ("none", "auto"):
         _compiled(TinyLeNet, mode, out_dir=str(tmp_path / mode))
     assert (tmp_path / "auto" / "pfp_model.c").read_text() == (tmp_path / "none" / "pfp_model.c").read_text()
+    # the max-pools of correlated inputs are named after their ONNX nodes, as the diagonal PFP's
+    # (the first was k_Relu, the second k_maxpool2d_correlated with no provenance)
+    kernels = {mode: {layer["function"]: layer["onnx_nodes"] for layer in json.loads((tmp_path / mode / "pfpc.json").read_text())["layers"]}
+               for mode in ("none", "channel")}
+    pools = {mode: {name: nodes for name, nodes in found.items() if any("MaxPool" in node for node in nodes)} for mode, found in kernels.items()}
+    assert len(pools["none"]) == 2 and pools["channel"] == pools["none"]
 
 
 @pytest.mark.parametrize("cls", [TC.LinearMLP, TC.ConvPointwise])
