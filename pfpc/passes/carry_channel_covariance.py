@@ -232,7 +232,7 @@ def _extra_instructions(call, following) -> tuple:
     gaussian_input = spec.operands[0] != Moment.NONE
     window_sum = in_ch * window * (length * per_mac + 40.0)  # a window sum reduces over the L output positions
     common = out * (_PER_ELEMENT["projection"] + (_per_element(activation + "_loading") if activation else 0.0))
-    common += int(np.prod(weight)) * _PER_MAC["pooled"]  # the window sums through the random weights
+    common += in_shape[0] * int(np.prod(weight)) * _PER_MAC["pooled"]  # each row's window sums through the random weights
     common += out * _PER_ELEMENT["product"] if scaled else 0.0
     unloaded = common + window_sum * (2 if gaussian_input else 1)
     loaded = common + window_sum * 3 + int(np.prod(in_shape)) * _PER_ELEMENT["independent"]
