@@ -857,9 +857,14 @@ def _covariance_references(case: Case, record) -> tuple[dict, list]:
     it covers (`COVARIANCE_COVERED`). Returns ({output: (mean, var)}, [uncovered outputs])."""
     import reference_covariance
 
+    from pfpc.frontends.relax_import import tame_names
+
     planned = record.get("convolutions", []) if record else []
     nodes = list(case.model.graph.node)
-    loaded = {n.output[0] for n in nodes if n.op_type == "Conv" and any(name.startswith(n.input[1] + "_") for name in planned)}
+    # the plan names a convolution after its weight as pfpc renamed it (``x0`` -> ``t_x0``: a name
+    # like its own kernels' operands), in the model it compiled (`with_deterministic_copy`)
+    tamed = list(tame_names(with_deterministic_copy(case)[0])[0].graph.node)
+    loaded = {n.output[0] for n, t in zip(nodes, tamed) if n.op_type == "Conv" and any(name.startswith(t.input[1] + "_") for name in planned)}
     names = [o.name for o in case.model.graph.output]
     if not loaded:
         return {}, []

@@ -104,6 +104,12 @@ def test_max_pool_reads_the_loadings_as_the_float64_reference(tmp_path):
     for mode in ("none", "auto"):
         _compiled(TinyLeNet, mode, out_dir=str(tmp_path / mode))
     assert (tmp_path / "auto" / "pfp_model.c").read_text() == (tmp_path / "none" / "pfp_model.c").read_text()
+    # the max-pools of correlated inputs are named after their ONNX nodes, as the diagonal PFP's
+    # (the first was k_Relu, the second k_maxpool2d_correlated with no provenance)
+    kernels = {mode: {layer["function"]: layer["onnx_nodes"] for layer in json.loads((tmp_path / mode / "pfpc.json").read_text())["layers"]}
+               for mode in ("none", "channel")}
+    pools = {mode: {name: nodes for name, nodes in found.items() if any("MaxPool" in node for node in nodes)} for mode, found in kernels.items()}
+    assert len(pools["none"]) == 2 and pools["channel"] == pools["none"]
 
 
 @pytest.mark.parametrize("cls", [TC.LinearMLP, TC.ConvPointwise])
@@ -260,12 +266,9 @@ def test_residual_network_arena_at_its_lower_bound():
     assert 8 * feature_map <= program.arena_size < 9 * feature_map
 
 
-def test_batch_of_several_rows_gets_the_same_variance_in_every_row(tmp_path):
-    """Conv -> Conv -> GlobalAveragePool with stochastic biases only: the output variance does not
-    depend on the input, so every row of a batch has the same. The compiled loadings gave the
-    first row the covariance form's variance and the others the diagonal PFP's (found by the
-    differential fuzzer, seed 14 of its covariance batch): batch > 1 compiles the diagonal PFP
-    under auto and is one error under channel."""
+def _stochastic_bias_stack(batch):
+    """Conv -> Conv -> GlobalAveragePool with stochastic biases only (the differential fuzzer's
+    seed 14 of its covariance batch, shrunk): the output variance does not depend on the input."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(14)
@@ -274,13 +277,49 @@ def test_batch_of_several_rows_gets_the_same_variance_in_every_row(tmp_path):
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["c1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
              helper.make_node("GlobalAveragePool", ["c2"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 1, 1])],
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 7, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2, 1, 1])],
                               [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    stds = {"b1.std": np.full(4, 0.5, np.float32), "b2.std": np.full(2, 0.1, np.float32)}
-    x = rng.standard_normal((2, 4, 7, 3)).astype(np.float32)
-    (_, var), = pfpc.compile(model, stds).run([x]).outputs
-    np.testing.assert_allclose(var[0], var[1], rtol=1e-5)
-    with pytest.raises(pfpc.PfpcError, match="batch 1 only"):
-        pfpc.compile(model, stds, covariance="channel")
+    stds = {"b1": np.full(4, 0.5, np.float32), "b2": np.full(2, 0.1, np.float32)}
+    return model, stds, {"x": rng.standard_normal((batch, 4, 7, 3)).astype(np.float32)}, {"c2"}  # c1's loading reaches no pool
+
+
+def _batch_of(cls, batch):
+    """``cls``'s model (`test_covariance._onnx`) exported for a batch of ``batch`` rows, the last
+    row a copy of the first; every convolution gets a loading (None)."""
+    model, stds, inputs = TC._onnx(type(cls.__name__, (cls,), {"input_shape": (batch, *cls.input_shape[1:])}))
+    inputs["x"][-1] = inputs["x"][0]
+    return model, stds, inputs, None
+
+
+@pytest.mark.parametrize("build,covariance", [
+    (lambda: _stochastic_bias_stack(2), "auto"), (lambda: _stochastic_bias_stack(3), "channel"),
+    (lambda: _batch_of(TC.LinearConvNet, 3), "channel"),
+    pytest.param(lambda: _batch_of(TC.TinyResNet, 3), "auto", marks=pytest.mark.slow),
+    pytest.param(lambda: _batch_of(TinyInvertedResidual, 2), "channel", marks=pytest.mark.slow)],
+    ids=["bias-stack-2-auto", "bias-stack-3-channel", "linear-conv-3-channel", "resnet-3-auto", "inverted-residual-2-channel"])
+def test_batch_of_several_rows_matches_the_float64_reference_in_every_row(build, covariance, tmp_path):
+    """The covariance form at a batch of several rows: every row's output moments equal
+    reference_covariance's (the convolutions the compiled plan names get loadings) to 1e-5; rows
+    with the same input get the same moments, rows with different inputs different variances
+    (unless the variance does not depend on the input: stochastic biases only). The compiled
+    loadings gave every row but the first the diagonal PFP's variance (a convolution's pooled bias
+    variance, one row, was read for every row: the differential fuzzer, seed 14 of its covariance
+    batch: conv -> conv -> pool, row 1 0.0011 vs 0.0077)."""
+    model, stds, inputs, loaded = build()
+    out_dir = str(tmp_path / "out")
+    (mean, var), = pfpc.compile(model, {k + ".std": v for k, v in stds.items()}, covariance=covariance, out_dir=out_dir).run([inputs["x"]]).outputs
+    planned = json.loads(open(os.path.join(out_dir, "pfpc.json")).read())["covariance"]["convolutions"]
+    assert len(planned) == (len(loaded) if loaded else sum(n.op_type == "Conv" for n in model.graph.node))
+    variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    expected = RC.pfp_covariance(model, variances, inputs, "channel_box", spread_variance=True, loaded=loaded)
+    expected = expected[model.graph.output[0].name]
+    diagonal = RC.pfp_covariance(model, variances, inputs, "none")[model.graph.output[0].name]
+    np.testing.assert_allclose(mean, expected[0].reshape(mean.shape), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, expected[1].reshape(var.shape), rtol=1e-5)
+    for row in range(len(var)):
+        assert np.max(np.abs(var[row] / diagonal[1][row].reshape(var[row].shape) - 1)) > 0.01  # the covariance form in every row
+    np.testing.assert_allclose(var[-1], var[0], rtol=1e-6)
+    if np.ptp(expected[1], axis=0).max() > 1e-3 * expected[1].max():  # the variance depends on the input
+        assert not np.allclose(var[1], var[0], rtol=1e-3)

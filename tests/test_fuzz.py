@@ -57,6 +57,17 @@ def test_covariance_check_tells_the_forms_apart(tmp_path, monkeypatch):
     assert outcome.kind == "wrong" and "variance" in outcome.message, outcome
 
 
+def test_covariance_check_finds_a_renamed_weights_convolution(tmp_path, monkeypatch):
+    """Depthwise conv -> global pool whose weight is named like a kernel operand (``x0``, which
+    pfpc renames ``t_x0``): the check compares the output with the covariance form's reference
+    (the C's channel 0 variance 0.00613, Monte Carlo 0.00597 +- 0.00014, the diagonal PFP 0.00177);
+    it compared it with the diagonal one (the fuzzer's seed 19 of a --covariance auto run)."""
+    case = fuzz_graphs.load_case(os.path.join(CASES, "covariance_weight_named_like_an_operand"))
+    assert fuzz_graphs.check(case, str(tmp_path), covariance="auto").ok
+    monkeypatch.setattr(fuzz_graphs, "_covariance_references", lambda case, record: ({}, []))
+    assert fuzz_graphs.check(case, str(tmp_path), covariance="auto").kind == "wrong"
+
+
 @pytest.mark.parametrize("seed", SANITIZED_SEEDS)
 def test_random_graphs_sanitized(tmp_path, seed):
     _check_batch(seed, tmp_path, sanitize=True)

@@ -52,19 +52,27 @@ def weight_name(initializer: str, param: str) -> tuple[str, str]:
     return "_".join([initializer] + derived), moment
 
 
+def _onnx_types(op: str) -> tuple:
+    """The ONNX op types whose nodes stage ``op`` computes: its own, and for a variant (the
+    max-pool of correlated inputs) those of the operators it is a form of (`Operator.variant_of`)."""
+    return R.STAGES[op].onnx + tuple(t for base in R.STAGES[op].variant_of for t in R.STAGES[base].onnx)
+
+
 def _head(spec: KernelSpec, index: int):
     """The ONNX node stage ``index`` computes: the one whose op the stage implements, else the first."""
     nodes = spec.stage_nodes(index)
-    op = spec.stages[index][0]
-    own = [n for n in nodes if R.STAGES[op].onnx and n.op_type in R.STAGES[op].onnx]
+    types = _onnx_types(spec.stages[index][0])
+    own = [n for n in nodes if n.op_type in types]
     return (own or list(nodes) or [None])[0]
 
 
 def kernel_name(spec: KernelSpec | None, fallback: str, variant: str = "") -> str:
     """The C function name (before `Namer` sanitises it) of a kernel: its ONNX nodes in order,
     with the stage's op added where it is not the node's own op (the zero padding of a Conv's
-    input: ``conv1_Conv_pad``), then ``variant`` (``codebook``: a kernel rebuilt to read
-    codebooks); ``fallback`` (the IR's kernel name, which has the variant) without provenance."""
+    input: ``conv1_Conv_pad``; a variant stage, such as ``--covariance channel``'s max-pool of
+    correlated inputs, computes its operator's nodes: ``pool1_MaxPool_relu1_Relu`` either way),
+    then ``variant`` (``codebook``: a kernel rebuilt to read codebooks); ``fallback`` (the IR's
+    kernel name, which has the variant) without provenance."""
     if spec is None or not spec.nodes:
         return f"k_{fallback}"
     parts, seen = [], set()
@@ -74,7 +82,7 @@ def kernel_name(spec: KernelSpec | None, fallback: str, variant: str = "") -> st
             continue
         seen.add(node)
         parts.append(node.name)
-        if node.op_type not in R.STAGES[op].onnx:
+        if node.op_type not in _onnx_types(op):
             parts.append(op)
     return "k_" + "_".join(parts + ([variant] if variant else []))
 
@@ -122,6 +130,9 @@ def kernel_comment(spec: KernelSpec | None, fallback: str, operand_shapes: list,
             items.append([None, op])
         elif head.op_type in R.STAGES[op].onnx:
             items[placed[head]][1] += _details(op, attrs, shapes[index])
+        elif head.op_type in _onnx_types(op):  # a variant: the node's shape facts, and which form
+            base = next(b for b in R.STAGES[op].variant_of if head.op_type in R.STAGES[b].onnx)
+            items[placed[head]][1] += _details(base, attrs, shapes[index]) + f"; {op}"
         elif op != "add" or not items[placed[head]][1]:  # a linear node's bias add goes without saying
             items[placed[head]][1] += f"{';' if items[placed[head]][1] else ':'} {op}"
     parts = [f"{node.name} ({node.op_type}{text})" if node is not None else text for node, text in items]

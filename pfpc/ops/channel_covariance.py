@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .gaussian import ROW_STAGE, Gaussian, _reduce_products, _second_at, conv2d_window
+from .gaussian import ROW_STAGE, Gaussian, _broadcast_index, _reduce_products, _second_at, conv2d_window
 from .moments import f32, pdf_exponent, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
 
 
@@ -58,12 +58,14 @@ def raw_second_moment(x: Gaussian) -> Gaussian:
 
 
 def add_variance(y: Gaussian, extra: Gaussian, square: bool) -> Gaussian:
-    """(m, v) -> (m, v + c) with c deterministic (``square``: v + c^2): the coherent part of a
-    convolution's variance, the shared part of a global pool's (loading^2)."""
+    """(m, v) -> (m, v + c) with c deterministic (``square``: v + c^2), c broadcast over y's
+    shape (NumPy): the coherent part of a convolution's variance, the shared part of a global
+    pool's (loading^2), a convolution's pooled bias variance L^2 s2_b (one row for every row of
+    a batch)."""
     mean = te.compute(y.shape, lambda *idx: y.mean[idx], name="add_variance_mean")
 
     def var(*idx):
-        value = extra.mean[idx]
+        value = extra.mean[_broadcast_index(extra.shape, y.shape, idx)]
         return y.var_at(idx) + (value * value if square else value)
 
     return Gaussian(mean, te.compute(y.shape, var, name="add_variance_var"), "var")

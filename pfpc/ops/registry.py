@@ -317,6 +317,9 @@ class Operator:
     # adds coherently), "max" (a max over windows, which reads it as the correlation of the
     # window's elements and drops it); None: the loading is dropped
     loading: str | None = None
+    # the operators whose ONNX nodes this one computes in another form (`passes.carry_channel_covariance`
+    # emits it in their place): the C kernel is named after those nodes as those operators' would be
+    variant_of: tuple = ()
     # Cortex-M4 instructions per output element (QEMU profiles), where the covariance budget
     # (`passes.carry_channel_covariance`) needs them; None: a generic element-wise cost
     m4_per_element: float | None = None
@@ -375,7 +378,7 @@ OPERATORS = (
              libm_calls={"sqrt": 1}, reference="maxpool2d",
              build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs.get("ceil_mode", False))),
-    Operator("maxpool2d_correlated", arity=2, fusion=Fusion.POOL, gaussian_ops=_clark_steps, libm_calls={"sqrt": 1},
+    Operator("maxpool2d_correlated", variant_of=("maxpool2d",), arity=2, fusion=Fusion.POOL, gaussian_ops=_clark_steps, libm_calls={"sqrt": 1},
              m4_per_element=80.0, reference="maxpool2d_correlated",  # extra per output of a 2x2 window (QEMU: the seed LeNet-5's 75 / 86)
              build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs.get("ceil_mode", False), loading=inputs[1])),
@@ -387,11 +390,11 @@ OPERATORS = (
              build=lambda inputs, attrs: G.reduce_mean(inputs[0], attrs["axes"], attrs["keepdims"])),
     # the per-channel shared-noise PFP (`--covariance`): formulas in `pfpc.ops.channel_covariance`,
     # emitted by `passes.carry_channel_covariance` only (no ONNX or Relax operator of their own)
-    Operator("conv2d_split", arity=3, fusion=Fusion.LINEAR, reference="conv2d_split",
+    Operator("conv2d_split", variant_of=("conv2d",), arity=3, fusion=Fusion.LINEAR, reference="conv2d_split",
              build=lambda inputs, attrs: C.conv2d_split(*inputs, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"])),
     Operator("add_variance", arity=2, fusion=Fusion.ELEMENTWISE, reference="add_variance",
              build=lambda inputs, attrs: C.add_variance(*inputs, attrs["square"])),
-    Operator("pooled_variance", arity=3, reference="pooled_variance",
+    Operator("pooled_variance", variant_of=("reduce_mean", "avgpool2d"), arity=3, reference="pooled_variance",
              build=lambda inputs, attrs: C.pooled_variance(*inputs, attrs["count"])),
     Operator("independent_variance", elementwise=True, arity=2, native=Moment.NONE, reference="independent_variance",
              build=lambda inputs, attrs: C.independent_variance(*inputs)),

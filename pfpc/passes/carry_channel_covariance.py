@@ -232,7 +232,7 @@ def _extra_instructions(call, following) -> tuple:
     gaussian_input = spec.operands[0] != Moment.NONE
     window_sum = in_ch * window * (length * per_mac + 40.0)  # a window sum reduces over the L output positions
     common = out * (_PER_ELEMENT["projection"] + (_per_element(activation + "_loading") if activation else 0.0))
-    common += int(np.prod(weight)) * _PER_MAC["pooled"]  # the window sums through the random weights
+    common += in_shape[0] * int(np.prod(weight)) * _PER_MAC["pooled"]  # each row's window sums through the random weights
     common += out * _PER_ELEMENT["product"] if scaled else 0.0
     unloaded = common + window_sum * (2 if gaussian_input else 1)
     loaded = common + window_sum * 3 + int(np.prod(in_shape)) * _PER_ELEMENT["independent"]
@@ -255,8 +255,10 @@ class _Rewriter(KernelRewriter):
         self.ones = {}  # (channels, height, width) -> the window sums' weight of ones
 
     # --- emitting -----------------------------------------------------------------------------
-    def emit(self, stage, attrs, operands, output=None):
-        spec = KernelSpec(((stage, attrs),), tuple(o.repr for o in operands), Moment.NONE)
+    def emit(self, stage, attrs, operands, output=None, nodes=()):
+        """A one-stage kernel; ``nodes``: the ONNX nodes it computes (the node of the kernel it
+        replaces, which names it in the C), none for the loadings' own work."""
+        spec = KernelSpec(((stage, attrs),), tuple(o.repr for o in operands), Moment.NONE, nodes=(tuple(nodes),) if nodes else ())
         spec = spec.with_(output=output if output is not None else infer_output_repr(spec))
         names = [f"x{i}" for i in range(len(operands))]
         self.used.update(arg for operand in operands for arg in operand.args())
@@ -334,9 +336,9 @@ class _Rewriter(KernelRewriter):
             pooled = self.emit("reduce_mean", attrs, [x])
             count = int(np.prod(shape_of(x.mean)[2:]))
             result = self.emit("pooled_variance", {"count": count},
-                               [pooled, self.emit("reduce_mean", attrs, [e]), self.emit("reduce_mean", attrs, [a])])
+                               [pooled, self.emit("reduce_mean", attrs, [e]), self.emit("reduce_mean", attrs, [a])], nodes=spec.stage_nodes(0))
         elif self.maxima and loads[0] is not None and op in LOADING_MAXIMA and operands[0].repr == Moment.VAR:
-            result = self.emit("maxpool2d_correlated", attrs, [operands[0], loads[0]])
+            result = self.emit("maxpool2d_correlated", attrs, [operands[0], loads[0]], nodes=spec.stage_nodes(0))
         else:
             # an activation's loading first: the activation is then the last to read its input,
             # which it may overwrite (`kernel.in_place_operands`)
@@ -410,10 +412,10 @@ class _Rewriter(KernelRewriter):
             if planned:  # the loading's window sums before v - a^2, its last reader, which may then overwrite it
                 load_sums = self.window_sums(x, mu.shape, attrs, output_shape(binding.var))(a)
             independent = self.emit("independent_variance", {}, [x, a])
-            y = self.emit("conv2d_split", attrs, [x, w, independent])
+            y = self.emit("conv2d_split", attrs, [x, w, independent], nodes=spec.stage_nodes(0))
             y = self.emit("add_variance", {"square": False}, [y, coherent])
         else:
-            y = self.emit("conv2d", attrs, [x, w])
+            y = self.emit("conv2d", attrs, [x, w], nodes=spec.stage_nodes(0))
         if not planned:
             return y
         self.loading[y.mean] = self.output_loading(binding, x, a, independent, w, mu, s2, attrs, shape_of(y.mean), load_sums)
@@ -544,18 +546,9 @@ class CarryChannelCovariance:
 
     def transform_module(self, mod, ctx):
         planned = plan(mod, self.mode, self.budget)
-        batch = max((output_shape(var)[0] for var in planned), default=1)
-        if batch > 1:
-            # the compiled loadings give every row of a batch but the first wrong variances
-            # (tests/test_covariance_compiled.py: a linear conv -> conv -> pool net's rows differ);
-            # until that is fixed, batch 1 only
-            if self.mode != "auto":
-                raise PfpcError(f"--covariance {self.mode}: the per-channel loadings compile for batch 1 only (the model's "
-                                f"batch is {batch}); compile with --batch 1, or --covariance none / auto")
-            planned = []
         self.planned_convs = len(planned)
         if not planned:
-            return mod  # nothing reaches a pool (or a batch of several rows): the diagonal PFP, unchanged
+            return mod  # nothing reaches a pool: the diagonal PFP, unchanged
         mod = _Rewriter(mod, planned, self.mode == "pooled", self.mode == "channel").run()
         record = {"option": self.mode, "mode": "pooled" if self.mode == "pooled" else "channel", "budget": self.budget,
                   "convolutions": [var.name for var in planned]}
