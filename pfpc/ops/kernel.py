@@ -493,8 +493,12 @@ def _aligned(sch, block) -> bool:
 
 
 def _flat_rows(sch, blocks, shape):
-    """`_row_nests` for aligned blocks: every nest's loops fused into one and split into rows of
-    `_row_split` (a multiple of VECTOR_LANES if one divides the size), the row loops under one outer loop."""
+    """`_row_nests` for aligned blocks: every buffer they touch seen as a flat array and every
+    block as one loop over it, split into rows of `_row_split` (a multiple of VECTOR_LANES if one
+    divides the size), the row loops under one outer loop. Flat, a row's index is the loop's own
+    (rows of 64 over maps of 24 columns would otherwise index by divisions and remainders, which
+    gcc does not vectorise, and compact a stage's buffer to a whole plane, which TVM's C backend
+    then allocates from its runtime)."""
     total = 1
     for extent in shape:
         total *= extent
@@ -502,6 +506,8 @@ def _flat_rows(sch, blocks, shape):
     if total % row:  # no row length divides it: a bounds test per element would stop the vectoriser
         _one_nest(sch, blocks)
         return
+    if row < total and len(shape) > 1:
+        _flatten(sch, blocks, shape)
     outer = []
     for block in _distinct_nests(sch, blocks):
         fused = sch.fuse(*sch.get_loops(block)) if len(shape) > 1 else sch.get_loops(block)[0]
@@ -509,6 +515,25 @@ def _flat_rows(sch, blocks, shape):
             outer.append(sch.split(fused, [None, row])[0])
     if len(outer) > 1:
         sch.merge(*outer)
+
+
+def _flatten(sch, blocks, shape):
+    """Every buffer of ``shape`` the blocks read or write as one dimension (the C indexes a pointer
+    either way: only the index arithmetic changes)."""
+    strides = [1] * len(shape)
+    for axis in range(len(shape) - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * shape[axis + 1]
+
+    flat = tirx.IndexMap.from_func(lambda *index: [sum(v * s for v, s in zip(index, strides))], ndim=len(shape), index_dtype="int32")
+
+    done = []
+    for block in blocks:
+        for kind in ("read", "write"):
+            for index, region in enumerate(getattr(sch.get(block), kind + "s")):
+                buffer = region.source
+                if len(buffer.shape) == len(shape) and not any(buffer.same_as(b) for b in done):
+                    sch.transform_layout(block, (kind, index), flat)
+                    done.append(buffer)
 
 
 def _narrow_reduction(sch, block) -> bool:
