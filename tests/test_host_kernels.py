@@ -95,3 +95,26 @@ def test_flat_rows_that_cross_map_rows_index_flat(tmp_path):
             assert re.search(r"< 64; \+\+", body), body  # the row loop
             sizes = [int(n) for n in re.findall(r"float \w+_ptr\[(\d+)\];", body)]
             assert sizes and max(sizes) <= 64 + 2 * shape[-1], body
+
+
+def test_window_sums_accumulate_a_row_of_partial_sums(tmp_path):
+    """The covariance pass's narrow window sums (3x3 outputs, each a sum over a whole 16x16 map) accumulate a
+    row of partial sums along the map's rows, innermost, which gcc vectorises, and add the row up
+    per output; with one accumulator per output they were a chain of dependent float additions
+    (ResNet-8 on the host: 15 % of the PFP's time). Their values: test_covariance_compiled's
+    TinyResNet against the float64 reference."""
+    import test_covariance as TC
+
+    import pfpc
+
+    model, stds, _ = TC._onnx(TC.TinyResNet)
+    pfpc.compile(model, {k + ".std": v for k, v in stds.items()}, covariance="channel", batch=1, out_dir=str(tmp_path / "out"), target="host")
+    source = (tmp_path / "out" / "pfp_model.c").read_text()
+    # windows as large as the 16x16 maps: 3x3 outputs (the 8x8 windows of the strided block have rows of 4)
+    narrow = re.findall(r"^static void k_window_ones_\d+x16x16\w*\(.*?^}", source, re.S | re.M)
+    assert narrow
+    for body in narrow:
+        row = re.search(r"float (\w+_rf_ptr)\[(\d+)\];", body)
+        assert row and int(row.group(2)) >= 8, body
+        # the row is the innermost loop: its accumulation follows the loop over the row directly
+        assert re.search(r"for \(int32_t (\w+) = 0; \1 < %s; \+\+\1\) \{\s*%s\[\1\] =" % (row.group(2), row.group(1)), body), body

@@ -314,6 +314,11 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
         loops = sch.get_loops(block)
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
         downstream = _downstream(sch, root, block, placed)
+        if accumulate == "channel_rows" and _narrow_reduction(sch, block) and _partial_sums(sch, block):
+            for consumer in downstream:
+                sch.reverse_compute_at(consumer, sch.get_loops(block)[spatial - 1])
+            placed.update(sch.get(b).name_hint for b in downstream)
+            continue
         if accumulate in ("row", "channel_rows") and spatial >= 2 and not (accumulate == "channel_rows" and _narrow_reduction(sch, block)):
             if accumulate == "channel_rows" and _contiguous_plane(sch, block):
                 # a pointwise convolution's short rows: the plane is one row, split into rows of VECTOR_ROW_MAX at most
@@ -526,14 +531,48 @@ def _flatten(sch, blocks, shape):
 
     flat = tirx.IndexMap.from_func(lambda *index: [sum(v * s for v, s in zip(index, strides))], ndim=len(shape), index_dtype="int32")
 
-    done = []
-    for block in blocks:
-        for kind in ("read", "write"):
-            for index, region in enumerate(getattr(sch.get(block), kind + "s")):
-                buffer = region.source
-                if len(buffer.shape) == len(shape) and not any(buffer.same_as(b) for b in done):
-                    sch.transform_layout(block, (kind, index), flat)
-                    done.append(buffer)
+    def transform(schedule):
+        done = []
+        for block in blocks:
+            for kind in ("read", "write"):
+                for index, region in enumerate(getattr(schedule.get(block), kind + "s")):
+                    buffer = region.source
+                    if [int(d) for d in buffer.shape] == list(shape) and not any(buffer.same_as(b) for b in done):
+                        schedule.transform_layout(block, (kind, index), flat)
+                        done.append(buffer)
+
+    try:
+        transform(sch.copy())
+    except Exception:  # TVM's error: a buffer it cannot map (leave all of them indexed as they are)
+        return
+    transform(sch)
+
+
+def _partial_sums(sch, block) -> bool:
+    """A narrow reduction (`_narrow_reduction`: the covariance pass's window sums, a global pool's
+    sums) as a row of partial sums along its innermost reduced axis (``rfactor``), accumulated
+    over the other reduced axes with the row innermost, which the C compiler vectorises, then
+    added up, per output: one accumulator per output is a chain of dependent float additions the
+    compiler may not reorder. Returns whether it applied (the block is then scheduled)."""
+    loops = sch.get_loops(block)
+    spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
+    if len(loops) - spatial < 2 or int(sch.get(loops[-1]).extent) < 2 * VECTOR_LANES:
+        return False
+
+    def factor(schedule):
+        partial = schedule.rfactor(schedule.get_loops(block)[-1], factor_axis=spatial)
+        schedule.compute_at(partial, schedule.get_loops(block)[spatial - 1])  # one output's row at a time
+        loops = schedule.get_loops(partial)
+        schedule.reorder(*loops[spatial + 1:], loops[spatial])  # the row innermost
+        schedule.decompose_reduction(partial, schedule.get_loops(partial)[spatial])
+        schedule.decompose_reduction(block, schedule.get_loops(block)[spatial])
+
+    try:
+        factor(sch.copy())
+    except Exception:  # TVM's ScheduleError: keep the one accumulator
+        return False
+    factor(sch)
+    return True
 
 
 def _narrow_reduction(sch, block) -> bool:
