@@ -498,21 +498,18 @@ def _aligned(sch, block) -> bool:
 
 
 def _flat_rows(sch, blocks, shape):
-    """`_row_nests` for aligned blocks: every buffer they touch seen as a flat array and every
-    block as one loop over it, split into rows of `_row_split` (a multiple of VECTOR_LANES if one
-    divides the size), the row loops under one outer loop. Flat, a row's index is the loop's own
-    (rows of 64 over maps of 24 columns would otherwise index by divisions and remainders, which
-    gcc does not vectorise, and compact a stage's buffer to a whole plane, which TVM's C backend
-    then allocates from its runtime)."""
+    """`_row_nests` for aligned blocks: every nest's loops fused into one and split into rows of
+    `_row_split` (a multiple of VECTOR_LANES if one divides the size), the row loops under one
+    outer loop, the stages' own buffers flat (`_flatten_stages`)."""
     total = 1
     for extent in shape:
         total *= extent
-    row = total if total <= ROW_MAX else _row_split(total, VECTOR_LANES)
+    row = total if total <= ROW_MAX else (_clean_row(shape) or _row_split(total, VECTOR_LANES))
     if total % row:  # no row length divides it: a bounds test per element would stop the vectoriser
         _one_nest(sch, blocks)
         return
     if row < total and len(shape) > 1:
-        _flatten(sch, blocks, shape)
+        _flatten_stages(sch, blocks, shape)
     outer = []
     for block in _distinct_nests(sch, blocks):
         fused = sch.fuse(*sch.get_loops(block)) if len(shape) > 1 else sch.get_loops(block)[0]
@@ -522,28 +519,45 @@ def _flat_rows(sch, blocks, shape):
         sch.merge(*outer)
 
 
-def _flatten(sch, blocks, shape):
-    """Every buffer of ``shape`` the blocks read or write as one dimension (the C indexes a pointer
-    either way: only the index arithmetic changes)."""
+def _clean_row(shape) -> int | None:
+    """The longest row (at most ROW_MAX, at least ROW_ELEMENTS, a multiple of VECTOR_LANES) that
+    every trailing block of the shape (a map's row, its plane, ...) divides or is divided by:
+    its elements' indices are then the row loop's own, with no division or remainder (rows of 64
+    over 24-column maps read x[(f / 3) * 24 + f % 24], which gcc does not vectorise; rows of 48
+    read x[f]). None where no such row exists (DS-CNN's 25x5 planes)."""
+    blocks, size = [], 1
+    for extent in reversed(shape):
+        size *= extent
+        blocks.append(size)
+    for row in range(ROW_MAX - ROW_MAX % VECTOR_LANES, ROW_ELEMENTS - 1, -VECTOR_LANES):
+        if size % row == 0 and all(b % row == 0 or row % b == 0 for b in blocks):
+            return row
+    return None
+
+
+def _flatten_stages(sch, blocks, shape):
+    """The buffers of the kernel's own stages (allocated inside it, of the output's shape) as one
+    dimension: indexed in 4-D by a row that crosses the map's rows (rows of 64 over 32x32 maps), a
+    row's region is its divisions and remainders, from which TVM's buffer compaction keeps a whole
+    plane (1,024 floats); its C backend allocates that from its runtime, and the kernel fell back to
+    one scalar loop nest (ResNet-8's 16x32x32 ReLU loadings). Flat, the compaction keeps about a
+    row. The parameters keep their shapes (TVM's VM calls the same kernels with the tensors)."""
     strides = [1] * len(shape)
     for axis in range(len(shape) - 2, -1, -1):
         strides[axis] = strides[axis + 1] * shape[axis + 1]
-
     flat = tirx.IndexMap.from_func(lambda *index: [sum(v * s for v, s in zip(index, strides))], ndim=len(shape), index_dtype="int32")
+    allocated = sch.get(sch.get_sblock("root")).alloc_buffers
 
     def transform(schedule):
-        done = []
         for block in blocks:
-            for kind in ("read", "write"):
-                for index, region in enumerate(getattr(schedule.get(block), kind + "s")):
-                    buffer = region.source
-                    if [int(d) for d in buffer.shape] == list(shape) and not any(buffer.same_as(b) for b in done):
-                        schedule.transform_layout(block, (kind, index), flat)
-                        done.append(buffer)
+            for index, region in enumerate(schedule.get(block).writes):
+                buffer = region.source
+                if any(buffer.same_as(b) for b in allocated) and [int(d) for d in buffer.shape] == list(shape):
+                    schedule.transform_layout(block, ("write", index), flat)
 
     try:
         transform(sch.copy())
-    except Exception:  # TVM's error: a buffer it cannot map (leave all of them indexed as they are)
+    except Exception:  # TVM's error: a buffer it cannot map (leave them indexed as they are)
         return
     transform(sch)
 
