@@ -3,10 +3,12 @@ differently, against the float64 reference (tests/reference.py) and, with zero v
 onnxruntime: output-channel blocks (8, 4, 2, none for 7 channels), stride-2 rows read from a
 deinterleaved copy (3x3 and 1x1), a pointwise convolution's narrow plane as one row, grouped and
 depthwise convolutions (no shared input: no block), dense rows of 100 (one row) and 130 (split),
-an element-wise kernel run over its flat tensor (8x10x5: rows of 40 instead of 5)."""
+an element-wise kernel run over its flat tensor (8x10x5: rows of 40 instead of 5; 2x16x24: rows of 48,
+two map rows)."""
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import numpy as np
@@ -48,6 +50,7 @@ CASES = {
     "dense_row_100": lambda r: _dense_relu(r, 12, 100),
     "dense_row_130_split": lambda r: _dense_relu(r, 9, 130),
     "elementwise_flat_rows": lambda r: _add_relu(r, [1, 8, 10, 5]),
+    "elementwise_rows_across_map_rows": lambda r: _add_relu(r, [1, 2, 16, 24]),
 }
 
 
@@ -63,3 +66,55 @@ def test_channel_rows_kernel_matches_reference(tmp_path, zero_var, case):
     model = make_model(nodes, inputs, ["y"], inits)
     feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in inputs}
     check_against_reference(model, inits, feeds, tmp_path, rng, zero_var, stochastic=[k for k in ("w", "b") if k in inits])
+
+
+def test_flat_rows_index_by_the_row_loop_and_keep_rows_on_the_stack(tmp_path):
+    """Element-wise kernels over the flat tensor: on 24-column maps the row is 48 (two map rows),
+    not 64, so every element is read at the row loop's own index (rows of 64 read x[(f / 3) * 24 +
+    f % 24], which gcc does not vectorise); on 32x32 maps rows of 64 cross the map's rows and the
+    stages' buffers are flat, so they stay a row long on the stack. Before, TVM's buffer compaction
+    kept a stage's whole plane (a 16x32x32 ReLU loading: 1,024 floats), which its C backend
+    allocates from its runtime, and the kernel silently fell back to one scalar loop nest."""
+    import onnx
+
+    from pfpc import compiler
+
+    rng = np.random.default_rng(3)
+    for shape, row in (([1, 2, 16, 24], 48), ([1, 16, 32, 32], 64)):
+        nodes, inputs, inits = _add_relu(rng, shape)
+        directory = tmp_path / "x".join(map(str, shape))
+        directory.mkdir()
+        onnx.save(make_model(nodes, inputs, ["y"], inits), directory / "model.onnx")
+        np.savez(directory / "post.npz", **{"b.std": np.full(shape, 0.1, np.float32)})
+        compiler.compile(str(directory / "model.onnx"), str(directory / "post.npz"), out_dir=str(directory / "out"), target="host")
+        source = (directory / "out" / "pfp_model.c").read_text()
+        bodies = re.findall(r"^static void k_\w+\(.*?^}", source, re.S | re.M)
+        assert len(bodies) == 2
+        for body in bodies:
+            assert not re.search(rf"% {shape[-1]}\b", body), body
+            assert re.search(rf"< {row}; \+\+", body), body  # the row loop
+            sizes = [int(n) for n in re.findall(r"float \w+_ptr\[(\d+)\];", body)]
+            assert sizes and max(sizes) <= row, body
+
+
+def test_window_sums_accumulate_a_row_of_partial_sums(tmp_path):
+    """The covariance pass's narrow window sums (3x3 outputs, each a sum over a whole 16x16 map) accumulate a
+    row of partial sums along the map's rows, innermost, which gcc vectorises, and add the row up
+    per output; with one accumulator per output they were a chain of dependent float additions
+    (ResNet-8 on the host: 15 % of the PFP's time). Their values: test_covariance_compiled's
+    TinyResNet against the float64 reference."""
+    import test_covariance as TC
+
+    import pfpc
+
+    model, stds, _ = TC._onnx(TC.TinyResNet)
+    pfpc.compile(model, {k + ".std": v for k, v in stds.items()}, covariance="channel", batch=1, out_dir=str(tmp_path / "out"), target="host")
+    source = (tmp_path / "out" / "pfp_model.c").read_text()
+    # windows as large as the 16x16 maps: 3x3 outputs (the 8x8 windows of the strided block have rows of 4)
+    narrow = re.findall(r"^static void k_window_ones_\d+x16x16\w*\(.*?^}", source, re.S | re.M)
+    assert narrow
+    for body in narrow:
+        row = re.search(r"float (\w+_rf_ptr)\[(\d+)\];", body)
+        assert row and int(row.group(2)) >= 8, body
+        # the row is the innermost loop: its accumulation follows the loop over the row directly
+        assert re.search(r"for \(int32_t (\w+) = 0; \1 < %s; \+\+\1\) \{\s*%s\[\1\] =" % (row.group(2), row.group(1)), body), body

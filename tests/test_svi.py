@@ -334,3 +334,31 @@ def test_weight_read_once_as_stored_and_once_scaled_is_refused(tmp_path, capsys)
     # the PFP treats the two uses as independent Gaussians by design; it still compiles
     code, _ = _cli([str(path), "--posterior", str(tmp_path / "post.npz"), "-o", str(tmp_path / "pfp")], capsys)
     assert code == 0
+
+
+def test_conv_with_a_folded_batch_norm_matches_monte_carlo(tmp_path):
+    """Conv (stochastic weight and bias) -> BatchNormalization (stochastic beta), the layout of
+    every ResNet: the folded bias is made from the conv's bias and beta, not a second
+    form of the conv's weight, so `--mode svi` draws it on its own (it refused the model, naming
+    the weight as "read by several nodes", which stopped `pfpc bench` on ResNet-8)."""
+    rng = np.random.default_rng(21)
+    channels = 3
+    inits = {
+        "w": rng.standard_normal((channels, 2, 3, 3)).astype(np.float32) * 0.4,
+        "b": rng.standard_normal((channels,)).astype(np.float32) * 0.2,
+        "gamma": (1 + 0.2 * rng.standard_normal(channels)).astype(np.float32),
+        "beta": rng.standard_normal((channels,)).astype(np.float32) * 0.2,
+        "running_mean": rng.standard_normal((channels,)).astype(np.float32) * 0.1,
+        "running_var": (1 + 0.3 * rng.random(channels)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "running_mean", "running_var"], ["y"]),
+    ]
+    model = make_model(nodes, [("x", [1, 2, 4, 4])], ["y"], inits)
+    stds = {f"{k}.std": (np.abs(inits[k]) * 0.3 + 0.05).astype(np.float32) for k in ("w", "b", "beta")}
+    x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    samples = 4000
+    (mean, var), = _svi(model, stds, [x], tmp_path / "out", samples, seed=3)
+    mc = reference.monte_carlo(model, {k[:-4]: v for k, v in stds.items()}, {"x": x}, samples, seed=4, with_var_stderr=True)["y"]
+    _check_against_monte_carlo(mean, var, mc, samples)

@@ -389,6 +389,11 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
         loops = sch.get_loops(block)
         spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
         downstream = _downstream(sch, root, block, placed)
+        if accumulate == "channel_rows" and _narrow_reduction(sch, block) and _partial_sums(sch, block):
+            for consumer in downstream:
+                sch.reverse_compute_at(consumer, sch.get_loops(block)[spatial - 1])
+            placed.update(sch.get(b).name_hint for b in downstream)
+            continue
         if accumulate in ("row", "channel_rows") and spatial >= 2 and not (accumulate == "channel_rows" and _narrow_reduction(sch, block)):
             if accumulate == "channel_rows" and _contiguous_plane(sch, block):
                 # a pointwise convolution's short rows: the plane is one row, split into rows of VECTOR_ROW_MAX at most
@@ -569,14 +574,17 @@ def _aligned(sch, block) -> bool:
 
 def _flat_rows(sch, blocks, shape):
     """`_row_nests` for aligned blocks: every nest's loops fused into one and split into rows of
-    `_row_split` (a multiple of VECTOR_LANES if one divides the size), the row loops under one outer loop."""
+    `_row_split` (a multiple of VECTOR_LANES if one divides the size), the row loops under one
+    outer loop, the stages' own buffers flat (`_flatten_stages`)."""
     total = 1
     for extent in shape:
         total *= extent
-    row = total if total <= ROW_MAX else _row_split(total, VECTOR_LANES)
+    row = total if total <= ROW_MAX else (_clean_row(shape) or _row_split(total, VECTOR_LANES))
     if total % row:  # no row length divides it: a bounds test per element would stop the vectoriser
         _one_nest(sch, blocks)
         return
+    if row < total and len(shape) > 1:
+        _flatten_stages(sch, blocks, shape)
     outer = []
     for block in _distinct_nests(sch, blocks):
         fused = sch.fuse(*sch.get_loops(block)) if len(shape) > 1 else sch.get_loops(block)[0]
@@ -584,6 +592,76 @@ def _flat_rows(sch, blocks, shape):
             outer.append(sch.split(fused, [None, row])[0])
     if len(outer) > 1:
         sch.merge(*outer)
+
+
+def _clean_row(shape) -> int | None:
+    """The longest row (at most ROW_MAX, at least ROW_ELEMENTS, a multiple of VECTOR_LANES) that
+    every trailing block of the shape (a map's row, its plane, ...) divides or is divided by:
+    its elements' indices are then the row loop's own, with no division or remainder (rows of 64
+    over 24-column maps read x[(f / 3) * 24 + f % 24], which gcc does not vectorise; rows of 48
+    read x[f]). None where no such row exists (DS-CNN's 25x5 planes)."""
+    blocks, size = [], 1
+    for extent in reversed(shape):
+        size *= extent
+        blocks.append(size)
+    for row in range(ROW_MAX - ROW_MAX % VECTOR_LANES, ROW_ELEMENTS - 1, -VECTOR_LANES):
+        if size % row == 0 and all(b % row == 0 or row % b == 0 for b in blocks):
+            return row
+    return None
+
+
+def _flatten_stages(sch, blocks, shape):
+    """The buffers of the kernel's own stages (allocated inside it, of the output's shape) as one
+    dimension: indexed in 4-D by a row that crosses the map's rows (rows of 64 over 32x32 maps), a
+    row's region is its divisions and remainders, from which TVM's buffer compaction keeps a whole
+    plane (1,024 floats); its C backend allocates that from its runtime, and the kernel fell back to
+    one scalar loop nest (ResNet-8's 16x32x32 ReLU loadings). Flat, the compaction keeps about a
+    row. The parameters keep their shapes (TVM's VM calls the same kernels with the tensors)."""
+    strides = [1] * len(shape)
+    for axis in range(len(shape) - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * shape[axis + 1]
+    flat = tirx.IndexMap.from_func(lambda *index: [sum(v * s for v, s in zip(index, strides))], ndim=len(shape), index_dtype="int32")
+    allocated = sch.get(sch.get_sblock("root")).alloc_buffers
+
+    def transform(schedule):
+        for block in blocks:
+            for index, region in enumerate(schedule.get(block).writes):
+                buffer = region.source
+                if any(buffer.same_as(b) for b in allocated) and [int(d) for d in buffer.shape] == list(shape):
+                    schedule.transform_layout(block, ("write", index), flat)
+
+    try:
+        transform(sch.copy())
+    except Exception:  # TVM's error: a buffer it cannot map (leave them indexed as they are)
+        return
+    transform(sch)
+
+
+def _partial_sums(sch, block) -> bool:
+    """A narrow reduction (`_narrow_reduction`: the covariance pass's window sums, a global pool's
+    sums) as a row of partial sums along its innermost reduced axis (``rfactor``), accumulated
+    over the other reduced axes with the row innermost, which the C compiler vectorises, then
+    added up, per output: one accumulator per output is a chain of dependent float additions the
+    compiler may not reorder. Returns whether it applied (the block is then scheduled)."""
+    loops = sch.get_loops(block)
+    spatial = sum(1 for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar)
+    if len(loops) - spatial < 2 or int(sch.get(loops[-1]).extent) < 2 * VECTOR_LANES:
+        return False
+
+    def factor(schedule):
+        partial = schedule.rfactor(schedule.get_loops(block)[-1], factor_axis=spatial)
+        schedule.compute_at(partial, schedule.get_loops(block)[spatial - 1])  # one output's row at a time
+        loops = schedule.get_loops(partial)
+        schedule.reorder(*loops[spatial + 1:], loops[spatial])  # the row innermost
+        schedule.decompose_reduction(partial, schedule.get_loops(partial)[spatial])
+        schedule.decompose_reduction(block, schedule.get_loops(block)[spatial])
+
+    try:
+        factor(sch.copy())
+    except Exception:  # TVM's ScheduleError: keep the one accumulator
+        return False
+    factor(sch)
+    return True
 
 
 def _narrow_reduction(sch, block) -> bool:

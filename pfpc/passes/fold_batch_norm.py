@@ -145,6 +145,10 @@ class _Fold(MainRewriter):
                 (g * (bias_mean - running_mean) + beta_mean).reshape(shape),
                 (g * g * bias_var + beta_var).reshape(shape),
             )
+            # named after the weight, made from the bias and beta: its provenance is beta (its name
+            # alone would make it a second form of the weight, which `--mode svi` must draw once)
+            beta = self._weight(value.args[2])
+            self.names[f"{weight}.batch_norm_bias"] = self.names.get(beta, beta)
             # the linear binding is copied when visited (before this one); only the bias changes
             self.norms[binding.var] = self.bb.emit(relax.op.add(self.env.get(linear.var, linear.var), new_bias), f"{binding.var.name}_folded")
             return
