@@ -450,7 +450,7 @@ def clark_max_terms(mean1, var1, mean2, var2):
     return spread, std_normal_cdf(alpha, pdf), pdf, alpha
 
 
-def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True):
+def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True, covariance=None):
     """Mean and variance of max(x1, x2) for independent x_i ~ N(M_i, V_i) (Clark 1961), with
     a = sqrt(V1 + V2), d = M1 - M2 and al = d / a:
 
@@ -477,9 +477,10 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True):
     a sum of non-negative terms (psi1^2 < psi2 / 6 there). Below u = 2 the closed form's error
     is at most 5e-5 of the variance. ``terms``: `clark_max_terms` (a, Phi(al), phi(al), al) of the
     same pair, when the caller computed them once already. ``tail_form=False``: the closed form
-    alone (`gaussian.maxpool2d`: with the tail form, gcc 12 reports a false "may be used
-    uninitialized" in some padded 2-D MaxPool kernels under -Werror, so 2-D MaxPool keeps the
-    closed form's deep-tail error for now). Returns (E[max], Var[max]).
+    alone. ``covariance``: c = Cov(x1, x2) of correlated operands (`gaussian.maxpool2d` with
+    loadings, where ``terms`` carry a = sqrt(V1 + V2 - 2c)); the closed form holds as it is, and
+    the tail's Cov(x_w, relu(x_l - x_w)) is (c - V_w) Q(u), adding 2 c Q(u) to its variance.
+    Returns (E[max], Var[max]).
     """
     spread, cdf, pdf, alpha = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
     cdf_neg = f32(1.0) - cdf
@@ -497,8 +498,10 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True):
     winner_mean, winner_var = tirx.Select(first_wins, mean1, mean2), tirx.Select(first_wins, var1, var2)
     tail = distance >= f32(_CLARK_TAIL_FROM)
     first = bind(tirx.Select(tail, winner_mean + spread * psi1, first))
-    variance = bind(tirx.Select(tail, winner_var * (f32(1.0) - f32(2.0) * tail_probability)
-                                + spread * spread * (psi2 - psi1 * psi1), variance))
+    tail_variance = winner_var * (f32(1.0) - f32(2.0) * tail_probability) + spread * spread * (psi2 - psi1 * psi1)
+    if covariance is not None:
+        tail_variance = tail_variance + f32(2.0) * covariance * tail_probability
+    variance = bind(tirx.Select(tail, tail_variance, variance))
     return first, tirx.max(variance, f32(0.0))
 
 
