@@ -6,7 +6,7 @@ the convolution). ``--networks`` adds the whole PFP of the seed LeNet-5 and ResN
 target: at most 8). Run it with the tree to measure on the path (PYTHONPATH) and compare two
 trees side by side:
 
-    PYTHONPATH=. python benchmarks/tail_forms_cost.py [--networks]
+    PYTHONPATH=. python benchmarks/tail_forms_cost.py [--networks [seed_lenet resnet8]] [--layers Relu MaxPool]
 """
 
 from __future__ import annotations
@@ -70,17 +70,26 @@ def network_instructions(name: str):
 
 
 def main() -> int:
+    import argparse
+
     import pfpc
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", nargs="*", choices=("seed_lenet", "resnet8"),
+                        help="also these whole networks (both when none is named)")
+    parser.add_argument("--layers", nargs="*", help="only the layer rows whose name contains one of these words")
+    args = parser.parse_args()
     print(f"pfpc from {os.path.dirname(pfpc.__file__)}")
-    if "--networks" in sys.argv:
+    if args.networks is not None:
         print("| network | PFP Cortex-M4 instructions | MACs | per MAC |\n|---|---:|---:|---:|")
-        for name in ("seed_lenet", "resnet8"):
+        for name in args.networks or ("seed_lenet", "resnet8"):
             count, macs = network_instructions(name)
             print(f"| {name} | {count:,} | {macs:,} | {count / macs:.2f} |", flush=True)
     base = None
     print("| layers | Cortex-M4 instructions | over the convolution alone |\n|---|---:|---:|")
     for name, tail in LAYERS.items():
+        if base is not None and args.layers and not any(word in name for word in args.layers):
+            continue
         count = instructions(*_model(tail))
         base = count if base is None else base
         print(f"| {name} | {count:,} | {count - base:,} |", flush=True)

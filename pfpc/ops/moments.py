@@ -240,28 +240,33 @@ _TAIL_LEVELS, _TAIL_FROM, _TAIL_TO = 32, 1.6, 8.0
 #: after 20 levels (relative error of psi2 below 7e-6 there against 40-digit mpmath; fewer
 #: multiply-adds in every MaxPool step than 32).
 _CLARK_TAIL_LEVELS, _CLARK_TAIL_FROM = 20, 2.0
-_TAIL_B = {levels: _tail_polynomials(levels) for levels in (_TAIL_LEVELS, _CLARK_TAIL_LEVELS)}
-_TAIL_B5 = _tail_polynomials(_TAIL_LEVELS, 6)[4:]  # B_4, B_5: the partial moments to the fourth
+_TAIL_B = {}  # (levels, count) -> `_tail_polynomials`
 
 
-def normal_tail_partial_moments(t, pdf):
-    """[psi0(t), ..., psi4(t)], psi_k(t) = E[(Z - t)+^k] (psi0 = Q), for t >= 1.6 (``pdf`` =
+def normal_tail_partial_moments(t, pdf, order=4, levels=_TAIL_LEVELS):
+    """[psi0(t), ..., psi_order(t)], psi_k(t) = E[(Z - t)+^k] (psi0 = Q), for t >= 1.6 (``pdf`` =
     phi(t)): psi_k = k! phi B_{k+1} / B_0 with Laplace's continued fraction of
-    `normal_tail_moments` (32 levels), B_5 and B_4 by Horner's rule and the others by the
-    recurrence B_n = t B_{n+1} + (n + 1) B_{n+2}: sums of positive terms, nothing cancels.
-    Returns (moments, bind) as `normal_tail_moments` does."""
+    `normal_tail_moments` (cut after ``levels`` levels), B_{order+1} and B_order by Horner's rule
+    and the others by the recurrence B_n = t B_{n+1} + (n + 1) B_{n+2}: sums of positive terms,
+    nothing cancels. t is clamped to [1, 8]. Returns (moments, bind): expressions in variables
+    that ``bind(expr)`` defines around an expression using them (once around the caller's whole
+    result, not around each moment: the C would compute the polynomials once per use)."""
+    key = (levels, order + 2)
+    if key not in _TAIL_B:
+        _TAIL_B[key] = _tail_polynomials(levels, order + 2)
+    polynomials = _TAIL_B[key]
     t = tirx.min(tirx.max(t, f32(1.0)), f32(_TAIL_TO))
-    t_squared, b4, b5, inverse = (tirx.Var(f"tail_{name}", "float32") for name in ("t2", "b4", "b5", "inverse"))
-    b3 = t * b4 + f32(4.0) * b5
-    b2 = t * b3 + f32(3.0) * b4
-    b1 = t * b2 + f32(2.0) * b3
-    b0 = t * b1 + b2
-    factorials = (1.0, 1.0, 2.0, 6.0, 24.0)
-    moments = [f32(factorial) * pdf * (b * inverse) for factorial, b in zip(factorials, (b1, b2, b3, b4, b5))]
+    t_squared, top, above, inverse = (tirx.Var(f"tail_{name}", "float32") for name in ("t2", f"b{order}", f"b{order + 1}", "inverse"))
+    b = {order: top, order + 1: above}
+    for n in range(order - 1, 0, -1):
+        b[n] = t * b[n + 1] + f32(float(n + 1)) * b[n + 2]
+    b0 = t * b[1] + b[2]  # 1 / B_0 >= 1e-31: phi / B_0 would be subnormal from t = 6.5 on
+    moments = [pdf * (b[k + 1] * inverse) if k < 2 else f32(float(math.factorial(k))) * pdf * (b[k + 1] * inverse)
+               for k in range(order + 1)]
 
     def bind(value):
-        return _let(t_squared, t * t, _let(b4, _positive_polynomial(_TAIL_B5[0], t, t_squared),
-                    _let(b5, _positive_polynomial(_TAIL_B5[1], t, t_squared), _let(inverse, f32(1.0) / b0, value))))
+        return _let(t_squared, t * t, _let(top, _positive_polynomial(polynomials[order], t, t_squared),
+                    _let(above, _positive_polynomial(polynomials[order + 1], t, t_squared), _let(inverse, f32(1.0) / b0, value))))
 
     return moments, bind
 
@@ -293,23 +298,13 @@ def normal_tail_moments(t, pdf, levels=_TAIL_LEVELS):
     Q = phi B_1 / B_0,  psi1 = phi (1 - t B_1 / B_0) = phi B_2 / B_0,  psi2 = 2 phi B_3 / B_0,
 
     polynomials in t with non-negative integer coefficients (B_n = t B_{n+1} + (n + 1) B_{n+2}),
-    so nothing cancels (B_2 and B_3 by Horner's rule, B_1 and B_0 by the recurrence): relative error below 2e-6 from t = 1.6 on, 4e-7 from t = 1.7 (float32
-    against 40-digit mpmath). t is clamped to [1, 8] (phi(t) = 0 beyond 7.75; a caller uses the
-    result for t >= 1.6 only). Returns (Q(t), psi1(t), psi2(t), bind), expressions in variables
-    that ``bind(expr)`` defines around an expression using them."""
-    t = tirx.min(tirx.max(t, f32(1.0)), f32(_TAIL_TO))
-    t_squared, b2, b3, inverse = (tirx.Var(f"tail_{name}", "float32") for name in ("t2", "b2", "b3", "inverse"))
-    b1 = t * b2 + f32(2.0) * b3  # the recurrence: two polynomials by Horner, the others from them
-    polynomials = _TAIL_B[levels]
-
-    def bind(value):
-        # once around the caller's whole result, not around each of the three (the C would
-        # compute the polynomials once per use)
-        return _let(t_squared, t * t, _let(b2, _positive_polynomial(polynomials[2], t, t_squared),
-                    _let(b3, _positive_polynomial(polynomials[3], t, t_squared),
-                         _let(inverse, f32(1.0) / (t * b1 + b2), value))))  # 1 / B_0 >= 1e-31: phi / B_0 would be subnormal from t = 6.5 on
-
-    return pdf * (b1 * inverse), pdf * (b2 * inverse), f32(2.0) * pdf * (b3 * inverse), bind
+    so nothing cancels (`normal_tail_partial_moments` to the second order: B_2 and B_3 by
+    Horner's rule, B_1 and B_0 by the recurrence): relative error below 2e-6 from t = 1.6 on,
+    4e-7 from t = 1.7 (float32 against 40-digit mpmath). t is clamped to [1, 8] (phi(t) = 0
+    beyond 7.75; a caller uses the result for t >= 1.6 only). Returns (Q(t), psi1(t), psi2(t),
+    bind), expressions in variables that ``bind(expr)`` defines around an expression using them."""
+    moments, bind = normal_tail_partial_moments(t, pdf, 2, levels)
+    return (*moments, bind)
 
 
 def _beyond_a_bound(first, second, std, a, tail_a, b, tail_b):
