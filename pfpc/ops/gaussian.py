@@ -22,6 +22,7 @@ from .moments import (
     pdf_exponent,
     product_moments,
     relu_moments,
+    relu_tail_ratio,
     safe_ratio,
     safe_sqrt,
     std_normal_cdf,
@@ -322,8 +323,9 @@ def relu(a: Gaussian) -> Gaussian:
     exponent = te.compute(a.shape, lambda *idx: pdf_exponent(z[idx]), name="relu_exponent", attrs=SHARED)
     pdf = te.compute(a.shape, lambda *idx: std_normal_pdf(z[idx], exponent[idx]), name="relu_pdf", attrs=SHARED)
     cdf = te.compute(a.shape, lambda *idx: std_normal_cdf(z[idx], pdf[idx]), name="relu_cdf", attrs=SHARED)
+    tail = te.compute(a.shape, lambda *idx: relu_tail_ratio(z[idx]), name="relu_tail", attrs=SHARED)
     mean, var = te.compute(
-        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], pdf[idx], std[idx], z[idx])), name="relu"
+        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], pdf[idx], std[idx], z[idx], tail[idx])), name="relu"
     )
     return Gaussian(mean, var, "var")
 

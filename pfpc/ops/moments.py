@@ -133,20 +133,40 @@ def relu_moments(mean, var, terms=None):
     E[y]   = s psi1(u)
     Var[y] = V (psi2(u) - psi1(u)^2)        (psi1^2 < psi2 / 30 there: no cancellation)
 
+    with psi1 = phi D, psi2 = 2 phi r D, D = 1 / (1 + u (u + 2 r)), from r = B_3 / B_2 of Laplace's
+    continued fraction (`relu_tail_ratio`; B_1 = B_2 (u + 2 r), B_0 = B_2 (1 + u (u + 2 r))): the
+    polynomials once per element for both moments, and only where z <= -1.6.
+
     V = 0 gives z = +-inf (or 0 when M = 0), hence exactly (relu(M), 0).
-    ``terms``: `relu_terms` (Phi(z), phi(z), s, z) of the same element, when the caller computed
-    them once already. Returns (E[y], Var[y]).
+    ``terms``: `relu_terms` (Phi(z), phi(z), s, z) and optionally `relu_tail_ratio` of the same
+    element, when the caller computed them once already. Returns (E[y], Var[y]).
     """
-    cdf, pdf, std, z = terms if terms is not None else relu_terms(mean, var)
+    cdf, pdf, std, z, *ratio = terms if terms is not None else relu_terms(mean, var)
+    ratio = ratio[0] if ratio else relu_tail_ratio(z)
     std_pdf = std * pdf
     first = mean * cdf + std_pdf
     upper_tail = f32(1.0) - cdf
     variance = var * cdf + mean * mean * cdf * upper_tail + mean * std_pdf * (upper_tail - cdf) - std_pdf * std_pdf
-    _, psi1, psi2, bind = normal_tail_moments(f32(0.0) - z, pdf)
+    distance = tirx.min(f32(0.0) - z, f32(_TAIL_TO))  # as `relu_tail_ratio` clamps it (phi = 0 beyond 7.75)
+    psi1 = pdf / (f32(1.0) + distance * (distance + f32(2.0) * ratio))
+    psi2 = f32(2.0) * ratio * psi1
     tail = z <= f32(-_TAIL_FROM)
-    first = bind(tirx.Select(tail, std * psi1, first))
-    variance = bind(tirx.Select(tail, var * (psi2 - psi1 * psi1), variance))
+    first = tirx.Select(tail, std * psi1, first)
+    variance = tirx.Select(tail, var * (psi2 - psi1 * psi1), variance)
     return first, tirx.max(variance, f32(0.0))
+
+
+def relu_tail_ratio(z):
+    """r = B_3(u) / B_2(u), u = -z, of Laplace's continued fraction for the normal tail
+    (`normal_tail_moments`, 32 levels; positive polynomials by Horner's rule), where z <= -1.6,
+    else 0 (a branch: the polynomials are computed for the lower tail only). `relu_moments`
+    forms psi1 and psi2 at u from it."""
+    distance = tirx.min(f32(0.0) - z, f32(_TAIL_TO))
+    t_squared = tirx.Var("tail_t2", "float32")
+    polynomials = _tail_coefficients(_TAIL_LEVELS, 4)
+    ratio = _let(t_squared, distance * distance, _positive_polynomial(polynomials[3], distance, t_squared)
+                 / _positive_polynomial(polynomials[2], distance, t_squared))
+    return tirx.Select(z <= f32(-_TAIL_FROM), ratio, f32(0.0))
 
 
 def clip_moments(mean, var, lower, upper):
@@ -243,6 +263,13 @@ _CLARK_TAIL_LEVELS, _CLARK_TAIL_FROM = 20, 2.0
 _TAIL_B = {}  # (levels, count) -> `_tail_polynomials`
 
 
+def _tail_coefficients(levels, count):
+    """`_tail_polynomials` (levels, count), computed once."""
+    if (levels, count) not in _TAIL_B:
+        _TAIL_B[(levels, count)] = _tail_polynomials(levels, count)
+    return _TAIL_B[(levels, count)]
+
+
 def normal_tail_partial_moments(t, pdf, order=4, levels=_TAIL_LEVELS):
     """[psi0(t), ..., psi_order(t)], psi_k(t) = E[(Z - t)+^k] (psi0 = Q), for t >= 1.6 (``pdf`` =
     phi(t)): psi_k = k! phi B_{k+1} / B_0 with Laplace's continued fraction of
@@ -251,10 +278,7 @@ def normal_tail_partial_moments(t, pdf, order=4, levels=_TAIL_LEVELS):
     nothing cancels. t is clamped to [1, 8]. Returns (moments, bind): expressions in variables
     that ``bind(expr)`` defines around an expression using them (once around the caller's whole
     result, not around each moment: the C would compute the polynomials once per use)."""
-    key = (levels, order + 2)
-    if key not in _TAIL_B:
-        _TAIL_B[key] = _tail_polynomials(levels, order + 2)
-    polynomials = _TAIL_B[key]
+    polynomials = _tail_coefficients(levels, order + 2)
     t = tirx.min(tirx.max(t, f32(1.0)), f32(_TAIL_TO))
     t_squared, top, above, inverse = (tirx.Var(f"tail_{name}", "float32") for name in ("t2", f"b{order}", f"b{order + 1}", "inverse"))
     b = {order: top, order + 1: above}
