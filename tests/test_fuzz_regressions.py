@@ -456,8 +456,8 @@ def test_clark_max_where_one_operand_wins_by_many_standard_deviations(tmp_path):
     terms are O(d^2 Q(u)) and cancel to the winner's tiny variance plus O(a^2 phi(u) / u^3), so
     the normal CDF's error 7.5e-8 times d^2 came out many times the variance. Every element to
     1e-4 of its own variance and 1e-6 of its mean against the float64 reference, itself checked
-    against Clark's raw moments in 40-digit arithmetic. (2-D MaxPool keeps the closed form:
-    `moments.clark_max_moments`' tail_form.)"""
+    against Clark's raw moments in 40-digit arithmetic. (2-D MaxPool:
+    `test_maxpool_2d_where_one_element_wins_by_many_standard_deviations`.)"""
     pairs = _pairs_with_a_clear_winner()
     n = len(pairs)
     m1, v1, m2, v2 = (np.array([p[k] for p in pairs], np.float64).reshape(1, 1, 1, n) for k in range(4))
