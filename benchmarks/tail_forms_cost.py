@@ -1,9 +1,12 @@
 """Cortex-M4 instructions (QEMU) of small layers whose Gaussian operator has a tail-stable or
 quadrature form (issue 20's deep-tail fixes): a 16-channel 1x1 convolution followed by a 2x2
-MaxPool (three Clark steps per output), by GlobalMaxPool, by Elu. Run it with the tree to
-measure on the path (PYTHONPATH) and compare two trees side by side:
+MaxPool (three Clark steps per output), by GlobalMaxPool, by Elu, by Relu (alone and fused into
+the convolution). ``--networks`` adds the whole PFP of the seed LeNet-5 and ResNet-8
+(`benchmarks/run.py`'s models and inputs, default options) in instructions per MAC (issue 19's
+target: at most 8). Run it with the tree to measure on the path (PYTHONPATH) and compare two
+trees side by side:
 
-    PYTHONPATH=. python benchmarks/tail_forms_cost.py
+    PYTHONPATH=. python benchmarks/tail_forms_cost.py [--networks [seed_lenet resnet8]] [--layers Relu MaxPool]
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ LAYERS = {
     "conv + GlobalMaxPool": [helper.make_node("GlobalMaxPool", ["c"], ["y"])],
     "conv + Elu": [helper.make_node("Elu", ["c"], ["y"])],
     "conv + HardSwish": [helper.make_node("HardSwish", ["c"], ["y"])],
+    # a ReLU of its own (the Identity keeps it out of the convolution's kernel) and fused
+    "conv + Relu (own kernel)": [helper.make_node("Identity", ["c"], ["i"]), helper.make_node("Sigmoid", ["i"], ["s"]),
+                                 helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Sum", ["r", "s"], ["y"])],
+    "conv + Relu (fused)": [helper.make_node("Relu", ["c"], ["y"])],
 }
 
 
@@ -47,13 +54,42 @@ def instructions(model, post) -> int:
         return compiler.run(out, [x], emulate=True).cycles[0]
 
 
+def network_instructions(name: str):
+    """(PFP Cortex-M4 instructions, MACs) of `benchmarks/run.py`'s model ``name`` (its weights and input)."""
+    import pfpc.compiler as compiler
+    from pfpc.codegen.footprint import layer_costs
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path, posterior_path, x, _ = run.real_model(name, tmp)
+        result = compiler.compile(model_path, posterior_path, out_dir=os.path.join(tmp, "out"), batch=1, target="cortex-m4")
+        macs = sum(cost["macs"] for cost in layer_costs(result.program))
+        return compiler.run(os.path.join(tmp, "out"), [x.astype(np.float32)], emulate=True).cycles[0], macs
+
+
 def main() -> int:
+    import argparse
+
     import pfpc
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", nargs="*", choices=("seed_lenet", "resnet8"),
+                        help="also these whole networks (both when none is named)")
+    parser.add_argument("--layers", nargs="*", help="only the layer rows whose name contains one of these words")
+    args = parser.parse_args()
     print(f"pfpc from {os.path.dirname(pfpc.__file__)}")
+    if args.networks is not None:
+        print("| network | PFP Cortex-M4 instructions | MACs | per MAC |\n|---|---:|---:|---:|")
+        for name in args.networks or ("seed_lenet", "resnet8"):
+            count, macs = network_instructions(name)
+            print(f"| {name} | {count:,} | {macs:,} | {count / macs:.2f} |", flush=True)
     base = None
     print("| layers | Cortex-M4 instructions | over the convolution alone |\n|---|---:|---:|")
     for name, tail in LAYERS.items():
+        if base is not None and args.layers and not any(word in name for word in args.layers):
+            continue
         count = instructions(*_model(tail))
         base = count if base is None else base
         print(f"| {name} | {count:,} | {count - base:,} |", flush=True)

@@ -436,6 +436,19 @@ def _max_in_40_digits(mean1, var1, mean2, var2):
         return float(first), float(second - first ** 2)
 
 
+def _pairs_with_a_clear_winner():
+    """(M1, V1, M2, V2) where one operand wins by 0.5 to 7.5 standard deviations of the difference:
+    x2 wins, then x1 wins, concentrated winner, wide loser; float32 means and stds (as a model holds them)."""
+    distances = np.linspace(0.5, 7.5, 8)
+    pairs = []
+    for winner_var, loser_var in ((1e-8, 0.04), (2.5e-8, 1e-6)):
+        spread = np.sqrt(winner_var + loser_var)
+        pairs += [(0.5 - u * spread, loser_var, 0.5, winner_var) for u in distances]
+        pairs += [(-3.0, winner_var, -3.0 - u * spread, loser_var) for u in distances]
+    return [(float(np.float32(m1)), float(np.float32(np.sqrt(v1))) ** 2, float(np.float32(m2)), float(np.float32(np.sqrt(v2))) ** 2)
+            for m1, v1, m2, v2 in pairs]
+
+
 def test_clark_max_where_one_operand_wins_by_many_standard_deviations(tmp_path):
     """Max, Min and GlobalMaxPool where one operand wins by 0.5 to 7.5 standard deviations
     of the difference and the winner is concentrated (the long run's GlobalMaxPool, seed 100040:
@@ -443,17 +456,9 @@ def test_clark_max_where_one_operand_wins_by_many_standard_deviations(tmp_path):
     terms are O(d^2 Q(u)) and cancel to the winner's tiny variance plus O(a^2 phi(u) / u^3), so
     the normal CDF's error 7.5e-8 times d^2 came out many times the variance. Every element to
     1e-4 of its own variance and 1e-6 of its mean against the float64 reference, itself checked
-    against Clark's raw moments in 40-digit arithmetic. (2-D MaxPool keeps the closed form:
-    `moments.clark_max_moments`' tail_form.)"""
-    distances = np.linspace(0.5, 7.5, 8)
-    pairs = []  # (M1, V1, M2, V2): x2 wins, then x1 wins, concentrated winner, wide loser
-    for winner_var, loser_var in ((1e-8, 0.04), (2.5e-8, 1e-6)):
-        spread = np.sqrt(winner_var + loser_var)
-        pairs += [(0.5 - u * spread, loser_var, 0.5, winner_var) for u in distances]
-        pairs += [(-3.0, winner_var, -3.0 - u * spread, loser_var) for u in distances]
-    # as the model holds them: float32 means and stds
-    pairs = [(float(np.float32(m1)), float(np.float32(np.sqrt(v1))) ** 2, float(np.float32(m2)), float(np.float32(np.sqrt(v2))) ** 2)
-             for m1, v1, m2, v2 in pairs]
+    against Clark's raw moments in 40-digit arithmetic. (2-D MaxPool:
+    `test_maxpool_2d_where_one_element_wins_by_many_standard_deviations`.)"""
+    pairs = _pairs_with_a_clear_winner()
     n = len(pairs)
     m1, v1, m2, v2 = (np.array([p[k] for p in pairs], np.float64).reshape(1, 1, 1, n) for k in range(4))
     zeros = np.zeros((1, 1, 1, n), np.float32)
@@ -547,3 +552,75 @@ def test_hard_swish_deep_below_its_lower_breakpoint(tmp_path):
     np.testing.assert_allclose(ref_mean.ravel(), quadrature[:, 0], rtol=1e-3)
     np.testing.assert_allclose(var.ravel(), quadrature[:, 1], rtol=1e-4)
     np.testing.assert_allclose(mean.ravel(), quadrature[:, 0], rtol=1e-4)
+
+
+def _relu_in_40_digits(mean, std):
+    """E[max(x, 0)] and Var[max(x, 0)], x ~ N(mean, std^2), mean < 0, in 40-digit arithmetic:
+    s psi1(u) and s^2 (psi2(u) - psi1(u)^2), u = -mean / std, psi_k the tail's partial moments."""
+    import mpmath
+
+    with mpmath.workdps(40):
+        mean, std = mpmath.mpf(mean), mpmath.mpf(std)
+        u = -mean / std
+        tail, pdf = mpmath.ncdf(-u), mpmath.npdf(u)
+        psi1, psi2 = pdf - u * tail, (1 + u * u) * tail - u * pdf
+        return float(std * psi1), float(std * std * (psi2 - psi1 * psi1))
+
+
+def test_relu_deep_in_its_lower_tail(tmp_path):
+    """ReLU with the mean 1.6 to 7.7 standard deviations below 0 (the long run's seed 200037,
+    Sum -> Relu -> ReduceMean 3.5 std below: 7.624e-6 for 7.647e-6): M Phi(z) + s phi(z) cancels
+    to O(s phi / z^2), so Phi's absolute error 7.5e-8 came out a large part of the mean, and the
+    variance's closed form cancels too. Alone and fused after a convolution, stds 1e-3 to 3: every
+    element's mean and variance within 1e-4 of itself against 40-digit arithmetic; beyond 7.75 std
+    both are 0 (phi(z) is 0 there by design, `moments.std_normal_pdf`), within 1e-15 s of the
+    exact values."""
+    distances, stds = list(np.linspace(1.6, 7.7, 12)) + [8.0], [1e-3, 1.0, 3.0]
+    elements = [(np.float32(-u * s), np.float32(s)) for s in stds for u in distances]
+    n = len(elements)
+    x = np.array([m for m, _ in elements], np.float32).reshape(1, 1, 1, n)
+    std = np.array([s for _, s in elements], np.float32).reshape(1, 1, 1, n)
+    nodes = [node("Add", ["x", "b"], ["h"]), node("Relu", ["h"], ["y"]),
+             node("Conv", ["h", "w"], ["c"]), node("Relu", ["c"], ["fused"])]
+    model = make_model(nodes, [("x", [1, 1, 1, n])], ["y", "fused"],
+                       {"b": np.zeros((1, 1, 1, n), np.float32), "w": np.ones((1, 1, 1, 1), np.float32)})
+    results = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+    exact = np.array([_relu_in_40_digits(float(m), float(s)) for m, s in elements])
+    scale = std.ravel().astype(np.float64)
+    inside = np.array([u < 7.75 for _ in stds for u in distances])
+    for (mean, var, ref_mean, ref_var), name in zip(results, ["relu", "conv -> relu"]):
+        np.testing.assert_allclose(ref_mean.ravel(), exact[:, 0], rtol=1e-9, err_msg=f"{name}: reference")
+        np.testing.assert_allclose(ref_var.ravel(), exact[:, 1], rtol=1e-9, err_msg=f"{name}: reference")
+        np.testing.assert_allclose(mean.ravel()[inside], exact[inside, 0], rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(var.ravel()[inside], exact[inside, 1], rtol=1e-4, err_msg=name)
+        outside = ~inside
+        assert np.all(np.abs(mean.ravel()[outside] - exact[outside, 0]) <= 1e-15 * scale[outside]), name
+        assert np.all(np.abs(var.ravel()[outside] - exact[outside, 1]) <= 1e-15 * scale[outside] ** 2), name
+
+
+def test_maxpool_2d_where_one_element_wins_by_many_standard_deviations(tmp_path):
+    """2-D MaxPool over a pair whose winner leads by 0.5 to 7.5 standard deviations, without
+    padding (a window of 2) and with padding (pads [1, 0, 1, 0]: only the middle output's window
+    holds both, the padded one picks its element): Clark's closed form cancelled to the winner's
+    tiny variance (as Max's did: `test_clark_max_where_one_operand_wins_by_many_standard_deviations`);
+    the tail form, each element to 1e-4 of its variance and 1e-6 of its mean against 40-digit
+    arithmetic. The padded kernel also builds with -Werror (gcc 12 reported a false
+    -Wmaybe-uninitialized with the tail form and the pick in one loop)."""
+    pairs = _pairs_with_a_clear_winner()
+    n = len(pairs)
+    m1, v1, m2, v2 = (np.array([p[k] for p in pairs], np.float64).reshape(1, 1, 1, n) for k in range(4))
+    zeros = np.zeros((1, 1, 1, n), np.float32)
+    nodes = [node("Add", ["x1", "b1"], ["h1"]), node("Add", ["x2", "b2"], ["h2"]), node("Concat", ["h1", "h2"], ["pair"], axis=2),
+             node("Transpose", ["pair"], ["columns"], perm=[3, 1, 2, 0]),
+             node("MaxPool", ["columns"], ["pool"], kernel_shape=[2, 1]),
+             node("MaxPool", ["columns"], ["padded"], kernel_shape=[2, 1], pads=[1, 0, 1, 0])]
+    model = make_model(nodes, [("x1", [1, 1, 1, n]), ("x2", [1, 1, 1, n])], ["pool", "padded"], {"b1": zeros, "b2": zeros})
+    stds = {"b1.std": np.sqrt(v1).astype(np.float32), "b2.std": np.sqrt(v2).astype(np.float32)}
+    results = _run(model, stds, {"x1": m1.astype(np.float32), "x2": m2.astype(np.float32)}, tmp_path)
+    exact = np.array([_max_in_40_digits(*p) for p in pairs])
+    for (mean, var, ref_mean, ref_var), name in zip(results, ["pool", "padded"]):
+        both = (slice(None), 0, 0 if name == "pool" else 1, 0)
+        np.testing.assert_allclose(ref_var[both], exact[:, 1], rtol=1e-6, err_msg=f"{name}: reference")
+        np.testing.assert_allclose(var[both], exact[:, 1], rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(mean[both], exact[:, 0], rtol=1e-6, atol=1e-7, err_msg=name)
+    _assert_moments(results[1:])  # the padded outputs that pick an element: against the reference

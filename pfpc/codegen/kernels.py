@@ -22,7 +22,9 @@ from .. import ir_state
 from ..ops.gaussian import Moment
 from ..ops.kernel import KERNEL_ATTR, build_placeholder, is_placeholder, schedule_kernel
 
-_DATA_LINE = re.compile(r"^\s*(float|uint8_t|uint16_t|uint32_t)\* (\w+) = \(\(\1\*\)\(\(\1\*\)\(\(\(DLTensor\*\)\w+_handle\)\[0\]\.data\)\)\);\s*$")
+#: A parameter's data pointer. TVM suffixes a repeated name (``relu_mean_handle_1``: a weight named
+#: ``relu`` beside the kernel's output ``relu``), so the handle may end in ``_<n>``.
+_DATA_LINE = re.compile(r"^\s*(float|uint8_t|uint16_t|uint32_t)\* (\w+) = \(\(\1\*\)\(\(\1\*\)\(\(\(DLTensor\*\)\w+_handle(?:_\d+)?\)\[0\]\.data\)\)\);\s*$")
 _FORBIDDEN = ("_handle", "TVMFFI", "DLTensor", "TVMBackend", "args", "__tvm")
 
 #: A float32 from its bits, in C that is defined (a copy, not a type-punned pointer); the C

@@ -22,6 +22,7 @@ from .moments import (
     pdf_exponent,
     product_moments,
     relu_moments,
+    relu_tail_ratio,
     safe_ratio,
     safe_sqrt,
     std_normal_cdf,
@@ -322,8 +323,9 @@ def relu(a: Gaussian) -> Gaussian:
     exponent = te.compute(a.shape, lambda *idx: pdf_exponent(z[idx]), name="relu_exponent", attrs=SHARED)
     pdf = te.compute(a.shape, lambda *idx: std_normal_pdf(z[idx], exponent[idx]), name="relu_pdf", attrs=SHARED)
     cdf = te.compute(a.shape, lambda *idx: std_normal_cdf(z[idx], pdf[idx]), name="relu_cdf", attrs=SHARED)
+    tail = te.compute(a.shape, lambda *idx: relu_tail_ratio(z[idx]), name="relu_tail", attrs=SHARED)
     mean, var = te.compute(
-        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], pdf[idx], std[idx])), name="relu"
+        a.shape, lambda *idx: relu_moments(a.mean[idx], a.var_at(idx), (cdf[idx], pdf[idx], std[idx], z[idx], tail[idx])), name="relu"
     )
     return Gaussian(mean, var, "var")
 
@@ -591,6 +593,10 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
     rows = {p: covered(p, 0, height, out_h) for p in {p for p, _ in positions}}
     cols = {p: covered(p, 1, width, out_w) for p in {p for _, p in positions}}
 
+    def always_inside(position):
+        """Whether window element ``position`` lies inside the input for every output."""
+        return rows[position[0]] == set(range(out_h)) and cols[position[1]] == set(range(out_w))
+
     def meets_earlier(k):
         """Whether some output has window element k and an earlier one inside the input: only
         then does step k take a max. Otherwise it only picks element k where it is inside; its
@@ -639,23 +645,33 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
         pdf = stage("pdf", lambda n, c, y, xx: std_normal_pdf(alpha[n, c, y, xx], exponent[n, c, y, xx]))
         cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
 
+        def clark(n, c, y, xx):
+            _inside, mean, var, load = at(positions[k], n, c, y, xx)
+            here = (n, c, y, xx)
+            max_mean, max_var = clark_max_moments(acc_mean[here], acc_var[here], mean, var, (spread[here], cdf[here], pdf[here], alpha[here]),
+                                                  covariance=acc[2][here] * load if correlated else None)
+            if not correlated:
+                return max_mean, max_var
+            return max_mean, max_var, acc[2][here] * cdf[here] + load * (f32(1.0) - cdf[here])
+
+        if always_inside(positions[0]) and always_inside(positions[k]):
+            # every output's window holds elements 0 and k: nothing to pick, the max is the step
+            return te.compute(out_shape, clark, name=f"maxpool_{k}", attrs=SHARED)
+        # the max in a stage of its own, the pick in the next: with both in one loop body, gcc 12's
+        # jump threading of the pick's index tests reported a false -Wmaybe-uninitialized
+        maxed = stage("max", clark)
+        maxed = maxed if isinstance(maxed, (list, tuple)) else (maxed,)
+
         def step(n, c, y, xx):
             inside, mean, var, load = at(positions[k], n, c, y, xx)
             here = (n, c, y, xx)
-            max_mean, max_var = clark_max_moments(
-                acc_mean[here], acc_var[here], mean, var, (spread[here], cdf[here], pdf[here], alpha[here]), tail_form=False
-            )
             seen = seen_before(k, n, c, y, xx)
 
             def pick(acc_value, new_value, max_value):  # padding is skipped; the first valid element is taken as is
                 return tirx.Select(tirx.Not(inside), acc_value, tirx.Select(tirx.Not(seen), new_value, max_value))
 
-            picked = (pick(acc_mean[n, c, y, xx], mean, max_mean), pick(acc_var[n, c, y, xx], var, max_var))
-            if not correlated:
-                return picked
-            acc_load = acc[2][n, c, y, xx]
-            max_load = acc_load * cdf[n, c, y, xx] + load * (f32(1.0) - cdf[n, c, y, xx])
-            return picked + (pick(acc_load, load, max_load),)
+            news = (mean, var, load) if correlated else (mean, var)
+            return tuple(pick(a[here], e, m[here]) for a, e, m in zip(acc, news, maxed))
 
         return te.compute(out_shape, step, name=f"maxpool_{k}", attrs=SHARED)
 

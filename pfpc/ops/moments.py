@@ -104,12 +104,12 @@ def safe_ratio(num, den):
 
 
 def relu_terms(mean, var):
-    """(Phi(z), phi(z), s) with s = sqrt(V), z = M / s: the part of `relu_moments` with the square
-    root, the divisions and exp, computed once per element and shared by both moments."""
+    """(Phi(z), phi(z), s, z) with s = sqrt(V), z = M / s: the part of `relu_moments` with the
+    square root, the divisions and exp, computed once per element and shared by both moments."""
     std = safe_sqrt(var)
     z = safe_ratio(mean, std)
     pdf = std_normal_pdf(z)
-    return std_normal_cdf(z, pdf), pdf, std
+    return std_normal_cdf(z, pdf), pdf, std, z
 
 
 def relu_moments(mean, var, terms=None):
@@ -122,18 +122,51 @@ def relu_moments(mean, var, terms=None):
     so that the M^2 terms cancel symbolically, not in float32: for a concentrated input (M = 100,
     V = 1e-4) the difference of the raw moments would round to 0, this form gives V. Its terms
     are each O(V) where Var is (z near 0 or above), so the relative error stays near float32's
-    epsilon; deep in the lower tail (z < -5) the last three terms cancel to the tiny true
-    variance (relative error ~ eps z^4 / 2 of a variance below 2e-8 V).
+    epsilon.
+
+    Deep in the lower tail both moments cancel: E[y] = s (phi(u) - u Q(u)) with u = -z is
+    O(s phi(u) / u^2) from terms O(s phi(u)), so Phi's absolute error 7.5e-8 (`std_normal_cdf`)
+    came out 3e-3 of the mean at z = -3.5 (the fuzzer's Sum -> Relu -> ReduceMean, seed 200037),
+    and the variance's last three terms cancel to O(V phi(u) / u^3). For z <= -1.6, y = s (Z - u)+
+    gives both from the tail's partial moments (`normal_tail_moments`, sums of positive terms):
+
+    E[y]   = s psi1(u)
+    Var[y] = V (psi2(u) - psi1(u)^2)        (psi1^2 < psi2 / 30 there: no cancellation)
+
+    with psi1 = phi D, psi2 = 2 phi r D, D = 1 / (1 + u (u + 2 r)), from r = B_3 / B_2 of Laplace's
+    continued fraction (`relu_tail_ratio`; B_1 = B_2 (u + 2 r), B_0 = B_2 (1 + u (u + 2 r))): the
+    polynomials once per element for both moments, and only where z <= -1.6.
+
     V = 0 gives z = +-inf (or 0 when M = 0), hence exactly (relu(M), 0).
-    ``terms``: `relu_terms` (Phi(z), phi(z), s) of the same element, when the caller computed them
-    once already. Returns (E[y], Var[y]).
+    ``terms``: `relu_terms` (Phi(z), phi(z), s, z) and optionally `relu_tail_ratio` of the same
+    element, when the caller computed them once already. Returns (E[y], Var[y]).
     """
-    cdf, pdf, std = terms if terms is not None else relu_terms(mean, var)
+    cdf, pdf, std, z, *ratio = terms if terms is not None else relu_terms(mean, var)
+    ratio = ratio[0] if ratio else relu_tail_ratio(z)
     std_pdf = std * pdf
     first = mean * cdf + std_pdf
     upper_tail = f32(1.0) - cdf
     variance = var * cdf + mean * mean * cdf * upper_tail + mean * std_pdf * (upper_tail - cdf) - std_pdf * std_pdf
+    distance = tirx.min(f32(0.0) - z, f32(_TAIL_TO))  # as `relu_tail_ratio` clamps it (phi = 0 beyond 7.75)
+    psi1 = pdf / (f32(1.0) + distance * (distance + f32(2.0) * ratio))
+    psi2 = f32(2.0) * ratio * psi1
+    tail = z <= f32(-_TAIL_FROM)
+    first = tirx.Select(tail, std * psi1, first)
+    variance = tirx.Select(tail, var * (psi2 - psi1 * psi1), variance)
     return first, tirx.max(variance, f32(0.0))
+
+
+def relu_tail_ratio(z):
+    """r = B_3(u) / B_2(u), u = -z, of Laplace's continued fraction for the normal tail
+    (`normal_tail_moments`, 32 levels; positive polynomials by Horner's rule), where z <= -1.6,
+    else 0 (a branch: the polynomials are computed for the lower tail only). `relu_moments`
+    forms psi1 and psi2 at u from it."""
+    distance = tirx.min(f32(0.0) - z, f32(_TAIL_TO))
+    t_squared = tirx.Var("tail_t2", "float32")
+    polynomials = _tail_coefficients(_TAIL_LEVELS, 4)
+    ratio = _let(t_squared, distance * distance, _positive_polynomial(polynomials[3], distance, t_squared)
+                 / _positive_polynomial(polynomials[2], distance, t_squared))
+    return tirx.Select(z <= f32(-_TAIL_FROM), ratio, f32(0.0))
 
 
 def clip_moments(mean, var, lower, upper):
@@ -227,28 +260,37 @@ _TAIL_LEVELS, _TAIL_FROM, _TAIL_TO = 32, 1.6, 8.0
 #: after 20 levels (relative error of psi2 below 7e-6 there against 40-digit mpmath; fewer
 #: multiply-adds in every MaxPool step than 32).
 _CLARK_TAIL_LEVELS, _CLARK_TAIL_FROM = 20, 2.0
-_TAIL_B = {levels: _tail_polynomials(levels) for levels in (_TAIL_LEVELS, _CLARK_TAIL_LEVELS)}
-_TAIL_B5 = _tail_polynomials(_TAIL_LEVELS, 6)[4:]  # B_4, B_5: the partial moments to the fourth
+_TAIL_B = {}  # (levels, count) -> `_tail_polynomials`
 
 
-def normal_tail_partial_moments(t, pdf):
-    """[psi0(t), ..., psi4(t)], psi_k(t) = E[(Z - t)+^k] (psi0 = Q), for t >= 1.6 (``pdf`` =
+def _tail_coefficients(levels, count):
+    """`_tail_polynomials` (levels, count), computed once."""
+    if (levels, count) not in _TAIL_B:
+        _TAIL_B[(levels, count)] = _tail_polynomials(levels, count)
+    return _TAIL_B[(levels, count)]
+
+
+def normal_tail_partial_moments(t, pdf, order=4, levels=_TAIL_LEVELS):
+    """[psi0(t), ..., psi_order(t)], psi_k(t) = E[(Z - t)+^k] (psi0 = Q), for t >= 1.6 (``pdf`` =
     phi(t)): psi_k = k! phi B_{k+1} / B_0 with Laplace's continued fraction of
-    `normal_tail_moments` (32 levels), B_5 and B_4 by Horner's rule and the others by the
-    recurrence B_n = t B_{n+1} + (n + 1) B_{n+2}: sums of positive terms, nothing cancels.
-    Returns (moments, bind) as `normal_tail_moments` does."""
+    `normal_tail_moments` (cut after ``levels`` levels), B_{order+1} and B_order by Horner's rule
+    and the others by the recurrence B_n = t B_{n+1} + (n + 1) B_{n+2}: sums of positive terms,
+    nothing cancels. t is clamped to [1, 8]. Returns (moments, bind): expressions in variables
+    that ``bind(expr)`` defines around an expression using them (once around the caller's whole
+    result, not around each moment: the C would compute the polynomials once per use)."""
+    polynomials = _tail_coefficients(levels, order + 2)
     t = tirx.min(tirx.max(t, f32(1.0)), f32(_TAIL_TO))
-    t_squared, b4, b5, inverse = (tirx.Var(f"tail_{name}", "float32") for name in ("t2", "b4", "b5", "inverse"))
-    b3 = t * b4 + f32(4.0) * b5
-    b2 = t * b3 + f32(3.0) * b4
-    b1 = t * b2 + f32(2.0) * b3
-    b0 = t * b1 + b2
-    factorials = (1.0, 1.0, 2.0, 6.0, 24.0)
-    moments = [f32(factorial) * pdf * (b * inverse) for factorial, b in zip(factorials, (b1, b2, b3, b4, b5))]
+    t_squared, top, above, inverse = (tirx.Var(f"tail_{name}", "float32") for name in ("t2", f"b{order}", f"b{order + 1}", "inverse"))
+    b = {order: top, order + 1: above}
+    for n in range(order - 1, 0, -1):
+        b[n] = t * b[n + 1] + f32(float(n + 1)) * b[n + 2]
+    b0 = t * b[1] + b[2]  # 1 / B_0 >= 1e-31: phi / B_0 would be subnormal from t = 6.5 on
+    moments = [pdf * (b[k + 1] * inverse) if k < 2 else f32(float(math.factorial(k))) * pdf * (b[k + 1] * inverse)
+               for k in range(order + 1)]
 
     def bind(value):
-        return _let(t_squared, t * t, _let(b4, _positive_polynomial(_TAIL_B5[0], t, t_squared),
-                    _let(b5, _positive_polynomial(_TAIL_B5[1], t, t_squared), _let(inverse, f32(1.0) / b0, value))))
+        return _let(t_squared, t * t, _let(top, _positive_polynomial(polynomials[order], t, t_squared),
+                    _let(above, _positive_polynomial(polynomials[order + 1], t, t_squared), _let(inverse, f32(1.0) / b0, value))))
 
     return moments, bind
 
@@ -280,23 +322,13 @@ def normal_tail_moments(t, pdf, levels=_TAIL_LEVELS):
     Q = phi B_1 / B_0,  psi1 = phi (1 - t B_1 / B_0) = phi B_2 / B_0,  psi2 = 2 phi B_3 / B_0,
 
     polynomials in t with non-negative integer coefficients (B_n = t B_{n+1} + (n + 1) B_{n+2}),
-    so nothing cancels (B_2 and B_3 by Horner's rule, B_1 and B_0 by the recurrence): relative error below 2e-6 from t = 1.6 on, 4e-7 from t = 1.7 (float32
-    against 40-digit mpmath). t is clamped to [1, 8] (phi(t) = 0 beyond 7.75; a caller uses the
-    result for t >= 1.6 only). Returns (Q(t), psi1(t), psi2(t), bind), expressions in variables
-    that ``bind(expr)`` defines around an expression using them."""
-    t = tirx.min(tirx.max(t, f32(1.0)), f32(_TAIL_TO))
-    t_squared, b2, b3, inverse = (tirx.Var(f"tail_{name}", "float32") for name in ("t2", "b2", "b3", "inverse"))
-    b1 = t * b2 + f32(2.0) * b3  # the recurrence: two polynomials by Horner, the others from them
-    polynomials = _TAIL_B[levels]
-
-    def bind(value):
-        # once around the caller's whole result, not around each of the three (the C would
-        # compute the polynomials once per use)
-        return _let(t_squared, t * t, _let(b2, _positive_polynomial(polynomials[2], t, t_squared),
-                    _let(b3, _positive_polynomial(polynomials[3], t, t_squared),
-                         _let(inverse, f32(1.0) / (t * b1 + b2), value))))  # 1 / B_0 >= 1e-31: phi / B_0 would be subnormal from t = 6.5 on
-
-    return pdf * (b1 * inverse), pdf * (b2 * inverse), f32(2.0) * pdf * (b3 * inverse), bind
+    so nothing cancels (`normal_tail_partial_moments` to the second order: B_2 and B_3 by
+    Horner's rule, B_1 and B_0 by the recurrence): relative error below 2e-6 from t = 1.6 on,
+    4e-7 from t = 1.7 (float32 against 40-digit mpmath). t is clamped to [1, 8] (phi(t) = 0
+    beyond 7.75; a caller uses the result for t >= 1.6 only). Returns (Q(t), psi1(t), psi2(t),
+    bind), expressions in variables that ``bind(expr)`` defines around an expression using them."""
+    moments, bind = normal_tail_partial_moments(t, pdf, 2, levels)
+    return (*moments, bind)
 
 
 def _beyond_a_bound(first, second, std, a, tail_a, b, tail_b):
@@ -437,7 +469,7 @@ def clark_max_terms(mean1, var1, mean2, var2):
     return spread, std_normal_cdf(alpha, pdf), pdf, alpha
 
 
-def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True):
+def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True, covariance=None):
     """Mean and variance of max(x1, x2) for independent x_i ~ N(M_i, V_i) (Clark 1961), with
     a = sqrt(V1 + V2), d = M1 - M2 and al = d / a:
 
@@ -464,9 +496,10 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True):
     a sum of non-negative terms (psi1^2 < psi2 / 6 there). Below u = 2 the closed form's error
     is at most 5e-5 of the variance. ``terms``: `clark_max_terms` (a, Phi(al), phi(al), al) of the
     same pair, when the caller computed them once already. ``tail_form=False``: the closed form
-    alone (`gaussian.maxpool2d`: with the tail form, gcc 12 reports a false "may be used
-    uninitialized" in some padded 2-D MaxPool kernels under -Werror, so 2-D MaxPool keeps the
-    closed form's deep-tail error for now). Returns (E[max], Var[max]).
+    alone. ``covariance``: c = Cov(x1, x2) of correlated operands (`gaussian.maxpool2d` with
+    loadings, where ``terms`` carry a = sqrt(V1 + V2 - 2c)); the closed form holds as it is, and
+    the tail's Cov(x_w, relu(x_l - x_w)) is (c - V_w) Q(u), adding 2 c Q(u) to its variance.
+    Returns (E[max], Var[max]).
     """
     spread, cdf, pdf, alpha = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
     cdf_neg = f32(1.0) - cdf
@@ -484,8 +517,10 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True):
     winner_mean, winner_var = tirx.Select(first_wins, mean1, mean2), tirx.Select(first_wins, var1, var2)
     tail = distance >= f32(_CLARK_TAIL_FROM)
     first = bind(tirx.Select(tail, winner_mean + spread * psi1, first))
-    variance = bind(tirx.Select(tail, winner_var * (f32(1.0) - f32(2.0) * tail_probability)
-                                + spread * spread * (psi2 - psi1 * psi1), variance))
+    tail_variance = winner_var * (f32(1.0) - f32(2.0) * tail_probability) + spread * spread * (psi2 - psi1 * psi1)
+    if covariance is not None:
+        tail_variance = tail_variance + f32(2.0) * covariance * tail_probability
+    variance = bind(tirx.Select(tail, tail_variance, variance))
     return first, tirx.max(variance, f32(0.0))
 
 
