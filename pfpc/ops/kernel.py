@@ -391,7 +391,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
         downstream = _downstream(sch, root, block, placed)
         if accumulate == "channel_rows" and _narrow_reduction(sch, block) and _partial_sums(sch, block):
             for consumer in downstream:
-                sch.reverse_compute_at(consumer, sch.get_loops(block)[spatial - 1])
+                if not _after_outputs(sch, block, consumer, sch.get_loops(block)[spatial - 1]):
+                    break  # the rest read it: after the reduction too
             placed.update(sch.get(b).name_hint for b in downstream)
             continue
         if accumulate in ("row", "channel_rows") and spatial >= 2 and not (accumulate == "channel_rows" and _narrow_reduction(sch, block)):
@@ -413,7 +414,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
                 sch.reorder(loops[spatial - 2], inner)
                 loops = sch.get_loops(block)
             for consumer in downstream:  # one row loop each: those without libm calls vectorise
-                sch.reverse_compute_at(consumer, loops[spatial - 2 - (channels > 1)])
+                if not _after_outputs(sch, block, consumer, loops[spatial - 2 - (channels > 1)]):
+                    break  # the rest read it: after the reduction too
             sch.decompose_reduction(block, loops[spatial - 1 - (channels > 1)])
             update = sch.get_loops(block)
             if channels > 1:
@@ -430,7 +432,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             # register blocking: BLOCK outputs along the last spatial axis per loaded weight
             outer, inner = sch.split(loops[spatial - 1], [None, _block_factor(int(sch.get(loops[spatial - 1]).extent))])
             for consumer in downstream:
-                sch.reverse_compute_at(consumer, outer)
+                if not _after_outputs(sch, block, consumer, outer):
+                    break  # the rest read it: after the reduction too
             sch.decompose_reduction(block, inner)
             update = sch.get_loops(block)
             sch.reorder(*update[spatial + 1:], update[spatial])
@@ -439,7 +442,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             _unroll_window(sch, update[spatial:-1])
         else:
             for consumer in downstream:
-                sch.reverse_compute_at(consumer, loops[spatial - 1])
+                if not _after_outputs(sch, block, consumer, loops[spatial - 1]):
+                    break  # the rest read it: after the reduction too
             sch.decompose_reduction(block, sch.get_loops(block)[spatial])
             if _unrollable(sch, block):
                 _unroll_window(sch, sch.get_loops(block)[spatial:])
@@ -635,6 +639,41 @@ def _flatten_stages(sch, blocks, shape):
     except Exception:  # TVM's error: a buffer it cannot map (leave them indexed as they are)
         return
     transform(sch)
+
+
+def _after_outputs(sch, block, consumer, loop) -> bool:
+    """``consumer`` of the reduction ``block`` computed under ``loop``, right after the outputs
+    each iteration of it completes, where TVM can bound it to them; else left after the whole
+    reduction. TVM's region analysis can find the consumer needs the whole tensor under ``loop``
+    (a channel block over rows one element wide): it then recomputes every element at every
+    iteration from rows not yet computed, and a kernel that writes its output over an operand
+    (`in_place_operands`) overwrote the operand's later rows before they were read (fuzz seed
+    500102: a residual Add + Clip after a convolution on 7x1 maps, output varying from run to run).
+    Returns whether it placed the consumer."""
+    extent = lambda l, schedule=sch: int(schedule.get(l).extent)
+    above = 1
+    for outer in sch.get_loops(block):
+        above *= extent(outer)
+        if sch.get(outer).same_as(sch.get(loop)):
+            break
+    outputs = 1
+    for iv in sch.get(block).iter_vars:
+        if iv.iter_type == tirx.IterVar.DataPar:
+            outputs *= int(iv.dom.extent)
+    trial = sch.copy()
+    try:
+        trial.reverse_compute_at(consumer, loop)
+    except Exception:  # TVM's ScheduleError: not placeable there
+        return False
+    loops, inner, under = trial.get_loops(consumer), 1, False
+    for candidate in loops:
+        if under:
+            inner *= extent(candidate, trial)
+        under = under or trial.get(candidate).same_as(trial.get(loop))
+    if inner * above > outputs:
+        return False
+    sch.reverse_compute_at(consumer, loop)
+    return True
 
 
 def _partial_sums(sch, block) -> bool:
