@@ -290,6 +290,11 @@ def render_source(program: Program, summary: str, executor: str) -> str:
 #if defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wunused-parameter"
 #endif
+#if defined(__GNUC__) && !defined(__clang__)
+/* gcc 12.2 computed some models wrong once it inlined the kernels into {name}_run (right at -O0,
+ * with clang, and with the kernels out of line): each kernel stays a function of its own */
+#pragma GCC optimize("no-inline-small-functions", "no-inline-functions-called-once")
+#endif
 
 {chr(10).join(kernel_text)}
 #ifndef {upper}_NO_STATIC_ARENA
