@@ -139,13 +139,20 @@ def build_kernel(spec: KernelSpec, operand_shapes, name: str, codebooks=None):
     codebooks (their parameters are `codebook.placeholders`, gathered inside the kernel)."""
     if codebooks:
         return _build_kernel(spec, operand_shapes, name, codebooks)
-    key = (spec.to_json(), spec.names, tuple(tuple(int(d) for d in shape) for shape in operand_shapes), name)
-    if key not in _BUILT:
-        if len(_BUILT) >= _BUILT_LIMIT:
-            _BUILT.clear()
-        _BUILT[key] = _build_kernel(spec, operand_shapes, name)
-    func, out_shape = _BUILT[key]
+    func, out_shape = _cached(_BUILT, spec, operand_shapes, name, _build_kernel)
     return func, list(out_shape)
+
+
+def _cached(cache: dict, spec: KernelSpec, operand_shapes, name: str, make):
+    """``make(spec, shapes, name)`` once per (spec, names, shapes, name) in ``cache``, which is
+    emptied when it holds _BUILT_LIMIT entries."""
+    shapes = tuple(tuple(int(d) for d in shape) for shape in operand_shapes)
+    key = (spec.to_json(), spec.names, shapes, name)
+    if key not in cache:
+        if len(cache) >= _BUILT_LIMIT:
+            cache.clear()
+        cache[key] = make(spec, shapes, name)
+    return cache[key]
 
 
 #: Output shapes by stages (ONNX provenance aside) and operand shapes: a pass that changes only
@@ -160,13 +167,7 @@ def placeholder_kernel(spec: KernelSpec, operand_shapes, name: str):
     operand parameters (names, shapes), one parameter per output tensor, the spec and the name,
     and the output shape. Its body calls an undefined C function (a placeholder that reached a
     C compiler unbuilt fails to link); `build_placeholder` builds the kernel it stands for."""
-    shapes = tuple(tuple(int(d) for d in shape) for shape in operand_shapes)
-    key = (spec.to_json(), spec.names, shapes, name)
-    if key not in _PLACEHOLDERS:
-        if len(_PLACEHOLDERS) >= _BUILT_LIMIT:
-            _PLACEHOLDERS.clear()
-        _PLACEHOLDERS[key] = _placeholder(spec, shapes, name)
-    func, out_shape = _PLACEHOLDERS[key]
+    func, out_shape = _cached(_PLACEHOLDERS, spec, operand_shapes, name, _placeholder)
     return func, list(out_shape)
 
 
