@@ -243,7 +243,7 @@ def test_generated_c_reads_through_codebooks(tmp_path, components, blends, excep
     fc = next(o for o in meta["operands"] if o["initializer"] == "fc.w")
     assert fc["index_bits"] == bits
     # TVM's kernels take the codes and tables as arguments and gather the weights themselves
-    assert re.search(r"static void k_\w*codebook\([^)]*const uint8_t\* restrict \w*_index,\s+const float\* restrict \w*_mean_table", source)
+    assert re.search(r"PFP_KERNEL void k_\w*codebook\([^)]*const uint8_t\* restrict \w*_index,\s+const float\* restrict \w*_mean_table", source)
     # 4-bit: 15 codes and the escape; the single-use entries (blends, exceptions) beyond them are exceptions
     assert (fc["exceptions"] > 0) == (bits == 4 and components + blends + exceptions > 16)
     assert meta["shared_bytes"] < meta["full_bytes"] / 3
