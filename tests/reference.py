@@ -1029,6 +1029,63 @@ def clip_loading(mean, var, loading, lower=None, upper=None):
     return _f64(loading) * inside
 
 
+def _stein_slope(function, m, v, points=40001, width=12.0):
+    """E[f'(x)] = E[f(x) (x - m)] / v (Stein's lemma) for x ~ N(m, v) by the trapezoid rule on m +- width s
+    (independent of any closed form; f may have kinks); 0 where v = 0 (the loading is 0 there)."""
+    s = np.sqrt(v)
+    z = np.linspace(-width, width, points)
+    weights = np.exp(-0.5 * z * z) * _INV_SQRT_2PI * z
+    weights[[0, -1]] *= 0.5
+    weights *= z[1] - z[0]
+    values = function(m[..., None] + s[..., None] * z)
+    return np.where(s > 0, (values @ weights) / np.where(s > 0, s, 1.0), 0.0)
+
+
+def _mean_slope(moments, m, v):
+    """dE[y]/dM of an approximation's mean (Stein: = E[f'(x)] for the exact one), by central differences."""
+    h = 1e-6 * (1.0 + np.abs(m))
+    return (moments(m + h, v)[0] - moments(m - h, v)[0]) / (2 * h)
+
+
+def leaky_relu_loading(mean, var, loading, alpha):
+    """a (alpha + (1 - alpha) Phi(m / s))."""
+    m, v = _f64(mean), _f64(var)
+    s = np.sqrt(v)
+    slope = np.where(s > 0, ndtr(m / np.where(s > 0, s, 1.0)), (m > 0).astype(float))
+    return _f64(loading) * (alpha + (1 - alpha) * slope)
+
+
+def sigmoid_loading(mean, var, loading):
+    """a dE/dM of `sigmoid`'s probit approximation."""
+    return _f64(loading) * _mean_slope(sigmoid, _f64(mean), _f64(var))
+
+
+def tanh_loading(mean, var, loading):
+    """a dE/dM of `tanh`'s approximation."""
+    return _f64(loading) * _mean_slope(tanh, _f64(mean), _f64(var))
+
+
+def hard_sigmoid_loading(mean, var, loading, alpha, beta):
+    """a E[f'(x)], f = clip(alpha x + beta, 0, 1), by Stein's integral."""
+    return _f64(loading) * _stein_slope(lambda x: np.clip(alpha * x + beta, 0.0, 1.0), _f64(mean), _f64(var))
+
+
+def hard_swish_loading(mean, var, loading, alpha=1 / 6, beta=0.5):
+    """a E[f'(x)], f = x clip(alpha x + beta, 0, 1), by Stein's integral."""
+    return _f64(loading) * _stein_slope(lambda x: x * np.clip(alpha * x + beta, 0.0, 1.0), _f64(mean), _f64(var))
+
+
+def smooth_loading(function, mean, var, loading, points=16):
+    """a E[f'(x)] for the activations pfpc computes by Gauss-Hermite quadrature, on the same
+    nodes (`gauss_hermite`): E[(f(x) - f(M)) (x - M)] / V = 2 / (sqrt(pi) sqrt(2V)) sum w t d."""
+    m, v = _f64(mean), _f64(var)
+    nodes, weights = np.polynomial.hermite.hermgauss(points)
+    spread = np.sqrt(2 * v)
+    deltas = function(m[..., None] + spread[..., None] * nodes) - function(m)[..., None]
+    total = deltas @ (weights * nodes) * 2 / np.sqrt(np.pi)
+    return np.where(spread > 0, _f64(loading) * total / np.where(spread > 0, spread, 1.0), 0.0)
+
+
 def square_add(x, y):
     """x^2 + y."""
     return _f64(x) ** 2 + _f64(y)

@@ -277,7 +277,8 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
             env[inp.name] = (value, np.zeros(value.shape), np.zeros(value.shape))
     replace = replace or {}
     outputs = {o.name for o in model.graph.output}
-    nodes = R._pools_before_relus(model.graph.node, outputs) if pools_before_relus else model.graph.node
+    nodes = R._gated_products(model.graph.node)
+    nodes = R._pools_before_relus(nodes, outputs) if pools_before_relus else nodes
     for node in nodes:
         x = []
         for name in node.input:
@@ -301,9 +302,33 @@ def _lift(t):
     return tuple(z[:, :, None, :] for z in t)
 
 
+_SMOOTH = {"SiLU": "silu", "Gelu": "gelu", "Softplus": "softplus", "Elu": "elu", "Selu": "selu"}
+
+
+def activation_loading(op, a, m, v, ld):
+    """The output loading a E[f'(x)] of an activation other than ReLU and Clip (Stein's lemma)."""
+    if op == "LeakyRelu":
+        return R.leaky_relu_loading(m, v, ld, a.get("alpha", 0.01))
+    if op == "Sigmoid":
+        return R.sigmoid_loading(m, v, ld)
+    if op == "Tanh":
+        return R.tanh_loading(m, v, ld)
+    if op == "HardSigmoid":
+        return R.hard_sigmoid_loading(m, v, ld, a.get("alpha", 0.2), a.get("beta", 0.5))
+    if op in ("HardSwish", "HardSwishOf"):
+        return R.hard_swish_loading(m, v, ld, a.get("alpha", 1 / 6), a.get("beta", 0.5))
+    return R.smooth_loading(R.SMOOTH_FUNCTIONS[_SMOOTH[op]](a), m, v, ld)
+
+
+ACTIVATIONS = {"LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "HardSwishOf", *_SMOOTH}
+
+
 def _node(node, x, mode, group, box_noise=False, spread_variance=False, max_keeps_loading=True):
     op = node.op_type
     a = R._attrs(node)
+    if mode != "none" and op in ACTIVATIONS:
+        (mean, var), = R._node_outputs(node, a, [(x[0][0], x[0][1])])
+        return mean, var, activation_loading(op, a, x[0][0], x[0][1], x[0][2])
     if mode == "none" or op not in CHANNEL_OPS:
         outs = R._node_outputs(node, a, [None if t is None else (t[0], t[1]) for t in x])
         mean, var = outs[0]

@@ -155,7 +155,9 @@ def test_native_moment_of_the_embedded_network_operators():
         result = R.STAGES[stage].build(operands, stage_attrs)
         assert result.repr == (R.STAGES[stage].native or G.Moment.VAR), stage
     first = R.OPERATORS.index(R.STAGES["reduce_sum"])  # the entries of elementwise.py's operators start there
-    assert {op.name for op in R.OPERATORS[first:] if op.kind is R.Kind.GAUSSIAN} == set(unary) | set(binary) | set(ternary) | {"conv3d", "maxpool3d", "avgpool3d"}
+    smooth_loadings = {f"{name}_loading" for name in R.SMOOTH_FUNCTIONS}  # appended after them (`registry._loading_of`)
+    assert {op.name for op in R.OPERATORS[first:] if op.kind is R.Kind.GAUSSIAN} - smooth_loadings == set(unary) | set(binary) | set(ternary) | {"conv3d", "maxpool3d", "avgpool3d"}
+    assert smooth_loadings <= set(R.LOADING_SLOPES.values())
 
 
 def test_markers_name_their_parameters():

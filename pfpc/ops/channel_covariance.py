@@ -11,8 +11,11 @@ TE compute with at most one reduction (`kernel.schedule_kernel` schedules it as 
 
 from __future__ import annotations
 
+import math
+
 from tvm import te, tirx
 
+from .elementwise import _NODES, _WEIGHTS
 from .gaussian import ROW_STAGE, Gaussian, _broadcast_index, _reduce_products, _second_at, conv2d_window
 from .moments import f32, pdf_exponent, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
 
@@ -122,6 +125,104 @@ def clip_loading(x: Gaussian, loading: Gaussian, lower, upper) -> Gaussian:
         return loading.mean[idx] * inside
 
     return _det(x.shape, body, "clip_loading")
+
+
+def _slope_loading(x: Gaussian, loading: Gaussian, slope, name: str) -> Gaussian:
+    """a slope(m, v, s): an activation's output loading, slope = E[f'(x)] (Stein's lemma, as
+    `relu_loading`); deterministic output."""
+    def body(*idx):
+        mean, var = x.mean[idx], x.var_at(idx)
+        return loading.mean[idx] * slope(mean, var, tirx.max(safe_sqrt(var), f32(1e-30)))
+
+    return _det(x.shape, body, name)
+
+
+def _probability_between(mean, std, lower, upper):
+    """P(lower < x < upper) for x ~ N(mean, std^2)."""
+    b, a = (f32(upper) - mean) / std, (f32(lower) - mean) / std
+    return std_normal_cdf(b, std_normal_pdf(b)) - std_normal_cdf(a, std_normal_pdf(a))
+
+
+def leaky_relu_loading(x: Gaussian, loading: Gaussian, alpha: float) -> Gaussian:
+    """Loading of x if x > 0 else alpha x: a (alpha + (1 - alpha) Phi(m / s))."""
+    def slope(mean, var, std):
+        z = mean / std
+        return f32(alpha) + f32(1.0 - alpha) * std_normal_cdf(z, std_normal_pdf(z))
+
+    return _slope_loading(x, loading, slope, "leaky_relu_loading")
+
+
+def sigmoid_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
+    """Loading of sigmoid(x): a dE[y]/dM of the probit approximation `moments.sigmoid_moments`
+    (Stein: E[f'(x)] = dE[f(x)]/dM), E = sigmoid(M / r), r = sqrt(1 + pi V / 8):
+
+        a E (1 - E) / r"""
+    def slope(mean, var, std):
+        spread = tirx.sqrt(f32(1.0) + f32(math.pi / 8.0) * var)
+        first = f32(1.0) / (f32(1.0) + tirx.exp(f32(0.0) - mean / spread))
+        return first * (f32(1.0) - first) / spread
+
+    return _slope_loading(x, loading, slope, "sigmoid_loading")
+
+
+def tanh_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
+    """Loading of tanh(x): a dE[y]/dM of `moments.tanh_moments`' E = tanh(M / r),
+    r = sqrt(1 + pi V / 2):
+
+        a (1 - E^2) / r"""
+    def slope(mean, var, std):
+        spread = tirx.sqrt(f32(1.0) + f32(math.pi / 2.0) * var)
+        first = tirx.tanh(mean / spread)
+        return (f32(1.0) - first * first) / spread
+
+    return _slope_loading(x, loading, slope, "tanh_loading")
+
+
+def hard_sigmoid_loading(x: Gaussian, loading: Gaussian, alpha: float, beta: float) -> Gaussian:
+    """Loading of clip(alpha x + beta, 0, 1): a alpha P(lo < x < hi), lo = -beta / alpha,
+    hi = (1 - beta) / alpha."""
+    lower, upper = -beta / alpha, (1.0 - beta) / alpha
+    return _slope_loading(x, loading, lambda mean, var, std: f32(alpha) * _probability_between(mean, std, lower, upper),
+                          "hard_sigmoid_loading")
+
+
+def hard_swish_loading(x: Gaussian, loading: Gaussian, alpha: float, beta: float) -> Gaussian:
+    """Loading of x clip(alpha x + beta, 0, 1) (slope 0 below lo = -beta / alpha, 1 above
+    hi = (1 - beta) / alpha, 2 alpha x + beta between): with u = (lo - m) / s, w = (hi - m) / s,
+
+        a (1 - Phi(w) + (2 alpha m + beta) (Phi(w) - Phi(u)) + 2 alpha s (phi(u) - phi(w)))
+
+    (E[x 1{lo < x < hi}] = m P + s (phi(u) - phi(w)))."""
+    lower, upper = -beta / alpha, (1.0 - beta) / alpha
+
+    def slope(mean, var, std):
+        u, w = (f32(lower) - mean) / std, (f32(upper) - mean) / std
+        pdf_u, pdf_w = std_normal_pdf(u), std_normal_pdf(w)
+        cdf_u, cdf_w = std_normal_cdf(u, pdf_u), std_normal_cdf(w, pdf_w)
+        return (f32(1.0) - cdf_w + (f32(2.0 * alpha) * mean + f32(beta)) * (cdf_w - cdf_u)
+                + f32(2.0 * alpha) * std * (pdf_u - pdf_w))
+
+    return _slope_loading(x, loading, slope, "hard_swish_loading")
+
+
+def smooth_loading(x: Gaussian, loading: Gaussian, function, difference=None) -> Gaussian:
+    """Loading of a smooth activation f computed by Gauss-Hermite quadrature (`elementwise.smooth`):
+    a E[f'(x)] with E[f'(x)] = E[(f(x) - f(M)) (x - M)] / V (Stein) on the same nodes t_k, weights
+    w_k and differences d_k = f(M + sqrt(2V) t_k) - f(M) (``difference``: from the step, as there):
+
+        a 2 / (sqrt(pi) sqrt(2V)) sum_k w_k t_k d_k     (0 where V = 0: a is 0 there)"""
+    def body(*idx):
+        mean, var = x.mean[idx], x.var_at(idx)
+        spread = tirx.sqrt(f32(2.0) * tirx.max(var, f32(0.0)))
+        center = function(mean)
+        total = f32(0.0)
+        for node, weight in zip(_NODES, _WEIGHTS):
+            step = spread * f32(float(node))
+            delta = function(mean + step) - center if difference is None else difference(mean, step)
+            total = total + f32(float(2.0 * weight * node / math.sqrt(math.pi))) * delta
+        return tirx.Select(spread > f32(0.0), safe_ratio(loading.mean[idx], spread) * total, f32(0.0))
+
+    return _det(x.shape, body, "smooth_loading")
 
 
 def square_add(x: Gaussian, y: Gaussian) -> Gaussian:

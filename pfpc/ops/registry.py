@@ -289,6 +289,31 @@ def _clark_steps(attrs, out_size):
     return {"max": out_size * (int(np.prod(attrs["kernel"])) - 1)}
 
 
+#: The activations computed by Gauss-Hermite quadrature: op -> attrs -> (f, f(M + h) - f(M) from
+#: the step h, or None), shared by the operator (`elementwise.smooth`) and its loading
+#: (`channel_covariance.smooth_loading`)
+SMOOTH_FUNCTIONS = {
+    "silu": lambda attrs: (E.silu, None),
+    "gelu": lambda attrs: (E.gelu, None),
+    "gelu_tanh": lambda attrs: (E.gelu_tanh, None),
+    "softplus": lambda attrs: (E.softplus, None),
+    "elu": lambda attrs: (E.elu(attrs["alpha"]), E.elu_difference(attrs["alpha"])),
+    "selu": lambda attrs: (E.elu(attrs["alpha"], attrs["gamma"]), E.elu_difference(attrs["alpha"], attrs["gamma"])),
+}
+
+
+def _smooth(name):
+    def build(inputs, attrs):
+        function, difference = SMOOTH_FUNCTIONS[name](attrs)
+        return E.smooth(inputs[0], function, name, difference)
+
+    return build
+
+
+def _smooth_loading(name):
+    return lambda inputs, attrs: C.smooth_loading(*inputs, *SMOOTH_FUNCTIONS[name](attrs))
+
+
 @dataclass(frozen=True)
 class Operator:
     """One operator. ``name`` is the stage name in a `kernel.KernelSpec` (for a Gaussian operator)."""
@@ -356,16 +381,16 @@ OPERATORS = (
     Operator("clip", loading="carry", m4_per_element=600.0, onnx=("Clip",), constant_inputs=(1, 2), relax=("relax.clip",), relax_attrs=_clip_attrs,
              fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("clip"), libm_calls={"sqrt": 1},
              reference="clip", build=lambda inputs, attrs: G.clip(inputs[0], attrs["lower"], attrs["upper"])),
-    Operator("leaky_relu", onnx=("LeakyRelu",), relax=("relax.nn.leakyrelu",), relax_attrs=lambda call: {"alpha": float(call.attrs.alpha)},
+    Operator("leaky_relu", loading="carry", m4_per_element=187.0, onnx=("LeakyRelu",), relax=("relax.nn.leakyrelu",), relax_attrs=lambda call: {"alpha": float(call.attrs.alpha)},
              fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("leaky_relu"), libm_calls={"sqrt": 1},
              reference="leaky_relu", build=lambda inputs, attrs: G.leaky_relu(inputs[0], attrs["alpha"])),
     Operator("prelu", onnx=("PRelu",), relax=("relax.nn.prelu",), relax_attrs=lambda call: {"axis": int(call.attrs.axis) % _rank(call.args[0])},
              arity=2, fusion=Fusion.NONLINEAR, deterministic_operand=1,
              gaussian_ops=_per_element("prelu"), libm_calls={"sqrt": 1}, reference="leaky_relu",
              build=lambda inputs, attrs: G.prelu(*inputs, attrs["axis"])),
-    Operator("sigmoid", onnx=("Sigmoid",), relax=("relax.sigmoid",), fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("sigmoid"),
+    Operator("sigmoid", loading="carry", m4_per_element=89.0, onnx=("Sigmoid",), relax=("relax.sigmoid",), fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("sigmoid"),
              libm_calls={"sqrt": 2, "exp": 1}, reference="sigmoid", build=lambda inputs, attrs: G.sigmoid(inputs[0])),
-    Operator("tanh", onnx=("Tanh",), relax=("relax.tanh",), fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("tanh"),
+    Operator("tanh", loading="carry", m4_per_element=120.0, onnx=("Tanh",), relax=("relax.tanh",), fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("tanh"),
              libm_calls={"sqrt": 2, "tanh": 1}, reference="tanh", build=lambda inputs, attrs: G.tanh(inputs[0])),
     Operator("transpose", onnx=("Transpose",), relax=("relax.permute_dims",), relax_attrs=_transpose_attrs, native=None,
              build=lambda inputs, attrs: G.transpose(inputs[0], list(attrs["axes"]))),
@@ -404,6 +429,20 @@ OPERATORS = (
              reference="relu_loading", build=lambda inputs, attrs: C.relu_loading(*inputs)),
     Operator("clip_loading", elementwise=True, arity=2, m4_per_element=125.0, native=Moment.NONE, gaussian_ops=_per_element("clip"), libm_calls={"sqrt": 1},
              reference="clip_loading", build=lambda inputs, attrs: C.clip_loading(*inputs, attrs["lower"], attrs["upper"])),
+    # the loadings of the other activations (a E[f'(x)]); Cortex-M4 costs per element from QEMU profiles
+    # (tests/test_covariance_activations.py's network, conv2's 800 outputs)
+    Operator("leaky_relu_loading", elementwise=True, arity=2, m4_per_element=78.0, native=Moment.NONE, gaussian_ops=_per_element("leaky_relu"),
+             libm_calls={"sqrt": 1}, reference="leaky_relu_loading", build=lambda inputs, attrs: C.leaky_relu_loading(*inputs, attrs["alpha"])),
+    Operator("sigmoid_loading", elementwise=True, arity=2, m4_per_element=83.0, native=Moment.NONE, gaussian_ops=_per_element("sigmoid"),
+             libm_calls={"sqrt": 2, "exp": 1}, reference="sigmoid_loading", build=lambda inputs, attrs: C.sigmoid_loading(*inputs)),
+    Operator("tanh_loading", elementwise=True, arity=2, m4_per_element=114.0, native=Moment.NONE, gaussian_ops=_per_element("tanh"),
+             libm_calls={"sqrt": 2, "tanh": 1}, reference="tanh_loading", build=lambda inputs, attrs: C.tanh_loading(*inputs)),
+    Operator("hard_sigmoid_loading", elementwise=True, arity=2, m4_per_element=102.0, native=Moment.NONE, gaussian_ops=_per_element("hard_sigmoid"),
+             libm_calls={"sqrt": 1}, reference="hard_sigmoid_loading",
+             build=lambda inputs, attrs: C.hard_sigmoid_loading(*inputs, attrs["alpha"], attrs["beta"])),
+    Operator("hard_swish_loading", elementwise=True, arity=2, m4_per_element=115.0, native=Moment.NONE, gaussian_ops=_per_element("hard_swish"),
+             libm_calls={"sqrt": 1}, reference="hard_swish_loading",
+             build=lambda inputs, attrs: C.hard_swish_loading(*inputs, attrs["alpha"], attrs["beta"])),
     Operator("square_add", elementwise=True, arity=2, native=Moment.NONE, reference="square_add",
              build=lambda inputs, attrs: C.square_add(*inputs)),
     Operator("root", elementwise=True, native=Moment.NONE, libm_calls={"sqrt": 1}, reference="root",
@@ -425,29 +464,28 @@ OPERATORS = (
              build=lambda inputs, attrs: E.maximum(*inputs)),
     Operator("minimum", onnx=("Min",), relax=("relax.minimum",), arity=2, gaussian_ops=_per_element("min"), libm_calls={"sqrt": 1}, reference="clark_min",
              build=lambda inputs, attrs: E.minimum(*inputs)),
-    Operator("hard_sigmoid", onnx=("HardSigmoid",), marker_params=("alpha", "beta"), gaussian_ops=_per_element("hard_sigmoid"), libm_calls={"sqrt": 1}, reference="hard_sigmoid",
+    Operator("hard_sigmoid", loading="carry", m4_per_element=540.0, onnx=("HardSigmoid",), marker_params=("alpha", "beta"), gaussian_ops=_per_element("hard_sigmoid"), libm_calls={"sqrt": 1}, reference="hard_sigmoid",
              build=lambda inputs, attrs: E.hard_sigmoid(inputs[0], attrs["alpha"], attrs["beta"])),
     # also x * HardSigmoid(x) (the importer's `_Mul`)
-    Operator("hard_swish", onnx=("HardSwish",), marker_params=("alpha", "beta"),
+    Operator("hard_swish", loading="carry", m4_per_element=595.0, onnx=("HardSwish",), marker_params=("alpha", "beta"),
              gaussian_ops=_per_element("hard_swish"), libm_calls={"sqrt": 1}, reference="hard_swish",
              build=lambda inputs, attrs: E.hard_swish(inputs[0], attrs["alpha"], attrs["beta"])),
     # Gauss-Hermite quadrature: f at the mean and at `elementwise.HERMITE_POINTS` (16) nodes, 17 evaluations
     # SiLU has no ONNX op of its own: x * Sigmoid(x) (the importer's `_Mul`)
-    Operator("silu", relax=("relax.nn.silu",), gaussian_ops=_per_element("silu"), libm_calls={"sqrt": 1, "exp": 17},
-             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.silu, "silu")),
-    Operator("gelu", onnx=("Gelu",), relax=("relax.nn.gelu",), gaussian_ops=_per_element("gelu"), libm_calls={"sqrt": 1, "erf": 17},
-             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.gelu, "gelu")),
-    Operator("gelu_tanh", relax=("relax.nn.gelu_tanh",), gaussian_ops=_per_element("gelu"), libm_calls={"sqrt": 1, "tanh": 17},
-             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.gelu_tanh, "gelu_tanh")),
-    Operator("softplus", onnx=("Softplus",), relax=("relax.nn.softplus",), relax_attrs=_softplus_attrs,
+    Operator("silu", loading="carry", m4_per_element=1360.0, relax=("relax.nn.silu",), gaussian_ops=_per_element("silu"), libm_calls={"sqrt": 1, "exp": 17},
+             reference="gauss_hermite", build=_smooth("silu")),
+    Operator("gelu", loading="carry", m4_per_element=1610.0, onnx=("Gelu",), relax=("relax.nn.gelu",), gaussian_ops=_per_element("gelu"), libm_calls={"sqrt": 1, "erf": 17},
+             reference="gauss_hermite", build=_smooth("gelu")),
+    Operator("gelu_tanh", loading="carry", m4_per_element=1610.0, relax=("relax.nn.gelu_tanh",), gaussian_ops=_per_element("gelu"), libm_calls={"sqrt": 1, "tanh": 17},
+             reference="gauss_hermite", build=_smooth("gelu_tanh")),
+    Operator("softplus", loading="carry", m4_per_element=2910.0, onnx=("Softplus",), relax=("relax.nn.softplus",), relax_attrs=_softplus_attrs,
              gaussian_ops=_per_element("softplus"), libm_calls={"sqrt": 1, "exp": 17, "log": 17}, reference="gauss_hermite",
-             build=lambda inputs, attrs: E.smooth(inputs[0], E.softplus, "softplus")),
-    Operator("elu", onnx=("Elu",), marker_params=("alpha",), gaussian_ops=_per_element("elu"), libm_calls={"sqrt": 1, "exp": 17},
-             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.elu(attrs["alpha"]), "elu", E.elu_difference(attrs["alpha"]))),
-    Operator("selu", onnx=("Selu",), marker_params=("alpha", "gamma"), gaussian_ops=_per_element("selu"),
+             build=_smooth("softplus")),
+    Operator("elu", loading="carry", m4_per_element=1230.0, onnx=("Elu",), marker_params=("alpha",), gaussian_ops=_per_element("elu"), libm_calls={"sqrt": 1, "exp": 17},
+             reference="gauss_hermite", build=_smooth("elu")),
+    Operator("selu", loading="carry", m4_per_element=1230.0, onnx=("Selu",), marker_params=("alpha", "gamma"), gaussian_ops=_per_element("selu"),
              libm_calls={"sqrt": 1, "exp": 17}, reference="gauss_hermite",
-             build=lambda inputs, attrs: E.smooth(inputs[0], E.elu(attrs["alpha"], attrs["gamma"]), "selu",
-                                                        E.elu_difference(attrs["alpha"], attrs["gamma"]))),
+             build=_smooth("selu")),
     # data movement and interpolation (exact linear maps); Slice of a tensor that is no activation
     # is folded by the importer (the "shape" entry), of an activation becomes relax.strided_slice
     Operator("slice", onnx=("Split",), constant_inputs=(1,), relax=("relax.strided_slice",), relax_attrs=_slice_attrs,
@@ -505,6 +543,17 @@ OPERATORS = (
     Operator("shape", kind=Kind.SHAPE, onnx=("Shape", "Gather", "Cast", "Slice", "Constant", "ConstantOfShape")),
 )
 
+
+def _loading_of(op: Operator) -> Operator:
+    """The stage of a Gauss-Hermite activation's loading (`channel_covariance.smooth_loading`): as
+    many evaluations of f as the activation itself, and its cost (QEMU: 0.95-0.99 of it)."""
+    return Operator(f"{op.name}_loading", elementwise=True, arity=2, m4_per_element=op.m4_per_element, native=Moment.NONE,
+                    gaussian_ops=op.gaussian_ops, libm_calls=op.libm_calls, reference="smooth_loading",
+                    build=_smooth_loading(op.name))
+
+
+OPERATORS += tuple(_loading_of(op) for op in OPERATORS if op.name in SMOOTH_FUNCTIONS)
+
 BY_NAME = {op.name: op for op in OPERATORS}
 #: Gaussian stage name -> its operator.
 STAGES = {op.name: op for op in OPERATORS if op.kind is Kind.GAUSSIAN}
@@ -556,6 +605,8 @@ SCALING = {**{name: lambda c: c for name in STAGES["multiply"].relax}, **{name: 
 LOADING_CARRIERS = tuple(op.name for op in STAGES.values() if op.loading is not None)
 LOADING_POOLS = tuple(op.name for op in STAGES.values() if op.loading in ("pool", "max"))
 LOADING_MAXIMA = tuple(op.name for op in STAGES.values() if op.loading == "max")
+#: an activation's stage -> the stage of its output loading, a E[f'(x)] (Stein's lemma)
+LOADING_SLOPES = {op.name: f"{op.name}_loading" for op in STAGES.values() if op.loading == "carry" and f"{op.name}_loading" in STAGES}
 #: Stages that reduce over a fan-in.
 LINEAR_OPS = stages(Fusion.LINEAR)
 #: Relax operators of the linear stages.

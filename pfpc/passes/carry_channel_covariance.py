@@ -4,7 +4,7 @@ In a convolution every output position of a channel is computed with the same ra
 so the positions of a channel are correlated; a global average pool summing them needs that
 covariance, which the diagonal PFP drops. Each activation is modelled as
 x[c, p] = m + a z_c + e (docs/covariance.md): the loading a is a deterministic tensor beside
-(m, v), made by the convolutions the plan names and carried through ReLU, Clip, Pad, residual
+(m, v), made by the convolutions the plan names and carried through the activations, Pad, residual
 Add, a deterministic scale (an unfolded batch norm) and views to the global pool, which adds it coherently. An op without a rule drops the
 loading (exactly the diagonal PFP from there on). For a convolution reading a loaded input:
 
@@ -17,7 +17,10 @@ and, for a convolution the plan names (its output gets a loading):
                                        M, A, E  = window sums of m, a, e (depthwise convs with ones)
                                        pooled   = sum_c (sum_t mu A)^2 + conv(M^2 + A^2 + E, s2) + L^2 s2_b
                                        a_out    = projection_gain(pooled, sum sqrt(shared), sum shared) * sqrt(shared)
-    relu(x)                       ->   relu(x); a_out = relu_loading(x, a)
+    relu(x)                       ->   relu(x); a_out = relu_loading(x, a)     a Phi(m / s) = a E[f'(x)]
+    f(x), another activation      ->   f(x); a_out = a E[f'(x)] (`registry.LOADING_SLOPES`: Clip,
+                                       LeakyRelu, Sigmoid, Tanh, HardSigmoid, HardSwish, SiLU, GELU,
+                                       Softplus, Elu, Selu)
     a1 + a2 (both loaded)         ->   the sum; a_out = projection of a1^2 + a2^2 with pooled (sum a1)^2 + (sum a2)^2
     mean over positions           ->   pooled_variance: avg m, avg(v - a^2) / P + avg(a)^2
     max-pool (``channel`` only)   ->   maxpool2d_correlated(x, a): Clark's max of the window's
@@ -51,7 +54,7 @@ from ..errors import PfpcError
 from ..ir import GaussianValue, call_op_name, kernel_of, main_bindings, output_shape, shape_of, with_attrs
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, infer_output_repr
-from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_MAXIMA, LOADING_POOLS, STAGES, Fusion
+from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_MAXIMA, LOADING_POOLS, LOADING_SLOPES, STAGES, Fusion
 from .kernel_rewriter import KernelRewriter
 
 COVARIANCE_MODES = ("auto", "none", "channel", "pooled")
@@ -191,7 +194,7 @@ def _activation(var, calls, users) -> tuple:
         var = following[0]
         spec = calls[var][0]
         stage = STAGES[spec.ops[0]]
-        if stage.loading == "carry" and stage.fusion == Fusion.NONLINEAR:
+        if spec.ops[0] in LOADING_SLOPES:
             return spec.ops[0], residual, scaled
         if stage.loading != "carry" or stage.fusion != Fusion.ELEMENTWISE:
             break
@@ -354,14 +357,11 @@ class _Rewriter(KernelRewriter):
         self.results[binding.var] = result
 
     def activation_loading(self, op, attrs, operands, loads):
-        """The output loading of a ReLU or Clip of a loaded Gaussian (a * E[f'(x)]), else None."""
-        if loads[0] is None or operands[0].repr == Moment.NONE:
+        """The output loading of an activation of a loaded Gaussian (a E[f'(x)], its stage in
+        `LOADING_SLOPES`), else None."""
+        if loads[0] is None or operands[0].repr == Moment.NONE or op not in LOADING_SLOPES:
             return None
-        if op == "relu":
-            return self.emit("relu_loading", {}, [operands[0], loads[0]])
-        if op == "clip":
-            return self.emit("clip_loading", attrs, [operands[0], loads[0]])
-        return None
+        return self.emit(LOADING_SLOPES[op], attrs, [operands[0], loads[0]])
 
     def carry(self, op, attrs, operands, loads, result):
         """The output loading of another op the loadings pass through."""
