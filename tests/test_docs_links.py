@@ -1,6 +1,7 @@
 """Every relative link in README.md, BENCHMARKS.md and docs/*.md resolves inside the repository: the
-file exists and, for `file#anchor`, the file has a heading with that GitHub anchor. Also the
-README's first commands: its test command is the one `.ci/run` runs."""
+file exists and, for `file#anchor`, the file has a heading with that GitHub anchor; a Markdown file
+named in their prose (not only as a link: `docs/x.md`) exists in the repository. Also the README's
+first commands: its test command is the one `.ci/run` runs."""
 import re
 from pathlib import Path
 
@@ -61,9 +62,27 @@ def broken_links(path, root=ROOT):
     return problems
 
 
+MARKDOWN_NAME = re.compile(r"(?<![\w/.-])((?:\.\./|\./)?[\w.-]+(?:/[\w.-]+)*\.md)\b")
+
+
+def missing_documents(path, root=ROOT):
+    """Markdown files named in the prose of `path` (outside code blocks, whose OUT.md and FILE.md
+    are placeholders) that exist neither beside it nor at the repository root."""
+    text = _unfenced(path.read_text(encoding="utf-8"))
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("    "))
+    return [name for name in MARKDOWN_NAME.findall(text)
+            if not any(candidate.resolve().is_relative_to(root.resolve()) and candidate.exists()
+                       for candidate in (path.parent / name, root / name))]
+
+
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_resolves(document):
     assert broken_links(document) == []
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_markdown_file_named_exists(document):
+    assert missing_documents(document) == []
 
 
 def test_the_checker_finds_broken_links(tmp_path):
@@ -79,6 +98,15 @@ def test_the_checker_finds_broken_links(tmp_path):
         ("#nope", "no heading with anchor #nope in README.md"),
         ("../outside.md", "points outside the repository"),
     ]
+
+
+def test_the_checker_finds_documents_that_do_not_exist(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "other.md").write_text("# Other\n")
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("See other.md, `docs/other.md` and DESIGN.md section 2 or ../shared/NOTES.md.\n\n"
+                    "    pfpc bench --markdown OUT.md\n")
+    assert missing_documents(page, root=tmp_path) == ["DESIGN.md", "../shared/NOTES.md"]
 
 
 def test_readme_test_command_is_what_ci_runs():
