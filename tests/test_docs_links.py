@@ -1,14 +1,17 @@
-"""Every relative link in README.md, BENCHMARKS.md and docs/*.md resolves inside the repository: the
-file exists and, for `file#anchor`, the file has a heading with that GitHub anchor; a Markdown file
-named in their prose (not only as a link: `docs/x.md`) exists in the repository. Also the README's
-first commands: its test command is the one `.ci/run` runs."""
+"""Every relative link of the Markdown documents (README.md, BENCHMARKS.md, docs/, benchmarks/,
+examples/) resolves inside the repository: the file exists and, for `file#anchor`, the file has a
+heading with that GitHub anchor; a Markdown file named in their prose (not only as a link:
+`docs/x.md`) exists in the repository. Also the README's first commands: its test command is the
+one `.ci/run` runs."""
 import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "README.md", ROOT / "BENCHMARKS.md"] + sorted((ROOT / "docs").glob("*.md"))
+DOCUMENTS = ([ROOT / "README.md", ROOT / "BENCHMARKS.md"] + sorted((ROOT / "docs").glob("*.md"))
+             + sorted((ROOT / "benchmarks").glob("*.md"))
+             + sorted(p for p in (ROOT / "examples").rglob("*.md") if "generated" not in p.parts))
 
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 REFERENCE = re.compile(r"^\s{0,3}\[[^\]]+\]:\s+(\S+)", re.M)
