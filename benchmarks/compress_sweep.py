@@ -1,4 +1,4 @@
-"""The README's weight-sharing table: `pfpc compress` options on the LeNet example, each measured
+"""The weight-sharing table of docs/shared_posterior.md: `pfpc compress` options on the LeNet example, each measured
 with the compiled PFP against the uncompressed posterior (`pfpc.evaluate.compression.compare`).
 
     python benchmarks/compress_sweep.py [--target cortex-m4]    # prints the Markdown table (a few minutes)

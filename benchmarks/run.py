@@ -135,7 +135,7 @@ input, Makefile flags), one change at a time:
   on a loaded machine): SVI-C runs the deterministic network 100 times plus the weight draws
   (on the seed LeNet-5 about 156 instructions per drawn weight), which puts ResNet-8's ratio near
   100 (23.2 M + 12 M) / 93.7 M ~ 38x: short of 50x as long as the PFP costs 4 det. passes.
-- **Host**: stride-2, pointwise and element-wise schedules and `-O3` (README, "Host and Cortex-A
+- **Host**: stride-2, pointwise and element-wise schedules and `-O3` (docs/speed.md, "Host and Cortex-A
   kernels"); not done: depthwise and 5x5 convolutions' short rows, register-blocked host
   accumulators, MetaSchedule.
 - **Codebooks**: the gathers of a shared posterior's weights decode a register block's weights in an

@@ -29,7 +29,7 @@ clustered, then scales and components are refitted by alternating least squares 
 ``precision_weighted`` gives k-means a weight 1/sigma^2 per point: the distortion of a weight
 counts relative to its posterior uncertainty, so the few well-determined weights (small sigma),
 which decide the predictions, are placed more exactly than the many near the prior. On the LeNet
-example this is what keeps accuracy and calibration with 15 components (README).
+example this is what keeps accuracy and calibration with 15 components (docs/shared_posterior.md).
 
 Initializers smaller than ``min_size`` weights, and deterministic ones, are left as they are.
 """

@@ -2,7 +2,7 @@
 
 Ground truth for pfpc's tests. It deliberately does NOT import pfpc. All math is float64.
 
-Model (DESIGN.md section 2): every weight and every activation is an independent Gaussian,
+Model (docs/math.md): every weight and every activation is an independent Gaussian,
 described by a (mean, var) pair of arrays of the same shape. A variance of all zeros means a
 deterministic tensor; no function here produces NaN for zero variance.
 
@@ -849,7 +849,7 @@ def _saturating_var(derivative, v):
 
 
 def sigmoid(mean, var):
-    """Probit approximation (DESIGN.md): E ~= sigmoid(M / sqrt(1 + pi V / 8)), and
+    """Probit approximation (docs/math.md): E ~= sigmoid(M / sqrt(1 + pi V / 8)), and
     Var ~= E (1 - E) (1 - 1 / sqrt(1 + 2 E (1 - E) V)). An approximation: the tests measure
     its error against Monte Carlo."""
     m = _f64(mean)

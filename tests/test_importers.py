@@ -208,7 +208,8 @@ def test_bayesian_torch_mlp_via_cli_matches_its_own_sampling(tmp_path, bayesian_
 
 
 def test_a_wrong_transform_fails_the_check(tmp_path, bayesian_torch_mlp, monkeypatch):
-    """The same import with exp instead of softplus (the mistake DESIGN.md warns about) is caught."""
+    """The same import with exp instead of softplus (the README's import table: std = log1p(exp(rho)))
+    is caught."""
     model, path, onnx_path = bayesian_torch_mlp
     monkeypatch.setitem(checkpoint.TRANSFORMS, "softplus", np.exp)
     arrays = importers.import_posterior("bayesian-torch", path, onnx_path)

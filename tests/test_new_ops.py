@@ -1,7 +1,7 @@
 """The operators of issue 18 (pfpc/ops/elementwise.py): each compiled to C against the NumPy
 reference (tests/reference.py) with a random posterior and against onnxruntime with zero
 variance, and against Monte Carlo (onnxruntime sampling): the exact ones within the sampling
-error, the approximations within their measured error (the README's operator table)."""
+error, the approximations within their measured error (docs/supported_operators.md)."""
 
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def test_exact_new_operators_match_monte_carlo(tmp_path, case):
 
 #: Gauss-Hermite (16 nodes) activations on exactly Gaussian inputs: their quadrature error is
 #: below what 20000 samples resolve (measured: at most 3 standard errors of the MC variance,
-#: mean within 0.017 output std; see the README's operator table), so they are held to the
+#: mean within 0.017 output std; see docs/supported_operators.md), so they are held to the
 #: sampling error plus 1 % of the variance.
 SMOOTH_MC_CASES = {
     "silu": lambda r: _gemm(r, [node("Sigmoid", ["h"], ["s"]), node("Mul", ["h", "s"], ["y"])]),
@@ -252,8 +252,8 @@ def test_gauss_hermite_operators_match_monte_carlo(tmp_path, case):
 def test_reduce_max_clark_chain_against_monte_carlo(tmp_path):
     """A max of more than two Gaussians by Clark's pairwise chain is an approximation (each
     intermediate max re-read as Gaussian). Measured over 16 positions (3 channels): mean error at
-    most 0.05 output std, variance error median 10 %, max 22 % (README); the bounds leave room for
-    MC noise, and a wrong formula (e.g. the plain max of the means) exceeds them."""
+    most 0.05 output std, variance error median 10 %, max 22 % (docs/supported_operators.md); the
+    bounds leave room for MC noise, and a wrong formula (e.g. the plain max of the means) exceeds them."""
     rng = np.random.default_rng(zlib.crc32(b"reduce_max"))
     model, inits = _independent(rng, [1, 3, 4, 4], [node("ReduceMax", ["h"], ["y"], axes=[2, 3])])
     mean, var, mc_mean, mc_var, _, _ = _mc(model, inits, rng, tmp_path)
@@ -283,7 +283,7 @@ def _positive_weights(rng, shape, spread):
 
 
 #: Pow/Sqrt with a non-integer exponent: Gauss-Hermite of max(x, 0)^p, against Monte Carlo on
-#: positive Gaussian inputs (std 5 % to 18 % of the mean). Measured (README table): mean within
+#: positive Gaussian inputs (std 5 % to 18 % of the mean). Measured (docs/supported_operators.md): mean within
 #: 1.7 MC standard errors (0.012 output std), variance within 2.2 % (the MC variance's own
 #: standard error is 1 %): the quadrature error is below what 20000 samples resolve.
 FRACTIONAL_POWERS = {"sqrt": None, "pow_1_5": 1.5, "pow_0_3": 0.3}
@@ -333,7 +333,7 @@ def test_normalization_approximation_against_monte_carlo(tmp_path, case, noise):
     mean_err, var_max, var_median, mean_stderr = _measure(model, {"w": means}, {"w": stds}, x, tmp_path)
     print(f"{case} noise {noise}: max |mean error| / std {mean_err:.4f} ({mean_stderr:.1f} MC stderr), variance error max {var_max:.4f} median {var_median:.4f}")
     measured_mean, measured_var = MEASURED_NORMALIZATION_ERRORS[case, noise]
-    # the measured errors (README's operator table) with room for the sampling error (the MC
+    # the measured errors (docs/supported_operators.md) with room for the sampling error (the MC
     # variance's own relative standard error is 1 %): a deterministic normaliser without the delta
     # terms measured 2.5 (layer_norm) and 2.3 (lrn) at noise 0.3
     assert mean_err <= 1.25 * measured_mean + 0.02 and var_max <= 1.25 * measured_var + 0.03

@@ -173,8 +173,8 @@ def test_exact_operators_match_monte_carlo(tmp_path, case):
 
 
 # Measured (20000 samples; pre-activations with |M| up to ~6, V up to ~5), variance error
-# over the elements whose MC variance is at least 1e-3 (see README): sigmoid max |mean error|
-# 0.005, median variance error 8%, max 12%; tanh 0.019, 7%, 72%. Deep in the
+# over the elements whose MC variance is at least 1e-3 (see docs/supported_operators.md): sigmoid
+# max |mean error| 0.005, median variance error 8%, max 12%; tanh 0.019, 7%, 72%. Deep in the
 # saturated tails (|M| >> sqrt(V)) the variance is under-estimated by far more: there the output
 # is log-normal-like, not the two-valued limit the formula interpolates to. The bounds leave
 # room for MC noise and catch a wrong formula (e.g. the mean without the probit factor).

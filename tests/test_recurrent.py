@@ -201,7 +201,7 @@ def _mc_errors(op, steps, tmp_path, samples=2000):
 
 
 #: (op, steps) -> bounds on (max |mean error| in MC stds, median relative variance error) at the
-#: last hidden state, above the errors measured at 2,000 draws (README operator table).
+#: last hidden state, above the errors measured at 2,000 draws (docs/supported_operators.md).
 #: Measured: T = 1 0.062 / 0.031 (LSTM), 0.045 / 0.040 (GRU); T = 16 0.058 / 0.242, 0.114 / 0.293.
 MC_BOUNDS = {("LSTM", 1): (0.15, 0.1), ("LSTM", 16): (0.3, 0.4), ("GRU", 1): (0.15, 0.1), ("GRU", 16): (0.3, 0.4)}
 

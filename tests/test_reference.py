@@ -475,7 +475,7 @@ def test_relu_vs_monte_carlo():
 
 
 def test_relu_matches_closed_form_from_design():
-    """The DESIGN.md formulas written naively (valid for V > 0)."""
+    """The docs/math.md formulas written naively (valid for V > 0)."""
     rng = np.random.default_rng(21)
     m, v = rng.normal(size=200) * 3, rng.uniform(0.01, 5, 200)
     s = np.sqrt(v)

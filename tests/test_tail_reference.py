@@ -1,6 +1,6 @@
 """benchmarks/predictive_closed_forms.py's converged E[softmax(l)] (`tilted_reference`, the number the
-README's session-9 study rests on) against independent references: one-dimensional quadrature for two
-classes (exact in the deep tail, where plain draws see nothing) and plain Monte Carlo for three."""
+session-9 study of docs/seed_mnist.md rests on) against independent references: one-dimensional
+quadrature for two classes (exact in the deep tail, where plain draws see nothing) and plain Monte Carlo for three."""
 
 from __future__ import annotations
 

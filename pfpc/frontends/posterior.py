@@ -1,4 +1,5 @@
-"""Load a Gaussian posterior .npz (DESIGN.md section 3) and bind it to the model's initializers.
+"""Load a Gaussian posterior .npz (README, "The posterior .npz") and bind it to the model's
+initializers.
 
 Keys are ``<initializer>.std``, ``.var``, ``.logvar`` or ``.rho`` (std = softplus(rho)), exactly
 one per stochastic tensor, and optionally ``<initializer>.mean`` to override the ONNX value. A

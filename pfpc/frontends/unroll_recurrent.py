@@ -24,7 +24,7 @@ biases of a gate summed into one, the variances adding: independent Gaussians), 
 posterior moments sliced alike; every step reads the same one.
 The PFP then treats every gate and every step as independent Gaussians (the VarRNN-style
 moment matching): the weights shared across steps correlate them in the Monte Carlo, an error
-that grows with T (README, operator table).
+that grows with T (docs/supported_operators.md).
 """
 
 from __future__ import annotations

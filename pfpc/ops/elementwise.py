@@ -4,7 +4,7 @@ defined once, its moment formula in its docstring, as a TE compute over `gaussia
 x ~ N(M, V) element-wise and independent; s = sqrt(V). Exact where a closed form exists
 (linear reductions, Exp, Abs, Max/Min of two, HardSigmoid, HardSwish); Gauss-Hermite quadrature
 for the smooth activations without one (SiLU, GELU, Softplus, Elu, Selu), whose error against
-Monte Carlo is measured in tests/test_new_ops.py and stated in the README's operator table.
+Monte Carlo is measured in tests/test_new_ops.py and stated in docs/supported_operators.md.
 """
 
 from __future__ import annotations
@@ -614,7 +614,7 @@ def power(a: Gaussian, exponent: float) -> Gaussian:
     p up to `MAX_INTEGER_POWER` exactly (``integer_power_moments``); any other p as
     f(x) = max(x, 0)^p by Gauss-Hermite quadrature (``gauss_hermite_moments``), a stated
     approximation that assumes a negligible probability of x < 0 (where ONNX's result is NaN):
-    its error against Monte Carlo is in the README's operator table. Native output: variance."""
+    its error against Monte Carlo is in docs/supported_operators.md. Native output: variance."""
     if float(exponent).is_integer() and 0 <= exponent <= MAX_INTEGER_POWER:
         count = int(exponent)
 
@@ -705,7 +705,7 @@ def layer_norm(x: Gaussian, gamma: Gaussian, beta: Gaussian, axes, epsilon: floa
       (the last two terms: the normaliser moves with x_i, which bounds an outlier's output);
     - y = u gamma + beta with independent gamma, beta (``product_moments``).
 
-    Measured against Monte Carlo in tests/test_new_ops.py (README's operator table). Native
+    Measured against Monte Carlo in tests/test_new_ops.py (docs/supported_operators.md). Native
     output: variance."""
     shape = x.shape
     axes = sorted(axis % len(shape) for axis in axes)
@@ -755,7 +755,7 @@ def lrn(a: Gaussian, size: float, alpha: float, beta: float, bias: float) -> Gau
 
         Var[y_c] = (B^-beta - k m_c^2)^2 v_c + k^2 m_c^2 sum_{j in window, j != c} m_j^2 v_j
 
-    Measured against Monte Carlo (README's operator table). Native output: variance."""
+    Measured against Monte Carlo (docs/supported_operators.md). Native output: variance."""
     size = int(size)
     shape = a.shape
     low = (size - 1) // 2
