@@ -403,11 +403,12 @@ def maxpool2d(mean, var, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1
     return acc_m, acc_v
 
 
-def maxpool2d_correlated(mean, var, loading, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
-                         ceil_mode=0):
+def _maxpool2d_correlated(mean, var, loading, kernel, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                          ceil_mode=0):
     """`maxpool2d` of x = m + a z_c + e whose window elements share their channel's latent
     (``loading`` a, docs/covariance.md): each pairwise step is `clark_max_correlated` (covariance
-    a1 a2), the accumulated maximum carrying its loading to the next step. Returns (mean, var)."""
+    a1 a2), the accumulated maximum carrying its loading to the next step. Returns (mean, var,
+    the maximum's loading)."""
     xm, xa = _f64(mean), _f64(loading)
     xv = _var_or_zeros(var, xm)
     (kh, kw), _, windows = _pool_windows(xm.shape, kernel, strides, pads, dilations, ceil_mode)
@@ -426,7 +427,17 @@ def maxpool2d_correlated(mean, var, loading, kernel, strides=(1, 1), pads=(0, 0,
         both, first = have & ok, ~have & ok
         acc = [np.where(both, c, np.where(first, w[..., k], old)) for c, w, old in zip(step, (wm, wv, wa), acc)]
         have = have | ok
-    return acc[0], acc[1]
+    return acc[0], acc[1], acc[2]
+
+
+def maxpool2d_correlated(mean, var, loading, *args, **kwargs):
+    """(mean, var) of `_maxpool2d_correlated`."""
+    return _maxpool2d_correlated(mean, var, loading, *args, **kwargs)[:2]
+
+
+def maxpool2d_loading(mean, var, loading, *args, **kwargs):
+    """The loading of `_maxpool2d_correlated`'s maxima (a1 Phi(al) + a2 Phi(-al) step by step)."""
+    return _maxpool2d_correlated(mean, var, loading, *args, **kwargs)[2]
 
 
 def flatten(mean, var, axis=1):

@@ -259,7 +259,8 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
     ``start``: the convolutions before the start-th (in graph order) give their outputs no
     loading (the cheaper settings of the trade-off curve: only the last layers carry loadings).
     ``max_keeps_loading=False`` (what the compiler builds): a MaxPool reads its input's loadings
-    (`reference.maxpool2d_correlated`) and its output carries none.
+    (`reference.maxpool2d_correlated`) and its output carries none; ``"compiled"``: and passes the
+    maximum's loading on (what the compiler builds where a mean over positions follows).
     ``loaded``: the convolutions (by output name) that give their outputs a loading, the others
     none (a compiled plan); None: every one from the start-th on."""
     env = {}
@@ -376,6 +377,8 @@ def _node(node, x, mode, group, box_noise=False, spread_variance=False, max_keep
         return add_channel(x[0], x[1])
     if op == "MaxPool":
         kernel, strides, pads, dil = R._pool_geometry(a, m.shape[2:])
+        if max_keeps_loading == "compiled":  # as the compiler passes it on to a mean over positions
+            return R._maxpool2d_correlated(m, v, ld, kernel, strides, pads, dil, a.get("ceil_mode", 0))
         if not max_keeps_loading:
             mean, var = R.maxpool2d_correlated(m, v, ld, kernel, strides, pads, dil, a.get("ceil_mode", 0))
             return mean, var, np.zeros(mean.shape)

@@ -537,7 +537,8 @@ def pad(x: Gaussian, width, value: float = 0.0) -> Gaussian:
     return Gaussian(mean, moment, x.repr)
 
 
-def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, loading: Gaussian | None = None) -> Gaussian:
+def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, loading: Gaussian | None = None,
+              loading_out: bool = False) -> Gaussian:
     """Y = max over each window of X (NCHW), Clark's max applied pairwise in row-major window
     order; padded positions are skipped (ONNX pads MaxPool with -inf). Native output: variance
     (``clark_max_moments`` computes it directly). A deterministic input gives the plain max.
@@ -548,7 +549,9 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
         th = sqrt(v1 + v2 - 2 a1 a2) = sqrt((a1 - a2)^2 + e1 + e2),  e = max(v - a^2, 0),  al = (m1 - m2) / th
     (the second form: no cancellation where neighbours are almost fully correlated)
     in place of sqrt(v1 + v2) (the moments' formulas are otherwise the same); the accumulated
-    maximum's loading is a1 Phi(al) + a2 Phi(-al) (Stein's lemma), read by the next step."""
+    maximum's loading is a1 Phi(al) + a2 Phi(-al) (Stein's lemma), read by the next step.
+    ``loading_out`` (stage ``maxpool2d_loading``): that loading of the window's maximum is the
+    output (deterministic), for a mean over positions after the max-pool."""
     batch, chans, height, width = x.shape
     pad_top, pad_left = pads[0], pads[1]
     out_h, out_w, (i, j), window = _pool_windows(x.shape, kernel, strides, pads, dilations, ceil_mode)
@@ -678,6 +681,8 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
     acc = te.compute(out_shape, first, name="maxpool_0", attrs=SHARED)
     for k in range(1, len(positions)):
         acc = (clark_step if meets_earlier(k) else pick_step)(k, acc)
+    if loading_out:
+        return Gaussian(acc[2], None, "none")
     return Gaussian(acc[0], acc[1], "var")
 
 

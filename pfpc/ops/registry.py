@@ -407,6 +407,11 @@ OPERATORS = (
              m4_per_element=80.0, reference="maxpool2d_correlated",  # extra per output of a 2x2 window (QEMU: the seed LeNet-5's 75 / 86)
              build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
                                                      attrs.get("ceil_mode", False), loading=inputs[1])),
+    # the loading a max-pool passes on to a mean over positions after it (Clark's steps again)
+    Operator("maxpool2d_loading", variant_of=("maxpool2d",), arity=2, native=Moment.NONE, gaussian_ops=_clark_steps, libm_calls={"sqrt": 1},
+             m4_per_element=160.0, reference="maxpool2d_loading",
+             build=lambda inputs, attrs: G.maxpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                     attrs.get("ceil_mode", False), loading=inputs[1], loading_out=True)),
     Operator("avgpool2d", loading="pool", onnx=("AveragePool",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.avg_pool2d",), relax_attrs=_avgpool_attrs,
              lowered_1d=("relax.nn.avg_pool1d",), reference="avgpool2d",
              build=lambda inputs, attrs: G.avgpool2d(inputs[0], attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],

@@ -23,8 +23,10 @@ and, for a convolution the plan names (its output gets a loading):
                                        Softplus, Elu, Selu)
     a1 + a2 (both loaded)         ->   the sum; a_out = projection of a1^2 + a2^2 with pooled (sum a1)^2 + (sum a2)^2
     mean over positions           ->   pooled_variance: avg m, avg(v - a^2) / P + avg(a)^2
-    max-pool (``channel`` only)   ->   maxpool2d_correlated(x, a): Clark's max of the window's
-                                       elements with covariance a1 a2; the loading ends there
+    max-pool (``channel``, or a    ->   maxpool2d_correlated(x, a): Clark's max of the window's
+    mean over positions after it)      elements with covariance a1 a2; where a mean over positions
+                                       follows, a_out = maxpool2d_loading(x, a): the maxima's
+                                       loadings a1 Phi(al) + a2 Phi(-al) step by step (Stein)
 
 box(.) is the window's mean (a depthwise convolution with 1/T): the coherent term of a k x k
 convolution over several input channels, sum_c (sum_t mu a)^2, would be a nested reduction;
@@ -83,7 +85,7 @@ def _activation_sources(mod, value, item_of, source) -> list:
 def _graph(mod, maxima: bool = False):
     """(kernel-call vars in order, var -> (spec, source vars, binding), var -> user vars, the
     convolutions whose loadings can reach a mean over positions, or with ``maxima`` also a
-    max-pool)."""
+    max-pool, the max-pools that pass a loading on to a mean over positions)."""
     bindings = main_bindings(mod["main"])
     source, calls, order = {}, {}, []
     for binding in bindings:
@@ -103,37 +105,45 @@ def _graph(mod, maxima: bool = False):
     for var in order:
         for src in calls[var][1]:
             users.setdefault(src, []).append(var)
-    reaches = set()
+    reaches, to_mean, passing = set(), set(), set()  # to a mean or (maxima) a max-pool; to a mean
     for var in reversed(order):
         spec, _, binding = calls[var]
         if spec.ops[0] not in LOADING_CARRIERS or spec.output == Moment.NONE:
             continue
-        pool = _spatial_mean(spec, shape_of(binding.value.args[1].fields[0])) or (maxima and spec.ops[0] in LOADING_MAXIMA)
-        if pool or (spec.ops[0] not in LOADING_POOLS and any(user in reaches for user in users.get(var, []))):
+        mean = _spatial_mean(spec, shape_of(binding.value.args[1].fields[0]))
+        onward = spec.ops[0] not in LOADING_POOLS or spec.ops[0] in LOADING_MAXIMA  # a max-pool may pass it on
+        if mean or (onward and any(user in to_mean for user in users.get(var, []))):
+            to_mean.add(var)
+            if spec.ops[0] in LOADING_MAXIMA:
+                passing.add(var)  # a max-pool before a mean over positions: its maxima's loadings reach it
+        if var in to_mean or (maxima and spec.ops[0] in LOADING_MAXIMA) or (
+                spec.ops[0] not in LOADING_POOLS and any(user in reaches for user in users.get(var, []))):
             reaches.add(var)
     convs = [var for var in order if calls[var][0].ops[0] == "conv2d" and var in reaches]
-    return order, calls, users, convs
+    return order, calls, users, convs, passing
 
 
 def plan(mod, mode: str, budget: float) -> list:
     """The conv kernel-call vars (of ``main``) whose outputs get loadings, in graph order."""
     if mode == "none":
         return []
-    order, calls, users, convs = _graph(mod, maxima=mode == "channel")
+    order, calls, users, convs, passing = _graph(mod, maxima=mode == "channel")
     if mode == "channel" or mode == "pooled" or not convs:
         return convs
-    for start, fraction in _cost_curve(order, calls, users, convs):
+    for start, fraction in _cost_curve(order, calls, users, convs, passing):
         if fraction <= budget:
             return convs[start:]
     return []
 
 
-def _cost_curve(order, calls, users, convs) -> list:
+def _cost_curve(order, calls, users, convs, passing=frozenset()) -> list:
     """[(start, estimated extra instructions / the diagonal PFP's)]: loadings from the start-th
-    of ``convs`` on (the first chosen convolution reads no loadings, the others do)."""
+    of ``convs`` on (the first chosen convolution reads no loadings, the others do); a max-pool
+    in ``passing`` also computes its maxima's loadings."""
     diagonal = sum(_diagonal_instructions(*calls[var]) for var in order)
     extra = [_extra_instructions(calls[var], _activation(var, calls, users)) for var in convs]
-    maxima = [_maximum_elements(var, calls, users) * _per_element("maxpool2d_correlated") for var in convs]
+    maxima = [elements * (_per_element("maxpool2d_correlated") + (_per_element("maxpool2d_loading") if pool in passing else 0.0))
+              for elements, pool in (_maximum_elements(var, calls, users) for var in convs)]
     extra = [(unloaded + more, loaded + more) for (unloaded, loaded), more in zip(extra, maxima)]
     return [(start, sum(extra[index][index > start] for index in range(start, len(convs))) / diagonal)
             for start in range(len(convs))]
@@ -143,8 +153,8 @@ def cost_curve(mod, maxima: bool = False) -> list:
     """The trade-off ``auto`` chooses on: [(number of convolutions with loadings, estimated extra
     Cortex-M4 instructions as a fraction of the diagonal PFP's)], from all of them to the last
     (``maxima``: with the convolutions that reach only a max-pool, as ``channel`` plans them)."""
-    order, calls, users, convs = _graph(mod, maxima)
-    return [(len(convs) - start, fraction) for start, fraction in _cost_curve(order, calls, users, convs)]
+    order, calls, users, convs, passing = _graph(mod, maxima)
+    return [(len(convs) - start, fraction) for start, fraction in _cost_curve(order, calls, users, convs, passing)]
 
 
 # Cortex-M4 instructions (QEMU counts of the compiled kernels, benchmarks/covariance_compiled.py)
@@ -203,21 +213,21 @@ def _activation(var, calls, users) -> tuple:
     return None, residual, scaled
 
 
-def _maximum_elements(var, calls, users) -> int:
-    """Output elements of the max-pool a convolution's output reaches through its bias add /
-    batch norm (0: none), which then reads its loading (`maxpool2d_correlated`)."""
+def _maximum_elements(var, calls, users) -> tuple:
+    """(output elements, var) of the max-pool a convolution's output reaches through its bias
+    add / batch norm, which then reads its loading (`maxpool2d_correlated`); (0, None): none."""
     for _ in range(4):
         following = users.get(var, [])
         if len(following) != 1:
-            return 0
+            return 0, None
         var = following[0]
         spec, _, binding = calls[var]
         if spec.ops[0] in LOADING_MAXIMA:
-            return _sizes(spec, binding)[2]
+            return _sizes(spec, binding)[2], var
         stage = STAGES[spec.ops[0]]
         if stage.loading != "carry" or stage.fusion != Fusion.ELEMENTWISE:
-            return 0
-    return 0
+            return 0, None
+    return 0, None
 
 
 def _extra_instructions(call, following) -> tuple:
@@ -249,9 +259,10 @@ def _extra_instructions(call, following) -> tuple:
 
 
 class _Rewriter(KernelRewriter):
-    def __init__(self, mod, planned, pooled_only, maxima):
+    def __init__(self, mod, planned, pooled_only, maxima, passing=()):
         super().__init__(mod)
         self.maxima = maxima  # max-pools read their inputs' loadings (``channel``)
+        self.passing = set(passing)  # max-pools that read them and pass their maxima's loadings on
         self.planned = set(planned)
         self.pooled_only = pooled_only
         self.loading = {}  # new mean var -> loading GaussianValue (deterministic), or a `_Pending` one
@@ -340,8 +351,10 @@ class _Rewriter(KernelRewriter):
             count = int(np.prod(shape_of(x.mean)[2:]))
             result = self.emit("pooled_variance", {"count": count},
                                [pooled, self.emit("reduce_mean", attrs, [e]), self.emit("reduce_mean", attrs, [a])], nodes=spec.stage_nodes(0))
-        elif self.maxima and loads[0] is not None and op in LOADING_MAXIMA and operands[0].repr == Moment.VAR:
+        elif (self.maxima or binding.var in self.passing) and loads[0] is not None and op in LOADING_MAXIMA and operands[0].repr == Moment.VAR:
             result = self.emit("maxpool2d_correlated", attrs, [operands[0], loads[0]], nodes=spec.stage_nodes(0))
+            if binding.var in self.passing:
+                self.loading[result.mean] = self.emit("maxpool2d_loading", attrs, [operands[0], loads[0]])
         else:
             # an activation's loading first: the activation is then the last to read its input,
             # which it may overwrite (`kernel.in_place_operands`)
@@ -549,7 +562,8 @@ class CarryChannelCovariance:
         self.planned_convs = len(planned)
         if not planned:
             return mod  # nothing reaches a pool: the diagonal PFP, unchanged
-        mod = _Rewriter(mod, planned, self.mode == "pooled", self.mode == "channel").run()
+        passing = _graph(mod, maxima=self.mode == "channel")[4]
+        mod = _Rewriter(mod, planned, self.mode == "pooled", self.mode == "channel", passing).run()
         record = {"option": self.mode, "mode": "pooled" if self.mode == "pooled" else "channel", "budget": self.budget,
                   "convolutions": [var.name for var in planned]}
         mod["main"] = with_attrs(mod["main"], ir_state.encode(covariance=record))
