@@ -568,12 +568,13 @@ def _verify(args) -> int:
     names, mc = monte_carlo(model, posterior, inputs, args.samples, args.seed, keep_softmax=True)
     mc = dict(zip(names, mc))
     print(f"PFP vs Monte Carlo ({args.samples} samples, batch {batch})")
-    print(f"{'output':<16}{'max |dmean|':>14}{'dmean/std':>12}{'max z':>10}{'var rel med':>14}{'var rel max':>14}")
+    print(f"{'output':<16}{'max |dmean|':>14}{'dmean/std':>12}{'max z':>10}{'var rel med':>14}{'var rel max':>14}"
+          f"{'var PFP/MC med':>16}")
 
     def row(label, pair, reference):
         cells = compare(pair, reference)
-        variance = (f"{cells['var_rel_err_median']:>14.4g}{cells['var_rel_err_max']:>14.4g}" if pair[1] is not None
-                    else f"{'-':>14}{'-':>14}")
+        variance = (f"{cells['var_rel_err_median']:>14.4g}{cells['var_rel_err_max']:>14.4g}{cells['var_ratio_median']:>16.4g}"
+                    if pair[1] is not None else f"{'-':>14}{'-':>14}{'-':>16}")
         print(f"{label:<16}{cells['mean_abs_err']:>14.4g}{cells['mean_err_in_std']:>12.4g}{cells['mean_z_max']:>10.3g}{variance}")
 
     softmax = {entry["output"]: entry for entry in meta.get("output_softmax", [])}

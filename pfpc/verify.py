@@ -144,6 +144,8 @@ def compare(pfp, mc, floor: float = 0.0):
         "mean_err_total": float(np.sum(np.abs(pfp_mean - mc_mean)) / max(np.sum(np.sqrt(mc_var)), 1e-30)),
         "mean_z_max": float(np.max(z)),
         "var_rel_err_median": float(np.median(var_err)),
+        # which side: below 1 the PFP claims less spread than sampling (same floor as the errors)
+        "var_ratio_median": float(np.median(pfp_var / var_scale)),
         "var_rel_err_max": float(np.max(var_err)),
         "var_err_total": float(np.sum(np.abs(pfp_var - mc_var)) / max(np.sum(mc_var), 1e-30)),
         "mc_var_stderr_total": float(np.sum(var_stderr) / max(np.sum(mc_var), 1e-30)),

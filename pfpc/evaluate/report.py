@@ -227,11 +227,14 @@ def per_layer_table(rows) -> str:
     variance's relative error, per value (median over the layer) and in aggregate
     (sum |error| / sum of the MC std or variance: values weighted by their spread, so units that
     almost never fire, whose MC variance is mostly noise, do not dominate), and the MC's own
-    aggregate relative standard error of the variance: errors at that level are sampling noise."""
+    aggregate relative standard error of the variance: errors at that level are sampling noise;
+    and the median PFP/MC variance ratio, which says the error's side (below 1: the PFP claims
+    less spread than sampling)."""
     return _table(["layer output", "op", "Δmean / MC std: median", "aggregate", "rel. var error: median", "aggregate",
-                   "MC noise of var (aggregate)"],
+                   "MC noise of var (aggregate)", "var PFP/MC: median"],
                   [[f"`{r['output']}`", r["op"], _fmt(r["mean_err_in_std_median"], 3), _fmt(r["mean_err_total"], 3),
-                    _fmt(r["var_rel_err_median"], 3), _fmt(r["var_err_total"], 3), _fmt(r["mc_var_stderr_total"], 3)] for r in rows])
+                    _fmt(r["var_rel_err_median"], 3), _fmt(r["var_err_total"], 3), _fmt(r["mc_var_stderr_total"], 3),
+                    _fmt(r["var_ratio_median"], 3)] for r in rows])
 
 
 def threshold_table(evaluation: Evaluation) -> str:
