@@ -33,7 +33,10 @@ import os
 import sys
 import time
 
-import numpy as np
+for _threads in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # small matrices: one thread
+    os.environ.setdefault(_threads, "1")  # is 10-30x faster than a multi-threaded BLAS on a busy machine
+
+import numpy as np  # noqa: E402
 import onnx
 from onnx import numpy_helper
 
@@ -93,10 +96,12 @@ class Moments:
 
 
 def dense_tail(weights, variances, start, mean, var):
-    """The diagonal PFP (tests/reference.py) of the dense layers from DENSE[start] on, ReLU between."""
-    for k, name in enumerate(DENSE[start:], start):
-        mean, var = R.linear(mean, var, weights[f"{name}.weight"], variances[f"{name}.weight"],
-                             weights[f"{name}.bias"], variances[f"{name}.bias"])
+    """The diagonal PFP (tests/reference.py's formulas, as matrix products) of the dense layers
+    from DENSE[start] on, ReLU between: mean = m mu^T + mu_b, var = (m^2 + v) s2^T + v (mu^2)^T + s2_b."""
+    for name in DENSE[start:]:
+        w_mean, w_var = weights[f"{name}.weight"], variances[f"{name}.weight"]
+        mean, var = (mean @ w_mean.T + weights[f"{name}.bias"],
+                     (mean * mean + var) @ w_var.T + var @ (w_mean * w_mean).T + variances[f"{name}.bias"])
         if name != DENSE[-1]:
             mean, var = R.relu(mean, var)
     return mean, var
@@ -183,6 +188,33 @@ def per_layer(model, variances, names, moments, images, none_env, logit_name):
     return rows
 
 
+# Cortex-M4 instructions of the seed LeNet-5 (QEMU profile, `pfpc run --emulate --profile`, batch 1,
+# this session's build): `--covariance none` per kernel, and the kernels `--covariance channel` adds for
+# conv2's loading (window sums, coherent term, root, sums, projection gain, multiply) and what its
+# second max-pool adds when it reads the loading.
+M4_DIAGONAL = 2_965_640  # profiled build, none
+M4_KERNELS = {"fc1 Gemm+ReLU": 365_640, "fc2 Gemm+ReLU": 96_240, "fc3 Gemm": 6_640,
+              "max-pool 2 + ReLU (1200 Clark steps + 400 ReLUs)": 205_880}
+M4_CONV2_LOADING = 43_200 + 43_160 + 27_960 + 15_480 + 7_160 + 10_800 + 440 + 9_120
+M4_MAXPOOL2_CORRELATED = 231_000 - 205_880
+
+
+def shared_scale_cost(nodes=5, alpha="column"):
+    """Estimated extra Cortex-M4 instructions of the shared-scale prototype over the diagonal PFP,
+    from the measured kernels above: conv2's loading and the correlated second max-pool (as
+    `--covariance channel` compiles them), `nodes` x 400 ReLU raw-moment evaluations at the cost of
+    one of the second max-pool's Gaussian evaluations, alpha (exact: one pass over fc1's 48,000
+    weights at a quarter of fc1's PFP kernel, which does ~4 multiply-adds per weight; column: ~400
+    operations), and the tail after fc1 once more (fc1's ReLU, fc2, fc3)."""
+    per_evaluation = M4_KERNELS["max-pool 2 + ReLU (1200 Clark steps + 400 ReLUs)"] / 1600
+    parts = {"conv2 loading (measured kernels)": M4_CONV2_LOADING,
+             "max-pool 2 correlated (measured)": M4_MAXPOOL2_CORRELATED,
+             f"Gauss-Hermite, {nodes} x 400 ReLU moments + channel sums": nodes * 400 * per_evaluation + 2 * nodes * 400 * 2,
+             f"alpha ({alpha})": M4_KERNELS["fc1 Gemm+ReLU"] / 4 if alpha == "exact" else 400 * 4,
+             "second scenario: fc1 ReLU, fc2, fc3": 120 * per_evaluation + M4_KERNELS["fc2 Gemm+ReLU"] + M4_KERNELS["fc3 Gemm"]}
+    return parts, sum(parts.values())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=40)
@@ -196,6 +228,11 @@ def main(argv=None):
         return
     import reference_nongauss as NG
 
+    for nodes, alpha in ((5, "column"), (5, "exact"), (7, "column")):
+        parts, total = shared_scale_cost(nodes, alpha)
+        print(f"shared fc1 scale, {nodes} nodes, {alpha} alpha: estimated extra Cortex-M4 instructions {total:,.0f} "
+              f"({total / M4_DIAGONAL:+.1%} of the diagonal PFP's {M4_DIAGONAL:,}): "
+              + "; ".join(f"{k} {v:,.0f}" for k, v in parts.items()))
     model, variances = B.seed_model("seed_lenet")
     input_name, logit_name = model.graph.input[0].name, model.graph.output[0].name
     oracles = {"sampled to conv2 (features exact)": ("/Flatten_output_0", 0),

@@ -160,7 +160,7 @@ def feature_scale_variance(mean, var, loading, alpha, nodes=5):
     return (np.maximum(second - first * first, 0.0) + indep).sum(-1)
 
 
-def lenet_scale_mixture(model, variances, images, nodes=5, kappa=None, base_env=None, start=1):
+def lenet_scale_mixture(model, variances, images, nodes=5, kappa=None, base_env=None, start=1, alpha="exact"):
     """The seed LeNet-5 with the diagonal PFP everywhere except that fc1's pre-activations share
     one random scale lam (two scenarios, `two_point_scale`): the dense tail after fc1 runs once per
     scenario (fc1's variance times lam) and the logits are the scenarios' mixture,
@@ -170,8 +170,9 @@ def lenet_scale_mixture(model, variances, images, nodes=5, kappa=None, base_env=
     given the features x), i.e. g - 1 = sum_i alpha_i (x_i^2 - E x_i^2), alpha_i = (1/J) sum_j
     s2_ji / E[c_j]; Var(g) by `feature_scale_variance` on the second max-pool's pre-activations
     with the per-channel latents of tests/reference_covariance.py ("channel": the convolutions'
-    shared weight noise; `start`: the first convolution with loadings, 1 = conv2 only). Returns
-    (mean, var, kappa)."""
+    shared weight noise; `start`: the first convolution with loadings, 1 = conv2 only).
+    alpha="column": alpha_i = mean_j s2_ji / mean_j E[c_j] (a constant vector over one scalar:
+    no pass over fc1's weights; exact when all units' E[c_j] are equal). Returns (mean, var, kappa)."""
     import reference as R
     import reference_covariance as RC
     from onnx import numpy_helper
@@ -187,9 +188,12 @@ def lenet_scale_mixture(model, variances, images, nodes=5, kappa=None, base_env=
         pre = RC.maxpool_channel(*channel[conv], loadings[conv], (2, 2), (2, 2), (0, 0, 0, 0), (1, 1))
         x_mean, x_var = (t.reshape(n, -1) for t in env["/Flatten_output_0"])
         s2, s2_bias = variances["fc1.weight"], variances["fc1.bias"]
-        noise = (x_mean**2 + x_var) @ s2.T + s2_bias  # E[c_j]
-        alpha = (1.0 / noise) @ s2 / s2.shape[0]
-        kappa = feature_scale_variance(*pre, alpha, nodes)
+        noise = (x_mean**2 + x_var) @ s2.T + s2_bias  # E[c_j]: fc1's s2 accumulator, kept apart
+        if alpha == "exact":
+            weight = (1.0 / noise) @ s2 / s2.shape[0]
+        else:
+            weight = s2.mean(0)[None] / noise.mean(-1, keepdims=True)
+        kappa = feature_scale_variance(*pre, weight, nodes)
     fc1_mean, fc1_var = env["/fc1/Gemm_output_0"]
     mixed_mean = mixed_second = 0.0
     for p, lam in two_point_scale(kappa):
@@ -214,25 +218,6 @@ def variants(model, variances, images):
     for nodes in (3, 4, 5, 7):
         result[f"shared fc1 scale, {nodes} nodes"] = lenet_scale_mixture(model, variances, images, nodes, base_env=env)[:2]
     result["shared fc1 scale, 5 nodes, loadings from conv1"] = lenet_scale_mixture(model, variances, images, 5, base_env=env, start=0)[:2]
+    for nodes in (5, 7):
+        result[f"shared fc1 scale, {nodes} nodes, column alpha"] = lenet_scale_mixture(model, variances, images, nodes, base_env=env, alpha="column")[:2]
     return result
-
-
-def lenet_cost(nodes=5):
-    """Operations of the seed LeNet-5's diagonal PFP and what the shared-scale prototype adds:
-    multiply-adds (a Gaussian dense/conv MAC is 3: mean, and the variance's s2 (m^2 + v) and
-    mu^2 v) and element-wise Gaussian evaluations (ReLU moments, Clark max steps)."""
-    macs = {"conv1": 6 * 25 * 28 * 28, "conv2": 16 * 6 * 25 * 10 * 10, "fc1": 400 * 120, "fc2": 120 * 84, "fc3": 84 * 10}
-    diagonal = {"multiply-adds": 3 * sum(macs.values()),
-                "ReLU evaluations": 6 * 14 * 14 + 16 * 5 * 5 + 120 + 84,
-                "Clark max steps": 3 * (6 * 14 * 14 + 16 * 5 * 5)}
-    extra = {
-        # alpha = (1 / E[c]) @ s2 / J over fc1's weights; E[c] is fc1's s2 accumulator kept apart (no MAC)
-        "multiply-adds": 400 * 120
-        # the tail after fc1 once more (second scenario)
-        + 3 * (macs["fc2"] + macs["fc3"])
-        # conv2's loading: its pooled variance (2 per weight), the channel sums at each node
-        + 2 * 16 * 6 * 25 + 2 * nodes * 400,
-        "ReLU evaluations": nodes * 400 + 120 + 84,  # 4 raw moments at each node; the tail's ReLUs again
-        "Clark max steps": 3 * 16 * 5 * 5,  # the second max-pool reads and passes on the loading (correlated steps)
-    }
-    return diagonal, extra
