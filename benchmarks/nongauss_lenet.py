@@ -215,13 +215,30 @@ def shared_scale_cost(nodes=5, alpha="column"):
     return parts, sum(parts.values())
 
 
+def accuracy(model, variances, kind, count):
+    """Argmax of the logits' means on the first `count` test images: diagonal PFP vs the prototype."""
+    import covariance_lenet as CL
+    import reference_nongauss as NG
+
+    images, truth = B.mnist(kind, count), CL.labels(kind, count)
+    env = RC.pfp_covariance(model, variances, {model.graph.input[0].name: images}, "none")
+    diagonal = np.argmax(env[model.graph.output[0].name][0].reshape(count, -1), 1)
+    line = f"{kind}, {count} images: argmax accuracy diagonal PFP {np.mean(diagonal == truth):.4f}"
+    for alpha in ("exact", "column"):
+        mean = NG.lenet_scale_mixture(model, variances, images, 5, base_env=env, alpha=alpha)[0]
+        chosen = np.argmax(mean, 1)
+        line += f"; shared fc1 scale (5 nodes, {alpha} alpha) {np.mean(chosen == truth):.4f}, same class as diagonal {np.mean(chosen == diagonal):.4f}"
+    print(line, flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--resamples", type=int, default=200)
     parser.add_argument("--kinds", nargs="*", default=["fashion", "mnist"])
-    parser.add_argument("--cache", default=None, help="directory to save the MC logits and moments in")
+    parser.add_argument("--cache", default=None, help="directory to save the MC logits in")
+    parser.add_argument("--accuracy", type=int, default=0, help="also: argmax accuracy of the means on this many test images")
     args = parser.parse_args(argv)
     if not os.path.isdir(os.path.join(B.DATA, "seed-checkpoints")):
         print(f"skipped: {B.DATA} is absent")
@@ -240,7 +257,9 @@ def main(argv=None):
                "sampled to fc2 (check: exact)": ("/Relu_3_output_0", 2)}
     rng = np.random.default_rng(1)
     print(f"MC: {args.samples} weight draws x {args.images} images per data set (onnxruntime, one batch per draw)")
-    for kind in args.kinds:
+    for kind in args.kinds if args.accuracy else []:
+        accuracy(model, variances, kind, args.accuracy)
+    for kind in args.kinds if args.samples else []:
         images = B.mnist(kind, args.images)
         start = time.time()
         names, moments, logits, mixtures = monte_carlo(model, variances, images, args.samples, seed=7, oracles=oracles)
