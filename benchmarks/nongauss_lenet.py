@@ -215,6 +215,65 @@ def shared_scale_cost(nodes=5, alpha="column"):
     return parts, sum(parts.values())
 
 
+def mechanism(model, variances, kind, count, samples, seed=3):
+    """Where the dense tail's heavy tails come from, from `samples` stored draws of its activations:
+    per dense layer u = W h + b, given h (one draw) u is Gaussian with conditional mean mu h + mu_b
+    and conditional variance c = s2 h^2 + s2_b; the share of Var(u) from the conditional mean, u's
+    excess kurtosis and the part 3 Var(c) / Var(u)^2 from the varying conditional variance (a scale
+    mixture), the share of c's relative variation that one scale per draw (shared by the layer's
+    units) explains, and the excess kurtosis of independent inputs (reference_nongauss.dense_fourth
+    fed MC's raw moments). Then the ReLUs fed MC's exact marginals, Gaussian vs the two-component
+    mixture with MC's kurtosis, and the logits when fc1's units share one scale in two scenarios
+    with MC's Var(scale) (the shared-scale prototype with an exact kappa)."""
+    import reference_nongauss as NG
+
+    weights = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    probe = batched_probe(model)
+    posterior = Posterior({k: weights[k].astype(np.float32) for k in variances}, {k: v.astype(np.float32) for k, v in variances.items()})
+    session, stochastic = sampling_session(probe, posterior)
+    draw = weight_sampler(posterior, stochastic, seed)
+    images = B.mnist(kind, count)
+    tensors = ["/Flatten_output_0", "/fc1/Gemm_output_0", "/Relu_2_output_0", "/fc2/Gemm_output_0", "/Relu_3_output_0", model.graph.output[0].name]
+    runs = [session.run(tensors, {model.graph.input[0].name: images, **draw()}) for _ in range(samples)]
+    act = {name: np.stack([r[k] for r in runs]).reshape(samples, count, -1).astype(np.float64) for k, name in enumerate(tensors)}
+    logit_var = act[tensors[-1]].var(0, ddof=1)
+    print(f"\nmechanism, {kind}: {samples} draws x {count} images (medians over units and images)")
+    for given, layer, out in ((tensors[0], "fc1", tensors[1]), (tensors[2], "fc2", tensors[3]), (tensors[4], "fc3", tensors[5])):
+        h, mu, s2 = act[given], weights[f"{layer}.weight"], variances[f"{layer}.weight"]
+        cond_mean = h @ mu.T + weights[f"{layer}.bias"]
+        cond_var = (h * h) @ s2.T + variances[f"{layer}.bias"]
+        total = cond_mean.var(0) + cond_var.mean(0)
+        u = act[out]
+        excess = ((u - u.mean(0)) ** 4).mean(0) / u.var(0) ** 2 - 3
+        relative = cond_var / cond_var.mean(0)
+        shared = relative.mean(-1, keepdims=True)
+        explained = 1 - ((relative - shared) ** 2).mean(0) / relative.var(0)
+        raw = [(h**k).mean(0) for k in (1, 2, 3, 4)]
+        _, ind_var, ind_fourth = NG.dense_fourth(raw, mu, s2, weights[f"{layer}.bias"], variances[f"{layer}.bias"])
+        print(f"{layer}: Var from the conditional mean {np.median(cond_mean.var(0) / total):.3f}; excess kurtosis {np.median(excess):.2f} "
+              f"(90 % {np.quantile(excess, 0.9):.1f}), of which the varying conditional variance {np.median(3 * cond_var.var(0) / total**2):.2f}; "
+              f"one shared scale explains {np.median(explained):.2f} of that variance's variation; "
+              f"independent inputs would give excess kurtosis {np.median(ind_fourth / ind_var**2 - 3):.2f}")
+    for pre, post in ((tensors[1], tensors[2]), (tensors[3], tensors[4])):
+        u, h = act[pre], act[post]
+        m, v = u.mean(0), u.var(0)
+        fourth = ((u - m) ** 4).mean(0)
+        keep = h.var(0) > 1e-3 * h.var(0).mean()
+        gaussian = R.relu(m, v)[1]
+        mixed = NG.relu_fourth(m, v, fourth)
+        print(f"ReLU after {pre}: fed MC's exact (mean, var) keeps {np.median(gaussian[keep] / h.var(0)[keep]):.3f} of MC's variance; "
+              f"the two-component mixture with MC's kurtosis {np.median((mixed[1] - mixed[0] ** 2)[keep] / h.var(0)[keep]):.3f}")
+    cond_var = (act[tensors[0]] ** 2) @ variances["fc1.weight"].T + variances["fc1.bias"]
+    kappa = (cond_var / cond_var.mean(0)).mean(-1).var(0)
+    env = RC.pfp_covariance(model, variances, {model.graph.input[0].name: images}, "none")
+    _, oracle_var, _ = NG.lenet_scale_mixture(model, variances, images, kappa=kappa, base_env=env)
+    _, predicted_var, predicted = NG.lenet_scale_mixture(model, variances, images, 5, base_env=env)
+    print(f"fc1's shared scale: Var(scale) from MC median {np.median(kappa):.3f} (10-90 % {np.quantile(kappa, 0.1):.3f}-{np.quantile(kappa, 0.9):.3f}), "
+          f"predicted (5 nodes, exact alpha) / MC median {np.median(predicted / kappa):.2f}, log correlation over images {np.corrcoef(np.log(predicted), np.log(kappa))[0, 1]:.2f}; "
+          f"logits' median PFP/MC variance: diagonal {np.median(env[tensors[-1]][1] / logit_var):.3f}, two scenarios with MC's Var(scale) "
+          f"{np.median(oracle_var / logit_var):.3f}, with the predicted one {np.median(predicted_var / logit_var):.3f} (against these {samples} draws)", flush=True)
+
+
 def accuracy(model, variances, kind, count):
     """Argmax of the logits' means on the first `count` test images: diagonal PFP vs the prototype."""
     import covariance_lenet as CL
@@ -238,6 +297,7 @@ def main(argv=None):
     parser.add_argument("--resamples", type=int, default=200)
     parser.add_argument("--kinds", nargs="*", default=["fashion", "mnist"])
     parser.add_argument("--cache", default=None, help="directory to save the MC logits in")
+    parser.add_argument("--mechanism", type=int, default=0, help="also: the mechanism analysis on this many stored draws")
     parser.add_argument("--accuracy", type=int, default=0, help="also: argmax accuracy of the means on this many test images")
     args = parser.parse_args(argv)
     if not os.path.isdir(os.path.join(B.DATA, "seed-checkpoints")):
@@ -257,6 +317,8 @@ def main(argv=None):
                "sampled to fc2 (check: exact)": ("/Relu_3_output_0", 2)}
     rng = np.random.default_rng(1)
     print(f"MC: {args.samples} weight draws x {args.images} images per data set (onnxruntime, one batch per draw)")
+    for kind in args.kinds if args.mechanism else []:
+        mechanism(model, variances, kind, args.images, args.mechanism)
     for kind in args.kinds if args.accuracy else []:
         accuracy(model, variances, kind, args.accuracy)
     for kind in args.kinds if args.samples else []:
