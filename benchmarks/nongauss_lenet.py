@@ -1,8 +1,9 @@
-"""Why the diagonal PFP keeps only ~0.7 of the seed LeNet-5's logit variance on Fashion-MNIST
+"""Why the diagonal PFP keeps only 0.55-0.7 of the seed LeNet-5's logit variance on Fashion-MNIST
 (issue 16's last missed target), measured: a Monte Carlo reference with enough draws to resolve
 0.8 (bootstrap confidence intervals), per-layer shape and loss, and what closes the gap.
 
     PYTHONPATH=.:tests:benchmarks nice -n 10 python benchmarks/nongauss_lenet.py [--images 40] [--samples 20000]
+        [--resamples 200] [--kinds fashion mnist] [--mechanism 2000] [--accuracy 1000] [--cache DIR]
 
 The seed paper's pretrained checkpoint (../shared/data/seed-checkpoints, std = softplus(scale)),
 the first --images test images of MNIST and Fashion-MNIST (normalised as the seed authors did).
@@ -13,8 +14,8 @@ Printed per data set:
   * the median over logits (images x 10) of PFP variance / MC variance for the diagonal PFP
     (float64 reference, tests/reference.py) and the other propagations below, with 95 %
     bootstrap intervals: over the MC draws (the reference's own noise) and over the images;
-    and the ratio at 1000 / 2000 / 5000 / all draws (a heavy-tailed variance is under-estimated
-    by few draws, so the median ratio drifts);
+    and the ratio with the first 1000 / 2000 / 5000 draws (a heavy-tailed variance estimated from
+    few draws depends on the rare draws it catches);
   * per layer: median skewness and excess kurtosis of the units over the MC draws, the diagonal
     PFP's variance ratio (`none`), the layer's op fed MC's exact marginals (`local`: the op's own
     error) and the logits' ratio when the PFP starts from MC's exact marginals of that layer
@@ -23,7 +24,13 @@ Printed per data set:
     activation), the rest propagated by the diagonal PFP given it, the draws mixed (law of total
     variance): how much of the network must be sampled, and whether the loss is a scale mixture
     (upstream randomness setting the variance of the dense tail);
-  * the prototypes of tests/reference_nongauss.py (scale-mixture PFP), with their multiply-adds.
+  * the prototypes of tests/reference_nongauss.py: the fourth moment carried through the dense
+    tail, and one scale shared by fc1's units in two scenarios (`shared fc1 scale`, its Var
+    predicted from conv2's per-channel latents with 3-7 Gauss-Hermite nodes; `column alpha`: the
+    cheaper weighting), with their estimated extra Cortex-M4 instructions (printed first);
+  * --mechanism N: from N stored draws of the dense tail, where its heavy tails come from (see
+    `mechanism`); --accuracy N: the argmax accuracy of the prototype's means on N test images.
+--samples 0 skips the Monte Carlo tables.
 """
 
 from __future__ import annotations

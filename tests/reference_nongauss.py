@@ -1,34 +1,26 @@
-"""Float64 prototype: a PFP that carries the fourth moment through a dense tail (imports only
-tests/reference.py).
+"""Float64 prototypes for the seed LeNet-5's heavy-tailed dense tail on Fashion-MNIST (imports
+tests/reference.py and tests/reference_covariance.py; measured by benchmarks/nongauss_lenet.py,
+docs/covariance.md "The seed LeNet-5 on Fashion-MNIST").
 
-Why (benchmarks/nongauss_lenet.py): on Fashion-MNIST the seed LeNet-5's dense pre-activations
-are heavy-tailed (fc2: excess kurtosis 0.8 median, 15 at the 90th percentile) and most of them
-sit far below the ReLU's kink, so a Gaussian with the exact mean and variance puts too little
-mass above zero: the last ReLU fed MC's exact marginals keeps half of MC's E[h^2]. The tails
-come from the products w h of the dense layers: the weights' noise (std ~1, |mu| ~0.02) times
-activations that are themselves heavy-tailed after a ReLU; a sum of independent such terms has
-fourth cumulant
+Why: the dense pre-activations are heavy-tailed and mostly far below the ReLU's kink, so a Gaussian
+with the exact mean and variance puts too little mass above zero (the last ReLU keeps 28 % of MC's
+variance). Two propagations:
 
-    k4(u) = sum_j k4(w_j h_j),
+1. The fourth moment carried under the PFP's independence assumption (measured: not enough).
+   - dense u = sum_j w_j h_j + b (w ~ N(mu, s2), b ~ N(mu_b, s2_b), all independent): one term
+     t = w h has raw moments E[t^k] = E[w^k] E[h^k], k = 1..4, with
+         E[w] = mu, E[w^2] = mu^2 + s2, E[w^3] = mu^3 + 3 mu s2, E[w^4] = mu^4 + 6 mu^2 s2 + 3 s2^2;
+     its cumulants k2 = m2 - m1^2, k4 = m4 - 4 m3 m1 - 3 m2^2 + 12 m2 m1^2 - 6 m1^4 add over j (the
+     Gaussian bias adds k2 only); u carries (mean, var = k2, fourth central moment = k4 + 3 k2^2).
+   - ReLU of u with kurtosis K = mu4 / v^2: u taken as a two-component scale mixture of Gaussians
+     with the same mean, m + sqrt(lam v) eps, E[lam] = 1, Var[lam] = r = K / 3 - 1 (`mixture`:
+     p = 1/2, lam = 1 -+ sqrt(r) while r <= 1, else lam1 = 0, p = r / (1 + r)); its raw moments
+     are the components' by the truncated-normal recursion (`relu_raw_moments`):
+         I0 = Phi(z), I1 = m Phi + s phi, I_k = m I_{k-1} + (k - 1) s^2 I_{k-2} (k >= 2), z = m / s.
 
-which the diagonal PFP drops (it keeps k2 only). This module keeps it, under the PFP's own
-independence assumption:
-
-- dense u = sum_j w_j h_j + b (w ~ N(mu, s2), b ~ N(mu_b, s2_b), all independent):
-  raw moments of one term t = w h are E[t^k] = E[w^k] E[h^k], k = 1..4, with
-      E[w] = mu, E[w^2] = mu^2 + s2, E[w^3] = mu^3 + 3 mu s2, E[w^4] = mu^4 + 6 mu^2 s2 + 3 s2^2;
-  cumulants k2 = m2 - m1^2, k4 = m4 - 4 m3 m1 - 3 m2^2 + 12 m2 m1^2 - 6 m1^4 add over j (and the
-  Gaussian bias adds k2 only); the output carries (mean, var = k2, fourth central = k4 + 3 k2^2).
-  Each term is a constant per weight times a function of the input's moments, so the layer is 5
-  matrix-vector products beyond the diagonal PFP's 3 (2 when the weights' means are dropped
-  from k4: `exact_k4=False`, the mu-free terms s2^2 (3 E[h^4] - 3 E[h^2]^2) ... see dense_fourth).
-- ReLU of u with mean m, variance v, kurtosis K = mu4 / v^2: u is taken as a two-component scale
-  mixture of Gaussians with the same mean, m + sqrt(lam v) eps, lam in {lam1, lam2} with
-  probabilities (p, 1 - p), E[lam] = 1, E[lam^2] = K / 3 (K <= 3: one Gaussian). With
-  r = K / 3 - 1 (the variance of lam): p = 1/2, lam = 1 -+ sqrt(r) while r <= 1, else
-  p = r / (1 + r), lam1 = 0, lam2 = 1 + r (`mixture`). The ReLU's raw moments are the mixture's,
-  each component's by the truncated-normal recursion (relu_raw_moments):
-      I0 = Phi(z), I1 = m Phi + s phi, I_k = m I_{k-1} + (k - 1) s^2 I_{k-2} (k >= 2), z = m / s.
+2. One scale shared by all of fc1's units in two scenarios (`lenet_scale_mixture`, the one that
+   reaches the target): the tails come from the conv2 weight noise moving the whole feature
+   vector's energy, which every fc1 unit's noise variance reads; see its docstring.
 """
 
 from __future__ import annotations
@@ -80,8 +72,8 @@ def relu_fourth(mean, var, fourth=None):
 def dense_fourth(raw, w_mean, w_var, b_mean, b_var, exact_k4=True):
     """Dense u = W h + b (W [out, in]) of independent inputs with raw moments raw = [E h, .., E h^4]
     (arrays [batch, in]): returns (mean, var, fourth central moment) of u (module docstring).
-    exact_k4=False drops the weights' means from k4 (k4 ~ sum s2^2 (3 E h^4 - 3 E h^2^2)... +
-    mu^4 terms omitted): 1 extra product instead of 5 when |mu| << s."""
+    exact_k4=False drops the weights' means from k4, k4 = sum_j 3 s2^2 (E[h^4] - E[h^2]^2): one
+    extra matrix product instead of five, for |mu| << s."""
     mu, s2 = np.asarray(w_mean, np.float64), np.asarray(w_var, np.float64)
     h1, h2, h3, h4 = raw
     w1, w2 = mu, mu * mu + s2
