@@ -249,7 +249,7 @@ def gemm_channel(m, v, a, group, wm, wv, bm=None, bv=None):
 def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: str = "channel",
                    replace: dict | None = None, pools_before_relus: bool = True, start: int = 0,
                    box_noise: bool = False, spread_variance: bool = False, max_keeps_loading: bool = True,
-                   loaded: set | None = None) -> dict:
+                   loaded: set | None = None, loadings: dict | None = None) -> dict:
     """Run the PFP over ``model`` (constants folded, batch norms kept) and return every tensor's
     (mean, var). mode "none": the diagonal reference (tests/reference.py); "channel": shared
     per-channel latents; "pooled": the same with the diagonal PFP's variance at every conv
@@ -262,7 +262,8 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
     (`reference.maxpool2d_correlated`) and its output carries none; ``"compiled"``: and passes the
     maximum's loading on (what the compiler builds where a mean over positions follows).
     ``loaded``: the convolutions (by output name) that give their outputs a loading, the others
-    none (a compiled plan); None: every one from the start-th on."""
+    none (a compiled plan); None: every one from the start-th on.
+    ``loadings``: a dict to fill with every tensor's loading (the returned dict has none)."""
     env = {}
     group = {}  # latent channel of each feature of a flattened tensor
     convs = [0]
@@ -296,6 +297,8 @@ def pfp_covariance(model: onnx.ModelProto, variances: dict, inputs: dict, mode: 
                 out = (out[0], out[1], np.zeros(out[0].shape))
             convs[0] += 1
         env[node.output[0]] = out
+    if loadings is not None:
+        loadings.update({name: a for name, (_, _, a) in env.items()})
     return {name: (m, v) for name, (m, v, _) in env.items()}
 
 
