@@ -32,7 +32,8 @@ ACTIVATIONS = {
 
 def _onnx(activation, seed=0):
     """The network with random weights, its posterior (`architectures.posterior`) and an input;
-    GELU exported at opset 20 (ONNX's Gelu; before it, torch writes the erf formula out)."""
+    GELU exported at opset 20 (ONNX's Gelu, which the float64 reference reads; before it torch
+    writes the erf formula out, which the compiler fuses: tests/test_exporter_forms.py)."""
     generator = torch.Generator().manual_seed(seed)
     model = _net(activation)()
     with torch.no_grad():

@@ -11,6 +11,7 @@ symbolic batch dimension to ``--batch``.
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import sys
 
@@ -70,6 +71,7 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
         raise PfpcError(f"{path}: the ONNX checker rejects the model: {first}") from None
     _read_initializers(model, path)
     model = fold_constants(model)
+    fuse_erf_gelu(model, name)
     _check_float32(model, name)
     model = fix_batch(model, batch, name)
     try:
@@ -179,6 +181,82 @@ def group_norm_per_group(model: onnx.ModelProto, name: str) -> None:
         model.graph.node.extend(nodes)
         notice(f"{name}: GroupNormalization {', '.join(repr(c) for c in changed)} (opset {_default_opset(model)}: a scale and bias per group) "
                "computed as InstanceNormalization of the input grouped to [N, groups, -1]")
+
+
+def fuse_erf_gelu(model: onnx.ModelProto, name: str) -> None:
+    """GELU written out with Erf, x * 0.5 * (1 + Erf(x / sqrt(2))) in either grouping of its two
+    products (PyTorch's exporter writes nn.GELU so before opset 20), as one Gelu node of x: Erf
+    has no Gaussian counterpart of its own, and x and Erf(x / sqrt(2)) are not independent. The
+    node is ONNX's Gelu from opset 20, else onnxruntime's com.microsoft Gelu (the same function)."""
+    graph = model.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers = {}
+    for node in graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+    outputs = {value.name for value in graph.output}
+
+    def only_consumer(tensor, op_type):
+        found = consumers.get(tensor, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op_type and tensor not in outputs else None
+
+    def is_constant(tensor, value):
+        array = constants.get(tensor)
+        return array is not None and array.size == 1 and abs(float(array.reshape(-1)[0]) - value) <= 1e-6 * abs(value)
+
+    def other(node, tensor):
+        return node.input[1] if node.input[0] == tensor else node.input[0]
+
+    def match(erf):
+        scale = producer.get(erf.input[0])
+        if scale is None or only_consumer(scale.output[0], "Erf") is not erf:
+            return None
+        if scale.op_type == "Div" and is_constant(scale.input[1], math.sqrt(2.0)):
+            x = scale.input[0]
+        elif scale.op_type == "Mul" and any(is_constant(t, 1 / math.sqrt(2.0)) for t in scale.input):
+            x = scale.input[1] if is_constant(scale.input[0], 1 / math.sqrt(2.0)) else scale.input[0]
+        else:
+            return None
+        add = only_consumer(erf.output[0], "Add")
+        inner = add is not None and is_constant(other(add, erf.output[0]), 1.0) and only_consumer(add.output[0], "Mul")
+        if not inner:
+            return None
+        factor = other(inner, add.output[0])
+        half = producer.get(factor)
+        if factor == x:  # Mul(Mul(x, 1 + erf), 0.5)
+            outer = only_consumer(inner.output[0], "Mul")
+            if outer is not None and is_constant(other(outer, inner.output[0]), 0.5):
+                return x, [scale, erf, add, inner, outer]
+        elif is_constant(factor, 0.5):  # Mul(Mul(1 + erf, 0.5), x)
+            outer = only_consumer(inner.output[0], "Mul")
+            if outer is not None and other(outer, inner.output[0]) == x:
+                return x, [scale, erf, add, inner, outer]
+        elif half is not None and half.op_type == "Mul" and only_consumer(factor, "Mul") is inner \
+                and x in half.input and is_constant(other(half, x), 0.5):  # Mul(Mul(x, 0.5), 1 + erf)
+            return x, [half, scale, erf, add, inner]
+        return None
+
+    replaced, dropped, fused = {}, set(), []
+    for erf in [node for node in graph.node if node.op_type == "Erf" and node.domain in ("", "ai.onnx")]:
+        found = match(erf)
+        if found is None or any(id(node) in dropped for node in found[1]):
+            continue
+        x, nodes = found
+        last = nodes[-1]
+        label = last.name or last.output[0]
+        domain = "" if (_default_opset(model) or 0) >= 20 else "com.microsoft"
+        replaced[id(last)] = onnx.helper.make_node("Gelu", [x], [last.output[0]], name=label, domain=domain)
+        dropped.update(id(node) for node in nodes)
+        fused.append(label)
+    if not fused:
+        return
+    kept = [replaced.get(id(node), node) for node in graph.node if id(node) not in dropped or id(node) in replaced]
+    del graph.node[:]
+    graph.node.extend(kept)
+    if any(node.domain == "com.microsoft" for node in kept) and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    notice(f"{name}: GELU written out with Erf computed as one Gelu node: {', '.join(repr(label) for label in fused)}")
 
 
 def fold_static_shapes(model: onnx.ModelProto) -> bool:

@@ -625,7 +625,9 @@ LOWERED_1D = tuple(name for op in OPERATORS for name in op.lowered_1d)
 def unsupported_reason(node, attrs: dict, rank) -> str | None:
     """Why the registry refuses ONNX ``node`` ("" for an unknown op), or None. ``rank``: the rank
     of its first input where known."""
-    op = BY_ONNX.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    # onnxruntime's com.microsoft Gelu is ONNX's (opset 20) under another name (`onnx_model.fuse_erf_gelu`)
+    contrib = (node.domain, node.op_type) == ("com.microsoft", "Gelu")
+    op = BY_ONNX.get(node.op_type) if node.domain in ("", "ai.onnx") or contrib else None
     if op is None:
         return ""
     return op.onnx_rule(node, attrs, rank) if op.onnx_rule is not None else None
