@@ -309,10 +309,12 @@ def _lift(t):
 _SMOOTH = {"SiLU": "silu", "Gelu": "gelu", "Softplus": "softplus", "Elu": "elu", "Selu": "selu"}
 
 
-def activation_loading(op, a, m, v, ld):
+def activation_loading(op, a, m, v, ld, slope=None):
     """The output loading a E[f'(x)] of an activation other than ReLU and Clip (Stein's lemma)."""
     if op == "LeakyRelu":
         return R.leaky_relu_loading(m, v, ld, a.get("alpha", 0.01))
+    if op == "PRelu":
+        return R.leaky_relu_loading(m, v, ld, slope)
     if op == "Sigmoid":
         return R.sigmoid_loading(m, v, ld)
     if op == "Tanh":
@@ -324,15 +326,15 @@ def activation_loading(op, a, m, v, ld):
     return R.smooth_loading(R.SMOOTH_FUNCTIONS[_SMOOTH[op]](a), m, v, ld)
 
 
-ACTIVATIONS = {"LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "HardSwishOf", *_SMOOTH}
+ACTIVATIONS = {"LeakyRelu", "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "HardSwishOf", *_SMOOTH}
 
 
 def _node(node, x, mode, group, box_noise=False, spread_variance=False, max_keeps_loading=True):
     op = node.op_type
     a = R._attrs(node)
     if mode != "none" and op in ACTIVATIONS:
-        (mean, var), = R._node_outputs(node, a, [(x[0][0], x[0][1])])
-        return mean, var, activation_loading(op, a, x[0][0], x[0][1], x[0][2])
+        (mean, var), = R._node_outputs(node, a, [(t[0], t[1]) for t in x])
+        return mean, var, activation_loading(op, a, x[0][0], x[0][1], x[0][2], x[1][0] if op == "PRelu" else None)
     if mode == "none" or op not in CHANNEL_OPS:
         outs = R._node_outputs(node, a, [None if t is None else (t[0], t[1]) for t in x])
         mean, var = outs[0]

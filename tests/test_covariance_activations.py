@@ -18,6 +18,8 @@ from pfpc.frontends.onnx_model import fold_constants
 
 ACTIVATIONS = {
     "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "prelu": nn.PReLU,  # one slope per channel (`_net`)
+    "prelu_one_slope": nn.PReLU,  # PyTorch's default: one slope for all channels
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
     "hard_sigmoid": nn.Hardsigmoid,
@@ -41,8 +43,10 @@ def _onnx(activation, seed=0):
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * np.sqrt(2.0 / module.weight[0].numel()))
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.05)
+            if isinstance(module, nn.PReLU):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) * 0.5)
     onnx_model = fold_constants(A.export(model.eval(), opset=20 if activation == "gelu" else 17))
-    stds = {k[: -len(".std")]: v for k, v in A.posterior(onnx_model).items()}
+    stds = {k[: -len(".std")]: v for k, v in A.posterior(onnx_model).items() if "PRelu" not in k}  # PReLU slopes: deterministic
     return onnx_model, stds, {"x": np.random.default_rng(seed).standard_normal(model.input_shape).astype(np.float32)}
 
 
@@ -54,8 +58,10 @@ def _net(activation):
 
         def __init__(self):
             super().__init__()
-            self.conv1, self.act1 = nn.Conv2d(3, 6, 3, padding=1), ACTIVATIONS[activation]()
-            self.conv2, self.act2 = nn.Conv2d(6, 8, 3, padding=1), ACTIVATIONS[activation]()
+            per_channel = {"num_parameters": 6}, {"num_parameters": 8}
+            first, second = per_channel if activation == "prelu" else ({}, {})
+            self.conv1, self.act1 = nn.Conv2d(3, 6, 3, padding=1), ACTIVATIONS[activation](**first)
+            self.conv2, self.act2 = nn.Conv2d(6, 8, 3, padding=1), ACTIVATIONS[activation](**second)
             self.fc = nn.Linear(8, 4)
 
         def forward(self, x):

@@ -152,6 +152,20 @@ def leaky_relu_loading(x: Gaussian, loading: Gaussian, alpha: float) -> Gaussian
     return _slope_loading(x, loading, slope, "leaky_relu_loading")
 
 
+def prelu_loading(x: Gaussian, loading: Gaussian, slope: Gaussian, axis: int) -> Gaussian:
+    """Loading of x if x > 0 else slope[c] x (a deterministic slope along ``axis``, one element:
+    broadcast, as `gaussian.prelu`): a (slope + (1 - slope) Phi(m / s))."""
+    broadcast = int(slope.shape[0]) == 1
+
+    def body(*idx):
+        mean, var = x.mean[idx], x.var_at(idx)
+        z = mean / tirx.max(safe_sqrt(var), f32(1e-30))
+        alpha = slope.mean[0] if broadcast else slope.mean[idx[axis]]
+        return loading.mean[idx] * (alpha + (f32(1.0) - alpha) * std_normal_cdf(z, std_normal_pdf(z)))
+
+    return _det(x.shape, body, "prelu_loading")
+
+
 def sigmoid_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
     """Loading of sigmoid(x): a dE[y]/dM of the probit approximation `moments.sigmoid_moments`
     (Stein: E[f'(x)] = dE[f(x)]/dM), E = sigmoid(M / r), r = sqrt(1 + pi V / 8):

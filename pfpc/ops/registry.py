@@ -384,7 +384,7 @@ OPERATORS = (
     Operator("leaky_relu", loading="carry", m4_per_element=187.0, onnx=("LeakyRelu",), relax=("relax.nn.leakyrelu",), relax_attrs=lambda call: {"alpha": float(call.attrs.alpha)},
              fusion=Fusion.NONLINEAR, gaussian_ops=_per_element("leaky_relu"), libm_calls={"sqrt": 1},
              reference="leaky_relu", build=lambda inputs, attrs: G.leaky_relu(inputs[0], attrs["alpha"])),
-    Operator("prelu", onnx=("PRelu",), relax=("relax.nn.prelu",), relax_attrs=lambda call: {"axis": int(call.attrs.axis) % _rank(call.args[0])},
+    Operator("prelu", loading="carry", m4_per_element=187.0, onnx=("PRelu",), relax=("relax.nn.prelu",), relax_attrs=lambda call: {"axis": int(call.attrs.axis) % _rank(call.args[0])},
              arity=2, fusion=Fusion.NONLINEAR, deterministic_operand=1,
              gaussian_ops=_per_element("prelu"), libm_calls={"sqrt": 1}, reference="leaky_relu",
              build=lambda inputs, attrs: G.prelu(*inputs, attrs["axis"])),
@@ -438,6 +438,8 @@ OPERATORS = (
     # (tests/test_covariance_activations.py's network, conv2's 800 outputs)
     Operator("leaky_relu_loading", elementwise=True, arity=2, m4_per_element=78.0, native=Moment.NONE, gaussian_ops=_per_element("leaky_relu"),
              libm_calls={"sqrt": 1}, reference="leaky_relu_loading", build=lambda inputs, attrs: C.leaky_relu_loading(*inputs, attrs["alpha"])),
+    Operator("prelu_loading", elementwise=True, arity=3, m4_per_element=78.0, native=Moment.NONE, gaussian_ops=_per_element("prelu"),
+             libm_calls={"sqrt": 1}, reference="leaky_relu_loading", build=lambda inputs, attrs: C.prelu_loading(*inputs, attrs["axis"])),
     Operator("sigmoid_loading", elementwise=True, arity=2, m4_per_element=83.0, native=Moment.NONE, gaussian_ops=_per_element("sigmoid"),
              libm_calls={"sqrt": 2, "exp": 1}, reference="sigmoid_loading", build=lambda inputs, attrs: C.sigmoid_loading(*inputs)),
     Operator("tanh_loading", elementwise=True, arity=2, m4_per_element=114.0, native=Moment.NONE, gaussian_ops=_per_element("tanh"),

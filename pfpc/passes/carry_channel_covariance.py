@@ -19,7 +19,7 @@ and, for a convolution the plan names (its output gets a loading):
                                        a_out    = projection_gain(pooled, sum sqrt(shared), sum shared) * sqrt(shared)
     relu(x)                       ->   relu(x); a_out = relu_loading(x, a)     a Phi(m / s) = a E[f'(x)]
     f(x), another activation      ->   f(x); a_out = a E[f'(x)] (`registry.LOADING_SLOPES`: Clip,
-                                       LeakyRelu, Sigmoid, Tanh, HardSigmoid, HardSwish, SiLU, GELU,
+                                       LeakyRelu, PRelu, Sigmoid, Tanh, HardSigmoid, HardSwish, SiLU, GELU,
                                        Softplus, Elu, Selu)
     a1 + a2 (both loaded)         ->   the sum; a_out = projection of a1^2 + a2^2 with pooled (sum a1)^2 + (sum a2)^2
     mean over positions           ->   pooled_variance: avg m, avg(v - a^2) / P + avg(a)^2
@@ -374,7 +374,7 @@ class _Rewriter(KernelRewriter):
         `LOADING_SLOPES`), else None."""
         if loads[0] is None or operands[0].repr == Moment.NONE or op not in LOADING_SLOPES:
             return None
-        return self.emit(LOADING_SLOPES[op], attrs, [operands[0], loads[0]])
+        return self.emit(LOADING_SLOPES[op], attrs, [operands[0], loads[0], *operands[1:]])  # PRelu: its slope
 
     def carry(self, op, attrs, operands, loads, result):
         """The output loading of another op the loadings pass through."""
