@@ -45,7 +45,7 @@ def _long_lines(directory):
 def test_lenet_kernels_are_named_and_commented_after_their_onnx_nodes(lenet):
     model = onnx.load(LENET[0])
     source = (lenet / "pfp_model.c").read_text()
-    functions = re.findall(r"^static void (k_\w+)\(", source, re.M)
+    functions = re.findall(r"^PFP_KERNEL void (k_\w+)\(", source, re.M)
     for node in model.graph.node:
         assert node.name in source, f"ONNX node {node.name} not in the C"
         if node.op_type in ("Conv", "MaxPool", "Gemm"):  # each has a kernel of its own, named after it
@@ -63,7 +63,7 @@ def test_report_rows_name_the_c_functions_and_their_onnx_nodes(lenet, capsys):
     from pfpc.cli import main
 
     source = (lenet / "pfp_model.c").read_text()
-    functions = re.findall(r"^static void (k_\w+)\(", source, re.M)
+    functions = re.findall(r"^PFP_KERNEL void (k_\w+)\(", source, re.M)
     layers = json.loads((lenet / "pfpc.json").read_text())["layers"]
     assert [layer["function"] for layer in layers if layer["function"] in functions] == [layer["function"] for layer in layers]
     model_nodes = {node.name for node in onnx.load(LENET[0]).graph.node}
@@ -146,12 +146,12 @@ def test_unnamed_and_colliding_nodes_get_distinct_names_in_file_order(tmp_path):
     x = rng.normal(size=(1, 1, 6, 6)).astype(np.float32)
     check_against_reference(model, inits, {"x": x}, tmp_path, rng)
     source = (tmp_path / "out" / "pfp_model.c").read_text()
-    functions = re.findall(r"^static void (k_\w+)\(", source, re.M)
+    functions = re.findall(r"^PFP_KERNEL void (k_\w+)\(", source, re.M)
     for name in ("Relu_1", "MaxPool_2", "a/b", "a_b"):  # Flatten_4: a view at the output, no kernel
         assert name in source, name
     assert "k_MaxPool_2_Relu_1" in functions and len(functions) == len(set(functions)), functions
-    assert "/* a/b (Conv 1->3, 3x3, stride 1) -> mean, variance */\nstatic void k_a_b(" in source
-    assert "/* a_b (Conv 3->2, 1x1, stride 1) -> mean, variance */\nstatic void k_a_b_2(" in source
+    assert "/* a/b (Conv 1->3, 3x3, stride 1) -> mean, variance */\nPFP_KERNEL void k_a_b(" in source
+    assert "/* a_b (Conv 3->2, 1x1, stride 1) -> mean, variance */\nPFP_KERNEL void k_a_b_2(" in source
 
 
 def test_provenance_reaches_every_kernel_and_is_checked():

@@ -232,7 +232,7 @@ def test_relu_maxpool_networks_against_monte_carlo(tmp_path, example):
 def _kernel_bodies(c_source):
     """{kernel comment (its ONNX nodes and ops): C body} of a generated <name>.c."""
     return {comment: body for comment, body in
-            re.findall(r"^/\* ((?:(?!\*/).)*?) \*/\nstatic void k_\w+\((?:[^)]*)\) \{\n(.*?)\n\}$", c_source, re.M | re.S)}
+            re.findall(r"^/\* ((?:(?!\*/).)*?) \*/\nPFP_KERNEL void k_\w+\((?:[^)]*)\) \{\n(.*?)\n\}$", c_source, re.M | re.S)}
 
 
 @pytest.mark.parametrize("target", ["host", "cortex-m4"])

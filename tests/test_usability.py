@@ -122,7 +122,7 @@ def test_profile_counts_every_layer(tmp_path, capsys):
     kernels, executor = result.layers[:-1], result.layers[-1]
     assert [layer["kernel"] for layer in kernels] == [layer["kernel"] for layer in meta["layers"]]
     source = open(os.path.join(out, "pfp_model.c")).read()
-    assert all(re.search(rf"^static void {layer['function']}\(", source, re.M) for layer in kernels)  # rows lead to the C
+    assert all(re.search(rf"^PFP_KERNEL void {layer['function']}\(", source, re.M) for layer in kernels)  # rows lead to the C
     assert sum(layer["instructions"] for layer in result.layers) == result.cycles[0]
     tick = 1e9 / compiler.get_target("cortex-m4").qemu_clock_hz
     traced = _trace_layers(out, len(kernels))
