@@ -4,6 +4,7 @@ the networks it must leave untouched."""
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -18,6 +19,7 @@ import pfpc
 import torch
 from pfpc.frontends.onnx_model import fold_constants
 from torch import nn
+from torch.nn import functional as F
 
 
 class TinyInvertedResidual(nn.Module):
@@ -110,6 +112,46 @@ def test_max_pool_reads_the_loadings_as_the_float64_reference(tmp_path):
                for mode in ("none", "channel")}
     pools = {mode: {name: nodes for name, nodes in found.items() if any("MaxPool" in node for node in nodes)} for mode, found in kernels.items()}
     assert len(pools["none"]) == 2 and pools["channel"] == pools["none"]
+
+
+class StridedDilatedNet(nn.Module):
+    """Window sums of every kind of window: a 3x3 conv with stride 2, dilation (2, 1) and padding
+    (1, 2) on a 13x11 input, ReLU, a 3x3 conv with dilation 2 (padding 1: the output grid's
+    windows miss input rows), global average pool, dense."""
+
+    input_shape = (1, 3, 13, 11)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=(1, 2), dilation=(2, 1))
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1, dilation=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv2(torch.relu(self.conv1(x))), 1), 1))
+
+
+@pytest.mark.parametrize("cls", [TC.LinearConvNet, TC.TinyResNet, TC.TinyDSCNN, TinyInvertedResidual, StridedDilatedNet])
+def test_separable_window_sums_match_the_float64_reference(cls, tmp_path):
+    """Cores without SIMD sum the covariance form's windows along rows, then columns
+    (`pipeline.for_target`: ``separable_sums``): the C built with the Cortex-M4 pass list (here for
+    the host) equals reference_covariance to 1e-5 as the one-kernel window sums do, and has the
+    row and column kernels (weights of ones [C, 1, 1, out_w] and [C, 1, out_h, 1])."""
+    from pfpc.codegen.targets import get_target
+    from pfpc.passes.carry_channel_covariance import CarryChannelCovariance
+    from pfpc.passes.pipeline import default_passes, for_target
+
+    model, stds, inputs = TC._onnx(cls)
+    passes = for_target(default_passes("channel"), get_target("cortex-m4"))
+    assert any(isinstance(t, CarryChannelCovariance) and t.separable_sums for _, t in passes)
+    compiled = pfpc.compile(model, {k + ".std": v for k, v in stds.items()}, batch=1, passes=passes, out_dir=str(tmp_path / "out"))
+    (mean, var), = compiled.run([inputs["x"]]).outputs
+    variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    expected = RC.pfp_covariance(model, variances, inputs, "channel_box", spread_variance=True)["y"]
+    np.testing.assert_allclose(mean, expected[0].reshape(mean.shape), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, expected[1].reshape(var.shape), rtol=1e-5)
+    source = (tmp_path / "out" / "pfp_model.c").read_text()
+    assert re.search(r"k_window_ones_\d+x1x\d+", source) and re.search(r"k_window_ones_\d+x\d+x1_", source)
 
 
 @pytest.mark.parametrize("cls", [TC.LinearMLP, TC.ConvPointwise])
