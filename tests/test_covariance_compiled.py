@@ -5,6 +5,7 @@ the networks it must leave untouched."""
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -152,6 +153,23 @@ def test_separable_window_sums_match_the_float64_reference(cls, tmp_path):
     np.testing.assert_allclose(var, expected[1].reshape(var.shape), rtol=1e-5)
     source = (tmp_path / "out" / "pfp_model.c").read_text()
     assert re.search(r"k_window_ones_\d+x1x\d+", source) and re.search(r"k_window_ones_\d+x\d+x1_", source)
+
+
+@pytest.mark.skipif(not all(shutil.which(tool) for tool in ("arm-none-eabi-gcc", "qemu-system-arm")),
+                    reason="arm-none-eabi-gcc or qemu-system-arm missing (.ci/run installs them)")
+def test_cortex_m4_build_matches_the_float64_reference(tmp_path):
+    """TinyResNet with every convolution's loadings built for the Cortex-M4 and run under QEMU: its
+    schedule (register blocks of outputs, the taps of a window row innermost where the input is
+    Gaussian or the border is tested: `kernel._inputs_per_tap`) and the separable window sums
+    give reference_covariance's moments to 1e-5, as the host build does."""
+    model, stds, inputs = TC._onnx(TC.TinyResNet)
+    out = str(tmp_path / "m4")
+    pfpc.compile(model, {k + ".std": v for k, v in stds.items()}, covariance="channel", batch=1, target="cortex-m4", out_dir=out)
+    (mean, var), = pfpc.compiler.run(out, [inputs["x"]], emulate=True).outputs
+    variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    expected = RC.pfp_covariance(model, variances, inputs, "channel_box", spread_variance=True)["y"]
+    np.testing.assert_allclose(mean, expected[0].reshape(mean.shape), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, expected[1].reshape(var.shape), rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [TC.LinearMLP, TC.ConvPointwise])
