@@ -42,10 +42,9 @@ def measure(name: str, best: bool = True, profile: bool = False, options: dict |
                     found["macs"], found["pfp_fma"] = sum(c["macs"] for c in costs), sum(c["pfp_fma"] for c in costs)
                 if flags == "best":
                     with_best_flags(out, BEST_FLAGS)
-                outcome = compiler.run(out, [x], emulate=True, profile=profile and key == "pfp" and flags == "make")
-                found[key, flags] = outcome.cycles[0]
-                if outcome.layers:
-                    found["layers"] = outcome.layers
+                found[key, flags] = compiler.run(out, [x], emulate=True).cycles[0]
+                if profile and key == "pfp" and flags == "make":  # a build of its own: the counter reads add instructions
+                    found["layers"] = compiler.run(out, [x], emulate=True, profile=True).layers
     return found
 
 
@@ -73,8 +72,8 @@ def main() -> int:
                         f"{pfp / best_det:.2f} | {found['pfp_fma'] / macs:.2f} | {macs:,} |")
             print(rows[-1], flush=True)
         if found.get("layers"):
-            total = found["pfp", "make"]
-            print(f"\n{name} PFP per kernel (Makefile flags):\n\n| kernel | instructions | share |\n|---|---:|---:|")
+            total = sum(layer["instructions"] for layer in found["layers"])
+            print(f"\n{name} PFP per kernel (Makefile flags, the profiled build):\n\n| kernel | instructions | share |\n|---|---:|---:|")
             for layer in sorted(found["layers"], key=lambda layer: -layer["instructions"]):
                 print(f"| {layer['function']} | {layer['instructions']:,} | {100 * layer['instructions'] / total:.1f} % |")
             print(flush=True)
