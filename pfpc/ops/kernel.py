@@ -354,8 +354,10 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     """One loop nest per output with everything before it fused in, no materialised intermediates.
 
     Single-output element-wise stages are inlined into their consumers. A reduction accumulates
-    either (``accumulate="scalar"``, for cores without SIMD) one output at a time with the
-    reduction loops innermost, the result in registers and the epilogue computed right after it,
+    either (``accumulate="scalar"``, for cores without SIMD) a register block of outputs (a row's,
+    `BLOCK`; or F channels x B positions where a row's outputs share no input:
+    `_channel_block_factor`) with the reduction loops outside the block, the results in registers
+    and the epilogue computed right after it,
     or (``"row"``, for SIMD cores) a whole output row at a time: the reduction loops move outside
     the row's loop, so the innermost loop runs along contiguous outputs and weights, which the C
     compiler vectorises, and the epilogue follows the row; ``"channel_rows"`` (application cores:
@@ -902,8 +904,8 @@ def _unroll_block(sch, init, depth: int, downstream, outer):
     loops over the block of its light consumers placed under ``outer`` (bias, batch norm, residual,
     the covariance form's coherent variance: `_light`): rolled, gcc -O2 kept the block's
     accumulators in memory (an array indexed by the loop) and spilled around them. Cortex-M4
-    (Makefile flags): ResNet-8 PFP 101.39 M -> 99.28 M, seed LeNet-5 PFP 2.97 M -> 2.90 M, DS-CNN
-    PFP 37.84 M -> 35.72 M. An epilogue with a square root, a division or a libm call (a fused
+    (Makefile flags): ResNet-8 PFP 101.39 M -> 99.28 M, seed LeNet-5 PFP 2.97 M -> 2.93 M, DS-CNN
+    PFP 37.84 M -> 36.53 M. An epilogue with a square root, a division or a libm call (a fused
     Gaussian ReLU) stays rolled: unrolled, ResNet-8's diagonal PFP (`--covariance none`) was
     slower (86.29 M -> 87.07 M) and its code 2.5 times larger."""
     for loop in sch.get_loops(init)[-depth:]:
