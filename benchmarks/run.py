@@ -90,6 +90,7 @@ input, Makefile flags), one change at a time:
 | variances computed directly (differential-fuzzing merge: v_w (m² + v) + v μ²) | 2,924,080 (7.0 / MAC) | 891,840 | 97,953,400 (7.8 / MAC) | 23,177,520 |
 | 3x3 PFP convolutions test their border instead of reading a padded copy (scalar cores) | unchanged (5x5) | unchanged | 93,790,000 (7.5 / MAC) | unchanged (keeps the copy) |
 | residual sums written in place (memory only; the sum computed once per output) | unchanged | unchanged | 93,735,600 | unchanged |
+| session 10 (benchmarks/m4_kernels.md; default `--covariance auto`, 118,555,400 at its start): separable window sums, taps innermost for Gaussian or border-tested inputs, channel blocks for 1x1 and strided windows, unrolled block initialisation and light epilogues | 2,931,760 (7.04 / MAC) | 843,160 | 99,282,760 (7.94 / MAC) | 21,252,720 |
 
 - **Memory (ResNet-8 on Cortex-M4)**: the PFP arena was 410,112 bytes, at its lower bound for the
   buffers of that time: the first block held the residual input (131,072), the padded copy of the

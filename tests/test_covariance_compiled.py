@@ -4,6 +4,8 @@ the networks it must leave untouched."""
 
 import json
 import os
+import re
+import shutil
 import sys
 
 import numpy as np
@@ -18,6 +20,7 @@ import pfpc
 import torch
 from pfpc.frontends.onnx_model import fold_constants
 from torch import nn
+from torch.nn import functional as F
 
 
 class TinyInvertedResidual(nn.Module):
@@ -151,6 +154,63 @@ def test_max_pool_passes_the_loadings_on_to_a_global_pool():
     assert np.median(var_se / mc_var) < 0.05
     assert abs(np.log(np.median(auto_var / mc_var))) < abs(np.log(np.median(ended[1] / mc_var))) - 0.05
     assert 0.8 < np.median(auto_var / mc_var) < 1.25
+
+
+class StridedDilatedNet(nn.Module):
+    """Window sums of every kind of window: a 3x3 conv with stride 2, dilation (2, 1) and padding
+    (1, 2) on a 13x11 input, ReLU, a 3x3 conv with dilation 2 (padding 1: the output grid's
+    windows miss input rows), global average pool, dense."""
+
+    input_shape = (1, 3, 13, 11)
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, stride=2, padding=(1, 2), dilation=(2, 1))
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1, dilation=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv2(torch.relu(self.conv1(x))), 1), 1))
+
+
+@pytest.mark.parametrize("cls", [TC.LinearConvNet, TC.TinyResNet, TC.TinyDSCNN, TinyInvertedResidual, StridedDilatedNet])
+def test_separable_window_sums_match_the_float64_reference(cls, tmp_path):
+    """Cores without SIMD sum the covariance form's windows along rows, then columns
+    (`pipeline.for_target`: ``separable_sums``): the C built with the Cortex-M4 pass list (here for
+    the host) equals reference_covariance to 1e-5 as the one-kernel window sums do, and has the
+    row and column kernels (weights of ones [C, 1, 1, out_w] and [C, 1, out_h, 1])."""
+    from pfpc.codegen.targets import get_target
+    from pfpc.passes.carry_channel_covariance import CarryChannelCovariance
+    from pfpc.passes.pipeline import default_passes, for_target
+
+    model, stds, inputs = TC._onnx(cls)
+    passes = for_target(default_passes("channel"), get_target("cortex-m4"))
+    assert any(isinstance(t, CarryChannelCovariance) and t.separable_sums for _, t in passes)
+    compiled = pfpc.compile(model, {k + ".std": v for k, v in stds.items()}, batch=1, passes=passes, out_dir=str(tmp_path / "out"))
+    (mean, var), = compiled.run([inputs["x"]]).outputs
+    variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    expected = RC.pfp_covariance(model, variances, inputs, "channel_box", spread_variance=True)["y"]
+    np.testing.assert_allclose(mean, expected[0].reshape(mean.shape), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, expected[1].reshape(var.shape), rtol=1e-5)
+    source = (tmp_path / "out" / "pfp_model.c").read_text()
+    assert re.search(r"k_window_ones_\d+x1x\d+", source) and re.search(r"k_window_ones_\d+x\d+x1_", source)
+
+
+@pytest.mark.skipif(not all(shutil.which(tool) for tool in ("arm-none-eabi-gcc", "qemu-system-arm")),
+                    reason="arm-none-eabi-gcc or qemu-system-arm missing (.ci/run installs them)")
+def test_cortex_m4_build_matches_the_float64_reference(tmp_path):
+    """TinyResNet with every convolution's loadings built for the Cortex-M4 and run under QEMU: its
+    schedule (register blocks of outputs, the taps of a window row innermost where the input is
+    Gaussian or the border is tested: `kernel._inputs_per_tap`) and the separable window sums
+    give reference_covariance's moments to 1e-5, as the host build does."""
+    model, stds, inputs = TC._onnx(TC.TinyResNet)
+    out = str(tmp_path / "m4")
+    pfpc.compile(model, {k + ".std": v for k, v in stds.items()}, covariance="channel", batch=1, target="cortex-m4", out_dir=out)
+    (mean, var), = pfpc.compiler.run(out, [inputs["x"]], emulate=True).outputs
+    variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    expected = RC.pfp_covariance(model, variances, inputs, "channel_box", spread_variance=True)["y"]
+    np.testing.assert_allclose(mean, expected[0].reshape(mean.shape), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, expected[1].reshape(var.shape), rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [TC.LinearMLP, TC.ConvPointwise])

@@ -88,7 +88,7 @@ def test_flat_rows_index_by_the_row_loop_and_keep_rows_on_the_stack(tmp_path):
         np.savez(directory / "post.npz", **{"b.std": np.full(shape, 0.1, np.float32)})
         compiler.compile(str(directory / "model.onnx"), str(directory / "post.npz"), out_dir=str(directory / "out"), target="host")
         source = (directory / "out" / "pfp_model.c").read_text()
-        bodies = re.findall(r"^static void k_\w+\(.*?^}", source, re.S | re.M)
+        bodies = re.findall(r"^PFP_KERNEL void k_\w+\(.*?^}", source, re.S | re.M)
         assert len(bodies) == 2
         for body in bodies:
             assert not re.search(rf"% {shape[-1]}\b", body), body
@@ -111,7 +111,7 @@ def test_window_sums_accumulate_a_row_of_partial_sums(tmp_path):
     pfpc.compile(model, {k + ".std": v for k, v in stds.items()}, covariance="channel", batch=1, out_dir=str(tmp_path / "out"), target="host")
     source = (tmp_path / "out" / "pfp_model.c").read_text()
     # windows as large as the 16x16 maps: 3x3 outputs (the 8x8 windows of the strided block have rows of 4)
-    narrow = re.findall(r"^static void k_window_ones_\d+x16x16\w*\(.*?^}", source, re.S | re.M)
+    narrow = re.findall(r"^PFP_KERNEL void k_window_ones_\d+x16x16\w*\(.*?^}", source, re.S | re.M)
     assert narrow
     for body in narrow:
         row = re.search(r"float (\w+_rf_ptr)\[(\d+)\];", body)

@@ -354,8 +354,10 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     """One loop nest per output with everything before it fused in, no materialised intermediates.
 
     Single-output element-wise stages are inlined into their consumers. A reduction accumulates
-    either (``accumulate="scalar"``, for cores without SIMD) one output at a time with the
-    reduction loops innermost, the result in registers and the epilogue computed right after it,
+    either (``accumulate="scalar"``, for cores without SIMD) a register block of outputs (a row's,
+    `BLOCK`; or F channels x B positions where a row's outputs share no input:
+    `_channel_block_factor`) with the reduction loops outside the block, the results in registers
+    and the epilogue computed right after it,
     or (``"row"``, for SIMD cores) a whole output row at a time: the reduction loops move outside
     the row's loop, so the innermost loop runs along contiguous outputs and weights, which the C
     compiler vectorises, and the epilogue follows the row; ``"channel_rows"`` (application cores:
@@ -429,18 +431,45 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
                 sch.reorder(*update[spatial:], update[spatial - 1])
                 if _unrollable(sch, block):
                     _unroll_window(sch, sch.get_loops(block)[spatial:-1])
+        elif _unrollable(sch, block) and len(sch.get(block).writes) <= 2 and _channel_block_factor(sch, block, loops, spatial) > 1:
+            # register blocking of output channels (`_channel_block_factor`): F channels x B positions per
+            # loaded input and weight, loops (..., y, x block | c, ky, F, B, kx)
+            channels, positions = _register_block(int(sch.get(loops[1]).extent), int(sch.get(loops[3]).extent), len(sch.get(block).writes))
+            _, channel = sch.split(loops[1], [None, channels])
+            outer, inner = sch.split(loops[3], [None, positions])
+            sch.reorder(loops[2], outer, channel, inner)
+            for consumer in downstream:
+                if not _after_outputs(sch, block, consumer, outer):
+                    break  # the rest read it: after the reduction too
+            _unroll_block(sch, sch.decompose_reduction(block, channel), 2, downstream, outer)
+            update = sch.get_loops(block)  # n, o block, y, x block, channel, inner, c, ky, kx
+            sch.reorder(update[6], update[7], update[4], update[5], update[8])
+            update = sch.get_loops(block)
+            for loop in update[-3:]:
+                sch.unroll(loop)
+            _unroll_window(sch, update[-4:-3], int(sch.get(update[-1]).extent))
         elif _unrollable(sch, block) and len(sch.get(block).writes) <= 2 and _block_factor(int(sch.get(loops[spatial - 1]).extent)) > 1:
             # register blocking: BLOCK outputs along the last spatial axis per loaded weight
             outer, inner = sch.split(loops[spatial - 1], [None, _block_factor(int(sch.get(loops[spatial - 1]).extent))])
             for consumer in downstream:
                 if not _after_outputs(sch, block, consumer, outer):
                     break  # the rest read it: after the reduction too
-            sch.decompose_reduction(block, inner)
+            _unroll_block(sch, sch.decompose_reduction(block, inner), 1, downstream, outer)
             update = sch.get_loops(block)
-            sch.reorder(*update[spatial + 1:], update[spatial])
-            update = sch.get_loops(block)
-            sch.unroll(update[-1])
-            _unroll_window(sch, update[spatial:-1])
+            if len(update) - spatial - 1 >= 2 and int(sch.get(update[-1]).extent) <= UNROLL_ROW_MAX \
+                    and (_inputs_per_tap(sch, block) >= 2 or _tests_border(sch, block)):
+                # a Gaussian input (mean, variance, ...): the block's outputs between a window's rows and
+                # its taps, see `_inputs_per_tap`
+                sch.reorder(*update[spatial + 1:-1], update[spatial], update[-1])
+                update = sch.get_loops(block)
+                sch.unroll(update[-1])
+                sch.unroll(update[-2])
+                _unroll_window(sch, update[spatial:-2], int(sch.get(update[-1]).extent))
+            else:
+                sch.reorder(*update[spatial + 1:], update[spatial])
+                update = sch.get_loops(block)
+                sch.unroll(update[-1])
+                _unroll_window(sch, update[spatial:-1])
         else:
             for consumer in downstream:
                 if not _after_outputs(sch, block, consumer, loops[spatial - 1]):
@@ -836,6 +865,93 @@ def _uses(expr, var, extent: int) -> bool:
 BLOCK = (8, 7, 6, 5, 4, 3, 2)
 
 
+#: Accumulators of a channel-blocked register block (`_channel_block_factor`): the Cortex-M4's FPU has 32
+#: single-precision registers, the rest hold the loaded inputs and weights.
+ACCUMULATORS = 16
+
+
+def _channel_block_factor(sch, block, loops, spatial: int) -> int:
+    """Output channels the "scalar" schedule accumulates together (`_register_block`'s F; 1: none)
+    for a 2-D convolution whose neighbouring outputs along a row share no input, a 1x1 window or a
+    stride of 2 or more along the row: blocking the row's outputs alone reuses only the weights,
+    F channels reuse each loaded input F times (with ACCUMULATORS / F / accumulators per output
+    positions of the row: `_register_block`). Cortex-M4 instructions (Makefile flags): ResNet-8
+    PFP 104.02 M -> 101.39 M (its 1x1 shortcuts, the covariance form's coherent terms, the
+    stride-2 3x3 convolutions), its deterministic network 22.55 M -> 21.59 M; DS-CNN (pointwise
+    convolutions) PFP 39.97 M -> 37.84 M, deterministic 8.08 M -> 6.29 M. Stride-1 3x3
+    convolutions keep the row blocks (their taps share inputs), which 4 channels made 14 % slower."""
+    if spatial != 4 or len(loops) != spatial + 3:
+        return 1
+    stmt = sch.get(block)
+    _, channel, _, row = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    factor, _ = _register_block(int(channel.dom.extent), int(row.dom.extent), len(stmt.writes))
+    if factor == 1:
+        return 1
+    written = [write.source for write in stmt.writes]
+    inputs = [read.region for read in stmt.reads
+              if not any(read.source.same_as(b) for b in written) and _uses(read.region[-1].min, row.var, int(row.dom.extent))]
+    if any(_uses(region[1].min, channel.var, factor) for region in inputs):
+        return 1  # depthwise: each channel reads its own input
+    window = int(sch.get(loops[5]).extent) * int(sch.get(loops[6]).extent)
+    # the index of a padded window's tap: x s + t - p
+    if window > 1 and not any(_stride(_minuend(region[-1].min), row.var) >= 2 for region in inputs):
+        return 1
+    return factor
+
+
+def _unroll_block(sch, init, depth: int, downstream, outer):
+    """Unroll the ``depth`` innermost loops of a register block's initialisation ``init`` and the
+    loops over the block of its light consumers placed under ``outer`` (bias, batch norm, residual,
+    the covariance form's coherent variance: `_light`): rolled, gcc -O2 kept the block's
+    accumulators in memory (an array indexed by the loop) and spilled around them. Cortex-M4
+    (Makefile flags): ResNet-8 PFP 101.39 M -> 99.28 M, seed LeNet-5 PFP 2.97 M -> 2.93 M, DS-CNN
+    PFP 37.84 M -> 36.53 M. An epilogue with a square root, a division or a libm call (a fused
+    Gaussian ReLU) stays rolled: unrolled, ResNet-8's diagonal PFP (`--covariance none`) was
+    slower (86.29 M -> 87.07 M) and its code 2.5 times larger."""
+    for loop in sch.get_loops(init)[-depth:]:
+        sch.unroll(loop)
+    epilogue = []
+    for consumer in downstream:
+        loops = sch.get_loops(consumer)
+        placed = [index for index, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(outer))]
+        if placed:
+            epilogue.append(loops[placed[0] + 1:])
+    if all(_light(sch, consumer) for consumer in downstream):
+        for loops in epilogue:
+            for loop in loops:
+                sch.unroll(loop)
+
+
+def _light(sch, block) -> bool:
+    """Whether a block computes with additions, multiplications and selections only (no call, no division)."""
+    values = []
+    _collect_values(sch.get(block).body, values)
+    return not any(_has(value, (tvm.ir.Call, tirx.Div, tirx.FloorDiv)) for value in values)
+
+
+def _has(expr, kinds) -> bool:
+    """Whether ``expr`` holds a node of one of ``kinds`` (loads' indices not searched)."""
+    if isinstance(expr, kinds):
+        return True
+    children = [getattr(expr, field) for field in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(expr, field)]
+    return any(_has(child, kinds) for child in children if isinstance(child, tvm.ir.Expr))
+
+
+def _minuend(expr):
+    """a of a - b, else ``expr``."""
+    return expr.a if isinstance(expr, tirx.Sub) else expr
+
+
+def _register_block(channels: int, width: int, accumulators_per_output: int) -> tuple:
+    """(F, B): F of ``channels`` (16, 8, 4, 2, 1) and B of a row of ``width`` outputs accumulated
+    together, at most ACCUMULATORS accumulators, loading each input once per F outputs and each
+    weight once per B: the fewest loads per multiply-add, 1/F + 1/B (a tie: more channels; a strided
+    row reads B inputs per tap, not B + taps - 1)."""
+    pairs = [(f, b) for f in (16, 8, 4, 2, 1) for b in range(width, 0, -1)
+             if channels % f == 0 and width % b == 0 and f * b * accumulators_per_output <= ACCUMULATORS]
+    return min(pairs, key=lambda pair: (1 / pair[0] + 1 / pair[1], -pair[0]))
+
+
 def _block_factor(extent: int) -> int:
     """The first of `BLOCK` dividing ``extent`` (no tail loop), 1 if none."""
     return next((factor for factor in BLOCK if extent % factor == 0 and extent >= factor), 1)
@@ -843,6 +959,54 @@ def _block_factor(extent: int) -> int:
 
 #: Most iterations of the innermost reduction loops that are unrolled (a 3x3 kernel window).
 UNROLL_MAX = 9
+
+#: Longest window row unrolled with the register block's outputs (`_inputs_per_tap`): the covariance
+#: form's window sums over a row of 32 outputs (ResNet-8), unrolled whole, cost half the instructions
+#: (Cortex-M4: 3.07 M -> 1.66 M); longer rows keep their loop (code size).
+UNROLL_ROW_MAX = 32
+
+
+def _tests_border(sch, block) -> bool:
+    """Whether a reduction's taps test the border of a zero-padded input: an ``if_then_else`` read
+    whose condition the loop bounds do not prove (no padded copy: `passes.pad_conv_inputs`'
+    ``border_taps``; a padded copy's reads keep a condition that always holds)."""
+    stmt = sch.get(block)
+    analyzer = tvm.sym.Analyzer()
+    for iv in stmt.iter_vars:
+        analyzer.bind(iv.var, iv.dom)
+    values = []
+    _collect_values(stmt.body, values)
+    return any(_tested(value, analyzer) for value in values)
+
+
+def _tested(expr, analyzer) -> bool:
+    """Whether ``expr`` holds an ``if_then_else`` whose condition ``analyzer`` cannot prove."""
+    if isinstance(expr, tvm.ir.Call) and str(getattr(expr.op, "name", "")).endswith("if_then_else") \
+            and not analyzer.can_prove(expr.args[0]):
+        return True
+    children = [getattr(expr, field) for field in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(expr, field)]
+    children += list(getattr(expr, "args", []))
+    return any(_tested(child, analyzer) for child in children if isinstance(child, tvm.ir.Expr))
+
+
+def _inputs_per_tap(sch, block) -> int:
+    """Tensors a reduction reads at positions that move along its last output axis: one for a
+    deterministic convolution's input, two or three for a Gaussian one (mean and variance, and the
+    covariance form's independent variance); not the weights.
+
+    With two or more, the register-blocked schedule unrolls a window row as (output, tap), the
+    taps innermost, not (tap, output): each loaded input then serves the block's neighbouring
+    outputs while it is live (a window row's inputs, not the block's row plus the window, held at
+    once), which gcc keeps in registers where the other order spilled. Cortex-M4, ResNet-8 PFP
+    (3x3): 112.3 M -> 104.2 M instructions; seed LeNet-5's second convolution (5x5) 1.32 M -> 1.26 M.
+    With one (a deterministic input) it cost instructions: seed LeNet-5's first convolution
+    454 k -> 533 k, the deterministic ResNet-8 22.55 M -> 22.81 M."""
+    stmt = sch.get(block)
+    last = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar][-1]
+    extent = int(last.dom.extent)
+    written = [write.source for write in stmt.writes]  # the accumulators, read by the update too
+    return sum(1 for read in stmt.reads
+               if not any(read.source.same_as(b) for b in written) and any(_uses(r.min, last.var, extent) for r in read.region))
 
 
 def _unrollable(sch, block) -> bool:
@@ -867,10 +1031,10 @@ def _collect_values(stmt, values):
         _collect_values(stmt.body, values)
 
 
-def _unroll_window(sch, loops):
+def _unroll_window(sch, loops, total: int = 1):
     """Unroll the innermost reduction loops while they run at most UNROLL_MAX iterations together
-    (a convolution's kernel window): a 3-iteration loop costs about as much in overhead as in work."""
-    total = 1
+    (a convolution's kernel window): a 3-iteration loop costs about as much in overhead as in work.
+    ``total``: the iterations of reduction loops unrolled already (inside ``loops``)."""
     for loop in reversed(loops):
         total *= int(sch.get(loop).extent)
         if total > UNROLL_MAX:
