@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from scipy.special import erf, expit, ndtr
+from scipy.special import expit, ndtr
 from scipy.stats import truncnorm
 
 __all__ = [
@@ -953,7 +953,10 @@ def _elu(alpha, gamma=1.0):
 #: The smooth activations pfpc computes by Gauss-Hermite quadrature (ONNX op -> attrs -> f).
 SMOOTH_FUNCTIONS = {
     "silu": lambda a: (lambda x: x * expit(x)),
-    "gelu": lambda a: (lambda x: 0.5 * x * (1 + erf(x / np.sqrt(2)))),
+    # x Phi(x) with ndtr: 1 + erf(x / sqrt 2) cancels in float64 too below x ~ -6
+    "gelu": lambda a: (lambda x: x * ndtr(x)) if a.get("approximate", "none") in ("none", b"none")
+    # 0.5 x (1 + tanh(u)) = x sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3): expit keeps the lower tail
+    else (lambda x: x * expit(2.0 * np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3))),
     "softplus": lambda a: (lambda x: np.logaddexp(0.0, x)),
     "elu": lambda a: _elu(a.get("alpha", 1.0)),
     "selu": lambda a: _elu(a.get("alpha", 1.67326319217681884765625), a.get("gamma", 1.05070102214813232421875)),
@@ -1368,8 +1371,6 @@ def _node_outputs(node, a, x):
     if op in ("SiLU", "HardSwishOf"):  # x * Sigmoid(x), x * HardSigmoid(x): see `_gated_products`
         return [gauss_hermite(SMOOTH_FUNCTIONS["silu"](a), *x[0])] if op == "SiLU" else [hard_swish(*x[0], a["alpha"], a["beta"])]
     if op.lower() in SMOOTH_FUNCTIONS:
-        if op == "Gelu" and a.get("approximate", "none") not in ("none", b"none"):
-            raise NotImplementedError("Gelu approximate=tanh")
         return [gauss_hermite(SMOOTH_FUNCTIONS[op.lower()](a), *x[0])]
     if op == "Concat":
         return [concat(x, a["axis"] % x[0][0].ndim)]

@@ -15,7 +15,7 @@ import numpy as np
 from tvm import te, tirx
 
 from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _pair_sum, _reduce_products
-from .moments import (clark_max_moments, clip_moments, f32, normal_tail_partial_moments, pdf_exponent, product_moments, safe_ratio,
+from .moments import (_let, clark_max_moments, clip_moments, f32, normal_tail_partial_moments, pdf_exponent, product_moments, safe_ratio,
                       safe_sqrt, std_normal_cdf,
                       std_normal_pdf)
 
@@ -311,20 +311,42 @@ def silu(x):
     return x / (f32(1.0) + tirx.exp(f32(0.0) - x))
 
 
+#: depth of Laplace's continued fraction for the normal lower tail (`normal_cdf`): relative error
+#: below 1e-7 for z >= 2.5
+_TAIL_FRACTION_DEPTH = 16
+
+
+def normal_cdf(x):
+    """Phi(x) to float32's relative precision for any x: 0.5 (1 + erf(x / sqrt 2)) for x >= -2.5
+    (1 + erf cancels below: 1 % of Phi(-8)), Laplace's continued fraction beyond,
+
+    Phi(-z) = phi(z) / (z + 1 / (z + 2 / (z + 3 / (z + ...))))   (16 levels)"""
+    def tail(z):
+        fraction = z
+        for level in range(_TAIL_FRACTION_DEPTH, 0, -1):
+            fraction = z + f32(float(level)) / fraction
+        return f32(1.0 / math.sqrt(2.0 * math.pi)) * tirx.exp(f32(-0.5) * z * z) / fraction
+
+    lower = _with("cdf_tail_z", tirx.max(f32(0.0) - x, f32(2.5)), tail)
+    return tirx.Select(x < f32(-2.5), lower, f32(0.5) * (f32(1.0) + tirx.erf(x * f32(1.0 / math.sqrt(2.0)))))
+
+
 def gelu(x):
-    """GELU: x Phi(x)."""
-    return f32(0.5) * x * (f32(1.0) + tirx.erf(x * f32(1.0 / math.sqrt(2.0))))
+    """GELU: x Phi(x) (`normal_cdf`)."""
+    return _with("gelu_x", x, lambda x: x * normal_cdf(x))
 
 
 def gelu_tanh(x):
-    """GELU, tanh approximation."""
-    return f32(0.5) * x * (f32(1.0) + tirx.tanh(f32(math.sqrt(2.0 / math.pi)) * (x + f32(0.044715) * x * x * x)))
+    """GELU, tanh approximation: 0.5 x (1 + tanh(u)) = x sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3)
+    (the sigmoid form: 1 + tanh(u) in float32 kept nothing of the lower tail)."""
+    return x / (f32(1.0) + tirx.exp(f32(-2.0 * math.sqrt(2.0 / math.pi)) * (x + f32(0.044715) * x * x * x)))
 
 
 def softplus(x):
     """Softplus: log(1 + e^x)."""
-    # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|): no overflow for large |x|
-    return tirx.max(x, f32(0.0)) + tirx.log(f32(1.0) + tirx.exp(f32(0.0) - tirx.max(x, f32(0.0) - x)))
+    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): no overflow for large |x|, and e^-20 kept
+    # (log(1 + e^-20) is log(1) in float32)
+    return _with("softplus_x", x, lambda x: tirx.max(x, f32(0.0)) + _log1p(tirx.exp(f32(0.0) - tirx.max(x, f32(0.0) - x))))
 
 
 def elu(alpha, gamma=1.0):
@@ -339,23 +361,186 @@ def elu(alpha, gamma=1.0):
 def _expm1_any(value):
     """e^v - 1 for any v: the Taylor polynomial to v^5 for |v| < 0.1 (relative error below
     2e-8), exp(v) - 1 beyond (below 7e-7): exp(v) - 1 alone lost eps / |v| of it near 0."""
-    series = value * (f32(1.0) + value * (f32(0.5) + value * (f32(1.0 / 6.0) + value * (f32(1.0 / 24.0) + value * f32(1.0 / 120.0)))))
-    return tirx.Select(tirx.max(value, f32(0.0) - value) < f32(0.1), series, tirx.exp(value) - f32(1.0))
+    def body(value):
+        series = value * (f32(1.0) + value * (f32(0.5) + value * (f32(1.0 / 6.0) + value * (f32(1.0 / 24.0) + value * f32(1.0 / 120.0)))))
+        return tirx.Select(tirx.max(value, f32(0.0) - value) < f32(0.1), series, tirx.exp(value) - f32(1.0))
+
+    return _with("expm1_arg", value, body)
+
+
+def _with(name, value, body):
+    """``body(v)`` with v bound once to ``value`` (a Let: a local in the C; TVM neither repeats
+    nor simplifies through it)."""
+    var = tirx.Var(name, "float32")
+    return _let(var, value, body(var))
+
+
+def _abs(value):
+    return tirx.max(value, f32(0.0) - value)  # fabs has no C lowering
+
+
+def _log1p(value):
+    """log(1 + v) for v > -1 without the loss of log(1 + v) for small v: with u = 1 + v rounded,
+    log(u) v / (u - 1) (Goldberg's correction for the rounding of u; v itself where u = 1). u is
+    bound (a Let), or TVM simplifies u - 1 back to v."""
+    return _with("log1p_arg", value, lambda value: _with(
+        "log1p_u", f32(1.0) + value, lambda rounded: tirx.Select(rounded == f32(1.0), value, tirx.log(rounded) * value / (rounded - f32(1.0)))))
+
+
+def _sigmoid_pair(x, tail):
+    """(sigmoid(x), sigmoid(-x)) from ``tail`` = e^-|x| (`_sigmoid_tail`, bound by the caller),
+    each to float32's relative precision for any x (1 - sigmoid(x) lost the smaller one in a tail)."""
+    share = f32(1.0) / (f32(1.0) + tail)
+    return tirx.Select(x >= f32(0.0), share, tail * share), tirx.Select(x >= f32(0.0), tail * share, share)
+
+
+def _sigmoid_tail(x):
+    return tirx.exp(f32(0.0) - _abs(x))
+
+
+def _sigmoid_step(start_up, start_down, end_up, end_down, step):
+    """sigmoid(v) - sigmoid(u) for v = u + d from the step d itself, given sigmoid(+-u) and
+    sigmoid(+-v) (`_sigmoid_pair`):
+
+    sigmoid(v) - sigmoid(u) = sigmoid(u) sigmoid(-v) expm1(d)      (d < 0)
+                            = -sigmoid(v) sigmoid(-u) expm1(-d)    (d >= 0)
+
+    expm1 of -|d| only (no overflow), and products of factors each kept to float32's relative
+    precision, where the difference of two float32 sigmoids lost the step in a tail (e^-80 (e^d - 1)
+    is no difference of two values) and near u to the rounding of u + d."""
+    return _with("sigmoid_shrink", _expm1_any(f32(0.0) - _abs(step)),
+                 lambda shrink: tirx.Select(step < f32(0.0), start_up * end_down * shrink, f32(0.0) - end_up * start_down * shrink))
+
+
+# The differences f(M + h) - f(M) of the smooth activations, computed from the step h itself
+# (`gauss_hermite_moments`): the difference of the two float32 values lost the step wherever f(M)
+# is large against f'(M) h (a concentrated input, and M + h itself rounded) or a far tail (e^-80
+# (e^h - 1)). Each is ``difference(M, bind) -> (h -> f(M + h) - f(M))``: ``bind(name, value)``
+# binds a value of M once per element, shared by the sixteen nodes.
 
 
 def elu_difference(alpha, gamma=1.0):
-    """f(M + h) - f(M) for `elu` f(x) = gamma max(x, 0) + gamma alpha (e^min(x, 0) - 1), from the
-    step h itself (`gauss_hermite_moments`): with c = max(M, 0) and m = min(M, 0), the linear
-    part changes by max(h + m, -c) and the exponential one by e^m expm1(min(h + c, -m)). The
-    difference of the two values in float32 lost the step (e^x - e^M for x near M, and the
-    rounding of M + h itself): 1-2 % of the variance of a concentrated input."""
-    def difference(mean, step):
-        positive, negative = tirx.max(mean, f32(0.0)), tirx.min(mean, f32(0.0))
-        linear = tirx.max(step + negative, f32(0.0) - positive)
-        exponential = tirx.exp(negative) * _expm1_any(tirx.min(step + positive, f32(0.0) - negative))
-        return f32(gamma) * (linear + f32(alpha) * exponential)
+    """For `elu` f(x) = gamma max(x, 0) + gamma alpha (e^min(x, 0) - 1): with c = max(M, 0) and
+    m = min(M, 0), the linear part changes by max(h + m, -c) and the exponential one by
+    e^m expm1(min(h + c, -m)) (1-2 % of the variance of a concentrated input was lost)."""
+    def difference(mean, bind):
+        positive, negative = bind("elu_pos", tirx.max(mean, f32(0.0))), bind("elu_neg", tirx.min(mean, f32(0.0)))
+        scale = bind("elu_scale", tirx.exp(negative))
+
+        def step_difference(step):
+            linear = tirx.max(step + negative, f32(0.0) - positive)
+            exponential = scale * _expm1_any(tirx.min(step + positive, f32(0.0) - negative))
+            return f32(gamma) * (linear + f32(alpha) * exponential)
+
+        return step_difference
 
     return difference
+
+
+def softplus_difference(mean, bind):
+    """For `softplus`: with a = -|M| <= 0 and g = h (M < 0) or -h (M >= 0), softplus(x) =
+    x + softplus(-x) gives
+
+    softplus(M + h) - softplus(M) = h [M >= 0] + softplus(a + g) - softplus(a),
+    softplus(a + g) - softplus(a) = log1p(sigmoid(a) expm1(g))   (g <= 1: an argument in (-1/2, 1))
+
+    and the difference of the two values beyond (g > 1: no small difference, and no overflow).
+    Near +-80 the two values (M itself, or e^-80) kept 10 % of a concentrated input's variance
+    (the long run's seed 600002)."""
+    positive = bind("softplus_positive", tirx.Select(mean >= f32(0.0), f32(1.0), f32(0.0)))
+    start = bind("softplus_start", f32(0.0) - _abs(mean))
+    start_up = bind("softplus_start_up", tirx.exp(start) / (f32(1.0) + tirx.exp(start)))
+    start_value = bind("softplus_start_value", softplus(start))
+
+    def step_difference(step):
+        def tail(shift):
+            near = _log1p(start_up * _expm1_any(tirx.min(shift, f32(1.0))))
+            return tirx.Select(shift <= f32(1.0), near, softplus(start + shift) - start_value)
+
+        return positive * step + _with("softplus_shift", step - f32(2.0) * positive * step, tail)
+
+    return step_difference
+
+
+def silu_difference(mean, bind):
+    """For `silu` x sigmoid(x), with v = M + h:
+
+    v sigmoid(v) - M sigmoid(M) = h sigmoid(v) + M (sigmoid(v) - sigmoid(M))   (`_sigmoid_step`)
+
+    (silu(-80 + h) - silu(-80) ~ -79 e^-80 h, and silu(80 + h) - silu(80) ~ h, had nothing of
+    the step left as a difference of two float32 values)."""
+    start_up, start_down = _sigmoid_pair(mean, bind("silu_tail", _sigmoid_tail(mean)))
+    start_up, start_down = bind("silu_up", start_up), bind("silu_down", start_down)
+
+    def step_difference(step):
+        def with_end(end, end_tail):
+            end_up, end_down = _sigmoid_pair(end, end_tail)
+            return _with("silu_end_up", end_up, lambda end_up: _with(
+                "silu_end_down", end_down,
+                lambda end_down: step * end_up + mean * _sigmoid_step(start_up, start_down, end_up, end_down, step)))
+
+        return _with("silu_end", mean + step, lambda end: _with("silu_end_tail", _sigmoid_tail(end), lambda tail: with_end(end, tail)))
+
+    return step_difference
+
+
+def gelu_tanh_difference(mean, bind):
+    """For `gelu_tanh` x sigmoid(2 u(x)), u(x) = c (x + k x^3) (c = sqrt(2 / pi), k = 0.044715),
+    as `silu_difference` with v = M + h and the argument's step from h itself,
+    2 u(v) - 2 u(M) = 2 c h (1 + k (v^2 + v M + M^2)):
+
+    h sigmoid(2 u(v)) + M (sigmoid(2 u(v)) - sigmoid(2 u(M)))   (`_sigmoid_step`)"""
+    scale, cubic = f32(2.0 * math.sqrt(2.0 / math.pi)), f32(0.044715)
+    start_arg = bind("gelu_arg", scale * (mean + cubic * mean * mean * mean))
+    start_up, start_down = _sigmoid_pair(start_arg, bind("gelu_tail", _sigmoid_tail(start_arg)))
+    start_up, start_down = bind("gelu_up", start_up), bind("gelu_down", start_down)
+
+    def step_difference(step):
+        def with_end(end):
+            def with_arg_step(arg_step):
+                def with_tail(end_arg, end_tail):
+                    end_up, end_down = _sigmoid_pair(end_arg, end_tail)
+                    return _with("gelu_end_up", end_up, lambda end_up: _with(
+                        "gelu_end_down", end_down,
+                        lambda end_down: step * end_up + mean * _sigmoid_step(start_up, start_down, end_up, end_down, arg_step)))
+
+                return _with("gelu_end_arg", start_arg + arg_step,
+                             lambda end_arg: _with("gelu_end_tail", _sigmoid_tail(end_arg), lambda tail: with_tail(end_arg, tail)))
+
+            return _with("gelu_arg_step", scale * step * (f32(1.0) + cubic * (end * end + end * mean + mean * mean)), with_arg_step)
+
+        return _with("gelu_end", mean + step, with_end)
+
+    return step_difference
+
+
+#: 3-point Gauss-Legendre on [0, 1] (`gelu_difference`): exact for polynomials of degree 5
+_GAUSS_LEGENDRE_3 = [(0.5 - math.sqrt(0.15), 5.0 / 18.0), (0.5, 8.0 / 18.0), (0.5 + math.sqrt(0.15), 5.0 / 18.0)]
+
+
+def gelu_difference(mean, bind):
+    """For `gelu` x Phi(x), with v = M + h:
+
+    v Phi(v) - M Phi(M) = h Phi(v) + M (Phi(v) - Phi(M)),
+    Phi(v) - Phi(M) = h int_0^1 phi(M + t h) dt   (3-point Gauss-Legendre where |h| (|M| + |h|) <= 1,
+                                                   relative error below 1e-6 there)
+
+    and the difference of the two Phi values beyond. Two float32 values of Phi near 1 (M = 5)
+    kept nothing of a step of 1e-4."""
+    start_cdf = bind("gelu_cdf", normal_cdf(mean))
+
+    def step_difference(step):
+        def with_end_cdf(end_cdf):
+            density = f32(0.0)
+            for node, weight in _GAUSS_LEGENDRE_3:
+                at = mean + f32(node) * step
+                density = density + f32(weight / math.sqrt(2.0 * math.pi)) * tirx.exp(f32(-0.5) * at * at)
+            narrow = _abs(step) * (_abs(mean) + _abs(step)) <= f32(1.0)
+            return step * end_cdf + mean * tirx.Select(narrow, step * density, end_cdf - start_cdf)
+
+        return _with("gelu_end_cdf", normal_cdf(mean + step), with_end_cdf)
+
+    return step_difference
 
 
 def gauss_hermite_moments(function, mean, var, difference=None):
@@ -365,25 +550,43 @@ def gauss_hermite_moments(function, mean, var, difference=None):
     d_k = f(M + sqrt(2V) t_k) - f(M),   E[y] = f(M) + sum_k w_k d_k / sqrt(pi)
     Var[y] = sum_k w_k d_k^2 / sqrt(pi) - (E[y] - f(M))^2
 
-    (differences from f(M), so a small V loses no precision to cancellation). ``difference(M,
-    h)``: f(M + h) - f(M) computed from h without the cancellation of the two values, where the
-    function has such a form (`elu_difference`). V = 0 gives exactly (f(M), 0). The error for a
-    given f is measured against Monte Carlo. Returns (E, Var)."""
-    center = function(mean)
-    spread = tirx.sqrt(f32(2.0) * tirx.max(var, f32(0.0)))
+    (differences from f(M), so a small V loses no precision to cancellation). ``difference``:
+    f(M + h) - f(M) computed from h without the cancellation of the two values (the forms above,
+    `elu_difference`, `softplus_difference`, ...). V = 0 gives exactly (f(M), 0). The error for
+    a given f is measured against Monte Carlo. Returns (E, Var)."""
+    # every value used more than once is bound once (a Let: a local in the C), so TVM handles
+    # expressions of the size of one difference, not all sixteen nested
+    bound = []
+
+    def bind(name, value):
+        var = tirx.Var(name, "float32")
+        bound.append((var, value))
+        return var
+
+    mean = bind("gh_mean", mean)
+    center = function(mean) if difference is not None else bind("gh_center", function(mean))  # bound where used twice
+    spread = bind("gh_spread", tirx.sqrt(f32(2.0) * tirx.max(var, f32(0.0))))
+    step_difference = None if difference is None else difference(mean, bind)
     first, second = f32(0.0), f32(0.0)
-    for node, weight in zip(_NODES, _WEIGHTS):
+    for k, (node, weight) in enumerate(zip(_NODES, _WEIGHTS)):
         step = spread * f32(float(node))
-        delta = function(mean + step) - center if difference is None else difference(mean, step)
+        delta = bind(f"gh_delta{k}", function(mean + step) - center if difference is None else step_difference(step))
         scaled = f32(float(weight / math.sqrt(math.pi))) * delta
         first, second = first + scaled, second + scaled * delta
-    return center + first, tirx.max(second - first * first, f32(0.0))
+    first = bind("gh_first", first)
+
+    def wrap(body):
+        for var, value in reversed(bound):
+            body = _let(var, value, body)
+        return body
+
+    return wrap(center + first), wrap(tirx.max(second - first * first, f32(0.0)))
 
 
 def smooth(a: Gaussian, function, name: str, difference=None) -> Gaussian:
     """Y = f(X) for a smooth activation ``function`` (a TIR expression of x: `silu`, `gelu`,
     `gelu_tanh`, `softplus`, `elu`); moments ``gauss_hermite_moments`` (with ``difference``, its
-    f(M + h) - f(M) where given); native output: variance."""
+    f(M + h) - f(M) from h); native output: variance."""
     return _unary(a, lambda m, v: gauss_hermite_moments(function, m, v, difference), function, name, Moment.VAR)
 
 

@@ -434,14 +434,14 @@ OPERATORS = (
     # Gauss-Hermite quadrature: f at the mean and at `elementwise.HERMITE_POINTS` (16) nodes, 17 evaluations
     # SiLU has no ONNX op of its own: x * Sigmoid(x) (the importer's `_Mul`)
     Operator("silu", relax=("relax.nn.silu",), gaussian_ops=_per_element("silu"), libm_calls={"sqrt": 1, "exp": 17},
-             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.silu, "silu")),
+             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.silu, "silu", E.silu_difference)),
     Operator("gelu", onnx=("Gelu",), relax=("relax.nn.gelu",), gaussian_ops=_per_element("gelu"), libm_calls={"sqrt": 1, "erf": 17},
-             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.gelu, "gelu")),
+             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.gelu, "gelu", E.gelu_difference)),
     Operator("gelu_tanh", relax=("relax.nn.gelu_tanh",), gaussian_ops=_per_element("gelu"), libm_calls={"sqrt": 1, "tanh": 17},
-             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.gelu_tanh, "gelu_tanh")),
+             reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.gelu_tanh, "gelu_tanh", E.gelu_tanh_difference)),
     Operator("softplus", onnx=("Softplus",), relax=("relax.nn.softplus",), relax_attrs=_softplus_attrs,
              gaussian_ops=_per_element("softplus"), libm_calls={"sqrt": 1, "exp": 17, "log": 17}, reference="gauss_hermite",
-             build=lambda inputs, attrs: E.smooth(inputs[0], E.softplus, "softplus")),
+             build=lambda inputs, attrs: E.smooth(inputs[0], E.softplus, "softplus", E.softplus_difference)),
     Operator("elu", onnx=("Elu",), marker_params=("alpha",), gaussian_ops=_per_element("elu"), libm_calls={"sqrt": 1, "exp": 17},
              reference="gauss_hermite", build=lambda inputs, attrs: E.smooth(inputs[0], E.elu(attrs["alpha"]), "elu", E.elu_difference(attrs["alpha"]))),
     Operator("selu", onnx=("Selu",), marker_params=("alpha", "gamma"), gaussian_ops=_per_element("selu"),
