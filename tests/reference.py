@@ -844,8 +844,11 @@ def leaky_relu(mean, var, slope):
 
 
 def _saturating_var(derivative, v):
-    """d (1 - 1/sqrt(1 + 2 d v)): the delta method d^2 v for small v, d for large v."""
-    return derivative * (1.0 - 1.0 / np.sqrt(1.0 + 2.0 * derivative * v))
+    """d (1 - 1/sqrt(1 + 2 d v)): the delta method d^2 v for small v, d for large v; with
+    u = 2 d v and r = sqrt(1 + u), 1 - 1/r = u / (r (1 + r)) (1 - 1/r cancelled below u ~ 1e-16)."""
+    spread = 2.0 * derivative * v
+    root = np.sqrt(1.0 + spread)
+    return derivative * spread / (root * (1.0 + root))
 
 
 def sigmoid(mean, var):
@@ -854,8 +857,9 @@ def sigmoid(mean, var):
     its error against Monte Carlo."""
     m = _f64(mean)
     v = _var_or_zeros(var, m)
-    e = expit(m / np.sqrt(1.0 + np.pi * v / 8.0))
-    return e, _saturating_var(e * (1.0 - e), v)
+    scaled = m / np.sqrt(1.0 + np.pi * v / 8.0)
+    # E (1 - E) as sigmoid(u) sigmoid(-u): 1 - E cancels in float64 too beyond u ~ 37
+    return expit(scaled), _saturating_var(expit(scaled) * expit(-scaled), v)
 
 
 def tanh(mean, var):

@@ -675,3 +675,43 @@ def test_smooth_activation_in_its_far_tails(tmp_path, op):
     np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-32)
     # the mean to float32 exp of arguments up to ~50 (a relative 50 eps)
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-37)
+
+
+def _probit_in_30_digits(op, mean, var):
+    """The probit approximation's moments (pfpc's Sigmoid and Tanh) to 30 digits (at 200: the
+    slopes down to e^-300 are differences from 1): Sigmoid
+    E = s(u), u = M / sqrt(1 + pi V / 8), slope d = E (1 - E); Tanh E = tanh(u), u = M /
+    sqrt(1 + pi V / 2), d = 1 - E^2; Var = d (1 - 1 / sqrt(1 + 2 d V))."""
+    import mpmath
+
+    with mpmath.workdps(200):
+        mean, var = mpmath.mpf(mean), mpmath.mpf(var)
+        if op == "Sigmoid":
+            first = 1 / (1 + mpmath.exp(-mean / mpmath.sqrt(1 + mpmath.pi * var / 8)))
+            slope = first * (1 - first)
+        else:
+            first = mpmath.tanh(mean / mpmath.sqrt(1 + mpmath.pi * var / 2))
+            slope = 1 - first ** 2
+        return float(first), float(slope * (1 - 1 / mpmath.sqrt(1 + 2 * slope * var)))
+
+
+@pytest.mark.parametrize("op", ["Sigmoid", "Tanh"])
+def test_sigmoid_and_tanh_deep_in_saturation(tmp_path, op):
+    """Tanh of N(-60, 55) (the long run's seed 600028, MatMul -> Tanh: variance 6.735e-9 for
+    6.666e-9) and Sigmoid likewise: the slope 1 - E^2 (E (1 - E)) of a float32 E near +-1 (1)
+    kept the rounding of E, not the slope. Means from 3 to 150 and spreads from 1e-4 to 15 std
+    on both sides: every element to 1e-4 of its variance against the probit formulas at 30 digits
+    (the float64 reference checked against them too)."""
+    elements = [(sign * m, s) for sign in (-1.0, 1.0) for m in (3.0, 12.0, 40.0, 60.0, 150.0) for s in (1e-4, 1.0, 7.4, 15.0)]
+    shape = [1, len(elements)]
+    x = np.array([[m for m, _ in elements]], np.float32)
+    std = np.array([[s for _, s in elements]], np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node(op, ["h"], ["y"])], [("x", shape)], ["y"], {"b": np.zeros(shape, np.float32)})
+    (mean, var, ref_mean, ref_var), = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+    exact = np.array([_probit_in_30_digits(op, float(m), float(s) ** 2) for m, s in zip(x.ravel(), std.ravel())])
+    np.testing.assert_allclose(ref_var.ravel(), exact[:, 1], rtol=1e-9, atol=1e-300)
+    np.testing.assert_allclose(ref_mean.ravel(), exact[:, 0], rtol=1e-12)
+    # below 1e-32 the variance leaves float32's normal range
+    np.testing.assert_allclose(var.ravel(), exact[:, 1], rtol=1e-4, atol=1e-32)
+    # the mean to float32 exp of arguments up to ~50 (a relative 50 eps)
+    np.testing.assert_allclose(mean.ravel(), exact[:, 0], rtol=1e-5, atol=1e-37)
