@@ -925,16 +925,19 @@ def hard_sigmoid(mean, var, alpha, beta):
 
 
 def _integrate(function, m, v, points=4001, width=12.0):
-    """E[f(x)] and E[f(x)^2] for x ~ N(m, v) element-wise by the trapezoid rule on m +- width s
-    (v = 0: f(m)). Independent of any closed form; accurate to ~1e-9 for the piecewise-smooth f here."""
+    """E[f(x)] and Var[f(x)] for x ~ N(m, v) element-wise by the trapezoid rule on m +- width s
+    (v = 0: f(m), 0). Independent of any closed form; accurate to ~1e-9 for the piecewise-smooth f
+    here. The moments are of f(x) - f(m): E[f^2] - E[f]^2 cancelled in float64 too (N(54, 6.5e-9)
+    through HardSwish: 6.399e-9 for 6.509e-9, the long run's seed 700039)."""
     s = np.sqrt(v)
     z = np.linspace(-width, width, points)
     weights = np.exp(-0.5 * z * z) * _INV_SQRT_2PI
     weights[[0, -1]] *= 0.5
     weights *= z[1] - z[0]
-    values = function(m[..., None] + s[..., None] * z)
-    first, second = values @ weights, (values * values) @ weights
-    return first, second
+    center = function(m)
+    deltas = function(m[..., None] + s[..., None] * z) - center[..., None]
+    shift = deltas @ weights
+    return center + shift, np.maximum((deltas * deltas) @ weights - shift * shift, 0.0)
 
 
 def hard_swish(mean, var, alpha=1 / 6, beta=0.5):
@@ -945,9 +948,8 @@ def hard_swish(mean, var, alpha=1 / 6, beta=0.5):
     def function(x):
         return x * np.clip(alpha * x + beta, 0.0, 1.0)
 
-    first, second = _integrate(function, m, v)
-    first = np.where(v > 0, first, function(m))
-    return first, np.where(v > 0, np.maximum(second - first * first, 0.0), 0.0)
+    first, variance = _integrate(function, m, v)
+    return np.where(v > 0, first, function(m)), np.where(v > 0, variance, 0.0)
 
 
 def _elu(alpha, gamma=1.0):

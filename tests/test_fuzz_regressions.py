@@ -745,3 +745,14 @@ def test_hard_swish_of_a_wide_input_below_its_lower_breakpoint(tmp_path):
     quadrature = np.array([exact(float(m), float(s)) for m, s in zip(x.ravel(), std.ravel())])
     np.testing.assert_allclose(var.ravel(), quadrature[:, 1], rtol=1e-4)
     np.testing.assert_allclose(mean.ravel(), quadrature[:, 0], rtol=1e-4)
+
+
+def test_reference_hard_swish_of_a_concentrated_input_far_above():
+    """The float64 reference's HardSwish took E[y^2] - E[y]^2 of its trapezoid sums: for N(54,
+    6.5e-9) (the long run's seed 700039, Sub -> HardSwish) 6.399e-9 where y = x there gives
+    exactly V. Above 3 + 12 std and below -3 - 12 std the moments are (M, V) and (0, 0)."""
+    mean = np.array([54.27, 3.5, -40.0, 100.0])
+    var = np.array([6.5e-9, 1e-6, 1e-4, 1e-12])
+    ref_mean, ref_var = reference.hard_swish(mean, var)
+    np.testing.assert_allclose(ref_var, [6.5e-9, 1e-6, 0.0, 1e-12], rtol=1e-9)
+    np.testing.assert_allclose(ref_mean, [54.27, 3.5, 0.0, 100.0], rtol=1e-12)
