@@ -756,3 +756,20 @@ def test_reference_hard_swish_of_a_concentrated_input_far_above():
     ref_mean, ref_var = reference.hard_swish(mean, var)
     np.testing.assert_allclose(ref_var, [6.5e-9, 1e-6, 0.0, 1e-12], rtol=1e-9)
     np.testing.assert_allclose(ref_mean, [54.27, 3.5, 0.0, 100.0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["Elu", "Selu"])
+def test_elu_of_a_wide_input_far_below_zero(tmp_path, op):
+    """Selu of N(-130, 40^2) (the long run's seed 700073, MatMul -> Expand -> Selu): at the outer
+    Gauss-Hermite nodes e^h overflowed while e^min(M, 0) was 0, a NaN mean. Means -20 to -300,
+    std 10 to 100: every element to 1e-4 of its mean and variance against the float64 reference."""
+    elements = [(m, s) for m in (-20.0, -130.0, -300.0) for s in (10.0, 40.0, 100.0)]
+    shape = [1, len(elements)]
+    x = np.array([[m for m, _ in elements]], np.float32)
+    std = np.array([[s for _, s in elements]], np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node(op, ["h"], ["y"])], [("x", shape)], ["y"], {"b": np.zeros(shape, np.float32)})
+    (mean, var, ref_mean, ref_var), = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+    assert np.all(np.isfinite(mean)) and np.all(np.isfinite(var))
+    # below 1e-32 (a variance of 1e-40 here) float32 is subnormal
+    np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-32)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-32)

@@ -461,15 +461,20 @@ def _sigmoid_step(start_up, start_down, end_up, end_down, step):
 def elu_difference(alpha, gamma=1.0):
     """For `elu` f(x) = gamma max(x, 0) + gamma alpha (e^min(x, 0) - 1): with c = max(M, 0) and
     m = min(M, 0), the linear part changes by max(h + m, -c) and the exponential one by
-    e^m expm1(min(h + c, -m)) (1-2 % of the variance of a concentrated input was lost)."""
+    e^m expm1(min(h + c, -m)) (1-2 % of the variance of a concentrated input was lost), as
+    e^(m + t) - e^m beyond t = 1: for M ~ -130 and h ~ 200, e^h overflowed and e^m was 0 (a NaN
+    mean, the long run's seed 700073)."""
     def difference(mean, bind):
         positive, negative = bind("elu_pos", tirx.max(mean, f32(0.0))), bind("elu_neg", tirx.min(mean, f32(0.0)))
         scale = bind("elu_scale", tirx.exp(negative))
 
         def step_difference(step):
             linear = tirx.max(step + negative, f32(0.0) - positive)
-            exponential = scale * _expm1_any(tirx.min(step + positive, f32(0.0) - negative))
-            return f32(gamma) * (linear + f32(alpha) * exponential)
+
+            def exponential(shift):  # e^m expm1(t), t <= -m; beyond t = 1 as e^(m + t) - e^m (e^t overflowed, times e^m = 0: NaN)
+                return tirx.Select(shift > f32(1.0), tirx.exp(negative + shift) - scale, scale * _expm1_any(shift))
+
+            return f32(gamma) * (linear + f32(alpha) * _with("elu_shift", tirx.min(step + positive, f32(0.0) - negative), exponential))
 
         return step_difference
 
