@@ -399,11 +399,12 @@ def elu(alpha, gamma=1.0):
 def _expm1_any(value):
     """e^v - 1 for any v: the Taylor polynomial to v^5 for |v| < 0.1 (relative error below
     2e-8), exp(v) - 1 beyond (below 7e-7): exp(v) - 1 alone lost eps / |v| of it near 0."""
-    def body(value):
-        series = value * (f32(1.0) + value * (f32(0.5) + value * (f32(1.0 / 6.0) + value * (f32(1.0 / 24.0) + value * f32(1.0 / 120.0)))))
-        return tirx.Select(tirx.max(value, f32(0.0) - value) < f32(0.1), series, tirx.exp(value) - f32(1.0))
+    return _with("expm1_arg", value, lambda value: tirx.Select(_abs(value) < f32(0.1), _expm1_series(value), tirx.exp(value) - f32(1.0)))
 
-    return _with("expm1_arg", value, body)
+
+def _expm1_series(value):
+    """e^v - 1 by its Taylor polynomial to v^5 (relative error below 2e-8 for |v| < 0.1)."""
+    return value * (f32(1.0) + value * (f32(0.5) + value * (f32(1.0 / 6.0) + value * (f32(1.0 / 24.0) + value * f32(1.0 / 120.0)))))
 
 
 def _with(name, value, body):
@@ -472,7 +473,10 @@ def elu_difference(alpha, gamma=1.0):
             linear = tirx.max(step + negative, f32(0.0) - positive)
 
             def exponential(shift):  # e^m expm1(t), t <= -m; beyond t = 1 as e^(m + t) - e^m (e^t overflowed, times e^m = 0: NaN)
-                return tirx.Select(shift > f32(1.0), tirx.exp(negative + shift) - scale, scale * _expm1_any(shift))
+                series = _expm1_series(shift)
+                far = shift > f32(1.0)
+                power = tirx.exp(tirx.Select(far, negative + shift, shift))  # one exp per node
+                return tirx.Select(_abs(shift) < f32(0.1), scale * series, tirx.Select(far, power - scale, scale * (power - f32(1.0))))
 
             return f32(gamma) * (linear + f32(alpha) * _with("elu_shift", tirx.min(step + positive, f32(0.0) - negative), exponential))
 
