@@ -1,7 +1,7 @@
 """Cortex-M4 instructions (QEMU) of small layers whose Gaussian operator has a tail-stable or
 quadrature form (issue 20's deep-tail fixes): a 16-channel 1x1 convolution followed by a 2x2
 MaxPool (three Clark steps per output), by GlobalMaxPool, by Elu, by Relu (alone and fused into
-the convolution). ``--networks`` adds the whole PFP of the seed LeNet-5 and ResNet-8
+the convolution), by the smooth activations (Softplus, SiLU, GELU, Sigmoid, Tanh). ``--networks`` adds the whole PFP of the seed LeNet-5 and ResNet-8
 (`benchmarks/run.py`'s models and inputs, default options) in instructions per MAC (issue 19's
 target: at most 8). Run it with the tree to measure on the path (PYTHONPATH) and compare two
 trees side by side:
@@ -20,13 +20,13 @@ import onnx
 from onnx import helper, numpy_helper, TensorProto
 
 
-def _model(tail):
+def _model(tail, opset=17):
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((16, 8, 1, 1)) * 0.3).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"])] + tail
     graph = helper.make_graph(nodes, "cost", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return onnx.shape_inference.infer_shapes(model), {"w.std": (0.1 * np.abs(weight) + 0.01).astype(np.float32)}
 
@@ -41,7 +41,16 @@ LAYERS = {
     "conv + Relu (own kernel)": [helper.make_node("Identity", ["c"], ["i"]), helper.make_node("Sigmoid", ["i"], ["s"]),
                                  helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Sum", ["r", "s"], ["y"])],
     "conv + Relu (fused)": [helper.make_node("Relu", ["c"], ["y"])],
+    # the smooth activations' Gauss-Hermite differences and the probit slopes (session 10)
+    "conv + Softplus": [helper.make_node("Softplus", ["c"], ["y"])],
+    "conv + SiLU": [helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["y"])],
+    "conv + Gelu": [helper.make_node("Gelu", ["c"], ["y"])],
+    "conv + Gelu tanh": [helper.make_node("Gelu", ["c"], ["y"], approximate="tanh")],
+    "conv + Sigmoid": [helper.make_node("Sigmoid", ["c"], ["y"])],
+    "conv + Tanh": [helper.make_node("Tanh", ["c"], ["y"])],
 }
+#: Gelu is an ONNX operator from opset 20
+OPSETS = {"conv + Gelu": 20, "conv + Gelu tanh": 20}
 
 
 def instructions(model, post) -> int:
@@ -90,7 +99,7 @@ def main() -> int:
     for name, tail in LAYERS.items():
         if base is not None and args.layers and not any(word in name for word in args.layers):
             continue
-        count = instructions(*_model(tail))
+        count = instructions(*_model(tail, OPSETS.get(name, 17)))
         base = count if base is None else base
         print(f"| {name} | {count:,} | {count - base:,} |", flush=True)
     return 0

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from scipy.special import erf, expit, ndtr
+from scipy.special import expit, ndtr
 from scipy.stats import truncnorm
 
 __all__ = [
@@ -855,8 +855,11 @@ def leaky_relu(mean, var, slope):
 
 
 def _saturating_var(derivative, v):
-    """d (1 - 1/sqrt(1 + 2 d v)): the delta method d^2 v for small v, d for large v."""
-    return derivative * (1.0 - 1.0 / np.sqrt(1.0 + 2.0 * derivative * v))
+    """d (1 - 1/sqrt(1 + 2 d v)): the delta method d^2 v for small v, d for large v; with
+    u = 2 d v and r = sqrt(1 + u), 1 - 1/r = u / (r (1 + r)) (1 - 1/r cancelled below u ~ 1e-16)."""
+    spread = 2.0 * derivative * v
+    root = np.sqrt(1.0 + spread)
+    return derivative * spread / (root * (1.0 + root))
 
 
 def sigmoid(mean, var):
@@ -865,8 +868,9 @@ def sigmoid(mean, var):
     its error against Monte Carlo."""
     m = _f64(mean)
     v = _var_or_zeros(var, m)
-    e = expit(m / np.sqrt(1.0 + np.pi * v / 8.0))
-    return e, _saturating_var(e * (1.0 - e), v)
+    scaled = m / np.sqrt(1.0 + np.pi * v / 8.0)
+    # E (1 - E) as sigmoid(u) sigmoid(-u): 1 - E cancels in float64 too beyond u ~ 37
+    return expit(scaled), _saturating_var(expit(scaled) * expit(-scaled), v)
 
 
 def tanh(mean, var):
@@ -932,16 +936,19 @@ def hard_sigmoid(mean, var, alpha, beta):
 
 
 def _integrate(function, m, v, points=4001, width=12.0):
-    """E[f(x)] and E[f(x)^2] for x ~ N(m, v) element-wise by the trapezoid rule on m +- width s
-    (v = 0: f(m)). Independent of any closed form; accurate to ~1e-9 for the piecewise-smooth f here."""
+    """E[f(x)] and Var[f(x)] for x ~ N(m, v) element-wise by the trapezoid rule on m +- width s
+    (v = 0: f(m), 0). Independent of any closed form; accurate to ~1e-9 for the piecewise-smooth f
+    here. The moments are of f(x) - f(m): E[f^2] - E[f]^2 cancelled in float64 too (N(54, 6.5e-9)
+    through HardSwish: 6.399e-9 for 6.509e-9, the long run's seed 700039)."""
     s = np.sqrt(v)
     z = np.linspace(-width, width, points)
     weights = np.exp(-0.5 * z * z) * _INV_SQRT_2PI
     weights[[0, -1]] *= 0.5
     weights *= z[1] - z[0]
-    values = function(m[..., None] + s[..., None] * z)
-    first, second = values @ weights, (values * values) @ weights
-    return first, second
+    center = function(m)
+    deltas = function(m[..., None] + s[..., None] * z) - center[..., None]
+    shift = deltas @ weights
+    return center + shift, np.maximum((deltas * deltas) @ weights - shift * shift, 0.0)
 
 
 def hard_swish(mean, var, alpha=1 / 6, beta=0.5):
@@ -952,9 +959,8 @@ def hard_swish(mean, var, alpha=1 / 6, beta=0.5):
     def function(x):
         return x * np.clip(alpha * x + beta, 0.0, 1.0)
 
-    first, second = _integrate(function, m, v)
-    first = np.where(v > 0, first, function(m))
-    return first, np.where(v > 0, np.maximum(second - first * first, 0.0), 0.0)
+    first, variance = _integrate(function, m, v)
+    return np.where(v > 0, first, function(m)), np.where(v > 0, variance, 0.0)
 
 
 def _elu(alpha, gamma=1.0):
@@ -964,7 +970,10 @@ def _elu(alpha, gamma=1.0):
 #: The smooth activations pfpc computes by Gauss-Hermite quadrature (ONNX op -> attrs -> f).
 SMOOTH_FUNCTIONS = {
     "silu": lambda a: (lambda x: x * expit(x)),
-    "gelu": lambda a: (lambda x: 0.5 * x * (1 + erf(x / np.sqrt(2)))),
+    # x Phi(x) with ndtr: 1 + erf(x / sqrt 2) cancels in float64 too below x ~ -6
+    "gelu": lambda a: (lambda x: x * ndtr(x)) if a.get("approximate", "none") in ("none", b"none")
+    # 0.5 x (1 + tanh(u)) = x sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3): expit keeps the lower tail
+    else (lambda x: x * expit(2.0 * np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3))),
     "softplus": lambda a: (lambda x: np.logaddexp(0.0, x)),
     "elu": lambda a: _elu(a.get("alpha", 1.0)),
     "selu": lambda a: _elu(a.get("alpha", 1.67326319217681884765625), a.get("gamma", 1.05070102214813232421875)),
@@ -1436,8 +1445,6 @@ def _node_outputs(node, a, x):
     if op in ("SiLU", "HardSwishOf"):  # x * Sigmoid(x), x * HardSigmoid(x): see `_gated_products`
         return [gauss_hermite(SMOOTH_FUNCTIONS["silu"](a), *x[0])] if op == "SiLU" else [hard_swish(*x[0], a["alpha"], a["beta"])]
     if op.lower() in SMOOTH_FUNCTIONS:
-        if op == "Gelu" and a.get("approximate", "none") not in ("none", b"none"):
-            raise NotImplementedError("Gelu approximate=tanh")
         return [gauss_hermite(SMOOTH_FUNCTIONS[op.lower()](a), *x[0])]
     if op == "Concat":
         return [concat(x, a["axis"] % x[0][0].ndim)]

@@ -485,9 +485,15 @@ def _smooth_in_30_digits(function, mean, var):
 
     with mpmath.workdps(30):
         mean, std = mpmath.mpf(mean), mpmath.sqrt(var)
-        points = [mean - 12 * std, mean, mean + 12 * std]
-        first = mpmath.quad(lambda x: function(x) * mpmath.npdf(x, mean, std), points)
-        return float(first), float(mpmath.quad(lambda x: (function(x) - first) ** 2 * mpmath.npdf(x, mean, std), points))
+        center = function(mean)
+        # (f(mean + std z) - f(mean)) / scale, of order 1: quad's tolerance is absolute (1e-30),
+        # so a variance of 1e-35 (a far tail) came out 1.5 % off, and f(x) itself left a shift
+        # 1e-5 of its size to quad's relative error
+        scale = max(abs(function(mean + std) - center), abs(function(mean - std) - center))
+        step = lambda z: (function(mean + std * z) - center) / scale
+        shift = mpmath.quad(lambda z: step(z) * mpmath.npdf(z), [-12, 0, 12])
+        spread = mpmath.quad(lambda z: (step(z) - shift) ** 2 * mpmath.npdf(z), [-12, 0, 12])
+        return float(center + shift * scale), float(spread * scale ** 2)
 
 
 @pytest.mark.parametrize("op, alpha, gamma", [("Elu", 0.7, 1.0), ("Selu", 1.67326319217681884765625, 1.05070102214813232421875)])
@@ -624,3 +630,146 @@ def test_maxpool_2d_where_one_element_wins_by_many_standard_deviations(tmp_path)
         np.testing.assert_allclose(var[both], exact[:, 1], rtol=1e-4, err_msg=name)
         np.testing.assert_allclose(mean[both], exact[:, 0], rtol=1e-6, atol=1e-7, err_msg=name)
     _assert_moments(results[1:])  # the padded outputs that pick an element: against the reference
+
+
+def _gelu_tanh_exact(v):
+    import mpmath
+
+    return v / (1 + mpmath.exp(-2 * mpmath.sqrt(2 / mpmath.pi) * (v + mpmath.mpf(0.044715) * v ** 3)))
+
+
+#: op -> (nodes from h to y, opset, the activation in mpmath)
+_SMOOTH_TAILS = {
+    "Softplus": ([node("Softplus", ["h"], ["y"])], 17, lambda v: __import__("mpmath").log1p(__import__("mpmath").exp(v))),
+    "SiLU": ([node("Sigmoid", ["h"], ["s"]), node("Mul", ["h", "s"], ["y"])], 17, lambda v: v / (1 + __import__("mpmath").exp(-v))),
+    "Gelu": ([node("Gelu", ["h"], ["y"])], 20, lambda v: v * __import__("mpmath").ncdf(v)),
+    "GeluTanh": ([node("Gelu", ["h"], ["y"], approximate="tanh")], 20, _gelu_tanh_exact),
+}
+
+
+@pytest.mark.parametrize("op", sorted(_SMOOTH_TAILS))
+def test_smooth_activation_in_its_far_tails(tmp_path, op):
+    """Softplus, SiLU, GELU (erf and tanh) of concentrated inputs from -80 to 80 (std 1e-4, 1e-2):
+    the differences f(M + h) - f(M) of two float32 values kept nothing of the step near +-80
+    (Softplus, the long run's seed 600002: variance 1.51e-9 for 1.38e-9 at M ~ 80) or in a
+    saturated tail (e^-80 (e^h - 1)). Every element to 1e-4 of its own variance and 1e-6 of its
+    mean against the float64 reference, itself checked against 30-digit quadrature (where
+    16-point Gauss-Hermite is exact to float64); wide inputs (std 1, 10) against the reference."""
+    nodes, opset, exact_function = _SMOOTH_TAILS[op]
+    means = [-80.0, -30.0, -8.0, -3.0, -1.0, -0.1, 0.2, 1.0, 3.0, 5.0, 8.0, 30.0, 80.0]
+    narrow = [(m, s) for m in means for s in (1e-4, 1e-2)]
+    wide = [(m, s) for m in (-80.0, -3.0, 0.0, 3.0, 80.0) for s in (1.0, 10.0)]
+    elements = narrow + wide
+    shape = [1, len(elements)]
+    x = np.array([[m for m, _ in elements]], np.float32)
+    std = np.array([[s for _, s in elements]], np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"])] + nodes, [("x", shape)], ["y"], {"b": np.zeros(shape, np.float32)}, opset=opset)
+    (mean, var, ref_mean, ref_var), = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+    mean, var, ref_mean, ref_var = (a.ravel() for a in (mean, var, ref_mean, ref_var))
+    count = len(narrow)
+    exact = np.array([_smooth_in_30_digits(exact_function, float(m), float(s) ** 2)
+                      for m, s in zip(x.ravel()[:count], std.ravel()[:count])])
+    np.testing.assert_allclose(ref_var[:count], exact[:, 1], rtol=1e-7)
+    np.testing.assert_allclose(ref_mean[:count], exact[:, 0], rtol=1e-12)
+    # below 1e-32 the float32 products w_k d_k^2 leave float32's normal range (or the variance does)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-32)
+    # the mean to float32 exp of arguments up to ~50 (a relative 50 eps)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-37)
+
+
+def _probit_in_30_digits(op, mean, var):
+    """The probit approximation's moments (pfpc's Sigmoid and Tanh) to 30 digits (at 200: the
+    slopes down to e^-300 are differences from 1): Sigmoid
+    E = s(u), u = M / sqrt(1 + pi V / 8), slope d = E (1 - E); Tanh E = tanh(u), u = M /
+    sqrt(1 + pi V / 2), d = 1 - E^2; Var = d (1 - 1 / sqrt(1 + 2 d V))."""
+    import mpmath
+
+    with mpmath.workdps(200):
+        mean, var = mpmath.mpf(mean), mpmath.mpf(var)
+        if op == "Sigmoid":
+            first = 1 / (1 + mpmath.exp(-mean / mpmath.sqrt(1 + mpmath.pi * var / 8)))
+            slope = first * (1 - first)
+        else:
+            first = mpmath.tanh(mean / mpmath.sqrt(1 + mpmath.pi * var / 2))
+            slope = 1 - first ** 2
+        return float(first), float(slope * (1 - 1 / mpmath.sqrt(1 + 2 * slope * var)))
+
+
+@pytest.mark.parametrize("op", ["Sigmoid", "Tanh"])
+def test_sigmoid_and_tanh_deep_in_saturation(tmp_path, op):
+    """Tanh of N(-60, 55) (the long run's seed 600028, MatMul -> Tanh: variance 6.735e-9 for
+    6.666e-9) and Sigmoid likewise: the slope 1 - E^2 (E (1 - E)) of a float32 E near +-1 (1)
+    kept the rounding of E, not the slope. Means from 3 to 150 and spreads from 1e-4 to 15 std
+    on both sides: every element to 1e-4 of its variance against the probit formulas at 30 digits
+    (the float64 reference checked against them too)."""
+    elements = [(sign * m, s) for sign in (-1.0, 1.0) for m in (3.0, 12.0, 40.0, 60.0, 150.0) for s in (1e-4, 1.0, 7.4, 15.0)]
+    shape = [1, len(elements)]
+    x = np.array([[m for m, _ in elements]], np.float32)
+    std = np.array([[s for _, s in elements]], np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node(op, ["h"], ["y"])], [("x", shape)], ["y"], {"b": np.zeros(shape, np.float32)})
+    (mean, var, ref_mean, ref_var), = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+    exact = np.array([_probit_in_30_digits(op, float(m), float(s) ** 2) for m, s in zip(x.ravel(), std.ravel())])
+    np.testing.assert_allclose(ref_var.ravel(), exact[:, 1], rtol=1e-9, atol=1e-300)
+    np.testing.assert_allclose(ref_mean.ravel(), exact[:, 0], rtol=1e-12)
+    # below 1e-32 the variance leaves float32's normal range
+    np.testing.assert_allclose(var.ravel(), exact[:, 1], rtol=1e-4, atol=1e-32)
+    # the mean to float32 exp of arguments up to ~50 (a relative 50 eps)
+    np.testing.assert_allclose(mean.ravel(), exact[:, 0], rtol=1e-5, atol=1e-37)
+
+
+def test_hard_swish_of_a_wide_input_below_its_lower_breakpoint(tmp_path):
+    """HardSwish of N(-147, 39^2) (the long run's seed 700002, Gemm -> HardSwish: variance 0.92
+    for 0.0157): with the middle piece [-3, 3] narrower than one standard deviation the closed
+    form's O(s^4) pieces cancelled to the variance (N(-1603, 1000^2): 1.1e6 for 0.019). Means 0.5
+    to 5 std below -3, std 10 to 1000: every element to 1e-4 of its variance and mean against
+    30-digit quadrature."""
+    import mpmath
+
+    elements = [(-3.0 - u * s, s) for s in (10.0, 39.0, 1000.0) for u in (0.5, 1.6, 3.0, 3.65, 5.0)]
+    shape = [1, len(elements)]
+    x = np.array([[m for m, _ in elements]], np.float32)
+    std = np.array([[s for _, s in elements]], np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node("HardSwish", ["h"], ["y"])], [("x", shape)], ["y"],
+                       {"b": np.zeros(shape, np.float32)})
+    (mean, var, _, _), = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+
+    def exact(m, s):
+        with mpmath.workdps(30):
+            m, s = mpmath.mpf(m), mpmath.mpf(s)
+            f = lambda v: v * min(max(v / 6 + mpmath.mpf(1) / 2, 0), 1)
+            points = [mpmath.mpf(-3), mpmath.mpf(3), m + 14 * s]
+            first = mpmath.quad(lambda v: f(v) * mpmath.npdf(v, m, s), points)
+            second = mpmath.quad(lambda v: f(v) ** 2 * mpmath.npdf(v, m, s), points)
+            return float(first), float(second - first ** 2)
+
+    quadrature = np.array([exact(float(m), float(s)) for m, s in zip(x.ravel(), std.ravel())])
+    np.testing.assert_allclose(var.ravel(), quadrature[:, 1], rtol=1e-4)
+    np.testing.assert_allclose(mean.ravel(), quadrature[:, 0], rtol=1e-4)
+
+
+def test_reference_hard_swish_of_a_concentrated_input_far_above():
+    """The float64 reference's HardSwish took E[y^2] - E[y]^2 of its trapezoid sums: for N(54,
+    6.5e-9) (the long run's seed 700039, Sub -> HardSwish) 6.399e-9 where y = x there gives
+    exactly V. Above 3 + 12 std and below -3 - 12 std the moments are (M, V) and (0, 0)."""
+    mean = np.array([54.27, 3.5, -40.0, 100.0])
+    var = np.array([6.5e-9, 1e-6, 1e-4, 1e-12])
+    ref_mean, ref_var = reference.hard_swish(mean, var)
+    np.testing.assert_allclose(ref_var, [6.5e-9, 1e-6, 0.0, 1e-12], rtol=1e-9)
+    np.testing.assert_allclose(ref_mean, [54.27, 3.5, 0.0, 100.0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["Elu", "Selu"])
+def test_elu_of_a_wide_input_far_below_zero(tmp_path, op):
+    """Selu of N(-130, 40^2) (the long run's seed 700073, MatMul -> Expand -> Selu): at the outer
+    Gauss-Hermite nodes e^h overflowed while e^min(M, 0) was 0, a NaN mean. Means -20 to -300,
+    std 10 to 100: every element to 1e-4 of its mean and variance against the float64 reference."""
+    elements = [(m, s) for m in (-20.0, -130.0, -300.0) for s in (10.0, 40.0, 100.0)]
+    shape = [1, len(elements)]
+    x = np.array([[m for m, _ in elements]], np.float32)
+    std = np.array([[s for _, s in elements]], np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node(op, ["h"], ["y"])], [("x", shape)], ["y"], {"b": np.zeros(shape, np.float32)})
+    (mean, var, ref_mean, ref_var), = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+    assert np.all(np.isfinite(mean)) and np.all(np.isfinite(var))
+    # below 1e-32 (a variance of 1e-40 here) float32 is subnormal
+    np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-32)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-32)

@@ -15,7 +15,7 @@ import numpy as np
 from tvm import te, tirx
 
 from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _pair_sum, _reduce_products
-from .moments import (clark_max_moments, clip_moments, f32, normal_tail_partial_moments, pdf_exponent, product_moments, safe_ratio,
+from .moments import (_GAUSS_LEGENDRE_01, _let, clark_max_moments, clip_moments, f32, normal_tail_partial_moments, pdf_exponent, product_moments, safe_ratio,
                       safe_sqrt, std_normal_cdf,
                       std_normal_pdf)
 
@@ -198,9 +198,47 @@ def _hard_swish_below(mean_out, var_out, std, a, b, pdf_a, pdf_b, alpha, beta):
               - (f32(alpha * alpha) * s4 * psi_b[4] + f32(2.0 * alpha * (2.0 - beta)) * s3 * psi_b[3]
                  + f32((1.0 - beta) ** 2 + 2.0 * upper * alpha + 2.0 * (1.0 - beta)) * s2 * psi_b[2]
                  + f32(2.0 * upper * (1.0 - beta)) * s1 * psi_b[1]))
-    below = tirx.all(a >= f32(1.6), b - a >= f32(1.0))  # 1.6: where the tail moments hold
-    return (bind_a(bind_b(tirx.Select(below, first, mean_out))),
-            bind_a(bind_b(tirx.Select(below, tirx.max(second - first * first, f32(0.0)), var_out))))
+    # a wide input below l (the middle piece narrower than 1 std): `_hard_swish_wide_below`
+    wide_first, wide_second = _hard_swish_wide_below(std, a, b, pdf_b, psi_b, alpha, beta)
+    wide = tirx.all(a > f32(0.0), b - a < f32(1.0), (b - a) * (a + b) <= f32(6.0))
+    below = a >= f32(1.6)  # 1.6: where the tail moments hold
+    first = tirx.Select(wide, wide_first, first)
+    second = tirx.Select(wide, wide_second, second)
+    use = tirx.any(wide, below)
+    return (bind_a(bind_b(tirx.Select(use, first, mean_out))),
+            bind_a(bind_b(tirx.Select(use, tirx.max(second - first * first, f32(0.0)), var_out))))
+
+
+def _hard_swish_wide_below(std, a, b, pdf_b, psi_b, alpha, beta):
+    """(E[y], E[y^2]) of `hard_swish_moments` for a mean below l with the middle piece [l, u]
+    narrower than one standard deviation (b - a < 1): the closed form's pieces are O(s^4) about
+    M and cancel to the variance (N(-147, 39^2): 0.92 for 0.0157, the long run's seed 700002),
+    and `_hard_swish_below`'s w- and v-parts cancel to O((alpha s)^-2). Here every piece is
+    positive or small: above u, y = x = u + s (Z - b),
+
+    E[y; x > u] = u Q(b) + s psi1(b),   E[y^2; x > u] = u^2 Q(b) + 2 u s psi1(b) + s^2 psi2(b)
+
+    (psi_k from the tail moments for b >= 1.6, else Q = 1 - Phi(b), psi1 = phi(b) - b Q,
+    psi2 = (1 + b^2) Q - b phi(b)), and the middle piece's alpha x^2 + beta x (and its square)
+    against the density by 5-point Gauss-Legendre over [l, u] (used where the density changes by
+    at most e^3 across it, (b - a)(a + b) <= 6: relative error below 1e-6, as in `clip_moments`).
+    Below l, P(x > l) <= 1/2, so E[y^2] - E[y]^2 cancels at most by half."""
+    lower, upper = -beta / alpha, (1.0 - beta) / alpha
+    cdf_b = std_normal_cdf(b, pdf_b)
+    tail_q = f32(1.0) - cdf_b
+    far = b >= f32(1.6)
+    q = tirx.Select(far, psi_b[0], tail_q)
+    psi1 = tirx.Select(far, psi_b[1], pdf_b - b * tail_q)
+    psi2 = tirx.Select(far, psi_b[2], (f32(1.0) + b * b) * tail_q - b * pdf_b)
+    first = f32(upper) * q + std * psi1
+    second = f32(upper * upper) * q + f32(2.0 * upper) * std * psi1 + std * std * psi2
+    for node, weight in _GAUSS_LEGENDRE_01:
+        z = a + f32(node) * (b - a)  # (x - M) / s at x = l + node (u - l)
+        x = f32(lower) + f32(node * (upper - lower))
+        value = f32(alpha) * x * x + f32(beta) * x
+        density = f32(weight * (upper - lower) / math.sqrt(2.0 * math.pi)) * tirx.exp(f32(-0.5) * z * z) / std
+        first, second = first + value * density, second + value * value * density
+    return first, second
 
 
 def hard_swish(a: Gaussian, alpha: float, beta: float) -> Gaussian:
@@ -311,20 +349,42 @@ def silu(x):
     return x / (f32(1.0) + tirx.exp(f32(0.0) - x))
 
 
+#: depth of Laplace's continued fraction for the normal lower tail (`normal_cdf`): relative error
+#: below 1e-7 for z >= 2.5
+_TAIL_FRACTION_DEPTH = 16
+
+
+def normal_cdf(x):
+    """Phi(x) to float32's relative precision for any x: 0.5 (1 + erf(x / sqrt 2)) for x >= -2.5
+    (1 + erf cancels below: 1 % of Phi(-8)), Laplace's continued fraction beyond,
+
+    Phi(-z) = phi(z) / (z + 1 / (z + 2 / (z + 3 / (z + ...))))   (16 levels)"""
+    def tail(z):
+        fraction = z
+        for level in range(_TAIL_FRACTION_DEPTH, 0, -1):
+            fraction = z + f32(float(level)) / fraction
+        return f32(1.0 / math.sqrt(2.0 * math.pi)) * tirx.exp(f32(-0.5) * z * z) / fraction
+
+    lower = _with("cdf_tail_z", tirx.max(f32(0.0) - x, f32(2.5)), tail)
+    return tirx.Select(x < f32(-2.5), lower, f32(0.5) * (f32(1.0) + tirx.erf(x * f32(1.0 / math.sqrt(2.0)))))
+
+
 def gelu(x):
-    """GELU: x Phi(x)."""
-    return f32(0.5) * x * (f32(1.0) + tirx.erf(x * f32(1.0 / math.sqrt(2.0))))
+    """GELU: x Phi(x) (`normal_cdf`)."""
+    return _with("gelu_x", x, lambda x: x * normal_cdf(x))
 
 
 def gelu_tanh(x):
-    """GELU, tanh approximation."""
-    return f32(0.5) * x * (f32(1.0) + tirx.tanh(f32(math.sqrt(2.0 / math.pi)) * (x + f32(0.044715) * x * x * x)))
+    """GELU, tanh approximation: 0.5 x (1 + tanh(u)) = x sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3)
+    (the sigmoid form: 1 + tanh(u) in float32 kept nothing of the lower tail)."""
+    return x / (f32(1.0) + tirx.exp(f32(-2.0 * math.sqrt(2.0 / math.pi)) * (x + f32(0.044715) * x * x * x)))
 
 
 def softplus(x):
     """Softplus: log(1 + e^x)."""
-    # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|): no overflow for large |x|
-    return tirx.max(x, f32(0.0)) + tirx.log(f32(1.0) + tirx.exp(f32(0.0) - tirx.max(x, f32(0.0) - x)))
+    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): no overflow for large |x|, and e^-20 kept
+    # (log(1 + e^-20) is log(1) in float32)
+    return _with("softplus_x", x, lambda x: tirx.max(x, f32(0.0)) + _log1p(tirx.exp(f32(0.0) - tirx.max(x, f32(0.0) - x))))
 
 
 def elu(alpha, gamma=1.0):
@@ -339,23 +399,196 @@ def elu(alpha, gamma=1.0):
 def _expm1_any(value):
     """e^v - 1 for any v: the Taylor polynomial to v^5 for |v| < 0.1 (relative error below
     2e-8), exp(v) - 1 beyond (below 7e-7): exp(v) - 1 alone lost eps / |v| of it near 0."""
-    series = value * (f32(1.0) + value * (f32(0.5) + value * (f32(1.0 / 6.0) + value * (f32(1.0 / 24.0) + value * f32(1.0 / 120.0)))))
-    return tirx.Select(tirx.max(value, f32(0.0) - value) < f32(0.1), series, tirx.exp(value) - f32(1.0))
+    return _with("expm1_arg", value, lambda value: tirx.Select(_abs(value) < f32(0.1), _expm1_series(value), tirx.exp(value) - f32(1.0)))
+
+
+def _expm1_series(value):
+    """e^v - 1 by its Taylor polynomial to v^5 (relative error below 2e-8 for |v| < 0.1)."""
+    return value * (f32(1.0) + value * (f32(0.5) + value * (f32(1.0 / 6.0) + value * (f32(1.0 / 24.0) + value * f32(1.0 / 120.0)))))
+
+
+def _with(name, value, body):
+    """``body(v)`` with v bound once to ``value`` (a Let: a local in the C; TVM neither repeats
+    nor simplifies through it)."""
+    var = tirx.Var(name, "float32")
+    return _let(var, value, body(var))
+
+
+def _abs(value):
+    return tirx.max(value, f32(0.0) - value)  # fabs has no C lowering
+
+
+def _log1p(value):
+    """log(1 + v) for v > -1 without the loss of log(1 + v) for small v: with u = 1 + v rounded,
+    log(u) v / (u - 1) (Goldberg's correction for the rounding of u; v itself where u = 1). u is
+    bound (a Let), or TVM simplifies u - 1 back to v. (The series to v^8 below |v| < 0.1 instead:
+    Softplus 1.6 times the Cortex-M4 instructions, benchmarks/tail_forms_cost.md.)"""
+    return _with("log1p_arg", value, lambda value: _with(
+        "log1p_u", f32(1.0) + value, lambda rounded: tirx.Select(rounded == f32(1.0), value, tirx.log(rounded) * value / (rounded - f32(1.0)))))
+
+
+def _sigmoid_pair(x, tail):
+    """(sigmoid(x), sigmoid(-x)) from ``tail`` = e^-|x| (`_sigmoid_tail`, bound by the caller),
+    each to float32's relative precision for any x (1 - sigmoid(x) lost the smaller one in a tail)."""
+    share = f32(1.0) / (f32(1.0) + tail)
+    return tirx.Select(x >= f32(0.0), share, tail * share), tirx.Select(x >= f32(0.0), tail * share, share)
+
+
+def _sigmoid_tail(x):
+    return tirx.exp(f32(0.0) - _abs(x))
+
+
+def _sigmoid_step(start_up, start_down, end_up, end_down, step):
+    """sigmoid(v) - sigmoid(u) for v = u + d from the step d itself, given sigmoid(+-u) and
+    sigmoid(+-v) (`_sigmoid_pair`):
+
+    sigmoid(v) - sigmoid(u) = sigmoid(u) sigmoid(-v) expm1(d)      (d < 0)
+                            = -sigmoid(v) sigmoid(-u) expm1(-d)    (d >= 0)
+
+    expm1 of -|d| only (no overflow), and products of factors each kept to float32's relative
+    precision, where the difference of two float32 sigmoids lost the step in a tail (e^-80 (e^d - 1)
+    is no difference of two values) and near u to the rounding of u + d."""
+    return _with("sigmoid_shrink", _expm1_any(f32(0.0) - _abs(step)),
+                 lambda shrink: tirx.Select(step < f32(0.0), start_up * end_down * shrink, f32(0.0) - end_up * start_down * shrink))
+
+
+# The differences f(M + h) - f(M) of the smooth activations, computed from the step h itself
+# (`gauss_hermite_moments`): the difference of the two float32 values lost the step wherever f(M)
+# is large against f'(M) h (a concentrated input, and M + h itself rounded) or a far tail (e^-80
+# (e^h - 1)). Each is ``difference(M, bind) -> (h -> f(M + h) - f(M))``: ``bind(name, value)``
+# binds a value of M once per element, shared by the sixteen nodes.
 
 
 def elu_difference(alpha, gamma=1.0):
-    """f(M + h) - f(M) for `elu` f(x) = gamma max(x, 0) + gamma alpha (e^min(x, 0) - 1), from the
-    step h itself (`gauss_hermite_moments`): with c = max(M, 0) and m = min(M, 0), the linear
-    part changes by max(h + m, -c) and the exponential one by e^m expm1(min(h + c, -m)). The
-    difference of the two values in float32 lost the step (e^x - e^M for x near M, and the
-    rounding of M + h itself): 1-2 % of the variance of a concentrated input."""
-    def difference(mean, step):
-        positive, negative = tirx.max(mean, f32(0.0)), tirx.min(mean, f32(0.0))
-        linear = tirx.max(step + negative, f32(0.0) - positive)
-        exponential = tirx.exp(negative) * _expm1_any(tirx.min(step + positive, f32(0.0) - negative))
-        return f32(gamma) * (linear + f32(alpha) * exponential)
+    """For `elu` f(x) = gamma max(x, 0) + gamma alpha (e^min(x, 0) - 1): with c = max(M, 0) and
+    m = min(M, 0), the linear part changes by max(h + m, -c) and the exponential one by
+    e^m expm1(min(h + c, -m)) (1-2 % of the variance of a concentrated input was lost), as
+    e^(m + t) - e^m beyond t = 1: for M ~ -130 and h ~ 200, e^h overflowed and e^m was 0 (a NaN
+    mean, the long run's seed 700073)."""
+    def difference(mean, bind):
+        positive, negative = bind("elu_pos", tirx.max(mean, f32(0.0))), bind("elu_neg", tirx.min(mean, f32(0.0)))
+        scale = bind("elu_scale", tirx.exp(negative))
+
+        def step_difference(step):
+            linear = tirx.max(step + negative, f32(0.0) - positive)
+
+            def exponential(shift):  # e^m expm1(t), t <= -m; beyond t = 1 as e^(m + t) - e^m (e^t overflowed, times e^m = 0: NaN)
+                series = _expm1_series(shift)
+                far = shift > f32(1.0)
+                power = tirx.exp(tirx.Select(far, negative + shift, shift))  # one exp per node
+                return tirx.Select(_abs(shift) < f32(0.1), scale * series, tirx.Select(far, power - scale, scale * (power - f32(1.0))))
+
+            return f32(gamma) * (linear + f32(alpha) * _with("elu_shift", tirx.min(step + positive, f32(0.0) - negative), exponential))
+
+        return step_difference
 
     return difference
+
+
+def softplus_difference(mean, bind):
+    """For `softplus`: with a = -|M| <= 0 and g = h (M < 0) or -h (M >= 0), softplus(x) =
+    x + softplus(-x) gives
+
+    softplus(M + h) - softplus(M) = h [M >= 0] + softplus(a + g) - softplus(a),
+    softplus(a + g) - softplus(a) = log1p(sigmoid(a) expm1(g))   (g <= 1: an argument in (-1/2, 1))
+
+    and the difference of the two values beyond (g > 1: no small difference, and no overflow).
+    Near +-80 the two values (M itself, or e^-80) kept 10 % of a concentrated input's variance
+    (the long run's seed 600002)."""
+    positive = bind("softplus_positive", tirx.Select(mean >= f32(0.0), f32(1.0), f32(0.0)))
+    start = bind("softplus_start", f32(0.0) - _abs(mean))
+    start_up = bind("softplus_start_up", tirx.exp(start) / (f32(1.0) + tirx.exp(start)))
+    start_value = bind("softplus_start_value", softplus(start))
+
+    def step_difference(step):
+        def tail(shift):
+            near = _log1p(start_up * _expm1_any(tirx.min(shift, f32(1.0))))
+            return tirx.Select(shift <= f32(1.0), near, softplus(start + shift) - start_value)
+
+        return positive * step + _with("softplus_shift", step - f32(2.0) * positive * step, tail)
+
+    return step_difference
+
+
+def silu_difference(mean, bind):
+    """For `silu` x sigmoid(x), with v = M + h:
+
+    v sigmoid(v) - M sigmoid(M) = h sigmoid(v) + M (sigmoid(v) - sigmoid(M))   (`_sigmoid_step`)
+
+    (silu(-80 + h) - silu(-80) ~ -79 e^-80 h, and silu(80 + h) - silu(80) ~ h, had nothing of
+    the step left as a difference of two float32 values)."""
+    start_up, start_down = _sigmoid_pair(mean, bind("silu_tail", _sigmoid_tail(mean)))
+    start_up, start_down = bind("silu_up", start_up), bind("silu_down", start_down)
+
+    def step_difference(step):
+        def with_end(end, end_tail):
+            end_up, end_down = _sigmoid_pair(end, end_tail)
+            return _with("silu_end_up", end_up, lambda end_up: _with(
+                "silu_end_down", end_down,
+                lambda end_down: step * end_up + mean * _sigmoid_step(start_up, start_down, end_up, end_down, step)))
+
+        return _with("silu_end", mean + step, lambda end: _with("silu_end_tail", _sigmoid_tail(end), lambda tail: with_end(end, tail)))
+
+    return step_difference
+
+
+def gelu_tanh_difference(mean, bind):
+    """For `gelu_tanh` x sigmoid(2 u(x)), u(x) = c (x + k x^3) (c = sqrt(2 / pi), k = 0.044715),
+    as `silu_difference` with v = M + h and the argument's step from h itself,
+    2 u(v) - 2 u(M) = 2 c h (1 + k (v^2 + v M + M^2)):
+
+    h sigmoid(2 u(v)) + M (sigmoid(2 u(v)) - sigmoid(2 u(M)))   (`_sigmoid_step`)"""
+    scale, cubic = f32(2.0 * math.sqrt(2.0 / math.pi)), f32(0.044715)
+    start_arg = bind("gelu_arg", scale * (mean + cubic * mean * mean * mean))
+    start_up, start_down = _sigmoid_pair(start_arg, bind("gelu_tail", _sigmoid_tail(start_arg)))
+    start_up, start_down = bind("gelu_up", start_up), bind("gelu_down", start_down)
+
+    def step_difference(step):
+        def with_end(end):
+            def with_arg_step(arg_step):
+                def with_tail(end_arg, end_tail):
+                    end_up, end_down = _sigmoid_pair(end_arg, end_tail)
+                    return _with("gelu_end_up", end_up, lambda end_up: _with(
+                        "gelu_end_down", end_down,
+                        lambda end_down: step * end_up + mean * _sigmoid_step(start_up, start_down, end_up, end_down, arg_step)))
+
+                return _with("gelu_end_arg", start_arg + arg_step,
+                             lambda end_arg: _with("gelu_end_tail", _sigmoid_tail(end_arg), lambda tail: with_tail(end_arg, tail)))
+
+            return _with("gelu_arg_step", scale * step * (f32(1.0) + cubic * (end * end + end * mean + mean * mean)), with_arg_step)
+
+        return _with("gelu_end", mean + step, with_end)
+
+    return step_difference
+
+
+#: 3-point Gauss-Legendre on [0, 1] (`gelu_difference`): exact for polynomials of degree 5
+_GAUSS_LEGENDRE_3 = [(0.5 - math.sqrt(0.15), 5.0 / 18.0), (0.5, 8.0 / 18.0), (0.5 + math.sqrt(0.15), 5.0 / 18.0)]
+
+
+def gelu_difference(mean, bind):
+    """For `gelu` x Phi(x), with v = M + h:
+
+    v Phi(v) - M Phi(M) = h Phi(v) + M (Phi(v) - Phi(M)),
+    Phi(v) - Phi(M) = h int_0^1 phi(M + t h) dt   (3-point Gauss-Legendre where |h| (|M| + |h|) <= 1,
+                                                   relative error below 1e-6 there)
+
+    and the difference of the two Phi values beyond. Two float32 values of Phi near 1 (M = 5)
+    kept nothing of a step of 1e-4."""
+    start_cdf = bind("gelu_cdf", normal_cdf(mean))
+
+    def step_difference(step):
+        def with_end_cdf(end_cdf):
+            density = f32(0.0)
+            for node, weight in _GAUSS_LEGENDRE_3:
+                at = mean + f32(node) * step
+                density = density + f32(weight / math.sqrt(2.0 * math.pi)) * tirx.exp(f32(-0.5) * at * at)
+            narrow = _abs(step) * (_abs(mean) + _abs(step)) <= f32(1.0)
+            return step * end_cdf + mean * tirx.Select(narrow, step * density, end_cdf - start_cdf)
+
+        return _with("gelu_end_cdf", normal_cdf(mean + step), with_end_cdf)
+
+    return step_difference
 
 
 def gauss_hermite_moments(function, mean, var, difference=None):
@@ -365,25 +598,43 @@ def gauss_hermite_moments(function, mean, var, difference=None):
     d_k = f(M + sqrt(2V) t_k) - f(M),   E[y] = f(M) + sum_k w_k d_k / sqrt(pi)
     Var[y] = sum_k w_k d_k^2 / sqrt(pi) - (E[y] - f(M))^2
 
-    (differences from f(M), so a small V loses no precision to cancellation). ``difference(M,
-    h)``: f(M + h) - f(M) computed from h without the cancellation of the two values, where the
-    function has such a form (`elu_difference`). V = 0 gives exactly (f(M), 0). The error for a
-    given f is measured against Monte Carlo. Returns (E, Var)."""
-    center = function(mean)
-    spread = tirx.sqrt(f32(2.0) * tirx.max(var, f32(0.0)))
+    (differences from f(M), so a small V loses no precision to cancellation). ``difference``:
+    f(M + h) - f(M) computed from h without the cancellation of the two values (the forms above,
+    `elu_difference`, `softplus_difference`, ...). V = 0 gives exactly (f(M), 0). The error for
+    a given f is measured against Monte Carlo. Returns (E, Var)."""
+    # every value used more than once is bound once (a Let: a local in the C), so TVM handles
+    # expressions of the size of one difference, not all sixteen nested
+    bound = []
+
+    def bind(name, value):
+        var = tirx.Var(name, "float32")
+        bound.append((var, value))
+        return var
+
+    mean = bind("gh_mean", mean)
+    center = function(mean) if difference is not None else bind("gh_center", function(mean))  # bound where used twice
+    spread = bind("gh_spread", tirx.sqrt(f32(2.0) * tirx.max(var, f32(0.0))))
+    step_difference = None if difference is None else difference(mean, bind)
     first, second = f32(0.0), f32(0.0)
-    for node, weight in zip(_NODES, _WEIGHTS):
+    for k, (node, weight) in enumerate(zip(_NODES, _WEIGHTS)):
         step = spread * f32(float(node))
-        delta = function(mean + step) - center if difference is None else difference(mean, step)
+        delta = bind(f"gh_delta{k}", function(mean + step) - center if difference is None else step_difference(step))
         scaled = f32(float(weight / math.sqrt(math.pi))) * delta
         first, second = first + scaled, second + scaled * delta
-    return center + first, tirx.max(second - first * first, f32(0.0))
+    first = bind("gh_first", first)
+
+    def wrap(body):
+        for var, value in reversed(bound):
+            body = _let(var, value, body)
+        return body
+
+    return wrap(center + first), wrap(tirx.max(second - first * first, f32(0.0)))
 
 
 def smooth(a: Gaussian, function, name: str, difference=None) -> Gaussian:
     """Y = f(X) for a smooth activation ``function`` (a TIR expression of x: `silu`, `gelu`,
     `gelu_tanh`, `softplus`, `elu`); moments ``gauss_hermite_moments`` (with ``difference``, its
-    f(M + h) - f(M) where given); native output: variance."""
+    f(M + h) - f(M) from h); native output: variance."""
     return _unary(a, lambda m, v: gauss_hermite_moments(function, m, v, difference), function, name, Moment.VAR)
 
 
