@@ -170,11 +170,11 @@ def sigmoid_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
     """Loading of sigmoid(x): a dE[y]/dM of the probit approximation `moments.sigmoid_moments`
     (Stein: E[f'(x)] = dE[f(x)]/dM), E = sigmoid(M / r), r = sqrt(1 + pi V / 8):
 
-        a E (1 - E) / r"""
+        a E (1 - E) / r = a q / (1 + q)^2 / r,   q = e^-|M / r|   (no 1 - E to cancel in a tail)"""
     def slope(mean, var, std):
         spread = tirx.sqrt(f32(1.0) + f32(math.pi / 8.0) * var)
-        first = f32(1.0) / (f32(1.0) + tirx.exp(f32(0.0) - mean / spread))
-        return first * (f32(1.0) - first) / spread
+        tail = tirx.exp(f32(0.0) - tirx.abs(mean / spread))
+        return tail / ((f32(1.0) + tail) * (f32(1.0) + tail) * spread)
 
     return _slope_loading(x, loading, slope, "sigmoid_loading")
 
@@ -183,11 +183,11 @@ def tanh_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
     """Loading of tanh(x): a dE[y]/dM of `moments.tanh_moments`' E = tanh(M / r),
     r = sqrt(1 + pi V / 2):
 
-        a (1 - E^2) / r"""
+        a (1 - E^2) / r = a 4 q / (1 + q)^2 / r,   q = e^-2|M / r|"""
     def slope(mean, var, std):
         spread = tirx.sqrt(f32(1.0) + f32(math.pi / 2.0) * var)
-        first = tirx.tanh(mean / spread)
-        return (f32(1.0) - first * first) / spread
+        tail = tirx.exp(f32(-2.0) * tirx.abs(mean / spread))
+        return f32(4.0) * tail / ((f32(1.0) + tail) * (f32(1.0) + tail) * spread)
 
     return _slope_loading(x, loading, slope, "tanh_loading")
 
