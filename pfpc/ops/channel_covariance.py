@@ -173,7 +173,8 @@ def sigmoid_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
         a E (1 - E) / r = a q / (1 + q)^2 / r,   q = e^-|M / r|   (no 1 - E to cancel in a tail)"""
     def slope(mean, var, std):
         spread = tirx.sqrt(f32(1.0) + f32(math.pi / 8.0) * var)
-        tail = tirx.exp(f32(0.0) - tirx.abs(mean / spread))
+        scaled = mean / spread
+        tail = tirx.exp(f32(0.0) - tirx.max(scaled, f32(0.0) - scaled))
         return tail / ((f32(1.0) + tail) * (f32(1.0) + tail) * spread)
 
     return _slope_loading(x, loading, slope, "sigmoid_loading")
@@ -186,7 +187,8 @@ def tanh_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
         a (1 - E^2) / r = a 4 q / (1 + q)^2 / r,   q = e^-2|M / r|"""
     def slope(mean, var, std):
         spread = tirx.sqrt(f32(1.0) + f32(math.pi / 2.0) * var)
-        tail = tirx.exp(f32(-2.0) * tirx.abs(mean / spread))
+        scaled = mean / spread
+        tail = tirx.exp(f32(-2.0) * tirx.max(scaled, f32(0.0) - scaled))
         return f32(4.0) * tail / ((f32(1.0) + tail) * (f32(1.0) + tail) * spread)
 
     return _slope_loading(x, loading, slope, "tanh_loading")
