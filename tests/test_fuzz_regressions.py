@@ -773,3 +773,19 @@ def test_elu_of_a_wide_input_far_below_zero(tmp_path, op):
     # below 1e-32 (a variance of 1e-40 here) float32 is subnormal
     np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-32)
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-32)
+
+
+def test_layer_norm_over_more_rows_than_the_stack_holds(tmp_path):
+    """LayerNormalization over 300 rows: the statistics kernel kept all rows' sums before the
+    normalisation (5 arrays of 300 floats, over TVM's 1 KiB stack limit, so a runtime workspace:
+    "uses the TVM runtime", exit 3; long-run seed 800045 graph 1, 270 rows). The normalisation
+    now follows each block of rows' sums (`kernel._after_outputs` counts the consumer's elements)."""
+    rng = np.random.default_rng(4)
+    shape, width = [1, 300, 8], 8
+    nodes = [node("Add", ["x", "b"], ["h"]), node("LayerNormalization", ["h", "g", "beta"], ["y"], axis=-1)]
+    weights = {"b": (0.3 * rng.standard_normal(shape)).astype(np.float32), "g": (1 + 0.2 * rng.standard_normal(width)).astype(np.float32),
+               "beta": (0.1 * rng.standard_normal(width)).astype(np.float32)}
+    model = make_model(nodes, [("x", shape)], ["y"], weights)
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+    stds = {"b.std": np.full(shape, 0.2, np.float32), "g.std": np.full(width, 0.05, np.float32)}
+    _assert_moments(_run(model, stds, feeds, tmp_path), mean_rtol=1e-4, var_rtol=1e-3)

@@ -679,7 +679,10 @@ def _after_outputs(sch, block, consumer, loop) -> bool:
     iteration from rows not yet computed, and a kernel that writes its output over an operand
     (`in_place_operands`) overwrote the operand's later rows before they were read (fuzz seed
     500102: a residual Add + Clip after a convolution on 7x1 maps, output varying from run to run).
-    Returns whether it placed the consumer."""
+    The test: the consumer's elements under ``loop`` times the iterations of ``loop`` and the loops
+    above it are no more than the consumer's own elements (each computed once; a normalisation's
+    consumer has more elements than its statistics, and is placed). Returns whether it placed the
+    consumer."""
     extent = lambda l, schedule=sch: int(schedule.get(l).extent)
     above = 1
     for outer in sch.get_loops(block):
@@ -687,7 +690,7 @@ def _after_outputs(sch, block, consumer, loop) -> bool:
         if sch.get(outer).same_as(sch.get(loop)):
             break
     outputs = 1
-    for iv in sch.get(block).iter_vars:
+    for iv in sch.get(consumer).iter_vars:
         if iv.iter_type == tirx.IterVar.DataPar:
             outputs *= int(iv.dom.extent)
     trial = sch.copy()
