@@ -789,3 +789,24 @@ def test_layer_norm_over_more_rows_than_the_stack_holds(tmp_path):
     feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
     stds = {"b.std": np.full(shape, 0.2, np.float32), "g.std": np.full(width, 0.05, np.float32)}
     _assert_moments(_run(model, stds, feeds, tmp_path), mean_rtol=1e-4, var_rtol=1e-3)
+
+
+@pytest.mark.parametrize("classes", [300, 1000])
+def test_softmax_over_more_classes_than_the_stack_holds(tmp_path, classes):
+    """A model ending in Softmax over 300 or 1,000 classes (ImageNet's): the output stage keeps a
+    row of K floats per intermediate, over TVM's 1 KiB stack limit from K = 257 on, which TVM puts
+    in a runtime workspace ("uses the TVM runtime", exit 3; long-run seed 900043 graph 16, 1,008
+    classes). Now a static array of the kernel (`kernels.static_scratch`): the probabilities equal
+    the float64 mean-field formula on the reference's logit moments."""
+    from test_softmax_outputs import meanfield
+
+    rng = np.random.default_rng(5)
+    w = (0.5 * rng.standard_normal((16, classes))).astype(np.float32)
+    b = np.zeros(classes, np.float32)
+    model = make_model([node("Gemm", ["x", "w", "b"], ["h"]), node("Softmax", ["h"], ["y"], axis=-1)], [("x", [1, 16])], ["y"], {"w": w, "b": b})
+    feeds = {"x": rng.standard_normal((1, 16)).astype(np.float32)}
+    stds = {"w.std": np.full(w.shape, 0.05, np.float32)}
+    (probs, _), = compile_and_run(model, stds, [feeds["x"]], tmp_path)
+    logits = make_model([node("Gemm", ["x", "w", "b"], ["y"])], [("x", [1, 16])], ["y"], {"w": w, "b": b})
+    (mean, var), = reference.pfp_onnx(logits, {"w": np.full(w.shape, 0.05 ** 2)}, feeds).values()
+    np.testing.assert_allclose(probs.reshape(mean.shape), meanfield(mean, var, -1), rtol=1e-4, atol=1e-7)

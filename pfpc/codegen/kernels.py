@@ -321,6 +321,24 @@ def mark_local_arrays_used(body: str) -> str:
     return _LOCAL_ARRAY.sub(lambda m: f"{m.group(1)}{m.group(2)}\n{m.group(1)}(void){m.group(3)};", body)
 
 
+_WORKSPACE = re.compile(r"^(\s*)(float|u?int(?:8|16|32|64)_t)\* (\w+) = \(\(\2\*\)\(\(\2\*\)TVMBackendAllocWorkspace\(1, dev_id, \(uint64_t\)(\d+)ULL, 2, 32\)\)\);\n"
+                        r"\1if \(\3 == NULL\) \{\n\s*return -1;\n\s*\}\n", re.M)
+_WORKSPACE_FREE = re.compile(r"^\s*if \(TVMBackendFreeWorkspace\(1, dev_id, (\w+)\) != 0\) \{\n\s*return -1;\n\s*\}\n", re.M)
+
+
+def static_scratch(body: str) -> str:
+    """An intermediate over TVM's 1 KiB stack limit (a softmax's rows of more than 256 classes, a
+    normalisation's statistics) as a static array of the kernel instead of TVM's runtime workspace
+    (`TVMBackendAllocWorkspace`): no malloc, no runtime; its bytes are static RAM like the
+    weights' (the kernel is not reentrant then, as the static arena is not)."""
+    def scratch(match):
+        indent, ctype, name, size = match.group(1), match.group(2), match.group(3), int(match.group(4))
+        width = 4 if ctype in ("float", "int32_t", "uint32_t") else {"int8_t": 1, "uint8_t": 1, "int16_t": 2, "uint16_t": 2}.get(ctype, 8)
+        return f"{indent}static {ctype} {name}_scratch[{-(-size // width)}];\n{indent}{ctype}* {name} = {name}_scratch;\n"
+
+    return _WORKSPACE_FREE.sub("", _WORKSPACE.sub(scratch, body))
+
+
 def _extract(source: str, name: str) -> CKernel:
     head = f"int32_t __tvm_ffi_{name}(void* self_handle, void* args, int32_t num_args, void* result) {{"
     start = source.find(head)
@@ -346,7 +364,7 @@ def _extract(source: str, name: str) -> CKernel:
         body.append(fused_accumulation(line))
     while body and body[-1].strip() in ("return 0;", ""):
         body.pop()
-    text = mark_local_arrays_used(inline_loaded_locals("\n".join(body)))
+    text = mark_local_arrays_used(inline_loaded_locals(static_scratch("\n".join(body) + "\n").rstrip("\n")))
     if any(token in text for token in _FORBIDDEN):
         raise PfpcError(f"internal: kernel {name} uses the TVM runtime; cannot emit standalone C")
     written = [(p, re.search(rf"\b{re.escape(p)}\[[^\]]*\]\s*=[^=]", text) is not None) for p in params]
