@@ -510,56 +510,52 @@ def softplus_difference(mean, bind):
     return step_difference
 
 
-def silu_difference(mean, bind):
-    """For `silu` x sigmoid(x), with v = M + h:
+def _gated_difference(mean, bind, prefix, argument=None, argument_step=None):
+    """f(M + h) - f(M) for f(x) = x sigmoid(w(x)), with v = M + h:
 
-    v sigmoid(v) - M sigmoid(M) = h sigmoid(v) + M (sigmoid(v) - sigmoid(M))   (`_sigmoid_step`)
+    h sigmoid(w(v)) + M (sigmoid(w(v)) - sigmoid(w(M)))   (`_sigmoid_step`)
 
-    (silu(-80 + h) - silu(-80) ~ -79 e^-80 h, and silu(80 + h) - silu(80) ~ h, had nothing of
-    the step left as a difference of two float32 values)."""
-    start_up, start_down = _sigmoid_pair(mean, bind("silu_tail", _sigmoid_tail(mean)))
-    start_up, start_down = bind("silu_up", start_up), bind("silu_down", start_down)
+    ``argument`` w (None: w(x) = x) and ``argument_step(M, v, h)`` = w(v) - w(M) from h itself;
+    ``prefix`` names the Lets of the C."""
+    start_arg = mean if argument is None else bind(f"{prefix}_arg", argument(mean))
+    start_up, start_down = _sigmoid_pair(start_arg, bind(f"{prefix}_tail", _sigmoid_tail(start_arg)))
+    start_up, start_down = bind(f"{prefix}_up", start_up), bind(f"{prefix}_down", start_down)
 
     def step_difference(step):
-        def with_end(end, end_tail):
-            end_up, end_down = _sigmoid_pair(end, end_tail)
-            return _with("silu_end_up", end_up, lambda end_up: _with(
-                "silu_end_down", end_down,
-                lambda end_down: step * end_up + mean * _sigmoid_step(start_up, start_down, end_up, end_down, step)))
+        def with_arg(end_arg, arg_step):
+            def with_tail(end_tail):
+                end_up, end_down = _sigmoid_pair(end_arg, end_tail)
+                return _with(f"{prefix}_end_up", end_up, lambda end_up: _with(
+                    f"{prefix}_end_down", end_down,
+                    lambda end_down: step * end_up + mean * _sigmoid_step(start_up, start_down, end_up, end_down, arg_step)))
 
-        return _with("silu_end", mean + step, lambda end: _with("silu_end_tail", _sigmoid_tail(end), lambda tail: with_end(end, tail)))
+            return _with(f"{prefix}_end_tail", _sigmoid_tail(end_arg), with_tail)
+
+        def with_end(end):
+            if argument is None:
+                return with_arg(end, step)
+            return _with(f"{prefix}_arg_step", argument_step(mean, end, step), lambda arg_step: _with(
+                f"{prefix}_end_arg", start_arg + arg_step, lambda end_arg: with_arg(end_arg, arg_step)))
+
+        return _with(f"{prefix}_end", mean + step, with_end)
 
     return step_difference
+
+
+def silu_difference(mean, bind):
+    """For `silu` x sigmoid(x) (`_gated_difference` with w(x) = x): silu(-80 + h) - silu(-80) ~
+    -79 e^-80 h, and silu(80 + h) - silu(80) ~ h, had nothing of the step left as a difference of
+    two float32 values."""
+    return _gated_difference(mean, bind, "silu")
 
 
 def gelu_tanh_difference(mean, bind):
-    """For `gelu_tanh` x sigmoid(2 u(x)), u(x) = c (x + k x^3) (c = sqrt(2 / pi), k = 0.044715),
-    as `silu_difference` with v = M + h and the argument's step from h itself,
-    2 u(v) - 2 u(M) = 2 c h (1 + k (v^2 + v M + M^2)):
-
-    h sigmoid(2 u(v)) + M (sigmoid(2 u(v)) - sigmoid(2 u(M)))   (`_sigmoid_step`)"""
+    """For `gelu_tanh` x sigmoid(2 u(x)), u(x) = c (x + k x^3) (c = sqrt(2 / pi), k = 0.044715):
+    `_gated_difference` with the argument's step from h itself,
+    2 u(v) - 2 u(M) = 2 c h (1 + k (v^2 + v M + M^2))."""
     scale, cubic = f32(2.0 * math.sqrt(2.0 / math.pi)), f32(0.044715)
-    start_arg = bind("gelu_arg", scale * (mean + cubic * mean * mean * mean))
-    start_up, start_down = _sigmoid_pair(start_arg, bind("gelu_tail", _sigmoid_tail(start_arg)))
-    start_up, start_down = bind("gelu_up", start_up), bind("gelu_down", start_down)
-
-    def step_difference(step):
-        def with_end(end):
-            def with_arg_step(arg_step):
-                def with_tail(end_arg, end_tail):
-                    end_up, end_down = _sigmoid_pair(end_arg, end_tail)
-                    return _with("gelu_end_up", end_up, lambda end_up: _with(
-                        "gelu_end_down", end_down,
-                        lambda end_down: step * end_up + mean * _sigmoid_step(start_up, start_down, end_up, end_down, arg_step)))
-
-                return _with("gelu_end_arg", start_arg + arg_step,
-                             lambda end_arg: _with("gelu_end_tail", _sigmoid_tail(end_arg), lambda tail: with_tail(end_arg, tail)))
-
-            return _with("gelu_arg_step", scale * step * (f32(1.0) + cubic * (end * end + end * mean + mean * mean)), with_arg_step)
-
-        return _with("gelu_end", mean + step, with_end)
-
-    return step_difference
+    return _gated_difference(mean, bind, "gelu", lambda x: scale * (x + cubic * x * x * x),
+                             lambda start, end, step: scale * step * (f32(1.0) + cubic * (end * end + end * start + start * start)))
 
 
 #: 3-point Gauss-Legendre on [0, 1] (`gelu_difference`): exact for polynomials of degree 5
