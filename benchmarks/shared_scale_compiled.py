@@ -54,8 +54,9 @@ def main(argv=None):
         image = B.mnist("fashion", 1)
         counts = {}
         for mode in ("off", "auto"):
-            with tempfile.TemporaryDirectory() as out:
-                pfpc.compile(model, stds, batch=1, shared_scale=mode, target="cortex-m4", out_dir=out, force=True)
+            with tempfile.TemporaryDirectory() as scratch:
+                out = os.path.join(scratch, "c")
+                pfpc.compile(model, stds, batch=1, shared_scale=mode, target="cortex-m4", out_dir=out)
                 counts[mode] = compiler.run(out, [image], emulate=True).cycles[0]
         print(f"Cortex-M4 instructions (QEMU, batch 1): diagonal PFP {counts['off']:,}, shared scale {counts['auto']:,} "
               f"(+{counts['auto'] / counts['off'] - 1:.1%})")
