@@ -83,7 +83,7 @@ def _compile_parser():
     parser.add_argument("--shared-scale", choices=("auto", "on", "off"), default="auto",
                         help="one random scale shared by the units of a noise-dominated dense layer after a convolution, the "
                         "layers after it run in two scenarios (docs/covariance.md): auto (default: where the dense weights are "
-                        "mostly noise, within --covariance-budget), on (wherever the layout allows), off")
+                        "mostly noise, within --covariance-budget; not with --covariance none), on (wherever the layout allows), off")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory that pfpc wrote")
     parser.add_argument("--mode", choices=("pfp", "svi"), default="pfp",
                         help="pfp (default): one probabilistic forward pass; svi: the same API computed by sampling the weights")

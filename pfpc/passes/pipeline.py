@@ -37,7 +37,8 @@ def default_passes(covariance: str = "auto", covariance_budget: float = DEFAULT_
         ("substitute_layers", SubstituteLayers()),
         ("eliminate_zero_variance", EliminateZeroVariance()),
         ("carry_channel_covariance", CarryChannelCovariance(covariance, covariance_budget)),
-        ("share_dense_scale", ShareDenseScale(shared_scale, covariance_budget)),
+        # --covariance none asks for the diagonal PFP: auto's shared scale too (on still applies it)
+        ("share_dense_scale", ShareDenseScale("off" if (covariance, shared_scale) == ("none", "auto") else shared_scale, covariance_budget)),
         ("fuse_operators", FuseOperators()),
         ("choose_moment_representation", ChooseMomentRepresentation()),
         ("fold_weight_moments", FoldWeightMoments()),

@@ -49,8 +49,7 @@ from ..ir import GaussianValue, call_op_name, kernel_of, main_bindings, output_f
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, infer_output_repr
 from ..ops.registry import STAGES, Fusion
-from .carry_channel_covariance import (DEFAULT_BUDGET, _activation, _diagonal_instructions, _extra_instructions, _graph,
-                                       _per_element, _Rewriter)
+from .carry_channel_covariance import DEFAULT_BUDGET, _activation, _diagonal_instructions, _extra_instructions, _graph, _Rewriter
 from .kernel_rewriter import KernelRewriter
 
 SHARED_SCALE_MODES = ("auto", "on", "off")
@@ -62,11 +61,14 @@ NODES = 5  # Gauss-Hermite nodes over each channel's latent (3: kappa 0.28x too 
 # sum s2 / sum mu^2 = 8 only, from a few large means
 NOISE_DOMINATED = 10.0
 
-# Cortex-M4 instructions per element of the scale's own work (QEMU profile of the seed LeNet-5,
-# benchmarks/nongauss_lenet.py): a feature's ReLU moments at one node (a Gaussian evaluation),
-# a deterministic multiply-add of alpha's two passes over the dense weights
-_PER_NODE = 130.0
-_PER_DETERMINISTIC_MAC = 3.5
+# Cortex-M4 instructions of the scale's own kernels (QEMU profile of the seed LeNet-5, batch 1,
+# benchmarks/shared_scale_compiled.md): per feature and node of `feature_scale_sums` (155,240 for
+# 400 x 5), per deterministic multiply-add of alpha's two passes over the dense weights (120,360
+# per 48,000), per output and window element of the correlated max-pool and its maxima's loadings
+# (188,320 + 165,640 for 400 outputs of 2x2 windows)
+_PER_NODE = 78.0
+_PER_DETERMINISTIC_MAC = 2.5
+_PER_POOLED_TAP = 221.0
 
 
 @dataclass
@@ -194,7 +196,7 @@ def extra_fraction(mod, site: Site) -> float:
     pre = output_shape_of(calls[site.pool if site.pool is not None else site.relu][2])
     features = int(np.prod(pre))
     if site.pool is not None:
-        extra += features * (_per_element("maxpool2d_correlated") + _per_element("maxpool2d_loading"))
+        extra += features * int(np.prod(calls[site.pool][0].stages[0][1]["kernel"])) * _PER_POOLED_TAP
     weight = shape_of(list(calls[site.dense][2].value.args[1].fields)[2])
     extra += 2 * pre[0] * int(np.prod(weight)) * _PER_DETERMINISTIC_MAC
     extra += features * NODES * _PER_NODE
