@@ -151,8 +151,8 @@ def compile(  # noqa: A001 - the public name users expect
     outputs = check_outputs(outputs, mode)
     covariance_chosen = (covariance, covariance_budget, shared_scale) != ("auto", 0.5, "auto")
     if covariance_chosen and passes is not None:
-        raise PfpcError("covariance options choose the default pipeline's carry_channel_covariance pass; with passes= "
-                        "put CarryChannelCovariance(mode, budget) in the list instead")
+        raise PfpcError("covariance options choose the default pipeline's carry_channel_covariance and share_dense_scale passes; "
+                        "with passes= put CarryChannelCovariance(mode, budget) or ShareDenseScale(mode, budget) in the list instead")
     if covariance_chosen and mode != "pfp":
         raise PfpcError(f"covariance options are for mode pfp (mode {mode} runs the deterministic network on sampled weights)")
     custom_passes = passes is not None

@@ -215,7 +215,7 @@ def variants(model, variances, images):
     return result
 
 
-def scale_mixture(model, variances, images, conv, dense, pool=None, nodes=5, compiled=True):
+def scale_mixture(model, variances, images, conv, dense, pool=None, nodes=5, compiled=True, scenarios=None):
     """`lenet_scale_mixture` for any network of that layout, by tensor names: ``conv`` the output of
     the convolution whose per-channel loadings predict kappa, ``pool`` the max-pool after it
     ((kernel, strides, pads, dilations) or None: the ReLU reads the convolution), ``dense`` the
@@ -223,8 +223,8 @@ def scale_mixture(model, variances, images, conv, dense, pool=None, nodes=5, com
     ReLU of the pool (or conv), flattened into the Gemm; the layers after ``dense`` run per
     scenario by the diagonal reference (`reference_covariance.pfp_covariance` with the dense
     output replaced), the graph outputs mixed. ``compiled``: the loadings as the compiler makes
-    them (the shared weight noise in box form, spread by the output variance). Returns
-    ({output: (mean, var)}, kappa)."""
+    them (the shared weight noise in box form, spread by the output variance). ``scenarios``:
+    kappa -> [(p, lam)] (default `two_point_scale`). Returns ({output: (mean, var)}, kappa)."""
     import reference_covariance as RC
     from onnx import numpy_helper
 
@@ -246,7 +246,7 @@ def scale_mixture(model, variances, images, conv, dense, pool=None, nodes=5, com
     kappa = feature_scale_variance(*(np.asarray(t, np.float64) for t in pre), alpha, nodes)
     dense_mean, dense_var = env[dense]
     mixed = {}
-    for p, lam in two_point_scale(kappa):
+    for p, lam in (scenarios or two_point_scale)(kappa):
         scaled = dense_var * lam.reshape((n,) + (1,) * (dense_var.ndim - 1))
         outputs = RC.pfp_covariance(model, variances, feed, "none", replace={dense: (dense_mean, scaled)})
         for out in model.graph.output:

@@ -164,6 +164,8 @@ def _tail(func, order, calls, users, scaled):
             return None, f"the layer {var.name} after it is not row-wise (a dense layer, an element-wise op or an activation)"
         if any(source not in inside for source in sources):
             return None, f"the layer {var.name} after it reads a tensor from before it"
+        if op == "matmul" and (len(sources) != 1 or _is_weight(func, binding.value.args[1].fields[0])):
+            return None, f"the layer {var.name} after it is not activations times weights (it would mix the rows)"
         for arg in binding.value.args[1].fields:
             along_batch = len(shape_of(arg)) > 2 if op == "matmul" else (
                 len(shape_of(arg)) >= len(output_shape_of(binding)) and shape_of(arg)[0] != 1)
