@@ -4,7 +4,7 @@ median logit variance ratio (95 % bootstrap interval over the draws), the means'
 standard deviations, argmax accuracy, and Cortex-M4 instructions under QEMU.
 
     PYTHONPATH=.:tests:benchmarks nice -n 10 python benchmarks/shared_scale_compiled.py [--images 40] [--samples 5000]
-        [--kinds fashion mnist] [--accuracy 1000] [--qemu]
+        [--kinds fashion mnist] [--accuracy 1000] [--qemu] [--scale-rules]
 
 MC: `nongauss_lenet.monte_carlo` (whole weight draws in onnxruntime, the images batched per draw,
 draw seed 7 as that benchmark's). Latest output: benchmarks/shared_scale_compiled.md.
@@ -46,6 +46,8 @@ def main(argv=None):
     parser.add_argument("--kinds", nargs="*", default=["fashion", "mnist"])
     parser.add_argument("--accuracy", type=int, default=0)
     parser.add_argument("--qemu", action="store_true", help="Cortex-M4 instructions of both builds (batch 1)")
+    parser.add_argument("--scale-rules", action="store_true",
+                        help="also: the float64 prototype with other distributions of the scale (the means' shift)")
     args = parser.parse_args(argv)
     model, variances = B.seed_model("seed_lenet")
     stds = {k + ".std": np.sqrt(v).astype(np.float32) for k, v in variances.items()}
@@ -73,6 +75,8 @@ def main(argv=None):
             low, high = _interval(var, logits, args.resamples, rng)
             error = np.median(np.abs(mean - mc_mean) / np.sqrt(mc_var))
             print(f"{label:34s} {np.median(var / mc_var):8.3f}   {low:6.3f}-{high:6.3f}   {error:8.3f}")
+        if args.scale_rules:
+            scale_rules(model, variances, images, logits)
         if args.accuracy:
             import gzip
 
@@ -84,6 +88,32 @@ def main(argv=None):
             same = np.mean(means["off"].argmax(1) == means["auto"].argmax(1))
             print(f"argmax accuracy ({args.accuracy} images): diagonal {np.mean(means['off'].argmax(1) == labels):.3f}, "
                   f"shared scale {np.mean(means['auto'].argmax(1) == labels):.3f} (same class {same:.1%})")
+
+
+def lognormal_scale(points):
+    """kappa -> [(p, lam)]: `points` Gauss-Hermite points of a log-normal lam with E 1, Var kappa
+    (skewed: its third central moment is kappa^2 (3 + kappa); the two-point scale's is 0 while
+    kappa <= 1, kappa (kappa - 1) above)."""
+    def rule(kappa):
+        log_var = np.log1p(np.maximum(kappa, 0.0))
+        nodes, weights = np.polynomial.hermite_e.hermegauss(points)
+        weights = weights / weights.sum()
+        return [(np.full_like(kappa, w), np.exp(np.sqrt(log_var) * z - log_var / 2)) for z, w in zip(nodes, weights)]
+    return rule
+
+
+def scale_rules(model, variances, images, logits):
+    """The prototype (tests/reference_nongauss.scale_mixture, the compiler's loadings) with the
+    scale's distribution changed: does a skewed scale move the means closer to MC?"""
+    import reference_nongauss as NG
+
+    mc_mean, mc_var = logits.astype(np.float64).mean(0), logits.astype(np.float64).var(0, ddof=1)
+    print("float64 prototype, scale rule       median PFP/MC var   mean err (MC std)")
+    for label, rule in (("two-point (compiled)", None), ("log-normal, 3 points", lognormal_scale(3)), ("log-normal, 5 points", lognormal_scale(5))):
+        out, _ = NG.scale_mixture(model, variances, images.astype(np.float64), "/conv2/Conv_output_0", "/fc1/Gemm_output_0",
+                                  pool=((2, 2), (2, 2), (0, 0, 0, 0), (1, 1)), scenarios=rule)
+        mean, var = out[model.graph.output[0].name]
+        print(f"{label:34s} {np.median(var / mc_var):8.3f}   {np.median(np.abs(mean - mc_mean) / np.sqrt(mc_var)):8.3f}")
 
 
 def _interval(var, logits, resamples, rng):

@@ -74,6 +74,28 @@ def _run(model, stds, images, shared_scale, **options):
     return mean.astype(np.float64), var.astype(np.float64), compiled
 
 
+def test_the_operator_references_compose_to_the_prototype_kappa():
+    """tests/reference.py's per-operator references (scipy's truncated normal for the ReLU's raw
+    moments) composed as the pass composes the operators: feature_scale_sums at the nodes, the
+    mixture over the nodes, the sum over channels gives reference_nongauss.feature_scale_variance
+    (checked against Monte Carlo in tests/test_nongauss.py); the two-point scale is its."""
+    import reference as R
+
+    rng = np.random.default_rng(5)
+    shape = (2, 3, 2, 2)
+    mean, var = rng.normal(-0.5, 1.0, shape), rng.uniform(0.5, 2.0, shape)
+    loading, alpha = rng.uniform(0.3, 0.95, shape) * np.sqrt(var), rng.uniform(0.1, 1.0, shape)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(5)
+    sums = R.feature_scale_sums(mean, var, loading, alpha, nodes)
+    channel_mean, channel_var = R.mixture(*sums, (weights / weights.sum())[None, None], axis=2)
+    kappa = channel_var.sum(1)
+    np.testing.assert_allclose(kappa, NG.feature_scale_variance(mean, var, loading, alpha.reshape(2, -1), 5), rtol=1e-6)
+    p, lam = R.two_point_scale(np.array([0.2, 3.0]))
+    for k, (expected_p, expected_lam) in enumerate(NG.two_point_scale(np.array([0.2, 3.0]))):
+        np.testing.assert_allclose(p[k], expected_p)
+        np.testing.assert_allclose(lam[k], expected_lam)
+
+
 @pytest.mark.parametrize("pool", [True, False])
 def test_generated_c_matches_the_float64_prototype(pool):
     """conv -> ReLU -> [max-pool] -> dense -> ReLU -> dense, two rows: the C's output moments equal
