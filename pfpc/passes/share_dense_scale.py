@@ -32,7 +32,8 @@ reading nothing from before it. ``auto``: the weights noise-dominated (median st
 the estimated extra Cortex-M4 instructions (`extra_fraction`) within ``budget`` of the diagonal
 PFP's; ``on``: wherever the layout matches; ``off``: never. `ShareDenseScale.reasons` says why it
 did not apply (as onnxscript's rewriter does). Not combined with ``--covariance`` loadings: when
-`CarryChannelCovariance` placed any, the module is returned unchanged. Runs after it.
+`CarryChannelCovariance` placed any, the module is returned unchanged (and `pipeline.default_passes`
+turns ``auto`` off under ``--covariance none``, the diagonal PFP asked for). Runs after it.
 """
 
 from __future__ import annotations
