@@ -80,6 +80,10 @@ def _compile_parser():
     parser.add_argument("--covariance-budget", type=float, default=0.5,
                         help="extra Cortex-M4 instructions (estimated) --covariance auto may add, as a fraction of the "
                              "diagonal PFP's (default 0.5)")
+    parser.add_argument("--shared-scale", choices=("auto", "on", "off"), default="auto",
+                        help="one random scale shared by the units of a noise-dominated dense layer after a convolution, the "
+                        "layers after it run in two scenarios (docs/covariance.md): auto (default: where the dense weights are "
+                        "mostly noise, within --covariance-budget; not with --covariance none), on (wherever the layout allows), off")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory that pfpc wrote")
     parser.add_argument("--mode", choices=("pfp", "svi"), default="pfp",
                         help="pfp (default): one probabilistic forward pass; svi: the same API computed by sampling the weights")
@@ -355,7 +359,7 @@ def _compile(args) -> int:
         dump_ir=args.dump_ir, name=args.name, force=args.force, measure=True, ram_limit=ram_limit, flash_limit=flash_limit,
         mode=args.mode, samples=args.samples, seed=args.seed, outputs=[o for o in args.outputs.split(",") if o],
         probs_method=args.probs_method, logit_samples=args.logit_samples, moment_storage=args.moment_storage,
-        covariance=args.covariance, covariance_budget=args.covariance_budget,
+        covariance=args.covariance, covariance_budget=args.covariance_budget, shared_scale=args.shared_scale,
     )
     sampling = result.program.sampling
     detail = f" run once per sample, {sampling.samples} samples (SVI)" if sampling else ""

@@ -32,6 +32,7 @@ from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.substitute_layers import SubstituteLayers
 from .passes.apply_shared_draws import ApplySharedDraws
 from .passes.carry_channel_covariance import CarryChannelCovariance
+from .passes.share_dense_scale import ShareDenseScale
 from .passes.pipeline import check_order, default_passes, for_target, svi_passes
 from .progress import step
 from .runner import RunResult, build_for_target, build_host, read_metadata, run, run_host  # noqa: F401
@@ -106,6 +107,7 @@ def compile(  # noqa: A001 - the public name users expect
     moment_storage: str = "float32",
     covariance: str = "auto",
     covariance_budget: float = 0.5,
+    shared_scale: str = "auto",
 ) -> CompiledModel:
     """Compile ``model`` (path or ModelProto) with ``posterior`` (path, dict of arrays, or None
     for the deterministic network: every variance zero, said explicitly).
@@ -134,6 +136,10 @@ def compile(  # noqa: A001 - the public name users expect
     diagonal PFP's work): the per-channel shared-noise propagation of convolutional networks
     (`pfpc.passes.carry_channel_covariance`, docs/covariance.md); ``auto`` uses it only where a
     loading can reach a mean over positions, within the budget.
+    ``shared_scale`` (auto, on, off): one random scale shared by the units of a noise-dominated
+    dense layer after a convolution chain, the layers after it run in two scenarios
+    (`pfpc.passes.share_dense_scale`); ``auto`` uses it where the dense weights are mostly noise,
+    within ``covariance_budget``.
     """
     if moment_storage not in ("float32", "bfloat16"):
         raise PfpcError(f"moment storage '{moment_storage}': float32 or bfloat16")
@@ -143,16 +149,16 @@ def compile(  # noqa: A001 - the public name users expect
     check_c_name(name)
     samples, seed = check_sampling_options(mode, samples, seed)
     outputs = check_outputs(outputs, mode)
-    covariance_chosen = (covariance, covariance_budget) != ("auto", 0.5)
+    covariance_chosen = (covariance, covariance_budget, shared_scale) != ("auto", 0.5, "auto")
     if covariance_chosen and passes is not None:
-        raise PfpcError("covariance options choose the default pipeline's carry_channel_covariance pass; with passes= "
-                        "put CarryChannelCovariance(mode, budget) in the list instead")
+        raise PfpcError("covariance options choose the default pipeline's carry_channel_covariance and share_dense_scale passes; "
+                        "with passes= put CarryChannelCovariance(mode, budget) or ShareDenseScale(mode, budget) in the list instead")
     if covariance_chosen and mode != "pfp":
         raise PfpcError(f"covariance options are for mode pfp (mode {mode} runs the deterministic network on sampled weights)")
     custom_passes = passes is not None
 
     def pipeline(covariance, covariance_budget):
-        return list(passes if custom_passes else for_target(svi_passes() if mode == "svi" else default_passes(covariance, covariance_budget), target_info))
+        return list(passes if custom_passes else for_target(svi_passes() if mode == "svi" else default_passes(covariance, covariance_budget, shared_scale), target_info))
 
     substituted = any(isinstance(transform, SubstituteLayers) for _, transform in pipeline(covariance, covariance_budget))
     predictive = AppendPredictiveOutputs(outputs, probs_method, logit_samples)  # options checked before the model is read
@@ -179,8 +185,8 @@ def compile(  # noqa: A001 - the public name users expect
         passes = pipeline(covariance, covariance_budget)
         if mode == "pfp" and post.shared is not None and post.shared.semantics == "shared_draw":
             # the per-channel loadings assume independent weight draws: shared draws keep the diagonal PFP
-            passes = [(label, CarryChannelCovariance("none") if label == "carry_channel_covariance" else transform)
-                      for label, transform in passes]
+            off = {"carry_channel_covariance": CarryChannelCovariance("none"), "share_dense_scale": ShareDenseScale("off")}
+            passes = [(label, off.get(label, transform)) for label, transform in passes]
             passes.append(("apply_shared_draws", ApplySharedDraws(shared_posterior.draws(post.shared))))
         # the predictive outputs, and the value of every output that ends in a softmax
         if substituted and (outputs or any(final_softmax(model.graph, value.name) for value in model.graph.output)):

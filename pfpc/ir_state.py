@@ -15,7 +15,7 @@ rest weights):
 | ``pfp.output_softmax`` | [{"output": index, "function": name, "axis": int}] of dropped softmaxes | `SubstituteLayers` |
 | ``pfp.extra_outputs`` | the predictive outputs appended after the Gaussian ones | `AppendPredictiveOutputs` |
 | ``pfp.predictive`` | (probability method, logit draws) of those outputs and of the softmax outputs; once set, ``main`` also returns the value of every ``pfp.output_softmax`` output after the extra outputs | `AppendPredictiveOutputs` |
-| ``pfp.covariance`` | {"option", "mode", "budget", "convolutions"}: the per-channel loadings made (absent: none) | `CarryChannelCovariance` |
+| ``pfp.covariance`` | {"option", "mode", "budget", "convolutions"}: the per-channel loadings made (absent: none); mode "shared_scale" also "dense", "nodes", "noise_ratio", "estimated_extra" | `CarryChannelCovariance`, `ShareDenseScale` |
 
 On a Gaussian kernel (a PrimFunc): ``pfp.kernel``, its `KernelSpec` (stored as JSON text, the
 form TVM prints and serialises; `kernel_spec` parses it); ``pfp.placeholder`` on a kernel the

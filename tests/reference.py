@@ -1123,6 +1123,68 @@ def projection_gain(pooled, root_sum, diagonal_sum):
     span = s1 * s1 - s2
     return np.sqrt(np.where(span > 0, np.clip((t - s2) / np.where(span > 0, span, 1.0), 0.0, 1.0), 0.0))
 
+
+# --- the shared dense-layer scale (`--shared-scale`, pfpc/ops/shared_scale.py) ---------------------
+def feature_scale_sums(mean, var, loading, alpha, nodes):
+    """[N, C, Q] pairs (sum_{i in c} alpha_i E[relu(y_i)^2 | z_q], sum_{i in c} alpha_i^2
+    Var(relu(y_i)^2 | z_q)) of y_i = m_i + a_i z + e_i, e_i ~ N(0, max(v_i - a_i^2, 0)); the
+    raw moments E[relu(y)^k] of a Gaussian by scipy's truncated normal."""
+    m, v, a, w = (_f64(t) for t in (mean, var, loading, alpha))
+    n, c = m.shape[:2]
+    m, v, a, w = (t.reshape(n, c, -1) for t in (m, v, a, w))
+    sums, spreads = [], []
+    for node in np.asarray(nodes, np.float64).reshape(-1):
+        mu, s = m + a * node, np.sqrt(np.maximum(v - a * a, 0.0))
+        second, fourth = (_relu_raw_moment(mu, s, k) for k in (2, 4))
+        sums.append((w * second).sum(-1))
+        spreads.append((w * w * (fourth - second * second)).sum(-1))
+    return np.stack(sums, -1), np.stack(spreads, -1)
+
+
+def _relu_raw_moment(mu, s, k):
+    """E[max(y, 0)^k], y ~ N(mu, s^2): P(y > 0) E[y^k | y > 0] (scipy's truncnorm moment)."""
+    out = np.where(mu > 0, mu**k, 0.0)
+    positive = s > 0
+    z = np.where(positive, -mu / np.where(positive, s, 1.0), 0.0)
+    moments = np.zeros_like(mu)
+    for index in zip(*np.nonzero(positive)):
+        above = ndtr(-z[index])
+        if above > 0:
+            moments[index] = above * truncnorm.moment(k, z[index], np.inf, loc=mu[index], scale=s[index])
+    return np.where(positive, moments, out)
+
+
+def mixture(mean, var, probability, axis):
+    """Components along ``axis`` mixed with probabilities p (broadcast): mean sum p m,
+    var sum p (v + m^2) - mean^2."""
+    m, v = _f64(mean), _f64(var)
+    p = np.broadcast_to(_f64(probability), m.shape)
+    mixed = (p * m).sum(axis)
+    return mixed, np.maximum((p * (v + m * m)).sum(axis) - mixed**2, 0.0)
+
+
+def two_point_scale(kappa):
+    """(p [2, N], lam [2, N]): the two-point scale with E lam = 1, Var lam = kappa (p = 1/2,
+    lam = 1 -+ sqrt(kappa) while kappa <= 1, else lam1 = 0, p1 = kappa / (1 + kappa))."""
+    r = np.maximum(_f64(kappa), 0.0)
+    p1 = np.where(r <= 1, 0.5, r / (1 + r))
+    lam1 = np.maximum(1 - np.sqrt(r * (1 - p1) / p1), 0.0)
+    lam2 = 1 + np.sqrt(r * p1 / (1 - p1))
+    return np.stack([p1, 1 - p1]), np.stack([lam1, lam2])
+
+
+def scale_scenarios(mean, var, scale):
+    """[K, N, ...]: the mean repeated, the variance times lam[k, n]."""
+    m, v, lam = _f64(mean), _f64(var), _f64(scale)
+    extra = (slice(None), slice(None)) + (None,) * (m.ndim - 1)
+    return np.broadcast_to(m, lam.shape[:1] + m.shape).copy(), v[None] * lam[extra]
+
+
+def inverse_noise(noise, bias):
+    """1 / (c + s2_b), 0 where that is 0."""
+    total = _f64(noise) + _f64(bias)
+    return np.where(total > 0, 1.0 / np.where(total > 0, total, 1.0), 0.0)
+
 def _recurrent_steps(x_mean, x_var, layout, direction):
     """The time-major input and, per direction, its step order (ONNX LSTM/GRU)."""
     if layout == 1:

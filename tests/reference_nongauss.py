@@ -213,3 +213,45 @@ def variants(model, variances, images):
     for nodes in (5, 7):
         result[f"shared fc1 scale, {nodes} nodes, column alpha"] = lenet_scale_mixture(model, variances, images, nodes, base_env=env, alpha="column")[:2]
     return result
+
+
+def scale_mixture(model, variances, images, conv, dense, pool=None, nodes=5, compiled=True, scenarios=None):
+    """`lenet_scale_mixture` for any network of that layout, by tensor names: ``conv`` the output of
+    the convolution whose per-channel loadings predict kappa, ``pool`` the max-pool after it
+    ((kernel, strides, pads, dilations) or None: the ReLU reads the convolution), ``dense`` the
+    output of the noise-dominated dense layer (a Gemm, bias included). The features are the
+    ReLU of the pool (or conv), flattened into the Gemm; the layers after ``dense`` run per
+    scenario by the diagonal reference (`reference_covariance.pfp_covariance` with the dense
+    output replaced), the graph outputs mixed. ``compiled``: the loadings as the compiler makes
+    them (the shared weight noise in box form, spread by the output variance). ``scenarios``:
+    kappa -> [(p, lam)] (default `two_point_scale`). Returns ({output: (mean, var)}, kappa)."""
+    import reference_covariance as RC
+    from onnx import numpy_helper
+
+    feed = {model.graph.input[0].name: images}
+    env = RC.pfp_covariance(model, variances, feed, "none")
+    loadings = {}
+    channel = RC.pfp_covariance(model, variances, feed, "channel", loadings=loadings, loaded={conv}, box_noise=compiled,
+                                spread_variance=compiled)
+    pre = channel[conv] + (loadings[conv],) if pool is None else RC.maxpool_channel(*channel[conv], loadings[conv], *pool)
+    node = next(n for n in model.graph.node if n.output[0] == dense)
+    attrs = {a.name: a.i for a in node.attribute if a.type == a.INT}
+    s2 = np.asarray(variances[node.input[1]], np.float64)
+    s2 = s2 if attrs.get("transB", 0) else s2.T  # [out, in]
+    s2_bias = np.asarray(variances.get(node.input[2], np.zeros(s2.shape[0])), np.float64) if len(node.input) > 2 else 0.0
+    n = len(images)
+    x_mean, x_var = (t.reshape(n, -1) for t in env[node.input[0]])
+    noise = (x_mean**2 + x_var) @ s2.T + s2_bias
+    alpha = np.where(noise > 0, 1.0 / np.where(noise > 0, noise, 1.0), 0.0) @ s2 / s2.shape[0]
+    kappa = feature_scale_variance(*(np.asarray(t, np.float64) for t in pre), alpha, nodes)
+    dense_mean, dense_var = env[dense]
+    mixed = {}
+    for p, lam in (scenarios or two_point_scale)(kappa):
+        scaled = dense_var * lam.reshape((n,) + (1,) * (dense_var.ndim - 1))
+        outputs = RC.pfp_covariance(model, variances, feed, "none", replace={dense: (dense_mean, scaled)})
+        for out in model.graph.output:
+            mean, var = outputs[out.name]
+            weight = p.reshape((n,) + (1,) * (mean.ndim - 1))
+            first, second = mixed.get(out.name, (0.0, 0.0))
+            mixed[out.name] = (first + weight * mean, second + weight * (var + mean * mean))
+    return {name: (first, np.maximum(second - first**2, 0.0)) for name, (first, second) in mixed.items()}, kappa

@@ -23,6 +23,7 @@ import tvm
 from ..errors import PfpcError
 from . import channel_covariance as C
 from . import elementwise as E
+from . import shared_scale as S
 from .constants import scalar_value
 from . import gaussian as G
 from .gaussian import Moment
@@ -456,6 +457,16 @@ OPERATORS = (
              build=lambda inputs, attrs: C.root(inputs[0])),
     Operator("projection_gain", arity=3, native=Moment.NONE, libm_calls={"sqrt": 1}, reference="projection_gain",
              build=lambda inputs, attrs: C.projection_gain(*inputs)),
+    # the shared dense-layer scale (`--shared-scale`): formulas in `pfpc.ops.shared_scale`, emitted
+    # by `passes.share_dense_scale` only; Cortex-M4 costs per output element from the seed LeNet-5's QEMU profile
+    Operator("feature_scale_sums", arity=4, reference="feature_scale_sums",
+             build=lambda inputs, attrs: S.feature_scale_sums(*inputs)),
+    Operator("mixture", arity=2, reference="mixture", build=lambda inputs, attrs: S.mixture(*inputs, attrs["axis"])),
+    Operator("two_point_scale", native=Moment.NONE, libm_calls={"sqrt": 1}, reference="two_point_scale",
+             build=lambda inputs, attrs: S.two_point_scale(inputs[0], attrs["part"])),
+    Operator("scale_scenarios", arity=2, reference="scale_scenarios", build=lambda inputs, attrs: S.scale_scenarios(*inputs)),
+    Operator("inverse_noise", elementwise=True, arity=2, native=Moment.NONE, reference="inverse_noise",
+             build=lambda inputs, attrs: S.inverse_noise(*inputs)),
     # formulas in `pfpc.ops.elementwise` (ops real embedded networks use); each a kernel of its own
     Operator("reduce_sum", onnx=("ReduceSum",), relax=("relax.sum",), relax_attrs=_reduce_attrs, reference="reduce_sum",
              build=lambda inputs, attrs: E.reduce_sum(inputs[0], attrs["axes"], attrs["keepdims"])),

@@ -20,13 +20,14 @@ from .detach_weight_std import DetachWeightStd
 from .eliminate_zero_variance import EliminateZeroVariance
 from .fold_weight_moments import FoldWeightMoments
 from .fuse_operators import FuseOperators
+from .share_dense_scale import ShareDenseScale
 from .substitute_layers import SubstituteLayers
 
 
-def default_passes(covariance: str = "auto", covariance_budget: float = DEFAULT_BUDGET):
+def default_passes(covariance: str = "auto", covariance_budget: float = DEFAULT_BUDGET, shared_scale: str = "auto"):
     """Passes run by `pfpc.compile` unless ``passes=`` says otherwise, in order (`for_target`
     adapts them to the target). ``covariance``, ``covariance_budget``: `CarryChannelCovariance`'s
-    mode and work budget."""
+    mode and work budget; ``shared_scale``: `ShareDenseScale`'s mode (the same budget)."""
     return [
         ("lower_1d_to_2d", Lower1dTo2d()),
         ("fold_weight_layout", FoldWeightLayout()),
@@ -36,6 +37,8 @@ def default_passes(covariance: str = "auto", covariance_budget: float = DEFAULT_
         ("substitute_layers", SubstituteLayers()),
         ("eliminate_zero_variance", EliminateZeroVariance()),
         ("carry_channel_covariance", CarryChannelCovariance(covariance, covariance_budget)),
+        # --covariance none asks for the diagonal PFP: auto's shared scale too (on still applies it)
+        ("share_dense_scale", ShareDenseScale("off" if (covariance, shared_scale) == ("none", "auto") else shared_scale, covariance_budget)),
         ("fuse_operators", FuseOperators()),
         ("choose_moment_representation", ChooseMomentRepresentation()),
         ("fold_weight_moments", FoldWeightMoments()),
@@ -62,6 +65,8 @@ def for_target(passes, target):
             return PadConvInputs(border_taps=9)
         if isinstance(transform, CarryChannelCovariance):
             return CarryChannelCovariance(transform.mode, transform.budget, separable_sums=True)
+        if isinstance(transform, ShareDenseScale):
+            return ShareDenseScale(transform.mode, transform.budget, separable_sums=True)
         return transform
     return [(name, adapted(transform)) for name, transform in passes]
 
