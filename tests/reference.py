@@ -1154,23 +1154,25 @@ def _relu_raw_moment(mu, s, k):
     return np.where(positive, moments, out)
 
 
-def mixture(mean, var, probability, axis):
+def mixture(mean, var, probability, axis, mean_of_first=False):
     """Components along ``axis`` mixed with probabilities p (broadcast): mean sum p m,
-    var sum p (v + m^2) - mean^2."""
+    var sum p (v + m^2) - mean^2; ``mean_of_first``: the mean is component 0's instead."""
     m, v = _f64(mean), _f64(var)
     p = np.broadcast_to(_f64(probability), m.shape)
     mixed = (p * m).sum(axis)
-    return mixed, np.maximum((p * (v + m * m)).sum(axis) - mixed**2, 0.0)
+    variance = np.maximum((p * (v + m * m)).sum(axis) - mixed**2, 0.0)
+    return (np.take(m, 0, axis) if mean_of_first else mixed), variance
 
 
 def two_point_scale(kappa):
-    """(p [2, N], lam [2, N]): the two-point scale with E lam = 1, Var lam = kappa (p = 1/2,
-    lam = 1 -+ sqrt(kappa) while kappa <= 1, else lam1 = 0, p1 = kappa / (1 + kappa))."""
+    """(p [3, N], lam [3, N]): row 0 the diagonal scenario (p = 0, lam = 1), rows 1, 2 the
+    two-point scale with E lam = 1, Var lam = kappa (p = 1/2, lam = 1 -+ sqrt(kappa) while
+    kappa <= 1, else lam1 = 0, p1 = kappa / (1 + kappa))."""
     r = np.maximum(_f64(kappa), 0.0)
     p1 = np.where(r <= 1, 0.5, r / (1 + r))
     lam1 = np.maximum(1 - np.sqrt(r * (1 - p1) / p1), 0.0)
     lam2 = 1 + np.sqrt(r * p1 / (1 - p1))
-    return np.stack([p1, 1 - p1]), np.stack([lam1, lam2])
+    return np.stack([np.zeros_like(r), p1, 1 - p1]), np.stack([np.ones_like(r), lam1, lam2])
 
 
 def scale_scenarios(mean, var, scale):

@@ -215,7 +215,7 @@ def variants(model, variances, images):
     return result
 
 
-def scale_mixture(model, variances, images, conv, dense, pool=None, nodes=5, compiled=True, scenarios=None):
+def scale_mixture(model, variances, images, conv, dense, pool=None, nodes=5, compiled=True, scenarios=None, means="diagonal"):
     """`lenet_scale_mixture` for any network of that layout, by tensor names: ``conv`` the output of
     the convolution whose per-channel loadings predict kappa, ``pool`` the max-pool after it
     ((kernel, strides, pads, dilations) or None: the ReLU reads the convolution), ``dense`` the
@@ -224,7 +224,9 @@ def scale_mixture(model, variances, images, conv, dense, pool=None, nodes=5, com
     scenario by the diagonal reference (`reference_covariance.pfp_covariance` with the dense
     output replaced), the graph outputs mixed. ``compiled``: the loadings as the compiler makes
     them (the shared weight noise in box form, spread by the output variance). ``scenarios``:
-    kappa -> [(p, lam)] (default `two_point_scale`). Returns ({output: (mean, var)}, kappa)."""
+    kappa -> [(p, lam)] (default `two_point_scale`). ``means``: "diagonal" (the outputs' means are
+    the diagonal PFP's, as the compiler keeps them) or "mixture" (sum p m). The variance is the
+    mixture's either way. Returns ({output: (mean, var)}, kappa)."""
     import reference_covariance as RC
     from onnx import numpy_helper
 
@@ -254,4 +256,7 @@ def scale_mixture(model, variances, images, conv, dense, pool=None, nodes=5, com
             weight = p.reshape((n,) + (1,) * (mean.ndim - 1))
             first, second = mixed.get(out.name, (0.0, 0.0))
             mixed[out.name] = (first + weight * mean, second + weight * (var + mean * mean))
-    return {name: (first, np.maximum(second - first**2, 0.0)) for name, (first, second) in mixed.items()}, kappa
+    if means not in ("diagonal", "mixture"):
+        raise ValueError(f"means={means!r}")
+    return {name: (env[name][0] if means == "diagonal" else first, np.maximum(second - first**2, 0.0))
+            for name, (first, second) in mixed.items()}, kappa

@@ -461,7 +461,8 @@ OPERATORS = (
     # by `passes.share_dense_scale` only; Cortex-M4 costs per output element from the seed LeNet-5's QEMU profile
     Operator("feature_scale_sums", arity=4, reference="feature_scale_sums",
              build=lambda inputs, attrs: S.feature_scale_sums(*inputs)),
-    Operator("mixture", arity=2, reference="mixture", build=lambda inputs, attrs: S.mixture(*inputs, attrs["axis"])),
+    Operator("mixture", arity=2, reference="mixture",
+             build=lambda inputs, attrs: S.mixture(*inputs, attrs["axis"], attrs.get("mean_of_first", False))),
     Operator("two_point_scale", native=Moment.NONE, libm_calls={"sqrt": 1}, reference="two_point_scale",
              build=lambda inputs, attrs: S.two_point_scale(inputs[0], attrs["part"])),
     Operator("scale_scenarios", arity=2, reference="scale_scenarios", build=lambda inputs, attrs: S.scale_scenarios(*inputs)),

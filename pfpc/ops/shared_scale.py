@@ -14,8 +14,9 @@ predicts kappa = Var(lam) per input row from the last convolution's per-channel 
 
 G_i(z), F_i(z) the second and fourth raw moments of relu(y_i) given z, the expectation over z by
 Gauss-Hermite nodes (`feature_scale_sums`, `mixture`, then a sum over channels), and runs the
-layers after the dense one in two scenarios of lam (`two_point_scale`, `scale_scenarios`), mixed
-at the outputs (`mixture`). Each operator here is one TE compute with at most one reduction.
+layers after the dense one in two scenarios of lam (`two_point_scale`, `scale_scenarios`) beside
+the diagonal PFP's own (lam = 1), mixed at the outputs with the diagonal scenario's means
+(`mixture`). Each operator here is one TE compute with at most one reduction.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from tvm import te, tirx
 
 from .gaussian import Gaussian, _broadcast_index, _pair_sum
 from .moments import f32, pdf_exponent, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
+
+SCENARIOS = 3  # the diagonal PFP (lam = 1, p = 0) and the two points of the scale
 
 
 def feature_scale_sums(x: Gaussian, loading: Gaussian, alpha: Gaussian, nodes: Gaussian) -> Gaussian:
@@ -62,7 +65,7 @@ def feature_scale_sums(x: Gaussian, loading: Gaussian, alpha: Gaussian, nodes: G
     return Gaussian(mean, var, "var")
 
 
-def mixture(x: Gaussian, probability: Gaussian, axis: int) -> Gaussian:
+def mixture(x: Gaussian, probability: Gaussian, axis: int, mean_of_first: bool = False) -> Gaussian:
     """The moment-matched mixture of the components x[..., k, ...] along ``axis`` with
     probabilities p (deterministic, broadcast to x's shape, summing to 1 along ``axis``):
 
@@ -70,7 +73,9 @@ def mixture(x: Gaussian, probability: Gaussian, axis: int) -> Gaussian:
 
     (the raw second moment taken about the first component's mean m_0: the same value as
     sum_k p_k (v_k + m_k^2) - mean^2, without its cancellation when the components are close).
-    Output: x's shape without ``axis``."""
+    ``mean_of_first``: the output mean is m_0 instead (the shared scale's outputs: component 0 is
+    the diagonal PFP's scenario, p_0 = 0, whose means were measured closer to Monte Carlo's than
+    the two-point mixture's); the variance stays the mixture's. Output: x's shape without ``axis``."""
     shape = list(x.shape)
     out_shape = shape[:axis] + shape[axis + 1:]
     k = te.reduce_axis((0, shape[axis]), name="k")
@@ -85,19 +90,24 @@ def mixture(x: Gaussian, probability: Gaussian, axis: int) -> Gaussian:
         return _pair_sum()((p * offset, p * (x.var_at(source) + offset * offset)), axis=[k])
 
     shift, second = te.compute(out_shape, body, name="mixture_sums")
-    mean = te.compute(out_shape, lambda *idx: x.mean[full(idx, 0)] + shift[idx], name="mixture_mean")
+    if mean_of_first:
+        mean = te.compute(out_shape, lambda *idx: x.mean[full(idx, 0)], name="mixture_mean")
+    else:
+        mean = te.compute(out_shape, lambda *idx: x.mean[full(idx, 0)] + shift[idx], name="mixture_mean")
     var = te.compute(out_shape, lambda *idx: tirx.max(second[idx] - shift[idx] * shift[idx], f32(0.0)), name="mixture")
     return Gaussian(mean, var, "var")
 
 
 def two_point_scale(kappa: Gaussian, part: str) -> Gaussian:
-    """Two scenarios (p_k, lam_k) of a scale with E[lam] = 1 and Var[lam] = r, r = max(kappa's
-    variance, 0) (kappa: a Gaussian [N] whose variance is Var(lam) per row):
+    """Three scenarios (p_k, lam_k) per row: k = 0 the diagonal PFP's (lam = 1, p = 0: its means
+    are the outputs', `mixture`'s ``mean_of_first``), k = 1, 2 the two points of a scale with
+    E[lam] = 1 and Var[lam] = r, r = max(kappa's variance, 0) (kappa: a Gaussian [N] whose
+    variance is Var(lam) per row):
 
         r <= 1: p = (1/2, 1/2),           lam = (1 - sqrt(r), 1 + sqrt(r))
         r > 1:  p = (r, 1) / (1 + r),     lam = (0, 1 + r)
 
-    ``part`` "probability": p, "scale": lam; deterministic output [2, N]."""
+    ``part`` "probability": p, "scale": lam; deterministic output [3, N]."""
     (rows,) = kappa.shape
 
     def body(k, n):
@@ -105,11 +115,12 @@ def two_point_scale(kappa: Gaussian, part: str) -> Gaussian:
         small = r <= f32(1.0)
         if part == "probability":
             first = tirx.Select(small, f32(0.5), r / (f32(1.0) + r))
-            return tirx.Select(k == 0, first, f32(1.0) - first)
+            return tirx.Select(k == 0, f32(0.0), tirx.Select(k == 1, first, f32(1.0) - first))
         root = tirx.sqrt(r)
-        return tirx.Select(k == 0, tirx.max(f32(1.0) - root, f32(0.0)), f32(1.0) + tirx.Select(small, root, r))
+        point = tirx.Select(k == 1, tirx.max(f32(1.0) - root, f32(0.0)), f32(1.0) + tirx.Select(small, root, r))
+        return tirx.Select(k == 0, f32(1.0), point)
 
-    return Gaussian(te.compute([2, rows], body, name=f"two_point_{part}"), None, "none")
+    return Gaussian(te.compute([SCENARIOS, rows], body, name=f"two_point_{part}"), None, "none")
 
 
 def scale_scenarios(x: Gaussian, scale: Gaussian) -> Gaussian:
