@@ -535,13 +535,14 @@ def _gated_difference(mean, bind, prefix, argument=None, argument_step=None):
     names the Lets of the C. No libm call per node: with E = e^-|w(M)| (once per element) and
     P = e^-|d| (`_exp_or_zero`), the end's tail e^-|w(v)| is E P where w moves away from 0, and
     min(E / P, P / E) towards it (E / P short of 0, P / E across it): products of values kept to
-    float32's relative precision, free of the rounding of w(M) + d. Towards 0 with |w(M)| or |d|
-    beyond 80 (E or P no normal float) the tail is e^-|w(v)| itself. expm1(-|d|) is P - 1, its
-    series below 0.1. The sign of h is the node's, so each node's branch is chosen here. For SiLU
+    float32's relative precision, free of the rounding of w(M) + d. Where |w(M)| or |d| passes 80
+    (E or P no normal float) the tail is e^-|w(v)| itself. expm1(-|d|) is P - 1, its series below
+    0.1. The sign of h is the node's, so each node's branch is chosen here. For SiLU
     (d = h) P depends on |h| alone: the nodes +-t share it."""
     start_arg = mean if argument is None else bind(f"{prefix}_arg", argument(mean))
     start_size = bind(f"{prefix}_size", _abs(start_arg))
-    start_tail = bind(f"{prefix}_tail", _exp_or_zero(start_size))
+    # libm's expf beyond 87, where e^-|w(M)| is subnormal (in the products' stead: `_TAIL_PRODUCT_LIMIT`)
+    start_tail = bind(f"{prefix}_tail", tirx.Select(start_size < f32(_EXP_ZERO_FROM), _exp_or_zero(start_size), _sigmoid_tail(start_arg)))
     start_up, start_down = _sigmoid_pair(start_arg, start_tail)
     start_up, start_down = bind(f"{prefix}_up", start_up), bind(f"{prefix}_down", start_down)
     shared = {}  # |t| -> the step's (|d|, P, expm1(-|d|), max(|w(M)|, |d|)) for SiLU; t -> those for a cubic w
@@ -564,8 +565,8 @@ def _gated_difference(mean, bind, prefix, argument=None, argument_step=None):
             size, power, shrink, far = step_terms(arg_step, node)
             end_arg = start_arg + arg_step
         away = start_arg >= f32(0.0) if rising else start_arg < f32(0.0)
-        towards = tirx.Select(far > f32(_TAIL_PRODUCT_LIMIT), _sigmoid_tail(end_arg),
-                              _with(f"{prefix}_ratio", start_tail / power, lambda ratio: tirx.min(ratio, f32(1.0) / ratio)))
+        towards = _with(f"{prefix}_ratio", start_tail / power, lambda ratio: tirx.min(ratio, f32(1.0) / ratio))
+        products = tirx.Select(away, start_tail * power, towards)
 
         def with_tail(end_tail):
             def with_share(share):
@@ -574,7 +575,7 @@ def _gated_difference(mean, bind, prefix, argument=None, argument_step=None):
 
             return _with(f"{prefix}_end_share", f32(1.0) / (f32(1.0) + end_tail), with_share)
 
-        return _with(f"{prefix}_end_tail", tirx.Select(away, start_tail * power, towards), with_tail)
+        return _with(f"{prefix}_end_tail", tirx.Select(far > f32(_TAIL_PRODUCT_LIMIT), _sigmoid_tail(end_arg), products), with_tail)
 
     return step_difference
 
@@ -595,31 +596,46 @@ def gelu_tanh_difference(mean, bind):
                              lambda start, end, step: scale * step * (f32(1.0) + cubic * (end * end + end * start + start * start)))
 
 
-#: 3-point Gauss-Legendre on [0, 1] (`gelu_difference`): exact for polynomials of degree 5
-_GAUSS_LEGENDRE_3 = [(0.5 - math.sqrt(0.15), 5.0 / 18.0), (0.5, 8.0 / 18.0), (0.5 + math.sqrt(0.15), 5.0 / 18.0)]
+#: terms of the Taylor series of Phi(M + h) - Phi(M) in h (`gelu_difference`): relative error
+#: about 1.2e-7 in float32 where |h| (|M| + |h|) <= 1
+_GELU_TAYLOR_TERMS = 14
+#: |M| beyond which phi(M) = 0 in float32 (`_exp_or_zero`): the series' coefficients are formed at
+#: a mean clamped to it, so that they stay finite
+_GELU_TAYLOR_CLAMP = 14.0
 
 
 def gelu_difference(mean, bind):
     """For `gelu` x Phi(x), with v = M + h:
 
     v Phi(v) - M Phi(M) = h Phi(v) + M (Phi(v) - Phi(M)),
-    Phi(v) - Phi(M) = h int_0^1 phi(M + t h) dt   (3-point Gauss-Legendre where |h| (|M| + |h|) <= 1,
-                                                   relative error below 1e-6 there)
 
-    and the difference of the two Phi values beyond. Two float32 values of Phi near 1 (M = 5)
-    kept nothing of a step of 1e-4."""
+    where |h| (|M| + |h|) <= 1 with D = Phi(v) - Phi(M) from its Taylor series in h,
+
+    D = sum_{n=1}^{14} b_n h^n,   b_n = phi(M) (-1)^(n-1) He_(n-1)(M) / n!
+
+    (phi's derivatives are (-1)^n He_n phi, He the probabilists' Hermite polynomials:
+    He_(n+1) = M He_n - n He_(n-1)), the coefficients once per element, so that such a node pays
+    a polynomial, no libm call, and Phi(v) = Phi(M) + D; beyond, `normal_cdf` of v and the
+    difference of the two Phi values. Two float32 values of Phi near 1 (M = 5) kept nothing of a
+    step of 1e-4."""
     start_cdf = bind("gelu_cdf", normal_cdf(mean))
+    at = bind("gelu_series_at", tirx.min(tirx.max(mean, f32(-_GELU_TAYLOR_CLAMP)), f32(_GELU_TAYLOR_CLAMP)))
+    density = bind("gelu_density", _exp_or_zero(f32(0.5) * at * at) * f32(1.0 / math.sqrt(2.0 * math.pi)))
+    coefficients, previous, hermite = [], f32(0.0), f32(1.0)  # He_-1 (unused), He_0
+    for n in range(1, _GELU_TAYLOR_TERMS + 1):
+        coefficients.append(bind(f"gelu_series{n}", density * f32((-1.0) ** (n - 1) / math.factorial(n)) * hermite))
+        if n < _GELU_TAYLOR_TERMS:
+            previous, hermite = hermite, bind(f"gelu_hermite{n}", at * hermite - f32(float(n - 1)) * previous)
 
     def step_difference(step, node):
-        def with_end_cdf(end_cdf):
-            density = f32(0.0)
-            for node, weight in _GAUSS_LEGENDRE_3:
-                at = mean + f32(node) * step
-                density = density + f32(weight / math.sqrt(2.0 * math.pi)) * tirx.exp(f32(-0.5) * at * at)
-            narrow = _abs(step) * (_abs(mean) + _abs(step)) <= f32(1.0)
-            return step * end_cdf + mean * tirx.Select(narrow, step * density, end_cdf - start_cdf)
-
-        return _with("gelu_end_cdf", normal_cdf(mean + step), with_end_cdf)
+        series = coefficients[-1]
+        for coefficient in reversed(coefficients[:-1]):
+            series = coefficient + step * series
+        size = step if node > 0 else f32(0.0) - step
+        narrow = size * (_abs(mean) + size) <= f32(1.0)
+        return _with("gelu_step_cdf", step * series, lambda change: _with(
+            "gelu_end_cdf", tirx.Select(narrow, start_cdf + change, normal_cdf(mean + step)),
+            lambda end_cdf: step * end_cdf + mean * tirx.Select(narrow, change, end_cdf - start_cdf)))
 
     return step_difference
 
