@@ -15,7 +15,7 @@ import numpy as np
 from tvm import te, tirx
 
 from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _pair_sum, _reduce_products
-from .moments import (_GAUSS_LEGENDRE_01, _let, clark_max_moments, clip_moments, exp_nonpositive, f32, normal_tail_partial_moments, pdf_exponent, product_moments, safe_ratio,
+from .moments import (_GAUSS_LEGENDRE_01, _let, clark_max_moments, clip_moments, exp_nonpositive, f32, kept, normal_tail_partial_moments, pdf_exponent, product_moments, safe_ratio,
                       safe_sqrt, std_normal_cdf,
                       std_normal_pdf)
 
@@ -621,8 +621,8 @@ def gelu_difference(mean, bind):
     start_cdf = bind("gelu_cdf", normal_cdf(mean))
     at = bind("gelu_series_at", tirx.min(tirx.max(mean, f32(-_GELU_TAYLOR_CLAMP)), f32(_GELU_TAYLOR_CLAMP)))
     density = bind("gelu_density", _exp_or_zero(f32(0.5) * at * at) * f32(1.0 / math.sqrt(2.0 * math.pi)))
-    coefficients, previous, hermite = [], f32(0.0), f32(1.0)  # He_-1 (unused), He_0
-    for n in range(1, _GELU_TAYLOR_TERMS + 1):
+    coefficients, previous, hermite = [density], f32(1.0), at  # b_1; He_0, He_1
+    for n in range(2, _GELU_TAYLOR_TERMS + 1):
         coefficients.append(bind(f"gelu_series{n}", density * f32((-1.0) ** (n - 1) / math.factorial(n)) * hermite))
         if n < _GELU_TAYLOR_TERMS:
             previous, hermite = hermite, bind(f"gelu_hermite{n}", at * hermite - f32(float(n - 1)) * previous)
@@ -657,7 +657,7 @@ def gauss_hermite_moments(function, mean, var, difference=None):
 
     def bind(name, value):
         var = tirx.Var(name, "float32")
-        bound.append((var, value))
+        bound.append((var, kept(value)))
         return var
 
     mean = bind("gh_mean", mean)

@@ -44,6 +44,20 @@ def std_normal_cdf(z, pdf=None):
                 _let(lower, pdf * poly * t, result))
 
 
+#: The name of an opaque identity (`kept`); `codegen.kernels` takes it out of the printed C.
+KEPT = "pfpc_kept"
+
+
+def kept(value):
+    """``value`` behind an opaque call, for a Let's value: TVM's analyzer (every lowering pass that
+    tracks Let bindings) binds a pure Let value and substitutes it into the next one's, so a chain
+    of Lets that each read earlier ones grew into an expression tree exponential in its depth, and
+    a Softplus or GELU kernel took seconds in each of six lowering passes. An opaque value is not
+    bound. The call is printed ``pfpc_kept(...)`` and removed from the C (`codegen.kernels`), so
+    the C is what it would be without it."""
+    return tirx.call_extern("float32", KEPT, value)
+
+
 def _let(var, value, body):
     """``body`` with ``var`` bound to ``value``: TVM's C backend prints a local (``float phi_t = ...;``)
     where it would repeat ``value`` at every use, on lines of thousands of characters. The same
