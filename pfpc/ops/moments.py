@@ -441,6 +441,16 @@ def _saturating_variance(slope, var):
     return slope * spread / (root * (f32(1.0) + root))
 
 
+def logistic_slope(tail, share=None, scale=None):
+    """The logistic function's slope sigmoid'(u) = sigmoid(u) sigmoid(-u) = q / (1 + q)^2 from
+    ``tail`` q = e^-|u| (times ``scale``, if given), as ``scale q share^2`` with ``share`` =
+    1 / (1 + q) (computed here when not given): 1 - sigmoid(u) in float32 kept nothing of the
+    slope in a tail. Tanh's is 4 q / (1 + q)^2 with q = e^-2|u| (scale 4). The moments of
+    Sigmoid and Tanh and their covariance loadings (`channel_covariance`) all use it."""
+    share = f32(1.0) / (f32(1.0) + tail) if share is None else share
+    return (tail if scale is None else f32(scale) * tail) * share * share
+
+
 def sigmoid_moments(mean, var):
     """Approximate moments of y = sigmoid(x), x ~ N(M, V) (probit approximation,
     sigmoid(x) ~= Phi(x sqrt(pi/8)), whose Gaussian expectation is exact):
@@ -459,7 +469,7 @@ def sigmoid_moments(mean, var):
     first = tirx.Select(scaled >= f32(0.0), share, tail * share)
     bind = lambda value: _let(scaled, mean / tirx.sqrt(f32(1.0) + f32(math.pi / 8.0) * var),
                               _let(tail, tirx.exp(f32(0.0) - tirx.max(scaled, f32(0.0) - scaled)), value))
-    return bind(first), bind(_saturating_variance(tail * share * share, var))
+    return bind(first), bind(_saturating_variance(logistic_slope(tail, share), var))
 
 
 def tanh_moments(mean, var):
@@ -477,8 +487,7 @@ def tanh_moments(mean, var):
     # 1 - E^2 = 4 q / (1 + q)^2 with q = e^-2|u|: 1 - E^2 in float32 cancelled where E ~ +-1
     # (N(-60, 55): 1 % of the variance, the long run's seed 600028)
     tail = tirx.exp(f32(-2.0) * tirx.max(scaled, f32(0.0) - scaled))
-    share = f32(1.0) / (f32(1.0) + tail)
-    return tirx.tanh(scaled), _saturating_variance(f32(4.0) * tail * share * share, var)
+    return tirx.tanh(scaled), _saturating_variance(logistic_slope(tail, scale=4.0), var)
 
 
 def clark_max_terms(mean1, var1, mean2, var2):
