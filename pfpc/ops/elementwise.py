@@ -496,16 +496,41 @@ def softplus_difference(mean, bind):
 
     and the difference of the two values beyond (g > 1: no small difference, and no overflow).
     Near +-80 the two values (M itself, or e^-80) kept 10 % of a concentrated input's variance
-    (the long run's seed 600002)."""
+    (the long run's seed 600002). No libm exp per node: |g| = |h| is the node's, so with
+    P = e^-|h| (`_exp_or_zero`, shared by the nodes +-t) expm1(-|h|) = P - 1 (its series below
+    0.1) and expm1(|h|) = -expm1(-|h|) / P (used for |h| <= 1); beyond, e^-|a + g| =
+    min(E / P, P / E) with E = e^a (e^-|a + g| itself where |a| or |h| passes 80)."""
     positive = bind("softplus_positive", tirx.Select(mean >= f32(0.0), f32(1.0), f32(0.0)))
     start = bind("softplus_start", f32(0.0) - _abs(mean))
-    start_up = bind("softplus_start_up", tirx.exp(start) / (f32(1.0) + tirx.exp(start)))
+    start_tail = bind("softplus_start_tail", tirx.exp(start))
+    start_up = bind("softplus_start_up", start_tail / (f32(1.0) + start_tail))
     start_value = bind("softplus_start_value", softplus(start))
+    shared = {}  # |t| -> (|h|, expm1(-|h|), expm1(|h|) (finite), e^-|a + |h||)
+
+    def step_terms(step, key):
+        if key not in shared:
+            index = len(shared)
+            size = bind(f"softplus_step_size{index}", _abs(step))
+            power = bind(f"softplus_shrink{index}", _exp_or_zero(size))
+            shrink = bind(f"softplus_expm1_{index}", tirx.Select(size < f32(0.1), _expm1_series(f32(0.0) - size), power - f32(1.0)))
+            # used for |h| <= 1 only: P clamped so that it stays finite beyond
+            grow = bind(f"softplus_grow{index}", tirx.Select(size < f32(0.1), _expm1_series(size), (f32(0.0) - shrink) / tirx.max(power, f32(0.25))))
+            ratio = bind(f"softplus_ratio{index}", start_tail / power)
+            plain = tirx.max(f32(0.0) - start, size) > f32(_TAIL_PRODUCT_LIMIT)
+            far_tail = bind(f"softplus_far_tail{index}", tirx.Select(plain, tirx.exp(f32(0.0) - _abs(start + size)), tirx.min(ratio, f32(1.0) / ratio)))
+            shared[key] = size, shrink, grow, far_tail
+        return shared[key]
 
     def step_difference(step, node):
+        size, shrink, grow, far_tail = step_terms(step, abs(node))
+        # g = -h for M >= 0, h else, and h has the node's sign: expm1(g) without a select
+        up, down = (shrink, grow) if node > 0 else (grow, shrink)
+        expm1 = positive * up + (f32(1.0) - positive) * down
+
         def tail(shift):
-            near = _log1p(start_up * _expm1_any(tirx.min(shift, f32(1.0))))
-            return tirx.Select(shift <= f32(1.0), near, softplus(start + shift) - start_value)
+            near = _log1p(start_up * expm1)
+            far = tirx.max(start + size, f32(0.0)) + _log1p(far_tail) - start_value  # g = |h| > 1
+            return tirx.Select(shift <= f32(1.0), near, far)
 
         return positive * step + _with("softplus_shift", step - f32(2.0) * positive * step, tail)
 
