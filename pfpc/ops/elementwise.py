@@ -487,6 +487,27 @@ def elu_difference(alpha, gamma=1.0):
     return difference
 
 
+#: e^-x is a normal float32 for x below 87.3: `_exp_or_zero` computes e^-x up to 87, 0 beyond
+_EXP_ZERO_FROM = 87.0
+#: |w| up to which `_gated_difference` forms e^-|w(v)| from the start's and the step's factors
+_TAIL_PRODUCT_LIMIT = 80.0
+
+
+def _exp_or_zero(size):
+    """e^-x for x >= 0 by `moments.exp_nonpositive` (arithmetic, no libm call), exactly 0 from
+    x = 87 on (where e^-x leaves float32's normal range)."""
+    inside = tirx.Cast("float32", size < f32(_EXP_ZERO_FROM))
+    return exp_nonpositive(tirx.max(f32(0.0) - size, f32(-_EXP_ZERO_FROM))) * inside
+
+
+def _step_exponential(bind, prefix, index, step):
+    """(|d|, P = e^-|d|, expm1(-|d|)) of a node's step d, bound (`gauss_hermite_moments`' ``bind``):
+    P by `_exp_or_zero`, expm1(-|d|) as P - 1, by its series below 0.1 (P - 1 lost eps / |d| there)."""
+    size = bind(f"{prefix}_step_size{index}", _abs(step))
+    power = bind(f"{prefix}_shrink{index}", _exp_or_zero(size))
+    return size, power, bind(f"{prefix}_expm1_{index}", tirx.Select(size < f32(0.1), _expm1_series(f32(0.0) - size), power - f32(1.0)))
+
+
 def softplus_difference(mean, bind):
     """For `softplus`: with a = -|M| <= 0 and g = h (M < 0) or -h (M >= 0), softplus(x) =
     x + softplus(-x) gives
@@ -510,9 +531,7 @@ def softplus_difference(mean, bind):
     def step_terms(step, key):
         if key not in shared:
             index = len(shared)
-            size = bind(f"softplus_step_size{index}", _abs(step))
-            power = bind(f"softplus_shrink{index}", _exp_or_zero(size))
-            shrink = bind(f"softplus_expm1_{index}", tirx.Select(size < f32(0.1), _expm1_series(f32(0.0) - size), power - f32(1.0)))
+            size, power, shrink = _step_exponential(bind, "softplus", index, step)
             # used for |h| <= 1 only: P clamped so that it stays finite beyond
             grow = bind(f"softplus_grow{index}", tirx.Select(size < f32(0.1), _expm1_series(size), (f32(0.0) - shrink) / tirx.max(power, f32(0.25))))
             ratio = bind(f"softplus_ratio{index}", start_tail / power)
@@ -535,19 +554,6 @@ def softplus_difference(mean, bind):
         return positive * step + _with("softplus_shift", step - f32(2.0) * positive * step, tail)
 
     return step_difference
-
-
-#: e^-x is a normal float32 for x below 87.3: `_exp_or_zero` computes e^-x up to 87, 0 beyond
-_EXP_ZERO_FROM = 87.0
-#: |w| up to which `_gated_difference` forms e^-|w(v)| from the start's and the step's factors
-_TAIL_PRODUCT_LIMIT = 80.0
-
-
-def _exp_or_zero(size):
-    """e^-x for x >= 0 by `moments.exp_nonpositive` (arithmetic, no libm call), exactly 0 from
-    x = 87 on (where e^-x leaves float32's normal range)."""
-    inside = tirx.Cast("float32", size < f32(_EXP_ZERO_FROM))
-    return exp_nonpositive(tirx.max(f32(0.0) - size, f32(-_EXP_ZERO_FROM))) * inside
 
 
 def _gated_difference(mean, bind, prefix, argument=None, argument_step=None):
@@ -575,9 +581,7 @@ def _gated_difference(mean, bind, prefix, argument=None, argument_step=None):
     def step_terms(arg_step, key):
         if key not in shared:
             index = len(shared)
-            size = bind(f"{prefix}_step_size{index}", _abs(arg_step))
-            power = bind(f"{prefix}_shrink{index}", _exp_or_zero(size))
-            expm1 = bind(f"{prefix}_expm1_{index}", tirx.Select(size < f32(0.1), _expm1_series(f32(0.0) - size), power - f32(1.0)))
+            size, power, expm1 = _step_exponential(bind, prefix, index, arg_step)
             shared[key] = size, power, expm1, bind(f"{prefix}_far{index}", tirx.max(size, start_size))
         return shared[key]
 
