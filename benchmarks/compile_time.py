@@ -11,6 +11,10 @@ default options: what `pfpc bench` compiles first).
     python3 benchmarks/compile_time.py                      # 250 500 1000 2000 4000 10000 nodes
     python3 benchmarks/compile_time.py --nodes 500 1000 --profile 1000
     python3 benchmarks/compile_time.py --nodes --resnet8
+    python3 benchmarks/compile_time.py --nodes --activations Softplus SiLU Gelu GeluTanh Elu
+
+``--activations`` times the compile of one Gaussian bias -> activation layer (64 elements) each:
+the smooth activations' Gauss-Hermite kernels (session 11).
 
 The latest results are in benchmarks/compile_time.md.
 """
@@ -74,6 +78,20 @@ def chain(nodes: int, seed: int = 0):
     return model, posterior
 
 
+def activation_layer(name: str):
+    """Add of a Gaussian bias (std 0.1) -> the activation ``name`` on 64 elements, and its posterior."""
+    nodes = {"Relu": [helper.make_node("Relu", ["h"], ["y"])], "Softplus": [helper.make_node("Softplus", ["h"], ["y"])], "Elu": [helper.make_node("Elu", ["h"], ["y"])],
+             "SiLU": [helper.make_node("Sigmoid", ["h"], ["s"]), helper.make_node("Mul", ["h", "s"], ["y"])],
+             "Gelu": [helper.make_node("Gelu", ["h"], ["y"])], "GeluTanh": [helper.make_node("Gelu", ["h"], ["y"], approximate="tanh")],
+             "Sigmoid": [helper.make_node("Sigmoid", ["h"], ["y"])], "Tanh": [helper.make_node("Tanh", ["h"], ["y"])]}[name]
+    bias = np.zeros((1, 64), np.float32)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "b"], ["h"])] + nodes, name,
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    return model, {"b.mean": bias, "b.std": np.full(bias.shape, 0.1, np.float32)}
+
+
 def timed_compile(model, posterior, **options):
     """(CPU seconds, wall seconds, {step: CPU seconds}, [kernels, of which TVM compiled]) of one compile."""
     steps, counts = {}, [0, 0]
@@ -120,6 +138,7 @@ def main(argv=None):
     parser.add_argument("--resnet8", action="store_true", help="time the compile of ResNet-8 (tests/architectures.py)")
     parser.add_argument("--profile", type=int, help="run cProfile on the compile of this many nodes")
     parser.add_argument("--plan", type=int, nargs="+", help="time only the memory plan of this many tensors")
+    parser.add_argument("--activations", nargs="*", default=[], help="time one bias -> activation layer each (Softplus, SiLU, Gelu, ...)")
     args = parser.parse_args(argv)
     if args.plan:
         print("| arena tensors | memory plan (s) |\n|---:|---:|")
@@ -150,6 +169,9 @@ def main(argv=None):
 
             model = architectures.build_onnx("resnet8")
             yield "ResNet-8", model, architectures.posterior(model), {"batch": 1}
+        for name in args.activations:
+            model, posterior = activation_layer(name)
+            yield f"{name} layer", model, posterior, {"batch": 1}
 
     for count, model, posterior, options in rows():
         total, wall, steps, (kernel_count, compiled) = timed_compile(model, posterior, **options)

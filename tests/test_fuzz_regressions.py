@@ -677,6 +677,28 @@ def test_smooth_activation_in_its_far_tails(tmp_path, op):
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-37)
 
 
+@pytest.mark.parametrize("op", sorted(_SMOOTH_TAILS))
+def test_smooth_activation_branches_over_means_and_spreads(tmp_path, op):
+    """The branches of the session-11 forms (no libm call per node): SiLU's and GELU-tanh's end
+    tail as E P away from 0, E / P short of it, P / E across it, e^-|w(v)| where |w(M)| or the
+    step passes 80 (std 30 and 100: outer steps up to 660); GELU's Taylor series where
+    |h| (|M| + |h|) <= 1 and normal_cdf beyond; Softplus unchanged. Means -12 to 12 and beyond 80,
+    stds 1e-3 to 100: every element to 1e-4 of its variance and 1e-5 of its mean (or 1e-6 of its
+    spread, where the mean crosses 0) against the float64 reference."""
+    nodes, opset, _ = _SMOOTH_TAILS[op]
+    means = [-85.0, -40.0, -12.0, -7.0, -4.5, -2.6, -2.4, -1.3, -0.5, 0.0, 0.4, 1.1, 2.5, 4.0, 6.5, 12.0, 40.0, 85.0]
+    elements = [(m, s) for m in means for s in (1e-3, 0.05, 0.3, 1.0, 3.0, 30.0, 100.0)]
+    shape = [1, len(elements)]
+    x = np.array([[m for m, _ in elements]], np.float32)
+    std = np.array([[s for _, s in elements]], np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"])] + nodes, [("x", shape)], ["y"], {"b": np.zeros(shape, np.float32)}, opset=opset)
+    (mean, var, ref_mean, ref_var), = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+    mean, var, ref_mean, ref_var = (a.ravel() for a in (mean, var, ref_mean, ref_var))
+    np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-32)
+    spread = std.ravel().astype(np.float64)
+    assert np.all(np.abs(mean - ref_mean) <= 1e-5 * np.abs(ref_mean) + 1e-6 * spread + 1e-37), op
+
+
 def _probit_in_30_digits(op, mean, var):
     """The probit approximation's moments (pfpc's Sigmoid and Tanh) to 30 digits (at 200: the
     slopes down to e^-300 are differences from 1): Sigmoid

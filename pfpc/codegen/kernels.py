@@ -21,6 +21,7 @@ from ..errors import PfpcError
 from .. import ir_state
 from ..ops.gaussian import Moment
 from ..ops.kernel import KERNEL_ATTR, build_placeholder, is_placeholder, schedule_kernel
+from ..ops.moments import KEPT
 
 #: A parameter's data pointer. TVM suffixes a repeated name (``relu_mean_handle_1``: a weight named
 #: ``relu`` beside the kernel's output ``relu``), so the handle may end in ``_<n>``.
@@ -46,6 +47,17 @@ def _float_from_bits(call):
 
 
 tirx.register_intrin_lowering("tirx.reinterpret", target="c", f=_float_from_bits, level=99)
+
+
+def _kept_value(call):
+    """`ops.moments.kept` in an LLVM build (`bench.tvm_vm_timer`): its argument; the C backend's
+    prints are taken out of the text instead (`without_kept`)."""
+    if isinstance(call.args[0], tvm.ir.StringImm) and call.args[0].value == KEPT:
+        return call.args[1]
+    return call
+
+
+tirx.register_intrin_lowering("tirx.call_extern", target="llvm", f=_kept_value, level=99)
 
 
 @dataclass
@@ -241,6 +253,23 @@ def _groups(text: str) -> list[str]:
     return parts
 
 
+def without_kept(text: str) -> str:
+    """``text`` with every ``pfpc_kept(x)`` (`ops.moments.kept`: an opaque identity that keeps TVM's
+    analyzer from substituting a Let's value) replaced by its argument ``x``."""
+    marker = f"{KEPT}("
+    out, start = [], 0
+    while (found := text.find(marker, start)) >= 0:
+        out.append(text[start:found])
+        depth, index = 1, found + len(marker)
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[index], 0)
+            index += 1
+        out.append(without_kept(text[found + len(marker):index - 1]))
+        start = index
+    out.append(text[start:])
+    return "".join(out)
+
+
 def fused_accumulation(line: str) -> str:
     """``acc + (a +- b)`` printed as ``(acc + a) +- b``: the hidden layers' variance update
     ``acc + (v q + v m m)`` (`moments.product_moments`) then contracts into two fused multiply-adds,
@@ -364,7 +393,7 @@ def _extract(source: str, name: str) -> CKernel:
         body.append(fused_accumulation(line))
     while body and body[-1].strip() in ("return 0;", ""):
         body.pop()
-    text = mark_local_arrays_used(inline_loaded_locals(static_scratch("\n".join(body) + "\n").rstrip("\n")))
+    text = mark_local_arrays_used(inline_loaded_locals(static_scratch(without_kept("\n".join(body)) + "\n").rstrip("\n")))
     if any(token in text for token in _FORBIDDEN):
         raise PfpcError(f"internal: kernel {name} uses the TVM runtime; cannot emit standalone C")
     written = [(p, re.search(rf"\b{re.escape(p)}\[[^\]]*\]\s*=[^=]", text) is not None) for p in params]

@@ -17,7 +17,7 @@ from tvm import te, tirx
 
 from .elementwise import _NODES, _WEIGHTS
 from .gaussian import ROW_STAGE, Gaussian, _broadcast_index, _reduce_products, _second_at, conv2d_window
-from .moments import f32, pdf_exponent, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
+from .moments import _let, f32, logistic_slope, pdf_exponent, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
 
 
 def _det(shape, body, name) -> Gaussian:
@@ -174,8 +174,8 @@ def sigmoid_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
     def slope(mean, var, std):
         spread = tirx.sqrt(f32(1.0) + f32(math.pi / 8.0) * var)
         scaled = mean / spread
-        tail = tirx.exp(f32(0.0) - tirx.max(scaled, f32(0.0) - scaled))
-        return tail / ((f32(1.0) + tail) * (f32(1.0) + tail) * spread)
+        tail = tirx.Var("sigmoid_tail", "float32")  # bound once: a local of the C
+        return _let(tail, tirx.exp(f32(0.0) - tirx.max(scaled, f32(0.0) - scaled)), logistic_slope(tail) / spread)
 
     return _slope_loading(x, loading, slope, "sigmoid_loading")
 
@@ -188,8 +188,8 @@ def tanh_loading(x: Gaussian, loading: Gaussian) -> Gaussian:
     def slope(mean, var, std):
         spread = tirx.sqrt(f32(1.0) + f32(math.pi / 2.0) * var)
         scaled = mean / spread
-        tail = tirx.exp(f32(-2.0) * tirx.max(scaled, f32(0.0) - scaled))
-        return f32(4.0) * tail / ((f32(1.0) + tail) * (f32(1.0) + tail) * spread)
+        tail = tirx.Var("tanh_tail", "float32")
+        return _let(tail, tirx.exp(f32(-2.0) * tirx.max(scaled, f32(0.0) - scaled)), logistic_slope(tail, scale=4.0) / spread)
 
     return _slope_loading(x, loading, slope, "tanh_loading")
 

@@ -15,7 +15,7 @@ import numpy as np
 from tvm import te, tirx
 
 from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _pair_sum, _reduce_products
-from .moments import (_GAUSS_LEGENDRE_01, _let, clark_max_moments, clip_moments, f32, normal_tail_partial_moments, pdf_exponent, product_moments, safe_ratio,
+from .moments import (_GAUSS_LEGENDRE_01, _let, clark_max_moments, clip_moments, exp_nonpositive, f32, kept, normal_tail_partial_moments, pdf_exponent, product_moments, safe_ratio,
                       safe_sqrt, std_normal_cdf,
                       std_normal_pdf)
 
@@ -427,10 +427,11 @@ def _log1p(value):
         "log1p_u", f32(1.0) + value, lambda rounded: tirx.Select(rounded == f32(1.0), value, tirx.log(rounded) * value / (rounded - f32(1.0)))))
 
 
-def _sigmoid_pair(x, tail):
+def _sigmoid_pair(x, tail, share=None):
     """(sigmoid(x), sigmoid(-x)) from ``tail`` = e^-|x| (`_sigmoid_tail`, bound by the caller),
-    each to float32's relative precision for any x (1 - sigmoid(x) lost the smaller one in a tail)."""
-    share = f32(1.0) / (f32(1.0) + tail)
+    each to float32's relative precision for any x (1 - sigmoid(x) lost the smaller one in a tail).
+    ``share``: 1 / (1 + tail), where the caller bound it."""
+    share = f32(1.0) / (f32(1.0) + tail) if share is None else share
     return tirx.Select(x >= f32(0.0), share, tail * share), tirx.Select(x >= f32(0.0), tail * share, share)
 
 
@@ -438,9 +439,10 @@ def _sigmoid_tail(x):
     return tirx.exp(f32(0.0) - _abs(x))
 
 
-def _sigmoid_step(start_up, start_down, end_up, end_down, step):
+def _sigmoid_step(start_up, start_down, end_up, end_down, rising, shrink):
     """sigmoid(v) - sigmoid(u) for v = u + d from the step d itself, given sigmoid(+-u) and
-    sigmoid(+-v) (`_sigmoid_pair`):
+    sigmoid(+-v) (`_sigmoid_pair`), whether d >= 0 (``rising``: the node's sign, a Python bool)
+    and ``shrink`` = expm1(-|d|):
 
     sigmoid(v) - sigmoid(u) = sigmoid(u) sigmoid(-v) expm1(d)      (d < 0)
                             = -sigmoid(v) sigmoid(-u) expm1(-d)    (d >= 0)
@@ -448,15 +450,15 @@ def _sigmoid_step(start_up, start_down, end_up, end_down, step):
     expm1 of -|d| only (no overflow), and products of factors each kept to float32's relative
     precision, where the difference of two float32 sigmoids lost the step in a tail (e^-80 (e^d - 1)
     is no difference of two values) and near u to the rounding of u + d."""
-    return _with("sigmoid_shrink", _expm1_any(f32(0.0) - _abs(step)),
-                 lambda shrink: tirx.Select(step < f32(0.0), start_up * end_down * shrink, f32(0.0) - end_up * start_down * shrink))
+    return f32(0.0) - end_up * start_down * shrink if rising else start_up * end_down * shrink
 
 
 # The differences f(M + h) - f(M) of the smooth activations, computed from the step h itself
 # (`gauss_hermite_moments`): the difference of the two float32 values lost the step wherever f(M)
 # is large against f'(M) h (a concentrated input, and M + h itself rounded) or a far tail (e^-80
-# (e^h - 1)). Each is ``difference(M, bind) -> (h -> f(M + h) - f(M))``: ``bind(name, value)``
-# binds a value of M once per element, shared by the sixteen nodes.
+# (e^h - 1)). Each is ``difference(M, bind) -> (h, t -> f(M + h) - f(M))``, h = sqrt(2V) t at
+# the node t: ``bind(name, value)`` binds a value once per element, shared by the sixteen nodes
+# (a value of M, or one the nodes +-t share).
 
 
 def elu_difference(alpha, gamma=1.0):
@@ -469,7 +471,7 @@ def elu_difference(alpha, gamma=1.0):
         positive, negative = bind("elu_pos", tirx.max(mean, f32(0.0))), bind("elu_neg", tirx.min(mean, f32(0.0)))
         scale = bind("elu_scale", tirx.exp(negative))
 
-        def step_difference(step):
+        def step_difference(step, node):
             linear = tirx.max(step + negative, f32(0.0) - positive)
 
             def exponential(shift):  # e^m expm1(t), t <= -m; beyond t = 1 as e^(m + t) - e^m (e^t overflowed, times e^m = 0: NaN)
@@ -485,6 +487,27 @@ def elu_difference(alpha, gamma=1.0):
     return difference
 
 
+#: e^-x is a normal float32 for x below 87.3: `_exp_or_zero` computes e^-x up to 87, 0 beyond
+_EXP_ZERO_FROM = 87.0
+#: |w| up to which `_gated_difference` forms e^-|w(v)| from the start's and the step's factors
+_TAIL_PRODUCT_LIMIT = 80.0
+
+
+def _exp_or_zero(size):
+    """e^-x for x >= 0 by `moments.exp_nonpositive` (arithmetic, no libm call), exactly 0 from
+    x = 87 on (where e^-x leaves float32's normal range)."""
+    inside = tirx.Cast("float32", size < f32(_EXP_ZERO_FROM))
+    return exp_nonpositive(tirx.max(f32(0.0) - size, f32(-_EXP_ZERO_FROM))) * inside
+
+
+def _step_exponential(bind, prefix, index, step):
+    """(|d|, P = e^-|d|, expm1(-|d|)) of a node's step d, bound (`gauss_hermite_moments`' ``bind``):
+    P by `_exp_or_zero`, expm1(-|d|) as P - 1, by its series below 0.1 (P - 1 lost eps / |d| there)."""
+    size = bind(f"{prefix}_step_size{index}", _abs(step))
+    power = bind(f"{prefix}_shrink{index}", _exp_or_zero(size))
+    return size, power, bind(f"{prefix}_expm1_{index}", tirx.Select(size < f32(0.1), _expm1_series(f32(0.0) - size), power - f32(1.0)))
+
+
 def softplus_difference(mean, bind):
     """For `softplus`: with a = -|M| <= 0 and g = h (M < 0) or -h (M >= 0), softplus(x) =
     x + softplus(-x) gives
@@ -494,16 +517,39 @@ def softplus_difference(mean, bind):
 
     and the difference of the two values beyond (g > 1: no small difference, and no overflow).
     Near +-80 the two values (M itself, or e^-80) kept 10 % of a concentrated input's variance
-    (the long run's seed 600002)."""
+    (the long run's seed 600002). No libm exp per node: |g| = |h| is the node's, so with
+    P = e^-|h| (`_exp_or_zero`, shared by the nodes +-t) expm1(-|h|) = P - 1 (its series below
+    0.1) and expm1(|h|) = -expm1(-|h|) / P (used for |h| <= 1); beyond, e^-|a + g| =
+    min(E / P, P / E) with E = e^a (e^-|a + g| itself where |a| or |h| passes 80)."""
     positive = bind("softplus_positive", tirx.Select(mean >= f32(0.0), f32(1.0), f32(0.0)))
     start = bind("softplus_start", f32(0.0) - _abs(mean))
-    start_up = bind("softplus_start_up", tirx.exp(start) / (f32(1.0) + tirx.exp(start)))
+    start_tail = bind("softplus_start_tail", tirx.exp(start))
+    start_up = bind("softplus_start_up", start_tail / (f32(1.0) + start_tail))
     start_value = bind("softplus_start_value", softplus(start))
+    shared = {}  # |t| -> (|h|, expm1(-|h|), expm1(|h|) (finite), e^-|a + |h||)
 
-    def step_difference(step):
+    def step_terms(step, key):
+        if key not in shared:
+            index = len(shared)
+            size, power, shrink = _step_exponential(bind, "softplus", index, step)
+            # used for |h| <= 1 only: P clamped so that it stays finite beyond
+            grow = bind(f"softplus_grow{index}", tirx.Select(size < f32(0.1), _expm1_series(size), (f32(0.0) - shrink) / tirx.max(power, f32(0.25))))
+            ratio = bind(f"softplus_ratio{index}", start_tail / power)
+            plain = tirx.max(f32(0.0) - start, size) > f32(_TAIL_PRODUCT_LIMIT)
+            far_tail = bind(f"softplus_far_tail{index}", tirx.Select(plain, tirx.exp(f32(0.0) - _abs(start + size)), tirx.min(ratio, f32(1.0) / ratio)))
+            shared[key] = size, shrink, grow, far_tail
+        return shared[key]
+
+    def step_difference(step, node):
+        size, shrink, grow, far_tail = step_terms(step, abs(node))
+        # g = -h for M >= 0, h else, and h has the node's sign: expm1(g) without a select
+        up, down = (shrink, grow) if node > 0 else (grow, shrink)
+        expm1 = positive * up + (f32(1.0) - positive) * down
+
         def tail(shift):
-            near = _log1p(start_up * _expm1_any(tirx.min(shift, f32(1.0))))
-            return tirx.Select(shift <= f32(1.0), near, softplus(start + shift) - start_value)
+            near = _log1p(start_up * expm1)
+            far = tirx.max(start + size, f32(0.0)) + _log1p(far_tail) - start_value  # g = |h| > 1
+            return tirx.Select(shift <= f32(1.0), near, far)
 
         return positive * step + _with("softplus_shift", step - f32(2.0) * positive * step, tail)
 
@@ -511,33 +557,54 @@ def softplus_difference(mean, bind):
 
 
 def _gated_difference(mean, bind, prefix, argument=None, argument_step=None):
-    """f(M + h) - f(M) for f(x) = x sigmoid(w(x)), with v = M + h:
+    """f(M + h) - f(M) for f(x) = x sigmoid(w(x)), with v = M + h and the argument's step
+    d = w(v) - w(M) (of the sign of h: w increasing):
 
     h sigmoid(w(v)) + M (sigmoid(w(v)) - sigmoid(w(M)))   (`_sigmoid_step`)
 
-    ``argument`` w (None: w(x) = x) and ``argument_step(M, v, h)`` = w(v) - w(M) from h itself;
-    ``prefix`` names the Lets of the C."""
+    ``argument`` w (None: w(x) = x) and ``argument_step(M, v, h)`` = d from h itself; ``prefix``
+    names the Lets of the C. No libm call per node: with E = e^-|w(M)| (once per element) and
+    P = e^-|d| (`_exp_or_zero`), the end's tail e^-|w(v)| is E P where w moves away from 0, and
+    min(E / P, P / E) towards it (E / P short of 0, P / E across it): products of values kept to
+    float32's relative precision, free of the rounding of w(M) + d. Where |w(M)| or |d| passes 80
+    (E or P no normal float) the tail is e^-|w(v)| itself. expm1(-|d|) is P - 1, its series below
+    0.1. The sign of h is the node's, so each node's branch is chosen here. For SiLU
+    (d = h) P depends on |h| alone: the nodes +-t share it."""
     start_arg = mean if argument is None else bind(f"{prefix}_arg", argument(mean))
-    start_up, start_down = _sigmoid_pair(start_arg, bind(f"{prefix}_tail", _sigmoid_tail(start_arg)))
+    start_size = bind(f"{prefix}_size", _abs(start_arg))
+    # libm's expf beyond 87, where e^-|w(M)| is subnormal (in the products' stead: `_TAIL_PRODUCT_LIMIT`)
+    start_tail = bind(f"{prefix}_tail", tirx.Select(start_size < f32(_EXP_ZERO_FROM), _exp_or_zero(start_size), _sigmoid_tail(start_arg)))
+    start_up, start_down = _sigmoid_pair(start_arg, start_tail)
     start_up, start_down = bind(f"{prefix}_up", start_up), bind(f"{prefix}_down", start_down)
+    shared = {}  # |t| -> the step's (|d|, P, expm1(-|d|), max(|w(M)|, |d|)) for SiLU; t -> those for a cubic w
 
-    def step_difference(step):
-        def with_arg(end_arg, arg_step):
-            def with_tail(end_tail):
-                end_up, end_down = _sigmoid_pair(end_arg, end_tail)
-                return _with(f"{prefix}_end_up", end_up, lambda end_up: _with(
-                    f"{prefix}_end_down", end_down,
-                    lambda end_down: step * end_up + mean * _sigmoid_step(start_up, start_down, end_up, end_down, arg_step)))
+    def step_terms(arg_step, key):
+        if key not in shared:
+            index = len(shared)
+            size, power, expm1 = _step_exponential(bind, prefix, index, arg_step)
+            shared[key] = size, power, expm1, bind(f"{prefix}_far{index}", tirx.max(size, start_size))
+        return shared[key]
 
-            return _with(f"{prefix}_end_tail", _sigmoid_tail(end_arg), with_tail)
+    def step_difference(step, node):
+        rising = node > 0  # h >= 0 (the spread is never negative)
+        if argument is None:
+            end_arg, (size, power, shrink, far) = bind(f"{prefix}_end{len(shared)}", mean + step), step_terms(step, abs(node))
+        else:
+            arg_step = bind(f"{prefix}_arg_step{len(shared)}", argument_step(mean, mean + step, step))
+            size, power, shrink, far = step_terms(arg_step, node)
+            end_arg = start_arg + arg_step
+        away = start_arg >= f32(0.0) if rising else start_arg < f32(0.0)
+        towards = _with(f"{prefix}_ratio", start_tail / power, lambda ratio: tirx.min(ratio, f32(1.0) / ratio))
+        products = tirx.Select(away, start_tail * power, towards)
 
-        def with_end(end):
-            if argument is None:
-                return with_arg(end, step)
-            return _with(f"{prefix}_arg_step", argument_step(mean, end, step), lambda arg_step: _with(
-                f"{prefix}_end_arg", start_arg + arg_step, lambda end_arg: with_arg(end_arg, arg_step)))
+        def with_tail(end_tail):
+            def with_share(share):
+                end_up, end_down = _sigmoid_pair(end_arg, end_tail, share)
+                return step * end_up + mean * _sigmoid_step(start_up, start_down, end_up, end_down, rising, shrink)
 
-        return _with(f"{prefix}_end", mean + step, with_end)
+            return _with(f"{prefix}_end_share", f32(1.0) / (f32(1.0) + end_tail), with_share)
+
+        return _with(f"{prefix}_end_tail", tirx.Select(far > f32(_TAIL_PRODUCT_LIMIT), _sigmoid_tail(end_arg), products), with_tail)
 
     return step_difference
 
@@ -558,31 +625,46 @@ def gelu_tanh_difference(mean, bind):
                              lambda start, end, step: scale * step * (f32(1.0) + cubic * (end * end + end * start + start * start)))
 
 
-#: 3-point Gauss-Legendre on [0, 1] (`gelu_difference`): exact for polynomials of degree 5
-_GAUSS_LEGENDRE_3 = [(0.5 - math.sqrt(0.15), 5.0 / 18.0), (0.5, 8.0 / 18.0), (0.5 + math.sqrt(0.15), 5.0 / 18.0)]
+#: terms of the Taylor series of Phi(M + h) - Phi(M) in h (`gelu_difference`): relative error
+#: about 1.2e-7 in float32 where |h| (|M| + |h|) <= 1
+_GELU_TAYLOR_TERMS = 14
+#: |M| beyond which phi(M) = 0 in float32 (`_exp_or_zero`): the series' coefficients are formed at
+#: a mean clamped to it, so that they stay finite
+_GELU_TAYLOR_CLAMP = 14.0
 
 
 def gelu_difference(mean, bind):
     """For `gelu` x Phi(x), with v = M + h:
 
     v Phi(v) - M Phi(M) = h Phi(v) + M (Phi(v) - Phi(M)),
-    Phi(v) - Phi(M) = h int_0^1 phi(M + t h) dt   (3-point Gauss-Legendre where |h| (|M| + |h|) <= 1,
-                                                   relative error below 1e-6 there)
 
-    and the difference of the two Phi values beyond. Two float32 values of Phi near 1 (M = 5)
-    kept nothing of a step of 1e-4."""
+    where |h| (|M| + |h|) <= 1 with D = Phi(v) - Phi(M) from its Taylor series in h,
+
+    D = sum_{n=1}^{14} b_n h^n,   b_n = phi(M) (-1)^(n-1) He_(n-1)(M) / n!
+
+    (phi's derivatives are (-1)^n He_n phi, He the probabilists' Hermite polynomials:
+    He_(n+1) = M He_n - n He_(n-1)), the coefficients once per element, so that such a node pays
+    a polynomial, no libm call, and Phi(v) = Phi(M) + D; beyond, `normal_cdf` of v and the
+    difference of the two Phi values. Two float32 values of Phi near 1 (M = 5) kept nothing of a
+    step of 1e-4."""
     start_cdf = bind("gelu_cdf", normal_cdf(mean))
+    at = bind("gelu_series_at", tirx.min(tirx.max(mean, f32(-_GELU_TAYLOR_CLAMP)), f32(_GELU_TAYLOR_CLAMP)))
+    density = bind("gelu_density", _exp_or_zero(f32(0.5) * at * at) * f32(1.0 / math.sqrt(2.0 * math.pi)))
+    coefficients, previous, hermite = [density], f32(1.0), at  # b_1; He_0, He_1
+    for n in range(2, _GELU_TAYLOR_TERMS + 1):
+        coefficients.append(bind(f"gelu_series{n}", density * f32((-1.0) ** (n - 1) / math.factorial(n)) * hermite))
+        if n < _GELU_TAYLOR_TERMS:
+            previous, hermite = hermite, bind(f"gelu_hermite{n}", at * hermite - f32(float(n - 1)) * previous)
 
-    def step_difference(step):
-        def with_end_cdf(end_cdf):
-            density = f32(0.0)
-            for node, weight in _GAUSS_LEGENDRE_3:
-                at = mean + f32(node) * step
-                density = density + f32(weight / math.sqrt(2.0 * math.pi)) * tirx.exp(f32(-0.5) * at * at)
-            narrow = _abs(step) * (_abs(mean) + _abs(step)) <= f32(1.0)
-            return step * end_cdf + mean * tirx.Select(narrow, step * density, end_cdf - start_cdf)
-
-        return _with("gelu_end_cdf", normal_cdf(mean + step), with_end_cdf)
+    def step_difference(step, node):
+        series = coefficients[-1]
+        for coefficient in reversed(coefficients[:-1]):
+            series = coefficient + step * series
+        size = step if node > 0 else f32(0.0) - step
+        narrow = size * (_abs(mean) + size) <= f32(1.0)
+        return _with("gelu_step_cdf", step * series, lambda change: _with(
+            "gelu_end_cdf", tirx.Select(narrow, start_cdf + change, normal_cdf(mean + step)),
+            lambda end_cdf: step * end_cdf + mean * tirx.Select(narrow, change, end_cdf - start_cdf)))
 
     return step_difference
 
@@ -604,7 +686,7 @@ def gauss_hermite_moments(function, mean, var, difference=None):
 
     def bind(name, value):
         var = tirx.Var(name, "float32")
-        bound.append((var, value))
+        bound.append((var, kept(value)))
         return var
 
     mean = bind("gh_mean", mean)
@@ -614,7 +696,7 @@ def gauss_hermite_moments(function, mean, var, difference=None):
     first, second = f32(0.0), f32(0.0)
     for k, (node, weight) in enumerate(zip(_NODES, _WEIGHTS)):
         step = spread * f32(float(node))
-        delta = bind(f"gh_delta{k}", function(mean + step) - center if difference is None else step_difference(step))
+        delta = bind(f"gh_delta{k}", function(mean + step) - center if difference is None else step_difference(step, float(node)))
         scaled = f32(float(weight / math.sqrt(math.pi))) * delta
         first, second = first + scaled, second + scaled * delta
     first = bind("gh_first", first)

@@ -44,6 +44,20 @@ def std_normal_cdf(z, pdf=None):
                 _let(lower, pdf * poly * t, result))
 
 
+#: The name of an opaque identity (`kept`); `codegen.kernels` takes it out of the printed C.
+KEPT = "pfpc_kept"
+
+
+def kept(value):
+    """``value`` behind an opaque call, for a Let's value: TVM's analyzer (every lowering pass that
+    tracks Let bindings) binds a pure Let value and substitutes it into the next one's, so a chain
+    of Lets that each read earlier ones grew into an expression tree exponential in its depth, and
+    a Softplus or GELU kernel took seconds in each of six lowering passes. An opaque value is not
+    bound. The call is printed ``pfpc_kept(...)`` and removed from the C (`codegen.kernels`), so
+    the C is what it would be without it."""
+    return tirx.call_extern("float32", KEPT, value)
+
+
 def _let(var, value, body):
     """``body`` with ``var`` bound to ``value``: TVM's C backend prints a local (``float phi_t = ...;``)
     where it would repeat ``value`` at every use, on lines of thousands of characters. The same
@@ -439,6 +453,16 @@ def _saturating_variance(slope, var):
     return slope * spread / (root * (f32(1.0) + root))
 
 
+def logistic_slope(tail, share=None, scale=None):
+    """The logistic function's slope sigmoid'(u) = sigmoid(u) sigmoid(-u) = q / (1 + q)^2 from
+    ``tail`` q = e^-|u| (times ``scale``, if given), as ``scale q share^2`` with ``share`` =
+    1 / (1 + q) (computed here when not given): 1 - sigmoid(u) in float32 kept nothing of the
+    slope in a tail. Tanh's is 4 q / (1 + q)^2 with q = e^-2|u| (scale 4). The moments of
+    Sigmoid and Tanh and their covariance loadings (`channel_covariance`) all use it."""
+    share = f32(1.0) / (f32(1.0) + tail) if share is None else share
+    return (tail if scale is None else f32(scale) * tail) * share * share
+
+
 def sigmoid_moments(mean, var):
     """Approximate moments of y = sigmoid(x), x ~ N(M, V) (probit approximation,
     sigmoid(x) ~= Phi(x sqrt(pi/8)), whose Gaussian expectation is exact):
@@ -457,7 +481,7 @@ def sigmoid_moments(mean, var):
     first = tirx.Select(scaled >= f32(0.0), share, tail * share)
     bind = lambda value: _let(scaled, mean / tirx.sqrt(f32(1.0) + f32(math.pi / 8.0) * var),
                               _let(tail, tirx.exp(f32(0.0) - tirx.max(scaled, f32(0.0) - scaled)), value))
-    return bind(first), bind(_saturating_variance(tail * share * share, var))
+    return bind(first), bind(_saturating_variance(logistic_slope(tail, share), var))
 
 
 def tanh_moments(mean, var):
@@ -475,8 +499,7 @@ def tanh_moments(mean, var):
     # 1 - E^2 = 4 q / (1 + q)^2 with q = e^-2|u|: 1 - E^2 in float32 cancelled where E ~ +-1
     # (N(-60, 55): 1 % of the variance, the long run's seed 600028)
     tail = tirx.exp(f32(-2.0) * tirx.max(scaled, f32(0.0) - scaled))
-    share = f32(1.0) / (f32(1.0) + tail)
-    return tirx.tanh(scaled), _saturating_variance(f32(4.0) * tail * share * share, var)
+    return tirx.tanh(scaled), _saturating_variance(logistic_slope(tail, scale=4.0), var)
 
 
 def clark_max_terms(mean1, var1, mean2, var2):
