@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 
 import tvm
 from tvm import s_tir, te, tirx
+from tvm.s_tir.schedule import _ffi_api as _schedule_ffi
+from tvm.tirx import IndexMap
 
 from . import codebook as CB
 from . import gaussian as G
@@ -555,6 +557,11 @@ ROW_ELEMENTS = 16
 ROW_MAX = 64
 
 
+#: Narrowest padded row `_decomposed_padding` splits: DS-CNN's rows of 5 padded to 7 took 1.08x the time
+#: of one loop when split (two short loops per row); ResNet-8's 10 to 34 gained.
+PAD_ROW_MIN = 10
+
+
 def _decomposed_padding(sch, block) -> bool:
     """Split a Pad's output (``if_then_else(inside, x[...], c)`` per element) into a fill of each
     plane with the constant and a copy of the input into its interior ("channel_rows"), and say
@@ -564,7 +571,7 @@ def _decomposed_padding(sch, block) -> bool:
     one loop (on Cortex-M the second write costs instructions; their 3x3 convolutions test their
     border instead of reading a padded copy)."""
     loops = sch.get_loops(block)
-    if len(loops) < 3 or not sch.get(block).name_hint.startswith("pad_"):
+    if len(loops) < 3 or not sch.get(block).name_hint.startswith("pad_") or int(sch.get(loops[-1]).extent) < PAD_ROW_MIN:
         return False
     plane = loops[-3]  # a row-major plane (NCHW: one channel's) stays in the cache between the fill and the copy
     try:
@@ -841,6 +848,7 @@ def _deinterleave_strided_rows(sch, block, spatial: int) -> list[str]:
             continue
         trial = sch.copy()
         try:
+            _widen_to_pairs(trial, block, index)
             cache = trial.cache_read(block, index, "global", consumer_blocks=[block])
             trial.compute_at(cache, trial.get_loops(block)[spatial - 2], preserve_unit_loops=True)
             size = 1
@@ -852,11 +860,43 @@ def _deinterleave_strided_rows(sch, block, spatial: int) -> list[str]:
             trial.transform_layout(cache, ("write", 0), lambda *i: (*i[:-1], i[-1] % 2, i[-1] // 2))
         except Exception:  # TVM's ScheduleError: leave this input as it is
             continue
+        _widen_to_pairs(sch, block, index)
         cache = sch.cache_read(block, index, "global", consumer_blocks=[block])
         sch.compute_at(cache, sch.get_loops(block)[spatial - 2], preserve_unit_loops=True)
         sch.transform_layout(cache, ("write", 0), lambda *i: (*i[:-1], i[-1] % 2, i[-1] // 2))
+        _copy_in_pairs(sch, cache)
         names.append(sch.get(cache).name_hint)
     return names
+
+
+def _widen_to_pairs(sch, block, index):
+    """Declare the ``index``-th read of a stride-2 window one column wider (never past the row's
+    end): the rows its copy holds (`_deinterleave_strided_rows`) then span an even number of
+    columns when the input's width is even (ResNet-8's padded 34: 33 columns read, 34 copied),
+    which `_copy_in_pairs` needs. The window reads the same elements."""
+    region = sch.get(block).reads[index]
+    width = int(region.source.shape[-1])
+    bounds = []
+    for axis, extent in enumerate(region.region):
+        end = extent.min + extent.extent
+        bounds += [extent.min, tirx.min(end + 1, width) if axis == len(region.region) - 1 else end]
+    # the block's own iteration variables map to the region (Schedule.annotate_buffer_access would
+    # want one range per iteration variable: a buffer of the block's rank)
+    index_map = IndexMap(initial_indices=[iv.var for iv in sch.get(block).iter_vars], final_indices=bounds, inverse_index_map=None)
+    _schedule_ffi.ScheduleAnnotateBufferAccess(sch, block, index, 0, index_map)
+
+
+def _copy_in_pairs(sch, cache):
+    """The deinterleaving copy's column loop as pairs (even, odd), the pair unrolled: rows[0][j] =
+    x[2 j], rows[1][j] = x[2 j + 1], an interleaved load the C compiler vectorises (with the index
+    (k % 2) * half + k / 2 per element it stayed scalar: half of ResNet-8's stride-2 convolutions'
+    host time). Only where the copied row has an even number of columns (an odd one is left as it is:
+    the last pair would need a test)."""
+    column = sch.get_loops(cache)[-1]
+    if int(sch.get(column).extent) % 2:
+        return
+    _, pair = sch.split(column, [None, 2])
+    sch.unroll(pair)
 
 
 def _stride(expr, var) -> int:
