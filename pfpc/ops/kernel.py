@@ -365,7 +365,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     compiler vectorises, and the epilogue follows the row; ``"channel_rows"`` (application cores:
     the host, Cortex-A) accumulates the rows of a block of output channels together, each input
     element loaded once for the block (`_channel_block`), a stride-2 convolution's input rows
-    deinterleaved first (`_deinterleave_strided_rows`). Either way the innermost reduction
+    deinterleaved first (`_deinterleave_strided_rows`), a Pad's output split into a fill and an
+    interior copy (`_decomposed_padding`). Either way the innermost reduction
     loops are unrolled when short (a convolution's kernel window). The element-wise stages marked
     `gaussian.SHARED` (terms that both moments read, Clark's steps) are not inlined, which would
     repeat their exp per reader; they share one loop nest with the stages that read them: as
@@ -398,6 +399,17 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             for consumer in downstream:
                 if not _after_outputs(sch, block, consumer, sch.get_loops(block)[spatial - 1]):
                     break  # the rest read it: after the reduction too
+            placed.update(sch.get(b).name_hint for b in downstream)
+            continue
+        if accumulate == "channel_rows" and _narrow_unshared_rows(sch, block, spatial):
+            # a row's outputs innermost around the unrolled window: the row loop vectorises with
+            # its sums in registers (`_narrow_unshared_rows`)
+            for consumer in downstream:
+                if not _after_outputs(sch, block, consumer, loops[spatial - 2]):
+                    break
+            sch.decompose_reduction(block, sch.get_loops(block)[spatial])
+            if _unrollable(sch, block):
+                _unroll_window(sch, sch.get_loops(block)[spatial:])
             placed.update(sch.get(b).name_hint for b in downstream)
             continue
         if accumulate in ("row", "channel_rows") and spatial >= 2 and not (accumulate == "channel_rows" and _narrow_reduction(sch, block)):
@@ -764,6 +776,37 @@ def _partial_sums(sch, block) -> bool:
         return False
     factor(sch)
     return True
+
+
+#: Longest output row `_narrow_unshared_rows` takes: two vectors of `VECTOR_LANES`.
+NARROW_ROW_MAX = 8
+
+
+def _narrow_unshared_rows(sch, block, spatial: int) -> bool:
+    """Whether a "channel_rows" reduction runs its row's outputs innermost with the whole window
+    unrolled inside (each output's sums in registers, the loop over the row vectorised) instead of
+    the window's taps outside a row loop: a convolution whose output rows are at most
+    NARROW_ROW_MAX long and whose channels share no input (a depthwise convolution: no channel
+    block, `_channel_block`; not a convolution whose channel count no block divides), stride 1, a window
+    of at most UNROLL_MAX taps. DS-CNN's depthwise 3x3 convolutions (rows of 5): with the taps
+    outside, every tap was a loop of 5 (a vector and a scalar tail) loading and storing the row's
+    sums in a stack array, about 100 µs each on the host against 37 for TVM's LLVM build of the
+    same schedule; this way 36 µs (benchmarks/host_kernels.md). The sums add in the same order."""
+    if spatial < 3 or len(_data_parallel(sch, block)) < 3 or _contiguous_plane(sch, block):
+        return False
+    if not _unrollable(sch, block) or int(sch.get(sch.get_loops(block)[spatial - 1]).extent) > NARROW_ROW_MAX:
+        return False
+    reduced = 1
+    for iv in sch.get(block).iter_vars:
+        if iv.iter_type == tirx.IterVar.CommReduce:
+            reduced *= int(iv.dom.extent)
+    if reduced > UNROLL_MAX:  # the window unrolled whole (not the covariance form's window sums over a map)
+        return False
+    row, channel = _data_parallel(sch, block)[-1].var, _data_parallel(sch, block)[-3]
+    extent = int(channel.dom.extent)
+    reads = [r for r in sch.get(block).reads if len(r.region) > 1]
+    # contiguous along the row (a stride of 2 keeps its deinterleaved or strided rows), each read its channel's own
+    return all(_stride(r.region[-1].min, row) == 1 and any(_uses(rng.min, channel.var, extent) for rng in r.region) for r in reads)
 
 
 def _narrow_reduction(sch, block) -> bool:
