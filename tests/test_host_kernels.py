@@ -47,6 +47,7 @@ CASES = {
     "pointwise_narrow_plane": lambda r: _conv_relu(r, [1, 6, 9, 5], 8, 1),
     "grouped_and_depthwise": lambda r: _conv_relu(r, [1, 4, 7, 6], 4, 3, pads=1, group=4),
     "grouped_two": lambda r: _conv_relu(r, [1, 4, 6, 6], 8, 3, stride=2, pads=1, group=2),
+    "depthwise_rows_of_5": lambda r: _conv_relu(r, [1, 6, 9, 5], 6, 3, pads=1, group=6),
     "dense_row_100": lambda r: _dense_relu(r, 12, 100),
     "dense_row_130_split": lambda r: _dense_relu(r, 9, 130),
     "elementwise_flat_rows": lambda r: _add_relu(r, [1, 8, 10, 5]),
@@ -118,3 +119,57 @@ def test_window_sums_accumulate_a_row_of_partial_sums(tmp_path):
         assert row and int(row.group(2)) >= 8, body
         # the row is the innermost loop: its accumulation follows the loop over the row directly
         assert re.search(r"for \(int32_t (\w+) = 0; \1 < %s; \+\+\1\) \{\s*%s\[\1\] =" % (row.group(2), row.group(1)), body), body
+
+
+def test_pads_and_stride2_copies_have_no_per_element_tests(tmp_path):
+    """A Pad's output is a fill and an interior copy (a load under a per-element test stayed
+    scalar: ResNet-8's pads took three times TVM's LLVM build's time), and a stride-2
+    convolution's deinterleaving copy moves (even, odd) pairs (the index (k & 1) * half + (k >> 1)
+    per element stayed scalar: half of ResNet-8's stride-2 convolutions' host time). Their values:
+    `test_channel_rows_kernel_matches_reference` (stride2_3x3_block8: a 14-column padded input)."""
+    import onnx
+
+    from pfpc import compiler
+
+    rng = np.random.default_rng(5)
+    first, inputs, inits = _conv_relu(rng, [1, 3, 16, 16], 8, 3, stride=1, pads=1)
+    weight = (rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(np.float32)
+    nodes = first + [helper.make_node("Conv", ["y", "w2"], ["c2"], strides=[2, 2], pads=[1] * 4),
+                     helper.make_node("Relu", ["c2"], ["z"])]
+    onnx.save(make_model(nodes, inputs, ["z"], {**inits, "w2": weight}), tmp_path / "model.onnx")
+    np.savez(tmp_path / "post.npz", **{"w.std": np.full(inits["w"].shape, 0.05, np.float32),
+                                        "w2.std": np.full(weight.shape, 0.05, np.float32)})
+    compiler.compile(str(tmp_path / "model.onnx"), str(tmp_path / "post.npz"), out_dir=str(tmp_path / "out"), target="host")
+    source = (tmp_path / "out" / "pfp_model.c").read_text()
+    bodies = dict(re.findall(r"^PFP_KERNEL void (k_\w+)\((.*?^})", source, re.S | re.M))
+    pads = [body for name, body in bodies.items() if name.endswith("_pad")]
+    assert pads, list(bodies)
+    for body in pads:
+        assert "if (" not in body and "?" not in body, body
+    copies = [body for body in bodies.values() if "_global_ptr[" in body]
+    assert copies, list(bodies)
+    for body in copies:
+        assert "& 1)" not in body and ">> 1)" not in body, body
+
+
+def test_depthwise_rows_run_around_the_unrolled_window(tmp_path):
+    """A depthwise convolution's short rows (DS-CNN's 5) run their outputs innermost around the
+    unrolled 3x3 window (`kernel._narrow_unshared_rows`): one loop over the row per output row,
+    which gcc vectorises with the sums in registers, instead of one loop of 5 per tap (about 3x
+    TVM's LLVM time on DS-CNN). Values: `test_channel_rows_kernel_matches_reference`
+    (depthwise_rows_of_5, grouped_and_depthwise)."""
+    import onnx
+
+    from pfpc import compiler
+
+    rng = np.random.default_rng(7)
+    nodes, inputs, inits = _conv_relu(rng, [1, 6, 9, 5], 6, 3, pads=1, group=6)
+    onnx.save(make_model(nodes[:1], inputs, ["c"], inits), tmp_path / "model.onnx")  # the convolution alone: its epilogue the bias
+    np.savez(tmp_path / "post.npz", **{"w.std": np.full(inits["w"].shape, 0.05, np.float32)})
+    compiler.compile(str(tmp_path / "model.onnx"), str(tmp_path / "post.npz"), out_dir=str(tmp_path / "out"), target="host")
+    source = (tmp_path / "out" / "pfp_model.c").read_text()
+    bodies = [body for body in re.findall(r"^PFP_KERNEL void k_\w+\(.*?^}", source, re.S | re.M) if "weight_var" in body or "w_var" in body]
+    assert bodies, source[:2000]
+    for body in bodies:
+        rows = re.findall(r"< 5; \+\+", body)
+        assert 1 <= len(rows) <= 3, body  # the row loop (and its epilogue's), not one per tap

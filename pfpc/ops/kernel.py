@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 
 import tvm
 from tvm import s_tir, te, tirx
+from tvm.s_tir.schedule import _ffi_api as _schedule_ffi
+from tvm.tirx import IndexMap
 
 from . import codebook as CB
 from . import gaussian as G
@@ -363,7 +365,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
     compiler vectorises, and the epilogue follows the row; ``"channel_rows"`` (application cores:
     the host, Cortex-A) accumulates the rows of a block of output channels together, each input
     element loaded once for the block (`_channel_block`), a stride-2 convolution's input rows
-    deinterleaved first (`_deinterleave_strided_rows`). Either way the innermost reduction
+    deinterleaved first (`_deinterleave_strided_rows`), a Pad's output split into a fill and an
+    interior copy (`_decomposed_padding`). Either way the innermost reduction
     loops are unrolled when short (a convolution's kernel window). The element-wise stages marked
     `gaussian.SHARED` (terms that both moments read, Clark's steps) are not inlined, which would
     repeat their exp per reader; they share one loop nest with the stages that read them: as
@@ -396,6 +399,17 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             for consumer in downstream:
                 if not _after_outputs(sch, block, consumer, sch.get_loops(block)[spatial - 1]):
                     break  # the rest read it: after the reduction too
+            placed.update(sch.get(b).name_hint for b in downstream)
+            continue
+        if accumulate == "channel_rows" and _narrow_unshared_rows(sch, block, spatial):
+            # a row's outputs innermost around the unrolled window: the row loop vectorises with
+            # its sums in registers (`_narrow_unshared_rows`)
+            for consumer in downstream:
+                if not _after_outputs(sch, block, consumer, loops[spatial - 2]):
+                    break
+            sch.decompose_reduction(block, sch.get_loops(block)[spatial])
+            if _unrollable(sch, block):
+                _unroll_window(sch, sch.get_loops(block)[spatial:])
             placed.update(sch.get(b).name_hint for b in downstream)
             continue
         if accumulate in ("row", "channel_rows") and spatial >= 2 and not (accumulate == "channel_rows" and _narrow_reduction(sch, block)):
@@ -490,6 +504,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             _unroll_gather(sch, gathers[0])
     rest = [b for b in sch.get_child_blocks(root)
             if sch.get(b).name_hint not in placed and not _is_reduction(sch, b) and not sch.get(b).name_hint.endswith("_init")]
+    if accumulate == "channel_rows":
+        rest = [b for b in rest if not _decomposed_padding(sch, b)]
     if accumulate != "scalar":
         _row_nests(sch, rest, accumulate)
     else:
@@ -551,6 +567,32 @@ ROW_ELEMENTS = 16
 #: Most elements of a row ("row" schedules): every stage of a row has a buffer of that many floats
 #: on the stack, and TVM's C backend puts an allocation over 1 KiB in a runtime workspace.
 ROW_MAX = 64
+
+
+#: Narrowest padded row `_decomposed_padding` splits: DS-CNN's rows of 5 padded to 7 took 1.08x the time
+#: of one loop when split (two short loops per row); ResNet-8's 10 to 34 gained.
+PAD_ROW_MIN = 10
+
+
+def _decomposed_padding(sch, block) -> bool:
+    """Split a Pad's output (``if_then_else(inside, x[...], c)`` per element) into a fill of each
+    plane with the constant and a copy of the input into its interior ("channel_rows"), and say
+    whether it did. As one loop, the load under the test stayed scalar (gcc does not vectorise a
+    conditional load): ResNet-8's pads took about three times TVM's LLVM build's time. The
+    interior's elements are written twice, in rows the C compiler vectorises. Scalar targets keep
+    one loop (on Cortex-M the second write costs instructions; their 3x3 convolutions test their
+    border instead of reading a padded copy)."""
+    loops = sch.get_loops(block)
+    if len(loops) < 3 or not sch.get(block).name_hint.startswith("pad_") or int(sch.get(loops[-1]).extent) < PAD_ROW_MIN:
+        return False
+    plane = loops[-3]  # a row-major plane (NCHW: one channel's) stays in the cache between the fill and the copy
+    try:
+        if not sch.can_decompose_padding(block, plane):
+            return False
+        sch.decompose_padding(block, plane)
+    except Exception:  # not the padding pattern after all
+        return False
+    return True
 
 
 def _row_nests(sch, blocks, accumulate: str = "row"):
@@ -736,6 +778,37 @@ def _partial_sums(sch, block) -> bool:
     return True
 
 
+#: Longest output row `_narrow_unshared_rows` takes: two vectors of `VECTOR_LANES`.
+NARROW_ROW_MAX = 8
+
+
+def _narrow_unshared_rows(sch, block, spatial: int) -> bool:
+    """Whether a "channel_rows" reduction runs its row's outputs innermost with the whole window
+    unrolled inside (each output's sums in registers, the loop over the row vectorised) instead of
+    the window's taps outside a row loop: a convolution whose output rows are at most
+    NARROW_ROW_MAX long and whose channels share no input (a depthwise convolution: no channel
+    block, `_channel_block`; not a convolution whose channel count no block divides), stride 1, a window
+    of at most UNROLL_MAX taps. DS-CNN's depthwise 3x3 convolutions (rows of 5): with the taps
+    outside, every tap was a loop of 5 (a vector and a scalar tail) loading and storing the row's
+    sums in a stack array, about 100 µs each on the host against 37 for TVM's LLVM build of the
+    same schedule; this way 36 µs (benchmarks/host_kernels.md). The sums add in the same order."""
+    if spatial < 3 or len(_data_parallel(sch, block)) < 3 or _contiguous_plane(sch, block):
+        return False
+    if not _unrollable(sch, block) or int(sch.get(sch.get_loops(block)[spatial - 1]).extent) > NARROW_ROW_MAX:
+        return False
+    reduced = 1
+    for iv in sch.get(block).iter_vars:
+        if iv.iter_type == tirx.IterVar.CommReduce:
+            reduced *= int(iv.dom.extent)
+    if reduced > UNROLL_MAX:  # the window unrolled whole (not the covariance form's window sums over a map)
+        return False
+    row, channel = _data_parallel(sch, block)[-1].var, _data_parallel(sch, block)[-3]
+    extent = int(channel.dom.extent)
+    reads = [r for r in sch.get(block).reads if len(r.region) > 1]
+    # contiguous along the row (a stride of 2 keeps its deinterleaved or strided rows), each read its channel's own
+    return all(_stride(r.region[-1].min, row) == 1 and any(_uses(rng.min, channel.var, extent) for rng in r.region) for r in reads)
+
+
 def _narrow_reduction(sch, block) -> bool:
     """Whether "channel_rows" schedules a reduction like "scalar" does (the reduction innermost,
     the row's outputs register-blocked): where its output rows are narrower than a vector and the
@@ -818,6 +891,7 @@ def _deinterleave_strided_rows(sch, block, spatial: int) -> list[str]:
             continue
         trial = sch.copy()
         try:
+            _widen_to_pairs(trial, block, index)
             cache = trial.cache_read(block, index, "global", consumer_blocks=[block])
             trial.compute_at(cache, trial.get_loops(block)[spatial - 2], preserve_unit_loops=True)
             size = 1
@@ -829,11 +903,43 @@ def _deinterleave_strided_rows(sch, block, spatial: int) -> list[str]:
             trial.transform_layout(cache, ("write", 0), lambda *i: (*i[:-1], i[-1] % 2, i[-1] // 2))
         except Exception:  # TVM's ScheduleError: leave this input as it is
             continue
+        _widen_to_pairs(sch, block, index)
         cache = sch.cache_read(block, index, "global", consumer_blocks=[block])
         sch.compute_at(cache, sch.get_loops(block)[spatial - 2], preserve_unit_loops=True)
         sch.transform_layout(cache, ("write", 0), lambda *i: (*i[:-1], i[-1] % 2, i[-1] // 2))
+        _copy_in_pairs(sch, cache)
         names.append(sch.get(cache).name_hint)
     return names
+
+
+def _widen_to_pairs(sch, block, index):
+    """Declare the ``index``-th read of a stride-2 window one column wider (never past the row's
+    end): the rows its copy holds (`_deinterleave_strided_rows`) then span an even number of
+    columns when the input's width is even (ResNet-8's padded 34: 33 columns read, 34 copied),
+    which `_copy_in_pairs` needs. The window reads the same elements."""
+    region = sch.get(block).reads[index]
+    width = int(region.source.shape[-1])
+    bounds = []
+    for axis, extent in enumerate(region.region):
+        end = extent.min + extent.extent
+        bounds += [extent.min, tirx.min(end + 1, width) if axis == len(region.region) - 1 else end]
+    # the block's own iteration variables map to the region (Schedule.annotate_buffer_access would
+    # want one range per iteration variable: a buffer of the block's rank)
+    index_map = IndexMap(initial_indices=[iv.var for iv in sch.get(block).iter_vars], final_indices=bounds, inverse_index_map=None)
+    _schedule_ffi.ScheduleAnnotateBufferAccess(sch, block, index, 0, index_map)
+
+
+def _copy_in_pairs(sch, cache):
+    """The deinterleaving copy's column loop as pairs (even, odd), the pair unrolled: rows[0][j] =
+    x[2 j], rows[1][j] = x[2 j + 1], an interleaved load the C compiler vectorises (with the index
+    (k % 2) * half + k / 2 per element it stayed scalar: half of ResNet-8's stride-2 convolutions'
+    host time). Only where the copied row has an even number of columns (an odd one is left as it is:
+    the last pair would need a test)."""
+    column = sch.get_loops(cache)[-1]
+    if int(sch.get(column).extent) % 2:
+        return
+    _, pair = sch.split(column, [None, 2])
+    sch.unroll(pair)
 
 
 def _stride(expr, var) -> int:
