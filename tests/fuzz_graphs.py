@@ -24,8 +24,9 @@ deterministic and stochastic branches meeting, wide, concentrated and absent pos
 inputs far from zero, and names like the ones pfpc generates (``relu_2``, ``y_var``). Since
 session 7 also Slice, Split, Tile, Expand, Pad edge/reflect, Resize, ConvTranspose, Pow, Sqrt,
 LayerNormalization, InstanceNormalization, LRN, 3-D Conv/MaxPool/AveragePool, Abs, Neg, Max, Min,
-ReduceMean/Sum/Max, GlobalMaxPool, HardSigmoid, HardSwish, Elu, Selu, Softplus; with
-``--opset 21`` also Gelu and GroupNormalization. ``--covariance auto --pooled 0.5``: half the
+ReduceMean/Sum/Max, GlobalMaxPool, HardSigmoid, HardSwish, Elu, Selu, Softplus; since session 11
+SiLU written as x * Sigmoid(x) (`PATTERNS`: pfpc fuses it into one SiLU); with ``--opset 21``
+also Gelu (exact and tanh) and GroupNormalization. ``--covariance auto --pooled 0.5``: half the
 graphs are convolution stacks ending in a global pool and a dense layer, compiled with pfpc's
 covariance form and checked against tests/reference_covariance.py where loadings reach an output.
 """
@@ -63,6 +64,9 @@ OPS = ["Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Identity", "Dro
        "Slice", "Split", "Tile", "Expand", "Resize", "ConvTranspose", "Pow", "Sqrt", "LayerNormalization",
        "InstanceNormalization", "LRN", "Abs", "Neg", "Max", "Min", "ReduceMean", "ReduceSum", "ReduceMax", "GlobalMaxPool",
        "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus"]
+#: Activations that ONNX writes as several nodes, generated as such: SiLU = Mul(x, Sigmoid(x)),
+#: either operand order (PyTorch's nn.SiLU exported before opset 20, Keras' swish).
+PATTERNS = ["SiLU"]
 #: Opset of the models written by default, and of the variant (``--opset 21``) that adds
 #: `NEWER_OPSET_OPS`: Gelu (opset 20) and GroupNormalization with one scale per channel (21; its
 #: opset 18-20 form is deprecated and the ONNX checker refuses it); there ReduceMean/ReduceMax
@@ -113,7 +117,7 @@ class Graph:
     opset: int = OPSET
 
     def operators(self):
-        return OPS + NEWER_OPSET_OPS if self.opset >= NEWER_OPSET else OPS
+        return OPS + PATTERNS + NEWER_OPSET_OPS if self.opset >= NEWER_OPSET else OPS + PATTERNS
 
     def weight(self, shape, hint="w", scale=None, deterministic=False):
         scale = scale if scale is not None else float(self.rng.choice([0.3, 0.7, 1.0]))
@@ -547,7 +551,11 @@ def _try_newer_op(g: Graph, op: str, x: str):
             return g.add(op, ins, shape, axis=axis - rank if rng.random() < 0.3 else axis, epsilon=epsilon)
         return g.add(op, [x, g.weight([channels], "gam", deterministic=rng.random() < 0.5), g.weight([channels], "bet")], shape, epsilon=epsilon)
     if op == "Gelu":
-        return g.add(op, [x], shape)
+        approximate = _pick(rng, [None, "none", "tanh"])
+        return g.add(op, [x], shape, **({} if approximate is None else {"approximate": approximate}))
+    if op == "SiLU":
+        gate = g.add("Sigmoid", [x], shape)
+        return g.add("Mul", [x, gate] if rng.random() < 0.5 else [gate, x], shape)
     if op == "GroupNormalization":
         channels = shape[1] if rank >= 3 else 0
         groups = [d for d in (1, 2, 3, channels) if channels and channels % d == 0 and channels // d * int(np.prod(shape[2:])) >= 2]

@@ -87,8 +87,17 @@ def test_generator_is_deterministic_and_valid():
     onnx.checker.check_model(first.model, full_check=True)
     ops = {node.op_type for seed in range(20) for node in fuzz_graphs.generate(seed, 10).model.graph.node}
     assert set(fuzz_graphs.OPS) <= ops  # every listed operator is generated
-    newer = {node.op_type for seed in range(6) for node in fuzz_graphs.generate(seed, 10, opset=fuzz_graphs.NEWER_OPSET).model.graph.node}
-    assert set(fuzz_graphs.NEWER_OPSET_OPS) <= newer
+    newer = [node for seed in range(12) for node in fuzz_graphs.generate(seed, 10, opset=fuzz_graphs.NEWER_OPSET).model.graph.node]
+    assert set(fuzz_graphs.NEWER_OPSET_OPS) <= {node.op_type for node in newer}
+    assert any(a.s == b"tanh" for node in newer if node.op_type == "Gelu" for a in node.attribute)
+    # the patterns: SiLU as Mul(x, Sigmoid(x)), the gate as either operand
+    gate_positions = set()
+    for seed in range(20):
+        graph = fuzz_graphs.generate(seed, 10).model.graph
+        gates = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Sigmoid"}
+        gate_positions |= {list(node.input).index(g) for node in graph.node if node.op_type == "Mul"
+                           for g, x in gates.items() if set(node.input) == {g, x}}
+    assert gate_positions == {0, 1}
     onnx.checker.check_model(fuzz_graphs.generate(0, 10, opset=fuzz_graphs.NEWER_OPSET).model, full_check=True)
 
 

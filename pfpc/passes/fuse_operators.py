@@ -41,8 +41,8 @@ class _Rewriter(KernelRewriter):
             return False
         fields = list(users[0].value.args[1].fields)
         first_width = 1 if user_spec.operands[0] == Moment.NONE else 2  # mean (+ moment) of operand 0
-        if any(self._direct_source(arg).same_as(binding.var) for arg in fields[first_width:]):
-            return False  # e.g. y + y: the other operand needs the result as a tensor
+        if any(self.source_of.get(arg, arg).same_as(binding.var) for arg in fields[first_width:]):
+            return False  # e.g. y + y or y * reshape(y): the other operand needs the result as a tensor
         return self._direct_source(fields[0]).same_as(binding.var)
 
     def _direct_source(self, var):

@@ -54,10 +54,11 @@ class KernelRewriter:
     def _consumers(self):
         """old kernel-call var -> its consumer bindings (through views), and "output" if it is one.
 
-        Also fills ``item_of``: a TupleGetItem var -> the kernel-call var it takes apart.
+        Also fills ``item_of``: a TupleGetItem var -> the kernel-call var it takes apart, and
+        ``source_of``: a var -> the kernel-call var it is an item or a view (reshape) of.
         """
         users = {}
-        source = {}
+        source = self.source_of = {}
         self.item_of = {}
         for binding in main_bindings(self.func):
             value = binding.value
