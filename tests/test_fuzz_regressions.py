@@ -525,6 +525,35 @@ def test_smooth_activation_of_a_concentrated_input(tmp_path, op, alpha, gamma):
     np.testing.assert_allclose(mean.ravel(), ref_mean.ravel(), rtol=1e-6)
 
 
+def _hard_swish_layer(elements, tmp_path):
+    """x + b -> HardSwish, one element per (mean, std) of ``elements`` (b's std): (x, std, the
+    compiled C's and the float64 reference's (mean, var, ref_mean, ref_var))."""
+    shape = [1, len(elements)]
+    x = np.array([[m for m, _ in elements]], np.float32)
+    std = np.array([[s for _, s in elements]], np.float32)
+    model = make_model([node("Add", ["x", "b"], ["h"]), node("HardSwish", ["h"], ["y"])], [("x", shape)], ["y"],
+                       {"b": np.zeros(shape, np.float32)})
+    (outputs,) = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+    return x, std, outputs
+
+
+def _hard_swish_quadrature(x, std, points):
+    """[N, 2] (E[y], Var[y]) of HardSwish of N(m, s^2) per element by 30-digit quadrature over the
+    intervals ``points(m, s)`` (mpf) bounds."""
+    import mpmath
+
+    def exact(m, s):
+        with mpmath.workdps(30):
+            m, s = mpmath.mpf(m), mpmath.mpf(s)
+            f = lambda v: v * min(max(v / 6 + mpmath.mpf(1) / 2, 0), 1)  # noqa: E731
+            bounds = points(m, s)
+            first = mpmath.quad(lambda v: f(v) * mpmath.npdf(v, m, s), bounds)
+            second = mpmath.quad(lambda v: f(v) ** 2 * mpmath.npdf(v, m, s), bounds)
+            return float(first), float(second - first ** 2)
+
+    return np.array([exact(float(m), float(s)) for m, s in zip(x.ravel(), std.ravel())])
+
+
 def test_hard_swish_deep_below_its_lower_breakpoint(tmp_path):
     """HardSwish where the mean lies 1.6 to 7.5 standard deviations below -3 (the long run's
     seed 100007, 3.2 std below: variance 1.74e-4 for 7.37e-5 after a Tanh): the closed form's
@@ -534,25 +563,13 @@ def test_hard_swish_deep_below_its_lower_breakpoint(tmp_path):
     import mpmath
 
     distances, stds = np.linspace(1.6, 7.5, 8), [0.05, 1.0, 3.0]
-    elements = [(-3.0 - u * s, s) for s in stds for u in distances]
-    shape = [1, len(elements)]
-    x = np.array([[m for m, _ in elements]], np.float32)
-    std = np.array([[s for _, s in elements]], np.float32)
-    model = make_model([node("Add", ["x", "b"], ["h"]), node("HardSwish", ["h"], ["y"])], [("x", shape)], ["y"],
-                       {"b": np.zeros(shape, np.float32)})
-    (mean, var, ref_mean, ref_var), = _run(model, {"b.std": std}, {"x": x}, tmp_path)
+    x, std, (mean, var, ref_mean, ref_var) = _hard_swish_layer([(-3.0 - u * s, s) for s in stds for u in distances], tmp_path)
 
-    def exact(m, s):
-        with mpmath.workdps(30):
-            m, s = mpmath.mpf(m), mpmath.mpf(s)
-            f = lambda v: v * min(max(v / 6 + mpmath.mpf(1) / 2, 0), 1)
-            points = sorted({m + 12 * s, mpmath.mpf(-3), mpmath.mpf(3)} | ({m + 12 * s} if m + 12 * s > 3 else set()))
-            points = [p for p in points if p >= -3]
-            first = mpmath.quad(lambda v: f(v) * mpmath.npdf(v, m, s), points)
-            second = mpmath.quad(lambda v: f(v) ** 2 * mpmath.npdf(v, m, s), points)
-            return float(first), float(second - first ** 2)
+    def points(m, s):
+        ends = sorted({m + 12 * s, mpmath.mpf(-3), mpmath.mpf(3)} | ({m + 12 * s} if m + 12 * s > 3 else set()))
+        return [p for p in ends if p >= -3]
 
-    quadrature = np.array([exact(float(m), float(s)) for m, s in zip(x.ravel(), std.ravel())])
+    quadrature = _hard_swish_quadrature(x, std, points)
     # the reference integrates on a grid: its variance within 1e-5, its mean within 1e-3 there
     np.testing.assert_allclose(ref_var.ravel(), quadrature[:, 1], rtol=1e-5)
     np.testing.assert_allclose(ref_mean.ravel(), quadrature[:, 0], rtol=1e-3)
@@ -748,23 +765,8 @@ def test_hard_swish_of_a_wide_input_below_its_lower_breakpoint(tmp_path):
     import mpmath
 
     elements = [(-3.0 - u * s, s) for s in (10.0, 39.0, 1000.0) for u in (0.5, 1.6, 3.0, 3.65, 5.0)]
-    shape = [1, len(elements)]
-    x = np.array([[m for m, _ in elements]], np.float32)
-    std = np.array([[s for _, s in elements]], np.float32)
-    model = make_model([node("Add", ["x", "b"], ["h"]), node("HardSwish", ["h"], ["y"])], [("x", shape)], ["y"],
-                       {"b": np.zeros(shape, np.float32)})
-    (mean, var, _, _), = _run(model, {"b.std": std}, {"x": x}, tmp_path)
-
-    def exact(m, s):
-        with mpmath.workdps(30):
-            m, s = mpmath.mpf(m), mpmath.mpf(s)
-            f = lambda v: v * min(max(v / 6 + mpmath.mpf(1) / 2, 0), 1)
-            points = [mpmath.mpf(-3), mpmath.mpf(3), m + 14 * s]
-            first = mpmath.quad(lambda v: f(v) * mpmath.npdf(v, m, s), points)
-            second = mpmath.quad(lambda v: f(v) ** 2 * mpmath.npdf(v, m, s), points)
-            return float(first), float(second - first ** 2)
-
-    quadrature = np.array([exact(float(m), float(s)) for m, s in zip(x.ravel(), std.ravel())])
+    x, std, (mean, var, _, _) = _hard_swish_layer(elements, tmp_path)
+    quadrature = _hard_swish_quadrature(x, std, lambda m, s: [mpmath.mpf(-3), mpmath.mpf(3), m + 14 * s])
     np.testing.assert_allclose(var.ravel(), quadrature[:, 1], rtol=1e-4)
     np.testing.assert_allclose(mean.ravel(), quadrature[:, 0], rtol=1e-4)
 

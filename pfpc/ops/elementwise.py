@@ -200,9 +200,9 @@ def _hard_swish_below(mean_out, var_out, std, a, b, pdf_a, pdf_b, alpha, beta):
                  + f32(2.0 * upper * (1.0 - beta)) * s1 * psi_b[1]))
     # a wide input below l (the middle piece narrower than 1 std): `_hard_swish_wide_below`
     wide_first, wide_second = _hard_swish_wide_below(std, a, b, pdf_b, psi_b, alpha, beta)
-    # the width against std, not b - a: clamped at the z limit, a = b for any input far enough
-    # below, and a deterministic one (s = 0) would divide 0 by 0 in the Gauss-Legendre density
-    wide = tirx.all(a > f32(0.0), f32((1.0 - beta) / alpha + beta / alpha) < std, (b - a) * (a + b) <= f32(6.0))
+    # the width u - l = 1 / alpha against std, not b - a: clamped at the z limit, a = b for any
+    # input far enough below, and a deterministic one (s = 0) would divide 0 by 0 in the density
+    wide = tirx.all(a > f32(0.0), f32(1.0 / alpha) < std, (b - a) * (a + b) <= f32(6.0))
     below = a >= f32(1.6)  # 1.6: where the tail moments hold
     first = tirx.Select(wide, wide_first, first)
     second = tirx.Select(wide, wide_second, second)
