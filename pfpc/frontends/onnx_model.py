@@ -589,15 +589,30 @@ def fix_batch(model: onnx.ModelProto, batch: int | None, name: str) -> onnx.Mode
     """Set the leading (batch) dimension of the inputs and outputs to ``batch`` where it is
     symbolic. Any other symbolic input dimension is refused: it is not the batch, and giving it
     the batch's value would compile another network (``["N", 3, "L"]`` with --batch 2 is not
-    [2, 3, 2]). Other symbolic output dimensions are left to shape inference."""
+    [2, 3, 2]). Other symbolic output dimensions are left to shape inference.
+
+    A model whose inputs all have a fixed leading dimension (a batch-1 export) keeps it, or with
+    ``--batch N`` is re-batched where that is shown sound (`rebatch`); its symbolic output batch
+    dimensions are left to shape inference."""
     inputs = list(graph_inputs(model))
+    fixed_batch = _fixed_input_batch(inputs)
+    rebatched = fixed_batch is not None and batch is not None and batch != fixed_batch[1]
+    if rebatched:
+        value, size = fixed_batch
+        if size != 1 or any(len(v.type.tensor_type.shape.dim) and v.type.tensor_type.shape.dim[0].dim_value != 1 for v in inputs):
+            shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
+            raise PfpcError(
+                f"{name}: --batch {batch}, but input '{value.name}' has the fixed batch dimension {size} ({shape}): export "
+                f"the model with a symbolic batch dimension (torch.onnx.export(..., dynamic_axes={{'{value.name}': {{0: 'N'}}}})) "
+                "or compile without --batch"
+            )
     for value in inputs + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         for axis, dim in enumerate(dims):
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 continue
             label = dim.dim_param or "?"
-            if axis > 0:
+            if axis > 0 or (fixed_batch is not None and value not in inputs):
                 if value in inputs:
                     raise PfpcError(
                         f"{name}: dimension {axis} ('{label}') of '{value.name}' is symbolic; --batch N sets only the leading "
@@ -613,7 +628,20 @@ def fix_batch(model: onnx.ModelProto, batch: int | None, name: str) -> onnx.Mode
             dim.dim_value = batch
     # intermediate value_info would keep the old symbols; shape inference recomputes it
     del model.graph.value_info[:]
+    if rebatched:
+        from .rebatch import rebatch
+
+        return rebatch(model, inputs, batch, name)
     return model
+
+
+def _fixed_input_batch(inputs) -> tuple | None:
+    """(the first input, its leading dimension) when every input of rank >= 1 has a fixed leading
+    dimension, else None (some input's batch is symbolic: --batch sets it)."""
+    ranked = [v for v in inputs if len(v.type.tensor_type.shape.dim)]
+    if not ranked or any(not (d := v.type.tensor_type.shape.dim[0]).HasField("dim_value") or d.dim_value <= 0 for v in ranked):
+        return None
+    return ranked[0], ranked[0].type.tensor_type.shape.dim[0].dim_value
 
 
 def input_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:

@@ -1,0 +1,87 @@
+"""A batch-1 export compiled at another batch size.
+
+Exporters write the batch size they traced with into the graph's inputs (``torch.onnx.export``
+without ``dynamic_axes`` gives ``[1, 3, 32, 32]``). ``--batch N`` on such a model sets the inputs'
+leading dimension to N and accepts the result only when
+
+- shape inference gives every output the leading dimension N, and
+- onnxruntime, run on two items at once, gives each item the outputs the batch-1 model gives it
+  alone (the model's own numbers are the reference, nothing of pfpc's).
+
+A graph with its batch size written into it (a Reshape to ``[1, -1]``, a reduction or a Concat
+over the batch axis) is refused with the output that shows it: never compiled at a batch it does
+not have, and never at batch 1 with --batch ignored in silence."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..errors import PfpcError
+
+#: items run side by side in the check: two are enough to show one item's outputs depend on another's
+CHECK_ITEMS = 2
+
+
+def rebatch(model: onnx.ModelProto, inputs, batch: int, name: str) -> onnx.ModelProto:
+    """``model`` (every input of rank >= 1 with the fixed leading dimension 1) at batch ``batch``."""
+    batched = _with_batch(model, inputs, batch, name)
+    _check_items_independent(model, _with_batch(model, inputs, CHECK_ITEMS, name), inputs, name)
+    return batched
+
+
+def _with_batch(model: onnx.ModelProto, inputs, batch: int, name: str) -> onnx.ModelProto:
+    """The inputs' leading dimension set to ``batch``, the outputs' left to shape inference; every
+    output must come out with the leading dimension ``batch``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    names = {v.name for v in inputs}
+    for value in copy.graph.input:
+        if value.name in names and len(value.type.tensor_type.shape.dim):
+            value.type.tensor_type.shape.dim[0].dim_value = batch
+    for value in copy.graph.output:
+        for dim in value.type.tensor_type.shape.dim:
+            dim.Clear()
+    del copy.graph.value_info[:]
+    try:
+        copy = onnx.shape_inference.infer_shapes(copy, check_type=True, strict_mode=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0]
+        raise PfpcError(f"{name}: --batch {batch} on a batch-1 export: ONNX shape inference fails at batch {batch} "
+                        f"(the graph has the batch size written into it): {first}") from None
+    for value in copy.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        leading = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else None
+        if leading != batch:
+            raise PfpcError(f"{name}: --batch {batch} on a batch-1 export: output '{value.name}' has leading dimension "
+                            f"{leading if leading is not None else 'unknown'} when the inputs take {batch} (the graph has the "
+                            "batch size written into it): export the model with a symbolic batch dimension")
+    return copy
+
+
+def _check_items_independent(single: onnx.ModelProto, batched: onnx.ModelProto, inputs, name: str) -> None:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for value in inputs:
+        shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        feeds[value.name] = rng.standard_normal([CHECK_ITEMS, *shape[1:]] if shape else []).astype(np.float32)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        together = ort.InferenceSession(batched.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+        alone_session = ort.InferenceSession(single.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        alone = [alone_session.run(None, {k: (v[i:i + 1] if v.ndim else v) for k, v in feeds.items()}) for i in range(CHECK_ITEMS)]
+    except Exception as err:
+        first = str(err).strip().splitlines()[0]
+        raise PfpcError(f"{name}: --batch on a batch-1 export: onnxruntime cannot run the model to check that its batch "
+                        f"items are independent: {first}") from None
+    for k, output in enumerate(single.graph.output):
+        for i in range(CHECK_ITEMS):
+            expected, got = alone[i][k][0], together[k][i]
+            scale = float(np.nanmax(np.abs(expected), initial=0.0))
+            if expected.shape != got.shape or not np.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+                raise PfpcError(f"{name}: --batch on a batch-1 export: output '{output.name}' of item {i} run beside another "
+                                "differs from the model run on it alone (the graph mixes its batch items): export the model "
+                                "with a symbolic batch dimension")
