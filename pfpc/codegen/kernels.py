@@ -255,7 +255,11 @@ def _groups(text: str) -> list[str]:
 
 def without_kept(text: str) -> str:
     """``text`` with every ``pfpc_kept(x)`` (`ops.moments.kept`: an opaque identity that keeps TVM's
-    analyzer from substituting a Let's value) replaced by its argument ``x``."""
+    analyzer from substituting a Let's value) replaced by its argument ``x``. In the text, not as
+    an intrinsic lowering for the C target like the LLVM build's (`_kept_value`): TVM lowers
+    intrinsics before its last simplifications, whose analyzer then substitutes the Let chains again
+    (a Softplus layer 0.2 -> 0.9 s to compile, GELU-tanh 0.2 -> 1.4 s; measured in session 12 with
+    benchmarks/compile_time.py --nodes --activations)."""
     marker = f"{KEPT}("
     out, start = [], 0
     while (found := text.find(marker, start)) >= 0:
