@@ -113,3 +113,13 @@ def test_fixed_batch_other_than_one_refused(tmp_path, capsys):
     model = _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"])], [("x", [2, 3])], [("y", [2, 3])], {})
     err = _refused(tmp_path, capsys, model, batch="4")
     assert "input 'x' has the fixed batch dimension 2" in err and "dynamic_axes" in err
+
+
+def test_verify_runs_a_batch_one_export_on_several_inputs(tmp_path, capsys):
+    """`pfpc verify --input` with three items (and `pfpc evaluate`, which batches a whole test set)
+    load the model at the inputs' batch: a batch-1 export is re-batched, not refused."""
+    x = tmp_path / "x.npy"
+    np.save(x, RNG.standard_normal((3, 2, 3)).astype(np.float32))
+    assert main(["verify", _mlp(tmp_path), "--posterior", _posterior(tmp_path), "--input", str(x), "--samples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 3" in out and "y " in out
