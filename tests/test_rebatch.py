@@ -58,10 +58,13 @@ def _reference(x, post):
     return reference.gemm(mean, var, W2, stds["w2.std"] ** 2, transB=1)
 
 
-@pytest.mark.parametrize("output_shape", [(1, 3), ("N", 3)], ids=["fixed_output", "symbolic_output"])
-def test_batch_one_export_compiled_at_another_batch(tmp_path, output_shape):
+@pytest.mark.parametrize("output_shape, flatten", [((1, 3), None), (("N", 3), None), ((1, 3), [1, -1]), ((1, 3), [1, 6])],
+                         ids=["fixed_output", "symbolic_output", "view_folded_by_the_exporter", "reshape_to_its_features"])
+def test_batch_one_export_compiled_at_another_batch(tmp_path, output_shape, flatten):
+    """``flatten``: torch's ``x.view(x.size(0), -1)`` as a batch-1 export folds it, a Reshape to the
+    constant [1, -1] (or [1, 6]): re-batched as [0, ...], the input's own batch."""
     post = _posterior(tmp_path)
-    model = _mlp(tmp_path, output_shape)
+    model = _mlp(tmp_path, output_shape, flatten)
     out = tmp_path / "out"
     compiler.compile(model, post, out_dir=str(out), batch=4, covariance="none")
     assert [list(shape) for _, shape in json.loads((out / "pfpc.json").read_text())["inputs"]] == [[4, 2, 3]]
@@ -89,14 +92,22 @@ def _refused(tmp_path, capsys, model, batch="4"):
 
 
 def test_batch_written_into_a_reshape_refused(tmp_path, capsys):
-    err = _refused(tmp_path, capsys, _mlp(tmp_path, flatten=[1, 6]))
+    """x [1, 2, 3] reshaped to [2, 3] (the batch dropped): 24 values at batch 4 do not fit."""
+    nodes = [helper.make_node("Reshape", ["x", "rows"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["m"]),
+             helper.make_node("Reshape", ["m", "flat"], ["y"])]
+    model = _save(tmp_path, nodes, [("x", [1, 2, 3])], [("y", [1, 10])],
+                  {"rows": np.array([2, 3], np.int64), "w": W1[:3].T.copy(), "flat": np.array([1, 10], np.int64)})
+    err = _refused(tmp_path, capsys, model)
     assert "m.onnx" in err and "--batch 4" in err and "batch size written into it" in err
 
 
-def test_batch_flattened_into_features_refused(tmp_path, capsys):
-    """Reshape to [1, -1] infers at batch 4 but gives the dense layer 24 features: refused."""
-    err = _refused(tmp_path, capsys, _mlp(tmp_path, flatten=[1, -1]))
-    assert "m.onnx" in err and "batch size written into it" in err
+def test_output_keeping_batch_one_refused(tmp_path, capsys):
+    """A mean over the batch axis: at batch 4 the output still has one row."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1), helper.make_node("Flatten", ["m"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "w1", "b1"], ["y"], transB=1)]
+    model = _save(tmp_path, nodes, [("x", [1, 2, 3])], [("y", [1, 5])], {"w1": W1, "b1": B1})
+    err = _refused(tmp_path, capsys, model)
+    assert "output 'y' has leading dimension 1 when the inputs take 4" in err
 
 
 def test_graph_mixing_batch_items_refused(tmp_path, capsys):

@@ -8,8 +8,9 @@ leading dimension to N and accepts the result only when
 - onnxruntime, run on two items at once, gives each item the outputs the batch-1 model gives it
   alone (the model's own numbers are the reference, nothing of pfpc's).
 
-A graph with its batch size written into it (a Reshape to ``[1, -1]``, a reduction or a Concat
-over the batch axis) is refused with the output that shows it: never compiled at a batch it does
+A Reshape to a constant ``[1, ...]`` (``x.view(x.size(0), -1)`` as exporters fold it) keeps the
+input's batch instead. A graph with its batch size written into it otherwise (a Reshape to
+``[1, 6]`` of six features, a reduction or a Concat over the batch axis) is refused with the output that shows it: never compiled at a batch it does
 not have, and never at batch 1 with --batch ignored in silence."""
 
 from __future__ import annotations
@@ -25,9 +26,48 @@ CHECK_ITEMS = 2
 
 def rebatch(model: onnx.ModelProto, inputs, batch: int, name: str) -> onnx.ModelProto:
     """``model`` (every input of rank >= 1 with the fixed leading dimension 1) at batch ``batch``."""
-    batched = _with_batch(model, inputs, batch, name)
-    _check_items_independent(model, _with_batch(model, inputs, CHECK_ITEMS, name), inputs, name)
+    flexible = _reshapes_keep_batch(model)
+    batched = _with_batch(flexible, inputs, batch, name)
+    _check_items_independent(model, _with_batch(flexible, inputs, CHECK_ITEMS, name), inputs, name)
     return batched
+
+
+def _reshapes_keep_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which a Reshape to a constant ``[1, ...]`` of a tensor whose leading dimension is 1
+    reshapes to ``[0, ...]`` (ONNX: the input's own leading dimension) instead: the same at batch 1,
+    and what ``x.view(x.size(0), -1)`` meant before the exporter folded the batch into a constant.
+    `_check_items_independent` still compares the result with the model as exported."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    shapes = _leading_dims(copy)
+    constants = {init.name: init for init in copy.graph.initializer}
+    for node in copy.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants or shapes.get(node.input[0]) != 1:
+            continue
+        if any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        target = onnx.numpy_helper.to_array(constants[node.input[1]])
+        if target.ndim != 1 or not len(target) or target[0] != 1:
+            continue
+        kept = onnx.numpy_helper.from_array(np.concatenate([[0], target[1:]]).astype(target.dtype), f"{node.input[1]}_batch_kept_{len(constants)}")
+        constants[kept.name] = kept
+        copy.graph.initializer.append(kept)
+        node.input[1] = kept.name
+    return copy
+
+
+def _leading_dims(model: onnx.ModelProto) -> dict:
+    """{value: its leading dimension} where shape inference at the exported batch knows it."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return {}
+    dims = {}
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        shape = value.type.tensor_type.shape.dim
+        if len(shape) and shape[0].HasField("dim_value"):
+            dims[value.name] = shape[0].dim_value
+    return dims
 
 
 def _with_batch(model: onnx.ModelProto, inputs, batch: int, name: str) -> onnx.ModelProto:
