@@ -705,7 +705,7 @@ def _compress(args) -> int:
     options = Options(args.components if args.components is not None or args.max_w2 is not None else 16, args.max_w2,
                       args.per_layer, args.outliers, args.gmm, args.merge_w2, args.min_size,
                       args.precision_weighted, args.blend, args.blend_levels, args.channel_scale)
-    model = load_model(args.model, 1)
+    model = load_model(args.model, 1, shapes_only=True)
     full = load_posterior(model, args.posterior)
     shared, layers = compress_posterior(model, full, options)
     arrays = to_arrays(shared)

@@ -44,7 +44,7 @@ def suite_outputs(model_path: str, posterior, sets=None) -> tuple:
     from .predictors import check_classifier, check_labels, pfp_outputs, shape_inputs
 
     sets = sets if sets is not None else default_suite()
-    model = load_model(model_path, 1)
+    model = load_model(model_path, 1, shapes_only=True)
     check_labels(sets, check_classifier(model, model_path), model_path)
     return pfp_outputs(model_path, posterior, shape_inputs(model, np.concatenate([np.asarray(s.x).reshape(len(s.x), -1) for s in sets]), model_path))
 

@@ -33,8 +33,10 @@ def notice(message: str) -> None:
     print(f"pfpc: note: {message}", file=sys.stderr)
 
 
-def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelProto:
-    """Read, check and normalise the ONNX file at ``path``; one-line `PfpcError` on bad input."""
+def load_model(path: str | os.PathLike, batch: int | None = None, *, shapes_only: bool = False) -> onnx.ModelProto:
+    """Read, check and normalise the ONNX file at ``path``; one-line `PfpcError` on bad input.
+    ``batch``: the batch to compile at (`fix_batch`); ``shapes_only``: the caller reads the weights'
+    shapes alone, so a fixed batch is kept whatever it is and ``batch`` only fills a symbolic one."""
     path = os.fspath(path)
     name = os.path.basename(path)
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1):
@@ -73,7 +75,7 @@ def load_model(path: str | os.PathLike, batch: int | None = None) -> onnx.ModelP
     model = fold_constants(model)
     fuse_erf_gelu(model, name)
     _check_float32(model, name)
-    model = fix_batch(model, batch, name)
+    model = fix_batch(model, batch, name, shapes_only)
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as err:
@@ -585,7 +587,7 @@ def graph_inputs(model: onnx.ModelProto):
     return [value for value in model.graph.input if value.name not in initializers]
 
 
-def fix_batch(model: onnx.ModelProto, batch: int | None, name: str) -> onnx.ModelProto:
+def fix_batch(model: onnx.ModelProto, batch: int | None, name: str, shapes_only: bool = False) -> onnx.ModelProto:
     """Set the leading (batch) dimension of the inputs and outputs to ``batch`` where it is
     symbolic. Any other symbolic input dimension is refused: it is not the batch, and giving it
     the batch's value would compile another network (``["N", 3, "L"]`` with --batch 2 is not
@@ -596,7 +598,7 @@ def fix_batch(model: onnx.ModelProto, batch: int | None, name: str) -> onnx.Mode
     dimensions are left to shape inference."""
     inputs = list(graph_inputs(model))
     fixed_batch = _fixed_input_batch(inputs)
-    rebatched = fixed_batch is not None and batch is not None and batch != fixed_batch[1]
+    rebatched = fixed_batch is not None and batch is not None and batch != fixed_batch[1] and not shapes_only
     if rebatched:
         value, size = fixed_batch
         if size != 1 or any(len(v.type.tensor_type.shape.dim) and v.type.tensor_type.shape.dim[0].dim_value != 1 for v in inputs):

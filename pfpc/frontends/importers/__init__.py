@@ -68,7 +68,7 @@ def _onnx(model):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         return fold_constants(copy), "model"
-    return load_model(model, batch=1), os.path.basename(os.fspath(model))
+    return load_model(model, batch=1, shapes_only=True), os.path.basename(os.fspath(model))
 
 
 def match_posterior(format: str, checkpoint, onnx_model, allow_unmatched: bool = False) -> ImportResult:
