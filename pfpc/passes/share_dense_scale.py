@@ -56,7 +56,8 @@ from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, infer_output_repr
 from ..ops.registry import STAGES, Fusion
 from ..ops.shared_scale import SCENARIOS
-from .carry_channel_covariance import DEFAULT_BUDGET, _activation, _diagonal_instructions, _extra_instructions, _graph, _Rewriter
+from .carry_channel_covariance import DEFAULT_BUDGET, LoadingRewriter
+from .covariance_graph import CovarianceGraph
 from .kernel_rewriter import KernelRewriter
 
 SHARED_SCALE_MODES = ("auto", "on", "off")
@@ -101,10 +102,11 @@ def _is_weight(func, expr) -> bool:
     return isinstance(expr, relax.Var) and any(expr.same_as(p) for p in func.params[num_input:])
 
 
-def find_site(mod, mode: str):
+def find_site(mod, mode: str, graph: CovarianceGraph | None = None):
     """(the `Site`, None) where the scale applies, else (None, the reason it does not)."""
     func = mod["main"]
-    order, calls, users, _, _ = _graph(mod)
+    graph = graph or CovarianceGraph.of(mod)
+    order, calls, users = graph.order, graph.calls, graph.users
     weights = ir_state.means(func)
     reasons = []
     for var in order:
@@ -194,14 +196,13 @@ def output_shape_of(binding):
     return [int(d) for d in ty.shape]
 
 
-def extra_fraction(mod, site: Site) -> float:
+def extra_fraction(graph: CovarianceGraph, site: Site) -> float:
     """Estimated extra Cortex-M4 instructions of the scale as a fraction of the diagonal PFP's:
     the convolution's loading (unloaded input), the correlated max-pool and its maxima's
     loadings, alpha's two passes over the dense weights, the features' ReLU moments at the
     nodes, and the tail twice more (the scale's two scenarios beside the diagonal one)."""
-    order, calls, users, _, _ = _graph(mod)
-    diagonal = sum(_diagonal_instructions(*calls[var]) for var in order)
-    extra = _extra_instructions(calls[site.conv], _activation(site.conv, calls, users))[0]
+    calls = graph.calls
+    extra = graph.extra_instructions(site.conv)[0]
     pre = output_shape_of(calls[site.pool if site.pool is not None else site.relu][2])
     features = int(np.prod(pre))
     if site.pool is not None:
@@ -209,11 +210,11 @@ def extra_fraction(mod, site: Site) -> float:
     weight = shape_of(list(calls[site.dense][2].value.args[1].fields)[2])
     extra += 2 * pre[0] * int(np.prod(weight)) * _PER_DETERMINISTIC_MAC
     extra += features * NODES * _PER_NODE
-    extra += (SCENARIOS - 1) * sum(_diagonal_instructions(*calls[var]) for var in site.tail)
-    return extra / diagonal
+    extra += (SCENARIOS - 1) * graph.diagonal_instructions(site.tail)
+    return extra / graph.diagonal_instructions()
 
 
-class _ScaleRewriter(_Rewriter):
+class _ScaleRewriter(LoadingRewriter):
     """The rewrite of the module docstring: the convolution's loading as `CarryChannelCovariance`
     makes it in ``pooled`` mode (the variances stay the diagonal PFP's), the kappa kernels beside
     the diagonal PFP, the tail on three scenarios stacked in the batch, the outputs mixed."""
@@ -332,11 +333,12 @@ class ShareDenseScale:
         if ir_state.covariance(mod["main"]) is not None:
             self.reasons.append("--covariance placed per-channel loadings: the shared scale is for the diagonal PFP's dense tail")
             return mod
-        site, reason = find_site(mod, self.mode)
+        graph = CovarianceGraph.of(mod)  # the one `CarryChannelCovariance` read, when it left the module as it was
+        site, reason = find_site(mod, self.mode, graph)
         if site is None:
             self.reasons.append(reason)
             return mod
-        fraction = extra_fraction(mod, site)
+        fraction = extra_fraction(graph, site)
         if self.mode == "auto" and fraction > self.budget:
             self.reasons.append(f"{site.dense.name}: an estimated +{fraction:.0%} Cortex-M4 instructions, over the budget of {self.budget:.0%}")
             return mod
