@@ -90,7 +90,7 @@ def test_the_operator_references_compose_to_the_prototype_kappa():
     channel_mean, channel_var = R.mixture(*sums, (weights / weights.sum())[None, None], axis=2)
     kappa = channel_var.sum(1)
     np.testing.assert_allclose(kappa, NG.feature_scale_variance(mean, var, loading, alpha.reshape(2, -1), 5), rtol=1e-6)
-    p, lam = R.two_point_scale(np.array([0.2, 3.0]))
+    p, lam = R.scale_points(np.array([0.2, 3.0]))
     assert np.all(p[0] == 0) and np.all(lam[0] == 1)  # the diagonal scenario: its means, no weight
     for k, (expected_p, expected_lam) in enumerate(NG.two_point_scale(np.array([0.2, 3.0])), start=1):
         np.testing.assert_allclose(p[k], expected_p)

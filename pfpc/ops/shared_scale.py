@@ -14,8 +14,8 @@ predicts kappa = Var(lam) per input row from the last convolution's per-channel 
 
 G_i(z), F_i(z) the second and fourth raw moments of relu(y_i) given z, the expectation over z by
 Gauss-Hermite nodes (`feature_scale_sums`, `mixture`, then a sum over channels), and runs the
-layers after the dense one in two scenarios of lam (`two_point_scale`, `scale_scenarios`) beside
-the diagonal PFP's own (lam = 1), mixed at the outputs with the diagonal scenario's means
+layers after the dense one in two scenarios of lam beside the diagonal PFP's own (lam = 1):
+three rows (`scale_points`, `scale_scenarios`), mixed at the outputs with the diagonal scenario's means
 (`mixture`). Each operator here is one TE compute with at most one reduction.
 """
 
@@ -98,7 +98,7 @@ def mixture(x: Gaussian, probability: Gaussian, axis: int, mean_of_first: bool =
     return Gaussian(mean, var, "var")
 
 
-def two_point_scale(kappa: Gaussian, part: str) -> Gaussian:
+def scale_points(kappa: Gaussian, part: str) -> Gaussian:
     """Three scenarios (p_k, lam_k) per row: k = 0 the diagonal PFP's (lam = 1, p = 0: its means
     are the outputs', `mixture`'s ``mean_of_first``), k = 1, 2 the two points of a scale with
     E[lam] = 1 and Var[lam] = r, r = max(kappa's variance, 0) (kappa: a Gaussian [N] whose
@@ -120,7 +120,7 @@ def two_point_scale(kappa: Gaussian, part: str) -> Gaussian:
         point = tirx.Select(k == 1, tirx.max(f32(1.0) - root, f32(0.0)), f32(1.0) + tirx.Select(small, root, r))
         return tirx.Select(k == 0, f32(1.0), point)
 
-    return Gaussian(te.compute([SCENARIOS, rows], body, name=f"two_point_{part}"), None, "none")
+    return Gaussian(te.compute([SCENARIOS, rows], body, name=f"scale_points_{part}"), None, "none")
 
 
 def scale_scenarios(x: Gaussian, scale: Gaussian) -> Gaussian:

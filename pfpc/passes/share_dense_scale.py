@@ -16,7 +16,7 @@ each row its own kappa):
           alpha  = (inverse_noise(raw_second_moment(x) @ s2, s2_b) @ s2^T) / J  (x: the dense's input)
           sums   = feature_scale_sums(y, a_y, alpha, Gauss-Hermite nodes)   [N, C, Q]
           kappa  = var of reduce_sum(mixture(sums, node weights), channels)  Var(lam) per row
-          p, lam = two_point_scale(kappa)                                   [3, N] each
+          p, lam = scale_points(kappa)                                      [3, N] each
       u3   = scale_scenarios(u, lam) viewed [3N, J]      (variance times lam_k: lam_0 = 1, the diagonal PFP's, and the two points)
       tail = the same layers on [3N, ...]
       each output: mixture(tail's output viewed [3, N, ...], p)   mean m_0 (the diagonal PFP's),
@@ -286,8 +286,8 @@ class _ScaleRewriter(LoadingRewriter):
         sums = self.emit("feature_scale_sums", {}, [pre, loading, alpha, self.weight(f"{stem}.nodes", nodes)])
         channels = self.emit("mixture", {"axis": 2}, [sums, self.weight(f"{stem}.node_weights", (node_weights / node_weights.sum()).reshape(1, 1, -1))])
         kappa = self.emit("reduce_sum", {"axes": [1], "keepdims": False}, [channels])
-        self.probability = self.emit("two_point_scale", {"part": "probability"}, [kappa])
-        self.scale = self.emit("two_point_scale", {"part": "scale"}, [kappa])
+        self.probability = self.emit("scale_points", {"part": "probability"}, [kappa])
+        self.scale = self.emit("scale_points", {"part": "scale"}, [kappa])
 
     def site_binding(self, var):
         return next(b for b in main_bindings(self.func) if b.var.same_as(var))
