@@ -10,10 +10,12 @@ each row its own kappa):
 
     conv -> [bias] -> maxpool -> relu -> flatten -> dense -> [bias] -> tail -> outputs
     becomes
-    conv -> [bias] -> maxpool -> relu -> flatten -> dense -> [bias] = u  (the diagonal PFP's, unchanged)
+    conv -> [bias] -> maxpool -> relu -> flatten = x
+      |                     dense = add_variance(x @ mu, c), c = raw_second_moment(x) @ s2   (the diagonal PFP's moments)
+      |                     [bias] = u
       |  a = the conv's per-channel loading (`CarryChannelCovariance`'s, "pooled": variances unchanged)
       +-> y, a_y = maxpool2d_correlated(., a), maxpool2d_loading(., a)       the features' pre-activations
-          alpha  = (inverse_noise(raw_second_moment(x) @ s2, s2_b) @ s2^T) / J  (x: the dense's input)
+          alpha  = (inverse_noise(c, s2_b) @ s2^T) / J
           sums   = feature_scale_sums(y, a_y, alpha, Gauss-Hermite nodes)   [N, C, Q]
           kappa  = var of reduce_sum(mixture(sums, node weights), channels)  Var(lam) per row
           p, lam = scale_points(kappa)                                      [3, N] each
@@ -71,8 +73,8 @@ NOISE_DOMINATED = 10.0
 
 # Cortex-M4 instructions of the scale's own kernels (QEMU profile of the seed LeNet-5, batch 1,
 # benchmarks/shared_scale_compiled.md): per feature and node of `feature_scale_sums` (155,240 for
-# 400 x 5), per deterministic multiply-add of alpha's two passes over the dense weights (120,360
-# per 48,000), per output and window element of the correlated max-pool and its maxima's loadings
+# 400 x 5), per deterministic multiply-add of alpha's pass over the dense weights (121,120 per
+# 48,000; the noise c is the dense layer's own variance term, computed once), per output and window element of the correlated max-pool and its maxima's loadings
 # (188,320 + 165,640 for 400 outputs of 2x2 windows)
 _PER_NODE = 78.0
 _PER_DETERMINISTIC_MAC = 2.5
@@ -199,7 +201,7 @@ def output_shape_of(binding):
 def extra_fraction(graph: CovarianceGraph, site: Site) -> float:
     """Estimated extra Cortex-M4 instructions of the scale as a fraction of the diagonal PFP's:
     the convolution's loading (unloaded input), the correlated max-pool and its maxima's
-    loadings, alpha's two passes over the dense weights, the features' ReLU moments at the
+    loadings, alpha's pass over the dense weights, the features' ReLU moments at the
     nodes, and the tail twice more (the scale's two scenarios beside the diagonal one)."""
     calls = graph.calls
     extra = graph.extra_instructions(site.conv)[0]
@@ -208,7 +210,7 @@ def extra_fraction(graph: CovarianceGraph, site: Site) -> float:
     if site.pool is not None:
         extra += features * int(np.prod(calls[site.pool][0].stages[0][1]["kernel"])) * _PER_POOLED_TAP
     weight = shape_of(list(calls[site.dense][2].value.args[1].fields)[2])
-    extra += 2 * pre[0] * int(np.prod(weight)) * _PER_DETERMINISTIC_MAC
+    extra += pre[0] * int(np.prod(weight)) * _PER_DETERMINISTIC_MAC
     extra += features * NODES * _PER_NODE
     extra += (SCENARIOS - 1) * graph.diagonal_instructions(site.tail)
     return extra / graph.diagonal_instructions()
@@ -224,6 +226,7 @@ class _ScaleRewriter(LoadingRewriter):
         self.site = site
         self.inside = set(site.tail) | {site.scaled}
         self.pre = None  # (the features' pre-activations, their loadings)
+        self.noise = None  # the dense layer's noise variance c [N, J] (`dense`)
         self.probability = self.scale = None  # p, lam [SCENARIOS, N]
 
     def emit(self, stage, attrs, operands, output=None, nodes=()):
@@ -253,9 +256,11 @@ class _ScaleRewriter(LoadingRewriter):
                 self.pre = (self.emit("maxpool2d_correlated", attrs, [x, loading]), self.emit("maxpool2d_loading", attrs, [x, loading]))
             KernelRewriter._visit(self, binding)  # the diagonal PFP's max-pool or ReLU
             return
-        super()._visit(binding)
         if var.same_as(site.dense):
+            self.dense(binding)
             self.kappa(binding)
+            return
+        super()._visit(binding)
         if var.same_as(site.scaled):
             scaled = self.values[var][0]
             stacked = self.emit("scale_scenarios", {}, [scaled, self.scale])
@@ -264,10 +269,24 @@ class _ScaleRewriter(LoadingRewriter):
             self.values[var] = (view, "mean")
             self.results[var] = view
 
+    def dense(self, binding):
+        """The dense layer as two kernels: x @ mu (its input's variance through the weights'
+        means, sum_i v_i mu_ji^2) and the noise c = E[x^2] @ s2, which alpha reads as well,
+        added to its variance: the moments of the Gaussian dense kernel, with one pass over the
+        weights' variances for both."""
+        spec, _ = kernel_of(self.mod, binding.value)
+        features, w = self._operands(spec, list(binding.value.args[1].fields))
+        attrs = spec.stages[0][1]
+        self.noise = self.emit("matmul", attrs, [self.emit("raw_second_moment", {}, [features]), GaussianValue(w.moment)])
+        spread = self.emit("matmul", attrs, [features, self.det(w)], nodes=spec.stage_nodes(0))
+        result = self.emit("add_variance", {"square": False}, [spread, self.noise])
+        self.values[binding.var] = (result, "mean")
+        self.results[binding.var] = result
+
     def kappa(self, binding):
         """p and lam of the scenarios per row, from Var(lam) (the module docstring)."""
         spec, _ = kernel_of(self.mod, binding.value)
-        features, w = self._operands(spec, list(binding.value.args[1].fields))
+        w = self._operands(spec, list(binding.value.args[1].fields))[1]
         s2 = self.weights[w.moment.name].astype(np.float64)
         bias_var = np.zeros(s2.shape[1])
         if not self.site.scaled.same_as(self.site.dense):
@@ -276,9 +295,7 @@ class _ScaleRewriter(LoadingRewriter):
             if bias.repr == Moment.VAR:
                 bias_var = self.weights[bias.moment.name].astype(np.float64).reshape(-1)
         stem = self.stem
-        second = self.emit("raw_second_moment", {}, [features])
-        noise = self.emit("matmul", {}, [second, self.weight(f"{stem}.noise_weight", s2)])
-        inverse = self.emit("inverse_noise", {}, [noise, self.weight(f"{stem}.noise_bias", bias_var)])
+        inverse = self.emit("inverse_noise", {}, [self.noise, self.weight(f"{stem}.noise_bias", bias_var)])
         alpha = self.emit("matmul", {}, [inverse, self.weight(f"{stem}.alpha_weight", s2.T / s2.shape[1])])
         pre, loading = self.pre
         alpha = self.view(alpha, shape_of(pre.mean))
