@@ -551,7 +551,9 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
     in place of sqrt(v1 + v2) (the moments' formulas are otherwise the same); the accumulated
     maximum's loading is a1 Phi(al) + a2 Phi(-al) (Stein's lemma), read by the next step.
     ``loading_out`` (stage ``maxpool2d_loading``): that loading of the window's maximum is the
-    output (deterministic), for a mean over positions after the max-pool."""
+    output (deterministic), for a mean over positions after the max-pool; its steps take Clark's
+    closed form only (no tail form: the loading reads Phi(al) alone, which a clear winner's
+    cancelling variance hardly moves)."""
     batch, chans, height, width = x.shape
     pad_top, pad_left = pads[0], pads[1]
     out_h, out_w, (i, j), window = _pool_windows(x.shape, kernel, strides, pads, dilations, ceil_mode)
@@ -652,7 +654,7 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
             _inside, mean, var, load = at(positions[k], n, c, y, xx)
             here = (n, c, y, xx)
             max_mean, max_var = clark_max_moments(acc_mean[here], acc_var[here], mean, var, (spread[here], cdf[here], pdf[here], alpha[here]),
-                                                  covariance=acc[2][here] * load if correlated else None)
+                                                  tail_form=not loading_out, covariance=acc[2][here] * load if correlated else None)
             if not correlated:
                 return max_mean, max_var
             return max_mean, max_var, acc[2][here] * cdf[here] + load * (f32(1.0) - cdf[here])
