@@ -460,7 +460,8 @@ OPERATORS = (
     # the shared dense-layer scale (`--shared-scale`): formulas in `pfpc.ops.shared_scale`, emitted
     # by `passes.share_dense_scale` only; Cortex-M4 costs per output element from the seed LeNet-5's QEMU profile
     Operator("feature_scale_sums", arity=4, reference="feature_scale_sums",
-             build=lambda inputs, attrs: S.feature_scale_sums(*inputs)),
+             build=lambda inputs, attrs: S.feature_scale_sums(*inputs, pool=(attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                                              attrs.get("ceil_mode", False)) if "kernel" in attrs else None)),
     Operator("mixture", arity=2, reference="mixture",
              build=lambda inputs, attrs: S.mixture(*inputs, attrs["axis"], attrs.get("mean_of_first", False))),
     Operator("scale_points", native=Moment.NONE, libm_calls={"sqrt": 1}, reference="scale_points",

@@ -10,13 +10,12 @@ each row its own kappa):
 
     conv -> [bias] -> maxpool -> relu -> flatten -> dense -> [bias] -> tail -> outputs
     becomes
-    conv -> [bias] -> maxpool -> relu -> flatten = x
-      |                     dense = add_variance(x @ mu, c), c = raw_second_moment(x) @ s2   (the diagonal PFP's moments)
-      |                     [bias] = u
+    conv -> [bias] -> maxpool -> relu -> flatten = x -> dense -> [bias] = u  (the diagonal PFP's moments; the dense
+      |                                 layer as add_variance(x @ mu, c), its noise c = raw_second_moment(x) @ s2 apart)
       |  a = the conv's per-channel loading (`CarryChannelCovariance`'s, "pooled": variances unchanged)
-      +-> y, a_y = maxpool2d_correlated(., a), maxpool2d_loading(., a)       the features' pre-activations
-          alpha  = (inverse_noise(c, s2_b) @ s2^T) / J
-          sums   = feature_scale_sums(y, a_y, alpha, Gauss-Hermite nodes)   [N, C, Q]
+      +-> alpha  = (inverse_noise(c, s2_b) @ s2^T) / J
+          sums   = feature_scale_sums(the max-pool's input, a, alpha, Gauss-Hermite nodes)   [N, C, Q]
+                   (in its kernel: the correlated maxima y and their loadings a_y, the features' pre-activations)
           kappa  = var of reduce_sum(mixture(sums, node weights), channels)  Var(lam) per row
           p, lam = scale_points(kappa)                                      [3, N] each
       u3   = scale_scenarios(u, lam) viewed [3N, J]      (variance times lam_k: lam_0 = 1, the diagonal PFP's, and the two points)
@@ -25,7 +24,8 @@ each row its own kappa):
                                                                 var sum p (v + m^2) - (sum p m)^2
 
 (ops in `pfpc.ops.shared_scale`; without a max-pool the ReLU reads the convolution's output, and
-y, a_y are that output and its loading). The outputs keep the diagonal PFP's means (scenario 0,
+y, a_y are that output and its loading; with one, `feature_scale_sums` runs the max-pool's Clark
+steps with the window's correlation, `gaussian.maxpool2d`, once per feature for all nodes). The outputs keep the diagonal PFP's means (scenario 0,
 lam = 1, weight 0): measured on the seed LeNet-5 with Fashion-MNIST, the two-point mixture's own
 means were further from Monte Carlo's (0.081 MC standard deviations against 0.051; a log-normal
 scale in 5 scenarios: 0.072), while its variance is the one that matches (docs/covariance.md).
@@ -200,7 +200,7 @@ def output_shape_of(binding):
 
 def extra_fraction(graph: CovarianceGraph, site: Site) -> float:
     """Estimated extra Cortex-M4 instructions of the scale as a fraction of the diagonal PFP's:
-    the convolution's loading (unloaded input), the correlated max-pool and its maxima's
+    the convolution's loading (unloaded input), the correlated max-pool with its maxima's
     loadings, alpha's pass over the dense weights, the features' ReLU moments at the
     nodes, and the tail twice more (the scale's two scenarios beside the diagonal one)."""
     calls = graph.calls
@@ -225,7 +225,7 @@ class _ScaleRewriter(LoadingRewriter):
         super().__init__(mod, [site.conv], pooled_only=True, maxima=False, separable=separable)
         self.site = site
         self.inside = set(site.tail) | {site.scaled}
-        self.pre = None  # (the features' pre-activations, their loadings)
+        self.pre = None  # (the features' pre-activations or the max-pool's inputs, their loadings, the pool's attributes, the features' shape)
         self.noise = None  # the dense layer's noise variance c [N, J] (`dense`)
         self.probability = self.scale = None  # p, lam [SCENARIOS, N]
 
@@ -249,11 +249,9 @@ class _ScaleRewriter(LoadingRewriter):
             spec, _ = kernel_of(self.mod, binding.value)
             x = self._operands(spec, list(binding.value.args[1].fields))[0]
             loading = self.loaded(x, binding)
-            if site.pool is None:
-                self.pre = (x, loading)
-            else:  # the maxima's moments with the window's correlation, and their loadings
-                attrs = spec.stages[0][1]
-                self.pre = (self.emit("maxpool2d_correlated", attrs, [x, loading]), self.emit("maxpool2d_loading", attrs, [x, loading]))
+            # with a max-pool: its inputs, whose correlated maxima and their loadings
+            # `feature_scale_sums` computes in its own kernel (the pool's attributes)
+            self.pre = (x, loading, spec.stages[0][1] if site.pool is not None else {}, output_shape_of(binding))
             KernelRewriter._visit(self, binding)  # the diagonal PFP's max-pool or ReLU
             return
         if var.same_as(site.dense):
@@ -297,10 +295,10 @@ class _ScaleRewriter(LoadingRewriter):
         stem = self.stem
         inverse = self.emit("inverse_noise", {}, [self.noise, self.weight(f"{stem}.noise_bias", bias_var)])
         alpha = self.emit("matmul", {}, [inverse, self.weight(f"{stem}.alpha_weight", s2.T / s2.shape[1])])
-        pre, loading = self.pre
-        alpha = self.view(alpha, shape_of(pre.mean))
+        pre, loading, pool, shape = self.pre
+        alpha = self.view(alpha, shape)
         nodes, node_weights = np.polynomial.hermite_e.hermegauss(NODES)
-        sums = self.emit("feature_scale_sums", {}, [pre, loading, alpha, self.weight(f"{stem}.nodes", nodes)])
+        sums = self.emit("feature_scale_sums", pool, [pre, loading, alpha, self.weight(f"{stem}.nodes", nodes)])
         channels = self.emit("mixture", {"axis": 2}, [sums, self.weight(f"{stem}.node_weights", (node_weights / node_weights.sum()).reshape(1, 1, -1))])
         kappa = self.emit("reduce_sum", {"axes": [1], "keepdims": False}, [channels])
         self.probability = self.emit("scale_points", {"part": "probability"}, [kappa])
