@@ -72,13 +72,14 @@ NODES = 5  # Gauss-Hermite nodes over each channel's latent (3: kappa 0.28x too 
 NOISE_DOMINATED = 10.0
 
 # Cortex-M4 instructions of the scale's own kernels (QEMU profile of the seed LeNet-5, batch 1,
-# benchmarks/shared_scale_compiled.md): per feature and node of `feature_scale_sums` (155,240 for
+# benchmarks/shared_scale_compiled.md): per feature and node of `feature_scale_sums` (161,640 for
 # 400 x 5), per deterministic multiply-add of alpha's pass over the dense weights (121,120 per
-# 48,000; the noise c is the dense layer's own variance term, computed once), per output and window element of the correlated max-pool and its maxima's loadings
-# (188,320 + 165,640 for 400 outputs of 2x2 windows)
-_PER_NODE = 78.0
+# 48,000; the noise c is the dense layer's own variance term, computed once), per output and
+# window element of the correlated max-pool with its maxima's loadings that `feature_scale_sums`
+# runs in its kernel (its 349,440 less the nodes' 161,640, for 400 outputs of 2x2 windows)
+_PER_NODE = 81.0
 _PER_DETERMINISTIC_MAC = 2.5
-_PER_POOLED_TAP = 221.0
+_PER_POOLED_TAP = 117.0
 
 
 @dataclass
