@@ -76,10 +76,10 @@ NOISE_DOMINATED = 10.0
 # 400 x 5), per deterministic multiply-add of alpha's pass over the dense weights (121,120 per
 # 48,000; the noise c is the dense layer's own variance term, computed once), per output and
 # window element of the correlated max-pool with its maxima's loadings that `feature_scale_sums`
-# runs in its kernel (its 349,440 less the nodes' 161,640, for 400 outputs of 2x2 windows)
+# runs in its kernel (its 302,320 less the nodes' 161,640, for 400 outputs of 2x2 windows)
 _PER_NODE = 81.0
 _PER_DETERMINISTIC_MAC = 2.5
-_PER_POOLED_TAP = 117.0
+_PER_POOLED_TAP = 88.0
 
 
 @dataclass
