@@ -1164,7 +1164,7 @@ def mixture(mean, var, probability, axis, mean_of_first=False):
     return (np.take(m, 0, axis) if mean_of_first else mixed), variance
 
 
-def two_point_scale(kappa):
+def scale_points(kappa):
     """(p [3, N], lam [3, N]): row 0 the diagonal scenario (p = 0, lam = 1), rows 1, 2 the
     two-point scale with E lam = 1, Var lam = kappa (p = 1/2, lam = 1 -+ sqrt(kappa) while
     kappa <= 1, else lam1 = 0, p1 = kappa / (1 + kappa))."""

@@ -47,10 +47,22 @@ class ConvDense(nn.Module):
         return self.fc2(torch.relu(x) if self.tail_relu else x)
 
 
-def _noisy(pool=True, tail_relu=True, batch=2):
+class StridedPool(ConvDense):
+    """ConvDense with a 3x3 max-pool of stride 2 (overlapping windows) in place of the 2x2 one."""
+
+    def __init__(self, pool=True, tail_relu=True):
+        super().__init__(pool, tail_relu)
+        self.fc1 = nn.Linear(5 * 3 * 3, 12)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.conv(x)), 3, stride=2)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def _noisy(pool=True, tail_relu=True, batch=2, base=ConvDense):
     """The network with the seed LeNet-5's kind of posterior: convolution weights std ~ 2 |mean|,
     dense weights almost pure noise (std 30 |mean| + 0.05)."""
-    layout = type("ConvDense", (ConvDense,), {"__init__": lambda self: ConvDense.__init__(self, pool, tail_relu)})
+    layout = type("ConvDense", (base,), {"__init__": lambda self: base.__init__(self, pool, tail_relu)})
     model, stds, _ = TC._onnx(layout)
     from onnx import numpy_helper
 
@@ -90,7 +102,7 @@ def test_the_operator_references_compose_to_the_prototype_kappa():
     channel_mean, channel_var = R.mixture(*sums, (weights / weights.sum())[None, None], axis=2)
     kappa = channel_var.sum(1)
     np.testing.assert_allclose(kappa, NG.feature_scale_variance(mean, var, loading, alpha.reshape(2, -1), 5), rtol=1e-6)
-    p, lam = R.two_point_scale(np.array([0.2, 3.0]))
+    p, lam = R.scale_points(np.array([0.2, 3.0]))
     assert np.all(p[0] == 0) and np.all(lam[0] == 1)  # the diagonal scenario: its means, no weight
     for k, (expected_p, expected_lam) in enumerate(NG.two_point_scale(np.array([0.2, 3.0])), start=1):
         np.testing.assert_allclose(p[k], expected_p)
@@ -113,6 +125,23 @@ def test_generated_c_matches_the_float64_prototype(pool):
     assert np.all(kappa > 0.01) and kappa[0] != pytest.approx(kappa[1], rel=0.01)  # the scale matters, per row
     np.testing.assert_allclose(mean, expected_mean, rtol=1e-5, atol=1e-5 * np.abs(expected_mean).max())
     np.testing.assert_allclose(var, expected_var, rtol=1e-5)
+    diagonal = RC.pfp_covariance(model, variances, {"x": images.astype(np.float64)}, "none")["y"]
+    assert np.max(np.abs(var / diagonal[1] - 1)) > 0.01
+
+
+def test_overlapping_pool_windows_match_the_float64_prototype():
+    """A 3x3 max-pool of stride 2 before the dense layer: `feature_scale_sums` runs the correlated
+    maxima's Clark steps over overlapping windows in its own kernel; the C's moments equal
+    reference_nongauss.scale_mixture's (its max-pool in float64) to 1e-5 and differ from the diagonal PFP's."""
+    model, stds, images = _noisy(base=StridedPool)
+    mean, var, _ = _run(model, stds, images, "on")
+    variances = {k: v.astype(np.float64) ** 2 for k, v in stds.items()}
+    conv = next(n.output[0] for n in model.graph.node if n.op_type == "Conv")
+    dense = next(n.output[0] for n in model.graph.node if n.op_type == "Gemm")
+    expected, kappa = NG.scale_mixture(model, variances, images.astype(np.float64), conv, dense, pool=((3, 3), (2, 2), (0, 0, 0, 0), (1, 1)))
+    assert np.all(kappa > 0.01)
+    np.testing.assert_allclose(mean, expected["y"][0], rtol=1e-5, atol=1e-5 * np.abs(expected["y"][0]).max())
+    np.testing.assert_allclose(var, expected["y"][1], rtol=1e-5)
     diagonal = RC.pfp_covariance(model, variances, {"x": images.astype(np.float64)}, "none")["y"]
     assert np.max(np.abs(var / diagonal[1] - 1)) > 0.01
 

@@ -1030,6 +1030,26 @@ def _unroll_block(sch, init, depth: int, downstream, outer):
         for loops in epilogue:
             for loop in loops:
                 sch.unroll(loop)
+    else:
+        _merge_epilogue(sch, epilogue)
+
+
+def _merge_epilogue(sch, epilogue):
+    """The loops of a heavy epilogue's stages (a fused Gaussian ReLU: square root, exp, division)
+    merged level by level into one rolled nest, where they match: each element's stages then run
+    together, their intermediates scalars, not one loop per stage over arrays of the block."""
+    for level in range(min((len(loops) for loops in epilogue), default=0)):
+        loops = [loops[level] for loops in epilogue]
+        distinct = []
+        for loop in loops:
+            if not any(sch.get(loop).same_as(sch.get(seen)) for seen in distinct):
+                distinct.append(loop)
+        if len(distinct) < 2 or len({int(sch.get(loop).extent) for loop in distinct}) != 1:
+            return
+        try:
+            sch.merge(*distinct)
+        except Exception:  # TVM's ScheduleError: the nests do not merge (another shape, a dependence)
+            return
 
 
 def _light(sch, block) -> bool:

@@ -460,11 +460,12 @@ OPERATORS = (
     # the shared dense-layer scale (`--shared-scale`): formulas in `pfpc.ops.shared_scale`, emitted
     # by `passes.share_dense_scale` only; Cortex-M4 costs per output element from the seed LeNet-5's QEMU profile
     Operator("feature_scale_sums", arity=4, reference="feature_scale_sums",
-             build=lambda inputs, attrs: S.feature_scale_sums(*inputs)),
+             build=lambda inputs, attrs: S.feature_scale_sums(*inputs, pool=(attrs["kernel"], attrs["strides"], attrs["pads"], attrs["dilations"],
+                                                                              attrs.get("ceil_mode", False)) if "kernel" in attrs else None)),
     Operator("mixture", arity=2, reference="mixture",
              build=lambda inputs, attrs: S.mixture(*inputs, attrs["axis"], attrs.get("mean_of_first", False))),
-    Operator("two_point_scale", native=Moment.NONE, libm_calls={"sqrt": 1}, reference="two_point_scale",
-             build=lambda inputs, attrs: S.two_point_scale(inputs[0], attrs["part"])),
+    Operator("scale_points", native=Moment.NONE, libm_calls={"sqrt": 1}, reference="scale_points",
+             build=lambda inputs, attrs: S.scale_points(inputs[0], attrs["part"])),
     Operator("scale_scenarios", arity=2, reference="scale_scenarios", build=lambda inputs, attrs: S.scale_scenarios(*inputs)),
     Operator("inverse_noise", elementwise=True, arity=2, native=Moment.NONE, reference="inverse_noise",
              build=lambda inputs, attrs: S.inverse_noise(*inputs)),

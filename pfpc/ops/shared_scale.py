@@ -14,8 +14,8 @@ predicts kappa = Var(lam) per input row from the last convolution's per-channel 
 
 G_i(z), F_i(z) the second and fourth raw moments of relu(y_i) given z, the expectation over z by
 Gauss-Hermite nodes (`feature_scale_sums`, `mixture`, then a sum over channels), and runs the
-layers after the dense one in two scenarios of lam (`two_point_scale`, `scale_scenarios`) beside
-the diagonal PFP's own (lam = 1), mixed at the outputs with the diagonal scenario's means
+layers after the dense one in two scenarios of lam beside the diagonal PFP's own (lam = 1):
+three rows (`scale_points`, `scale_scenarios`), mixed at the outputs with the diagonal scenario's means
 (`mixture`). Each operator here is one TE compute with at most one reduction.
 """
 
@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .gaussian import Gaussian, _broadcast_index, _pair_sum
+from .gaussian import Gaussian, _broadcast_index, _pair_sum, maxpool2d
 from .moments import f32, pdf_exponent, safe_ratio, safe_sqrt, std_normal_cdf, std_normal_pdf
 
 SCENARIOS = 3  # the diagonal PFP (lam = 1, p = 0) and the two points of the scale
 
 
-def feature_scale_sums(x: Gaussian, loading: Gaussian, alpha: Gaussian, nodes: Gaussian) -> Gaussian:
+def feature_scale_sums(x: Gaussian, loading: Gaussian, alpha: Gaussian, nodes: Gaussian, pool=None) -> Gaussian:
     """Per row n, channel c and node z_q (operand ``nodes`` [Q]) of pre-activations x [N, C, ...]
     with per-channel loadings a (``loading``) and weights alpha (deterministic, both x's shape):
 
@@ -39,7 +39,12 @@ def feature_scale_sums(x: Gaussian, loading: Gaussian, alpha: Gaussian, nodes: G
     with y_i | z ~ N(m_i + a_i z, e_i), e_i = max(v_i - a_i^2, 0), s = sqrt(e_i), t = (m_i + a_i z) / s,
     and relu(y)'s raw moments by the truncated-normal recursion
     I1 = mu Phi(t) + s phi(t), I2 = mu I1 + e Phi(t), I3 = mu I2 + 2 e I1, I4 = mu I3 + 3 e I2
-    (G = I2, F = I4, each clamped at 0). Output [N, C, Q], the second component a variance."""
+    (G = I2, F = I4, each clamped at 0). Output [N, C, Q], the second component a variance.
+    ``pool`` (kernel, strides, pads, dilations, ceil_mode): x and a are a max-pool's inputs, and the
+    pre-activations its correlated maxima and their loadings (`gaussian.maxpool2d` with loadings),
+    computed in this kernel once per feature for all nodes."""
+    if pool is not None:
+        x, loading = maxpool2d(x, *pool, loading=loading, loading_out="with_moments")
     shape = list(x.shape)
     count = int(nodes.shape[0])
     spatial = [te.reduce_axis((0, size), name=f"p{axis}") for axis, size in enumerate(shape[2:])]
@@ -98,7 +103,7 @@ def mixture(x: Gaussian, probability: Gaussian, axis: int, mean_of_first: bool =
     return Gaussian(mean, var, "var")
 
 
-def two_point_scale(kappa: Gaussian, part: str) -> Gaussian:
+def scale_points(kappa: Gaussian, part: str) -> Gaussian:
     """Three scenarios (p_k, lam_k) per row: k = 0 the diagonal PFP's (lam = 1, p = 0: its means
     are the outputs', `mixture`'s ``mean_of_first``), k = 1, 2 the two points of a scale with
     E[lam] = 1 and Var[lam] = r, r = max(kappa's variance, 0) (kappa: a Gaussian [N] whose
@@ -120,7 +125,7 @@ def two_point_scale(kappa: Gaussian, part: str) -> Gaussian:
         point = tirx.Select(k == 1, tirx.max(f32(1.0) - root, f32(0.0)), f32(1.0) + tirx.Select(small, root, r))
         return tirx.Select(k == 0, f32(1.0), point)
 
-    return Gaussian(te.compute([SCENARIOS, rows], body, name=f"two_point_{part}"), None, "none")
+    return Gaussian(te.compute([SCENARIOS, rows], body, name=f"scale_points_{part}"), None, "none")
 
 
 def scale_scenarios(x: Gaussian, scale: Gaussian) -> Gaussian:

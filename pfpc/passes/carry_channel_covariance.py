@@ -39,8 +39,8 @@ The plan: the convolutions whose loadings can reach a mean over positions throug
 (``channel``: or a max-pool, e.g. LeNet-5's; ``auto`` leaves those on the diagonal PFP: on the
 seed LeNet-5 they recover a few percent of the logits' variance, docs/covariance.md);
 ``auto`` starts them at the earliest such convolution for which the estimated extra Cortex-M4
-instructions of the compiled form (`_extra_instructions`, per-kernel costs calibrated against
-QEMU counts) stay within ``budget`` of the diagonal PFP's estimated instructions
+instructions of the compiled form (`CovarianceGraph.extra_instructions`, per-kernel costs calibrated
+against QEMU counts) stay within ``budget`` of the diagonal PFP's estimated instructions
 (no convolution reaches a pool: the module is returned unchanged). Runs after
 `EliminateZeroVariance` (deterministic weights known) and before `FuseOperators`.
 """
@@ -53,212 +53,43 @@ from tvm import relax
 
 from .. import ir_state
 from ..errors import PfpcError
-from ..ir import GaussianValue, call_op_name, kernel_of, main_bindings, output_shape, shape_of, with_attrs
+from ..ir import GaussianValue, call_op_name, kernel_of, output_shape, shape_of, with_attrs
 from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, infer_output_repr
-from ..ops.registry import LINEAR_OPS, LOADING_CARRIERS, LOADING_MAXIMA, LOADING_POOLS, LOADING_SLOPES, STAGES, Fusion
+from ..ops.registry import LOADING_MAXIMA, LOADING_SLOPES
+from .covariance_graph import CovarianceGraph, spatial_mean
 from .kernel_rewriter import KernelRewriter
 
 COVARIANCE_MODES = ("auto", "none", "channel", "pooled")
 DEFAULT_BUDGET = 0.5
 
 
-def _spatial_mean(spec, in_shape) -> bool:
-    """Whether the kernel is a mean over all positions (ReduceMean, GlobalAveragePool, or an
-    AveragePool whose one window is the whole input)."""
-    op, attrs = spec.stages[0]
-    if op == "avgpool2d":
-        return list(attrs["kernel"]) == list(in_shape[2:]) and not any(attrs["pads"]) and len(in_shape) == 4
-    return op == "reduce_mean" and len(in_shape) >= 3 and set(attrs["axes"]) >= set(range(2, len(in_shape)))
-
-
-def _activation_sources(mod, value, item_of, source) -> list:
-    """The kernel-call vars whose outputs the kernel call ``value`` reads (through views)."""
-    found = []
-    for arg in value.args[1].fields:
-        var = source.get(arg)
-        if var is not None and var not in found:
-            found.append(var)
-    return found
-
-
-def _graph(mod, maxima: bool = False):
-    """(kernel-call vars in order, var -> (spec, source vars, binding), var -> user vars, the
-    convolutions whose loadings can reach a mean over positions, or with ``maxima`` also a
-    max-pool, the max-pools that pass a loading on to a mean over positions)."""
-    bindings = main_bindings(mod["main"])
-    source, calls, order = {}, {}, []
-    for binding in bindings:
-        value = binding.value
-        if isinstance(value, relax.TupleGetItem):
-            source[binding.var] = source.get(value.tuple_value, value.tuple_value)
-        elif call_op_name(value) == "relax.reshape":
-            if value.args[0] in source:
-                source[binding.var] = source[value.args[0]]
-        else:
-            found = kernel_of(mod, value)
-            if found is not None:
-                source[binding.var] = binding.var
-                calls[binding.var] = (found[0], _activation_sources(mod, value, None, source), binding)
-                order.append(binding.var)
-    users = {var: [] for var in order}
-    for var in order:
-        for src in calls[var][1]:
-            users.setdefault(src, []).append(var)
-    reaches, to_mean, passing = set(), set(), set()  # to a mean or (maxima) a max-pool; to a mean
-    for var in reversed(order):
-        spec, _, binding = calls[var]
-        if spec.ops[0] not in LOADING_CARRIERS or spec.output == Moment.NONE:
-            continue
-        mean = _spatial_mean(spec, shape_of(binding.value.args[1].fields[0]))
-        onward = spec.ops[0] not in LOADING_POOLS or spec.ops[0] in LOADING_MAXIMA  # a max-pool may pass it on
-        if mean or (onward and any(user in to_mean for user in users.get(var, []))):
-            to_mean.add(var)
-            if spec.ops[0] in LOADING_MAXIMA:
-                passing.add(var)  # a max-pool before a mean over positions: its maxima's loadings reach it
-        if var in to_mean or (maxima and spec.ops[0] in LOADING_MAXIMA) or (
-                spec.ops[0] not in LOADING_POOLS and any(user in reaches for user in users.get(var, []))):
-            reaches.add(var)
-    convs = [var for var in order if calls[var][0].ops[0] == "conv2d" and var in reaches]
-    return order, calls, users, convs, passing
-
-
-def plan(mod, mode: str, budget: float) -> list:
+def plan(mod, mode: str, budget: float, graph: CovarianceGraph | None = None) -> list:
     """The conv kernel-call vars (of ``main``) whose outputs get loadings, in graph order."""
     if mode == "none":
         return []
-    order, calls, users, convs, passing = _graph(mod, maxima=mode == "channel")
+    graph = graph or CovarianceGraph.of(mod)
+    convs = graph.convolutions(maxima=mode == "channel")
     if mode == "channel" or mode == "pooled" or not convs:
         return convs
-    for start, fraction in _cost_curve(order, calls, users, convs, passing):
+    for start, fraction in graph.cost_curve():
         if fraction <= budget:
             return convs[start:]
     return []
-
-
-def _cost_curve(order, calls, users, convs, passing=frozenset()) -> list:
-    """[(start, estimated extra instructions / the diagonal PFP's)]: loadings from the start-th
-    of ``convs`` on (the first chosen convolution reads no loadings, the others do); a max-pool
-    in ``passing`` also computes its maxima's loadings."""
-    diagonal = sum(_diagonal_instructions(*calls[var]) for var in order)
-    extra = [_extra_instructions(calls[var], _activation(var, calls, users)) for var in convs]
-    maxima = [elements * (_per_element("maxpool2d_correlated") + (_per_element("maxpool2d_loading") if pool in passing else 0.0))
-              for elements, pool in (_maximum_elements(var, calls, users) for var in convs)]
-    extra = [(unloaded + more, loaded + more) for (unloaded, loaded), more in zip(extra, maxima)]
-    return [(start, sum(extra[index][index > start] for index in range(start, len(convs))) / diagonal)
-            for start in range(len(convs))]
 
 
 def cost_curve(mod, maxima: bool = False) -> list:
     """The trade-off ``auto`` chooses on: [(number of convolutions with loadings, estimated extra
     Cortex-M4 instructions as a fraction of the diagonal PFP's)], from all of them to the last
     (``maxima``: with the convolutions that reach only a max-pool, as ``channel`` plans them)."""
-    order, calls, users, convs, passing = _graph(mod, maxima)
-    return [(len(convs) - start, fraction) for start, fraction in _cost_curve(order, calls, users, convs, passing)]
+    graph = CovarianceGraph.of(mod)
+    count = len(graph.convolutions(maxima))
+    return [(count - start, fraction) for start, fraction in graph.cost_curve(maxima)]
 
 
-# Cortex-M4 instructions (QEMU counts of the compiled kernels, benchmarks/covariance_compiled.py)
-# per multiply-add of a Gaussian / deterministic-input convolution and of a deterministic one,
-# and per element of the element-wise kernels: the budget of ``auto`` is counted in these.
-# A deterministic convolution with zero padding tests every tap's bounds: twice the cost.
-_PER_MAC = {"gaussian": 8.0, "input": 5.6, "deterministic": 3.5, "deterministic_padded": 7.0, "pooled": 12.0, "split": 3.0}
-_PER_OUTPUT = 25.0  # a Gaussian convolution's per-output work besides its multiply-adds
-_PER_ELEMENT = {"projection": 25.0, "residual": 50.0, "independent": 12.0, "product": 8.0, "other": 8.0}
+class LoadingRewriter(KernelRewriter):
+    """The rewrite of the module docstring for the planned convolutions (`ShareDenseScale` extends it)."""
 
-
-def _per_element(stage) -> float:
-    """Cortex-M4 instructions per output element of an element-wise stage (the registry's, or generic)."""
-    cost = STAGES[stage].m4_per_element if stage in STAGES else None
-    return _PER_ELEMENT["other"] if cost is None else cost
-
-
-def _sizes(spec, binding):
-    """(input shape, weight shape or None, output elements) of a kernel call."""
-    fields = binding.value.args[1].fields
-    out_ty = binding.var.ty.fields[0] if hasattr(binding.var.ty, "fields") else binding.var.ty
-    out = int(np.prod([int(d) for d in out_ty.shape]))
-    weight = None
-    if spec.ops[0] in LINEAR_OPS and len(spec.operands) == 2:
-        weight = shape_of(fields[2 if spec.operands[0] != Moment.NONE else 1])
-    return shape_of(fields[0]), weight, out
-
-
-def _diagonal_instructions(spec, _sources, binding) -> float:
-    """Estimated Cortex-M4 instructions of one kernel of the diagonal PFP."""
-    in_shape, weight, out = _sizes(spec, binding)
-    if weight is not None:
-        per_output = int(np.prod(weight[1:])) if spec.ops[0] == "conv2d" else weight[-2]
-        return out * (_PER_OUTPUT + per_output * _PER_MAC["gaussian" if spec.operands[0] != Moment.NONE else "input"])
-    return out * _per_element(spec.ops[0])
-
-
-def _activation(var, calls, users) -> tuple:
-    """(the ReLU or Clip a convolution's output reaches through its bias add / batch norm / a
-    residual add, or None; whether it reaches a residual add of two Gaussians; whether an
-    unfolded batch norm scales it)."""
-    residual = scaled = False
-    for _ in range(4):
-        following = users.get(var, [])
-        if len(following) != 1:
-            break
-        var = following[0]
-        spec = calls[var][0]
-        stage = STAGES[spec.ops[0]]
-        if spec.ops[0] in LOADING_SLOPES:
-            return spec.ops[0], residual, scaled
-        if stage.loading != "carry" or stage.fusion != Fusion.ELEMENTWISE:
-            break
-        residual = residual or (len(spec.operands) == 2 and Moment.NONE not in spec.operands)  # a residual add
-        scaled = scaled or spec.ops[0] == "multiply"
-    return None, residual, scaled
-
-
-def _maximum_elements(var, calls, users) -> tuple:
-    """(output elements, var) of the max-pool a convolution's output reaches through its bias
-    add / batch norm, which then reads its loading (`maxpool2d_correlated`); (0, None): none."""
-    for _ in range(4):
-        following = users.get(var, [])
-        if len(following) != 1:
-            return 0, None
-        var = following[0]
-        spec, _, binding = calls[var]
-        if spec.ops[0] in LOADING_MAXIMA:
-            return _sizes(spec, binding)[2], var
-        stage = STAGES[spec.ops[0]]
-        if stage.loading != "carry" or stage.fusion != Fusion.ELEMENTWISE:
-            return 0, None
-    return 0, None
-
-
-def _extra_instructions(call, following) -> tuple:
-    """Estimated extra Cortex-M4 instructions of a convolution the plan names, (input without
-    loading, input with loading): window sums, pooled variance, projection, the loading through
-    the activation after it (``following``: `_activation`), and for a loaded input the coherent
-    term of a k x k window."""
-    spec, _, binding = call
-    activation, residual, scaled = following
-    in_shape, weight, out = _sizes(spec, binding)
-    in_ch, window = in_shape[1], int(np.prod(weight[2:]))
-    length = out // weight[0]
-    macs = out * int(np.prod(weight[1:]))
-    per_mac = _PER_MAC["deterministic_padded" if any(spec.stages[0][1]["pads"]) else "deterministic"]
-    gaussian_input = spec.operands[0] != Moment.NONE
-    window_sum = in_ch * window * (length * per_mac + 40.0)  # a window sum reduces over the L output positions
-    common = out * (_PER_ELEMENT["projection"] + (_per_element(activation + "_loading") if activation else 0.0))
-    common += in_shape[0] * int(np.prod(weight)) * _PER_MAC["pooled"]  # each row's window sums through the random weights
-    common += out * _PER_ELEMENT["product"] if scaled else 0.0
-    unloaded = common + window_sum * (2 if gaussian_input else 1)
-    loaded = common + window_sum * 3 + int(np.prod(in_shape)) * _PER_ELEMENT["independent"]
-    loaded += out * _PER_ELEMENT["residual"] if residual else 0.0
-    if window > 1 and weight[1] == 1:  # depthwise: conv(a, mu)^2; conv2d_split's extra operand
-        loaded += macs * (_PER_MAC["deterministic"] + _PER_MAC["split"]) + out * _PER_ELEMENT["product"]
-    elif window > 1:  # box(a), squared, through (sum_t mu)^2
-        loaded += in_ch * length * (window * per_mac + _PER_ELEMENT["product"])
-        loaded += macs / window * _PER_MAC["deterministic"] + out * _PER_ELEMENT["product"]
-    return unloaded, loaded
-
-
-class _Rewriter(KernelRewriter):
     def __init__(self, mod, planned, pooled_only, maxima, passing=(), separable=False):
         super().__init__(mod)
         self.separable = separable  # window sums along rows, then columns (`window_sums`)
@@ -344,7 +175,7 @@ class _Rewriter(KernelRewriter):
         loads = [self.loaded(o, binding) for o in operands]
         if op == "conv2d" and (loads[0] is not None or binding.var in self.planned):
             result = self.convolution(binding, spec, attrs, operands, loads[0])
-        elif loads[0] is not None and _spatial_mean(spec, shape_of(operands[0].mean)) and operands[0].repr == Moment.VAR:
+        elif loads[0] is not None and spatial_mean(spec, shape_of(operands[0].mean)) and operands[0].repr == Moment.VAR:
             x, a = operands[0], loads[0]
             e = self.emit("independent_variance", {}, [x, a])
             attrs = attrs if op == "reduce_mean" else {"axes": list(range(2, len(shape_of(x.mean)))), "keepdims": True}
@@ -569,7 +400,7 @@ class CarryChannelCovariance:
     after = ("pfpc.EliminateZeroVariance",)  # run before it when in the pipeline
 
     def __init__(self, mode: str = "auto", budget: float = DEFAULT_BUDGET, separable_sums: bool = False):
-        """``separable_sums``: window sums along rows, then columns (`_Rewriter.window_sums`; fewer
+        """``separable_sums``: window sums along rows, then columns (`LoadingRewriter.window_sums`; fewer
         additions, one more kernel and its small buffer: `pipeline.for_target` asks for it on cores
         without SIMD)."""
         if mode not in COVARIANCE_MODES:
@@ -580,12 +411,12 @@ class CarryChannelCovariance:
         self.planned_convs = 0
 
     def transform_module(self, mod, ctx):
-        planned = plan(mod, self.mode, self.budget)
+        graph = CovarianceGraph.of(mod)
+        planned = plan(mod, self.mode, self.budget, graph)
         self.planned_convs = len(planned)
         if not planned:
             return mod  # nothing reaches a pool: the diagonal PFP, unchanged
-        passing = _graph(mod, maxima=self.mode == "channel")[4]
-        mod = _Rewriter(mod, planned, self.mode == "pooled", self.mode == "channel", passing, self.separable_sums).run()
+        mod = LoadingRewriter(mod, planned, self.mode == "pooled", self.mode == "channel", graph.passing, self.separable_sums).run()
         record = {"option": self.mode, "mode": "pooled" if self.mode == "pooled" else "channel", "budget": self.budget,
                   "convolutions": [var.name for var in planned]}
         mod["main"] = with_attrs(mod["main"], ir_state.encode(covariance=record))

@@ -10,20 +10,22 @@ each row its own kappa):
 
     conv -> [bias] -> maxpool -> relu -> flatten -> dense -> [bias] -> tail -> outputs
     becomes
-    conv -> [bias] -> maxpool -> relu -> flatten -> dense -> [bias] = u  (the diagonal PFP's, unchanged)
+    conv -> [bias] -> maxpool -> relu -> flatten = x -> dense -> [bias] = u  (the diagonal PFP's moments; the dense
+      |                                 layer as add_variance(x @ mu, c), its noise c = raw_second_moment(x) @ s2 apart)
       |  a = the conv's per-channel loading (`CarryChannelCovariance`'s, "pooled": variances unchanged)
-      +-> y, a_y = maxpool2d_correlated(., a), maxpool2d_loading(., a)       the features' pre-activations
-          alpha  = (inverse_noise(raw_second_moment(x) @ s2, s2_b) @ s2^T) / J  (x: the dense's input)
-          sums   = feature_scale_sums(y, a_y, alpha, Gauss-Hermite nodes)   [N, C, Q]
+      +-> alpha  = (inverse_noise(c, s2_b) @ s2^T) / J
+          sums   = feature_scale_sums(the max-pool's input, a, alpha, Gauss-Hermite nodes)   [N, C, Q]
+                   (in its kernel: the correlated maxima y and their loadings a_y, the features' pre-activations)
           kappa  = var of reduce_sum(mixture(sums, node weights), channels)  Var(lam) per row
-          p, lam = two_point_scale(kappa)                                   [3, N] each
+          p, lam = scale_points(kappa)                                      [3, N] each
       u3   = scale_scenarios(u, lam) viewed [3N, J]      (variance times lam_k: lam_0 = 1, the diagonal PFP's, and the two points)
       tail = the same layers on [3N, ...]
       each output: mixture(tail's output viewed [3, N, ...], p)   mean m_0 (the diagonal PFP's),
                                                                 var sum p (v + m^2) - (sum p m)^2
 
 (ops in `pfpc.ops.shared_scale`; without a max-pool the ReLU reads the convolution's output, and
-y, a_y are that output and its loading). The outputs keep the diagonal PFP's means (scenario 0,
+y, a_y are that output and its loading; with one, `feature_scale_sums` runs the max-pool's Clark
+steps with the window's correlation, `gaussian.maxpool2d`, once per feature for all nodes). The outputs keep the diagonal PFP's means (scenario 0,
 lam = 1, weight 0): measured on the seed LeNet-5 with Fashion-MNIST, the two-point mixture's own
 means were further from Monte Carlo's (0.081 MC standard deviations against 0.051; a log-normal
 scale in 5 scenarios: 0.072), while its variance is the one that matches (docs/covariance.md).
@@ -56,7 +58,8 @@ from ..ops.gaussian import Moment
 from ..ops.kernel import KernelSpec, infer_output_repr
 from ..ops.registry import STAGES, Fusion
 from ..ops.shared_scale import SCENARIOS
-from .carry_channel_covariance import DEFAULT_BUDGET, _activation, _diagonal_instructions, _extra_instructions, _graph, _Rewriter
+from .carry_channel_covariance import DEFAULT_BUDGET, LoadingRewriter
+from .covariance_graph import CovarianceGraph
 from .kernel_rewriter import KernelRewriter
 
 SHARED_SCALE_MODES = ("auto", "on", "off")
@@ -69,13 +72,14 @@ NODES = 5  # Gauss-Hermite nodes over each channel's latent (3: kappa 0.28x too 
 NOISE_DOMINATED = 10.0
 
 # Cortex-M4 instructions of the scale's own kernels (QEMU profile of the seed LeNet-5, batch 1,
-# benchmarks/shared_scale_compiled.md): per feature and node of `feature_scale_sums` (155,240 for
-# 400 x 5), per deterministic multiply-add of alpha's two passes over the dense weights (120,360
-# per 48,000), per output and window element of the correlated max-pool and its maxima's loadings
-# (188,320 + 165,640 for 400 outputs of 2x2 windows)
-_PER_NODE = 78.0
+# benchmarks/shared_scale_compiled.md): per feature and node of `feature_scale_sums` (161,640 for
+# 400 x 5), per deterministic multiply-add of alpha's pass over the dense weights (121,120 per
+# 48,000; the noise c is the dense layer's own variance term, computed once), per output and
+# window element of the correlated max-pool with its maxima's loadings that `feature_scale_sums`
+# runs in its kernel (its 302,320 less the nodes' 161,640, for 400 outputs of 2x2 windows)
+_PER_NODE = 81.0
 _PER_DETERMINISTIC_MAC = 2.5
-_PER_POOLED_TAP = 221.0
+_PER_POOLED_TAP = 88.0
 
 
 @dataclass
@@ -101,10 +105,11 @@ def _is_weight(func, expr) -> bool:
     return isinstance(expr, relax.Var) and any(expr.same_as(p) for p in func.params[num_input:])
 
 
-def find_site(mod, mode: str):
+def find_site(mod, mode: str, graph: CovarianceGraph | None = None):
     """(the `Site`, None) where the scale applies, else (None, the reason it does not)."""
     func = mod["main"]
-    order, calls, users, _, _ = _graph(mod)
+    graph = graph or CovarianceGraph.of(mod)
+    order, calls, users = graph.order, graph.calls, graph.users
     weights = ir_state.means(func)
     reasons = []
     for var in order:
@@ -194,26 +199,25 @@ def output_shape_of(binding):
     return [int(d) for d in ty.shape]
 
 
-def extra_fraction(mod, site: Site) -> float:
+def extra_fraction(graph: CovarianceGraph, site: Site) -> float:
     """Estimated extra Cortex-M4 instructions of the scale as a fraction of the diagonal PFP's:
-    the convolution's loading (unloaded input), the correlated max-pool and its maxima's
-    loadings, alpha's two passes over the dense weights, the features' ReLU moments at the
+    the convolution's loading (unloaded input), the correlated max-pool with its maxima's
+    loadings, alpha's pass over the dense weights, the features' ReLU moments at the
     nodes, and the tail twice more (the scale's two scenarios beside the diagonal one)."""
-    order, calls, users, _, _ = _graph(mod)
-    diagonal = sum(_diagonal_instructions(*calls[var]) for var in order)
-    extra = _extra_instructions(calls[site.conv], _activation(site.conv, calls, users))[0]
+    calls = graph.calls
+    extra = graph.extra_instructions(site.conv)[0]
     pre = output_shape_of(calls[site.pool if site.pool is not None else site.relu][2])
     features = int(np.prod(pre))
     if site.pool is not None:
         extra += features * int(np.prod(calls[site.pool][0].stages[0][1]["kernel"])) * _PER_POOLED_TAP
     weight = shape_of(list(calls[site.dense][2].value.args[1].fields)[2])
-    extra += 2 * pre[0] * int(np.prod(weight)) * _PER_DETERMINISTIC_MAC
+    extra += pre[0] * int(np.prod(weight)) * _PER_DETERMINISTIC_MAC
     extra += features * NODES * _PER_NODE
-    extra += (SCENARIOS - 1) * sum(_diagonal_instructions(*calls[var]) for var in site.tail)
-    return extra / diagonal
+    extra += (SCENARIOS - 1) * graph.diagonal_instructions(site.tail)
+    return extra / graph.diagonal_instructions()
 
 
-class _ScaleRewriter(_Rewriter):
+class _ScaleRewriter(LoadingRewriter):
     """The rewrite of the module docstring: the convolution's loading as `CarryChannelCovariance`
     makes it in ``pooled`` mode (the variances stay the diagonal PFP's), the kappa kernels beside
     the diagonal PFP, the tail on three scenarios stacked in the batch, the outputs mixed."""
@@ -222,7 +226,8 @@ class _ScaleRewriter(_Rewriter):
         super().__init__(mod, [site.conv], pooled_only=True, maxima=False, separable=separable)
         self.site = site
         self.inside = set(site.tail) | {site.scaled}
-        self.pre = None  # (the features' pre-activations, their loadings)
+        self.pre = None  # (the features' pre-activations or the max-pool's inputs, their loadings, the pool's attributes, the features' shape)
+        self.noise = None  # the dense layer's noise variance c [N, J] (`dense`)
         self.probability = self.scale = None  # p, lam [SCENARIOS, N]
 
     def emit(self, stage, attrs, operands, output=None, nodes=()):
@@ -245,16 +250,16 @@ class _ScaleRewriter(_Rewriter):
             spec, _ = kernel_of(self.mod, binding.value)
             x = self._operands(spec, list(binding.value.args[1].fields))[0]
             loading = self.loaded(x, binding)
-            if site.pool is None:
-                self.pre = (x, loading)
-            else:  # the maxima's moments with the window's correlation, and their loadings
-                attrs = spec.stages[0][1]
-                self.pre = (self.emit("maxpool2d_correlated", attrs, [x, loading]), self.emit("maxpool2d_loading", attrs, [x, loading]))
+            # with a max-pool: its inputs, whose correlated maxima and their loadings
+            # `feature_scale_sums` computes in its own kernel (the pool's attributes)
+            self.pre = (x, loading, spec.stages[0][1] if site.pool is not None else {}, output_shape_of(binding))
             KernelRewriter._visit(self, binding)  # the diagonal PFP's max-pool or ReLU
             return
-        super()._visit(binding)
         if var.same_as(site.dense):
+            self.dense(binding)
             self.kappa(binding)
+            return
+        super()._visit(binding)
         if var.same_as(site.scaled):
             scaled = self.values[var][0]
             stacked = self.emit("scale_scenarios", {}, [scaled, self.scale])
@@ -263,10 +268,24 @@ class _ScaleRewriter(_Rewriter):
             self.values[var] = (view, "mean")
             self.results[var] = view
 
+    def dense(self, binding):
+        """The dense layer as two kernels: x @ mu (its input's variance through the weights'
+        means, sum_i v_i mu_ji^2) and the noise c = E[x^2] @ s2, which alpha reads as well,
+        added to its variance: the moments of the Gaussian dense kernel, with one pass over the
+        weights' variances for both."""
+        spec, _ = kernel_of(self.mod, binding.value)
+        features, w = self._operands(spec, list(binding.value.args[1].fields))
+        attrs = spec.stages[0][1]
+        self.noise = self.emit("matmul", attrs, [self.emit("raw_second_moment", {}, [features]), GaussianValue(w.moment)])
+        spread = self.emit("matmul", attrs, [features, self.det(w)], nodes=spec.stage_nodes(0))
+        result = self.emit("add_variance", {"square": False}, [spread, self.noise])
+        self.values[binding.var] = (result, "mean")
+        self.results[binding.var] = result
+
     def kappa(self, binding):
         """p and lam of the scenarios per row, from Var(lam) (the module docstring)."""
         spec, _ = kernel_of(self.mod, binding.value)
-        features, w = self._operands(spec, list(binding.value.args[1].fields))
+        w = self._operands(spec, list(binding.value.args[1].fields))[1]
         s2 = self.weights[w.moment.name].astype(np.float64)
         bias_var = np.zeros(s2.shape[1])
         if not self.site.scaled.same_as(self.site.dense):
@@ -275,18 +294,16 @@ class _ScaleRewriter(_Rewriter):
             if bias.repr == Moment.VAR:
                 bias_var = self.weights[bias.moment.name].astype(np.float64).reshape(-1)
         stem = self.stem
-        second = self.emit("raw_second_moment", {}, [features])
-        noise = self.emit("matmul", {}, [second, self.weight(f"{stem}.noise_weight", s2)])
-        inverse = self.emit("inverse_noise", {}, [noise, self.weight(f"{stem}.noise_bias", bias_var)])
+        inverse = self.emit("inverse_noise", {}, [self.noise, self.weight(f"{stem}.noise_bias", bias_var)])
         alpha = self.emit("matmul", {}, [inverse, self.weight(f"{stem}.alpha_weight", s2.T / s2.shape[1])])
-        pre, loading = self.pre
-        alpha = self.view(alpha, shape_of(pre.mean))
+        pre, loading, pool, shape = self.pre
+        alpha = self.view(alpha, shape)
         nodes, node_weights = np.polynomial.hermite_e.hermegauss(NODES)
-        sums = self.emit("feature_scale_sums", {}, [pre, loading, alpha, self.weight(f"{stem}.nodes", nodes)])
+        sums = self.emit("feature_scale_sums", pool, [pre, loading, alpha, self.weight(f"{stem}.nodes", nodes)])
         channels = self.emit("mixture", {"axis": 2}, [sums, self.weight(f"{stem}.node_weights", (node_weights / node_weights.sum()).reshape(1, 1, -1))])
         kappa = self.emit("reduce_sum", {"axes": [1], "keepdims": False}, [channels])
-        self.probability = self.emit("two_point_scale", {"part": "probability"}, [kappa])
-        self.scale = self.emit("two_point_scale", {"part": "scale"}, [kappa])
+        self.probability = self.emit("scale_points", {"part": "probability"}, [kappa])
+        self.scale = self.emit("scale_points", {"part": "scale"}, [kappa])
 
     def site_binding(self, var):
         return next(b for b in main_bindings(self.func) if b.var.same_as(var))
@@ -332,11 +349,12 @@ class ShareDenseScale:
         if ir_state.covariance(mod["main"]) is not None:
             self.reasons.append("--covariance placed per-channel loadings: the shared scale is for the diagonal PFP's dense tail")
             return mod
-        site, reason = find_site(mod, self.mode)
+        graph = CovarianceGraph.of(mod)  # the one `CarryChannelCovariance` read, when it left the module as it was
+        site, reason = find_site(mod, self.mode, graph)
         if site is None:
             self.reasons.append(reason)
             return mod
-        fraction = extra_fraction(mod, site)
+        fraction = extra_fraction(graph, site)
         if self.mode == "auto" and fraction > self.budget:
             self.reasons.append(f"{site.dense.name}: an estimated +{fraction:.0%} Cortex-M4 instructions, over the budget of {self.budget:.0%}")
             return mod
