@@ -655,7 +655,7 @@ def _flat_rows(sch, blocks, shape):
     total = 1
     for extent in shape:
         total *= extent
-    row = total if total <= ROW_MAX else (_clean_row(shape) or _row_split(total, VECTOR_LANES))
+    row = total if total <= ROW_MAX else (_clean_row(shape) or _clean_row(shape, VECTOR_ROW_MAX) or _row_split(total, VECTOR_LANES))
     if total % row:  # no row length divides it: a bounds test per element would stop the vectoriser
         _one_nest(sch, blocks)
         return
@@ -670,17 +670,20 @@ def _flat_rows(sch, blocks, shape):
         sch.merge(*outer)
 
 
-def _clean_row(shape) -> int | None:
-    """The longest row (at most ROW_MAX, at least ROW_ELEMENTS, a multiple of VECTOR_LANES) that
+def _clean_row(shape, longest: int = ROW_MAX) -> int | None:
+    """The longest row (at most ``longest``, at least ROW_ELEMENTS, a multiple of VECTOR_LANES) that
     every trailing block of the shape (a map's row, its plane, ...) divides or is divided by:
     its elements' indices are then the row loop's own, with no division or remainder (rows of 64
     over 24-column maps read x[(f / 3) * 24 + f % 24], which gcc does not vectorise; rows of 48
-    read x[f]). None where no such row exists (DS-CNN's 25x5 planes)."""
+    read x[f]). None where no such row exists (DS-CNN's 25x5 planes). `_flat_rows` asks for
+    longer rows where none of ROW_MAX exists: ResNet-8's padded 34x34 maps take rows of 68; in rows
+    of 64 their indices kept divisions by 289 from batch 2 on (ResNet-8's independent-variance
+    stages at batch 8: 1.5x TVM's LLVM build of the same loops)."""
     blocks, size = [], 1
     for extent in reversed(shape):
         size *= extent
         blocks.append(size)
-    for row in range(ROW_MAX - ROW_MAX % VECTOR_LANES, ROW_ELEMENTS - 1, -VECTOR_LANES):
+    for row in range(longest - longest % VECTOR_LANES, ROW_ELEMENTS - 1, -VECTOR_LANES):
         if size % row == 0 and all(b % row == 0 or row % b == 0 for b in blocks):
             return row
     return None
@@ -779,7 +782,7 @@ def _partial_sums(sch, block) -> bool:
 
 
 #: Longest output row `_narrow_unshared_rows` takes: two vectors of `VECTOR_LANES`.
-NARROW_ROW_MAX = 8
+NARROW_ROW_MAX = 16
 
 
 def _narrow_unshared_rows(sch, block, spatial: int) -> bool:
