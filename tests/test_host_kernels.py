@@ -5,8 +5,9 @@ deinterleaved copy (3x3 and 1x1), a pointwise convolution's narrow plane as one 
 depthwise convolutions (no shared input: no block), dense rows of 100 (one row) and 130 (split),
 an element-wise kernel run over its flat tensor (8x10x5: rows of 40 instead of 5; 2x16x24: rows of 48,
 two map rows); at batch 2 and 3 (the batch the outermost loop): channel blocks, a stride-2 copy, a
-depthwise convolution's rows of 16 around its unrolled window, dense rows, and rows of 68 over
-34-column maps (none of 64 or less indexes them without divisions)."""
+depthwise convolution's rows of 16 around its unrolled window, dense rows, rows of 68 over
+34-column maps (none of 64 or less indexes them without divisions), and rows counted per sample
+where no row fits a 5x25 map's blocks."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ CASES = {
     "batch2_depthwise_rows_of_16": lambda r: _conv_relu(r, [2, 4, 16, 16], 4, 3, pads=1, group=4),
     "batch2_dense_row_100": lambda r: _dense_relu_batch(r, 2, 12, 100),
     "batch2_elementwise_rows_of_68": lambda r: _add_relu(r, [2, 3, 10, 34]),
+    "batch3_elementwise_rows_per_sample": lambda r: _add_relu(r, [3, 4, 5, 25]),
 }
 
 
@@ -253,3 +255,24 @@ def test_single_accumulators_are_not_regrouped_on_the_host(tmp_path):
     m4 = "\n".join(_kernel_bodies(tmp_path, nodes, [("x", [2, 16])], inits, stds, target="cortex-m4"))
     assert regrouped.search(m4), m4
     assert not regrouped.search(host) and re.search(r"=\s*\(\w+\[\w+\] \+ \(\(", host), host
+
+
+def test_flat_rows_are_counted_per_sample_where_no_row_fits_the_maps(tmp_path):
+    """A 4x5x25 sample (DS-CNN's 64x25x5 maps) has no row of 16 to 128 that divides, or is a multiple
+    of, its 25-element rows and 125-element planes; at batch 3 its rows are counted per sample
+    (loops: sample, row, element), so every index is the sample's offset plus the row loop's
+    own, as at batch 1; rows across the batch read x[(f / 125) * ... + f % 125] (DS-CNN's ReLU
+    stages at batch 8: 2.5x TVM's LLVM time). Values: `test_channel_rows_kernel_matches_reference`
+    (batch3_elementwise_rows_per_sample)."""
+    shape = [3, 4, 5, 25]
+    nodes, inputs, inits = _add_relu(np.random.default_rng(19), shape)
+    bodies = _kernel_bodies(tmp_path, nodes, inputs, inits, {"b.std": np.full(shape, 0.1, np.float32)})
+    assert len(bodies) == 2
+    for body in bodies:
+        assert re.search(r"< 3; \+\+", body), body  # the samples' loop
+        # reads and writes of the parameters: no division or remainder in their indices
+        for index in re.findall(r"\b(?:x_mean|x_var|b_mean|out_mean|out_var)\[([^\]]*)\]", body):
+            assert not re.search(r"[/%]", index), body
+        for local in re.findall(r"int32_t (\w+) = ([^;]*);", body):
+            if re.search(r"[/%] \d+", local[1]):  # a division may only offset the stage buffers (a row's start within them)
+                assert not re.search(rf"\b(?:x_mean|x_var|b_mean|out_mean|out_var)\[[^\]]*\b{local[0]}\b", body), body
