@@ -1,10 +1,14 @@
 """TVM's LLVM build (Relax VM) against the PFP C at batch 8 and 128 on the real-size networks
 (issue 19: PFP C >= TVM LLVM VM at every size and at batch 1-128; batch 1: host_kernels.py).
 Side by side (`pfpc.bench.benchmark_model`, process CPU time, medians, 5 turns), the Makefile's
-flags only, no onnxruntime, SVI at 2 samples only (not reported). Results: benchmarks/host_kernels.md.
+flags only, no onnxruntime, SVI at 2 samples only (not reported). Every network is exported with a
+symbolic batch dimension (`run.real_model(symbolic_batch=True)`): exported with a fixed batch of 1,
+`--batch B` left it at 1, and the rows of session 11's first run were batch 1 under another label.
+Results: benchmarks/host_kernels.md.
 
-    PYTHONPATH=. nice -n 5 python benchmarks/host_batches.py seed_mlp seed_lenet resnet8 dscnn
+    PYTHONPATH=. nice -n 5 python benchmarks/host_batches.py [--batches 8 128] seed_mlp seed_lenet resnet8 dscnn
 """
+import argparse
 import os
 import sys
 import tempfile
@@ -16,10 +20,16 @@ import run  # noqa: E402
 
 from pfpc.bench import benchmark_model  # noqa: E402
 
-for name in sys.argv[1:]:
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("models", nargs="+")
+parser.add_argument("--batches", nargs="+", type=int, default=[8, 128])
+parser.add_argument("--repeats", type=int, default=5, help="turns of the side-by-side loop")
+args = parser.parse_args()
+for name in args.models:
     with tempfile.TemporaryDirectory() as tmp:
-        model_path, posterior_path, x, origin = run.real_model(name, tmp)
-        r = benchmark_model(model_path, posterior_path, batches=(8, 128), samples=(2,), inputs=x, cycles_target=(), ort=False,
-                            best=False, repeats=5, progress=lambda t: print(name, t, file=sys.stderr, flush=True))
+        model_path, posterior_path, x, origin = run.real_model(name, tmp, symbolic_batch=True)
+        r = benchmark_model(model_path, posterior_path, batches=tuple(args.batches), samples=(2,), inputs=x, cycles_target=(), ort=False,
+                            best=False, repeats=args.repeats, progress=lambda t: print(name, t, file=sys.stderr, flush=True))
     for row in r["host"]:
-        print(name, "batch", row["batch"], "PFP", round(row["pfp"], 1), "TVM", round(row["tvm_vm"], 1), "TVM/PFP %.2f" % (row["tvm_vm"] / row["pfp"]), flush=True)
+        print(name, "batch", row["batch"], "PFP %.1f" % row["pfp"], "TVM %.1f" % row["tvm_vm"], "(µs per call of the whole batch)",
+              "TVM/PFP %.2f" % (row["tvm_vm"] / row["pfp"]), flush=True)

@@ -263,9 +263,11 @@ def mnist_digit():
     return ((pixels.astype(np.float32) / 255 - 0.1307) / 0.3081).reshape(1, 1, 28, 28)
 
 
-def real_model(name: str, directory: str):
+def real_model(name: str, directory: str, symbolic_batch: bool = False):
     """(model path, posterior path, input, weights' origin) of an architecture of tests/architectures.py:
-    the seed paper's checkpoint means and posterior when present, else random weights and std 0.1 |mu| + 0.01."""
+    the seed paper's checkpoint means and posterior when present, else random weights and std 0.1 |mu| + 0.01.
+    ``symbolic_batch``: exported with a symbolic batch dimension (for `pfpc --batch B`, B > 1);
+    else its batch is fixed at 1."""
     import onnx
     import torch
 
@@ -282,11 +284,11 @@ def real_model(name: str, directory: str):
         with torch.no_grad():
             for key, value in module.state_dict().items():
                 value.copy_(state[f"ScaledAutoNormal.locs.{key}"].reshape(value.shape))
-        onnx.save(architectures.export(module, opset=17), model_path)
+        onnx.save(architectures.export(module, opset=17, symbolic_batch=symbolic_batch), model_path)
         write_npz(match_posterior("pyro", checkpoint, model_path, False).arrays, posterior_path)
         x = mnist_digit()
         return model_path, posterior_path, architectures.sample_input(name) if x is None else x, "the seed paper's pretrained posterior"
-    model = architectures.export(module, opset=17)
+    model = architectures.export(module, opset=17, symbolic_batch=symbolic_batch)
     onnx.save(model, model_path)
     np.savez(posterior_path, **architectures.posterior(model, 0.1, 0.01))
     return model_path, posterior_path, architectures.sample_input(name), "random weights, std 0.1 |mu| + 0.01"

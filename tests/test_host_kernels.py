@@ -4,7 +4,10 @@ onnxruntime: output-channel blocks (8, 4, 2, none for 7 channels), stride-2 rows
 deinterleaved copy (3x3 and 1x1), a pointwise convolution's narrow plane as one row, grouped and
 depthwise convolutions (no shared input: no block), dense rows of 100 (one row) and 130 (split),
 an element-wise kernel run over its flat tensor (8x10x5: rows of 40 instead of 5; 2x16x24: rows of 48,
-two map rows)."""
+two map rows); at batch 2 and 3 (the batch the outermost loop): channel blocks, a stride-2 copy, a
+depthwise convolution's rows of 16 around its unrolled window, dense rows, rows of 68 over
+34-column maps (none of 64 or less indexes them without divisions), and rows counted per sample
+where no row fits a 5x25 map's blocks."""
 
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ def _dense_relu(rng, inputs, outputs):
     return nodes, [("x", [1, inputs])], {"w": weight, "b": bias}
 
 
+def _dense_relu_batch(rng, batch, inputs, outputs):
+    nodes, _, inits = _dense_relu(rng, inputs, outputs)
+    return nodes, [("x", [batch, inputs])], inits
+
+
 def _add_relu(rng, shape):
     addend = (rng.standard_normal(shape) * 0.5).astype(np.float32)
     nodes = [helper.make_node("Add", ["x", "b"], ["c"]), helper.make_node("Relu", ["c"], ["y"])]
@@ -52,12 +60,30 @@ CASES = {
     "dense_row_130_split": lambda r: _dense_relu(r, 9, 130),
     "elementwise_flat_rows": lambda r: _add_relu(r, [1, 8, 10, 5]),
     "elementwise_rows_across_map_rows": lambda r: _add_relu(r, [1, 2, 16, 24]),
+    # batch > 1: the batch is the outermost loop of every kernel
+    "batch3_3x3_block8_rows16": lambda r: _conv_relu(r, [3, 4, 16, 16], 8, 3, pads=1),
+    "batch2_stride2_3x3_block8": lambda r: _conv_relu(r, [2, 3, 12, 12], 16, 3, stride=2, pads=1),
+    "batch2_depthwise_rows_of_16": lambda r: _conv_relu(r, [2, 4, 16, 16], 4, 3, pads=1, group=4),
+    "batch2_dense_row_100": lambda r: _dense_relu_batch(r, 2, 12, 100),
+    "batch2_elementwise_rows_of_68": lambda r: _add_relu(r, [2, 3, 10, 34]),
+    "batch3_elementwise_rows_per_sample": lambda r: _add_relu(r, [3, 4, 5, 25]),
 }
 
 
 def test_host_uses_the_channel_rows_schedule():
     assert get_target("host").accumulate == "channel_rows"
     assert get_target("cortex-m4").accumulate == "scalar" and get_target("cortex-m55").accumulate == "row"
+
+
+def test_cortex_a_builds_at_O3_without_the_hosts_trapping_flag():
+    """benchmarks/cortex_a.md: -O3 took 0.68-0.79x the PFP's and 0.37-0.49x the deterministic
+    network's Cortex-A53 instructions of -O2; -fno-trapping-math changed them by under 1.5 %."""
+    from pfpc.codegen.targets import c_flags
+
+    for name in ("cortex-a53", "cortex-a72", "aarch64"):
+        flags = c_flags(get_target(name))
+        assert "-O3" in flags and "-O2" not in flags and "-fno-trapping-math" not in flags, (name, flags)
+        assert get_target(name).accumulate == "channel_rows"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -173,3 +199,91 @@ def test_depthwise_rows_run_around_the_unrolled_window(tmp_path):
     for body in bodies:
         rows = re.findall(r"< 5; \+\+", body)
         assert 1 <= len(rows) <= 3, body  # the row loop (and its epilogue's), not one per tap
+
+
+def _kernel_bodies(tmp_path, nodes, inputs, inits, stds, target="host", **options):
+    import onnx
+
+    from pfpc import compiler
+
+    directory = tmp_path / target
+    directory.mkdir()
+    onnx.save(make_model(nodes, inputs, [nodes[-1].output[0]], inits), directory / "model.onnx")
+    np.savez(directory / "post.npz", **stds)
+    compiler.compile(str(directory / "model.onnx"), str(directory / "post.npz"), out_dir=str(directory / "out"), target=target, **options)
+    return re.findall(r"^PFP_KERNEL void k_\w+\(.*?^}", (directory / "out" / "pfp_model.c").read_text(), re.S | re.M)
+
+
+def test_flat_rows_of_68_over_34_column_maps_at_batch_2(tmp_path):
+    """No row of 64 or less divides a 34-column map's rows or is a multiple of them (ResNet-8's
+    padded 34x34 maps): rows of 68 (two map rows) index every element by the row loop, where rows
+    of 60 read x[... % 34] from batch 2 on (ResNet-8's independent-variance stages at batch 8: 1.5x
+    TVM's LLVM time). Values: `test_channel_rows_kernel_matches_reference` (batch2_elementwise_rows_of_68)."""
+    shape = [2, 3, 10, 34]
+    nodes, inputs, inits = _add_relu(np.random.default_rng(11), shape)
+    bodies = _kernel_bodies(tmp_path, nodes, inputs, inits, {"b.std": np.full(shape, 0.1, np.float32)})
+    assert len(bodies) == 2
+    for body in bodies:
+        assert not re.search(r"[/%] \d+[)\s]", body), body  # no integer division or remainder in an index
+        assert re.search(r"< 68; \+\+", body), body
+
+
+def test_depthwise_rows_of_16_run_around_the_unrolled_window_at_batch_2(tmp_path):
+    """`kernel._narrow_unshared_rows` takes rows up to 16 (ResNet-8's 16x16 depthwise window sums of
+    the covariance pass: 177 -> 36 µs at batch 8 on the host, TVM's LLVM build 41): one loop over
+    the row per output row, not one per tap. Values: `test_channel_rows_kernel_matches_reference`
+    (batch2_depthwise_rows_of_16)."""
+    rng = np.random.default_rng(13)
+    nodes, inputs, inits = _conv_relu(rng, [2, 4, 16, 16], 4, 3, pads=1, group=4)
+    bodies = [b for b in _kernel_bodies(tmp_path, nodes[:1], inputs, inits, {"w.std": np.full(inits["w"].shape, 0.05, np.float32)})
+              if "w_var" in b]
+    assert bodies
+    for body in bodies:
+        # the map's rows, the row loop and its epilogue's; not a loop over the row per tap (9 or more)
+        assert 2 <= len(re.findall(r"< 16; \+\+", body)) <= 4, body
+
+
+def test_single_accumulators_are_not_regrouped_on_the_host(tmp_path):
+    """A sum into one accumulator (``acc[0]``, ``out[i0 * 3]`` across a loop over k: the covariance
+    pass's window sums over a whole map, a dense layer's narrow outputs) is one chain of dependent additions: on the host it keeps
+    ``acc + (a + b)``, one addition per term on the chain, where Cortex-M's ``(acc + a) + b``
+    (`codegen.kernels.fused_accumulation`, two fused multiply-adds there) put two on it (ResNet-8's
+    add-variance kernels took twice TVM's LLVM time at batch 8). Rows of accumulators (``acc[i]``)
+    keep the regrouping (the checks of `_chained` above). Values: test_covariance_compiled's reference tests on the host."""
+    from pfpc.codegen.kernels import _chained
+
+    line = "  float v = (acc[%s] + ((a[k] * b[k]) + (c[k] * d[k])));"
+    assert _chained(line % "0", "k", {}) and _chained(line % "cse_v1", "k", {"cse_v1": {"i0"}})
+    assert not _chained(line % "i3", "i3", {}) and not _chained(line % "cse_v2", "i3", {"cse_v2": {"i0", "i3"}})
+    rng = np.random.default_rng(17)
+    nodes, inputs, inits = _dense_relu(rng, 16, 80)
+    # a Gaussian input (mean and variance: two terms per variance update) summed over 80 into 3 outputs, each its own accumulator
+    nodes.append(helper.make_node("Gemm", ["y", "w2"], ["z"]))
+    inits["w2"] = (rng.standard_normal((80, 3)) * 0.3).astype(np.float32)
+    stds = {"w.std": np.full(inits["w"].shape, 0.05, np.float32), "w2.std": np.full(inits["w2"].shape, 0.05, np.float32)}
+    regrouped = re.compile(r"=\s*\(\(\w+\[\w+\] \+ \(")  # (acc[k] + (w v ...)) + (...)
+    host = "\n".join(_kernel_bodies(tmp_path, nodes, [("x", [2, 16])], inits, stds))
+    m4 = "\n".join(_kernel_bodies(tmp_path, nodes, [("x", [2, 16])], inits, stds, target="cortex-m4"))
+    assert regrouped.search(m4), m4
+    assert not regrouped.search(host) and re.search(r"=\s*\(\w+\[\w+\] \+ \(\(", host), host
+
+
+def test_flat_rows_are_counted_per_sample_where_no_row_fits_the_maps(tmp_path):
+    """A 4x5x25 sample (DS-CNN's 64x25x5 maps) has no row of 16 to 128 that divides, or is a multiple
+    of, its 25-element rows and 125-element planes; at batch 3 its rows are counted per sample
+    (loops: sample, row, element), so every index is the sample's offset plus the row loop's
+    own, as at batch 1; rows across the batch read x[(f / 125) * ... + f % 125] (DS-CNN's ReLU
+    stages at batch 8: 2.5x TVM's LLVM time). Values: `test_channel_rows_kernel_matches_reference`
+    (batch3_elementwise_rows_per_sample)."""
+    shape = [3, 4, 5, 25]
+    nodes, inputs, inits = _add_relu(np.random.default_rng(19), shape)
+    bodies = _kernel_bodies(tmp_path, nodes, inputs, inits, {"b.std": np.full(shape, 0.1, np.float32)})
+    assert len(bodies) == 2
+    for body in bodies:
+        assert re.search(r"< 3; \+\+", body), body  # the samples' loop
+        # reads and writes of the parameters: no division or remainder in their indices
+        for index in re.findall(r"\b(?:x_mean|x_var|b_mean|out_mean|out_var)\[([^\]]*)\]", body):
+            assert not re.search(r"[/%]", index), body
+        for local in re.findall(r"int32_t (\w+) = ([^;]*);", body):
+            if re.search(r"[/%] \d+", local[1]):  # a division may only offset the stage buffers (a row's start within them)
+                assert not re.search(rf"\b(?:x_mean|x_var|b_mean|out_mean|out_var)\[[^\]]*\b{local[0]}\b", body), body

@@ -143,12 +143,15 @@ def build(name: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def export(model: nn.Module, opset: int = 17, keep_batch_norm: bool = True) -> onnx.ModelProto:
+def export(model: nn.Module, opset: int = 17, keep_batch_norm: bool = True, symbolic_batch: bool = False) -> onnx.ModelProto:
     """ONNX of ``model`` in inference mode. ``keep_batch_norm``: export BatchNormalization nodes
-    (TrainingMode.PRESERVE on an eval model) instead of letting the exporter fold them."""
+    (TrainingMode.PRESERVE on an eval model) instead of letting the exporter fold them.
+    ``symbolic_batch``: the input's and output's leading dimension symbolic ("N"), so that
+    ``pfpc --batch B`` compiles the network for B samples (a fixed batch of 1 stays 1)."""
     buffer = io.BytesIO()
     mode = torch.onnx.TrainingMode.PRESERVE if keep_batch_norm else torch.onnx.TrainingMode.EVAL
     example = torch.randn(*model.input_shape, generator=torch.Generator().manual_seed(1))
     torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset, training=mode,
-                      input_names=["x"], output_names=["y"])
+                      input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}, "y": {0: "N"}} if symbolic_batch else None)
     return onnx.load_from_string(buffer.getvalue())

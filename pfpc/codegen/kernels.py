@@ -102,7 +102,7 @@ def generate_c_kernels(prim_funcs: dict, accumulate: str = "scalar") -> dict[str
         source = executable.mod.inspect_source()
         for name in compiled:
             try:
-                kernels[name] = _extract(source, name)
+                kernels[name] = _extract(source, name, accumulate)
             except PfpcError:
                 if accumulate != "channel_rows":
                     raise
@@ -289,6 +289,36 @@ def fused_accumulation(line: str) -> str:
     return f"{head}(({acc} + {parts[0]}) {parts[1]} {parts[2]});"
 
 
+_LOOP_HEAD = re.compile(r"^\s*for \(int32_t (\w+) = ")
+_INDEX_LOCAL = re.compile(r"^\s*int32_t (\w+) = (.*);\s*$")
+
+
+def _loop_variables(expr: str, index_locals: dict) -> set:
+    """The loop variables an index expression reads, directly or through ``int32_t`` locals."""
+    found = set()
+    for name in _IDENTIFIER.findall(expr):
+        found |= index_locals.get(name, {name})
+    return found
+
+
+def _chained(line: str, innermost: str | None, index_locals: dict) -> bool:
+    """Whether ``line`` adds into an accumulator that stays the same across the innermost loop
+    (``innermost``, its variable): one output's sum, a chain of dependent additions that no
+    vector lane or other output runs beside (a narrow reduction, `ops.kernel._narrow_reduction`:
+    the covariance pass's sums over a whole map, a dense layer's few outputs). On an out-of-order
+    core such a loop runs at the chain's latency: ``acc + (a + b)`` puts one addition per term on
+    the chain, `fused_accumulation`'s ``(acc + a) + b`` two (two fused multiply-adds where the
+    core has them), which took ResNet-8's add-variance kernels on the host twice TVM's LLVM build
+    of the same loops at batch 8. An accumulator indexed by the innermost loop (a row's, which
+    the compiler vectorises) is bound by throughput, where the fused form saves an instruction.
+    ``index_locals``: {int32_t local: the loop variables its value reads}."""
+    match = _ACCUMULATION.match(line)
+    if match is None or innermost is None:
+        return False
+    index = match.group(2)[match.group(2).index("[") + 1:-1]
+    return innermost not in _loop_variables(index, index_locals)
+
+
 #: A local that TVM's C printer binds to an operand of max/min (``float v_ = acc[0];``).
 _PRINTER_LOCAL = re.compile(r"^\s*[A-Za-z_][\w ]*?\s(v_\w*) = (.*);\s*$")
 
@@ -372,13 +402,17 @@ def static_scratch(body: str) -> str:
     return _WORKSPACE_FREE.sub("", _WORKSPACE.sub(scratch, body))
 
 
-def _extract(source: str, name: str) -> CKernel:
+def _extract(source: str, name: str, accumulate: str = "scalar") -> CKernel:
+    """Kernel ``name``'s loop nest from TVM's C ``source``, with a plain signature. An accumulation
+    is regrouped for fused multiply-adds (`fused_accumulation`) except, on application cores
+    ("channel_rows"), one into an accumulator the innermost loop does not move (`_chained`)."""
     head = f"int32_t __tvm_ffi_{name}(void* self_handle, void* args, int32_t num_args, void* result) {{"
     start = source.find(head)
     if start < 0:
         raise PfpcError(f"internal: TVM emitted no C function for kernel {name}")
     lines = source[start + len(head):].split("\n")
     params, ctypes, body, depth, in_body = [], {}, [], 1, False
+    loops, index_locals = [], {}  # [(depth of the loop's body, its variable)], {int32_t local: loop variables it reads}
     for line in lines:
         match = _DATA_LINE.match(line)
         if match and not in_body:
@@ -391,10 +425,17 @@ def _extract(source: str, name: str) -> CKernel:
         if not in_body and (line.strip().startswith("int64_t*") or line.strip().startswith("if (!(") or line.strip() in ("}", "")):
             continue
         in_body = True
+        if (head_match := _LOOP_HEAD.match(line)) is not None:
+            loops.append((depth + 1, head_match.group(1)))
+        elif (local := _INDEX_LOCAL.match(line)) is not None:
+            index_locals[local.group(1)] = _loop_variables(local.group(2), index_locals)
         depth += line.count("{") - line.count("}")
+        while loops and loops[-1][0] > depth:
+            loops.pop()
         if depth == 0:
             break
-        body.append(fused_accumulation(line))
+        chained = accumulate == "channel_rows" and _chained(line, loops[-1][1] if loops else None, index_locals)
+        body.append(line if chained else fused_accumulation(line))
     while body and body[-1].strip() in ("return 0;", ""):
         body.pop()
     text = mark_local_arrays_used(inline_loaded_locals(static_scratch(without_kept("\n".join(body)) + "\n").rstrip("\n")))
