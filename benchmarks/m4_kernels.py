@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def measure(name: str, best: bool = True, profile: bool = False, options: dict | None = None) -> dict:
+def measure(name: str, best: bool = True, profile: bool = False, options: dict | None = None, target: str = "cortex-m4") -> dict:
     """{"macs", "pfp_fma", ("pfp"|"det", "make"|"best"): instructions, "layers": per-kernel rows}."""
     import run
 
@@ -35,7 +35,7 @@ def measure(name: str, best: bool = True, profile: bool = False, options: dict |
         for key, post in (("pfp", posterior_path), ("det", None)):
             for flags in ("make", "best") if best else ("make",):
                 out = os.path.join(tmp, f"{key}_{flags}")
-                result = compiler.compile(model_path, post, out_dir=out, batch=1, target="cortex-m4",
+                result = compiler.compile(model_path, post, out_dir=out, batch=1, target=target,
                                           **(options or {} if key == "pfp" else {}))
                 if key == "pfp" and flags == "make":
                     costs = layer_costs(result.program)
@@ -56,12 +56,13 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="also the PFP's instructions per kernel (Makefile flags)")
     parser.add_argument("--no-best", action="store_true", help="only the Makefile's flags")
     parser.add_argument("--covariance", help="the PFP's --covariance (default: the compiler's, auto)")
+    parser.add_argument("--target", default="cortex-m4", help="a Cortex-M target of pfpc (default cortex-m4; cortex-m7)")
     args = parser.parse_args()
-    print(f"pfpc from {os.path.dirname(pfpc.__file__)}")
+    print(f"pfpc from {os.path.dirname(pfpc.__file__)}, target {args.target}")
     options = {"covariance": args.covariance} if args.covariance else {}
     rows = []
     for name in args.models:
-        found = measure(name, best=not args.no_best, profile=args.profile, options=options)
+        found = measure(name, best=not args.no_best, profile=args.profile, options=options, target=args.target)
         macs = found["macs"]
         for flags in ("make", "best"):
             if ("pfp", flags) not in found:
