@@ -695,7 +695,7 @@ def _compress(args) -> int:
     from .compiler import compile as compile_model
     from .compress import Options, compress_posterior
     from .evaluate.compression import compare, format_report
-    from .frontends.onnx_model import load_model
+    from .frontends.onnx_model import batch_or_default, load_model
     from .frontends.posterior import bind_posterior, load_posterior
     from .frontends.shared_posterior import to_arrays
     import importlib.util
@@ -710,7 +710,7 @@ def _compress(args) -> int:
     shared, layers = compress_posterior(model, full, options)
     arrays = to_arrays(shared)
     shared_post = bind_posterior(model, arrays, args.output)
-    flash = {name: compile_model(args.model, post, target=args.target, batch=1, measure=True).footprint["weights_bytes"]
+    flash = {name: compile_model(args.model, post, target=args.target, batch=batch_or_default(args.model), measure=True).footprint["weights_bytes"]
              for name, post in (("full", full), ("shared", shared_post))}
     effect = None if args.no_evaluate else compare(args.model, full, shared_post)
     text = format_report(layers, effect, flash)

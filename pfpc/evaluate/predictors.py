@@ -73,11 +73,12 @@ def pfp_outputs(model_path, posterior, x, work_dir: str | None = None, progress:
     ``x``: (logits mean, logits var, probabilities). A model that ends in a softmax gives its
     logits' moments (the metrics apply the softmax once, to them)."""
     from ..compiler import compile as compile_model
+    from ..frontends.onnx_model import batch_or_default
     from ..runner import run
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(work_dir or tmp, "pfp")
-        compile_model(model_path, posterior, out_dir=out, batch=1, force=True, outputs=("probs",))
+        compile_model(model_path, posterior, out_dir=out, batch=batch_or_default(model_path), force=True, outputs=("probs",))
         result = run(out, [x])
     mean, var = result.logits[0] if result.logits else result.outputs[0]
     return mean, var, result.extras["probs"]

@@ -637,6 +637,18 @@ def fix_batch(model: onnx.ModelProto, batch: int | None, name: str, shapes_only:
     return model
 
 
+def batch_or_default(path: str | os.PathLike, default: int = 1) -> int:
+    """The batch a model at ``path`` is compiled at by callers that run rows in batches of any size
+    (`pfpc evaluate`'s PFP, `pfpc compress`'s flash measure): its inputs' fixed leading dimension,
+    else (a symbolic batch, or a file that `load_model` will report on) ``default``."""
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:
+        return default
+    fixed = _fixed_input_batch(list(graph_inputs(model)))
+    return fixed[1] if fixed is not None else default
+
+
 def _fixed_input_batch(inputs) -> tuple | None:
     """(the first input, its leading dimension) when every input of rank >= 1 has a fixed leading
     dimension, else None (some input's batch is symbolic: --batch sets it)."""
