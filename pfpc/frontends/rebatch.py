@@ -9,9 +9,10 @@ leading dimension to N and accepts the result only when
   alone (the model's own numbers are the reference, nothing of pfpc's).
 
 A Reshape to a constant ``[1, ...]`` (``x.view(x.size(0), -1)`` as exporters fold it) keeps the
-input's batch instead. A graph with its batch size written into it otherwise (a Reshape to
-``[1, 6]`` of six features, a reduction or a Concat over the batch axis) is refused with the output that shows it: never compiled at a batch it does
-not have, and never at batch 1 with --batch ignored in silence."""
+input's batch instead. A graph with its batch size written into it otherwise (a Reshape that
+drops the batch, ``[2, 3]`` of a ``[1, 2, 3]`` input; a reduction or a Concat over the batch axis)
+is refused with the node or output that shows it: never compiled at a batch it does not have, and
+never at batch 1 with --batch ignored in silence."""
 
 from __future__ import annotations
 
