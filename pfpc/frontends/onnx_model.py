@@ -601,7 +601,7 @@ def fix_batch(model: onnx.ModelProto, batch: int | None, name: str, shapes_only:
     rebatched = fixed_batch is not None and batch is not None and batch != fixed_batch[1] and not shapes_only
     if rebatched:
         value, size = fixed_batch
-        if size != 1 or any(len(v.type.tensor_type.shape.dim) and v.type.tensor_type.shape.dim[0].dim_value != 1 for v in inputs):
+        if any(len(v.type.tensor_type.shape.dim) and v.type.tensor_type.shape.dim[0].dim_value != 1 for v in inputs):
             shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
             raise PfpcError(
                 f"{name}: --batch {batch}, but input '{value.name}' has the fixed batch dimension {size} ({shape}): export "
