@@ -163,13 +163,9 @@ def write_inputs(directory: str, inputs: list[np.ndarray]) -> str:
 
 def ort_det_timer(model, inputs: dict, rounds: int = 3, round_ns: float = 2e7):
     """A timer of the deterministic (mean) network in onnxruntime, one thread, all graph optimisations."""
-    import onnxruntime as ort
+    from .frontends.onnx_model import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model, threads=1)
     names = [o.name for o in session.get_outputs()]
     return lambda: _calibrated(lambda: session.run(names, inputs), rounds, round_ns)
 

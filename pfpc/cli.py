@@ -127,8 +127,14 @@ def _int_list(text, option):
 def _bench(args) -> int:
     from .bench import benchmark_model, markdown
     from .codegen.targets import get_target
+    from .frontends.onnx_model import fixed_batch
 
     batches, samples = _int_list(args.batches, "--batches"), _int_list(args.samples, "--samples")
+    fixed = fixed_batch(args.model)
+    if fixed not in (None, 1) and set(batches) != {fixed}:
+        # a batch-1 export is re-batched at each batch (frontends/rebatch.py); any other fixed batch is not
+        raise PfpcError(f"{args.model}: its inputs have the fixed batch {fixed}, so --batches can only be {fixed}: export "
+                        "the model with a symbolic batch dimension (torch.onnx.export's dynamic_axes) to time other batches")
     if min(samples) < 2:
         raise PfpcError("--samples: SVI needs at least 2 samples")
     inputs = _load_npy(args.input) if args.input else None

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import onnx
 
-from .frontends.onnx_model import final_softmax
+from .frontends.onnx_model import final_softmax, ort_session
 from .frontends.posterior import Posterior
 from .ops import registry
 
@@ -19,8 +19,6 @@ def sampling_session(model: onnx.ModelProto, posterior: Posterior, keep_softmax:
     An output computed by a final Softmax/LogSoftmax becomes its logits (what evaluation and
     benchmarks sample), unless ``keep_softmax``: then it stays and `_softmax_outputs_and_logits`
     adds its logits (and, for LogSoftmax, its probabilities) after the outputs."""
-    import onnxruntime as ort
-
     stochastic = sorted(posterior.variances)
     graph = onnx.ModelProto()
     graph.CopyFrom(model)
@@ -31,11 +29,7 @@ def sampling_session(model: onnx.ModelProto, posterior: Posterior, keep_softmax:
     for name in stochastic:
         graph.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shapes[name]))
     (_softmax_outputs_and_logits if keep_softmax else _logits_as_outputs)(graph.graph)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session, stochastic
+    return ort_session(graph, threads=1), stochastic
 
 
 def weight_sampler(posterior: Posterior, stochastic, seed: int = 0, dtype=np.float64):

@@ -134,3 +134,14 @@ def test_verify_runs_a_batch_one_export_on_several_inputs(tmp_path, capsys):
     assert main(["verify", _mlp(tmp_path), "--posterior", _posterior(tmp_path), "--input", str(x), "--samples", "200"]) == 0
     out = capsys.readouterr().out
     assert "batch 3" in out and "y " in out
+
+
+def test_bench_on_a_fixed_batch_other_than_one_names_batches(tmp_path, capsys):
+    """`pfpc bench` times every batch of --batches: a fixed batch of 2 refuses --batches 1,8 before
+    any compile, naming bench's own option (the compiler's message named --batch)."""
+    model = _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"])], [("x", [2, 3])], [("y", [2, 3])], {})
+    post = tmp_path / "post.npz"
+    np.savez(post)
+    assert main(["bench", model, "--posterior", str(post), "--batches", "1,8", "--no-tvm", "--cycles-target", ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fixed batch 2" in err and "--batches can only be 2" in err

@@ -87,6 +87,20 @@ def load_model(path: str | os.PathLike, batch: int | None = None, *, shapes_only
     return model
 
 
+def ort_session(model: onnx.ModelProto, threads: int | None = None):
+    """An onnxruntime CPU session of ``model`` that logs only errors (its warnings about unused
+    initialisers would reach the user's terminal); ``threads`` pins intra- and inter-op threads
+    (one for timings and for Monte Carlo that must not take the machine)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def value_shapes(graph) -> dict:
     """The shape shape inference recorded for every graph input, intermediate and output value
     (None for a dimension it does not know)."""
@@ -637,16 +651,22 @@ def fix_batch(model: onnx.ModelProto, batch: int | None, name: str, shapes_only:
     return model
 
 
-def batch_or_default(path: str | os.PathLike, default: int = 1) -> int:
-    """The batch a model at ``path`` is compiled at by callers that run rows in batches of any size
-    (`pfpc evaluate`'s PFP, `pfpc compress`'s flash measure): its inputs' fixed leading dimension,
-    else (a symbolic batch, or a file that `load_model` will report on) ``default``."""
+def fixed_batch(path: str | os.PathLike) -> int | None:
+    """The fixed leading dimension of the inputs of the model at ``path``; None for a symbolic batch
+    or a file that `load_model` will report on."""
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
     except Exception:
-        return default
+        return None
     fixed = _fixed_input_batch(list(graph_inputs(model)))
-    return fixed[1] if fixed is not None else default
+    return fixed[1] if fixed is not None else None
+
+
+def batch_or_default(path: str | os.PathLike, default: int = 1) -> int:
+    """The batch a model at ``path`` is compiled at by callers that run rows in batches of any size
+    (`pfpc evaluate`'s PFP, `pfpc compress`'s flash measure): its inputs' fixed leading dimension,
+    else ``default``."""
+    return fixed_batch(path) or default
 
 
 def _fixed_input_batch(inputs) -> tuple | None:

@@ -103,21 +103,16 @@ def _with_batch(model: onnx.ModelProto, inputs, batch: int, name: str) -> onnx.M
 def _check_items_independent(single: onnx.ModelProto, batched: onnx.ModelProto, inputs, name: str) -> None:
     """Refuse unless ``batched`` (at `CHECK_ITEMS`) gives each of random standard-normal items the
     outputs ``single`` (the model as exported) gives that item alone."""
-    import onnxruntime as ort
+    from .onnx_model import ort_session
 
     rng = np.random.default_rng(0)
     feeds = {}
     for value in inputs:
         shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
         feeds[value.name] = rng.standard_normal([CHECK_ITEMS, *shape[1:]] if shape else []).astype(np.float32)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    def session(model):
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
     try:
-        together = session(batched).run(None, feeds)
-        alone_session = session(single)
+        together = ort_session(batched).run(None, feeds)
+        alone_session = ort_session(single)
         alone = [alone_session.run(None, {k: (v[i:i + 1] if v.ndim else v) for k, v in feeds.items()}) for i in range(CHECK_ITEMS)]
     except Exception as err:
         first = str(err).strip().splitlines()[0]
