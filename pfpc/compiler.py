@@ -288,8 +288,8 @@ def _fit_ram(asked, build, generate, ram_limit, flash_limit, label):
         ram = measured["ram_bytes"]
         if ram > ram_limit and last:
             where = "" if plan == asked else f" even with {ram_plans.describe(plan)}, its smallest plan"
-            raise PfpcError(f"{label}: the model needs {ram:,} bytes of RAM (arena {measured['arena_bytes']:,} + stack "
-                            f"{measured['stack_bytes'] or 0:,}){where}, more than the limit of {ram_limit:,} bytes")
+            raise PfpcError(f"{label}: the model needs {ram:,} bytes of RAM ({footprint.ram_parts(measured)}){where}, "
+                            f"more than the limit of {ram_limit:,} bytes")
         if ram > ram_limit:
             needs.append((plan, f"{ram:,} bytes"))
             continue
@@ -300,8 +300,7 @@ def _fit_ram(asked, build, generate, ram_limit, flash_limit, label):
             better, need = needs[-1]
             why = f"the most accurate plan that fits: {ram_plans.describe(better)} needs {need}"
         placed = " (no loadings placed: the diagonal PFP)" if covariance == "auto" and loadings is None else ""
-        line = (f"RAM limit {ram_limit:,} bytes: {ram_plans.describe(plan)}{placed}, arena {measured['arena_bytes']:,} + stack "
-                f"{measured['stack_bytes'] or 0:,} = {ram:,} bytes; {why}")
+        line = f"RAM limit {ram_limit:,} bytes: {ram_plans.describe(plan)}{placed}, {footprint.ram_parts(measured)} = {ram:,} bytes; {why}"
         return mod, program, line
     raise AssertionError("unreachable: the last plan returns or raises")
 

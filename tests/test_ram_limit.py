@@ -68,3 +68,28 @@ def test_the_limit_drops_the_loadings_last_and_refuses_with_one_line(linear_conv
     assert f"model.onnx: the model needs {smallest:,} bytes of RAM" in err and "--covariance none --moment-storage bfloat16" in err
     assert "more than the limit of 4,096 bytes" in err
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".pfpc")]
+
+
+def test_ram_counts_the_kernels_static_arrays(tmp_path):
+    """A softmax over 300 classes keeps rows over TVM's 1 KiB stack limit as static arrays of its
+    kernel (.bss outside the arena): the RAM reported, the header's _STATIC_BYTES and a limit between
+    arena + stack and the whole RAM count them, checked against the .bss the target's `size` measures
+    (the static arena plus those arrays); they were left out before."""
+    from helpers import make_model
+    from onnx import helper
+
+    rng = np.random.default_rng(5)
+    w = (0.5 * rng.standard_normal((16, 300))).astype(np.float32)
+    model = make_model([helper.make_node("Gemm", ["x", "w"], ["h"]), helper.make_node("Softmax", ["h"], ["y"], axis=-1)],
+                       [("x", [1, 16])], ["y"], {"w": w})
+    posterior = {"w.std": np.full(w.shape, 0.05, np.float32)}
+    compiled = pfpc.compile(model, posterior, batch=1, measure=True, out_dir=str(tmp_path / "out"))
+    footprint = compiled.footprint
+    if not footprint["measured_with"]:
+        pytest.skip(f"no host toolchain: {footprint.get('note')}")
+    static = footprint["bss_bytes"] - 4 * ((footprint["arena_bytes"] + 3) // 4)
+    assert static >= 4 * 300 and footprint["static_bytes"] == static  # at least one row of 300 floats
+    assert footprint["ram_bytes"] == footprint["arena_bytes"] + static + footprint["stack_bytes"] + footprint["data_bytes"]
+    assert f"#define PFP_MODEL_STATIC_BYTES {static}\n" in (tmp_path / "out" / "pfp_model.h").read_text()
+    with pytest.raises(pfpc.PfpcError, match=rf"static {static:,} \+ stack"):
+        pfpc.compile(model, posterior, batch=1, ram_limit=footprint["ram_bytes"] - 1)

@@ -109,6 +109,11 @@ def render(program: Program) -> dict[str, str]:
     return files
 
 
+def static_bytes(program: Program) -> int:
+    """RAM the kernels hold outside the arena (`CKernel.static_bytes`), each emitted kernel once."""
+    return sum(kernel.static_bytes for kernel in program.kernels.values())
+
+
 def run_signature(program: Program) -> str:
     args = [f"const float* {c}" for c, _, _ in program.inputs]
     args += [f"float* {c}" for c, _, _ in program.output_buffers()]
@@ -171,6 +176,9 @@ extern "C" {{
  * {name}_run, or NULL to use the library's static arena (define {upper}_NO_STATIC_ARENA to
  * leave it out). Lower bound for this schedule: {program.arena_lower_bound} bytes.{arena_note} */
 #define {upper}_ARENA_BYTES {max(program.arena_size, 16)}
+/* Bytes of static arrays the kernels keep of their own (.bss, outside the arena: intermediates
+ * over TVM's 1 KiB stack limit); RAM = arena + these + stack. */
+#define {upper}_STATIC_BYTES {static_bytes(program)}
 
 /* Deprecated names, kept for firmware written against earlier versions: _SIZE is elements for
  * the tensors, bytes for the arena{" and the sampled weights" if program.sampling is not None else ""}. */
@@ -332,6 +340,7 @@ def write(program: Program, out_dir: str) -> None:
         "predictive": list(program.predictive),
         "arena_bytes": program.arena_size,
         "arena_lower_bound_bytes": program.arena_lower_bound,
+        "static_bytes": static_bytes(program),
         "weights_bytes": sum(values.nbytes for values, _ in program.weights.values()),
         "layers": footprint.layer_costs(program),
         # outputs computed by a final softmax/log-softmax: their value is the predictive probabilities

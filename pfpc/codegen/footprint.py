@@ -85,6 +85,7 @@ def measure(out_dir: str, meta: dict, where: str | None = None) -> dict:
         "code_bytes": None,
         "arena_bytes": meta["arena_bytes"],
         "arena_lower_bound_bytes": meta["arena_lower_bound_bytes"],
+        "static_bytes": meta.get("static_bytes", 0),
         "stack_bytes": None,
         "io_bytes": 4 * (sum(int(np.prod(s)) for _, s in meta["inputs"]) + _output_floats(meta)),
         "measured_with": None,
@@ -119,7 +120,8 @@ def measure(out_dir: str, meta: dict, where: str | None = None) -> dict:
             footprint["stack_bytes"] = run_frame + max(frames.values(), default=0)
             footprint["measured_with"] = f"{size_tool} -A, {target.cc} -fstack-usage"
     footprint["flash_bytes"] = footprint["weights_bytes"] + (footprint["code_bytes"] or 0) + footprint.get("data_bytes", 0)
-    footprint["ram_bytes"] = footprint["arena_bytes"] + (footprint["stack_bytes"] or 0) + footprint.get("data_bytes", 0)
+    footprint["ram_bytes"] = (footprint["arena_bytes"] + footprint.get("static_bytes", 0) + (footprint["stack_bytes"] or 0)
+                              + footprint.get("data_bytes", 0))
     return footprint
 
 
@@ -164,12 +166,19 @@ def _output_floats(meta: dict) -> int:
     return per_output + sum(int(np.prod(shape)) for _, shape in meta.get("extra_outputs", []))
 
 
+def ram_parts(footprint: dict) -> str:
+    """"arena A + static S + stack T" (static only where the kernels keep arrays of their own)."""
+    static = footprint.get("static_bytes", 0)
+    return (f"arena {footprint['arena_bytes']:,}" + (f" + static {static:,}" if static else "")
+            + f" + stack {footprint['stack_bytes'] or 0:,}")
+
+
 def check_limits(footprint: dict, ram_limit: int | None, flash_limit: int | None, where: str) -> None:
     for kind, limit in (("flash", flash_limit), ("RAM", ram_limit)):
         used = footprint[f"{kind.lower()}_bytes"]
         if limit is not None and used > limit:
             detail = (f"weights {footprint['weights_bytes']} + code {footprint['code_bytes']}" if kind == "flash"
-                      else f"arena {footprint['arena_bytes']} + stack {footprint['stack_bytes']}")
+                      else ram_parts(footprint))
             raise PfpcError(f"{where}: the model needs {used} bytes of {kind} ({detail}), more than the limit of {limit} bytes")
     if (ram_limit is not None or flash_limit is not None) and footprint["code_bytes"] is None:
         footprint["note"] = (footprint.get("note", "") + "; the limits were checked against weights and arena only"
@@ -186,7 +195,9 @@ def format_report(footprint: dict, name: str) -> str:
     lines.append(f"flash {number(footprint['flash_bytes']):>10} bytes = weights {number(footprint['weights_bytes'])} "
                  f"+ code {number(footprint['code_bytes'])}" + (f" + data {footprint['data_bytes']:,}" if footprint.get("data_bytes") else ""))
     lines.append(f"RAM   {number(footprint['ram_bytes']):>10} bytes = arena {number(footprint['arena_bytes'])} "
-                 f"(lower bound {number(footprint['arena_lower_bound_bytes'])}) + stack {number(footprint['stack_bytes'])}"
+                 f"(lower bound {number(footprint['arena_lower_bound_bytes'])})"
+                 + (f" + static {footprint['static_bytes']:,}" if footprint.get("static_bytes") else "")
+                 + f" + stack {number(footprint['stack_bytes'])}"
                  f"; the caller's input and output buffers: {footprint['io_bytes']:,} bytes")
     lines.append(f"      measured with {footprint['measured_with']}" if footprint["measured_with"] else f"      {footprint.get('note', '')}")
     shared = footprint.get("shared_posterior")

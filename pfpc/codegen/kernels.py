@@ -69,6 +69,11 @@ class CKernel:
     aliased: set = field(default_factory=set)  # parameters that may point to the same bytes (an output written in place)
 
     @property
+    def static_bytes(self) -> int:
+        """Bytes of the kernel's own static arrays (`static_scratch`): RAM outside the arena."""
+        return sum(int(count) * _CTYPE_BYTES[ctype] for ctype, count in _STATIC_ARRAY.findall(self.body))
+
+    @property
     def helpers(self) -> list[str]:
         """The `HELPERS` the body calls."""
         return [helper for helper in HELPERS if re.search(rf"\b{helper}\(", self.body)]
@@ -389,6 +394,10 @@ _WORKSPACE = re.compile(r"^(\s*)(float|u?int(?:8|16|32|64)_t)\* (\w+) = \(\(\2\*
 _WORKSPACE_FREE = re.compile(r"^\s*if \(TVMBackendFreeWorkspace\(1, dev_id, (\w+)\) != 0\) \{\n\s*return -1;\n\s*\}\n", re.M)
 
 
+_CTYPE_BYTES = {"float": 4, "int32_t": 4, "uint32_t": 4, "int8_t": 1, "uint8_t": 1, "int16_t": 2, "uint16_t": 2, "int64_t": 8, "uint64_t": 8}
+_STATIC_ARRAY = re.compile(r"^\s*static (float|u?int(?:8|16|32|64)_t) \w+_scratch\[(\d+)\];$", re.M)
+
+
 def static_scratch(body: str) -> str:
     """An intermediate over TVM's 1 KiB stack limit (a softmax's rows of more than 256 classes, a
     normalisation's statistics) as a static array of the kernel instead of TVM's runtime workspace
@@ -396,7 +405,7 @@ def static_scratch(body: str) -> str:
     weights' (the kernel is not reentrant then, as the static arena is not)."""
     def scratch(match):
         indent, ctype, name, size = match.group(1), match.group(2), match.group(3), int(match.group(4))
-        width = 4 if ctype in ("float", "int32_t", "uint32_t") else {"int8_t": 1, "uint8_t": 1, "int16_t": 2, "uint16_t": 2}.get(ctype, 8)
+        width = _CTYPE_BYTES[ctype]
         return f"{indent}static {ctype} {name}_scratch[{-(-size // width)}];\n{indent}{ctype}* {name} = {name}_scratch;\n"
 
     return _WORKSPACE_FREE.sub("", _WORKSPACE.sub(scratch, body))
