@@ -16,6 +16,7 @@ from tvm import te, tirx
 
 from .moments import (
     clark_max_moments,
+    clark_tail_ratio,
     clip_moments,
     f32,
     leaky_relu_moments,
@@ -652,11 +653,14 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
         exponent = stage("exponent", lambda n, c, y, xx: pdf_exponent(alpha[n, c, y, xx]))
         pdf = stage("pdf", lambda n, c, y, xx: std_normal_pdf(alpha[n, c, y, xx], exponent[n, c, y, xx]))
         cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
+        # the tail form's polynomials in a branch of their own, read by both moments
+        tail = None if loading_out else stage("tail", lambda n, c, y, xx: clark_tail_ratio(alpha[n, c, y, xx]))
 
         def clark(n, c, y, xx):
             _inside, mean, var, load = at(positions[k], n, c, y, xx)
             here = (n, c, y, xx)
-            max_mean, max_var = clark_max_moments(acc_mean[here], acc_var[here], mean, var, (spread[here], cdf[here], pdf[here], alpha[here]),
+            terms = (spread[here], cdf[here], pdf[here], alpha[here]) + (() if tail is None else (tail[here],))
+            max_mean, max_var = clark_max_moments(acc_mean[here], acc_var[here], mean, var, terms,
                                                   tail_form=not loading_out, covariance=acc[2][here] * load if correlated else None)
             if not correlated:
                 return max_mean, max_var
