@@ -221,6 +221,10 @@ def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_grou
     var:  V[n,o,y,x] = the same sum over Var(x w)   (see ``product_moments``)
     """
     out_shape, axes, tap = conv2d_window(x.shape, w.shape, strides, pads, dilations, groups)
+    # a window row of several taps at stride 1: a register block of B positions reads B + K - 1
+    # inputs per K weights, so the weights' second moments are formed and the inputs' squares
+    # (`product_moments`' ``second_of_b``)
+    second_of_weights = int(w.shape[3]) > 1 and strides[1] == 1
 
     def terms(n, o, y, xx):
         inside, ix, iw = tap(n, o, y, xx)
@@ -229,7 +233,7 @@ def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_grou
             x_var = None if x.repr == "none" else tirx.if_then_else(inside, x.var_at(ix), f32(0.0))
             return x_mean, x_var, w.mean[iw], _second_at(w, iw), draw_groups.mean[iw], coeff.mean[iw]
         x_moment = None if x.repr == "none" else tirx.if_then_else(inside, x.moment[ix], f32(0.0))
-        return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr)
+        return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr, second_of_weights)
 
     if draw_groups is not None:
         return _reduce_shared_draw(out_shape, terms, axes, count, "conv2d")

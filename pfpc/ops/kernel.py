@@ -1030,13 +1030,14 @@ def _channel_block_factor(sch, block, loops, spatial: int) -> int:
     if factor == 1:
         return 1
     written = [write.source for write in stmt.writes]
-    inputs = [read.region for read in stmt.reads
-              if not any(read.source.same_as(b) for b in written) and _uses(read.region[-1].min, row.var, int(row.dom.extent))]
+    single = int(row.dom.extent) == 1 and int(sch.get(loops[2]).extent) == 1  # one output position per channel
+    inputs = [read.region for read in stmt.reads if not any(read.source.same_as(b) for b in written)
+              and (len(read.region) == 4 if single else _uses(read.region[-1].min, row.var, int(row.dom.extent)))]
     if any(_uses(region[1].min, channel.var, factor) for region in inputs):
         return 1  # depthwise: each channel reads its own input
     window = int(sch.get(loops[5]).extent) * int(sch.get(loops[6]).extent)
     # the index of a padded window's tap: x s + t - p
-    if window > 1 and not any(_stride(_minuend(region[-1].min), row.var) >= 2 for region in inputs):
+    if window > 1 and not single and not any(_stride(_minuend(region[-1].min), row.var) >= 2 for region in inputs):
         return 1
     return factor
 

@@ -590,7 +590,7 @@ FMA_PER_MAC = {("none", "none"): 1, ("none", "var"): 2, ("none", "second_moment"
 FMA_PER_MAC_GENERAL = 5
 
 
-def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b):
+def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b, second_of_b=False):
     """Mean and variance of the product of independent Gaussians a and b.
 
     E[ab] = m_a m_b;  Var(ab) = q_a q_b - m_a^2 m_b^2 = m_a^2 v_b + v_a m_b^2 + v_a v_b,
@@ -599,7 +599,12 @@ def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b):
 
     - none x var:                     m_a^2 v_b                 (first layer: 2 FMA per MAC)
     - second_moment x second_moment:  q_a q_b - (m_a m_b)^2     (hidden layer: 3 FMA per MAC)
-    - otherwise the sum of non-negative terms v_b (m_a^2 + v_a) + v_a m_b^2 (= m_a^2 v_b + v_a (m_b^2 + v_b)).
+    - otherwise the sum of non-negative terms v_b (m_a^2 + v_a) + v_a m_b^2, or with
+      ``second_of_b`` v_a (m_b^2 + v_b) + m_a^2 v_b (the same sum): a's second moment is formed
+      once per a element and b's square once per b element, or (``second_of_b``) the other way
+      round, for a kernel that reads more a elements than b elements per register block (a
+      convolution's block of B positions along a row of K taps: B + K - 1 inputs, K weights;
+      Cortex-M4: one multiply per input where the second moment took a copy and a multiply-add).
 
     Returns (E[ab], Var(ab)) where Var is None when both operands are deterministic.
     """
@@ -619,4 +624,6 @@ def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b):
     # input, not per MAC), and the update acc + v_b q_a + v_a m_b^2 is two fused multiply-adds
     # after one multiply (`codegen.kernels.fused_accumulation`): as cheap as q_a q_b - (m_a m_b)^2
     # and never cancelling
+    if second_of_b:
+        return product, var_a * (mean_b * mean_b + var_b) + (mean_a * mean_a) * var_b
     return product, var_b * (mean_a * mean_a + var_a) + var_a * (mean_b * mean_b)
