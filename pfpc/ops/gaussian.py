@@ -222,8 +222,8 @@ def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_grou
     """
     out_shape, axes, tap = conv2d_window(x.shape, w.shape, strides, pads, dilations, groups)
     # a window row of several taps at stride 1: a register block of B positions reads B + K - 1
-    # inputs per K weights, so the weights' second moments are formed and the inputs' squares
-    # (`product_moments`' ``second_of_b``)
+    # inputs per K weights, so each weight's second moment and each input's square are formed,
+    # not each input's second moment and each weight's square (`product_moments`' ``second_of_b``)
     second_of_weights = int(w.shape[3]) > 1 and strides[1] == 1
 
     def terms(n, o, y, xx):
