@@ -15,7 +15,7 @@ import numpy as np
 from tvm import te, tirx
 
 from .gaussian import SHARED, Gaussian, Moment, _divide_by_count, _elementwise, _pair_sum, _reduce_products
-from .moments import (_GAUSS_LEGENDRE_01, _let, clark_max_moments, clip_moments, exp_nonpositive, f32, kept, normal_tail_partial_moments, pdf_exponent, product_moments, safe_ratio,
+from .moments import (_GAUSS_LEGENDRE_01, _let, clark_max_moments, clark_tail_ratio, clip_moments, exp_nonpositive, f32, kept, normal_tail_partial_moments, pdf_exponent, product_moments, safe_ratio,
                       safe_sqrt, std_normal_cdf,
                       std_normal_pdf)
 
@@ -328,10 +328,11 @@ def reduce_max(x: Gaussian, axes, keepdims=True) -> Gaussian:
         exponent = stage("exponent", lambda *idx: pdf_exponent(alpha[idx]))
         pdf = stage("pdf", lambda *idx: std_normal_pdf(alpha[idx], exponent[idx]))
         cdf = stage("cdf", lambda *idx: std_normal_cdf(alpha[idx], pdf[idx]))
+        tail = stage("tail", lambda *idx: clark_tail_ratio(alpha[idx]))
 
         def step(*idx):
             return clark_max_moments(acc_mean[idx], acc_var[idx], *element(idx),
-                                     (spread[idx], cdf[idx], pdf[idx], alpha[idx]))
+                                     (spread[idx], cdf[idx], pdf[idx], alpha[idx], tail[idx]))
 
         return step
 
@@ -1242,11 +1243,12 @@ def maxpool3d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False) ->
         exponent = stage("exponent", lambda *idx: pdf_exponent(alpha[idx]))
         pdf = stage("pdf", lambda *idx: std_normal_pdf(alpha[idx], exponent[idx]))
         cdf = stage("cdf", lambda *idx: std_normal_cdf(alpha[idx], pdf[idx]))
+        tail = stage("tail", lambda *idx: clark_tail_ratio(alpha[idx]))
 
         def step(*idx):
             inside, mean, var = at(positions[k], *idx)
             max_mean, max_var = clark_max_moments(acc_mean[idx], acc_var[idx], mean, var,
-                                                  (spread[idx], cdf[idx], pdf[idx], alpha[idx]))
+                                                  (spread[idx], cdf[idx], pdf[idx], alpha[idx], tail[idx]))
             if always_inside:
                 return max_mean, max_var
             seen = tirx.any(*[at(p, *idx)[0] for p in positions[:k]]) if k > 1 else at(positions[0], *idx)[0]

@@ -16,6 +16,7 @@ from tvm import te, tirx
 
 from .moments import (
     clark_max_moments,
+    clark_tail_ratio,
     clip_moments,
     f32,
     leaky_relu_moments,
@@ -220,6 +221,10 @@ def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_grou
     var:  V[n,o,y,x] = the same sum over Var(x w)   (see ``product_moments``)
     """
     out_shape, axes, tap = conv2d_window(x.shape, w.shape, strides, pads, dilations, groups)
+    # a window row of several taps at stride 1: a register block of B positions reads B + K - 1
+    # inputs per K weights, so each weight's second moment and each input's square are formed,
+    # not each input's second moment and each weight's square (`product_moments`' ``second_of_b``)
+    second_of_weights = int(w.shape[3]) > 1 and strides[1] == 1
 
     def terms(n, o, y, xx):
         inside, ix, iw = tap(n, o, y, xx)
@@ -228,7 +233,7 @@ def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_grou
             x_var = None if x.repr == "none" else tirx.if_then_else(inside, x.var_at(ix), f32(0.0))
             return x_mean, x_var, w.mean[iw], _second_at(w, iw), draw_groups.mean[iw], coeff.mean[iw]
         x_moment = None if x.repr == "none" else tirx.if_then_else(inside, x.moment[ix], f32(0.0))
-        return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr)
+        return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr, second_of_weights)
 
     if draw_groups is not None:
         return _reduce_shared_draw(out_shape, terms, axes, count, "conv2d")
@@ -652,11 +657,14 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
         exponent = stage("exponent", lambda n, c, y, xx: pdf_exponent(alpha[n, c, y, xx]))
         pdf = stage("pdf", lambda n, c, y, xx: std_normal_pdf(alpha[n, c, y, xx], exponent[n, c, y, xx]))
         cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
+        # the tail form's polynomials in a branch of their own, read by both moments
+        tail = None if loading_out else stage("tail", lambda n, c, y, xx: clark_tail_ratio(alpha[n, c, y, xx]))
 
         def clark(n, c, y, xx):
             _inside, mean, var, load = at(positions[k], n, c, y, xx)
             here = (n, c, y, xx)
-            max_mean, max_var = clark_max_moments(acc_mean[here], acc_var[here], mean, var, (spread[here], cdf[here], pdf[here], alpha[here]),
+            terms = (spread[here], cdf[here], pdf[here], alpha[here]) + (() if tail is None else (tail[here],))
+            max_mean, max_var = clark_max_moments(acc_mean[here], acc_var[here], mean, var, terms,
                                                   tail_form=not loading_out, covariance=acc[2][here] * load if correlated else None)
             if not correlated:
                 return max_mean, max_var

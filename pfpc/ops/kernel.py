@@ -462,6 +462,20 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             for loop in update[-3:]:
                 sch.unroll(loop)
             _unroll_window(sch, update[-4:-3], int(sch.get(update[-1]).extent))
+        elif (shape := _row_block(sch, block, loops, spatial)) is not None:
+            # a Gaussian dense layer over a few rows: each weight loaded once for the rows, loops
+            # (output block | k, row, output)
+            outer, inner = sch.split(loops[1], [None, shape[1]])
+            sch.reorder(outer, loops[0])
+            for consumer in downstream:
+                if not _after_outputs(sch, block, consumer, outer):
+                    break  # the rest read it: after the reduction too
+            _unroll_block(sch, sch.decompose_reduction(block, loops[0]), 2, downstream, outer)
+            update = sch.get_loops(block)  # output block, row, output, k
+            sch.reorder(update[3], update[1], update[2])
+            update = sch.get_loops(block)
+            sch.unroll(update[-1])
+            sch.unroll(update[-2])
         elif _unrollable(sch, block) and len(sch.get(block).writes) <= 2 \
                 and (factor := _block_factor(int(sch.get(loops[spatial - 1]).extent), len(sch.get(block).writes),
                                          dense=len(loops) == spatial + 1)) > 1:
@@ -481,11 +495,16 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
                 sch.unroll(update[-1])
                 sch.unroll(update[-2])
                 _unroll_window(sch, update[spatial:-2], int(sch.get(update[-1]).extent))
+                _unroll_window_rows(sch, update[spatial:-2], int(sch.get(update[-1]).extent))
             else:
                 sch.reorder(*update[spatial + 1:], update[spatial])
                 update = sch.get_loops(block)
                 sch.unroll(update[-1])
                 _unroll_window(sch, update[spatial:-1])
+                window = [loop for loop in update[spatial:-1] if int(sch.get(loop).extent) > 1]
+                if spatial == 4 and len(window) == 1 and int(sch.get(window[0]).extent) <= UNROLL_ROW_MAX:
+                    # a window of one row (the covariance form's window sums along rows or columns)
+                    sch.unroll(window[0])
         else:
             for consumer in downstream:
                 if not _after_outputs(sch, block, consumer, loops[spatial - 1]):
@@ -493,6 +512,7 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
             sch.decompose_reduction(block, sch.get_loops(block)[spatial])
             if _unrollable(sch, block):
                 _unroll_window(sch, sch.get_loops(block)[spatial:])
+                _unroll_sum_row(sch, block)
         placed.update(sch.get(b).name_hint for b in downstream)
     decoded = {}
     for block in sch.get_child_blocks(root):
@@ -1016,13 +1036,14 @@ def _channel_block_factor(sch, block, loops, spatial: int) -> int:
     if factor == 1:
         return 1
     written = [write.source for write in stmt.writes]
-    inputs = [read.region for read in stmt.reads
-              if not any(read.source.same_as(b) for b in written) and _uses(read.region[-1].min, row.var, int(row.dom.extent))]
+    single = int(row.dom.extent) == 1 and int(sch.get(loops[2]).extent) == 1  # one output position per channel
+    inputs = [read.region for read in stmt.reads if not any(read.source.same_as(b) for b in written)
+              and (len(read.region) == 4 if single else _uses(read.region[-1].min, row.var, int(row.dom.extent)))]
     if any(_uses(region[1].min, channel.var, factor) for region in inputs):
         return 1  # depthwise: each channel reads its own input
     window = int(sch.get(loops[5]).extent) * int(sch.get(loops[6]).extent)
     # the index of a padded window's tap: x s + t - p
-    if window > 1 and not any(_stride(_minuend(region[-1].min), row.var) >= 2 for region in inputs):
+    if window > 1 and not single and not any(_stride(_minuend(region[-1].min), row.var) >= 2 for region in inputs):
         return 1
     return factor
 
@@ -1107,6 +1128,27 @@ def _register_block(channels: int, width: int, accumulators_per_output: int) -> 
 #: Only for layers of two such blocks or more: gcc folds a single block's constant-indexed bias into
 #: the code, and the weights' arrays are the flash image firmware engineers read (`pfpc report`).
 DENSE_BLOCK = (10,)
+
+
+#: Most rows of a Gaussian dense layer accumulated together (`_row_block`) and their accumulators.
+ROW_BLOCK, ROW_ACCUMULATORS = 4, 18
+
+
+def _row_block(sch, block, loops, spatial: int):
+    """(R, F): the rows and outputs of a Gaussian dense layer [R, in] x [in, out] with a batch of
+    R <= `ROW_BLOCK` rows (the shared scale's three scenarios, `passes.share_dense_scale`)
+    accumulated together, at most `ROW_ACCUMULATORS` accumulators (mean and variance per output),
+    or None. Each weight's mean, variance and squared mean are loaded and formed once for the R
+    rows, where a block of one row's outputs forms them once per row: per multiply-add 3 + 3 / R
+    instructions instead of 6, and 3 / F per row for the input's moments."""
+    stmt = sch.get(block)
+    if spatial != 2 or len(loops) != 3 or len(stmt.writes) != 2 or not _unrollable(sch, block):
+        return None
+    rows, width = int(sch.get(loops[0]).extent), int(sch.get(loops[1]).extent)
+    if not 2 <= rows <= ROW_BLOCK:
+        return None
+    factor = next((f for f in BLOCK if width % f == 0 and rows * f * 2 <= ROW_ACCUMULATORS), 1)
+    return (rows, factor) if factor > 1 else None
 
 
 def _block_factor(extent: int, writes: int = 2, dense: bool = False) -> int:
@@ -1203,6 +1245,35 @@ def _unroll_window(sch, loops, total: int = 1):
         if total > UNROLL_MAX:
             break
         sch.unroll(loop)
+
+
+#: Largest window whose rows `_unroll_window_rows` unrolls (5 x 5).
+UNROLL_WINDOW_MAX = 25
+
+
+def _unroll_window_rows(sch, loops, taps: int):
+    """Unroll the window rows of a register-blocked Gaussian convolution (``loops``: input
+    channel, window row; ``taps``: a row's) whose window is larger than `UNROLL_MAX` and at most `UNROLL_WINDOW_MAX`,
+    inside a loop over input channels: each row's loop increment, compare, branch and address
+    arithmetic are gone and gcc schedules one row's loads beside the last's multiply-adds (the
+    registers each row needs do not grow). Cortex-M4: seed LeNet-5's conv2 (5 x 5, 6 input
+    channels) 1,267,280 -> 1,225,200 instructions. Its first convolution (one input channel, a
+    deterministic input: another schedule) got slower the same way (414,120 -> 572,640)."""
+    if len(loops) < 2 or int(sch.get(loops[-2]).extent) < 2:
+        return
+    if UNROLL_MAX < int(sch.get(loops[-1]).extent) * taps <= UNROLL_WINDOW_MAX:
+        sch.unroll(loops[-1])
+
+
+def _unroll_sum_row(sch, block):
+    """Unroll the innermost loop of a plain sum (additions and multiplications only, `_light`)
+    when it is longer than a window (`UNROLL_MAX`) and at most `UNROLL_ROW_MAX`: a row of a sum
+    over positions (the covariance form's sums of a channel's variances), where the loop's
+    increment, compare and branch cost more than its load and addition (Cortex-M4: the seed
+    LeNet-5's two sums over conv2's 10 x 10 positions 7,160 and 7,200 -> 3,800 and 3,840)."""
+    innermost = sch.get_loops(block)[-1]
+    if UNROLL_MAX < int(sch.get(innermost).extent) <= UNROLL_ROW_MAX and _light(sch, block):
+        sch.unroll(innermost)
 
 
 #: Floats in a 128-bit vector (SSE, NEON): "channel_rows" prefers rows of a multiple of it, which

@@ -175,12 +175,24 @@ def relu_tail_ratio(z):
     (`normal_tail_moments`, 32 levels; positive polynomials by Horner's rule), where z <= -1.6,
     else 0 (a branch: the polynomials are computed for the lower tail only). `relu_moments`
     forms psi1 and psi2 at u from it."""
-    distance = tirx.min(f32(0.0) - z, f32(_TAIL_TO))
+    return tirx.Select(z <= f32(-_TAIL_FROM), _tail_ratio(tirx.min(f32(0.0) - z, f32(_TAIL_TO)), _TAIL_LEVELS), f32(0.0))
+
+
+def _tail_ratio(t, levels):
+    """B_3(t) / B_2(t) of Laplace's continued fraction cut after ``levels`` levels (`normal_tail_moments`):
+    psi1 = phi / (1 + t (t + 2 r)), Q = (t + 2 r) psi1 and psi2 = 2 r psi1 follow from it."""
     t_squared = tirx.Var("tail_t2", "float32")
-    polynomials = _tail_coefficients(_TAIL_LEVELS, 4)
-    ratio = _let(t_squared, distance * distance, _positive_polynomial(polynomials[3], distance, t_squared)
-                 / _positive_polynomial(polynomials[2], distance, t_squared))
-    return tirx.Select(z <= f32(-_TAIL_FROM), ratio, f32(0.0))
+    polynomials = _tail_coefficients(levels, 4)
+    return _let(t_squared, t * t, _positive_polynomial(polynomials[3], t, t_squared) / _positive_polynomial(polynomials[2], t, t_squared))
+
+
+def clark_tail_ratio(alpha):
+    """r = B_3(u) / B_2(u), u = min(|al|, 8), of Laplace's continued fraction (20 levels) where
+    Clark's max takes its tail form (|al| >= 2), else 0 (a branch: the polynomials are computed
+    for a clear winner only, once for both moments; `clark_max_moments` forms Q, psi1 and psi2
+    from it)."""
+    distance = tirx.max(alpha, f32(0.0) - alpha)
+    return tirx.Select(distance >= f32(_CLARK_TAIL_FROM), _tail_ratio(tirx.min(distance, f32(_TAIL_TO)), _CLARK_TAIL_LEVELS), f32(0.0))
 
 
 def clip_moments(mean, var, lower, upper):
@@ -537,14 +549,16 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True, cova
     Var[max] = V_w (1 - 2 Q(u)) + a^2 (psi2(u) - psi1(u)^2)
 
     a sum of non-negative terms (psi1^2 < psi2 / 6 there). Below u = 2 the closed form's error
-    is at most 5e-5 of the variance. ``terms``: `clark_max_terms` (a, Phi(al), phi(al), al) of the
-    same pair, when the caller computed them once already. ``tail_form=False``: the closed form
+    is at most 5e-5 of the variance. Q, psi1 and psi2 come from one ratio r = B_3 / B_2
+    (`clark_tail_ratio`: the polynomials in a branch, only where |al| >= 2). ``terms``:
+    `clark_max_terms` (a, Phi(al), phi(al), al) of the same pair, and optionally `clark_tail_ratio`
+    of al, when the caller computed them once already. ``tail_form=False``: the closed form
     alone. ``covariance``: c = Cov(x1, x2) of correlated operands (`gaussian.maxpool2d` with
     loadings, where ``terms`` carry a = sqrt(V1 + V2 - 2c)); the closed form holds as it is, and
     the tail's Cov(x_w, relu(x_l - x_w)) is (c - V_w) Q(u), adding 2 c Q(u) to its variance.
     Returns (E[max], Var[max]).
     """
-    spread, cdf, pdf, alpha = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
+    spread, cdf, pdf, alpha, *ratio = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
     cdf_neg = f32(1.0) - cdf
     spread_pdf = spread * pdf
     diff = mean1 - mean2
@@ -556,14 +570,17 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True, cova
     zero = f32(0.0)
     first_wins = alpha >= zero
     distance = tirx.max(alpha, zero - alpha)
-    tail_probability, psi1, psi2, bind = normal_tail_moments(distance, pdf, _CLARK_TAIL_LEVELS)
+    ratio = ratio[0] if ratio else clark_tail_ratio(alpha)
+    t = tirx.min(distance, f32(_TAIL_TO))  # as `clark_tail_ratio` clamps it (phi = 0 beyond 7.75)
+    psi1 = pdf / (f32(1.0) + t * (t + f32(2.0) * ratio))
+    tail_probability, psi2 = (t + f32(2.0) * ratio) * psi1, f32(2.0) * ratio * psi1
     winner_mean, winner_var = tirx.Select(first_wins, mean1, mean2), tirx.Select(first_wins, var1, var2)
     tail = distance >= f32(_CLARK_TAIL_FROM)
-    first = bind(tirx.Select(tail, winner_mean + spread * psi1, first))
+    first = tirx.Select(tail, winner_mean + spread * psi1, first)
     tail_variance = winner_var * (f32(1.0) - f32(2.0) * tail_probability) + spread * spread * (psi2 - psi1 * psi1)
     if covariance is not None:
         tail_variance = tail_variance + f32(2.0) * covariance * tail_probability
-    variance = bind(tirx.Select(tail, tail_variance, variance))
+    variance = tirx.Select(tail, tail_variance, variance)
     return first, tirx.max(variance, f32(0.0))
 
 
@@ -573,7 +590,7 @@ FMA_PER_MAC = {("none", "none"): 1, ("none", "var"): 2, ("none", "second_moment"
 FMA_PER_MAC_GENERAL = 5
 
 
-def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b):
+def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b, second_of_b=False):
     """Mean and variance of the product of independent Gaussians a and b.
 
     E[ab] = m_a m_b;  Var(ab) = q_a q_b - m_a^2 m_b^2 = m_a^2 v_b + v_a m_b^2 + v_a v_b,
@@ -582,7 +599,12 @@ def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b):
 
     - none x var:                     m_a^2 v_b                 (first layer: 2 FMA per MAC)
     - second_moment x second_moment:  q_a q_b - (m_a m_b)^2     (hidden layer: 3 FMA per MAC)
-    - otherwise the sum of non-negative terms v_b (m_a^2 + v_a) + v_a m_b^2 (= m_a^2 v_b + v_a (m_b^2 + v_b)).
+    - otherwise the sum of non-negative terms v_b (m_a^2 + v_a) + v_a m_b^2, or with
+      ``second_of_b`` v_a (m_b^2 + v_b) + m_a^2 v_b (the same sum): a's second moment is formed
+      once per a element and b's square once per b element, or (``second_of_b``) the other way
+      round, for a kernel that reads more a elements than b elements per register block (a
+      convolution's block of B positions along a row of K taps: B + K - 1 inputs, K weights;
+      Cortex-M4: one multiply per input where the second moment took a copy and a multiply-add).
 
     Returns (E[ab], Var(ab)) where Var is None when both operands are deterministic.
     """
@@ -602,4 +624,6 @@ def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b):
     # input, not per MAC), and the update acc + v_b q_a + v_a m_b^2 is two fused multiply-adds
     # after one multiply (`codegen.kernels.fused_accumulation`): as cheap as q_a q_b - (m_a m_b)^2
     # and never cancelling
+    if second_of_b:
+        return product, var_a * (mean_b * mean_b + var_b) + (mean_a * mean_a) * var_b
     return product, var_b * (mean_a * mean_a + var_a) + var_a * (mean_b * mean_b)

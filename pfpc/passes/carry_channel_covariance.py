@@ -128,6 +128,8 @@ class LoadingRewriter(KernelRewriter):
         """a = k sqrt(d), k from the pooled variance (`channel_covariance.projection_gain`); d is
         ``diagonal``'s value, or its variance when it is a Gaussian."""
         axes = {"axes": list(range(2, len(shape_of(diagonal.mean)))), "keepdims": True}
+        if diagonal.repr == Moment.VAR:  # its variance alone: a sum of its means would be read by nothing
+            diagonal = GaussianValue(diagonal.moment)
         root = self.emit("root", {}, [diagonal])
         root_sum = self.emit("reduce_sum", axes, [root])
         diagonal_sum = self.emit("reduce_sum", axes, [diagonal])
