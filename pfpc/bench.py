@@ -163,7 +163,7 @@ def write_inputs(directory: str, inputs: list[np.ndarray]) -> str:
 
 def ort_det_timer(model, inputs: dict, rounds: int = 3, round_ns: float = 2e7):
     """A timer of the deterministic (mean) network in onnxruntime, one thread, all graph optimisations."""
-    from .frontends.onnx_model import ort_session
+    from .frontends.onnxruntime_session import ort_session
 
     session = ort_session(model, threads=1)
     names = [o.name for o in session.get_outputs()]

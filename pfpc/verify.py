@@ -8,7 +8,8 @@ import os
 import numpy as np
 import onnx
 
-from .frontends.onnx_model import final_softmax, ort_session
+from .frontends.onnx_model import final_softmax
+from .frontends.onnxruntime_session import ort_session
 from .frontends.posterior import Posterior
 from .ops import registry
 

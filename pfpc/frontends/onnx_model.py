@@ -87,20 +87,6 @@ def load_model(path: str | os.PathLike, batch: int | None = None, *, shapes_only
     return model
 
 
-def ort_session(model: onnx.ModelProto, threads: int | None = None):
-    """An onnxruntime CPU session of ``model`` that logs only errors (its warnings about unused
-    initialisers would reach the user's terminal); ``threads`` pins intra- and inter-op threads
-    (one for timings and for Monte Carlo that must not take the machine)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def value_shapes(graph) -> dict:
     """The shape shape inference recorded for every graph input, intermediate and output value
     (None for a dimension it does not know)."""

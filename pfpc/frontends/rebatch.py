@@ -103,7 +103,7 @@ def _with_batch(model: onnx.ModelProto, inputs, batch: int, name: str) -> onnx.M
 def _check_items_independent(single: onnx.ModelProto, batched: onnx.ModelProto, inputs, name: str) -> None:
     """Refuse unless ``batched`` (at `CHECK_ITEMS`) gives each of random standard-normal items the
     outputs ``single`` (the model as exported) gives that item alone."""
-    from .onnx_model import ort_session
+    from .onnxruntime_session import ort_session
 
     rng = np.random.default_rng(0)
     feeds = {}
