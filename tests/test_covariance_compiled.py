@@ -201,7 +201,7 @@ def test_separable_window_sums_match_the_float64_reference(cls, tmp_path):
 def test_cortex_m4_build_matches_the_float64_reference(tmp_path):
     """TinyResNet with every convolution's loadings built for the Cortex-M4 and run under QEMU: its
     schedule (register blocks of outputs, the taps of a window row innermost where the input is
-    Gaussian or the border is tested: `kernel._inputs_per_tap`) and the separable window sums
+    Gaussian or the border is tested: `schedule._inputs_per_tap`) and the separable window sums
     give reference_covariance's moments to 1e-5, as the host build does."""
     model, stds, inputs = TC._onnx(TC.TinyResNet)
     out = str(tmp_path / "m4")

@@ -803,7 +803,7 @@ def test_layer_norm_over_more_rows_than_the_stack_holds(tmp_path):
     """LayerNormalization over 300 rows: the statistics kernel kept all rows' sums before the
     normalisation (5 arrays of 300 floats, over TVM's 1 KiB stack limit, so a runtime workspace:
     "uses the TVM runtime", exit 3; long-run seed 800045 graph 1, 270 rows). The normalisation
-    now follows each block of rows' sums (`kernel._after_outputs` counts the consumer's elements)."""
+    now follows each block of rows' sums (`schedule._after_outputs` counts the consumer's elements)."""
     rng = np.random.default_rng(4)
     shape, width = [1, 300, 8], 8
     nodes = [node("Add", ["x", "b"], ["h"]), node("LayerNormalization", ["h", "g", "beta"], ["y"], axis=-1)]

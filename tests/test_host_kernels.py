@@ -180,7 +180,7 @@ def test_pads_and_stride2_copies_have_no_per_element_tests(tmp_path):
 
 def test_depthwise_rows_run_around_the_unrolled_window(tmp_path):
     """A depthwise convolution's short rows (DS-CNN's 5) run their outputs innermost around the
-    unrolled 3x3 window (`kernel._narrow_unshared_rows`): one loop over the row per output row,
+    unrolled 3x3 window (`schedule._narrow_unshared_rows`): one loop over the row per output row,
     which gcc vectorises with the sums in registers, instead of one loop of 5 per tap (about 3x
     TVM's LLVM time on DS-CNN). Values: `test_channel_rows_kernel_matches_reference`
     (depthwise_rows_of_5, grouped_and_depthwise)."""
@@ -229,7 +229,7 @@ def test_flat_rows_of_68_over_34_column_maps_at_batch_2(tmp_path):
 
 
 def test_depthwise_rows_of_16_run_around_the_unrolled_window_at_batch_2(tmp_path):
-    """`kernel._narrow_unshared_rows` takes rows up to 16 (ResNet-8's 16x16 depthwise window sums of
+    """`schedule._narrow_unshared_rows` takes rows up to 16 (ResNet-8's 16x16 depthwise window sums of
     the covariance pass: 177 -> 36 µs at batch 8 on the host, TVM's LLVM build 41): one loop over
     the row per output row, not one per tap. Values: `test_channel_rows_kernel_matches_reference`
     (batch2_depthwise_rows_of_16)."""

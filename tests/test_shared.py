@@ -271,7 +271,7 @@ def test_clustered_exceptions_match_reference(tmp_path):
 @pytest.mark.parametrize("target", ["host", "cortex-m4"])
 def test_wide_codebook_operand_decodes_without_workspace(tmp_path, target):
     """600 x 3 weights: neither the whole weight nor a column fits the decode scratch
-    (`kernel.DECODE_SCRATCH`); the gather goes inside the reduction (M4) or per row of 3 (host)."""
+    (`schedule.DECODE_SCRATCH`); the gather goes inside the reduction (M4) or per row of 3 (host)."""
     rng = np.random.default_rng(10)
     tensor = _random_shared(rng, (600, 3), 9, exceptions=20)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]

@@ -20,8 +20,9 @@ from tvm import tirx
 from ..errors import PfpcError
 from .. import ir_state
 from ..ops.gaussian import Moment
-from ..ops.kernel import KERNEL_ATTR, build_placeholder, is_placeholder, schedule_kernel
+from ..ops.kernel import KERNEL_ATTR, build_placeholder, is_placeholder
 from ..ops.moments import KEPT
+from .schedule import schedule_kernel
 
 #: A parameter's data pointer. TVM suffixes a repeated name (``relu_mean_handle_1``: a weight named
 #: ``relu`` beside the kernel's output ``relu``), so the handle may end in ``_<n>``.
@@ -309,7 +310,7 @@ def _loop_variables(expr: str, index_locals: dict) -> set:
 def _chained(line: str, innermost: str | None, index_locals: dict) -> bool:
     """Whether ``line`` adds into an accumulator that stays the same across the innermost loop
     (``innermost``, its variable): one output's sum, a chain of dependent additions that no
-    vector lane or other output runs beside (a narrow reduction, `ops.kernel._narrow_reduction`:
+    vector lane or other output runs beside (a narrow reduction, `codegen.schedule._narrow_reduction`:
     the covariance pass's sums over a whole map, a dense layer's few outputs). On an out-of-order
     core such a loop runs at the chain's latency: ``acc + (a + b)`` puts one addition per term on
     the chain, `fused_accumulation`'s ``(acc + a) + b`` two (two fused multiply-adds where the

@@ -21,7 +21,7 @@ class Target:
     cpu: str = ""
     qemu_machine: str = ""  # bare metal: the qemu-system-arm board
     linker_script: str = ""  # bare metal: file in FIRMWARE_DIR for that board
-    accumulate: str = "channel_rows"  # kernel schedule (ops.kernel.schedule_kernel): "channel_rows" for application cores, "row" for Helium, "scalar" without SIMD
+    accumulate: str = "channel_rows"  # kernel schedule (codegen.schedule.schedule_kernel): "channel_rows" for application cores, "row" for Helium, "scalar" without SIMD
     qemu_clock_hz: int = 0  # bare metal: the board's processor clock in QEMU, which SysTick counts
     optimise: str = "-O2"  # the generated build's optimisation level (`c_flags`)
     vector_flags: tuple = ()  # flags the generated build adds for this target's vectoriser (`c_flags`)

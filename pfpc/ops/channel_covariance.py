@@ -6,7 +6,7 @@ position of a convolution), e independent with variance v - a^2. The loading a i
 deterministic (mean-only) tensor beside the Gaussian (m, v); `passes.carry_channel_covariance`
 emits these operators, and the deterministic convolutions, products and sums the loadings
 need otherwise are pfpc's existing stages with deterministic operands. Each operator here is one
-TE compute with at most one reduction (`kernel.schedule_kernel` schedules it as any other).
+TE compute with at most one reduction (`schedule.schedule_kernel` schedules it as any other).
 """
 
 from __future__ import annotations

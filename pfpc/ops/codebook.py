@@ -14,7 +14,7 @@ and TVM generates the C (no text is rewritten):
   the position with at most ``chain`` entries of its block (a chain of selects, no loop) and
   reads ``exception_<role>`` there. Only escaped weights take that branch (an if/else in C).
 
-The gathers are `CODEBOOK` stages: `kernel.schedule_kernel` inlines them into the reduction, or,
+The gathers are `CODEBOOK` stages: `schedule.schedule_kernel` inlines them into the reduction, or,
 where a weight is read again for every output position (a convolution), decodes the weights
 of one output channel once into a small scratch array before the spatial loops.
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from tvm import te, tirx
 
-#: te.compute attribute of a codebook gather (see `kernel.schedule_kernel`).
+#: te.compute attribute of a codebook gather (see `schedule.schedule_kernel`).
 CODEBOOK_ATTR = "pfp.codebook"
 
 

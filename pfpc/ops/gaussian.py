@@ -44,7 +44,7 @@ class Moment(enum.StrEnum):
 REPRESENTATIONS = tuple(Moment)
 
 #: te.compute attribute of a stage computed once per element and read by several expressions
-#: (the exp terms that both moments use): `kernel.schedule_kernel` keeps it in a scalar, never inlines it.
+#: (the exp terms that both moments use): `schedule.schedule_kernel` keeps it in a scalar, never inlines it.
 SHARED_ATTR = "pfp.shared"
 SHARED = {SHARED_ATTR: 1}
 #: A stage kept apart (a row loop of its own, which vectorises) only by the "channel_rows" schedule
