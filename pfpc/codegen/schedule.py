@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tvm
 from tvm import s_tir, tirx
+from tvm.s_tir.schedule import ScheduleError
 from tvm.s_tir.schedule import _ffi_api as _schedule_ffi
 from tvm.tirx import IndexMap
 
@@ -768,7 +769,7 @@ def _merge_epilogue(sch, epilogue):
             return
         try:
             sch.merge(*distinct)
-        except Exception:  # TVM's ScheduleError: the nests do not merge (another shape, a dependence)
+        except ScheduleError:  # the nests do not merge (another shape below, a dependence): the rest stays apart
             return
 
 
