@@ -7,11 +7,16 @@ symbolic batch dimension (`run.real_model(symbolic_batch=True)`): exported with 
 Results: benchmarks/host_kernels.md.
 
     PYTHONPATH=. nice -n 5 python benchmarks/host_batches.py [--batches 8 128] seed_mlp seed_lenet resnet8 dscnn
+
+A model may also be an .onnx file with a symbolic batch, its posterior post.npz and its input
+sample.npy beside it (examples/lenet/model.onnx: the digits LeNet).
 """
 import argparse
 import os
 import sys
 import tempfile
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,7 +32,11 @@ parser.add_argument("--repeats", type=int, default=5, help="turns of the side-by
 args = parser.parse_args()
 for name in args.models:
     with tempfile.TemporaryDirectory() as tmp:
-        model_path, posterior_path, x, origin = run.real_model(name, tmp, symbolic_batch=True)
+        if name.endswith(".onnx"):
+            folder = os.path.dirname(name)
+            model_path, posterior_path, x = name, os.path.join(folder, "post.npz"), np.load(os.path.join(folder, "sample.npy"))
+        else:
+            model_path, posterior_path, x, origin = run.real_model(name, tmp, symbolic_batch=True)
         r = benchmark_model(model_path, posterior_path, batches=tuple(args.batches), samples=(2,), inputs=x, cycles_target=(), ort=False,
                             best=False, repeats=args.repeats, progress=lambda t: print(name, t, file=sys.stderr, flush=True))
     for row in r["host"]:
