@@ -74,7 +74,7 @@ def c_flags(target: "Target", portable: bool = False) -> tuple:
     -O2 vectoriser takes no loop that needs a scalar tail. Measured side by side (process CPU
     time, BENCHMARKS.md's models): DS-CNN 0.64x, ResNet-8 0.88x, seed LeNet-5 0.84x, seed MLP
     0.87x, digits MLP 0.92x the -O2 time; the digits LeNet 1.19x (its rows of 8 are unrolled
-    instead of vectorised). Cortex-M keeps -O2 (no SIMD; -O3 unrolls for code size it does not
+    instead of vectorised; `HOST_GCC_FLAGS` stops that since session 13). Cortex-M keeps -O2 (no SIMD; -O3 unrolls for code size it does not
     have). Cortex-A (`CORTEX_A_OPTIMISE`) takes -O3 too, measured in instructions under
     qemu-aarch64 (benchmarks/cortex_a.md).
 
@@ -96,17 +96,17 @@ def c_flags(target: "Target", portable: bool = False) -> tuple:
 #: both arms would cost instructions).
 HOST_VECTOR_FLAGS = ("-fno-trapping-math",)
 #: The host build's `Target.gcc_flags`. gcc -O3 completely unrolls a constant-trip loop when its
-#: unrolled body stays under ``max-completely-peeled-insns`` (200 of its size estimate); 50 keeps
-#: the small ones (a vector loop's scalar tail, 2-4 trip loops of a statement or two) and leaves
-#: two kinds of row loops of 8 it unrolled to their cost. The digits LeNet's first convolution
-#: (2 channels, rows of 8): unrolled before the loop vectoriser, the 9 taps' row loops became
-#: scalar code (318 mulss, no packed multiply); with the param they are vectorised (90 mulps).
-#: ResNet-8's 8x8 convolutions (8 channels, rows of 8 = 2 vectors): the vectorised row loops were
-#: unrolled after the vectoriser, the block's 64 accumulators kept in registers across the
-#: input-channel loop and spilled (883 stack accesses in the largest kernel, 326 with the param).
-#: Side by side (benchmarks/host_kernels.md, session 13): ... The -O3 it amends
-#: stays (gcc -O2 cost the seed MLP 1.3x). clang rejects --param, hence a flag of gcc alone.
-HOST_GCC_FLAGS = ("--param=max-completely-peeled-insns=50",)
+#: unrolled body stays under ``max-completely-peeled-insns`` (200 of its size estimate). Two kinds
+#: of row loops of 8 came in just under it and lost by being unrolled: the digits LeNet's first
+#: convolution (2 channels, rows of 8) was unrolled before the loop vectoriser, 9 taps' rows of
+#: scalar code (318 mulss, no packed multiply; 90 mulps with the param); ResNet-8's 8x8
+#: convolutions (8 channels, rows of 8 = two vectors) were unrolled after it, the block's
+#: accumulators kept across the input-channel loop and spilled (883 stack accesses in the largest
+#: kernel, 322 with the param). 150 stops both and keeps what is shorter: DS-CNN's pads of
+#: 7-column rows and the seed MLP unroll as before (callgrind instructions within 0.1 %; at 50 or
+#: 75 DS-CNN took 2-6 % more). Measured in benchmarks/host_kernels.md (session 13). The -O3 it
+#: amends stays (gcc -O2 cost the seed MLP 1.3x); clang rejects --param, hence a flag of gcc alone.
+HOST_GCC_FLAGS = ("--param=max-completely-peeled-insns=150",)
 #: The Cortex-A targets' optimisation level. Instructions per inference at -O3 against -O2, both
 #: with -mcpu=cortex-a53 (qemu-aarch64, benchmarks/cortex_a.py): seed LeNet-5 PFP 0.68x and
 #: deterministic 0.37x, ResNet-8 0.79x and 0.49x (gcc -O2's very cheap vectoriser cost model leaves
