@@ -9,6 +9,7 @@ kernel, slowest first by C time minus TVM's, then the totals (TVM's VM calls out
 excluded; printed apart). Results: benchmarks/host_kernels.md.
 
     PYTHONPATH=. nice -n 5 python benchmarks/host_profile.py resnet8 --batch 8 [--runs 20] [--rows 25]
+    PYTHONPATH=. nice -n 5 python benchmarks/host_profile.py examples/lenet/model.onnx --posterior examples/lenet/post.npz --batch 128
 """
 
 from __future__ import annotations
@@ -133,14 +134,20 @@ def main() -> int:
     from pfpc.frontends.posterior import load_posterior
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a network of benchmarks/run.py (seed_mlp, seed_lenet, resnet8, dscnn)")
+    parser.add_argument("model", help="a network of benchmarks/run.py (seed_mlp, seed_lenet, resnet8, dscnn), or an .onnx file "
+                        "with a symbolic batch (with --posterior; e.g. examples/lenet/model.onnx, the digits LeNet)")
+    parser.add_argument("--posterior", help="the .npz posterior of an .onnx model (its input: sample.npy beside it)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=20, help="inferences timed (after one warm-up)")
     parser.add_argument("--rows", type=int, default=25, help="kernels printed")
     args = parser.parse_args()
     commit = subprocess.run(["git", "-C", run.ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
-        model_path, posterior_path, x, _ = run.real_model(args.model, tmp, symbolic_batch=True)
+        if args.model.endswith(".onnx"):
+            model_path, posterior_path = args.model, args.posterior
+            x = np.load(os.path.join(os.path.dirname(args.model), "sample.npy"))
+        else:
+            model_path, posterior_path, x, _ = run.real_model(args.model, tmp, symbolic_batch=True)
         model = load_model(model_path, args.batch)
         (shape,) = input_shapes(model).values()
         x = np.resize(x.astype(np.float32), shape)

@@ -92,6 +92,21 @@ def test_cmake_default_build_matches_the_makefile(tmp_path, target):
     assert made == cmade and made[".text"] > 0
 
 
+@pytest.mark.parametrize("cc", ["gcc", "clang"])
+def test_host_makefile_adds_gccs_own_flags_only_under_gcc(tmp_path, cc):
+    """The host's `targets.HOST_GCC_FLAGS` (--param, which clang rejects under the Makefile's
+    -Werror) reach gcc's command line and not clang's, and both build the library."""
+    from pfpc.codegen.targets import HOST_GCC_FLAGS
+
+    if not shutil.which(cc):
+        pytest.skip(f"needs {cc}")
+    out = tmp_path / "out"
+    compiler.compile(MLP, MLP_POST, out_dir=str(out), batch=1)
+    command = subprocess.run(["make", "-n", "-C", str(out), f"CC={cc}", "pfp_model.o"], check=True, capture_output=True, text=True).stdout
+    assert all((flag in command) == (cc == "gcc") for flag in HOST_GCC_FLAGS), command
+    subprocess.run(["make", "-s", "-C", str(out), f"CC={cc}", "pfp_model.o"], check=True, capture_output=True)
+
+
 def _trace_layers(out_dir, steps):
     """Instructions between consecutive counter reads of the profiled program, counted by QEMU's
     own execution trace (one translation block per instruction): an independent count per layer."""

@@ -118,9 +118,14 @@ def _target_mk(name: str, target) -> str:
         "# ARCH: the instruction set of the machine that runs the library, e.g. `make ARCH=-march=native`",
         "# (empty: the compiler's default, portable to every machine of the target's architecture)",
         "ARCH =",
-        f"CFLAGS = {' '.join(c_flags(target))} -Wall -Wextra -Werror -fstack-usage $(TARGET_FLAGS) $(ARCH)",
+        f"CFLAGS = {' '.join(c_flags(target, portable=True))} -Wall -Wextra -Werror -fstack-usage $(TARGET_FLAGS) $(ARCH)",
         "LDLIBS = -lm",
     ]
+    if target.gcc_flags:
+        gcc_flags = " ".join(target.gcc_flags)
+        lines += ["# gcc's own flags (targets.HOST_GCC_FLAGS; clang rejects --param): added when $(CC) accepts them",
+                  f"GCC_FLAGS := $(shell $(CC) {gcc_flags} -Werror -E -x c /dev/null >/dev/null 2>&1 && echo {gcc_flags})",
+                  "CFLAGS += $(GCC_FLAGS)"]
     if target.bare_metal:
         lines += ["# QEMU board and linker script of the test program (firmware/)",
                   f"QEMU_MACHINE = {target.qemu_machine}", f"LINKER_SCRIPT = firmware/{target.linker_script}"]
@@ -181,7 +186,7 @@ set_target_properties({name} PROPERTIES C_STANDARD 99 C_STANDARD_REQUIRED ON C_E
 if(CMAKE_C_COMPILER_ID MATCHES "GNU|Clang")
   # last on the command line, so {target.optimise} also replaces Release's -O3
   target_compile_options({name} PRIVATE -fno-math-errno -ffp-contract=fast{''.join(' ' + f for f in target.vector_flags)} $<$<NOT:$<CONFIG:Debug>>:{target.optimise}>)
-endif()
+endif(){_cmake_gcc_flags(name, target)}
 # the Makefile's ARCH, e.g. -DPFPC_ARCH=-march=native (empty: portable)
 set(PFPC_ARCH "" CACHE STRING "instruction-set flags for the machine that runs {name}, e.g. -march=native")
 if(PFPC_ARCH)
@@ -192,6 +197,14 @@ if(NOT MSVC)
   target_link_libraries({name} PUBLIC m)
 endif()
 """
+
+
+def _cmake_gcc_flags(name: str, target) -> str:
+    """The CMake lines adding ``target.gcc_flags`` under gcc alone, as the Makefile does."""
+    if not target.gcc_flags:
+        return ""
+    return (f"\n# gcc's own flags (the Makefile's GCC_FLAGS; clang rejects --param)\n"
+            f"target_compile_options({name} PRIVATE $<$<AND:$<C_COMPILER_ID:GNU>,$<NOT:$<CONFIG:Debug>>>:{' '.join(target.gcc_flags)}>)")
 
 
 def _cmake_toolchain(target) -> str:

@@ -25,6 +25,7 @@ class Target:
     qemu_clock_hz: int = 0  # bare metal: the board's processor clock in QEMU, which SysTick counts
     optimise: str = "-O2"  # the generated build's optimisation level (`c_flags`)
     vector_flags: tuple = ()  # flags the generated build adds for this target's vectoriser (`c_flags`)
+    gcc_flags: tuple = ()  # flags of gcc alone (clang rejects --param): the Makefile adds them when $(CC) takes them
 
     def instructions(self, systick_ticks: int) -> int:
         """Instructions executed in ``systick_ticks`` under ``-icount shift=0``: QEMU advances its
@@ -67,18 +68,22 @@ class Target:
 C_FLAGS = ("-std=c99", "-O2", "-fno-math-errno", "-ffp-contract=fast")
 
 
-def c_flags(target: "Target") -> tuple:
+def c_flags(target: "Target", portable: bool = False) -> tuple:
     """`C_FLAGS` with the target's optimisation level: -O3 on the host, whose short rows (DS-CNN's
     25x5 maps, depthwise and 1x1 convolutions, a 3x3 window's taps) gcc -O2 leaves scalar: its
     -O2 vectoriser takes no loop that needs a scalar tail. Measured side by side (process CPU
     time, BENCHMARKS.md's models): DS-CNN 0.64x, ResNet-8 0.88x, seed LeNet-5 0.84x, seed MLP
     0.87x, digits MLP 0.92x the -O2 time; the digits LeNet 1.19x (its rows of 8 are unrolled
-    instead of vectorised). Cortex-M keeps -O2 (no SIMD; -O3 unrolls for code size it does not
+    instead of vectorised; `HOST_GCC_FLAGS` stops that since session 13). Cortex-M keeps -O2 (no SIMD; -O3 unrolls for code size it does not
     have). Cortex-A (`CORTEX_A_OPTIMISE`) takes -O3 too, measured in instructions under
     qemu-aarch64 (benchmarks/cortex_a.md).
 
-    ``target.vector_flags`` follow (the host: `HOST_VECTOR_FLAGS`)."""
-    return tuple(target.optimise if flag == "-O2" else flag for flag in C_FLAGS) + target.vector_flags
+    ``target.vector_flags`` follow (the host: `HOST_VECTOR_FLAGS`), then ``target.gcc_flags``
+    (`HOST_GCC_FLAGS`) unless ``portable``: the flags for gcc (the `cc` that pfpc's benchmarks and
+    tests build with); ``portable=True``: those every gcc and clang take (the generated Makefile's
+    CFLAGS, which adds the gcc flags only when its $(CC) accepts them)."""
+    flags = tuple(target.optimise if flag == "-O2" else flag for flag in C_FLAGS) + target.vector_flags
+    return flags if portable else flags + target.gcc_flags
 
 
 #: The host build's `Target.vector_flags`. ``-fno-trapping-math``: a Gaussian ReLU's tail branch
@@ -90,6 +95,18 @@ def c_flags(target: "Target") -> tuple:
 #: the time without it (benchmarks/host_kernels.md). Cortex-M keeps the branch (no SIMD: computing
 #: both arms would cost instructions).
 HOST_VECTOR_FLAGS = ("-fno-trapping-math",)
+#: The host build's `Target.gcc_flags`. gcc -O3 completely unrolls a constant-trip loop when its
+#: unrolled body stays under ``max-completely-peeled-insns`` (200 of its size estimate). Two kinds
+#: of row loops of 8 came in just under it and lost by being unrolled: the digits LeNet's first
+#: convolution (2 channels, rows of 8) was unrolled before the loop vectoriser, 9 taps' rows of
+#: scalar code (318 mulss, no packed multiply; 90 mulps with the param); ResNet-8's 8x8
+#: convolutions (8 channels, rows of 8 = two vectors) were unrolled after it, the block's
+#: accumulators kept across the input-channel loop and spilled (883 stack accesses in the largest
+#: kernel, 322 with the param). 150 stops both and keeps what is shorter: DS-CNN's pads of
+#: 7-column rows and the seed MLP unroll as before (callgrind instructions within 0.1 %; at 50 or
+#: 75 DS-CNN took 2-6 % more). Measured in benchmarks/host_kernels.md (session 13). The -O3 it
+#: amends stays (gcc -O2 cost the seed MLP 1.3x); clang rejects --param, hence a flag of gcc alone.
+HOST_GCC_FLAGS = ("--param=max-completely-peeled-insns=150",)
 #: The Cortex-A targets' optimisation level. Instructions per inference at -O3 against -O2, both
 #: with -mcpu=cortex-a53 (qemu-aarch64, benchmarks/cortex_a.py): seed LeNet-5 PFP 0.68x and
 #: deterministic 0.37x, ResNet-8 0.79x and 0.49x (gcc -O2's very cheap vectoriser cost model leaves
@@ -104,7 +121,7 @@ BEST_FLAGS = ("-O3", "-funroll-loops")
 _M_FLAGS = ("-mthumb", "-mfloat-abi=hard")
 TARGETS = {
     "host": Target("host", "cc", (), False, "the machine pfpc runs on", optimise="-O3",
-                   vector_flags=HOST_VECTOR_FLAGS),
+                   vector_flags=HOST_VECTOR_FLAGS, gcc_flags=HOST_GCC_FLAGS),
     "cortex-m4": Target("cortex-m4", "arm-none-eabi-gcc", ("-mcpu=cortex-m4", *_M_FLAGS, "-mfpu=fpv4-sp-d16"), True,
                         "Cortex-M4F, bare metal", "cortex-m4", "mps2-an386", "mps2.ld", "scalar", 25_000_000),
     "cortex-m7": Target("cortex-m7", "arm-none-eabi-gcc", ("-mcpu=cortex-m7", *_M_FLAGS, "-mfpu=fpv5-d16"), True,
