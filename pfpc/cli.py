@@ -716,7 +716,8 @@ def _compress(args) -> int:
     shared, layers = compress_posterior(model, full, options)
     arrays = to_arrays(shared)
     shared_post = bind_posterior(model, arrays, args.output)
-    flash = {name: compile_model(args.model, post, target=args.target, batch=batch_or_default(args.model), measure=True).footprint["weights_bytes"]
+    batch = batch_or_default(args.model)
+    flash = {name: compile_model(args.model, post, target=args.target, batch=batch, measure=True).footprint["weights_bytes"]
              for name, post in (("full", full), ("shared", shared_post))}
     effect = None if args.no_evaluate else compare(args.model, full, shared_post)
     text = format_report(layers, effect, flash)
