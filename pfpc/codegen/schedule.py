@@ -307,6 +307,10 @@ def _row_nests(sch, blocks, accumulate: str = "row"):
     """Element-wise blocks over one shape in one nest of outer loops, each with a row loop of its
     own inside: rows without libm calls vectorise, and the row's independent elements interleave
     in each stage (a chain of Clark steps is otherwise one long dependency chain per element).
+    "channel_rows" fuses rows of ROW_ELEMENTS or fewer further, up to VECTOR_ROW_MAX: the digits
+    LeNet's first max-pool + ReLU (6 channels of 4x4) had rows of 16, of which gcc -O3 unrolled
+    16 loops completely as scalar code (`-fopt-info-loop`) and vectorised 16; in rows of 96 (the
+    sample's) it vectorises them all, 0.74x the time at batch 8 (benchmarks/host_kernels.md).
     "channel_rows": blocks that read every operand at their own position (`_aligned`) run over
     their whole tensor as one flat array, in rows of a multiple of VECTOR_LANES where one divides
     it (DS-CNN's 64x25x5 maps: rows of 64 instead of 5, which gcc -O2 leaves scalar)."""
@@ -327,6 +331,10 @@ def _row_nests(sch, blocks, accumulate: str = "row"):
         row += 1
     span = shape[row]
     while row > 0 and span * shape[row - 1] <= ROW_MAX and span < ROW_ELEMENTS:
+        row -= 1
+        span *= shape[row]
+    while accumulate == "channel_rows" and row > 0 and span <= ROW_ELEMENTS and span * shape[row - 1] <= VECTOR_ROW_MAX:
+        # rows of ROW_ELEMENTS or fewer: gcc -O3 unrolls most of them completely, as scalar code
         row -= 1
         span *= shape[row]
     outer = []
