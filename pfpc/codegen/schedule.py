@@ -590,13 +590,16 @@ PLANE_CHANNEL_BLOCK = (4, 2)
 
 def _plane_channel_block(sch, block, spatial: int) -> int:
     """Output channels per block where a "channel_rows" convolution accumulates whole output
-    planes (`_accumulate_planes`), 1 where it does not: output rows of at most one vector
-    (VECTOR_LANES) over maps of more than one row, read contiguously along the row (stride 1),
-    and a block of `PLANE_CHANNEL_BLOCK` dividing the channels whose planes fit
-    CHANNEL_BLOCK_FLOATS."""
+    planes (`_accumulate_planes`), 1 where it does not: a batch of more than one sample, output
+    rows of at most one vector (VECTOR_LANES) over maps of more than one row, read contiguously
+    along the row (stride 1), and a block of `PLANE_CHANNEL_BLOCK` dividing the channels whose
+    planes fit CHANNEL_BLOCK_FLOATS. Batch 1 keeps the `_channel_block` rows: the Cortex-A
+    targets share this schedule, and with NEON's 32 registers the digits LeNet took 2.4 % more
+    Cortex-A53 instructions this way (125,776 -> 128,772 per inference)."""
     loops = sch.get_loops(block)
     height, width = int(sch.get(loops[spatial - 2]).extent), int(sch.get(loops[spatial - 1]).extent)
-    if width > VECTOR_LANES or height < 2 or len(_data_parallel(sch, block)) < 4:
+    data = _data_parallel(sch, block)
+    if width > VECTOR_LANES or height < 2 or len(data) < 4 or int(data[0].dom.extent) < 2:
         return 1
     row = _data_parallel(sch, block)[-1].var
     if any(_stride(r.region[-1].min, row) != 1 for r in sch.get(block).reads if len(r.region) > 1):
