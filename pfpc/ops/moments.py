@@ -186,19 +186,13 @@ def _tail_ratio(t, levels):
     return _let(t_squared, t * t, _positive_polynomial(polynomials[3], t, t_squared) / _positive_polynomial(polynomials[2], t, t_squared))
 
 
-def _clark_tail(alpha):
-    """|al| >= 2 (`_CLARK_TAIL_FROM`) as two tests of al: gcc folds max(al, -al) >= 2 into a
-    select between two tests, whose mixed boolean vector types its vectoriser rejects."""
-    return tirx.Or(alpha >= f32(_CLARK_TAIL_FROM), alpha <= f32(-_CLARK_TAIL_FROM))
-
-
 def clark_tail_ratio(alpha):
     """r = B_3(u) / B_2(u), u = min(|al|, 8), of Laplace's continued fraction (20 levels) where
     Clark's max takes its tail form (|al| >= 2), else 0 (a branch: the polynomials are computed
     for a clear winner only, once for both moments; `clark_max_moments` forms Q, psi1 and psi2
     from it)."""
-    distance = tirx.max(alpha, f32(0.0) - alpha)
-    return tirx.Select(_clark_tail(alpha), _tail_ratio(tirx.min(distance, f32(_TAIL_TO)), _CLARK_TAIL_LEVELS), f32(0.0))
+    distance = tirx.abs(alpha)  # fabsf (see `clark_max_moments`)
+    return tirx.Select(distance >= f32(_CLARK_TAIL_FROM), _tail_ratio(tirx.min(distance, f32(_TAIL_TO)), _CLARK_TAIL_LEVELS), f32(0.0))
 
 
 def clip_moments(mean, var, lower, upper):
@@ -575,13 +569,16 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True, cova
         return first, tirx.max(variance, f32(0.0))
     zero = f32(0.0)
     first_wins = alpha >= zero
-    distance = tirx.max(alpha, zero - alpha)
+    # fabsf: with max(al, -al), gcc folded max(al, -al) >= 2 into a select between two tests
+    # whose mixed boolean vector types its vectoriser rejects (the host's max-pool rows stayed
+    # scalar); Cortex-M: one vabs.f32
+    distance = tirx.abs(alpha)
     ratio = ratio[0] if ratio else clark_tail_ratio(alpha)
     t = tirx.min(distance, f32(_TAIL_TO))  # as `clark_tail_ratio` clamps it (phi = 0 beyond 7.75)
     psi1 = pdf / (f32(1.0) + t * (t + f32(2.0) * ratio))
     tail_probability, psi2 = (t + f32(2.0) * ratio) * psi1, f32(2.0) * ratio * psi1
     winner_mean, winner_var = tirx.Select(first_wins, mean1, mean2), tirx.Select(first_wins, var1, var2)
-    tail = _clark_tail(alpha)
+    tail = distance >= f32(_CLARK_TAIL_FROM)
     first = tirx.Select(tail, winner_mean + spread * psi1, first)
     tail_variance = winner_var * (f32(1.0) - f32(2.0) * tail_probability) + spread * spread * (psi2 - psi1 * psi1)
     if covariance is not None:
