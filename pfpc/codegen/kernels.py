@@ -50,15 +50,6 @@ def _float_from_bits(call):
 tirx.register_intrin_lowering("tirx.reinterpret", target="c", f=_float_from_bits, level=99)
 
 
-def _fabsf(call):
-    """|x| of a float32 (`ops.moments`' Clark tail distance) as C's ``fabsf``: TVM's C backend
-    has no lowering of ``fabs`` of its own."""
-    return tirx.call_pure_extern("float32", "fabsf", call.args[0]) if str(call.ty) == "float32" else call
-
-
-tirx.register_intrin_lowering("tirx.fabs", target="c", f=_fabsf, level=99)
-
-
 def _kept_value(call):
     """`ops.moments.kept` in an LLVM build (`bench.tvm_vm_timer`): its argument; the C backend's
     prints are taken out of the text instead (`without_kept`)."""

@@ -670,15 +670,21 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
         exponent = stage("exponent", lambda n, c, y, xx: pdf_exponent(alpha[n, c, y, xx]))
         pdf = stage("pdf", lambda n, c, y, xx: std_normal_pdf(alpha[n, c, y, xx], exponent[n, c, y, xx]))
         cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
-        # the tail form's polynomials in a branch of their own, read by both moments
-        tail = None if loading_out else stage("tail", lambda n, c, y, xx: clark_tail_ratio(alpha[n, c, y, xx]))
+        # the tail form's polynomials in a branch of their own, read by both moments; |al| in a row of
+        # its own where rows vectorise (`ROW_STAGE`): gcc folded the tail test max(al, -al) >= 2 into
+        # a select between two tests, whose mixed boolean vector types its vectoriser rejects
+        distance = None if loading_out else te.compute(
+            out_shape, lambda n, c, y, xx: tirx.max(alpha[n, c, y, xx], f32(0.0) - alpha[n, c, y, xx]),
+            name=f"maxpool_distance_{k}", attrs=ROW_STAGE)
+        tail = None if loading_out else stage("tail", lambda n, c, y, xx: clark_tail_ratio(alpha[n, c, y, xx], distance[n, c, y, xx]))
 
         def clark(n, c, y, xx):
             _inside, mean, var, load = element(n, c, y, xx)
             here = (n, c, y, xx)
             terms = (spread[here], cdf[here], pdf[here], alpha[here]) + (() if tail is None else (tail[here],))
             max_mean, max_var = clark_max_moments(acc_mean[here], acc_var[here], mean, var, terms,
-                                                  tail_form=not loading_out, covariance=acc[2][here] * load if correlated else None)
+                                                  tail_form=not loading_out, covariance=acc[2][here] * load if correlated else None,
+                                                  distance=None if distance is None else distance[here])
             if not correlated:
                 return max_mean, max_var
             return max_mean, max_var, acc[2][here] * cdf[here] + load * (f32(1.0) - cdf[here])
