@@ -77,7 +77,7 @@ CASES = {
     "batch2_elementwise_rows_of_68": lambda r: _add_relu(r, [2, 3, 10, 34]),
     "batch3_elementwise_rows_per_sample": lambda r: _add_relu(r, [3, 4, 5, 25]),
     # rows of one vector or less: whole output planes accumulated per tap (`schedule._accumulate_planes`)
-    "planes_3x3_block4": lambda r: _conv_relu(r, [1, 6, 6, 6], 16, 3),
+    "batch2_planes_3x3_block8": lambda r: _conv_relu(r, [2, 6, 6, 6], 16, 3),
     "batch3_planes_rows_of_3_block2": lambda r: _conv_relu(r, [3, 5, 5, 3], 6, 3, pads=1),
     "batch2_planes_5x5_rows_of_2": lambda r: _conv_relu(r, [2, 3, 8, 6], 8, 5),
     # a max-pool's window elements gathered into rows of their own; padding: the pick steps
@@ -307,15 +307,16 @@ def test_flat_rows_are_counted_per_sample_where_no_row_fits_the_maps(tmp_path):
 
 def test_rows_of_one_vector_accumulate_whole_planes_per_tap(tmp_path):
     """A convolution with output rows of one vector or less (the digits LeNet's conv2: 6 -> 16
-    channels, 4x4 outputs) accumulates blocks of 4 channels' whole 4x4 planes (64 floats per
-    moment), the taps outside the plane's rows: loops (c, y, x, channel) under the block, not a
-    row per tap (`schedule._accumulate_planes`); 7 channels (no block of 4 or 2) keep one
-    channel's row. Values: `test_channel_rows_kernel_matches_reference` (the planes cases)."""
+    channels, 4x4 outputs) accumulates blocks of 8 channels' whole 4x4 planes (128 floats per
+    moment) at batch 2, the taps outside the plane's rows: loops (c, y, x, channel) under the
+    block, not a row per tap (`schedule._accumulate_planes`); 7 channels (no block) keep one
+    channel's row, and batch 1 the rows of `_channel_block` (32 floats). Values:
+    `test_channel_rows_kernel_matches_reference` (the planes cases)."""
     rng = np.random.default_rng(23)
     nodes, inputs, inits = _conv_relu(rng, [2, 6, 6, 6], 16, 3)
     stds = {"w.std": np.full(inits["w"].shape, 0.05, np.float32)}
     (body,) = [b for b in _kernel_bodies(tmp_path, nodes, inputs, inits, stds) if "conv2d" in b]
-    assert sorted(int(n) for n in re.findall(r"float conv2d_v\d_ptr\[(\d+)\];", body)) == [64, 64], body
+    assert sorted(int(n) for n in re.findall(r"float conv2d_v\d_ptr\[(\d+)\];", body)) == [128, 128], body
     # per input channel one loop over the plane's 4 rows with the 9 taps unrolled inside, not 4 rows x 9 taps loops of 4
     update = body[body.index("for (int32_t c = 0; c < 6; ++c)"):]
     assert len(re.findall(r"for \(int32_t (i2(?:_\d)?) = 0; \1 < 4; \+\+\1\)", update)) == 9, body
@@ -324,6 +325,10 @@ def test_rows_of_one_vector_accumulate_whole_planes_per_tap(tmp_path):
     (body,) = [b for b in _kernel_bodies(tmp_path / "seven", nodes, inputs, inits, {"w.std": np.full(inits["w"].shape, 0.05, np.float32)})
                if "conv2d" in b]
     assert not re.search(r"float conv2d_v\d_ptr\[\d\d+\];", body), body
+    nodes, inputs, inits = _conv_relu(rng, [1, 6, 6, 6], 16, 3)
+    (tmp_path / "batch1").mkdir()
+    (body,) = [b for b in _kernel_bodies(tmp_path / "batch1", nodes, inputs, inits, stds) if "conv2d" in b]
+    assert sorted(int(n) for n in re.findall(r"float conv2d_v\d_ptr\[(\d+)\];", body)) == [32, 32], body
 
 
 def test_max_pool_window_elements_are_gathered_rows(tmp_path):

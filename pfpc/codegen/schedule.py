@@ -102,8 +102,8 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
                 sch.split(plane, [None, _row_split(extent, VECTOR_LANES, VECTOR_ROW_MAX) if extent > VECTOR_ROW_MAX else extent])
                 loops = sch.get_loops(block)
             channels = _channel_block(sch, block, spatial) if accumulate == "channel_rows" else 1
-            if channels > 1 and (plane_channels := _plane_channel_block(sch, block, spatial)) > 1:
-                _accumulate_planes(sch, block, spatial, plane_channels, downstream)
+            if channels > 1 and _accumulates_planes(sch, block, spatial, channels):
+                _accumulate_planes(sch, block, spatial, channels, downstream)
                 placed.update(sch.get(b).name_hint for b in downstream)
                 continue
             longest = ROW_MAX if accumulate == "row" else VECTOR_ROW_MAX
@@ -582,30 +582,20 @@ def _channel_block(sch, block, spatial: int) -> int:
     return next((f for f in CHANNEL_BLOCK if extent % f == 0 and f * row <= CHANNEL_BLOCK_FLOATS), 1)
 
 
-#: Output channels `_accumulate_planes` accumulates together, tried in this order: 4 channels' weights
-#: broadcast (mean, variance and the mean's square plus variance: 12 vectors) and a row's inputs fit
-#: the 16 SSE registers; the digits LeNet's conv2 in blocks of 8 reloaded its weights at every row.
-PLANE_CHANNEL_BLOCK = (4, 2)
-
-
-def _plane_channel_block(sch, block, spatial: int) -> int:
-    """Output channels per block where a "channel_rows" convolution accumulates whole output
-    planes (`_accumulate_planes`), 1 where it does not: a batch of more than one sample, output
-    rows of at most one vector (VECTOR_LANES) over maps of more than one row, read contiguously
-    along the row (stride 1), and a block of `PLANE_CHANNEL_BLOCK` dividing the channels whose
-    planes fit CHANNEL_BLOCK_FLOATS. Batch 1 keeps the `_channel_block` rows: the Cortex-A
-    targets share this schedule, and with NEON's 32 registers the digits LeNet took 2.4 % more
-    Cortex-A53 instructions this way (125,776 -> 128,772 per inference)."""
+def _accumulates_planes(sch, block, spatial: int, channels: int) -> bool:
+    """Whether a "channel_rows" convolution accumulates its channel block's whole output planes
+    (`_accumulate_planes`): a batch of more than one sample, output rows of at most one vector
+    (VECTOR_LANES) over maps of more than one row, read contiguously along the row (stride 1),
+    the block's planes within CHANNEL_BLOCK_FLOATS. Batch 1 keeps the `_channel_block` rows:
+    the Cortex-A targets share this schedule, and with NEON's 32 registers the digits LeNet took
+    2.4 % more Cortex-A53 instructions this way (125,776 -> 128,772 per inference, with blocks of 4)."""
     loops = sch.get_loops(block)
     height, width = int(sch.get(loops[spatial - 2]).extent), int(sch.get(loops[spatial - 1]).extent)
     data = _data_parallel(sch, block)
-    if width > VECTOR_LANES or height < 2 or len(data) < 4 or int(data[0].dom.extent) < 2:
-        return 1
-    row = _data_parallel(sch, block)[-1].var
-    if any(_stride(r.region[-1].min, row) != 1 for r in sch.get(block).reads if len(r.region) > 1):
-        return 1
-    extent = int(_data_parallel(sch, block)[-3].dom.extent)
-    return next((f for f in PLANE_CHANNEL_BLOCK if extent % f == 0 and f * height * width <= CHANNEL_BLOCK_FLOATS), 1)
+    if width > VECTOR_LANES or height < 2 or len(data) < 4 or int(data[0].dom.extent) < 2 or channels * height * width > CHANNEL_BLOCK_FLOATS:
+        return False
+    row = data[-1].var
+    return all(_stride(r.region[-1].min, row) == 1 for r in sch.get(block).reads if len(r.region) > 1)
 
 
 def _accumulate_planes(sch, block, spatial: int, channels: int, downstream):
@@ -616,7 +606,10 @@ def _accumulate_planes(sch, block, spatial: int, channels: int, downstream):
     broadcast for one vector of outputs, with 8 channels' two moments (16 vectors) kept across
     the taps beside them, spilled: 0.66x TVM's LLVM time on the host at batch 8. Here each tap's
     broadcast weights serve the plane's rows, the sums are read and written in the stack arrays
-    (L1) once per tap and row."""
+    (L1) once per tap and row: 0.52x the C's time at batch 8 and 128. Blocks of 4 channels (their
+    weights fit the 16 SSE registers) took another 13 % off the C's time, but TVM's LLVM build of
+    those loops took 3.5x its time with blocks of 8, which would have turned the comparison with
+    it into one of LLVM's trouble with a schedule (benchmarks/host_kernels.md, session 14)."""
     loops = sch.get_loops(block)
     _, inner = sch.split(loops[spatial - 3], [None, channels])
     loops = sch.get_loops(block)  # n, channel block, channel, y, x, c, ky, kx
