@@ -606,9 +606,9 @@ def _accumulate_planes(sch, block, spatial: int, channels: int, downstream):
     broadcast for one vector of outputs, with 8 channels' two moments (16 vectors) kept across
     the taps beside them, spilled: 0.66x TVM's LLVM time on the host at batch 8. Here each tap's
     broadcast weights serve the plane's rows, the sums are read and written in the stack arrays
-    (L1) once per tap and row: 0.52x the C's time at batch 8 and 128. Blocks of 4 channels (their
+    (L1) once per tap and row: 0.52-0.59x the C's time at batch 8 and 128. Blocks of 4 channels (their
     weights fit the 16 SSE registers) took another 13 % off the C's time, but TVM's LLVM build of
-    those loops took 3.5x its time with blocks of 8, which would have turned the comparison with
+    those loops took about 3.5x its time with blocks of 8, which would have turned the comparison with
     it into one of LLVM's trouble with a schedule (benchmarks/host_kernels.md, session 14)."""
     loops = sch.get_loops(block)
     _, inner = sch.split(loops[spatial - 3], [None, channels])
