@@ -42,6 +42,15 @@ def _dense_relu_batch(rng, batch, inputs, outputs):
     return nodes, [("x", [batch, inputs])], inits
 
 
+def _maxpool_relu(rng, in_shape, kernel, stride, pads=0):
+    """A stochastic addend first: the max-pool's input Gaussian (Clark's steps)."""
+    addend = (rng.standard_normal(in_shape) * 0.5).astype(np.float32)
+    nodes = [helper.make_node("Add", ["x", "b"], ["a"]),
+             helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pads] * 4),
+             helper.make_node("Relu", ["p"], ["y"])]
+    return nodes, [("x", in_shape)], {"b": addend}
+
+
 def _add_relu(rng, shape):
     addend = (rng.standard_normal(shape) * 0.5).astype(np.float32)
     nodes = [helper.make_node("Add", ["x", "b"], ["c"]), helper.make_node("Relu", ["c"], ["y"])]
@@ -67,6 +76,13 @@ CASES = {
     "batch2_dense_row_100": lambda r: _dense_relu_batch(r, 2, 12, 100),
     "batch2_elementwise_rows_of_68": lambda r: _add_relu(r, [2, 3, 10, 34]),
     "batch3_elementwise_rows_per_sample": lambda r: _add_relu(r, [3, 4, 5, 25]),
+    # rows of one vector or less: whole output planes accumulated per tap (`schedule._accumulate_planes`)
+    "batch2_planes_3x3_block8": lambda r: _conv_relu(r, [2, 6, 6, 6], 16, 3),
+    "batch3_planes_rows_of_3_block2": lambda r: _conv_relu(r, [3, 5, 5, 3], 6, 3, pads=1),
+    "batch2_planes_5x5_rows_of_2": lambda r: _conv_relu(r, [2, 3, 8, 6], 8, 5),
+    # a max-pool's window elements gathered into rows of their own; padding: the pick steps
+    "batch2_maxpool_relu": lambda r: _maxpool_relu(r, [2, 3, 6, 6], 2, 2),
+    "maxpool_3x3_padded_relu": lambda r: _maxpool_relu(r, [1, 2, 7, 5], 3, 2, pads=1),
 }
 
 
@@ -287,3 +303,46 @@ def test_flat_rows_are_counted_per_sample_where_no_row_fits_the_maps(tmp_path):
         for local in re.findall(r"int32_t (\w+) = ([^;]*);", body):
             if re.search(r"[/%] \d+", local[1]):  # a division may only offset the stage buffers (a row's start within them)
                 assert not re.search(rf"\b(?:x_mean|x_var|b_mean|out_mean|out_var)\[[^\]]*\b{local[0]}\b", body), body
+
+
+def test_rows_of_one_vector_accumulate_whole_planes_per_tap(tmp_path):
+    """A convolution with output rows of one vector or less (the digits LeNet's conv2: 6 -> 16
+    channels, 4x4 outputs) accumulates blocks of 8 channels' whole 4x4 planes (128 floats per
+    moment) at batch 2, the taps outside the plane's rows: loops (c, y, x, channel) under the
+    block, not a row per tap (`schedule._accumulate_planes`); 7 channels (no block) keep one
+    channel's row, and batch 1 the rows of `_channel_block` (32 floats). Values:
+    `test_channel_rows_kernel_matches_reference` (the planes cases)."""
+    rng = np.random.default_rng(23)
+    nodes, inputs, inits = _conv_relu(rng, [2, 6, 6, 6], 16, 3)
+    stds = {"w.std": np.full(inits["w"].shape, 0.05, np.float32)}
+    (body,) = [b for b in _kernel_bodies(tmp_path, nodes, inputs, inits, stds) if "conv2d" in b]
+    assert sorted(int(n) for n in re.findall(r"float conv2d_v\d_ptr\[(\d+)\];", body)) == [128, 128], body
+    # per input channel one loop over the plane's 4 rows with the 9 taps unrolled inside, not 4 rows x 9 taps loops of 4
+    update = body[body.index("for (int32_t c = 0; c < 6; ++c)"):]
+    assert len(re.findall(r"for \(int32_t (i2(?:_\d)?) = 0; \1 < 4; \+\+\1\)", update)) == 9, body
+    nodes, inputs, inits = _conv_relu(rng, [2, 6, 6, 6], 7, 3)
+    (tmp_path / "seven").mkdir()
+    (body,) = [b for b in _kernel_bodies(tmp_path / "seven", nodes, inputs, inits, {"w.std": np.full(inits["w"].shape, 0.05, np.float32)})
+               if "conv2d" in b]
+    assert not re.search(r"float conv2d_v\d_ptr\[\d\d+\];", body), body
+    nodes, inputs, inits = _conv_relu(rng, [1, 6, 6, 6], 16, 3)
+    (tmp_path / "batch1").mkdir()
+    (body,) = [b for b in _kernel_bodies(tmp_path / "batch1", nodes, inputs, inits, stds) if "conv2d" in b]
+    assert sorted(int(n) for n in re.findall(r"float conv2d_v\d_ptr\[(\d+)\];", body)) == [32, 32], body
+
+
+def test_max_pool_window_elements_are_gathered_rows(tmp_path):
+    """A max-pool's Clark steps read window element k from a row of its own
+    (``maxpool_element_k``) on the host: read from the input under the tail form's and the pick's
+    branches, gcc kept those rows scalar; and Clark's tail test reads |al| from a row of its own
+    (``maxpool_distance_k``: gcc folded max(al, -al) >= 2 into a select of tests its vectoriser
+    rejects). Cortex-M inlines both (one expression per read: its C is as before)."""
+    rng = np.random.default_rng(29)
+    nodes, inputs, inits = _maxpool_relu(rng, [2, 3, 6, 6], 2, 2)
+    stds = {"b.std": np.full(inits["b"].shape, 0.1, np.float32)}
+    host = "\n".join(_kernel_bodies(tmp_path, nodes, inputs, inits, stds))
+    assert "float maxpool_element_1_v0_ptr[" in host and "float maxpool_element_1_v1_ptr[" in host, host
+    assert not re.search(r"2\.0+e\+00f <= \(\(\w+\) > \(\w+\)", host), host
+    assert re.search(r"2\.0+e\+00f <= maxpool_distance_\d+_ptr\[", host), host
+    m4 = "\n".join(_kernel_bodies(tmp_path, nodes, inputs, inits, stds, target="cortex-m4"))
+    assert "maxpool_element" not in m4 and "maxpool_distance" not in m4, m4

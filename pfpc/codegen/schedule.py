@@ -102,6 +102,10 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
                 sch.split(plane, [None, _row_split(extent, VECTOR_LANES, VECTOR_ROW_MAX) if extent > VECTOR_ROW_MAX else extent])
                 loops = sch.get_loops(block)
             channels = _channel_block(sch, block, spatial) if accumulate == "channel_rows" else 1
+            if channels > 1 and _accumulates_planes(sch, block, spatial, channels):
+                _accumulate_planes(sch, block, spatial, channels, downstream)
+                placed.update(sch.get(b).name_hint for b in downstream)
+                continue
             longest = ROW_MAX if accumulate == "row" else VECTOR_ROW_MAX
             if int(sch.get(loops[spatial - 1]).extent) > longest:  # rows live on the stack: bound them
                 lanes = VECTOR_LANES if accumulate == "channel_rows" else 1
@@ -303,6 +307,10 @@ def _row_nests(sch, blocks, accumulate: str = "row"):
     """Element-wise blocks over one shape in one nest of outer loops, each with a row loop of its
     own inside: rows without libm calls vectorise, and the row's independent elements interleave
     in each stage (a chain of Clark steps is otherwise one long dependency chain per element).
+    "channel_rows" fuses rows of ROW_ELEMENTS or fewer further, up to VECTOR_ROW_MAX: the digits
+    LeNet's first max-pool + ReLU (6 channels of 4x4) had rows of 16, of which gcc -O3 unrolled
+    16 loops completely as scalar code (`-fopt-info-loop`) and vectorised 16; in rows of 96 (the
+    sample's) it vectorises them all, 0.74x the time at batch 8 (benchmarks/host_kernels.md).
     "channel_rows": blocks that read every operand at their own position (`_aligned`) run over
     their whole tensor as one flat array, in rows of a multiple of VECTOR_LANES where one divides
     it (DS-CNN's 64x25x5 maps: rows of 64 instead of 5, which gcc -O2 leaves scalar)."""
@@ -323,6 +331,10 @@ def _row_nests(sch, blocks, accumulate: str = "row"):
         row += 1
     span = shape[row]
     while row > 0 and span * shape[row - 1] <= ROW_MAX and span < ROW_ELEMENTS:
+        row -= 1
+        span *= shape[row]
+    while accumulate == "channel_rows" and row > 0 and span <= ROW_ELEMENTS and span * shape[row - 1] <= VECTOR_ROW_MAX:
+        # rows of ROW_ELEMENTS or fewer: gcc -O3 unrolls most of them completely, as scalar code
         row -= 1
         span *= shape[row]
     outer = []
@@ -568,6 +580,48 @@ def _channel_block(sch, block, spatial: int) -> int:
         return 1
     row = int(sch.get(sch.get_loops(block)[spatial - 1]).extent)
     return next((f for f in CHANNEL_BLOCK if extent % f == 0 and f * row <= CHANNEL_BLOCK_FLOATS), 1)
+
+
+def _accumulates_planes(sch, block, spatial: int, channels: int) -> bool:
+    """Whether a "channel_rows" convolution accumulates its channel block's whole output planes
+    (`_accumulate_planes`): a batch of more than one sample, output rows of at most one vector
+    (VECTOR_LANES) over maps of more than one row, read contiguously along the row (stride 1),
+    the block's planes within CHANNEL_BLOCK_FLOATS. Batch 1 keeps the `_channel_block` rows:
+    the Cortex-A targets share this schedule, and with NEON's 32 registers the digits LeNet took
+    2.4 % more Cortex-A53 instructions this way (125,776 -> 128,772 per inference, with blocks of 4)."""
+    loops = sch.get_loops(block)
+    height, width = int(sch.get(loops[spatial - 2]).extent), int(sch.get(loops[spatial - 1]).extent)
+    data = _data_parallel(sch, block)
+    if width > VECTOR_LANES or height < 2 or len(data) < 4 or int(data[0].dom.extent) < 2 or channels * height * width > CHANNEL_BLOCK_FLOATS:
+        return False
+    row = data[-1].var
+    return all(_stride(r.region[-1].min, row) == 1 for r in sch.get(block).reads if len(r.region) > 1)
+
+
+def _accumulate_planes(sch, block, spatial: int, channels: int, downstream):
+    """A convolution over maps with rows of one vector or less (the digits LeNet's conv2: 4x4
+    outputs) with its window's taps outside the block's whole output planes: loops (n, channel
+    block | c, ky, kx, y, x, channel), x vectorised, the channels unrolled. Per row of the
+    `_channel_block` form (taps inside the row loop) every tap's weights were loaded, squared and
+    broadcast for one vector of outputs, with 8 channels' two moments (16 vectors) kept across
+    the taps beside them, spilled: 0.66x TVM's LLVM time on the host at batch 8. Here each tap's
+    broadcast weights serve the plane's rows, the sums are read and written in the stack arrays
+    (L1) once per tap and row: 0.52-0.59x the C's time at batch 8 and 128. Blocks of 4 channels (their
+    weights fit the 16 SSE registers) took another 13 % off the C's time, but TVM's LLVM build of
+    those loops took about 3.5x its time with blocks of 8, which would have turned the comparison with
+    it into one of LLVM's trouble with a schedule (benchmarks/host_kernels.md, session 14)."""
+    loops = sch.get_loops(block)
+    _, inner = sch.split(loops[spatial - 3], [None, channels])
+    loops = sch.get_loops(block)  # n, channel block, channel, y, x, c, ky, kx
+    for consumer in downstream:
+        if not _after_outputs(sch, block, consumer, loops[spatial - 3]):
+            break  # the rest read it: after the reduction too
+    sch.decompose_reduction(block, loops[spatial - 2])
+    update = sch.get_loops(block)
+    sch.reorder(*update[spatial + 1:], update[spatial - 1], update[spatial], update[spatial - 2])
+    sch.unroll(sch.get_loops(block)[-1])
+    if _unrollable(sch, block):
+        _unroll_window(sch, sch.get_loops(block)[spatial - 1:-3])
 
 
 def _contiguous_plane(sch, block) -> bool:

@@ -642,8 +642,21 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
         def stage(name, body):
             return te.compute(out_shape, body, name=f"maxpool_{name}_{k}", attrs=SHARED)
 
+        # window element k gathered into a row of its own where rows vectorise (`ROW_STAGE`):
+        # read from the input under the tail form's and the pick's branches, gcc could not prove
+        # the loads safe to do unconditionally and left those row loops scalar
+        gathered = te.compute(out_shape, lambda *here: tuple(v for v in at(positions[k], *here)[1:] if v is not None),
+                              name=f"maxpool_element_{k}", attrs=ROW_STAGE)
+        gathered = gathered if isinstance(gathered, (list, tuple)) else (gathered,)
+
+        def element(n, c, y, xx):
+            """(inside, mean, var, load) of window element k, its values read from the gathered row."""
+            here = (n, c, y, xx)
+            return (at(positions[k], n, c, y, xx)[0], gathered[0][here], gathered[1][here],
+                    gathered[2][here] if correlated else None)
+
         def spread_of(n, c, y, xx):
-            _inside, _mean, var, load = at(positions[k], n, c, y, xx)
+            _inside, _mean, var, load = element(n, c, y, xx)
             if not correlated:
                 return safe_sqrt(acc_var[n, c, y, xx] + var)
             acc_load = acc[2][n, c, y, xx]
@@ -652,20 +665,26 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
                              + tirx.max(var - load * load, f32(0.0)))
 
         spread = stage("spread", spread_of)
-        alpha = stage("alpha", lambda n, c, y, xx: safe_ratio(acc_mean[n, c, y, xx] - at(positions[k], n, c, y, xx)[1],
+        alpha = stage("alpha", lambda n, c, y, xx: safe_ratio(acc_mean[n, c, y, xx] - element(n, c, y, xx)[1],
                                                                spread[n, c, y, xx]))
         exponent = stage("exponent", lambda n, c, y, xx: pdf_exponent(alpha[n, c, y, xx]))
         pdf = stage("pdf", lambda n, c, y, xx: std_normal_pdf(alpha[n, c, y, xx], exponent[n, c, y, xx]))
         cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
-        # the tail form's polynomials in a branch of their own, read by both moments
-        tail = None if loading_out else stage("tail", lambda n, c, y, xx: clark_tail_ratio(alpha[n, c, y, xx]))
+        # the tail form's polynomials in a branch of their own, read by both moments; |al| in a row of
+        # its own where rows vectorise (`ROW_STAGE`): gcc folded the tail test max(al, -al) >= 2 into
+        # a select between two tests, whose mixed boolean vector types its vectoriser rejects
+        distance = None if loading_out else te.compute(
+            out_shape, lambda n, c, y, xx: tirx.max(alpha[n, c, y, xx], f32(0.0) - alpha[n, c, y, xx]),
+            name=f"maxpool_distance_{k}", attrs=ROW_STAGE)
+        tail = None if loading_out else stage("tail", lambda n, c, y, xx: clark_tail_ratio(alpha[n, c, y, xx], distance[n, c, y, xx]))
 
         def clark(n, c, y, xx):
-            _inside, mean, var, load = at(positions[k], n, c, y, xx)
+            _inside, mean, var, load = element(n, c, y, xx)
             here = (n, c, y, xx)
             terms = (spread[here], cdf[here], pdf[here], alpha[here]) + (() if tail is None else (tail[here],))
             max_mean, max_var = clark_max_moments(acc_mean[here], acc_var[here], mean, var, terms,
-                                                  tail_form=not loading_out, covariance=acc[2][here] * load if correlated else None)
+                                                  tail_form=not loading_out, covariance=acc[2][here] * load if correlated else None,
+                                                  distance=None if distance is None else distance[here])
             if not correlated:
                 return max_mean, max_var
             return max_mean, max_var, acc[2][here] * cdf[here] + load * (f32(1.0) - cdf[here])
@@ -679,7 +698,7 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
         maxed = maxed if isinstance(maxed, (list, tuple)) else (maxed,)
 
         def step(n, c, y, xx):
-            inside, mean, var, load = at(positions[k], n, c, y, xx)
+            inside, mean, var, load = element(n, c, y, xx)
             here = (n, c, y, xx)
             seen = seen_before(k, n, c, y, xx)
 

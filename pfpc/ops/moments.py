@@ -186,12 +186,12 @@ def _tail_ratio(t, levels):
     return _let(t_squared, t * t, _positive_polynomial(polynomials[3], t, t_squared) / _positive_polynomial(polynomials[2], t, t_squared))
 
 
-def clark_tail_ratio(alpha):
+def clark_tail_ratio(alpha, distance=None):
     """r = B_3(u) / B_2(u), u = min(|al|, 8), of Laplace's continued fraction (20 levels) where
     Clark's max takes its tail form (|al| >= 2), else 0 (a branch: the polynomials are computed
     for a clear winner only, once for both moments; `clark_max_moments` forms Q, psi1 and psi2
-    from it)."""
-    distance = tirx.max(alpha, f32(0.0) - alpha)
+    from it). ``distance``: |al| where the caller computed it (`gaussian.maxpool2d`)."""
+    distance = tirx.max(alpha, f32(0.0) - alpha) if distance is None else distance
     return tirx.Select(distance >= f32(_CLARK_TAIL_FROM), _tail_ratio(tirx.min(distance, f32(_TAIL_TO)), _CLARK_TAIL_LEVELS), f32(0.0))
 
 
@@ -524,7 +524,7 @@ def clark_max_terms(mean1, var1, mean2, var2):
     return spread, std_normal_cdf(alpha, pdf), pdf, alpha
 
 
-def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True, covariance=None):
+def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True, covariance=None, distance=None):
     """Mean and variance of max(x1, x2) for independent x_i ~ N(M_i, V_i) (Clark 1961), with
     a = sqrt(V1 + V2), d = M1 - M2 and al = d / a:
 
@@ -556,7 +556,7 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True, cova
     alone. ``covariance``: c = Cov(x1, x2) of correlated operands (`gaussian.maxpool2d` with
     loadings, where ``terms`` carry a = sqrt(V1 + V2 - 2c)); the closed form holds as it is, and
     the tail's Cov(x_w, relu(x_l - x_w)) is (c - V_w) Q(u), adding 2 c Q(u) to its variance.
-    Returns (E[max], Var[max]).
+    ``distance``: |al| where the caller computed it. Returns (E[max], Var[max]).
     """
     spread, cdf, pdf, alpha, *ratio = terms if terms is not None else clark_max_terms(mean1, var1, mean2, var2)
     cdf_neg = f32(1.0) - cdf
@@ -569,7 +569,7 @@ def clark_max_moments(mean1, var1, mean2, var2, terms=None, tail_form=True, cova
         return first, tirx.max(variance, f32(0.0))
     zero = f32(0.0)
     first_wins = alpha >= zero
-    distance = tirx.max(alpha, zero - alpha)
+    distance = tirx.max(alpha, zero - alpha) if distance is None else distance
     ratio = ratio[0] if ratio else clark_tail_ratio(alpha)
     t = tirx.min(distance, f32(_TAIL_TO))  # as `clark_tail_ratio` clamps it (phi = 0 beyond 7.75)
     psi1 = pdf / (f32(1.0) + t * (t + f32(2.0) * ratio))
