@@ -81,16 +81,20 @@ def test_moment_representation_per_edge():
     assert maxpool.output == "var" and pad.operands[0] == pad.output == "var" and conv2.operands[0] == "var"
 
 
-def test_weight_second_moments_not_precomputed():
+def test_weight_second_moments_not_differenced():
     mod = _compile(default_passes()).mod
     params = {str(k): v.numpy() for k, v in mod["main"].attrs["pfp.params"].items()}
     post = dict(np.load(LENET_POST))
     np.testing.assert_allclose(params["conv2.weight.var"], post["conv2.weight.std"].astype(np.float64) ** 2, rtol=1e-6)
-    # variance inputs: the layers read the weight variance, no mu^2 + s^2 (whose difference q x q_w
-    # - (m mu)^2 cancels in float32 when the posterior is concentrated)
+    # variance inputs: the layers read the weight variance, never q x q_w - (m mu)^2 (which cancels
+    # in float32 when the posterior is concentrated); the 3x3 conv2 at stride 1 reads mu^2 + s^2
+    # beside it for v_x (mu^2 + s^2) + m_x^2 s^2 (FoldWeightMoments), the deterministic conv1 not
     conv1, conv2 = [s for s in _specs(mod) if s.ops[0] == "conv2d"]
-    assert conv1.operands[:2] == ("none", "var") and conv2.operands[:2] == ("var", "var")
-    assert not any(name.endswith(".second_moment") for name in params)
+    assert conv1.operands[:2] == ("none", "var") and not conv1.stages[0][1].get("weight_second")
+    assert conv2.operands[:3] == ("var", "var", "none") and conv2.stages[0][1]["weight_second"]
+    second = params["conv2.weight"].astype(np.float64) ** 2 + post["conv2.weight.std"].astype(np.float64) ** 2
+    np.testing.assert_allclose(params["conv2.weight.second_moment"], second, rtol=1e-6)
+    assert [name for name in params if name.endswith(".second_moment")] == ["conv2.weight.second_moment"]
 
 
 def test_dump_ir_writes_every_pass(tmp_path):
