@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from tvm import te, tirx
 
 from .moments import (
+    clark_closed_cdf,
     clark_max_moments,
     clark_tail_ratio,
     clip_moments,
@@ -666,7 +667,9 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
                                                                spread[n, c, y, xx]))
         exponent = stage("exponent", lambda n, c, y, xx: pdf_exponent(alpha[n, c, y, xx]))
         pdf = stage("pdf", lambda n, c, y, xx: std_normal_pdf(alpha[n, c, y, xx], exponent[n, c, y, xx]))
-        cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
+        # with the tail form and no loadings (their step reads Phi everywhere), Phi only where the closed form reads it
+        cdf_of = std_normal_cdf if loading_out or correlated else clark_closed_cdf
+        cdf = stage("cdf", lambda n, c, y, xx: cdf_of(alpha[n, c, y, xx], pdf[n, c, y, xx]))
         # the tail form's polynomials in a branch of their own, read by both moments
         tail = None if loading_out else stage("tail", lambda n, c, y, xx: clark_tail_ratio(alpha[n, c, y, xx]))
 

@@ -195,6 +195,15 @@ def clark_tail_ratio(alpha):
     return tirx.Select(distance >= f32(_CLARK_TAIL_FROM), _tail_ratio(tirx.min(distance, f32(_TAIL_TO)), _CLARK_TAIL_LEVELS), f32(0.0))
 
 
+def clark_closed_cdf(alpha, pdf):
+    """Phi(al) where Clark's max takes its closed form (|al| < 2), else 0 (a branch: the tail
+    form reads Q from `clark_tail_ratio`, not Phi, so Phi's division and polynomial are skipped
+    for a clear winner; gcc had sunk them into that branch itself for some steps of a window, not
+    for others)."""
+    distance = tirx.max(alpha, f32(0.0) - alpha)
+    return tirx.Select(distance >= f32(_CLARK_TAIL_FROM), f32(0.0), std_normal_cdf(alpha, pdf))
+
+
 def clip_moments(mean, var, lower, upper):
     """Mean and variance of y = min(max(x, lo), hi) for x ~ N(M, V); ``lower``/``upper`` None =
     unbounded.
