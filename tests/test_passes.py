@@ -97,6 +97,30 @@ def test_weight_second_moments_not_differenced():
     assert [name for name in params if name.endswith(".second_moment")] == ["conv2.weight.second_moment"]
 
 
+def test_weight_second_moments_folded_where_read_at_several_positions(tmp_path):
+    """A 3x3 convolution of a Gaussian input with a 2 x 2 output reads mu^2 + s^2 from a folded
+    tensor; the one after it, with a single output position, forms them (the tensor's flash would
+    save one instruction per weight there). Both against the float64 reference."""
+    from onnx import helper
+
+    from helpers import assert_posterior_matches_reference, make_model, random_std
+
+    rng = np.random.default_rng(14)
+    inits = {"w1": rng.standard_normal((3, 2, 3, 3)), "w2": rng.standard_normal((4, 3, 3, 3)), "w3": rng.standard_normal((2, 4, 2, 2))}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"]), helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["y"])]
+    model = make_model(nodes, [("x", [1, 2, 6, 6])], ["y"], inits)
+    stds = random_std({k: np.asarray(v, np.float32) for k, v in inits.items()}, rng)
+    mod = compiler.compile(model, stds, out_dir=str(tmp_path / "ir"), covariance="none").mod
+    convs = [s for s in _specs(mod) if s.ops[0] == "conv2d"]
+    assert [bool(s.stages[0][1].get("weight_second")) for s in convs] == [False, True, False]
+    assert convs[1].operands == ("var", "var", "none")
+    params = {str(k) for k in mod["main"].attrs["pfp.params"].keys()}
+    assert [name for name in params if name.endswith(".second_moment")] == ["w2.second_moment"]
+    assert_posterior_matches_reference(model, stds, rng.standard_normal((1, 2, 6, 6)).astype(np.float32), tmp_path)
+
+
 def test_dump_ir_writes_every_pass(tmp_path):
     compiler.compile(LENET, LENET_POST, batch=1, dump_ir=str(tmp_path / "ir"))
     names = sorted(os.listdir(tmp_path / "ir"))
