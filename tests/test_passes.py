@@ -81,16 +81,44 @@ def test_moment_representation_per_edge():
     assert maxpool.output == "var" and pad.operands[0] == pad.output == "var" and conv2.operands[0] == "var"
 
 
-def test_weight_second_moments_not_precomputed():
+def test_weight_second_moments_not_differenced():
     mod = _compile(default_passes()).mod
     params = {str(k): v.numpy() for k, v in mod["main"].attrs["pfp.params"].items()}
     post = dict(np.load(LENET_POST))
     np.testing.assert_allclose(params["conv2.weight.var"], post["conv2.weight.std"].astype(np.float64) ** 2, rtol=1e-6)
-    # variance inputs: the layers read the weight variance, no mu^2 + s^2 (whose difference q x q_w
-    # - (m mu)^2 cancels in float32 when the posterior is concentrated)
+    # variance inputs: the layers read the weight variance, never q x q_w - (m mu)^2 (which cancels
+    # in float32 when the posterior is concentrated); the 3x3 conv2 at stride 1 reads mu^2 + s^2
+    # beside it for v_x (mu^2 + s^2) + m_x^2 s^2 (FoldWeightMoments), the deterministic conv1 not
     conv1, conv2 = [s for s in _specs(mod) if s.ops[0] == "conv2d"]
-    assert conv1.operands[:2] == ("none", "var") and conv2.operands[:2] == ("var", "var")
-    assert not any(name.endswith(".second_moment") for name in params)
+    assert conv1.operands[:2] == ("none", "var") and not conv1.stages[0][1].get("weight_second")
+    assert conv2.operands[:3] == ("var", "var", "none") and conv2.stages[0][1]["weight_second"]
+    second = params["conv2.weight"].astype(np.float64) ** 2 + post["conv2.weight.std"].astype(np.float64) ** 2
+    np.testing.assert_allclose(params["conv2.weight.second_moment"], second, rtol=1e-6)
+    assert [name for name in params if name.endswith(".second_moment")] == ["conv2.weight.second_moment"]
+
+
+def test_weight_second_moments_folded_where_read_at_several_positions(tmp_path):
+    """A 3x3 convolution of a Gaussian input with a 2 x 2 output reads mu^2 + s^2 from a folded
+    tensor; the one after it, with a single output position, forms them (the tensor's flash would
+    save one instruction per weight there). Both against the float64 reference."""
+    from onnx import helper
+
+    from helpers import assert_posterior_matches_reference, make_model, random_std
+
+    rng = np.random.default_rng(14)
+    inits = {"w1": rng.standard_normal((3, 2, 3, 3)), "w2": rng.standard_normal((4, 3, 3, 3)), "w3": rng.standard_normal((2, 4, 2, 2))}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"]), helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["y"])]
+    model = make_model(nodes, [("x", [1, 2, 6, 6])], ["y"], inits)
+    stds = random_std({k: np.asarray(v, np.float32) for k, v in inits.items()}, rng)
+    mod = compiler.compile(model, stds, out_dir=str(tmp_path / "ir"), covariance="none").mod
+    convs = [s for s in _specs(mod) if s.ops[0] == "conv2d"]
+    assert [bool(s.stages[0][1].get("weight_second")) for s in convs] == [False, True, False]
+    assert convs[1].operands == ("var", "var", "none")
+    params = {str(k) for k in mod["main"].attrs["pfp.params"].keys()}
+    assert [name for name in params if name.endswith(".second_moment")] == ["w2.second_moment"]
+    assert_posterior_matches_reference(model, stds, rng.standard_normal((1, 2, 6, 6)).astype(np.float32), tmp_path)
 
 
 def test_dump_ir_writes_every_pass(tmp_path):

@@ -218,6 +218,7 @@ def schedule_kernel(func: tirx.PrimFunc, accumulate: str = "scalar") -> tirx.Pri
         _row_nests(sch, rest, accumulate)
     else:
         _one_nest(sch, rest)
+        _unroll_elementwise_row(sch, rest)
     return sch.mod["main"]
 
 
@@ -888,13 +889,16 @@ def _row_block(sch, block, loops, spatial: int):
 
 
 def _block_factor(extent: int, writes: int = 2, dense: bool = False) -> int:
-    """The first factor dividing ``extent`` (no tail loop) of: `ACCUMULATORS` for a reduction with
-    one output tensor (deterministic: one accumulator per output), `DENSE_BLOCK` for a dense layer
-    of two such blocks or more, then `BLOCK`; 1 if none. One output tensor (Cortex-M4, Makefile
-    flags): ResNet-8's deterministic network 21.25 M -> 20.29 M instructions, its PFP 99.28 M ->
-    99.20 M, the shared scale's alpha pass 121,120 -> 108,960; the seed LeNet-5's and DS-CNN's
-    deterministic networks unchanged."""
-    wide = ((ACCUMULATORS,) if writes == 1 else ()) + tuple(factor for factor in DENSE_BLOCK if dense and extent >= 2 * factor)
+    """The first factor dividing ``extent`` (no tail loop) of: `ACCUMULATORS` down to one more than
+    `DENSE_BLOCK`'s for a reduction with one output tensor (deterministic: one accumulator per
+    output), `DENSE_BLOCK` for a dense layer of two such blocks or more, then `BLOCK`; 1 if none.
+    One output tensor (Cortex-M4, Makefile flags): ResNet-8's deterministic network 21.25 M ->
+    20.29 M instructions, its PFP 99.28 M -> 99.20 M, the shared scale's alpha pass 121,120 ->
+    108,960; the seed LeNet-5's and DS-CNN's deterministic networks unchanged. Down to 11
+    (session 14): the shared scale's noise pass over fc1's 120 outputs in blocks of 15, not 10,
+    115,560 -> 109,120."""
+    wide = (tuple(range(ACCUMULATORS, DENSE_BLOCK[0], -1)) if writes == 1 else ()) + \
+        tuple(factor for factor in DENSE_BLOCK if dense and extent >= 2 * factor)
     return next((factor for factor in wide + BLOCK if extent % factor == 0 and extent >= factor), 1)
 
 
@@ -1010,6 +1014,41 @@ def _unroll_sum_row(sch, block):
     innermost = sch.get_loops(block)[-1]
     if UNROLL_MAX < int(sch.get(innermost).extent) <= UNROLL_ROW_MAX and _light(sch, block):
         sch.unroll(innermost)
+
+
+#: Calls an element-wise row unrolled by `_unroll_elementwise_row` may hold (one instruction each on Cortex-M4F).
+CHEAP_CALLS = ("tirx.sqrt", "prim.if_then_else")
+
+
+def _unroll_elementwise_row(sch, blocks):
+    """Unroll the innermost loop of an element-wise nest (``blocks``, merged by `_one_nest`) of at
+    most `UNROLL_ROW_MAX` iterations whose values need no division and no call but a square root
+    or a selection: there the loop's increment, compare and branch cost as much as the element's
+    load, arithmetic and store, and a padded copy's border test becomes a constant per unrolled
+    column (Cortex-M4, the seed LeNet-5: the loading's square roots and products over conv2's
+    rows of 10, 15,480 and 9,120 -> 10,720 and 3,880 instructions; conv1's padded input 6,920 -> 3,800)."""
+    if not blocks:
+        return
+    innermost = sch.get_loops(blocks[0])[-1]
+    if not 1 < int(sch.get(innermost).extent) <= UNROLL_ROW_MAX:
+        return
+    values = []
+    for block in blocks:
+        if not sch.get(sch.get_loops(block)[-1]).same_as(sch.get(innermost)):
+            return
+        _collect_values(sch.get(block).body, values)
+    if not any(_has_costly(value) for value in values):
+        sch.unroll(innermost)
+
+
+def _has_costly(expr) -> bool:
+    """Whether ``expr`` holds a division or a call other than `CHEAP_CALLS` (loads' indices not searched)."""
+    if isinstance(expr, (tirx.Div, tirx.FloorDiv)) or \
+            (isinstance(expr, tvm.ir.Call) and str(getattr(expr.op, "name", "")) not in CHEAP_CALLS):
+        return True
+    children = [getattr(expr, field) for field in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(expr, field)]
+    children += list(getattr(expr, "args", []))
+    return any(_has_costly(child) for child in children if isinstance(child, tvm.ir.Expr))
 
 
 #: Floats in a 128-bit vector (SSE, NEON): "channel_rows" prefers rows of a multiple of it, which

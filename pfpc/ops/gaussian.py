@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from tvm import te, tirx
 
 from .moments import (
+    clark_closed_cdf,
     clark_max_moments,
     clark_tail_ratio,
     clip_moments,
@@ -214,17 +215,26 @@ def conv2d_window(x_shape, w_shape, strides, pads, dilations, groups):
     return [batch, out_ch, out_h, out_w], [c, i, j], tap
 
 
-def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_groups=None, coeff=None, count=0) -> Gaussian:
+def second_of_weights(w_shape, strides) -> bool:
+    """Whether a convolution's Var(x w) takes each weight's second moment (`product_moments`'
+    ``second_of_b``): a window row of several taps at stride 1, where a register block of B
+    positions reads B + K - 1 inputs per K weights, so each weight's second moment and each
+    input's square are formed, not each input's second moment and each weight's square."""
+    return int(w_shape[3]) > 1 and int(strides[1]) == 1
+
+
+def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_groups=None, coeff=None, count=0,
+           weight_second=None) -> Gaussian:
     """Y = conv2d(X, W), NCHW x OIHW, zero padding (deterministic zeros), grouped.
 
     mean: M[n,o,y,x] = sum_{c,i,j} m_x[n, g*C+c, y*sh + i*dh - pt, x*sw + j*dw - pl] m_w[o,c,i,j]
     var:  V[n,o,y,x] = the same sum over Var(x w)   (see ``product_moments``)
+
+    ``weight_second``: the weights' second moments mu^2 + s2 (deterministic, W's shape), folded at
+    compile time (`FoldWeightMoments`), where `second_of_weights` holds: read, not formed per weight.
     """
     out_shape, axes, tap = conv2d_window(x.shape, w.shape, strides, pads, dilations, groups)
-    # a window row of several taps at stride 1: a register block of B positions reads B + K - 1
-    # inputs per K weights, so each weight's second moment and each input's square are formed,
-    # not each input's second moment and each weight's square (`product_moments`' ``second_of_b``)
-    second_of_weights = int(w.shape[3]) > 1 and strides[1] == 1
+    weights_second = second_of_weights(w.shape, strides)
 
     def terms(n, o, y, xx):
         inside, ix, iw = tap(n, o, y, xx)
@@ -233,7 +243,8 @@ def conv2d(x: Gaussian, w: Gaussian, strides, pads, dilations, groups, draw_grou
             x_var = None if x.repr == "none" else tirx.if_then_else(inside, x.var_at(ix), f32(0.0))
             return x_mean, x_var, w.mean[iw], _second_at(w, iw), draw_groups.mean[iw], coeff.mean[iw]
         x_moment = None if x.repr == "none" else tirx.if_then_else(inside, x.moment[ix], f32(0.0))
-        return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr, second_of_weights)
+        second = None if weight_second is None else weight_second.mean[iw]
+        return product_moments(x_mean, x_moment, x.repr, w.mean[iw], w.moment_at(iw), w.repr, weights_second, second)
 
     if draw_groups is not None:
         return _reduce_shared_draw(out_shape, terms, axes, count, "conv2d")
@@ -669,13 +680,16 @@ def maxpool2d(x: Gaussian, kernel, strides, pads, dilations, ceil_mode=False, lo
                                                                spread[n, c, y, xx]))
         exponent = stage("exponent", lambda n, c, y, xx: pdf_exponent(alpha[n, c, y, xx]))
         pdf = stage("pdf", lambda n, c, y, xx: std_normal_pdf(alpha[n, c, y, xx], exponent[n, c, y, xx]))
-        cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
-        # the tail form's polynomials in a branch of their own, read by both moments; |al| in a row of
-        # its own where rows vectorise (`ROW_STAGE`): gcc folded the tail test max(al, -al) >= 2 into
-        # a select between two tests, whose mixed boolean vector types its vectoriser rejects
+        # |al| in a row of its own where rows vectorise (`ROW_STAGE`): gcc folded the tail test
+        # max(al, -al) >= 2 into a select between two tests, whose mixed boolean vector types its vectoriser rejects
         distance = None if loading_out else te.compute(
             out_shape, lambda n, c, y, xx: tirx.max(alpha[n, c, y, xx], f32(0.0) - alpha[n, c, y, xx]),
             name=f"maxpool_distance_{k}", attrs=ROW_STAGE)
+        if loading_out or correlated:  # the loadings' step reads Phi everywhere
+            cdf = stage("cdf", lambda n, c, y, xx: std_normal_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx]))
+        else:  # with the tail form, Phi only where the closed form reads it
+            cdf = stage("cdf", lambda n, c, y, xx: clark_closed_cdf(alpha[n, c, y, xx], pdf[n, c, y, xx], distance[n, c, y, xx]))
+        # the tail form's polynomials in a branch of their own, read by both moments
         tail = None if loading_out else stage("tail", lambda n, c, y, xx: clark_tail_ratio(alpha[n, c, y, xx], distance[n, c, y, xx]))
 
         def clark(n, c, y, xx):

@@ -39,10 +39,11 @@ LINEAR_OPS = R.LINEAR_OPS
 
 def arity(op: str, attrs: dict) -> int:
     """Gaussian operands of a stage: ``attrs["count"]`` for concat, two more (the weight's draw
-    groups and noise coefficients) for a linear stage with ``draw_groups``, else the registry's."""
+    groups and noise coefficients) for a linear stage with ``draw_groups``, one more (the weights'
+    second moments) for a convolution with ``weight_second``, else the registry's."""
     if op == "concat":
         return int(attrs["count"])
-    return R.STAGES[op].arity + (2 if "draw_groups" in attrs else 0)
+    return R.STAGES[op].arity + (2 if "draw_groups" in attrs else 0) + (1 if attrs.get("weight_second") else 0)
 
 
 @dataclass(frozen=True, order=True)

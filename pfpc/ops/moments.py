@@ -195,6 +195,15 @@ def clark_tail_ratio(alpha, distance=None):
     return tirx.Select(distance >= f32(_CLARK_TAIL_FROM), _tail_ratio(tirx.min(distance, f32(_TAIL_TO)), _CLARK_TAIL_LEVELS), f32(0.0))
 
 
+def clark_closed_cdf(alpha, pdf, distance=None):
+    """Phi(al) where Clark's max takes its closed form (|al| < 2), else 0 (a branch: the tail
+    form reads Q from `clark_tail_ratio`, not Phi, so Phi's division and polynomial are skipped
+    for a clear winner; gcc had sunk them into that branch itself for some steps of a window, not
+    for others). ``distance``: |al| where the caller computed it (`gaussian.maxpool2d`)."""
+    distance = tirx.max(alpha, f32(0.0) - alpha) if distance is None else distance
+    return tirx.Select(distance >= f32(_CLARK_TAIL_FROM), f32(0.0), std_normal_cdf(alpha, pdf))
+
+
 def clip_moments(mean, var, lower, upper):
     """Mean and variance of y = min(max(x, lo), hi) for x ~ N(M, V); ``lower``/``upper`` None =
     unbounded.
@@ -590,7 +599,7 @@ FMA_PER_MAC = {("none", "none"): 1, ("none", "var"): 2, ("none", "second_moment"
 FMA_PER_MAC_GENERAL = 5
 
 
-def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b, second_of_b=False):
+def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b, second_of_b=False, second_b=None):
     """Mean and variance of the product of independent Gaussians a and b.
 
     E[ab] = m_a m_b;  Var(ab) = q_a q_b - m_a^2 m_b^2 = m_a^2 v_b + v_a m_b^2 + v_a v_b,
@@ -604,7 +613,9 @@ def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b, second_o
       once per a element and b's square once per b element, or (``second_of_b``) the other way
       round, for a kernel that reads more a elements than b elements per register block (a
       convolution's block of B positions along a row of K taps: B + K - 1 inputs, K weights;
-      Cortex-M4: one multiply per input where the second moment took a copy and a multiply-add).
+      Cortex-M4: one multiply per input where the second moment took a copy and a multiply-add);
+      ``second_b``: b's second moment m_b^2 + v_b read from a tensor (a weight's, folded at
+      compile time by `FoldWeightMoments`) instead of formed in the kernel.
 
     Returns (E[ab], Var(ab)) where Var is None when both operands are deterministic.
     """
@@ -625,5 +636,6 @@ def product_moments(mean_a, moment_a, repr_a, mean_b, moment_b, repr_b, second_o
     # after one multiply (`codegen.kernels.fused_accumulation`): as cheap as q_a q_b - (m_a m_b)^2
     # and never cancelling
     if second_of_b:
-        return product, var_a * (mean_b * mean_b + var_b) + (mean_a * mean_a) * var_b
+        second_b = mean_b * mean_b + var_b if second_b is None else second_b
+        return product, var_a * second_b + (mean_a * mean_a) * var_b
     return product, var_b * (mean_a * mean_a + var_a) + var_a * (mean_b * mean_b)

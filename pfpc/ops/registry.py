@@ -356,14 +356,21 @@ class Operator:
     elementwise: bool = False
 
 
+def _conv2d(inputs, attrs):
+    """conv2d's stage: (x, w, [draw groups, draw stds], [the weights' second moments: ``weight_second``, last])."""
+    second = inputs[-1] if attrs.get("weight_second") else None
+    extra = inputs[2:-1] if second is not None else inputs[2:]
+    return G.conv2d(*inputs[:2], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"], *extra,
+                    count=attrs.get("draw_groups", 0), weight_second=second)
+
+
 OPERATORS = (
     # linear: the reduction's multiply-adds per MAC are `moments.FMA_PER_MAC` (by operand moments)
     Operator("matmul", onnx=("MatMul", "Gemm"), relax=("relax.matmul",), arity=2, fusion=Fusion.LINEAR, reference="matmul",
              build=lambda inputs, attrs: G.matmul(*inputs, count=attrs.get("draw_groups", 0))),
     Operator("conv2d", loading="source", onnx=("Conv",), onnx_rule=_spatial_1d_to_3d, relax=("relax.nn.conv2d",), relax_attrs=_conv_attrs,
              lowered_1d=("relax.nn.conv1d",), arity=2, fusion=Fusion.LINEAR, reference="conv2d",
-             build=lambda inputs, attrs: G.conv2d(*inputs[:2], attrs["strides"], attrs["pads"], attrs["dilations"], attrs["groups"],
-                                                  *inputs[2:], count=attrs.get("draw_groups", 0))),
+             build=_conv2d),
     Operator("add", loading="carry", legacy_broadcast=("Add",), onnx=("Add", "Sum"), relax=("relax.add",), arity=2, fusion=Fusion.ELEMENTWISE, reference="add",
              build=lambda inputs, attrs: G.add(*inputs)),
     Operator("subtract", legacy_broadcast=("Sub",), onnx=("Sub",), relax=("relax.subtract",), arity=2, fusion=Fusion.ELEMENTWISE, reference="subtract",

@@ -74,8 +74,10 @@ class _Rewriter(KernelRewriter):
             name = f"{weight.mean.name}.{suffix}"
             extra.append(GaussianValue(self.add_weight(name, values[positions].astype(np.float32))))
             self.new_names[name] = source  # stored as a codebook too (few distinct values)
-        stages = ((spec.stages[0][0], {**spec.stages[0][1], "draw_groups": components}),) + spec.stages[1:]
-        operands = list(operands[:2]) + extra + list(operands[2:])
+        attrs = {key: value for key, value in spec.stages[0][1].items() if key != "weight_second"}
+        rest = list(operands[3:] if spec.stages[0][1].get("weight_second") else operands[2:])  # the draws' sums form their own second moments
+        stages = ((spec.stages[0][0], {**attrs, "draw_groups": components}),) + spec.stages[1:]
+        operands = list(operands[:2]) + extra + rest
         return spec.with_(stages=stages, operands=tuple(o.repr for o in operands)), operands
 
 
