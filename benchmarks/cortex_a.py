@@ -107,8 +107,11 @@ def instructions_per_inference(binary: str, x: np.ndarray, cpu: str) -> int:
 
 
 #: Flag sets beside the generated Makefile's (-O3 since session 12, `targets.CORTEX_A_OPTIMISE`): the host's
-#: vectoriser flag, and -O2 (the level before).
-VARIANTS = (("make", ()), ("no-trapping", ("-fno-trapping-math",)), ("O2", ("-O2",)), ("O2 no-trapping", ("-O2", "-fno-trapping-math")))
+#: vectoriser flag and its gcc unrolling limit (`targets.HOST_VECTOR_FLAGS`, `targets.HOST_GCC_FLAGS`),
+#: and -O2 (the level before). (name, column title, flags)
+VARIANTS = (("make", "make", ()), ("no-trapping", "-fno-trapping-math", ("-fno-trapping-math",)),
+            ("peel150", "--param=max-completely-peeled-insns=150", ("--param=max-completely-peeled-insns=150",)),
+            ("O2", "-O2", ("-O2",)), ("O2 no-trapping", "-O2 -fno-trapping-math", ("-O2", "-fno-trapping-math")))
 
 
 def measure(name: str, cpu: str) -> dict:
@@ -127,7 +130,7 @@ def measure(name: str, cpu: str) -> dict:
             if key == "pfp":
                 costs = layer_costs(result.program)
                 found["macs"], found["pfp_fma"] = sum(c["macs"] for c in costs), sum(c["pfp_fma"] for c in costs)
-            for variant, flags in VARIANTS:
+            for variant, _, flags in VARIANTS:
                 binary = os.path.join(tmp, f"{key}_{variant}", "count")
                 os.makedirs(os.path.dirname(binary))
                 build(out, binary, flags)
@@ -146,15 +149,15 @@ def main() -> int:
     print(f"commit {commit}; --target {args.cpu}, qemu-aarch64 -cpu {args.cpu}; instructions per inference (batch 1)\n")
     print("Instructions per inference; in brackets: relative to the same C at the generated Makefile's flags (make: "
           "`-std=c99 -O3 -fno-math-errno -ffp-contract=fast -mcpu=...`).\n")
-    print("| model | predictor | make | -fno-trapping-math | -O2 | -O2 -fno-trapping-math | per MAC (make / best) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | predictor | " + " | ".join(title for _, title, _ in VARIANTS) + " | per MAC (make / best) |")
+    print("|---|---|" + "---:|" * (len(VARIANTS) + 1))
     for name in args.models:
         r = measure(name, args.cpu)
         for key, title in (("pfp", "PFP C"), ("det", "det. C")):
-            cells = [f"{r[key, 'make']:,}"] + [f"{r[key, v]:,} ({r[key, v] / r[key, 'make']:.3f})" for v, _ in VARIANTS[1:]]
-            best = min(r[key, v] for v, _ in VARIANTS)
+            cells = [f"{r[key, 'make']:,}"] + [f"{r[key, v]:,} ({r[key, v] / r[key, 'make']:.3f})" for v, _, _ in VARIANTS[1:]]
+            best = min(r[key, v] for v, _, _ in VARIANTS)
             print(f"| {name} | {title} | {' | '.join(cells)} | {r[key, 'make'] / r['macs']:.2f} / {best / r['macs']:.2f} |")
-        print(f"| {name} | PFP / det. | " + " | ".join(f"{r['pfp', v] / r['det', v]:.2f}" for v, _ in VARIANTS)
+        print(f"| {name} | PFP / det. | " + " | ".join(f"{r['pfp', v] / r['det', v]:.2f}" for v, _, _ in VARIANTS)
               + f" | floor {r['pfp_fma'] / r['macs']:.2f} ({r['macs']:,} MACs, {r['origin']}) |", flush=True)
     return 0
 
