@@ -32,6 +32,7 @@ from .passes.append_predictive_outputs import AppendPredictiveOutputs
 from .passes.substitute_layers import SubstituteLayers
 from .passes.apply_shared_draws import ApplySharedDraws
 from .passes.carry_channel_covariance import CarryChannelCovariance
+from .passes.fold_weight_moments import FoldWeightMoments
 from .passes.share_dense_scale import ShareDenseScale
 from .passes.pipeline import check_order, default_passes, for_target, svi_passes
 from .progress import step
@@ -188,6 +189,9 @@ def compile(  # noqa: A001 - the public name users expect
             off = {"carry_channel_covariance": CarryChannelCovariance("none"), "share_dense_scale": ShareDenseScale("off")}
             passes = [(label, off.get(label, transform)) for label, transform in passes]
             passes.append(("apply_shared_draws", ApplySharedDraws(shared_posterior.draws(post.shared))))
+        if mode == "pfp" and post.shared is not None:  # codebooks: see FoldWeightMoments' weight_second
+            passes = [(label, FoldWeightMoments(weight_second=False) if isinstance(transform, FoldWeightMoments) else transform)
+                      for label, transform in passes]
         # the predictive outputs, and the value of every output that ends in a softmax
         if substituted and (outputs or any(final_softmax(model.graph, value.name) for value in model.graph.output)):
             passes.append(("append_predictive_outputs", predictive))

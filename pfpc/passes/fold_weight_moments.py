@@ -30,10 +30,14 @@ from .kernel_rewriter import KernelRewriter
 
 
 class _Rewriter(KernelRewriter):
+    def __init__(self, mod, weight_second: bool):
+        super().__init__(mod)
+        self.weight_second = weight_second
+
     def specialize(self, spec, operands, binding):
         if spec.ops[0] not in LINEAR_OPS or len(operands) < 2:
             return spec, operands
-        if self._reads_weight_second(spec, operands):
+        if self.weight_second and self._reads_weight_second(spec, operands):
             weight = operands[1]
             mean, var = self.weights[weight.mean.name], self.weights[weight.moment.name]
             second = self.add_weight(f"{weight.mean.name}.second_moment", mean.astype("float64") ** 2 + var)
@@ -69,5 +73,11 @@ class FoldWeightMoments:
     requires = ("pfpc.SubstituteLayers",)  # must have run before it
     after = ("pfpc.ChooseMomentRepresentation",)  # run before it when in the pipeline
 
+    def __init__(self, weight_second: bool = True):
+        """``weight_second``: fold convolutions' weight second moments into a tensor of their own
+        (off for a shared posterior: its codebooks decode a weight's mean and second moment from
+        one code read, where a folded array would be a third array stored and gathered beside them)."""
+        self.weight_second = weight_second
+
     def transform_module(self, mod, ctx):
-        return _Rewriter(mod).run()
+        return _Rewriter(mod, self.weight_second).run()
