@@ -196,6 +196,30 @@ def test_separable_window_sums_match_the_float64_reference(cls, tmp_path):
     assert re.search(r"k_window_ones_\d+x1x\d+", source) and re.search(r"k_window_ones_\d+x\d+x1_", source)
 
 
+def test_host_sums_narrow_rows_separably(tmp_path):
+    """On the host ("channel_rows") the window sums whose rows have fewer than NARROW_SUM_ROW taps
+    are summed along rows, then columns (`pipeline.for_target`: ``separable_sums="narrow"``): the
+    tiny DS-CNN's 25x5 maps get the row and column kernels and equal reference_covariance to
+    1e-5; the tiny ResNet's maps (rows of 16 and 8) keep one kernel per window sum."""
+    from pfpc.codegen.targets import get_target
+    from pfpc.passes.carry_channel_covariance import CarryChannelCovariance
+    from pfpc.passes.pipeline import default_passes, for_target
+
+    passes = for_target(default_passes("channel"), get_target("host"))
+    assert any(isinstance(t, CarryChannelCovariance) and t.separable_sums == "narrow" for _, t in passes)
+    model, stds, inputs, compiled = _compiled(TC.TinyDSCNN, "channel", out_dir=str(tmp_path / "dscnn"))
+    (mean, var), = compiled.run([inputs["x"]]).outputs
+    expected = RC.pfp_covariance(model, {k: v.astype(np.float64) ** 2 for k, v in stds.items()}, inputs, "channel_box", spread_variance=True)["y"]
+    np.testing.assert_allclose(mean, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, expected[1], rtol=1e-5)
+    source = (tmp_path / "dscnn" / "pfp_model.c").read_text()
+    assert re.search(r"k_window_ones_\d+x1x5_", source) and re.search(r"k_window_ones_\d+x25x1_", source)
+    assert not re.search(r"k_window_ones_\d+x25x5_", source)
+    _compiled(TC.TinyResNet, "channel", out_dir=str(tmp_path / "resnet"))
+    source = (tmp_path / "resnet" / "pfp_model.c").read_text()
+    assert re.search(r"k_window_ones_\d+x16x16_", source) and not re.search(r"k_window_ones_\d+x1x\d+_", source)
+
+
 @pytest.mark.skipif(not all(shutil.which(tool) for tool in ("arm-none-eabi-gcc", "qemu-system-arm")),
                     reason="arm-none-eabi-gcc or qemu-system-arm missing (.ci/run installs them)")
 def test_cortex_m4_build_matches_the_float64_reference(tmp_path):

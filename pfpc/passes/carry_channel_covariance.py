@@ -87,12 +87,17 @@ def cost_curve(mod, maxima: bool = False) -> list:
     return [(count - start, fraction) for start, fraction in graph.cost_curve(maxima)]
 
 
+#: Taps along a row under which ``separable_sums="narrow"`` sums a window separably: two vectors of
+#: 4 floats (`codegen.schedule.VECTOR_LANES`), the shortest row `schedule._partial_sums` vectorises.
+NARROW_SUM_ROW = 8
+
+
 class LoadingRewriter(KernelRewriter):
     """The rewrite of the module docstring for the planned convolutions (`ShareDenseScale` extends it)."""
 
     def __init__(self, mod, planned, pooled_only, maxima, passing=(), separable=False):
         super().__init__(mod)
-        self.separable = separable  # window sums along rows, then columns (`window_sums`)
+        self.separable = separable  # window sums along rows, then columns: True, or "narrow" (`window_sums`)
         self.maxima = maxima  # max-pools read their inputs' loadings (``channel``)
         self.passing = set(passing)  # max-pools that read them and pass their maxima's loadings on
         self.planned = set(planned)
@@ -309,12 +314,16 @@ class LoadingRewriter(KernelRewriter):
         """value -> its window sums over the output grid of the convolution of ``x`` (`_window_extent`).
         ``separable``: along the rows first (out_w taps per row), then along the columns of those
         sums (out_h taps): out_w per input row and out_h per output instead of out_h out_w per
-        output (ResNet-8 on Cortex-M4: the window sums 9.29 M -> 3.07 M instructions)."""
+        output (ResNet-8 on Cortex-M4: the window sums 9.29 M -> 3.07 M instructions).
+        ``"narrow"`` (SIMD targets): only where a row has fewer than NARROW_SUM_ROW taps, too few
+        for the one kernel's rows of partial sums to vectorise (`schedule._partial_sums`), which
+        left each of the 3x3 sums a chain of dependent additions: DS-CNN's 25x5 maps (see
+        benchmarks/host_kernels.md, session 14)."""
         in_ch = shape_of(x.mean)[1]
         pads, _ = self._window_extent(x, kernel_shape, attrs, out_shape)
         out_h, out_w = out_shape[2:]
         strides, dilations = attrs["strides"], attrs["dilations"]
-        if not self.separable:
+        if not (self.separable is True or (self.separable == "narrow" and out_w < NARROW_SUM_ROW)):
             ones = self.ones_weight([in_ch, 1, out_h, out_w])
             return lambda value: self.conv(value, ones, dilations, pads, strides, in_ch)
         (top, left, bottom, right), (stride_h, stride_w), (dilation_h, dilation_w) = pads, strides, dilations
@@ -404,7 +413,7 @@ class CarryChannelCovariance:
     def __init__(self, mode: str = "auto", budget: float = DEFAULT_BUDGET, separable_sums: bool = False):
         """``separable_sums``: window sums along rows, then columns (`LoadingRewriter.window_sums`; fewer
         additions, one more kernel and its small buffer: `pipeline.for_target` asks for it on cores
-        without SIMD)."""
+        without SIMD, and ``"narrow"``, for rows too short to vectorise, on application cores)."""
         if mode not in COVARIANCE_MODES:
             raise PfpcError(f"--covariance {mode!r}: one of {', '.join(COVARIANCE_MODES)}")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:

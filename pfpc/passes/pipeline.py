@@ -56,8 +56,17 @@ def for_target(passes, target):
     copy. SIMD targets keep it too (branch-free rows). There too the covariance form's window sums
     are summed along rows, then columns (`CarryChannelCovariance`'s ``separable_sums``): ResNet-8
     PFP 118.56 M -> 112.34 M Cortex-M4 instructions; SIMD targets keep one kernel per window sum,
-    whose rows of partial sums vectorise."""
-    if target is None or target.accumulate != "scalar":
+    whose rows of partial sums vectorise. Application cores ("channel_rows": the host, Cortex-A)
+    sum rows too short for that separably (``separable_sums="narrow"``): DS-CNN's 25x5 maps."""
+    if target is None:
+        return list(passes)
+    if target.accumulate == "channel_rows":
+        def narrow(transform):
+            if isinstance(transform, (CarryChannelCovariance, ShareDenseScale)):
+                return type(transform)(transform.mode, transform.budget, separable_sums="narrow")
+            return transform
+        return [(name, narrow(transform)) for name, transform in passes]
+    if target.accumulate != "scalar":
         return list(passes)
 
     def adapted(transform):
