@@ -612,7 +612,7 @@ def _accumulate_planes(sch, block, spatial: int, channels: int, downstream):
     those loops took about 3.5x its time with blocks of 8, which would have turned the comparison with
     it into one of LLVM's trouble with a schedule (benchmarks/host_kernels.md, session 14)."""
     loops = sch.get_loops(block)
-    _, inner = sch.split(loops[spatial - 3], [None, channels])
+    sch.split(loops[spatial - 3], [None, channels])
     loops = sch.get_loops(block)  # n, channel block, channel, y, x, c, ky, kx
     for consumer in downstream:
         if not _after_outputs(sch, block, consumer, loops[spatial - 3]):
@@ -828,19 +828,22 @@ def _merge_epilogue(sch, epilogue):
             return
 
 
-def _light(sch, block) -> bool:
-    """Whether a block computes with additions, multiplications and selections only (no call, no division)."""
+def _light(sch, block, allowed_calls=()) -> bool:
+    """Whether a block computes with additions, multiplications and selections only (no division,
+    no call but those named in ``allowed_calls``)."""
     values = []
     _collect_values(sch.get(block).body, values)
-    return not any(_has(value, (tvm.ir.Call, tirx.Div, tirx.FloorDiv)) for value in values)
+    return not any(_has(value, (tvm.ir.Call, tirx.Div, tirx.FloorDiv), allowed_calls) for value in values)
 
 
-def _has(expr, kinds) -> bool:
-    """Whether ``expr`` holds a node of one of ``kinds`` (loads' indices not searched)."""
-    if isinstance(expr, kinds):
+def _has(expr, kinds, allowed_calls=()) -> bool:
+    """Whether ``expr`` holds a node of one of ``kinds``, calls of ``allowed_calls`` aside (their
+    arguments searched; loads' indices not)."""
+    if isinstance(expr, kinds) and not (isinstance(expr, tvm.ir.Call) and str(getattr(expr.op, "name", "")) in allowed_calls):
         return True
     children = [getattr(expr, field) for field in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(expr, field)]
-    return any(_has(child, kinds) for child in children if isinstance(child, tvm.ir.Expr))
+    children += list(getattr(expr, "args", []))
+    return any(_has(child, kinds, allowed_calls) for child in children if isinstance(child, tvm.ir.Expr))
 
 
 def _minuend(expr):
@@ -1032,23 +1035,8 @@ def _unroll_elementwise_row(sch, blocks):
     innermost = sch.get_loops(blocks[0])[-1]
     if not 1 < int(sch.get(innermost).extent) <= UNROLL_ROW_MAX:
         return
-    values = []
-    for block in blocks:
-        if not sch.get(sch.get_loops(block)[-1]).same_as(sch.get(innermost)):
-            return
-        _collect_values(sch.get(block).body, values)
-    if not any(_has_costly(value) for value in values):
+    if all(sch.get(sch.get_loops(block)[-1]).same_as(sch.get(innermost)) and _light(sch, block, CHEAP_CALLS) for block in blocks):
         sch.unroll(innermost)
-
-
-def _has_costly(expr) -> bool:
-    """Whether ``expr`` holds a division or a call other than `CHEAP_CALLS` (loads' indices not searched)."""
-    if isinstance(expr, (tirx.Div, tirx.FloorDiv)) or \
-            (isinstance(expr, tvm.ir.Call) and str(getattr(expr.op, "name", "")) not in CHEAP_CALLS):
-        return True
-    children = [getattr(expr, field) for field in ("a", "b", "value", "condition", "true_value", "false_value") if hasattr(expr, field)]
-    children += list(getattr(expr, "args", []))
-    return any(_has_costly(child) for child in children if isinstance(child, tvm.ir.Expr))
 
 
 #: Floats in a 128-bit vector (SSE, NEON): "channel_rows" prefers rows of a multiple of it, which

@@ -58,24 +58,15 @@ def for_target(passes, target):
     PFP 118.56 M -> 112.34 M Cortex-M4 instructions; SIMD targets keep one kernel per window sum,
     whose rows of partial sums vectorise. Application cores ("channel_rows": the host, Cortex-A)
     sum rows too short for that separably (``separable_sums="narrow"``): DS-CNN's 25x5 maps."""
-    if target is None:
+    if target is None or target.accumulate not in ("scalar", "channel_rows"):
         return list(passes)
-    if target.accumulate == "channel_rows":
-        def narrow(transform):
-            if isinstance(transform, (CarryChannelCovariance, ShareDenseScale)):
-                return type(transform)(transform.mode, transform.budget, separable_sums="narrow")
-            return transform
-        return [(name, narrow(transform)) for name, transform in passes]
-    if target.accumulate != "scalar":
-        return list(passes)
+    scalar = target.accumulate == "scalar"
 
     def adapted(transform):
-        if isinstance(transform, PadConvInputs):
+        if isinstance(transform, PadConvInputs) and scalar:
             return PadConvInputs(border_taps=9)
-        if isinstance(transform, CarryChannelCovariance):
-            return CarryChannelCovariance(transform.mode, transform.budget, separable_sums=True)
-        if isinstance(transform, ShareDenseScale):
-            return ShareDenseScale(transform.mode, transform.budget, separable_sums=True)
+        if isinstance(transform, (CarryChannelCovariance, ShareDenseScale)):
+            return type(transform)(transform.mode, transform.budget, separable_sums=True if scalar else "narrow")
         return transform
     return [(name, adapted(transform)) for name, transform in passes]
 
